@@ -1,0 +1,5 @@
+"""Entry point for ``python -m jfsync``; the commands live in :mod:`jfsync.cli`."""
+
+from jfsync.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,87 @@
+"""The ``jfsync`` command line: argument parsing and dispatch to each subcommand.
+
+Subcommands: ``check`` (validate a config, then reach every server), ``emulator`` (run a
+Jellyfin emulator on loopback), and the service commands as they exist. Every command returns
+an exit status; problems go to stderr, one per line, and never include secrets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from jfsync import __version__
+from jfsync.config import load_config
+from jfsync.errors import ConfigError
+
+Handler = Callable[[argparse.Namespace], int]
+
+#: Exit status for a configuration that does not validate.
+EXIT_CONFIG = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the jfsync command line and return its exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the parser with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="jfsync",
+        description="Keep played, favourites, resume points and ratings in sync across "
+        "Jellyfin servers.",
+    )
+    parser.add_argument("--version", action="version", version=f"jfsync {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    check = sub.add_parser("check", help="validate the config and reach every server")
+    check.add_argument("--config", "-c", required=True, help="path to the YAML config")
+    check.add_argument(
+        "--offline", action="store_true", help="only validate the file; do not contact servers"
+    )
+    check.set_defaults(handler=_check)
+
+    emulator = sub.add_parser("emulator", help="run a Jellyfin emulator on loopback")
+    from jfsync.emulator import cli as emulator_cli
+
+    emulator_cli.add_arguments(emulator)
+    emulator.set_defaults(handler=emulator_cli.run)
+    return parser
+
+
+def configure_logging(level: str = "info") -> None:
+    """Log to stderr with the time, level and logger name."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        print(f"{args.config}: the config is not valid:", file=sys.stderr)
+        for problem in err.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    names = ", ".join(s.name for s in config.servers)
+    print(f"{args.config}: config is valid ({len(config.servers)} servers: {names})")
+    if args.offline:
+        return 0
+    from jfsync.check import run_online_check
+
+    return run_online_check(config)

@@ -1,0 +1,469 @@
+"""The YAML configuration: pydantic models, secret resolution and one-line-per-problem errors.
+
+``load_config(path)`` reads the file, replaces ``${VAR}`` references from the environment,
+reads ``*_file`` secrets (docker secrets) relative to the config file, validates everything
+with ``extra="forbid"`` models, and raises :class:`jfsync.errors.ConfigError` whose
+``problems`` name the key path, what was wrong and what is accepted, for example
+``servers[1].url: not a URL ('htp://x'); expected http:// or https://``. Secrets are
+``SecretStr`` and never appear in reprs, logs or error messages.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from jfsync.errors import ConfigError
+from jfsync.model import Register
+
+DEFAULT_STATUS_LISTEN = "127.0.0.1:8097"
+DEFAULT_RECONCILE_INTERVAL_S = 6 * 3600.0
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def _parse_duration(value: object) -> object:
+    """Accept seconds as a number, or a string such as ``90s``, ``30m``, ``6h``, ``1d``."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError(
+                f"not a duration ({value!r}); expected seconds or a number with ms, s, m, h or d"
+            )
+        return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not a URL ({value!r}); expected http:// or https:// and a host")
+    if parts.query or parts.fragment:
+        raise ValueError(f"URL has a query or fragment ({value!r}); give only scheme, host, port")
+    return value.rstrip("/")
+
+
+class UserCredentials(_Strict):
+    """Fallback credentials for one user on one server, when Quick Connect is not available."""
+
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> UserCredentials:
+        given = [n for n in ("token", "token_file", "password", "password_file") if getattr(self, n)]
+        if not given:
+            raise ValueError("no credential; give one of token, token_file, password, password_file")
+        if len(given) > 1:
+            raise ValueError(f"several credentials ({', '.join(given)}); give exactly one")
+        return self
+
+
+class PathRewrite(_Strict):
+    """Rewrite a server's path prefix to the shared form used to match items across servers."""
+
+    from_: str = Field(alias="from", min_length=1)
+    to: str
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def apply(self, path: str) -> str | None:
+        """Return ``path`` with the prefix replaced, or None when the prefix does not match."""
+        if path == self.from_ or path.startswith(self.from_.rstrip("/") + "/"):
+            return self.to.rstrip("/") + path[len(self.from_.rstrip("/")) :]
+        return None
+
+
+class ServerConfig(_Strict):
+    """One Jellyfin server."""
+
+    name: str
+    url: str
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    path_rewrites: list[PathRewrite] = Field(default_factory=list)
+    users: dict[str, UserCredentials] = Field(default_factory=dict)
+    verify_tls: bool = True
+    timeout_s: Duration = 10.0
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(
+                f"not a valid server name ({value!r}); use letters, digits, '-', '_' or '.'"
+            )
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_url(value)
+
+    @model_validator(mode="after")
+    def _one_key(self) -> ServerConfig:
+        if self.api_key is None and self.api_key_file is None:
+            raise ValueError("no API key; give api_key (or ${ENV}) or api_key_file")
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("both api_key and api_key_file given; give exactly one")
+        return self
+
+    def rewrite_path(self, path: str) -> str:
+        """Apply the first matching path rewrite, or return ``path`` unchanged."""
+        for rule in self.path_rewrites:
+            rewritten = rule.apply(path)
+            if rewritten is not None:
+                return rewritten
+        return path
+
+
+class StatusConfig(_Strict):
+    """The status, health and metrics HTTP endpoint."""
+
+    listen: str = DEFAULT_STATUS_LISTEN
+    token: SecretStr | None = None
+    token_file: Path | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"not host:port ({value!r}); expected e.g. 127.0.0.1:8097")
+        return value
+
+    @property
+    def host(self) -> str:
+        """The address to bind."""
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        """The port to bind."""
+        return int(self.listen.rpartition(":")[2])
+
+
+class UsersConfig(_Strict):
+    """How users are matched across servers, and who is left alone."""
+
+    match: Literal["name", "map"] = "name"
+    map: list[dict[str, str]] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+
+
+class SyncConfig(_Strict):
+    """What is synced and how the first meeting of two servers is merged."""
+
+    fields: list[Register] = Field(default_factory=lambda: list(Register))
+    reconcile_interval: Duration = DEFAULT_RECONCILE_INTERVAL_S
+    initial_merge: Literal["merge", "seed"] = "merge"
+    seed_server: str | None = None
+    shutdown_grace: Duration = 10.0
+
+
+class LoggingConfig(_Strict):
+    """Log verbosity."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Strict):
+    """The whole jfsync configuration."""
+
+    ledger: Path = Path("./jfsync.db")
+    status: StatusConfig = StatusConfig()
+    servers: list[ServerConfig]
+    users: UsersConfig = UsersConfig()
+    sync: SyncConfig = SyncConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        if len(self.servers) < 2:
+            raise ValueError("at least two servers are needed; add another under servers")
+        seen: set[str] = set()
+        for server in self.servers:
+            if server.name in seen:
+                raise ValueError(f"server name {server.name!r} is used twice; names must be unique")
+            seen.add(server.name)
+        if self.sync.initial_merge == "seed":
+            if self.sync.seed_server is None:
+                raise ValueError("sync.initial_merge is 'seed' but sync.seed_server is not set")
+        if self.sync.seed_server is not None and self.sync.seed_server not in seen:
+            raise ValueError(
+                f"sync.seed_server {self.sync.seed_server!r} is not a server; "
+                f"expected one of {', '.join(sorted(seen))}"
+            )
+        if self.users.match == "map" and not self.users.map:
+            raise ValueError("users.match is 'map' but users.map is empty")
+        for i, entry in enumerate(self.users.map):
+            unknown = set(entry) - seen
+            if unknown:
+                raise ValueError(
+                    f"users.map[{i}] names unknown server(s) {', '.join(sorted(unknown))}; "
+                    f"expected {', '.join(sorted(seen))}"
+                )
+        return self
+
+    def server(self, name: str) -> ServerConfig:
+        """Return the server called ``name``."""
+        for server in self.servers:
+            if server.name == name:
+                return server
+        raise KeyError(name)
+
+    def secret_values(self) -> list[str]:
+        """Every secret in this config, for tests and log scrubbing."""
+        found: list[str] = []
+        if self.status.token is not None:
+            found.append(self.status.token.get_secret_value())
+        for server in self.servers:
+            if server.api_key is not None:
+                found.append(server.api_key.get_secret_value())
+            for cred in server.users.values():
+                for secret in (cred.token, cred.password):
+                    if secret is not None:
+                        found.append(secret.get_secret_value())
+        return [s for s in found if s]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, resolve and validate the config at ``path``; raise ConfigError listing problems."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError([f"{path}: cannot read the config file ({err.strerror})"]) from None
+    return parse_config(text, base_dir=path.parent, environ=environ, source=str(path))
+
+
+def parse_config(
+    text: str,
+    *,
+    base_dir: Path = Path("."),
+    environ: Mapping[str, str] | None = None,
+    source: str = "<config>",
+) -> Config:
+    """Validate config ``text`` (YAML); ``*_file`` paths are relative to ``base_dir``."""
+    env = os.environ if environ is None else environ
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"{source}: not valid YAML{where}: {getattr(err, 'problem', err)}"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{source}: expected a mapping of keys at the top level"])
+    problems: list[str] = []
+    resolved = _resolve_env(raw, (), env, problems)
+    _read_secret_files(resolved, (), base_dir, problems)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        config = Config.model_validate(resolved)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, resolved)) from None
+    if not config.ledger.is_absolute():
+        config = config.model_copy(update={"ledger": (base_dir / config.ledger)})
+    return config
+
+
+_SECRET_FILE_KEYS = {
+    "api_key_file": "api_key",
+    "token_file": "token",
+    "password_file": "password",
+}
+
+
+def _resolve_env(
+    node: Any, loc: tuple[str | int, ...], env: Mapping[str, str], problems: list[str]
+) -> Any:
+    if isinstance(node, dict):
+        return {k: _resolve_env(v, (*loc, k), env, problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve_env(v, (*loc, i), env, problems) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            problems.append(
+                f"{_loc_text(loc)}: environment variable {name} is not set; "
+                f"set it, or use ${{{name}:-default}}"
+            )
+            return ""
+
+        return _ENV_REF.sub(substitute, node)
+    return node
+
+
+def _read_secret_files(
+    node: Any, loc: tuple[str | int, ...], base_dir: Path, problems: list[str]
+) -> None:
+    """Replace ``x_file: path`` by ``x: <file content>`` in place, keeping the path for reports."""
+    if isinstance(node, list):
+        for i, value in enumerate(node):
+            _read_secret_files(value, (*loc, i), base_dir, problems)
+        return
+    if not isinstance(node, dict):
+        return
+    for key in list(node):
+        value = node[key]
+        target = _SECRET_FILE_KEYS.get(key) if isinstance(key, str) else None
+        if target is not None and isinstance(value, str):
+            if target in node:
+                problems.append(
+                    f"{_loc_text((*loc, key))}: both {target} and {key} given; give exactly one"
+                )
+                continue
+            file_path = Path(value)
+            if not file_path.is_absolute():
+                file_path = base_dir / file_path
+            try:
+                secret = file_path.read_text(encoding="utf-8").strip()
+            except OSError as err:
+                problems.append(
+                    f"{_loc_text((*loc, key))}: cannot read {file_path} ({err.strerror}); "
+                    "expected a readable file holding the secret"
+                )
+                continue
+            if not secret:
+                problems.append(f"{_loc_text((*loc, key))}: {file_path} is empty")
+                continue
+            node[target] = secret
+            node[key] = str(file_path)
+        else:
+            _read_secret_files(value, (*loc, key), base_dir, problems)
+
+
+def _loc_text(loc: tuple[str | int, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "(top level)"
+
+
+def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """Walk the Config models along ``loc`` and return the model found there, if any."""
+    model: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            field = next((f for f in model.model_fields.values() if f.alias == part), None)
+        if field is None:
+            return None
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [annotation, *args]
+        model = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+        if model is None:
+            for arg in args:
+                inner = [a for a in getattr(arg, "__args__", ()) if isinstance(a, type)]
+                model = next((a for a in inner if issubclass(a, BaseModel)), None)
+                if model is not None:
+                    break
+        if model is None:
+            return None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _accepted_keys(model: type[BaseModel]) -> str:
+    return ", ".join(f.alias or name for name, f in model.model_fields.items())
+
+
+def _describe(err: ValidationError, raw: Any) -> list[str]:
+    problems: list[str] = []
+    for item in err.errors(include_url=False):
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        kind = item["type"]
+        where = _loc_text(loc)
+        value = "(hidden)" if _is_secret_loc(loc) else item.get("input")
+        if kind == "missing":
+            parent = _model_at(loc[:-1])
+            hint = f"; keys here: {_accepted_keys(parent)}" if parent else ""
+            problems.append(f"{where}: required but missing; add it{hint}")
+        elif kind == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            hint = f"; accepted keys here: {_accepted_keys(parent)}" if parent else ""
+            problems.append(f"{where}: unknown key{hint}")
+        elif kind == "value_error":
+            message = str(item["msg"]).removeprefix("Value error, ")
+            problems.append(f"{where}: {message}")
+        elif kind in ("enum", "literal_error"):
+            expected = item.get("ctx", {}).get("expected", "")
+            problems.append(f"{where}: {_shown(value)} is not accepted; expected {expected}")
+        elif kind == "model_type" or kind == "dict_type":
+            problems.append(f"{where}: expected a mapping of keys, got {_shown(value)}")
+        elif kind == "list_type":
+            problems.append(f"{where}: expected a list, got {_shown(value)}")
+        else:
+            message = str(item["msg"])
+            problems.append(f"{where}: {message.lower()} (got {_shown(value)})")
+    return problems
+
+
+def _is_secret_loc(loc: tuple[str | int, ...]) -> bool:
+    return any(isinstance(p, str) and p in _SECRET_KEYS for p in loc)
+
+
+_SECRET_KEYS = frozenset({"api_key", "token", "password"})
+
+
+def _shown(value: Any) -> str:
+    if value == "(hidden)":
+        return "a hidden value"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

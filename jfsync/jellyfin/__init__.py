@@ -1,0 +1,1 @@
+"""The Jellyfin wire protocol: REST client, websocket connection and the wire models."""

@@ -1,0 +1,123 @@
+"""Domain value types shared by every stage: user-data state, registers and stamps.
+
+These are jfsync's own frozen, snake_case, unit-explicit types. Wire shapes (PascalCase,
+Jellyfin's dates and ticks) live in :mod:`jfsync.jellyfin.wire` and are converted to these at
+the boundary. Nothing here does I/O or reads a clock.
+
+A user's data for one item is three registers, each last-writer-wins on its own:
+
+* ``favorite``: bool;
+* ``rating``: float 0-10 or None (cleared); Jellyfin's ``Likes`` derives from it;
+* ``play_state``: (played, play_count, last_played_s, position_ticks), moved together so a server
+  never shows played from one source and a resume position from another.
+
+Dates are whole UTC seconds since the epoch (``*_s``): jfsync compares dates at 1 s resolution.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+#: Jellyfin ticks per second (1 tick = 100 ns).
+TICKS_PER_SECOND = 10_000_000
+
+
+class Register(enum.StrEnum):
+    """One independently merged part of a user's data for an item."""
+
+    FAVORITE = "favorite"
+    RATING = "rating"
+    PLAY_STATE = "play_state"
+
+
+ALL_REGISTERS: tuple[Register, ...] = (Register.FAVORITE, Register.RATING, Register.PLAY_STATE)
+
+
+@dataclass(frozen=True, slots=True)
+class PlayState:
+    """Played flag, play count, last played date and resume position, moved as one."""
+
+    played: bool = False
+    play_count: int = 0
+    last_played_s: int | None = None
+    position_ticks: int = 0
+
+    @property
+    def is_default(self) -> bool:
+        """Tell whether this is the state of an item never played."""
+        return self == PlayState()
+
+
+@dataclass(frozen=True, slots=True)
+class UserData:
+    """The synced user data of one user for one item on one server (or canonically)."""
+
+    favorite: bool = False
+    rating: float | None = None
+    play_state: PlayState = PlayState()
+
+    @property
+    def is_default(self) -> bool:
+        """Tell whether this equals the data of an item the user never touched."""
+        return self == DEFAULT_USER_DATA
+
+    def get(self, register: Register) -> bool | float | PlayState | None:
+        """Return the value of one register."""
+        if register is Register.FAVORITE:
+            return self.favorite
+        if register is Register.RATING:
+            return self.rating
+        return self.play_state
+
+    def with_register(self, register: Register, value: bool | float | PlayState | None) -> UserData:
+        """Return a copy with one register replaced by ``value``."""
+        if register is Register.FAVORITE:
+            assert isinstance(value, bool)
+            return replace(self, favorite=value)
+        if register is Register.RATING:
+            assert value is None or isinstance(value, int | float)
+            return replace(self, rating=None if value is None else float(value))
+        assert isinstance(value, PlayState)
+        return replace(self, play_state=value)
+
+    def changed_registers(self, other: UserData) -> frozenset[Register]:
+        """Return the registers whose value differs between ``self`` and ``other``."""
+        return frozenset(r for r in ALL_REGISTERS if self.get(r) != other.get(r))
+
+
+DEFAULT_USER_DATA = UserData()
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Stamp:
+    """When jfsync observed a change: hybrid-clock milliseconds, ties broken by server rank.
+
+    Ordering is (ms, server_rank): a lower rank (earlier in the config) wins a tie by sorting
+    *later*, so it is stored inverted in ``tiebreak``.
+    """
+
+    ms: int
+    tiebreak: int = 0
+
+    @classmethod
+    def observed(cls, ms: int, server_rank: int) -> Stamp:
+        """Build the stamp of a change seen at ``ms`` on the server at ``server_rank``."""
+        return cls(ms=ms, tiebreak=-server_rank)
+
+
+def datetime_to_s(value: datetime | None) -> int | None:
+    """Truncate an aware datetime to whole UTC seconds since the epoch."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return int(value.timestamp())
+
+
+def s_to_datetime(value: int | None) -> datetime | None:
+    """Return whole UTC seconds as an aware datetime."""
+    if value is None:
+        return None
+    return datetime.fromtimestamp(value, tz=UTC)
