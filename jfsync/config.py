@@ -83,9 +83,10 @@ class UserCredentials(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> UserCredentials:
-        given = [n for n in ("token", "token_file", "password", "password_file") if getattr(self, n)]
+        names = ("token", "token_file", "password", "password_file")
+        given = [n for n in names if getattr(self, n)]
         if not given:
-            raise ValueError("no credential; give one of token, token_file, password, password_file")
+            raise ValueError(f"no credential; give one of {', '.join(names)}")
         if len(given) > 1:
             raise ValueError(f"several credentials ({', '.join(given)}); give exactly one")
         return self
@@ -218,9 +219,8 @@ class Config(_Strict):
             if server.name in seen:
                 raise ValueError(f"server name {server.name!r} is used twice; names must be unique")
             seen.add(server.name)
-        if self.sync.initial_merge == "seed":
-            if self.sync.seed_server is None:
-                raise ValueError("sync.initial_merge is 'seed' but sync.seed_server is not set")
+        if self.sync.initial_merge == "seed" and self.sync.seed_server is None:
+            raise ValueError("sync.initial_merge is 'seed' but sync.seed_server is not set")
         if self.sync.seed_server is not None and self.sync.seed_server not in seen:
             raise ValueError(
                 f"sync.seed_server {self.sync.seed_server!r} is not a server; "
@@ -286,7 +286,8 @@ def parse_config(
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError([f"{source}: not valid YAML{where}: {getattr(err, 'problem', err)}"]) from None
+        problem = getattr(err, "problem", err)
+        raise ConfigError([f"{source}: not valid YAML{where}: {problem}"]) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -340,7 +341,7 @@ def _resolve_env(
 def _read_secret_files(
     node: Any, loc: tuple[str | int, ...], base_dir: Path, problems: list[str]
 ) -> None:
-    """Replace ``x_file: path`` by ``x: <file content>`` in place, keeping the path for reports."""
+    """Replace ``x_file: path`` by ``x: <file content>`` in place (paths relative to base_dir)."""
     if isinstance(node, list):
         for i, value in enumerate(node):
             _read_secret_files(value, (*loc, i), base_dir, problems)
@@ -371,7 +372,7 @@ def _read_secret_files(
                 problems.append(f"{_loc_text((*loc, key))}: {file_path} is empty")
                 continue
             node[target] = secret
-            node[key] = str(file_path)
+            del node[key]
         else:
             _read_secret_files(value, (*loc, key), base_dir, problems)
 
@@ -423,7 +424,9 @@ def _accepted_keys(model: type[BaseModel]) -> str:
 def _describe(err: ValidationError, raw: Any) -> list[str]:
     problems: list[str] = []
     for item in err.errors(include_url=False):
-        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        loc = tuple(
+            p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-"))
+        )
         kind = item["type"]
         where = _loc_text(loc)
         value = "(hidden)" if _is_secret_loc(loc) else item.get("input")

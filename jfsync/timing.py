@@ -55,7 +55,9 @@ class ManualClock:
     ``sleep(0)`` and negative sleeps return after one loop turn without waiting for ``advance``.
     """
 
-    def __init__(self, start_wall_ms: int = 1_750_000_000_000, start_monotonic: float = 1000.0):
+    def __init__(
+        self, start_wall_ms: int = 1_750_000_000_000, start_monotonic: float = 1000.0
+    ) -> None:
         self._monotonic = start_monotonic
         self._wall_offset_ms = start_wall_ms - int(start_monotonic * 1000)
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
@@ -68,7 +70,7 @@ class ManualClock:
 
     def wall_ms(self) -> int:
         """Return the manual wall time in milliseconds."""
-        return self._wall_offset_ms + int(round(self._monotonic * 1000))
+        return self._wall_offset_ms + round(self._monotonic * 1000)
 
     def jump_wall(self, delta_ms: int) -> None:
         """Move the wall clock alone (a clock jump) without waking any sleeper."""
