@@ -8,7 +8,6 @@ an exit status; problems go to stderr, one per line, and never include secrets.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
 
@@ -59,15 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     emulator_cli.add_arguments(emulator)
     emulator.set_defaults(handler=emulator_cli.run)
     return parser
-
-
-def configure_logging(level: str = "info") -> None:
-    """Log to stderr with the time, level and logger name."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def _check(args: argparse.Namespace) -> int:

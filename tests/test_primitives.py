@@ -110,3 +110,28 @@ def test_wire_user_data_round_trip_to_domain() -> None:
         "LastPlayedDate": "2025-03-01T20:15:42.0000000Z",
     }
     assert update_body(UserData(), frozenset({"favorite"})) == {"IsFavorite": False}
+
+
+def test_secret_scrubber_and_failure_streak(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from jfsync.logs import FailureStreak, SecretScrubber
+
+    logger = logging.getLogger("jfsync.test")
+    scrubber = SecretScrubber(["tok-123456"])
+    logger.addFilter(scrubber)
+    clock = ManualClock()
+    streak = FailureStreak(logger, "b", clock)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="jfsync.test"):
+            streak.failed("write", "refused for tok-123456")
+            streak.failed("write", "refused again")
+            streak.succeeded("writes work")
+    finally:
+        logger.removeFilter(scrubber)
+    levels = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert levels == [
+        ("WARNING", "[b] write: refused for ***"),
+        ("DEBUG", "[b] write: refused again"),
+        ("INFO", "[b] writes work again after 0.0 s and 2 failures"),
+    ]
