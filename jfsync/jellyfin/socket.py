@@ -1,0 +1,376 @@
+"""One websocket connection to a Jellyfin server as one user: open, keep alive, read, close.
+
+:class:`JellyfinSocket` is transport only; the reconnect policy lives in
+:mod:`jfsync.subscriber`. It opens ``ws(s)://host[/base]/socket`` with an
+``Authorization: MediaBrowser ... Token="..."`` header (fact sheet §1.2), reads frames in its
+own task so keepalives are answered even while the consumer is busy, and hands the messages
+jfsync acts on (UserDataChanged, LibraryChanged, ServerRestarting, ServerShuttingDown) to the
+consumer in order through :meth:`JellyfinSocket.messages`.
+
+KeepAlive (§1.4): a ``ForceKeepAlive`` is answered at once, and a ``KeepAlive`` is sent every
+``keepalive_interval_s`` (30 s, as Jellyfin's own clients do). When no reply arrives within
+``keepalive_timeout_s`` of a KeepAlive, the socket is declared dead: that is the only way to
+see a half-open connection, since Jellyfin never closes a lost socket before v12. websockets'
+own pings are off so every timer goes through the injected :class:`~jfsync.timing.Clock`.
+
+Errors: a 401/403 on the upgrade raises :class:`~jfsync.errors.AuthRejectedError`, other
+statuses the matching :class:`~jfsync.errors.HttpStatusError`, a refused or broken handshake
+:class:`~jfsync.errors.UnreachableError`, no answer in time
+:class:`~jfsync.errors.RequestTimeoutError`; a connection that ends raises
+:class:`SocketClosedError` (or :class:`KeepAliveTimeoutError`) from the message iterator.
+Malformed frames are logged and skipped; unknown message types are logged at DEBUG and
+ignored. No log line, repr or error carries the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable
+from typing import Final, TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from jfsync import __version__
+from jfsync.errors import (
+    RequestTimeoutError,
+    TransportError,
+    UnreachableError,
+    error_for_status,
+)
+from jfsync.jellyfin.messages import (
+    KEEPALIVE_FRAME,
+    ForceKeepAliveMessage,
+    KeepAliveMessage,
+    LibraryChangedMessage,
+    MalformedMessageError,
+    ServerRestartingMessage,
+    ServerShuttingDownMessage,
+    UnknownMessage,
+    UserDataChangedMessage,
+    parse_message,
+)
+from jfsync.timing import Clock
+
+logger = logging.getLogger(__name__)
+
+#: Jellyfin's clients send KeepAlive every half of the server's 60 s lost timeout (§1.4).
+KEEPALIVE_INTERVAL_S: Final = 30.0
+#: A KeepAlive reply on a live loopback or LAN link takes milliseconds; 20 s means dead.
+KEEPALIVE_TIMEOUT_S: Final = 20.0
+#: How long the TCP connect plus HTTP upgrade may take.
+OPEN_TIMEOUT_S: Final = 10.0
+#: Real-time bound for websockets' closing handshake; only reached against a dead peer.
+CLOSE_TIMEOUT_S: Final = 2.0
+#: The route logged and put in errors; never the URL, which could be given with credentials.
+SOCKET_ROUTE: Final = "/socket"
+
+#: What the consumer receives: the messages the subscriber acts on.
+LiveMessage = (
+    UserDataChangedMessage
+    | LibraryChangedMessage
+    | ServerRestartingMessage
+    | ServerShuttingDownMessage
+)
+
+_T = TypeVar("_T")
+
+
+class SocketClosedError(TransportError):
+    """The websocket connection ended (closed by the server, reset, or found dead)."""
+
+
+class KeepAliveTimeoutError(SocketClosedError):
+    """No KeepAlive reply arrived in time: the connection is half-open or the server is stuck."""
+
+
+def socket_url(url: str) -> str:
+    """Turn a server's base URL (``http(s)://host[:port][/base]``) into its websocket URL."""
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
+    if scheme is None:
+        raise ValueError(f"not an http(s) URL: {parts.scheme}://{parts.hostname}")
+    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + SOCKET_ROUTE, "", ""))
+
+
+def authorization_header(device_id: str, token: str, *, device: str = "jfsync") -> str:
+    """Build the ``Authorization: MediaBrowser`` value; Jellyfin URL-decodes each value."""
+    fields = {
+        "Client": "jfsync",
+        "Device": device,
+        "DeviceId": device_id,
+        "Version": __version__,
+        "Token": token,
+    }
+    return "MediaBrowser " + ", ".join(f'{k}="{quote(v, safe="")}"' for k, v in fields.items())
+
+
+class JellyfinSocket:
+    """One websocket connection to ``server`` as one user; no retries, typed errors."""
+
+    def __init__(
+        self,
+        server: str,
+        url: str,
+        *,
+        user: str,
+        device_id: str,
+        token: str,
+        clock: Clock,
+        keepalive_interval_s: float = KEEPALIVE_INTERVAL_S,
+        keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+        open_timeout_s: float = OPEN_TIMEOUT_S,
+    ) -> None:
+        self.server = server
+        self.user = user
+        self.device_id = device_id
+        self._url = socket_url(url)
+        self._token = token
+        self._clock = clock
+        self._keepalive_interval_s = keepalive_interval_s
+        self._keepalive_timeout_s = keepalive_timeout_s
+        self._open_timeout_s = open_timeout_s
+        self._ws: ClientConnection | None = None
+        self._queue: asyncio.Queue[LiveMessage | None] = asyncio.Queue()
+        self._error: SocketClosedError | None = None
+        self._closing = False
+        self._reader: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()
+        self._unanswered_since: float | None = None
+        #: Monotonic times at which KeepAlives were sent (tests and status read it).
+        self.keepalives_sent: list[float] = []
+        #: Count of KeepAlive replies received.
+        self.keepalive_replies = 0
+
+    def __repr__(self) -> str:
+        state = "open" if self.is_open else "closed"
+        return f"<JellyfinSocket {self.server}/{self.user} {state}>"
+
+    @property
+    def is_open(self) -> bool:
+        """Tell whether the connection is up and not closing."""
+        return self._ws is not None and self._error is None and not self._closing
+
+    @property
+    def buffered(self) -> int:
+        """Messages received and not yet taken by the consumer."""
+        return self._queue.qsize()
+
+    async def connect(self) -> None:
+        """Open the connection and start reading and keeping it alive."""
+        assert self._ws is None, "connect() is called once per JellyfinSocket"
+        opening = connect(
+            self._url,
+            additional_headers={"Authorization": authorization_header(self.device_id, self._token)},
+            user_agent_header=f"jfsync/{__version__}",
+            proxy=None,
+            open_timeout=None,
+            ping_interval=None,
+            ping_timeout=None,
+            close_timeout=CLOSE_TIMEOUT_S,
+            max_size=16 * 1024 * 1024,
+        )
+        try:
+            self._ws = await _within(self._clock, self._open_timeout_s, opening)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                self.server, f"websocket {SOCKET_ROUTE}: no answer within {self._open_timeout_s} s"
+            ) from None
+        except InvalidStatus as err:
+            status = err.response.status_code
+            raise error_for_status(
+                self.server, "GET", SOCKET_ROUTE, status, "websocket upgrade refused"
+            ) from None
+        except (OSError, InvalidHandshake, EOFError) as err:
+            raise UnreachableError(
+                self.server, f"websocket {SOCKET_ROUTE}: {_reason(err)}"
+            ) from None
+        label = f"{self.server}/{self.user}"
+        self._reader = asyncio.create_task(self._read_loop(), name=f"jfsync-ws-read[{label}]")
+        self._keeper = asyncio.create_task(
+            self._keepalive_loop(), name=f"jfsync-ws-keepalive[{label}]"
+        )
+
+    async def receive(self) -> LiveMessage | None:
+        """Return the next live message in arrival order, or None once :meth:`close` was called.
+
+        Raises SocketClosedError (or KeepAliveTimeoutError) when the connection ended by
+        itself; messages received before the end are returned first.
+        """
+        message = await self._queue.get()
+        if message is None:
+            self._queue.put_nowait(None)  # stay at the end for later callers
+            if self._error is not None and not self._closing:
+                raise self._error
+        return message
+
+    def __aiter__(self) -> JellyfinSocket:
+        """Iterate over live messages (see :meth:`receive`)."""
+        return self
+
+    async def __anext__(self) -> LiveMessage:
+        """Return the next live message; stop when closed by us."""
+        message = await self.receive()
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+    async def close(self) -> None:
+        """Close the connection and wait for the reader and keepalive tasks to end."""
+        self._closing = True
+        ws = self._ws
+        tasks = [t for t in (self._keeper, self._reader) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if ws is not None:
+            if self._error is not None:
+                ws.transport.abort()
+            else:
+                with contextlib.suppress(Exception):
+                    await ws.close()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                logger.debug("[%s/%s] socket task ended with %r", self.server, self.user, result)
+        self._queue.put_nowait(None)
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise asyncio.CancelledError
+
+    # ------------------------------------------------------------------ internals
+
+    async def _read_loop(self) -> None:
+        ws = self._ws
+        assert ws is not None
+        try:
+            while True:
+                self._handle_frame(await ws.recv())
+        except ConnectionClosed as err:
+            self._fail(SocketClosedError(self.server, f"websocket closed: {_reason(err)}"))
+        except OSError as err:
+            self._fail(SocketClosedError(self.server, f"websocket broken: {_reason(err)}"))
+        finally:
+            # A dead peer is not worth a closing handshake; make sure the transport is gone.
+            if self._error is not None:
+                ws.transport.abort()
+            self._queue.put_nowait(None)
+            if self._keeper is not None and self._keeper is not asyncio.current_task():
+                self._keeper.cancel()
+
+    def _handle_frame(self, frame: str | bytes) -> None:
+        try:
+            message = parse_message(frame)
+        except MalformedMessageError as err:
+            logger.warning("[%s/%s] skipped a websocket frame: %s", self.server, self.user, err)
+            return
+        if isinstance(message, KeepAliveMessage):
+            self.keepalive_replies += 1
+            self._unanswered_since = None
+        elif isinstance(message, ForceKeepAliveMessage):
+            logger.debug(
+                "[%s/%s] ForceKeepAlive (%s s); answering",
+                self.server,
+                self.user,
+                message.timeout_s,
+            )
+            self._kick.set()
+        elif isinstance(message, UnknownMessage):
+            logger.debug(
+                "[%s/%s] ignored a %s message", self.server, self.user, message.message_type
+            )
+        else:
+            self._queue.put_nowait(message)
+
+    async def _keepalive_loop(self) -> None:
+        next_send = self._clock.monotonic() + self._keepalive_interval_s
+        while True:
+            wake = next_send
+            if self._unanswered_since is not None:
+                wake = min(wake, self._unanswered_since + self._keepalive_timeout_s)
+            kicked = await self._sleep_or_kick(wake - self._clock.monotonic())
+            now = self._clock.monotonic()
+            if (
+                self._unanswered_since is not None
+                and now >= self._unanswered_since + self._keepalive_timeout_s
+            ):
+                waited = now - self._unanswered_since
+                self._fail(
+                    KeepAliveTimeoutError(
+                        self.server, f"no KeepAlive reply within {waited:.0f} s; connection is dead"
+                    )
+                )
+                assert self._ws is not None
+                self._ws.transport.abort()
+                return
+            if kicked or now >= next_send:
+                await self._send_keepalive(now)
+                next_send = now + self._keepalive_interval_s
+
+    async def _send_keepalive(self, now: float) -> None:
+        assert self._ws is not None
+        self.keepalives_sent.append(now)
+        if self._unanswered_since is None:
+            self._unanswered_since = now
+        try:
+            await self._ws.send(KEEPALIVE_FRAME)
+        except ConnectionClosed:
+            # The reader sees the same close and reports it.
+            return
+
+    async def _sleep_or_kick(self, seconds: float) -> bool:
+        """Sleep on the clock; return True early when a ForceKeepAlive asked for a KeepAlive."""
+        if self._kick.is_set():
+            self._kick.clear()
+            return True
+        sleeper = asyncio.create_task(
+            self._clock.sleep(seconds), name=f"jfsync-ws-keepalive-sleep[{self.server}]"
+        )
+        kicker = asyncio.create_task(self._kick.wait(), name=f"jfsync-ws-kick[{self.server}]")
+        try:
+            await asyncio.wait({sleeper, kicker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleeper, kicker):
+                task.cancel()
+            await asyncio.gather(sleeper, kicker, return_exceptions=True)
+        kicked = self._kick.is_set()
+        self._kick.clear()
+        return kicked
+
+    def _fail(self, error: SocketClosedError) -> None:
+        if self._error is None and not self._closing:
+            self._error = error
+
+
+async def _within(clock: Clock, seconds: float, awaitable: Awaitable[_T]) -> _T:
+    """Await ``awaitable`` but raise TimeoutError once ``seconds`` pass on ``clock``."""
+    work = asyncio.ensure_future(awaitable)
+    timer = asyncio.create_task(clock.sleep(seconds), name="jfsync-ws-open-timeout")
+    try:
+        await asyncio.wait({work, timer}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        timer.cancel()
+        if not work.done():
+            work.cancel()
+        await asyncio.gather(timer, work, return_exceptions=True)
+    if work.cancelled():
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise asyncio.CancelledError
+        raise TimeoutError
+    return work.result()
+
+
+def _reason(err: BaseException) -> str:
+    """Describe a transport error without URLs or headers (they could carry credentials)."""
+    if isinstance(err, ConnectionClosed):
+        if err.rcvd is not None:
+            text = f"code {err.rcvd.code}"
+            return text + (f" ({err.rcvd.reason})" if err.rcvd.reason else "")
+        return "connection lost without a close frame"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return type(err).__name__

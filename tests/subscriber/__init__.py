@@ -1,0 +1,1 @@
+"""Tests of the websocket connection, the per-user subscriber and ``jfsync watch``."""
