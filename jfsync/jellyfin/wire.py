@@ -2,15 +2,16 @@
 
 Wire models keep Jellyfin's PascalCase (via aliases), ignore unknown fields and tolerate missing
 optional ones. Ids are normalised to 32 lowercase hex at parse time. Dates without a zone are
-read as UTC. :func:`format_date` writes dates the way Jellyfin does.
+read as UTC. :func:`format_date` writes dates the way Jellyfin does. Models holding credentials
+(``AuthenticationResult``, ``QuickConnectResult``) keep them out of their repr.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from jfsync.ids import normalize_id
 from jfsync.model import PlayState, UserData, datetime_to_s
@@ -90,3 +91,115 @@ def update_body(desired: UserData, fields: frozenset[str] | None = None) -> dict
         if state.last_played_s is not None:
             body["LastPlayedDate"] = format_date(datetime.fromtimestamp(state.last_played_s, UTC))
     return body
+
+
+# --------------------------------------------------------------------------- read models
+
+
+def _provider_ids(value: object) -> object:
+    """Drop null and empty provider ids (Jellyfin sends ``{"Tvdb": null}`` at times)."""
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items() if v is not None and str(v) != ""}
+    return value
+
+
+#: ``ProviderIds``: provider name to id, without empty entries.
+ProviderIds = Annotated[dict[str, str], BeforeValidator(_provider_ids)]
+
+
+class PublicSystemInfo(WireModel):
+    """``PublicSystemInfo`` from the anonymous ``GET /System/Info/Public``."""
+
+    local_address: str | None = Field(default=None, alias="LocalAddress")
+    server_name: str | None = Field(default=None, alias="ServerName")
+    version: str | None = Field(default=None, alias="Version")
+    product_name: str | None = Field(default=None, alias="ProductName")
+    id: JfId | None = Field(default=None, alias="Id")
+    startup_wizard_completed: bool | None = Field(default=None, alias="StartupWizardCompleted")
+
+
+class SystemInfo(PublicSystemInfo):
+    """``SystemInfo`` from the authenticated ``GET /System/Info`` (the fields jfsync reads)."""
+
+    operating_system_display_name: str | None = Field(
+        default=None, alias="OperatingSystemDisplayName"
+    )
+    has_pending_restart: bool | None = Field(default=None, alias="HasPendingRestart")
+    is_shutting_down: bool | None = Field(default=None, alias="IsShuttingDown")
+
+
+class UserPolicy(WireModel):
+    """``UserPolicy``: the flags jfsync cares about."""
+
+    is_administrator: bool = Field(default=False, alias="IsAdministrator")
+    is_hidden: bool = Field(default=False, alias="IsHidden")
+    is_disabled: bool = Field(default=False, alias="IsDisabled")
+
+
+class UserDto(WireModel):
+    """``UserDto``: one account on a server."""
+
+    name: str = Field(alias="Name")
+    id: JfId = Field(alias="Id")
+    server_id: str | None = Field(default=None, alias="ServerId")
+    has_password: bool | None = Field(default=None, alias="HasPassword")
+    policy: UserPolicy = Field(default_factory=UserPolicy, alias="Policy")
+
+    @property
+    def is_admin(self) -> bool:
+        """Tell whether the user is an administrator."""
+        return self.policy.is_administrator
+
+    @property
+    def is_disabled(self) -> bool:
+        """Tell whether the account is disabled (it cannot log in or be written for)."""
+        return self.policy.is_disabled
+
+
+class BaseItemDto(WireModel):
+    """``BaseItemDto``: one library item with the fields jfsync uses to match and sync it."""
+
+    id: JfId = Field(alias="Id")
+    name: str | None = Field(default=None, alias="Name")
+    type: str | None = Field(default=None, alias="Type")
+    path: str | None = Field(default=None, alias="Path")
+    provider_ids: ProviderIds = Field(default_factory=dict, alias="ProviderIds")
+    production_year: int | None = Field(default=None, alias="ProductionYear")
+    series_id: JfId | None = Field(default=None, alias="SeriesId")
+    series_name: str | None = Field(default=None, alias="SeriesName")
+    season_id: JfId | None = Field(default=None, alias="SeasonId")
+    index_number: int | None = Field(default=None, alias="IndexNumber")
+    parent_index_number: int | None = Field(default=None, alias="ParentIndexNumber")
+    parent_id: JfId | None = Field(default=None, alias="ParentId")
+    is_folder: bool | None = Field(default=None, alias="IsFolder")
+    run_time_ticks: int | None = Field(default=None, alias="RunTimeTicks")
+    user_data: UserItemDataDto | None = Field(default=None, alias="UserData")
+
+
+ItemT = TypeVar("ItemT", bound=BaseModel)
+
+
+class QueryResult(WireModel, Generic[ItemT]):
+    """``QueryResult``: one page of a listing."""
+
+    items: list[ItemT] = Field(default_factory=list, alias="Items")
+    total_record_count: int | None = Field(default=None, alias="TotalRecordCount")
+    start_index: int = Field(default=0, alias="StartIndex")
+
+
+class AuthenticationResult(WireModel):
+    """``AuthenticationResult`` from a login; the access token never shows in the repr."""
+
+    user: UserDto | None = Field(default=None, alias="User")
+    access_token: str | None = Field(default=None, alias="AccessToken", repr=False)
+    server_id: str | None = Field(default=None, alias="ServerId")
+
+
+class QuickConnectResult(WireModel):
+    """``QuickConnectResult`` of ``/QuickConnect/Initiate``; secret and code stay out of reprs."""
+
+    authenticated: bool = Field(default=False, alias="Authenticated")
+    secret: str = Field(alias="Secret", repr=False)
+    code: str = Field(alias="Code", repr=False)
+    device_id: str | None = Field(default=None, alias="DeviceId")
+    app_name: str | None = Field(default=None, alias="AppName")

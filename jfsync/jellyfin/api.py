@@ -1,0 +1,547 @@
+"""The Jellyfin REST client: one :class:`JellyfinClient` per server, typed calls, mapped errors.
+
+Every request carries ``Authorization: MediaBrowser Client="jfsync", Device, DeviceId, Version,
+Token`` (the portable scheme from 10.8 to 12, fact sheet §1.2), has a timeout, and goes through
+the aiohttp session passed in (one connection pool for the whole process). Failures become
+:mod:`jfsync.errors` exceptions that name the server and the route *template* (never a URL with
+its query, never a header), so keys and tokens cannot leak into messages or logs.
+
+The write path follows the design ("Hard facts" 5): ``POST /UserItems/{id}/UserData`` with only
+the fields that change, ``DELETE /UserItems/{id}/Rating`` to clear a rating and
+``DELETE /UserPlayedItems/{id}`` to unplay. ``POST /UserPlayedItems`` is never used: it bumps the
+play count and recurses into folders.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+from pydantic import TypeAdapter, ValidationError
+
+from jfsync import __version__
+from jfsync.errors import (
+    AuthRejectedError,
+    BadResponseError,
+    RequestTimeoutError,
+    UnreachableError,
+    UnsupportedServerError,
+    error_for_status,
+)
+from jfsync.ids import LEAF_ITEM_TYPES, normalize_id
+from jfsync.jellyfin.wire import (
+    AuthenticationResult,
+    BaseItemDto,
+    PublicSystemInfo,
+    QueryResult,
+    QuickConnectResult,
+    SystemInfo,
+    UserDto,
+    UserItemDataDto,
+    update_body,
+)
+from jfsync.model import Register, UserData
+
+logger = logging.getLogger(__name__)
+
+#: Client name jfsync announces; the emulator and server logs show it.
+CLIENT_NAME = "jfsync"
+#: Device name jfsync announces.
+DEVICE_NAME = "jfsync"
+#: Oldest supported release: 10.9 added ``/UserItems/{id}/UserData`` (fact sheet §4.1).
+MIN_SUPPORTED_VERSION = (10, 9)
+#: Leaf item kinds listed by default, in a fixed order so requests are reproducible.
+DEFAULT_ITEM_TYPES: tuple[str, ...] = tuple(sorted(LEAF_ITEM_TYPES))
+#: Sort for paged scans. ``SortName`` is documented; ties are covered by the page overlap below.
+SCAN_SORT_BY = "SortName,ProductionYear"
+#: Items re-read at the start of every next page, so that up to this many removals before the
+#: cursor during a scan cannot make it skip items (insertions only cause duplicates, dropped).
+PAGE_OVERLAP = 16
+#: Ids per ``/Items?ids=`` request, to keep URLs well below common 8 KiB limits.
+IDS_PER_REQUEST = 150
+#: Longest error body text kept in an exception detail.
+MAX_DETAIL_CHARS = 200
+
+_VERSION = re.compile(r"^\s*(\d+)\.(\d+)(?:\.(\d+))?")
+T = TypeVar("T")
+
+
+class QuickConnectUnavailableError(AuthRejectedError):
+    """``/QuickConnect/Initiate`` answered 401: Quick Connect is disabled on the server."""
+
+
+def auth_header(device_id: str, token: str | None = None) -> str:
+    """Build the ``Authorization: MediaBrowser`` value; values are URL-encoded (§1.2)."""
+    parts = [
+        f'Client="{_enc(CLIENT_NAME)}"',
+        f'Device="{_enc(DEVICE_NAME)}"',
+        f'DeviceId="{_enc(device_id)}"',
+        f'Version="{_enc(__version__)}"',
+    ]
+    if token is not None:
+        parts.append(f'Token="{_enc(token)}"')
+    return "MediaBrowser " + ", ".join(parts)
+
+
+def parse_version(text: str) -> tuple[int, int, int] | None:
+    """Read ``"10.10.7"`` (or ``"12.0.0-rc5"``) as a tuple; None when it is not a version."""
+    match = _VERSION.match(text)
+    if not match:
+        return None
+    return int(match.group(1)), int(match.group(2)), int(match.group(3) or 0)
+
+
+class JellyfinClient:
+    """Typed REST access to one Jellyfin server with its admin API key."""
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        api_key: str,
+        *,
+        session: aiohttp.ClientSession,
+        device_id: str,
+        timeout_s: float = 10.0,
+        verify_tls: bool = True,
+    ) -> None:
+        self.name = name
+        self.url = url.rstrip("/")
+        self.device_id = device_id
+        self.timeout_s = timeout_s
+        self._api_key = api_key
+        self._session = session
+        self._ssl = verify_tls
+        self._public: PublicSystemInfo | None = None
+        parts = urlsplit(self.url)
+        # For messages: scheme, host and port only (a URL may carry user:password@).
+        self.display_url = f"{parts.scheme}://{parts.hostname}" + (
+            f":{parts.port}" if parts.port else ""
+        )
+
+    def __repr__(self) -> str:
+        return f"JellyfinClient(name={self.name!r}, url={self.display_url!r})"
+
+    # ------------------------------------------------------------------ server
+
+    async def public_info(self) -> PublicSystemInfo:
+        """``GET /System/Info/Public`` (anonymous): name, id and version of the server."""
+        data = await self._call("GET", "/System/Info/Public", anonymous=True)
+        info = self._parse(PublicSystemInfo, data, "/System/Info/Public")
+        self._public = info
+        return info
+
+    async def server_version(self) -> tuple[int, int, int]:
+        """Return the server version as a tuple, asking the server the first time."""
+        info = self._public or await self.public_info()
+        version = parse_version(info.version or "")
+        if version is None:
+            raise BadResponseError(
+                self.name, "/System/Info/Public", f"field Version: not a version ({info.version!r})"
+            )
+        return version
+
+    async def ensure_supported(self) -> PublicSystemInfo:
+        """Fetch public info and raise UnsupportedServerError for servers older than 10.9."""
+        info = await self.public_info()
+        version = await self.server_version()
+        if version[:2] < MIN_SUPPORTED_VERSION:
+            raise UnsupportedServerError(
+                self.name,
+                f"Jellyfin {info.version} has no user-data write route; jfsync needs 10.9 or "
+                "newer. Upgrade the server.",
+            )
+        return info
+
+    async def system_info(self) -> SystemInfo:
+        """``GET /System/Info``: succeeds only with a valid key, so it proves the key works."""
+        data = await self._call("GET", "/System/Info")
+        return self._parse(SystemInfo, data, "/System/Info")
+
+    async def ping(self) -> bool:
+        """Tell cheaply whether the server answers (anonymous public info)."""
+        await self.public_info()
+        return True
+
+    # ------------------------------------------------------------------ users
+
+    async def users(self) -> list[UserDto]:
+        """``GET /Users``: every account, with its policy flags."""
+        data = await self._call("GET", "/Users")
+        return self._parse(_USER_LIST, data, "/Users")
+
+    async def user(self, user_id: str) -> UserDto:
+        """``GET /Users/{userId}``: one account."""
+        data = await self._call("GET", "/Users/{userId}", path={"userId": normalize_id(user_id)})
+        return self._parse(UserDto, data, "/Users/{userId}")
+
+    async def current_user(self, token: str | None = None) -> UserDto:
+        """``GET /Users/Me`` with ``token`` (default: the API key, which answers 400)."""
+        data = await self._call("GET", "/Users/Me", token=token)
+        return self._parse(UserDto, data, "/Users/Me")
+
+    # ------------------------------------------------------------------ items
+
+    async def iter_items(
+        self,
+        user_id: str | None,
+        *,
+        include_types: Sequence[str] = DEFAULT_ITEM_TYPES,
+        fields: Sequence[str] = ("Path", "ProviderIds"),
+        filters: Sequence[str] = (),
+        ids: Iterable[str] = (),
+        parent_id: str | None = None,
+        page_size: int = 1000,
+        recursive: bool = True,
+    ) -> AsyncIterator[BaseItemDto]:
+        """Yield every matching item once, paging ``GET /Items`` with a stable sort.
+
+        With ``user_id`` each item carries that user's ``UserData``. Pages overlap by
+        ``PAGE_OVERLAP`` items and items already yielded are skipped, so items added or removed
+        during the scan neither repeat nor (for up to that many removals per page) go missing;
+        the end is the first short page, not ``TotalRecordCount``, which may change mid-scan.
+        """
+        base: list[tuple[str, str]] = []
+        if user_id is not None:
+            base.append(("userId", normalize_id(user_id)))
+        base.append(("recursive", "true" if recursive else "false"))
+        if include_types:
+            base.append(("includeItemTypes", ",".join(include_types)))
+        if fields:
+            base.append(("fields", ",".join(fields)))
+        if filters:
+            base.append(("filters", ",".join(filters)))
+        if parent_id is not None:
+            base.append(("parentId", normalize_id(parent_id)))
+        base += [
+            ("sortBy", SCAN_SORT_BY),
+            ("sortOrder", "Ascending"),
+            ("enableImages", "false"),
+        ]
+        wanted = [normalize_id(i) for i in ids]
+        seen: set[str] = set()
+        if not wanted:
+            async for item in self._scan(base, page_size, seen):
+                yield item
+            return
+        for start in range(0, len(wanted), IDS_PER_REQUEST):
+            chunk = wanted[start : start + IDS_PER_REQUEST]
+            async for item in self._scan([*base, ("ids", ",".join(chunk))], page_size, seen):
+                yield item
+
+    async def item_count(self, user_id: str | None, **kwargs: Any) -> int:
+        """Count the items a scan with the same arguments would yield."""
+        count = 0
+        async for _ in self.iter_items(user_id, **kwargs):
+            count += 1
+        return count
+
+    # ------------------------------------------------------------------ user data
+
+    async def get_user_data(self, user_id: str, item_id: str) -> UserItemDataDto:
+        """``GET /UserItems/{itemId}/UserData?userId=``: one user's data for one item."""
+        route = "/UserItems/{itemId}/UserData"
+        data = await self._call(
+            "GET",
+            route,
+            path={"itemId": normalize_id(item_id)},
+            query=[("userId", normalize_id(user_id))],
+        )
+        return self._parse(UserItemDataDto, data, route)
+
+    async def update_user_data(
+        self, user_id: str, item_id: str, body: Mapping[str, Any]
+    ) -> UserItemDataDto:
+        """``POST /UserItems/{itemId}/UserData?userId=`` with exactly the fields to set."""
+        route = "/UserItems/{itemId}/UserData"
+        data = await self._call(
+            "POST",
+            route,
+            path={"itemId": normalize_id(item_id)},
+            query=[("userId", normalize_id(user_id))],
+            body=dict(body),
+        )
+        return self._parse(UserItemDataDto, data, route)
+
+    async def clear_rating(self, user_id: str, item_id: str) -> UserItemDataDto:
+        """``DELETE /UserItems/{itemId}/Rating?userId=``: set the rating to none."""
+        route = "/UserItems/{itemId}/Rating"
+        data = await self._call(
+            "DELETE",
+            route,
+            path={"itemId": normalize_id(item_id)},
+            query=[("userId", normalize_id(user_id))],
+        )
+        return self._parse(UserItemDataDto, data, route)
+
+    async def mark_unplayed(self, user_id: str, item_id: str) -> UserItemDataDto:
+        """``DELETE /UserPlayedItems/{itemId}?userId=``: played, count, position and date reset."""
+        route = "/UserPlayedItems/{itemId}"
+        data = await self._call(
+            "DELETE",
+            route,
+            path={"itemId": normalize_id(item_id)},
+            query=[("userId", normalize_id(user_id))],
+        )
+        return self._parse(UserItemDataDto, data, route)
+
+    async def apply_user_data(
+        self,
+        user_id: str,
+        item_id: str,
+        desired: UserData,
+        current: UserData,
+        registers: frozenset[Register],
+    ) -> UserData:
+        """Make ``registers`` of the target hold ``desired``; return the state the server reports.
+
+        Nothing is sent when the target already holds them (dates compare at 1 s, the
+        resolution of :class:`jfsync.model.PlayState`). A rating going to none is cleared with
+        DELETE; a play state whose last played date goes to none is reset with DELETE played;
+        then one POST carries only the registers that still differ.
+        """
+        result = current
+        if not _differing(desired, result, registers):
+            return result
+        if Register.RATING in registers and desired.rating is None and result.rating is not None:
+            result = (await self.clear_rating(user_id, item_id)).to_user_data()
+        if (
+            Register.PLAY_STATE in registers
+            and desired.play_state.last_played_s is None
+            and result.play_state.last_played_s is not None
+        ):
+            result = (await self.mark_unplayed(user_id, item_id)).to_user_data()
+        remaining = _differing(desired, result, registers)
+        if remaining:
+            body = update_body(desired, frozenset(str(r) for r in remaining))
+            if body:
+                result = (await self.update_user_data(user_id, item_id, body)).to_user_data()
+        return result
+
+    # ------------------------------------------------------------------ tokens
+
+    async def quick_connect_enabled(self) -> bool:
+        """``GET /QuickConnect/Enabled``: whether the server allows Quick Connect."""
+        data = await self._call("GET", "/QuickConnect/Enabled")
+        return self._parse(_BOOL, data, "/QuickConnect/Enabled")
+
+    async def mint_user_token(self, user_id: str, device_id: str) -> str:
+        """Get a token for ``user_id`` on ``device_id`` through admin-authorised Quick Connect.
+
+        Initiate as a fresh device would (that device id, no token), authorise the code for the
+        user with the admin key (``userId`` exists from 10.9), then exchange the secret for the
+        user's access token (fact sheet §8.3). Raises QuickConnectUnavailableError when the
+        server has Quick Connect disabled.
+        """
+        user_id = normalize_id(user_id)
+        version = await self.server_version()
+        if version[:2] < MIN_SUPPORTED_VERSION:
+            raise UnsupportedServerError(
+                self.name, "Quick Connect cannot authorise other users before Jellyfin 10.9"
+            )
+        route = "/QuickConnect/Initiate"
+        try:
+            data = await self._call("POST", route, anonymous=True, device_id=device_id)
+        except AuthRejectedError as err:
+            raise QuickConnectUnavailableError(
+                self.name, "POST", route, err.status, "Quick Connect is disabled on this server"
+            ) from err
+        pending = self._parse(QuickConnectResult, data, route)
+        route = "/QuickConnect/Authorize"
+        data = await self._call("POST", route, query=[("code", pending.code), ("userId", user_id)])
+        if not self._parse(_BOOL, data, route):
+            raise BadResponseError(self.name, route, "the server did not authorise the code")
+        route = "/Users/AuthenticateWithQuickConnect"
+        data = await self._call(
+            "POST", route, anonymous=True, device_id=device_id, body={"Secret": pending.secret}
+        )
+        result = self._parse(AuthenticationResult, data, route)
+        return self._check_login(result, route, user_id)
+
+    async def authenticate_by_name(
+        self, username: str, password: str, device_id: str
+    ) -> tuple[str, str]:
+        """``POST /Users/AuthenticateByName``: log in; return (user id, access token).
+
+        Logging in again with the same user and device id revokes the previous token (§8.2).
+        """
+        route = "/Users/AuthenticateByName"
+        data = await self._call(
+            "POST",
+            route,
+            anonymous=True,
+            device_id=device_id,
+            body={"Username": username, "Pw": password},
+        )
+        result = self._parse(AuthenticationResult, data, route)
+        token = self._check_login(result, route, None)
+        assert result.user is not None
+        return result.user.id, token
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _call(
+        self,
+        method: str,
+        route: str,
+        *,
+        path: Mapping[str, str] | None = None,
+        query: Sequence[tuple[str, str]] = (),
+        body: Mapping[str, Any] | None = None,
+        anonymous: bool = False,
+        token: str | None = None,
+        device_id: str | None = None,
+    ) -> Any:
+        """Send one request; return the decoded JSON body (None when empty).
+
+        Authenticates with ``token``, else the API key, unless ``anonymous``. ``device_id``
+        overrides the client's own (Quick Connect and logins act as the user's device).
+        """
+        header = auth_header(
+            device_id or self.device_id, None if anonymous else (token or self._api_key)
+        )
+        url = self.url + route.format(**{k: quote(v, safe="") for k, v in (path or {}).items()})
+        try:
+            async with self._session.request(
+                method,
+                url,
+                params=list(query) or None,
+                json=None if body is None else dict(body),
+                headers={"Authorization": header, "Accept": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                ssl=self._ssl,
+            ) as response:
+                status = response.status
+                raw = await response.read()
+        except TimeoutError as err:
+            raise RequestTimeoutError(
+                self.name, f"{method} {route}: no answer within {self.timeout_s:g} s"
+            ) from err
+        except aiohttp.ClientError as err:
+            raise UnreachableError(
+                self.name, f"{method} {route}: cannot reach {self.display_url} ({_reason(err)})"
+            ) from err
+        logger.debug("[%s] %s %s -> %d", self.name, method, route, status)
+        if status >= 400:
+            raise error_for_status(self.name, method, route, status, self._detail(raw))
+        if not raw.strip():
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise BadResponseError(self.name, route, "the body is not JSON") from None
+
+    def _parse(self, kind: type[T] | TypeAdapter[T], data: Any, route: str) -> T:
+        """Validate ``data`` as ``kind``; raise BadResponseError naming the failing field."""
+        adapter = kind if isinstance(kind, TypeAdapter) else _adapter(kind)
+        try:
+            return adapter.validate_python(data)
+        except ValidationError as err:
+            first = err.errors(include_url=False, include_input=False)[0]
+            where = _loc_text(first["loc"]) or "(body)"
+            message = str(first["msg"]).removeprefix("Value error, ")
+            more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+            raise BadResponseError(self.name, route, f"field {where}: {message}{more}") from None
+
+    def _detail(self, raw: bytes) -> str:
+        """Short, secret-free text of an error body (ProblemDetails title/detail or text)."""
+        text = raw.decode("utf-8", "replace").strip()
+        try:
+            data = json.loads(text) if text else None
+        except ValueError:
+            data = None
+        if isinstance(data, dict):
+            text = " ".join(str(data[k]) for k in ("title", "detail") if data.get(k))
+        if self._api_key:
+            text = text.replace(self._api_key, "***")
+        text = " ".join(text.split())
+        if len(text) > MAX_DETAIL_CHARS:
+            text = text[: MAX_DETAIL_CHARS - 3] + "..."
+        return text
+
+    async def _scan(
+        self, base: list[tuple[str, str]], page_size: int, seen: set[str]
+    ) -> AsyncIterator[BaseItemDto]:
+        route = "/Items"
+        overlap = min(PAGE_OVERLAP, max(0, page_size // 4))
+        start = 0
+        first = True
+        while True:
+            query = [
+                *base,
+                ("startIndex", str(start)),
+                ("limit", str(page_size)),
+                ("enableTotalRecordCount", "true" if first else "false"),
+            ]
+            data = await self._call("GET", route, query=query)
+            page: QueryResult[BaseItemDto] = self._parse(_ITEM_PAGE, data, route)
+            if first and page.total_record_count is not None:
+                logger.debug("[%s] scan of %d items", self.name, page.total_record_count)
+            first = False
+            for item in page.items:
+                if item.id not in seen:
+                    seen.add(item.id)
+                    yield item
+            if len(page.items) < page_size:
+                return
+            start += page_size - overlap
+
+    def _check_login(self, result: AuthenticationResult, route: str, user_id: str | None) -> str:
+        if not result.access_token:
+            raise BadResponseError(self.name, route, "field AccessToken: missing")
+        if result.user is None:
+            raise BadResponseError(self.name, route, "field User: missing")
+        if user_id is not None and result.user.id != user_id:
+            raise BadResponseError(
+                self.name, route, "field User.Id: the token belongs to another user"
+            )
+        return result.access_token
+
+
+_USER_LIST: TypeAdapter[list[UserDto]] = TypeAdapter(list[UserDto])
+_BOOL: TypeAdapter[bool] = TypeAdapter(bool)
+_ITEM_PAGE: TypeAdapter[QueryResult[BaseItemDto]] = TypeAdapter(QueryResult[BaseItemDto])
+
+
+_ADAPTERS: dict[object, Any] = {}
+
+
+def _adapter(kind: type[T]) -> TypeAdapter[T]:
+    adapter: TypeAdapter[T] | None = _ADAPTERS.get(kind)
+    if adapter is None:
+        adapter = _ADAPTERS[kind] = TypeAdapter(kind)
+    return adapter
+
+
+def _differing(
+    desired: UserData, current: UserData, registers: frozenset[Register]
+) -> set[Register]:
+    return {r for r in registers if desired.get(r) != current.get(r)}
+
+
+def _enc(value: str) -> str:
+    # Jellyfin URL-decodes header values; encode only what would break the quoting.
+    return quote(value, safe=" -_.~/:+=@!*()'")
+
+
+def _loc_text(loc: Sequence[int | str]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else part
+    return text
+
+
+def _reason(err: BaseException) -> str:
+    """Name a transport failure without its URL (``str`` of some aiohttp errors holds one)."""
+    os_error = getattr(err, "os_error", None)
+    if isinstance(os_error, OSError) and os_error.strerror:
+        return os_error.strerror
+    return type(err).__name__
