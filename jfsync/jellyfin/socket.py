@@ -139,7 +139,8 @@ class JellyfinSocket:
         self._closing = False
         self._reader: asyncio.Task[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
-        self._kick = asyncio.Event()
+        self._wake = asyncio.Event()  # the keepalive schedule changed
+        self._force_pending = False  # a ForceKeepAlive waits for its answer
         self._unanswered_since: float | None = None
         #: Monotonic times at which KeepAlives were sent (tests and status read it).
         self.keepalives_sent: list[float] = []
@@ -270,6 +271,7 @@ class JellyfinSocket:
         if isinstance(message, KeepAliveMessage):
             self.keepalive_replies += 1
             self._unanswered_since = None
+            self._wake.set()
         elif isinstance(message, ForceKeepAliveMessage):
             logger.debug(
                 "[%s/%s] ForceKeepAlive (%s s); answering",
@@ -277,7 +279,8 @@ class JellyfinSocket:
                 self.user,
                 message.timeout_s,
             )
-            self._kick.set()
+            self._force_pending = True
+            self._wake.set()
         elif isinstance(message, UnknownMessage):
             logger.debug(
                 "[%s/%s] ignored a %s message", self.server, self.user, message.message_type
@@ -291,22 +294,24 @@ class JellyfinSocket:
             wake = next_send
             if self._unanswered_since is not None:
                 wake = min(wake, self._unanswered_since + self._keepalive_timeout_s)
-            kicked = await self._sleep_or_kick(wake - self._clock.monotonic())
+            await self._sleep_or_wake(wake - self._clock.monotonic())
             now = self._clock.monotonic()
             if (
                 self._unanswered_since is not None
                 and now >= self._unanswered_since + self._keepalive_timeout_s
             ):
-                waited = now - self._unanswered_since
                 self._fail(
                     KeepAliveTimeoutError(
-                        self.server, f"no KeepAlive reply within {waited:.0f} s; connection is dead"
+                        self.server,
+                        f"no KeepAlive reply within {self._keepalive_timeout_s:g} s; "
+                        "connection is dead",
                     )
                 )
                 assert self._ws is not None
                 self._ws.transport.abort()
                 return
-            if kicked or now >= next_send:
+            if self._force_pending or now >= next_send:
+                self._force_pending = False
                 await self._send_keepalive(now)
                 next_send = now + self._keepalive_interval_s
 
@@ -321,24 +326,22 @@ class JellyfinSocket:
             # The reader sees the same close and reports it.
             return
 
-    async def _sleep_or_kick(self, seconds: float) -> bool:
-        """Sleep on the clock; return True early when a ForceKeepAlive asked for a KeepAlive."""
-        if self._kick.is_set():
-            self._kick.clear()
-            return True
+    async def _sleep_or_wake(self, seconds: float) -> None:
+        """Sleep on the clock, or less when a reply or a ForceKeepAlive changes the schedule."""
+        if self._wake.is_set():
+            self._wake.clear()
+            return
         sleeper = asyncio.create_task(
             self._clock.sleep(seconds), name=f"jfsync-ws-keepalive-sleep[{self.server}]"
         )
-        kicker = asyncio.create_task(self._kick.wait(), name=f"jfsync-ws-kick[{self.server}]")
+        waker = asyncio.create_task(self._wake.wait(), name=f"jfsync-ws-wake[{self.server}]")
         try:
-            await asyncio.wait({sleeper, kicker}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({sleeper, waker}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (sleeper, kicker):
+            for task in (sleeper, waker):
                 task.cancel()
-            await asyncio.gather(sleeper, kicker, return_exceptions=True)
-        kicked = self._kick.is_set()
-        self._kick.clear()
-        return kicked
+            await asyncio.gather(sleeper, waker, return_exceptions=True)
+        self._wake.clear()
 
     def _fail(self, error: SocketClosedError) -> None:
         if self._error is None and not self._closing:

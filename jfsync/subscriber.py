@@ -1,0 +1,535 @@
+"""The live subscription of one (server, user): reconnect policy, resync hook and typed events.
+
+A :class:`Subscriber` keeps one :class:`~jfsync.jellyfin.socket.JellyfinSocket` open for one
+user of one server and turns its messages into :data:`SubscriberEvent` values handed to
+``on_event`` one at a time, in arrival order. Reconnecting is an explicit state machine
+(:class:`SubscriberState`)::
+
+    IDLE ─start()─▶ CONNECTING ─socket open─▶ RESYNCING ─resync() done─▶ CONNECTED
+                      │   ▲                       │ (events buffered)        │
+      transport error │   │ delay passed          │ resync failed            │ socket lost
+                      ▼   │                       ▼                          ▼
+                    BACKOFF ◀──────────────────────────────────────────────────┘
+    CONNECTING ─token refused twice─▶ AUTH_FAILED ─slow retry─▶ CONNECTING
+    CONNECTED ─ServerRestarting/ServerShuttingDown─▶ COOLDOWN ─cooldown─▶ CONNECTING
+    any ─stop()─▶ STOPPED
+
+* Backoff delays come from an injected factory (:func:`jfsync.timing.backoff_delays`: capped
+  exponential with jitter); a fresh sequence starts after a connection stayed healthy for
+  ``healthy_after_s`` and after a cooldown.
+* A refused token (HTTP 401/403 on the upgrade) is re-minted once with ``get_token(True)``;
+  if the new one is refused too, the subscriber waits ``auth_retry_s`` in AUTH_FAILED with a
+  visible reason and tries again.
+* After every connect, ``resync()`` runs before any live event is applied (pushes are lost
+  while a socket is down, fact sheet §2.1); events that arrive meanwhile wait in the socket's
+  buffer and are applied after it, in order.
+* Every sleep goes through the injected :class:`~jfsync.timing.Clock`.
+
+Log lines name the server and user; the first failure in a streak is a WARNING, repeats are
+DEBUG, and the recovery is INFO with the downtime. Tokens never appear in logs or status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Final
+
+from jfsync.errors import (
+    AuthRejectedError,
+    HttpStatusError,
+    JfsyncError,
+    ServerError,
+    is_auth_error,
+    is_retryable,
+)
+from jfsync.jellyfin.messages import (
+    LibraryChangedMessage,
+    ServerRestartingMessage,
+    ServerShuttingDownMessage,
+    UserDataChangedMessage,
+)
+from jfsync.jellyfin.socket import (
+    KEEPALIVE_INTERVAL_S,
+    KEEPALIVE_TIMEOUT_S,
+    OPEN_TIMEOUT_S,
+    JellyfinSocket,
+    LiveMessage,
+    SocketClosedError,
+)
+from jfsync.jellyfin.wire import UserItemDataDto
+from jfsync.logs import FailureStreak
+from jfsync.model import UserData
+from jfsync.timing import Clock, backoff_delays
+
+logger = logging.getLogger(__name__)
+
+#: A connection that lived this long was healthy: the next failure starts backoff afresh.
+HEALTHY_AFTER_S: Final = 60.0
+#: Jellyfin needs a while to come back after announcing a restart; don't hammer it meanwhile.
+RESTART_COOLDOWN_S: Final = 15.0
+#: A refused token was already re-minted once; asking again sooner just floods the server.
+AUTH_RETRY_S: Final = 300.0
+
+
+class SubscriberState(enum.StrEnum):
+    """Where a subscriber is in its connect / reconnect cycle."""
+
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    RESYNCING = "resyncing"
+    CONNECTED = "connected"
+    BACKOFF = "backoff"
+    AUTH_FAILED = "auth_failed"
+    COOLDOWN = "cooldown"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class UserDataEntry:
+    """One item's user data from a UserDataChanged message."""
+
+    item_id: str
+    data: UserData
+    dto: UserItemDataDto
+    #: True for a parent folder (season, series, library folder): it carries UnplayedItemCount.
+    is_folder: bool
+
+
+@dataclass(frozen=True, slots=True)
+class UserDataChangedEvent:
+    """The user data of some items changed for ``user_id`` on ``server``."""
+
+    server: str
+    user_id: str
+    entries: tuple[UserDataEntry, ...]
+    message_id: str | None = None
+
+    @property
+    def item_entries(self) -> tuple[UserDataEntry, ...]:
+        """The entries that are not parent folders."""
+        return tuple(entry for entry in self.entries if not entry.is_folder)
+
+
+@dataclass(frozen=True, slots=True)
+class LibraryChangedEvent:
+    """Items were added, removed or updated in ``server``'s library (as seen by ``user_id``)."""
+
+    server: str
+    user_id: str
+    items_added: tuple[str, ...] = ()
+    items_removed: tuple[str, ...] = ()
+    items_updated: tuple[str, ...] = ()
+    folders_added_to: tuple[str, ...] = ()
+    folders_removed_from: tuple[str, ...] = ()
+    collection_folders: tuple[str, ...] = ()
+    message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStateChanged:
+    """The subscriber of (``server``, ``user_id``) entered ``state``; ``reason`` says why."""
+
+    server: str
+    user_id: str
+    state: SubscriberState
+    reason: str | None = None
+
+
+SubscriberEvent = UserDataChangedEvent | LibraryChangedEvent | ConnectionStateChanged
+
+#: Returns the user's token; the argument asks for a freshly minted one (the last was refused).
+GetToken = Callable[[bool], Awaitable[str]]
+#: Receives every event; awaited before the next one is delivered.
+OnEvent = Callable[[SubscriberEvent], Awaitable[None]]
+#: Catches up with what the socket missed; awaited after every connect.
+Resync = Callable[[], Awaitable[None]]
+#: Returns a fresh sequence of reconnect delays in seconds.
+DelaysFactory = Callable[[], Iterator[float]]
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriberStatus:
+    """A snapshot of one subscriber for the status endpoint and logs (no secrets)."""
+
+    server: str
+    user_id: str
+    user_name: str
+    state: SubscriberState
+    connected_since_ms: int | None
+    last_event_at_ms: int | None
+    reconnect_count: int
+    last_error: str | None
+    pause_reason: str | None
+    buffered_events: int
+
+
+@dataclass(frozen=True, slots=True)
+class _SessionEnd:
+    """How a connected session ended."""
+
+    reason: str
+    error: BaseException | None = None
+    expected: bool = False  # the server announced a restart or shutdown
+    stopped: bool = False  # our own close
+
+
+class Subscriber:
+    """Keep one user's websocket on one server open and deliver its events in order."""
+
+    def __init__(
+        self,
+        server: str,
+        url: str,
+        user_id: str,
+        user_name: str,
+        device_id: str,
+        *,
+        get_token: GetToken,
+        on_event: OnEvent,
+        resync: Resync,
+        clock: Clock,
+        delays: DelaysFactory = backoff_delays,
+        keepalive_interval_s: float = KEEPALIVE_INTERVAL_S,
+        keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+        open_timeout_s: float = OPEN_TIMEOUT_S,
+        healthy_after_s: float = HEALTHY_AFTER_S,
+        cooldown_s: float = RESTART_COOLDOWN_S,
+        auth_retry_s: float = AUTH_RETRY_S,
+    ) -> None:
+        self.server = server
+        self.url = url
+        self.user_id = user_id
+        self.user_name = user_name
+        self.device_id = device_id
+        self._get_token = get_token
+        self._on_event = on_event
+        self._resync = resync
+        self._clock = clock
+        self._delays = delays
+        self._keepalive_interval_s = keepalive_interval_s
+        self._keepalive_timeout_s = keepalive_timeout_s
+        self._open_timeout_s = open_timeout_s
+        self._healthy_after_s = healthy_after_s
+        self._cooldown_s = cooldown_s
+        self._auth_retry_s = auth_retry_s
+
+        self._state = SubscriberState.IDLE
+        self._state_changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._socket: JellyfinSocket | None = None
+        self._connected_at: float | None = None  # monotonic; for the healthy-connection reset
+        self._connected_since_ms: int | None = None
+        self._last_event_at_ms: int | None = None
+        self._connections = 0
+        self._last_error: str | None = None
+        self._pause_reason: str | None = None
+        self._streak = FailureStreak(logger, f"{server}/{user_name}", clock)
+
+    def __repr__(self) -> str:
+        return f"<Subscriber {self.server}/{self.user_name} {self._state}>"
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def state(self) -> SubscriberState:
+        """The current state."""
+        return self._state
+
+    @property
+    def socket(self) -> JellyfinSocket | None:
+        """The open socket, if any (for diagnostics and tests)."""
+        return self._socket
+
+    @property
+    def status(self) -> SubscriberStatus:
+        """A snapshot of the current state, times and last error."""
+        return SubscriberStatus(
+            server=self.server,
+            user_id=self.user_id,
+            user_name=self.user_name,
+            state=self._state,
+            connected_since_ms=self._connected_since_ms,
+            last_event_at_ms=self._last_event_at_ms,
+            reconnect_count=max(0, self._connections - 1),
+            last_error=self._last_error,
+            pause_reason=self._pause_reason,
+            buffered_events=self._socket.buffered if self._socket is not None else 0,
+        )
+
+    def start(self) -> None:
+        """Start connecting in a background task owned by this subscriber."""
+        if self._task is not None:
+            raise RuntimeError(f"{self!r} was already started")
+        self._task = asyncio.create_task(
+            self._run(), name=f"jfsync-subscriber[{self.server}/{self.user_name}]"
+        )
+
+    async def stop(self) -> None:
+        """Stop reconnecting, close the socket and wait for the task to end."""
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+        if self._state is not SubscriberState.STOPPED:
+            self._connected_since_ms = None
+            await self._set_state(SubscriberState.STOPPED, "stopped")
+            logger.info("[%s/%s] subscriber stopped", self.server, self.user_name)
+
+    async def wait_for_state(self, *states: SubscriberState) -> SubscriberState:
+        """Wait (on events, not time) until the subscriber is in one of ``states``."""
+        while self._state not in states:
+            changed = self._state_changed
+            await changed.wait()
+        return self._state
+
+    # ------------------------------------------------------------------ the state machine
+
+    async def _run(self) -> None:
+        delays = self._delays()
+        while True:
+            await self._set_state(SubscriberState.CONNECTING)
+            try:
+                socket = await self._open()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # noqa: BLE001 - loop must survive
+                delays = await self._after_connect_failure(err, delays)
+                continue
+            end = await self._session(socket)
+            if end.stopped:
+                return
+            connected_at = self._connected_at
+            if (
+                connected_at is not None
+                and self._clock.monotonic() - connected_at >= self._healthy_after_s
+            ):
+                delays = self._delays()
+            self._connected_since_ms = None
+            if end.expected:
+                logger.info(
+                    "[%s/%s] %s; reconnecting in %.0f s",
+                    self.server,
+                    self.user_name,
+                    end.reason,
+                    self._cooldown_s,
+                )
+                await self._pause(SubscriberState.COOLDOWN, end.reason, self._cooldown_s)
+                delays = self._delays()
+                continue
+            delay = next(delays)
+            self._note_failure(end.reason, f"reconnecting in {delay:.1f} s")
+            await self._pause(SubscriberState.BACKOFF, end.reason, delay)
+
+    async def _open(self) -> JellyfinSocket:
+        """Get a token and open the socket; a refused token is re-minted once."""
+        refresh = False
+        while True:
+            token = await self._get_token(refresh)
+            socket = JellyfinSocket(
+                self.server,
+                self.url,
+                user=self.user_name,
+                device_id=self.device_id,
+                token=token,
+                clock=self._clock,
+                keepalive_interval_s=self._keepalive_interval_s,
+                keepalive_timeout_s=self._keepalive_timeout_s,
+                open_timeout_s=self._open_timeout_s,
+            )
+            try:
+                await socket.connect()
+            except AuthRejectedError:
+                if refresh:
+                    raise
+                logger.info(
+                    "[%s/%s] the server refused the token; getting a new one",
+                    self.server,
+                    self.user_name,
+                )
+                refresh = True
+                continue
+            return socket
+
+    async def _after_connect_failure(
+        self, err: Exception, delays: Iterator[float]
+    ) -> Iterator[float]:
+        """Pick the pause after a failed connect, log it, wait it out; return the delays."""
+        if not is_retryable(err) and (
+            is_auth_error(err) or (isinstance(err, ServerError) and not _is_http(err))
+        ):
+            # A token refused even after re-minting, or no way to get one at all (Quick
+            # Connect off, bad credentials): nothing changes until someone acts.
+            if isinstance(err, AuthRejectedError):
+                reason = f"the server refused {self.user_name}'s token even after minting a new one"
+            else:
+                reason = f"cannot get a token for {self.user_name}: {_describe(err)}"
+            self._note_failure(reason, f"retrying in {self._auth_retry_s:.0f} s")
+            await self._pause(SubscriberState.AUTH_FAILED, reason, self._auth_retry_s)
+            return delays
+        if is_retryable(err):
+            delay = next(delays)
+            reason = f"cannot connect: {_describe(err)}"
+        elif isinstance(err, JfsyncError):
+            # 404/400 on the upgrade: a wrong URL or a proxy in the way; retry slowly.
+            delay = self._auth_retry_s
+            reason = f"the server refused the websocket: {_describe(err)}"
+        else:
+            logger.error(
+                "[%s/%s] unexpected error while connecting",
+                self.server,
+                self.user_name,
+                exc_info=err,
+            )
+            delay = next(delays)
+            reason = f"unexpected error: {type(err).__name__}"
+        self._note_failure(reason, f"retrying in {delay:.1f} s")
+        await self._pause(SubscriberState.BACKOFF, reason, delay)
+        return delays
+
+    async def _session(self, socket: JellyfinSocket) -> _SessionEnd:
+        """Resync, then apply live messages until the socket ends; always close it."""
+        self._socket = socket
+        self._connected_at = None
+        try:
+            await self._set_state(SubscriberState.RESYNCING)
+            try:
+                await self._resync()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                logger.debug("[%s/%s] resync failed", self.server, self.user_name, exc_info=True)
+                return _SessionEnd(f"resync failed: {_describe(err)}", err)
+            self._connected_at = self._clock.monotonic()
+            self._connected_since_ms = self._clock.wall_ms()
+            self._connections += 1
+            self._log_connected()
+            await self._set_state(SubscriberState.CONNECTED)
+            while True:
+                try:
+                    message = await socket.receive()
+                except SocketClosedError as err:
+                    return _SessionEnd(f"connection lost: {_describe(err)}", err)
+                if message is None:
+                    return _SessionEnd("closed", stopped=True)
+                if isinstance(message, ServerRestartingMessage | ServerShuttingDownMessage):
+                    what = (
+                        "restarting"
+                        if isinstance(message, ServerRestartingMessage)
+                        else "shutting down"
+                    )
+                    return _SessionEnd(f"the server is {what}", expected=True)
+                await self._dispatch(message)
+        finally:
+            self._socket = None
+            await socket.close()
+
+    async def _dispatch(self, message: LiveMessage) -> None:
+        event: SubscriberEvent
+        if isinstance(message, UserDataChangedMessage):
+            info = message.data
+            if info.user_id != self.user_id:
+                # Only AdditionalUsers (fact sheet §2.4) could cause this; jfsync never adds any.
+                logger.warning(
+                    "[%s/%s] ignored a UserDataChanged for another user (%s)",
+                    self.server,
+                    self.user_name,
+                    info.user_id,
+                )
+                return
+            entries = tuple(
+                UserDataEntry(
+                    item_id=dto.item_id,
+                    data=dto.to_user_data(),
+                    dto=dto,
+                    is_folder=dto.unplayed_item_count is not None,
+                )
+                for dto in info.user_data_list
+                if dto.item_id is not None
+            )
+            event = UserDataChangedEvent(self.server, self.user_id, entries, message.message_id)
+        elif isinstance(message, LibraryChangedMessage):
+            data = message.data
+            event = LibraryChangedEvent(
+                self.server,
+                self.user_id,
+                items_added=data.items_added,
+                items_removed=data.items_removed,
+                items_updated=data.items_updated,
+                folders_added_to=data.folders_added_to,
+                folders_removed_from=data.folders_removed_from,
+                collection_folders=data.collection_folders,
+                message_id=message.message_id,
+            )
+        else:
+            return
+        self._last_event_at_ms = self._clock.wall_ms()
+        await self._emit(event)
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _set_state(self, state: SubscriberState, reason: str | None = None) -> None:
+        if state is self._state and reason is None:
+            return
+        self._state = state
+        changed, self._state_changed = self._state_changed, asyncio.Event()
+        changed.set()
+        await self._emit(ConnectionStateChanged(self.server, self.user_id, state, reason))
+
+    async def _pause(self, state: SubscriberState, reason: str, delay_s: float) -> None:
+        self._pause_reason = reason
+        try:
+            await self._set_state(state, reason)
+            await self._clock.sleep(delay_s)
+        finally:
+            self._pause_reason = None
+
+    async def _emit(self, event: SubscriberEvent) -> None:
+        try:
+            await self._on_event(event)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception(
+                "[%s/%s] the event handler failed on %s",
+                self.server,
+                self.user_name,
+                type(event).__name__,
+            )
+
+    def _note_failure(self, what: str, next_step: str) -> None:
+        self._last_error = what
+        self._streak.failed(what, next_step)
+
+    def _log_connected(self) -> None:
+        if self._streak.failing:
+            self._streak.succeeded("connected")
+        elif self._connections > 1:
+            logger.info("[%s/%s] reconnected", self.server, self.user_name)
+        else:
+            logger.info("[%s/%s] connected", self.server, self.user_name)
+        self._last_error = None
+
+
+def _is_http(err: BaseException) -> bool:
+    return isinstance(err, HttpStatusError)
+
+
+def _describe(err: BaseException) -> str:
+    """Text for logs and status; jfsync's own errors never hold secrets, others show the type."""
+    if isinstance(err, ServerError):
+        # Drop the "[server] " prefix: every log line already names the server.
+        text = str(err)
+        prefix = f"[{err.server}] "
+        return text[len(prefix) :] if text.startswith(prefix) else text
+    if isinstance(err, JfsyncError):
+        return str(err)
+    return type(err).__name__
