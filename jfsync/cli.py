@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     emulator_cli.add_arguments(emulator)
     emulator.set_defaults(handler=emulator_cli.run)
+
+    watch = sub.add_parser("watch", help="print every user's live events from the servers")
+    from jfsync import watch as watch_cmd
+
+    watch_cmd.add_arguments(watch)
+    watch.set_defaults(handler=watch_cmd.run)
     return parser
 
 

@@ -40,7 +40,6 @@ from typing import Final
 
 from jfsync.errors import (
     AuthRejectedError,
-    HttpStatusError,
     JfsyncError,
     ServerError,
     is_auth_error,
@@ -333,7 +332,12 @@ class Subscriber:
         """Get a token and open the socket; a refused token is re-minted once."""
         refresh = False
         while True:
-            token = await self._get_token(refresh)
+            try:
+                token = await self._get_token(refresh)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                raise _TokenFailure(err) from err
             socket = JellyfinSocket(
                 self.server,
                 self.url,
@@ -363,15 +367,20 @@ class Subscriber:
         self, err: Exception, delays: Iterator[float]
     ) -> Iterator[float]:
         """Pick the pause after a failed connect, log it, wait it out; return the delays."""
-        if not is_retryable(err) and (
-            is_auth_error(err) or (isinstance(err, ServerError) and not _is_http(err))
-        ):
+        from_token = isinstance(err, _TokenFailure)
+        if isinstance(err, _TokenFailure):
+            err = err.cause
+            if not isinstance(err, JfsyncError):
+                logger.error(
+                    "[%s/%s] the token provider failed", self.server, self.user_name, exc_info=err
+                )
+        if not is_retryable(err) and (is_auth_error(err) or from_token):
             # A token refused even after re-minting, or no way to get one at all (Quick
-            # Connect off, bad credentials): nothing changes until someone acts.
-            if isinstance(err, AuthRejectedError):
-                reason = f"the server refused {self.user_name}'s token even after minting a new one"
-            else:
+            # Connect off, a rejected key or password): nothing changes until someone acts.
+            if from_token:
                 reason = f"cannot get a token for {self.user_name}: {_describe(err)}"
+            else:
+                reason = f"the server refused {self.user_name}'s token even after minting a new one"
             self._note_failure(reason, f"retrying in {self._auth_retry_s:.0f} s")
             await self._pause(SubscriberState.AUTH_FAILED, reason, self._auth_retry_s)
             return delays
@@ -519,8 +528,12 @@ class Subscriber:
         self._last_error = None
 
 
-def _is_http(err: BaseException) -> bool:
-    return isinstance(err, HttpStatusError)
+class _TokenFailure(Exception):
+    """``get_token`` failed; carries its error so the pause can say where it came from."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(type(cause).__name__)
+        self.cause = cause
 
 
 def _describe(err: BaseException) -> str:
