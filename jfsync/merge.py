@@ -1,0 +1,363 @@
+"""The merge decision: how one observed user-data state changes the canonical state (pure).
+
+Nothing here does I/O or reads a clock; the ledger feeds it what it stored and writes back what
+it returns. One call handles one observation: the state ``incoming`` that server ``origin`` holds
+for one (user, item), stamped ``stamp`` by the ledger's hybrid clock (:func:`next_stamp_ms`).
+
+Registers (``favorite``, ``rating``, ``play_state``) are merged independently. Registers not in
+:attr:`MergePolicy.synced` are never changes, never move the canonical state and are never
+written anywhere.
+
+**Known server** (the ledger holds a last-known state of ``origin`` for this user and item, and a
+canonical state exists): the *changes* are the synced registers whose incoming value differs
+from the last-known one; unchanged registers are not writes, whatever they hold. Each change is
+last-writer-wins on its own register: if ``stamp`` is later than the register's canonical stamp
+(``Stamp`` orders by hybrid-clock milliseconds, then by server order, earlier server winning a
+tie) the incoming value becomes canonical with that stamp and origin; if the value differs from
+the old canonical value every other server is owed that register. A change whose stamp is not
+later loses: the canonical value stays, and ``origin`` itself is owed the register when it now
+holds something else.
+
+**First contact** (no last-known state of ``origin`` for this user and item, or no canonical
+state yet):
+
+* no canonical state: the incoming state becomes canonical, every register stamped ``stamp``
+  from ``origin``; every other server is owed the synced registers that are not default (a
+  server with no history of the item holding the default needs nothing);
+* otherwise each synced register is merged with the canonical value (policy ``"merge"``):
+
+  - ``favorite``: OR; a favourite anywhere stays a favourite;
+  - ``rating``: the non-null one; when both are set, the value whose origin comes first in the
+    config's server order (a canonical origin that is no longer configured counts as last); an
+    equal rating met on an earlier server makes that server its origin, so the outcome does
+    not depend on arrival order;
+  - ``play_state``: the side with the later last played date (no date is earliest); on equal
+    dates played beats not played, then the higher play count, then the larger resume
+    position. This is a total order on play states, so the outcome never depends on arrival
+    order;
+
+* with policy ``"seed"``: the seed server's first contact wins every synced register; the
+  first contact of any other server loses to the canonical state when the seed already has
+  history for the item (``seed_known``), and is merged as above when it has not (the seed
+  overrides it when it shows up).
+
+A first-contact winner that differs from the canonical value becomes canonical with stamp
+``max(stamp, old stamp)`` and origin ``origin``, and every other server is owed it; a canonical
+winner that differs from the incoming value is owed to ``origin``. With the merge policy the
+first-contact outcome is the same whatever order the servers are first seen in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from jfsync.model import (
+    ALL_REGISTERS,
+    DEFAULT_USER_DATA,
+    PlayState,
+    Register,
+    Stamp,
+    UserData,
+)
+
+if TYPE_CHECKING:
+    from jfsync.config import Config
+
+InitialMerge = Literal["merge", "seed"]
+RegisterValue = bool | float | PlayState | None
+
+
+def next_stamp_ms(wall_ms: int, last_ms: int) -> int:
+    """Return the hybrid clock's next value: ``max(wall_ms, last_ms + 1)``.
+
+    The result is strictly after ``last_ms`` whatever the wall clock does, so stamps never go
+    backwards across wall clock jumps; the ledger persists ``last_ms`` so they never go
+    backwards across restarts either.
+    """
+    return max(wall_ms, last_ms + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class MergePolicy:
+    """What is synced, the server order used for ties, and how first contact is merged."""
+
+    servers: tuple[str, ...]
+    synced: frozenset[Register] = frozenset(ALL_REGISTERS)
+    initial_merge: InitialMerge = "merge"
+    seed_server: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.servers:
+            raise ValueError("a merge policy needs at least one server")
+        if len(set(self.servers)) != len(self.servers):
+            raise ValueError(f"server names must be unique: {self.servers}")
+        if self.initial_merge == "seed" and self.seed_server is None:
+            raise ValueError("initial_merge 'seed' needs a seed_server")
+        if self.seed_server is not None and self.seed_server not in self.servers:
+            raise ValueError(f"seed server {self.seed_server!r} is not one of {self.servers}")
+
+    @classmethod
+    def from_config(cls, config: Config) -> MergePolicy:
+        """Build the policy from a validated configuration (server order = config order)."""
+        seed = config.sync.seed_server if config.sync.initial_merge == "seed" else None
+        return cls(
+            servers=tuple(s.name for s in config.servers),
+            synced=frozenset(config.sync.fields),
+            initial_merge=config.sync.initial_merge,
+            seed_server=seed,
+        )
+
+    @property
+    def seed(self) -> str | None:
+        """The server whose first contact wins, when the seed policy is on."""
+        return self.seed_server if self.initial_merge == "seed" else None
+
+    def rank(self, server: str) -> int:
+        """Return the position of ``server`` in the config order (unknown servers last)."""
+        try:
+            return self.servers.index(server)
+        except ValueError:
+            return len(self.servers)
+
+    def stamp(self, ms: int, server: str) -> Stamp:
+        """Build the stamp of a change that ``server`` showed at hybrid time ``ms``."""
+        return Stamp.observed(ms, self.rank(server))
+
+
+@dataclass(frozen=True, slots=True)
+class Stamped:
+    """When a canonical register value was decided, and which server showed it."""
+
+    stamp: Stamp
+    origin: str
+
+
+@dataclass(frozen=True, slots=True)
+class CanonicalState:
+    """The canonical user data of one (user, item) with a stamp and origin per register."""
+
+    data: UserData
+    favorite: Stamped
+    rating: Stamped
+    play_state: Stamped
+
+    @classmethod
+    def first(cls, data: UserData, stamp: Stamp, origin: str) -> CanonicalState:
+        """Build the state of an item seen for the first time: every register from one source."""
+        stamped = Stamped(stamp, origin)
+        return cls(data=data, favorite=stamped, rating=stamped, play_state=stamped)
+
+    def stamped(self, register: Register) -> Stamped:
+        """Return the stamp and origin of one register."""
+        if register is Register.FAVORITE:
+            return self.favorite
+        if register is Register.RATING:
+            return self.rating
+        return self.play_state
+
+    def with_register(
+        self, register: Register, value: RegisterValue, stamped: Stamped
+    ) -> CanonicalState:
+        """Return a copy with one register set to ``value`` decided at ``stamped``."""
+        data = self.data.with_register(register, value)
+        if register is Register.FAVORITE:
+            return CanonicalState(data, stamped, self.rating, self.play_state)
+        if register is Register.RATING:
+            return CanonicalState(data, self.favorite, stamped, self.play_state)
+        return CanonicalState(data, self.favorite, self.rating, stamped)
+
+    @property
+    def max_stamp(self) -> Stamp:
+        """The latest stamp of any register."""
+        return max(self.favorite.stamp, self.rating.stamp, self.play_state.stamp)
+
+
+@dataclass(frozen=True, slots=True)
+class MergeResult:
+    """What one observation did: changes seen, the new canonical state, the writes owed."""
+
+    #: Synced registers whose incoming value differs from what jfsync knew of ``origin``
+    #: (its last-known state; at first contact, the canonical value or the default).
+    changed: frozenset[Register]
+    #: True when ``origin`` had no history for this user and item (or nobody had).
+    first_contact: bool
+    canonical: CanonicalState
+    #: Registers whose canonical *value* moved.
+    canonical_changed: frozenset[Register]
+    #: Registers owed to each server (``origin`` included when it lost), non-empty sets only.
+    writes: Mapping[str, frozenset[Register]] = field(default_factory=dict)
+
+
+def merge(
+    policy: MergePolicy,
+    *,
+    canonical: CanonicalState | None,
+    last_known: UserData | None,
+    incoming: UserData,
+    stamp: Stamp,
+    origin: str,
+    seed_known: bool = False,
+) -> MergeResult:
+    """Merge the state ``origin`` showed into the canonical state (rules in the module doc).
+
+    ``seed_known`` tells whether the seed server (seed policy only) has history for this user
+    and item; it is ignored otherwise.
+    """
+    synced = policy.synced
+    if canonical is None:
+        return _first_ever(policy, last_known, incoming, stamp, origin)
+    if last_known is None:
+        return _first_contact(policy, canonical, incoming, stamp, origin, seed_known)
+
+    changed = frozenset(r for r in synced if incoming.get(r) != last_known.get(r))
+    new = canonical
+    moved: set[Register] = set()
+    lost: set[Register] = set()
+    for register in _ordered(changed):
+        value = incoming.get(register)
+        current = canonical.stamped(register)
+        if stamp > current.stamp:
+            if value != canonical.data.get(register):
+                moved.add(register)
+            new = new.with_register(register, value, Stamped(stamp, origin))
+        elif value != canonical.data.get(register):
+            lost.add(register)
+    return MergeResult(
+        changed=changed,
+        first_contact=False,
+        canonical=new,
+        canonical_changed=frozenset(moved),
+        writes=_writes(policy, origin, frozenset(moved), frozenset(lost)),
+    )
+
+
+def first_contact_winner(
+    policy: MergePolicy,
+    register: Register,
+    *,
+    current: RegisterValue,
+    current_origin: str,
+    incoming: RegisterValue,
+    origin: str,
+    seed_known: bool = False,
+) -> Literal["canonical", "incoming"]:
+    """Decide one register at first contact: does the canonical or the incoming value win?"""
+    if current == incoming:
+        return "canonical"
+    seed = policy.seed
+    if seed is not None:
+        if origin == seed:
+            return "incoming"
+        if seed_known:
+            return "canonical"
+    if register is Register.FAVORITE:
+        return "incoming" if incoming is True else "canonical"
+    if register is Register.RATING:
+        if incoming is None:
+            return "canonical"
+        if current is None:
+            return "incoming"
+        return "incoming" if policy.rank(origin) < policy.rank(current_origin) else "canonical"
+    assert isinstance(current, PlayState)
+    assert isinstance(incoming, PlayState)
+    return "incoming" if play_state_key(incoming) > play_state_key(current) else "canonical"
+
+
+def play_state_key(state: PlayState) -> tuple[bool, int, bool, int, int]:
+    """Order play states at first contact: later date, then played, play count, position."""
+    has_date = state.last_played_s is not None
+    return (
+        has_date,
+        state.last_played_s if state.last_played_s is not None else 0,
+        state.played,
+        state.play_count,
+        state.position_ticks,
+    )
+
+
+def _first_ever(
+    policy: MergePolicy,
+    last_known: UserData | None,
+    incoming: UserData,
+    stamp: Stamp,
+    origin: str,
+) -> MergeResult:
+    base = last_known if last_known is not None else DEFAULT_USER_DATA
+    changed = frozenset(r for r in policy.synced if incoming.get(r) != base.get(r))
+    owed = frozenset(r for r in policy.synced if incoming.get(r) != DEFAULT_USER_DATA.get(r))
+    return MergeResult(
+        changed=changed,
+        first_contact=True,
+        canonical=CanonicalState.first(incoming, stamp, origin),
+        canonical_changed=owed,
+        writes=_writes(policy, origin, owed, frozenset()),
+    )
+
+
+def _first_contact(
+    policy: MergePolicy,
+    canonical: CanonicalState,
+    incoming: UserData,
+    stamp: Stamp,
+    origin: str,
+    seed_known: bool,
+) -> MergeResult:
+    new = canonical
+    moved: set[Register] = set()
+    lost: set[Register] = set()
+    for register in _ordered(policy.synced):
+        current = canonical.data.get(register)
+        value = incoming.get(register)
+        held = canonical.stamped(register)
+        if current == value:
+            if register is Register.RATING and policy.rank(origin) < policy.rank(held.origin):
+                # Same rating, earlier server: it now holds it "first in config order", so a
+                # later first contact compares against the right rank whatever the arrival order.
+                new = new.with_register(register, value, Stamped(max(stamp, held.stamp), origin))
+            continue
+        winner = first_contact_winner(
+            policy,
+            register,
+            current=current,
+            current_origin=held.origin,
+            incoming=value,
+            origin=origin,
+            seed_known=seed_known,
+        )
+        if winner == "incoming":
+            moved.add(register)
+            decided = Stamped(max(stamp, held.stamp), origin)
+            new = new.with_register(register, value, decided)
+        else:
+            lost.add(register)
+    changed = frozenset(r for r in policy.synced if incoming.get(r) != canonical.data.get(r))
+    return MergeResult(
+        changed=changed,
+        first_contact=True,
+        canonical=new,
+        canonical_changed=frozenset(moved),
+        writes=_writes(policy, origin, frozenset(moved), frozenset(lost)),
+    )
+
+
+def _writes(
+    policy: MergePolicy,
+    origin: str,
+    to_others: frozenset[Register],
+    to_origin: frozenset[Register],
+) -> dict[str, frozenset[Register]]:
+    writes: dict[str, frozenset[Register]] = {}
+    if to_others:
+        for server in policy.servers:
+            if server != origin:
+                writes[server] = to_others
+    if to_origin:
+        writes[origin] = to_origin
+    return writes
+
+
+def _ordered(registers: frozenset[Register]) -> Sequence[Register]:
+    """Return registers in their fixed order, so results never depend on set iteration."""
+    return [r for r in ALL_REGISTERS if r in registers]
