@@ -1,0 +1,1378 @@
+"""The emulated server's HTTP surface: authentication, routing and the REST handlers.
+
+One catch-all aiohttp handler matches routes case-insensitively (ASP.NET routing is), parses
+the ``Authorization: MediaBrowser …`` header and the token sources in the order the emulated
+version reads them (fact sheet §1.2), applies the status rules of §4.3, records every request
+(with its OpenAPI path template) and every user-data write, and hands websocket upgrades on any
+path to :class:`jfsync.emulator.sockets.SocketHub`. Handlers implement §4 (user data), §5
+(items), §6-8 (users, system, credentials) and §3 (playback reporting).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_plus
+
+from aiohttp import web
+
+from jfsync.emulator import dto
+from jfsync.emulator.library import LibraryItem
+from jfsync.emulator.query import ITEM_FILTERS, ItemQuery, ItemQueryEngine
+from jfsync.emulator.state import (
+    AccessToken,
+    Caller,
+    EmuUser,
+    RequestRecord,
+    StoredUserData,
+    WriteRecord,
+)
+from jfsync.ids import InvalidIdError, normalize_id
+
+if TYPE_CHECKING:
+    from jfsync.emulator.server import Emulator
+
+logger = logging.getLogger(__name__)
+
+#: Prefix of the test-control routes (real Jellyfin has nothing there).
+CONTROL_PREFIX = "/__emulator__"
+
+#: ``ServerConfiguration`` playback thresholds (§3).
+MIN_RESUME_PCT = 5.0
+MAX_RESUME_PCT = 90.0
+MIN_RESUME_DURATION_S = 300.0
+_TICKS_PER_SECOND = 10_000_000
+
+#: ``BaseItemKind`` names, matched case-insensitively.
+_ITEM_KINDS = {
+    k.lower(): k
+    for k in [
+        "AggregateFolder",
+        "Audio",
+        "AudioBook",
+        "BasePluginFolder",
+        "Book",
+        "BoxSet",
+        "Channel",
+        "ChannelFolderItem",
+        "CollectionFolder",
+        "Episode",
+        "Folder",
+        "Genre",
+        "ManualPlaylistsFolder",
+        "Movie",
+        "LiveTvChannel",
+        "LiveTvProgram",
+        "MusicAlbum",
+        "MusicArtist",
+        "MusicGenre",
+        "MusicVideo",
+        "Person",
+        "Photo",
+        "PhotoAlbum",
+        "Playlist",
+        "PlaylistsFolder",
+        "Program",
+        "Recording",
+        "Season",
+        "Series",
+        "Studio",
+        "Trailer",
+        "TvChannel",
+        "TvProgram",
+        "UserRootFolder",
+        "UserView",
+        "Video",
+        "Year",
+    ]
+}
+#: ``ItemSortBy`` names (10.10 and 10.11 together), matched case-insensitively.
+_SORT_KEYS = frozenset(
+    k.lower()
+    for k in [
+        "Default",
+        "AiredEpisodeOrder",
+        "Album",
+        "AlbumArtist",
+        "Artist",
+        "DateCreated",
+        "OfficialRating",
+        "DatePlayed",
+        "PremiereDate",
+        "StartDate",
+        "SortName",
+        "Name",
+        "Random",
+        "Runtime",
+        "CommunityRating",
+        "ProductionYear",
+        "PlayCount",
+        "CriticRating",
+        "IsFolder",
+        "IsUnplayed",
+        "IsPlayed",
+        "SeriesSortName",
+        "VideoBitRate",
+        "AirTime",
+        "Studio",
+        "IsFavoriteOrLiked",
+        "DateLastContentAdded",
+        "SeriesDatePlayed",
+        "ParentIndexNumber",
+        "IndexNumber",
+        "SimilarityScore",
+        "SearchScore",
+    ]
+)
+#: Every field single-item reads return (``new DtoOptions()`` asks for all of them).
+_ALL_FIELDS = frozenset(
+    {"path", "providerids", "datecreated", "sortname", "parentid", "childcount"}
+)
+#: ``UpdateUserItemDataDto`` members and their JSON types.
+_UPDATE_FIELDS: dict[str, str] = {
+    "rating": "number",
+    "playedpercentage": "number",
+    "unplayeditemcount": "int",
+    "playbackpositionticks": "int",
+    "playcount": "int",
+    "isfavorite": "bool",
+    "likes": "bool",
+    "lastplayeddate": "date",
+    "played": "bool",
+    "key": "string",
+    "itemid": "string",
+}
+
+Handler = Callable[["Ctx"], Awaitable[web.StreamResponse]]
+
+
+class HttpError(Exception):
+    """An error answer: status plus the body Jellyfin would send."""
+
+    def __init__(self, status: int, detail: str = "") -> None:
+        super().__init__(f"HTTP {status} {detail}".strip())
+        self.status = status
+        self.detail = detail
+
+    def response(self) -> web.Response:
+        """Build the answer as ASP.NET would shape it for this status."""
+        if self.status in (400, 404, 415):
+            titles = {400: "Bad Request", 404: "Not Found", 415: "Unsupported Media Type"}
+            body: dict[str, Any] = {
+                "type": "https://tools.ietf.org/html/rfc9110",
+                "title": titles[self.status],
+                "status": self.status,
+                "traceId": f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-00",
+            }
+            if self.detail:
+                body["detail"] = self.detail
+            return web.Response(
+                status=self.status,
+                text=json.dumps(body),
+                content_type="application/problem+json",
+                charset="utf-8",
+            )
+        if self.status in (401, 405):
+            return web.Response(status=self.status)
+        # ExceptionMiddleware answers SecurityException and server errors with plain text.
+        return web.Response(status=self.status, text="Error processing request.")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One route: method, path template, handler and the rules around it."""
+
+    method: str
+    template: str
+    handler: Handler
+    auth: str = "user"
+    documented: bool = True
+    write: bool = False
+    regex: re.Pattern[str] = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        """Compile the template to a case-insensitive regex."""
+        pattern = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.template)
+        object.__setattr__(self, "regex", re.compile(f"^{pattern}/?$", re.IGNORECASE))
+
+
+@dataclass(slots=True)
+class Ctx:
+    """What a handler needs about one request."""
+
+    request: web.Request
+    params: dict[str, str]
+    query: dict[str, list[str]]
+    caller: Caller | None
+    auth: dict[str, str]
+    route: Route
+    body: Any = None
+    write_user_id: str | None = None
+    write_item_id: str | None = None
+
+    def first(self, name: str) -> str | None:
+        """Return the first value of a query parameter (names are case-insensitive)."""
+        values = self.query.get(name.lower())
+        return values[0] if values else None
+
+    def array(self, name: str) -> list[str]:
+        """Return an array parameter, comma-separated or repeated."""
+        out: list[str] = []
+        for raw in self.query.get(name.lower(), []):
+            out.extend(part.strip() for part in raw.split(",") if part.strip())
+        return out
+
+    def boolean(self, name: str, default: bool | None = None) -> bool | None:
+        """Return a boolean parameter; 400 when it is not true/false."""
+        value = self.first(name)
+        if value is None or value == "":
+            return default
+        if value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise HttpError(400, f"The value '{value}' is not valid for {name}.")
+
+    def integer(self, name: str) -> int | None:
+        """Return an integer parameter; 400 when it is not one."""
+        value = self.first(name)
+        if value is None or value == "":
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise HttpError(400, f"The value '{value}' is not valid for {name}.") from None
+
+    def guid(self, name: str) -> str | None:
+        """Return a Guid query parameter as 32 hex; 400 when malformed."""
+        value = self.first(name)
+        if value is None or value == "":
+            return None
+        return parse_guid(value)
+
+
+def parse_guid(value: str) -> str:
+    """Parse a Guid in any accepted form; 400 when malformed."""
+    try:
+        return normalize_id(value)
+    except InvalidIdError:
+        raise HttpError(400, f"The value '{value}' is not valid.") from None
+
+
+def parse_auth_header(value: str, *, allow_emby: bool) -> dict[str, str] | None:
+    """Parse ``MediaBrowser Key="value", …`` (keys case-sensitive, values URL-decoded)."""
+    text = value.strip()
+    scheme, _, rest = text.partition(" ")
+    if scheme.lower() != "mediabrowser" and not (allow_emby and scheme.lower() == "emby"):
+        return None
+    out: dict[str, str] = {}
+    for part in _split_pairs(rest):
+        key, sep, raw = part.partition("=")
+        if not sep:
+            continue
+        raw = raw.strip()
+        if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+            raw = raw[1:-1]
+        out[key.strip()] = unquote_plus(raw)
+    return out
+
+
+def _split_pairs(text: str) -> list[str]:
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    if current:
+        parts.append("".join(current))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_date(value: str) -> datetime:
+    """Parse ISO-8601 (any fraction length, zone optional = UTC) or ``yyyyMMddHHmmss``."""
+    text = value.strip()
+    if re.fullmatch(r"\d{14}", text):
+        return datetime.strptime(text, "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+    match = re.fullmatch(
+        r"(\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(?::\d{2})?)(?:\.(\d+))?(Z|[+-]\d{2}:?\d{2})?", text
+    )
+    if not match:
+        raise ValueError(f"not a date: {value!r}")
+    base, fraction, zone = match.groups()
+    micro = (fraction or "0")[:6].ljust(6, "0")
+    parsed = datetime.fromisoformat(f"{base.replace(' ', 'T')}.{micro}{_zone(zone)}")
+    return parsed.astimezone(UTC)
+
+
+def _zone(zone: str | None) -> str:
+    if zone is None or zone == "Z":
+        return "+00:00"
+    if ":" not in zone:
+        return f"{zone[:3]}:{zone[3:]}"
+    return zone
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    """Answer with compact JSON as Jellyfin does."""
+    return web.Response(
+        status=status,
+        text=json.dumps(body, separators=(",", ":")),
+        content_type="application/json",
+        charset="utf-8",
+    )
+
+
+def no_content() -> web.Response:
+    """Answer 204."""
+    return web.Response(status=204)
+
+
+class JellyfinApi:
+    """The routes of one emulated server (built per listener start)."""
+
+    def __init__(self, emu: Emulator) -> None:
+        self.emu = emu
+        self.version = emu.server_version
+        self.queries = ItemQueryEngine(emu.library, emu.store, emu.server_id)
+        self.routes = self._build_routes()
+
+    def make_app(self) -> web.Application:
+        """Build the aiohttp application with the catch-all dispatcher."""
+        app = web.Application(client_max_size=4 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self.dispatch)
+        return app
+
+    # --- dispatch ------------------------------------------------------------------------
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        """Answer one HTTP request (or upgrade it to a websocket)."""
+        emu = self.emu
+        path = request.path
+        query: dict[str, list[str]] = {}
+        for key, value in request.query.items():
+            query.setdefault(key.lower(), []).append(value)
+        raw_query: dict[str, list[str]] = {}
+        for key, value in request.query.items():
+            raw_query.setdefault(key, []).append(value)
+        if path.lower().startswith(CONTROL_PREFIX):
+            from jfsync.emulator.controls import handle_control
+
+            answer = await handle_control(emu, request, path[len(CONTROL_PREFIX) :])
+            self._record(request, None, False, raw_query, None, answer.status, control=True)
+            return answer
+        if emu.latency_s > 0:
+            await emu.clock.sleep(emu.latency_s)
+        auth, caller, token = self._authenticate(request, query)
+        client = auth.get("Client")
+        if request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._websocket(request, raw_query, caller, token, client)
+        route, params, allowed = self._match(request.method, path)
+        ctx: Ctx | None = None
+        response: web.StreamResponse
+        try:
+            if route is None:
+                raise HttpError(405 if allowed else 404)
+            ctx = Ctx(request, params, query, caller, auth, route)
+            if route.auth != "anon" and caller is None:
+                raise HttpError(401)
+            if route.auth == "admin" and not (caller is not None and caller.is_admin):
+                raise HttpError(403)
+            if route.write and emu.fail_writes_left > 0:
+                emu.fail_writes_left -= 1
+                await self._read_body_leniently(ctx)
+                raise HttpError(emu.fail_writes_status, "injected failure")
+            response = await route.handler(ctx)
+        except HttpError as err:
+            response = err.response()
+        except Exception:
+            logger.exception("[%s] %s %s failed", emu.server_name, request.method, path)
+            response = HttpError(500).response()
+        if route is not None and route.write and ctx is not None:
+            await self._record_write(ctx, response.status, client, raw_query)
+        template = route.template if route is not None and route.documented else None
+        legacy = route is not None and not route.documented
+        self._record(request, template, legacy, raw_query, client, response.status)
+        return response
+
+    def _match(self, method: str, path: str) -> tuple[Route | None, dict[str, str], bool]:
+        allowed = False
+        for route in self.routes:
+            found = route.regex.match(path)
+            if found is None:
+                continue
+            if route.method == method:
+                return route, {k: v for k, v in found.groupdict().items()}, True
+            allowed = True
+        return None, {}, allowed
+
+    def _record(
+        self,
+        request: web.Request,
+        template: str | None,
+        legacy: bool,
+        query: dict[str, list[str]],
+        client: str | None,
+        status: int,
+        *,
+        control: bool = False,
+        websocket: bool = False,
+    ) -> None:
+        self.emu.record_request(
+            RequestRecord(
+                method=request.method,
+                path=request.path,
+                route=template,
+                is_legacy=legacy,
+                query=query,
+                client=client,
+                status=status,
+                time=self.emu.clock.monotonic(),
+                is_websocket=websocket,
+                is_control=control,
+            )
+        )
+
+    async def _record_write(
+        self, ctx: Ctx, status: int, client: str | None, query: dict[str, list[str]]
+    ) -> None:
+        user_id = ctx.write_user_id
+        if user_id is None:
+            raw = ctx.params.get("userId") or ctx.first("userId")
+            try:
+                user_id = normalize_id(raw) if raw else ctx.caller.user_id if ctx.caller else None
+            except InvalidIdError:
+                user_id = None
+        item_id = ctx.write_item_id
+        if item_id is None and ctx.params.get("itemId"):
+            try:
+                item_id = normalize_id(ctx.params["itemId"])
+            except InvalidIdError:
+                item_id = None
+        body = ctx.body if isinstance(ctx.body, dict) else None
+        self.emu.writes.append(
+            WriteRecord(
+                time=self.emu.clock.monotonic(),
+                method=ctx.request.method,
+                route=ctx.route.template,
+                user_id=user_id,
+                item_id=item_id,
+                body=body,
+                client=client,
+                status=status,
+                query=query,
+            )
+        )
+
+    # --- authentication ------------------------------------------------------------------
+
+    def _authenticate(
+        self, request: web.Request, query: dict[str, list[str]]
+    ) -> tuple[dict[str, str], Caller | None, AccessToken | None]:
+        legacy = self.version.legacy_auth
+        headers = request.headers
+        names = ["Authorization"]
+        if self.version.x_emby_authorization_first:
+            names = ["X-Emby-Authorization", "Authorization"]
+        elif legacy:
+            names.append("X-Emby-Authorization")
+        auth: dict[str, str] = {}
+        for name in names:
+            raw = headers.get(name)
+            if raw:
+                auth = parse_auth_header(raw, allow_emby=legacy) or {}
+                break
+        token = auth.get("Token")
+        if not token and legacy:
+            token = headers.get("X-Emby-Token") or headers.get("X-MediaBrowser-Token")
+        if not token:
+            token = next(iter(query.get("apikey", [])), None)
+        if not token and legacy:
+            token = next(iter(query.get("api_key", [])), None)
+        if not token:
+            return auth, None, None
+        emu = self.emu
+        access = emu.tokens.get(token)
+        if access is not None:
+            user = emu.users.get(access.user_id)
+            if user is None or user.is_disabled:
+                return auth, None, None
+            user.last_activity_ms = emu.clock.wall_ms()
+            caller = Caller(
+                token=token,
+                is_api_key=False,
+                user=user,
+                client=auth.get("Client") or access.client,
+                device=auth.get("Device") or access.device,
+                device_id=auth.get("DeviceId") or access.device_id,
+                version=auth.get("Version") or access.version,
+            )
+            return auth, caller, access
+        key = emu.api_keys.get(token)
+        if key is not None:
+            caller = Caller(
+                token=token,
+                is_api_key=True,
+                user=None,
+                client=key.name,
+                device=auth.get("Device") or emu.server_name,
+                device_id=auth.get("DeviceId") or emu.server_id,
+                version=auth.get("Version") or self.version.text,
+            )
+            return auth, caller, None
+        return auth, None, None
+
+    async def _websocket(
+        self,
+        request: web.Request,
+        query: dict[str, list[str]],
+        caller: Caller | None,
+        token: AccessToken | None,
+        client: str | None,
+    ) -> web.StreamResponse:
+        if caller is None:
+            # AuthService throws SecurityException; ExceptionMiddleware maps it to 403.
+            self._record(request, None, False, query, client, 403, websocket=True)
+            return HttpError(403).response()
+        self._record(request, None, False, query, client, 101, websocket=True)
+        return await self.emu.hub.serve(request, caller, token.client if token else None)
+
+    # --- shared helpers ------------------------------------------------------------------
+
+    def _user_for(self, ctx: Ctx, user_text: str | None) -> EmuUser:
+        """``ReqH.GetUserId`` then the user lookup: 400, 403 or 404 as Jellyfin answers."""
+        caller = ctx.caller
+        assert caller is not None
+        if user_text:
+            user_id = parse_guid(user_text)
+            if user_id != caller.user_id and not caller.is_admin:
+                raise HttpError(403, "Forbidden")
+        elif caller.user is not None:
+            user_id = caller.user.id
+        else:
+            # An API key's own user id is Guid.Empty: no such user.
+            raise HttpError(404, "User not found")
+        user = self.emu.users.get(user_id)
+        if user is None:
+            raise HttpError(404, "User not found")
+        ctx.write_user_id = user.id
+        return user
+
+    def _item_for(self, ctx: Ctx, item_text: str) -> LibraryItem:
+        item_id = parse_guid(item_text)
+        ctx.write_item_id = item_id
+        item = self.emu.library.get(item_id)
+        if item is None:
+            raise HttpError(404, "Item not found")
+        return item
+
+    def _user_data_response(self, user: EmuUser, item: LibraryItem) -> web.Response:
+        item_id = self.version.rest_item_id(item.id)
+        return json_response(self.emu.user_data_dto(user.id, item, item_id=item_id))
+
+    async def _read_body_leniently(self, ctx: Ctx) -> None:
+        if ctx.request.can_read_body:
+            text = await ctx.request.text()
+            try:
+                ctx.body = json.loads(text) if text else None
+            except ValueError:
+                ctx.body = None
+
+    async def _json_body(self, ctx: Ctx, *, required: bool = True) -> dict[str, Any]:
+        """Read a JSON object body: 400 when missing or malformed, 415 without a JSON type."""
+        text = await ctx.request.text() if ctx.request.can_read_body else ""
+        if not text.strip():
+            if required:
+                raise HttpError(400, "A non-empty request body is required.")
+            return {}
+        ctype = ctx.request.content_type.lower()
+        if not (ctype in ("application/json", "text/json") or ctype.endswith("+json")):
+            raise HttpError(415)
+        try:
+            body = json.loads(text)
+        except ValueError:
+            raise HttpError(400, "The JSON value could not be converted.") from None
+        ctx.body = body
+        if not isinstance(body, dict):
+            raise HttpError(400, "The JSON value could not be converted.")
+        return body
+
+    def _path_or_query_user(self, ctx: Ctx) -> str | None:
+        return ctx.params.get("userId") or ctx.first("userId")
+
+    # --- routes --------------------------------------------------------------------------
+
+    def _build_routes(self) -> list[Route]:
+        v = self.version
+        new = v.has_user_items_routes
+        # Legacy /Users/{userId}/... aliases are documented only in 10.8's OpenAPI file.
+        legacy_doc = not new
+        r: list[Route] = [
+            Route("GET", "/System/Info/Public", self.system_info_public, "anon"),
+            Route("GET", "/System/Ping", self.ping, "anon"),
+            Route("POST", "/System/Ping", self.ping, "anon"),
+            Route("GET", "/System/Info", self.system_info),
+            Route("GET", "/Users/Me", self.users_me),
+            Route("POST", "/Users/AuthenticateByName", self.authenticate_by_name, "anon"),
+            Route("POST", "/Users/AuthenticateWithQuickConnect", self.authenticate_qc, "anon"),
+            Route("GET", "/Users/Public", self.users_public, "anon"),
+            Route("GET", "/Users", self.users_list),
+            Route("GET", "/QuickConnect/Enabled", self.qc_enabled, "anon"),
+            Route("POST" if new else "GET", "/QuickConnect/Initiate", self.qc_initiate, "anon"),
+            Route("GET", "/QuickConnect/Connect", self.qc_connect, "anon"),
+            Route("POST", "/QuickConnect/Authorize", self.qc_authorize),
+            Route("GET", "/Auth/Keys", self.keys_list, "admin"),
+            Route("POST", "/Auth/Keys", self.keys_create, "admin"),
+            Route("DELETE", "/Auth/Keys/{key}", self.keys_delete, "admin"),
+            Route("GET", "/Items", self.items_list),
+            Route("GET", "/Sessions", self.sessions_list),
+            Route("POST", "/Sessions/Playing", self.playing_start),
+            Route("POST", "/Sessions/Playing/Progress", self.playing_progress),
+            Route("POST", "/Sessions/Playing/Stopped", self.playing_stopped),
+            Route("POST", "/Sessions/{sessionId}/User/{userId}", self.session_add_user),
+            Route("DELETE", "/Sessions/{sessionId}/User/{userId}", self.session_remove_user),
+        ]
+        if new:
+            r += [
+                Route("GET", "/UserViews", self.user_views),
+                Route("GET", "/Items/{itemId}", self.item_get),
+                Route("GET", "/UserItems/{itemId}/UserData", self.user_data_get),
+                Route("POST", "/UserItems/{itemId}/UserData", self.user_data_post, write=True),
+                Route("POST", "/UserFavoriteItems/{itemId}", self.favorite_add, write=True),
+                Route("DELETE", "/UserFavoriteItems/{itemId}", self.favorite_remove, write=True),
+                Route("POST", "/UserPlayedItems/{itemId}", self.played_add, write=True),
+                Route("DELETE", "/UserPlayedItems/{itemId}", self.played_remove, write=True),
+                Route("POST", "/UserItems/{itemId}/Rating", self.rating_set, write=True),
+                Route("DELETE", "/UserItems/{itemId}/Rating", self.rating_clear, write=True),
+                Route(
+                    "GET",
+                    "/Users/{userId}/Items/{itemId}/UserData",
+                    self.user_data_get,
+                    documented=False,
+                ),
+                Route(
+                    "POST",
+                    "/Users/{userId}/Items/{itemId}/UserData",
+                    self.user_data_post,
+                    documented=False,
+                    write=True,
+                ),
+            ]
+        r += [
+            Route("GET", "/Users/{userId}/Views", self.user_views, documented=legacy_doc),
+            Route("GET", "/Users/{userId}/Items", self.items_list, documented=legacy_doc),
+            Route("GET", "/Users/{userId}/Items/{itemId}", self.item_get, documented=legacy_doc),
+            Route(
+                "POST",
+                "/Users/{userId}/FavoriteItems/{itemId}",
+                self.favorite_add,
+                documented=legacy_doc,
+                write=True,
+            ),
+            Route(
+                "DELETE",
+                "/Users/{userId}/FavoriteItems/{itemId}",
+                self.favorite_remove,
+                documented=legacy_doc,
+                write=True,
+            ),
+            Route(
+                "POST",
+                "/Users/{userId}/PlayedItems/{itemId}",
+                self.played_add,
+                documented=legacy_doc,
+                write=True,
+            ),
+            Route(
+                "DELETE",
+                "/Users/{userId}/PlayedItems/{itemId}",
+                self.played_remove,
+                documented=legacy_doc,
+                write=True,
+            ),
+            Route(
+                "POST",
+                "/Users/{userId}/Items/{itemId}/Rating",
+                self.rating_set,
+                documented=legacy_doc,
+                write=True,
+            ),
+            Route(
+                "DELETE",
+                "/Users/{userId}/Items/{itemId}/Rating",
+                self.rating_clear,
+                documented=legacy_doc,
+                write=True,
+            ),
+            Route("GET", "/Users/{userId}", self.user_get),
+        ]
+        return r
+
+    # --- system --------------------------------------------------------------------------
+
+    async def system_info_public(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /System/Info/Public`` (anonymous)."""
+        emu = self.emu
+        return json_response(
+            dto.public_system_info(
+                local_address=emu.url,
+                server_name=emu.server_name,
+                version=self.version,
+                server_id=emu.server_id,
+            )
+        )
+
+    async def ping(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET|POST /System/Ping`` (anonymous): the product name as a JSON string."""
+        return json_response(dto.PRODUCT_NAME)
+
+    async def system_info(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /System/Info``."""
+        emu = self.emu
+        return json_response(
+            dto.system_info(
+                local_address=emu.url,
+                server_name=emu.server_name,
+                version=self.version,
+                server_id=emu.server_id,
+                port=emu.port,
+            )
+        )
+
+    # --- users ---------------------------------------------------------------------------
+
+    def _user_dto(self, user: EmuUser) -> dict[str, Any]:
+        emu = self.emu
+        return dto.user_dto(
+            user, server_id=emu.server_id, server_name=emu.server_name, version=self.version
+        )
+
+    async def users_list(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /Users``: every user, for any authenticated caller (§6.1)."""
+        hidden = ctx.boolean("isHidden")
+        disabled = ctx.boolean("isDisabled")
+        users = [
+            u
+            for u in self.emu.users.values()
+            if (hidden is None or u.is_hidden == hidden)
+            and (disabled is None or u.is_disabled == disabled)
+        ]
+        return json_response([self._user_dto(u) for u in users])
+
+    async def users_public(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /Users/Public``: Jellyfin lists none unless configured to; so do we."""
+        return json_response([])
+
+    async def user_get(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /Users/{userId}``."""
+        user = self.emu.users.get(parse_guid(ctx.params["userId"]))
+        if user is None:
+            raise HttpError(404, "User not found")
+        return json_response(self._user_dto(user))
+
+    async def users_me(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /Users/Me``: user tokens only (400 for an API key)."""
+        assert ctx.caller is not None
+        if ctx.caller.user is None:
+            raise HttpError(400, "Current user not found")
+        return json_response(self._user_dto(ctx.caller.user))
+
+    def _auth_result(self, user: EmuUser, access: AccessToken) -> dict[str, Any]:
+        emu = self.emu
+        session = emu.hub.sessions.get(access.client + access.device_id)
+        result: dict[str, Any] = {"User": self._user_dto(user)}
+        if session is not None:
+            result["SessionInfo"] = self._session_dto(session)
+        result["AccessToken"] = access.token
+        result["ServerId"] = emu.server_id
+        return result
+
+    def _require_device_fields(self, ctx: Ctx) -> tuple[str, str, str, str]:
+        values = tuple(ctx.auth.get(k, "") for k in ("Client", "Device", "DeviceId", "Version"))
+        if not all(values):
+            # SM.AuthenticateNewSessionInternal: ArgumentException -> 400.
+            raise HttpError(400, "Client, Device, DeviceId and Version are required")
+        return values[0], values[1], values[2], values[3]
+
+    async def authenticate_by_name(self, ctx: Ctx) -> web.StreamResponse:
+        """``POST /Users/AuthenticateByName`` (§8.2)."""
+        client, device, device_id, app_version = self._require_device_fields(ctx)
+        body = {k.lower(): v for k, v in (await self._json_body(ctx)).items()}
+        ctx.body = None  # never keep passwords in records
+        name = body.get("username")
+        password = body.get("pw")
+        if password is None and not self.version.at_least(10, 9):
+            password = body.get("password")
+        if not isinstance(name, str):
+            raise HttpError(400, "Username is required")
+        try:
+            user = self.emu.user_by_name(name)
+        except KeyError:
+            raise HttpError(401) from None
+        if user.is_disabled or (password or "") != user.password:
+            raise HttpError(401)
+        access = self.emu.login(user, client, device, device_id, app_version)
+        return json_response(self._auth_result(user, access))
+
+    # --- quick connect -------------------------------------------------------------------
+
+    def _qc_active(self) -> None:
+        if not self.emu.quick_connect_enabled:
+            # QuickConnectManager.AssertActive throws AuthenticationException -> 401.
+            raise HttpError(401, "Quick connect is not enabled on this server")
+        now = self.emu.clock.wall_ms()
+        limit_ms = 600_000
+        for secret, entry in list(self.emu.quick_connect.items()):
+            if now - entry["added_ms"] > limit_ms:
+                del self.emu.quick_connect[secret]
+
+    def _qc_dto(self, entry: dict[str, Any]) -> dict[str, Any]:
+        return dto.quick_connect_dto(
+            secret=entry["secret"],
+            code=entry["code"],
+            authenticated=entry["user_id"] is not None,
+            device_id=entry["device_id"],
+            device_name=entry["device"],
+            app_name=entry["client"],
+            app_version=entry["version"],
+            added_ms=entry["added_ms"],
+        )
+
+    async def qc_enabled(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /QuickConnect/Enabled``."""
+        return json_response(self.emu.quick_connect_enabled)
+
+    async def qc_initiate(self, ctx: Ctx) -> web.StreamResponse:
+        """``POST /QuickConnect/Initiate``: needs Client, Device, DeviceId and Version."""
+        self._qc_active()
+        client, device, device_id, app_version = self._require_device_fields(ctx)
+        codes = {e["code"] for e in self.emu.quick_connect.values()}
+        code = f"{secrets.randbelow(1_000_000):06d}"
+        while code in codes:
+            code = f"{secrets.randbelow(1_000_000):06d}"
+        entry: dict[str, Any] = {
+            "secret": secrets.token_hex(32),
+            "code": code,
+            "client": client,
+            "device": device,
+            "device_id": device_id,
+            "version": app_version,
+            "added_ms": self.emu.clock.wall_ms(),
+            "user_id": None,
+        }
+        self.emu.quick_connect[entry["secret"]] = entry
+        return json_response(self._qc_dto(entry))
+
+    async def qc_connect(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /QuickConnect/Connect?secret=``: the request's state."""
+        self._qc_active()
+        entry = self.emu.quick_connect.get(ctx.first("secret") or "")
+        if entry is None:
+            raise HttpError(404, "Unknown secret")
+        return json_response(self._qc_dto(entry))
+
+    async def qc_authorize(self, ctx: Ctx) -> web.StreamResponse:
+        """``POST /QuickConnect/Authorize?code=&userId=`` (``userId`` from 10.9; §8.3)."""
+        self._qc_active()
+        code = ctx.first("code")
+        if not code:
+            raise HttpError(400, "code is required")
+        if self.version.quick_connect_user_id:
+            user = self._user_for(ctx, ctx.first("userId"))
+        else:
+            assert ctx.caller is not None
+            if ctx.caller.user is None:
+                raise HttpError(404, "User not found")
+            user = ctx.caller.user
+        entry = next((e for e in self.emu.quick_connect.values() if e["code"] == code), None)
+        if entry is None:
+            raise HttpError(404, "Unknown quick connect code")
+        entry["user_id"] = user.id
+        return json_response(True)
+
+    async def authenticate_qc(self, ctx: Ctx) -> web.StreamResponse:
+        """``POST /Users/AuthenticateWithQuickConnect`` body ``{"Secret": …}``."""
+        self._qc_active()
+        body = {k.lower(): v for k, v in (await self._json_body(ctx)).items()}
+        ctx.body = None
+        secret = body.get("secret")
+        if not isinstance(secret, str) or not secret:
+            raise HttpError(400, "Secret is required")
+        entry = self.emu.quick_connect.get(secret)
+        if entry is None:
+            raise HttpError(404, "Unknown secret")
+        if entry["user_id"] is None:
+            raise HttpError(401)
+        user = self.emu.users.get(entry["user_id"])
+        if user is None:
+            raise HttpError(401)
+        del self.emu.quick_connect[secret]
+        access = self.emu.login(
+            user, entry["client"], entry["device"], entry["device_id"], entry["version"]
+        )
+        return json_response(self._auth_result(user, access))
+
+    # --- API keys ------------------------------------------------------------------------
+
+    async def keys_list(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /Auth/Keys`` (§8.1)."""
+        rows = [dto.api_key_dto(k) for k in self.emu.api_keys.values()]
+        return json_response({"Items": rows, "TotalRecordCount": len(rows), "StartIndex": 0})
+
+    async def keys_create(self, ctx: Ctx) -> web.StreamResponse:
+        """``POST /Auth/Keys?app=`` → 204."""
+        app = ctx.first("app")
+        if not app:
+            raise HttpError(400, "app is required")
+        self.emu.add_api_key(app)
+        return no_content()
+
+    async def keys_delete(self, ctx: Ctx) -> web.StreamResponse:
+        """``DELETE /Auth/Keys/{key}`` → 204."""
+        self.emu.api_keys.pop(ctx.params["key"], None)
+        return no_content()
+
+    # --- items ---------------------------------------------------------------------------
+
+    def _items_user(self, ctx: Ctx) -> EmuUser | None:
+        text = self._path_or_query_user(ctx)
+        if text:
+            return self._user_for(ctx, text)
+        assert ctx.caller is not None
+        return ctx.caller.user
+
+    def _item_query(self, ctx: Ctx, user: EmuUser | None) -> ItemQuery:
+        include = tuple(self._kind(k) for k in ctx.array("includeItemTypes"))
+        exclude = tuple(self._kind(k) for k in ctx.array("excludeItemTypes"))
+        filters = frozenset(f.lower() for f in ctx.array("filters"))
+        if filters - ITEM_FILTERS:
+            raise HttpError(400, f"unknown filter {sorted(filters - ITEM_FILTERS)[0]}")
+        sort_by = tuple(s.lower() for s in ctx.array("sortBy"))
+        if set(sort_by) - _SORT_KEYS:
+            raise HttpError(400, "unknown sortBy")
+        sort_order = tuple(s.lower() for s in ctx.array("sortOrder"))
+        if set(sort_order) - {"ascending", "descending"}:
+            raise HttpError(400, "unknown sortOrder")
+        ids = tuple(parse_guid(i) for i in ctx.array("ids"))
+        has_provider = tuple(
+            (provider, flag)
+            for provider, name in (
+                ("Imdb", "hasImdbId"),
+                ("Tmdb", "hasTmdbId"),
+                ("Tvdb", "hasTvdbId"),
+            )
+            if (flag := ctx.boolean(name)) is not None
+        )
+        return ItemQuery(
+            user_id=user.id if user is not None else None,
+            parent_id=ctx.guid("parentId"),
+            recursive=bool(ctx.boolean("recursive", False)),
+            include_types=include,
+            exclude_types=exclude,
+            filters=filters,
+            is_played=ctx.boolean("isPlayed"),
+            is_favorite=ctx.boolean("isFavorite"),
+            ids=ids,
+            sort_by=sort_by,
+            sort_order=sort_order,
+            search_term=ctx.first("searchTerm") or None,
+            has_provider=has_provider,
+        )
+
+    def _kind(self, name: str) -> str:
+        kind = _ITEM_KINDS.get(name.lower())
+        if kind is None:
+            raise HttpError(400, f"The value '{name}' is not valid.")
+        return kind
+
+    def _item_dto(
+        self,
+        item: LibraryItem,
+        user: EmuUser | None,
+        fields: frozenset[str],
+        *,
+        enable_user_data: bool = True,
+        enable_images: bool = True,
+    ) -> dict[str, Any]:
+        emu = self.emu
+        user_data = None
+        if user is not None and enable_user_data:
+            user_data = emu.user_data_dto(user.id, item, item_id=self.version.rest_item_id(item.id))
+        child_count = len(emu.library.children(item.id)) if item.is_folder else None
+        return dto.item_dto(
+            item,
+            server_id=emu.server_id,
+            fields=fields,
+            user_data=user_data,
+            enable_images=enable_images,
+            child_count=child_count,
+        )
+
+    async def items_list(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /Items`` and ``GET /Users/{userId}/Items`` (§5)."""
+        user = self._items_user(ctx)
+        query = self._item_query(ctx, user)
+        start = ctx.integer("startIndex") or 0
+        limit = ctx.integer("limit")
+        if start < 0 or (limit is not None and limit < 0):
+            raise HttpError(400, "startIndex and limit must not be negative")
+        ids = self.queries.run(query)
+        page = ids[start : start + limit if limit is not None else None]
+        fields = frozenset(f.lower() for f in ctx.array("fields"))
+        enable_user_data = bool(ctx.boolean("enableUserData", True))
+        enable_images = bool(ctx.boolean("enableImages", True))
+        library = self.emu.library
+        items = [
+            self._item_dto(
+                item,
+                user,
+                fields,
+                enable_user_data=enable_user_data,
+                enable_images=enable_images,
+            )
+            for item in (library.get(i) for i in page)
+            if item is not None
+        ]
+        total = len(ids)
+        if not ctx.boolean("enableTotalRecordCount", True):
+            # The repository then returns only the page and counts it.
+            total = len(items)
+        return json_response({"Items": items, "TotalRecordCount": total, "StartIndex": start})
+
+    async def item_get(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /Items/{itemId}`` and ``GET /Users/{userId}/Items/{itemId}``: all fields."""
+        item = self._item_for(ctx, ctx.params["itemId"])
+        user = self._items_user(ctx)
+        return json_response(self._item_dto(item, user, _ALL_FIELDS))
+
+    async def user_views(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /UserViews``: the library roots as the user sees them."""
+        user = self._items_user(ctx)
+        if user is None:
+            raise HttpError(404, "User not found")
+        folders = self.emu.library.collection_folders
+        items = [self._item_dto(f, user, frozenset()) for f in folders]
+        return json_response({"Items": items, "TotalRecordCount": len(items), "StartIndex": 0})
+
+    # --- user data -----------------------------------------------------------------------
+
+    async def user_data_get(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /UserItems/{itemId}/UserData`` (+ legacy alias)."""
+        item = self._item_for(ctx, ctx.params["itemId"])
+        user = self._user_for(ctx, self._path_or_query_user(ctx))
+        return self._user_data_response(user, item)
+
+    async def user_data_post(self, ctx: Ctx) -> web.StreamResponse:
+        """``POST /UserItems/{itemId}/UserData``: partial update, §4.2 semantics."""
+        item = self._item_for(ctx, ctx.params["itemId"])
+        body = await self._json_body(ctx)
+        update = _parse_update(body)
+        user = self._user_for(ctx, self._path_or_query_user(ctx))
+        rating = update.get("rating")
+        if rating is not None and not 0 <= rating <= 10:
+            raise HttpError(400, "Rating must be between 0 and 10")
+
+        def change(data: StoredUserData) -> None:
+            # UDM.SaveUserData copies only present fields, in this order (Rating beats Likes).
+            if update.get("playbackpositionticks") is not None:
+                data.position_ticks = update["playbackpositionticks"]
+            if update.get("playcount") is not None:
+                data.play_count = update["playcount"]
+            if update.get("isfavorite") is not None:
+                data.is_favorite = update["isfavorite"]
+            if update.get("likes") is not None:
+                data.rating = 10.0 if update["likes"] else 1.0
+            if update.get("played") is not None:
+                data.played = update["played"]
+            if update.get("lastplayeddate") is not None:
+                data.last_played = update["lastplayeddate"]
+            if rating is not None:
+                data.rating = float(rating)
+
+        self.emu.save(user, item, change, "UpdateUserData")
+        return self._user_data_response(user, item)
+
+    async def favorite_add(self, ctx: Ctx) -> web.StreamResponse:
+        """``POST /UserFavoriteItems/{itemId}`` (+ legacy)."""
+        return await self._set_favorite(ctx, True)
+
+    async def favorite_remove(self, ctx: Ctx) -> web.StreamResponse:
+        """``DELETE /UserFavoriteItems/{itemId}`` (+ legacy)."""
+        return await self._set_favorite(ctx, False)
+
+    async def _set_favorite(self, ctx: Ctx, value: bool) -> web.StreamResponse:
+        item = self._item_for(ctx, ctx.params["itemId"])
+        user = self._user_for(ctx, self._path_or_query_user(ctx))
+
+        def change(data: StoredUserData) -> None:
+            data.is_favorite = value
+
+        self.emu.save(user, item, change, "UpdateUserRating")
+        return self._user_data_response(user, item)
+
+    async def rating_set(self, ctx: Ctx) -> web.StreamResponse:
+        """``POST /UserItems/{itemId}/Rating?likes=``: 10, 1, or cleared when absent."""
+        likes = ctx.boolean("likes")
+        return await self._set_rating(ctx, None if likes is None else (10.0 if likes else 1.0))
+
+    async def rating_clear(self, ctx: Ctx) -> web.StreamResponse:
+        """``DELETE /UserItems/{itemId}/Rating``: Rating = null."""
+        return await self._set_rating(ctx, None)
+
+    async def _set_rating(self, ctx: Ctx, rating: float | None) -> web.StreamResponse:
+        item = self._item_for(ctx, ctx.params["itemId"])
+        user = self._user_for(ctx, self._path_or_query_user(ctx))
+
+        def change(data: StoredUserData) -> None:
+            data.rating = rating
+
+        self.emu.save(user, item, change, "UpdateUserRating")
+        return self._user_data_response(user, item)
+
+    async def played_add(self, ctx: Ctx) -> web.StreamResponse:
+        """``POST /UserPlayedItems/{itemId}?datePlayed=`` (+ legacy): MarkPlayed, recursing."""
+        item = self._item_for(ctx, ctx.params["itemId"])
+        user = self._user_for(ctx, self._path_or_query_user(ctx))
+        raw_date = ctx.first("datePlayed")
+        date_played = None
+        if raw_date:
+            try:
+                date_played = parse_date(raw_date)
+            except ValueError:
+                raise HttpError(400, f"The value '{raw_date}' is not valid.") from None
+        for target in self._played_users(ctx, user):
+            self._mark(target, item, played=True, date_played=date_played)
+        return self._user_data_response(user, item)
+
+    async def played_remove(self, ctx: Ctx) -> web.StreamResponse:
+        """``DELETE /UserPlayedItems/{itemId}`` (+ legacy): MarkUnplayed, recursing."""
+        item = self._item_for(ctx, ctx.params["itemId"])
+        user = self._user_for(ctx, self._path_or_query_user(ctx))
+        for target in self._played_users(ctx, user):
+            self._mark(target, item, played=False, date_played=None)
+        return self._user_data_response(user, item)
+
+    def _played_users(self, ctx: Ctx, user: EmuUser) -> list[EmuUser]:
+        """The target plus the AdditionalUsers of the caller's session (§2.4 hazards 1, 3)."""
+        caller = ctx.caller
+        assert caller is not None
+        # 10.9+: ReqH.GetSession(..., userId) re-points the caller's session at the target;
+        # 10.8 logs the caller's own user.
+        session_user = user.id if self.version.at_least(10, 9) else caller.user_id
+        session = self.emu.hub.log_session_activity(
+            caller.client or "",
+            caller.version or "",
+            caller.device_id or "",
+            caller.device or "",
+            session_user,
+        )
+        extra = [self.emu.users.get(u) for u in session.additional_users if u != user.id]
+        return [user, *(u for u in extra if u is not None)]
+
+    def _mark(
+        self, user: EmuUser, item: LibraryItem, *, played: bool, date_played: datetime | None
+    ) -> None:
+        lib = self.emu.library
+        if item.is_folder:
+            # Folder.MarkPlayed/MarkUnplayed: every leaf below, the folder itself untouched.
+            targets = [lib.get(i) for i in lib.descendants(item.id)]
+            for leaf in targets:
+                if leaf is not None and leaf.is_leaf:
+                    self._mark(user, leaf, played=played, date_played=date_played)
+            return
+        now = self.emu.now()
+
+        def mark_played(data: StoredUserData) -> None:
+            if date_played is not None:
+                data.play_count += 1
+            data.play_count = max(data.play_count, 1)
+            data.position_ticks = 0
+            data.last_played = date_played or data.last_played or now
+            data.played = True
+
+        def mark_unplayed(data: StoredUserData) -> None:
+            data.play_count = 0
+            data.position_ticks = 0
+            data.last_played = None
+            data.played = False
+
+        self.emu.save(user, item, mark_played if played else mark_unplayed, "TogglePlayed")
+
+    # --- sessions and playback -----------------------------------------------------------
+
+    def _session_dto(self, session: Any) -> dict[str, Any]:
+        emu = self.emu
+        user = emu.users.get(session.user_id) if session.user_id else None
+        extra = [emu.users[u] for u in session.additional_users if u in emu.users]
+        return dto.session_dto(
+            session_id=session.id,
+            user=user,
+            client=session.client,
+            device_id=session.device_id,
+            device_name=session.device_name,
+            app_version=session.app_version,
+            last_activity_ms=session.last_activity_ms,
+            additional_users=extra,
+            server_id=emu.server_id,
+            version=self.version,
+        )
+
+    async def sessions_list(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /Sessions``: all sessions for admins, one's own for users."""
+        assert ctx.caller is not None
+        sessions = list(self.emu.hub.sessions.values())
+        if not ctx.caller.is_admin:
+            sessions = [s for s in sessions if s.contains_user(ctx.caller.user_id or "")]
+        return json_response([self._session_dto(s) for s in sessions])
+
+    async def session_add_user(self, ctx: Ctx) -> web.StreamResponse:
+        """``POST /Sessions/{sessionId}/User/{userId}``: AdditionalUsers (§2.4)."""
+        session = self.emu.hub.session_by_id(ctx.params["sessionId"].lower())
+        user_id = parse_guid(ctx.params["userId"])
+        if session is None:
+            raise HttpError(404, "Session not found")
+        if session.user_id == user_id:
+            raise HttpError(400, "The requested user is already the primary user of the session.")
+        if user_id not in self.emu.users:
+            raise HttpError(404, "User not found")
+        if user_id not in session.additional_users:
+            session.additional_users.append(user_id)
+        return no_content()
+
+    async def session_remove_user(self, ctx: Ctx) -> web.StreamResponse:
+        """``DELETE /Sessions/{sessionId}/User/{userId}``."""
+        session = self.emu.hub.session_by_id(ctx.params["sessionId"].lower())
+        user_id = parse_guid(ctx.params["userId"])
+        if session is None:
+            raise HttpError(404, "Session not found")
+        if user_id in session.additional_users:
+            session.additional_users.remove(user_id)
+        return no_content()
+
+    async def _playback(self, ctx: Ctx) -> tuple[list[EmuUser], LibraryItem | None, dict[str, Any]]:
+        body = {k.lower(): v for k, v in (await self._json_body(ctx, required=False)).items()}
+        caller = ctx.caller
+        assert caller is not None
+        session = self.emu.hub.log_session_activity(
+            caller.client or "",
+            caller.version or "",
+            caller.device_id or "",
+            caller.device or "",
+            caller.user_id,
+        )
+        ids = [session.user_id, *session.additional_users] if session.user_id else []
+        users = [self.emu.users[u] for u in ids if u in self.emu.users]
+        item = None
+        raw_item = body.get("itemid")
+        if isinstance(raw_item, str) and raw_item:
+            item = self.emu.library.get(parse_guid(raw_item))
+        return users, item, body
+
+    async def playing_start(self, ctx: Ctx) -> web.StreamResponse:
+        """``POST /Sessions/Playing``: PlayCount+1, LastPlayedDate=now, Played=false (§3)."""
+        users, item, _ = await self._playback(ctx)
+        if item is not None and item.is_leaf:
+            now = self.emu.now()
+
+            def start(data: StoredUserData) -> None:
+                data.play_count += 1
+                data.last_played = now
+                # Videos support position ticks, so playback start un-plays them.
+                data.played = False
+
+            for user in users:
+                self.emu.save(user, item, start, "PlaybackStart")
+        return no_content()
+
+    async def playing_progress(self, ctx: Ctx) -> web.StreamResponse:
+        """``POST /Sessions/Playing/Progress``: saves the position, never pushed."""
+        users, item, body = await self._playback(ctx)
+        position = body.get("positionticks")
+        if item is not None and item.is_leaf and _is_int(position):
+            assert isinstance(position, int)
+
+            def progress(data: StoredUserData) -> None:
+                data.position_ticks = position
+
+            for user in users:
+                self.emu.save(user, item, progress, "PlaybackProgress")
+        return no_content()
+
+    async def playing_stopped(self, ctx: Ctx) -> web.StreamResponse:
+        """``POST /Sessions/Playing/Stopped``: resume thresholds decide position and played."""
+        users, item, body = await self._playback(ctx)
+        position = body.get("positionticks")
+        if item is not None and item.is_leaf:
+            runtime = item.run_time_ticks or 0
+
+            def stop(data: StoredUserData) -> None:
+                if not _is_int(position):
+                    data.play_count += 1
+                    data.played = True
+                    data.position_ticks = 0
+                    return
+                assert isinstance(position, int)
+                data.position_ticks, done = _resume_position(position, runtime)
+                if done:
+                    data.played = True
+
+            for user in users:
+                self.emu.save(user, item, stop, "PlaybackFinished")
+        return no_content()
+
+
+def _resume_position(position: int, runtime: int) -> tuple[int, bool]:
+    """``UDM.UpdatePlayState``: (position to store, played to completion)."""
+    if runtime <= 0:
+        return 0, True
+    if position <= 0:
+        return 0, False
+    pct = 100.0 * position / runtime
+    if pct < MIN_RESUME_PCT:
+        return 0, False
+    if pct > MAX_RESUME_PCT or position >= runtime:
+        return 0, True
+    if runtime / _TICKS_PER_SECOND < MIN_RESUME_DURATION_S:
+        return 0, True
+    return position, False
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_update(body: dict[str, Any]) -> dict[str, Any]:
+    """Bind ``UpdateUserItemDataDto`` case-insensitively; wrong JSON types are 400."""
+    out: dict[str, Any] = {}
+    for raw_key, value in body.items():
+        key = raw_key.lower()
+        kind = _UPDATE_FIELDS.get(key)
+        if kind is None or value is None:
+            continue
+        if kind == "int" and not _is_int(value):
+            raise HttpError(400, f"The JSON value could not be converted for {raw_key}.")
+        if kind == "number" and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise HttpError(400, f"The JSON value could not be converted for {raw_key}.")
+        if kind == "bool" and not isinstance(value, bool):
+            raise HttpError(400, f"The JSON value could not be converted for {raw_key}.")
+        if kind in ("string", "date") and not isinstance(value, str):
+            raise HttpError(400, f"The JSON value could not be converted for {raw_key}.")
+        if kind == "date":
+            try:
+                value = parse_date(value)
+            except ValueError:
+                raise HttpError(
+                    400, f"The JSON value could not be converted for {raw_key}."
+                ) from None
+        out[key] = value
+    return out
