@@ -1,0 +1,1250 @@
+"""The ledger: jfsync's SQLite store of canonical data, last-known states, echoes and outbox.
+
+One :class:`Ledger` owns one aiosqlite connection (WAL, foreign keys, schema from
+:mod:`jfsync.migrations`). Everything that matters commits together: applying an observation
+runs the echo rule (:mod:`jfsync.echo`), diffs against the origin's last-known state, stamps the
+change with the persisted hybrid clock, merges (:mod:`jfsync.merge`), updates the canonical and
+last-known states and upserts the outbox rows of every server that has the user, in ONE
+transaction. A crash at any point therefore loses nothing that was committed and leaves nothing
+half-written; a redelivered write is harmless because the pusher skips targets that already
+hold the desired state.
+
+Keys: servers are config names; users and items are *canonical keys* (strings). Identity
+resolution (server user/item id → canonical key) happens before the ledger; the id maps
+(:meth:`Ledger.map_user`, :meth:`Ledger.map_item`) store it, with type, path and provider ids
+so later matching strategies need no schema change. Until then callers use the server's ids as
+canonical keys. A server "has" a user when :meth:`Ledger.map_user` recorded it; only those
+servers get outbox rows (the origin of an observation always may).
+
+Outbox: at most one row per (peer, user, item). It names the registers owed and the desired
+state (the canonical state when the row last changed); a newer change merges into it and
+bumps its ``version`` (a hybrid-clock value, unique over the ledger's life). Registers whose
+desired value already equals the peer's last-known state are pruned, so a row disappears when
+nothing is owed any more. A pusher uses it like this:
+
+1. ``rows = await ledger.due_rows(peer, limit, now_ms, exclude=in_flight_keys)``;
+2. read the target's current state, then ``row = await ledger.observe_before_write(row,
+   current, now_ms)``: when the target differs from its last-known state (or jfsync has no
+   history of it: first contact) the read state is applied as an observation first, so a
+   change the event path has not delivered yet is merged instead of overwritten; the fresh
+   row (or None when nothing is owed any more) comes back;
+3. write ``row.registers`` of ``row.desired``, then ``await ledger.row_written(row,
+   row.intended(current), now_ms)``. Pass the state the write was meant to produce
+   (:meth:`OutboxRow.intended`), not the server's reply: a user change made between the read
+   and the write then shows up in the echo as a real change instead of being taken for the
+   echo. ``row_written`` records that state as pending echo and as last-known, and deletes the
+   row only if its version is unchanged (a newer change that replaced it mid-flight stays
+   queued);
+4. on failure ``row_failed(row, reason, retry_at_ms)`` (transient) or ``row_dead(row,
+   reason)`` (400/404: parked, listed by :meth:`Ledger.dead_rows`, revived by a newer change
+   or :meth:`Ledger.retry_dead`).
+
+All methods serialise on one lock; no transaction is held across anything but the ledger's own
+SQL. Tokens are stored in clear in the ledger file (protect the file) and never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import aiosqlite
+
+from jfsync.echo import PendingWrite, match_echo, record_write
+from jfsync.errors import JfsyncError
+from jfsync.merge import CanonicalState, MergePolicy, Stamped, merge, next_stamp_ms
+from jfsync.migrations import migrate, prepare
+from jfsync.model import (
+    ALL_REGISTERS,
+    DEFAULT_USER_DATA,
+    PlayState,
+    Register,
+    Stamp,
+    UserData,
+)
+
+logger = logging.getLogger(__name__)
+
+Source = Literal["event", "scan", "compare"]
+
+#: Placeholders per IN (...) list; far below SQLite's variable limit, large enough to batch.
+_CHUNK = 500
+
+_BITS: dict[Register, int] = {Register.FAVORITE: 1, Register.RATING: 2, Register.PLAY_STATE: 4}
+
+_STATE_COLS = "favorite, rating, played, play_count, last_played_s, position_ticks"
+_CANON_COLS = (
+    f"user, item, {_STATE_COLS}, favorite_ms, favorite_tiebreak, favorite_origin, "
+    "rating_ms, rating_tiebreak, rating_origin, "
+    "play_state_ms, play_state_tiebreak, play_state_origin"
+)
+_ROW_COLS = (
+    "o.id, o.peer, o.user, o.item, o.registers, o.favorite, o.rating, o.played, o.play_count, "
+    "o.last_played_s, o.position_ticks, o.version, o.created_ms, o.attempts, "
+    "o.next_attempt_ms, o.last_error, o.dead"
+)
+
+_SELECT_CANONICAL = f"SELECT {_CANON_COLS} FROM canonical"  # noqa: S608 - fixed columns
+_SELECT_LAST_KNOWN = f"SELECT user, item, server, {_STATE_COLS} FROM last_known"  # noqa: S608
+_SELECT_ECHO = "SELECT user, item, server, entries FROM pending_echo"
+_SELECT_OUTBOX = (
+    "SELECT o.user, o.item, o.peer, o.id, o.registers, o.favorite, o.rating, o.played, "
+    "o.play_count, o.last_played_s, o.position_ticks, o.version, o.created_ms, o.attempts, "
+    "o.next_attempt_ms, o.last_error, o.dead FROM outbox o"
+)
+
+
+class LedgerError(JfsyncError):
+    """The ledger was used wrongly (closed, unknown server) or its file is unusable."""
+
+
+class Outcome(StrEnum):
+    """What an observation turned out to be."""
+
+    ECHO = "echo"
+    UNCHANGED = "unchanged"
+    CHANGED = "changed"
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """A state ``server`` holds for ``user`` and ``item`` (canonical keys), seen at ``wall_ms``.
+
+    ``source`` says how it was seen: a websocket ``event``, a ``scan`` page, or the pusher's
+    ``compare`` read before a write. Only events consume pending echoes.
+    """
+
+    server: str
+    user: str
+    item: str
+    state: UserData
+    wall_ms: int
+    source: Source = "event"
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What applying one observation did (for logs, metrics and tests)."""
+
+    observation: Observation
+    outcome: Outcome
+    #: Synced registers that differed from what jfsync knew of that server.
+    changed: frozenset[Register] = frozenset()
+    first_contact: bool = False
+    #: Registers whose canonical value moved.
+    canonical_changed: frozenset[Register] = frozenset()
+    stamp: Stamp | None = None
+    #: Outbox rows this observation created, changed or emptied: the registers each now holds
+    #: (an empty set: the row is gone because nothing is owed any more).
+    queued: dict[str, frozenset[Register]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One pending write: the registers owed to ``peer`` for ``user`` and ``item``."""
+
+    id: int
+    peer: str
+    user: str
+    item: str
+    registers: frozenset[Register]
+    desired: UserData
+    version: int
+    created_ms: int
+    attempts: int
+    next_attempt_ms: int
+    last_error: str | None
+    dead: bool
+    #: The peer's own ids when the id maps know them (else use the canonical keys).
+    remote_user_id: str | None = None
+    remote_item_id: str | None = None
+
+    def intended(self, current: UserData) -> UserData:
+        """Return ``current`` with this row's registers set to their desired values."""
+        result = current
+        for register in self.registers:
+            result = result.with_register(register, self.desired.get(register))
+        return result
+
+
+@dataclass(frozen=True, slots=True)
+class ItemMapping:
+    """How one server item maps to a canonical item, with what identity matching needs."""
+
+    remote_id: str
+    item: str
+    item_type: str | None = None
+    path: str | None = None
+    provider_ids: dict[str, str] | None = None
+
+
+_Key = tuple[int, int, int]  # (user, item, server)
+_Pair = tuple[int, int]  # (user, item)
+
+
+@dataclass(slots=True)
+class _Row:
+    """An outbox row while a transaction works on it."""
+
+    id: int | None
+    mask: frozenset[Register]
+    desired: UserData
+    version: int
+    created_ms: int
+    attempts: int = 0
+    next_attempt_ms: int = 0
+    last_error: str | None = None
+    dead: bool = False
+
+
+class Ledger:
+    """The SQLite ledger; open with ``async with Ledger(path, policy) as ledger``."""
+
+    def __init__(self, path: str | Path, policy: MergePolicy) -> None:
+        self._path = str(path)
+        self._policy = policy
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._server_ids: dict[str, int] = {}
+        self._server_names: dict[int, str] = {}
+        self._user_ids: dict[str, int] = {}
+        self._item_ids: dict[str, int] = {}
+        self._clock_ms = 0
+
+    def __repr__(self) -> str:
+        return f"Ledger({self._path!r}, open={self._db is not None})"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def policy(self) -> MergePolicy:
+        """The merge policy this ledger applies."""
+        return self._policy
+
+    @property
+    def clock_ms(self) -> int:
+        """The hybrid clock's last value (the latest stamp handed out)."""
+        return self._clock_ms
+
+    async def open(self) -> Self:
+        """Connect, migrate the schema, register the configured servers, load the clock."""
+        if self._db is not None:
+            return self
+        db = await aiosqlite.connect(self._path, isolation_level=None)
+        try:
+            if self._path != ":memory:":
+                await prepare(db)
+            else:
+                await db.execute("PRAGMA foreign_keys=ON")
+            applied = await migrate(db)
+            if applied:
+                logger.info("ledger %s: applied schema migrations %s", self._path, applied)
+            await db.execute("BEGIN IMMEDIATE")
+            await db.executemany(
+                "INSERT INTO servers(name) VALUES (?) ON CONFLICT(name) DO NOTHING",
+                [(name,) for name in self._policy.servers],
+            )
+            await db.execute(
+                "INSERT INTO meta(key, value) VALUES ('clock_ms', 0) ON CONFLICT DO NOTHING"
+            )
+            await db.commit()
+            for sid, name in await db.execute_fetchall("SELECT id, name FROM servers"):
+                self._server_ids[name] = sid
+                self._server_names[sid] = name
+            rows = list(await db.execute_fetchall("SELECT value FROM meta WHERE key='clock_ms'"))
+            self._clock_ms = int(rows[0][0])
+        except BaseException:
+            await db.close()
+            raise
+        self._db = db
+        return self
+
+    async def close(self) -> None:
+        """Close the connection (idempotent)."""
+        db, self._db = self._db, None
+        if db is not None:
+            async with self._lock:
+                await db.close()
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ identity maps
+
+    async def map_user(
+        self, server: str, remote_user_id: str, user: str, *, name: str | None = None
+    ) -> None:
+        """Record that ``remote_user_id`` on ``server`` is the canonical user ``user``."""
+        async with self._tx() as db:
+            sid = self._sid(server)
+            uid = (await self._ensure_ids(db, "users", [user]))[user]
+            await db.execute("DELETE FROM server_users WHERE server=? AND user=?", (sid, uid))
+            await db.execute(
+                "INSERT OR REPLACE INTO server_users(server, remote_id, user, name) "
+                "VALUES (?, ?, ?, ?)",
+                (sid, remote_user_id, uid, name),
+            )
+
+    async def map_items(self, server: str, mappings: Iterable[ItemMapping]) -> None:
+        """Record several server items as canonical items (replacing older mappings)."""
+        entries = list(mappings)
+        if not entries:
+            return
+        async with self._tx() as db:
+            sid = self._sid(server)
+            ids = await self._ensure_ids(db, "items", [m.item for m in entries])
+            await db.executemany(
+                "DELETE FROM server_items WHERE server=? AND item=?",
+                [(sid, ids[m.item]) for m in entries],
+            )
+            await db.executemany(
+                "INSERT OR REPLACE INTO server_items(server, remote_id, item, item_type, path, "
+                "provider_ids) VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        sid,
+                        m.remote_id,
+                        ids[m.item],
+                        m.item_type,
+                        m.path,
+                        json.dumps(m.provider_ids, sort_keys=True) if m.provider_ids else None,
+                    )
+                    for m in entries
+                ],
+            )
+
+    async def map_item(
+        self,
+        server: str,
+        remote_item_id: str,
+        item: str,
+        *,
+        item_type: str | None = None,
+        path: str | None = None,
+        provider_ids: dict[str, str] | None = None,
+    ) -> None:
+        """Record that ``remote_item_id`` on ``server`` is the canonical item ``item``."""
+        await self.map_items(
+            server, [ItemMapping(remote_item_id, item, item_type, path, provider_ids)]
+        )
+
+    async def user_for(self, server: str, remote_user_id: str) -> str | None:
+        """Return the canonical user of a server's user id, if mapped."""
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                "SELECT u.key FROM server_users s JOIN users u ON u.id = s.user "
+                "WHERE s.server=? AND s.remote_id=?",
+                (self._sid(server), remote_user_id),
+            )
+            return next((str(r[0]) for r in rows), None)
+
+    async def item_for(self, server: str, remote_item_id: str) -> str | None:
+        """Return the canonical item of a server's item id, if mapped."""
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                "SELECT i.key FROM server_items s JOIN items i ON i.id = s.item "
+                "WHERE s.server=? AND s.remote_id=?",
+                (self._sid(server), remote_item_id),
+            )
+            return next((str(r[0]) for r in rows), None)
+
+    async def servers_with_user(self, user: str) -> list[str]:
+        """Return the servers (config order) that have the canonical user ``user``."""
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                "SELECT s.server FROM server_users s JOIN users u ON u.id = s.user WHERE u.key=?",
+                (user,),
+            )
+            names = {self._server_names[int(r[0])] for r in rows}
+            return sorted(names, key=self._policy.rank)
+
+    # ------------------------------------------------------------------ observations
+
+    async def apply_observation(
+        self,
+        server: str,
+        user: str,
+        item: str,
+        incoming: UserData,
+        wall_ms: int,
+        *,
+        source: Source = "event",
+    ) -> Applied:
+        """Apply one observed state in one transaction; see :meth:`apply_observations`."""
+        applied = await self.apply_observations(
+            [Observation(server, user, item, incoming, wall_ms, source)]
+        )
+        return applied[0]
+
+    async def apply_observations(self, observations: Sequence[Observation]) -> list[Applied]:
+        """Apply observations in order, all in ONE transaction, and report each outcome.
+
+        Per observation: the echo rule (events consume pending echoes; reads only match
+        them), the diff against the origin's last-known state, a hybrid-clock stamp when
+        something changed, the merge, the new canonical and last-known states, and the outbox
+        rows of the origin and of every server that has the user.
+        """
+        if not observations:
+            return []
+        async with self._tx() as db:
+            batch = _Batch(self, db)
+            sids = [self._sid(o.server) for o in observations]
+            users = await self._ensure_ids(db, "users", [o.user for o in observations])
+            items = await self._ensure_ids(db, "items", [o.item for o in observations])
+            keys = [
+                (users[o.user], items[o.item], sid)
+                for o, sid in zip(observations, sids, strict=True)
+            ]
+            await batch.load({(u, i) for u, i, _ in keys})
+            results = [batch.apply(o, k) for o, k in zip(observations, keys, strict=True)]
+            await batch.flush()
+            return results
+
+    async def observe_before_write(
+        self, row: OutboxRow, current: UserData, wall_ms: int
+    ) -> OutboxRow | None:
+        """Merge the target's freshly read state first when it is news; return the fresh row.
+
+        When ``current`` equals the peer's last-known state nothing happens. Otherwise (the
+        target changed behind the event path, or jfsync has no history of it) ``current`` is
+        applied as a ``compare`` observation of the peer, in one transaction. Returns the row
+        as it now stands, or None when nothing is owed to the peer any more.
+        """
+        async with self._tx() as db:
+            uid, iid, sid = await self._row_key(db, row)
+            known = await _Batch(self, db).load_one_last_known((uid, iid, sid))
+            if known != current:
+                batch = _Batch(self, db)
+                await batch.load({(uid, iid)})
+                obs = Observation(row.peer, row.user, row.item, current, wall_ms, "compare")
+                batch.apply(obs, (uid, iid, sid))
+                await batch.flush()
+            return await self._select_row(db, sid, uid, iid)
+
+    async def backfill(self, server: str, user: str, wall_ms: int) -> int:
+        """Queue, for ``server``, every non-default canonical item of ``user`` it has no history of.
+
+        Call it when a server (or a user on it) joins; the pusher's compare-before-write then
+        merges whatever the server holds at first contact. Returns the rows touched.
+        """
+        async with self._tx() as db:
+            sid = self._sid(server)
+            uid = (await self._ensure_ids(db, "users", [user]))[user]
+            rows = await db.execute_fetchall(
+                "SELECT c.item FROM canonical c WHERE c.user=? AND NOT EXISTS "
+                "(SELECT 1 FROM last_known k WHERE k.user=c.user AND k.item=c.item "
+                "AND k.server=?)",
+                (uid, sid),
+            )
+            pairs = {(uid, int(r[0])) for r in rows}
+            if not pairs:
+                return 0
+            batch = _Batch(self, db)
+            await batch.load(pairs)
+            version = batch.tick(wall_ms)
+            touched = 0
+            for pair in sorted(pairs):
+                canonical = batch.canon[pair]
+                owed = frozenset(
+                    r
+                    for r in self._policy.synced
+                    if canonical.data.get(r) != DEFAULT_USER_DATA.get(r)
+                )
+                if owed and batch.refresh_row((*pair, sid), owed, canonical.data, version, wall_ms):
+                    touched += 1
+            await batch.flush()
+            return touched
+
+    # ------------------------------------------------------------------ reads
+
+    async def canonical(self, user: str, item: str) -> CanonicalState | None:
+        """Return the canonical state of ``user`` and ``item``, if any."""
+        async with self._read() as db:
+            pair = self._known_pair(user, item) or await self._lookup_pair(db, user, item)
+            if pair is None:
+                return None
+            batch = _Batch(self, db)
+            await batch.load({pair}, with_members=False)
+            return batch.canon.get(pair)
+
+    async def last_known(self, server: str, user: str, item: str) -> UserData | None:
+        """Return the state jfsync last knew ``server`` to hold for ``user`` and ``item``."""
+        async with self._read() as db:
+            pair = self._known_pair(user, item) or await self._lookup_pair(db, user, item)
+            if pair is None:
+                return None
+            return await _Batch(self, db).load_one_last_known((*pair, self._sid(server)))
+
+    async def last_known_for_user(self, server: str, user: str) -> dict[str, UserData]:
+        """Return every last-known state of ``user`` on ``server``, by canonical item.
+
+        A resync uses it to find known items missing from a scan of non-default items.
+        """
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                f"SELECT i.key, {_STATE_COLS} FROM last_known k "  # noqa: S608 - fixed columns
+                "JOIN users u ON u.id = k.user JOIN items i ON i.id = k.item "
+                "WHERE k.server=? AND u.key=?",
+                (self._sid(server), user),
+            )
+            return {str(r[0]): _state(r, 1) for r in rows}
+
+    async def pending_echoes(self, server: str, user: str, item: str) -> tuple[PendingWrite, ...]:
+        """Return the writes to ``server`` whose echo is still expected."""
+        async with self._read() as db:
+            pair = self._known_pair(user, item) or await self._lookup_pair(db, user, item)
+            if pair is None:
+                return ()
+            rows = await db.execute_fetchall(
+                "SELECT entries FROM pending_echo WHERE user=? AND item=? AND server=?",
+                (*pair, self._sid(server)),
+            )
+            return next((_decode_echo(str(r[0])) for r in rows), ())
+
+    # ------------------------------------------------------------------ outbox
+
+    async def due_rows(
+        self,
+        peer: str,
+        limit: int,
+        now_ms: int,
+        *,
+        exclude: Iterable[tuple[str, str]] = (),
+    ) -> list[OutboxRow]:
+        """Return up to ``limit`` live rows for ``peer`` due at ``now_ms``, oldest due first.
+
+        ``exclude`` holds (user, item) keys the caller already has in flight.
+        """
+        skip = set(exclude)
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                f"SELECT {_ROW_COLS} FROM outbox o "  # noqa: S608 - fixed columns
+                "WHERE o.peer=? AND o.dead=0 AND o.next_attempt_ms<=? "
+                "ORDER BY o.next_attempt_ms, o.created_ms, o.id LIMIT ?",
+                (self._sid(peer), now_ms, limit + len(skip)),
+            )
+            found = await self._decode_rows(db, rows)
+        return [r for r in found if (r.user, r.item) not in skip][:limit]
+
+    async def get_row(self, peer: str, user: str, item: str) -> OutboxRow | None:
+        """Return the outbox row for ``peer``, ``user`` and ``item``, live or dead."""
+        async with self._read() as db:
+            pair = self._known_pair(user, item) or await self._lookup_pair(db, user, item)
+            if pair is None:
+                return None
+            return await self._select_row(db, self._sid(peer), *pair)
+
+    async def row_written(self, row: OutboxRow, written_state: UserData, wall_ms: int) -> bool:
+        """Record a successful write of ``row``; return whether the row is done.
+
+        ``written_state`` becomes a pending echo and the peer's last-known state. The row is
+        deleted only if its version is still ``row.version``; a row replaced mid-flight by a
+        newer change stays (minus the registers the write already brought to their desired
+        value) and False is returned.
+        """
+        async with self._tx() as db:
+            uid, iid, sid = await self._row_key(db, row)
+            await db.execute(
+                f"INSERT OR REPLACE INTO last_known(user, item, server, {_STATE_COLS}) "  # noqa: S608
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (uid, iid, sid, *_state_values(written_state)),
+            )
+            pending_rows = await db.execute_fetchall(
+                "SELECT entries FROM pending_echo WHERE user=? AND item=? AND server=?",
+                (uid, iid, sid),
+            )
+            pending = next((_decode_echo(str(r[0])) for r in pending_rows), ())
+            await db.execute(
+                "INSERT OR REPLACE INTO pending_echo(user, item, server, entries) "
+                "VALUES (?, ?, ?, ?)",
+                (uid, iid, sid, _encode_echo(record_write(pending, written_state, wall_ms))),
+            )
+            cursor = await db.execute(
+                "DELETE FROM outbox WHERE peer=? AND user=? AND item=? AND version=?",
+                (sid, uid, iid, row.version),
+            )
+            done = cursor.rowcount == 1
+            await cursor.close()
+            if done:
+                return True
+            current = await self._select_row(db, sid, uid, iid)
+            if current is not None:
+                left = frozenset(
+                    r for r in current.registers if current.desired.get(r) != written_state.get(r)
+                )
+                if not left:
+                    await db.execute("DELETE FROM outbox WHERE id=?", (current.id,))
+                elif left != current.registers:
+                    await db.execute(
+                        "UPDATE outbox SET registers=? WHERE id=?", (_mask_bits(left), current.id)
+                    )
+            return False
+
+    async def row_failed(self, row: OutboxRow, reason: str, retry_at_ms: int) -> None:
+        """Record a failed attempt of ``row`` and when to try again (the row stays live)."""
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE outbox SET attempts=attempts+1, last_error=?, next_attempt_ms=? WHERE id=?",
+                (reason, retry_at_ms, row.id),
+            )
+
+    async def row_dead(self, row: OutboxRow, reason: str) -> bool:
+        """Park ``row`` as dead with ``reason``; False when a newer change replaced it (or it
+        was parked already)."""
+        async with self._tx() as db:
+            cursor = await db.execute(
+                "UPDATE outbox SET dead=1, attempts=attempts+1, last_error=? "
+                "WHERE id=? AND version=? AND dead=0",
+                (reason, row.id, row.version),
+            )
+            parked = cursor.rowcount == 1
+            await cursor.close()
+        if parked:
+            logger.warning("[%s] parked write of %s/%s: %s", row.peer, row.user, row.item, reason)
+        return parked
+
+    async def retry_dead(self, peer: str) -> int:
+        """Make every dead row of ``peer`` live and due now; return how many."""
+        async with self._tx() as db:
+            cursor = await db.execute(
+                "UPDATE outbox SET dead=0, attempts=0, next_attempt_ms=0 WHERE peer=? AND dead=1",
+                (self._sid(peer),),
+            )
+            count = cursor.rowcount
+            await cursor.close()
+            return count
+
+    async def reset_backoff(self, peer: str) -> int:
+        """Make every live row of ``peer`` due now (after the peer came back); return how many."""
+        async with self._tx() as db:
+            cursor = await db.execute(
+                "UPDATE outbox SET next_attempt_ms=0 WHERE peer=? AND dead=0 AND next_attempt_ms>0",
+                (self._sid(peer),),
+            )
+            count = cursor.rowcount
+            await cursor.close()
+            return count
+
+    async def outbox_depth(self, peer: str) -> int:
+        """Return how many live rows ``peer`` has queued."""
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                "SELECT COUNT(*) FROM outbox WHERE peer=? AND dead=0", (self._sid(peer),)
+            )
+            return int(next(iter(rows))[0])
+
+    async def oldest_age(self, peer: str, now_ms: int) -> float | None:
+        """Return the age in seconds of the oldest live row of ``peer``, or None when empty."""
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                "SELECT MIN(created_ms) FROM outbox WHERE peer=? AND dead=0", (self._sid(peer),)
+            )
+            oldest = next(iter(rows))[0]
+            return None if oldest is None else max(0.0, (now_ms - int(oldest)) / 1000.0)
+
+    async def dead_rows(self, peer: str) -> list[OutboxRow]:
+        """Return the parked rows of ``peer`` with their reasons (``last_error``)."""
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                f"SELECT {_ROW_COLS} FROM outbox o "  # noqa: S608 - fixed columns
+                "WHERE o.peer=? AND o.dead=1 ORDER BY o.created_ms, o.id",
+                (self._sid(peer),),
+            )
+            return await self._decode_rows(db, rows)
+
+    # ------------------------------------------------------------------ tokens (TokenStore)
+
+    async def load_token(self, server_id: str, user_id: str) -> str | None:
+        """Return the stored token of a user on a server, if any."""
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                "SELECT token FROM tokens WHERE server=? AND user=?", (server_id, user_id)
+            )
+            return next((str(r[0]) for r in rows), None)
+
+    async def save_token(self, server_id: str, user_id: str, token: str) -> None:
+        """Store (or replace) the token of a user on a server."""
+        async with self._tx() as db:
+            await db.execute(
+                "INSERT OR REPLACE INTO tokens(server, user, token) VALUES (?, ?, ?)",
+                (server_id, user_id, token),
+            )
+
+    async def forget_token(self, server_id: str, user_id: str) -> None:
+        """Delete the stored token of a user on a server."""
+        async with self._tx() as db:
+            await db.execute("DELETE FROM tokens WHERE server=? AND user=?", (server_id, user_id))
+
+    # ------------------------------------------------------------------ checks
+
+    async def check_invariants(self) -> list[str]:
+        """Return every broken ledger invariant as a readable line (empty when sound).
+
+        Checked: SQLite integrity and foreign keys; the clock is at or after every stamp and
+        row version; every outbox row owes at least one synced register; and for every server
+        that has the user and a last-known state, each synced register either equals the
+        canonical value or is owed by that server's outbox row with the canonical value.
+        """
+        problems: list[str] = []
+        async with self._read() as db:
+            integrity = [str(r[0]) for r in await db.execute_fetchall("PRAGMA integrity_check")]
+            if integrity != ["ok"]:
+                problems.append(f"integrity_check: {integrity}")
+            fk = list(await db.execute_fetchall("PRAGMA foreign_key_check"))
+            if fk:
+                problems.append(f"foreign_key_check: {len(fk)} rows")
+            stored = list(await db.execute_fetchall("SELECT value FROM meta WHERE key='clock_ms'"))
+            clock = int(stored[0][0])
+            highest = next(
+                iter(
+                    await db.execute_fetchall(
+                        "SELECT MAX(m) FROM (SELECT MAX(favorite_ms, rating_ms, play_state_ms) "
+                        "AS m FROM canonical UNION ALL SELECT MAX(version) FROM outbox)"
+                    )
+                )
+            )[0]
+            if highest is not None and int(highest) > clock:
+                problems.append(f"clock {clock} is behind a stored stamp {highest}")
+            synced_bits = _mask_bits(self._policy.synced)
+            for rid, bits in await db.execute_fetchall("SELECT id, registers FROM outbox"):
+                if int(bits) == 0 or int(bits) & ~synced_bits:
+                    problems.append(f"outbox row {rid} has registers {bits}")
+            batch = _Batch(self, db)
+            pairs = {
+                (int(u), int(i))
+                for u, i in await db.execute_fetchall("SELECT user, item FROM canonical")
+            }
+            await batch.load(pairs)
+            configured = {self._server_ids[n] for n in self._policy.servers}
+            for (uid, iid), canonical in sorted(batch.canon.items()):
+                for sid in sorted(batch.members.get(uid, set()) & configured):
+                    known = batch.lk.get((uid, iid, sid))
+                    if known is None:
+                        continue
+                    row = batch.rows.get((uid, iid, sid))
+                    for register in _ordered(self._policy.synced):
+                        want = canonical.data.get(register)
+                        if known.get(register) == want:
+                            continue
+                        if (
+                            row is None
+                            or register not in row.mask
+                            or row.desired.get(register) != want
+                        ):
+                            problems.append(
+                                f"{self._server_names[sid]} user#{uid} item#{iid}: {register} "
+                                f"is {known.get(register)!r}, canonical {want!r}, not queued"
+                            )
+        return problems
+
+    # ------------------------------------------------------------------ internals
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
+        db = self._require()
+        async with self._lock:
+            yield db
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        db = self._require()
+        async with self._lock:
+            if db.in_transaction:
+                # A transaction left open by a cancellation at the worst moment.
+                await db.rollback()
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                await db.commit()
+            except BaseException:
+                # Ids handed out inside the failed transaction no longer exist.
+                self._user_ids.clear()
+                self._item_ids.clear()
+                if db.in_transaction:
+                    await db.rollback()
+                raise
+
+    def _require(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise LedgerError(f"the ledger {self._path} is not open")
+        return self._db
+
+    def _sid(self, server: str) -> int:
+        try:
+            return self._server_ids[server]
+        except KeyError:
+            raise LedgerError(
+                f"unknown server {server!r}; the ledger knows {', '.join(self._server_ids)}"
+            ) from None
+
+    def _tick(self, wall_ms: int) -> int:
+        """Advance the hybrid clock (persisted by the caller's transaction)."""
+        self._clock_ms = next_stamp_ms(wall_ms, self._clock_ms)
+        return self._clock_ms
+
+    def _known_pair(self, user: str, item: str) -> _Pair | None:
+        uid = self._user_ids.get(user)
+        iid = self._item_ids.get(item)
+        return None if uid is None or iid is None else (uid, iid)
+
+    async def _lookup_pair(self, db: aiosqlite.Connection, user: str, item: str) -> _Pair | None:
+        urows = list(await db.execute_fetchall("SELECT id FROM users WHERE key=?", (user,)))
+        irows = list(await db.execute_fetchall("SELECT id FROM items WHERE key=?", (item,)))
+        if not urows or not irows:
+            return None
+        return int(urows[0][0]), int(irows[0][0])
+
+    async def _ensure_ids(
+        self, db: aiosqlite.Connection, table: Literal["users", "items"], keys: Iterable[str]
+    ) -> dict[str, int]:
+        cache = self._user_ids if table == "users" else self._item_ids
+        wanted = set(keys)
+        missing = [k for k in wanted if k not in cache]
+        if missing:
+            await db.executemany(
+                f"INSERT INTO {table}(key) VALUES (?) ON CONFLICT(key) DO NOTHING",  # noqa: S608
+                [(k,) for k in missing],
+            )
+            for chunk in _chunks(missing, _CHUNK):
+                rows = await db.execute_fetchall(
+                    f"SELECT key, id FROM {table} WHERE key IN ({_marks(len(chunk))})",  # noqa: S608
+                    chunk,
+                )
+                for key, rid in rows:
+                    cache[str(key)] = int(rid)
+        return {k: cache[k] for k in wanted}
+
+    async def _row_key(self, db: aiosqlite.Connection, row: OutboxRow) -> _Key:
+        users = await self._ensure_ids(db, "users", [row.user])
+        items = await self._ensure_ids(db, "items", [row.item])
+        return users[row.user], items[row.item], self._sid(row.peer)
+
+    async def _select_row(
+        self, db: aiosqlite.Connection, sid: int, uid: int, iid: int
+    ) -> OutboxRow | None:
+        rows = await db.execute_fetchall(
+            f"SELECT {_ROW_COLS} FROM outbox o "  # noqa: S608 - fixed columns
+            "WHERE o.peer=? AND o.user=? AND o.item=?",
+            (sid, uid, iid),
+        )
+        decoded = await self._decode_rows(db, rows)
+        return decoded[0] if decoded else None
+
+    async def _decode_rows(self, db: aiosqlite.Connection, rows: Iterable[Any]) -> list[OutboxRow]:
+        raw = list(rows)
+        if not raw:
+            return []
+        user_ids = {int(r[2]) for r in raw}
+        item_ids = {int(r[3]) for r in raw}
+        peers = {int(r[1]) for r in raw}
+        user_keys = await _keys_by_id(db, "users", user_ids)
+        item_keys = await _keys_by_id(db, "items", item_ids)
+        remote_users: dict[tuple[int, int], str] = {}
+        remote_items: dict[tuple[int, int], str] = {}
+        for peer in peers:
+            for chunk in _chunks(sorted(user_ids), _CHUNK):
+                for server, remote, uid in await db.execute_fetchall(
+                    "SELECT server, remote_id, user FROM server_users "  # noqa: S608
+                    f"WHERE server=? AND user IN ({_marks(len(chunk))})",
+                    (peer, *chunk),
+                ):
+                    remote_users[(int(server), int(uid))] = str(remote)
+            for chunk in _chunks(sorted(item_ids), _CHUNK):
+                for server, remote, iid in await db.execute_fetchall(
+                    "SELECT server, remote_id, item FROM server_items "  # noqa: S608
+                    f"WHERE server=? AND item IN ({_marks(len(chunk))})",
+                    (peer, *chunk),
+                ):
+                    remote_items[(int(server), int(iid))] = str(remote)
+        result = []
+        for r in raw:
+            peer, uid, iid = int(r[1]), int(r[2]), int(r[3])
+            result.append(
+                OutboxRow(
+                    id=int(r[0]),
+                    peer=self._server_names[peer],
+                    user=user_keys[uid],
+                    item=item_keys[iid],
+                    registers=_mask_registers(int(r[4])),
+                    desired=_state(r, 5),
+                    version=int(r[11]),
+                    created_ms=int(r[12]),
+                    attempts=int(r[13]),
+                    next_attempt_ms=int(r[14]),
+                    last_error=None if r[15] is None else str(r[15]),
+                    dead=bool(r[16]),
+                    remote_user_id=remote_users.get((peer, uid)),
+                    remote_item_id=remote_items.get((peer, iid)),
+                )
+            )
+        return result
+
+
+class _Batch:
+    """The in-memory working set of one transaction: load, apply in order, flush."""
+
+    def __init__(self, ledger: Ledger, db: aiosqlite.Connection) -> None:
+        self.ledger = ledger
+        self.policy = ledger.policy
+        self.db = db
+        self.canon: dict[_Pair, CanonicalState] = {}
+        self.lk: dict[_Key, UserData] = {}
+        self.echo: dict[_Key, tuple[PendingWrite, ...]] = {}
+        self.rows: dict[_Key, _Row | None] = {}
+        self.members: dict[int, set[int]] = {}
+        self._loaded_rows: dict[_Key, int] = {}
+        self._dirty_canon: set[_Pair] = set()
+        self._dirty_lk: set[_Key] = set()
+        self._dirty_echo: set[_Key] = set()
+        self._dirty_rows: set[_Key] = set()
+        self._clock_moved = False
+        seed = self.policy.seed
+        self._seed_sid = ledger._server_ids.get(seed) if seed is not None else None
+        self._configured = {ledger._server_ids[n] for n in self.policy.servers}
+
+    async def load(self, pairs: set[_Pair], *, with_members: bool = True) -> None:
+        """Read everything the given (user, item) pairs need, a few queries per chunk."""
+        for row in await self._by_pairs(_SELECT_CANONICAL, pairs):
+            self.canon[(int(row[0]), int(row[1]))] = _canonical(row)
+        for row in await self._by_pairs(_SELECT_LAST_KNOWN, pairs):
+            self.lk[(int(row[0]), int(row[1]), int(row[2]))] = _state(row, 3)
+        for row in await self._by_pairs(_SELECT_ECHO, pairs):
+            self.echo[(int(row[0]), int(row[1]), int(row[2]))] = _decode_echo(str(row[3]))
+        for row in await self._by_pairs(_SELECT_OUTBOX, pairs, alias="o."):
+            key = (int(row[0]), int(row[1]), int(row[2]))
+            self.rows[key] = _Row(
+                id=int(row[3]),
+                mask=_mask_registers(int(row[4])),
+                desired=_state(row, 5),
+                version=int(row[11]),
+                created_ms=int(row[12]),
+                attempts=int(row[13]),
+                next_attempt_ms=int(row[14]),
+                last_error=None if row[15] is None else str(row[15]),
+                dead=bool(row[16]),
+            )
+            self._loaded_rows[key] = int(row[3])
+        if with_members:
+            users = sorted({u for u, _ in pairs})
+            for chunk in _chunks(users, _CHUNK):
+                for uid, sid in await self.db.execute_fetchall(
+                    f"SELECT user, server FROM server_users WHERE user IN ({_marks(len(chunk))})",  # noqa: S608
+                    chunk,
+                ):
+                    self.members.setdefault(int(uid), set()).add(int(sid))
+
+    async def load_one_last_known(self, key: _Key) -> UserData | None:
+        """Read one last-known state without loading a whole pair."""
+        rows = await self.db.execute_fetchall(
+            f"SELECT {_STATE_COLS} FROM last_known "  # noqa: S608 - fixed columns
+            "WHERE user=? AND item=? AND server=?",
+            key,
+        )
+        return next((_state(r, 0) for r in rows), None)
+
+    def apply(self, obs: Observation, key: _Key) -> Applied:
+        """Apply one observation to the working set (rules in :meth:`Ledger.apply_observations`)."""
+        uid, iid, sid = key
+        pending = self.echo.get(key, ())
+        verdict = match_echo(pending, obs.state, obs.wall_ms, consume=obs.source == "event")
+        if verdict.pending != pending:
+            self.echo[key] = verdict.pending
+            self._dirty_echo.add(key)
+        if verdict.is_echo:
+            return Applied(obs, Outcome.ECHO)
+        previous = self.lk.get(key)
+        canonical = self.canon.get((uid, iid))
+        synced = self.policy.synced
+        if previous is not None and canonical is not None:
+            if previous == obs.state:
+                return Applied(obs, Outcome.UNCHANGED)
+            if all(previous.get(r) == obs.state.get(r) for r in synced):
+                self._set_lk(key, obs.state)
+                return Applied(obs, Outcome.UNCHANGED)
+        stamp = self.policy.stamp(self.tick(obs.wall_ms), obs.server)
+        seed_known = self._seed_sid is not None and (uid, iid, self._seed_sid) in self.lk
+        result = merge(
+            self.policy,
+            canonical=canonical,
+            last_known=previous,
+            incoming=obs.state,
+            stamp=stamp,
+            origin=obs.server,
+            seed_known=seed_known,
+        )
+        if result.canonical != canonical:
+            self.canon[(uid, iid)] = result.canonical
+            self._dirty_canon.add((uid, iid))
+        self._set_lk(key, obs.state)
+        queued: dict[str, frozenset[Register]] = {}
+        targets = (self.members.get(uid, set()) | {sid}) & self._configured
+        for target in sorted(targets):
+            name = self.ledger._server_names[target]
+            owed = result.writes.get(name, frozenset())
+            tkey = (uid, iid, target)
+            if not owed and self.rows.get(tkey) is None:
+                continue
+            if self.refresh_row(tkey, owed, result.canonical.data, stamp.ms, obs.wall_ms):
+                row = self.rows.get(tkey)
+                queued[name] = row.mask if row is not None else frozenset()
+        return Applied(
+            obs,
+            Outcome.CHANGED if result.changed else Outcome.UNCHANGED,
+            changed=result.changed,
+            first_contact=result.first_contact,
+            canonical_changed=result.canonical_changed,
+            stamp=stamp,
+            queued=queued,
+        )
+
+    def refresh_row(
+        self,
+        key: _Key,
+        owed: frozenset[Register],
+        desired: UserData,
+        version: int,
+        now_ms: int,
+    ) -> bool:
+        """Merge ``owed`` into the row of ``key``, prune what the peer holds; tell if it moved."""
+        existing = self.rows.get(key)
+        mask = set(owed)
+        revive = False
+        if existing is not None:
+            mask |= existing.mask
+            revive = existing.dead and bool(owed)
+        mask &= self.policy.synced
+        known = self.lk.get(key)
+        if known is not None:
+            mask = {r for r in mask if desired.get(r) != known.get(r)}
+        if not mask:
+            if existing is None:
+                return False
+            self.rows[key] = None
+            self._dirty_rows.add(key)
+            return True
+        registers = frozenset(mask)
+        if (
+            existing is not None
+            and not revive
+            and existing.mask == registers
+            and all(existing.desired.get(r) == desired.get(r) for r in registers)
+        ):
+            return False
+        if existing is not None and not revive:
+            row = replace(existing, mask=registers, desired=desired, version=version)
+        elif existing is not None:
+            row = _Row(existing.id, registers, desired, version, existing.created_ms)
+        else:
+            row = _Row(self._loaded_rows.get(key), registers, desired, version, now_ms)
+        self.rows[key] = row
+        self._dirty_rows.add(key)
+        return True
+
+    async def flush(self) -> None:
+        """Write every changed canonical state, last-known state, echo list and row."""
+        db = self.db
+        if self._dirty_canon:
+            await db.executemany(
+                f"INSERT OR REPLACE INTO canonical({_CANON_COLS}) "  # noqa: S608 - fixed columns
+                f"VALUES ({_marks(17)})",
+                [(*pair, *_canonical_values(self.canon[pair])) for pair in self._dirty_canon],
+            )
+        if self._dirty_lk:
+            await db.executemany(
+                f"INSERT OR REPLACE INTO last_known(user, item, server, {_STATE_COLS}) "  # noqa: S608
+                f"VALUES ({_marks(9)})",
+                [(*key, *_state_values(self.lk[key])) for key in self._dirty_lk],
+            )
+        if self._dirty_echo:
+            keep = [k for k in self._dirty_echo if self.echo[k]]
+            drop = [k for k in self._dirty_echo if not self.echo[k]]
+            if keep:
+                await db.executemany(
+                    "INSERT OR REPLACE INTO pending_echo(user, item, server, entries) "
+                    "VALUES (?, ?, ?, ?)",
+                    [(*k, _encode_echo(self.echo[k])) for k in keep],
+                )
+            if drop:
+                await db.executemany(
+                    "DELETE FROM pending_echo WHERE user=? AND item=? AND server=?", drop
+                )
+        if self._dirty_rows:
+            await self._flush_rows()
+        if self._clock_moved:
+            await db.execute(
+                "UPDATE meta SET value=? WHERE key='clock_ms'", (self.ledger.clock_ms,)
+            )
+
+    async def _flush_rows(self) -> None:
+        deletes: list[tuple[int]] = []
+        updates: list[tuple[Any, ...]] = []
+        inserts: list[tuple[Any, ...]] = []
+        for key in self._dirty_rows:
+            row = self.rows[key]
+            if row is None:
+                if key in self._loaded_rows:
+                    deletes.append((self._loaded_rows[key],))
+                continue
+            values = (
+                _mask_bits(row.mask),
+                *_state_values(row.desired),
+                row.version,
+                row.created_ms,
+                row.attempts,
+                row.next_attempt_ms,
+                row.last_error,
+                int(row.dead),
+            )
+            if row.id is None:
+                inserts.append((key[2], key[0], key[1], *values))
+            else:
+                updates.append((*values, row.id))
+        if deletes:
+            await self.db.executemany("DELETE FROM outbox WHERE id=?", deletes)
+        if updates:
+            await self.db.executemany(
+                f"UPDATE outbox SET registers=?, {', '.join(c + '=?' for c in _STATE_COLS.split(', '))}, "  # noqa: S608, E501
+                "version=?, created_ms=?, attempts=?, next_attempt_ms=?, last_error=?, dead=? "
+                "WHERE id=?",
+                updates,
+            )
+        if inserts:
+            await self.db.executemany(
+                f"INSERT INTO outbox(peer, user, item, registers, {_STATE_COLS}, version, "  # noqa: S608
+                "created_ms, attempts, next_attempt_ms, last_error, dead) "
+                f"VALUES ({_marks(16)})",
+                inserts,
+            )
+
+    def _set_lk(self, key: _Key, state: UserData) -> None:
+        self.lk[key] = state
+        self._dirty_lk.add(key)
+
+    def tick(self, wall_ms: int) -> int:
+        """Advance the hybrid clock and persist it with this batch."""
+        self._clock_moved = True
+        return self.ledger._tick(wall_ms)
+
+    async def _by_pairs(self, select: str, pairs: set[_Pair], alias: str = "") -> list[Any]:
+        by_user: dict[int, list[int]] = defaultdict(list)
+        for uid, iid in pairs:
+            by_user[uid].append(iid)
+        found: list[Any] = []
+        for uid, items in by_user.items():
+            for chunk in _chunks(sorted(items), _CHUNK):
+                found.extend(
+                    await self.db.execute_fetchall(
+                        f"{select} WHERE {alias}user=? AND {alias}item IN ({_marks(len(chunk))})",
+                        (uid, *chunk),
+                    )
+                )
+        return found
+
+
+# ---------------------------------------------------------------------- encoding helpers
+
+
+def _state_values(data: UserData) -> tuple[Any, ...]:
+    ps = data.play_state
+    return (
+        int(data.favorite),
+        data.rating,
+        int(ps.played),
+        ps.play_count,
+        ps.last_played_s,
+        ps.position_ticks,
+    )
+
+
+def _state(row: Sequence[Any], offset: int) -> UserData:
+    rating = row[offset + 1]
+    last = row[offset + 4]
+    return UserData(
+        favorite=bool(row[offset]),
+        rating=None if rating is None else float(rating),
+        play_state=PlayState(
+            played=bool(row[offset + 2]),
+            play_count=int(row[offset + 3]),
+            last_played_s=None if last is None else int(last),
+            position_ticks=int(row[offset + 5]),
+        ),
+    )
+
+
+def _canonical(row: Sequence[Any]) -> CanonicalState:
+    data = _state(row, 2)
+
+    def stamped(offset: int) -> Stamped:
+        return Stamped(Stamp(int(row[offset]), int(row[offset + 1])), str(row[offset + 2]))
+
+    return CanonicalState(data, stamped(8), stamped(11), stamped(14))
+
+
+def _canonical_values(state: CanonicalState) -> tuple[Any, ...]:
+    values: list[Any] = list(_state_values(state.data))
+    for stamped in (state.favorite, state.rating, state.play_state):
+        values.extend((stamped.stamp.ms, stamped.stamp.tiebreak, stamped.origin))
+    return tuple(values)
+
+
+def _encode_echo(entries: Sequence[PendingWrite]) -> str:
+    return json.dumps([[e.written_ms, *_state_values(e.state)] for e in entries])
+
+
+def _decode_echo(text: str) -> tuple[PendingWrite, ...]:
+    return tuple(PendingWrite(_state(e, 1), int(e[0])) for e in json.loads(text))
+
+
+def _mask_bits(registers: Iterable[Register]) -> int:
+    bits = 0
+    for register in registers:
+        bits |= _BITS[register]
+    return bits
+
+
+def _mask_registers(bits: int) -> frozenset[Register]:
+    return frozenset(r for r, b in _BITS.items() if bits & b)
+
+
+def _ordered(registers: Iterable[Register]) -> list[Register]:
+    wanted = set(registers)
+    return [r for r in ALL_REGISTERS if r in wanted]
+
+
+def _marks(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+def _chunks(values: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+async def _keys_by_id(
+    db: aiosqlite.Connection, table: Literal["users", "items"], ids: set[int]
+) -> dict[int, str]:
+    found: dict[int, str] = {}
+    for chunk in _chunks(sorted(ids), _CHUNK):
+        for rid, key in await db.execute_fetchall(
+            f"SELECT id, key FROM {table} WHERE id IN ({_marks(len(chunk))})",  # noqa: S608
+            chunk,
+        ):
+            found[int(rid)] = str(key)
+    return found

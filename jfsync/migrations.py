@@ -1,0 +1,221 @@
+"""The ledger's schema as ordered migrations keyed on ``PRAGMA user_version``, and connection setup.
+
+:func:`prepare` switches a fresh aiosqlite connection to WAL mode with foreign keys on, then
+:func:`migrate` applies, in order and each in its own transaction, every migration whose version
+is above the database's ``user_version``, setting ``user_version`` in the same transaction. A
+database written by a newer jfsync (a higher ``user_version`` than :data:`LATEST_VERSION`) is
+refused rather than guessed at. Never edit a released migration: append a new one.
+
+Schema v1 (see :data:`MIGRATIONS`): ``meta`` (the hybrid clock), ``servers``, canonical
+``users`` and ``items``, the per-server id maps ``server_users`` and ``server_items`` (with the
+type, path and provider ids later identity matching needs), ``canonical`` (value, stamp and
+origin per register), ``last_known`` (each server's state of each user and item),
+``pending_echo``, ``outbox`` (one row per peer, user and item) and ``tokens``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiosqlite
+
+from jfsync.errors import JfsyncError
+
+
+class SchemaVersionError(JfsyncError):
+    """The ledger file was written by a newer jfsync, or is not a ledger at all."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One schema step: the version it produces and the statements that get there."""
+
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+_V1 = Migration(
+    version=1,
+    description="ledger: servers, users, items, id maps, canonical, last-known, echo, outbox",
+    statements=(
+        """CREATE TABLE meta (
+            key TEXT PRIMARY KEY,
+            value INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+        """CREATE TABLE servers (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            jellyfin_id TEXT
+        )""",
+        """CREATE TABLE users (
+            id INTEGER PRIMARY KEY,
+            key TEXT NOT NULL UNIQUE
+        )""",
+        """CREATE TABLE items (
+            id INTEGER PRIMARY KEY,
+            key TEXT NOT NULL UNIQUE
+        )""",
+        """CREATE TABLE server_users (
+            server INTEGER NOT NULL REFERENCES servers(id),
+            remote_id TEXT NOT NULL,
+            user INTEGER NOT NULL REFERENCES users(id),
+            name TEXT,
+            PRIMARY KEY (server, remote_id),
+            UNIQUE (server, user)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX server_users_by_user ON server_users(user, server)",
+        """CREATE TABLE server_items (
+            server INTEGER NOT NULL REFERENCES servers(id),
+            remote_id TEXT NOT NULL,
+            item INTEGER NOT NULL REFERENCES items(id),
+            item_type TEXT,
+            path TEXT,
+            provider_ids TEXT,
+            PRIMARY KEY (server, remote_id),
+            UNIQUE (server, item)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX server_items_by_path ON server_items(server, path)",
+        """CREATE TABLE canonical (
+            user INTEGER NOT NULL REFERENCES users(id),
+            item INTEGER NOT NULL REFERENCES items(id),
+            favorite INTEGER NOT NULL,
+            rating REAL,
+            played INTEGER NOT NULL,
+            play_count INTEGER NOT NULL,
+            last_played_s INTEGER,
+            position_ticks INTEGER NOT NULL,
+            favorite_ms INTEGER NOT NULL,
+            favorite_tiebreak INTEGER NOT NULL,
+            favorite_origin TEXT NOT NULL,
+            rating_ms INTEGER NOT NULL,
+            rating_tiebreak INTEGER NOT NULL,
+            rating_origin TEXT NOT NULL,
+            play_state_ms INTEGER NOT NULL,
+            play_state_tiebreak INTEGER NOT NULL,
+            play_state_origin TEXT NOT NULL,
+            PRIMARY KEY (user, item)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE last_known (
+            user INTEGER NOT NULL REFERENCES users(id),
+            item INTEGER NOT NULL REFERENCES items(id),
+            server INTEGER NOT NULL REFERENCES servers(id),
+            favorite INTEGER NOT NULL,
+            rating REAL,
+            played INTEGER NOT NULL,
+            play_count INTEGER NOT NULL,
+            last_played_s INTEGER,
+            position_ticks INTEGER NOT NULL,
+            PRIMARY KEY (user, item, server)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX last_known_by_server ON last_known(server, user)",
+        """CREATE TABLE pending_echo (
+            user INTEGER NOT NULL REFERENCES users(id),
+            item INTEGER NOT NULL REFERENCES items(id),
+            server INTEGER NOT NULL REFERENCES servers(id),
+            entries TEXT NOT NULL,
+            PRIMARY KEY (user, item, server)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY,
+            peer INTEGER NOT NULL REFERENCES servers(id),
+            user INTEGER NOT NULL REFERENCES users(id),
+            item INTEGER NOT NULL REFERENCES items(id),
+            registers INTEGER NOT NULL,
+            favorite INTEGER NOT NULL,
+            rating REAL,
+            played INTEGER NOT NULL,
+            play_count INTEGER NOT NULL,
+            last_played_s INTEGER,
+            position_ticks INTEGER NOT NULL,
+            version INTEGER NOT NULL,
+            created_ms INTEGER NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_ms INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            dead INTEGER NOT NULL DEFAULT 0,
+            UNIQUE (peer, user, item)
+        )""",
+        "CREATE INDEX outbox_due ON outbox(peer, dead, next_attempt_ms)",
+        "CREATE INDEX outbox_by_pair ON outbox(user, item)",
+        """CREATE TABLE tokens (
+            server TEXT NOT NULL,
+            user TEXT NOT NULL,
+            token TEXT NOT NULL,
+            PRIMARY KEY (server, user)
+        ) WITHOUT ROWID""",
+    ),
+)
+
+#: Every migration, in order. Versions are 1, 2, 3, ... without gaps.
+MIGRATIONS: tuple[Migration, ...] = (_V1,)
+
+#: The schema version this jfsync writes.
+LATEST_VERSION = MIGRATIONS[-1].version
+
+
+async def prepare(db: aiosqlite.Connection) -> None:
+    """Set the connection up: WAL journal, foreign keys, a busy timeout, NORMAL sync.
+
+    NORMAL synchronous in WAL mode never loses a committed transaction to a process crash; a
+    power cut may roll the last commits back, atomically, which re-observation repairs.
+    """
+    cursor = await db.execute("PRAGMA journal_mode=WAL")
+    row = await cursor.fetchone()
+    await cursor.close()
+    if row is None or str(row[0]).lower() != "wal":
+        raise SchemaVersionError(f"the ledger cannot use WAL mode (journal_mode={row})")
+    await db.execute("PRAGMA foreign_keys=ON")
+    await db.execute("PRAGMA synchronous=NORMAL")
+    await db.execute("PRAGMA busy_timeout=5000")
+
+
+async def schema_version(db: aiosqlite.Connection) -> int:
+    """Return the database's ``PRAGMA user_version``."""
+    cursor = await db.execute("PRAGMA user_version")
+    row = await cursor.fetchone()
+    await cursor.close()
+    return int(row[0]) if row is not None else 0
+
+
+async def migrate(
+    db: aiosqlite.Connection, migrations: tuple[Migration, ...] = MIGRATIONS
+) -> list[int]:
+    """Apply the migrations above the current version, each in one transaction.
+
+    Returns the versions applied (empty when the schema was already current). The connection
+    must be in autocommit mode (``isolation_level=None``).
+    """
+    _check_sequence(migrations)
+    current = await schema_version(db)
+    latest = migrations[-1].version if migrations else 0
+    if current > latest:
+        raise SchemaVersionError(
+            f"the ledger has schema version {current} but this jfsync knows only up to "
+            f"{latest}; run a newer jfsync or point ledger: at another file"
+        )
+    applied: list[int] = []
+    for migration in migrations:
+        if migration.version <= current:
+            continue
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in migration.statements:
+                await db.execute(statement)
+            # user_version lives in the database header and commits with the transaction.
+            await db.execute(f"PRAGMA user_version = {int(migration.version)}")
+        except BaseException:
+            await db.rollback()
+            raise
+        await db.commit()
+        applied.append(migration.version)
+    return applied
+
+
+def _check_sequence(migrations: tuple[Migration, ...]) -> None:
+    for expected, migration in enumerate(migrations, start=1):
+        if migration.version != expected:
+            raise ValueError(
+                f"migration versions must be 1, 2, 3, ...; found {migration.version} at "
+                f"position {expected}"
+            )

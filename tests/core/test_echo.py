@@ -1,0 +1,106 @@
+"""The echo rule on its own: debounced echoes, stale echoes, reads, bounds."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from jfsync.echo import (
+    ECHO_MAX_AGE_MS,
+    ECHO_MAX_ENTRIES,
+    PendingWrite,
+    match_echo,
+    prune,
+    record_write,
+)
+from jfsync.model import PlayState, UserData
+
+W1 = UserData(favorite=True)
+W2 = UserData(favorite=True, rating=7.0)
+W3 = UserData(favorite=True, rating=7.0, play_state=PlayState(True, 1, 1_000, 0))
+T = 1_000_000
+
+
+def written(*states: UserData, start_ms: int = T) -> tuple[PendingWrite, ...]:
+    pending: tuple[PendingWrite, ...] = ()
+    for offset, state in enumerate(states):
+        pending = record_write(pending, state, start_ms + offset)
+    return pending
+
+
+def test_echo_of_the_only_write_is_consumed() -> None:
+    verdict = match_echo(written(W1), W1, T + 500)
+    assert verdict.is_echo
+    assert verdict.pending == ()
+
+
+def test_debounced_echo_merging_several_writes_consumes_them_all() -> None:
+    """Three quick writes, one flush: the echo carries the newest state."""
+    verdict = match_echo(written(W1, W2, W3), W3, T + 600)
+    assert verdict.is_echo
+    assert verdict.pending == ()
+
+
+def test_stale_echo_after_a_newer_write_keeps_the_newer_one_pending() -> None:
+    pending = written(W1, W2)
+    stale = match_echo(pending, W1, T + 500)
+    assert stale.is_echo
+    assert [p.state for p in stale.pending] == [W2]
+    fresh = match_echo(stale.pending, W2, T + 700)
+    assert fresh.is_echo
+    assert fresh.pending == ()
+
+
+def test_echo_carrying_a_user_change_is_not_an_echo() -> None:
+    """The user changed the rating while our favourite write was debouncing."""
+    mixed = UserData(favorite=True, rating=2.0)
+    verdict = match_echo(written(W1), mixed, T + 500)
+    assert not verdict.is_echo
+    # The pending write stays: an echo of exactly W1 may still come (two flushes).
+    assert [p.state for p in verdict.pending] == [W1]
+
+
+def test_a_read_matches_without_consuming() -> None:
+    pending = written(W1, W2)
+    verdict = match_echo(pending, W2, T + 10, consume=False)
+    assert verdict.is_echo
+    assert verdict.pending == pending
+
+
+def test_nothing_pending_means_a_real_change() -> None:
+    verdict = match_echo((), W1, T)
+    assert not verdict.is_echo
+    assert verdict.pending == ()
+
+
+def test_pending_states_expire_after_the_age_bound() -> None:
+    pending = written(W1)
+    assert match_echo(pending, W1, T + ECHO_MAX_AGE_MS).is_echo
+    late = match_echo(pending, W1, T + ECHO_MAX_AGE_MS + 1)
+    assert not late.is_echo
+    assert late.pending == ()
+
+
+def test_only_the_newest_entries_are_kept() -> None:
+    states = [UserData(rating=float(i)) for i in range(ECHO_MAX_ENTRIES + 3)]
+    pending = written(*states)
+    assert len(pending) == ECHO_MAX_ENTRIES
+    assert [p.state for p in pending] == states[-ECHO_MAX_ENTRIES:]
+    assert not match_echo(pending, states[0], T + 100).is_echo
+
+
+def test_a_wall_clock_jump_back_keeps_pending_states() -> None:
+    pending = written(W1)
+    assert prune(pending, T - 3_600_000) == pending
+
+
+@given(st.lists(st.sampled_from([W1, W2, W3]), min_size=1, max_size=ECHO_MAX_ENTRIES), st.data())
+def test_an_echo_consumes_its_match_and_everything_older(
+    states: list[UserData], data: st.DataObject
+) -> None:
+    pending = written(*states)
+    target = data.draw(st.sampled_from(states))
+    newest = max(i for i, s in enumerate(states) if s == target)
+    verdict = match_echo(pending, target, T + 100)
+    assert verdict.is_echo
+    assert list(verdict.pending) == list(pending[newest + 1 :])
