@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+#: Every request jfsync sends to an emulator is checked against the official OpenAPI spec.
+pytest_plugins = ["tests.support.openapi_requests"]
+
 #: The shared reference folder (fact sheet and official OpenAPI files) beside the checkout.
 REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 

@@ -1,0 +1,114 @@
+"""Bodies that do not parse become BadResponseError naming server, route and field.
+
+The emulator always answers well-formed JSON, so these tests serve broken bodies from a tiny
+aiohttp app on loopback (a real socket, not a mock of aiohttp).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from jfsync.errors import BadResponseError, is_retryable
+from jfsync.jellyfin.api import JellyfinClient
+
+KEY = "feedfacefeedfacefeedfacefeedface"
+ITEM = "9f86d081884c7d659a2feaa0c55ad015"
+USER = "4bd7d5a1e0c44f6a9b0d3c2e1f0a9b8c"
+
+
+@pytest.fixture
+async def broken_server() -> AsyncIterator[Callable[[str, str], str]]:
+    """Serve fixed bodies on given paths; yields ``serve(path, body) -> base url``."""
+    bodies: dict[str, str] = {}
+
+    async def handler(request: web.Request) -> web.Response:
+        assert f'Token="{KEY}"' in request.headers.get("Authorization", "") or (
+            request.path == "/System/Info/Public"
+        )
+        return web.Response(text=bodies[request.path], content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+
+    def serve(path: str, body: str) -> str:
+        bodies[path] = body
+        return f"http://127.0.0.1:{port}"
+
+    yield serve
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "call", "route", "problem"),
+    [
+        (
+            f"/UserItems/{ITEM}/UserData",
+            '{"PlayCount": "many", "IsFavorite": true}',
+            "get_user_data",
+            "/UserItems/{itemId}/UserData",
+            "field PlayCount:",
+        ),
+        (
+            "/Users",
+            '[{"Name": "alice", "Id": "4bd7d5a1e0c44f6a9b0d3c2e1f0a9b8c"}, {"Name": "bob", "Id": "nope"}]',
+            "users",
+            "/Users",
+            "field [1].Id: not a Jellyfin id",
+        ),
+        ("/Users", "<html>proxy error</html>", "users", "/Users", "the body is not JSON"),
+        (
+            "/Items",
+            '{"Items": [{"Name": "x"}], "TotalRecordCount": 1}',
+            "items",
+            "/Items",
+            "field Items[0].Id: Field required",
+        ),
+        (
+            "/System/Info/Public",
+            '{"Version": "ten", "Id": "4bd7d5a1e0c44f6a9b0d3c2e1f0a9b8c"}',
+            "version",
+            "/System/Info/Public",
+            "field Version: not a version",
+        ),
+    ],
+)
+async def test_bad_body_names_route_and_field(
+    broken_server: Callable[[str, str], str],
+    path: str,
+    body: str,
+    call: str,
+    route: str,
+    problem: str,
+) -> None:
+    url = broken_server(path, body)
+    async with aiohttp.ClientSession() as session:
+        client = JellyfinClient("broken", url, KEY, session=session, device_id="d")
+        with pytest.raises(BadResponseError) as caught:
+            await _call(client, call)
+    err = caught.value
+    assert err.server == "broken"
+    assert err.route == route
+    assert problem in err.problem
+    assert str(err).startswith(f"[broken] unexpected response from {route}: ")
+    assert KEY not in str(err)
+    assert not is_retryable(err)
+
+
+async def _call(client: JellyfinClient, call: str) -> None:
+    if call == "get_user_data":
+        await client.get_user_data(USER, ITEM)
+    elif call == "users":
+        await client.users()
+    elif call == "items":
+        _ = [i async for i in client.iter_items(USER)]
+    else:
+        await client.server_version()
