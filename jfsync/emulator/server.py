@@ -471,6 +471,11 @@ class Emulator:
         """Count open sockets, or those whose session contains ``user_id``."""
         return self.hub.socket_count(normalize_id(user_id) if user_id else None)
 
+    @property
+    def pushes_pending(self) -> bool:
+        """Tell whether a UserDataChanged flush is armed or being sent."""
+        return self.hub.pushes_pending
+
     async def flush_now(self) -> None:
         """Send pending UserDataChanged and LibraryChanged messages without waiting."""
         await self.hub.flush_user_data()

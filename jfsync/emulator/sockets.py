@@ -358,6 +358,11 @@ class SocketHub:
         self._debouncer.poke()
 
     @property
+    def pushes_pending(self) -> bool:
+        """Tell whether a UserDataChanged flush is armed or being sent."""
+        return self._debouncer.armed
+
+    @property
     def debounce_s(self) -> float:
         """The UserDataChanged trailing debounce (Jellyfin: 500 ms)."""
         return self._debouncer.delay_s
