@@ -8,11 +8,12 @@ an exit status; problems go to stderr, one per line, and never include secrets.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Callable, Sequence
 
 from jfsync import __version__
-from jfsync.config import load_config
+from jfsync.config import Config, load_config
 from jfsync.errors import ConfigError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -45,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"jfsync {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
+    run = sub.add_parser("run", help="run the replicator until SIGINT or SIGTERM")
+    run.add_argument("--config", "-c", required=True, help="path to the YAML config")
+    run.set_defaults(handler=_run)
+
     check = sub.add_parser("check", help="validate the config and reach every server")
     check.add_argument("--config", "-c", required=True, help="path to the YAML config")
     check.add_argument(
@@ -66,13 +71,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check(args: argparse.Namespace) -> int:
+def _load(path: str) -> Config | None:
+    """Load the config, or print its problems to stderr and return None."""
     try:
-        config = load_config(args.config)
+        return load_config(path)
     except ConfigError as err:
-        print(f"{args.config}: the config is not valid:", file=sys.stderr)
+        print(f"{path}: the config is not valid:", file=sys.stderr)
         for problem in err.problems:
             print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    from jfsync.logs import configure_logging
+    from jfsync.service import run_service
+
+    configure_logging(config.logging.level, config.secret_values())
+    return asyncio.run(run_service(config))
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
         return EXIT_CONFIG
     names = ", ".join(s.name for s in config.servers)
     print(f"{args.config}: config is valid ({len(config.servers)} servers: {names})")

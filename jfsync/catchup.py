@@ -1,0 +1,72 @@
+"""Catch-up after a gap: scan a user's non-default items on one server and diff them.
+
+Jellyfin keeps no "changed since" for user data and never replays what a closed socket missed,
+so after every (re)connect jfsync lists that user's items with non-default data (one listing
+per filter: played, favourite, resumable, liked, disliked; Jellyfin ANDs filters, so they are
+separate calls), and compares them with the last-known state in the ledger. Any difference is
+an observation fed through the same merge path as live events; a known non-default item missing
+from every listing was reset on that server, which is a change to the default state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from jfsync.jellyfin.api import JellyfinClient
+from jfsync.jellyfin.wire import BaseItemDto
+from jfsync.ledger import Observation
+from jfsync.model import DEFAULT_USER_DATA, UserData
+
+#: Listings that together cover every item whose user data differs from the default.
+NON_DEFAULT_FILTERS: tuple[str, ...] = (
+    "IsPlayed",
+    "IsFavorite",
+    "IsResumable",
+    "Likes",
+    "Dislikes",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ScannedItem:
+    """One item found by a catch-up scan, with the user's data on that server."""
+
+    item: BaseItemDto
+    data: UserData
+
+
+async def scan_non_default(client: JellyfinClient, remote_user_id: str) -> dict[str, ScannedItem]:
+    """List the user's leaf items with non-default data, by the server's item id."""
+    found: dict[str, ScannedItem] = {}
+    for name in NON_DEFAULT_FILTERS:
+        async for item in client.iter_items(remote_user_id, filters=(name,)):
+            if item.id in found or item.user_data is None:
+                continue
+            found[item.id] = ScannedItem(item, item.user_data.to_user_data())
+    return found
+
+
+def catchup_observations(
+    server: str,
+    user: str,
+    scanned: Mapping[str, UserData],
+    known: Mapping[str, UserData],
+    wall_ms: int,
+) -> list[Observation]:
+    """Turn a scan (canonical item -> state) into observations of what differs from ``known``.
+
+    Items whose state equals the last-known one are left out; known items that are not
+    default and were not found are observed as reset to the default.
+    """
+    observations = [
+        Observation(server, user, item, state, wall_ms, "scan")
+        for item, state in scanned.items()
+        if known.get(item) != state
+    ]
+    observations += [
+        Observation(server, user, item, DEFAULT_USER_DATA, wall_ms, "scan")
+        for item, state in known.items()
+        if item not in scanned and not state.is_default
+    ]
+    return observations

@@ -1,0 +1,377 @@
+"""The pusher: drains one peer's outbox into that Jellyfin server, with retries and pauses.
+
+One :class:`Pusher` per peer. It takes due rows from the ledger in batches, reads the target's
+current state for the whole batch in one ``/Items?Ids=`` call (compare-before-write), lets the
+ledger merge anything the peer changed behind the event path, then writes what is still owed
+with bounded concurrency through :meth:`JellyfinClient.apply_user_data` and records the write
+(pending echo + last-known) in the ledger.
+
+Failures never drop a row:
+
+* transient (unreachable, timeout, 429, 5xx): a few quick retries (tenacity, capped exponential
+  backoff with jitter, on the injected clock); then the peer counts as *down*: its rows wait
+  and the pusher probes ``/System/Info/Public`` with capped backoff, forever, and drains again
+  when it answers;
+* 401/403: the peer is *paused* with a visible reason, probed slowly with ``/System/Info``
+  (which needs the key), and resumes by itself when the key works again;
+* 404/400: the row is parked as *dead* with its reason, shown on the status endpoint, and
+  revived by a newer change or ``retry_dead``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_never,
+    wait_exponential,
+    wait_random,
+)
+
+from jfsync.errors import (
+    AuthRejectedError,
+    BadRequestError,
+    JfsyncError,
+    NotFoundError,
+    ServerError,
+    is_retryable,
+)
+from jfsync.jellyfin.api import JellyfinClient
+from jfsync.ledger import Ledger, OutboxRow
+from jfsync.logs import FailureStreak
+from jfsync.model import UserData
+from jfsync.timing import Clock
+
+logger = logging.getLogger(__name__)
+
+#: Rows taken from the outbox per round (one compare read per user per round).
+BATCH_SIZE = 100
+#: Writes in flight to one peer at once.
+CONCURRENCY = 8
+#: Quick attempts of one write before the peer is treated as down.
+QUICK_ATTEMPTS = 3
+#: How long an idle pusher waits before looking at the outbox again without a wake-up
+#: (rows whose retry time has come, rows queued by another process).
+IDLE_POLL_S = 5.0
+#: How often a paused peer (key refused) is asked again.
+AUTH_RETRY_S = 300.0
+#: Backoff of the down-peer probe.
+PROBE_INITIAL_S = 1.0
+PROBE_MAX_S = 60.0
+#: Backoff of quick write retries.
+RETRY_INITIAL_S = 0.2
+RETRY_MAX_S = 5.0
+#: When a failed row is tried again after the peer came back or a retry failed.
+ROW_RETRY_S = 30.0
+
+
+@dataclass(slots=True)
+class PeerStats:
+    """What the status endpoint shows about one peer's delivery (no secrets)."""
+
+    writes_done: int = 0
+    writes_skipped: int = 0
+    failures: int = 0
+    dead_parked: int = 0
+    down_since_ms: int | None = None
+    pause_reason: str | None = None
+    last_error: str | None = None
+    last_write_ms: int | None = None
+    latencies_s: list[float] = field(default_factory=list)
+
+
+class Pusher:
+    """Deliver the outbox of one peer."""
+
+    def __init__(
+        self,
+        peer: str,
+        ledger: Ledger,
+        client: JellyfinClient,
+        clock: Clock,
+        *,
+        batch_size: int = BATCH_SIZE,
+        concurrency: int = CONCURRENCY,
+        quick_attempts: int = QUICK_ATTEMPTS,
+        idle_poll_s: float = IDLE_POLL_S,
+        auth_retry_s: float = AUTH_RETRY_S,
+        retry_initial_s: float = RETRY_INITIAL_S,
+        retry_max_s: float = RETRY_MAX_S,
+        probe_initial_s: float = PROBE_INITIAL_S,
+        probe_max_s: float = PROBE_MAX_S,
+        on_progress: Callable[[], None] | None = None,
+    ) -> None:
+        self.peer = peer
+        self.stats = PeerStats()
+        self._ledger = ledger
+        self._client = client
+        self._clock = clock
+        self._batch_size = batch_size
+        self._semaphore = asyncio.Semaphore(concurrency)
+        self._quick_attempts = quick_attempts
+        self._idle_poll_s = idle_poll_s
+        self._auth_retry_s = auth_retry_s
+        # Capped exponential backoff plus up to one initial step of random jitter.
+        self._retry_wait = wait_exponential(
+            multiplier=retry_initial_s, max=retry_max_s
+        ) + wait_random(0, retry_initial_s)
+        self._probe_wait = wait_exponential(
+            multiplier=probe_initial_s, max=probe_max_s
+        ) + wait_random(0, probe_initial_s)
+        self._on_progress = on_progress
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._in_flight: set[tuple[str, str]] = set()
+        self._accepting = True
+        self._stop_requested = asyncio.Event()
+        self._streak = FailureStreak(logger, f"→{peer}", clock)
+
+    def __repr__(self) -> str:
+        return f"<Pusher →{self.peer}>"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Start draining in a task owned by this pusher."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"jfsync-pusher[{self.peer}]")
+
+    def wake(self) -> None:
+        """Tell the pusher new rows may be due."""
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Writes under way right now."""
+        return len(self._in_flight)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop taking rows, let writes under way finish within ``grace_s``, then cancel."""
+        self._accepting = False
+        self._stop_requested.set()
+        self._wake.set()
+        task = self._task
+        if task is None:
+            return
+        try:
+            async with asyncio.timeout(grace_s):
+                await asyncio.shield(task)
+        except TimeoutError:
+            logger.warning(
+                "[→%s] %d writes still under way after %.1f s; they stay queued",
+                self.peer,
+                len(self._in_flight),
+                grace_s,
+            )
+        finally:
+            if not task.done():
+                task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+
+    # ------------------------------------------------------------------ the loop
+
+    async def _run(self) -> None:
+        while self._accepting:
+            self._wake.clear()
+            try:
+                did = await self._round()
+            except _PeerDown as down:
+                await self._wait_until_up(down.error)
+                continue
+            except _PeerPaused as paused:
+                await self._wait_until_key_works(paused.error)
+                continue
+            except JfsyncError as err:
+                self._streak.failed("delivery round failed", err)
+                self.stats.last_error = str(err)
+                await self._sleep_or_wake(self._idle_poll_s)
+                continue
+            if not did and self._accepting:
+                await self._sleep_or_wake(self._idle_poll_s)
+
+    async def _round(self) -> bool:
+        now_ms = self._clock.wall_ms()
+        rows = await self._ledger.due_rows(self.peer, self._batch_size, now_ms)
+        if not rows:
+            return False
+        current = await self._read_current(rows)
+        results = await asyncio.gather(
+            *(self._deliver(row, current.get((row.user, row.item))) for row in rows),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, _PeerPaused | _PeerDown):
+                raise result
+            if isinstance(result, BaseException) and not isinstance(result, JfsyncError):
+                raise result
+        return True
+
+    async def _read_current(self, rows: Sequence[OutboxRow]) -> dict[tuple[str, str], UserData]:
+        """Read the peer's state of every row's item, one listing per user."""
+        by_user: dict[str, list[OutboxRow]] = {}
+        for row in rows:
+            by_user.setdefault(row.remote_user_id or row.user, []).append(row)
+        found: dict[tuple[str, str], UserData] = {}
+        for remote_user, user_rows in by_user.items():
+            wanted = {(r.remote_item_id or r.item): r for r in user_rows}
+            try:
+                async for item in self._client.iter_items(
+                    remote_user, ids=list(wanted), fields=(), include_types=(), recursive=True
+                ):
+                    match = wanted.get(item.id)
+                    if match is not None and item.user_data is not None:
+                        found[(match.user, match.item)] = item.user_data.to_user_data()
+            except ServerError as err:
+                raise self._classify(err) from err
+        return found
+
+    async def _deliver(self, row: OutboxRow, current: UserData | None) -> None:
+        key = (row.user, row.item)
+        self._in_flight.add(key)
+        try:
+            async with self._semaphore:
+                await self._deliver_one(row, current)
+        finally:
+            self._in_flight.discard(key)
+
+    async def _deliver_one(self, row: OutboxRow, current: UserData | None) -> None:
+        remote_user = row.remote_user_id or row.user
+        remote_item = row.remote_item_id or row.item
+        if current is None:
+            # Not in the peer's listing for that user: the item does not exist there (or the
+            # user cannot see it). Park it; a newer change or retry_dead revives it.
+            reason = f"item {remote_item} not found on {self.peer} for that user"
+            if await self._ledger.row_dead(row, reason):
+                self.stats.dead_parked += 1
+                logger.warning("[→%s] parked %s/%s: %s", self.peer, row.user, row.item, reason)
+            return
+        now_ms = self._clock.wall_ms()
+        fresh = await self._ledger.observe_before_write(row, current, now_ms)
+        if fresh is None:
+            self.stats.writes_skipped += 1
+            self._progress()
+            return
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(self._quick_attempts),
+                wait=self._retry_wait,
+                retry=retry_if_exception(is_retryable),
+                sleep=self._clock.sleep,
+                reraise=True,
+            ):
+                with attempt:
+                    await self._client.apply_user_data(
+                        remote_user, remote_item, fresh.desired, current, fresh.registers
+                    )
+        except ServerError as err:
+            self.stats.failures += 1
+            self.stats.last_error = str(err)
+            if isinstance(err, NotFoundError | BadRequestError):
+                if await self._ledger.row_dead(fresh, str(err)):
+                    self.stats.dead_parked += 1
+                    logger.warning("[→%s] parked %s/%s: %s", self.peer, row.user, row.item, err)
+                return
+            retry_at = self._clock.wall_ms() + int(ROW_RETRY_S * 1000)
+            await self._ledger.row_failed(fresh, str(err), retry_at)
+            raise self._classify(err) from err
+        done_ms = self._clock.wall_ms()
+        await self._ledger.row_written(fresh, fresh.intended(current), done_ms)
+        self.stats.writes_done += 1
+        self.stats.last_write_ms = done_ms
+        self._streak.succeeded("writes to the peer work")
+        self._progress()
+
+    # ------------------------------------------------------------------ down and paused
+
+    def _classify(self, err: ServerError) -> Exception:
+        if isinstance(err, AuthRejectedError):
+            return _PeerPaused(err)
+        if is_retryable(err):
+            return _PeerDown(err)
+        return err
+
+    async def _wait_until_up(self, error: ServerError) -> None:
+        """Probe the peer cheaply until it answers, then make its rows due again."""
+        self.stats.down_since_ms = self.stats.down_since_ms or self._clock.wall_ms()
+        self.stats.last_error = str(error)
+        self._streak.failed("peer unreachable; queueing and probing", error)
+        async for attempt in AsyncRetrying(
+            stop=stop_never,
+            wait=self._probe_wait,
+            retry=retry_if_exception(is_retryable),
+            sleep=self._clock.sleep,
+            reraise=True,
+        ):
+            with attempt:
+                if self._stopping():
+                    return
+                await self._client.public_info()
+        self.stats.down_since_ms = None
+        await self._ledger.reset_backoff(self.peer)
+        self._streak.succeeded("peer reachable")
+
+    async def _wait_until_key_works(self, error: ServerError) -> None:
+        """Stay paused with a visible reason; ask again slowly until the key is accepted."""
+        self.stats.pause_reason = (
+            f"{self.peer} refused jfsync's API key ({error}); check servers[].api_key"
+        )
+        self._streak.failed("paused", self.stats.pause_reason)
+        while self._accepting:
+            await self._sleep_or_wake(self._auth_retry_s, wake_on_rows=False)
+            if self._stopping():
+                return
+            try:
+                await self._client.system_info()
+            except AuthRejectedError as err:
+                self._streak.failed("still paused", err)
+                continue
+            except ServerError as err:
+                if is_retryable(err):
+                    continue
+                raise
+            break
+        self.stats.pause_reason = None
+        await self._ledger.reset_backoff(self.peer)
+        self._streak.succeeded("API key accepted")
+
+    async def _sleep_or_wake(self, seconds: float, *, wake_on_rows: bool = True) -> None:
+        sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
+        event = self._wake if wake_on_rows else self._stop_requested
+        waiter = asyncio.ensure_future(event.wait())
+        waiting: set[asyncio.Future[object]] = {sleeper, waiter}  # type: ignore[arg-type]
+        try:
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in waiting:
+                fut.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+
+    def _stopping(self) -> bool:
+        return not self._accepting
+
+    def _progress(self) -> None:
+        if self._on_progress is not None:
+            self._on_progress()
+
+
+class _PeerDown(Exception):
+    def __init__(self, error: ServerError) -> None:
+        self.error = error
+        super().__init__(str(error))
+
+
+class _PeerPaused(Exception):
+    def __init__(self, error: ServerError) -> None:
+        self.error = error
+        super().__init__(str(error))

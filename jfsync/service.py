@@ -1,0 +1,477 @@
+"""The replicator behind ``jfsync run``: wires servers, subscribers, the ledger and pushers.
+
+:class:`SyncService` owns one aiohttp session, one :class:`Ledger`, and per configured server a
+REST client, a token provider, a :class:`Pusher` (the server as a peer) and a
+:class:`Subscriber` per synced user (the server as a source). Each server is brought up by a
+task of its own that retries until the server answers, so one server being down at start
+neither blocks nor breaks the others: its rows queue and it catches up when it returns.
+
+Data flow: a websocket event, or a catch-up scan after every (re)connect, becomes ledger
+observations (one transaction each batch: echo rule, diff, stamp, merge, outbox rows); the
+pushers of the peers owed something are woken and write it. Shutdown stops intake first
+(subscribers), lets pushers finish writes under way within ``sync.shutdown_grace``, then closes
+the HTTP session and the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from jfsync import __version__
+from jfsync.catchup import catchup_observations, scan_non_default
+from jfsync.config import Config, ServerConfig
+from jfsync.errors import JfsyncError, ServerError, UnsupportedServerError, is_retryable
+from jfsync.identity import IdenticalIds, ItemIdentity
+from jfsync.jellyfin.api import JellyfinClient
+from jfsync.jellyfin.wire import UserDto
+from jfsync.ledger import Applied, ItemMapping, Ledger, Observation, Outcome
+from jfsync.logs import FailureStreak
+from jfsync.merge import MergePolicy
+from jfsync.pusher import Pusher
+from jfsync.subscriber import (
+    ConnectionStateChanged,
+    Subscriber,
+    SubscriberEvent,
+    UserDataChangedEvent,
+)
+from jfsync.timing import Clock, SystemClock, backoff_delays
+from jfsync.tokens import UserTokens, user_device_id
+from jfsync.users import UserMatch, match_users
+
+logger = logging.getLogger(__name__)
+
+#: Observations applied per ledger transaction during a catch-up scan.
+SCAN_BATCH = 1000
+
+
+@dataclass(slots=True)
+class ServerLink:
+    """Everything jfsync holds for one configured server."""
+
+    config: ServerConfig
+    index: int
+    client: JellyfinClient
+    pusher: Pusher
+    tokens: UserTokens | None = None
+    server_id: str | None = None
+    version: str | None = None
+    reachable: bool = False
+    last_error: str | None = None
+    users: list[UserDto] | None = None
+    #: remote user id -> canonical user key, for every synced user of this server.
+    user_keys: dict[str, str] = field(default_factory=dict)
+    subscribers: dict[str, Subscriber] = field(default_factory=dict)
+    bring_up: asyncio.Task[None] | None = None
+
+    @property
+    def name(self) -> str:
+        """The server's config name."""
+        return self.config.name
+
+
+class ServerTokenStore:
+    """The ledger's token store, keyed by config name as well as server id.
+
+    Servers cloned from one installation report the same ServerId (and user ids), so a key of
+    server id alone would let one server's token overwrite the other's.
+    """
+
+    def __init__(self, ledger: Ledger, name: str) -> None:
+        self._ledger = ledger
+        self._name = name
+
+    async def load_token(self, server_id: str, user_id: str) -> str | None:
+        """Return the stored token, if any."""
+        return await self._ledger.load_token(f"{self._name}/{server_id}", user_id)
+
+    async def save_token(self, server_id: str, user_id: str, token: str) -> None:
+        """Store the token."""
+        await self._ledger.save_token(f"{self._name}/{server_id}", user_id, token)
+
+    async def forget_token(self, server_id: str, user_id: str) -> None:
+        """Forget the token."""
+        await self._ledger.forget_token(f"{self._name}/{server_id}", user_id)
+
+
+@dataclass(slots=True)
+class Counters:
+    """Running totals for status and metrics."""
+
+    events_received: int = 0
+    entries_received: int = 0
+    echoes: int = 0
+    changes_applied: int = 0
+    scans: int = 0
+    scan_changes: int = 0
+
+
+class SyncService:
+    """Run jfsync against the configured servers until stopped."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        identity: ItemIdentity | None = None,
+        subscriber_options: dict[str, Any] | None = None,
+        pusher_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self.identity: ItemIdentity = identity or IdenticalIds()
+        self.counters = Counters()
+        self.ledger = Ledger(config.ledger, MergePolicy.from_config(config))
+        self.links: dict[str, ServerLink] = {}
+        self.user_match: UserMatch | None = None
+        self._subscriber_options = subscriber_options or {}
+        self._pusher_options = pusher_options or {}
+        self._session: aiohttp.ClientSession | None = None
+        self._changed = asyncio.Event()
+        self._match_lock = asyncio.Lock()
+        self._started_ms: int | None = None
+        self._stopping = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Open the ledger, start every pusher, and bring every server up in the background."""
+        self._started_ms = self.clock.wall_ms()
+        await self.ledger.open()
+        self._session = aiohttp.ClientSession()
+        for index, server in enumerate(self.config.servers):
+            assert server.api_key is not None  # the config loader resolves *_file into it
+            client = JellyfinClient(
+                server.name,
+                server.url,
+                server.api_key.get_secret_value(),
+                session=self._session,
+                device_id=f"jfsync-rest-{server.name}",
+                timeout_s=server.timeout_s,
+                verify_tls=server.verify_tls,
+            )
+            pusher = Pusher(
+                server.name,
+                self.ledger,
+                client,
+                self.clock,
+                on_progress=self._notify,
+                **self._pusher_options,
+            )
+            link = ServerLink(config=server, index=index, client=client, pusher=pusher)
+            self.links[server.name] = link
+        for link in self.links.values():
+            link.pusher.start()
+            link.bring_up = asyncio.create_task(
+                self._bring_up(link), name=f"jfsync-bring-up[{link.name}]"
+            )
+        logger.info(
+            "jfsync %s started: servers %s, ledger %s",
+            __version__,
+            ", ".join(self.links),
+            self.config.ledger,
+        )
+
+    async def stop(self) -> None:
+        """Stop intake, let writes under way finish within the grace period, close everything."""
+        if self._stopping:
+            return
+        self._stopping = True
+        for link in self.links.values():
+            if link.bring_up is not None:
+                link.bring_up.cancel()
+        for link in self.links.values():
+            if link.bring_up is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await link.bring_up
+        await asyncio.gather(
+            *(sub.stop() for link in self.links.values() for sub in link.subscribers.values())
+        )
+        grace = self.config.sync.shutdown_grace
+        await asyncio.gather(*(link.pusher.stop(grace) for link in self.links.values()))
+        if self._session is not None:
+            await self._session.close()
+        depth = {name: await self.ledger.outbox_depth(name) for name in self.links}
+        await self.ledger.close()
+        logger.info(
+            "jfsync stopped; rows still queued: %s",
+            ", ".join(f"{k}={v}" for k, v in depth.items()) or "none",
+        )
+
+    async def __aenter__(self) -> SyncService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def wait_for(
+        self, predicate: Callable[[], bool | Awaitable[bool]], timeout_s: float = 30.0
+    ) -> None:
+        """Wait until ``predicate`` holds, re-checking whenever jfsync applies or writes."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                changed = self._changed
+                result = predicate()
+                if not isinstance(result, bool):
+                    result = await result
+                if result:
+                    return
+                await changed.wait()
+
+    # ------------------------------------------------------------------ servers and users
+
+    async def _bring_up(self, link: ServerLink) -> None:
+        """Reach the server (retrying forever on transient errors), then subscribe its users."""
+        streak = FailureStreak(logger, link.name, self.clock)
+        delays = backoff_delays(base_s=1.0, cap_s=60.0)
+        while True:
+            try:
+                info = await link.client.ensure_supported()
+                link.server_id = info.id
+                link.version = info.version
+                link.users = await link.client.users()
+                link.reachable = True
+                link.last_error = None
+                break
+            except UnsupportedServerError as err:
+                link.last_error = str(err)
+                logger.error("[%s] %s", link.name, err)
+                return
+            except ServerError as err:
+                link.reachable = False
+                link.last_error = str(err)
+                streak.failed("cannot reach the server yet", err)
+                if not is_retryable(err):
+                    await self.clock.sleep(300.0)
+                else:
+                    await self.clock.sleep(next(delays))
+        streak.succeeded("server reachable")
+        assert link.server_id is not None
+        link.tokens = UserTokens(
+            link.client,
+            ServerTokenStore(self.ledger, link.name),
+            link.server_id,
+            link.config.users,
+            config_key=f"servers[{link.index}]",
+        )
+        logger.info("[%s] Jellyfin %s, %d users", link.name, link.version, len(link.users or []))
+        await self._rematch()
+
+    async def _rematch(self) -> None:
+        """Match users over every server that answered, and subscribe the newly matched."""
+        async with self._match_lock:
+            users = {n: link.users for n, link in self.links.items() if link.users is not None}
+            match = match_users(self.config, users)
+            self.user_match = match
+            for problem in match.problems:
+                logger.warning("users: %s", problem)
+            for link in self.links.values():
+                if link.users is None:
+                    continue
+                for person, account in match.for_server(link.name):
+                    if account.id in link.user_keys:
+                        continue
+                    link.user_keys[account.id] = person.key
+                    await self.ledger.map_user(link.name, account.id, person.key, name=account.name)
+                    self._subscribe(link, account, person.key)
+
+    def _subscribe(self, link: ServerLink, account: UserDto, key: str) -> None:
+        tokens = link.tokens
+        assert tokens is not None
+        assert link.server_id is not None
+        user_id, user_name = account.id, account.name
+
+        async def get_token(refresh: bool) -> str:
+            return await tokens.token_for(user_id, user_name, refresh=refresh)
+
+        async def resync() -> None:
+            await self._resync(link, user_id, key)
+
+        subscriber = Subscriber(
+            link.name,
+            link.config.url,
+            user_id,
+            user_name,
+            user_device_id(link.server_id, user_id),
+            get_token=get_token,
+            on_event=self._on_event,
+            resync=resync,
+            clock=self.clock,
+            **self._subscriber_options,
+        )
+        link.subscribers[user_id] = subscriber
+        subscriber.start()
+
+    # ------------------------------------------------------------------ intake
+
+    async def _on_event(self, event: SubscriberEvent) -> None:
+        if isinstance(event, UserDataChangedEvent):
+            await self._on_user_data(event)
+        elif isinstance(event, ConnectionStateChanged):
+            self._notify()
+
+    async def _on_user_data(self, event: UserDataChangedEvent) -> None:
+        link = self.links[event.server]
+        user = link.user_keys.get(event.user_id)
+        self.counters.events_received += 1
+        if user is None:
+            return
+        entries = event.item_entries
+        self.counters.entries_received += len(entries)
+        items = await self.identity.canonical_items(link.name, [e.item_id for e in entries])
+        now_ms = self.clock.wall_ms()
+        observations = [
+            Observation(link.name, user, items[e.item_id], e.data, now_ms, "event")
+            for e in entries
+            if e.item_id in items
+        ]
+        applied = await self.ledger.apply_observations(observations)
+        self._after_apply(applied)
+
+    async def _resync(self, link: ServerLink, remote_user_id: str, user: str) -> None:
+        """Catch up with what the socket of this user may have missed."""
+        scanned = await scan_non_default(link.client, remote_user_id)
+        items = await self.identity.canonical_items(link.name, scanned)
+        await self.ledger.map_items(
+            link.name,
+            [
+                ItemMapping(
+                    remote_id=remote,
+                    item=items[remote],
+                    item_type=found.item.type,
+                    path=found.item.path,
+                    provider_ids=dict(found.item.provider_ids) or None,
+                )
+                for remote, found in scanned.items()
+                if remote in items
+            ],
+        )
+        states = {items[r]: found.data for r, found in scanned.items() if r in items}
+        known = await self.ledger.last_known_for_user(link.name, user)
+        observations = catchup_observations(link.name, user, states, known, self.clock.wall_ms())
+        self.counters.scans += 1
+        for start in range(0, len(observations), SCAN_BATCH):
+            applied = await self.ledger.apply_observations(observations[start : start + SCAN_BATCH])
+            self.counters.scan_changes += sum(a.outcome is Outcome.CHANGED for a in applied)
+            self._after_apply(applied)
+        await self.ledger.backfill(link.name, user, self.clock.wall_ms())
+        link.pusher.wake()
+        logger.info(
+            "[%s] caught up user %s: %d non-default items, %d differed from the ledger",
+            link.name,
+            user,
+            len(states),
+            len(observations),
+        )
+
+    def _after_apply(self, applied: list[Applied]) -> None:
+        peers: set[str] = set()
+        for result in applied:
+            if result.outcome is Outcome.ECHO:
+                self.counters.echoes += 1
+            elif result.outcome is Outcome.CHANGED:
+                self.counters.changes_applied += 1
+            peers.update(peer for peer, regs in result.queued.items() if regs)
+        for peer in peers:
+            link = self.links.get(peer)
+            if link is not None:
+                link.pusher.wake()
+        self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    # ------------------------------------------------------------------ status
+
+    async def status(self) -> dict[str, Any]:
+        """A secret-free snapshot of servers, sockets and peers (the status endpoint's body)."""
+        now_ms = self.clock.wall_ms()
+        servers = []
+        for link in self.links.values():
+            stats = link.pusher.stats
+            dead = await self.ledger.dead_rows(link.name)
+            oldest = await self.ledger.oldest_age(link.name, now_ms)
+            servers.append(
+                {
+                    "name": link.name,
+                    "url": link.config.url,
+                    "reachable": link.reachable,
+                    "version": link.version,
+                    "server_id": link.server_id,
+                    "last_error": link.last_error,
+                    "users": [
+                        {
+                            "user": sub.user_name,
+                            "state": str(sub.status.state),
+                            "connected_since_ms": sub.status.connected_since_ms,
+                            "last_event_age_s": (
+                                None
+                                if sub.status.last_event_at_ms is None
+                                else (now_ms - sub.status.last_event_at_ms) / 1000
+                            ),
+                            "reconnects": sub.status.reconnect_count,
+                            "last_error": sub.status.last_error,
+                            "pause_reason": sub.status.pause_reason,
+                        }
+                        for sub in link.subscribers.values()
+                    ],
+                    "outbox": {
+                        "depth": await self.ledger.outbox_depth(link.name),
+                        "oldest_age_s": oldest,
+                        "in_flight": link.pusher.in_flight,
+                        "writes_done": stats.writes_done,
+                        "writes_skipped": stats.writes_skipped,
+                        "failures": stats.failures,
+                        "down_since_ms": stats.down_since_ms,
+                        "pause_reason": stats.pause_reason,
+                        "last_error": stats.last_error,
+                        "dead": [
+                            {"user": r.user, "item": r.item, "reason": r.last_error} for r in dead
+                        ],
+                    },
+                }
+            )
+        return {
+            "version": __version__,
+            "uptime_s": (now_ms - (self._started_ms or now_ms)) / 1000,
+            "servers": servers,
+            "counters": {
+                "events_received": self.counters.events_received,
+                "entries_received": self.counters.entries_received,
+                "echoes": self.counters.echoes,
+                "changes_applied": self.counters.changes_applied,
+                "scans": self.counters.scans,
+                "scan_changes": self.counters.scan_changes,
+            },
+        }
+
+
+async def run_service(config: Config) -> int:
+    """Run until SIGINT or SIGTERM; return the exit status."""
+    service = SyncService(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await service.start()
+    except JfsyncError as err:
+        logger.error("cannot start: %s", err)
+        await service.stop()
+        return 1
+    try:
+        await stop.wait()
+        logger.info("stop requested; finishing writes under way")
+    finally:
+        await service.stop()
+    return 0
