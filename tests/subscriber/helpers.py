@@ -136,8 +136,6 @@ class Recorder:
     def __init__(self) -> None:
         self.events: list[SubscriberEvent] = []
         self._changed = asyncio.Condition()
-        #: Awaited inside on_event when set, to hold the subscriber while a test looks around.
-        self.hold: asyncio.Event | None = None
 
     async def __call__(self, event: SubscriberEvent) -> None:
         """The ``on_event`` callback."""

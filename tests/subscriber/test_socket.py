@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import pytest
 
 from jfsync import __version__
-from jfsync.errors import AuthRejectedError, UnreachableError
+from jfsync.errors import AuthRejectedError, NotFoundError, RequestTimeoutError, UnreachableError
 from jfsync.jellyfin.messages import (
     LibraryChangedMessage,
     ServerRestartingMessage,
@@ -32,7 +33,7 @@ TOKEN = "f00dfeedf00dfeedf00dfeedf00dfeed"
 USER_ID = "4bd7d5a1e0c44f6a9b0d3c2e1f0a9b8c"
 ITEM_ID = "9f86d081884c7d659a2feaa0c55ad015"
 
-OpenSocket = Callable[..., Awaitable[JellyfinSocket]]
+OpenSocket = Callable[..., Coroutine[Any, Any, JellyfinSocket]]
 
 
 @pytest.fixture
@@ -179,15 +180,53 @@ async def test_live_messages_arrive_in_order_and_bad_frames_are_skipped(
     assert all(TOKEN not in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("status", [401, 403])
 async def test_refused_upgrade_is_an_auth_error_without_the_token(
-    raw_server: RawServer, open_socket: OpenSocket
+    raw_server: RawServer, open_socket: OpenSocket, status: int
 ) -> None:
     raw_server.valid_tokens = {"some-other-token"}
+    raw_server.reject_status = status
     with pytest.raises(AuthRejectedError) as info:
         await open_socket(raw_server.url)
-    assert info.value.status == 403
+    assert info.value.status == status
     assert info.value.server == "alpha"
     assert TOKEN not in str(info.value)
+
+
+async def test_other_refusals_map_to_their_status_error(
+    raw_server: RawServer, open_socket: OpenSocket
+) -> None:
+    raw_server.valid_tokens = set()
+    raw_server.reject_status = 404
+    with pytest.raises(NotFoundError, match="/socket -> HTTP 404"):
+        await open_socket(raw_server.url)
+
+
+async def test_an_upgrade_that_never_answers_times_out_on_the_clock(
+    open_socket: OpenSocket, clock: ManualClock
+) -> None:
+    held: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # read nothing, answer nothing
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        opening = asyncio.create_task(open_socket(f"http://127.0.0.1:{port}"), name="opening")
+        await clock.wait_for_sleepers(1)
+        assert clock.pending_sleeps == [10.0]
+        await clock.advance(9.9)
+        assert not opening.done()
+        await clock.advance(0.1)
+        with pytest.raises(RequestTimeoutError, match="no answer within 10"):
+            async with asyncio.timeout(IO_TIMEOUT_S):
+                await opening
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_nobody_listening_is_unreachable(open_socket: OpenSocket) -> None:

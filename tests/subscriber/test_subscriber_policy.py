@@ -345,6 +345,19 @@ async def test_token_provider_failure_is_a_visible_auth_pause(
         await sub.stop()
 
 
+async def test_a_websocket_route_that_is_not_there_is_retried_slowly(
+    raw_server: RawServer, make_subscriber: MakeSubscriber, clock: ManualClock
+) -> None:
+    raw_server.valid_tokens = set()
+    raw_server.reject_status = 404  # a wrong base URL, or a proxy without websocket support
+    tokens = Tokens()
+    sub = make_subscriber(raw_server.url, tokens=tokens)
+    assert await backoff_sleep(sub, clock) == 300.0
+    assert "the server refused the websocket" in (sub.status.pause_reason or "")
+    assert "HTTP 404" in (sub.status.pause_reason or "")
+    assert tokens.calls == [False]  # not an auth problem: no new token
+
+
 async def test_events_during_resync_are_buffered_then_applied_in_order(
     raw_server: RawServer, make_subscriber: MakeSubscriber, recorder: Recorder
 ) -> None:
