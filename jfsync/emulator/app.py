@@ -44,6 +44,11 @@ logger = logging.getLogger(__name__)
 #: Prefix of the test-control routes (real Jellyfin has nothing there).
 CONTROL_PREFIX = "/__emulator__"
 
+#: Query parameters that carry tokens; their values are redacted in records.
+_TOKEN_PARAMS = frozenset({"apikey", "api_key"})
+#: What a redacted value reads as.
+REDACTED = "<redacted>"
+
 #: ``ServerConfiguration`` playback thresholds (§3).
 MIN_RESUME_PCT = 5.0
 MAX_RESUME_PCT = 90.0
@@ -364,7 +369,9 @@ class JellyfinApi:
             query.setdefault(key.lower(), []).append(value)
         raw_query: dict[str, list[str]] = {}
         for key, value in request.query.items():
-            raw_query.setdefault(key, []).append(value)
+            # Records keep parameter names as sent but never a token's value.
+            shown = REDACTED if key.lower() in _TOKEN_PARAMS else value
+            raw_query.setdefault(key, []).append(shown)
         if path.lower().startswith(CONTROL_PREFIX):
             from jfsync.emulator.controls import handle_control
 

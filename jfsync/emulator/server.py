@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
@@ -95,7 +95,8 @@ class Emulator:
         self.library.generate(library_size, seed)
         self.store = UserDataStore(self.library.ancestors)
         self.users: dict[str, EmuUser] = {}
-        for n, (name, password) in enumerate(users or [("alice", "secret"), ("bob", "secret")]):
+        accounts = users if users is not None else [("alice", "secret"), ("bob", "secret")]
+        for n, (name, password) in enumerate(accounts):
             self.add_user(name, password, is_admin=(n == 0))
         self.tokens: dict[str, AccessToken] = {}
         self.api_keys: dict[str, ApiKey] = {}
@@ -481,7 +482,7 @@ class Emulator:
         await self.hub.flush_user_data()
         await self._flush_library()
 
-    def spawn(self, coro: Any, name: str) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """Run a named background task owned (and cancelled on close) by the emulator."""
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)

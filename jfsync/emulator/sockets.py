@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,8 @@ FORCE_KEEPALIVE_AFTER_S = LOST_TIMEOUT_S * 0.75
 FORCE_KEEPALIVE_DATA = 60
 #: Guard against a client that stops reading: a send that cannot drain is abandoned.
 SEND_GUARD_S = 10.0
+#: How many sent messages the hub remembers (for tests and the demo).
+_SENT_KEPT = 100_000
 #: Tiny slack so float rounding of ManualClock steps never skips a due deadline.
 _EPS_S = 1e-6
 
@@ -183,7 +186,7 @@ class SocketHub:
         self._watchdog_task: asyncio.Task[None] | None = None
         self._watch: list[SocketConn] = []
         self._closing = False
-        self.sent: list[tuple[SocketConn, dict[str, Any]]] = []
+        self.sent: deque[tuple[SocketConn, dict[str, Any]]] = deque(maxlen=_SENT_KEPT)
 
     # --- sessions ------------------------------------------------------------------------
 
