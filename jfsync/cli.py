@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(handler=_check)
 
+    demo = sub.add_parser(
+        "demo", help="two emulated servers, the replicator, and users acting on both sides"
+    )
+    from jfsync import demo as demo_cmd
+
+    demo_cmd.add_arguments(demo)
+    demo.set_defaults(handler=demo_cmd.run)
+
     emulator = sub.add_parser("emulator", help="run a Jellyfin emulator on loopback")
     from jfsync.emulator import cli as emulator_cli
 
