@@ -121,12 +121,14 @@ class Debouncer:
         self._flush = flush
         self._name = name
         self._deadline = 0.0
+        self._pokes = 0
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
     def poke(self) -> None:
         """(Re)arm the timer: ``flush`` runs once ``delay_s`` passes without another poke."""
         self._deadline = self.clock.monotonic() + self.delay_s
+        self._pokes += 1
         if self._closed:
             return
         if self._task is None or self._task.done():
@@ -134,16 +136,18 @@ class Debouncer:
 
     @property
     def armed(self) -> bool:
-        """Tell whether a flush is pending."""
+        """Tell whether a flush is pending or running."""
         return self._task is not None and not self._task.done()
 
     async def _run(self) -> None:
         while True:
-            remaining = self._deadline - self.clock.monotonic()
-            if remaining <= _EPS_S:
-                break
-            await self.clock.sleep(remaining - _EPS_S / 2)
-        await self._flush()
+            while (remaining := self._deadline - self.clock.monotonic()) > _EPS_S:
+                await self.clock.sleep(remaining - _EPS_S / 2)
+            pokes = self._pokes
+            await self._flush()
+            # A poke while the flush was sending queued more work: wait for quiet again.
+            if self._pokes == pokes:
+                return
 
     async def close(self) -> None:
         """Cancel a pending flush and refuse new ones until :meth:`reopen`."""

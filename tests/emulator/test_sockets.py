@@ -406,3 +406,30 @@ async def test_server_message_broadcast(mhttp: Http) -> None:
     async with ws:
         assert await mhttp.emu.send_server_message("ServerRestarting") == 1
         assert (await next_message(ws))["MessageType"] == "ServerRestarting"
+
+
+async def test_a_save_during_a_flush_is_flushed_after_its_own_quiet(clock: ManualClock) -> None:
+    from jfsync.emulator.sockets import Debouncer
+
+    flushed: list[float] = []
+    gate = asyncio.Event()
+
+    async def flush() -> None:
+        flushed.append(clock.monotonic())
+        if len(flushed) == 1:
+            await gate.wait()  # a slow send
+
+    debouncer = Debouncer(clock, 0.5, flush, "test-debouncer")
+    try:
+        debouncer.poke()
+        await clock.advance(0.5)
+        assert len(flushed) == 1
+        debouncer.poke()  # arrives while the first flush is still sending
+        gate.set()
+        await clock.advance(0.499)
+        assert len(flushed) == 1
+        await clock.advance(0.001)
+        assert len(flushed) == 2
+        assert not debouncer.armed
+    finally:
+        await debouncer.close()
