@@ -99,6 +99,7 @@ class Emulator:
         for n, (name, password) in enumerate(accounts):
             self.add_user(name, password, is_admin=(n == 0))
         self.tokens: dict[str, AccessToken] = {}
+        self._token_serial = 0
         self.api_keys: dict[str, ApiKey] = {}
         self._next_key_id = 1
         self._add_api_key_token(api_key, "jfsync")
@@ -239,9 +240,16 @@ class Emulator:
     def user_token(
         self, name: str, *, client: str = "emulator-test", device_id: str | None = None
     ) -> str:
-        """Mint a valid access token for a user, as a login from ``device_id`` would."""
+        """Mint a valid access token for a user, as a login from ``device_id`` would.
+
+        Without ``device_id`` every call logs in from a new device, so earlier tokens stay
+        valid; with one, a second login from the same device revokes the first (as Jellyfin).
+        """
         user = self.user_by_name(name)
-        return self.login(user, client, "emulator", device_id or f"test-{user.name}", "0.0.0").token
+        if device_id is None:
+            self._token_serial += 1
+            device_id = f"emulator-test-{user.name}-{self._token_serial}"
+        return self.login(user, client, "emulator", device_id, "0.0.0").token
 
     def login(
         self, user: EmuUser, client: str, device: str, device_id: str, app_version: str

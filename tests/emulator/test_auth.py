@@ -288,3 +288,14 @@ async def test_ids_are_stable_and_versions_differ(make_emulator: MakeEmulator) -
     assert a.user_id("alice") != b.user_id("alice")
     assert a.server_id == same.server_id
     assert isinstance(a, Emulator)
+
+
+async def test_user_token_helper_mints_independent_tokens(http: Http) -> None:
+    emu = http.emu
+    first, second = emu.user_token("carol"), emu.user_token("carol")
+    assert (await http.get("/Users/Me", token=first)).status == 200
+    assert (await http.get("/Users/Me", token=second)).body["Name"] == "carol"
+    emu.user_token("carol", device_id="shared")
+    again = emu.user_token("carol", device_id="shared")
+    assert sum(1 for t in emu.tokens.values() if t.device_id == "shared") == 1
+    assert (await http.get("/Users/Me", token=again)).status == 200
