@@ -13,7 +13,6 @@ from typing import Any
 
 from jfsync.emulator.library import LibraryItem
 from jfsync.emulator.state import (
-    AccessToken,
     ApiKey,
     EmuUser,
     ServerVersion,
@@ -148,13 +147,13 @@ def user_dto(
         dto["LastLoginDate"] = date_ms(user.last_login_ms)
     if user.last_activity_ms is not None:
         dto["LastActivityDate"] = date_ms(user.last_activity_ms)
-    dto["Configuration"] = _user_configuration(version)
+    dto["Configuration"] = _user_configuration()
     dto["Policy"] = _user_policy(user, version)
     return dto
 
 
-def _user_configuration(version: ServerVersion) -> dict[str, Any]:
-    config: dict[str, Any] = {
+def _user_configuration() -> dict[str, Any]:
+    return {
         "PlayDefaultAudioTrack": True,
         "SubtitleLanguagePreference": "",
         "DisplayMissingEpisodes": False,
@@ -170,7 +169,6 @@ def _user_configuration(version: ServerVersion) -> dict[str, Any]:
         "RememberSubtitleSelections": True,
         "EnableNextEpisodeAutoPlay": True,
     }
-    return config
 
 
 def _user_policy(user: EmuUser, version: ServerVersion) -> dict[str, Any]:
@@ -374,8 +372,3 @@ def quick_connect_dto(
         "AppVersion": app_version,
         "DateAdded": date_ms(added_ms),
     }
-
-
-def token_device(token: AccessToken) -> tuple[str, str, str, str]:
-    """Return (client, device, device id, version) stored with a token."""
-    return token.client, token.device, token.device_id, token.version
