@@ -71,6 +71,10 @@ RETRY_MAX_S = 5.0
 ROW_RETRY_S = 30.0
 
 
+#: Called after every successful write with the peer and the propagation latency in seconds.
+WriteHook = Callable[[str, float], None]
+
+
 @dataclass(slots=True)
 class PeerStats:
     """What the status endpoint shows about one peer's delivery (no secrets)."""
@@ -106,6 +110,7 @@ class Pusher:
         probe_initial_s: float = PROBE_INITIAL_S,
         probe_max_s: float = PROBE_MAX_S,
         on_progress: Callable[[], None] | None = None,
+        on_write: WriteHook | None = None,
     ) -> None:
         self.peer = peer
         self.stats = PeerStats()
@@ -125,6 +130,7 @@ class Pusher:
             multiplier=probe_initial_s, max=probe_max_s
         ) + wait_random(0, probe_initial_s)
         self._on_progress = on_progress
+        self._on_write = on_write
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[tuple[str, str]] = set()
@@ -289,6 +295,9 @@ class Pusher:
         await self._ledger.row_written(fresh, fresh.intended(current), done_ms)
         self.stats.writes_done += 1
         self.stats.last_write_ms = done_ms
+        if self._on_write is not None:
+            # Propagation latency: from when the change was first queued for this peer.
+            self._on_write(self.peer, max(0.0, (done_ms - fresh.created_ms) / 1000))
         self._streak.succeeded("writes to the peer work")
         self._progress()
 
