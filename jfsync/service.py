@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from jfsync.jellyfin.wire import UserDto
 from jfsync.ledger import Applied, ItemMapping, Ledger, Observation, Outcome
 from jfsync.logs import FailureStreak
 from jfsync.merge import MergePolicy
-from jfsync.pusher import Pusher
+from jfsync.pusher import Pusher, WriteHook
 from jfsync.subscriber import (
     ConnectionStateChanged,
     Subscriber,
@@ -139,6 +140,11 @@ class SyncService:
         self._match_lock = asyncio.Lock()
         self._started_ms: int | None = None
         self._stopping = False
+        #: Told (peer, propagation latency in s) after every successful write (metrics).
+        self.write_observers: list[WriteHook] = []
+        #: When the last full reconcile finished (wall ms) and a one-line result, for status.
+        self.last_reconcile_ms: int | None = None
+        self.last_reconcile_result: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -164,6 +170,7 @@ class SyncService:
                 client,
                 self.clock,
                 on_progress=self._notify,
+                on_write=self._on_write,
                 **self._pusher_options,
             )
             link = ServerLink(config=server, index=index, client=client, pusher=pusher)
@@ -387,11 +394,26 @@ class SyncService:
                 link.pusher.wake()
         self._notify()
 
+    def _on_write(self, peer: str, latency_s: float) -> None:
+        for observer in self.write_observers:
+            observer(peer, latency_s)
+
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
     # ------------------------------------------------------------------ status
+
+    def identity_status(self) -> dict[str, Any]:
+        """Item matching counts per server pair (None until the identity strategy counts)."""
+        names = list(self.links) or [s.name for s in self.config.servers]
+        return {
+            "pairs": [
+                {"servers": [a, b], "matched": None, "unmatched": None, "ambiguous": None}
+                for i, a in enumerate(names)
+                for b in names[i + 1 :]
+            ]
+        }
 
     async def status(self) -> dict[str, Any]:
         """A secret-free snapshot of servers, sockets and peers (the status endpoint's body)."""
@@ -443,8 +465,18 @@ class SyncService:
             )
         return {
             "version": __version__,
+            "now_ms": now_ms,
             "uptime_s": (now_ms - (self._started_ms or now_ms)) / 1000,
             "servers": servers,
+            "identity": self.identity_status(),
+            "ledger": {
+                "path": str(self.config.ledger),
+                "size_bytes": _file_size(str(self.config.ledger)),
+            },
+            "reconcile": {
+                "last_at_ms": self.last_reconcile_ms,
+                "last_result": self.last_reconcile_result,
+            },
             "counters": {
                 "events_received": self.counters.events_received,
                 "entries_received": self.counters.entries_received,
@@ -454,6 +486,15 @@ class SyncService:
                 "scan_changes": self.counters.scan_changes,
             },
         }
+
+
+def _file_size(path: str) -> int:
+    """Bytes of an SQLite file and its write-ahead log (0 when missing or in memory)."""
+    total = 0
+    for name in (path, path + "-wal"):
+        with contextlib.suppress(OSError):
+            total += os.stat(name).st_size
+    return total
 
 
 async def run_service(config: Config) -> int:
