@@ -1,0 +1,209 @@
+"""The status endpoint: an aiohttp server with ``/status``, ``/healthz`` and ``/metrics``.
+
+:class:`StatusServer` serves one :class:`~jfsync.service.SyncService`:
+
+* ``GET /status``: the service's snapshot as JSON (shape documented in ``docs/status.md``);
+* ``GET /healthz``: 200 while the process runs and the ledger takes a write (a sentinel row
+  saved and deleted in the tokens table), else 503; for the container healthcheck;
+* ``GET /metrics``: Prometheus text (:mod:`jfsync.metrics`).
+
+With ``status.token`` configured every route, unknown ones included, needs
+``Authorization: Bearer <token>`` (compared in constant time) and answers 401 otherwise. The
+token never appears in any answer; every configured secret is replaced by ``***`` in every body
+as a second line of defence, and user:password parts of URLs are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from aiohttp import web
+
+from jfsync.metrics import CONTENT_TYPE, Metrics
+from jfsync.service import SyncService
+
+logger = logging.getLogger(__name__)
+
+#: A ledger that cannot take a tiny write within this long counts as unhealthy.
+HEALTHZ_TIMEOUT_S = 5.0
+#: The sentinel row /healthz writes and deletes (no server id or user id looks like this).
+HEALTHZ_SERVER = "jfsync-healthz"
+HEALTHZ_USER = "probe"
+#: What replaces a secret found in an answer.
+REDACTED = "***"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class StatusServer:
+    """Serve /status, /healthz and /metrics for one service on ``host:port``."""
+
+    def __init__(
+        self, service: SyncService, *, host: str, port: int, token: str | None = None
+    ) -> None:
+        self.service = service
+        self.host = host
+        self.port = port
+        self._token = token.encode() if token else None
+        self._secrets = sorted(
+            {s for s in service.config.secret_values() if s}, key=len, reverse=True
+        )
+        self.metrics = Metrics(s.name for s in service.config.servers)
+        self._runner: web.AppRunner | None = None
+
+    @classmethod
+    def from_config(cls, service: SyncService) -> StatusServer:
+        """Build the server the service's ``status`` config section describes."""
+        status = service.config.status
+        token = status.token.get_secret_value() if status.token is not None else None
+        return cls(service, host=status.host, port=status.port, token=token)
+
+    def __repr__(self) -> str:
+        auth = "token" if self._token else "no token"
+        return f"<StatusServer {self.host}:{self.port} ({auth})>"
+
+    @property
+    def url(self) -> str:
+        """The base URL the server listens on (the bound port once started)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Bind and serve; raises OSError when the address cannot be bound."""
+        if self._runner is not None:
+            return
+        app = web.Application(middlewares=[self._auth_middleware])
+        app.router.add_get("/status", self._status)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/metrics", self._metrics)
+        # No access log: a scrape every few seconds would drown the lines that matter.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.host, self.port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        if runner.addresses:
+            # Port 0 asks the OS for a free port; report the one it gave.
+            self.port = int(runner.addresses[0][1])
+        self.service.write_observers.append(self.metrics.observe_write)
+        logger.info(
+            "status endpoint on %s (/status, /healthz, /metrics; %s)",
+            self.url,
+            "bearer token required" if self._token else "no token",
+        )
+
+    async def stop(self) -> None:
+        """Stop serving (idempotent)."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        if self.metrics.observe_write in self.service.write_observers:
+            self.service.write_observers.remove(self.metrics.observe_write)
+        await runner.cleanup()
+
+    async def __aenter__(self) -> StatusServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ routes
+
+    @web.middleware
+    async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._token is not None and not self._authorized(request):
+            return web.json_response(
+                {"error": "missing or wrong bearer token"},
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="jfsync"', "Cache-Control": "no-store"},
+            )
+        return await handler(request)
+
+    async def _status(self, request: web.Request) -> web.StreamResponse:
+        try:
+            snapshot = await self.service.status()
+        except Exception as err:  # noqa: BLE001 - the endpoint must answer, not crash
+            reason = self._scrub_text(f"{type(err).__name__}: {err}")
+            logger.warning("status snapshot failed: %s", reason)
+            return self._json({"error": f"status unavailable: {reason}"}, status=503)
+        return self._json(self._scrub(snapshot))
+
+    async def _healthz(self, request: web.Request) -> web.StreamResponse:
+        ledger = self.service.ledger
+        try:
+            async with asyncio.timeout(HEALTHZ_TIMEOUT_S):
+                await ledger.save_token(HEALTHZ_SERVER, HEALTHZ_USER, "ok")
+                await ledger.forget_token(HEALTHZ_SERVER, HEALTHZ_USER)
+        except TimeoutError:
+            reason = f"the ledger took no write within {HEALTHZ_TIMEOUT_S:.0f} s"
+            return self._json({"status": "unhealthy", "reason": reason}, status=503)
+        except Exception as err:  # noqa: BLE001 - any failure to write means unhealthy
+            reason = self._scrub_text(f"the ledger is not writable: {err}")
+            return self._json({"status": "unhealthy", "reason": reason}, status=503)
+        return self._json({"status": "ok"})
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        try:
+            snapshot = await self.service.status()
+        except Exception as err:  # noqa: BLE001 - the endpoint must answer, not crash
+            reason = self._scrub_text(f"{type(err).__name__}: {err}")
+            logger.warning("metrics snapshot failed: %s", reason)
+            return web.Response(text=f"# status unavailable: {reason}\n", status=503)
+        body = self._scrub_text(self.metrics.render(snapshot).decode()).encode()
+        return web.Response(
+            body=body, headers={"Content-Type": CONTENT_TYPE, "Cache-Control": "no-store"}
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _authorized(self, request: web.Request) -> bool:
+        assert self._token is not None
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given.strip().encode(), self._token)
+
+    def _json(self, body: Any, status: int = 200) -> web.Response:
+        return web.Response(
+            text=json.dumps(body, indent=2, sort_keys=False) + "\n",
+            status=status,
+            content_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
+
+    def _scrub(self, value: Any, key: str | None = None) -> Any:
+        """Return ``value`` with every secret string replaced and URLs without user info."""
+        if isinstance(value, dict):
+            return {k: self._scrub(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._scrub(v) for v in value]
+        if isinstance(value, str):
+            if key == "url":
+                value = _without_userinfo(value)
+            return self._scrub_text(value)
+        return value
+
+    def _scrub_text(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+
+def _without_userinfo(url: str) -> str:
+    """Drop ``user:password@`` from a URL."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
