@@ -454,6 +454,7 @@ class SyncService:
                         "writes_done": stats.writes_done,
                         "writes_skipped": stats.writes_skipped,
                         "failures": stats.failures,
+                        "dead_parked": stats.dead_parked,
                         "down_since_ms": stats.down_since_ms,
                         "pause_reason": stats.pause_reason,
                         "last_error": stats.last_error,
@@ -498,8 +499,11 @@ def _file_size(path: str) -> int:
 
 
 async def run_service(config: Config) -> int:
-    """Run until SIGINT or SIGTERM; return the exit status."""
+    """Run until SIGINT or SIGTERM with the status endpoint; return the exit status."""
+    from jfsync.status import StatusServer  # the status server imports this module
+
     service = SyncService(config)
+    status_server = StatusServer.from_config(service)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -511,8 +515,20 @@ async def run_service(config: Config) -> int:
         await service.stop()
         return 1
     try:
+        await status_server.start()
+    except OSError as err:
+        # Syncing matters more than reporting: keep replicating without the endpoint.
+        logger.error(
+            "cannot serve the status endpoint on %s (%s); replicating without it; "
+            "change status.listen",
+            config.status.listen,
+            err.strerror or err,
+        )
+    try:
         await stop.wait()
         logger.info("stop requested; finishing writes under way")
     finally:
+        # Status first: once the ledger closes it could only answer errors.
+        await status_server.stop()
         await service.stop()
     return 0
