@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(handler=_check)
 
+    status = sub.add_parser(
+        "status", help="show a running jfsync's status endpoint, problems first (scriptable)"
+    )
+    from jfsync import statuscmd
+
+    statuscmd.add_arguments(status)
+    status.set_defaults(handler=statuscmd.run)
+
     demo = sub.add_parser(
         "demo", help="two emulated servers, the replicator, and users acting on both sides"
     )

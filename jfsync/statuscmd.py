@@ -1,0 +1,398 @@
+"""``jfsync status``: a readable, scriptable view of a running jfsync's status endpoint.
+
+It fetches ``/status`` and prints the problems first (paused peers, dead rows, servers that
+cannot be reached, sockets that are not connected, peers that are down), then tables of
+servers, sockets and peers. Exit status, for scripts:
+
+* 0: nothing needs doing (warnings such as a server being down may be listed: jfsync queues
+  and catches up by itself; ``--strict`` makes them fail too);
+* 1: a peer is paused or has dead rows (someone must act), or with ``--strict`` any warning;
+* 3: the endpoint cannot be reached, refused the token, or answered something else.
+
+``--healthz`` asks ``/healthz`` instead and exits 0 (healthy) or 1 (anything else), as a
+container ``HEALTHCHECK`` expects. The URL and token come from ``--url`` / ``--token``, else
+``JFSYNC_STATUS_TOKEN``, else the ``status`` section of ``--config``, else
+``http://127.0.0.1:8097`` without a token. The token is never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from jfsync.config import DEFAULT_STATUS_LISTEN, Config, load_config
+from jfsync.errors import ConfigError
+
+#: Exit status: a peer is paused or has dead rows (or, with --strict, any warning).
+EXIT_PROBLEMS = 1
+#: Exit status: the config given with --config is not valid.
+EXIT_CONFIG = 2
+#: Exit status: the endpoint cannot be reached or refused the request.
+EXIT_UNREACHABLE = 3
+#: Environment variable read for the token when --token is not given.
+TOKEN_ENV = "JFSYNC_STATUS_TOKEN"  # noqa: S105 - a variable name, not a secret
+#: How long one request to the endpoint may take.
+DEFAULT_TIMEOUT_S = 10.0
+#: Dead rows listed per peer before "and N more".
+DEAD_ROWS_SHOWN = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One line of the problems section; ``blocking`` ones make the exit status non-zero."""
+
+    blocking: bool
+    text: str
+
+
+class EndpointError(Exception):
+    """The status endpoint could not be reached or did not answer as expected."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the status command's options."""
+    parser.add_argument("--url", help="base URL of the status endpoint (default from --config)")
+    parser.add_argument(
+        "--token", help=f"bearer token (default: ${TOKEN_ENV}, then status.token of --config)"
+    )
+    parser.add_argument("--config", "-c", help="read the URL and token from this jfsync config")
+    parser.add_argument("--json", action="store_true", help="print the raw /status JSON")
+    parser.add_argument(
+        "--healthz", action="store_true", help="only ask /healthz; exit 0 healthy, 1 otherwise"
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="exit 1 on warnings too (server down, socket lost)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per request"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``jfsync status`` with parsed arguments; return the exit status."""
+    config: Config | None = None
+    if args.config:
+        try:
+            config = load_config(args.config)
+        except ConfigError as err:
+            print(f"{args.config}: the config is not valid:", file=sys.stderr)
+            for problem in err.problems:
+                print(f"  {problem}", file=sys.stderr)
+            return EXIT_PROBLEMS if args.healthz else EXIT_CONFIG
+    url = args.url or endpoint_url(config)
+    token = args.token or os.environ.get(TOKEN_ENV) or _config_token(config)
+    if args.healthz:
+        return check_health(url, token, timeout_s=args.timeout, out=sys.stdout)
+    return show_status(
+        url, token, timeout_s=args.timeout, strict=args.strict, raw=args.json, out=sys.stdout
+    )
+
+
+def endpoint_url(config: Config | None) -> str:
+    """The URL to reach the endpoint a config describes (a wildcard bind means loopback)."""
+    listen = config.status.listen if config is not None else DEFAULT_STATUS_LISTEN
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def show_status(
+    url: str,
+    token: str | None,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    strict: bool = False,
+    raw: bool = False,
+    out: TextIO,
+) -> int:
+    """Fetch ``/status`` from ``url``, print it, and return the exit status."""
+    try:
+        status, body = fetch(url, "/status", token, timeout_s)
+        if status != 200:
+            raise EndpointError(f"{url}/status answered HTTP {status}: {_error_of(body)}")
+        snapshot = json.loads(body)
+        if not isinstance(snapshot, dict):
+            raise EndpointError(f"{url}/status did not answer a JSON object")
+    except (EndpointError, ValueError) as err:
+        print(f"jfsync status: {_hide(str(err), token)}", file=out)
+        return EXIT_UNREACHABLE
+    if raw:
+        print(json.dumps(snapshot, indent=2), file=out)
+        problems = find_problems(snapshot)
+    else:
+        text, problems = render(snapshot, url)
+        print(_hide(text, token), file=out, end="")
+    if any(p.blocking for p in problems) or (strict and problems):
+        return EXIT_PROBLEMS
+    return 0
+
+
+def check_health(
+    url: str, token: str | None, *, timeout_s: float = DEFAULT_TIMEOUT_S, out: TextIO
+) -> int:
+    """Ask ``/healthz``; print one line and return 0 when healthy, else 1."""
+    try:
+        status, body = fetch(url, "/healthz", token, timeout_s)
+    except EndpointError as err:
+        print(f"unhealthy: {_hide(str(err), token)}", file=out)
+        return 1
+    if status == 200:
+        print("healthy", file=out)
+        return 0
+    print(f"unhealthy: HTTP {status}: {_hide(_error_of(body), token)}", file=out)
+    return 1
+
+
+def fetch(url: str, path: str, token: str | None, timeout_s: float) -> tuple[int, str]:
+    """GET ``url + path``; return (HTTP status, body). Raise EndpointError when unreachable."""
+    full = url.rstrip("/") + path
+    if not full.startswith(("http://", "https://")):
+        raise EndpointError(f"{url} is not an http:// or https:// URL")
+    request = urllib.request.Request(full, headers={"Accept": "application/json"})  # noqa: S310
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310
+            return int(response.status), response.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as err:
+        body = err.read().decode("utf-8", "replace")
+        err.close()
+        if err.code == 401:
+            hint = "wrong token" if token else f"pass --token or set {TOKEN_ENV}"
+            raise EndpointError(f"{full} refused the request (401: {hint})") from None
+        return int(err.code), body
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise EndpointError(f"cannot reach {full}: {reason}") from None
+
+
+def find_problems(snap: Mapping[str, Any]) -> list[Problem]:
+    """List what needs attention, blocking problems (paused, dead rows) first."""
+    blocking: list[Problem] = []
+    warnings: list[Problem] = []
+    now_ms = snap.get("now_ms")
+    for server in snap.get("servers", []):
+        name = server["name"]
+        outbox = server["outbox"]
+        if outbox.get("pause_reason"):
+            blocking.append(Problem(True, f"peer {name} is paused: {outbox['pause_reason']}"))
+        dead = outbox.get("dead") or []
+        if dead:
+            lines = [f"peer {name} has {len(dead)} dead row(s) (writes parked; not retried):"]
+            for row in dead[:DEAD_ROWS_SHOWN]:
+                lines.append(f"    {row['user']} / {row['item']}: {row['reason'] or '?'}")
+            if len(dead) > DEAD_ROWS_SHOWN:
+                lines.append(f"    … and {len(dead) - DEAD_ROWS_SHOWN} more (see --json)")
+            blocking.append(Problem(True, "\n".join(lines)))
+        if not server.get("reachable"):
+            why = server.get("last_error") or "not reached yet"
+            warnings.append(Problem(False, f"server {name} is not reachable: {why}"))
+        if outbox.get("down_since_ms") is not None:
+            since = _age(now_ms, outbox["down_since_ms"])
+            warnings.append(
+                Problem(
+                    False,
+                    f"peer {name} is down for writes{since}; {outbox['depth']} write(s) queued: "
+                    f"{outbox.get('last_error') or '?'}",
+                )
+            )
+        for user in server.get("users", []):
+            if user["state"] != "connected":
+                why = user.get("pause_reason") or user.get("last_error")
+                suffix = f": {why}" if why else ""
+                warnings.append(
+                    Problem(False, f"socket {name}/{user['user']} is {user['state']}{suffix}")
+                )
+    for pair in snap.get("identity", {}).get("pairs", []):
+        if pair.get("ambiguous"):
+            servers = " and ".join(pair["servers"])
+            warnings.append(
+                Problem(
+                    False,
+                    f"{pair['ambiguous']} item(s) match ambiguously between {servers} (not synced)",
+                )
+            )
+    return blocking + warnings
+
+
+def render(snap: Mapping[str, Any], url: str = "") -> tuple[str, list[Problem]]:
+    """Return the readable text for a snapshot and the problems it lists."""
+    now_ms = snap.get("now_ms")
+    problems = find_problems(snap)
+    lines = [f"jfsync {snap.get('version', '?')} at {url}, up {_duration(snap.get('uptime_s'))}"]
+    lines.append("")
+    if problems:
+        lines.append("PROBLEMS")
+        for problem in problems:
+            mark = "ERROR" if problem.blocking else "WARN "
+            lines.append(f"  {mark} {problem.text}")
+    else:
+        lines.append("No problems.")
+    servers = snap.get("servers", [])
+    lines += ["", "SERVERS"]
+    lines += _table(
+        ["NAME", "REACHABLE", "VERSION", "SERVER ID", "LAST ERROR"],
+        [
+            [
+                s["name"],
+                "yes" if s["reachable"] else "no",
+                s.get("version") or "-",
+                s.get("server_id") or "-",
+                s.get("last_error") or "-",
+            ]
+            for s in servers
+        ],
+    )
+    lines += ["", "SOCKETS"]
+    lines += _table(
+        ["SERVER", "USER", "STATE", "CONNECTED FOR", "LAST EVENT", "RECONNECTS"],
+        [
+            [
+                s["name"],
+                u["user"],
+                u["state"],
+                _duration_since(now_ms, u.get("connected_since_ms")),
+                "-" if u.get("last_event_age_s") is None else _duration(u["last_event_age_s"]),
+                str(u["reconnects"]),
+            ]
+            for s in servers
+            for u in s.get("users", [])
+        ],
+    )
+    lines += ["", "PEERS (writes owed to each server)"]
+    lines += _table(
+        ["PEER", "STATE", "QUEUED", "OLDEST", "IN FLIGHT", "DONE", "SKIPPED", "FAILED", "DEAD"],
+        [
+            [
+                s["name"],
+                _peer_state(s["outbox"]),
+                str(s["outbox"]["depth"]),
+                "-"
+                if s["outbox"].get("oldest_age_s") is None
+                else _duration(s["outbox"]["oldest_age_s"]),
+                str(s["outbox"]["in_flight"]),
+                str(s["outbox"]["writes_done"]),
+                str(s["outbox"]["writes_skipped"]),
+                str(s["outbox"]["failures"]),
+                str(len(s["outbox"]["dead"])),
+            ]
+            for s in servers
+        ],
+    )
+    pairs = snap.get("identity", {}).get("pairs", [])
+    if pairs:
+        lines += ["", "ITEM MATCHING"]
+        lines += _table(
+            ["SERVERS", "MATCHED", "UNMATCHED", "AMBIGUOUS"],
+            [[" ⇄ ".join(p["servers"])] + [_count(p.get(k)) for k in _MATCH_KEYS] for p in pairs],
+        )
+    ledger = snap.get("ledger", {})
+    reconcile = snap.get("reconcile", {})
+    lines.append("")
+    lines.append(f"Ledger: {ledger.get('path', '?')} ({_bytes(ledger.get('size_bytes'))})")
+    if reconcile.get("last_at_ms") is None:
+        lines.append("Last full reconcile: not yet")
+    else:
+        ago = _duration_since(now_ms, reconcile["last_at_ms"])
+        lines.append(f"Last full reconcile: {ago} ago: {reconcile.get('last_result') or '-'}")
+    return "\n".join(lines) + "\n", problems
+
+
+_MATCH_KEYS = ("matched", "unmatched", "ambiguous")
+
+
+def _peer_state(outbox: Mapping[str, Any]) -> str:
+    if outbox.get("pause_reason"):
+        return "PAUSED"
+    if outbox.get("down_since_ms") is not None:
+        return "down"
+    if outbox.get("in_flight") or outbox.get("depth"):
+        return "sending"
+    return "ok"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    if not rows:
+        return ["  (none)"]
+    cells = [list(headers), *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return [
+        "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    ]
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    total = int(max(0.0, seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def _duration_since(now_ms: int | None, then_ms: int | None) -> str:
+    if now_ms is None or then_ms is None:
+        return "-"
+    return _duration((now_ms - then_ms) / 1000)
+
+
+def _age(now_ms: int | None, then_ms: int) -> str:
+    if now_ms is None:
+        return ""
+    return f" for {_duration((now_ms - then_ms) / 1000)}"
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _bytes(size: int | None) -> str:
+    if size is None:
+        return "?"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def _error_of(body: str) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.strip()[:200]
+    if isinstance(data, dict):
+        return str(data.get("error") or data.get("reason") or data.get("status") or data)
+    return str(data)[:200]
+
+
+def _config_token(config: Config | None) -> str | None:
+    if config is None or config.status.token is None:
+        return None
+    return config.status.token.get_secret_value()
+
+
+def _hide(text: str, token: str | None) -> str:
+    """Never echo the token, whatever the endpoint answered."""
+    return text.replace(token, "***") if token and len(token) >= 4 else text
