@@ -9,6 +9,13 @@ transaction. A crash at any point therefore loses nothing that was committed and
 half-written; a redelivered write is harmless because the pusher skips targets that already
 hold the desired state.
 
+Sources: an observation is a websocket ``event`` (runs the echo rule and consumes pending
+states), a ``scan`` page (matches pending states without consuming them: a page can be older
+than a write made while scanning) or a ``compare`` read by the pusher (fresh: always diffed).
+An event equal to the state a write replaced was flushed before that write and is ignored as
+stale (see :mod:`jfsync.echo`). When a user's socket (re)connects, call
+:meth:`Ledger.forget_echoes` before the resync scan.
+
 Keys: servers are config names; users and items are *canonical keys* (strings). Identity
 resolution (server user/item id → canonical key) happens before the ledger; the id maps
 (:meth:`Ledger.map_user`, :meth:`Ledger.map_item`) store it, with type, path and provider ids
@@ -22,7 +29,8 @@ bumps its ``version`` (a hybrid-clock value, unique over the ledger's life). Reg
 desired value already equals the peer's last-known state are pruned, so a row disappears when
 nothing is owed any more. A pusher uses it like this:
 
-1. ``rows = await ledger.due_rows(peer, limit, now_ms, exclude=in_flight_keys)``;
+1. ``rows = await ledger.due_rows(peer, limit, now_ms, exclude=in_flight_keys)``
+   (``exclude`` takes (user, item) keys);
 2. read the target's current state, then ``row = await ledger.observe_before_write(row,
    current, now_ms)``: when the target differs from its last-known state (or jfsync has no
    history of it: first contact) the read state is applied as an observation first, so a
@@ -37,7 +45,11 @@ nothing is owed any more. A pusher uses it like this:
    queued);
 4. on failure ``row_failed(row, reason, retry_at_ms)`` (transient) or ``row_dead(row,
    reason)`` (400/404: parked, listed by :meth:`Ledger.dead_rows`, revived by a newer change
-   or :meth:`Ledger.retry_dead`).
+   or :meth:`Ledger.retry_dead`). After a down peer returns, :meth:`Ledger.reset_backoff`.
+
+Steps 2 and 3 have batch forms (:meth:`Ledger.observe_before_writes`,
+:meth:`Ledger.rows_written`) that do many rows in one transaction; use them under load.
+Rows are identified by (peer, user, item) and ``version``; the integer ``id`` is only a handle.
 
 All methods serialise on one lock; no transaction is held across anything but the ledger's own
 SQL. Tokens are stored in clear in the ledger file (protect the file) and never logged.
@@ -59,7 +71,7 @@ from typing import Any, Literal, Self
 
 import aiosqlite
 
-from jfsync.echo import PendingWrite, match_echo, record_write
+from jfsync.echo import PendingWrite, Verdict, match_echo, record_write
 from jfsync.errors import JfsyncError
 from jfsync.merge import CanonicalState, MergePolicy, Stamped, merge, next_stamp_ms
 from jfsync.migrations import migrate, prepare
@@ -87,10 +99,14 @@ _CANON_COLS = (
     "rating_ms, rating_tiebreak, rating_origin, "
     "play_state_ms, play_state_tiebreak, play_state_origin"
 )
-_ROW_COLS = (
-    "o.id, o.peer, o.user, o.item, o.registers, o.favorite, o.rating, o.played, o.play_count, "
-    "o.last_played_s, o.position_ticks, o.version, o.created_ms, o.attempts, "
-    "o.next_attempt_ms, o.last_error, o.dead"
+#: An outbox row with its canonical keys and the peer's own ids, in one indexed read.
+_ROW_SELECT = (
+    "SELECT o.id, o.peer, u.key, i.key, o.registers, o.favorite, o.rating, o.played, "
+    "o.play_count, o.last_played_s, o.position_ticks, o.version, o.created_ms, o.attempts, "
+    "o.next_attempt_ms, o.last_error, o.dead, su.remote_id, si.remote_id, o.user, o.item "
+    "FROM outbox o JOIN users u ON u.id = o.user JOIN items i ON i.id = o.item "
+    "LEFT JOIN server_users su ON su.server = o.peer AND su.user = o.user "
+    "LEFT JOIN server_items si ON si.server = o.peer AND si.item = o.item "
 )
 
 _SELECT_CANONICAL = f"SELECT {_CANON_COLS} FROM canonical"  # noqa: S608 - fixed columns
@@ -111,6 +127,7 @@ class Outcome(StrEnum):
     """What an observation turned out to be."""
 
     ECHO = "echo"
+    STALE = "stale"
     UNCHANGED = "unchanged"
     CHANGED = "changed"
 
@@ -120,7 +137,8 @@ class Observation:
     """A state ``server`` holds for ``user`` and ``item`` (canonical keys), seen at ``wall_ms``.
 
     ``source`` says how it was seen: a websocket ``event``, a ``scan`` page, or the pusher's
-    ``compare`` read before a write. Only events consume pending echoes.
+    ``compare`` read before a write. Only events consume pending echoes. For a scan page,
+    ``wall_ms`` must be the time the page was *requested* (it is compared with write times).
     """
 
     server: str
@@ -427,16 +445,25 @@ class Ledger:
         applied as a ``compare`` observation of the peer, in one transaction. Returns the row
         as it now stands, or None when nothing is owed to the peer any more.
         """
+        return (await self.observe_before_writes([(row, current)], wall_ms))[0]
+
+    async def observe_before_writes(
+        self, reads: Sequence[tuple[OutboxRow, UserData]], wall_ms: int
+    ) -> list[OutboxRow | None]:
+        """Do :meth:`observe_before_write` for several rows in ONE transaction."""
+        if not reads:
+            return []
         async with self._tx() as db:
-            uid, iid, sid = await self._row_key(db, row)
-            known = await _Batch(self, db).load_one_last_known((uid, iid, sid))
-            if known != current:
-                batch = _Batch(self, db)
-                await batch.load({(uid, iid)})
-                obs = Observation(row.peer, row.user, row.item, current, wall_ms, "compare")
-                batch.apply(obs, (uid, iid, sid))
-                await batch.flush()
-            return await self._select_row(db, sid, uid, iid)
+            keys = [await self._row_key(db, row) for row, _ in reads]
+            batch = _Batch(self, db)
+            await batch.load({(u, i) for u, i, _ in keys})
+            for (row, current), key in zip(reads, keys, strict=True):
+                if batch.lk.get(key) != current:
+                    obs = Observation(row.peer, row.user, row.item, current, wall_ms, "compare")
+                    batch.apply(obs, key)
+            await batch.flush()
+            fresh = await self._select_rows(db, keys)
+            return [fresh.get(key) for key in keys]
 
     async def backfill(self, server: str, user: str, wall_ms: int) -> int:
         """Queue, for ``server``, every non-default canonical item of ``user`` it has no history of.
@@ -518,6 +545,22 @@ class Ledger:
             )
             return next((_decode_echo(str(r[0])) for r in rows), ())
 
+    async def forget_echoes(self, server: str, user: str) -> int:
+        """Drop every pending echo of ``user`` on ``server``; return how many keys had some.
+
+        Call it when that user's socket (re)connects, before the resync scan: events of the old
+        socket can no longer arrive, so pending states would only risk swallowing a real change.
+        """
+        async with self._tx() as db:
+            cursor = await db.execute(
+                "DELETE FROM pending_echo WHERE server=? AND user IN "
+                "(SELECT id FROM users WHERE key=?)",
+                (self._sid(server), user),
+            )
+            count = cursor.rowcount
+            await cursor.close()
+            return count
+
     # ------------------------------------------------------------------ outbox
 
     async def due_rows(
@@ -535,12 +578,11 @@ class Ledger:
         skip = set(exclude)
         async with self._read() as db:
             rows = await db.execute_fetchall(
-                f"SELECT {_ROW_COLS} FROM outbox o "  # noqa: S608 - fixed columns
-                "WHERE o.peer=? AND o.dead=0 AND o.next_attempt_ms<=? "
+                _ROW_SELECT + "WHERE o.peer=? AND o.dead=0 AND o.next_attempt_ms<=? "
                 "ORDER BY o.next_attempt_ms, o.created_ms, o.id LIMIT ?",
                 (self._sid(peer), now_ms, limit + len(skip)),
             )
-            found = await self._decode_rows(db, rows)
+            found = [_decode_row(r, self._server_names) for r in rows]
         return [r for r in found if (r.user, r.item) not in skip][:limit]
 
     async def get_row(self, peer: str, user: str, item: str) -> OutboxRow | None:
@@ -549,7 +591,9 @@ class Ledger:
             pair = self._known_pair(user, item) or await self._lookup_pair(db, user, item)
             if pair is None:
                 return None
-            return await self._select_row(db, self._sid(peer), *pair)
+            return (await self._select_rows(db, [(*pair, self._sid(peer))])).get(
+                (*pair, self._sid(peer))
+            )
 
     async def row_written(self, row: OutboxRow, written_state: UserData, wall_ms: int) -> bool:
         """Record a successful write of ``row``; return whether the row is done.
@@ -559,43 +603,24 @@ class Ledger:
         newer change stays (minus the registers the write already brought to their desired
         value) and False is returned.
         """
+        return (await self.rows_written([(row, written_state)], wall_ms))[0]
+
+    async def rows_written(
+        self, acks: Sequence[tuple[OutboxRow, UserData]], wall_ms: int
+    ) -> list[bool]:
+        """Do :meth:`row_written` for several rows in ONE transaction."""
+        if not acks:
+            return []
         async with self._tx() as db:
-            uid, iid, sid = await self._row_key(db, row)
-            await db.execute(
-                f"INSERT OR REPLACE INTO last_known(user, item, server, {_STATE_COLS}) "  # noqa: S608
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (uid, iid, sid, *_state_values(written_state)),
-            )
-            pending_rows = await db.execute_fetchall(
-                "SELECT entries FROM pending_echo WHERE user=? AND item=? AND server=?",
-                (uid, iid, sid),
-            )
-            pending = next((_decode_echo(str(r[0])) for r in pending_rows), ())
-            await db.execute(
-                "INSERT OR REPLACE INTO pending_echo(user, item, server, entries) "
-                "VALUES (?, ?, ?, ?)",
-                (uid, iid, sid, _encode_echo(record_write(pending, written_state, wall_ms))),
-            )
-            cursor = await db.execute(
-                "DELETE FROM outbox WHERE peer=? AND user=? AND item=? AND version=?",
-                (sid, uid, iid, row.version),
-            )
-            done = cursor.rowcount == 1
-            await cursor.close()
-            if done:
-                return True
-            current = await self._select_row(db, sid, uid, iid)
-            if current is not None:
-                left = frozenset(
-                    r for r in current.registers if current.desired.get(r) != written_state.get(r)
-                )
-                if not left:
-                    await db.execute("DELETE FROM outbox WHERE id=?", (current.id,))
-                elif left != current.registers:
-                    await db.execute(
-                        "UPDATE outbox SET registers=? WHERE id=?", (_mask_bits(left), current.id)
-                    )
-            return False
+            keys = [await self._row_key(db, row) for row, _ in acks]
+            batch = _Batch(self, db)
+            await batch.load({(u, i) for u, i, _ in keys}, with_members=False)
+            done = [
+                batch.written(key, row.version, state, wall_ms)
+                for (row, state), key in zip(acks, keys, strict=True)
+            ]
+            await batch.flush()
+            return done
 
     async def row_failed(self, row: OutboxRow, reason: str, retry_at_ms: int) -> None:
         """Record a failed attempt of ``row`` and when to try again (the row stays live)."""
@@ -663,11 +688,10 @@ class Ledger:
         """Return the parked rows of ``peer`` with their reasons (``last_error``)."""
         async with self._read() as db:
             rows = await db.execute_fetchall(
-                f"SELECT {_ROW_COLS} FROM outbox o "  # noqa: S608 - fixed columns
-                "WHERE o.peer=? AND o.dead=1 ORDER BY o.created_ms, o.id",
+                _ROW_SELECT + "WHERE o.peer=? AND o.dead=1 ORDER BY o.created_ms, o.id",
                 (self._sid(peer),),
             )
-            return await self._decode_rows(db, rows)
+            return [_decode_row(r, self._server_names) for r in rows]
 
     # ------------------------------------------------------------------ tokens (TokenStore)
 
@@ -836,65 +860,24 @@ class Ledger:
         items = await self._ensure_ids(db, "items", [row.item])
         return users[row.user], items[row.item], self._sid(row.peer)
 
-    async def _select_row(
-        self, db: aiosqlite.Connection, sid: int, uid: int, iid: int
-    ) -> OutboxRow | None:
-        rows = await db.execute_fetchall(
-            f"SELECT {_ROW_COLS} FROM outbox o "  # noqa: S608 - fixed columns
-            "WHERE o.peer=? AND o.user=? AND o.item=?",
-            (sid, uid, iid),
-        )
-        decoded = await self._decode_rows(db, rows)
-        return decoded[0] if decoded else None
-
-    async def _decode_rows(self, db: aiosqlite.Connection, rows: Iterable[Any]) -> list[OutboxRow]:
-        raw = list(rows)
-        if not raw:
-            return []
-        user_ids = {int(r[2]) for r in raw}
-        item_ids = {int(r[3]) for r in raw}
-        peers = {int(r[1]) for r in raw}
-        user_keys = await _keys_by_id(db, "users", user_ids)
-        item_keys = await _keys_by_id(db, "items", item_ids)
-        remote_users: dict[tuple[int, int], str] = {}
-        remote_items: dict[tuple[int, int], str] = {}
-        for peer in peers:
-            for chunk in _chunks(sorted(user_ids), _CHUNK):
-                for server, remote, uid in await db.execute_fetchall(
-                    "SELECT server, remote_id, user FROM server_users "  # noqa: S608
-                    f"WHERE server=? AND user IN ({_marks(len(chunk))})",
-                    (peer, *chunk),
-                ):
-                    remote_users[(int(server), int(uid))] = str(remote)
-            for chunk in _chunks(sorted(item_ids), _CHUNK):
-                for server, remote, iid in await db.execute_fetchall(
-                    "SELECT server, remote_id, item FROM server_items "  # noqa: S608
-                    f"WHERE server=? AND item IN ({_marks(len(chunk))})",
-                    (peer, *chunk),
-                ):
-                    remote_items[(int(server), int(iid))] = str(remote)
-        result = []
-        for r in raw:
-            peer, uid, iid = int(r[1]), int(r[2]), int(r[3])
-            result.append(
-                OutboxRow(
-                    id=int(r[0]),
-                    peer=self._server_names[peer],
-                    user=user_keys[uid],
-                    item=item_keys[iid],
-                    registers=_mask_registers(int(r[4])),
-                    desired=_state(r, 5),
-                    version=int(r[11]),
-                    created_ms=int(r[12]),
-                    attempts=int(r[13]),
-                    next_attempt_ms=int(r[14]),
-                    last_error=None if r[15] is None else str(r[15]),
-                    dead=bool(r[16]),
-                    remote_user_id=remote_users.get((peer, uid)),
-                    remote_item_id=remote_items.get((peer, iid)),
+    async def _select_rows(
+        self, db: aiosqlite.Connection, keys: Iterable[_Key]
+    ) -> dict[_Key, OutboxRow]:
+        """Read the outbox rows of the given (user, item, peer) keys that exist."""
+        grouped: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for uid, iid, sid in set(keys):
+            grouped[(sid, uid)].append(iid)
+        found: dict[_Key, OutboxRow] = {}
+        for (sid, uid), items in grouped.items():
+            for chunk in _chunks(sorted(items), _CHUNK):
+                rows = await db.execute_fetchall(
+                    _ROW_SELECT + "WHERE o.peer=? AND o.user=? "
+                    f"AND o.item IN ({_marks(len(chunk))})",
+                    (sid, uid, *chunk),
                 )
-            )
-        return result
+                for r in rows:
+                    found[(int(r[19]), int(r[20]), int(r[1]))] = _decode_row(r, self._server_names)
+        return found
 
 
 class _Batch:
@@ -963,12 +946,22 @@ class _Batch:
         """Apply one observation to the working set (rules in :meth:`Ledger.apply_observations`)."""
         uid, iid, sid = key
         pending = self.echo.get(key, ())
-        verdict = match_echo(pending, obs.state, obs.wall_ms, consume=obs.source == "event")
-        if verdict.pending != pending:
-            self.echo[key] = verdict.pending
-            self._dirty_echo.add(key)
-        if verdict.is_echo:
-            return Applied(obs, Outcome.ECHO)
+        if obs.source != "compare":
+            # A compare read is fresh by construction: it is never an echo nor stale.
+            verdict = match_echo(
+                pending,
+                obs.state,
+                obs.wall_ms,
+                consume=obs.source == "event",
+                read_at_ms=obs.wall_ms if obs.source == "scan" else None,
+            )
+            if verdict.pending != pending:
+                self.echo[key] = pending = verdict.pending
+                self._dirty_echo.add(key)
+            if verdict.verdict is Verdict.ECHO:
+                return Applied(obs, Outcome.ECHO)
+            if verdict.verdict is Verdict.STALE:
+                return Applied(obs, Outcome.STALE)
         previous = self.lk.get(key)
         canonical = self.canon.get((uid, iid))
         synced = self.policy.synced
@@ -1133,6 +1126,30 @@ class _Batch:
                 inserts,
             )
 
+    def written(self, key: _Key, version: int, state: UserData, wall_ms: int) -> bool:
+        """Record a write of ``state`` to the peer of ``key``; drop the row if still ``version``."""
+        replaced = self.lk.get(key)
+        self._set_lk(key, state)
+        self.echo[key] = record_write(self.echo.get(key, ()), state, wall_ms, replaced)
+        self._dirty_echo.add(key)
+        row = self.rows.get(key)
+        if row is None:
+            return False
+        if row.version == version:
+            self.rows[key] = None
+            self._dirty_rows.add(key)
+            return True
+        # Replaced mid-flight: keep what the write did not already deliver (same version, so
+        # a pusher holding the newer row can still ack it).
+        left = frozenset(r for r in row.mask if row.desired.get(r) != state.get(r))
+        if not left:
+            self.rows[key] = None
+            self._dirty_rows.add(key)
+        elif left != row.mask:
+            self.rows[key] = replace(row, mask=left)
+            self._dirty_rows.add(key)
+        return False
+
     def _set_lk(self, key: _Key, state: UserData) -> None:
         self.lk[key] = state
         self._dirty_lk.add(key)
@@ -1159,6 +1176,25 @@ class _Batch:
 
 
 # ---------------------------------------------------------------------- encoding helpers
+
+
+def _decode_row(r: Sequence[Any], names: dict[int, str]) -> OutboxRow:
+    return OutboxRow(
+        id=int(r[0]),
+        peer=names[int(r[1])],
+        user=str(r[2]),
+        item=str(r[3]),
+        registers=_mask_registers(int(r[4])),
+        desired=_state(r, 5),
+        version=int(r[11]),
+        created_ms=int(r[12]),
+        attempts=int(r[13]),
+        next_attempt_ms=int(r[14]),
+        last_error=None if r[15] is None else str(r[15]),
+        dead=bool(r[16]),
+        remote_user_id=None if r[17] is None else str(r[17]),
+        remote_item_id=None if r[18] is None else str(r[18]),
+    )
 
 
 def _state_values(data: UserData) -> tuple[Any, ...]:
@@ -1205,11 +1241,23 @@ def _canonical_values(state: CanonicalState) -> tuple[Any, ...]:
 
 
 def _encode_echo(entries: Sequence[PendingWrite]) -> str:
-    return json.dumps([[e.written_ms, *_state_values(e.state)] for e in entries])
+    return json.dumps(
+        [
+            [
+                e.written_ms,
+                _state_values(e.state),
+                None if e.replaced is None else _state_values(e.replaced),
+            ]
+            for e in entries
+        ]
+    )
 
 
 def _decode_echo(text: str) -> tuple[PendingWrite, ...]:
-    return tuple(PendingWrite(_state(e, 1), int(e[0])) for e in json.loads(text))
+    return tuple(
+        PendingWrite(_state(e[1], 0), int(e[0]), None if e[2] is None else _state(e[2], 0))
+        for e in json.loads(text)
+    )
 
 
 def _mask_bits(registers: Iterable[Register]) -> int:
@@ -1235,16 +1283,3 @@ def _marks(count: int) -> str:
 def _chunks(values: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
-
-
-async def _keys_by_id(
-    db: aiosqlite.Connection, table: Literal["users", "items"], ids: set[int]
-) -> dict[int, str]:
-    found: dict[int, str] = {}
-    for chunk in _chunks(sorted(ids), _CHUNK):
-        for rid, key in await db.execute_fetchall(
-            f"SELECT id, key FROM {table} WHERE id IN ({_marks(len(chunk))})",  # noqa: S608
-            chunk,
-        ):
-            found[int(rid)] = str(key)
-    return found

@@ -9,6 +9,7 @@ from jfsync.echo import (
     ECHO_MAX_AGE_MS,
     ECHO_MAX_ENTRIES,
     PendingWrite,
+    Verdict,
     match_echo,
     prune,
     record_write,
@@ -21,10 +22,18 @@ W3 = UserData(favorite=True, rating=7.0, play_state=PlayState(True, 1, 1_000, 0)
 T = 1_000_000
 
 
-def written(*states: UserData, start_ms: int = T) -> tuple[PendingWrite, ...]:
+S0 = UserData(play_state=PlayState(False, 1, 900, 42))
+
+
+def written(
+    *states: UserData, start_ms: int = T, first_over: UserData = S0
+) -> tuple[PendingWrite, ...]:
+    """Pending writes of ``states`` in order, each over the state before it."""
     pending: tuple[PendingWrite, ...] = ()
+    replaced = first_over
     for offset, state in enumerate(states):
-        pending = record_write(pending, state, start_ms + offset)
+        pending = record_write(pending, state, start_ms + offset, replaced)
+        replaced = state
     return pending
 
 
@@ -95,12 +104,39 @@ def test_a_wall_clock_jump_back_keeps_pending_states() -> None:
 
 
 @given(st.lists(st.sampled_from([W1, W2, W3]), min_size=1, max_size=ECHO_MAX_ENTRIES), st.data())
-def test_an_echo_consumes_its_match_and_everything_older(
+def test_an_echo_consumes_its_oldest_match_and_everything_older(
     states: list[UserData], data: st.DataObject
 ) -> None:
     pending = written(*states)
     target = data.draw(st.sampled_from(states))
-    newest = max(i for i, s in enumerate(states) if s == target)
+    oldest = min(i for i, s in enumerate(states) if s == target)
     verdict = match_echo(pending, target, T + 100)
+    assert verdict.verdict is Verdict.ECHO
+    assert list(verdict.pending) == list(pending[oldest + 1 :])
+
+
+def test_a_repeated_state_does_not_swallow_the_echo_of_a_write_in_between() -> None:
+    """Writes W1, W2, W1: the first W1 echo must leave W2 pending, or W2's echo is a change."""
+    pending = written(W1, W2, W1)
+    first = match_echo(pending, W1, T + 500)
+    assert [p.state for p in first.pending] == [W2, W1]
+    assert match_echo(first.pending, W2, T + 600).verdict is Verdict.ECHO
+
+
+def test_an_event_flushed_before_a_write_is_stale_not_a_change() -> None:
+    """The user's save on the target flushed just before our write; it arrives after the ack."""
+    user_state = UserData(rating=4.0)
+    pending = written(W1, first_over=user_state)
+    verdict = match_echo(pending, user_state, T + 20)
+    assert verdict.verdict is Verdict.STALE
     assert verdict.is_echo
-    assert list(verdict.pending) == list(pending[newest + 1 :])
+    # The write's own echo is still expected.
+    assert [p.state for p in verdict.pending] == [W1]
+    assert match_echo(verdict.pending, W1, T + 520).verdict is Verdict.ECHO
+
+
+def test_a_stale_event_consumes_only_entries_older_than_the_write_it_predates() -> None:
+    pending = written(W1, W2, W3)
+    verdict = match_echo(pending, S0, T + 10)  # S0 predates the first write: nothing goes
+    assert verdict.verdict is Verdict.STALE
+    assert verdict.pending == pending

@@ -342,10 +342,53 @@ async def test_a_read_equal_to_a_pending_write_does_not_consume_it(ledger: Ledge
     await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
     w1 = await _write(ledger, "b", DEFAULT_USER_DATA, T0 + 110)
     scanned = await ledger.apply_observation("b", USER, ITEM, w1, T0 + 120, source="scan")
-    assert scanned.outcome is Outcome.ECHO
+    assert scanned.outcome is Outcome.UNCHANGED
     assert len(await ledger.pending_echoes("b", USER, ITEM)) == 1
     event = await ledger.apply_observation("b", USER, ITEM, w1, T0 + 610)
     assert event.outcome is Outcome.ECHO
+
+
+async def test_an_event_flushed_before_our_write_does_not_undo_it(ledger: Ledger) -> None:
+    """b flushed its state (a no-op save) just before our write; the event lands after the ack."""
+    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
+    written = await _write(ledger, "b", DEFAULT_USER_DATA, T0 + 110)
+    late = await ledger.apply_observation("b", USER, ITEM, DEFAULT_USER_DATA, T0 + 120)
+    assert late.outcome is Outcome.STALE
+    canonical = await ledger.canonical(USER, ITEM)
+    assert canonical is not None
+    assert canonical.data == written == UserData(favorite=True)
+    assert await ledger.outbox_depth("a") == 0
+    # The write's own echo still comes and is still recognised.
+    echo = await ledger.apply_observation("b", USER, ITEM, written, T0 + 620)
+    assert echo.outcome is Outcome.ECHO
+
+
+async def test_scan_pages_are_stale_only_if_requested_before_a_write(ledger: Ledger) -> None:
+    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
+    await _write(ledger, "b", DEFAULT_USER_DATA, T0 + 110)
+    old_page = await ledger.apply_observation(
+        "b", USER, ITEM, DEFAULT_USER_DATA, T0 + 105, source="scan"
+    )
+    assert old_page.outcome is Outcome.STALE
+    # A page requested after the write shows what b holds now: the user undid it.
+    new_page = await ledger.apply_observation(
+        "b", USER, ITEM, DEFAULT_USER_DATA, T0 + 200, source="scan"
+    )
+    assert new_page.outcome is Outcome.CHANGED
+    assert new_page.changed == {FAV}
+
+
+async def test_forget_echoes_on_reconnect(ledger: Ledger) -> None:
+    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
+    await _write(ledger, "b", DEFAULT_USER_DATA, T0 + 110)
+    assert await ledger.forget_echoes("b", USER) == 1
+    assert await ledger.pending_echoes("b", USER, ITEM) == ()
+    # The socket died before the echo; after reconnect the user really turns it off again.
+    undo = await ledger.apply_observation("b", USER, ITEM, DEFAULT_USER_DATA, T0 + 5_000)
+    assert undo.outcome is Outcome.CHANGED
 
 
 # ---------------------------------------------------------------------- outbox
