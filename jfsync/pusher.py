@@ -261,6 +261,7 @@ class Pusher:
             if await self._ledger.row_dead(row, reason):
                 self.stats.dead_parked += 1
                 logger.warning("[→%s] parked %s/%s: %s", self.peer, row.user, row.item, reason)
+                self._progress()
             return
         now_ms = self._clock.wall_ms()
         fresh = await self._ledger.observe_before_write(row, current, now_ms)
@@ -287,6 +288,7 @@ class Pusher:
                 if await self._ledger.row_dead(fresh, str(err)):
                     self.stats.dead_parked += 1
                     logger.warning("[→%s] parked %s/%s: %s", self.peer, row.user, row.item, err)
+                    self._progress()
                 return
             retry_at = self._clock.wall_ms() + int(ROW_RETRY_S * 1000)
             await self._ledger.row_failed(fresh, str(err), retry_at)
@@ -315,6 +317,7 @@ class Pusher:
         self.stats.down_since_ms = self.stats.down_since_ms or self._clock.wall_ms()
         self.stats.last_error = str(error)
         self._streak.failed("peer unreachable; queueing and probing", error)
+        self._progress()
         async for attempt in AsyncRetrying(
             stop=stop_never,
             wait=self._probe_wait,
@@ -329,6 +332,7 @@ class Pusher:
         self.stats.down_since_ms = None
         await self._ledger.reset_backoff(self.peer)
         self._streak.succeeded("peer reachable")
+        self._progress()
 
     async def _wait_until_key_works(self, error: ServerError) -> None:
         """Stay paused with a visible reason; ask again slowly until the key is accepted."""
@@ -336,6 +340,7 @@ class Pusher:
             f"{self.peer} refused jfsync's API key ({error}); check servers[].api_key"
         )
         self._streak.failed("paused", self.stats.pause_reason)
+        self._progress()
         while self._accepting:
             await self._sleep_or_wake(self._auth_retry_s, wake_on_rows=False)
             if self._stopping():
@@ -353,6 +358,7 @@ class Pusher:
         self.stats.pause_reason = None
         await self._ledger.reset_backoff(self.peer)
         self._streak.succeeded("API key accepted")
+        self._progress()
 
     async def _sleep_or_wake(self, seconds: float, *, wake_on_rows: bool = True) -> None:
         sleeper = asyncio.ensure_future(self._clock.sleep(seconds))
