@@ -431,3 +431,44 @@ def _seed(emu: Emulator, user_id: str, item_id: str, state: UserData) -> None:
         position_ticks=ps.position_ticks,
     )
     emu.writes.clear()
+
+
+async def test_dates_compare_at_one_second(emu: Emulator, client: JellyfinClient) -> None:
+    alice, movie = emu.user_id("alice"), _leaf(emu)
+    emu.save_user_data(
+        alice,
+        movie,
+        played=True,
+        play_count=2,
+        last_played=datetime.fromtimestamp(T0, UTC).replace(microsecond=730_000),
+    )
+    emu.writes.clear()
+    current = (await client.get_user_data(alice, movie)).to_user_data()
+    desired = UserData(play_state=PLAYED)  # last played at T0 exactly
+    result = await client.apply_user_data(alice, movie, desired, current, frozenset(ALL_REGISTERS))
+    assert result == desired
+    assert emu.writes == []
+
+
+@pytest.mark.parametrize("other", ["10.9.11", "12.0.0"])
+async def test_write_path_and_tokens_on_10_9_and_12(
+    make_emulator: MakeEmulator, make_client: MakeClient, other: str
+) -> None:
+    # 10.9 omits ItemId in REST user data and 12 ignores legacy auth: neither may matter.
+    emu = await make_emulator(server_version=other)
+    client = make_client(emu)
+    await client.ensure_supported()
+    bob, episode = emu.user_id("bob"), _leaf(emu, "Episode")
+    desired = UserData(favorite=True, rating=6.5, play_state=RESUME)
+    result = await client.apply_user_data(
+        bob, episode, desired, UserData(), frozenset(ALL_REGISTERS)
+    )
+    assert result == desired
+    assert (await client.get_user_data(bob, episode)).to_user_data() == desired
+    back = await client.apply_user_data(bob, episode, UserData(), desired, frozenset(ALL_REGISTERS))
+    assert back == UserData()
+    assert emu.user_data(bob, episode) == UserData()
+    token = await client.mint_user_token(bob, f"jfsync-{emu.server_id}-{bob}")
+    assert (await client.current_user(token)).id == bob
+    items = [i async for i in client.iter_items(bob, page_size=9)]
+    assert len(items) == len(emu.leaf_items())

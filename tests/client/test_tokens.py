@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from pydantic import SecretStr
 
@@ -39,8 +41,9 @@ def test_user_device_id_is_stable_and_normalised() -> None:
 
 
 async def test_quick_connect_mints_a_working_token_for_that_user(
-    emu: Emulator, client: JellyfinClient
+    emu: Emulator, client: JellyfinClient, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     bob = emu.user_id("bob")
     store = MemoryTokenStore()
     tokens = _tokens(emu, client, store)
@@ -52,6 +55,8 @@ async def test_quick_connect_mints_a_working_token_for_that_user(
     assert await store.load_token(emu.server_id, bob) == token
     assert token not in repr(store)
     assert token not in repr(tokens)
+    assert "token for user bob minted through Quick Connect" in caplog.text
+    assert token not in caplog.text
     # The three Quick Connect steps, the first and last as the user's own device without token.
     assert [r.path for r in emu.requests if "QuickConnect" in r.path] == [
         "/QuickConnect/Initiate",
