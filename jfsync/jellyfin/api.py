@@ -163,11 +163,6 @@ class JellyfinClient:
         data = await self._call("GET", "/System/Info")
         return self._parse(SystemInfo, data, "/System/Info")
 
-    async def ping(self) -> bool:
-        """Tell cheaply whether the server answers (anonymous public info)."""
-        await self.public_info()
-        return True
-
     # ------------------------------------------------------------------ users
 
     async def users(self) -> list[UserDto]:
@@ -233,13 +228,6 @@ class JellyfinClient:
             chunk = wanted[start : start + IDS_PER_REQUEST]
             async for item in self._scan([*base, ("ids", ",".join(chunk))], page_size, seen):
                 yield item
-
-    async def item_count(self, user_id: str | None, **kwargs: Any) -> int:
-        """Count the items a scan with the same arguments would yield."""
-        count = 0
-        async for _ in self.iter_items(user_id, **kwargs):
-            count += 1
-        return count
 
     # ------------------------------------------------------------------ user data
 
