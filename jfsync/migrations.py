@@ -11,6 +11,11 @@ Schema v1 (see :data:`MIGRATIONS`): ``meta`` (the hybrid clock), ``servers``, ca
 type, path and provider ids later identity matching needs), ``canonical`` (value, stamp and
 origin per register), ``last_known`` (each server's state of each user and item),
 ``pending_echo``, ``outbox`` (one row per peer, user and item) and ``tokens``.
+
+Schema v2 adds the library index of :mod:`jfsync.index`: ``index_items`` (every server's leaf
+items with type, name, year, path, provider ids, series, season and episode numbers),
+``index_series`` (series provider ids), ``index_keys`` (provider-id match keys) and
+``index_scans`` (scan generations).
 """
 
 from __future__ import annotations
@@ -136,7 +141,7 @@ _V1 = Migration(
             dead INTEGER NOT NULL DEFAULT 0,
             UNIQUE (peer, user, item)
         )""",
-        "CREATE INDEX outbox_due ON outbox(peer, dead, next_attempt_ms)",
+        "CREATE INDEX outbox_due ON outbox(peer, dead, next_attempt_ms, created_ms)",
         "CREATE INDEX outbox_by_pair ON outbox(user, item)",
         """CREATE TABLE tokens (
             server TEXT NOT NULL,
@@ -147,8 +152,60 @@ _V1 = Migration(
     ),
 )
 
+_V2 = Migration(
+    version=2,
+    description="library index: every server's leaf items, their series and match keys",
+    statements=(
+        # One row per leaf item a server has (jfsync.index). ``id`` is a local handle used by
+        # the matcher; ``match_path`` is the path after the server's prefix rewrites.
+        """CREATE TABLE index_items (
+            id INTEGER PRIMARY KEY,
+            server INTEGER NOT NULL REFERENCES servers(id),
+            remote_id TEXT NOT NULL,
+            item_type TEXT NOT NULL,
+            name TEXT,
+            year INTEGER,
+            path TEXT,
+            match_path TEXT,
+            provider_ids TEXT,
+            series_id TEXT,
+            season INTEGER,
+            episode INTEGER,
+            scan INTEGER NOT NULL,
+            UNIQUE (server, remote_id)
+        )""",
+        "CREATE INDEX index_items_by_path ON index_items(match_path, server)",
+        "CREATE INDEX index_items_by_series ON index_items(server, series_id)",
+        """CREATE TABLE index_series (
+            server INTEGER NOT NULL REFERENCES servers(id),
+            remote_id TEXT NOT NULL,
+            name TEXT,
+            provider_ids TEXT,
+            scan INTEGER NOT NULL,
+            PRIMARY KEY (server, remote_id)
+        ) WITHOUT ROWID""",
+        # Provider-id match keys ("Movie|imdb|tt0133093", "Episode|tvdb|81189|1|2"), several
+        # per item.
+        """CREATE TABLE index_keys (
+            key TEXT NOT NULL,
+            server INTEGER NOT NULL,
+            entry INTEGER NOT NULL REFERENCES index_items(id) ON DELETE CASCADE,
+            PRIMARY KEY (key, server, entry)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX index_keys_by_server ON index_keys(server, key)",
+        "CREATE INDEX index_keys_by_entry ON index_keys(entry)",
+        # Per server: the current scan generation and when the last complete scan ended.
+        """CREATE TABLE index_scans (
+            server INTEGER PRIMARY KEY REFERENCES servers(id),
+            scan INTEGER NOT NULL,
+            complete_ms INTEGER,
+            rewrites TEXT
+        )""",
+    ),
+)
+
 #: Every migration, in order. Versions are 1, 2, 3, ... without gaps.
-MIGRATIONS: tuple[Migration, ...] = (_V1,)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2)
 
 #: The schema version this jfsync writes.
 LATEST_VERSION = MIGRATIONS[-1].version
