@@ -573,7 +573,7 @@ async def test_backfill_queues_what_a_new_server_has_never_seen(tmp_path: Path) 
         await ledger.map_user("c", "c-uid", USER)
         assert await ledger.backfill("c", USER, T0 + 20) == 1
         [row] = await ledger.due_rows("c", 10, T0 + 30)
-        assert (row.item, row.registers) == ("i1", {FAV})
+        assert (row.item, row.registers) == ("i1", frozenset({FAV}))
         assert await ledger.backfill("c", USER, T0 + 40) == 0  # nothing new the second time
         assert await ledger.check_invariants() == []
 
