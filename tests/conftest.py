@@ -1,9 +1,12 @@
-"""Suite-wide test hygiene: leftover tasks fail the test, and shared paths and fixtures."""
+"""Suite-wide test hygiene: leftover tasks and threads fail the test; shared paths and fixtures."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import os
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -34,6 +37,47 @@ async def _no_leftover_tasks() -> AsyncIterator[None]:
         task.cancel()
     names = ", ".join(sorted(t.get_name() + ":" + repr(t.get_coro()) for t in leftover))
     pytest.fail(f"test left tasks running: {names}")
+
+
+#: How long a test's threads (aiosqlite workers, executors) get to end after teardown.
+THREAD_JOIN_S = 5.0
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_threads() -> Iterator[None]:
+    """Fail any test that leaves a non-daemon thread running (an unclosed ledger, say).
+
+    Such a thread would also keep the interpreter alive after the last test, hanging CI.
+    """
+    before = set(threading.enumerate())
+    yield
+    leftover = [t for t in threading.enumerate() if t not in before and _may_hang(t)]
+    for thread in leftover:
+        thread.join(THREAD_JOIN_S)
+    alive = [t.name for t in leftover if t.is_alive()]
+    if alive:
+        pytest.fail(f"test left threads running: {', '.join(alive)}")
+
+
+def _may_hang(thread: threading.Thread) -> bool:
+    """Tell whether ``thread`` could keep the interpreter alive at exit.
+
+    Executor workers (asyncio's default executor, ThreadPoolExecutor) are shut down by
+    concurrent.futures at exit and are not counted.
+    """
+    if thread is threading.main_thread() or thread.daemon or not thread.is_alive():
+        return False
+    return not thread.name.startswith(("asyncio_", "ThreadPoolExecutor"))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Never hang at exit: if a leaked non-daemon thread survived, say so and exit now."""
+    stuck = [t.name for t in threading.enumerate() if _may_hang(t)]
+    if stuck:
+        sys.stderr.write(f"\nthreads still running after the tests: {', '.join(stuck)}\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(int(exitstatus) or 1)
 
 
 @pytest.fixture(scope="session")
