@@ -13,7 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -33,6 +38,11 @@ _OUTBOX_KEY_OF_OUTCOME = {
     "failed": "failures",
     "dead": "dead_parked",
 }
+
+
+# ``*_created`` series (a timestamp per histogram) only add noise for an application that
+# exports nothing else through prometheus-client; jfsync owns its process.
+disable_created_metrics()
 
 
 class Metrics:

@@ -213,7 +213,10 @@ def find_problems(snap: Mapping[str, Any]) -> list[Problem]:
                 why = user.get("pause_reason") or user.get("last_error")
                 suffix = f": {why}" if why else ""
                 warnings.append(
-                    Problem(False, f"socket {name}/{user['user']} is {user['state']}{suffix}")
+                    Problem(
+                        False,
+                        f"socket {name}/{user['user']} not connected ({user['state']}){suffix}",
+                    )
                 )
     for pair in snap.get("identity", {}).get("pairs", []):
         if pair.get("ambiguous"):
