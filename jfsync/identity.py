@@ -1,28 +1,753 @@
 """Identity: which canonical item a server's item is, and which server item a canonical one is.
 
-The replication core asks one question through :class:`ItemIdentity`: the canonical keys of a
-batch of a server's item ids. :class:`IdenticalIds` is the first strategy: servers that share
-item ids (same type and path, the same library layout) use the id itself as the canonical key.
-Matching by rewritten path and by provider ids plugs in behind the same protocol.
+The replication core asks through :class:`ItemIdentity`: the canonical keys of a batch of a
+server's item ids (and the reverse). Two strategies implement it:
+
+* :class:`IdenticalIds`: servers that share item ids (same type and path, the same library
+  layout) use the id itself as the canonical key;
+* :class:`IndexedIdentity`, the service's default: every server's leaf items are indexed in the
+  ledger (:mod:`jfsync.index`) and matched across servers, in order, by identical id, by path
+  after each server's prefix rewrites, and by provider ids with the type (episodes by their
+  series' provider ids plus season and episode numbers). A match needs exactly one candidate on
+  each side; anything else is *ambiguous*: refused, reported, and left unmapped, so nothing is
+  read or written for it. Items on one server only keep a key of their own (their changes stay
+  in the ledger and are delivered when the item appears elsewhere). Earlier matches are kept as
+  long as the two items still share a match key, and canonical keys persist in the ledger's
+  id map, so they are stable across restarts.
+
+:func:`match_pair` and :func:`build_groups` are the pure matching steps, tested on their own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Protocol
+import asyncio
+import contextlib
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from jfsync.config import Config
+from jfsync.errors import JfsyncError
+from jfsync.index import (
+    PAGE_SIZE,
+    RULES,
+    GroupRow,
+    LibraryIndex,
+    PageHook,
+    Rule,
+)
+from jfsync.jellyfin.api import JellyfinClient
+from jfsync.ledger import ItemMapping, Ledger
+from jfsync.timing import Clock
+
+logger = logging.getLogger(__name__)
+
+#: Samples of each kind kept per server pair for the status page.
+SAMPLE_SIZE = 5
+#: Mapping changes written per ledger transaction.
+REMAP_CHUNK = 2000
+#: Marks an entry with more than one candidate while matching.
+_MANY = -1
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityChange:
+    """What a refresh changed: the servers whose id map moved, and how much."""
+
+    servers: frozenset[str] = frozenset()
+    mapped: int = 0
+    unmapped: int = 0
+    retired: int = 0
+
+    def __or__(self, other: IdentityChange) -> IdentityChange:
+        return IdentityChange(
+            self.servers | other.servers,
+            self.mapped + other.mapped,
+            self.unmapped + other.unmapped,
+            self.retired + other.retired,
+        )
 
 
 class ItemIdentity(Protocol):
-    """Resolve a server's item ids to canonical item keys."""
+    """Resolve a server's item ids to canonical item keys, and keep that resolution fresh."""
+
+    #: True when every item a server has is mapped (items a server lacks are then known).
+    complete: bool
+
+    async def start(self, clients: Mapping[str, JellyfinClient]) -> None:
+        """Get ready to answer; ``clients`` are the REST clients by server name."""
+        ...
+
+    async def close(self) -> None:
+        """Stop background work and release resources."""
+        ...
+
+    def server_reachable(self, server: str) -> None:
+        """Note that ``server`` answers (the first index scan can start)."""
+        ...
 
     async def canonical_items(self, server: str, remote_ids: Iterable[str]) -> dict[str, str]:
         """Return remote id -> canonical key for the ids that map (others are left out)."""
+        ...
+
+    async def remote_items(self, server: str, items: Iterable[str]) -> dict[str, str]:
+        """Return canonical key -> the server's item id for the keys the server has."""
+        ...
+
+    async def refresh(self, servers: Iterable[str] | None = None) -> IdentityChange:
+        """Rescan the servers' libraries (all by default) and match again."""
+        ...
+
+    async def library_changed(
+        self, server: str, changed: Iterable[str], removed: Iterable[str]
+    ) -> IdentityChange:
+        """Re-read items added or updated on ``server``, drop removed ones, match again."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """Matching counts per server pair with samples, for the status endpoint."""
         ...
 
 
 class IdenticalIds:
     """Items are the same when their ids are the same (type and path identical)."""
 
+    complete = False
+
+    def __init__(self, servers: Sequence[str] = ()) -> None:
+        self._servers = list(servers)
+
+    async def start(self, clients: Mapping[str, JellyfinClient]) -> None:
+        """Nothing to prepare."""
+        self._servers = self._servers or list(clients)
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    def server_reachable(self, server: str) -> None:
+        """Nothing to scan."""
+
     async def canonical_items(self, server: str, remote_ids: Iterable[str]) -> dict[str, str]:
         """Map every id to itself."""
         return {remote_id: remote_id for remote_id in remote_ids}
+
+    async def remote_items(self, server: str, items: Iterable[str]) -> dict[str, str]:
+        """Map every key to itself."""
+        return {item: item for item in items}
+
+    async def refresh(self, servers: Iterable[str] | None = None) -> IdentityChange:
+        """Nothing to rescan."""
+        return IdentityChange()
+
+    async def library_changed(
+        self, server: str, changed: Iterable[str], removed: Iterable[str]
+    ) -> IdentityChange:
+        """Nothing to re-read."""
+        return IdentityChange()
+
+    def status(self) -> dict[str, Any]:
+        """No counts: every id is taken as shared."""
+        names = self._servers
+        return {
+            "strategy": "identical-ids",
+            "pairs": [
+                {"servers": [a, b], "matched": None, "unmatched": None, "ambiguous": None}
+                for i, a in enumerate(names)
+                for b in names[i + 1 :]
+            ],
+        }
+
+
+# ---------------------------------------------------------------------- pure matching
+
+
+@dataclass(slots=True)
+class PairResult:
+    """How the entries of two servers matched."""
+
+    servers: tuple[str, str]
+    #: entry on the first server -> entry on the second.
+    matched: dict[int, int] = field(default_factory=dict)
+    #: entry on the first server -> the rule that matched it (or still confirms a kept match).
+    rule_of: dict[int, str] = field(default_factory=dict)
+    #: first-server entries of earlier matches kept.
+    kept: set[int] = field(default_factory=set)
+    #: entries (of either server) refused because a rule gave them several candidates.
+    ambiguous: dict[int, str] = field(default_factory=dict)
+
+
+def match_pair(
+    servers: tuple[str, str],
+    kept: Mapping[int, int],
+    rules: Sequence[tuple[str, Sequence[tuple[int, int]]]],
+) -> PairResult:
+    """Match two servers' entries from candidate pairs, rule by rule (pure).
+
+    ``kept`` holds earlier matches (first-server entry -> second-server entry); one stays when
+    the pair is still a candidate under some rule. Then each rule in order, over the entries
+    still free: a pair matches when each side is the other's only candidate; an entry with
+    several candidates, or whose only candidate has several, is ambiguous and takes no part in
+    later rules.
+    """
+    result = PairResult(servers)
+    taken_b: dict[int, int] = {}
+    if kept:
+        for rule, edges in rules:
+            for a, b in edges:
+                if kept.get(a) == b and a not in result.matched:
+                    result.matched[a] = b
+                    result.rule_of[a] = rule
+                    result.kept.add(a)
+                    taken_b[b] = a
+    refused_a: set[int] = set()
+    refused_b: set[int] = set()
+    for rule, edges in rules:
+        cand_a: dict[int, int] = {}
+        cand_b: dict[int, int] = {}
+        for a, b in edges:
+            if a in result.matched or b in taken_b or a in refused_a or b in refused_b:
+                continue
+            cand_a[a] = b if cand_a.get(a, b) == b else _MANY
+            cand_b[b] = a if cand_b.get(b, a) == a else _MANY
+        for a, b in cand_a.items():
+            if b != _MANY and cand_b[b] == a:
+                result.matched[a] = b
+                result.rule_of[a] = rule
+                taken_b[b] = a
+        for a in cand_a:
+            if a not in result.matched:
+                refused_a.add(a)
+                result.ambiguous[a] = rule
+        for b in cand_b:
+            if b not in taken_b:
+                refused_b.add(b)
+                result.ambiguous[b] = rule
+    return result
+
+
+def build_groups(
+    pairs: Iterable[PairResult], entry_server: Mapping[int, int]
+) -> tuple[dict[int, int | None], set[int]]:
+    """Join pairwise matches into groups (pure); return (entry -> group or None, conflicts).
+
+    A group is a connected set of matched entries, named by its smallest entry. A group that
+    would hold two entries of one server is refused whole (its entries map to None and are
+    listed as conflicts). Entries ambiguous in some pair and matched in none are refused too.
+    Entries in no group are on their own.
+    """
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        root = x
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while parent.get(x, x) != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    ambiguous: set[int] = set()
+    pairs = list(pairs)
+    for pair in pairs:
+        ambiguous.update(pair.ambiguous)
+        for a, b in pair.matched.items():
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+            parent.setdefault(a, a)
+            parent.setdefault(b, b)
+    members: dict[int, list[int]] = {}
+    for entry in parent:
+        members.setdefault(find(entry), []).append(entry)
+    groups: dict[int, int | None] = {}
+    conflicts: set[int] = set()
+    for root, entries in members.items():
+        servers = [entry_server.get(e) for e in entries]
+        if len(set(servers)) != len(servers):
+            conflicts.update(entries)
+            for e in entries:
+                groups[e] = None
+        else:
+            for e in entries:
+                groups[e] = root
+    for entry in ambiguous:
+        groups.setdefault(entry, None)
+    return groups, conflicts
+
+
+# ---------------------------------------------------------------------- the indexed identity
+
+#: Called with (server, ids) for item ids a server sent that the index does not hold yet.
+UnknownHook = Callable[[str, set[str]], None]
+#: Called with the change when a first scan moved other servers' id maps (must not block).
+ChangeHook = Callable[[IdentityChange], None]
+
+
+class IndexedIdentity:
+    """Match items across servers through the library index (see the module docstring)."""
+
+    complete = True
+
+    def __init__(
+        self,
+        config: Config,
+        ledger: Ledger,
+        clock: Clock,
+        *,
+        page_size: int = PAGE_SIZE,
+        on_page: PageHook | None = None,
+    ) -> None:
+        self._config = config
+        self._ledger = ledger
+        self._clock = clock
+        self._names = [s.name for s in config.servers]
+        self._index = LibraryIndex(config.ledger, config.servers)
+        self._page_size = page_size
+        self._on_page = on_page
+        self._clients: dict[str, JellyfinClient] = {}
+        self._builds: dict[str, asyncio.Task[BaseException | None]] = {}
+        self._ready: set[str] = set()
+        self._match_lock = asyncio.Lock()
+        self._status: dict[str, Any] = {"strategy": "indexed", "pairs": [], "servers": {}}
+        self._problems_logged: set[tuple[str, str]] = set()
+        self._not_found: set[tuple[str, str]] = set()
+        #: Told about ids the index does not hold (the reconciler re-reads them).
+        self.on_unknown: UnknownHook | None = None
+        #: Told about id-map changes made by first scans (the reconciler catches up).
+        self.on_change: ChangeHook | None = None
+        self._opened = False
+
+    def __repr__(self) -> str:
+        return f"IndexedIdentity(servers={self._names})"
+
+    @property
+    def index(self) -> LibraryIndex:
+        """The library index this identity matches over."""
+        return self._index
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, clients: Mapping[str, JellyfinClient]) -> None:
+        """Open the index (the ledger must be open already)."""
+        self._clients = dict(clients)
+        if not self._opened:
+            await self._index.open()
+            self._opened = True
+
+    async def close(self) -> None:
+        """Cancel scans under way and close the index."""
+        tasks = [t for t in self._builds.values() if not t.done()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._builds.clear()
+        if self._opened:
+            await self._index.close()
+            self._opened = False
+
+    def server_reachable(self, server: str) -> None:
+        """Start the server's first scan in the background (once per process)."""
+        if server in self._clients and server not in self._ready:
+            self._first_build(server)
+
+    # ------------------------------------------------------------------ ItemIdentity
+
+    async def canonical_items(self, server: str, remote_ids: Iterable[str]) -> dict[str, str]:
+        """Return remote id -> canonical key for the mapped ids; ask for unknown ones."""
+        wanted = list(remote_ids)
+        await self.ensure_ready(server)
+        found = await self._index.canonical_of(server, wanted)
+        unknown = {r for r in wanted if r not in found and (server, r) not in self._not_found}
+        if unknown:
+            indexed = await self._index.in_index(server, unknown)
+            fresh = unknown - indexed
+            if fresh and self.on_unknown is not None:
+                self.on_unknown(server, fresh)
+        return found
+
+    async def remote_items(self, server: str, items: Iterable[str]) -> dict[str, str]:
+        """Return canonical key -> the server's item id for the keys it maps."""
+        await self.ensure_ready(server)
+        return await self._index.remote_of(server, items)
+
+    async def ensure_ready(self, server: str) -> None:
+        """Wait for the server's first scan of this process (and any other first scan under way).
+
+        When the scan fails, an index left by an earlier complete scan is used; without one
+        the scan's error is raised (the caller retries later).
+        """
+        if server in self._ready:
+            return
+        task = self._first_build(server)
+        error = await asyncio.shield(task)
+        others = [t for n, t in self._builds.items() if n != server and not t.done()]
+        if others:
+            await asyncio.wait([asyncio.shield(t) for t in others])
+        if error is None:
+            return
+        if await self._index.complete(server):
+            logger.warning(
+                "[%s] cannot rescan the library (%s); matching with the index of the last scan",
+                server,
+                error,
+            )
+            self._ready.add(server)
+            return
+        raise error
+
+    async def refresh(self, servers: Iterable[str] | None = None) -> IdentityChange:
+        """Rescan the servers' libraries (those with a client by default), then match again.
+
+        A server whose scan fails keeps its previous index; the failure is logged.
+        """
+        names = [n for n in (servers or self._names) if n in self._clients]
+        results = await asyncio.gather(*(self._scan(n) for n in names), return_exceptions=True)
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException):
+                logger.warning("[%s] library rescan failed: %s", name, result)
+            else:
+                self._ready.add(name)
+        return await self.rematch()
+
+    async def library_changed(
+        self, server: str, changed: Iterable[str], removed: Iterable[str]
+    ) -> IdentityChange:
+        """Re-read items added or updated on ``server``, drop removed ones, match again."""
+        changed = set(changed)
+        removed = set(removed) - changed
+        client = self._clients[server]
+        if changed:
+            await self._index.refresh_items(client, server, changed)
+            held = await self._index.in_index(server, changed)
+            self._not_found.update((server, r) for r in changed - held)
+            self._not_found.difference_update((server, r) for r in held)
+        if removed:
+            await self._index.remove_items(server, removed)
+        return await self.rematch()
+
+    def status(self) -> dict[str, Any]:
+        """Matching counts per server pair with samples (from the last match)."""
+        return self._status
+
+    # ------------------------------------------------------------------ matching
+
+    async def rematch(self) -> IdentityChange:
+        """Match every server pair again and bring the ledger's id maps in line."""
+        async with self._match_lock:
+            started = self._clock.monotonic()
+            entry_server = await self._index.entry_servers()
+            indexed = set(entry_server.values())
+            present = [n for n in self._names if self._index.sid(n) in indexed]
+            pairs: list[PairResult] = []
+            for i, a in enumerate(present):
+                for b in present[i + 1 :]:
+                    pairs.append(await self._match(a, b))
+            groups, conflicts = build_groups(pairs, entry_server)
+            change = await self._apply(groups)
+            await self._update_status(pairs, conflicts, entry_server)
+            elapsed = self._clock.monotonic() - started
+            logger.info(
+                "matched items of %s in %.1f s: %d mappings written, %d dropped, %d retired",
+                ", ".join(present) or "no server",
+                elapsed,
+                change.mapped,
+                change.unmapped,
+                change.retired,
+            )
+            return change
+
+    async def _match(self, a: str, b: str) -> PairResult:
+        kept = dict(await self._index.mapped_pairs(a, b))
+        rules: list[tuple[str, Sequence[tuple[int, int]]]] = []
+        for rule in RULES:
+            rules.append((rule, await self._index.edges(rule, a, b)))
+            await asyncio.sleep(0)
+        return match_pair((a, b), kept, rules)
+
+    async def _apply(self, groups: Mapping[int, int | None]) -> IdentityChange:
+        """Choose each group's canonical key and write the id-map changes to the ledger."""
+        index = self._index
+        held = await index.mapped_keys()
+        taken: set[str] = set().union(*held.values()) if held else set()
+        claimed: set[str] = set()
+        plans = {n: _ServerPlan() for n in self._names}
+        retire: set[str] = set()
+        current: list[GroupRow] = []
+        async for page in index.group_rows(groups):
+            for row in page:
+                if current and row.group != current[0].group:
+                    self._plan_group(current, plans, claimed, taken, held, retire)
+                    current = []
+                current.append(row)
+        if current:
+            self._plan_group(current, plans, claimed, taken, held, retire)
+        for name in self._names:
+            if await index.complete(name):
+                for remote_id, key in await index.stale_mappings(name):
+                    plans[name].unmap.append(remote_id)
+                    plans[name].forget.add(key)
+                    retire.add(key)
+        change = IdentityChange()
+        for name, plan in plans.items():
+            if not plan:
+                continue
+            change = change | IdentityChange(
+                frozenset({name}), len(plan.mappings), len(plan.unmap), 0
+            )
+            await self._ledger.remap_items(name, unmapped=plan.unmap, forget=sorted(plan.forget))
+            for start in range(0, len(plan.mappings), REMAP_CHUNK):
+                chunk = plan.mappings[start : start + REMAP_CHUNK]
+                await self._ledger.remap_items(name, mappings=chunk)
+        if retire:
+            retired = await self._ledger.retire_items(sorted(retire))
+            change = change | IdentityChange(retired=len(retired))
+        return change
+
+    def _plan_group(
+        self,
+        rows: list[GroupRow],
+        plans: dict[str, _ServerPlan],
+        claimed: set[str],
+        taken: set[str],
+        held: Mapping[str, set[str]],
+        retire: set[str],
+    ) -> None:
+        """Decide one group's canonical key and record the id-map changes it needs.
+
+        The key is the current key of the member on the earliest server that has one (not
+        already given to another group in this pass); a group without one takes the id of its
+        member on the earliest server, or a server-prefixed form of it when that key is used.
+        """
+        if rows[0].refused:
+            for row in rows:
+                if row.key is not None:
+                    plans[row.server].unmap.append(row.remote_id)
+                    plans[row.server].forget.add(row.key)
+                    retire.add(row.key)
+            return
+        members = sorted(rows, key=lambda r: self._names.index(r.server))
+        chosen = next((r.key for r in members if r.key is not None and r.key not in claimed), None)
+        if chosen is None:
+            first = members[0]
+            chosen = first.remote_id
+            serial = 1
+            while chosen in claimed or chosen in taken:
+                serial += 1
+                chosen = f"{first.server}:{first.remote_id}" + (f"#{serial}" if serial > 2 else "")
+        claimed.add(chosen)
+        for row in members:
+            if row.key == chosen:
+                continue
+            plan = plans[row.server]
+            plan.mappings.append(
+                ItemMapping(
+                    remote_id=row.remote_id,
+                    item=chosen,
+                    item_type=row.item_type,
+                    path=row.path,
+                    provider_ids=_provider_dict(row.provider_ids),
+                )
+            )
+            if chosen in held.get(row.server, ()):
+                plan.forget.add(chosen)  # another item of this server held the key before
+            if row.key is not None:
+                plan.forget.add(row.key)
+                retire.add(row.key)
+
+    async def _update_status(
+        self,
+        pairs: Sequence[PairResult],
+        conflicts: set[int],
+        entry_server: Mapping[int, int],
+    ) -> None:
+        counts = Counter(entry_server.values())
+        index = self._index
+        scanned = await index.scanned_at()
+        wanted: set[int] = set()
+        summaries: list[dict[str, Any]] = []
+        for pair in pairs:
+            a, b = pair.servers
+            sid_a, sid_b = index.sid(a), index.sid(b)
+            amb_a = [e for e in pair.ambiguous if entry_server.get(e) == sid_a]
+            amb_b = [e for e in pair.ambiguous if entry_server.get(e) == sid_b]
+            bad = {e for e in conflicts if entry_server.get(e) in (sid_a, sid_b)}
+            matched = {x: y for x, y in pair.matched.items() if x not in bad and y not in bad}
+            ambiguous = set(amb_a) | set(amb_b) | bad
+            amb_count = Counter(entry_server[e] for e in ambiguous)
+            un_a = counts[sid_a] - len(matched) - amb_count[sid_a]
+            un_b = counts[sid_b] - len(matched) - amb_count[sid_b]
+            partners = set(matched) | set(matched.values()) | ambiguous
+            sample_matched = list(matched.items())[:SAMPLE_SIZE]
+            sample_ambiguous = sorted(ambiguous)[:SAMPLE_SIZE]
+            sample_unmatched = await self._unmatched_sample(sid_a, sid_b, partners, entry_server)
+            wanted.update(x for pair_ in sample_matched for x in pair_)
+            wanted.update(sample_ambiguous)
+            wanted.update(sample_unmatched)
+            summaries.append(
+                {
+                    "pair": pair,
+                    "matched": matched,
+                    "ambiguous": ambiguous,
+                    "unmatched": {a: un_a, b: un_b},
+                    "sample_matched": sample_matched,
+                    "sample_ambiguous": sample_ambiguous,
+                    "sample_unmatched": sample_unmatched,
+                }
+            )
+        described = await index.describe(wanted)
+        out_pairs: list[dict[str, Any]] = []
+        for summary in summaries:
+            pair = summary["pair"]
+            a, b = pair.servers
+            by_rule = Counter(pair.rule_of[x] for x in summary["matched"])
+            ambiguous_rows = [
+                {**described[e].as_dict(), "rule": pair.ambiguous.get(e, "group")}
+                for e in summary["sample_ambiguous"]
+                if e in described
+            ]
+            for e in summary["ambiguous"]:
+                item = described.get(e)
+                key = (f"{a}+{b}", str(e))
+                if item is not None and key not in self._problems_logged:
+                    self._problems_logged.add(key)
+                    logger.warning(
+                        "[%s] %s matches more than one item on %s and %s; not synced",
+                        item.server,
+                        item.label(),
+                        a,
+                        b,
+                    )
+            out_pairs.append(
+                {
+                    "servers": [a, b],
+                    "matched": len(summary["matched"]),
+                    "unmatched": sum(summary["unmatched"].values()),
+                    "ambiguous": len(summary["ambiguous"]),
+                    "unmatched_by_server": summary["unmatched"],
+                    "matched_by_rule": {r: by_rule.get(r, 0) for r in RULES},
+                    "samples": {
+                        "matched": [
+                            {
+                                a: described[x].label(),
+                                b: described[y].label(),
+                                "rule": pair.rule_of[x],
+                            }
+                            for x, y in summary["sample_matched"]
+                            if x in described and y in described
+                        ],
+                        "unmatched": [
+                            described[e].as_dict()
+                            for e in summary["sample_unmatched"]
+                            if e in described
+                        ],
+                        "ambiguous": ambiguous_rows,
+                    },
+                }
+            )
+        self._status = {
+            "strategy": "indexed",
+            "matched_at_ms": self._clock.wall_ms(),
+            "servers": {
+                n: {"items": counts.get(index.sid(n), 0), "scanned_at_ms": scanned.get(n)}
+                for n in self._names
+            },
+            "pairs": out_pairs,
+        }
+
+    async def _unmatched_sample(
+        self, sid_a: int, sid_b: int, partners: set[int], entry_server: Mapping[int, int]
+    ) -> list[int]:
+        found: list[int] = []
+        for entry, sid in entry_server.items():
+            if sid in (sid_a, sid_b) and entry not in partners:
+                found.append(entry)
+                if len(found) >= SAMPLE_SIZE:
+                    break
+        return found
+
+    # ------------------------------------------------------------------ scanning
+
+    def _first_build(self, server: str) -> asyncio.Task[BaseException | None]:
+        task = self._builds.get(server)
+        if task is None or (task.done() and (task.cancelled() or task.result() is not None)):
+            task = asyncio.create_task(self._build(server), name=f"jfsync-index[{server}]")
+            self._builds[server] = task
+        return task
+
+    async def _build(self, server: str) -> BaseException | None:
+        """Scan the server and match; return the error instead of raising it."""
+        try:
+            await self._scan(server)
+        except asyncio.CancelledError:
+            raise
+        except JfsyncError as err:
+            logger.warning("[%s] library scan failed: %s", server, err)
+            return err
+        try:
+            change = await self.rematch()
+        except asyncio.CancelledError:
+            raise
+        except JfsyncError as err:
+            logger.warning("item matching failed after scanning %s: %s", server, err)
+            return err
+        self._ready.add(server)
+        others = change.servers - {server}
+        if others and self.on_change is not None:
+            # Not awaited here: whoever catches up may itself be waiting for this scan.
+            self.on_change(IdentityChange(frozenset(others), change.mapped))
+        return None
+
+    async def _scan(self, server: str) -> None:
+        started = self._clock.monotonic()
+        result = await self._index.scan(
+            self._clients[server],
+            server,
+            self._clock.wall_ms(),
+            page_size=self._page_size,
+            on_page=self._on_page,
+        )
+        logger.info(
+            "[%s] library indexed in %.1f s: %d items, %d series, %d removed",
+            server,
+            self._clock.monotonic() - started,
+            result.items,
+            result.series,
+            result.removed,
+        )
+
+
+@dataclass(slots=True)
+class _ServerPlan:
+    """The id-map changes one rematch makes on one server."""
+
+    mappings: list[ItemMapping] = field(default_factory=list)
+    unmap: list[str] = field(default_factory=list)
+    forget: set[str] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.mappings or self.unmap or self.forget)
+
+
+def _provider_dict(text: str | None) -> dict[str, str] | None:
+    if not text:
+        return None
+    value = json.loads(text)
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else None
+
+
+__all__ = [
+    "IdenticalIds",
+    "IdentityChange",
+    "IndexedIdentity",
+    "ItemIdentity",
+    "PairResult",
+    "Rule",
+    "build_groups",
+    "match_pair",
+]

@@ -393,6 +393,124 @@ class Ledger:
             names = {self._server_names[int(r[0])] for r in rows}
             return sorted(names, key=self._policy.rank)
 
+    # ------------------------------------------------------------------ identity changes
+
+    async def remap_items(
+        self,
+        server: str,
+        *,
+        mappings: Sequence[ItemMapping] = (),
+        unmapped: Sequence[str] = (),
+        forget: Sequence[str] = (),
+    ) -> None:
+        """Change the server's item id map in ONE transaction, for identity matching.
+
+        First what jfsync knew of ``server`` for the canonical items ``forget`` goes (every
+        user's last-known state and pending echoes: the server item behind them changed or
+        left, so the next observation there is a first contact); then the mappings of the
+        server's ids ``unmapped`` are dropped; then ``mappings`` are recorded as
+        :meth:`map_items` records them.
+        """
+        async with self._tx() as db:
+            sid = self._sid(server)
+            for chunk in _chunks(sorted(set(forget)), _CHUNK):
+                marks = _marks(len(chunk))
+                for table in ("last_known", "pending_echo"):
+                    await db.execute(
+                        f"DELETE FROM {table} WHERE server=? AND item IN "  # noqa: S608
+                        f"(SELECT id FROM items WHERE key IN ({marks}))",
+                        (sid, *chunk),
+                    )
+            for chunk in _chunks(sorted(set(unmapped)), _CHUNK):
+                marks = _marks(len(chunk))
+                await db.execute(
+                    f"DELETE FROM server_items WHERE server=? AND remote_id IN ({marks})",  # noqa: S608
+                    (sid, *chunk),
+                )
+            if not mappings:
+                return
+            ids = await self._ensure_ids(db, "items", [m.item for m in mappings])
+            await db.executemany(
+                "DELETE FROM server_items WHERE server=? AND item=?",
+                [(sid, ids[m.item]) for m in mappings],
+            )
+            await db.executemany(
+                "INSERT OR REPLACE INTO server_items(server, remote_id, item, item_type, path, "
+                "provider_ids) VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        sid,
+                        m.remote_id,
+                        ids[m.item],
+                        m.item_type,
+                        m.path,
+                        json.dumps(m.provider_ids, sort_keys=True) if m.provider_ids else None,
+                    )
+                    for m in mappings
+                ],
+            )
+
+    async def retire_items(self, items: Sequence[str]) -> list[str]:
+        """Drop every trace of the canonical items among ``items`` that no server maps any more.
+
+        Their canonical states, last-known states, pending echoes and outbox rows go (the keys
+        stay: ids are never reused). Items that some server still maps are left alone. Returns
+        the keys retired.
+        """
+        retired: list[str] = []
+        async with self._tx() as db:
+            for chunk in _chunks(sorted(set(items)), _CHUNK):
+                rows = await db.execute_fetchall(
+                    f"SELECT i.id, i.key FROM items i WHERE i.key IN ({_marks(len(chunk))}) "  # noqa: S608
+                    "AND NOT EXISTS (SELECT 1 FROM server_items s WHERE s.item = i.id)",
+                    chunk,
+                )
+                ids = [int(r[0]) for r in rows]
+                retired += [str(r[1]) for r in rows]
+                if not ids:
+                    continue
+                for table in ("canonical", "last_known", "pending_echo", "outbox"):
+                    await db.execute(
+                        f"DELETE FROM {table} WHERE item IN ({_marks(len(ids))})",  # noqa: S608
+                        ids,
+                    )
+        return retired
+
+    async def backfill_mapped(self, server: str, user: str, wall_ms: int) -> int:
+        """Do :meth:`backfill`, but only for canonical items that ``server`` maps (has).
+
+        With an identity that maps every item a server has, this queues nothing for items the
+        server lacks (they would only be parked as not found). Returns the rows touched.
+        """
+        async with self._tx() as db:
+            sid = self._sid(server)
+            uid = (await self._ensure_ids(db, "users", [user]))[user]
+            rows = await db.execute_fetchall(
+                "SELECT c.item FROM canonical c WHERE c.user=? AND EXISTS "
+                "(SELECT 1 FROM server_items s WHERE s.server=? AND s.item=c.item) "
+                "AND NOT EXISTS (SELECT 1 FROM last_known k WHERE k.user=c.user "
+                "AND k.item=c.item AND k.server=?)",
+                (uid, sid, sid),
+            )
+            pairs = {(uid, int(r[0])) for r in rows}
+            if not pairs:
+                return 0
+            batch = _Batch(self, db)
+            await batch.load(pairs)
+            version = batch.tick(wall_ms)
+            touched = 0
+            for pair in sorted(pairs):
+                canonical = batch.canon[pair]
+                owed = frozenset(
+                    r
+                    for r in self._policy.synced
+                    if canonical.data.get(r) != DEFAULT_USER_DATA.get(r)
+                )
+                if owed and batch.refresh_row((*pair, sid), owed, canonical.data, version, wall_ms):
+                    touched += 1
+            await batch.flush()
+            return touched
+
     # ------------------------------------------------------------------ observations
 
     async def apply_observation(

@@ -1,0 +1,841 @@
+"""The library index: every server's leaf items, kept in the ledger file, and the match queries.
+
+:class:`LibraryIndex` stores, per configured server, each leaf item (movie, episode, video,
+audio...) with what cross-server matching needs: id, type, name, year, path (as reported and
+after the server's ``path_rewrites``), provider ids, series id with season and episode numbers,
+plus the provider ids of every series (``index_series``) and the derived provider-id match keys
+(``index_keys``). Tables come from schema v2 (:mod:`jfsync.migrations`).
+
+It is filled by paged ``GET /Items`` scans with the admin API key and no ``userId``
+(``Fields=Path,ProviderIds``): a series listing first, then the leaf items. Every page is stored
+in its own short transaction on a connection of the index's own (SQLite WAL: the ledger's
+connection keeps applying events meanwhile), so a rescan of 100,000 items never holds a lock for
+long and the event loop runs between pages. A complete scan then drops the rows it did not see
+(removed items). :meth:`LibraryIndex.refresh_items` re-reads only some ids (``LibraryChanged``).
+
+The matcher in :mod:`jfsync.identity` reads candidate pairs through :meth:`LibraryIndex.edges`
+(identical id, rewritten path, shared provider-id key) and streams the resulting groups back
+through :meth:`LibraryIndex.group_rows`. Open the :class:`jfsync.ledger.Ledger` first: it
+creates and migrates the schema; the index only checks the version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import aiosqlite
+
+from jfsync.config import PathRewrite, ServerConfig
+from jfsync.errors import JfsyncError
+from jfsync.jellyfin.api import DEFAULT_ITEM_TYPES, JellyfinClient
+from jfsync.jellyfin.wire import BaseItemDto
+from jfsync.migrations import prepare, schema_version
+
+logger = logging.getLogger(__name__)
+
+#: Provider ids that name one work (not a collection, album or artist shared by many items).
+IDENTIFYING_PROVIDERS: frozenset[str] = frozenset(
+    {
+        "imdb",
+        "tmdb",
+        "tvdb",
+        "tvmaze",
+        "tvrage",
+        "zap2it",
+        "anidb",
+        "musicbrainztrack",
+        "musicbrainzrecording",
+    }
+)
+#: The schema version that has the index tables.
+INDEX_SCHEMA_VERSION = 2
+#: Items per page of a scan (and per transaction when storing it).
+PAGE_SIZE = 1000
+#: Rows per IN (...) list.
+_CHUNK = 500
+
+Rule = Literal["id", "path", "provider"]
+#: Matching rules in the order they are tried.
+RULES: tuple[Rule, ...] = ("id", "path", "provider")
+
+_EDGE_SQL: dict[Rule, str] = {
+    "id": (
+        "SELECT a.id, b.id FROM index_items a JOIN index_items b "
+        "ON b.server = ? AND b.remote_id = a.remote_id AND b.item_type = a.item_type "
+        "WHERE a.server = ?"
+    ),
+    "path": (
+        "SELECT a.id, b.id FROM index_items a JOIN index_items b "
+        "ON b.match_path = a.match_path AND b.server = ? "
+        "WHERE a.server = ? AND a.match_path IS NOT NULL"
+    ),
+    "provider": (
+        "SELECT DISTINCT a.entry, b.entry FROM index_keys a JOIN index_keys b "
+        "ON b.key = a.key AND b.server = ? WHERE a.server = ?"
+    ),
+}
+
+
+class LibraryIndexError(JfsyncError):
+    """The index cannot be used (ledger not migrated, unknown server)."""
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """One leaf item of one server, with what matching needs."""
+
+    remote_id: str
+    item_type: str
+    name: str | None = None
+    year: int | None = None
+    path: str | None = None
+    provider_ids: Mapping[str, str] = field(default_factory=dict)
+    series_id: str | None = None
+    season: int | None = None
+    episode: int | None = None
+
+    @classmethod
+    def from_dto(cls, item: BaseItemDto) -> IndexEntry:
+        """Read an ``/Items`` entry."""
+        episode = item.type == "Episode"
+        return cls(
+            remote_id=item.id,
+            item_type=item.type or "",
+            name=item.name,
+            year=item.production_year,
+            path=item.path,
+            provider_ids=dict(item.provider_ids),
+            series_id=item.series_id if episode else None,
+            season=item.parent_index_number if episode else None,
+            episode=item.index_number if episode else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class IndexedItem:
+    """An index row as the status page and reports show it."""
+
+    server: str
+    remote_id: str
+    item_type: str
+    name: str | None
+    year: int | None
+    path: str | None
+    provider_ids: Mapping[str, str]
+    season: int | None = None
+    episode: int | None = None
+
+    def label(self) -> str:
+        """A short readable name: ``Title (1999) [Movie]`` or ``Title S01E02 [Episode]``."""
+        name = self.name or self.remote_id
+        if self.season is not None and self.episode is not None:
+            name += f" S{self.season:02d}E{self.episode:02d}"
+        elif self.year:
+            name += f" ({self.year})"
+        return f"{name} [{self.item_type}]"
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready form for the status endpoint."""
+        return {
+            "server": self.server,
+            "id": self.remote_id,
+            "type": self.item_type,
+            "name": self.label(),
+            "path": self.path,
+            "provider_ids": dict(self.provider_ids),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRow:
+    """One index entry with its match group and its current canonical key (if mapped)."""
+
+    group: int
+    refused: bool
+    entry: int
+    server: str
+    remote_id: str
+    key: str | None
+    item_type: str
+    path: str | None
+    provider_ids: str | None
+
+
+@dataclass(slots=True)
+class ScanResult:
+    """What one complete scan of a server found."""
+
+    server: str
+    items: int = 0
+    series: int = 0
+    removed: int = 0
+
+
+def normalise_path(path: str) -> str:
+    """Use ``/`` as the separator (Windows servers report ``D:\\Media\\...``)."""
+    return path.replace("\\", "/")
+
+
+def match_path(rewrites: Sequence[PathRewrite], path: str | None) -> str | None:
+    """Return ``path`` as matching compares it: separators normalised, first rewrite applied."""
+    if not path:
+        return None
+    text = normalise_path(path)
+    for rule in rewrites:
+        prefix = normalise_path(rule.from_).rstrip("/")
+        if text == prefix or text.startswith(prefix + "/"):
+            return normalise_path(rule.to).rstrip("/") + text[len(prefix) :]
+    return text
+
+
+def provider_keys(entry: IndexEntry, series_ids: Mapping[str, str] | None) -> set[str]:
+    """Return the provider-id match keys of an item (type included).
+
+    Every identifying provider id gives ``Type|provider|value``; an episode with season and
+    episode numbers also gives ``Episode|provider-series|value|season|episode`` for each
+    identifying provider id of its series.
+    """
+    keys = {
+        f"{entry.item_type}|{name.lower()}|{value.strip().lower()}"
+        for name, value in entry.provider_ids.items()
+        if name.lower() in IDENTIFYING_PROVIDERS and value.strip()
+    }
+    if entry.item_type == "Episode" and entry.season is not None and entry.episode is not None:
+        for name, value in (series_ids or {}).items():
+            if name.lower() in IDENTIFYING_PROVIDERS and value.strip():
+                keys.add(
+                    f"Episode|{name.lower()}-series|{value.strip().lower()}|"
+                    f"{entry.season}|{entry.episode}"
+                )
+    return keys
+
+
+def _rewrites_text(server: ServerConfig) -> str:
+    return json.dumps([[r.from_, r.to] for r in server.path_rewrites])
+
+
+PageHook = Callable[[str, int], Awaitable[None]]
+
+
+class LibraryIndex:
+    """The index tables of the ledger file, on two connections of their own."""
+
+    def __init__(self, path: str | Path, servers: Sequence[ServerConfig]) -> None:
+        self._path = str(path)
+        self._servers = {s.name: s for s in servers}
+        self._order = [s.name for s in servers]
+        self._bulk: aiosqlite.Connection | None = None
+        self._lookup: aiosqlite.Connection | None = None
+        self._sids: dict[str, int] = {}
+        self._names: dict[int, str] = {}
+        #: Serialises transactions and streams on the bulk connection.
+        self._lock = asyncio.Lock()
+        #: One scan or refresh per server at a time (scan generations must not interleave).
+        self._server_locks = {s.name: asyncio.Lock() for s in servers}
+
+    def __repr__(self) -> str:
+        return f"LibraryIndex({self._path!r})"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        """Connect (the ledger must be open: it creates the schema), then check the schema."""
+        if self._bulk is not None:
+            return
+        if self._path == ":memory:":
+            raise LibraryIndexError("the library index needs a ledger file, not :memory:")
+        bulk = await aiosqlite.connect(self._path, isolation_level=None)
+        lookup = await aiosqlite.connect(self._path, isolation_level=None)
+        try:
+            for db in (bulk, lookup):
+                await prepare(db)
+            version = await schema_version(bulk)
+            if version < INDEX_SCHEMA_VERSION:
+                raise LibraryIndexError(
+                    f"the ledger {self._path} has schema {version}; open the Ledger first "
+                    f"(it migrates to {INDEX_SCHEMA_VERSION})"
+                )
+            for sid, name in await bulk.execute_fetchall("SELECT id, name FROM servers"):
+                self._sids[str(name)] = int(sid)
+                self._names[int(sid)] = str(name)
+            missing = [n for n in self._order if n not in self._sids]
+            if missing:
+                raise LibraryIndexError(f"the ledger does not know servers {', '.join(missing)}")
+            await bulk.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS match_groups "
+                "(entry INTEGER PRIMARY KEY, grp INTEGER)"
+            )
+        except BaseException:
+            await bulk.close()
+            await lookup.close()
+            raise
+        self._bulk, self._lookup = bulk, lookup
+        for name in self._order:
+            await self._check_rewrites(name)
+
+    async def close(self) -> None:
+        """Close both connections (idempotent)."""
+        bulk, self._bulk = self._bulk, None
+        lookup, self._lookup = self._lookup, None
+        for db in (bulk, lookup):
+            if db is not None:
+                await db.close()
+
+    @property
+    def servers(self) -> list[str]:
+        """The configured servers, in config order."""
+        return list(self._order)
+
+    def sid(self, server: str) -> int:
+        """The ledger's id of a configured server."""
+        try:
+            return self._sids[server]
+        except KeyError:
+            raise LibraryIndexError(f"unknown server {server!r}") from None
+
+    def rank(self, sid: int) -> int:
+        """The config position of a server id (unknown servers last)."""
+        name = self._names.get(sid)
+        return self._order.index(name) if name in self._order else len(self._order)
+
+    def name_of(self, sid: int) -> str:
+        """The config name of a server id."""
+        return self._names[sid]
+
+    # ------------------------------------------------------------------ scanning
+
+    async def scan(
+        self,
+        client: JellyfinClient,
+        server: str,
+        wall_ms: int,
+        *,
+        page_size: int = PAGE_SIZE,
+        on_page: PageHook | None = None,
+    ) -> ScanResult:
+        """Scan the server's whole library into the index, one transaction per page.
+
+        Series come first (episodes' keys need their provider ids), then the leaf items. Rows
+        the scan did not see are dropped only when it completes; a failing scan leaves the
+        previous index in place. ``on_page(server, items_so_far)`` runs after every page.
+        """
+        sid = self.sid(server)
+        async with self._server_locks[server]:
+            return await self._scan(client, server, sid, wall_ms, page_size, on_page)
+
+    async def _scan(
+        self,
+        client: JellyfinClient,
+        server: str,
+        sid: int,
+        wall_ms: int,
+        page_size: int,
+        on_page: PageHook | None,
+    ) -> ScanResult:
+        gen = await self._current_gen(sid) + 1
+        result = ScanResult(server)
+        series: dict[str, dict[str, str]] = {}
+        batch: list[BaseItemDto] = []
+        async for item in client.iter_items(
+            None, include_types=("Series",), fields=("ProviderIds",), page_size=page_size
+        ):
+            batch.append(item)
+            if len(batch) >= page_size:
+                series.update(await self._store_series(sid, gen, batch))
+                batch = []
+        if batch:
+            series.update(await self._store_series(sid, gen, batch))
+        result.series = len(series)
+        page: list[IndexEntry] = []
+        async for item in client.iter_items(
+            None,
+            include_types=DEFAULT_ITEM_TYPES,
+            fields=("Path", "ProviderIds"),
+            page_size=page_size,
+        ):
+            page.append(IndexEntry.from_dto(item))
+            if len(page) >= page_size:
+                await self._store_items(sid, gen, page, series)
+                result.items += len(page)
+                page = []
+                if on_page is not None:
+                    await on_page(server, result.items)
+        if page:
+            await self._store_items(sid, gen, page, series)
+            result.items += len(page)
+            if on_page is not None:
+                await on_page(server, result.items)
+        result.removed = await self._finish(sid, gen, wall_ms)
+        return result
+
+    async def refresh_items(
+        self, client: JellyfinClient, server: str, ids: Iterable[str]
+    ) -> tuple[int, int]:
+        """Re-read some items (added or updated) by id; return (leaf items, series) stored.
+
+        A series among them also re-keys its episodes already in the index.
+        """
+        wanted = sorted(set(ids))
+        if not wanted:
+            return 0, 0
+        sid = self.sid(server)
+        async with self._server_locks[server]:
+            return await self._refresh(client, sid, wanted)
+
+    async def _refresh(
+        self, client: JellyfinClient, sid: int, wanted: list[str]
+    ) -> tuple[int, int]:
+        gen = await self._current_gen(sid)
+        leaves: list[IndexEntry] = []
+        found_series: list[BaseItemDto] = []
+        async for item in client.iter_items(
+            None,
+            ids=wanted,
+            include_types=(*DEFAULT_ITEM_TYPES, "Series"),
+            fields=("Path", "ProviderIds"),
+        ):
+            if item.type == "Series":
+                found_series.append(item)
+            elif item.type in DEFAULT_ITEM_TYPES:
+                leaves.append(IndexEntry.from_dto(item))
+        series = await self._store_series(sid, gen, found_series) if found_series else {}
+        if series:
+            await self._rekey_series_episodes(sid, series)
+        known = await self._series_ids(sid, {e.series_id for e in leaves if e.series_id})
+        known.update(series)
+        for start in range(0, len(leaves), PAGE_SIZE):
+            await self._store_items(sid, gen, leaves[start : start + PAGE_SIZE], known)
+        return len(leaves), len(series)
+
+    async def remove_items(self, server: str, ids: Iterable[str]) -> int:
+        """Drop some items from the index (``ItemsRemoved``); return how many were there."""
+        sid = self.sid(server)
+        wanted = sorted(set(ids))
+        removed = 0
+        async with self._server_locks[server]:
+            for chunk in _chunks(wanted, _CHUNK):
+                removed += await self._remove(sid, chunk)
+        return removed
+
+    async def _remove(self, sid: int, chunk: Sequence[str]) -> int:
+        async with self._tx() as db:
+            cursor = await db.execute(
+                f"DELETE FROM index_items WHERE server=? AND remote_id IN ({_marks(len(chunk))})",  # noqa: S608
+                (sid, *chunk),
+            )
+            removed = cursor.rowcount
+            await cursor.close()
+            await db.execute(
+                f"DELETE FROM index_series WHERE server=? AND remote_id IN ({_marks(len(chunk))})",  # noqa: S608
+                (sid, *chunk),
+            )
+        return removed
+
+    async def complete(self, server: str) -> bool:
+        """Tell whether a complete scan of the server was ever stored."""
+        rows = await self._db().execute_fetchall(
+            "SELECT complete_ms FROM index_scans WHERE server=?", (self.sid(server),)
+        )
+        return any(r[0] is not None for r in rows)
+
+    async def scanned_at(self) -> dict[str, int | None]:
+        """When each configured server's last complete scan ended (wall ms)."""
+        rows = await self._db().execute_fetchall("SELECT server, complete_ms FROM index_scans")
+        found = {int(r[0]): r[1] for r in rows}
+        return {
+            n: (None if found.get(self._sids[n]) is None else int(found[self._sids[n]]))
+            for n in self._order
+        }
+
+    async def counts(self) -> dict[str, int]:
+        """Leaf items in the index per configured server."""
+        rows = await self._db().execute_fetchall(
+            "SELECT server, COUNT(*) FROM index_items GROUP BY server"
+        )
+        found = {int(r[0]): int(r[1]) for r in rows}
+        return {n: found.get(self._sids[n], 0) for n in self._order}
+
+    # ------------------------------------------------------------------ matching queries
+
+    async def edges(self, rule: Rule, a: str, b: str) -> list[tuple[int, int]]:
+        """Candidate pairs (entry on ``a``, entry on ``b``) under one matching rule."""
+        rows = await self._db().execute_fetchall(_EDGE_SQL[rule], (self.sid(b), self.sid(a)))
+        return [(int(r[0]), int(r[1])) for r in rows]
+
+    async def mapped_pairs(self, a: str, b: str) -> list[tuple[int, int]]:
+        """Pairs of entries that the ledger maps to the same canonical item."""
+        rows = await self._db().execute_fetchall(
+            "SELECT ea.id, eb.id FROM server_items sa "
+            "JOIN server_items sb ON sb.server = ? AND sb.item = sa.item "
+            "JOIN index_items ea ON ea.server = sa.server AND ea.remote_id = sa.remote_id "
+            "JOIN index_items eb ON eb.server = sb.server AND eb.remote_id = sb.remote_id "
+            "WHERE sa.server = ?",
+            (self.sid(b), self.sid(a)),
+        )
+        return [(int(r[0]), int(r[1])) for r in rows]
+
+    async def entry_servers(self) -> dict[int, int]:
+        """Entry -> server id for every entry of a configured server."""
+        sids = [self._sids[n] for n in self._order]
+        rows = await self._db().execute_fetchall(
+            f"SELECT id, server FROM index_items WHERE server IN ({_marks(len(sids))})",  # noqa: S608
+            sids,
+        )
+        return {int(r[0]): int(r[1]) for r in rows}
+
+    async def group_rows(
+        self, groups: Mapping[int, int | None], fetch: int = 2000
+    ) -> AsyncIterator[list[GroupRow]]:
+        """Stream every entry with its group (``groups``: entry -> group, None = refused).
+
+        Entries not in ``groups`` are groups of their own (negative ids). Rows come ordered
+        by group, so a group's members arrive together (possibly across two lists).
+        """
+        async with self._lock:
+            async for rows in self._group_rows(groups, fetch):
+                yield rows
+
+    async def _group_rows(
+        self, groups: Mapping[int, int | None], fetch: int
+    ) -> AsyncIterator[list[GroupRow]]:
+        db = self._db()
+        await db.execute("DELETE FROM match_groups")
+        items = list(groups.items())
+        for start in range(0, len(items), 5000):
+            await db.executemany(
+                "INSERT INTO match_groups(entry, grp) VALUES (?, ?)", items[start : start + 5000]
+            )
+        sids = [self._sids[n] for n in self._order]
+        sql = (
+            "SELECT COALESCE(g.grp, -e.id), (g.entry IS NOT NULL AND g.grp IS NULL), e.id, "  # noqa: S608
+            "e.server, e.remote_id, i.key, e.item_type, e.path, e.provider_ids "
+            "FROM index_items e LEFT JOIN match_groups g ON g.entry = e.id "
+            "LEFT JOIN server_items si ON si.server = e.server AND si.remote_id = e.remote_id "
+            "LEFT JOIN items i ON i.id = si.item "
+            f"WHERE e.server IN ({_marks(len(sids))}) ORDER BY 1"
+        )
+        async with db.execute(sql, sids) as cursor:
+            while True:
+                rows = await cursor.fetchmany(fetch)
+                if not rows:
+                    break
+                yield [
+                    GroupRow(
+                        group=int(r[0]),
+                        refused=bool(r[1]),
+                        entry=int(r[2]),
+                        server=self._names[int(r[3])],
+                        remote_id=str(r[4]),
+                        key=None if r[5] is None else str(r[5]),
+                        item_type=str(r[6]),
+                        path=None if r[7] is None else str(r[7]),
+                        provider_ids=None if r[8] is None else str(r[8]),
+                    )
+                    for r in rows
+                ]
+        await db.execute("DELETE FROM match_groups")
+
+    async def stale_mappings(self, server: str) -> list[tuple[str, str]]:
+        """(remote id, canonical key) of the server's mappings whose item left the index."""
+        rows = await self._db().execute_fetchall(
+            "SELECT si.remote_id, i.key FROM server_items si JOIN items i ON i.id = si.item "
+            "WHERE si.server = ? AND NOT EXISTS (SELECT 1 FROM index_items e "
+            "WHERE e.server = si.server AND e.remote_id = si.remote_id)",
+            (self.sid(server),),
+        )
+        return [(str(r[0]), str(r[1])) for r in rows]
+
+    async def mapped_keys(self) -> dict[str, set[str]]:
+        """The canonical keys each configured server's id map holds now."""
+        rows = await self._db().execute_fetchall(
+            "SELECT si.server, i.key FROM server_items si JOIN items i ON i.id = si.item"
+        )
+        found: dict[str, set[str]] = {n: set() for n in self._order}
+        for sid, key in rows:
+            name = self._names.get(int(sid))
+            if name in found:
+                found[name].add(str(key))
+        return found
+
+    async def describe(self, entries: Iterable[int]) -> dict[int, IndexedItem]:
+        """Readable rows for some entries (samples for status and logs)."""
+        wanted = sorted(set(entries))
+        found: dict[int, IndexedItem] = {}
+        for chunk in _chunks(wanted, _CHUNK):
+            rows = await self._db().execute_fetchall(
+                "SELECT id, server, remote_id, item_type, name, year, path, provider_ids, "  # noqa: S608
+                f"season, episode FROM index_items WHERE id IN ({_marks(len(chunk))})",
+                chunk,
+            )
+            for r in rows:
+                found[int(r[0])] = _indexed(self._names[int(r[1])], r[2:])
+        return found
+
+    async def find(self, server: str, remote_ids: Iterable[str]) -> dict[str, IndexedItem]:
+        """Readable rows of some of a server's items, by remote id."""
+        sid = self.sid(server)
+        found: dict[str, IndexedItem] = {}
+        for chunk in _chunks(sorted(set(remote_ids)), _CHUNK):
+            rows = await self._lookup_db().execute_fetchall(
+                "SELECT remote_id, item_type, name, year, path, provider_ids, season, episode "  # noqa: S608
+                f"FROM index_items WHERE server=? AND remote_id IN ({_marks(len(chunk))})",
+                (sid, *chunk),
+            )
+            for r in rows:
+                found[str(r[0])] = _indexed(server, (r[0], *r[1:]))
+        return found
+
+    # ------------------------------------------------------------------ id lookups
+
+    async def canonical_of(self, server: str, remote_ids: Iterable[str]) -> dict[str, str]:
+        """Remote id -> canonical key for the server's mapped items among ``remote_ids``."""
+        sid = self.sid(server)
+        found: dict[str, str] = {}
+        for chunk in _chunks(sorted(set(remote_ids)), _CHUNK):
+            rows = await self._lookup_db().execute_fetchall(
+                "SELECT si.remote_id, i.key FROM server_items si JOIN items i ON i.id = si.item "  # noqa: S608
+                f"WHERE si.server = ? AND si.remote_id IN ({_marks(len(chunk))})",
+                (sid, *chunk),
+            )
+            found.update((str(r[0]), str(r[1])) for r in rows)
+        return found
+
+    async def remote_of(self, server: str, items: Iterable[str]) -> dict[str, str]:
+        """Canonical key -> the server's remote id, for the mapped ones among ``items``."""
+        sid = self.sid(server)
+        found: dict[str, str] = {}
+        for chunk in _chunks(sorted(set(items)), _CHUNK):
+            rows = await self._lookup_db().execute_fetchall(
+                "SELECT i.key, si.remote_id FROM items i JOIN server_items si "  # noqa: S608
+                "ON si.item = i.id AND si.server = ? "
+                f"WHERE i.key IN ({_marks(len(chunk))})",
+                (sid, *chunk),
+            )
+            found.update((str(r[0]), str(r[1])) for r in rows)
+        return found
+
+    async def in_index(self, server: str, remote_ids: Iterable[str]) -> set[str]:
+        """The ids among ``remote_ids`` that the server's index holds."""
+        sid = self.sid(server)
+        found: set[str] = set()
+        for chunk in _chunks(sorted(set(remote_ids)), _CHUNK):
+            rows = await self._lookup_db().execute_fetchall(
+                f"SELECT remote_id FROM index_items WHERE server=? AND remote_id IN ({_marks(len(chunk))})",  # noqa: S608, E501
+                (sid, *chunk),
+            )
+            found.update(str(r[0]) for r in rows)
+        return found
+
+    # ------------------------------------------------------------------ internals
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One short write transaction on the bulk connection."""
+        db = self._db()
+        async with self._lock:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                await db.rollback()
+                raise
+            await db.commit()
+
+    def _db(self) -> aiosqlite.Connection:
+        if self._bulk is None:
+            raise LibraryIndexError("the library index is not open")
+        return self._bulk
+
+    def _lookup_db(self) -> aiosqlite.Connection:
+        if self._lookup is None:
+            raise LibraryIndexError("the library index is not open")
+        return self._lookup
+
+    async def _current_gen(self, sid: int) -> int:
+        rows = await self._db().execute_fetchall(
+            "SELECT scan FROM index_scans WHERE server=?", (sid,)
+        )
+        return next((int(r[0]) for r in rows), 0)
+
+    async def _store_series(
+        self, sid: int, gen: int, items: Sequence[BaseItemDto]
+    ) -> dict[str, dict[str, str]]:
+        found = {i.id: dict(i.provider_ids) for i in items}
+        async with self._tx() as db:
+            await db.executemany(
+                "INSERT INTO index_series(server, remote_id, name, provider_ids, scan) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(server, remote_id) DO UPDATE SET "
+                "name=excluded.name, provider_ids=excluded.provider_ids, scan=excluded.scan",
+                [(sid, i.id, i.name, _json(found[i.id]), gen) for i in items],
+            )
+        return found
+
+    async def _series_ids(self, sid: int, series: Iterable[str]) -> dict[str, dict[str, str]]:
+        found: dict[str, dict[str, str]] = {}
+        for chunk in _chunks(sorted(series), _CHUNK):
+            rows = await self._db().execute_fetchall(
+                "SELECT remote_id, provider_ids FROM index_series "  # noqa: S608
+                f"WHERE server=? AND remote_id IN ({_marks(len(chunk))})",
+                (sid, *chunk),
+            )
+            found.update((str(r[0]), _unjson(r[1])) for r in rows)
+        return found
+
+    async def _rekey_series_episodes(self, sid: int, series: Mapping[str, dict[str, str]]) -> None:
+        for series_id in series:
+            rows = await self._db().execute_fetchall(
+                "SELECT remote_id, item_type, name, year, path, provider_ids, series_id, season, "
+                "episode, scan FROM index_items WHERE server=? AND series_id=?",
+                (sid, series_id),
+            )
+            entries = [
+                IndexEntry(
+                    remote_id=str(r[0]),
+                    item_type=str(r[1]),
+                    name=r[2],
+                    year=r[3],
+                    path=r[4],
+                    provider_ids=_unjson(r[5]),
+                    series_id=r[6],
+                    season=r[7],
+                    episode=r[8],
+                )
+                for r in rows
+            ]
+            gen = max((int(r[9]) for r in rows), default=0)
+            if entries:
+                await self._store_items(sid, gen, entries, series)
+
+    async def _store_items(
+        self,
+        sid: int,
+        gen: int,
+        entries: Sequence[IndexEntry],
+        series: Mapping[str, Mapping[str, str]],
+    ) -> None:
+        """Upsert one page of items and replace their provider keys, in one transaction."""
+        if not entries:
+            return
+        rewrites = self._servers[self._names[sid]].path_rewrites
+        async with self._tx() as db:
+            await db.executemany(
+                "INSERT INTO index_items(server, remote_id, item_type, name, year, path, "
+                "match_path, provider_ids, series_id, season, episode, scan) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(server, remote_id) DO UPDATE SET item_type=excluded.item_type, "
+                "name=excluded.name, year=excluded.year, path=excluded.path, "
+                "match_path=excluded.match_path, provider_ids=excluded.provider_ids, "
+                "series_id=excluded.series_id, season=excluded.season, "
+                "episode=excluded.episode, scan=excluded.scan",
+                [
+                    (
+                        sid,
+                        e.remote_id,
+                        e.item_type,
+                        e.name,
+                        e.year,
+                        e.path,
+                        match_path(rewrites, e.path),
+                        _json(e.provider_ids),
+                        e.series_id,
+                        e.season,
+                        e.episode,
+                        gen,
+                    )
+                    for e in entries
+                ],
+            )
+            handles: dict[str, int] = {}
+            for chunk in _chunks([e.remote_id for e in entries], _CHUNK):
+                rows = await db.execute_fetchall(
+                    f"SELECT remote_id, id FROM index_items WHERE server=? AND remote_id IN ({_marks(len(chunk))})",  # noqa: S608, E501
+                    (sid, *chunk),
+                )
+                handles.update((str(r[0]), int(r[1])) for r in rows)
+            await db.executemany(
+                "DELETE FROM index_keys WHERE entry=?", [(h,) for h in handles.values()]
+            )
+            await db.executemany(
+                "INSERT OR IGNORE INTO index_keys(key, server, entry) VALUES (?, ?, ?)",
+                [
+                    (key, sid, handles[e.remote_id])
+                    for e in entries
+                    for key in provider_keys(e, series.get(e.series_id or ""))
+                ],
+            )
+
+    async def _finish(self, sid: int, gen: int, wall_ms: int) -> int:
+        async with self._tx() as db:
+            cursor = await db.execute(
+                "DELETE FROM index_items WHERE server=? AND scan<?", (sid, gen)
+            )
+            removed = cursor.rowcount
+            await cursor.close()
+            await db.execute("DELETE FROM index_series WHERE server=? AND scan<?", (sid, gen))
+            await db.execute(
+                "INSERT INTO index_scans(server, scan, complete_ms, rewrites) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(server) DO UPDATE SET scan=excluded.scan, "
+                "complete_ms=excluded.complete_ms, rewrites=excluded.rewrites",
+                (sid, gen, wall_ms, _rewrites_text(self._servers[self._names[sid]])),
+            )
+        return removed
+
+    async def _check_rewrites(self, server: str) -> None:
+        """Recompute stored match paths when the server's rewrites changed since the scan."""
+        sid = self._sids[server]
+        db = self._db()
+        rows = await db.execute_fetchall("SELECT rewrites FROM index_scans WHERE server=?", (sid,))
+        text = _rewrites_text(self._servers[server])
+        if not rows or rows[0][0] == text:  # type: ignore[index]
+            return
+        rewrites = self._servers[server].path_rewrites
+        items = await db.execute_fetchall("SELECT id, path FROM index_items WHERE server=?", (sid,))
+        async with self._tx() as db:
+            await db.executemany(
+                "UPDATE index_items SET match_path=? WHERE id=?",
+                [(match_path(rewrites, r[1]), int(r[0])) for r in items],
+            )
+            await db.execute("UPDATE index_scans SET rewrites=? WHERE server=?", (text, sid))
+        logger.info("[%s] path rewrites changed; match paths recomputed", server)
+
+
+def _indexed(server: str, r: Sequence[Any]) -> IndexedItem:
+    """Build an IndexedItem from (remote_id, type, name, year, path, provider_ids, season, ep)."""
+    return IndexedItem(
+        server=server,
+        remote_id=str(r[0]),
+        item_type=str(r[1]),
+        name=None if r[2] is None else str(r[2]),
+        year=None if r[3] is None else int(r[3]),
+        path=None if r[4] is None else str(r[4]),
+        provider_ids=_unjson(r[5]),
+        season=None if r[6] is None else int(r[6]),
+        episode=None if r[7] is None else int(r[7]),
+    )
+
+
+def _json(value: Mapping[str, str]) -> str | None:
+    return json.dumps(dict(value), sort_keys=True) if value else None
+
+
+def _unjson(text: object) -> dict[str, str]:
+    if not text:
+        return {}
+    value = json.loads(str(text))
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _marks(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+def _chunks(values: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
