@@ -27,18 +27,19 @@ from typing import Any
 import aiohttp
 
 from jfsync import __version__
-from jfsync.catchup import catchup_observations, scan_non_default
 from jfsync.config import Config, ServerConfig
 from jfsync.errors import JfsyncError, ServerError, UnsupportedServerError, is_retryable
-from jfsync.identity import IdenticalIds, ItemIdentity
+from jfsync.identity import IdenticalIds, IndexedIdentity, ItemIdentity
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.jellyfin.wire import UserDto
-from jfsync.ledger import Applied, ItemMapping, Ledger, Observation, Outcome
+from jfsync.ledger import Applied, Ledger, Observation, Outcome
 from jfsync.logs import FailureStreak
 from jfsync.merge import MergePolicy
 from jfsync.pusher import Pusher, WriteHook
+from jfsync.reconcile import Reconciler, ReconcileReport
 from jfsync.subscriber import (
     ConnectionStateChanged,
+    LibraryChangedEvent,
     Subscriber,
     SubscriberEvent,
     UserDataChangedEvent,
@@ -125,12 +126,22 @@ class SyncService:
         identity: ItemIdentity | None = None,
         subscriber_options: dict[str, Any] | None = None,
         pusher_options: dict[str, Any] | None = None,
+        reconcile_options: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
         self.clock: Clock = clock or SystemClock()
-        self.identity: ItemIdentity = identity or IdenticalIds()
         self.counters = Counters()
         self.ledger = Ledger(config.ledger, MergePolicy.from_config(config))
+        if identity is None:
+            # The library index lives in the ledger file; an in-memory ledger cannot share it.
+            in_memory = str(config.ledger) == ":memory:"
+            identity = (
+                IdenticalIds() if in_memory else IndexedIdentity(config, self.ledger, self.clock)
+            )
+        self.identity: ItemIdentity = identity
+        #: Catch-up, library refreshes and the periodic full reconcile (set up by start()).
+        self.reconciler: Reconciler | None = None
+        self._reconcile_options = reconcile_options or {}
         self.links: dict[str, ServerLink] = {}
         self.user_match: UserMatch | None = None
         self._subscriber_options = subscriber_options or {}
@@ -175,6 +186,20 @@ class SyncService:
             )
             link = ServerLink(config=server, index=index, client=client, pusher=pusher)
             self.links[server.name] = link
+        clients = {name: link.client for name, link in self.links.items()}
+        await self.identity.start(clients)
+        self.reconciler = Reconciler(
+            self.ledger,
+            self.identity,
+            clients,
+            self.clock,
+            users=self._synced_users,
+            interval_s=self.config.sync.reconcile_interval,
+            on_applied=self._after_apply,
+            on_result=self._reconciled,
+            **self._reconcile_options,
+        )
+        self.reconciler.start()
         for link in self.links.values():
             link.pusher.start()
             link.bring_up = asyncio.create_task(
@@ -199,6 +224,9 @@ class SyncService:
             if link.bring_up is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await link.bring_up
+        if self.reconciler is not None:
+            await self.reconciler.close()
+        await self.identity.close()
         await asyncio.gather(
             *(sub.stop() for link in self.links.values() for sub in link.subscribers.values())
         )
@@ -248,6 +276,7 @@ class SyncService:
                 link.users = await link.client.users()
                 link.reachable = True
                 link.last_error = None
+                self.identity.server_reachable(link.name)
                 break
             except UnsupportedServerError as err:
                 link.last_error = str(err)
@@ -323,6 +352,9 @@ class SyncService:
     async def _on_event(self, event: SubscriberEvent) -> None:
         if isinstance(event, UserDataChangedEvent):
             await self._on_user_data(event)
+        elif isinstance(event, LibraryChangedEvent):
+            if self.reconciler is not None:
+                self.reconciler.library_changed(event)
         elif isinstance(event, ConnectionStateChanged):
             self._notify()
 
@@ -346,39 +378,31 @@ class SyncService:
 
     async def _resync(self, link: ServerLink, remote_user_id: str, user: str) -> None:
         """Catch up with what the socket of this user may have missed."""
-        scanned = await scan_non_default(link.client, remote_user_id)
-        items = await self.identity.canonical_items(link.name, scanned)
-        await self.ledger.map_items(
-            link.name,
-            [
-                ItemMapping(
-                    remote_id=remote,
-                    item=items[remote],
-                    item_type=found.item.type,
-                    path=found.item.path,
-                    provider_ids=dict(found.item.provider_ids) or None,
-                )
-                for remote, found in scanned.items()
-                if remote in items
-            ],
-        )
-        states = {items[r]: found.data for r, found in scanned.items() if r in items}
-        known = await self.ledger.last_known_for_user(link.name, user)
-        observations = catchup_observations(link.name, user, states, known, self.clock.wall_ms())
+        assert self.reconciler is not None
+        result = await self.reconciler.catch_up(link.name, remote_user_id, user)
         self.counters.scans += 1
-        for start in range(0, len(observations), SCAN_BATCH):
-            applied = await self.ledger.apply_observations(observations[start : start + SCAN_BATCH])
-            self.counters.scan_changes += sum(a.outcome is Outcome.CHANGED for a in applied)
-            self._after_apply(applied)
-        await self.ledger.backfill(link.name, user, self.clock.wall_ms())
+        self.counters.scan_changes += result.changed
         link.pusher.wake()
         logger.info(
             "[%s] caught up user %s: %d non-default items, %d differed from the ledger",
             link.name,
             user,
-            len(states),
-            len(observations),
+            result.scanned,
+            result.observations,
         )
+
+    def _synced_users(self) -> dict[str, dict[str, str]]:
+        """server -> remote user id -> canonical user, for every reachable server."""
+        return {
+            name: dict(link.user_keys)
+            for name, link in self.links.items()
+            if link.reachable and link.user_keys
+        }
+
+    def _reconciled(self, report: ReconcileReport) -> None:
+        self.last_reconcile_ms = report.finished_ms
+        self.last_reconcile_result = report.summary()
+        self._notify()
 
     def _after_apply(self, applied: list[Applied]) -> None:
         peers: set[str] = set()
@@ -405,15 +429,37 @@ class SyncService:
     # ------------------------------------------------------------------ status
 
     def identity_status(self) -> dict[str, Any]:
-        """Item matching counts per server pair (None until the identity strategy counts)."""
-        names = list(self.links) or [s.name for s in self.config.servers]
-        return {
-            "pairs": [
+        """Item matching counts per server pair: ``{"pairs": [{"servers": [a, b], "matched",
+        "unmatched", "ambiguous"}]}`` (counts are None with the identical-ids strategy).
+
+        :meth:`identity_details` has the samples and per-server figures behind them.
+        """
+        details = self.identity_details()
+        keys = ("servers", "matched", "unmatched", "ambiguous")
+        return {"pairs": [{k: pair.get(k) for k in keys} for pair in details["pairs"]]}
+
+    def identity_details(self) -> dict[str, Any]:
+        """Everything about item matching and reconciles, for status pages and reports.
+
+        ``pairs``: per server pair ``servers``, ``matched``, ``unmatched``, ``ambiguous``,
+        ``unmatched_by_server`` ({server: n}), ``matched_by_rule`` ({id, path,
+        provider: n}) and ``samples`` ({matched: [{a: label, b: label, rule}], unmatched:
+        [item], ambiguous: [item + rule]}, items as ``{server, id, type, name, path,
+        provider_ids}``); ``servers``: {server: {items, scanned_at_ms}}; ``matched_at_ms``;
+        ``strategy``; ``reconcile``: {interval_s, library_refreshes, last: {started_ms,
+        finished_ms, changes, errors, summary} | None}.
+        """
+        status = dict(self.identity.status())
+        if not status.get("pairs"):
+            names = list(self.links) or [s.name for s in self.config.servers]
+            status["pairs"] = [
                 {"servers": [a, b], "matched": None, "unmatched": None, "ambiguous": None}
                 for i, a in enumerate(names)
                 for b in names[i + 1 :]
             ]
-        }
+        if self.reconciler is not None:
+            status["reconcile"] = self.reconciler.status()
+        return status
 
     async def status(self) -> dict[str, Any]:
         """A secret-free snapshot of servers, sockets and peers (the status endpoint's body)."""
