@@ -1,0 +1,179 @@
+"""``jfsync run`` as a process serves the status endpoint, and stops cleanly on SIGTERM.
+
+Two emulators run in the test's event loop; ``python -m jfsync run`` runs as a child process
+with a config whose ``status.listen`` is a free loopback port. The test waits on the child's
+log lines (events), never on time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from jfsync import emulator as emulator_module
+from jfsync.emulator import Emulator, RequestRecord
+from tests.operate.conftest import KEYS
+
+pytestmark = pytest.mark.timeout(40)
+WAIT_S = 20.0
+TOKEN = "run-test-status-token-41c7"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+async def emulators() -> AsyncIterator[dict[str, Emulator]]:
+    """Two started emulators sharing one library."""
+    emus = {
+        name: Emulator(
+            api_key=KEYS[name], server_name=name, library_size=10, seed=7, debounce_s=0.02
+        )
+        for name in ("home", "cabin")
+    }
+    for emu in emus.values():
+        await emu.start()
+    yield emus
+    for emu in emus.values():
+        await emu.close()
+
+
+def _config(tmp_path: Path, emus: dict[str, Emulator], port: int) -> Path:
+    (tmp_path / "status.token").write_text(TOKEN)
+    lines = [
+        f"ledger: {tmp_path / 'jfsync.db'}",
+        "logging: {level: info}",
+        "sync: {shutdown_grace: 5s}",
+        f"status: {{listen: '127.0.0.1:{port}', token_file: status.token}}",
+        "servers:",
+    ]
+    for name, emu in emus.items():
+        lines.append(f"  - {{name: {name}, url: '{emu.url}', api_key: {KEYS[name]}}}")
+    path = tmp_path / "jfsync.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def _wait_line(stream: asyncio.StreamReader, needle: str, seen: list[str]) -> str:
+    async with asyncio.timeout(WAIT_S):
+        while True:
+            line = (await stream.readline()).decode()
+            if not line:
+                raise AssertionError(f"process ended before {needle!r}:\n{''.join(seen)}")
+            seen.append(line)
+            if needle in line:
+                return line
+
+
+async def _stop(process: asyncio.subprocess.Process, seen: list[str]) -> int:
+    process.send_signal(signal.SIGTERM)
+    assert process.stderr is not None
+    async with asyncio.timeout(WAIT_S):
+        seen += [line.decode() async for line in process.stderr]
+        return await process.wait()
+
+
+async def test_run_serves_status_until_sigterm(
+    emulators: dict[str, Emulator], tmp_path: Path
+) -> None:
+    port = _free_port()
+    config = _config(tmp_path, emulators, port)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "jfsync",
+        "run",
+        "--config",
+        str(config),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    seen: list[str] = []
+    try:
+        assert process.stderr is not None
+        await _wait_line(process.stderr, "status endpoint on", seen)
+        async with aiohttp.ClientSession() as http:
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            async with http.get(f"http://127.0.0.1:{port}/healthz", headers=auth) as response:
+                assert response.status == 200
+            async with http.get(f"http://127.0.0.1:{port}/status") as response:
+                assert response.status == 401
+            async with http.get(f"http://127.0.0.1:{port}/status", headers=auth) as response:
+                body = json.loads(await response.text())
+        assert [s["name"] for s in body["servers"]] == ["home", "cabin"]
+        code = await _stop(process, seen)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    log = "".join(seen)
+    assert code == 0, log
+    assert "jfsync stopped" in log
+    assert TOKEN not in log
+    with socket.socket() as sock:  # the port is free again
+        sock.bind(("127.0.0.1", port))
+
+
+async def test_run_keeps_replicating_when_the_status_port_is_taken(
+    emulators: dict[str, Emulator], tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        config = _config(tmp_path, emulators, port)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "jfsync",
+            "run",
+            "--config",
+            str(config),
+            stderr=asyncio.subprocess.PIPE,
+        )
+        seen: list[str] = []
+        try:
+            assert process.stderr is not None
+            line = await _wait_line(process.stderr, "cannot serve the status endpoint", seen)
+            assert f"127.0.0.1:{port}" in line
+            assert "change status.listen" in line
+            # Still replicating: a change on home reaches cabin.
+            home, cabin = emulators["home"], emulators["cabin"]
+            item = home.leaf_items()[0].id
+            expected = home.save_user_data(home.user_id("alice"), item, is_favorite=True)
+            await _wait_for_requests(
+                cabin, lambda: cabin.user_data(cabin.user_id("alice"), item) == expected
+            )
+            code = await _stop(process, seen)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert code == 0, "".join(seen)
+
+
+async def _wait_for_requests(emu: Emulator, predicate: Callable[[], bool]) -> None:
+    """Wait until ``predicate`` holds, re-checking after every request an emulator answers."""
+    changed = asyncio.Event()
+
+    def observe(_emu: Emulator, _record: RequestRecord) -> None:
+        changed.set()
+
+    emulator_module.request_observers.append(observe)
+    try:
+        async with asyncio.timeout(WAIT_S):
+            while not predicate():
+                changed.clear()
+                await changed.wait()
+    finally:
+        emulator_module.request_observers.remove(observe)
