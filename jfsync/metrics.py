@@ -42,7 +42,7 @@ _OUTBOX_KEY_OF_OUTCOME = {
 
 # ``*_created`` series (a timestamp per histogram) only add noise for an application that
 # exports nothing else through prometheus-client; jfsync owns its process.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:

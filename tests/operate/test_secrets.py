@@ -148,8 +148,8 @@ async def _run_scenario(
 
     # The status endpoint, with the right, a wrong, and no token.
     for path in ("/status", "/metrics", "/healthz", "/nope"):
-        for token in (True, False, "Bearer-wrong", STATUS_TOKEN[:-2]):
-            status, text = await stack.get(path, token=token)
+        for sent in (True, False, "Bearer-wrong", STATUS_TOKEN[:-2]):
+            status, text = await stack.get(path, token=sent)
             outputs.append(f"{path} {status} {text}")
     status_body = next(o for o in outputs if o.startswith("/status 200"))
     # `jfsync status`, table and JSON, with the token, a wrong one, and none.

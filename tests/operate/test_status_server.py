@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -126,11 +127,12 @@ async def test_status_json_has_every_documented_key_with_its_type(make_stack: St
     snapshot = json.loads(text)
     _check_shape(snapshot, {"home", "cabin"})
     # The check itself fails on a missing key, an undocumented key and a wrong type.
-    for mutate in (
+    mutations: list[Callable[[dict[str, Any]], object]] = [
         lambda snap: snap["servers"][1]["outbox"].pop("depth"),
         lambda snap: snap["servers"][0]["users"][0].update(token_source="x"),
         lambda snap: snap.update(uptime_s="long"),
-    ):
+    ]
+    for mutate in mutations:
         broken = copy.deepcopy(snapshot)
         mutate(broken)
         with pytest.raises(AssertionError):
