@@ -37,6 +37,8 @@ HEALTHZ_SERVER = "jfsync-healthz"
 HEALTHZ_USER = "probe"
 #: What replaces a secret found in an answer.
 REDACTED = "***"
+#: Shorter "secrets" are not searched for (the log scrubber draws the same line).
+MIN_SECRET_LEN = 4
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -51,8 +53,12 @@ class StatusServer:
         self.host = host
         self.port = port
         self._token = token.encode() if token else None
+        # Longest first, so a secret containing another is replaced whole; like the log
+        # scrubber, skip strings too short to replace without garbling every answer.
         self._secrets = sorted(
-            {s for s in service.config.secret_values() if s}, key=len, reverse=True
+            {s for s in service.config.secret_values() if len(s) >= MIN_SECRET_LEN},
+            key=len,
+            reverse=True,
         )
         self.metrics = Metrics(s.name for s in service.config.servers)
         self._runner: web.AppRunner | None = None

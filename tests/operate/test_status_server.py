@@ -12,7 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from tests.operate.conftest import Stack, StackFactory
+from jfsync.status import _without_userinfo
+from tests.operate.conftest import KEYS, Stack, StackFactory
 from tests.operate.docs_tables import metric_rows, status_keys
 
 pytestmark = pytest.mark.timeout(30)
@@ -318,3 +319,19 @@ async def test_paused_peer_and_dead_rows_show_in_metrics(make_stack: StackFactor
     assert _value(families, "jfsync_outbox_dead_rows", peer="cabin") == 1
     assert _value(families, "jfsync_writes_total", peer="cabin", outcome="dead") == 1
     assert _value(families, "jfsync_writes_total", peer="home", outcome="failed") == 1
+
+
+async def test_secrets_that_reach_a_snapshot_are_masked(make_stack: StackFactory) -> None:
+    """A second line of defence: a secret inside an error text is replaced in every answer."""
+    stack = await make_stack()  # servers up: nothing resets last_error meanwhile
+    key = KEYS["home"]
+    stack.service.links["home"].last_error = f"proxy said: bad key {key}"
+    stack.service.links["cabin"].pusher.stats.last_error = f"echoed {KEYS['cabin']} back"
+
+    status, text = await stack.get("/status")
+    assert status == 200
+    servers = json.loads(text)["servers"]
+    assert servers[0]["last_error"] == "proxy said: bad key ***"
+    assert servers[1]["outbox"]["last_error"] == "echoed *** back"
+    assert _without_userinfo("https://jf:pw@example.org:8920/jf") == "https://example.org:8920/jf"
+    assert _without_userinfo("http://127.0.0.1:8096") == "http://127.0.0.1:8096"
