@@ -1,7 +1,8 @@
 """The ``jfsync`` command line: argument parsing and dispatch to each subcommand.
 
 Subcommands: ``check`` (validate a config, then reach every server), ``emulator`` (run a
-Jellyfin emulator on loopback), and the service commands as they exist. Every command returns
+Jellyfin emulator on loopback), ``reconcile`` (one full reconcile, or with ``--dry-run`` what
+it would change), and the service commands as they exist. Every command returns
 an exit status; problems go to stderr, one per line, and never include secrets.
 """
 
@@ -65,6 +66,25 @@ def build_parser() -> argparse.ArgumentParser:
     statuscmd.add_arguments(status)
     status.set_defaults(handler=statuscmd.run)
 
+    reconcile = sub.add_parser(
+        "reconcile",
+        help="compare every server once, repair what differs, and exit",
+        description="Rescan every library, match items, read every user's data on every "
+        "server, merge it (first-contact rules keep history found on only one side) and write "
+        "what differs. With --dry-run nothing is written: not to any server, not to the "
+        "ledger file (the run works on a copy of it).",
+    )
+    reconcile.add_argument("--config", "-c", required=True, help="path to the YAML config")
+    reconcile.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would change per user and server, and write nothing",
+    )
+    reconcile.add_argument(
+        "--sample", type=int, default=5, help="items shown per user and server (default 5)"
+    )
+    reconcile.set_defaults(handler=_reconcile)
+
     demo = sub.add_parser(
         "demo", help="two emulated servers, the replicator, and users acting on both sides"
     )
@@ -120,3 +140,19 @@ def _check(args: argparse.Namespace) -> int:
     from jfsync.check import run_online_check
 
     return run_online_check(config)
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    from jfsync.logs import configure_logging
+    from jfsync.reconcile import run_reconcile
+
+    # The report goes to stdout; progress logs only when asked for with logging.level: debug.
+    level = config.logging.level if config.logging.level in ("debug",) else "warning"
+    configure_logging(level, config.secret_values())
+    outcome = asyncio.run(
+        run_reconcile(config, dry_run=args.dry_run, out=sys.stdout, sample=max(0, args.sample))
+    )
+    return 0 if outcome.ok else 1

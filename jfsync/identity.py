@@ -697,7 +697,9 @@ class IndexedIdentity:
             logger.warning("item matching failed after scanning %s: %s", server, err)
             return err
         self._ready.add(server)
-        others = change.servers - {server}
+        # Servers still on their first scan catch up after it anyway; only those already
+        # serving need telling that their id map moved.
+        others = (change.servers - {server}) & self._ready
         if others and self.on_change is not None:
             # Not awaited here: whoever catches up may itself be waiting for this scan.
             self.on_change(IdentityChange(frozenset(others), change.mapped))

@@ -373,6 +373,8 @@ class PlannedWrite:
     server: str
     user: str
     item: str
+    #: The server's own id of the item.
+    remote_item_id: str
     label: str
     before: UserData
     after: UserData
@@ -560,7 +562,16 @@ async def _deliver_batch(
                 continue
         await ledger.row_written(fresh, after, clock.wall_ms())
         outcome.writes.append(
-            PlannedWrite(peer, row.user, row.item, label, state, after, fresh.registers)
+            PlannedWrite(
+                peer,
+                row.user,
+                row.item,
+                row.remote_item_id or row.item,
+                label,
+                state,
+                after,
+                fresh.registers,
+            )
         )
 
 
@@ -641,7 +652,7 @@ def _servers_missing(outcome: ReconcileOutcome, user: str) -> set[str]:
 
 
 def describe_change(write: PlannedWrite) -> str:
-    """``favorite no -> yes; played no -> yes (2 plays, last 2024-01-02 10:00)`` etc."""
+    """Say what a write changes, e.g. ``favourite no -> yes; unplayed -> played (1 play, ...)``."""
     parts: list[str] = []
     before, after = write.before, write.after
     if Register.FAVORITE in write.registers and before.favorite != after.favorite:
@@ -665,7 +676,7 @@ def _play(state: PlayState) -> str:
     if state.is_default:
         return "unplayed"
     text = "played" if state.played else "not played"
-    details = [f"{state.play_count} plays"]
+    details = [f"{state.play_count} play{'' if state.play_count == 1 else 's'}"]
     if state.last_played_s is not None:
         when = datetime.fromtimestamp(state.last_played_s, tz=UTC).strftime("%Y-%m-%d %H:%M")
         details.append(f"last {when}")
