@@ -18,6 +18,10 @@ from jfsync.timing import Clock
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
+#: Libraries whose DEBUG lines carry request headers or SQL parameters (tokens): capped at INFO
+#: even when jfsync logs at DEBUG.
+CHATTY_LIBRARIES = ("websockets", "aiosqlite", "aiohttp.access")
+
 
 class SecretScrubber(logging.Filter):
     """Replace known secret strings in log records with ``***``."""
@@ -60,6 +64,8 @@ def configure_logging(level: str = "info", secrets: Iterable[str] = ()) -> None:
     SCRUBBER.add(secrets)
     root = logging.getLogger()
     root.setLevel(getattr(logging, level.upper()))
+    for name in CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.INFO, root.level))
     for handler in root.handlers:
         if getattr(handler, "_jfsync", False):
             return

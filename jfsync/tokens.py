@@ -20,6 +20,7 @@ from jfsync.config import UserCredentials
 from jfsync.errors import ServerError
 from jfsync.ids import normalize_id
 from jfsync.jellyfin.api import JellyfinClient, QuickConnectUnavailableError
+from jfsync.logs import SCRUBBER
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,10 @@ class UserTokens:
         user_id = normalize_id(user_id)
         lock = self._locks.setdefault(user_id, asyncio.Lock())
         async with lock:
-            return await self._token_for(user_id, user_name, refresh=refresh)
+            token = await self._token_for(user_id, user_name, refresh=refresh)
+        # Minted and stored tokens are unknown to the config: keep them out of every log line.
+        SCRUBBER.add([token])
+        return token
 
     async def _token_for(self, user_id: str, user_name: str, *, refresh: bool) -> str:
         cred = self._credentials.get(user_name.casefold())

@@ -29,7 +29,7 @@ import aiohttp
 from jfsync.config import Config, ServerConfig, load_config
 from jfsync.errors import BadResponseError, ConfigError, JfsyncError
 from jfsync.jellyfin.api import JellyfinClient
-from jfsync.logs import SCRUBBER, configure_logging
+from jfsync.logs import configure_logging
 from jfsync.model import TICKS_PER_SECOND
 from jfsync.subscriber import (
     ConnectionStateChanged,
@@ -259,7 +259,6 @@ def _position(ticks: int) -> str:
 def _token_getter(tokens: UserTokens, user_id: str, user_name: str) -> GetToken:
     async def get_token(refresh: bool) -> str:
         token = await tokens.token_for(user_id, user_name, refresh=refresh)
-        SCRUBBER.add([token])  # minted at run time: keep it out of every log line
         return token
 
     return get_token

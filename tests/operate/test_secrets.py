@@ -238,13 +238,6 @@ async def test_no_secret_in_answers_messages_or_jfsync_logs(
     assert not leaks, "\n".join(leaks)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known leak: at logging.level debug, websockets.client logs the Authorization "
-    "header (user tokens) and aiosqlite logs SQL parameters (tokens saved in the ledger); "
-    "minted tokens are unknown to the scrubber. Fix in jfsync/logs.py configure_logging "
-    "(cap the 'websockets' and 'aiosqlite' loggers at INFO) or teach the scrubber minted tokens",
-)
 @pytest.mark.usefixtures("production_logging")
 async def test_no_secret_in_debug_logs_as_jfsync_run_prints_them(
     make_stack: StackFactory,
