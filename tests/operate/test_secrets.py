@@ -27,7 +27,7 @@ from jfsync.config import parse_config
 from jfsync.emulator import Emulator
 from jfsync.emulator.server import Emulator as EmulatorClass
 from jfsync.errors import ConfigError
-from jfsync.logs import configure_logging
+from jfsync.logs import CHATTY_LIBRARIES, configure_logging
 from tests.operate.conftest import KEYS, Stack, StackFactory
 
 pytestmark = pytest.mark.timeout(45)
@@ -73,11 +73,14 @@ def production_logging() -> Iterator[None]:
     """Install jfsync's own log handler (stderr, scrubber) at DEBUG; remove it afterwards."""
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
+    libraries = {name: logging.getLogger(name).level for name in CHATTY_LIBRARIES}
     yield
-    for handler in root.handlers:
+    for handler in list(root.handlers):
         if handler not in handlers:
             root.removeHandler(handler)
     root.setLevel(level)
+    for name, library_level in libraries.items():
+        logging.getLogger(name).setLevel(library_level)
 
 
 async def _run_scenario(
