@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from tenacity import (
@@ -134,6 +134,8 @@ class Pusher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[tuple[str, str]] = set()
+        #: (user, item) -> set once that write is recorded (or failed).
+        self._writing: dict[tuple[str, str], asyncio.Event] = {}
         self._accepting = True
         self._stop_requested = asyncio.Event()
         self._streak = FailureStreak(logger, f"→{peer}", clock)
@@ -151,6 +153,19 @@ class Pusher:
     def wake(self) -> None:
         """Tell the pusher new rows may be due."""
         self._wake.set()
+
+    async def settled(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Wait until no write of these (user, item) keys is sent but not yet recorded.
+
+        The peer may echo a write before jfsync has read the answer to it (its debounce can
+        be short, and the echo travels on another connection). Applying such an echo first
+        would take it for the peer's own change; the intake waits here instead, so the echo
+        always finds the write recorded as pending.
+        """
+        for key in keys:
+            settled = self._writing.get(key)
+            if settled is not None:
+                await settled.wait()
 
     @property
     def in_flight(self) -> int:
@@ -245,11 +260,16 @@ class Pusher:
     async def _deliver(self, row: OutboxRow, current: UserData | None) -> None:
         key = (row.user, row.item)
         self._in_flight.add(key)
+        settled = asyncio.Event()
+        self._writing[key] = settled
         try:
             async with self._semaphore:
                 await self._deliver_one(row, current)
         finally:
             self._in_flight.discard(key)
+            settled.set()
+            if self._writing.get(key) is settled:
+                del self._writing[key]
 
     async def _deliver_one(self, row: OutboxRow, current: UserData | None) -> None:
         remote_user = row.remote_user_id or row.user

@@ -367,6 +367,8 @@ class SyncService:
         entries = event.item_entries
         self.counters.entries_received += len(entries)
         items = await self.identity.canonical_items(link.name, [e.item_id for e in entries])
+        # An echo of a write whose answer jfsync has not recorded yet must wait for it.
+        await link.pusher.settled((user, item) for item in items.values())
         now_ms = self.clock.wall_ms()
         observations = [
             Observation(link.name, user, items[e.item_id], e.data, now_ms, "event")
