@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from jfsync.config import Config
 from jfsync.errors import JfsyncError
@@ -48,7 +47,7 @@ logger = logging.getLogger(__name__)
 #: Samples of each kind kept per server pair for the status page.
 SAMPLE_SIZE = 5
 #: Mapping changes written per ledger transaction.
-REMAP_CHUNK = 2000
+REMAP_CHUNK = 5000
 #: Marks an entry with more than one candidate while matching.
 _MANY = -1
 
@@ -179,32 +178,31 @@ class PairResult:
     ambiguous: dict[int, str] = field(default_factory=dict)
 
 
-def match_pair(
-    servers: tuple[str, str],
-    kept: Mapping[int, int],
-    rules: Sequence[tuple[str, Sequence[tuple[int, int]]]],
-) -> PairResult:
-    """Match two servers' entries from candidate pairs, rule by rule (pure).
+class PairMatcher:
+    """Match two servers' entries rule by rule, one rule's candidate pairs at a time."""
 
-    ``kept`` holds earlier matches (first-server entry -> second-server entry); one stays when
-    the pair is still a candidate under some rule. Then each rule in order, over the entries
-    still free: a pair matches when each side is the other's only candidate; an entry with
-    several candidates, or whose only candidate has several, is ambiguous and takes no part in
-    later rules.
-    """
-    result = PairResult(servers)
-    taken_b: dict[int, int] = {}
-    if kept:
-        for rule, edges in rules:
-            for a, b in edges:
-                if kept.get(a) == b and a not in result.matched:
-                    result.matched[a] = b
-                    result.rule_of[a] = rule
-                    result.kept.add(a)
-                    taken_b[b] = a
-    refused_a: set[int] = set()
-    refused_b: set[int] = set()
-    for rule, edges in rules:
+    def __init__(self, servers: tuple[str, str], kept: Mapping[int, int]) -> None:
+        self.result = PairResult(servers)
+        self._kept = kept
+        self._taken_b: dict[int, int] = {}
+        self._refused_a: set[int] = set()
+        self._refused_b: set[int] = set()
+
+    def confirm(self, rule: str, edges: Iterable[tuple[int, int]]) -> None:
+        """Keep the earlier matches that are still candidates under ``rule``."""
+        result, kept = self.result, self._kept
+        for a, b in edges:
+            if kept.get(a) == b and a not in result.matched:
+                result.matched[a] = b
+                result.rule_of[a] = rule
+                result.kept.add(a)
+                self._taken_b[b] = a
+
+    def apply(self, rule: str, edges: Iterable[tuple[int, int]]) -> None:
+        """Match the entries still free that are each other's only candidate under ``rule``."""
+        self._kept = {}
+        result, taken_b = self.result, self._taken_b
+        refused_a, refused_b = self._refused_a, self._refused_b
         cand_a: dict[int, int] = {}
         cand_b: dict[int, int] = {}
         for a, b in edges:
@@ -225,7 +223,28 @@ def match_pair(
             if b not in taken_b:
                 refused_b.add(b)
                 result.ambiguous[b] = rule
-    return result
+
+
+def match_pair(
+    servers: tuple[str, str],
+    kept: Mapping[int, int],
+    rules: Sequence[tuple[str, Sequence[tuple[int, int]]]],
+) -> PairResult:
+    """Match two servers' entries from candidate pairs, rule by rule (pure).
+
+    ``kept`` holds earlier matches (first-server entry -> second-server entry); one stays when
+    the pair is still a candidate under some rule. Then each rule in order, over the entries
+    still free: a pair matches when each side is the other's only candidate; an entry with
+    several candidates, or whose only candidate has several, is ambiguous and takes no part in
+    later rules.
+    """
+    matcher = PairMatcher(servers, kept)
+    if kept:
+        for rule, edges in rules:
+            matcher.confirm(rule, edges)
+    for rule, edges in rules:
+        matcher.apply(rule, edges)
+    return matcher.result
 
 
 def build_groups(
@@ -249,7 +268,6 @@ def build_groups(
         return root
 
     ambiguous: set[int] = set()
-    pairs = list(pairs)
     for pair in pairs:
         ambiguous.update(pair.ambiguous)
         for a, b in pair.matched.items():
@@ -258,20 +276,24 @@ def build_groups(
                 parent[max(ra, rb)] = min(ra, rb)
             parent.setdefault(a, a)
             parent.setdefault(b, b)
-    members: dict[int, list[int]] = {}
-    for entry in parent:
-        members.setdefault(find(entry), []).append(entry)
-    groups: dict[int, int | None] = {}
+    # A bit per server in each group; a bit seen twice is a conflict.
+    seen: dict[int, int] = {}
+    bad: set[int] = set()
+    for entry in list(parent):
+        root = find(entry)
+        bit = 1 << entry_server.get(entry, 0)
+        mask = seen.get(root, 0)
+        if mask & bit:
+            bad.add(root)
+        seen[root] = mask | bit
+    del seen
+    # The union-find map becomes the result (every entry now points at its root).
+    groups = cast(dict[int, "int | None"], parent)
     conflicts: set[int] = set()
-    for root, entries in members.items():
-        servers = [entry_server.get(e) for e in entries]
-        if len(set(servers)) != len(servers):
-            conflicts.update(entries)
-            for e in entries:
-                groups[e] = None
-        else:
-            for e in entries:
-                groups[e] = root
+    for entry, group in groups.items():
+        if group in bad:
+            groups[entry] = None
+            conflicts.add(entry)
     for entry in ambiguous:
         groups.setdefault(entry, None)
     return groups, conflicts
@@ -449,8 +471,9 @@ class IndexedIdentity:
                 for b in present[i + 1 :]:
                     pairs.append(await self._match(a, b))
             groups, conflicts = build_groups(pairs, entry_server)
-            change = await self._apply(groups)
             await self._update_status(pairs, conflicts, entry_server)
+            del pairs, entry_server, conflicts  # large; not needed to write the id maps
+            change = await self._apply(groups)
             elapsed = self._clock.monotonic() - started
             logger.info(
                 "matched items of %s in %.1f s: %d mappings written, %d dropped, %d retired",
@@ -463,47 +486,82 @@ class IndexedIdentity:
             return change
 
     async def _match(self, a: str, b: str) -> PairResult:
+        """Match one pair, reading one rule's candidates at a time (twice with earlier matches:
+        first to confirm them, then to match the rest)."""
         kept = dict(await self._index.mapped_pairs(a, b))
-        rules: list[tuple[str, Sequence[tuple[int, int]]]] = []
+        matcher = PairMatcher((a, b), kept)
+        if kept:
+            for rule in RULES:
+                matcher.confirm(rule, await self._index.edges(rule, a, b))
+            del kept
         for rule in RULES:
-            rules.append((rule, await self._index.edges(rule, a, b)))
-            await asyncio.sleep(0)
-        return match_pair((a, b), kept, rules)
+            matcher.apply(rule, await self._index.edges(rule, a, b))
+        return matcher.result
 
     async def _apply(self, groups: Mapping[int, int | None]) -> IdentityChange:
-        """Choose each group's canonical key and write the id-map changes to the ledger."""
+        """Choose each group's canonical key and write the id-map changes to the ledger.
+
+        Changes are written while the groups stream in, a chunk per transaction, each chunk
+        with its own forgets (so a key never points at a new item with an old history).
+        """
         index = self._index
         held = await index.mapped_keys()
         taken: set[str] = set().union(*held.values()) if held else set()
         claimed: set[str] = set()
         plans = {n: _ServerPlan() for n in self._names}
         retire: set[str] = set()
-        current: list[GroupRow] = []
-        async for page in index.group_rows(groups):
-            for row in page:
-                if current and row.group != current[0].group:
-                    self._plan_group(current, plans, claimed, taken, held, retire)
-                    current = []
-                current.append(row)
-        if current:
-            self._plan_group(current, plans, claimed, taken, held, retire)
-        for name in self._names:
-            if await index.complete(name):
-                for remote_id, key in await index.stale_mappings(name):
-                    plans[name].unmap.append(remote_id)
-                    plans[name].forget.add(key)
-                    retire.add(key)
         change = IdentityChange()
-        for name, plan in plans.items():
-            if not plan:
-                continue
+        # One chunk is written (in the ledger's thread) while the next groups are read.
+        writing: asyncio.Task[None] | None = None
+
+        async def flush(name: str, *, final: bool = False) -> None:
+            nonlocal change, writing
+            plan = plans[name]
+            if not plan or (not final and len(plan) < REMAP_CHUNK):
+                return
+            plans[name] = _ServerPlan()
             change = change | IdentityChange(
                 frozenset({name}), len(plan.mappings), len(plan.unmap), 0
             )
-            await self._ledger.remap_items(name, unmapped=plan.unmap, forget=sorted(plan.forget))
-            for start in range(0, len(plan.mappings), REMAP_CHUNK):
-                chunk = plan.mappings[start : start + REMAP_CHUNK]
-                await self._ledger.remap_items(name, mappings=chunk)
+            if writing is not None:
+                await writing
+            writing = asyncio.create_task(
+                self._ledger.remap_items(
+                    name,
+                    # In key order, the id map's b-tree is written page after page.
+                    mappings=sorted(plan.mappings, key=lambda m: m.remote_id),
+                    unmapped=plan.unmap,
+                    forget=sorted(plan.forget),
+                ),
+                name=f"jfsync-remap[{name}]",
+            )
+
+        try:
+            current: list[GroupRow] = []
+            async for page in index.group_rows(groups):
+                for row in page:
+                    if current and row.group != current[0].group:
+                        self._plan_group(current, plans, claimed, taken, held, retire)
+                        current = []
+                    current.append(row)
+                for name in self._names:
+                    await flush(name)
+            if current:
+                self._plan_group(current, plans, claimed, taken, held, retire)
+            for name in self._names:
+                if await index.complete(name):
+                    for remote_id, key in await index.stale_mappings(name):
+                        plans[name].unmap.append(remote_id)
+                        plans[name].forget.add(key)
+                        retire.add(key)
+                await flush(name, final=True)
+            if writing is not None:
+                await writing
+        finally:
+            if writing is not None and not writing.done():
+                writing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writing
         if retire:
             retired = await self._ledger.retire_items(sorted(retire))
             change = change | IdentityChange(retired=len(retired))
@@ -550,8 +608,6 @@ class IndexedIdentity:
                     remote_id=row.remote_id,
                     item=chosen,
                     item_type=row.item_type,
-                    path=row.path,
-                    provider_ids=_provider_dict(row.provider_ids),
                 )
             )
             if chosen in held.get(row.server, ()):
@@ -735,12 +791,8 @@ class _ServerPlan:
     def __bool__(self) -> bool:
         return bool(self.mappings or self.unmap or self.forget)
 
-
-def _provider_dict(text: str | None) -> dict[str, str] | None:
-    if not text:
-        return None
-    value = json.loads(text)
-    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else None
+    def __len__(self) -> int:
+        return len(self.mappings) + len(self.unmap)
 
 
 __all__ = [

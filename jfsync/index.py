@@ -22,6 +22,8 @@ creates and migrates the schema; the index only checks the version.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -60,6 +62,8 @@ INDEX_SCHEMA_VERSION = 2
 PAGE_SIZE = 1000
 #: Rows per IN (...) list.
 _CHUNK = 500
+#: Page cache of the scanning connection, in KiB.
+BULK_CACHE_KIB = 16384
 
 Rule = Literal["id", "path", "provider"]
 #: Matching rules in the order they are tried.
@@ -185,13 +189,22 @@ def normalise_path(path: str) -> str:
 
 def match_path(rewrites: Sequence[PathRewrite], path: str | None) -> str | None:
     """Return ``path`` as matching compares it: separators normalised, first rewrite applied."""
+    return _match_path(_normalised_rules(rewrites), path)
+
+
+def _normalised_rules(rewrites: Sequence[PathRewrite]) -> list[tuple[str, str]]:
+    return [
+        (normalise_path(r.from_).rstrip("/"), normalise_path(r.to).rstrip("/")) for r in rewrites
+    ]
+
+
+def _match_path(rules: Sequence[tuple[str, str]], path: str | None) -> str | None:
     if not path:
         return None
-    text = normalise_path(path)
-    for rule in rewrites:
-        prefix = normalise_path(rule.from_).rstrip("/")
-        if text == prefix or text.startswith(prefix + "/"):
-            return normalise_path(rule.to).rstrip("/") + text[len(prefix) :]
+    text = normalise_path(path) if "\\" in path else path
+    for prefix, replacement in rules:
+        if text.startswith(prefix) and (len(text) == len(prefix) or text[len(prefix)] == "/"):
+            return replacement + text[len(prefix) :]
     return text
 
 
@@ -202,19 +215,34 @@ def provider_keys(entry: IndexEntry, series_ids: Mapping[str, str] | None) -> se
     episode numbers also gives ``Episode|provider-series|value|season|episode`` for each
     identifying provider id of its series.
     """
-    keys = {
-        f"{entry.item_type}|{name.lower()}|{value.strip().lower()}"
-        for name, value in entry.provider_ids.items()
-        if name.lower() in IDENTIFYING_PROVIDERS and value.strip()
-    }
-    if entry.item_type == "Episode" and entry.season is not None and entry.episode is not None:
+    kind = entry.item_type
+    keys = set()
+    for name, value in entry.provider_ids.items():
+        provider = _identifying(name)
+        text = value.strip().lower()
+        if provider and text:
+            keys.add(f"{kind}|{provider}|{text}")
+    if kind == "Episode" and entry.season is not None and entry.episode is not None:
         for name, value in (series_ids or {}).items():
-            if name.lower() in IDENTIFYING_PROVIDERS and value.strip():
-                keys.add(
-                    f"Episode|{name.lower()}-series|{value.strip().lower()}|"
-                    f"{entry.season}|{entry.episode}"
-                )
+            provider = _identifying(name)
+            text = value.strip().lower()
+            if provider and text:
+                keys.add(f"Episode|{provider}-series|{text}|{entry.season}|{entry.episode}")
     return keys
+
+
+_PROVIDER_NAMES: dict[str, str] = {}
+
+
+def _identifying(name: str) -> str:
+    """The lower-case provider name when it identifies one work, else ``""``."""
+    found = _PROVIDER_NAMES.get(name)
+    if found is None:
+        lowered = name.lower()
+        found = lowered if lowered in IDENTIFYING_PROVIDERS else ""
+        if len(_PROVIDER_NAMES) < 1000:
+            _PROVIDER_NAMES[name] = found
+    return found
 
 
 def _rewrites_text(server: ServerConfig) -> str:
@@ -239,6 +267,8 @@ class LibraryIndex:
         self._lock = asyncio.Lock()
         #: One scan or refresh per server at a time (scan generations must not interleave).
         self._server_locks = {s.name: asyncio.Lock() for s in servers}
+        #: Per server id: its rewrites as (normalised prefix, replacement) pairs.
+        self._rules: dict[int, list[tuple[str, str]]] = {}
 
     def __repr__(self) -> str:
         return f"LibraryIndex({self._path!r})"
@@ -256,6 +286,8 @@ class LibraryIndex:
         try:
             for db in (bulk, lookup):
                 await prepare(db)
+            # Scans insert into several large b-trees; a bigger page cache saves most re-reads.
+            await bulk.execute(f"PRAGMA cache_size=-{BULK_CACHE_KIB}")
             version = await schema_version(bulk)
             if version < INDEX_SCHEMA_VERSION:
                 raise LibraryIndexError(
@@ -265,6 +297,8 @@ class LibraryIndex:
             for sid, name in await bulk.execute_fetchall("SELECT id, name FROM servers"):
                 self._sids[str(name)] = int(sid)
                 self._names[int(sid)] = str(name)
+                config = self._servers.get(str(name))
+                self._rules[int(sid)] = _normalised_rules(config.path_rewrites if config else [])
             missing = [n for n in self._order if n not in self._sids]
             if missing:
                 raise LibraryIndexError(f"the ledger does not know servers {', '.join(missing)}")
@@ -342,36 +376,54 @@ class LibraryIndex:
         gen = await self._current_gen(sid) + 1
         result = ScanResult(server)
         series: dict[str, dict[str, str]] = {}
+        moved: set[str] = set()
         batch: list[BaseItemDto] = []
         async for item in client.iter_items(
             None, include_types=("Series",), fields=("ProviderIds",), page_size=page_size
         ):
             batch.append(item)
             if len(batch) >= page_size:
-                series.update(await self._store_series(sid, gen, batch))
+                series.update(await self._store_series(sid, gen, batch, moved))
                 batch = []
         if batch:
-            series.update(await self._store_series(sid, gen, batch))
+            series.update(await self._store_series(sid, gen, batch, moved))
+        rekey = frozenset(moved)
         result.series = len(series)
         page: list[IndexEntry] = []
-        async for item in client.iter_items(
-            None,
-            include_types=DEFAULT_ITEM_TYPES,
-            fields=("Path", "ProviderIds"),
-            page_size=page_size,
-        ):
-            page.append(IndexEntry.from_dto(item))
-            if len(page) >= page_size:
-                await self._store_items(sid, gen, page, series)
+        # A page is stored (in SQLite's thread) while the next one is fetched and parsed.
+        storing: asyncio.Task[None] | None = None
+        try:
+            async for item in client.iter_items(
+                None,
+                include_types=DEFAULT_ITEM_TYPES,
+                fields=("Path", "ProviderIds"),
+                page_size=page_size,
+            ):
+                page.append(IndexEntry.from_dto(item))
+                if len(page) >= page_size:
+                    if storing is not None:
+                        await storing
+                    storing = asyncio.create_task(
+                        self._store_items(sid, gen, page, series, rekey),
+                        name=f"jfsync-index-store[{server}]",
+                    )
+                    result.items += len(page)
+                    page = []
+                    if on_page is not None:
+                        await storing
+                        await on_page(server, result.items)
+            if storing is not None:
+                await storing
+            if page:
+                await self._store_items(sid, gen, page, series, rekey)
                 result.items += len(page)
-                page = []
                 if on_page is not None:
                     await on_page(server, result.items)
-        if page:
-            await self._store_items(sid, gen, page, series)
-            result.items += len(page)
-            if on_page is not None:
-                await on_page(server, result.items)
+        finally:
+            if storing is not None and not storing.done():
+                storing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await storing
         result.removed = await self._finish(sid, gen, wall_ms)
         return result
 
@@ -405,9 +457,10 @@ class LibraryIndex:
                 found_series.append(item)
             elif item.type in DEFAULT_ITEM_TYPES:
                 leaves.append(IndexEntry.from_dto(item))
-        series = await self._store_series(sid, gen, found_series) if found_series else {}
-        if series:
-            await self._rekey_series_episodes(sid, series)
+        moved: set[str] = set()
+        series = await self._store_series(sid, gen, found_series, moved) if found_series else {}
+        if moved:
+            await self._rekey_series_episodes(sid, {k: series[k] for k in moved})
         known = await self._series_ids(sid, {e.series_id for e in leaves if e.series_id})
         known.update(series)
         for start in range(0, len(leaves), PAGE_SIZE):
@@ -507,11 +560,9 @@ class LibraryIndex:
     ) -> AsyncIterator[list[GroupRow]]:
         db = self._db()
         await db.execute("DELETE FROM match_groups")
-        items = list(groups.items())
-        for start in range(0, len(items), 5000):
-            await db.executemany(
-                "INSERT INTO match_groups(entry, grp) VALUES (?, ?)", items[start : start + 5000]
-            )
+        pending = iter(groups.items())
+        while chunk := list(itertools.islice(pending, 5000)):
+            await db.executemany("INSERT INTO match_groups(entry, grp) VALUES (?, ?)", chunk)
         sids = [self._sids[n] for n in self._order]
         sql = (
             "SELECT COALESCE(g.grp, -e.id), (g.entry IS NOT NULL AND g.grp IS NULL), e.id, "  # noqa: S608
@@ -665,10 +716,19 @@ class LibraryIndex:
         return next((int(r[0]) for r in rows), 0)
 
     async def _store_series(
-        self, sid: int, gen: int, items: Sequence[BaseItemDto]
+        self, sid: int, gen: int, items: Sequence[BaseItemDto], changed: set[str] | None = None
     ) -> dict[str, dict[str, str]]:
+        """Store series with their provider ids; add to ``changed`` those whose ids moved."""
         found = {i.id: dict(i.provider_ids) for i in items}
         async with self._tx() as db:
+            if changed is not None:
+                for chunk in _chunks(list(found), _CHUNK):
+                    rows = await db.execute_fetchall(
+                        "SELECT remote_id, provider_ids FROM index_series "  # noqa: S608
+                        f"WHERE server=? AND remote_id IN ({_marks(len(chunk))})",
+                        (sid, *chunk),
+                    )
+                    changed.update(str(r[0]) for r in rows if _unjson(r[1]) != found.get(str(r[0])))
             await db.executemany(
                 "INSERT INTO index_series(server, remote_id, name, provider_ids, scan) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT(server, remote_id) DO UPDATE SET "
@@ -711,7 +771,7 @@ class LibraryIndex:
             ]
             gen = max((int(r[9]) for r in rows), default=0)
             if entries:
-                await self._store_items(sid, gen, entries, series)
+                await self._store_items(sid, gen, entries, series, frozenset(series))
 
     async def _store_items(
         self,
@@ -719,57 +779,87 @@ class LibraryIndex:
         gen: int,
         entries: Sequence[IndexEntry],
         series: Mapping[str, Mapping[str, str]],
+        rekey: frozenset[str] = frozenset(),
     ) -> None:
-        """Upsert one page of items and replace their provider keys, in one transaction."""
+        """Store one page of items with their provider keys, in one transaction.
+
+        New items are inserted; items whose stored fields differ (or whose series is in
+        ``rekey``: its provider ids changed) are updated and re-keyed; unchanged ones only
+        get the scan generation, so a rescan of a stable library writes little.
+        """
         if not entries:
             return
-        rewrites = self._servers[self._names[sid]].path_rewrites
-        async with self._tx() as db:
-            await db.executemany(
-                "INSERT INTO index_items(server, remote_id, item_type, name, year, path, "
-                "match_path, provider_ids, series_id, season, episode, scan) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT(server, remote_id) DO UPDATE SET item_type=excluded.item_type, "
-                "name=excluded.name, year=excluded.year, path=excluded.path, "
-                "match_path=excluded.match_path, provider_ids=excluded.provider_ids, "
-                "series_id=excluded.series_id, season=excluded.season, "
-                "episode=excluded.episode, scan=excluded.scan",
-                [
-                    (
-                        sid,
-                        e.remote_id,
-                        e.item_type,
-                        e.name,
-                        e.year,
-                        e.path,
-                        match_path(rewrites, e.path),
-                        _json(e.provider_ids),
-                        e.series_id,
-                        e.season,
-                        e.episode,
-                        gen,
-                    )
-                    for e in entries
-                ],
+        rules = self._rules[sid]
+        rows = {
+            e.remote_id: (
+                e.item_type,
+                e.name,
+                e.year,
+                e.path,
+                _match_path(rules, e.path),
+                _json(e.provider_ids),
+                e.series_id,
+                e.season,
+                e.episode,
             )
-            handles: dict[str, int] = {}
-            for chunk in _chunks([e.remote_id for e in entries], _CHUNK):
-                rows = await db.execute_fetchall(
-                    f"SELECT remote_id, id FROM index_items WHERE server=? AND remote_id IN ({_marks(len(chunk))})",  # noqa: S608, E501
+            for e in entries
+        }
+        async with self._tx() as db:
+            stored: dict[str, tuple[int, tuple[Any, ...]]] = {}
+            for chunk in _chunks(list(rows), _CHUNK):
+                found = await db.execute_fetchall(
+                    "SELECT id, remote_id, item_type, name, year, path, match_path, provider_ids, "  # noqa: S608
+                    "series_id, season, episode FROM index_items "
+                    f"WHERE server=? AND remote_id IN ({_marks(len(chunk))})",
                     (sid, *chunk),
                 )
-                handles.update((str(r[0]), int(r[1])) for r in rows)
-            await db.executemany(
-                "DELETE FROM index_keys WHERE entry=?", [(h,) for h in handles.values()]
-            )
-            await db.executemany(
-                "INSERT OR IGNORE INTO index_keys(key, server, entry) VALUES (?, ?, ?)",
-                [
-                    (key, sid, handles[e.remote_id])
-                    for e in entries
-                    for key in provider_keys(e, series.get(e.series_id or ""))
-                ],
-            )
+                stored.update((str(r[1]), (int(r[0]), tuple(r[2:]))) for r in found)
+            fresh: list[IndexEntry] = []
+            changed: list[tuple[IndexEntry, int]] = []
+            same: list[tuple[int]] = []
+            for e in entries:
+                old = stored.get(e.remote_id)
+                if old is None:
+                    fresh.append(e)
+                elif old[1] != rows[e.remote_id] or e.series_id in rekey:
+                    changed.append((e, old[0]))
+                else:
+                    same.append((old[0],))
+            if same:
+                await db.executemany(f"UPDATE index_items SET scan={int(gen)} WHERE id=?", same)  # noqa: S608
+            if changed:
+                await db.executemany(
+                    "UPDATE index_items SET item_type=?, name=?, year=?, path=?, match_path=?, "
+                    "provider_ids=?, series_id=?, season=?, episode=?, scan=? WHERE id=?",
+                    [(*rows[e.remote_id], gen, handle) for e, handle in changed],
+                )
+                await db.executemany(
+                    "DELETE FROM index_keys WHERE entry=?", [(h,) for _, h in changed]
+                )
+            handles = {e.remote_id: h for e, h in changed}
+            if fresh:
+                await db.executemany(
+                    "INSERT INTO index_items(server, remote_id, item_type, name, year, path, "
+                    "match_path, provider_ids, series_id, season, episode, scan) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(sid, e.remote_id, *rows[e.remote_id], gen) for e in fresh],
+                )
+                for chunk in _chunks([e.remote_id for e in fresh], _CHUNK):
+                    found = await db.execute_fetchall(
+                        f"SELECT remote_id, id FROM index_items WHERE server=? AND remote_id IN ({_marks(len(chunk))})",  # noqa: S608, E501
+                        (sid, *chunk),
+                    )
+                    handles.update((str(r[0]), int(r[1])) for r in found)
+            keyed = fresh + [e for e, _ in changed]
+            if keyed:
+                await db.executemany(
+                    "INSERT OR IGNORE INTO index_keys(server, key, entry) VALUES (?, ?, ?)",
+                    [
+                        (sid, key, handles[e.remote_id])
+                        for e in keyed
+                        for key in provider_keys(e, series.get(e.series_id or ""))
+                    ],
+                )
 
     async def _finish(self, sid: int, gen: int, wall_ms: int) -> int:
         async with self._tx() as db:
@@ -822,7 +912,7 @@ def _indexed(server: str, r: Sequence[Any]) -> IndexedItem:
 
 
 def _json(value: Mapping[str, str]) -> str | None:
-    return json.dumps(dict(value), sort_keys=True) if value else None
+    return json.dumps(value) if value else None
 
 
 def _unjson(text: object) -> dict[str, str]:

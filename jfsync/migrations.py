@@ -175,7 +175,6 @@ _V2 = Migration(
             UNIQUE (server, remote_id)
         )""",
         "CREATE INDEX index_items_by_path ON index_items(match_path, server)",
-        "CREATE INDEX index_items_by_series ON index_items(server, series_id)",
         """CREATE TABLE index_series (
             server INTEGER NOT NULL REFERENCES servers(id),
             remote_id TEXT NOT NULL,
@@ -187,12 +186,11 @@ _V2 = Migration(
         # Provider-id match keys ("Movie|imdb|tt0133093", "Episode|tvdb|81189|1|2"), several
         # per item.
         """CREATE TABLE index_keys (
-            key TEXT NOT NULL,
             server INTEGER NOT NULL,
+            key TEXT NOT NULL,
             entry INTEGER NOT NULL REFERENCES index_items(id) ON DELETE CASCADE,
-            PRIMARY KEY (key, server, entry)
+            PRIMARY KEY (server, key, entry)
         ) WITHOUT ROWID""",
-        "CREATE INDEX index_keys_by_server ON index_keys(server, key)",
         "CREATE INDEX index_keys_by_entry ON index_keys(entry)",
         # Per server: the current scan generation and when the last complete scan ended.
         """CREATE TABLE index_scans (

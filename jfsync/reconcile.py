@@ -59,6 +59,8 @@ LIBRARY_DEBOUNCE_S = 2.0
 FULL_RESCAN_OVER = 5000
 #: Rows read and written per delivery round of ``jfsync reconcile``.
 DELIVERY_BATCH = 100
+#: Writes in flight to one server at once during ``jfsync reconcile``.
+WRITE_CONCURRENCY = 8
 
 #: server -> remote user id -> canonical user key, for the users to catch up.
 UsersOf = Callable[[], Mapping[str, Mapping[str, str]]]
@@ -533,46 +535,67 @@ async def _deliver_batch(
             if match is not None and item.user_data is not None:
                 current[(match.user, match.item)] = item.user_data.to_user_data()
     labels = await identity.index.find(peer, [r.remote_item_id for r in rows if r.remote_item_id])
+    reads: list[tuple[OutboxRow, UserData]] = []
     for row in rows:
         done.add((peer, row.user, row.item))
         state = current.get((row.user, row.item))
-        if state is None:
-            key = (row.user, peer)
-            outcome.missing[key] = outcome.missing.get(key, 0) + 1
-            if not outcome.dry_run:
-                await ledger.row_dead(row, f"item {row.item} not found on {peer} for that user")
+        if state is not None:
+            reads.append((row, state))
             continue
-        fresh = await ledger.observe_before_write(row, state, clock.wall_ms())
-        if fresh is None:
-            continue
-        after = fresh.intended(state)
-        label = labels[row.remote_item_id].label() if row.remote_item_id in labels else row.item
+        key = (row.user, peer)
+        outcome.missing[key] = outcome.missing.get(key, 0) + 1
         if not outcome.dry_run:
+            await ledger.row_dead(row, f"item {row.item} not found on {peer} for that user")
+    # As the pusher: what the target changed behind the event path is merged first.
+    fresh_rows = await ledger.observe_before_writes(reads, clock.wall_ms())
+    todo = [
+        (fresh, state)
+        for (_, state), fresh in zip(reads, fresh_rows, strict=True)
+        if fresh is not None
+    ]
+    semaphore = asyncio.Semaphore(WRITE_CONCURRENCY)
+
+    async def write(fresh: OutboxRow, state: UserData) -> ServerError | None:
+        if outcome.dry_run:
+            return None
+        async with semaphore:
             try:
                 await client.apply_user_data(
-                    row.remote_user_id or row.user,
-                    row.remote_item_id or row.item,
+                    fresh.remote_user_id or fresh.user,
+                    fresh.remote_item_id or fresh.item,
                     fresh.desired,
                     state,
                     fresh.registers,
                 )
             except ServerError as err:
-                outcome.failures.append(f"{peer}: {label}: {err}")
-                await ledger.row_failed(fresh, str(err), clock.wall_ms() + 3_600_000)
-                continue
-        await ledger.row_written(fresh, after, clock.wall_ms())
+                return err
+        return None
+
+    results = await asyncio.gather(*(write(fresh, state) for fresh, state in todo))
+    acks: list[tuple[OutboxRow, UserData]] = []
+    for (fresh, state), error in zip(todo, results, strict=True):
+        label = (
+            labels[fresh.remote_item_id].label() if fresh.remote_item_id in labels else fresh.item
+        )
+        if error is not None:
+            outcome.failures.append(f"{peer}: {label}: {error}")
+            await ledger.row_failed(fresh, str(error), clock.wall_ms() + 3_600_000)
+            continue
+        after = fresh.intended(state)
+        acks.append((fresh, after))
         outcome.writes.append(
             PlannedWrite(
                 peer,
-                row.user,
-                row.item,
-                row.remote_item_id or row.item,
+                fresh.user,
+                fresh.item,
+                fresh.remote_item_id or fresh.item,
                 label,
                 state,
                 after,
                 fresh.registers,
             )
         )
+    await ledger.rows_written(acks, clock.wall_ms())
 
 
 def copy_ledger(source: Path, target: Path) -> None:

@@ -22,7 +22,7 @@ from jfsync.emulator import Emulator
 from jfsync.ledger import Ledger
 from jfsync.merge import MergePolicy
 from jfsync.model import PlayState, UserData
-from jfsync.reconcile import ReconcileOutcome, run_reconcile
+from jfsync.reconcile import ReconcileOutcome, print_outcome, run_reconcile
 from tests.identity.conftest import API_KEY, MakeStack, Stack, emulator
 
 pytestmark = pytest.mark.timeout(60)
@@ -87,6 +87,10 @@ async def test_dry_run_writes_nothing_and_the_real_run_does_what_it_said(
 
     dry = await run_reconcile(config, dry_run=True)
     assert dry.ok, (dry.problems, dry.failures)
+    short = io.StringIO()
+    print_outcome(dry, short, sample=1)
+    assert "user alice:\n  a: 4 items would change\n" in short.getvalue()
+    assert "    ... and 3 more\n  b: 3 items would change\n" in short.getvalue()
     assert not config.ledger.exists()  # no ledger yet, and the dry run did not make one
     assert snapshot(emus) == before
     assert all(not emu.writes for emu in emus.values())
@@ -163,7 +167,7 @@ async def test_the_command_prints_per_user_and_server_what_would_change(
         str(config_file),
         "--dry-run",
         "--sample",
-        "2",
+        "4",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -174,7 +178,7 @@ async def test_the_command_prints_per_user_and_server_what_would_change(
     assert API_KEY not in text + err.decode()
     assert "items a <-> b: 24 matched, 0 only on a, 0 only on b, 0 ambiguous" in text
     assert "user alice:\n  a: 4 items would change\n" in text
-    assert "    ... and 2 more\n  b: 3 items would change\n" in text
+    assert "  b: 3 items would change\n" in text
     assert "user bob:\n  b: 1 item would change\n" in text
     # The sample names the item and shows before -> after.
     later = stack.emus["a"].item(named["later_b"][0])

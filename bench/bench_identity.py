@@ -1,0 +1,395 @@
+"""Benchmark identity and reconcile: catch-up after a reconnect, and a first full reconcile.
+
+Each emulated server runs in a process of its own (``serve`` below), so the figures of the
+measuring process are jfsync's alone (its peak RSS excludes the emulators).
+
+* ``catchup``: two servers of 100,000 items (same layout), one user with non-default data on
+  2% of the items (2,000) on both. After the index is built and the first catch-up brought the
+  ledger in line, 20 items change on server a while "disconnected"; then the reconnect
+  catch-up (five filtered listings of non-default items, diff, apply) is timed, three times,
+  against a full scan of the whole library for the same user (every item with its user data,
+  and the same diff), in the same run.
+* ``reconcile``: two servers of 100,000 items under different path roots (ids all differ;
+  items match by rewritten path), five users, 5% of the items differing per user between the
+  servers (a third only on a, a third only on b, a third on both with different play states),
+  no ledger yet. Times the first real reconcile (index both libraries, match, read every user
+  on both, merge, write every difference) with the process's peak RSS, then a dry run on the
+  reconciled servers (which must find nothing to do).
+
+    .venv/bin/python bench/bench_identity.py                  # both scenarios
+    .venv/bin/python bench/bench_identity.py catchup --items 100000
+    .venv/bin/python bench/bench_identity.py reconcile --items 100000 --users 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from jfsync.catchup import catchup_observations  # noqa: E402
+from jfsync.config import Config  # noqa: E402
+from jfsync.emulator import Emulator  # noqa: E402
+from jfsync.identity import IndexedIdentity  # noqa: E402
+from jfsync.jellyfin.api import JellyfinClient  # noqa: E402
+from jfsync.ledger import Ledger  # noqa: E402
+from jfsync.merge import MergePolicy  # noqa: E402
+from jfsync.reconcile import Reconciler, run_reconcile  # noqa: E402
+from jfsync.timing import SystemClock  # noqa: E402
+
+API_KEY = "0123456789abcdef0123456789abcdef"
+OLD = datetime(2024, 1, 1, 12, tzinfo=UTC)
+NEW = datetime(2025, 1, 1, 12, tzinfo=UTC)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------- emulator processes
+
+
+def seed_catchup(emu: Emulator, share: float) -> None:
+    """alice: non-default data on ``share`` of the items (the same on every server)."""
+    user = emu.user_id("alice")
+    leaves = emu.leaf_items()
+    rng = random.Random(7)
+    for n, item in enumerate(rng.sample(leaves, int(len(leaves) * share))):
+        kind = n % 4
+        if kind == 0:
+            kw: dict[str, Any] = {"played": True, "play_count": 1, "last_played": OLD}
+        elif kind == 1:
+            kw = {"is_favorite": True}
+        elif kind == 2:
+            kw = {"position_ticks": 6_000_000_000 + n}
+        else:
+            kw = {"rating": float(1 + n % 10)}
+        emu.save_user_data(user, item.id, "PlaybackProgress", **kw)
+
+
+def seed_reconcile(emu: Emulator, name: str, users: list[str], share: float) -> None:
+    """Per user, ``share`` of the items differ: a only, b only, or different play states."""
+    leaves = emu.leaf_items()
+    for u, user in enumerate(users):
+        uid = emu.user_id(user)
+        rng = random.Random(100 + u)
+        for n, item in enumerate(rng.sample(leaves, int(len(leaves) * share))):
+            kind = n % 3
+            kw: dict[str, Any] | None = None
+            if kind == 0 and name == "a":
+                kw = {"played": True, "play_count": 1, "last_played": OLD}
+            elif kind == 1 and name == "b":
+                kw = {"is_favorite": True, "rating": 8.0}
+            elif kind == 2:
+                kw = (
+                    {"played": True, "play_count": 1, "last_played": OLD}
+                    if name == "a"
+                    else {"played": True, "play_count": 2, "last_played": NEW}
+                )
+            if kw is not None:
+                emu.save_user_data(uid, item.id, "PlaybackProgress", **kw)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """Build one emulator, seed it, print its URL as JSON, serve until stdin closes."""
+    users = [f"user{n}" for n in range(args.users)] if args.scenario == "reconcile" else ["alice"]
+    started = time.perf_counter()
+    emu = Emulator(
+        api_key=API_KEY,
+        users=[(u, "pw") for u in users],
+        library_size=args.items,
+        seed=1,
+        server_name=args.name,
+        path_root=args.root,
+        debounce_s=0.5,
+    )
+    if args.scenario == "catchup":
+        seed_catchup(emu, args.share)
+    else:
+        seed_reconcile(emu, args.name, users, args.share)
+    await emu.start()
+    print(
+        json.dumps(
+            {
+                "url": emu.url,
+                "users": {u: emu.user_id(u) for u in users},
+                "items": [i.id for i in emu.leaf_items()] if args.scenario == "catchup" else [],
+                "build_s": time.perf_counter() - started,
+            }
+        ),
+        flush=True,
+    )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await loop.run_in_executor(None, sys.stdin.read)
+    await emu.close()
+
+
+class Servers:
+    """Emulator child processes."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+        self.info: dict[str, dict[str, Any]] = {}
+
+    def start(
+        self, scenario: str, items: int, users: int, share: float, roots: dict[str, str]
+    ) -> None:
+        for name, root in roots.items():
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "serve",
+                    "--scenario",
+                    scenario,
+                    "--name",
+                    name,
+                    "--root",
+                    root,
+                    "--items",
+                    str(items),
+                    "--users",
+                    str(users),
+                    "--share",
+                    str(share),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            self.procs.append(proc)
+        for name, proc in zip(roots, self.procs, strict=True):
+            assert proc.stdout is not None
+            self.info[name] = json.loads(proc.stdout.readline())
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.close()
+        for proc in self.procs:
+            proc.wait(timeout=30)
+
+
+def make_config(servers: Servers, ledger: Path, rewrites: dict[str, str] | None = None) -> Config:
+    return Config.model_validate(
+        {
+            "ledger": str(ledger),
+            "servers": [
+                {
+                    "name": name,
+                    "url": info["url"],
+                    "api_key": API_KEY,
+                    "timeout_s": 60,
+                    "path_rewrites": (
+                        [{"from": rewrites[name], "to": "/media"}] if rewrites else []
+                    ),
+                }
+                for name, info in servers.info.items()
+            ],
+        }
+    )
+
+
+# ---------------------------------------------------------------------- scenarios
+
+
+async def catchup_scenario(items: int, share: float, rounds: int) -> dict[str, Any]:
+    """Time reconnect catch-ups against full scans of the library."""
+    servers = Servers()
+    servers.start("catchup", items, 1, share, {"a": "/media", "b": "/media"})
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return await _catchup(servers, Path(tmp), share, rounds)
+    finally:
+        servers.stop()
+
+
+async def _catchup(servers: Servers, tmp: Path, share: float, rounds: int) -> dict[str, Any]:
+    config = make_config(servers, tmp / "ledger.db")
+    clock = SystemClock()
+    result: dict[str, Any] = {"items": len(servers.info["a"]["items"]), "share": share}
+    async with (
+        Ledger(config.ledger, MergePolicy.from_config(config)) as ledger,
+        aiohttp.ClientSession() as session,
+    ):
+        clients = {
+            name: JellyfinClient(
+                name, info["url"], API_KEY, session=session, device_id=f"bench-{name}", timeout_s=60
+            )
+            for name, info in servers.info.items()
+        }
+        users = {
+            name: {info["users"]["alice"]: "name:alice"} for name, info in servers.info.items()
+        }
+        for name, info in servers.info.items():
+            await ledger.map_user(name, info["users"]["alice"], "name:alice")
+        identity = IndexedIdentity(config, ledger, clock)
+        await identity.start(clients)
+        reconciler = Reconciler(ledger, identity, clients, clock, users=lambda: users)
+        try:
+            started = time.perf_counter()
+            await identity.refresh()
+            result["index_both_s"] = time.perf_counter() - started
+            started = time.perf_counter()
+            first = [
+                await reconciler.catch_up(n, next(iter(u)), "name:alice") for n, u in users.items()
+            ]
+            result["first_catchup_both_s"] = time.perf_counter() - started
+            result["non_default_items"] = first[0].scanned
+            user_a = servers.info["a"]["users"]["alice"]
+            ids = servers.info["a"]["items"]
+            rng = random.Random(3)
+            catchups: list[float] = []
+            fulls: list[float] = []
+            for round_ in range(rounds):
+                # 20 items change on a while jfsync is not listening.
+                async with session.post(
+                    f"{servers.info['a']['url']}/__emulator__/flush"
+                ) as response:
+                    await response.read()
+                for item in rng.sample(ids, 20):
+                    body = {
+                        "is_favorite": True,
+                        "play_count": round_ + 5,
+                        "reason": "PlaybackProgress",
+                    }
+                    async with session.post(
+                        f"{servers.info['a']['url']}/__emulator__/user-data/{user_a}/{item}",
+                        json=body,
+                    ) as response:
+                        assert response.status == 200, response.status
+                started = time.perf_counter()
+                found = await reconciler.catch_up("a", user_a, "name:alice")
+                catchups.append(time.perf_counter() - started)
+                assert found.changed == 20, found
+                started = time.perf_counter()
+                await full_scan(clients["a"], identity, ledger, user_a)
+                fulls.append(time.perf_counter() - started)
+            result["catchup_s"] = catchups
+            result["full_scan_s"] = fulls
+            result["ratio"] = statistics.median(catchups) / statistics.median(fulls)
+        finally:
+            await identity.close()
+    result["peak_rss_mib"] = peak_rss_mib()
+    return result
+
+
+async def full_scan(
+    client: JellyfinClient, identity: IndexedIdentity, ledger: Ledger, user_id: str
+) -> int:
+    """The alternative: list every item with the user's data, map it, diff it."""
+    states = {}
+    async for item in client.iter_items(user_id, fields=()):
+        if item.user_data is not None:
+            states[item.id] = item.user_data.to_user_data()
+    mapped = await identity.canonical_items("a", list(states))
+    by_key = {mapped[r]: s for r, s in states.items() if r in mapped}
+    known = await ledger.last_known_for_user("a", "name:alice")
+    differing = catchup_observations(
+        "a",
+        "name:alice",
+        {k: s for k, s in by_key.items() if not s.is_default or k in known},
+        known,
+        0,
+    )
+    return len(differing)
+
+
+async def reconcile_scenario(items: int, users: int, share: float) -> dict[str, Any]:
+    """Time a dry run and the first real reconcile of two unequal servers."""
+    servers = Servers()
+    servers.start("reconcile", items, users, share, {"a": "/mnt/a", "b": "/srv/b"})
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            config = make_config(
+                servers, Path(tmp) / "ledger.db", rewrites={"a": "/mnt/a", "b": "/srv/b"}
+            )
+            result: dict[str, Any] = {"items": items, "users": users, "share": share}
+            result["peak_rss_start_mib"] = peak_rss_mib()
+            started = time.perf_counter()
+            real = await run_reconcile(config, dry_run=False)
+            result["reconcile_s"] = time.perf_counter() - started
+            result["peak_rss_mib"] = peak_rss_mib()
+            result["writes"] = len(real.writes)
+            result["failures"] = len(real.failures)
+            pair = real.identity["pairs"][0]
+            result["matched"] = pair["matched"]
+            result["matched_by_rule"] = pair["matched_by_rule"]
+            result["ledger_mib"] = config.ledger.stat().st_size / 2**20
+            # Then what a dry run finds on the reconciled servers (nothing), and its time.
+            started = time.perf_counter()
+            again = await run_reconcile(config, dry_run=True)
+            result["second_dry_run_s"] = time.perf_counter() - started
+            result["second_dry_run_writes"] = len(again.writes)
+            result["ok"] = real.ok and again.ok and not again.writes
+            return result
+    finally:
+        servers.stop()
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command")
+    for name in ("catchup", "reconcile", "all"):
+        p = sub.add_parser(name)
+        p.add_argument("--items", type=int, default=100_000)
+        p.add_argument("--users", type=int, default=5)
+        p.add_argument("--rounds", type=int, default=3)
+    serve_p = sub.add_parser("serve")
+    serve_p.add_argument("--scenario", required=True)
+    serve_p.add_argument("--name", required=True)
+    serve_p.add_argument("--root", required=True)
+    serve_p.add_argument("--items", type=int, required=True)
+    serve_p.add_argument("--users", type=int, required=True)
+    serve_p.add_argument("--share", type=float, required=True)
+    args = parser.parse_args()
+    if args.command == "serve":
+        asyncio.run(serve(args))
+        return 0
+    command = args.command or "all"
+    items = getattr(args, "items", 100_000)
+    if command == "all":
+        # Each scenario in a fresh process, so each peak RSS is its own.
+        for scenario in ("catchup", "reconcile"):
+            code = subprocess.call([sys.executable, __file__, scenario, "--items", str(items)])
+            if code:
+                return code
+        return 0
+    if command == "catchup":
+        result = asyncio.run(catchup_scenario(items, 0.02, args.rounds))
+        print(json.dumps({"catchup": result}, indent=1))
+        ok = result["ratio"] <= 0.1
+    else:
+        result = asyncio.run(reconcile_scenario(items, args.users, 0.05))
+        print(json.dumps({"reconcile": result}, indent=1))
+        ok = result["ok"] and result["reconcile_s"] < 60 and result["peak_rss_mib"] < 300
+    print(f"target {'met' if ok else 'MISSED'}", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
