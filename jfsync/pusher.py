@@ -134,8 +134,10 @@ class Pusher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[tuple[str, str]] = set()
+        self._acks: list[tuple[OutboxRow, UserData, asyncio.Future[int]]] = []
         #: (user, item) -> set once that write is recorded (or failed).
         self._writing: dict[tuple[str, str], asyncio.Event] = {}
+        self._acking = False
         self._accepting = True
         self._stop_requested = asyncio.Event()
         self._streak = FailureStreak(logger, f"→{peer}", clock)
@@ -226,11 +228,16 @@ class Pusher:
         rows = await self._ledger.due_rows(self.peer, self._batch_size, now_ms)
         if not rows:
             return False
-        current = await self._read_current(rows)
-        results = await asyncio.gather(
-            *(self._deliver(row, current.get((row.user, row.item))) for row in rows),
-            return_exceptions=True,
-        )
+        keys = [(row.user, row.item) for row in rows]
+        self._in_flight.update(keys)
+        try:
+            current = await self._read_current(rows)
+            owed = await self._compare(rows, current)
+            results = await asyncio.gather(
+                *(self._deliver(row, state) for row, state in owed), return_exceptions=True
+            )
+        finally:
+            self._in_flight.difference_update(keys)
         for result in results:
             if isinstance(result, _PeerPaused | _PeerDown):
                 raise result
@@ -257,38 +264,61 @@ class Pusher:
                 raise self._classify(err) from err
         return found
 
-    async def _deliver(self, row: OutboxRow, current: UserData | None) -> None:
+    async def _compare(
+        self, rows: Sequence[OutboxRow], current: dict[tuple[str, str], UserData]
+    ) -> list[tuple[OutboxRow, UserData]]:
+        """Merge what the peer holds first (one transaction); return the rows still owed.
+
+        Rows whose item is not in the peer's listing for that user are parked: the item does
+        not exist there (or the user cannot see it); a newer change or retry_dead revives them.
+        """
+        present: list[tuple[OutboxRow, UserData]] = []
+        for row in rows:
+            state = current.get((row.user, row.item))
+            if state is not None:
+                present.append((row, state))
+                continue
+            reason = f"item {row.remote_item_id or row.item} not found on {self.peer} for that user"
+            await self._park(row, reason)
+        fresh = await self._ledger.observe_before_writes(present, self._clock.wall_ms())
+        owed: list[tuple[OutboxRow, UserData]] = []
+        for (_, state), still in zip(present, fresh, strict=True):
+            if still is None:
+                self.stats.writes_skipped += 1
+            else:
+                owed.append((still, state))
+        if len(owed) < len(present):
+            self._progress()
+        return owed
+
+    async def _deliver(self, row: OutboxRow, current: UserData) -> None:
         key = (row.user, row.item)
-        self._in_flight.add(key)
         settled = asyncio.Event()
         self._writing[key] = settled
         try:
+            # Only the request holds a slot: recording it is local and batched by _ack, so
+            # the next write to the peer need not wait for the ledger.
             async with self._semaphore:
-                await self._deliver_one(row, current)
+                written = await self._write(row, current)
+            if not written:
+                return
+            done_ms = await self._ack(row, row.intended(current))
         finally:
-            self._in_flight.discard(key)
             settled.set()
             if self._writing.get(key) is settled:
                 del self._writing[key]
+        self.stats.writes_done += 1
+        self.stats.last_write_ms = done_ms
+        if self._on_write is not None:
+            # Propagation latency: from when the change was first queued for this peer.
+            self._on_write(self.peer, max(0.0, (done_ms - row.created_ms) / 1000))
+        self._streak.succeeded("writes to the peer work")
+        self._progress()
 
-    async def _deliver_one(self, row: OutboxRow, current: UserData | None) -> None:
+    async def _write(self, row: OutboxRow, current: UserData) -> bool:
+        """Write the row's registers (quick retries); False when it was parked instead."""
         remote_user = row.remote_user_id or row.user
         remote_item = row.remote_item_id or row.item
-        if current is None:
-            # Not in the peer's listing for that user: the item does not exist there (or the
-            # user cannot see it). Park it; a newer change or retry_dead revives it.
-            reason = f"item {remote_item} not found on {self.peer} for that user"
-            if await self._ledger.row_dead(row, reason):
-                self.stats.dead_parked += 1
-                logger.warning("[→%s] parked %s/%s: %s", self.peer, row.user, row.item, reason)
-                self._progress()
-            return
-        now_ms = self._clock.wall_ms()
-        fresh = await self._ledger.observe_before_write(row, current, now_ms)
-        if fresh is None:
-            self.stats.writes_skipped += 1
-            self._progress()
-            return
         try:
             async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(self._quick_attempts),
@@ -299,29 +329,65 @@ class Pusher:
             ):
                 with attempt:
                     await self._client.apply_user_data(
-                        remote_user, remote_item, fresh.desired, current, fresh.registers
+                        remote_user, remote_item, row.desired, current, row.registers
                     )
         except ServerError as err:
             self.stats.failures += 1
             self.stats.last_error = str(err)
             if isinstance(err, NotFoundError | BadRequestError):
-                if await self._ledger.row_dead(fresh, str(err)):
-                    self.stats.dead_parked += 1
-                    logger.warning("[→%s] parked %s/%s: %s", self.peer, row.user, row.item, err)
-                    self._progress()
-                return
+                await self._park(row, str(err))
+                return False
             retry_at = self._clock.wall_ms() + int(ROW_RETRY_S * 1000)
-            await self._ledger.row_failed(fresh, str(err), retry_at)
+            await self._ledger.row_failed(row, str(err), retry_at)
             raise self._classify(err) from err
-        done_ms = self._clock.wall_ms()
-        await self._ledger.row_written(fresh, fresh.intended(current), done_ms)
-        self.stats.writes_done += 1
-        self.stats.last_write_ms = done_ms
-        if self._on_write is not None:
-            # Propagation latency: from when the change was first queued for this peer.
-            self._on_write(self.peer, max(0.0, (done_ms - fresh.created_ms) / 1000))
-        self._streak.succeeded("writes to the peer work")
-        self._progress()
+        return True
+
+    async def _ack(self, row: OutboxRow, written: UserData) -> int:
+        """Record a done write (pending echo + last-known); return the commit time in ms.
+
+        Group commit: writes that finish while a commit is under way are recorded together in
+        the next transaction, by the caller that started committing, so a batch of writes
+        costs a few transactions instead of one each. Returns once this write is committed.
+        """
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._acks.append((row, written, done))
+        if not self._acking:
+            self._acking = True
+            try:
+                await self._commit_acks()
+            finally:
+                self._acking = False
+        return await done
+
+    async def _commit_acks(self) -> None:
+        while self._acks:
+            batch, self._acks = self._acks, []
+            try:
+                now_ms = self._clock.wall_ms()
+                await self._ledger.rows_written([(r, w) for r, w, _ in batch], now_ms)
+            except BaseException as err:
+                # Every waiter learns of it; unrecorded writes stay queued and are compared
+                # again (the peer already holds them, so nothing is written twice).
+                for _, _, fut in (*batch, *self._acks):
+                    if fut.done():
+                        continue
+                    if isinstance(err, Exception):
+                        fut.set_exception(err)
+                    else:
+                        fut.cancel()
+                self._acks = []
+                if not isinstance(err, Exception):
+                    raise
+                return
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_result(now_ms)
+
+    async def _park(self, row: OutboxRow, reason: str) -> None:
+        if await self._ledger.row_dead(row, reason):
+            self.stats.dead_parked += 1
+            logger.warning("[→%s] parked %s/%s: %s", self.peer, row.user, row.item, reason)
+            self._progress()
 
     # ------------------------------------------------------------------ down and paused
 
