@@ -161,6 +161,34 @@ class Cluster:
         await self.service.wait_for(lambda: self.all_hold(item, expected, user), WAIT_S)
         await self.wait_quiet([item], user)
 
+    async def wait_items(
+        self,
+        emus: Sequence[Emulator],
+        items: Sequence[str],
+        expected: UserData,
+        user: str = USER,
+        timeout_s: float = WAIT_S,
+    ) -> None:
+        """Wait until every emulator in ``emus`` holds ``expected`` for every item.
+
+        Cheap enough to re-check after every write of a large burst: items already seen to
+        hold it are not looked at again until the end, where everything is checked once more.
+        """
+        pending = [(e, i) for e in emus for i in items]
+
+        def done() -> bool:
+            while pending:
+                emu, item = pending[-1]
+                if self.data(emu, item, user) != expected:
+                    return False
+                pending.pop()
+            if all(self.data(e, i, user) == expected for e in emus for i in items):
+                return True
+            pending.extend((e, i) for e in emus for i in items)
+            return False
+
+        await self.service.wait_for(done, timeout_s)
+
     async def is_quiet(self, items: Iterable[str], user: str = USER) -> bool:
         """Nothing queued or in flight, no echo pending for ``items``, no push armed."""
         ledger = self.service.ledger

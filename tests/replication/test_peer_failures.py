@@ -1,0 +1,115 @@
+"""A peer that refuses jfsync's key is paused, a write it rejects is parked, the rest flows.
+
+401/403 pause the peer with a visible reason; it resumes by itself once writes work again.
+400/404 park that one row as dead, listed with its reason on the status snapshot; a newer
+change revives it. Meanwhile every other server keeps receiving changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from jfsync.model import UserData
+from jfsync.timing import ManualClock
+from tests.replication.conftest import MakeCluster
+from tests.replication.harness import Cluster
+
+pytestmark = pytest.mark.timeout(30)
+
+#: How long a paused pusher waits before asking the peer again (on the ManualClock).
+AUTH_RETRY_S = 60.0
+
+
+async def peer_status(cluster: Cluster, name: str) -> dict[str, Any]:
+    """The status snapshot of one server as a peer (its outbox section)."""
+    status = await cluster.service.status()
+    server = next(s for s in status["servers"] if s["name"] == name)
+    outbox: dict[str, Any] = server["outbox"]
+    return outbox
+
+
+@pytest.mark.parametrize("refusal", [401, 403])
+async def test_refused_key_pauses_the_peer_and_it_resumes_by_itself(
+    make_cluster: MakeCluster, refusal: int
+) -> None:
+    clock = ManualClock()
+    cluster = await make_cluster(3, clock=clock, pusher_options={"auth_retry_s": AUTH_RETRY_S})
+    a, b, c = cluster.emus
+    x, y = cluster.free_items[:2]
+    b.fail_next_writes(1000, refusal)
+
+    cluster.change(a, x, is_favorite=True)
+
+    async def paused() -> bool:
+        return (await peer_status(cluster, "b"))["pause_reason"] is not None
+
+    await cluster.service.wait_for(paused, 20)
+    reason = (await peer_status(cluster, "b"))["pause_reason"]
+    assert "b" in reason
+    assert "api_key" in reason
+
+    # The other peer keeps receiving while b is paused.
+    cluster.change(a, y, rating=9.0)
+    await cluster.service.wait_for(lambda: cluster.data(c, y) == UserData(rating=9.0), 20)
+    assert cluster.data(c, x) == UserData(favorite=True)
+    assert await paused()
+    assert cluster.data(b, x) == UserData()
+    assert cluster.data(b, y) == UserData()
+    assert (await peer_status(cluster, "b"))["depth"] == 2
+
+    # The key works again; after the retry period the peer catches up on its own.
+    b.fail_next_writes(0)
+    await clock.advance(AUTH_RETRY_S)
+    await cluster.service.wait_for(
+        lambda: (
+            cluster.all_hold(x, UserData(favorite=True))
+            and cluster.all_hold(y, UserData(rating=9.0))
+        ),
+        20,
+    )
+    assert not await paused()
+    assert (await peer_status(cluster, "b"))["depth"] == 0
+
+
+async def test_rejected_writes_are_parked_with_reasons_and_the_rest_flows(
+    make_cluster: MakeCluster,
+) -> None:
+    cluster = await make_cluster(3)
+    a, b, c = cluster.emus
+    x, y, z = cluster.free_items[:3]
+
+    async def dead_items() -> dict[str, str]:
+        return {d["item"]: d["reason"] for d in (await peer_status(cluster, "c"))["dead"]}
+
+    async def parked(*items: str) -> bool:
+        return set(items) <= set(await dead_items())
+
+    c.fail_next_writes(1, 400)
+    cluster.change(a, x, is_favorite=True)
+    await cluster.service.wait_for(lambda: parked(x), 20)
+    c.fail_next_writes(1, 404)
+    cluster.change(a, y, rating=3.0)
+    await cluster.service.wait_for(lambda: parked(x, y), 20)
+
+    # Both still reached b; z reaches c as usual.
+    cluster.change(a, z, is_favorite=True)
+    await cluster.service.wait_for(lambda: cluster.all_hold(z, UserData(favorite=True)), 20)
+    assert cluster.data(b, x) == UserData(favorite=True)
+    assert cluster.data(b, y) == UserData(rating=3.0)
+    assert cluster.data(c, x) == UserData()
+    assert cluster.data(c, y) == UserData()
+    reasons = await dead_items()
+    assert set(reasons) == {x, y}
+    assert "400" in reasons[x]
+    assert "404" in reasons[y]
+    peer = await peer_status(cluster, "c")
+    assert peer["depth"] == 0  # dead rows are not counted as queued, but listed
+
+    # A newer change of x revives its row: c gets x's whole state.
+    cluster.change(a, x, rating=5.0)
+    await cluster.service.wait_for(
+        lambda: cluster.all_hold(x, UserData(favorite=True, rating=5.0)), 20
+    )
+    assert set(await dead_items()) == {y}
