@@ -57,7 +57,9 @@ def catchup_observations(
     """Turn a scan (canonical item -> state) into observations of what differs from ``known``.
 
     Items whose state equals the last-known one are left out; known items that are not
-    default and were not found are observed as reset to the default.
+    default and were not found are observed as reset to the default. ``wall_ms`` must be
+    the time the scan was requested, not when it ended: the echo rule matches a scanned
+    state only against writes recorded after that time (:func:`jfsync.echo.match_echo`).
     """
     observations = [
         Observation(server, user, item, state, wall_ms, "scan")
