@@ -257,7 +257,13 @@ class Ledger:
         """Connect, migrate the schema, register the configured servers, load the clock."""
         if self._db is not None:
             return self
-        db = await aiosqlite.connect(self._path, isolation_level=None)
+        pending = aiosqlite.connect(self._path, isolation_level=None)
+        # aiosqlite's worker thread is not a daemon: a ledger left open by a failure would keep
+        # the process alive forever at exit. Committed data needs no thread to survive (WAL).
+        worker = getattr(pending, "_thread", None)
+        if worker is not None:
+            worker.daemon = True
+        db = await pending
         try:
             if self._path != ":memory:":
                 await prepare(db)
