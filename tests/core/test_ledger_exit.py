@@ -15,9 +15,12 @@ SCRIPT = textwrap.dedent(
     from jfsync.ledger import Ledger
     from jfsync.merge import MergePolicy
 
+    KEPT = []  # a live reference, as a traceback or a forgotten service object would hold
+
     async def main():
         ledger = Ledger(sys.argv[1], MergePolicy(servers=("a", "b")))
         await ledger.open()
+        KEPT.append(ledger)
         await ledger.save_token("a", "u", "t")
         print("left open", flush=True)
 
