@@ -36,19 +36,23 @@ nothing is owed any more. A pusher uses it like this:
    history of it: first contact) the read state is applied as an observation first, so a
    change the event path has not delivered yet is merged instead of overwritten; the fresh
    row (or None when nothing is owed any more) comes back;
-3. write ``row.registers`` of ``row.desired``, then ``await ledger.row_written(row,
+3. ``await ledger.record_intents([(row, current, states)], now_ms)`` with every state the
+   write may leave on the peer (after each of its requests), so that a write cut off by a
+   crash is still recognised as jfsync's own afterwards;
+4. write ``row.registers`` of ``row.desired``, then ``await ledger.row_written(row,
    row.intended(current), now_ms)``. Pass the state the write was meant to produce
    (:meth:`OutboxRow.intended`), not the server's reply: a user change made between the read
    and the write then shows up in the echo as a real change instead of being taken for the
    echo. ``row_written`` records that state as pending echo and as last-known, and deletes the
    row only if its version is unchanged (a newer change that replaced it mid-flight stays
    queued);
-4. on failure ``row_failed(row, reason, retry_at_ms)`` (transient) or ``row_dead(row,
+5. on failure ``row_failed(row, reason, retry_at_ms)`` (transient) or ``row_dead(row,
    reason)`` (400/404: parked, listed by :meth:`Ledger.dead_rows`, revived by a newer change
    or :meth:`Ledger.retry_dead`). After a down peer returns, :meth:`Ledger.reset_backoff`.
 
-Steps 2 and 3 have batch forms (:meth:`Ledger.observe_before_writes`,
-:meth:`Ledger.rows_written`) that do many rows in one transaction; use them under load.
+Steps 2 and 4 have batch forms (:meth:`Ledger.observe_before_writes`,
+:meth:`Ledger.rows_written`), and step 3 takes many rows, each in one transaction; use them
+under load.
 Rows are identified by (peer, user, item) and ``version``; the integer ``id`` is only a handle.
 
 All methods serialise on one lock; no transaction is held across anything but the ledger's own
@@ -729,6 +733,32 @@ class Ledger:
         """
         return (await self.rows_written([(row, written_state)], wall_ms))[0]
 
+    async def record_intents(
+        self, intents: Sequence[tuple[OutboxRow, UserData, Sequence[UserData]]], wall_ms: int
+    ) -> None:
+        """Before writing, record every state each write may leave on its peer, in ONE tx.
+
+        Each ``(row, base, states)`` adds ``states`` (the peer's state after each request of
+        the write, in order) as pending echoes that replace ``base``. Should jfsync stop
+        before :meth:`rows_written` records the write, the state then found on the peer is
+        still known to be jfsync's own, even if the row has since been replaced by a newer
+        change; and the echo of a write cut half-way is recognised. The ack later replaces
+        the entry of the state written with one timed at the ack.
+        """
+        if not intents:
+            return
+        async with self._tx() as db:
+            keys = [await self._row_key(db, row) for row, _, _ in intents]
+            batch = _Batch(self, db)
+            await batch.load({(u, i) for u, i, _ in keys}, with_members=False)
+            for (_, base, states), key in zip(intents, keys, strict=True):
+                pending = batch.echo.get(key, ())
+                for state in states:
+                    pending = record_write(pending, state, wall_ms, base)
+                batch.echo[key] = pending
+                batch._dirty_echo.add(key)
+            await batch.flush()
+
     async def rows_written(
         self, acks: Sequence[tuple[OutboxRow, UserData]], wall_ms: int
     ) -> list[bool]:
@@ -1254,7 +1284,10 @@ class _Batch:
         """Record a write of ``state`` to the peer of ``key``; drop the row if still ``version``."""
         replaced = self.lk.get(key)
         self._set_lk(key, state)
-        self.echo[key] = record_write(self.echo.get(key, ()), state, wall_ms, replaced)
+        # An intent recorded before the write (record_intents) is replaced by this entry: one
+        # entry per echo, timed when the write completed (scans compare against that).
+        pending = tuple(p for p in self.echo.get(key, ()) if p.state != state)
+        self.echo[key] = record_write(pending, state, wall_ms, replaced)
         self._dirty_echo.add(key)
         row = self.rows.get(key)
         if row is None:
