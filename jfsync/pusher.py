@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tenacity import (
     AsyncRetrying,
@@ -45,7 +45,7 @@ from jfsync.errors import (
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.ledger import Ledger, OutboxRow
 from jfsync.logs import FailureStreak
-from jfsync.model import UserData
+from jfsync.model import PlayState, Register, UserData
 from jfsync.timing import Clock
 
 logger = logging.getLogger(__name__)
@@ -137,6 +137,8 @@ class Pusher:
         self._acks: list[tuple[OutboxRow, UserData, asyncio.Future[int]]] = []
         #: (user, item) -> set once that write is recorded (or failed).
         self._writing: dict[tuple[str, str], asyncio.Event] = {}
+        #: Set once the first batch after start was checked for interrupted writes and sent.
+        self._recovered = asyncio.Event()
         self._acking = False
         self._accepting = True
         self._stop_requested = asyncio.Event()
@@ -178,6 +180,7 @@ class Pusher:
         """Stop taking rows, let writes under way finish within ``grace_s``, then cancel."""
         self._accepting = False
         self._stop_requested.set()
+        self._recovered.set()
         self._wake.set()
         task = self._task
         if task is None:
@@ -227,15 +230,24 @@ class Pusher:
         now_ms = self._clock.wall_ms()
         rows = await self._ledger.due_rows(self.peer, self._batch_size, now_ms)
         if not rows:
+            self._recovered.set()
             return False
         keys = [(row.user, row.item) for row in rows]
         self._in_flight.update(keys)
         try:
             current = await self._read_current(rows)
+            await self._recover_interrupted(rows, current)
             owed = await self._compare(rows, current)
+            # Written ahead: should jfsync stop mid-write, what it finds later is its own.
+            await self._ledger.record_intents(
+                [(row, state, write_steps(state, row)) for row, state in owed],
+                self._clock.wall_ms(),
+            )
             results = await asyncio.gather(
                 *(self._deliver(row, state) for row, state in owed), return_exceptions=True
             )
+            # The rows in flight when the last process stopped are settled now.
+            self._recovered.set()
         finally:
             self._in_flight.difference_update(keys)
         for result in results:
@@ -263,6 +275,71 @@ class Pusher:
             except ServerError as err:
                 raise self._classify(err) from err
         return found
+
+    async def _recover_interrupted(
+        self, rows: Sequence[OutboxRow], current: dict[tuple[str, str], UserData]
+    ) -> None:
+        """Record writes that reached the peer but were never recorded, before comparing.
+
+        A write can be cut off after the peer applied it (jfsync killed before reading the
+        answer) or half-way (the DELETE that clears a date went through, the POST did not).
+        The peer then holds a state jfsync wrote, or a step towards it, while the ledger
+        still has the state before: the compare would take it for the peer's own change and
+        let it win over the change being delivered. Rows that may carry such a write are the
+        first batch after start (in due order, exactly the rows in flight when the last
+        process stopped) and rows whose earlier attempt failed. For those, a peer state that
+        is one of the states a write passes through (recorded ahead by record_intents, so
+        also for a write of a value the row has since been replaced with a newer one) is
+        recorded as written (pending echo + last-known); the row keeps whatever registers
+        still differ and is finished normally.
+        """
+        suspects = list(rows) if not self._recovered.is_set() else [r for r in rows if r.attempts]
+        landed: list[tuple[OutboxRow, UserData]] = []
+        for row in suspects:
+            state = current.get((row.user, row.item))
+            if state is None:
+                continue
+            before = await self._ledger.last_known(self.peer, row.user, row.item)
+            if before is None or state == before:
+                continue
+            # The row's own steps too: intents expire, and older ledgers have none.
+            intended = {p.state for p in await self._ledger.pending_echoes(*self._key(row))}
+            if state in intended or state in write_steps(before, row):
+                landed.append((row, state))
+        if landed:
+            logger.info(
+                "[→%s] %d writes reached the peer before an interruption; recorded",
+                self.peer,
+                len(landed),
+            )
+            # A version no row has: the ledger then keeps the registers still owed (the
+            # behaviour of a row replaced mid-flight) instead of dropping the row.
+            await self._ledger.rows_written(
+                [(replace(row, version=-1), state) for row, state in landed],
+                self._clock.wall_ms(),
+            )
+
+    def _key(self, row: OutboxRow) -> tuple[str, str, str]:
+        return self.peer, row.user, row.item
+
+    async def wait_recovered(self, timeout_s: float) -> bool:
+        """Wait until the first batch after start was checked for interrupted writes and sent.
+
+        A catch-up scan of the peer must not run before that: it could read a landed or
+        half-done write as the user's change. Returns False when ``timeout_s`` passed first
+        (peer down).
+        """
+        if self._recovered.is_set():
+            return True
+        sleeper = asyncio.ensure_future(self._clock.sleep(timeout_s))
+        waiter = asyncio.ensure_future(self._recovered.wait())
+        try:
+            await asyncio.wait({sleeper, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in (sleeper, waiter):
+                fut.cancel()
+            await asyncio.gather(sleeper, waiter, return_exceptions=True)
+        return self._recovered.is_set()
 
     async def _compare(
         self, rows: Sequence[OutboxRow], current: dict[tuple[str, str], UserData]
@@ -464,6 +541,29 @@ class Pusher:
     def _progress(self) -> None:
         if self._on_progress is not None:
             self._on_progress()
+
+
+def write_steps(before: UserData, row: OutboxRow) -> list[UserData]:
+    """The states the peer holds after each request of writing ``row`` over ``before``.
+
+    Mirrors :meth:`JellyfinClient.apply_user_data`: DELETE the rating when it goes to none,
+    DELETE played when the last played date goes to none (Jellyfin's MarkUnplayed: not
+    played, count 0, position 0, no date), then one POST of what still differs.
+    """
+    steps: list[UserData] = []
+    state = before
+    if Register.RATING in row.registers and row.desired.rating is None and state.rating is not None:
+        state = replace(state, rating=None)
+        steps.append(state)
+    if (
+        Register.PLAY_STATE in row.registers
+        and row.desired.play_state.last_played_s is None
+        and state.play_state.last_played_s is not None
+    ):
+        state = replace(state, play_state=PlayState())
+        steps.append(state)
+    steps.append(row.intended(before))
+    return steps
 
 
 class _PeerDown(Exception):

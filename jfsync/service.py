@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 #: Observations applied per ledger transaction during a catch-up scan.
 SCAN_BATCH = 1000
+#: How long a catch-up waits for the peer's pusher to check writes cut off by a restart.
+RECOVERY_WAIT_S = 10.0
 
 
 @dataclass(slots=True)
@@ -381,6 +383,13 @@ class SyncService:
     async def _resync(self, link: ServerLink, remote_user_id: str, user: str) -> None:
         """Catch up with what the socket of this user may have missed."""
         assert self.reconciler is not None
+        # After a restart, writes cut off by the stop must be recognised before a scan of
+        # that server could read them as the user's changes.
+        if not await link.pusher.wait_recovered(RECOVERY_WAIT_S):
+            logger.warning(
+                "[%s] catching up before interrupted writes could be checked (peer busy)",
+                link.name,
+            )
         result = await self.reconciler.catch_up(link.name, remote_user_id, user)
         self.counters.scans += 1
         self.counters.scan_changes += result.changed
