@@ -226,14 +226,15 @@ class SyncService:
             if link.bring_up is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await link.bring_up
-        if self.reconciler is not None:
-            await self.reconciler.close()
-        await self.identity.close()
+        # Intake first: an event arriving later would find the identity index closed.
         await asyncio.gather(
             *(sub.stop() for link in self.links.values() for sub in link.subscribers.values())
         )
+        if self.reconciler is not None:
+            await self.reconciler.close()
         grace = self.config.sync.shutdown_grace
         await asyncio.gather(*(link.pusher.stop(grace) for link in self.links.values()))
+        await self.identity.close()
         if self._session is not None:
             await self._session.close()
         depth = {name: await self.ledger.outbox_depth(name) for name in self.links}
