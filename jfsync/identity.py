@@ -444,13 +444,17 @@ class IndexedIdentity:
         changed = set(changed)
         removed = set(removed) - changed
         client = self._clients[server]
+        moved = 0
         if changed:
-            await self._index.refresh_items(client, server, changed)
+            stored, series = await self._index.refresh_items(client, server, changed)
+            moved += stored + series
             held = await self._index.in_index(server, changed)
             self._not_found.update((server, r) for r in changed - held)
             self._not_found.difference_update((server, r) for r in held)
         if removed:
-            await self._index.remove_items(server, removed)
+            moved += await self._index.remove_items(server, removed)
+        if not moved:
+            return IdentityChange()  # nothing a match depends on changed (artwork, say)
         return await self.rematch()
 
     def status(self) -> dict[str, Any]:

@@ -65,6 +65,16 @@ _CHUNK = 500
 #: Page cache of the scanning connection, in KiB.
 BULK_CACHE_KIB = 16384
 
+#: Scratch tables of the matcher (per connection, never in the ledger file).
+_TEMP_TABLES = (
+    "CREATE TEMP TABLE IF NOT EXISTS match_groups (entry INTEGER PRIMARY KEY, grp INTEGER)",
+    "CREATE TEMP TABLE IF NOT EXISTS group_members "
+    "(grp INTEGER NOT NULL, refused INTEGER NOT NULL, entry INTEGER NOT NULL, item INTEGER)",
+    "CREATE INDEX IF NOT EXISTS temp.group_members_by_grp ON group_members(grp)",
+    "CREATE INDEX IF NOT EXISTS temp.group_members_by_item ON group_members(item)",
+    "CREATE TEMP TABLE IF NOT EXISTS dirty_groups (grp INTEGER PRIMARY KEY)",
+)
+
 Rule = Literal["id", "path", "provider"]
 #: Matching rules in the order they are tried.
 RULES: tuple[Rule, ...] = ("id", "path", "provider")
@@ -302,10 +312,8 @@ class LibraryIndex:
             missing = [n for n in self._order if n not in self._sids]
             if missing:
                 raise LibraryIndexError(f"the ledger does not know servers {', '.join(missing)}")
-            await bulk.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS match_groups "
-                "(entry INTEGER PRIMARY KEY, grp INTEGER)"
-            )
+            for statement in _TEMP_TABLES:
+                await bulk.execute(statement)
         except BaseException:
             await bulk.close()
             await lookup.close()
@@ -404,7 +412,7 @@ class LibraryIndex:
                     if storing is not None:
                         await storing
                     storing = asyncio.create_task(
-                        self._store_items(sid, gen, page, series, rekey),
+                        self._store_page(sid, gen, page, series, rekey),
                         name=f"jfsync-index-store[{server}]",
                     )
                     result.items += len(page)
@@ -430,7 +438,8 @@ class LibraryIndex:
     async def refresh_items(
         self, client: JellyfinClient, server: str, ids: Iterable[str]
     ) -> tuple[int, int]:
-        """Re-read some items (added or updated) by id; return (leaf items, series) stored.
+        """Re-read some items (added or updated) by id; return (leaf items new or changed,
+        series whose provider ids changed).
 
         A series among them also re-keys its episodes already in the index.
         """
@@ -457,6 +466,7 @@ class LibraryIndex:
                 found_series.append(item)
             elif item.type in DEFAULT_ITEM_TYPES:
                 leaves.append(IndexEntry.from_dto(item))
+        stored = 0
         moved: set[str] = set()
         series = await self._store_series(sid, gen, found_series, moved) if found_series else {}
         if moved:
@@ -464,8 +474,8 @@ class LibraryIndex:
         known = await self._series_ids(sid, {e.series_id for e in leaves if e.series_id})
         known.update(series)
         for start in range(0, len(leaves), PAGE_SIZE):
-            await self._store_items(sid, gen, leaves[start : start + PAGE_SIZE], known)
-        return len(leaves), len(series)
+            stored += await self._store_items(sid, gen, leaves[start : start + PAGE_SIZE], known)
+        return stored, len(moved)
 
     async def remove_items(self, server: str, ids: Iterable[str]) -> int:
         """Drop some items from the index (``ItemsRemoved``); return how many were there."""
@@ -546,10 +556,13 @@ class LibraryIndex:
     async def group_rows(
         self, groups: Mapping[int, int | None], fetch: int = 2000
     ) -> AsyncIterator[list[GroupRow]]:
-        """Stream every entry with its group (``groups``: entry -> group, None = refused).
+        """Stream the entries of every group whose id map may need a change.
 
-        Entries not in ``groups`` are groups of their own (negative ids). Rows come ordered
-        by group, so a group's members arrive together (possibly across two lists).
+        ``groups`` maps entries to their group (None = refused); entries not in it are
+        groups of their own (negative ids). A group is left out when nothing can change for
+        it: all its members are mapped to one canonical item that no other group holds (or
+        it is refused and none is mapped). Rows come ordered by group, so a group's members
+        arrive together (possibly across two lists).
         """
         async with self._lock:
             async for rows in self._group_rows(groups, fetch):
@@ -559,20 +572,37 @@ class LibraryIndex:
         self, groups: Mapping[int, int | None], fetch: int
     ) -> AsyncIterator[list[GroupRow]]:
         db = self._db()
-        await db.execute("DELETE FROM match_groups")
+        for table in ("match_groups", "group_members", "dirty_groups"):
+            await db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names
         pending = iter(groups.items())
         while chunk := list(itertools.islice(pending, 5000)):
             await db.executemany("INSERT INTO match_groups(entry, grp) VALUES (?, ?)", chunk)
         sids = [self._sids[n] for n in self._order]
-        sql = (
-            "SELECT COALESCE(g.grp, -e.id), (g.entry IS NOT NULL AND g.grp IS NULL), e.id, "  # noqa: S608
-            "e.server, e.remote_id, i.key, e.item_type, e.path, e.provider_ids "
-            "FROM index_items e LEFT JOIN match_groups g ON g.entry = e.id "
+        await db.execute(
+            "INSERT INTO group_members(grp, refused, entry, item) "  # noqa: S608
+            "SELECT COALESCE(g.grp, -e.id), (g.entry IS NOT NULL AND g.grp IS NULL), e.id, "
+            "si.item FROM index_items e LEFT JOIN match_groups g ON g.entry = e.id "
             "LEFT JOIN server_items si ON si.server = e.server AND si.remote_id = e.remote_id "
-            "LEFT JOIN items i ON i.id = si.item "
-            f"WHERE e.server IN ({_marks(len(sids))}) ORDER BY 1"
+            f"WHERE e.server IN ({_marks(len(sids))})",
+            sids,
         )
-        async with db.execute(sql, sids) as cursor:
+        await db.execute(
+            "INSERT OR IGNORE INTO dirty_groups(grp) SELECT grp FROM group_members GROUP BY grp "
+            "HAVING (MAX(refused) = 1 AND COUNT(item) > 0) OR (MAX(refused) = 0 AND "
+            "(COUNT(item) < COUNT(*) OR MIN(item) <> MAX(item)))"
+        )
+        await db.execute(
+            "INSERT OR IGNORE INTO dirty_groups(grp) SELECT grp FROM group_members WHERE item IN "
+            "(SELECT item FROM group_members WHERE item IS NOT NULL GROUP BY item "
+            "HAVING COUNT(DISTINCT grp) > 1)"
+        )
+        sql = (
+            "SELECT m.grp, m.refused, e.id, e.server, e.remote_id, i.key, e.item_type, e.path, "
+            "e.provider_ids FROM dirty_groups d JOIN group_members m ON m.grp = d.grp "
+            "JOIN index_items e ON e.id = m.entry LEFT JOIN items i ON i.id = m.item "
+            "ORDER BY m.grp"
+        )
+        async with db.execute(sql) as cursor:
             while True:
                 rows = await cursor.fetchmany(fetch)
                 if not rows:
@@ -591,7 +621,8 @@ class LibraryIndex:
                     )
                     for r in rows
                 ]
-        await db.execute("DELETE FROM match_groups")
+        for table in ("match_groups", "group_members", "dirty_groups"):
+            await db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names
 
     async def stale_mappings(self, server: str) -> list[tuple[str, str]]:
         """(remote id, canonical key) of the server's mappings whose item left the index."""
@@ -780,15 +811,16 @@ class LibraryIndex:
         entries: Sequence[IndexEntry],
         series: Mapping[str, Mapping[str, str]],
         rekey: frozenset[str] = frozenset(),
-    ) -> None:
+    ) -> int:
         """Store one page of items with their provider keys, in one transaction.
 
         New items are inserted; items whose stored fields differ (or whose series is in
         ``rekey``: its provider ids changed) are updated and re-keyed; unchanged ones only
-        get the scan generation, so a rescan of a stable library writes little.
+        get the scan generation, so a rescan of a stable library writes little. Returns how
+        many items were new or changed.
         """
         if not entries:
-            return
+            return 0
         rules = self._rules[sid]
         rows = {
             e.remote_id: (
@@ -860,6 +892,17 @@ class LibraryIndex:
                         for key in provider_keys(e, series.get(e.series_id or ""))
                     ],
                 )
+        return len(fresh) + len(changed)
+
+    async def _store_page(
+        self,
+        sid: int,
+        gen: int,
+        entries: Sequence[IndexEntry],
+        series: Mapping[str, Mapping[str, str]],
+        rekey: frozenset[str],
+    ) -> None:
+        await self._store_items(sid, gen, entries, series, rekey)
 
     async def _finish(self, sid: int, gen: int, wall_ms: int) -> int:
         async with self._tx() as db:
