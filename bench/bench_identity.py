@@ -155,6 +155,7 @@ class Servers:
     def start(
         self, scenario: str, items: int, users: int, share: float, roots: dict[str, str]
     ) -> None:
+        """Start one emulator process per root and read where each listens."""
         for name, root in roots.items():
             proc = subprocess.Popen(
                 [
@@ -184,6 +185,7 @@ class Servers:
             self.info[name] = json.loads(proc.stdout.readline())
 
     def stop(self) -> None:
+        """Close the emulators' stdin (they exit) and wait for them."""
         for proc in self.procs:
             assert proc.stdin is not None
             proc.stdin.close()
@@ -192,6 +194,7 @@ class Servers:
 
 
 def make_config(servers: Servers, ledger: Path, rewrites: dict[str, str] | None = None) -> Config:
+    """A config for the running emulators (``rewrites``: server -> path root to map)."""
     return Config.model_validate(
         {
             "ledger": str(ledger),
@@ -352,6 +355,7 @@ async def reconcile_scenario(items: int, users: int, share: float) -> dict[str, 
 
 
 def main() -> int:
+    """Run the scenarios asked for; exit non-zero when a target is missed."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
     for name in ("catchup", "reconcile", "all"):
