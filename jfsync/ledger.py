@@ -1289,6 +1289,19 @@ class _Batch:
         pending = tuple(p for p in self.echo.get(key, ()) if p.state != state)
         self.echo[key] = record_write(pending, state, wall_ms, replaced)
         self._dirty_echo.add(key)
+        done = self._settle_row(key, version, state)
+        # A change that came while the write was on its way may have moved the canonical
+        # value back to what the peer held before it: its row was pruned then (nothing owed
+        # to a peer already holding it), and the write has just undone that. Owe it again.
+        canonical = self.canon.get(key[:2])
+        if canonical is not None:
+            owed = frozenset(r for r in self.policy.synced if state.get(r) != canonical.data.get(r))
+            if owed:
+                self.refresh_row(key, owed, canonical.data, self.tick(wall_ms), wall_ms)
+        return done
+
+    def _settle_row(self, key: _Key, version: int, state: UserData) -> bool:
+        """Drop the row of ``key`` if still ``version``, else what ``state`` delivered of it."""
         row = self.rows.get(key)
         if row is None:
             return False
