@@ -391,6 +391,9 @@ class SyncService:
                 "[%s] catching up before interrupted writes could be checked (peer busy)",
                 link.name,
             )
+        # Echoes due on the old socket will never arrive; left pending they would swallow a
+        # user who sets the state back (taken for a stale event) for up to a minute.
+        await self.ledger.forget_echoes(link.name, user)
         result = await self.reconciler.catch_up(link.name, remote_user_id, user)
         self.counters.scans += 1
         self.counters.scan_changes += result.changed
