@@ -45,7 +45,7 @@ from jfsync.errors import (
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.ledger import Ledger, OutboxRow
 from jfsync.logs import FailureStreak
-from jfsync.model import PlayState, Register, UserData
+from jfsync.model import ALL_REGISTERS, PlayState, Register, UserData
 from jfsync.timing import Clock
 
 logger = logging.getLogger(__name__)
@@ -287,11 +287,12 @@ class Pusher:
         still has the state before: the compare would take it for the peer's own change and
         let it win over the change being delivered. Rows that may carry such a write are the
         first batch after start (in due order, exactly the rows in flight when the last
-        process stopped) and rows whose earlier attempt failed. For those, a peer state that
-        is one of the states a write passes through (recorded ahead by record_intents, so
-        also for a write of a value the row has since been replaced with a newer one) is
-        recorded as written (pending echo + last-known); the row keeps whatever registers
-        still differ and is finished normally.
+        process stopped) and rows whose earlier attempt failed. For those, each register
+        whose value on the peer is the one a step of the write gives it (the intents recorded
+        ahead by record_intents, so also for a write of a value the row has since been
+        replaced with, and the row's own steps) is recorded as written (pending echo +
+        last-known); any other difference is still the peer user's change, and the row keeps
+        whatever is still owed.
         """
         suspects = list(rows) if not self._recovered.is_set() else [r for r in rows if r.attempts]
         landed: list[tuple[OutboxRow, UserData]] = []
@@ -303,9 +304,21 @@ class Pusher:
             if before is None or state == before:
                 continue
             # The row's own steps too: intents expire, and older ledgers have none.
-            intended = {p.state for p in await self._ledger.pending_echoes(*self._key(row))}
-            if state in intended or state in write_steps(before, row):
-                landed.append((row, state))
+            # Only writes made over the state the ledger still has: older entries may linger
+            # (an echo lost in the stop) and must not explain the user's own changes.
+            pending = await self._ledger.pending_echoes(*self._key(row))
+            candidates = [p.state for p in pending if p.replaced == before]
+            candidates += write_steps(before, row)
+            # Register by register: the user may have changed another register on top.
+            explained = before
+            for register in ALL_REGISTERS:
+                value = state.get(register)
+                if value != before.get(register) and any(
+                    c.get(register) == value for c in candidates
+                ):
+                    explained = explained.with_register(register, value)
+            if explained != before:
+                landed.append((row, explained))
         if landed:
             logger.info(
                 "[→%s] %d writes reached the peer before an interruption; recorded",
