@@ -1046,6 +1046,9 @@ class _Batch:
         self.echo: dict[_Key, tuple[PendingWrite, ...]] = {}
         self.rows: dict[_Key, _Row | None] = {}
         self.members: dict[int, set[int]] = {}
+        #: Servers whose library is indexed (they map items), and which loaded items each maps.
+        self.indexed: set[int] = set()
+        self.mapped: dict[int, set[int]] = {}
         self._loaded_rows: dict[_Key, int] = {}
         self._dirty_canon: set[_Pair] = set()
         self._dirty_lk: set[_Key] = set()
@@ -1086,6 +1089,35 @@ class _Batch:
                     chunk,
                 ):
                     self.members.setdefault(int(uid), set()).add(int(sid))
+            await self._load_mappings({i for _, i in pairs})
+
+    async def _load_mappings(self, items: set[int]) -> None:
+        """Learn which indexed servers map (have) the given items.
+
+        A server whose library is indexed but that does not map an item does not have it: it is
+        owed nothing for it until the item appears there (``Ledger.backfill_mapped`` then queues
+        it). Servers without an index (identical-id identity) are assumed to have every item.
+        """
+        wanted = sorted(items)
+        for sid in sorted(self._configured):
+            found = await self.db.execute_fetchall(
+                "SELECT 1 FROM server_items WHERE server=? LIMIT 1", (sid,)
+            )
+            if not list(found):
+                continue
+            self.indexed.add(sid)
+            have = self.mapped.setdefault(sid, set())
+            for chunk in _chunks(wanted, _CHUNK):
+                marks = _marks(len(chunk))
+                for (iid,) in await self.db.execute_fetchall(
+                    f"SELECT item FROM server_items WHERE server=? AND item IN ({marks})",  # noqa: S608
+                    (sid, *chunk),
+                ):
+                    have.add(int(iid))
+
+    def lacks_item(self, server_id: int, item_id: int) -> bool:
+        """Tell whether an indexed server does not have the item."""
+        return server_id in self.indexed and item_id not in self.mapped.get(server_id, set())
 
     async def load_one_last_known(self, key: _Key) -> UserData | None:
         """Read one last-known state without loading a whole pair."""
@@ -1146,7 +1178,9 @@ class _Batch:
             name = self.ledger._server_names[target]
             owed = result.writes.get(name, frozenset())
             tkey = (uid, iid, target)
-            if not owed and self.rows.get(tkey) is None:
+            if self.rows.get(tkey) is None and (
+                not owed or (target != sid and self.lacks_item(target, iid))
+            ):
                 continue
             if self.refresh_row(tkey, owed, result.canonical.data, stamp.ms, obs.wall_ms):
                 row = self.rows.get(tkey)

@@ -175,6 +175,10 @@ async def test_an_item_on_one_server_only_is_delivered_when_it_appears(
     stack.change("a", extra["a"], is_favorite=True, rating=9.0)
     ledger = stack.svc().ledger
     await stack.wait(lambda: _canonical_is(ledger, extra["a"], UserData(favorite=True, rating=9.0)))
+    # b does not have the film: it is owed nothing yet, so no queue row and no dead row that
+    # would make `jfsync status` report a problem.
+    assert await ledger.get_row("b", "name:alice", extra["a"]) is None
+    assert await ledger.dead_rows("b") == []
 
     # b gets the film later (another path, same ids): its LibraryChanged brings it in.
     added = stack.emus["b"].add_item(
