@@ -488,7 +488,8 @@ class SyncService:
                 {
                     "name": link.name,
                     "url": link.config.url,
-                    "reachable": link.reachable,
+                    # Answered at bring-up and not found down by its pusher since.
+                    "reachable": link.reachable and stats.down_since_ms is None,
                     "version": link.version,
                     "server_id": link.server_id,
                     "last_error": link.last_error,

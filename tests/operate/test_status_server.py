@@ -279,6 +279,7 @@ async def test_metrics_has_every_documented_series_and_they_move(
     assert _value(down, "jfsync_peer_down", peer="cabin") == 1
     assert _value(down, "jfsync_socket_state", server="cabin", user="alice", state="connected") == 0
     assert _value(down, "jfsync_server_reachable", server="home") == 1
+    assert _value(down, "jfsync_server_reachable", server="cabin") == 0
 
     # Cabin returns: the row drains and the peer is up again.
     await stack.cabin.start_listener()
@@ -295,6 +296,7 @@ async def test_metrics_has_every_documented_series_and_they_move(
     assert _value(back, "jfsync_outbox_depth", peer="cabin") == 0
     assert _value(back, "jfsync_outbox_oldest_age_seconds", peer="cabin") == 0
     assert _value(back, "jfsync_peer_down", peer="cabin") == 0
+    assert _value(back, "jfsync_server_reachable", server="cabin") == 1
     assert _value(back, "jfsync_socket_reconnects_total", server="cabin", user="alice") >= 1
     assert (
         _value(back, "jfsync_writes_total", peer="cabin", outcome="done")
