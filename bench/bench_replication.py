@@ -1,0 +1,302 @@
+"""Replication benchmarks: added latency, burst throughput against a bare-client floor, peak RSS.
+
+``jfsync run`` runs as a subprocess (its own interpreter, as in production) against two
+emulators in this process, ``a`` and ``b``, that share one library (identical item ids). A
+third emulator, ``floor``, with the same library and no jfsync attached, receives the floor
+run. Figures printed:
+
+* **latency**: with the emulators' echo debounce at 0, ``--changes`` favourites made on ``a``
+  at a steady ``--rate`` per second; for each, the time from the change on ``a`` to the
+  matching write arriving at ``b`` (both read from the same monotonic clock: the change time
+  here, the write record's time on ``b``). p50 / p95 / p99 / max.
+* **burst**: ``--burst`` items marked played on ``a`` at once (one bulk action, like marking a
+  season or a library played); the time until ``b`` has received every write. Compared with
+  the floor: the same writes (same route, same body) sent straight to ``floor`` by a bare
+  aiohttp loop at the pusher's concurrency (:data:`jfsync.pusher.CONCURRENCY`).
+* **rss**: peak resident memory of the ``jfsync run`` process during the burst (psutil,
+  sampled every 20 ms).
+
+Run from the repository root::
+
+    .venv/bin/python bench/bench_replication.py            # --changes 2000 --rate 100 --burst 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+from jfsync import emulator as emulator_module
+from jfsync.emulator import Emulator, RequestRecord
+from jfsync.jellyfin.wire import update_body
+from jfsync.model import PlayState, UserData
+from jfsync.pusher import CONCURRENCY
+
+API_KEY = "0123456789abcdef0123456789abcdef"
+#: Jellyfin's UserDataChanged debounce (fact sheet §2.1).
+JELLYFIN_DEBOUNCE_S = 0.5
+USER = "alice"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A free loopback port for the status endpoint of the subprocess."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def config_text(emus: list[Emulator], ledger: Path, status_port: int) -> str:
+    """A config for ``jfsync run`` syncing the given emulators."""
+    lines = [
+        f"ledger: {ledger}",
+        "logging:",
+        "  level: warning",
+        "status:",
+        f"  listen: 127.0.0.1:{status_port}",
+        "servers:",
+    ]
+    for emu in emus:
+        lines += [
+            f"  - name: {emu.server_name}",
+            f"    url: {emu.url}",
+            f"    api_key: {API_KEY}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+class Writes:
+    """Counts successful user-data writes per emulator, with an event per change."""
+
+    def __init__(self) -> None:
+        self.changed = asyncio.Event()
+
+    def observe(self, emu: Emulator, record: RequestRecord) -> None:
+        """Request observer: wake waiters on every request."""
+        self.changed.set()
+
+    async def wait(self, predicate: object, timeout_s: float) -> None:
+        """Wait until ``predicate()`` holds, re-checking after every request."""
+        assert callable(predicate)
+        async with asyncio.timeout(timeout_s):
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+async def floor_run(emu: Emulator, bodies: dict[str, dict[str, object]]) -> float:
+    """Send the writes straight to ``emu`` at the pusher's concurrency; return seconds taken."""
+    user_id = emu.user_id(USER)
+    header = (
+        'MediaBrowser Client="floor", Device="bench", DeviceId="bench-floor", '
+        f'Version="1", Token="{API_KEY}"'
+    )
+    headers = {"Authorization": header, "Accept": "application/json"}
+    gate = asyncio.Semaphore(CONCURRENCY)
+    async with aiohttp.ClientSession() as session:
+
+        async def one(item: str, body: dict[str, object]) -> None:
+            async with gate:
+                url = f"{emu.url}/UserItems/{item}/UserData"
+                async with session.post(
+                    url, params={"userId": user_id}, json=body, headers=headers
+                ) as response:
+                    await response.read()
+                    assert response.status == 200, response.status
+
+        started = time.monotonic()
+        await asyncio.gather(*(one(item, body) for item, body in bodies.items()))
+        return time.monotonic() - started
+
+
+async def status_counters(port: int) -> dict[str, object]:
+    """The ``counters`` section of the subprocess's status endpoint."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/status") as response,
+    ):
+        body = await response.json()
+    counters: dict[str, object] = body.get("counters", {})
+    return counters
+
+
+async def sample_rss(pid: int, peak: list[int], stop: asyncio.Event) -> None:
+    """Record the peak RSS of ``pid`` until ``stop`` is set."""
+    proc = psutil.Process(pid)
+    while not stop.is_set():
+        with contextlib.suppress(psutil.Error):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.02)
+
+
+def pct(values: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank) of ``values``."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
+
+
+async def run(changes: int, rate: float, burst: int, profile: str | None) -> None:
+    """Start everything, measure, print, clean up."""
+    leaves = max(burst, changes) + 10
+    built = time.monotonic()
+    emus = [
+        Emulator(api_key=API_KEY, server_name=name, library_size=leaves, seed=3, debounce_s=0.0)
+        for name in ("a", "b", "floor")
+    ]
+    a, b, floor = emus
+    for emu in emus:
+        await emu.start()
+    print(f"emulators: {leaves} leaf items each, built in {time.monotonic() - built:.1f} s")
+    items = [item.id for item in a.leaf_items()]
+    writes = Writes()
+    emulator_module.request_observers.append(writes.observe)
+    uid_a, uid_b = a.user_id(USER), b.user_id(USER)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "jfsync.yaml"
+        status_port = free_port()
+        config.write_text(config_text([a, b], Path(tmp) / "ledger.db", status_port))
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        command = ["-m", "jfsync", "run", "--config", str(config)]
+        if profile:
+            command = ["-m", "cProfile", "-o", profile, *command]
+        proc = await asyncio.create_subprocess_exec(sys.executable, *command, env=env)
+        try:
+            # Ready when a probe change made on a has reached b.
+            started = time.monotonic()
+            probe = items[-1]
+            a.save_user_data(uid_a, probe, is_favorite=True)
+            await writes.wait(lambda: b.user_data(uid_b, probe).favorite, 120)
+            print(
+                f"jfsync run: first change through {time.monotonic() - started:.1f} s after start"
+            )
+
+            # ---- latency: one favourite per item at a steady rate.
+            done_at: dict[str, float] = {}
+            made_at: dict[str, float] = {}
+            wanted = items[:changes]
+            index = {item: n for n, item in enumerate(wanted)}
+            seen = len(b.writes)
+
+            def collect() -> bool:
+                nonlocal seen
+                for record in b.writes[seen:]:
+                    if record.item_id in index and record.status < 300:
+                        done_at.setdefault(record.item_id, record.time)
+                seen = len(b.writes)
+                return len(done_at) == len(wanted)
+
+            t0 = time.monotonic()
+            for n, item in enumerate(wanted):
+                delay = t0 + n / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                made_at[item] = time.monotonic()
+                a.save_user_data(uid_a, item, is_favorite=True)
+            await writes.wait(collect, 60)
+            lat_ms = [(done_at[i] - made_at[i]) * 1000 for i in wanted]
+            print(
+                f"latency over {len(wanted)} changes at {rate:g}/s: "
+                f"p50 {pct(lat_ms, 50):.1f} ms, p95 {pct(lat_ms, 95):.1f} ms, "
+                f"p99 {pct(lat_ms, 99):.1f} ms, max {max(lat_ms):.1f} ms, "
+                f"mean {statistics.fmean(lat_ms):.1f} ms"
+            )
+
+            # ---- burst: mark `burst` items played on a at once. b echoes with Jellyfin's own
+            # 500 ms debounce (one message per quiet half second, as a real server sends
+            # them); a keeps 0 so the clock starts when jfsync can know of the change.
+            b.set_debounce(JELLYFIN_DEBOUNCE_S)
+            batch = items[:burst]
+            when = datetime(2025, 6, 1, 20, 0, tzinfo=UTC)
+            target = PlayState(played=True, play_count=1, last_played_s=int(when.timestamp()))
+            before = len(b.writes)
+            peak = [0]
+            stop_sampling = asyncio.Event()
+            sampler = asyncio.create_task(
+                sample_rss(proc.pid, peak, stop_sampling), name="bench-rss-sampler"
+            )
+            jfsync_proc = psutil.Process(proc.pid)
+            rss_start = jfsync_proc.memory_info().rss
+            cpu_jfsync = sum(jfsync_proc.cpu_times()[:2])
+            cpu_here = sum(psutil.Process().cpu_times()[:2])
+            started = time.monotonic()
+            for item in batch:
+                a.save_user_data(uid_a, item, played=True, play_count=1, last_played=when)
+            await writes.wait(
+                lambda: (
+                    len(b.writes) - before >= burst
+                    and all(b.user_data(uid_b, i).play_state == target for i in batch)
+                ),
+                600,
+            )
+            burst_s = time.monotonic() - started
+            cpu_jfsync = sum(jfsync_proc.cpu_times()[:2]) - cpu_jfsync
+            cpu_here = sum(psutil.Process().cpu_times()[:2]) - cpu_here
+            stop_sampling.set()
+            await sampler
+
+            # ---- floor: the same writes, straight to an emulator with no jfsync attached.
+            written = UserData(favorite=True, play_state=target)
+            bodies = {item: update_body(written, frozenset({"play_state"})) for item in batch}
+            floor_s = await floor_run(floor, bodies)
+            print(
+                f"burst of {burst} played on a: b has them all after {burst_s:.2f} s "
+                f"({burst / burst_s:.0f} writes/s); floor (bare aiohttp, concurrency "
+                f"{CONCURRENCY}) {floor_s:.2f} s ({burst / floor_s:.0f} writes/s); "
+                f"ratio {burst_s / floor_s:.2f}x"
+            )
+            print(
+                f"CPU during the burst: jfsync run {cpu_jfsync:.2f} s, this process (emulators, "
+                f"checks) {cpu_here:.2f} s"
+            )
+            print(
+                f"jfsync run RSS: {rss_start / 2**20:.0f} MiB before the burst, "
+                f"peak {peak[0] / 2**20:.0f} MiB during it"
+            )
+            counters = await status_counters(status_port)
+            print(
+                "jfsync counters: "
+                + ", ".join(f"{k} {v}" for k, v in counters.items() if isinstance(v, int))
+            )
+        finally:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    code = await asyncio.wait_for(proc.wait(), 30)
+                except TimeoutError:
+                    proc.kill()
+                    code = await proc.wait()
+                print(f"jfsync run exited with {code} after SIGTERM")
+            emulator_module.request_observers.remove(writes.observe)
+            for emu in emus:
+                await emu.close()
+
+
+def main() -> None:
+    """Parse arguments and run."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--changes", type=int, default=2000, help="latency changes")
+    parser.add_argument("--rate", type=float, default=100.0, help="latency changes per second")
+    parser.add_argument("--burst", type=int, default=10_000, help="items marked played at once")
+    parser.add_argument(
+        "--profile", metavar="FILE", help="profile jfsync run with cProfile into FILE (pstats)"
+    )
+    args = parser.parse_args()
+    asyncio.run(run(args.changes, args.rate, args.burst, args.profile))
+
+
+if __name__ == "__main__":
+    main()
