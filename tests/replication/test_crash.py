@@ -344,7 +344,9 @@ async def crash_and_restart(tmp_path: Path, repetitions: int, seed: int) -> None
             finally:
                 state.requests.on_request.remove(maybe_kill)
             state.kill(signal.SIGKILL)  # the burst ended before the chosen request: now
-            assert await state.wait_exit(10) == -signal.SIGKILL
+            # 255: asyncio's child watcher could not read the status ("Unknown child
+            # process"); the process is gone either way.
+            assert await state.wait_exit(10) in (-signal.SIGKILL, 255)
             for _ in range(WHILE_DEAD):
                 state.change()
             await state.start()
