@@ -337,26 +337,32 @@ class Ledger:
             return
         async with self._tx() as db:
             sid = self._sid(server)
-            ids = await self._ensure_ids(db, "items", [m.item for m in entries])
-            await db.executemany(
-                "DELETE FROM server_items WHERE server=? AND item=?",
-                [(sid, ids[m.item]) for m in entries],
-            )
-            await db.executemany(
-                "INSERT OR REPLACE INTO server_items(server, remote_id, item, item_type, path, "
-                "provider_ids) VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        sid,
-                        m.remote_id,
-                        ids[m.item],
-                        m.item_type,
-                        m.path,
-                        json.dumps(m.provider_ids, sort_keys=True) if m.provider_ids else None,
-                    )
-                    for m in entries
-                ],
-            )
+            await self._write_mappings(db, sid, entries)
+
+    async def _write_mappings(
+        self, db: aiosqlite.Connection, sid: int, mappings: Sequence[ItemMapping]
+    ) -> None:
+        """Record ``mappings`` of server ``sid``, replacing what mapped the same items."""
+        ids = await self._ensure_ids(db, "items", [m.item for m in mappings])
+        await db.executemany(
+            "DELETE FROM server_items WHERE server=? AND item=?",
+            [(sid, ids[m.item]) for m in mappings],
+        )
+        await db.executemany(
+            "INSERT OR REPLACE INTO server_items(server, remote_id, item, item_type, path, "
+            "provider_ids) VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    sid,
+                    m.remote_id,
+                    ids[m.item],
+                    m.item_type,
+                    m.path,
+                    json.dumps(m.provider_ids, sort_keys=True) if m.provider_ids else None,
+                )
+                for m in mappings
+            ],
+        )
 
     async def map_item(
         self,
@@ -439,26 +445,7 @@ class Ledger:
                 )
             if not mappings:
                 return
-            ids = await self._ensure_ids(db, "items", [m.item for m in mappings])
-            await db.executemany(
-                "DELETE FROM server_items WHERE server=? AND item=?",
-                [(sid, ids[m.item]) for m in mappings],
-            )
-            await db.executemany(
-                "INSERT OR REPLACE INTO server_items(server, remote_id, item, item_type, path, "
-                "provider_ids) VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        sid,
-                        m.remote_id,
-                        ids[m.item],
-                        m.item_type,
-                        m.path,
-                        json.dumps(m.provider_ids, sort_keys=True) if m.provider_ids else None,
-                    )
-                    for m in mappings
-                ],
-            )
+            await self._write_mappings(db, sid, mappings)
 
     async def retire_items(self, items: Sequence[str]) -> list[str]:
         """Drop every trace of the canonical items among ``items`` that no server maps any more.
@@ -492,34 +479,7 @@ class Ledger:
         With an identity that maps every item a server has, this queues nothing for items the
         server lacks (they would only be parked as not found). Returns the rows touched.
         """
-        async with self._tx() as db:
-            sid = self._sid(server)
-            uid = (await self._ensure_ids(db, "users", [user]))[user]
-            rows = await db.execute_fetchall(
-                "SELECT c.item FROM canonical c WHERE c.user=? AND EXISTS "
-                "(SELECT 1 FROM server_items s WHERE s.server=? AND s.item=c.item) "
-                "AND NOT EXISTS (SELECT 1 FROM last_known k WHERE k.user=c.user "
-                "AND k.item=c.item AND k.server=?)",
-                (uid, sid, sid),
-            )
-            pairs = {(uid, int(r[0])) for r in rows}
-            if not pairs:
-                return 0
-            batch = _Batch(self, db)
-            await batch.load(pairs)
-            version = batch.tick(wall_ms)
-            touched = 0
-            for pair in sorted(pairs):
-                canonical = batch.canon[pair]
-                owed = frozenset(
-                    r
-                    for r in self._policy.synced
-                    if canonical.data.get(r) != DEFAULT_USER_DATA.get(r)
-                )
-                if owed and batch.refresh_row((*pair, sid), owed, canonical.data, version, wall_ms):
-                    touched += 1
-            await batch.flush()
-            return touched
+        return await self.backfill(server, user, wall_ms, only_mapped=True)
 
     # ------------------------------------------------------------------ observations
 
@@ -593,20 +553,28 @@ class Ledger:
             fresh = await self._select_rows(db, keys)
             return [fresh.get(key) for key in keys]
 
-    async def backfill(self, server: str, user: str, wall_ms: int) -> int:
+    async def backfill(
+        self, server: str, user: str, wall_ms: int, *, only_mapped: bool = False
+    ) -> int:
         """Queue, for ``server``, every non-default canonical item of ``user`` it has no history of.
 
         Call it when a server (or a user on it) joins; the pusher's compare-before-write then
-        merges whatever the server holds at first contact. Returns the rows touched.
+        merges whatever the server holds at first contact. With ``only_mapped`` only items the
+        server maps (has) are queued. Returns the rows touched.
         """
+        mapped = (
+            "AND EXISTS (SELECT 1 FROM server_items s WHERE s.server=? AND s.item=c.item) "
+            if only_mapped
+            else ""
+        )
         async with self._tx() as db:
             sid = self._sid(server)
             uid = (await self._ensure_ids(db, "users", [user]))[user]
             rows = await db.execute_fetchall(
-                "SELECT c.item FROM canonical c WHERE c.user=? AND NOT EXISTS "
-                "(SELECT 1 FROM last_known k WHERE k.user=c.user AND k.item=c.item "
-                "AND k.server=?)",
-                (uid, sid),
+                f"SELECT c.item FROM canonical c WHERE c.user=? {mapped}"  # noqa: S608 - fixed text
+                "AND NOT EXISTS (SELECT 1 FROM last_known k WHERE k.user=c.user "
+                "AND k.item=c.item AND k.server=?)",
+                (uid, sid, sid) if only_mapped else (uid, sid),
             )
             pairs = {(uid, int(r[0])) for r in rows}
             if not pairs:
