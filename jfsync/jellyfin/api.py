@@ -233,48 +233,40 @@ class JellyfinClient:
 
     async def get_user_data(self, user_id: str, item_id: str) -> UserItemDataDto:
         """``GET /UserItems/{itemId}/UserData?userId=``: one user's data for one item."""
-        route = "/UserItems/{itemId}/UserData"
-        data = await self._call(
-            "GET",
-            route,
-            path={"itemId": normalize_id(item_id)},
-            query=[("userId", normalize_id(user_id))],
-        )
-        return self._parse(UserItemDataDto, data, route)
+        return await self._user_item("GET", "/UserItems/{itemId}/UserData", user_id, item_id)
 
     async def update_user_data(
         self, user_id: str, item_id: str, body: Mapping[str, Any]
     ) -> UserItemDataDto:
         """``POST /UserItems/{itemId}/UserData?userId=`` with exactly the fields to set."""
-        route = "/UserItems/{itemId}/UserData"
-        data = await self._call(
-            "POST",
-            route,
-            path={"itemId": normalize_id(item_id)},
-            query=[("userId", normalize_id(user_id))],
-            body=dict(body),
+        return await self._user_item(
+            "POST", "/UserItems/{itemId}/UserData", user_id, item_id, body=dict(body)
         )
-        return self._parse(UserItemDataDto, data, route)
 
     async def clear_rating(self, user_id: str, item_id: str) -> UserItemDataDto:
         """``DELETE /UserItems/{itemId}/Rating?userId=``: set the rating to none."""
-        route = "/UserItems/{itemId}/Rating"
-        data = await self._call(
-            "DELETE",
-            route,
-            path={"itemId": normalize_id(item_id)},
-            query=[("userId", normalize_id(user_id))],
-        )
-        return self._parse(UserItemDataDto, data, route)
+        return await self._user_item("DELETE", "/UserItems/{itemId}/Rating", user_id, item_id)
 
     async def mark_unplayed(self, user_id: str, item_id: str) -> UserItemDataDto:
         """``DELETE /UserPlayedItems/{itemId}?userId=``: played, count, position and date reset."""
-        route = "/UserPlayedItems/{itemId}"
+        return await self._user_item("DELETE", "/UserPlayedItems/{itemId}", user_id, item_id)
+
+    async def _user_item(
+        self,
+        method: str,
+        route: str,
+        user_id: str,
+        item_id: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+    ) -> UserItemDataDto:
+        """Call a ``{itemId}`` route for ``userId`` that answers a ``UserItemDataDto``."""
         data = await self._call(
-            "DELETE",
+            method,
             route,
             path={"itemId": normalize_id(item_id)},
             query=[("userId", normalize_id(user_id))],
+            body=body,
         )
         return self._parse(UserItemDataDto, data, route)
 
