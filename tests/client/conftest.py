@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import pytest
 
 from jfsync.emulator import Emulator
 from jfsync.jellyfin.api import JellyfinClient
+from tests.support.emulators import MakeEmulator, emulator_factory
 
 API_KEY = "0123456789abcdef0123456789abcdef"
 USERS = [("alice", "alice-pw-1"), ("bob", "bob-pw-2"), ("Carol", "carol-pw-3")]
 #: Every secret the tests use; no output may contain any of them.
 SECRETS = [API_KEY, *(pw for _, pw in USERS)]
 
-MakeEmulator = Callable[..., Awaitable[Emulator]]
 MakeClient = Callable[..., JellyfinClient]
 
 
@@ -30,25 +29,14 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture
 async def make_emulator() -> AsyncIterator[MakeEmulator]:
     """Start emulators on loopback (defaults: 10.10.7, small library); close them all after."""
-    started: list[Emulator] = []
-
-    async def make(**kwargs: Any) -> Emulator:
-        options: dict[str, Any] = {
-            "api_key": API_KEY,
-            "users": USERS,
-            "library_size": 40,
-            "seed": 1,
-            "server_version": "10.10.7",
-        }
-        options.update(kwargs)
-        emu = Emulator(**options)
-        await emu.start()
-        started.append(emu)
-        return emu
-
-    yield make
-    for emu in reversed(started):
-        await emu.close()
+    async with emulator_factory(
+        api_key=API_KEY,
+        users=USERS,
+        library_size=40,
+        seed=1,
+        server_version="10.10.7",
+    ) as make:
+        yield make
 
 
 @pytest.fixture

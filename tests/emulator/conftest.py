@@ -6,7 +6,7 @@ import asyncio
 import functools
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,13 +20,12 @@ from referencing.jsonschema import DRAFT4
 
 from jfsync.emulator import Emulator
 from jfsync.timing import ManualClock
+from tests.support.emulators import MakeEmulator, emulator_factory
 
 API_KEY = "0123456789abcdef0123456789abcdef"
 USERS = [("alice", "alice-pw"), ("bob", "bob-pw"), ("carol", "carol-pw")]
 REFERENCE_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
 _SPEC_URI = "urn:jellyfin-openapi"
-
-MakeEmulator = Callable[..., Awaitable[Emulator]]
 
 
 def auth_header(
@@ -124,25 +123,14 @@ def clock() -> ManualClock:
 @pytest.fixture
 async def make_emulator() -> AsyncIterator[MakeEmulator]:
     """Start emulators (small library, three users) and close them all after the test."""
-    started: list[Emulator] = []
-
-    async def make(**kwargs: Any) -> Emulator:
-        options: dict[str, Any] = {
-            "api_key": API_KEY,
-            "users": USERS,
-            "library_size": 60,
-            "seed": 3,
-            "server_version": "10.10.7",
-        }
-        options.update(kwargs)
-        emu = Emulator(**options)
-        await emu.start()
-        started.append(emu)
-        return emu
-
-    yield make
-    for emu in reversed(started):
-        await emu.close()
+    async with emulator_factory(
+        api_key=API_KEY,
+        users=USERS,
+        library_size=60,
+        seed=3,
+        server_version="10.10.7",
+    ) as make:
+        yield make
 
 
 @pytest.fixture
