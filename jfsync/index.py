@@ -38,7 +38,7 @@ from jfsync.config import PathRewrite, ServerConfig
 from jfsync.errors import JfsyncError
 from jfsync.jellyfin.api import DEFAULT_ITEM_TYPES, JellyfinClient
 from jfsync.jellyfin.wire import BaseItemDto
-from jfsync.migrations import prepare, schema_version
+from jfsync.migrations import connect, prepare, schema_version
 
 logger = logging.getLogger(__name__)
 
@@ -291,8 +291,8 @@ class LibraryIndex:
             return
         if self._path == ":memory:":
             raise LibraryIndexError("the library index needs a ledger file, not :memory:")
-        bulk = await aiosqlite.connect(self._path, isolation_level=None)
-        lookup = await aiosqlite.connect(self._path, isolation_level=None)
+        bulk = await connect(self._path)
+        lookup = await connect(self._path)
         try:
             for db in (bulk, lookup):
                 await prepare(db)

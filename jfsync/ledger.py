@@ -78,7 +78,7 @@ import aiosqlite
 from jfsync.echo import PendingWrite, Verdict, match_echo, record_write
 from jfsync.errors import JfsyncError
 from jfsync.merge import CanonicalState, MergePolicy, Stamped, merge, next_stamp_ms
-from jfsync.migrations import migrate, prepare
+from jfsync.migrations import connect, migrate, prepare
 from jfsync.model import (
     ALL_REGISTERS,
     DEFAULT_USER_DATA,
@@ -261,13 +261,7 @@ class Ledger:
         """Connect, migrate the schema, register the configured servers, load the clock."""
         if self._db is not None:
             return self
-        pending = aiosqlite.connect(self._path, isolation_level=None)
-        # aiosqlite's worker thread is not a daemon: a ledger left open by a failure would keep
-        # the process alive forever at exit. Committed data needs no thread to survive (WAL).
-        worker = getattr(pending, "_thread", None)
-        if worker is not None:
-            worker.daemon = True
-        db = await pending
+        db = await connect(self._path)
         try:
             if self._path != ":memory:":
                 await prepare(db)

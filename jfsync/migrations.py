@@ -1,6 +1,7 @@
 """The ledger's schema as ordered migrations keyed on ``PRAGMA user_version``, and connection setup.
 
-:func:`prepare` switches a fresh aiosqlite connection to WAL mode with foreign keys on, then
+:func:`connect` opens an aiosqlite connection whose worker thread can never keep the process
+alive at exit; :func:`prepare` switches a fresh connection to WAL mode with foreign keys on, then
 :func:`migrate` applies, in order and each in its own transaction, every migration whose version
 is above the database's ``user_version``, setting ``user_version`` in the same transaction. A
 database written by a newer jfsync (a higher ``user_version`` than :data:`LATEST_VERSION`) is
@@ -207,6 +208,21 @@ MIGRATIONS: tuple[Migration, ...] = (_V1, _V2)
 
 #: The schema version this jfsync writes.
 LATEST_VERSION = MIGRATIONS[-1].version
+
+
+async def connect(path: str) -> aiosqlite.Connection:
+    """Open ``path`` in autocommit mode on a daemon worker thread.
+
+    aiosqlite's worker thread is not a daemon: a connection left open by a failure (a task
+    that died, a shutdown cut short) would keep the process alive forever at exit, which for
+    a service under docker or systemd means a stop that never ends. Committed data needs no
+    thread to survive (WAL), so nothing is lost by not waiting for it.
+    """
+    pending = aiosqlite.connect(path, isolation_level=None)
+    worker = getattr(pending, "_thread", None)
+    if worker is not None:
+        worker.daemon = True
+    return await pending
 
 
 async def prepare(db: aiosqlite.Connection) -> None:

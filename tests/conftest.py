@@ -45,18 +45,27 @@ THREAD_JOIN_S = 5.0
 
 @pytest.fixture(autouse=True)
 def _no_leftover_threads() -> Iterator[None]:
-    """Fail any test that leaves a non-daemon thread running (an unclosed ledger, say).
+    """Fail any test that leaves a thread running: an unclosed ledger or index, say.
 
-    Such a thread would also keep the interpreter alive after the last test, hanging CI.
+    A non-daemon thread would also keep the interpreter alive after the last test, hanging
+    CI; jfsync's SQLite workers are daemons (they must never hang the process) but one still
+    running after a test means a connection it never closed.
     """
     before = set(threading.enumerate())
     yield
-    leftover = [t for t in threading.enumerate() if t not in before and _may_hang(t)]
+    leftover = [
+        t for t in threading.enumerate() if t not in before and (_may_hang(t) or _sqlite_worker(t))
+    ]
     for thread in leftover:
         thread.join(THREAD_JOIN_S)
     alive = [t.name for t in leftover if t.is_alive()]
     if alive:
         pytest.fail(f"test left threads running: {', '.join(alive)}")
+
+
+def _sqlite_worker(thread: threading.Thread) -> bool:
+    """Tell whether ``thread`` is an aiosqlite connection's worker (one per open connection)."""
+    return thread.is_alive() and "_connection_worker_thread" in thread.name
 
 
 def _may_hang(thread: threading.Thread) -> bool:
