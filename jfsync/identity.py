@@ -40,6 +40,7 @@ from jfsync.index import (
 )
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.ledger import ItemMapping, Ledger
+from jfsync.tasks import cancel_and_wait
 from jfsync.timing import Clock
 
 logger = logging.getLogger(__name__)
@@ -361,15 +362,13 @@ class IndexedIdentity:
     async def close(self) -> None:
         """Cancel scans under way and close the index."""
         tasks = [t for t in self._builds.values() if not t.done()]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         self._builds.clear()
-        if self._opened:
-            await self._index.close()
-            self._opened = False
+        try:
+            await cancel_and_wait(tasks, logger)
+        finally:
+            if self._opened:
+                self._opened = False
+                await self._index.close()
 
     def server_reachable(self, server: str) -> None:
         """Start the server's first scan in the background (once per process)."""

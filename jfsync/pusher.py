@@ -225,6 +225,14 @@ class Pusher:
                 self.stats.last_error = str(err)
                 await self._sleep_or_wake(self._idle_poll_s)
                 continue
+            except Exception as err:
+                # A bug must not end delivery to this peer for good (nor, at shutdown, stop
+                # the process from closing): say it loudly, keep the rows, try again.
+                logger.exception("[→%s] delivery round failed unexpectedly; retrying", self.peer)
+                self.stats.failures += 1
+                self.stats.last_error = f"unexpected error: {type(err).__name__}: {err}"
+                await self._sleep_or_wake(self._idle_poll_s)
+                continue
             if not did and self._accepting:
                 await self._sleep_or_wake(self._idle_poll_s)
 

@@ -25,7 +25,6 @@ itself is left byte-for-byte as it was. The real run executes the same steps wit
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 import tempfile
@@ -46,6 +45,7 @@ from jfsync.ledger import Applied, ItemMapping, Ledger, OutboxRow, Outcome
 from jfsync.merge import MergePolicy
 from jfsync.model import TICKS_PER_SECOND, PlayState, Register, UserData
 from jfsync.subscriber import LibraryChangedEvent
+from jfsync.tasks import cancel_and_wait
 from jfsync.timing import Clock, SystemClock
 from jfsync.users import match_users
 
@@ -163,11 +163,7 @@ class Reconciler:
     async def close(self) -> None:
         """Cancel the background tasks and wait for them."""
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(tasks, logger)
 
     # ------------------------------------------------------------------ catch-up
 
@@ -288,6 +284,8 @@ class Reconciler:
                 await self.reconcile()
             except JfsyncError as err:
                 logger.warning("full reconcile failed: %s", err)
+            except Exception:
+                logger.exception("full reconcile failed unexpectedly; trying again next time")
 
     # ------------------------------------------------------------------ library changes
 
@@ -340,7 +338,14 @@ class Reconciler:
             await self._poke.wait()
             await self.clock.sleep(self._debounce_s)
             self._poke.clear()
-            await self.refresh_now()
+            try:
+                await self.refresh_now()
+            except JfsyncError as err:
+                # What was noted is lost with the failed refresh; the periodic reconcile and
+                # the next library change repair the id map.
+                logger.warning("library refresh failed: %s", err)
+            except Exception:
+                logger.exception("library refresh failed unexpectedly; waiting for the next change")
 
     async def _catch_up_servers(self, servers: Iterable[str]) -> None:
         users = self._users()

@@ -22,7 +22,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -44,7 +44,11 @@ from jfsync.subscriber import (
     SubscriberEvent,
     UserDataChangedEvent,
 )
+from jfsync.tasks import cancel_and_wait
 from jfsync.timing import Clock, SystemClock, backoff_delays
+
+if TYPE_CHECKING:
+    from jfsync.status import StatusServer
 from jfsync.tokens import UserTokens, user_device_id
 from jfsync.users import UserMatch, match_users
 
@@ -215,34 +219,45 @@ class SyncService:
         )
 
     async def stop(self) -> None:
-        """Stop intake, let writes under way finish within the grace period, close everything."""
+        """Stop intake, let writes under way finish within the grace period, close everything.
+
+        Every step runs even when one before it failed (the failure is logged): an error half
+        way must not leave the ledger or the index open, nor the process unable to exit.
+        """
         if self._stopping:
             return
         self._stopping = True
-        for link in self.links.values():
-            if link.bring_up is not None:
-                link.bring_up.cancel()
-        for link in self.links.values():
-            if link.bring_up is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await link.bring_up
+        links = list(self.links.values())
+        bring_ups = [link.bring_up for link in links if link.bring_up is not None]
+        await self._stop_step("bring-up tasks", cancel_and_wait(bring_ups, logger))
         # Intake first: an event arriving later would find the identity index closed.
-        await asyncio.gather(
-            *(sub.stop() for link in self.links.values() for sub in link.subscribers.values())
-        )
+        subscribers = [sub for link in links for sub in link.subscribers.values()]
+        await self._stop_step("subscribers", asyncio.gather(*(s.stop() for s in subscribers)))
         if self.reconciler is not None:
-            await self.reconciler.close()
+            await self._stop_step("reconciler", self.reconciler.close())
         grace = self.config.sync.shutdown_grace
-        await asyncio.gather(*(link.pusher.stop(grace) for link in self.links.values()))
-        await self.identity.close()
+        await self._stop_step("pushers", asyncio.gather(*(k.pusher.stop(grace) for k in links)))
+        await self._stop_step("identity index", self.identity.close())
         if self._session is not None:
-            await self._session.close()
-        depth = {name: await self.ledger.outbox_depth(name) for name in self.links}
+            await self._stop_step("HTTP session", self._session.close())
+        try:
+            depth = {name: await self.ledger.outbox_depth(name) for name in self.links}
+        except JfsyncError as err:  # a ledger that never opened
+            logger.debug("cannot count queued rows at stop: %s", err)
+            depth = {}
         await self.ledger.close()
         logger.info(
             "jfsync stopped; rows still queued: %s",
             ", ".join(f"{k}={v}" for k, v in depth.items()) or "none",
         )
+
+    @staticmethod
+    async def _stop_step(name: str, step: Awaitable[object]) -> None:
+        """Run one shutdown step; log its failure and go on (the caller's cancel passes)."""
+        try:
+            await step
+        except Exception:
+            logger.exception("stopping the %s failed; going on with the shutdown", name)
 
     async def __aenter__(self) -> SyncService:
         await self.start()
@@ -560,16 +575,79 @@ def _file_size(path: str) -> int:
     return total
 
 
-async def run_service(config: Config) -> int:
-    """Run until SIGINT or SIGTERM with the status endpoint; return the exit status."""
+#: How long past the grace period a shutdown may take before jfsync gives up on it.
+SHUTDOWN_SLACK_S = 10.0
+
+
+def _stuck_tasks() -> str:
+    """Each other pending task with the chain of calls it waits in, for a stop that hung."""
+    current = asyncio.current_task()
+    lines = []
+    for task in sorted(asyncio.all_tasks(), key=lambda t: t.get_name()):
+        if task is current or task.done():
+            continue
+        lines.append(f"{task.get_name()}: {_awaiting(task.get_coro())}")
+    return "; ".join(lines) or "none"
+
+
+def _awaiting(coro: object) -> str:
+    """``outer > ... > inner at file:line`` for a suspended coroutine chain."""
+    names: list[str] = []
+    where = "not started"
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        names.append(frame.f_code.co_name)
+        where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return f"{' > '.join(names) or '?'} at {where}"
+
+
+async def run_service(
+    config: Config,
+    *,
+    service: SyncService | None = None,
+    force_exit: Callable[[int], object] = os._exit,
+) -> int:
+    """Run until SIGINT or SIGTERM with the status endpoint; return the exit status.
+
+    The first signal starts a graceful stop; a second SIGINT, or a stop still not finished
+    ``SHUTDOWN_SLACK_S`` after the grace period, ends the process at once with status 1
+    (``force_exit``), after logging what it was still waiting for. Nothing committed is lost
+    that way: the ledger survives a kill, and queued rows are delivered by the next run.
+    """
     from jfsync.status import StatusServer  # the status server imports this module
 
-    service = SyncService(config)
+    service = service if service is not None else SyncService(config)
     status_server = StatusServer.from_config(service)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        # Ctrl+C twice means "now"; a repeated SIGTERM (a supervisor's retry) just waits.
+        if stop.is_set() and sig is signal.SIGINT:
+            logger.warning("second interrupt: exiting at once; queued rows stay in the ledger")
+            force_exit(1)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await _serve(config, service, status_server, stop, force_exit)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _serve(
+    config: Config,
+    service: SyncService,
+    status_server: StatusServer,
+    stop: asyncio.Event,
+    force_exit: Callable[[int], object],
+) -> int:
+    """Start, wait for ``stop``, then shut down within the grace period plus the slack."""
     try:
         await service.start()
     except JfsyncError as err:
@@ -588,9 +666,32 @@ async def run_service(config: Config) -> int:
         )
     try:
         await stop.wait()
-        logger.info("stop requested; finishing writes under way")
-    finally:
-        # Status first: once the ledger closes it could only answer errors.
-        await status_server.stop()
-        await service.stop()
+    except asyncio.CancelledError:
+        await _shut_down(service, status_server)
+        raise
+    logger.info("stop requested; finishing writes under way")
+    limit_s = config.sync.shutdown_grace + SHUTDOWN_SLACK_S
+    stopping = asyncio.create_task(_shut_down(service, status_server), name="jfsync-stop")
+    deadline = asyncio.create_task(service.clock.sleep(limit_s), name="jfsync-stop-deadline")
+    await asyncio.wait({stopping, deadline}, return_when=asyncio.FIRST_COMPLETED)
+    if not stopping.done():
+        logger.error(
+            "the shutdown did not end within %.0f s; exiting at once (queued rows stay in "
+            "the ledger); still waiting on: %s",
+            limit_s,
+            _stuck_tasks(),
+        )
+        force_exit(1)
+        # Only reached when force_exit returns (tests): end the stuck stop too.
+        await cancel_and_wait([stopping, deadline], logger)
+        return 1
+    await cancel_and_wait([deadline], logger)
+    await stopping
     return 0
+
+
+async def _shut_down(service: SyncService, status_server: StatusServer) -> None:
+    """Stop the status endpoint, then the service."""
+    # Status first: once the ledger closes it could only answer errors.
+    await status_server.stop()
+    await service.stop()

@@ -113,3 +113,36 @@ async def test_rejected_writes_are_parked_with_reasons_and_the_rest_flows(
         lambda: cluster.all_hold(x, UserData(favorite=True, rating=5.0)), 20
     )
     assert set(await dead_items()) == {y}
+
+
+async def test_an_unexpected_error_in_a_round_is_shown_and_delivery_goes_on(
+    make_cluster: MakeCluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = ManualClock()
+    cluster = await make_cluster(3, clock=clock)
+    a, b, c = cluster.emus
+    x = cluster.free_items[0]
+    ledger = cluster.service.ledger
+    real_due_rows = ledger.due_rows
+    failures: list[str] = []
+
+    async def due_rows(peer: str, *args: Any, **kwargs: Any) -> Any:
+        rows = await real_due_rows(peer, *args, **kwargs)
+        if peer == "b" and rows and not failures:
+            failures.append(peer)
+            raise RuntimeError("a bug in a delivery round")
+        return rows
+
+    monkeypatch.setattr(ledger, "due_rows", due_rows)
+    cluster.change(a, x, is_favorite=True)
+    await cluster.service.wait_for(lambda: cluster.data(c, x) == UserData(favorite=True), 20)
+
+    async def shown() -> bool:
+        return "a bug in a delivery round" in str((await peer_status(cluster, "b"))["last_error"])
+
+    await cluster.service.wait_for(shown, 20)
+    assert "delivery round failed unexpectedly" in caplog.text
+    # The pusher lives on: after its idle pause it delivers the row it could not.
+    await clock.advance(1.0)
+    await cluster.service.wait_for(lambda: cluster.data(b, x) == UserData(favorite=True), 20)
+    assert (await peer_status(cluster, "b"))["depth"] == 0
