@@ -54,7 +54,7 @@ def write_config(path: Path, emus: list[Emulator], grace_s: float = 5.0) -> None
     lines = [
         f"ledger: {path.parent / 'ledger.db'}",
         "logging:",
-        "  level: warning",
+        "  level: info",
         "status:",
         f"  listen: 127.0.0.1:{free_port()}",
         "sync:",
@@ -166,7 +166,13 @@ class World:
     def kill(self, sig: signal.Signals) -> None:
         """Send ``sig`` to the running process, if it still runs."""
         if self.proc is not None and self.proc.returncode is None:
+            self.signals.append(f"{sig.name} at request {self.requests.count}")
             self.proc.send_signal(sig)
+
+    def log_tail(self) -> str:
+        """The end of jfsync's log (all runs), for failure messages."""
+        log = self.log_path.read_text() if self.log_path else ""
+        return f"--- jfsync log:\n{log[-4000:]}"
 
     async def wait_exit(self, timeout_s: float) -> int:
         """Wait for the process to exit and return its status."""
@@ -236,6 +242,7 @@ class World:
     owners: dict[tuple[str, Register], Emulator] = field(default_factory=dict)
     flipped: set[str] = field(default_factory=set)
     sentinel_round: int = 0
+    signals: list[str] = field(default_factory=list)
     reaper: asyncio.Task[None] | None = None
 
 
@@ -278,7 +285,10 @@ async def burst(state: World, changes: int) -> None:
                 CONVERGE_S,
             )
         except TimeoutError:
-            pytest.fail(f"jfsync wrote nothing after change #{state.counter}:\n{state.describe()}")
+            pytest.fail(
+                f"jfsync wrote nothing after change #{state.counter} "
+                f"(signals sent: {state.signals}):\n{state.describe()}\n{state.log_tail()}"
+            )
 
 
 async def converge(state: World) -> None:
@@ -286,8 +296,7 @@ async def converge(state: World) -> None:
     try:
         await state.requests.wait(state.converged, CONVERGE_S)
     except TimeoutError:
-        log = state.log_path.read_text() if state.log_path else ""
-        pytest.fail(f"not converged:\n{state.describe()}\n--- jfsync log:\n{log[-3000:]}")
+        pytest.fail(f"not converged:\n{state.describe()}\n{state.log_tail()}")
 
 
 async def barrier(state: World) -> None:
