@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import os
 import signal
@@ -609,6 +610,7 @@ async def run_service(
     *,
     service: SyncService | None = None,
     force_exit: Callable[[int], object] = os._exit,
+    backstop: bool = True,
 ) -> int:
     """Run until SIGINT or SIGTERM with the status endpoint; return the exit status.
 
@@ -616,6 +618,9 @@ async def run_service(
     ``SHUTDOWN_SLACK_S`` after the grace period, ends the process at once with status 1
     (``force_exit``), after logging what it was still waiting for. Nothing committed is lost
     that way: the ledger survives a kill, and queued rows are delivered by the next run.
+    With ``backstop`` (not in tests: it would end the test process), a stop that has still
+    not ended five seconds after that (the event loop itself blocked, or the interpreter's
+    own teardown stuck) has every thread's stack written to stderr and the process ended.
     """
     from jfsync.status import StatusServer  # the status server imports this module
 
@@ -634,7 +639,7 @@ async def run_service(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        return await _serve(config, service, status_server, stop, force_exit)
+        return await _serve(config, service, status_server, stop, force_exit, backstop)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -646,6 +651,7 @@ async def _serve(
     status_server: StatusServer,
     stop: asyncio.Event,
     force_exit: Callable[[int], object],
+    backstop: bool,
 ) -> int:
     """Start, wait for ``stop``, then shut down within the grace period plus the slack."""
     try:
@@ -671,6 +677,9 @@ async def _serve(
         raise
     logger.info("stop requested; finishing writes under way")
     limit_s = config.sync.shutdown_grace + SHUTDOWN_SLACK_S
+    if backstop:
+        # Armed for good: the process is on its way out, however that ends.
+        faulthandler.dump_traceback_later(limit_s + 5.0, exit=True)
     stopping = asyncio.create_task(_shut_down(service, status_server), name="jfsync-stop")
     deadline = asyncio.create_task(service.clock.sleep(limit_s), name="jfsync-stop-deadline")
     await asyncio.wait({stopping, deadline}, return_when=asyncio.FIRST_COMPLETED)

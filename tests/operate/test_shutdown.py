@@ -99,7 +99,9 @@ async def test_a_stop_that_never_ends_is_cut_short_after_grace_plus_slack(
     service = StuckService(_config(tmp_path, emulators), clock)
     exits: list[int] = []
     caplog.set_level(logging.INFO, logger="jfsync")
-    run = asyncio.create_task(run_service(service.config, service=service, force_exit=exits.append))
+    run = asyncio.create_task(
+        run_service(service.config, service=service, force_exit=exits.append, backstop=False)
+    )
     await _running(service)
 
     os.kill(os.getpid(), signal.SIGTERM)
@@ -136,7 +138,9 @@ async def test_a_second_interrupt_exits_at_once(
         exits.append(code)
         forced.set()
 
-    run = asyncio.create_task(run_service(service.config, service=service, force_exit=force_exit))
+    run = asyncio.create_task(
+        run_service(service.config, service=service, force_exit=force_exit, backstop=False)
+    )
     await _running(service)
 
     os.kill(os.getpid(), signal.SIGTERM)

@@ -177,8 +177,13 @@ class World:
     async def wait_exit(self, timeout_s: float) -> int:
         """Wait for the process to exit and return its status."""
         assert self.proc is not None
-        async with asyncio.timeout(timeout_s):
-            return await self.proc.wait()
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self.proc.wait()
+        except TimeoutError:
+            pytest.fail(
+                f"jfsync still runs {timeout_s} s after {self.signals[-1:]}\n{self.log_tail()}"
+            )
 
     def change(self) -> None:
         """Make one user change on the owner server of a random (item, register).
@@ -401,12 +406,12 @@ async def test_sigterm_exits_0_within_the_grace_period_and_loses_nothing(tmp_pat
             state.kill(signal.SIGTERM)
             loop = asyncio.get_running_loop()
             asked = loop.time()
-            assert await state.wait_exit(grace_s + 5) == 0
-            assert loop.time() - asked < grace_s + 3
+            assert await state.wait_exit(grace_s + 5) == 0, state.log_tail()
+            assert loop.time() - asked < grace_s + 3, state.log_tail()
             await check_ledger(state)
             await state.start()
             await converge(state)
         state.kill(signal.SIGTERM)
-        assert await state.wait_exit(grace_s + 5) == 0
+        assert await state.wait_exit(grace_s + 5) == 0, state.log_tail()
         assert state.log_path is not None
         assert "Traceback" not in state.log_path.read_text()
