@@ -64,8 +64,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections import OrderedDict, defaultdict
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -213,9 +213,9 @@ _Key = tuple[int, int, int]  # (user, item, server)
 _Pair = tuple[int, int]  # (user, item)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Row:
-    """An outbox row while a transaction works on it."""
+    """An outbox row while a transaction works on it (replaced, never changed in place)."""
 
     id: int | None
     mask: frozenset[Register]
@@ -226,6 +226,136 @@ class _Row:
     next_attempt_ms: int = 0
     last_error: str | None = None
     dead: bool = False
+
+
+#: (user, item) pairs whose decoded state the ledger keeps between transactions. A burst of
+#: 10,000 changes stays inside it; at about 1.5 KB a pair it costs some 30 MB when full.
+STATE_CACHE_PAIRS = 20_000
+
+
+@dataclass(slots=True)
+class _Cached:
+    """Everything the ledger holds for one (user, item) pair, decoded, by server id."""
+
+    canon: CanonicalState | None
+    lk: dict[int, UserData] = field(default_factory=dict)
+    echo: dict[int, tuple[PendingWrite, ...]] = field(default_factory=dict)
+    rows: dict[int, _Row] = field(default_factory=dict)
+
+
+class _StateCache:
+    """Decoded state of recently used (user, item) pairs, kept between transactions.
+
+    A pair held here is known completely: its canonical state (or that it has none) and, for
+    every server, its last-known state, pending echoes and outbox row (or their absence).
+    Every transaction that works on pairs (applying observations, comparing before writes,
+    recording intents and acks) reads them from here instead of reloading and decoding the
+    same rows from SQLite, and writes its changes back after flushing them to SQLite. Any
+    other write to those tables, and any transaction that does not commit, empties it, so
+    it never holds what the file does not. Which servers have each user and map each item
+    is kept too, until a mapping changes. Bounded to ``limit`` pairs, least recently used
+    dropped first.
+    """
+
+    def __init__(self, limit: int = STATE_CACHE_PAIRS) -> None:
+        self.limit = limit
+        self.pairs: OrderedDict[_Pair, _Cached] = OrderedDict()
+        #: User id -> the servers that have that user.
+        self.members: dict[int, frozenset[int]] = {}
+        #: Indexed servers (None: not read yet) and, per item id, the indexed servers mapping it.
+        self.indexed: frozenset[int] | None = None
+        self.mapped: dict[int, frozenset[int]] = {}
+
+    def clear(self) -> None:
+        """Forget everything (after a write that bypassed the cache, or a rollback)."""
+        self.pairs.clear()
+        self.forget_mappings()
+
+    def forget_mappings(self) -> None:
+        """Forget which servers have which users and items (after a mapping changed)."""
+        self.members.clear()
+        self.indexed = None
+        self.mapped.clear()
+
+    def evict(self, pair: _Pair) -> None:
+        """Forget one pair."""
+        self.pairs.pop(pair, None)
+
+    def fill(self, batch: _Batch, pairs: Iterable[_Pair]) -> set[_Pair]:
+        """Copy the held pairs into ``batch``; return those it must read from SQLite."""
+        missing: set[_Pair] = set()
+        held = self.pairs
+        for pair in pairs:
+            entry = held.get(pair)
+            if entry is None:
+                missing.add(pair)
+                continue
+            held.move_to_end(pair)
+            uid, iid = pair
+            if entry.canon is not None:
+                batch.canon[pair] = entry.canon
+            for sid, state in entry.lk.items():
+                batch.lk[(uid, iid, sid)] = state
+            for sid, pending in entry.echo.items():
+                batch.echo[(uid, iid, sid)] = pending
+            for sid, row in entry.rows.items():
+                key = (uid, iid, sid)
+                batch.rows[key] = row
+                assert row.id is not None  # flushed rows are numbered
+                batch._loaded_rows[key] = row.id
+        return missing
+
+    def store(self, batch: _Batch, pairs: set[_Pair]) -> None:
+        """Hold ``pairs`` as ``batch`` just read them from SQLite (before any change)."""
+        entries = {pair: _Cached(batch.canon.get(pair)) for pair in pairs}
+        for (uid, iid, sid), state in batch.lk.items():
+            entry = entries.get((uid, iid))
+            if entry is not None:
+                entry.lk[sid] = state
+        for (uid, iid, sid), pending in batch.echo.items():
+            entry = entries.get((uid, iid))
+            if entry is not None:
+                entry.echo[sid] = pending
+        for (uid, iid, sid), row in batch.rows.items():
+            entry = entries.get((uid, iid))
+            if entry is not None and row is not None:
+                entry.rows[sid] = row
+        self.pairs.update(entries)
+        self._trim()
+
+    def absorb(self, batch: _Batch) -> None:
+        """Take what ``batch`` has just flushed to SQLite into the pairs held."""
+        held = self.pairs
+        for pair in batch._dirty_canon:
+            entry = held.get(pair)
+            if entry is not None:
+                entry.canon = batch.canon.get(pair)
+        for uid, iid, sid in batch._dirty_lk:
+            entry = held.get((uid, iid))
+            if entry is not None:
+                entry.lk[sid] = batch.lk[(uid, iid, sid)]
+        for uid, iid, sid in batch._dirty_echo:
+            entry = held.get((uid, iid))
+            if entry is not None:
+                pending = batch.echo[(uid, iid, sid)]
+                if pending:
+                    entry.echo[sid] = pending
+                else:
+                    entry.echo.pop(sid, None)
+        for key in batch._dirty_rows:
+            uid, iid, sid = key
+            entry = held.get((uid, iid))
+            if entry is None:
+                continue
+            row = batch.rows[key]
+            if row is None:
+                entry.rows.pop(sid, None)
+            else:
+                entry.rows[sid] = row
+
+    def _trim(self) -> None:
+        while len(self.pairs) > self.limit:
+            self.pairs.popitem(last=False)
 
 
 class Ledger:
@@ -241,6 +371,7 @@ class Ledger:
         self._user_ids: dict[str, int] = {}
         self._item_ids: dict[str, int] = {}
         self._clock_ms = 0
+        self._cache = _StateCache()
 
     def __repr__(self) -> str:
         return f"Ledger({self._path!r}, open={self._db is not None})"
@@ -315,6 +446,7 @@ class Ledger:
     ) -> None:
         """Record that ``remote_user_id`` on ``server`` is the canonical user ``user``."""
         async with self._tx() as db:
+            self._cache.forget_mappings()
             sid = self._sid(server)
             uid = (await self._ensure_ids(db, "users", [user]))[user]
             await db.execute("DELETE FROM server_users WHERE server=? AND user=?", (sid, uid))
@@ -337,6 +469,7 @@ class Ledger:
         self, db: aiosqlite.Connection, sid: int, mappings: Sequence[ItemMapping]
     ) -> None:
         """Record ``mappings`` of server ``sid``, replacing what mapped the same items."""
+        self._cache.forget_mappings()
         ids = await self._ensure_ids(db, "items", [m.item for m in mappings])
         await db.executemany(
             "DELETE FROM server_items WHERE server=? AND item=?",
@@ -422,6 +555,7 @@ class Ledger:
         :meth:`map_items` records them.
         """
         async with self._tx() as db:
+            self._cache.clear()
             sid = self._sid(server)
             for chunk in _chunks(sorted(set(forget)), _CHUNK):
                 marks = _marks(len(chunk))
@@ -450,6 +584,7 @@ class Ledger:
         """
         retired: list[str] = []
         async with self._tx() as db:
+            self._cache.clear()
             for chunk in _chunks(sorted(set(items)), _CHUNK):
                 rows = await db.execute_fetchall(
                     f"SELECT i.id, i.key FROM items i WHERE i.key IN ({_marks(len(chunk))}) "  # noqa: S608
@@ -530,9 +665,18 @@ class Ledger:
         return (await self.observe_before_writes([(row, current)], wall_ms))[0]
 
     async def observe_before_writes(
-        self, reads: Sequence[tuple[OutboxRow, UserData]], wall_ms: int
+        self,
+        reads: Sequence[tuple[OutboxRow, UserData]],
+        wall_ms: int,
+        *,
+        intents: Callable[[OutboxRow, UserData], Sequence[UserData]] | None = None,
     ) -> list[OutboxRow | None]:
-        """Do :meth:`observe_before_write` for several rows in ONE transaction."""
+        """Do :meth:`observe_before_write` for several rows in ONE transaction.
+
+        With ``intents``, the same transaction also records, for every row still owed, the
+        states its write will leave on the peer (``intents(fresh_row, current)``), as
+        :meth:`record_intents` does.
+        """
         if not reads:
             return []
         async with self._tx() as db:
@@ -543,9 +687,14 @@ class Ledger:
                 if batch.lk.get(key) != current:
                     obs = Observation(row.peer, row.user, row.item, current, wall_ms, "compare")
                     batch.apply(obs, key)
+            await batch.number_new_rows()
+            fresh = [batch.outbox_row(key, row) for (row, _), key in zip(reads, keys, strict=True)]
+            if intents is not None:
+                for still, (_, current), key in zip(fresh, reads, keys, strict=True):
+                    if still is not None:
+                        batch.record_intents(key, current, intents(still, current), wall_ms)
             await batch.flush()
-            fresh = await self._select_rows(db, keys)
-            return [fresh.get(key) for key in keys]
+            return fresh
 
     async def backfill(
         self, server: str, user: str, wall_ms: int, *, only_mapped: bool = False
@@ -642,6 +791,7 @@ class Ledger:
         socket can no longer arrive, so pending states would only risk swallowing a real change.
         """
         async with self._tx() as db:
+            self._cache.clear()
             cursor = await db.execute(
                 "DELETE FROM pending_echo WHERE server=? AND user IN "
                 "(SELECT id FROM users WHERE key=?)",
@@ -714,11 +864,7 @@ class Ledger:
             batch = _Batch(self, db)
             await batch.load({(u, i) for u, i, _ in keys}, with_members=False)
             for (_, base, states), key in zip(intents, keys, strict=True):
-                pending = batch.echo.get(key, ())
-                for state in states:
-                    pending = record_write(pending, state, wall_ms, base)
-                batch.echo[key] = pending
-                batch._dirty_echo.add(key)
+                batch.record_intents(key, base, states, wall_ms)
             await batch.flush()
 
     async def rows_written(
@@ -741,6 +887,7 @@ class Ledger:
     async def row_failed(self, row: OutboxRow, reason: str, retry_at_ms: int) -> None:
         """Record a failed attempt of ``row`` and when to try again (the row stays live)."""
         async with self._tx() as db:
+            self._forget_pair(row)
             await db.execute(
                 "UPDATE outbox SET attempts=attempts+1, last_error=?, next_attempt_ms=? WHERE id=?",
                 (reason, retry_at_ms, row.id),
@@ -750,6 +897,7 @@ class Ledger:
         """Park ``row`` as dead with ``reason``; False when a newer change replaced it (or it
         was parked already)."""
         async with self._tx() as db:
+            self._forget_pair(row)
             cursor = await db.execute(
                 "UPDATE outbox SET dead=1, attempts=attempts+1, last_error=? "
                 "WHERE id=? AND version=? AND dead=0",
@@ -764,6 +912,7 @@ class Ledger:
     async def retry_dead(self, peer: str) -> int:
         """Make every dead row of ``peer`` live and due now; return how many."""
         async with self._tx() as db:
+            self._cache.clear()
             cursor = await db.execute(
                 "UPDATE outbox SET dead=0, attempts=0, next_attempt_ms=0 WHERE peer=? AND dead=1",
                 (self._sid(peer),),
@@ -775,6 +924,7 @@ class Ledger:
     async def reset_backoff(self, peer: str) -> int:
         """Make every live row of ``peer`` due now (after the peer came back); return how many."""
         async with self._tx() as db:
+            self._cache.clear()
             cursor = await db.execute(
                 "UPDATE outbox SET next_attempt_ms=0 WHERE peer=? AND dead=0 AND next_attempt_ms>0",
                 (self._sid(peer),),
@@ -866,12 +1016,12 @@ class Ledger:
             for rid, bits in await db.execute_fetchall("SELECT id, registers FROM outbox"):
                 if int(bits) == 0 or int(bits) & ~synced_bits:
                     problems.append(f"outbox row {rid} has registers {bits}")
-            batch = _Batch(self, db)
+            batch = _Batch(self, db, cached=False)
             pairs = {
                 (int(u), int(i))
                 for u, i in await db.execute_fetchall("SELECT user, item FROM canonical")
             }
-            await batch.load(pairs)
+            await batch.load(pairs)  # from the file itself: see _Batch(cached=False) above
             configured = {self._server_ids[n] for n in self._policy.servers}
             for (uid, iid), canonical in sorted(batch.canon.items()):
                 for sid in sorted(batch.members.get(uid, set()) & configured):
@@ -914,9 +1064,11 @@ class Ledger:
                 yield db
                 await db.commit()
             except BaseException:
-                # Ids handed out inside the failed transaction no longer exist.
+                # Ids handed out inside the failed transaction no longer exist, and the cache
+                # may hold what it flushed.
                 self._user_ids.clear()
                 self._item_ids.clear()
+                self._cache.clear()
                 if db.in_transaction:
                     await db.rollback()
                 raise
@@ -938,6 +1090,16 @@ class Ledger:
         """Advance the hybrid clock (persisted by the caller's transaction)."""
         self._clock_ms = next_stamp_ms(wall_ms, self._clock_ms)
         return self._clock_ms
+
+    def _forget_pair(self, row: OutboxRow) -> None:
+        """Drop a row's pair from the cache before writing the row outside a batch."""
+        pair = self._known_pair(row.user, row.item)
+        if pair is None:
+            # Ids not known in this process: the pair was never cached under them either,
+            # unless the id maps were cleared since; be safe.
+            self._cache.clear()
+        else:
+            self._cache.evict(pair)
 
     def _known_pair(self, user: str, item: str) -> _Pair | None:
         uid = self._user_ids.get(user)
@@ -999,8 +1161,14 @@ class Ledger:
 class _Batch:
     """The in-memory working set of one transaction: load, apply in order, flush."""
 
-    def __init__(self, ledger: Ledger, db: aiosqlite.Connection) -> None:
+    def __init__(self, ledger: Ledger, db: aiosqlite.Connection, *, cached: bool = True) -> None:
         self.ledger = ledger
+        #: Where loads read from and flushes write back to, besides SQLite (None: SQLite only).
+        self.cache: _StateCache | None = ledger._cache if cached else None
+        self._loaded_pairs: set[_Pair] = set()
+        #: Ids this batch gave to rows it creates, and the highest of them.
+        self._new_ids: set[int] = set()
+        self._highest_id = 0
         self.policy = ledger.policy
         self.db = db
         self.canon: dict[_Pair, CanonicalState] = {}
@@ -1022,7 +1190,24 @@ class _Batch:
         self._configured = {ledger._server_ids[n] for n in self.policy.servers}
 
     async def load(self, pairs: set[_Pair], *, with_members: bool = True) -> None:
-        """Read everything the given (user, item) pairs need, a few queries per chunk."""
+        """Read everything the given (user, item) pairs need: from the cache, else SQLite.
+
+        Pairs this batch already loaded are left as the batch has them (it may have changed
+        them). From SQLite it takes a few queries per chunk of pairs.
+        """
+        wanted = pairs - self._loaded_pairs
+        self._loaded_pairs |= wanted
+        cache = self.cache
+        missing = cache.fill(self, wanted) if cache is not None else wanted
+        if missing:
+            await self._read_pairs(missing)
+            if cache is not None:
+                cache.store(self, missing)
+        if with_members:
+            await self._load_members({u for u, _ in wanted})
+            await self._load_mappings({i for _, i in wanted})
+
+    async def _read_pairs(self, pairs: set[_Pair]) -> None:
         for row in await self._by_pairs(_SELECT_CANONICAL, pairs):
             self.canon[(int(row[0]), int(row[1]))] = _canonical(row)
         for row in await self._by_pairs(_SELECT_LAST_KNOWN, pairs):
@@ -1043,15 +1228,26 @@ class _Batch:
                 dead=bool(row[16]),
             )
             self._loaded_rows[key] = int(row[3])
-        if with_members:
-            users = sorted({u for u, _ in pairs})
-            for chunk in _chunks(users, _CHUNK):
-                for uid, sid in await self.db.execute_fetchall(
-                    f"SELECT user, server FROM server_users WHERE user IN ({_marks(len(chunk))})",  # noqa: S608
-                    chunk,
-                ):
-                    self.members.setdefault(int(uid), set()).add(int(sid))
-            await self._load_mappings({i for _, i in pairs})
+
+    async def _load_members(self, users: set[int]) -> None:
+        """Learn which servers have the given users."""
+        cache = self.cache
+        missing = set(users)
+        if cache is not None:
+            for uid in users:
+                known = cache.members.get(uid)
+                if known is not None:
+                    self.members[uid] = set(known)
+                    missing.discard(uid)
+        for chunk in _chunks(sorted(missing), _CHUNK):
+            for uid, sid in await self.db.execute_fetchall(
+                f"SELECT user, server FROM server_users WHERE user IN ({_marks(len(chunk))})",  # noqa: S608
+                chunk,
+            ):
+                self.members.setdefault(int(uid), set()).add(int(sid))
+        if cache is not None:
+            for uid in missing:
+                cache.members[uid] = frozenset(self.members.get(uid, ()))
 
     async def _load_mappings(self, items: set[int]) -> None:
         """Learn which indexed servers map (have) the given items.
@@ -1060,22 +1256,43 @@ class _Batch:
         owed nothing for it until the item appears there (``Ledger.backfill_mapped`` then queues
         it). Servers without an index (identical-id identity) are assumed to have every item.
         """
-        wanted = sorted(items)
-        for sid in sorted(self._configured):
-            found = await self.db.execute_fetchall(
-                "SELECT 1 FROM server_items WHERE server=? LIMIT 1", (sid,)
-            )
-            if not list(found):
-                continue
-            self.indexed.add(sid)
-            have = self.mapped.setdefault(sid, set())
-            for chunk in _chunks(wanted, _CHUNK):
+        cache = self.cache
+        indexed = cache.indexed if cache is not None else None
+        if indexed is None:
+            found: set[int] = set()
+            for sid in sorted(self._configured):
+                rows = await self.db.execute_fetchall(
+                    "SELECT 1 FROM server_items WHERE server=? LIMIT 1", (sid,)
+                )
+                if list(rows):
+                    found.add(sid)
+            indexed = frozenset(found)
+            if cache is not None:
+                cache.indexed = indexed
+        self.indexed |= indexed
+        if not indexed:
+            return
+        wanted = set(items)
+        if cache is not None:
+            for iid in items:
+                servers = cache.mapped.get(iid)
+                if servers is not None:
+                    for sid in servers:
+                        self.mapped.setdefault(sid, set()).add(iid)
+                    wanted.discard(iid)
+        have: dict[int, set[int]] = {}
+        for sid in sorted(indexed):
+            for chunk in _chunks(sorted(wanted), _CHUNK):
                 marks = _marks(len(chunk))
                 for (iid,) in await self.db.execute_fetchall(
                     f"SELECT item FROM server_items WHERE server=? AND item IN ({marks})",  # noqa: S608
                     (sid, *chunk),
                 ):
-                    have.add(int(iid))
+                    self.mapped.setdefault(sid, set()).add(int(iid))
+                    have.setdefault(int(iid), set()).add(sid)
+        if cache is not None:
+            for iid in wanted:
+                cache.mapped[iid] = frozenset(have.get(iid, ()))
 
     def lacks_item(self, server_id: int, item_id: int) -> bool:
         """Tell whether an indexed server does not have the item."""
@@ -1234,8 +1451,11 @@ class _Batch:
             await db.execute(
                 "UPDATE meta SET value=? WHERE key='clock_ms'", (self.ledger.clock_ms,)
             )
+        if self.cache is not None:
+            self.cache.absorb(self)
 
     async def _flush_rows(self) -> None:
+        await self.number_new_rows()
         deletes: list[tuple[int]] = []
         updates: list[tuple[Any, ...]] = []
         inserts: list[tuple[Any, ...]] = []
@@ -1255,8 +1475,8 @@ class _Batch:
                 row.last_error,
                 int(row.dead),
             )
-            if row.id is None:
-                inserts.append((key[2], key[0], key[1], *values))
+            if row.id in self._new_ids:
+                inserts.append((row.id, key[2], key[0], key[1], *values))
             else:
                 updates.append((*values, row.id))
         if deletes:
@@ -1270,11 +1490,62 @@ class _Batch:
             )
         if inserts:
             await self.db.executemany(
-                f"INSERT INTO outbox(peer, user, item, registers, {_STATE_COLS}, version, "  # noqa: S608
+                f"INSERT INTO outbox(id, peer, user, item, registers, {_STATE_COLS}, version, "  # noqa: S608
                 "created_ms, attempts, next_attempt_ms, last_error, dead) "
-                f"VALUES ({_marks(16)})",
+                f"VALUES ({_marks(17)})",
                 inserts,
             )
+
+    def record_intents(
+        self, key: _Key, base: UserData, states: Sequence[UserData], wall_ms: int
+    ) -> None:
+        """Add ``states`` as pending echoes of ``key`` replacing ``base`` (writes ahead)."""
+        pending = self.echo.get(key, ())
+        for state in states:
+            pending = record_write(pending, state, wall_ms, base)
+        self.echo[key] = pending
+        self._dirty_echo.add(key)
+
+    async def number_new_rows(self) -> None:
+        """Give the rows created so far their ids (flush numbers the rest).
+
+        Numbered inside the write transaction (no other writer can take a number), so the
+        batch and the cache know every row's id without reading it back after the insert.
+        """
+        new = [k for k in self._dirty_rows if (row := self.rows[k]) is not None and row.id is None]
+        if not new:
+            return
+        rows = await self.db.execute_fetchall("SELECT COALESCE(MAX(id), 0) FROM outbox")
+        first = max(int(next(iter(rows))[0]), self._highest_id) + 1
+        for offset, key in enumerate(sorted(new)):
+            row = self.rows[key]
+            assert row is not None
+            self.rows[key] = replace(row, id=first + offset)
+            self._new_ids.add(first + offset)
+        self._highest_id = first + len(new) - 1
+
+    def outbox_row(self, key: _Key, like: OutboxRow) -> OutboxRow | None:
+        """The row of ``key`` as it stands in this batch, named like ``like`` (or None)."""
+        row = self.rows.get(key)
+        if row is None:
+            return None
+        assert row.id is not None  # number_new_rows first
+        return OutboxRow(
+            id=row.id,
+            peer=like.peer,
+            user=like.user,
+            item=like.item,
+            registers=row.mask,
+            desired=row.desired,
+            version=row.version,
+            created_ms=row.created_ms,
+            attempts=row.attempts,
+            next_attempt_ms=row.next_attempt_ms,
+            last_error=row.last_error,
+            dead=row.dead,
+            remote_user_id=like.remote_user_id,
+            remote_item_id=like.remote_item_id,
+        )
 
     def written(self, key: _Key, version: int, state: UserData, wall_ms: int) -> bool:
         """Record a write of ``state`` to the peer of ``key``; drop the row if still ``version``."""
@@ -1375,7 +1646,24 @@ def _state_values(data: UserData) -> tuple[Any, ...]:
     )
 
 
+#: Decoded states by their column values: rows repeat a few states (a season marked played,
+#: the defaults), and states are immutable, so one object serves them all. Bounded.
+_STATES: dict[tuple[Any, ...], UserData] = {}
+_STATES_MAX = 4096
+
+
 def _state(row: Sequence[Any], offset: int) -> UserData:
+    values = tuple(row[offset : offset + 6])
+    state = _STATES.get(values)
+    if state is None:
+        if len(_STATES) >= _STATES_MAX:
+            _STATES.clear()
+        state = _STATES[values] = _decode_state(values)
+    return state
+
+
+def _decode_state(row: Sequence[Any]) -> UserData:
+    offset = 0
     rating = row[offset + 1]
     last = row[offset + 4]
     return UserData(
@@ -1434,7 +1722,12 @@ def _mask_bits(registers: Iterable[Register]) -> int:
 
 
 def _mask_registers(bits: int) -> frozenset[Register]:
-    return frozenset(r for r, b in _BITS.items() if bits & b)
+    return _MASKS[bits & _ALL_BITS]
+
+
+_ALL_BITS = sum(_BITS.values())
+#: Every register set, by its bits (decoded once, shared by every row).
+_MASKS = tuple(frozenset(r for r, b in _BITS.items() if bits & b) for bits in range(_ALL_BITS + 1))
 
 
 def _ordered(registers: Iterable[Register]) -> list[Register]:

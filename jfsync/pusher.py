@@ -248,11 +248,6 @@ class Pusher:
             current = await self._read_current(rows)
             await self._recover_interrupted(rows, current)
             owed = await self._compare(rows, current)
-            # Written ahead: should jfsync stop mid-write, what it finds later is its own.
-            await self._ledger.record_intents(
-                [(row, state, write_steps(state, row)) for row, state in owed],
-                self._clock.wall_ms(),
-            )
             results = await asyncio.gather(
                 *(self._deliver(row, state) for row, state in owed), return_exceptions=True
             )
@@ -367,7 +362,8 @@ class Pusher:
     async def _compare(
         self, rows: Sequence[OutboxRow], current: dict[tuple[str, str], UserData]
     ) -> list[tuple[OutboxRow, UserData]]:
-        """Merge what the peer holds first (one transaction); return the rows still owed.
+        """Merge what the peer holds first and record the writes' intents (one transaction);
+        return the rows still owed.
 
         Rows whose item is not in the peer's listing for that user are parked: the item does
         not exist there (or the user cannot see it); a newer change or retry_dead revives them.
@@ -380,7 +376,11 @@ class Pusher:
                 continue
             reason = f"item {row.remote_item_id or row.item} not found on {self.peer} for that user"
             await self._park(row, reason)
-        fresh = await self._ledger.observe_before_writes(present, self._clock.wall_ms())
+        # The intents are written ahead in the same transaction: should jfsync stop mid-write,
+        # what it finds on the peer later is known to be its own.
+        fresh = await self._ledger.observe_before_writes(
+            present, self._clock.wall_ms(), intents=lambda row, state: write_steps(state, row)
+        )
         owed: list[tuple[OutboxRow, UserData]] = []
         for (_, state), still in zip(present, fresh, strict=True):
             if still is None:

@@ -14,6 +14,7 @@ play count and recurses into folders.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -75,8 +76,12 @@ class QuickConnectUnavailableError(AuthRejectedError):
     """``/QuickConnect/Initiate`` answered 401: Quick Connect is disabled on the server."""
 
 
+@functools.lru_cache(maxsize=256)
 def auth_header(device_id: str, token: str | None = None) -> str:
-    """Build the ``Authorization: MediaBrowser`` value; values are URL-encoded (§1.2)."""
+    """Build the ``Authorization: MediaBrowser`` value; values are URL-encoded (§1.2).
+
+    Cached: a client sends the same few headers thousands of times in a burst.
+    """
     parts = [
         f'Client="{_enc(CLIENT_NAME)}"',
         f'Device="{_enc(DEVICE_NAME)}"',
@@ -117,6 +122,7 @@ class JellyfinClient:
         self._api_key = api_key
         self._session = session
         self._ssl = verify_tls
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._public: PublicSystemInfo | None = None
         parts = urlsplit(self.url)
         # For messages: scheme, host and port only (a URL may carry user:password@).
@@ -261,14 +267,15 @@ class JellyfinClient:
         body: Mapping[str, Any] | None = None,
     ) -> UserItemDataDto:
         """Call a ``{itemId}`` route for ``userId`` that answers a ``UserItemDataDto``."""
-        data = await self._call(
+        raw = await self._call(
             method,
             route,
             path={"itemId": normalize_id(item_id)},
             query=[("userId", normalize_id(user_id))],
             body=body,
+            decode=False,
         )
-        return self._parse(UserItemDataDto, data, route)
+        return self._parse_json(UserItemDataDto, raw, route)
 
     async def apply_user_data(
         self,
@@ -376,8 +383,11 @@ class JellyfinClient:
         anonymous: bool = False,
         token: str | None = None,
         device_id: str | None = None,
+        decode: bool = True,
     ) -> Any:
         """Send one request; return the decoded JSON body (None when empty).
+
+        With ``decode=False`` the raw body is returned instead (for :meth:`_parse_json`).
 
         Authenticates with ``token``, else the API key, unless ``anonymous``. ``device_id``
         overrides the client's own (Quick Connect and logins act as the user's device).
@@ -393,7 +403,7 @@ class JellyfinClient:
                 params=list(query) or None,
                 json=None if body is None else dict(body),
                 headers={"Authorization": header, "Accept": "application/json"},
-                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                timeout=self._timeout,
                 ssl=self._ssl,
             ) as response:
                 status = response.status
@@ -409,6 +419,8 @@ class JellyfinClient:
         logger.debug("[%s] %s %s -> %d", self.name, method, route, status)
         if status >= 400:
             raise error_for_status(self.name, method, route, status, self._detail(raw))
+        if not decode:
+            return raw
         if not raw.strip():
             return None
         try:
@@ -427,6 +439,18 @@ class JellyfinClient:
             message = str(first["msg"]).removeprefix("Value error, ")
             more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
             raise BadResponseError(self.name, route, f"field {where}: {message}{more}") from None
+
+    def _parse_json(self, kind: type[T], raw: bytes, route: str) -> T:
+        """Validate a raw JSON body as ``kind`` (one pass, no intermediate objects)."""
+        if not raw.strip():
+            raise BadResponseError(self.name, route, "the body is empty")
+        try:
+            return _adapter(kind).validate_json(raw)
+        except ValidationError as err:
+            if err.errors(include_url=False)[0]["type"] == "json_invalid":
+                raise BadResponseError(self.name, route, "the body is not JSON") from None
+        # Not the expected shape: the same message as for any other body.
+        return self._parse(kind, json.loads(raw), route)
 
     def _detail(self, raw: bytes) -> str:
         """Short, secret-free text of an error body (ProblemDetails title/detail or text)."""
