@@ -52,7 +52,10 @@ nothing is owed any more. A pusher uses it like this:
 
 Steps 2 and 4 have batch forms (:meth:`Ledger.observe_before_writes`,
 :meth:`Ledger.rows_written`), and step 3 takes many rows, each in one transaction; use them
-under load.
+under load. ``observe_before_writes(..., intents=...)`` does steps 2 and 3 in one transaction.
+
+Decoded state of recently used (user, item) pairs is kept between transactions in a bounded
+write-through cache (:class:`_StateCache`); writes that bypass it, and rollbacks, empty it.
 Rows are identified by (peer, user, item) and ``version``; the integer ``id`` is only a handle.
 
 All methods serialise on one lock; no transaction is held across anything but the ledger's own
