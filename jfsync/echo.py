@@ -93,8 +93,9 @@ class EchoMatch:
 
 def prune(pending: Sequence[PendingWrite], now_ms: int) -> tuple[PendingWrite, ...]:
     """Drop pending writes older than the age bound and keep only the newest entries."""
-    kept = tuple(p for p in pending if now_ms - p.written_ms <= ECHO_MAX_AGE_MS)
-    return kept[-ECHO_MAX_ENTRIES:]
+    oldest = now_ms - ECHO_MAX_AGE_MS
+    kept = [p for p in pending if p.written_ms >= oldest]
+    return tuple(kept[-ECHO_MAX_ENTRIES:])
 
 
 def record_write(

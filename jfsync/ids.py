@@ -12,7 +12,7 @@ import hashlib
 import re
 import uuid
 
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_HEX32 = re.compile(r"[0-9a-f]{32}")
 
 #: Full .NET type names Jellyfin uses when it derives item ids, by ``BaseItemKind``.
 ITEM_TYPE_FULL_NAMES: dict[str, str] = {
@@ -43,8 +43,10 @@ def normalize_id(value: str) -> str:
 
     Raises InvalidIdError when the value is not a Guid in any accepted form.
     """
+    if _HEX32.fullmatch(value):  # already normal: the common case, checked first
+        return value
     text = value.strip().lower()
-    if _HEX32.match(text):
+    if _HEX32.fullmatch(text):
         return text
     try:
         return uuid.UUID(text).hex

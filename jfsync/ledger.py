@@ -236,14 +236,18 @@ class _Row:
 STATE_CACHE_PAIRS = 20_000
 
 
-@dataclass(slots=True)
 class _Cached:
     """Everything the ledger holds for one (user, item) pair, decoded, by server id."""
 
-    canon: CanonicalState | None
-    lk: dict[int, UserData] = field(default_factory=dict)
-    echo: dict[int, tuple[PendingWrite, ...]] = field(default_factory=dict)
-    rows: dict[int, _Row] = field(default_factory=dict)
+    __slots__ = ("canon", "echo", "lk", "rows")
+
+    def __init__(self, canon: CanonicalState | None) -> None:
+        # A plain class: thousands are built per burst, and a dataclass with default
+        # factories costs several times more to construct.
+        self.canon = canon
+        self.lk: dict[int, UserData] = {}
+        self.echo: dict[int, tuple[PendingWrite, ...]] = {}
+        self.rows: dict[int, _Row] = {}
 
 
 class _StateCache:

@@ -17,8 +17,9 @@ Dates are whole UTC seconds since the epoch (``*_s``): jfsync compares dates at 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 #: Jellyfin ticks per second (1 tick = 100 ns).
 TICKS_PER_SECOND = 10_000_000
@@ -33,6 +34,8 @@ class Register(enum.StrEnum):
 
 
 ALL_REGISTERS: tuple[Register, ...] = (Register.FAVORITE, Register.RATING, Register.PLAY_STATE)
+_FAVORITE = Register.FAVORITE
+_RATING = Register.RATING
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,22 +68,23 @@ class UserData:
 
     def get(self, register: Register) -> bool | float | PlayState | None:
         """Return the value of one register."""
-        if register is Register.FAVORITE:
+        # Module constants: this runs for every register of every state compared.
+        if register is _FAVORITE:
             return self.favorite
-        if register is Register.RATING:
+        if register is _RATING:
             return self.rating
         return self.play_state
 
     def with_register(self, register: Register, value: bool | float | PlayState | None) -> UserData:
         """Return a copy with one register replaced by ``value``."""
-        if register is Register.FAVORITE:
+        if register is _FAVORITE:
             assert isinstance(value, bool)
-            return replace(self, favorite=value)
-        if register is Register.RATING:
+            return UserData(value, self.rating, self.play_state)
+        if register is _RATING:
             assert value is None or isinstance(value, int | float)
-            return replace(self, rating=None if value is None else float(value))
+            return UserData(self.favorite, None if value is None else float(value), self.play_state)
         assert isinstance(value, PlayState)
-        return replace(self, play_state=value)
+        return UserData(self.favorite, self.rating, value)
 
     def changed_registers(self, other: UserData) -> frozenset[Register]:
         """Return the registers whose value differs between ``self`` and ``other``."""
@@ -88,6 +92,34 @@ class UserData:
 
 
 DEFAULT_USER_DATA = UserData()
+
+#: Interned states by value (see :func:`user_data`). Bounded: emptied when full.
+_INTERNED: dict[tuple[Any, ...], UserData] = {}
+_INTERNED_MAX = 4096
+
+
+def user_data(
+    favorite: bool,
+    rating: float | None,
+    played: bool,
+    play_count: int,
+    last_played_s: int | None,
+    position_ticks: int,
+) -> UserData:
+    """Build a :class:`UserData`, sharing one object per distinct value.
+
+    States are immutable and few distinct ones recur (the defaults, a season marked played
+    at once), so decoders that build thousands of them return shared objects instead.
+    """
+    key = (favorite, rating, played, play_count, last_played_s, position_ticks)
+    state = _INTERNED.get(key)
+    if state is None:
+        if len(_INTERNED) >= _INTERNED_MAX:
+            _INTERNED.clear()
+        state = _INTERNED[key] = UserData(
+            favorite, rating, PlayState(played, play_count, last_played_s, position_ticks)
+        )
+    return state
 
 
 @dataclass(frozen=True, slots=True, order=True)

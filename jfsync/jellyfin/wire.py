@@ -8,20 +8,24 @@ read as UTC. :func:`format_date` writes dates the way Jellyfin does. Models hold
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from jfsync.ids import normalize_id
-from jfsync.model import PlayState, UserData, datetime_to_s
+from jfsync.model import UserData, datetime_to_s, user_data
 
 #: A Jellyfin Guid, normalised to 32 lowercase hex.
 JfId = Annotated[str, AfterValidator(normalize_id)]
 
 
 def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    zone = value.tzinfo
+    if zone is UTC:
+        return value
+    return value.replace(tzinfo=UTC) if zone is None else value.astimezone(UTC)
 
 
 #: A Jellyfin date, always timezone-aware UTC.
@@ -51,15 +55,13 @@ class UserItemDataDto(WireModel):
 
     def to_user_data(self) -> UserData:
         """Convert to jfsync's domain value (dates truncated to whole seconds)."""
-        return UserData(
-            favorite=self.is_favorite,
-            rating=self.rating,
-            play_state=PlayState(
-                played=self.played,
-                play_count=self.play_count,
-                last_played_s=datetime_to_s(self.last_played_date),
-                position_ticks=self.playback_position_ticks,
-            ),
+        return user_data(
+            self.is_favorite,
+            self.rating,
+            self.played,
+            self.play_count,
+            datetime_to_s(self.last_played_date),
+            self.playback_position_ticks,
         )
 
 
@@ -67,6 +69,12 @@ def format_date(value: datetime) -> str:
     """Write a date as Jellyfin does: UTC, ISO 8601, seven fractional digits, ``Z``."""
     value = _utc(value)
     return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond:06d}0Z"
+
+
+@functools.lru_cache(maxsize=1024)
+def _format_s(seconds: int) -> str:
+    """:func:`format_date` of whole UTC seconds (a burst writes the same date many times)."""
+    return format_date(datetime.fromtimestamp(seconds, UTC))
 
 
 def update_body(desired: UserData, fields: frozenset[str] | None = None) -> dict[str, Any]:
@@ -89,7 +97,7 @@ def update_body(desired: UserData, fields: frozenset[str] | None = None) -> dict
         body["PlayCount"] = state.play_count
         body["PlaybackPositionTicks"] = state.position_ticks
         if state.last_played_s is not None:
-            body["LastPlayedDate"] = format_date(datetime.fromtimestamp(state.last_played_s, UTC))
+            body["LastPlayedDate"] = _format_s(state.last_played_s)
     return body
 
 
