@@ -687,7 +687,7 @@ class Ledger:
         if not reads:
             return []
         async with self._tx() as db:
-            keys = [await self._row_key(db, row) for row, _ in reads]
+            keys = await self._row_keys(db, [row for row, _ in reads])
             batch = _Batch(self, db)
             await batch.load({(u, i) for u, i, _ in keys})
             for (row, current), key in zip(reads, keys, strict=True):
@@ -867,7 +867,7 @@ class Ledger:
         if not intents:
             return
         async with self._tx() as db:
-            keys = [await self._row_key(db, row) for row, _, _ in intents]
+            keys = await self._row_keys(db, [row for row, _, _ in intents])
             batch = _Batch(self, db)
             await batch.load({(u, i) for u, i, _ in keys}, with_members=False)
             for (_, base, states), key in zip(intents, keys, strict=True):
@@ -881,7 +881,7 @@ class Ledger:
         if not acks:
             return []
         async with self._tx() as db:
-            keys = [await self._row_key(db, row) for row, _ in acks]
+            keys = await self._row_keys(db, [row for row, _ in acks])
             batch = _Batch(self, db)
             await batch.load({(u, i) for u, i, _ in keys}, with_members=False)
             done = [
@@ -1140,10 +1140,14 @@ class Ledger:
                     cache[str(key)] = int(rid)
         return {k: cache[k] for k in wanted}
 
-    async def _row_key(self, db: aiosqlite.Connection, row: OutboxRow) -> _Key:
-        users = await self._ensure_ids(db, "users", [row.user])
-        items = await self._ensure_ids(db, "items", [row.item])
-        return users[row.user], items[row.item], self._sid(row.peer)
+    async def _row_keys(self, db: aiosqlite.Connection, rows: Sequence[OutboxRow]) -> list[_Key]:
+        """The (user, item, peer) ids of each row, in order."""
+        users = self._user_ids
+        items = self._item_ids
+        if any(r.user not in users or r.item not in items for r in rows):
+            users = await self._ensure_ids(db, "users", [r.user for r in rows])
+            items = await self._ensure_ids(db, "items", [r.item for r in rows])
+        return [(users[r.user], items[r.item], self._sid(r.peer)) for r in rows]
 
     async def _select_rows(
         self, db: aiosqlite.Connection, keys: Iterable[_Key]
@@ -1415,7 +1419,17 @@ class _Batch:
         ):
             return False
         if existing is not None and not revive:
-            row = replace(existing, mask=registers, desired=desired, version=version)
+            row = _Row(
+                existing.id,
+                registers,
+                desired,
+                version,
+                existing.created_ms,
+                existing.attempts,
+                existing.next_attempt_ms,
+                existing.last_error,
+                existing.dead,
+            )
         elif existing is not None:
             row = _Row(existing.id, registers, desired, version, existing.created_ms)
         else:
@@ -1527,8 +1541,19 @@ class _Batch:
         for offset, key in enumerate(sorted(new)):
             row = self.rows[key]
             assert row is not None
-            self.rows[key] = replace(row, id=first + offset)
-            self._new_ids.add(first + offset)
+            row_id = first + offset
+            self.rows[key] = _Row(
+                row_id,
+                row.mask,
+                row.desired,
+                row.version,
+                row.created_ms,
+                row.attempts,
+                row.next_attempt_ms,
+                row.last_error,
+                row.dead,
+            )
+            self._new_ids.add(row_id)
         self._highest_id = first + len(new) - 1
 
     def outbox_row(self, key: _Key, like: OutboxRow) -> OutboxRow | None:

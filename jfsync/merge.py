@@ -62,6 +62,9 @@ from jfsync.model import (
     UserData,
 )
 
+_FAVORITE = Register.FAVORITE
+_RATING = Register.RATING
+
 if TYPE_CHECKING:
     from jfsync.config import Config
 
@@ -151,9 +154,9 @@ class CanonicalState:
 
     def stamped(self, register: Register) -> Stamped:
         """Return the stamp and origin of one register."""
-        if register is Register.FAVORITE:
+        if register is _FAVORITE:
             return self.favorite
-        if register is Register.RATING:
+        if register is _RATING:
             return self.rating
         return self.play_state
 
@@ -162,9 +165,9 @@ class CanonicalState:
     ) -> CanonicalState:
         """Return a copy with one register set to ``value`` decided at ``stamped``."""
         data = self.data.with_register(register, value)
-        if register is Register.FAVORITE:
+        if register is _FAVORITE:
             return CanonicalState(data, stamped, self.rating, self.play_state)
-        if register is Register.RATING:
+        if register is _RATING:
             return CanonicalState(data, self.favorite, stamped, self.play_state)
         return CanonicalState(data, self.favorite, self.rating, stamped)
 
@@ -211,7 +214,7 @@ def merge(
     if last_known is None:
         return _first_contact(policy, canonical, incoming, stamp, origin, seed_known)
 
-    changed = frozenset(r for r in synced if incoming.get(r) != last_known.get(r))
+    changed = frozenset([r for r in synced if incoming.get(r) != last_known.get(r)])
     new = canonical
     moved: set[Register] = set()
     lost: set[Register] = set()
@@ -285,8 +288,8 @@ def _first_ever(
     origin: str,
 ) -> MergeResult:
     base = last_known if last_known is not None else DEFAULT_USER_DATA
-    changed = frozenset(r for r in policy.synced if incoming.get(r) != base.get(r))
-    owed = frozenset(r for r in policy.synced if incoming.get(r) != DEFAULT_USER_DATA.get(r))
+    changed = frozenset([r for r in policy.synced if incoming.get(r) != base.get(r)])
+    owed = frozenset([r for r in policy.synced if incoming.get(r) != DEFAULT_USER_DATA.get(r)])
     return MergeResult(
         changed=changed,
         first_contact=True,
@@ -332,7 +335,7 @@ def _first_contact(
             new = new.with_register(register, value, decided)
         else:
             lost.add(register)
-    changed = frozenset(r for r in policy.synced if incoming.get(r) != canonical.data.get(r))
+    changed = frozenset([r for r in policy.synced if incoming.get(r) != canonical.data.get(r)])
     return MergeResult(
         changed=changed,
         first_contact=True,
