@@ -123,9 +123,10 @@ def _run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     from jfsync.logs import configure_logging
-    from jfsync.service import run_service
+    from jfsync.service import run_service, tune_garbage_collector
 
     configure_logging(config.logging.level, config.secret_values())
+    tune_garbage_collector()
     return asyncio.run(run_service(config))
 
 
