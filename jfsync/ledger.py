@@ -368,7 +368,9 @@ class _StateCache:
 class Ledger:
     """The SQLite ledger; open with ``async with Ledger(path, policy) as ledger``."""
 
-    def __init__(self, path: str | Path, policy: MergePolicy) -> None:
+    def __init__(
+        self, path: str | Path, policy: MergePolicy, *, cache_pairs: int = STATE_CACHE_PAIRS
+    ) -> None:
         self._path = str(path)
         self._policy = policy
         self._db: aiosqlite.Connection | None = None
@@ -378,7 +380,7 @@ class Ledger:
         self._user_ids: dict[str, int] = {}
         self._item_ids: dict[str, int] = {}
         self._clock_ms = 0
-        self._cache = _StateCache()
+        self._cache = _StateCache(cache_pairs)
 
     def __repr__(self) -> str:
         return f"Ledger({self._path!r}, open={self._db is not None})"

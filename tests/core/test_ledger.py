@@ -646,3 +646,29 @@ async def test_ten_thousand_observations_apply_in_one_batch(ledger: Ledger) -> N
     assert all(r.outcome is Outcome.CHANGED for r in results)
     assert await ledger.outbox_depth("b") == 10_000
     assert await ledger.outbox_depth("c") == 10_000
+
+
+async def test_a_transaction_that_does_not_commit_leaves_nothing_behind(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
+    commit = aiosqlite.Connection.commit
+
+    async def refuse(self: aiosqlite.Connection) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(aiosqlite.Connection, "commit", refuse)
+    with pytest.raises(sqlite3.OperationalError):
+        await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
+    monkeypatch.setattr(aiosqlite.Connection, "commit", commit)
+
+    # Not in the file, nor in what the ledger answers or acts on (its decoded-state cache).
+    canonical = await ledger.canonical(USER, ITEM)
+    assert canonical is not None
+    assert canonical.data == DEFAULT_USER_DATA
+    assert await ledger.last_known("a", USER, ITEM) == DEFAULT_USER_DATA
+    assert await ledger.due_rows("b", 10, T0 + 110) == []
+    # The same change seen again is a change again, and is queued for the peers.
+    applied = await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 120)
+    assert applied.outcome is Outcome.CHANGED
+    assert [r.registers for r in await ledger.due_rows("b", 10, T0 + 130)] == [{FAV}]

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jfsync.ledger import Ledger, Observation
+from jfsync.ledger import STATE_CACHE_PAIRS, Ledger, Observation
 from jfsync.merge import MergePolicy
 from jfsync.model import ALL_REGISTERS, DEFAULT_USER_DATA, PlayState, Register, UserData
 
@@ -165,10 +165,14 @@ steps = st.lists(
 )
 
 
-async def run_schedule(schedule: list[tuple[object, ...]], synced: frozenset[Register]) -> None:
+async def run_schedule(
+    schedule: list[tuple[object, ...]],
+    synced: frozenset[Register],
+    cache_pairs: int = STATE_CACHE_PAIRS,
+) -> None:
     """Play ``schedule`` on a fresh cluster, settle, and check convergence and quiet."""
     policy = MergePolicy(servers=SERVERS, synced=synced)
-    async with Ledger(":memory:", policy) as ledger:
+    async with Ledger(":memory:", policy, cache_pairs=cache_pairs) as ledger:
         for name in SERVERS:
             await ledger.map_user(name, f"{name}-uid", USER)
         cluster = Cluster(ledger)
@@ -224,6 +228,16 @@ async def test_any_schedule_converges_without_ping_pong(
     schedule: list[tuple[object, ...]], synced: frozenset[Register]
 ) -> None:
     await run_schedule(schedule, synced)
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps, st.frozensets(st.sampled_from(ALL_REGISTERS), min_size=1), st.sampled_from([0, 1]))
+async def test_any_schedule_converges_with_a_tiny_state_cache(
+    schedule: list[tuple[object, ...]], synced: frozenset[Register], cache_pairs: int
+) -> None:
+    # 0: every transaction reads SQLite; 1: the two items evict each other all the time.
+    await run_schedule(schedule, synced, cache_pairs)
 
 
 @pytest.mark.slow
