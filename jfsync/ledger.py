@@ -67,6 +67,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -381,6 +382,8 @@ class Ledger:
         self._item_ids: dict[str, int] = {}
         self._clock_ms = 0
         self._cache = _StateCache(cache_pairs)
+        #: A failed transaction's rollback has not run yet (see :meth:`_undo`).
+        self._unsettled = False
 
     def __repr__(self) -> str:
         return f"Ledger({self._path!r}, open={self._db is not None})"
@@ -1065,11 +1068,11 @@ class Ledger:
     async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
         db = self._require()
         async with self._lock:
-            if db.in_transaction:
-                # A transaction left open by a cancellation at the worst moment.
-                await db.rollback()
-            await db.execute("BEGIN IMMEDIATE")
+            if self._unsettled:
+                # The last failed transaction could not be undone (cancelled again meanwhile).
+                await self._undo(db)
             try:
+                await db.execute("BEGIN IMMEDIATE")
                 yield db
                 await db.commit()
             except BaseException:
@@ -1078,9 +1081,29 @@ class Ledger:
                 self._user_ids.clear()
                 self._item_ids.clear()
                 self._cache.clear()
-                if db.in_transaction:
-                    await db.rollback()
+                self._unsettled = True
+                await self._undo(db)
                 raise
+
+    async def _undo(self, db: aiosqlite.Connection) -> None:
+        """Roll back what a failed or cancelled transaction left on the connection.
+
+        A call whose caller was cancelled still runs on the connection's thread (the BEGIN
+        itself, a write): wait until everything queued before has run (calls run in order),
+        then roll back whatever transaction is open, so the next transaction starts on an
+        idle connection. Shielded, as a stop cancels the caller while this runs; if it is
+        cut short anyway, the next transaction does it first.
+        """
+        try:
+            await asyncio.shield(db.execute_fetchall("SELECT 1"))
+            if db.in_transaction:
+                await asyncio.shield(db.rollback())
+        except asyncio.CancelledError:
+            raise
+        except (sqlite3.Error, ValueError) as err:  # a broken or closed connection: the next
+            # call says so to its caller
+            logger.debug("ledger %s: rollback failed: %s", self._path, err)
+        self._unsettled = False
 
     def _require(self) -> aiosqlite.Connection:
         if self._db is None:

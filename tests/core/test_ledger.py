@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 import pytest
@@ -672,3 +674,53 @@ async def test_a_transaction_that_does_not_commit_leaves_nothing_behind(
     applied = await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 120)
     assert applied.outcome is Outcome.CHANGED
     assert [r.registers for r in await ledger.due_rows("b", 10, T0 + 130)] == [{FAV}]
+
+
+async def test_a_transaction_cancelled_while_it_begins_does_not_break_the_next(
+    ledger: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop cancels callers mid-call, but a cancelled BEGIN still runs on SQLite's thread.
+
+    Another connection holds the write lock, so that BEGIN waits on SQLite's thread while the
+    next transaction starts; once the lock is released it begins. The next transaction must
+    not then fail with "cannot start a transaction within a transaction", nor keep anything.
+    """
+    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
+    execute = aiosqlite.Connection.execute
+    begun: list[asyncio.Future[aiosqlite.Cursor]] = []
+
+    async def cancelled_during_begin(
+        self: aiosqlite.Connection, sql: str, parameters: Any = None
+    ) -> aiosqlite.Cursor:
+        if sql == "BEGIN IMMEDIATE" and not begun:
+            begun.append(asyncio.ensure_future(execute(self, sql, parameters)))
+            await asyncio.sleep(0)  # the BEGIN is now queued on the connection's thread
+            raise asyncio.CancelledError
+        return await execute(self, sql, parameters)
+
+    monkeypatch.setattr(aiosqlite.Connection, "execute", cancelled_during_begin)
+    blocker = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        cancelled = asyncio.create_task(
+            ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
+        )
+        after = asyncio.create_task(
+            ledger.apply_observation("a", USER, ITEM, UserData(rating=3.0), T0 + 120)
+        )
+        for _ in range(20):  # loop turns only: both tasks reach their first wait
+            await asyncio.sleep(0)
+        blocker.execute("COMMIT")
+    finally:
+        blocker.close()
+    async with asyncio.timeout(10):
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        applied = await after
+        await begun[0]
+
+    assert applied.outcome is Outcome.CHANGED
+    assert applied.changed == {RAT}
+    [row] = await ledger.due_rows("b", 10, T0 + 130)
+    assert row.registers == {RAT}
+    assert row.desired == UserData(rating=3.0)
