@@ -8,6 +8,7 @@ events (``service.wait_for`` re-checks whenever jfsync applies or writes), never
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,29 @@ PUSHER: dict[str, Any] = {
     "auth_retry_s": 300.0,
     "idle_poll_s": 1.0,
 }
+
+
+def free_port() -> int:
+    """A free loopback port (for a status endpoint a child process or run_service binds)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+async def emulators() -> AsyncIterator[dict[str, Emulator]]:
+    """Two started emulators ("home", "cabin") sharing one library."""
+    emus = {
+        name: Emulator(
+            api_key=KEYS[name], server_name=name, library_size=10, seed=7, debounce_s=0.02
+        )
+        for name in ("home", "cabin")
+    }
+    for emu in emus.values():
+        await emu.start()
+    yield emus
+    for emu in emus.values():
+        await emu.close()
 
 
 def _fast_delays() -> Any:

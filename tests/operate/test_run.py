@@ -12,7 +12,7 @@ import json
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -20,33 +20,11 @@ import pytest
 
 from jfsync import emulator as emulator_module
 from jfsync.emulator import Emulator, RequestRecord
-from tests.operate.conftest import KEYS
+from tests.operate.conftest import KEYS, free_port
 
 pytestmark = pytest.mark.timeout(40)
 WAIT_S = 20.0
 TOKEN = "run-test-status-token-41c7"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-async def emulators() -> AsyncIterator[dict[str, Emulator]]:
-    """Two started emulators sharing one library."""
-    emus = {
-        name: Emulator(
-            api_key=KEYS[name], server_name=name, library_size=10, seed=7, debounce_s=0.02
-        )
-        for name in ("home", "cabin")
-    }
-    for emu in emus.values():
-        await emu.start()
-    yield emus
-    for emu in emus.values():
-        await emu.close()
 
 
 def _config(tmp_path: Path, emus: dict[str, Emulator], port: int) -> Path:
@@ -87,7 +65,7 @@ async def _stop(process: asyncio.subprocess.Process, seen: list[str]) -> int:
 async def test_run_serves_status_until_sigterm(
     emulators: dict[str, Emulator], tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     config = _config(tmp_path, emulators, port)
     process = await asyncio.create_subprocess_exec(
         sys.executable,

@@ -13,9 +13,7 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -24,32 +22,11 @@ from jfsync.config import Config
 from jfsync.emulator import Emulator
 from jfsync.service import SHUTDOWN_SLACK_S, SyncService, run_service
 from jfsync.timing import ManualClock
-from tests.operate.conftest import KEYS
+from tests.operate.conftest import KEYS, free_port
 
 pytestmark = pytest.mark.timeout(30)
 WAIT_S = 20.0
 GRACE_S = 2.0
-
-
-@pytest.fixture
-async def emulators() -> AsyncIterator[dict[str, Emulator]]:
-    """Two started emulators sharing one library."""
-    emus = {
-        name: Emulator(api_key=KEYS[name], server_name=name, library_size=6, seed=7)
-        for name in ("home", "cabin")
-    }
-    for emu in emus.values():
-        await emu.start()
-    yield emus
-    for emu in emus.values():
-        await emu.close()
-
-
-def free_port() -> int:
-    """A free loopback port for the status endpoint."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _config(tmp_path: Path, emus: dict[str, Emulator]) -> Config:
@@ -184,4 +161,7 @@ async def test_a_failing_stop_step_still_closes_the_ledger_and_the_index(
     assert "jfsync stopped" in caplog.text
     # The index and the ledger were still closed: no SQLite worker thread is left running
     # (the suite's conftest fails a test that leaves one).
-    assert not [t for t in threading.enumerate() if "_connection_worker_thread" in t.name]
+    workers = [t for t in threading.enumerate() if "_connection_worker_thread" in t.name]
+    for worker in workers:
+        worker.join(2.0)  # a closed connection's worker ends just after close() returns
+    assert not [t for t in workers if t.is_alive()]

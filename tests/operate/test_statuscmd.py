@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import socket
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 
 from jfsync import statuscmd
 from jfsync.cli import main
-from tests.operate.conftest import KEYS, Stack, StackFactory
+from tests.operate.conftest import KEYS, Stack, StackFactory, free_port
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -62,12 +61,6 @@ async def _dead_row_on_cabin(stack: Stack) -> None:
         return len(await stack.service.ledger.dead_rows("cabin")) == 1
 
     await stack.wait_for(parked)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_healthy_service_prints_tables_and_exits_0(make_stack: StackFactory) -> None:
@@ -168,7 +161,7 @@ async def test_warnings_alone_exit_0_unless_strict(make_stack: StackFactory) -> 
 
 
 async def test_unreachable_endpoint_exits_3(capsys: pytest.CaptureFixture[str]) -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     code, out = await _main(["status", "--url", url], capsys)
     assert code == statuscmd.EXIT_UNREACHABLE
     assert f"cannot reach {url}/status" in out
