@@ -38,7 +38,7 @@ from jfsync.config import PathRewrite, ServerConfig
 from jfsync.errors import JfsyncError
 from jfsync.jellyfin.api import DEFAULT_ITEM_TYPES, JellyfinClient
 from jfsync.jellyfin.wire import BaseItemDto
-from jfsync.migrations import connect, prepare, schema_version
+from jfsync.migrations import connect, prepare, schema_version, settle
 
 logger = logging.getLogger(__name__)
 
@@ -275,6 +275,8 @@ class LibraryIndex:
         self._names: dict[int, str] = {}
         #: Serialises transactions and streams on the bulk connection.
         self._lock = asyncio.Lock()
+        #: A failed transaction was not rolled back yet (cancelled while settling).
+        self._unsettled = False
         #: One scan or refresh per server at a time (scan generations must not interleave).
         self._server_locks = {s.name: asyncio.Lock() for s in servers}
         #: Per server id: its rewrites as (normalised prefix, replacement) pairs.
@@ -722,13 +724,20 @@ class LibraryIndex:
         """One short write transaction on the bulk connection."""
         db = self._db()
         async with self._lock:
-            await db.execute("BEGIN IMMEDIATE")
+            if self._unsettled:
+                await settle(db)
+                self._unsettled = False
             try:
+                await db.execute("BEGIN IMMEDIATE")
                 yield db
+                await db.commit()
             except BaseException:
-                await db.rollback()
+                # A cancelled BEGIN or write may still run on SQLite's thread: settle() waits
+                # for it before rolling back (redone first by the next transaction if cut short).
+                self._unsettled = True
+                await settle(db)
+                self._unsettled = False
                 raise
-            await db.commit()
 
     def _db(self) -> aiosqlite.Connection:
         if self._bulk is None:

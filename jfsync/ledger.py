@@ -67,7 +67,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
 from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -82,7 +81,7 @@ import aiosqlite
 from jfsync.echo import PendingWrite, Verdict, match_echo, record_write
 from jfsync.errors import JfsyncError
 from jfsync.merge import CanonicalState, MergePolicy, Stamped, merge, next_stamp_ms
-from jfsync.migrations import connect, migrate, prepare
+from jfsync.migrations import connect, migrate, prepare, settle
 from jfsync.model import (
     ALL_REGISTERS,
     DEFAULT_USER_DATA,
@@ -1086,23 +1085,8 @@ class Ledger:
                 raise
 
     async def _undo(self, db: aiosqlite.Connection) -> None:
-        """Roll back what a failed or cancelled transaction left on the connection.
-
-        A call whose caller was cancelled still runs on the connection's thread (the BEGIN
-        itself, a write): wait until everything queued before has run (calls run in order),
-        then roll back whatever transaction is open, so the next transaction starts on an
-        idle connection. Shielded, as a stop cancels the caller while this runs; if it is
-        cut short anyway, the next transaction does it first.
-        """
-        try:
-            await asyncio.shield(db.execute_fetchall("SELECT 1"))
-            if db.in_transaction:
-                await asyncio.shield(db.rollback())
-        except asyncio.CancelledError:
-            raise
-        except (sqlite3.Error, ValueError) as err:  # a broken or closed connection: the next
-            # call says so to its caller
-            logger.debug("ledger %s: rollback failed: %s", self._path, err)
+        """Settle the connection after a failed transaction (see :func:`settle`)."""
+        await settle(db)
         self._unsettled = False
 
     def _require(self) -> aiosqlite.Connection:

@@ -1,7 +1,8 @@
 """The ledger's schema as ordered migrations keyed on ``PRAGMA user_version``, and connection setup.
 
 :func:`connect` opens an aiosqlite connection whose worker thread can never keep the process
-alive at exit; :func:`prepare` switches a fresh connection to WAL mode with foreign keys on, then
+alive at exit; :func:`settle` cleans up after a failed or cancelled transaction;
+:func:`prepare` switches a fresh connection to WAL mode with foreign keys on, then
 :func:`migrate` applies, in order and each in its own transaction, every migration whose version
 is above the database's ``user_version``, setting ``user_version`` in the same transaction. A
 database written by a newer jfsync (a higher ``user_version`` than :data:`LATEST_VERSION`) is
@@ -21,11 +22,16 @@ items with type, name, year, path, provider ids, series, season and episode numb
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import sqlite3
 from dataclasses import dataclass
 
 import aiosqlite
 
 from jfsync.errors import JfsyncError
+
+logger = logging.getLogger(__name__)
 
 
 class SchemaVersionError(JfsyncError):
@@ -223,6 +229,24 @@ async def connect(path: str) -> aiosqlite.Connection:
     if worker is not None:
         worker.daemon = True
     return await pending
+
+
+async def settle(db: aiosqlite.Connection) -> None:
+    """Roll back what a failed or cancelled transaction left open on ``db``.
+
+    A call whose caller was cancelled still runs on the connection's thread (a BEGIN, a
+    write): this waits until everything queued before has run (calls run in order), then
+    rolls back any open transaction, so the next transaction starts on an idle connection.
+    Shielded, as a stop may cancel the caller while it runs (then CancelledError is raised
+    and the caller should settle again before its next transaction). Errors of a broken or
+    closed connection are left for the next call to report.
+    """
+    try:
+        await asyncio.shield(db.execute_fetchall("SELECT 1"))
+        if db.in_transaction:
+            await asyncio.shield(db.rollback())
+    except (sqlite3.Error, ValueError) as err:
+        logger.debug("rollback after a failed transaction failed: %s", err)
 
 
 async def prepare(db: aiosqlite.Connection) -> None:
