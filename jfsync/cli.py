@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from jfsync import __version__
 from jfsync.config import Config, load_config
-from jfsync.errors import ConfigError
+from jfsync.errors import ConfigError, JfsyncError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -153,7 +153,11 @@ def _reconcile(args: argparse.Namespace) -> int:
     # The report goes to stdout; progress logs only when asked for with logging.level: debug.
     level = config.logging.level if config.logging.level in ("debug",) else "warning"
     configure_logging(level, config.secret_values())
-    outcome = asyncio.run(
-        run_reconcile(config, dry_run=args.dry_run, out=sys.stdout, sample=max(0, args.sample))
-    )
+    try:
+        outcome = asyncio.run(
+            run_reconcile(config, dry_run=args.dry_run, out=sys.stdout, sample=max(0, args.sample))
+        )
+    except JfsyncError as err:  # e.g. the ledger is in use by `jfsync run`
+        print(f"jfsync reconcile: {err}", file=sys.stderr)
+        return 1
     return 0 if outcome.ok else 1

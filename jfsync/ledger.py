@@ -67,6 +67,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import sys
 from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -128,6 +130,42 @@ _SELECT_OUTBOX = (
 
 class LedgerError(JfsyncError):
     """The ledger was used wrongly (closed, unknown server) or its file is unusable."""
+
+
+class LedgerInUseError(LedgerError):
+    """Another jfsync process has the ledger file open."""
+
+
+def take_writer_lock(path: str) -> int | None:
+    """Take the single-writer lock of the ledger at ``path``; return the descriptor holding it.
+
+    The lock is an exclusive ``flock`` on ``<ledger>.lock`` (with the holder's pid in it),
+    held while the ledger is open and released by the kernel when the process ends, however
+    it ends. One writer only: each process keeps decoded ledger state in memory between
+    transactions (:class:`_StateCache`), which another writer's changes would make stale.
+    Raises LedgerInUseError naming the holder. On systems without ``fcntl`` nothing is locked.
+    """
+    if sys.platform == "win32":  # pragma: no cover - not a supported platform for the service
+        return None
+    import fcntl
+
+    lock_path = f"{path}.lock"
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise LedgerInUseError(
+            f"the ledger {path} is in use by another jfsync process (pid {holder}); stop "
+            "it first, or use --dry-run (it works on a copy)"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class Outcome(StrEnum):
@@ -383,6 +421,8 @@ class Ledger:
         self._cache = _StateCache(cache_pairs)
         #: A failed transaction's rollback has not run yet (see :meth:`_undo`).
         self._unsettled = False
+        #: The descriptor holding the ledger file's single-writer lock, while open.
+        self._writer_lock: int | None = None
 
     def __repr__(self) -> str:
         return f"Ledger({self._path!r}, open={self._db is not None})"
@@ -403,7 +443,13 @@ class Ledger:
         """Connect, migrate the schema, register the configured servers, load the clock."""
         if self._db is not None:
             return self
-        db = await connect(self._path)
+        if self._path != ":memory:":
+            self._writer_lock = take_writer_lock(self._path)
+        try:
+            db = await connect(self._path)
+        except BaseException:
+            self._release_writer_lock()
+            raise
         try:
             if self._path != ":memory:":
                 await prepare(db)
@@ -428,16 +474,23 @@ class Ledger:
             self._clock_ms = int(rows[0][0])
         except BaseException:
             await db.close()
+            self._release_writer_lock()
             raise
         self._db = db
         return self
 
     async def close(self) -> None:
-        """Close the connection (idempotent)."""
+        """Close the connection and give up the file (idempotent)."""
         db, self._db = self._db, None
         if db is not None:
             async with self._lock:
                 await db.close()
+        self._release_writer_lock()
+
+    def _release_writer_lock(self) -> None:
+        lock, self._writer_lock = self._writer_lock, None
+        if lock is not None:
+            os.close(lock)  # closing the descriptor releases the lock
 
     async def __aenter__(self) -> Self:
         return await self.open()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,7 +12,15 @@ from typing import Any
 import aiosqlite
 import pytest
 
-from jfsync.ledger import ItemMapping, Ledger, LedgerError, Observation, OutboxRow, Outcome
+from jfsync.ledger import (
+    ItemMapping,
+    Ledger,
+    LedgerError,
+    LedgerInUseError,
+    Observation,
+    OutboxRow,
+    Outcome,
+)
 from jfsync.merge import MergePolicy
 from jfsync.migrations import LATEST_VERSION, SchemaVersionError, migrate, prepare
 from jfsync.model import DEFAULT_USER_DATA, PlayState, Register, UserData
@@ -724,3 +733,21 @@ async def test_a_transaction_cancelled_while_it_begins_does_not_break_the_next(
     [row] = await ledger.due_rows("b", 10, T0 + 130)
     assert row.registers == {RAT}
     assert row.desired == UserData(rating=3.0)
+
+
+async def test_one_process_writes_a_ledger_file_at_a_time(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    first = await Ledger(path, POLICY).open()
+    second = Ledger(path, POLICY)
+    try:
+        with pytest.raises(LedgerInUseError) as caught:
+            await second.open()
+        message = str(caught.value)
+        assert str(path) in message
+        assert f"pid {os.getpid()}" in message
+        assert "--dry-run" in message
+    finally:
+        await first.close()
+    # Released on close (and by the kernel when a process dies, however it dies).
+    await second.open()
+    await second.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -206,3 +207,43 @@ async def test_an_unreachable_server_stops_the_command_before_anything_is_done(
     assert "problem: " in out.getvalue()
     assert "cannot reach" in out.getvalue()
     assert all(not emu.writes for emu in stack.emus.values())
+
+
+async def test_a_real_reconcile_refuses_a_ledger_jfsync_run_has_open(
+    make_stack: MakeStack, tmp_path: Path
+) -> None:
+    stack = await make_stack([emulator("a", root="/mnt/a"), emulator("b", root="/srv/b")])
+    config_file = tmp_path / "jfsync.yaml"
+    lines = [f"ledger: {stack.config.ledger}", "servers:"]
+    for name, emu in stack.emus.items():
+        lines += [f"  - name: {name}", f"    url: {emu.url}", f"    api_key: {API_KEY}"]
+    config_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    async def reconcile(*extra: str) -> tuple[int | None, str, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "jfsync",
+            "reconcile",
+            "--config",
+            str(config_file),
+            *extra,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(30):
+            out, err = await process.communicate()
+        return process.returncode, out.decode(), err.decode()
+
+    # The running service (this process) holds the ledger: a second writer is refused,
+    # clearly, before touching any server.
+    code, _, err = await reconcile()
+    assert code == 1
+    assert f"jfsync reconcile: the ledger {stack.config.ledger} is in use" in err
+    assert f"pid {os.getpid()}" in err
+    assert "Traceback" not in err
+    assert all(not emu.writes for emu in stack.emus.values())
+    # A dry run works on a copy and may run beside it.
+    code, out, err = await reconcile("--dry-run")
+    assert code == 0, err
+    assert "dry run: no server was written to" in out
