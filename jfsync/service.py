@@ -48,11 +48,11 @@ from jfsync.subscriber import (
 )
 from jfsync.tasks import cancel_and_wait
 from jfsync.timing import Clock, SystemClock, backoff_delays
-
-if TYPE_CHECKING:
-    from jfsync.status import StatusServer
 from jfsync.tokens import UserTokens, user_device_id
 from jfsync.users import UserMatch, match_users
+
+if TYPE_CHECKING:
+    from jfsync.status import StatusServer  # it imports this module
 
 logger = logging.getLogger(__name__)
 
