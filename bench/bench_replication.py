@@ -16,9 +16,15 @@ run. Figures printed:
 * **rss**: peak resident memory of the ``jfsync run`` process during the burst (psutil,
   sampled every 20 ms).
 
+With ``--repeat N`` the burst runs N times in a row in the same ``jfsync run`` (each time a new
+play date and count on the same items, after the last burst's echoes were applied), each with
+its own floor run, and the median ratio is printed. The first burst finds items jfsync has no
+history of on ``b`` (a first contact in every compare); the later ones find them known.
+
 Run from the repository root::
 
     .venv/bin/python bench/bench_replication.py            # --changes 2000 --rate 100 --burst 10000
+    .venv/bin/python bench/bench_replication.py --changes 100 --repeat 3
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -143,13 +149,81 @@ async def sample_rss(pid: int, peak: list[int], stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), 0.02)
 
 
+async def quiet(port: int, echoes: int) -> None:
+    """Wait (polling the status endpoint) until jfsync has applied ``echoes`` echoes."""
+    async with asyncio.timeout(120):
+        while int(str((await status_counters(port))["echoes"])) < echoes:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)  # another process: nothing here to wait on but its answers
+
+
+async def one_burst(
+    pid: int,
+    a: Emulator,
+    b: Emulator,
+    floor: Emulator,
+    writes: Writes,
+    batch: list[str],
+    rep: int,
+    label: bool,
+) -> float:
+    """Mark ``batch`` played on ``a`` (repetition ``rep``: a new date and count), time it
+    until ``b`` holds it, then the floor; print the figures and return the ratio."""
+    uid_a, uid_b = a.user_id(USER), b.user_id(USER)
+    when = datetime(2025, 6, 1, 20, 0, tzinfo=UTC) + timedelta(days=rep)
+    target = PlayState(played=True, play_count=rep + 1, last_played_s=int(when.timestamp()))
+    before = len(b.writes)
+    peak = [0]
+    stop_sampling = asyncio.Event()
+    sampler = asyncio.create_task(sample_rss(pid, peak, stop_sampling), name="bench-rss-sampler")
+    jfsync_proc = psutil.Process(pid)
+    rss_start = jfsync_proc.memory_info().rss
+    cpu_jfsync = sum(jfsync_proc.cpu_times()[:2])
+    cpu_here = sum(psutil.Process().cpu_times()[:2])
+    started = time.monotonic()
+    for item in batch:
+        a.save_user_data(uid_a, item, played=True, play_count=rep + 1, last_played=when)
+    await writes.wait(
+        lambda: (
+            len(b.writes) - before >= len(batch)
+            and all(b.user_data(uid_b, i).play_state == target for i in batch)
+        ),
+        600,
+    )
+    burst_s = time.monotonic() - started
+    cpu_jfsync = sum(jfsync_proc.cpu_times()[:2]) - cpu_jfsync
+    cpu_here = sum(psutil.Process().cpu_times()[:2]) - cpu_here
+    stop_sampling.set()
+    await sampler
+
+    # ---- floor: the same writes, straight to an emulator with no jfsync attached.
+    written = UserData(favorite=True, play_state=target)
+    bodies = {item: update_body(written, frozenset({"play_state"})) for item in batch}
+    floor_s = await floor_run(floor, bodies)
+    prefix = f"[{rep + 1}] " if label else ""
+    print(
+        f"{prefix}burst of {len(batch)} played on a: b has them all after {burst_s:.2f} s "
+        f"({len(batch) / burst_s:.0f} writes/s); floor (bare aiohttp, concurrency "
+        f"{CONCURRENCY}) {floor_s:.2f} s ({len(batch) / floor_s:.0f} writes/s); "
+        f"ratio {burst_s / floor_s:.2f}x"
+    )
+    print(
+        f"{prefix}CPU during the burst: jfsync run {cpu_jfsync:.2f} s, this process "
+        f"(emulators, checks) {cpu_here:.2f} s"
+    )
+    print(
+        f"{prefix}jfsync run RSS: {rss_start / 2**20:.0f} MiB before the burst, "
+        f"peak {peak[0] / 2**20:.0f} MiB during it"
+    )
+    return burst_s / floor_s
+
+
 def pct(values: list[float], p: float) -> float:
     """The p-th percentile (nearest rank) of ``values``."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
 
 
-async def run(changes: int, rate: float, burst: int, profile: str | None) -> None:
+async def run(changes: int, rate: float, burst: int, profile: str | None, repeat: int = 1) -> None:
     """Start everything, measure, print, clean up."""
     leaves = max(burst, changes) + 10
     built = time.monotonic()
@@ -220,52 +294,22 @@ async def run(changes: int, rate: float, burst: int, profile: str | None) -> Non
             # them); a keeps 0 so the clock starts when jfsync can know of the change.
             b.set_debounce(JELLYFIN_DEBOUNCE_S)
             batch = items[:burst]
-            when = datetime(2025, 6, 1, 20, 0, tzinfo=UTC)
-            target = PlayState(played=True, play_count=1, last_played_s=int(when.timestamp()))
-            before = len(b.writes)
-            peak = [0]
-            stop_sampling = asyncio.Event()
-            sampler = asyncio.create_task(
-                sample_rss(proc.pid, peak, stop_sampling), name="bench-rss-sampler"
-            )
-            jfsync_proc = psutil.Process(proc.pid)
-            rss_start = jfsync_proc.memory_info().rss
-            cpu_jfsync = sum(jfsync_proc.cpu_times()[:2])
-            cpu_here = sum(psutil.Process().cpu_times()[:2])
-            started = time.monotonic()
-            for item in batch:
-                a.save_user_data(uid_a, item, played=True, play_count=1, last_played=when)
-            await writes.wait(
-                lambda: (
-                    len(b.writes) - before >= burst
-                    and all(b.user_data(uid_b, i).play_state == target for i in batch)
-                ),
-                600,
-            )
-            burst_s = time.monotonic() - started
-            cpu_jfsync = sum(jfsync_proc.cpu_times()[:2]) - cpu_jfsync
-            cpu_here = sum(psutil.Process().cpu_times()[:2]) - cpu_here
-            stop_sampling.set()
-            await sampler
-
-            # ---- floor: the same writes, straight to an emulator with no jfsync attached.
-            written = UserData(favorite=True, play_state=target)
-            bodies = {item: update_body(written, frozenset({"play_state"})) for item in batch}
-            floor_s = await floor_run(floor, bodies)
-            print(
-                f"burst of {burst} played on a: b has them all after {burst_s:.2f} s "
-                f"({burst / burst_s:.0f} writes/s); floor (bare aiohttp, concurrency "
-                f"{CONCURRENCY}) {floor_s:.2f} s ({burst / floor_s:.0f} writes/s); "
-                f"ratio {burst_s / floor_s:.2f}x"
-            )
-            print(
-                f"CPU during the burst: jfsync run {cpu_jfsync:.2f} s, this process (emulators, "
-                f"checks) {cpu_here:.2f} s"
-            )
-            print(
-                f"jfsync run RSS: {rss_start / 2**20:.0f} MiB before the burst, "
-                f"peak {peak[0] / 2**20:.0f} MiB during it"
-            )
+            ratios: list[float] = []
+            echoes_before = 0
+            for rep in range(repeat):
+                if rep:
+                    # The last burst's echoes (b's debounced messages) are applied first.
+                    await quiet(status_port, echoes_before + burst)
+                echoes_before = int(str((await status_counters(status_port))["echoes"]))
+                ratios.append(
+                    await one_burst(proc.pid, a, b, floor, writes, batch, rep, repeat > 1)
+                )
+            if repeat > 1:
+                print(
+                    f"burst ratios over {repeat} repetitions: "
+                    + ", ".join(f"{r:.2f}x" for r in ratios)
+                    + f"; median {statistics.median(ratios):.2f}x"
+                )
             counters = await status_counters(status_port)
             print(
                 "jfsync counters: "
@@ -292,10 +336,16 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0, help="latency changes per second")
     parser.add_argument("--burst", type=int, default=10_000, help="items marked played at once")
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="bursts in a row (each a new play date on the same items); prints the median ratio",
+    )
+    parser.add_argument(
         "--profile", metavar="FILE", help="profile jfsync run with cProfile into FILE (pstats)"
     )
     args = parser.parse_args()
-    asyncio.run(run(args.changes, args.rate, args.burst, args.profile))
+    asyncio.run(run(args.changes, args.rate, args.burst, args.profile, args.repeat))
 
 
 if __name__ == "__main__":
