@@ -336,7 +336,8 @@ class _StateCache:
         self.pairs: OrderedDict[_Pair, _Cached] = OrderedDict()
         #: User id -> the servers that have that user.
         self.members: dict[int, frozenset[int]] = {}
-        #: Indexed servers (None: not read yet) and, per item id, the indexed servers mapping it.
+        #: Indexed servers (None: not read yet) and, per item id, the indexed servers mapping it
+        #: (emptied when it would pass ``limit`` items).
         self.indexed: frozenset[int] | None = None
         self.mapped: dict[int, frozenset[int]] = {}
 
@@ -1393,6 +1394,8 @@ class _Batch:
                     self.mapped.setdefault(sid, set()).add(int(iid))
                     have.setdefault(int(iid), set()).add(sid)
         if cache is not None:
+            if len(cache.mapped) + len(wanted) > cache.limit:
+                cache.mapped.clear()  # bounded like the pairs (a library has many items)
             for iid in wanted:
                 cache.mapped[iid] = frozenset(have.get(iid, ()))
 
