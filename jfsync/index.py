@@ -38,7 +38,7 @@ from jfsync.config import PathRewrite, ServerConfig
 from jfsync.errors import JfsyncError
 from jfsync.jellyfin.api import DEFAULT_ITEM_TYPES, JellyfinClient
 from jfsync.jellyfin.wire import BaseItemDto
-from jfsync.migrations import connect, prepare, schema_version, settle
+from jfsync.migrations import WriteGate, connect, prepare, schema_version
 
 logger = logging.getLogger(__name__)
 
@@ -274,9 +274,8 @@ class LibraryIndex:
         self._sids: dict[str, int] = {}
         self._names: dict[int, str] = {}
         #: Serialises transactions and streams on the bulk connection.
-        self._lock = asyncio.Lock()
-        #: A failed transaction was not rolled back yet (cancelled while settling).
-        self._unsettled = False
+        #: Serialises the bulk connection's use; writes go through its transactions.
+        self._gate = WriteGate()
         #: One scan or refresh per server at a time (scan generations must not interleave).
         self._server_locks = {s.name: asyncio.Lock() for s in servers}
         #: Per server id: its rewrites as (normalised prefix, replacement) pairs.
@@ -566,7 +565,7 @@ class LibraryIndex:
         it is refused and none is mapped). Rows come ordered by group, so a group's members
         arrive together (possibly across two lists).
         """
-        async with self._lock:
+        async with self._gate.lock:
             async for rows in self._group_rows(groups, fetch):
                 yield rows
 
@@ -722,22 +721,8 @@ class LibraryIndex:
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
         """One short write transaction on the bulk connection."""
-        db = self._db()
-        async with self._lock:
-            if self._unsettled:
-                await settle(db)
-                self._unsettled = False
-            try:
-                await db.execute("BEGIN IMMEDIATE")
-                yield db
-                await db.commit()
-            except BaseException:
-                # A cancelled BEGIN or write may still run on SQLite's thread: settle() waits
-                # for it before rolling back (redone first by the next transaction if cut short).
-                self._unsettled = True
-                await settle(db)
-                self._unsettled = False
-                raise
+        async with self._gate.transaction(self._db()) as db:
+            yield db
 
     def _db(self) -> aiosqlite.Connection:
         if self._bulk is None:

@@ -64,7 +64,6 @@ SQL. Tokens are stored in clear in the ledger file (protect the file) and never 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -83,7 +82,7 @@ import aiosqlite
 from jfsync.echo import PendingWrite, Verdict, match_echo, record_write
 from jfsync.errors import JfsyncError
 from jfsync.merge import CanonicalState, MergePolicy, Stamped, merge, next_stamp_ms
-from jfsync.migrations import connect, migrate, prepare, settle
+from jfsync.migrations import WriteGate, connect, migrate, prepare
 from jfsync.model import (
     ALL_REGISTERS,
     DEFAULT_USER_DATA,
@@ -442,15 +441,14 @@ class Ledger:
         self._path = str(path)
         self._policy = policy
         self._db: aiosqlite.Connection | None = None
-        self._lock = asyncio.Lock()
+        #: Every use of the connection holds its lock; writes go through its transactions.
+        self._gate = WriteGate()
         self._server_ids: dict[str, int] = {}
         self._server_names: dict[int, str] = {}
         self._user_ids: dict[str, int] = {}
         self._item_ids: dict[str, int] = {}
         self._clock_ms = 0
         self._cache = _StateCache(cache_pairs)
-        #: A failed transaction's rollback has not run yet (see :meth:`_undo`).
-        self._unsettled = False
         #: The descriptor holding the ledger file's single-writer lock, while open.
         self._writer_lock: int | None = None
 
@@ -513,7 +511,7 @@ class Ledger:
         """Close the connection and give up the file (idempotent)."""
         db, self._db = self._db, None
         if db is not None:
-            async with self._lock:
+            async with self._gate.lock:
                 await db.close()
         self._release_writer_lock()
 
@@ -1143,34 +1141,20 @@ class Ledger:
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[aiosqlite.Connection]:
         db = self._require()
-        async with self._lock:
+        async with self._gate.lock:
             yield db
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
-        db = self._require()
-        async with self._lock:
-            if self._unsettled:
-                # The last failed transaction could not be undone (cancelled again meanwhile).
-                await self._undo(db)
-            try:
-                await db.execute("BEGIN IMMEDIATE")
-                yield db
-                await db.commit()
-            except BaseException:
-                # Ids handed out inside the failed transaction no longer exist, and the cache
-                # may hold what it flushed.
-                self._user_ids.clear()
-                self._item_ids.clear()
-                self._cache.clear()
-                self._unsettled = True
-                await self._undo(db)
-                raise
+        async with self._gate.transaction(self._require(), self._forget_uncommitted) as db:
+            yield db
 
-    async def _undo(self, db: aiosqlite.Connection) -> None:
-        """Settle the connection after a failed transaction (see :func:`settle`)."""
-        await settle(db)
-        self._unsettled = False
+    def _forget_uncommitted(self) -> None:
+        """After a failed transaction: ids it handed out no longer exist, and the cache may
+        hold what it flushed."""
+        self._user_ids.clear()
+        self._item_ids.clear()
+        self._cache.clear()
 
     def _require(self) -> aiosqlite.Connection:
         if self._db is None:

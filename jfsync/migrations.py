@@ -1,7 +1,8 @@
 """The ledger's schema as ordered migrations keyed on ``PRAGMA user_version``, and connection setup.
 
 :func:`connect` opens an aiosqlite connection whose worker thread can never keep the process
-alive at exit; :func:`settle` cleans up after a failed or cancelled transaction;
+alive at exit; :func:`settle` cleans up after a failed or cancelled transaction and
+:class:`WriteGate` runs write transactions that do so;
 :func:`prepare` switches a fresh connection to WAL mode with foreign keys on, then
 :func:`migrate` applies, in order and each in its own transaction, every migration whose version
 is above the database's ``user_version``, setting ``user_version`` in the same transaction. A
@@ -25,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import aiosqlite
@@ -247,6 +250,41 @@ async def settle(db: aiosqlite.Connection) -> None:
             await asyncio.shield(db.rollback())
     except (sqlite3.Error, ValueError) as err:
         logger.debug("rollback after a failed transaction failed: %s", err)
+
+
+class WriteGate:
+    """Serialises the use of one connection and runs its write transactions.
+
+    ``lock`` is held for every use of the connection (reads too); :meth:`transaction` runs
+    BEGIN IMMEDIATE ... COMMIT under it and, when the body fails or is cancelled, calls
+    ``on_failure`` and settles the connection (:func:`settle`). A settle cut short by another
+    cancellation is done first by the next transaction.
+    """
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self._unsettled = False
+
+    @asynccontextmanager
+    async def transaction(
+        self, db: aiosqlite.Connection, on_failure: Callable[[], None] | None = None
+    ) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction on ``db``, under :attr:`lock`."""
+        async with self.lock:
+            if self._unsettled:
+                await settle(db)
+                self._unsettled = False
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                yield db
+                await db.commit()
+            except BaseException:
+                if on_failure is not None:
+                    on_failure()
+                self._unsettled = True
+                await settle(db)
+                self._unsettled = False
+                raise
 
 
 async def prepare(db: aiosqlite.Connection) -> None:
