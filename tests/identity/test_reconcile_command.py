@@ -72,6 +72,33 @@ def file_digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
+def write_cli_config(path: Path, stack: Stack, ledger: Path) -> Path:
+    """A config file for ``jfsync reconcile`` syncing the stack's emulators."""
+    lines = [f"ledger: {ledger}", "servers:"]
+    for name, emu in stack.emus.items():
+        lines += [f"  - name: {name}", f"    url: {emu.url}", f"    api_key: {API_KEY}"]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+async def reconcile_cli(config_file: Path, *extra: str) -> tuple[int | None, str, str]:
+    """Run ``python -m jfsync reconcile --config FILE *extra``; return status, stdout, stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "jfsync",
+        "reconcile",
+        "--config",
+        str(config_file),
+        *extra,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(30):
+        out, err = await process.communicate()
+    return process.returncode, out.decode(), err.decode()
+
+
 async def test_dry_run_writes_nothing_and_the_real_run_does_what_it_said(
     make_stack: MakeStack,
 ) -> None:
@@ -153,30 +180,11 @@ async def test_the_command_prints_per_user_and_server_what_would_change(
         [emulator("a", root="/mnt/a"), emulator("b", root="/srv/b")], start=False
     )
     named = seed_history(stack)
-    config_file = tmp_path / "jfsync.yaml"
-    lines = [f"ledger: {tmp_path / 'cli-ledger.db'}", "servers:"]
-    for name, emu in stack.emus.items():
-        lines += [f"  - name: {name}", f"    url: {emu.url}", f"    api_key: {API_KEY}"]
-    config_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    config_file = write_cli_config(tmp_path / "jfsync.yaml", stack, tmp_path / "cli-ledger.db")
 
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "jfsync",
-        "reconcile",
-        "--config",
-        str(config_file),
-        "--dry-run",
-        "--sample",
-        "4",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(30):
-        out, err = await process.communicate()
-    text = out.decode()
-    assert process.returncode == 0, err.decode()
-    assert API_KEY not in text + err.decode()
+    code, text, err = await reconcile_cli(config_file, "--dry-run", "--sample", "4")
+    assert code == 0, err
+    assert API_KEY not in text + err
     assert "items a <-> b: 24 matched, 0 only on a, 0 only on b, 0 ambiguous" in text
     assert "user alice:\n  a: 4 items would change\n" in text
     assert "  b: 3 items would change\n" in text
@@ -213,37 +221,17 @@ async def test_a_real_reconcile_refuses_a_ledger_jfsync_run_has_open(
     make_stack: MakeStack, tmp_path: Path
 ) -> None:
     stack = await make_stack([emulator("a", root="/mnt/a"), emulator("b", root="/srv/b")])
-    config_file = tmp_path / "jfsync.yaml"
-    lines = [f"ledger: {stack.config.ledger}", "servers:"]
-    for name, emu in stack.emus.items():
-        lines += [f"  - name: {name}", f"    url: {emu.url}", f"    api_key: {API_KEY}"]
-    config_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-    async def reconcile(*extra: str) -> tuple[int | None, str, str]:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "jfsync",
-            "reconcile",
-            "--config",
-            str(config_file),
-            *extra,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        async with asyncio.timeout(30):
-            out, err = await process.communicate()
-        return process.returncode, out.decode(), err.decode()
+    config_file = write_cli_config(tmp_path / "jfsync.yaml", stack, stack.config.ledger)
 
     # The running service (this process) holds the ledger: a second writer is refused,
     # clearly, before touching any server.
-    code, _, err = await reconcile()
+    code, _, err = await reconcile_cli(config_file)
     assert code == 1
     assert f"jfsync reconcile: the ledger {stack.config.ledger} is in use" in err
     assert f"pid {os.getpid()}" in err
     assert "Traceback" not in err
     assert all(not emu.writes for emu in stack.emus.values())
     # A dry run works on a copy and may run beside it.
-    code, out, err = await reconcile("--dry-run")
+    code, out, err = await reconcile_cli(config_file, "--dry-run")
     assert code == 0, err
     assert "dry run: no server was written to" in out
