@@ -86,10 +86,10 @@ from jfsync.migrations import WriteGate, connect, migrate, prepare
 from jfsync.model import (
     ALL_REGISTERS,
     DEFAULT_USER_DATA,
-    PlayState,
     Register,
     Stamp,
     UserData,
+    user_data,
 )
 
 logger = logging.getLogger(__name__)
@@ -1735,35 +1735,17 @@ def _state_values(data: UserData) -> tuple[Any, ...]:
     )
 
 
-#: Decoded states by their column values: rows repeat a few states (a season marked played,
-#: the defaults), and states are immutable, so one object serves them all. Bounded.
-_STATES: dict[tuple[Any, ...], UserData] = {}
-_STATES_MAX = 4096
-
-
 def _state(row: Sequence[Any], offset: int) -> UserData:
-    values = tuple(row[offset : offset + 6])
-    state = _STATES.get(values)
-    if state is None:
-        if len(_STATES) >= _STATES_MAX:
-            _STATES.clear()
-        state = _STATES[values] = _decode_state(values)
-    return state
-
-
-def _decode_state(row: Sequence[Any]) -> UserData:
-    offset = 0
     rating = row[offset + 1]
     last = row[offset + 4]
-    return UserData(
-        favorite=bool(row[offset]),
-        rating=None if rating is None else float(rating),
-        play_state=PlayState(
-            played=bool(row[offset + 2]),
-            play_count=int(row[offset + 3]),
-            last_played_s=None if last is None else int(last),
-            position_ticks=int(row[offset + 5]),
-        ),
+    # Interned: rows repeat a few states (a season marked played, the defaults).
+    return user_data(
+        bool(row[offset]),
+        None if rating is None else float(rating),
+        bool(row[offset + 2]),
+        int(row[offset + 3]),
+        None if last is None else int(last),
+        int(row[offset + 5]),
     )
 
 
