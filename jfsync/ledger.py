@@ -914,8 +914,9 @@ class Ledger:
                 "ORDER BY o.next_attempt_ms, o.created_ms, o.id LIMIT ?",
                 (self._sid(peer), now_ms, limit + len(skip)),
             )
-            found = [_decode_row(r, self._server_names) for r in rows]
-        return [r for r in found if (r.user, r.item) not in skip][:limit]
+        # Only the rows kept are decoded (the skipped ones can be as many as the kept).
+        kept = [r for r in rows if (r[2], r[3]) not in skip] if skip else list(rows)
+        return [_decode_row(r, self._server_names) for r in kept[:limit]]
 
     async def get_row(self, peer: str, user: str, item: str) -> OutboxRow | None:
         """Return the outbox row for ``peer``, ``user`` and ``item``, live or dead."""

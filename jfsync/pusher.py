@@ -46,6 +46,7 @@ from jfsync.jellyfin.api import JellyfinClient
 from jfsync.ledger import Ledger, OutboxRow
 from jfsync.logs import FailureStreak
 from jfsync.model import ALL_REGISTERS, PlayState, Register, UserData
+from jfsync.tasks import cancel_and_wait
 from jfsync.timing import Clock
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ class Pusher:
         self._client = client
         self._clock = clock
         self._batch_size = batch_size
+        self._concurrency = concurrency
         self._semaphore = asyncio.Semaphore(concurrency)
         self._quick_attempts = quick_attempts
         self._idle_poll_s = idle_poll_s
@@ -136,12 +138,14 @@ class Pusher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[tuple[str, str]] = set()
-        self._acks: list[tuple[OutboxRow, UserData, asyncio.Future[int]]] = []
+        #: Done writes waiting to be recorded, and the future of the commit that will take them.
+        self._acks: list[_Ack] = []
+        self._acks_committed: asyncio.Future[int] | None = None
+        self._committer: asyncio.Task[None] | None = None
         #: (user, item) -> set once that write is recorded (or failed).
         self._writing: dict[tuple[str, str], asyncio.Event] = {}
         #: Set once the first batch after start was checked for interrupted writes and sent.
         self._recovered = asyncio.Event()
-        self._acking = False
         self._accepting = True
         self._stop_requested = asyncio.Event()
         self._streak = FailureStreak(logger, f"→{peer}", clock)
@@ -206,6 +210,10 @@ class Pusher:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise
+            finally:
+                # A batch cut short may leave its writes being recorded; that ends here too.
+                if self._committer is not None:
+                    await cancel_and_wait([self._committer], logger)
 
     # ------------------------------------------------------------------ the loop
 
@@ -248,19 +256,54 @@ class Pusher:
             current = await self._read_current(rows)
             await self._recover_interrupted(rows, current)
             owed = await self._compare(rows, current)
-            results = await asyncio.gather(
-                *(self._deliver(row, state) for row, state in owed), return_exceptions=True
-            )
+            failures = await self._deliver_batch(owed)
             # The rows in flight when the last process stopped are settled now.
             self._recovered.set()
         finally:
             self._in_flight.difference_update(keys)
-        for result in results:
-            if isinstance(result, _PeerPaused | _PeerDown):
-                raise result
-            if isinstance(result, BaseException) and not isinstance(result, JfsyncError):
-                raise result
+        for failure in failures:
+            if isinstance(failure, _PeerPaused | _PeerDown):
+                raise failure
+        for failure in failures:
+            if not isinstance(failure, JfsyncError):
+                raise failure
         return True
+
+    async def _deliver_batch(self, owed: Sequence[tuple[OutboxRow, UserData]]) -> list[Exception]:
+        """Write a batch through ``concurrency`` lanes and record it; return the failures.
+
+        Each lane takes the next row as soon as its request is answered (no task per row);
+        done writes are recorded in the background, a few transactions per batch (see
+        :meth:`_record`), and the batch ends once every one of them is. The first failure
+        that concerns the whole peer (down, key refused) stops the lanes taking more rows:
+        those not tried stay queued as they are, for when the peer is back.
+        """
+        failures: list[Exception] = []
+        commits: set[asyncio.Future[int]] = set()
+        rows = iter(owed)
+        stopped = False
+
+        async def lane() -> None:
+            nonlocal stopped
+            for row, current in rows:
+                try:
+                    commit = await self._deliver(row, current)
+                except Exception as err:  # noqa: BLE001 - every failure goes to the round
+                    failures.append(err)
+                    stopped = stopped or isinstance(err, _PeerDown | _PeerPaused)
+                else:
+                    if commit is not None:
+                        commits.add(commit)
+                if stopped:
+                    return
+
+        await asyncio.gather(*(lane() for _ in range(min(self._concurrency, len(owed)))))
+        for result in await asyncio.gather(*commits, return_exceptions=True):
+            if isinstance(result, Exception):
+                failures.append(result)
+            elif isinstance(result, BaseException):
+                raise result
+        return failures
 
     async def _read_current(self, rows: Sequence[OutboxRow]) -> dict[tuple[str, str], UserData]:
         """Read the peer's state of every row's item, one listing per user."""
@@ -391,29 +434,28 @@ class Pusher:
             self._progress()
         return owed
 
-    async def _deliver(self, row: OutboxRow, current: UserData) -> None:
+    async def _deliver(self, row: OutboxRow, current: UserData) -> asyncio.Future[int] | None:
+        """Write one row; return the future of the commit recording it (None: parked)."""
         key = (row.user, row.item)
         settled = asyncio.Event()
         self._writing[key] = settled
         try:
-            # Only the request holds a slot: recording it is local and batched by _ack, so
-            # the next write to the peer need not wait for the ledger.
+            # Only the request holds a slot: recording it is local and batched, so the next
+            # write to the peer need not wait for the ledger.
             async with self._semaphore:
                 written = await self._write(row, current)
-            if not written:
-                return
-            done_ms = await self._ack(row, row.intended(current))
-        finally:
-            settled.set()
-            if self._writing.get(key) is settled:
-                del self._writing[key]
-        self.stats.writes_done += 1
-        self.stats.last_write_ms = done_ms
-        if self._on_write is not None:
-            # Propagation latency: from when the change was first queued for this peer.
-            self._on_write(self.peer, max(0.0, (done_ms - row.created_ms) / 1000))
-        self._streak.succeeded("writes to the peer work")
-        self._progress()
+        except BaseException:
+            self._settle(key, settled)
+            raise
+        if not written:
+            self._settle(key, settled)
+            return None
+        return self._record(_Ack(row, row.intended(current), key, settled))
+
+    def _settle(self, key: tuple[str, str], settled: asyncio.Event) -> None:
+        settled.set()
+        if self._writing.get(key) is settled:
+            del self._writing[key]
 
     async def _write(self, row: OutboxRow, current: UserData) -> bool:
         """Write the row's registers (quick retries); False when it was parked instead."""
@@ -456,46 +498,66 @@ class Pusher:
             raise self._classify(err) from err
         return True
 
-    async def _ack(self, row: OutboxRow, written: UserData) -> int:
-        """Record a done write (pending echo + last-known); return the commit time in ms.
+    def _record(self, ack: _Ack) -> asyncio.Future[int]:
+        """Queue a done write to be recorded (pending echo + last-known); return the future
+        of the commit that records it (its result: the commit time in ms).
 
-        Group commit: writes that finish while a commit is under way are recorded together in
-        the next transaction, by the caller that started committing, so a batch of writes
-        costs a few transactions instead of one each. Returns once this write is committed.
+        Group commit: the writes done while a commit is under way are recorded together in
+        the next one, by one background task, so a batch of writes costs a few transactions
+        instead of one each and no lane waits for the ledger.
         """
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._acks.append((row, written, done))
-        if not self._acking:
-            self._acking = True
-            try:
-                await self._commit_acks()
-            finally:
-                self._acking = False
-        return await done
+        self._acks.append(ack)
+        committed = self._acks_committed
+        if committed is None:
+            committed = self._acks_committed = asyncio.get_running_loop().create_future()
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(
+                self._commit_acks(), name=f"jfsync-pusher[{self.peer}]-acks"
+            )
+        return committed
 
     async def _commit_acks(self) -> None:
         while self._acks:
-            batch, self._acks = self._acks, []
+            acks, self._acks = self._acks, []
+            committed, self._acks_committed = self._acks_committed, None
+            assert committed is not None
             try:
                 now_ms = self._clock.wall_ms()
-                await self._ledger.rows_written([(r, w) for r, w, _ in batch], now_ms)
+                await self._ledger.rows_written([(a.row, a.written) for a in acks], now_ms)
             except BaseException as err:
                 # Every waiter learns of it; unrecorded writes stay queued and are compared
                 # again (the peer already holds them, so nothing is written twice).
-                for _, _, fut in (*batch, *self._acks):
-                    if fut.done():
-                        continue
-                    if isinstance(err, Exception):
-                        fut.set_exception(err)
-                    else:
-                        fut.cancel()
-                self._acks = []
-                if not isinstance(err, Exception):
-                    raise
-                return
-            for _, _, fut in batch:
-                if not fut.done():
-                    fut.set_result(now_ms)
+                for ack in acks:
+                    self._settle(ack.key, ack.settled)
+                if isinstance(err, Exception):
+                    committed.set_exception(err)
+                    continue
+                # Cancelled (a stop past its grace period): nothing more is recorded here.
+                committed.cancel()
+                self._drop_acks()
+                raise
+            for ack in acks:
+                self._settle(ack.key, ack.settled)
+                self._written(ack.row, now_ms)
+            committed.set_result(now_ms)
+
+    def _drop_acks(self) -> None:
+        """Give up the writes queued for recording (their waiters are cancelled)."""
+        for ack in self._acks:
+            self._settle(ack.key, ack.settled)
+        if self._acks_committed is not None:
+            self._acks_committed.cancel()
+        self._acks, self._acks_committed = [], None
+
+    def _written(self, row: OutboxRow, done_ms: int) -> None:
+        """Count a recorded write and report its propagation latency."""
+        self.stats.writes_done += 1
+        self.stats.last_write_ms = done_ms
+        if self._on_write is not None:
+            # Propagation latency: from when the change was first queued for this peer.
+            self._on_write(self.peer, max(0.0, (done_ms - row.created_ms) / 1000))
+        self._streak.succeeded("writes to the peer work")
+        self._progress()
 
     async def _park(self, row: OutboxRow, reason: str) -> None:
         if await self._ledger.row_dead(row, reason):
@@ -601,6 +663,17 @@ def write_steps(before: UserData, row: OutboxRow) -> list[UserData]:
         steps.append(state)
     steps.append(row.intended(before))
     return steps
+
+
+@dataclass(frozen=True, slots=True)
+class _Ack:
+    """A done write waiting to be recorded: the row, the state it left on the peer, the
+    (user, item) key and the event set once it is recorded (or failed to be)."""
+
+    row: OutboxRow
+    written: UserData
+    key: tuple[str, str]
+    settled: asyncio.Event
 
 
 class _PeerDown(Exception):

@@ -440,12 +440,13 @@ class JellyfinClient:
             more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
             raise BadResponseError(self.name, route, f"field {where}: {message}{more}") from None
 
-    def _parse_json(self, kind: type[T], raw: bytes, route: str) -> T:
+    def _parse_json(self, kind: type[T] | TypeAdapter[T], raw: bytes, route: str) -> T:
         """Validate a raw JSON body as ``kind`` (one pass, no intermediate objects)."""
         if not raw.strip():
             raise BadResponseError(self.name, route, "the body is empty")
+        adapter = kind if isinstance(kind, TypeAdapter) else _adapter(kind)
         try:
-            return _adapter(kind).validate_json(raw)
+            return adapter.validate_json(raw)
         except ValidationError as err:
             if err.errors(include_url=False)[0]["type"] == "json_invalid":
                 raise BadResponseError(self.name, route, "the body is not JSON") from None
@@ -482,8 +483,8 @@ class JellyfinClient:
                 ("limit", str(page_size)),
                 ("enableTotalRecordCount", "true" if first else "false"),
             ]
-            data = await self._call("GET", route, query=query)
-            page: QueryResult[BaseItemDto] = self._parse(_ITEM_PAGE, data, route)
+            raw = await self._call("GET", route, query=query, decode=False)
+            page: QueryResult[BaseItemDto] = self._parse_json(_ITEM_PAGE, raw, route)
             if first and page.total_record_count is not None:
                 logger.debug("[%s] scan of %d items", self.name, page.total_record_count)
             first = False
