@@ -1381,8 +1381,11 @@ class _Batch:
         if cache is not None:
             if len(cache.mapped) + len(wanted) > cache.limit:
                 cache.mapped.clear()  # bounded like the pairs (a library has many items)
+            # Most items are mapped by the same servers: one shared set per combination.
+            shared: dict[frozenset[int], frozenset[int]] = {}
             for iid in wanted:
-                cache.mapped[iid] = frozenset(have.get(iid, ()))
+                servers = frozenset(have.get(iid, ()))
+                cache.mapped[iid] = shared.setdefault(servers, servers)
 
     def lacks_item(self, server_id: int, item_id: int) -> bool:
         """Tell whether an indexed server does not have the item."""

@@ -437,6 +437,9 @@ class Subscriber:
                     )
                     return _SessionEnd(f"the server is {what}", expected=True)
                 await self._dispatch(message)
+                # Not kept while waiting for the next one: after a bulk action the last
+                # message holds thousands of entries (some 7 MB).
+                del message
         finally:
             self._socket = None
             await socket.close()
