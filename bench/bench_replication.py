@@ -13,8 +13,11 @@ run. Figures printed:
   season or a library played); the time until ``b`` has received every write. Compared with
   the floor: the same writes (same route, same body) sent straight to ``floor`` by a bare
   aiohttp loop at the pusher's concurrency (:data:`jfsync.pusher.CONCURRENCY`).
-* **rss**: peak resident memory of the ``jfsync run`` process during the burst (psutil,
-  sampled every 20 ms).
+* **rss**: peak resident memory of the ``jfsync run`` process (psutil, sampled every 20 ms)
+  during the burst, and until ``b``'s echo of it (one debounced message of as many entries)
+  has been applied.
+
+The floor runs once jfsync is quiet again (the echo applied), so that work does not slow it.
 
 With ``--repeat N`` the burst runs N times in a row in the same ``jfsync run`` (each time a new
 play date and count on the same items, after the last burst's echoes were applied), each with
@@ -158,6 +161,7 @@ async def quiet(port: int, echoes: int) -> None:
 
 async def one_burst(
     pid: int,
+    status_port: int,
     a: Emulator,
     b: Emulator,
     floor: Emulator,
@@ -167,7 +171,13 @@ async def one_burst(
     label: bool,
 ) -> float:
     """Mark ``batch`` played on ``a`` (repetition ``rep``: a new date and count), time it
-    until ``b`` holds it, then the floor; print the figures and return the ratio."""
+    until ``b`` holds it, then the floor; print the figures and return the ratio.
+
+    The floor runs once jfsync has applied ``b``'s echoes of the burst: run while this
+    process still sends them (10,000 entries after b's debounce) and jfsync applies them, the
+    floor would be slowed by that work and the ratio flattered.
+    """
+    echoes_before = int(str((await status_counters(status_port))["echoes"]))
     uid_a, uid_b = a.user_id(USER), b.user_id(USER)
     when = datetime(2025, 6, 1, 20, 0, tzinfo=UTC) + timedelta(days=rep)
     target = PlayState(played=True, play_count=rep + 1, last_played_s=int(when.timestamp()))
@@ -192,6 +202,10 @@ async def one_burst(
     burst_s = time.monotonic() - started
     cpu_jfsync = sum(jfsync_proc.cpu_times()[:2]) - cpu_jfsync
     cpu_here = sum(psutil.Process().cpu_times()[:2]) - cpu_here
+    burst_peak = peak[0]
+    # Sampling goes on while b's debounced echo of the burst (one message of as many
+    # entries) is received and applied: that is part of the burst's cost to jfsync too.
+    await quiet(status_port, echoes_before + len(batch))
     stop_sampling.set()
     await sampler
 
@@ -212,7 +226,8 @@ async def one_burst(
     )
     print(
         f"{prefix}jfsync run RSS: {rss_start / 2**20:.0f} MiB before the burst, "
-        f"peak {peak[0] / 2**20:.0f} MiB during it"
+        f"peak {burst_peak / 2**20:.0f} MiB during it, {peak[0] / 2**20:.0f} MiB until its echo "
+        "was applied"
     )
     return burst_s / floor_s
 
@@ -295,14 +310,11 @@ async def run(changes: int, rate: float, burst: int, profile: str | None, repeat
             b.set_debounce(JELLYFIN_DEBOUNCE_S)
             batch = items[:burst]
             ratios: list[float] = []
-            echoes_before = 0
             for rep in range(repeat):
-                if rep:
-                    # The last burst's echoes (b's debounced messages) are applied first.
-                    await quiet(status_port, echoes_before + burst)
-                echoes_before = int(str((await status_counters(status_port))["echoes"]))
                 ratios.append(
-                    await one_burst(proc.pid, a, b, floor, writes, batch, rep, repeat > 1)
+                    await one_burst(
+                        proc.pid, status_port, a, b, floor, writes, batch, rep, repeat > 1
+                    )
                 )
             if repeat > 1:
                 print(
