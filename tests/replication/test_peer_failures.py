@@ -146,3 +146,30 @@ async def test_an_unexpected_error_in_a_round_is_shown_and_delivery_goes_on(
     await clock.advance(1.0)
     await cluster.service.wait_for(lambda: cluster.data(b, x) == UserData(favorite=True), 20)
     assert (await peer_status(cluster, "b"))["depth"] == 0
+
+
+async def test_a_peer_failing_every_write_is_tried_a_few_rows_at_a_time(
+    make_cluster: MakeCluster,
+) -> None:
+    # b answers every write with 503 (it still answers the cheap probe). Each round tries as
+    # many rows as there are write slots, gives up on the peer after their quick retries and
+    # probes; it does not go on trying (and backing off on) every other row of the batch.
+    concurrency = 4
+    cluster = await make_cluster(2, pusher_options={"concurrency": concurrency})
+    a, b = cluster.emus
+    items = cluster.free_items[:40]
+    b.fail_next_writes(1_000_000, 503)
+    for item in items:
+        cluster.change(a, item, is_favorite=True)
+
+    pusher = cluster.service.links["b"].pusher
+    # Three rounds' worth of failed rows (each after its quick retries).
+    await cluster.service.wait_for(lambda: pusher.stats.failures >= 3 * concurrency, 20)
+    tried = {w.item_id for w in b.writes}
+    assert all(w.status == 503 for w in b.writes)
+    assert len(tried) <= concurrency, sorted(tried)
+    assert (await peer_status(cluster, "b"))["depth"] == len(items)
+
+    b.fail_next_writes(0)
+    await cluster.wait_items([b], items, UserData(favorite=True), timeout_s=20)
+    assert (await peer_status(cluster, "b"))["depth"] == 0
