@@ -64,6 +64,7 @@ SQL. Tokens are stored in clear in the ledger file (protect the file) and never 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -1770,16 +1771,22 @@ def _canonical_values(state: CanonicalState) -> tuple[Any, ...]:
 
 
 def _encode_echo(entries: Sequence[PendingWrite]) -> str:
-    return json.dumps(
-        [
-            [
-                e.written_ms,
-                _state_values(e.state),
-                None if e.replaced is None else _state_values(e.replaced),
-            ]
+    # The JSON of [[written_ms, state, replaced], ...]; states are interned and few, so each
+    # one's text is made once (two encodes per write otherwise: intent and ack).
+    return (
+        "["
+        + ",".join(
+            f"[{e.written_ms},{_state_json(e.state)},"
+            f"{'null' if e.replaced is None else _state_json(e.replaced)}]"
             for e in entries
-        ]
+        )
+        + "]"
     )
+
+
+@functools.lru_cache(maxsize=4096)
+def _state_json(state: UserData) -> str:
+    return json.dumps(_state_values(state), separators=(",", ":"))
 
 
 def _decode_echo(text: str) -> tuple[PendingWrite, ...]:

@@ -57,15 +57,18 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=self.registry,
         )
-        for peer in peers:
-            # Export every peer's histogram from the start, not after its first write.
-            self._latency.labels(peer=peer)
+        # Export every peer's histogram from the start, not after its first write; the
+        # children are kept (looking one up takes a lock and a label check per write).
+        self._latency_of = {peer: self._latency.labels(peer=peer) for peer in peers}
         self._snapshot = _SnapshotCollector()
         self.registry.register(self._snapshot)
 
     def observe_write(self, peer: str, latency_s: float) -> None:
         """Record one successful write to ``peer`` and its propagation latency."""
-        self._latency.labels(peer=peer).observe(latency_s)
+        child = self._latency_of.get(peer)
+        if child is None:
+            child = self._latency_of[peer] = self._latency.labels(peer=peer)
+        child.observe(latency_s)
 
     def render(self, snapshot: Mapping[str, Any]) -> bytes:
         """Return the Prometheus text for ``snapshot`` (a ``SyncService.status()`` result)."""

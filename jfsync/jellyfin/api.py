@@ -265,6 +265,7 @@ class JellyfinClient:
         item_id: str,
         *,
         body: Mapping[str, Any] | None = None,
+        raw_body: bytes | None = None,
     ) -> UserItemDataDto:
         """Call a ``{itemId}`` route for ``userId`` that answers a ``UserItemDataDto``."""
         raw = await self._call(
@@ -273,6 +274,7 @@ class JellyfinClient:
             path={"itemId": normalize_id(item_id)},
             query=[("userId", normalize_id(user_id))],
             body=body,
+            raw_body=raw_body,
             decode=False,
         )
         return self._parse_json(UserItemDataDto, raw, route)
@@ -305,9 +307,13 @@ class JellyfinClient:
             result = (await self.mark_unplayed(user_id, item_id)).to_user_data()
         remaining = _differing(desired, result, registers)
         if remaining:
-            body = update_body(desired, frozenset(str(r) for r in remaining))
-            if body:
-                result = (await self.update_user_data(user_id, item_id, body)).to_user_data()
+            raw = _update_body_json(desired, frozenset(str(r) for r in remaining))
+            if raw is not None:
+                result = (
+                    await self._user_item(
+                        "POST", "/UserItems/{itemId}/UserData", user_id, item_id, raw_body=raw
+                    )
+                ).to_user_data()
         return result
 
     # ------------------------------------------------------------------ tokens
@@ -380,6 +386,7 @@ class JellyfinClient:
         path: Mapping[str, str] | None = None,
         query: Sequence[tuple[str, str]] = (),
         body: Mapping[str, Any] | None = None,
+        raw_body: bytes | None = None,
         anonymous: bool = False,
         token: str | None = None,
         device_id: str | None = None,
@@ -388,6 +395,7 @@ class JellyfinClient:
         """Send one request; return the decoded JSON body (None when empty).
 
         With ``decode=False`` the raw body is returned instead (for :meth:`_parse_json`).
+        ``raw_body`` is a JSON body already encoded (sent instead of ``body``).
 
         Authenticates with ``token``, else the API key, unless ``anonymous``. ``device_id``
         overrides the client's own (Quick Connect and logins act as the user's device).
@@ -396,13 +404,17 @@ class JellyfinClient:
             device_id or self.device_id, None if anonymous else (token or self._api_key)
         )
         url = self.url + route.format(**{k: quote(v, safe="") for k, v in (path or {}).items()})
+        headers = {"Authorization": header, "Accept": "application/json"}
+        if raw_body is not None:
+            headers["Content-Type"] = "application/json"
         try:
             async with self._session.request(
                 method,
                 url,
                 params=list(query) or None,
-                json=None if body is None else dict(body),
-                headers={"Authorization": header, "Accept": "application/json"},
+                data=raw_body,
+                json=None if body is None or raw_body is not None else dict(body),
+                headers=headers,
                 timeout=self._timeout,
                 ssl=self._ssl,
             ) as response:
@@ -521,6 +533,13 @@ def _adapter(kind: type[T]) -> TypeAdapter[T]:
     if adapter is None:
         adapter = _ADAPTERS[kind] = TypeAdapter(kind)
     return adapter
+
+
+@functools.lru_cache(maxsize=1024)
+def _update_body_json(desired: UserData, fields: frozenset[str]) -> bytes | None:
+    """The encoded ``update_body`` (None when empty); a burst writes a few states many times."""
+    body = update_body(desired, fields)
+    return json.dumps(body).encode() if body else None
 
 
 def _differing(
