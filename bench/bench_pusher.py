@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,26 +36,21 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_replication import API_KEY, floor_run, free_port  # noqa: E402
 
 from jfsync.jellyfin.api import JellyfinClient  # noqa: E402
 from jfsync.jellyfin.wire import update_body  # noqa: E402
 from jfsync.ledger import Ledger, Observation  # noqa: E402
 from jfsync.merge import MergePolicy  # noqa: E402
 from jfsync.model import PlayState, UserData  # noqa: E402
-from jfsync.pusher import CONCURRENCY, Pusher  # noqa: E402
+from jfsync.pusher import Pusher  # noqa: E402
 from jfsync.service import tune_garbage_collector  # noqa: E402
 from jfsync.timing import SystemClock  # noqa: E402
 
-API_KEY = "0123456789abcdef0123456789abcdef"
 USER = "alice"
 OTHER_USER = "bob"
-
-
-def free_port() -> int:
-    """A free loopback port for the emulator."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def played(rep: int) -> UserData:
@@ -73,34 +67,6 @@ async def wait_up(session: aiohttp.ClientSession, url: str) -> None:
                     if response.status == 200:
                         return
             await asyncio.sleep(0.05)  # another process starting: nothing here to wait on
-
-
-async def bare(
-    session: aiohttp.ClientSession, url: str, uid: str, items: list[str], rep: int
-) -> None:
-    """The writes of repetition ``rep`` sent by a bare aiohttp loop."""
-    header = (
-        'MediaBrowser Client="bench", Device="bench", DeviceId="bench-bare", '
-        f'Version="1", Token="{API_KEY}"'
-    )
-    headers = {"Authorization": header, "Accept": "application/json"}
-    body = update_body(played(rep), frozenset({"play_state"}))
-    gate = asyncio.Semaphore(CONCURRENCY)
-
-    async def one(item: str) -> None:
-        async with (
-            gate,
-            session.post(
-                f"{url}/UserItems/{item}/UserData",
-                params={"userId": uid},
-                json=body,
-                headers=headers,
-            ) as response,
-        ):
-            await response.read()
-            assert response.status == 200, response.status
-
-    await asyncio.gather(*(one(item) for item in items))
 
 
 async def run(rows: int, repeat: int, with_bare: bool) -> None:
@@ -182,9 +148,9 @@ async def run(rows: int, repeat: int, with_bare: bool) -> None:
                             f"other threads {(p2 - p0) - (c2 - c0):.2f} s"
                         )
                         if with_bare:
-                            t3 = time.perf_counter()
-                            await bare(session, url, users[OTHER_USER], items, rep)
-                            bares.append(time.perf_counter() - t3)
+                            body = update_body(played(rep), frozenset({"play_state"}))
+                            bodies = dict.fromkeys(items, body)
+                            bares.append(await floor_run(url, users[OTHER_USER], bodies))
                             line += f"; bare aiohttp {bares[-1]:.2f} s"
                         print(line, flush=True)
                 finally:

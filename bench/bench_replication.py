@@ -106,9 +106,9 @@ class Writes:
                 await self.changed.wait()
 
 
-async def floor_run(emu: Emulator, bodies: dict[str, dict[str, object]]) -> float:
-    """Send the writes straight to ``emu`` at the pusher's concurrency; return seconds taken."""
-    user_id = emu.user_id(USER)
+async def floor_run(url: str, user_id: str, bodies: dict[str, dict[str, object]]) -> float:
+    """Send the writes straight to the server at ``url`` at the pusher's concurrency, with a
+    bare aiohttp loop; return the seconds taken."""
     header = (
         'MediaBrowser Client="floor", Device="bench", DeviceId="bench-floor", '
         f'Version="1", Token="{API_KEY}"'
@@ -118,13 +118,17 @@ async def floor_run(emu: Emulator, bodies: dict[str, dict[str, object]]) -> floa
     async with aiohttp.ClientSession() as session:
 
         async def one(item: str, body: dict[str, object]) -> None:
-            async with gate:
-                url = f"{emu.url}/UserItems/{item}/UserData"
-                async with session.post(
-                    url, params={"userId": user_id}, json=body, headers=headers
-                ) as response:
-                    await response.read()
-                    assert response.status == 200, response.status
+            async with (
+                gate,
+                session.post(
+                    f"{url}/UserItems/{item}/UserData",
+                    params={"userId": user_id},
+                    json=body,
+                    headers=headers,
+                ) as response,
+            ):
+                await response.read()
+                assert response.status == 200, response.status
 
         started = time.monotonic()
         await asyncio.gather(*(one(item, body) for item, body in bodies.items()))
@@ -212,7 +216,7 @@ async def one_burst(
     # ---- floor: the same writes, straight to an emulator with no jfsync attached.
     written = UserData(favorite=True, play_state=target)
     bodies = {item: update_body(written, frozenset({"play_state"})) for item in batch}
-    floor_s = await floor_run(floor, bodies)
+    floor_s = await floor_run(floor.url, floor.user_id(USER), bodies)
     prefix = f"[{rep + 1}] " if label else ""
     print(
         f"{prefix}burst of {len(batch)} played on a: b has them all after {burst_s:.2f} s "
