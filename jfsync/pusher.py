@@ -538,8 +538,13 @@ class Pusher:
                 raise
             for ack in acks:
                 self._settle(ack.key, ack.settled)
-                self._written(ack.row, now_ms)
             committed.set_result(now_ms)
+            for ack in acks:
+                try:
+                    self._written(ack.row, now_ms)
+                except Exception:
+                    # A failing observer must not stop the recording of the next writes.
+                    logger.exception("[→%s] reporting a recorded write failed", self.peer)
 
     def _drop_acks(self) -> None:
         """Give up the writes queued for recording (their waiters are cancelled)."""

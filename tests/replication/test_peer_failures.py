@@ -173,3 +173,27 @@ async def test_a_peer_failing_every_write_is_tried_a_few_rows_at_a_time(
     b.fail_next_writes(0)
     await cluster.wait_items([b], items, UserData(favorite=True), timeout_s=20)
     assert (await peer_status(cluster, "b"))["depth"] == 0
+
+
+async def test_a_failing_write_observer_does_not_stop_delivery(
+    make_cluster: MakeCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster = await make_cluster(2)
+    a, b = cluster.emus
+    x, y = cluster.free_items[:2]
+    calls: list[str] = []
+
+    def observer(peer: str, latency_s: float) -> None:
+        calls.append(peer)
+        if len(calls) == 1:
+            raise RuntimeError("an observer bug")
+
+    cluster.service.write_observers.append(observer)
+    cluster.change(a, x, is_favorite=True)
+    await cluster.service.wait_for(lambda: cluster.data(b, x) == UserData(favorite=True), 20)
+    await cluster.service.wait_for(lambda: bool(calls), 20)
+    cluster.change(a, y, rating=7.0)
+    await cluster.service.wait_for(lambda: cluster.data(b, y) == UserData(rating=7.0), 20)
+    await cluster.service.wait_for(lambda: len(calls) >= 2, 20)
+    assert "reporting a recorded write failed" in caplog.text
+    assert (await peer_status(cluster, "b"))["depth"] == 0
