@@ -118,6 +118,28 @@ _ROW_SELECT = (
     "LEFT JOIN server_items si ON si.server = o.peer AND si.item = o.item "
 )
 
+
+def _upsert(table: str, columns: str, key: str) -> str:
+    """An INSERT of ``columns`` that updates the row in place when ``key`` exists.
+
+    Unlike INSERT OR REPLACE (delete, then insert), this leaves secondary indexes alone when
+    their columns do not change: about a third less SQLite work per row on the hot paths.
+    """
+    keys = set(key.split(", "))
+    values = [c for c in columns.split(", ") if c not in keys]
+    assignments = ", ".join(f"{c}=excluded.{c}" for c in values)
+    marks = ", ".join("?" * len(columns.split(", ")))
+    return (
+        f"INSERT INTO {table}({columns}) VALUES ({marks}) "  # noqa: S608 - fixed names
+        f"ON CONFLICT({key}) DO UPDATE SET {assignments}"
+    )
+
+
+_UPSERT_CANONICAL = _upsert("canonical", _CANON_COLS, "user, item")
+_UPSERT_LAST_KNOWN = _upsert(
+    "last_known", f"user, item, server, {_STATE_COLS}", "user, item, server"
+)
+_UPSERT_ECHO = _upsert("pending_echo", "user, item, server, entries", "user, item, server")
 _SELECT_CANONICAL = f"SELECT {_CANON_COLS} FROM canonical"  # noqa: S608 - fixed columns
 _SELECT_LAST_KNOWN = f"SELECT user, item, server, {_STATE_COLS} FROM last_known"  # noqa: S608
 _SELECT_ECHO = "SELECT user, item, server, entries FROM pending_echo"
@@ -1516,14 +1538,12 @@ class _Batch:
         db = self.db
         if self._dirty_canon:
             await db.executemany(
-                f"INSERT OR REPLACE INTO canonical({_CANON_COLS}) "  # noqa: S608 - fixed columns
-                f"VALUES ({_marks(17)})",
+                _UPSERT_CANONICAL,
                 [(*pair, *_canonical_values(self.canon[pair])) for pair in self._dirty_canon],
             )
         if self._dirty_lk:
             await db.executemany(
-                f"INSERT OR REPLACE INTO last_known(user, item, server, {_STATE_COLS}) "  # noqa: S608
-                f"VALUES ({_marks(9)})",
+                _UPSERT_LAST_KNOWN,
                 [(*key, *_state_values(self.lk[key])) for key in self._dirty_lk],
             )
         if self._dirty_echo:
@@ -1531,8 +1551,7 @@ class _Batch:
             drop = [k for k in self._dirty_echo if not self.echo[k]]
             if keep:
                 await db.executemany(
-                    "INSERT OR REPLACE INTO pending_echo(user, item, server, entries) "
-                    "VALUES (?, ?, ?, ?)",
+                    _UPSERT_ECHO,
                     [(*k, _encode_echo(self.echo[k])) for k in keep],
                 )
             if drop:
