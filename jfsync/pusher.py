@@ -46,7 +46,6 @@ from jfsync.jellyfin.api import JellyfinClient
 from jfsync.ledger import Ledger, OutboxRow
 from jfsync.logs import FailureStreak
 from jfsync.model import ALL_REGISTERS, PlayState, Register, UserData
-from jfsync.tasks import cancel_and_wait
 from jfsync.timing import Clock
 
 logger = logging.getLogger(__name__)
@@ -138,11 +137,7 @@ class Pusher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[tuple[str, str]] = set()
-        #: Done writes waiting to be recorded, and the future of the commit that will take them.
-        self._acks: list[_Ack] = []
-        self._acks_committed: asyncio.Future[int] | None = None
-        self._committer: asyncio.Task[None] | None = None
-        #: (user, item) -> set once that write is recorded (or failed).
+        #: (user, item) -> set once the batch writing it has recorded its writes (or failed).
         self._writing: dict[tuple[str, str], asyncio.Event] = {}
         #: Set once the first batch after start was checked for interrupted writes and sent.
         self._recovered = asyncio.Event()
@@ -210,10 +205,6 @@ class Pusher:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise
-            finally:
-                # A batch cut short may leave its writes being recorded; that ends here too.
-                if self._committer is not None:
-                    await cancel_and_wait([self._committer], logger)
 
     # ------------------------------------------------------------------ the loop
 
@@ -270,39 +261,59 @@ class Pusher:
         return True
 
     async def _deliver_batch(self, owed: Sequence[tuple[OutboxRow, UserData]]) -> list[Exception]:
-        """Write a batch through ``concurrency`` lanes and record it; return the failures.
+        """Write a batch through ``concurrency`` lanes, then record it; return the failures.
 
-        Each lane takes the next row as soon as its request is answered (no task per row);
-        done writes are recorded in the background, a few transactions per batch (see
-        :meth:`_record`), and the batch ends once every one of them is. The first failure
-        that concerns the whole peer (down, key refused) stops the lanes taking more rows:
-        those not tried stay queued as they are, for when the peer is back.
+        Each lane takes the next row as soon as its request is answered (no task per row).
+        The done writes are recorded together once the lanes are through, in ONE transaction
+        (pending echo + last-known per write): recording them while writes are still under
+        way costs more, the SQLite thread then competing for the CPU with the writes. The
+        first failure that concerns the whole peer (down, key refused), and a stop, end the
+        lanes taking more rows: those not tried stay queued as they are.
         """
         failures: list[Exception] = []
-        commits: set[asyncio.Future[int]] = set()
+        done: list[tuple[OutboxRow, UserData]] = []
         rows = iter(owed)
         stopped = False
+        # Set once this batch's writes are recorded: an echo of one waits for it (settled).
+        recorded = asyncio.Event()
 
         async def lane() -> None:
             nonlocal stopped
             for row, current in rows:
+                if not self._accepting:
+                    return  # stopping: what is not sent yet stays queued
+                key = (row.user, row.item)
+                self._writing[key] = recorded
                 try:
-                    commit = await self._deliver(row, current)
+                    async with self._semaphore:
+                        written = await self._write(row, current)
                 except Exception as err:  # noqa: BLE001 - every failure goes to the round
                     failures.append(err)
                     stopped = stopped or isinstance(err, _PeerDown | _PeerPaused)
                 else:
-                    if commit is not None:
-                        commits.add(commit)
+                    if written:
+                        done.append((row, row.intended(current)))
                 if stopped:
                     return
 
-        await asyncio.gather(*(lane() for _ in range(min(self._concurrency, len(owed)))))
-        for result in await asyncio.gather(*commits, return_exceptions=True):
-            if isinstance(result, Exception):
-                failures.append(result)
-            elif isinstance(result, BaseException):
-                raise result
+        try:
+            await asyncio.gather(*(lane() for _ in range(min(self._concurrency, len(owed)))))
+            if done:
+                try:
+                    done_ms = self._clock.wall_ms()
+                    await self._ledger.rows_written(done, done_ms)
+                except JfsyncError as err:
+                    # Unrecorded writes stay queued and are compared again (the peer already
+                    # holds them, so nothing is written twice).
+                    failures.append(err)
+                else:
+                    self._written([row for row, _ in done], done_ms)
+        finally:
+            recorded.set()
+            for row, _ in owed:
+                key = (row.user, row.item)
+                if self._writing.get(key) is recorded:
+                    del self._writing[key]
         return failures
 
     async def _read_current(self, rows: Sequence[OutboxRow]) -> dict[tuple[str, str], UserData]:
@@ -434,29 +445,6 @@ class Pusher:
             self._progress()
         return owed
 
-    async def _deliver(self, row: OutboxRow, current: UserData) -> asyncio.Future[int] | None:
-        """Write one row; return the future of the commit recording it (None: parked)."""
-        key = (row.user, row.item)
-        settled = asyncio.Event()
-        self._writing[key] = settled
-        try:
-            # Only the request holds a slot: recording it is local and batched, so the next
-            # write to the peer need not wait for the ledger.
-            async with self._semaphore:
-                written = await self._write(row, current)
-        except BaseException:
-            self._settle(key, settled)
-            raise
-        if not written:
-            self._settle(key, settled)
-            return None
-        return self._record(_Ack(row, row.intended(current), key, settled))
-
-    def _settle(self, key: tuple[str, str], settled: asyncio.Event) -> None:
-        settled.set()
-        if self._writing.get(key) is settled:
-            del self._writing[key]
-
     async def _write(self, row: OutboxRow, current: UserData) -> bool:
         """Write the row's registers (quick retries); False when it was parked instead."""
         remote_user = row.remote_user_id or row.user
@@ -498,69 +486,18 @@ class Pusher:
             raise self._classify(err) from err
         return True
 
-    def _record(self, ack: _Ack) -> asyncio.Future[int]:
-        """Queue a done write to be recorded (pending echo + last-known); return the future
-        of the commit that records it (its result: the commit time in ms).
-
-        Group commit: the writes done while a commit is under way are recorded together in
-        the next one, by one background task, so a batch of writes costs a few transactions
-        instead of one each and no lane waits for the ledger.
-        """
-        self._acks.append(ack)
-        committed = self._acks_committed
-        if committed is None:
-            committed = self._acks_committed = asyncio.get_running_loop().create_future()
-        if self._committer is None or self._committer.done():
-            self._committer = asyncio.create_task(
-                self._commit_acks(), name=f"jfsync-pusher[{self.peer}]-acks"
-            )
-        return committed
-
-    async def _commit_acks(self) -> None:
-        while self._acks:
-            acks, self._acks = self._acks, []
-            committed, self._acks_committed = self._acks_committed, None
-            assert committed is not None
-            try:
-                now_ms = self._clock.wall_ms()
-                await self._ledger.rows_written([(a.row, a.written) for a in acks], now_ms)
-            except BaseException as err:
-                # Every waiter learns of it; unrecorded writes stay queued and are compared
-                # again (the peer already holds them, so nothing is written twice).
-                for ack in acks:
-                    self._settle(ack.key, ack.settled)
-                if isinstance(err, Exception):
-                    committed.set_exception(err)
-                    continue
-                # Cancelled (a stop past its grace period): nothing more is recorded here.
-                committed.cancel()
-                self._drop_acks()
-                raise
-            for ack in acks:
-                self._settle(ack.key, ack.settled)
-            committed.set_result(now_ms)
-            for ack in acks:
-                try:
-                    self._written(ack.row, now_ms)
-                except Exception:
-                    # A failing observer must not stop the recording of the next writes.
-                    logger.exception("[→%s] reporting a recorded write failed", self.peer)
-
-    def _drop_acks(self) -> None:
-        """Give up the writes queued for recording (their waiters are cancelled)."""
-        for ack in self._acks:
-            self._settle(ack.key, ack.settled)
-        if self._acks_committed is not None:
-            self._acks_committed.cancel()
-        self._acks, self._acks_committed = [], None
-
-    def _written(self, row: OutboxRow, done_ms: int) -> None:
-        """Count a recorded write and report its propagation latency."""
-        self.stats.writes_done += 1
+    def _written(self, rows: Sequence[OutboxRow], done_ms: int) -> None:
+        """Count recorded writes and report each one's propagation latency."""
+        self.stats.writes_done += len(rows)
         self.stats.last_write_ms = done_ms
         if self._on_write is not None:
-            # Propagation latency: from when the change was first queued for this peer.
-            self._on_write(self.peer, max(0.0, (done_ms - row.created_ms) / 1000))
+            for row in rows:
+                # Propagation latency: from when the change was first queued for this peer.
+                try:
+                    self._on_write(self.peer, max(0.0, (done_ms - row.created_ms) / 1000))
+                except Exception:
+                    # A failing observer must not undo delivery, nor stop the next reports.
+                    logger.exception("[→%s] reporting a recorded write failed", self.peer)
         self._streak.succeeded("writes to the peer work")
         self._progress()
 
@@ -668,17 +605,6 @@ def write_steps(before: UserData, row: OutboxRow) -> list[UserData]:
         steps.append(state)
     steps.append(row.intended(before))
     return steps
-
-
-@dataclass(frozen=True, slots=True)
-class _Ack:
-    """A done write waiting to be recorded: the row, the state it left on the peer, the
-    (user, item) key and the event set once it is recorded (or failed to be)."""
-
-    row: OutboxRow
-    written: UserData
-    key: tuple[str, str]
-    settled: asyncio.Event
 
 
 class _PeerDown(Exception):
