@@ -139,6 +139,8 @@ class Pusher:
         self._in_flight: set[tuple[str, str]] = set()
         #: (user, item) -> set once the batch writing it has recorded its writes (or failed).
         self._writing: dict[tuple[str, str], asyncio.Event] = {}
+        #: The next batch and its compare read, fetched while the current one is written.
+        self._prepared: asyncio.Task[_Prepared | None] | None = None
         #: Set once the first batch after start was checked for interrupted writes and sent.
         self._recovered = asyncio.Event()
         self._accepting = True
@@ -209,6 +211,12 @@ class Pusher:
     # ------------------------------------------------------------------ the loop
 
     async def _run(self) -> None:
+        try:
+            await self._loop()
+        finally:
+            await self._drop_prepared()
+
+    async def _loop(self) -> None:
         while self._accepting:
             self._wake.clear()
             try:
@@ -236,17 +244,35 @@ class Pusher:
                 await self._sleep_or_wake(self._idle_poll_s)
 
     async def _round(self) -> bool:
-        now_ms = self._clock.wall_ms()
-        rows = await self._ledger.due_rows(self.peer, self._batch_size, now_ms)
-        if not rows:
-            self._recovered.set()
-            return False
+        try:
+            return await self._deliver_round()
+        except BaseException:
+            # Whatever went wrong (peer down, stop), a batch read ahead is read again later.
+            await self._drop_prepared()
+            raise
+
+    async def _deliver_round(self) -> bool:
+        prepared = await self._take_prepared()
+        if prepared is None:
+            rows = await self._ledger.due_rows(self.peer, self._batch_size, self._clock.wall_ms())
+            if not rows:
+                self._recovered.set()
+                return False
+            read: dict[tuple[str, str], UserData] | None = None
+        else:
+            rows, read = prepared
         keys = [(row.user, row.item) for row in rows]
         self._in_flight.update(keys)
         try:
-            current = await self._read_current(rows)
+            current = await self._read_current(rows) if read is None else read
             await self._recover_interrupted(rows, current)
             owed = await self._compare(rows, current)
+            if len(rows) == self._batch_size and self._accepting:
+                # More rows wait: take the next batch and read the peer's state of it while
+                # this one is written, so neither read holds up the writes.
+                self._prepared = asyncio.create_task(
+                    self._prepare(keys), name=f"jfsync-pusher[{self.peer}]-read-ahead"
+                )
             failures = await self._deliver_batch(owed)
             # The rows in flight when the last process stopped are settled now.
             self._recovered.set()
@@ -259,6 +285,35 @@ class Pusher:
             if not isinstance(failure, JfsyncError):
                 raise failure
         return True
+
+    async def _prepare(self, writing: Sequence[tuple[str, str]]) -> _Prepared | None:
+        """Take the next due rows (but those being written) and read the peer's state of them.
+
+        The rows may change before their turn: the compare works on the rows as the ledger
+        then has them, so a row replaced or settled meanwhile is written as it stands.
+        """
+        now_ms = self._clock.wall_ms()
+        rows = await self._ledger.due_rows(self.peer, self._batch_size, now_ms, exclude=writing)
+        if not rows:
+            return None
+        return rows, await self._read_current(rows)
+
+    async def _take_prepared(self) -> _Prepared | None:
+        """The batch read ahead, if there is one and its reads worked."""
+        task, self._prepared = self._prepared, None
+        if task is None:
+            return None
+        try:
+            return await task
+        except Exception as err:  # noqa: BLE001 - read again, and handled, by the round
+            logger.debug("[→%s] reading ahead failed: %s", self.peer, err)
+            return None
+
+    async def _drop_prepared(self) -> None:
+        task, self._prepared = self._prepared, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def _deliver_batch(self, owed: Sequence[tuple[OutboxRow, UserData]]) -> list[Exception]:
         """Write a batch through ``concurrency`` lanes, then record it; return the failures.
@@ -605,6 +660,10 @@ def write_steps(before: UserData, row: OutboxRow) -> list[UserData]:
         steps.append(state)
     steps.append(row.intended(before))
     return steps
+
+
+#: Rows taken ahead and the peer's state of each (by canonical user and item).
+_Prepared = tuple[list[OutboxRow], dict[tuple[str, str], UserData]]
 
 
 class _PeerDown(Exception):
