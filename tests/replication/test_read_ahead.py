@@ -1,0 +1,125 @@
+"""The pusher reads its next batch ahead while it writes the current one.
+
+What it read ahead is only a head start: a change that comes after the next batch was read,
+and before its turn, is written as the ledger has it then, once, never the older value first.
+Driven with a real ledger and pusher against an emulator over loopback; the client is the real
+one, holding the first write until the test has made its change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from jfsync.jellyfin.api import JellyfinClient
+from jfsync.ledger import Ledger, Observation
+from jfsync.merge import MergePolicy
+from jfsync.model import Register, UserData
+from jfsync.pusher import Pusher
+from jfsync.timing import ManualClock
+from tests.replication.harness import API_KEY, USER, new_emulator
+
+pytestmark = pytest.mark.timeout(30)
+
+USER_KEY = f"name:{USER}"
+
+
+class HeldClient(JellyfinClient):
+    """The real client; its first write waits for :attr:`release`, and it tells when the
+    second item listing (the batch read ahead) has been read."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+        self.read_ahead = asyncio.Event()
+        self._listings = 0
+
+    async def apply_user_data(
+        self,
+        user_id: str,
+        item_id: str,
+        desired: UserData,
+        current: UserData,
+        registers: frozenset[Register],
+    ) -> UserData:
+        if not self.holding.is_set():
+            self.holding.set()
+            await self.release.wait()
+        return await super().apply_user_data(user_id, item_id, desired, current, registers)
+
+    async def iter_items(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:  # type: ignore[override]
+        async for item in super().iter_items(*args, **kwargs):
+            yield item
+        self._listings += 1
+        if self._listings == 2:
+            self.read_ahead.set()
+
+
+async def test_a_change_after_the_read_ahead_is_written_once_as_it_stands(
+    tmp_path: Path,
+) -> None:
+    clock = ManualClock()
+    async with new_emulator("b") as b, aiohttp.ClientSession() as session:
+        ledger = await Ledger(tmp_path / "ledger.db", MergePolicy(servers=("a", "b"))).open()
+        client = HeldClient("b", b.url, API_KEY, session=session, device_id="test-read-ahead")
+        recorded = asyncio.Event()
+        pusher = Pusher(
+            "b",
+            ledger,
+            client,
+            clock,
+            batch_size=2,
+            concurrency=1,
+            on_write=lambda *_: recorded.set(),
+        )
+        try:
+            await ledger.map_user("a", "a-user", USER_KEY)
+            await ledger.map_user("b", b.user_id(USER), USER_KEY)
+            items = [item.id for item in b.leaf_items()[:4]]
+            # a's user favourites four items: four rows for b, two batches of two.
+            await ledger.apply_observations(
+                [
+                    Observation(
+                        "a", USER_KEY, item, UserData(favorite=True), clock.wall_ms(), "event"
+                    )
+                    for item in items
+                ]
+            )
+            due = await ledger.due_rows("b", 10, clock.wall_ms())
+            second_batch = [row.item for row in due[2:]]
+            pusher.start()
+            async with asyncio.timeout(10):
+                await client.holding.wait()  # the first batch is being written...
+                await client.read_ahead.wait()  # ...and the second one has been read ahead
+            # Now a's user also rates an item of the second batch.
+            changed = second_batch[0]
+            await ledger.apply_observation(
+                "a", USER_KEY, changed, UserData(favorite=True, rating=7.0), clock.wall_ms()
+            )
+            client.release.set()
+
+            uid = b.user_id(USER)
+
+            def converged() -> bool:
+                return b.user_data(uid, changed) == UserData(favorite=True, rating=7.0) and all(
+                    b.user_data(uid, item).favorite for item in items
+                )
+
+            async with asyncio.timeout(10):
+                while not converged():
+                    recorded.clear()
+                    await recorded.wait()
+            writes = [w for w in b.writes if w.item_id == changed]
+            assert len(writes) == 1, [w.body for w in writes]
+            assert writes[0].body is not None
+            assert writes[0].body.get("Rating") == 7.0
+            assert await ledger.due_rows("b", 10, clock.wall_ms()) == []
+        finally:
+            await pusher.stop(5)
+            await ledger.close()
