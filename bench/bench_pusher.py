@@ -150,8 +150,13 @@ async def run(rows: int, repeat: int, with_bare: bool) -> None:
                         if with_bare:
                             body = update_body(played(rep), frozenset({"play_state"}))
                             bodies = dict.fromkeys(items, body)
+                            c3 = time.thread_time()
                             bares.append(await floor_run(url, users[OTHER_USER], bodies))
-                            line += f"; bare aiohttp {bares[-1]:.2f} s"
+                            c4 = time.thread_time()
+                            line += (
+                                f"; bare aiohttp {bares[-1]:.2f} s, "
+                                f"loop CPU {1e6 * (c4 - c3) / len(bodies):.0f} us/row"
+                            )
                         print(line, flush=True)
                 finally:
                     await pusher.stop(5)
