@@ -59,7 +59,6 @@ from jfsync.jellyfin.socket import (
     LiveMessage,
     SocketClosedError,
 )
-from jfsync.jellyfin.wire import UserItemDataDto
 from jfsync.logs import FailureStreak
 from jfsync.model import UserData
 from jfsync.timing import Clock, backoff_delays
@@ -93,9 +92,14 @@ class UserDataEntry:
 
     item_id: str
     data: UserData
-    dto: UserItemDataDto
-    #: True for a parent folder (season, series, library folder): it carries UnplayedItemCount.
-    is_folder: bool
+    #: The folder's count of unplayed items (None for an item that is not a folder).
+    unplayed_item_count: int | None = None
+
+    @property
+    def is_folder(self) -> bool:
+        """True for a parent folder (season, series, library folder): it carries
+        UnplayedItemCount."""
+        return self.unplayed_item_count is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,16 +440,21 @@ class Subscriber:
                         else "shutting down"
                     )
                     return _SessionEnd(f"the server is {what}", expected=True)
-                await self._dispatch(message)
-                # Not kept while waiting for the next one: after a bulk action the last
-                # message holds thousands of entries (some 7 MB).
+                event = self._event_for(message)
+                # Neither is kept while the event is applied, nor while waiting for the next
+                # message: after a bulk action one message holds thousands of entries (the
+                # parsed message some 13 MB, the event a fifth of that).
                 del message
+                if event is not None:
+                    self._last_event_at_ms = self._clock.wall_ms()
+                    await self._emit(event)
+                    del event
         finally:
             self._socket = None
             await socket.close()
 
-    async def _dispatch(self, message: LiveMessage) -> None:
-        event: SubscriberEvent
+    def _event_for(self, message: LiveMessage) -> SubscriberEvent | None:
+        """The event a live message stands for (None: nothing to pass on)."""
         if isinstance(message, UserDataChangedMessage):
             info = message.data
             if info.user_id != self.user_id:
@@ -456,21 +465,16 @@ class Subscriber:
                     self.user_name,
                     info.user_id,
                 )
-                return
+                return None
             entries = tuple(
-                UserDataEntry(
-                    item_id=dto.item_id,
-                    data=dto.to_user_data(),
-                    dto=dto,
-                    is_folder=dto.unplayed_item_count is not None,
-                )
+                UserDataEntry(dto.item_id, dto.to_user_data(), dto.unplayed_item_count)
                 for dto in info.user_data_list
                 if dto.item_id is not None
             )
-            event = UserDataChangedEvent(self.server, self.user_id, entries, message.message_id)
-        elif isinstance(message, LibraryChangedMessage):
+            return UserDataChangedEvent(self.server, self.user_id, entries, message.message_id)
+        if isinstance(message, LibraryChangedMessage):
             data = message.data
-            event = LibraryChangedEvent(
+            return LibraryChangedEvent(
                 self.server,
                 self.user_id,
                 items_added=data.items_added,
@@ -481,10 +485,7 @@ class Subscriber:
                 collection_folders=data.collection_folders,
                 message_id=message.message_id,
             )
-        else:
-            return
-        self._last_event_at_ms = self._clock.wall_ms()
-        await self._emit(event)
+        return None
 
     # ------------------------------------------------------------------ helpers
 

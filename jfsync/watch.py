@@ -230,7 +230,7 @@ def _entry_fields(entry: UserDataEntry) -> str:
     state = data.play_state
     fields = []
     if entry.is_folder:
-        fields.append(f"folder unplayed={entry.dto.unplayed_item_count}")
+        fields.append(f"folder unplayed={entry.unplayed_item_count}")
     fields += [
         f"played={_yes(state.played)}",
         f"count={state.play_count}",

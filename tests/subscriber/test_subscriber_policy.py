@@ -408,7 +408,7 @@ async def test_user_data_events_mark_parent_folders_and_carry_domain_values(
     assert (episode.item_id, episode.is_folder) == (item_id(4), False)
     assert episode.data.play_state.play_count == 4
     assert episode.data.favorite is True
-    assert episode.dto.playback_position_ticks == 4
+    assert episode.data.play_state.position_ticks == 4
     assert (season.item_id, season.is_folder) == (SEASON_ID, True)
     assert event.item_entries == (episode,)
     assert sub.status.last_event_at_ms == sub._clock.wall_ms()
