@@ -924,21 +924,25 @@ class Ledger:
         limit: int,
         now_ms: int,
         *,
-        exclude: Iterable[tuple[str, str]] = (),
+        exclude: Iterable[int] = (),
     ) -> list[OutboxRow]:
         """Return up to ``limit`` live rows for ``peer`` due at ``now_ms``, oldest due first.
 
-        ``exclude`` holds (user, item) keys the caller already has in flight.
+        ``exclude`` holds the ids of rows the caller already has in flight. SQLite skips them
+        (up to a chunk of them; any more are skipped here), so they cost no reading.
         """
-        skip = set(exclude)
+        ids = sorted(set(exclude))
+        in_sql, beyond = ids[:_CHUNK], set(ids[_CHUNK:])
+        skip = f"AND o.id NOT IN ({_marks(len(in_sql))}) " if in_sql else ""
         async with self._read() as db:
             rows = await db.execute_fetchall(
-                _ROW_SELECT + "WHERE o.peer=? AND o.dead=0 AND o.next_attempt_ms<=? "
-                "ORDER BY o.next_attempt_ms, o.created_ms, o.id LIMIT ?",
-                (self._sid(peer), now_ms, limit + len(skip)),
+                _ROW_SELECT
+                + "WHERE o.peer=? AND o.dead=0 AND o.next_attempt_ms<=? "
+                + skip
+                + "ORDER BY o.next_attempt_ms, o.created_ms, o.id LIMIT ?",
+                (self._sid(peer), now_ms, *in_sql, limit + len(beyond)),
             )
-        # Only the rows kept are decoded (the skipped ones can be as many as the kept).
-        kept = [r for r in rows if (r[2], r[3]) not in skip] if skip else list(rows)
+        kept = [r for r in rows if int(r[0]) not in beyond] if beyond else list(rows)
         return [_decode_row(r, self._server_names) for r in kept[:limit]]
 
     async def get_row(self, peer: str, user: str, item: str) -> OutboxRow | None:

@@ -271,7 +271,8 @@ class Pusher:
                 # More rows wait: take the next batch and read the peer's state of it while
                 # this one is written, so neither read holds up the writes.
                 self._prepared = asyncio.create_task(
-                    self._prepare(keys), name=f"jfsync-pusher[{self.peer}]-read-ahead"
+                    self._prepare([row.id for row in rows]),
+                    name=f"jfsync-pusher[{self.peer}]-read-ahead",
                 )
             failures = await self._deliver_batch(owed)
             # The rows in flight when the last process stopped are settled now.
@@ -286,8 +287,9 @@ class Pusher:
                 raise failure
         return True
 
-    async def _prepare(self, writing: Sequence[tuple[str, str]]) -> _Prepared | None:
-        """Take the next due rows (but those being written) and read the peer's state of them.
+    async def _prepare(self, writing: Sequence[int]) -> _Prepared | None:
+        """Take the next due rows (but ``writing``, the ids of the rows being written) and
+        read the peer's state of them.
 
         The rows may change before their turn: the compare works on the rows as the ledger
         then has them, so a row replaced or settled meanwhile is written as it stands.

@@ -12,6 +12,7 @@ from typing import Any
 import aiosqlite
 import pytest
 
+from jfsync import ledger as ledger_module
 from jfsync.ledger import (
     ItemMapping,
     Ledger,
@@ -509,14 +510,18 @@ async def test_failed_rows_wait_until_their_retry_time(ledger: Ledger) -> None:
     assert len(await ledger.due_rows("b", 10, T0 + 111)) == 1
 
 
-async def test_due_rows_respects_limit_and_exclusions(ledger: Ledger) -> None:
-    items = [f"{i:032x}" for i in range(5)]
+@pytest.mark.parametrize("chunk", [500, 1], ids=["skipped-by-sqlite", "beyond-a-chunk"])
+async def test_due_rows_respects_limit_and_exclusions(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    monkeypatch.setattr(ledger_module, "_CHUNK", chunk)
+    items = [f"{i:032x}" for i in range(6)]
     for n, item in enumerate(items):
         await ledger.apply_observation("a", USER, item, UserData(favorite=True), T0 + n)
-    first = await ledger.due_rows("b", 2, T0 + 10)
-    assert [r.item for r in first] == items[:2]
-    rest = await ledger.due_rows("b", 10, T0 + 10, exclude=[(r.user, r.item) for r in first])
-    assert [r.item for r in rest] == items[2:]
+    first = await ledger.due_rows("b", 3, T0 + 10)
+    assert [r.item for r in first] == items[:3]
+    rest = await ledger.due_rows("b", 2, T0 + 10, exclude=[r.id for r in first])
+    assert [r.item for r in rest] == items[3:5]
 
 
 async def test_compare_before_write_merges_a_change_the_events_missed(ledger: Ledger) -> None:
