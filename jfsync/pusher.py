@@ -3,8 +3,9 @@
 One :class:`Pusher` per peer. It takes due rows from the ledger in batches, reads the target's
 current state for the whole batch in one ``/Items?Ids=`` call (compare-before-write), lets the
 ledger merge anything the peer changed behind the event path, then writes what is still owed
-with bounded concurrency through :meth:`JellyfinClient.apply_user_data` and records the write
-(pending echo + last-known) in the ledger.
+with bounded concurrency through :meth:`JellyfinClient.apply_user_data` and records the batch's
+writes (pending echo + last-known) in the ledger in one transaction. While a batch is written,
+the next one and the peer's state of it are read ahead.
 
 Failures never drop a row:
 

@@ -441,9 +441,9 @@ class Subscriber:
                     )
                     return _SessionEnd(f"the server is {what}", expected=True)
                 event = self._event_for(message)
-                # Neither is kept while the event is applied, nor while waiting for the next
-                # message: after a bulk action one message holds thousands of entries (the
-                # parsed message some 13 MB, the event a fifth of that).
+                # The message is not kept while its event is applied, nor the event while
+                # waiting for the next message: after a bulk action one message holds
+                # thousands of entries (parsed, some 13 MB; the event a fifth of that).
                 del message
                 if event is not None:
                     self._last_event_at_ms = self._clock.wall_ms()
