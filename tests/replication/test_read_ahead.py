@@ -19,7 +19,7 @@ import pytest
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.ledger import Ledger, Observation
 from jfsync.merge import MergePolicy
-from jfsync.model import Register, UserData
+from jfsync.model import UserData
 from jfsync.pusher import Pusher
 from jfsync.timing import ManualClock
 from tests.replication.harness import API_KEY, USER, new_emulator
@@ -40,18 +40,11 @@ class HeldClient(JellyfinClient):
         self.read_ahead = asyncio.Event()
         self._listings = 0
 
-    async def apply_user_data(
-        self,
-        user_id: str,
-        item_id: str,
-        desired: UserData,
-        current: UserData,
-        registers: frozenset[Register],
-    ) -> UserData:
+    async def apply_user_data(self, *args: Any, **kwargs: Any) -> UserData:
         if not self.holding.is_set():
             self.holding.set()
             await self.release.wait()
-        return await super().apply_user_data(user_id, item_id, desired, current, registers)
+        return await super().apply_user_data(*args, **kwargs)
 
     async def iter_items(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:  # type: ignore[override]
         async for item in super().iter_items(*args, **kwargs):
