@@ -46,7 +46,7 @@ class HeldClient(JellyfinClient):
             await self.release.wait()
         return await super().apply_user_data(*args, **kwargs)
 
-    async def iter_items(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:  # type: ignore[override]
+    async def iter_items(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         async for item in super().iter_items(*args, **kwargs):
             yield item
         self._listings += 1
