@@ -14,8 +14,8 @@ import pytest
 #: Every request jfsync sends to an emulator is checked against the official OpenAPI spec.
 pytest_plugins = ["tests.support.openapi_requests"]
 
-#: The shared reference folder (fact sheet and official OpenAPI files) beside the checkout.
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+#: The official OpenAPI files, kept in the repo (tests/data/openapi/README.md says where from).
+REFERENCE_DIR = Path(__file__).resolve().parent / "data" / "openapi"
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +91,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
-    """The shared reference folder; the suite needs it for OpenAPI conformance."""
+    """The folder of official OpenAPI files the suite checks conformance against."""
     if not REFERENCE_DIR.is_dir():
-        pytest.fail(f"missing {REFERENCE_DIR}: the checkout needs ../shared beside it")
+        pytest.fail(f"missing {REFERENCE_DIR}: the OpenAPI files are part of the repository")
     return REFERENCE_DIR

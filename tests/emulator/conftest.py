@@ -24,7 +24,7 @@ from tests.support.emulators import MakeEmulator, emulator_factory
 
 API_KEY = "0123456789abcdef0123456789abcdef"
 USERS = [("alice", "alice-pw"), ("bob", "bob-pw"), ("carol", "carol-pw")]
-REFERENCE_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / "data" / "openapi"
 _SPEC_URI = "urn:jellyfin-openapi"
 
 

@@ -25,8 +25,8 @@ import pytest
 
 from jfsync import emulator as emulator_module
 
-#: Where the official OpenAPI files live (beside the checkout).
-REFERENCE_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
+#: Where the official OpenAPI files live (in the repo, tests/data/openapi/).
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / "data" / "openapi"
 #: Emulated version (major, minor) -> spec file version.
 SPEC_FOR_VERSION = {
     (10, 8): "10.8.13",
