@@ -21,6 +21,7 @@ POST     /__emulator__/items                              add an item (JSON body
 DELETE   /__emulator__/items/{id}                         remove an item
 POST     /__emulator__/items/{id}/move?path=P             move an item's file
 POST     /__emulator__/user-data/{userId}/{itemId}        save user data as that user would
+POST     /__emulator__/wipe-user-data[?userId=U]      lose user data silently (reinstall)
 =======  ===============================================  ==========================================
 
 ``POST /items`` takes ``{"type", "name", "year", "parent_id", "path", "provider_ids",
@@ -107,6 +108,8 @@ async def _route(
         return _reply({"sessions": await emu.send_server_message(query["type"])})
     elif head == "flush":
         await emu.flush_now()
+    elif head == "wipe-user-data":
+        return _reply({"dropped": emu.wipe_user_data(query.get("userId"))})
     elif head == "items":
         return await _items(emu, request, method, parts[1:], query)
     elif head == "user-data" and len(parts) == 3:

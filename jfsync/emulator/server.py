@@ -443,6 +443,15 @@ class Emulator:
 
     # --- controls ------------------------------------------------------------------------
 
+    def wipe_user_data(self, user_id: str | None = None) -> int:
+        """Lose every user-data record of one user (every user when None) with no push.
+
+        What a reinstall on the same config, a restore from an old backup or a failed database
+        migration leaves: the same server and user ids, empty user data. Returns the records
+        dropped.
+        """
+        return self.store.wipe(normalize_id(user_id) if user_id is not None else None)
+
     def fail_next_writes(self, n: int, status: int = 500) -> None:
         """Answer the next ``n`` user-data writes with ``status`` and change nothing."""
         self.fail_writes_left = n

@@ -238,6 +238,17 @@ class UserDataStore:
                 counters[folder] = counters.get(folder, 0) + step
         self._versions[user_id] = self._versions.get(user_id, 0) + 1
 
+    def wipe(self, user_id: str | None = None) -> int:
+        """Forget the user data of one user (every user when None), silently; return how many
+        records were dropped. This is a server that lost its data, not a user's edit."""
+        users = [user_id] if user_id is not None else list(self._data)
+        dropped = 0
+        for uid in users:
+            dropped += len(self._data.pop(uid, {}))
+            self._played_below.pop(uid, None)
+            self._versions[uid] = self._versions.get(uid, 0) + 1
+        return dropped
+
     def forget_item(self, item_id: str, *, is_leaf: bool) -> dict[str, StoredUserData]:
         """Drop every user's data for an item (before it leaves the tree); return what it was."""
         dropped: dict[str, StoredUserData] = {}

@@ -235,3 +235,28 @@ async def test_command_line_runs_until_signalled(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_wipe_user_data_loses_it_silently(http: Http) -> None:
+    """A server that lost its data: same ids, every record gone, and no push for any of it."""
+    emu = http.emu
+    alice, bob = emu.user_id("alice"), emu.user_id("bob")
+    movie, other = emu.leaf_items()[0], emu.leaf_items()[1]
+    emu.save_user_data(alice, movie.id, is_favorite=True, played=True, play_count=2)
+    emu.save_user_data(bob, other.id, rating=7.0)
+    await emu.flush_now()
+    token = emu.user_token("alice")
+    ws = await http.ws(token)
+    async with ws:
+        await next_message(ws, "ForceKeepAlive")
+        reply = await http.post("/__emulator__/wipe-user-data", params={"userId": alice})
+        assert reply.body == {"dropped": 1}
+        await emu.flush_now()
+        assert not emu.pushes_pending
+        path = f"/UserItems/{movie.id}/UserData"
+        body = (await http.get(path, params={"userId": alice})).body
+        assert (body["IsFavorite"], body["Played"], body["PlayCount"]) == (False, False, 0)
+    # Bob's data is untouched until every user's is wiped.
+    assert emu.user_data(bob, other.id).rating == 7.0
+    assert emu.wipe_user_data() == 1
+    assert emu.user_data(bob, other.id).is_default
