@@ -251,8 +251,14 @@ async def test_wipe_user_data_loses_it_silently(http: Http) -> None:
         await next_message(ws, "ForceKeepAlive")
         reply = await http.post("/__emulator__/wipe-user-data", params={"userId": alice})
         assert reply.body == {"dropped": 1}
+        # No push for the wipe: the next message carries only a later, ordinary save.
+        marker = emu.leaf_items()[2]
+        emu.save_user_data(alice, marker.id, is_favorite=True)
         await emu.flush_now()
-        assert not emu.pushes_pending
+        pushed = await next_message(ws, "UserDataChanged")
+        ids = {e["ItemId"] for e in pushed["Data"]["UserDataList"]}
+        assert marker.id in ids
+        assert movie.id not in ids
         path = f"/UserItems/{movie.id}/UserData"
         body = (await http.get(path, params={"userId": alice})).body
         assert (body["IsFavorite"], body["Played"], body["PlayCount"]) == (False, False, 0)
