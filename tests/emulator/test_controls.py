@@ -264,5 +264,5 @@ async def test_wipe_user_data_loses_it_silently(http: Http) -> None:
         assert (body["IsFavorite"], body["Played"], body["PlayCount"]) == (False, False, 0)
     # Bob's data is untouched until every user's is wiped.
     assert emu.user_data(bob, other.id).rating == 7.0
-    assert emu.wipe_user_data() == 1
+    assert emu.wipe_user_data() == 2  # bob's rating and alice's marker favourite
     assert emu.user_data(bob, other.id).is_default
