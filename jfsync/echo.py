@@ -1,40 +1,37 @@
-"""The echo rule: telling jfsync's own writes and stale events apart from user changes (pure).
+"""The echo rule: telling jfsync's own writes apart from user changes, or saying it cannot (pure).
 
 Every user-data save on a Jellyfin server is pushed back to that user's sockets about 500 ms
-later (a trailing debounce), with the state read at flush time and no origin. jfsync's own
-writes therefore come back as events, and an event flushed *before* a write can still be on its
-way when the write is done. The rule, per (server, user, item):
+later (a trailing debounce), with the state read at flush time and no origin or sequence.
+jfsync's own writes therefore come back as events, an event flushed *before* a write can still
+be on its way when the write is done, and one debounced event can merge jfsync's write with a
+user's next action. The rule, per (server, user, item):
 
 * when jfsync writes a state, it records that state as *pending*, with its write time and the
   state it replaced (:func:`record_write`), and the ledger sets it as the last-known state;
-* an incoming event whose state equals a pending state is an echo: it consumes that pending
-  state and every older one of the key, and is not a change (:func:`match_echo`). The OLDEST
-  equal entry matches, so a repeated state never swallows the echo of a write in between;
-  this covers a debounced echo that merged several writes (it equals the newest) and a stale
-  echo that arrives after a newer write (it equals an older one and only consumes up to it,
-  so the newer write's echo is still recognised);
-* an incoming event whose state equals the state a pending write *replaced* was flushed before
-  that write: it is stale, not a change, and consumes only the entries older than that write.
-  Without this, such an event would undo the write on every server;
-* any other state is a real change, diffed register by register against the last-known state,
-  so an echo that also carries a user's change still shows that change;
+* an incoming event is a certain **echo** only when it equals the NEWEST pending state and the
+  ledger still believes the server holds that state (its last-known state): the server then
+  shows exactly what jfsync last wrote, so nothing the user did can be lost by ignoring it
+  (a user who changed something and changed it back inside one debounce left no trace any
+  replicator could see). It consumes every pending entry (:func:`classify_event`);
+* an event equal to an OLDER pending state, or to a state a pending write *replaced*, is
+  **ambiguous**: it may be a stale event (flushed before the write) or the user taking the
+  write back. Content cannot tell them apart, so jfsync never guesses: the caller reads the
+  item's current state from that server and applies what the read says (a fresh read never
+  loses; a guess can). Nothing is consumed;
+* any other state is a real **change**, diffed register by register against the last-known
+  state, so an echo that also carries a user's change still shows that change;
 * pending states older than :data:`ECHO_MAX_AGE_MS` are dropped, and at most
   :data:`ECHO_MAX_ENTRIES` are kept per key (the newest).
 
-A state *read* from the server (a scan page) is matched the same way but consumes nothing (an
-echo of an older write may still be on its way), and only against entries recorded at or after
-the time the page was requested (``read_at_ms``): a page requested after a write completed
-already shows that write, so it is fresh with respect to it.
+A state *read* from the server (a scan page, the pusher's compare read, the read that settles
+an ambiguous event) carries the time it was requested. A scan page is matched against pending
+states recorded at or after that time and consumes nothing (:func:`match_echo`). Once a read
+requested at ``read_ms`` showed a state, pending entries recorded before ``read_ms`` with any
+other state are moot (:func:`after_read`): their echo would have been flushed before the read,
+and a later event equal to one of them can only be the user's own action.
 
-Limitations (content is all there is; the next scan repairs both):
-
-* a user who, within the age bound, sets exactly a pending or replaced state (for example
-  undoes, on the target, a change jfsync just wrote there, inside one debounce window) is
-  taken for an echo or a stale event;
-* an event flushed before a state jfsync *read* (a scan page, the compare-before-write read)
-  and delivered after it looks like a change back. Guarding reads like writes would instead
-  swallow a user who goes back to the previous state inside one debounce window: the same
-  harm, so reads are not guarded.
+The caller makes sure that an observation older than what the ledger already knows of that
+(server, user, item) is never applied (the ledger's "seen" times).
 
 A socket reconnect makes every pending state moot (events of the old socket never arrive): the
 caller then forgets them (the ledger's ``forget_echoes``).
@@ -63,6 +60,7 @@ class Verdict(StrEnum):
 
     ECHO = "echo"
     STALE = "stale"
+    AMBIGUOUS = "ambiguous"
     CHANGE = "change"
 
 
@@ -133,3 +131,41 @@ def match_echo(
         if entry.replaced == incoming and (floor is None or entry.written_ms >= floor):
             return EchoMatch(Verdict.STALE, live[index:] if consume else live)
     return EchoMatch(Verdict.CHANGE, live)
+
+
+def classify_event(
+    pending: Sequence[PendingWrite],
+    incoming: UserData,
+    last_known: UserData | None,
+    now_ms: int,
+) -> EchoMatch:
+    """Tell whether an event is a certain echo, ambiguous or a change (see the module doc).
+
+    ECHO (every pending entry consumed) only when ``incoming`` equals the newest live pending
+    state and ``last_known``; AMBIGUOUS when it equals an older pending state or a state a
+    pending write replaced (nothing consumed: the caller reads the server); else CHANGE.
+    """
+    live = prune(pending, now_ms)
+    if not live:
+        return EchoMatch(Verdict.CHANGE, live)
+    if live[-1].state == incoming and last_known == incoming:
+        return EchoMatch(Verdict.ECHO, ())
+    if any(entry.state == incoming or entry.replaced == incoming for entry in live):
+        return EchoMatch(Verdict.AMBIGUOUS, live)
+    return EchoMatch(Verdict.CHANGE, live)
+
+
+def after_read(
+    pending: Sequence[PendingWrite], state: UserData, read_ms: int, now_ms: int
+) -> tuple[PendingWrite, ...]:
+    """Drop the pending entries a read requested at ``read_ms`` showing ``state`` made moot.
+
+    An entry recorded before the read with another state can no longer come back as an echo:
+    the server held ``state`` when the read was requested, so an event equal to that entry's
+    state arriving later is a new save, by the user.
+    """
+    return tuple(
+        entry
+        for entry in prune(pending, now_ms)
+        if entry.written_ms >= read_ms or entry.state == state
+    )

@@ -80,7 +80,14 @@ from typing import Any, Literal, Self
 
 import aiosqlite
 
-from jfsync.echo import PendingWrite, Verdict, match_echo, record_write
+from jfsync.echo import (
+    PendingWrite,
+    Verdict,
+    after_read,
+    classify_event,
+    match_echo,
+    record_write,
+)
 from jfsync.errors import JfsyncError
 from jfsync.merge import CanonicalState, MergePolicy, Stamped, merge, next_stamp_ms
 from jfsync.migrations import WriteGate, connect, migrate, prepare
@@ -95,7 +102,7 @@ from jfsync.model import (
 
 logger = logging.getLogger(__name__)
 
-Source = Literal["event", "scan", "compare"]
+Source = Literal["event", "scan", "compare", "read"]
 
 #: Placeholders per IN (...) list; far below SQLite's variable limit, large enough to batch.
 _CHUNK = 500
@@ -195,6 +202,11 @@ class Outcome(StrEnum):
 
     ECHO = "echo"
     STALE = "stale"
+    #: An event the echo rule cannot attribute (a stale event or the user taking a write
+    #: back): nothing applied; the caller reads the item from the server and applies that.
+    AMBIGUOUS = "ambiguous"
+    #: A read requested before something the ledger already knows of that key: not applied.
+    OUTDATED = "outdated"
     UNCHANGED = "unchanged"
     CHANGED = "changed"
 
@@ -203,9 +215,11 @@ class Outcome(StrEnum):
 class Observation:
     """A state ``server`` holds for ``user`` and ``item`` (canonical keys), seen at ``wall_ms``.
 
-    ``source`` says how it was seen: a websocket ``event``, a ``scan`` page, or the pusher's
-    ``compare`` read before a write. Only events consume pending echoes. For a scan page,
-    ``wall_ms`` must be the time the page was *requested* (it is compared with write times).
+    ``source`` says how it was seen: a websocket ``event``, a ``scan`` page, the pusher's
+    ``compare`` read before a write, or a ``read`` of the item that settles an ambiguous
+    event. Only events consume pending echoes. For every read (scan, compare, read),
+    ``wall_ms`` must be the time the read was *requested*: a read older than what the ledger
+    already knows of that (server, user, item) is never applied (:attr:`Outcome.OUTDATED`).
     """
 
     server: str
@@ -319,6 +333,10 @@ class _Row:
             self.dead,
         )
 
+
+#: Keys whose last-seen time is kept before old ones are dropped, and how old they may get.
+SEEN_KEYS_MAX = 200_000
+SEEN_KEEP_MS = 3_600_000
 
 #: (user, item) pairs whose decoded state the ledger keeps between transactions. A burst of
 #: 10,000 changes stays inside it; at about 1.5 KB a pair it costs some 30 MB when full.
@@ -472,6 +490,10 @@ class Ledger:
         self._item_ids: dict[str, int] = {}
         self._clock_ms = 0
         self._cache = _StateCache(cache_pairs)
+        #: When the ledger last learnt anything of each (user, item, server): an event's
+        #: arrival, a read's request time, a write's ack (wall ms). Reads requested before it
+        #: are outdated. In memory only: after a restart every read is newer than all of them.
+        self._seen: dict[_Key, int] = {}
         #: The descriptor holding the ledger file's single-writer lock, while open.
         self._writer_lock: int | None = None
 
@@ -785,8 +807,14 @@ class Ledger:
         wall_ms: int,
         *,
         intents: Callable[[OutboxRow, UserData], Sequence[UserData]] | None = None,
+        read_ms: int | None = None,
     ) -> list[OutboxRow | None]:
         """Do :meth:`observe_before_write` for several rows in ONE transaction.
+
+        ``read_ms`` is when the peer's states were requested (default ``wall_ms``). A row
+        whose key the ledger learnt something of after that (an event, a write) while the
+        read differs from its last-known state gets None: the read is outdated, so it is
+        neither applied nor written over; the row stays due and is read again next round.
 
         With ``intents``, the same transaction also records, for every row still owed, the
         states its write will leave on the peer (``intents(fresh_row, current)``), as
@@ -794,16 +822,24 @@ class Ledger:
         """
         if not reads:
             return []
+        asked_ms = wall_ms if read_ms is None else read_ms
         async with self._tx() as db:
             keys = await self._row_keys(db, [row for row, _ in reads])
             batch = _Batch(self, db)
             await batch.load({(u, i) for u, i, _ in keys})
+            outdated: set[_Key] = set()
             for (row, current), key in zip(reads, keys, strict=True):
-                if batch.lk.get(key) != current:
-                    obs = Observation(row.peer, row.user, row.item, current, wall_ms, "compare")
-                    batch.apply(obs, key)
+                if batch.lk.get(key) == current:
+                    batch.see(key, asked_ms)
+                    continue
+                obs = Observation(row.peer, row.user, row.item, current, asked_ms, "compare")
+                if batch.apply(obs, key).outcome is Outcome.OUTDATED:
+                    outdated.add(key)
             await batch.number_new_rows()
-            fresh = [batch.outbox_row(key, row) for (row, _), key in zip(reads, keys, strict=True)]
+            fresh = [
+                None if key in outdated else batch.outbox_row(key, row)
+                for (row, _), key in zip(reads, keys, strict=True)
+            ]
             if intents is not None:
                 for still, (_, current), key in zip(fresh, reads, keys, strict=True):
                     if still is not None:
@@ -1197,6 +1233,17 @@ class Ledger:
                 f"unknown server {server!r}; the ledger knows {', '.join(self._server_ids)}"
             ) from None
 
+    def _note_seen(self, seen: dict[_Key, int]) -> None:
+        """Keep what a transaction learnt of when each key was last seen; stay bounded."""
+        known = self._seen
+        for key, ms in seen.items():
+            if ms > known.get(key, 0):
+                known[key] = ms
+        if len(known) > SEEN_KEYS_MAX:
+            # No read stays in flight for an hour: older entries can no longer outdate one.
+            horizon = max(known.values()) - SEEN_KEEP_MS
+            self._seen = {k: v for k, v in known.items() if v >= horizon}
+
     def _tick(self, wall_ms: int) -> int:
         """Advance the hybrid clock (persisted by the caller's transaction)."""
         self._clock_ms = next_stamp_ms(wall_ms, self._clock_ms)
@@ -1290,6 +1337,8 @@ class _Batch:
         self.lk: dict[_Key, UserData] = {}
         self.echo: dict[_Key, tuple[PendingWrite, ...]] = {}
         self.rows: dict[_Key, _Row | None] = {}
+        #: Last-seen times this transaction moved (merged into the ledger's at flush).
+        self.seen: dict[_Key, int] = {}
         self.members: dict[int, set[int]] = {}
         #: Servers whose library is indexed (they map items), and which loaded items each maps.
         self.indexed: set[int] = set()
@@ -1427,26 +1476,48 @@ class _Batch:
         )
         return next((_state(r, 0) for r in rows), None)
 
+    def seen_ms(self, key: _Key) -> int:
+        """When the ledger last learnt anything of ``key`` (0: not in this process)."""
+        return max(self.seen.get(key, 0), self.ledger._seen.get(key, 0))
+
+    def see(self, key: _Key, ms: int) -> None:
+        """Record that ``key`` was seen (an event, a read, a write) at ``ms``."""
+        if ms > self.seen_ms(key):
+            self.seen[key] = ms
+
     def apply(self, obs: Observation, key: _Key) -> Applied:
         """Apply one observation to the working set (rules in :meth:`Ledger.apply_observations`)."""
         uid, iid, sid = key
         pending = self.echo.get(key, ())
-        if obs.source != "compare":
-            # A compare read is fresh by construction: it is never an echo nor stale.
-            verdict = match_echo(
-                pending,
-                obs.state,
-                obs.wall_ms,
-                consume=obs.source == "event",
-                read_at_ms=obs.wall_ms if obs.source == "scan" else None,
-            )
+        if obs.source == "event":
+            self.see(key, obs.wall_ms)
+            verdict = classify_event(pending, obs.state, self.lk.get(key), obs.wall_ms)
             if verdict.pending != pending:
                 self.echo[key] = pending = verdict.pending
                 self._dirty_echo.add(key)
             if verdict.verdict is Verdict.ECHO:
                 return Applied(obs, Outcome.ECHO)
-            if verdict.verdict is Verdict.STALE:
-                return Applied(obs, Outcome.STALE)
+            if verdict.verdict is Verdict.AMBIGUOUS:
+                return Applied(obs, Outcome.AMBIGUOUS)
+        else:
+            # A read: never applied over something learnt after it was requested.
+            if self.seen_ms(key) > obs.wall_ms:
+                return Applied(obs, Outcome.OUTDATED)
+            self.see(key, obs.wall_ms)
+            if obs.source == "scan":
+                # A page may show a write recorded after it was requested (an intent whose
+                # write landed first): jfsync's own, not the user's. Nothing is consumed.
+                verdict = match_echo(
+                    pending, obs.state, obs.wall_ms, consume=False, read_at_ms=obs.wall_ms
+                )
+                if verdict.verdict is Verdict.ECHO:
+                    return Applied(obs, Outcome.ECHO)
+                if verdict.verdict is Verdict.STALE:
+                    return Applied(obs, Outcome.STALE)
+            moot = after_read(pending, obs.state, obs.wall_ms, obs.wall_ms)
+            if moot != pending:
+                self.echo[key] = pending = moot
+                self._dirty_echo.add(key)
         previous = self.lk.get(key)
         canonical = self.canon.get((uid, iid))
         synced = self.policy.synced
@@ -1570,6 +1641,8 @@ class _Batch:
             )
         if self.cache is not None:
             self.cache.absorb(self)
+        if self.seen:
+            self.ledger._note_seen(self.seen)
 
     async def _flush_rows(self) -> None:
         await self.number_new_rows()
@@ -1668,6 +1741,7 @@ class _Batch:
         """Record a write of ``state`` to the peer of ``key``; drop the row if still ``version``."""
         replaced = self.lk.get(key)
         self._set_lk(key, state)
+        self.see(key, wall_ms)
         # An intent recorded before the write (record_intents) is replaced by this entry: one
         # entry per echo, timed when the write completed (scans compare against that).
         pending = tuple(p for p in self.echo.get(key, ()) if p.state != state)

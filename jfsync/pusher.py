@@ -259,15 +259,15 @@ class Pusher:
             if not rows:
                 self._recovered.set()
                 return False
-            read: dict[tuple[str, str], UserData] | None = None
+            read: _Read | None = None
         else:
             rows, read = prepared
         keys = [(row.user, row.item) for row in rows]
         self._in_flight.update(keys)
         try:
-            current = await self._read_current(rows) if read is None else read
+            current, read_ms = await self._read_current(rows) if read is None else read
             await self._recover_interrupted(rows, current)
-            owed = await self._compare(rows, current)
+            owed = await self._compare(rows, current, read_ms)
             if len(rows) == self._batch_size and self._accepting:
                 # More rows wait: take the next batch and read the peer's state of it while
                 # this one is written, so neither read holds up the writes.
@@ -374,8 +374,10 @@ class Pusher:
                     del self._writing[key]
         return failures
 
-    async def _read_current(self, rows: Sequence[OutboxRow]) -> dict[tuple[str, str], UserData]:
-        """Read the peer's state of every row's item, one listing per user."""
+    async def _read_current(self, rows: Sequence[OutboxRow]) -> _Read:
+        """Read the peer's state of every row's item, one listing per user; say when it was
+        requested (the compare never applies it over something the ledger learnt later)."""
+        read_ms = self._clock.wall_ms()
         by_user: dict[str, list[OutboxRow]] = {}
         for row in rows:
             by_user.setdefault(row.remote_user_id or row.user, []).append(row)
@@ -391,7 +393,7 @@ class Pusher:
                         found[(match.user, match.item)] = item.user_data.to_user_data()
             except ServerError as err:
                 raise self._classify(err) from err
-        return found
+        return found, read_ms
 
     async def _recover_interrupted(
         self, rows: Sequence[OutboxRow], current: dict[tuple[str, str], UserData]
@@ -472,13 +474,16 @@ class Pusher:
         return self._recovered.is_set()
 
     async def _compare(
-        self, rows: Sequence[OutboxRow], current: dict[tuple[str, str], UserData]
+        self, rows: Sequence[OutboxRow], current: dict[tuple[str, str], UserData], read_ms: int
     ) -> list[tuple[OutboxRow, UserData]]:
         """Merge what the peer holds first and record the writes' intents (one transaction);
         return the rows still owed.
 
         Rows whose item is not in the peer's listing for that user are parked: the item does
         not exist there (or the user cannot see it); a newer change or retry_dead revives them.
+        A row whose key the ledger learnt of after ``read_ms`` (an event arrived since the
+        read, e.g. one read ahead) is neither compared nor written now: it stays due and is
+        read again in the next round.
         """
         present: list[tuple[OutboxRow, UserData]] = []
         for row in rows:
@@ -491,7 +496,10 @@ class Pusher:
         # The intents are written ahead in the same transaction: should jfsync stop mid-write,
         # what it finds on the peer later is known to be its own.
         fresh = await self._ledger.observe_before_writes(
-            present, self._clock.wall_ms(), intents=lambda row, state: write_steps(state, row)
+            present,
+            self._clock.wall_ms(),
+            intents=lambda row, state: write_steps(state, row),
+            read_ms=read_ms,
         )
         owed: list[tuple[OutboxRow, UserData]] = []
         for (_, state), still in zip(present, fresh, strict=True):
@@ -666,7 +674,9 @@ def write_steps(before: UserData, row: OutboxRow) -> list[UserData]:
 
 
 #: Rows taken ahead and the peer's state of each (by canonical user and item).
-_Prepared = tuple[list[OutboxRow], dict[tuple[str, str], UserData]]
+#: The peer's states of a batch's items and when they were requested.
+_Read = tuple[dict[tuple[str, str], UserData], int]
+_Prepared = tuple[list[OutboxRow], _Read]
 
 
 class _PeerDown(Exception):

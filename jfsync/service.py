@@ -37,6 +37,7 @@ from jfsync.jellyfin.wire import UserDto
 from jfsync.ledger import Applied, Ledger, Observation, Outcome
 from jfsync.logs import FailureStreak
 from jfsync.merge import MergePolicy
+from jfsync.model import UserData
 from jfsync.pusher import Pusher, WriteHook
 from jfsync.reconcile import Reconciler, ReconcileReport
 from jfsync.subscriber import (
@@ -121,6 +122,8 @@ class Counters:
     changes_applied: int = 0
     scans: int = 0
     scan_changes: int = 0
+    #: Events the echo rule could not attribute, settled by reading the item from the server.
+    ambiguous_reads: int = 0
 
 
 class SyncService:
@@ -396,6 +399,43 @@ class SyncService:
             if e.item_id in items
         ]
         applied = await self.ledger.apply_observations(observations)
+        self._after_apply(applied)
+        unsure = {a.observation.item for a in applied if a.outcome is Outcome.AMBIGUOUS}
+        if unsure:
+            remote = {r: key for r, key in items.items() if key in unsure}
+            await self._read_back(link, event.user_id, user, remote)
+
+    async def _read_back(
+        self, link: ServerLink, remote_user_id: str, user: str, items: dict[str, str]
+    ) -> None:
+        """Settle events the echo rule cannot attribute: read the items and apply the read.
+
+        Such an event equals a state jfsync's write replaced or an older write (a stale
+        event, or the user taking the write back inside the debounce): the server's current
+        state says which. The read is requested after the event arrived (and after any write
+        of these items under way was recorded), so it is at least as fresh as the event.
+        ``items`` maps the server's item ids to canonical keys.
+        """
+        await link.pusher.settled((user, item) for item in items.values())
+        read_ms = self.clock.wall_ms()
+        states: dict[str, UserData] = {}
+        async for found in link.client.iter_items(
+            remote_user_id, ids=list(items), fields=(), include_types=(), recursive=True
+        ):
+            key = items.get(found.id)
+            if key is not None and found.user_data is not None:
+                states[key] = found.user_data.to_user_data()
+        self.counters.ambiguous_reads += len(items)
+        applied = await self.ledger.apply_observations(
+            [Observation(link.name, user, k, v, read_ms, "read") for k, v in states.items()]
+        )
+        logger.debug(
+            "[%s] read back %d items of user %s after an ambiguous event: %s",
+            link.name,
+            len(items),
+            user,
+            ", ".join(a.outcome.value for a in applied),
+        )
         self._after_apply(applied)
 
     async def _resync(self, link: ServerLink, remote_user_id: str, user: str) -> None:

@@ -10,6 +10,8 @@ from jfsync.echo import (
     ECHO_MAX_ENTRIES,
     PendingWrite,
     Verdict,
+    after_read,
+    classify_event,
     match_echo,
     prune,
     record_write,
@@ -140,3 +142,69 @@ def test_a_stale_event_consumes_only_entries_older_than_the_write_it_predates() 
     verdict = match_echo(pending, S0, T + 10)  # S0 predates the first write: nothing goes
     assert verdict.verdict is Verdict.STALE
     assert verdict.pending == pending
+
+
+# ---------------------------------------------------------------------- events: certain or not
+
+
+def test_an_event_equal_to_the_newest_write_the_server_holds_is_a_certain_echo() -> None:
+    pending = written(W1, W2)
+    verdict = classify_event(pending, W2, W2, T + 600)
+    assert verdict.verdict is Verdict.ECHO
+    assert verdict.pending == ()
+
+
+def test_an_event_equal_to_an_older_write_is_ambiguous_and_consumes_nothing() -> None:
+    """A stale echo of W1, or the user setting W1 back after W2: only a read can tell."""
+    pending = written(W1, W2)
+    verdict = classify_event(pending, W1, W2, T + 600)
+    assert verdict.verdict is Verdict.AMBIGUOUS
+    assert verdict.pending == pending
+
+
+def test_an_event_equal_to_what_a_write_replaced_is_ambiguous() -> None:
+    """A stale event flushed before the write, or the user taking the write back."""
+    pending = written(W1)
+    assert classify_event(pending, S0, W1, T + 600).verdict is Verdict.AMBIGUOUS
+
+
+def test_the_newest_write_after_a_user_change_is_not_taken_for_its_echo() -> None:
+    """The user changed the item after the write (last-known moved): the same state again
+    is not certainly the write's echo."""
+    pending = written(W1)
+    other = UserData(rating=3.0)
+    assert classify_event(pending, W1, other, T + 600).verdict is Verdict.AMBIGUOUS
+
+
+def test_any_other_event_is_a_change_and_nothing_pending_is_a_change() -> None:
+    pending = written(W1)
+    assert classify_event(pending, W3, W1, T + 600).verdict is Verdict.CHANGE
+    assert classify_event((), W1, None, T).verdict is Verdict.CHANGE
+
+
+def test_a_read_makes_older_entries_with_other_states_moot() -> None:
+    pending = written(W1, W2, start_ms=T)
+    # Read requested after both writes, showing W2: W1's echo can no longer come.
+    assert [p.state for p in after_read(pending, W2, T + 500, T + 500)] == [W2]
+    # Read showing something else: the user changed it; no entry can match an echo now.
+    assert after_read(pending, W3, T + 500, T + 500) == ()
+    # Entries recorded after the read was requested stay (their echo may still come).
+    assert after_read(pending, W3, T + 1, T + 500) == pending[1:]
+
+
+@given(
+    states=st.lists(st.sampled_from([S0, W1, W2, W3]), min_size=1, max_size=6),
+    incoming=st.sampled_from([S0, W1, W2, W3]),
+    known=st.sampled_from([None, S0, W1, W2, W3]),
+)
+def test_an_echo_verdict_means_the_server_shows_jfsyncs_last_write(
+    states: list[UserData], incoming: UserData, known: UserData | None
+) -> None:
+    """The only guess the rule makes is the safe one: an event called an echo equals both the
+    newest write and what the ledger believes the server holds."""
+    pending = written(*states)
+    verdict = classify_event(pending, incoming, known, T + 100)
+    if verdict.verdict is Verdict.ECHO:
+        assert incoming == states[-1] == known
+    if verdict.verdict is Verdict.CHANGE:
+        assert all(incoming not in (p.state, p.replaced) for p in pending)

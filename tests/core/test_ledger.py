@@ -318,22 +318,46 @@ async def test_debounced_echo_of_two_writes_is_one_echo(ledger: Ledger) -> None:
     assert await ledger.outbox_depth("a") == 0
 
 
-async def test_stale_echo_after_a_newer_write_is_not_a_change(ledger: Ledger) -> None:
+async def test_an_echo_of_an_older_write_is_settled_by_a_read(ledger: Ledger) -> None:
+    """An event equal to an older write (a stale echo, or the user setting it back) changes
+    nothing by itself; the read that follows says which it was."""
     await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
     await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
     w1 = await _write(ledger, "b", DEFAULT_USER_DATA, T0 + 110)
     await ledger.apply_observation("a", USER, ITEM, UserData(favorite=False), T0 + 200)
     w2 = await _write(ledger, "b", w1, T0 + 210)
     stale = await ledger.apply_observation("b", USER, ITEM, w1, T0 + 610)
-    assert stale.outcome is Outcome.ECHO
+    assert stale.outcome is Outcome.AMBIGUOUS
     canonical = await ledger.canonical(USER, ITEM)
     assert canonical is not None
-    assert canonical.data == w2  # the stale echo did not revert anything
+    assert canonical.data == w2  # nothing was reverted on a guess
     assert await ledger.outbox_depth("a") == 0
     # c was never written: the favourite came and went before its turn, so nothing is owed.
     assert await ledger.outbox_depth("c") == 0
+    # b holds the newer write: the event was a stale echo.
+    read = await ledger.apply_observation("b", USER, ITEM, w2, T0 + 620, source="read")
+    assert read.outcome is Outcome.UNCHANGED
     fresh = await ledger.apply_observation("b", USER, ITEM, w2, T0 + 710)
     assert fresh.outcome is Outcome.ECHO
+
+
+async def test_a_user_setting_an_older_write_back_wins_after_the_read(ledger: Ledger) -> None:
+    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
+    w1 = await _write(ledger, "b", DEFAULT_USER_DATA, T0 + 110)
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=False), T0 + 200)
+    await _write(ledger, "b", w1, T0 + 210)
+    # The user favourites it again on b, inside the debounce of the second write.
+    event = await ledger.apply_observation("b", USER, ITEM, w1, T0 + 610)
+    assert event.outcome is Outcome.AMBIGUOUS
+    read = await ledger.apply_observation("b", USER, ITEM, w1, T0 + 620, source="read")
+    assert read.outcome is Outcome.CHANGED
+    canonical = await ledger.canonical(USER, ITEM)
+    assert canonical is not None
+    assert canonical.data == w1 == UserData(favorite=True)
+    assert {r.peer for r in await _all_rows(ledger)} == {"a", "c"}
+    # The older write's entry is moot now: setting it again later is the user's, not an echo.
+    assert [p.state for p in await ledger.pending_echoes("b", USER, ITEM)] == [w1]
 
 
 async def test_echo_that_carries_a_user_change_finds_that_change(ledger: Ledger) -> None:
@@ -366,14 +390,34 @@ async def test_an_event_flushed_before_our_write_does_not_undo_it(ledger: Ledger
     await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
     written = await _write(ledger, "b", DEFAULT_USER_DATA, T0 + 110)
     late = await ledger.apply_observation("b", USER, ITEM, DEFAULT_USER_DATA, T0 + 120)
-    assert late.outcome is Outcome.STALE
+    assert late.outcome is Outcome.AMBIGUOUS
     canonical = await ledger.canonical(USER, ITEM)
     assert canonical is not None
     assert canonical.data == written == UserData(favorite=True)
     assert await ledger.outbox_depth("a") == 0
-    # The write's own echo still comes and is still recognised.
+    # The read shows b holds the write: nothing changes, and its echo is still recognised.
+    read = await ledger.apply_observation("b", USER, ITEM, written, T0 + 125, source="read")
+    assert read.outcome is Outcome.UNCHANGED
     echo = await ledger.apply_observation("b", USER, ITEM, written, T0 + 620)
     assert echo.outcome is Outcome.ECHO
+
+
+async def test_the_user_taking_our_write_back_in_the_debounce_wins(ledger: Ledger) -> None:
+    """Issue 11, case 1 at the ledger: the one debounced event equals what the write replaced."""
+    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
+    await _write(ledger, "b", DEFAULT_USER_DATA, T0 + 110)
+    event = await ledger.apply_observation("b", USER, ITEM, DEFAULT_USER_DATA, T0 + 700)
+    assert event.outcome is Outcome.AMBIGUOUS
+    read = await ledger.apply_observation(
+        "b", USER, ITEM, DEFAULT_USER_DATA, T0 + 705, source="read"
+    )
+    assert read.outcome is Outcome.CHANGED
+    canonical = await ledger.canonical(USER, ITEM)
+    assert canonical is not None
+    assert canonical.data == DEFAULT_USER_DATA
+    [row] = await ledger.due_rows("a", 10, T0 + 710)
+    assert row.desired.favorite is False
 
 
 async def test_scan_pages_are_stale_only_if_requested_before_a_write(ledger: Ledger) -> None:
@@ -383,7 +427,7 @@ async def test_scan_pages_are_stale_only_if_requested_before_a_write(ledger: Led
     old_page = await ledger.apply_observation(
         "b", USER, ITEM, DEFAULT_USER_DATA, T0 + 105, source="scan"
     )
-    assert old_page.outcome is Outcome.STALE
+    assert old_page.outcome is Outcome.OUTDATED
     # A page requested after the write shows what b holds now: the user undid it.
     new_page = await ledger.apply_observation(
         "b", USER, ITEM, DEFAULT_USER_DATA, T0 + 200, source="scan"
@@ -756,3 +800,62 @@ async def test_one_process_writes_a_ledger_file_at_a_time(tmp_path: Path) -> Non
     # Released on close (and by the kernel when a process dies, however it dies).
     await second.open()
     await second.close()
+
+
+# ---------------------------------------------------------------------- reads older than events
+# Issue 11, case 2: a read requested before a live event but applied after it must never
+# override the event (every read carries the time it was requested).
+
+
+async def test_a_scan_page_older_than_an_event_does_not_revert_it(ledger: Ledger) -> None:
+    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
+    page_asked = T0 + 1_000
+    # While the page is on its way, the user favourites the item on a; the event lands first.
+    event = await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 1_600)
+    assert event.outcome is Outcome.CHANGED
+    page = await ledger.apply_observation(
+        "a", USER, ITEM, DEFAULT_USER_DATA, page_asked, source="scan"
+    )
+    assert page.outcome is Outcome.OUTDATED
+    canonical = await ledger.canonical(USER, ITEM)
+    assert canonical is not None
+    assert canonical.data.favorite is True
+    assert await ledger.last_known("a", USER, ITEM) == UserData(favorite=True)
+    for peer in ("b", "c"):
+        [row] = await ledger.due_rows(peer, 10, T0 + 1_700)
+        assert row.desired.favorite is True
+    # A page asked for after the event is applied as usual.
+    later = await ledger.apply_observation(
+        "a", USER, ITEM, DEFAULT_USER_DATA, T0 + 2_000, source="scan"
+    )
+    assert later.outcome is Outcome.CHANGED
+
+
+async def test_a_compare_read_older_than_an_event_neither_reverts_nor_overwrites(
+    ledger: Ledger,
+) -> None:
+    """The pusher read b (ahead), then the user rated the item 8 on b: the rating is kept, the
+    row carrying it to a stays, and the row to b is not written over the read."""
+    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
+    [row] = await ledger.due_rows("b", 10, T0 + 200)
+    read_asked = T0 + 200
+    rated = await ledger.apply_observation("b", USER, ITEM, UserData(rating=8.0), T0 + 900)
+    assert rated.outcome is Outcome.CHANGED
+    [fresh] = await ledger.observe_before_writes(
+        [(row, DEFAULT_USER_DATA)], T0 + 950, read_ms=read_asked
+    )
+    assert fresh is None  # not written on an outdated read: read again next round
+    canonical = await ledger.canonical(USER, ITEM)
+    assert canonical is not None
+    assert canonical.data == UserData(favorite=True, rating=8.0)
+    [to_a] = await ledger.due_rows("a", 10, T0 + 1_000)
+    assert to_a.desired.rating == 8.0
+    assert Register.RATING in to_a.registers
+    # The next round reads b again and writes the favourite over the rating b now shows.
+    [again] = await ledger.due_rows("b", 10, T0 + 1_000)
+    [fresh] = await ledger.observe_before_writes(
+        [(again, UserData(rating=8.0))], T0 + 1_010, read_ms=T0 + 1_000
+    )
+    assert fresh is not None
+    assert fresh.intended(UserData(rating=8.0)) == UserData(favorite=True, rating=8.0)
