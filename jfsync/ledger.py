@@ -158,6 +158,60 @@ class LedgerInUseError(LedgerError):
     """Another jfsync process has the ledger file open."""
 
 
+class LedgerFileError(LedgerError):
+    """The file at the ledger path is not a ledger (empty, not SQLite): refused, never reused."""
+
+
+class LedgerFileLostError(LedgerError):
+    """The file jfsync has open is no longer the file at the ledger path (deleted, replaced)."""
+
+
+#: The first 16 bytes of every SQLite 3 database file.
+SQLITE_MAGIC = b"SQLite format 3\x00"
+#: The length of the SQLite database header.
+SQLITE_HEADER_BYTES = 100
+
+
+def check_ledger_file(path: str | Path) -> None:
+    """Refuse an existing file at ``path`` that is not an SQLite database; a missing one is fine.
+
+    SQLite takes an empty file for a new database, so a ledger truncated to 0 bytes (a full
+    disk, a botched copy) or replaced by something else would silently start a new ledger,
+    and the next first-contact merge bring back what users had removed. Raises
+    LedgerFileError with one line naming the file, what is wrong and the fix.
+    """
+    path = str(path)
+    if path == ":memory:":
+        return
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(SQLITE_HEADER_BYTES)
+    except FileNotFoundError:
+        return
+    except IsADirectoryError:
+        raise LedgerFileError(
+            f"the ledger {path} is a directory, not a file; point ledger: at a file"
+        ) from None
+    except OSError as err:
+        raise LedgerFileError(f"cannot read the ledger {path}: {err.strerror or err}") from None
+    fix = "restore it from a backup, or move it away to start a new ledger"
+    if not header:
+        raise LedgerFileError(f"the ledger {path} is an empty (0-byte) file, not a ledger; {fix}")
+    if len(header) < SQLITE_HEADER_BYTES or not header.startswith(SQLITE_MAGIC):
+        raise LedgerFileError(f"the ledger {path} is not an SQLite database; {fix}")
+    page_size = int.from_bytes(header[16:18], "big")
+    if page_size != 1 and (page_size < 512 or page_size > 32768 or page_size & (page_size - 1)):
+        raise LedgerFileError(
+            f"the ledger {path} has a damaged SQLite header (page size {page_size}); {fix}"
+        )
+
+
+def _file_identity(path: str) -> tuple[int, int]:
+    """(device, inode) of the file at ``path``."""
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
+
+
 def take_writer_lock(path: str) -> int | None:
     """Take the single-writer lock of the ledger at ``path``; return the descriptor holding it.
 
@@ -474,6 +528,12 @@ class Ledger:
         self._cache = _StateCache(cache_pairs)
         #: The descriptor holding the ledger file's single-writer lock, while open.
         self._writer_lock: int | None = None
+        #: (device, inode) of the file opened, checked before every write transaction.
+        self._identity: tuple[int, int] | None = None
+        #: Why the file at the path is no longer the one open (then nothing more is written).
+        self._lost: str | None = None
+        #: Told, once, why the ledger stopped taking writes (the service stops on it).
+        self.file_lost_observers: list[Callable[[str], None]] = []
 
     def __repr__(self) -> str:
         return f"Ledger({self._path!r}, open={self._db is not None})"
@@ -491,11 +551,22 @@ class Ledger:
         return self._clock_ms
 
     async def open(self) -> Self:
-        """Connect, migrate the schema, register the configured servers, load the clock."""
+        """Connect, migrate the schema, register the configured servers, load the clock.
+
+        An existing file that is not an SQLite database (0 bytes included) is refused
+        (LedgerFileError); a missing one is created. The file's identity (device, inode) is
+        recorded: every write transaction first checks that the path still names it
+        (:meth:`verify_file`).
+        """
         if self._db is not None:
             return self
         if self._path != ":memory:":
             self._writer_lock = take_writer_lock(self._path)
+            try:
+                check_ledger_file(self._path)
+            except BaseException:
+                self._release_writer_lock()
+                raise
         try:
             db = await connect(self._path)
         except BaseException:
@@ -504,6 +575,8 @@ class Ledger:
         try:
             if self._path != ":memory:":
                 await prepare(db)
+                self._identity = _file_identity(self._path)
+                self._lost = None
             else:
                 await db.execute("PRAGMA foreign_keys=ON")
             applied = await migrate(db)
@@ -537,6 +610,51 @@ class Ledger:
             async with self._gate.lock:
                 await db.close()
         self._release_writer_lock()
+
+    def file_problem(self) -> str | None:
+        """Why the file at the ledger path is not the file this ledger writes, or None.
+
+        One ``os.stat``: the path must still name the file (device and inode) opened.
+        """
+        if self._lost is not None:
+            return self._lost
+        if self._identity is None:
+            return None
+        try:
+            identity = _file_identity(self._path)
+        except FileNotFoundError:
+            return (
+                f"the ledger file {self._path} was deleted while jfsync had it open; nothing "
+                "more is written to it (restore the file and restart jfsync, or restart to "
+                "begin a new ledger)"
+            )
+        except OSError as err:
+            return f"cannot check the ledger file {self._path}: {err.strerror or err}"
+        if identity != self._identity:
+            return (
+                f"the ledger file {self._path} was replaced by another file while jfsync had "
+                "it open; nothing more is written to either (restart jfsync to use the file "
+                "now at that path)"
+            )
+        return None
+
+    def verify_file(self) -> None:
+        """Raise LedgerFileLostError when the path no longer names the file open.
+
+        The first time, every :attr:`file_lost_observers` is told why; from then on every
+        write is refused, even if the file comes back.
+        """
+        if self._lost is None:
+            problem = self.file_problem()
+            if problem is None:
+                return
+            self._lost = problem
+            for observer in list(self.file_lost_observers):
+                try:
+                    observer(problem)
+                except Exception:
+                    logger.exception("telling about the lost ledger file failed")
+        raise LedgerFileLostError(self._lost)
 
     def _release_writer_lock(self) -> None:
         lock, self._writer_lock = self._writer_lock, None
@@ -1175,6 +1293,8 @@ class Ledger:
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._gate.transaction(self._require(), self._forget_uncommitted) as db:
+            # Under the lock, before anything is written: never into a file nobody sees.
+            self.verify_file()
             yield db
 
     def _forget_uncommitted(self) -> None:
