@@ -25,7 +25,7 @@ from tests.operate.conftest import PUSHER, Stack, StackFactory, _fast_delays, fr
 
 pytestmark = pytest.mark.timeout(40)
 
-TOKEN = "retry-dead-status-token-0123"  # noqa: S105 - a test value
+TOKEN = "retry-dead-status-token-0123"
 
 
 async def _status_exit(stack: Stack) -> tuple[int, str]:
@@ -168,16 +168,21 @@ async def test_retry_dead_bad_arguments_and_unreachable_endpoint(
     config.write_text(yaml.safe_dump(raw))
 
     code, _, err = await _cli(["retry-dead"], capsys)
-    assert code == 2 and "give --config FILE" in err
+    assert code == 2
+    assert "give --config FILE" in err
     code, _, err = await _cli(["retry-dead", "--config", str(config), "--server", "attic"], capsys)
-    assert code == 2 and "--server attic: no such server" in err and "home, cabin" in err
+    assert code == 2
+    assert "--server attic: no such server" in err
+    assert "home, cabin" in err
     # No ledger there yet: nothing to revive, and none is created.
     code, _, err = await _cli(["retry-dead", "--config", str(config)], capsys)
-    assert code == 1 and f"there is no ledger at {ledger}" in err
+    assert code == 1
+    assert f"there is no ledger at {ledger}" in err
     assert not ledger.exists()
     url = f"http://127.0.0.1:{free_port()}"
     code, _, err = await _cli(["retry-dead", "--url", url], capsys)
-    assert code == 3 and "cannot reach" in err
+    assert code == 3
+    assert "cannot reach" in err
 
     # A ledger with nothing dead: zero for each server.
     async with Ledger(ledger, MergePolicy(servers=("home", "cabin"))):
