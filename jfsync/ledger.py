@@ -70,7 +70,7 @@ import logging
 import os
 import sys
 from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -92,6 +92,7 @@ from jfsync.model import (
     UserData,
     user_data,
 )
+from jfsync.users import is_positional_map_key, plan_map_key_migration
 
 logger = logging.getLogger(__name__)
 
@@ -513,10 +514,17 @@ class Ledger:
     """The SQLite ledger; open with ``async with Ledger(path, policy) as ledger``."""
 
     def __init__(
-        self, path: str | Path, policy: MergePolicy, *, cache_pairs: int = STATE_CACHE_PAIRS
+        self,
+        path: str | Path,
+        policy: MergePolicy,
+        *,
+        cache_pairs: int = STATE_CACHE_PAIRS,
+        user_map: Sequence[Mapping[str, str]] | None = None,
     ) -> None:
         self._path = str(path)
         self._policy = policy
+        #: The config's users.map: with it, open() moves positional map keys to stable ones.
+        self._user_map = user_map
         self._db: aiosqlite.Connection | None = None
         #: Every use of the connection holds its lock; writes go through its transactions.
         self._gate = WriteGate()
@@ -591,6 +599,8 @@ class Ledger:
                 "INSERT INTO meta(key, value) VALUES ('clock_ms', 0) ON CONFLICT DO NOTHING"
             )
             await db.commit()
+            if self._user_map is not None:
+                await self._migrate_map_keys(db, self._user_map)
             for sid, name in await db.execute_fetchall("SELECT id, name FROM servers"):
                 self._server_ids[name] = sid
                 self._server_names[sid] = name
@@ -602,6 +612,69 @@ class Ledger:
             raise
         self._db = db
         return self
+
+    async def _migrate_map_keys(
+        self, db: aiosqlite.Connection, entries: Sequence[Mapping[str, str]]
+    ) -> None:
+        """Give people of positional ``users.map`` keys (``map:0``) their stable keys.
+
+        A one-time data migration, run at open with the config's map at hand (SQL alone
+        cannot derive the keys: they come from the config's entries). Each old key goes to the
+        entry naming the accounts the ledger recorded for it (:func:`plan_map_key_migration`),
+        whatever position that entry has now; the row keeps its id, so every canonical state,
+        last-known state and outbox row stays with that person. Idempotent: new keys never
+        look positional.
+        """
+        rows = await db.execute_fetchall(
+            "SELECT u.id, u.key, s.name, su.name FROM users u "
+            "LEFT JOIN server_users su ON su.user = u.id "
+            "LEFT JOIN servers s ON s.id = su.server WHERE u.key GLOB 'map:[0-9]*'"
+        )
+        old: dict[str, dict[str, str | None]] = {}
+        ids: dict[str, int] = {}
+        for uid, key, server, name in rows:
+            if not is_positional_map_key(str(key)):
+                continue
+            ids[str(key)] = int(uid)
+            accounts = old.setdefault(str(key), {})
+            if server is not None:
+                accounts[str(server)] = None if name is None else str(name)
+        if not old:
+            return
+        renames, problems = plan_map_key_migration(old, entries)
+        for problem in problems:
+            logger.info("ledger %s: %s", self._path, problem)
+        taken = {
+            str(r[0])
+            for r in await db.execute_fetchall(
+                f"SELECT key FROM users WHERE key IN ({_marks(len(renames))})",  # noqa: S608
+                list(renames.values()),
+            )
+        }
+        for key in [k for k, new in renames.items() if new in taken]:
+            logger.warning(
+                "ledger %s: user %s stays as it is: %s is in the ledger already",
+                self._path,
+                key,
+                renames.pop(key),
+            )
+        if not renames:
+            return
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            await db.executemany(
+                "UPDATE users SET key=? WHERE id=?",
+                [(new, ids[key]) for key, new in renames.items()],
+            )
+        except BaseException:
+            await db.rollback()
+            raise
+        await db.commit()
+        logger.info(
+            "ledger %s: users.map keys now follow each entry's names, not its position: %s",
+            self._path,
+            ", ".join(f"{key} -> {new}" for key, new in sorted(renames.items())),
+        )
 
     async def close(self) -> None:
         """Close the connection and give up the file (idempotent)."""

@@ -139,7 +139,9 @@ class SyncService:
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self.counters = Counters()
-        self.ledger = Ledger(config.ledger, MergePolicy.from_config(config))
+        self.ledger = Ledger(
+            config.ledger, MergePolicy.from_config(config), user_map=config.users.map
+        )
         if identity is None:
             # The library index lives in the ledger file; an in-memory ledger cannot share it.
             in_memory = str(config.ledger) == ":memory:"

@@ -522,7 +522,8 @@ async def retry_dead_in_ledger(config: Config, server: str | None = None) -> dic
 
     path = str(config.ledger)
     names = [server] if server else [s.name for s in config.servers]
-    async with Ledger(path, MergePolicy.from_config(config)) as ledger:
+    policy = MergePolicy.from_config(config)
+    async with Ledger(path, policy, user_map=config.users.map) as ledger:
         return {name: await ledger.retry_dead(name) for name in names}
 
 
