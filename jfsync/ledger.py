@@ -60,6 +60,13 @@ Rows are identified by (peer, user, item) and ``version``; the integer ``id`` is
 
 All methods serialise on one lock; no transaction is held across anything but the ledger's own
 SQL. Tokens are stored in clear in the ledger file (protect the file) and never logged.
+
+The file: :meth:`Ledger.open` refuses an existing file that is not an SQLite database (0 bytes
+included; :func:`check_ledger_file`) and records the file's device and inode; every write
+transaction first checks that the path still names that file (:meth:`Ledger.verify_file`) and
+refuses to write into a file that was deleted or replaced (:class:`LedgerFileLostError`;
+``file_lost_observers`` are told once). Opened with the config's ``users.map``, it moves
+people keyed by their entry's position (``map:0``) to the entry's stable key.
 """
 
 from __future__ import annotations
