@@ -90,6 +90,9 @@ async def test_retry_dead_beside_a_running_jfsync_delivers_the_parked_write(
     item = stack.items[4]
     expected = await _rejected_by_cabin(stack, item, 3.0)
     config = _config_file(stack, tmp_path)
+    # The route needs the status token like every other one.
+    assert (await stack.get("/retry-dead", token=False, method="POST"))[0] == 401
+    assert len(await stack.service.ledger.dead_rows("cabin")) == 1
 
     # Only the rows owed to home: there are none, and cabin's stays parked.
     code, out, err = await _cli(["retry-dead", "--config", str(config), "--server", "home"], capsys)
