@@ -2,8 +2,9 @@
 
 Subcommands: ``check`` (validate a config, then reach every server), ``emulator`` (run a
 Jellyfin emulator on loopback), ``reconcile`` (one full reconcile, or with ``--dry-run`` what
-it would change), and the service commands as they exist. Every command returns
-an exit status; problems go to stderr, one per line, and never include secrets.
+it would change), ``retry-dead`` (revive parked writes), and the service commands as they
+exist. Every command returns an exit status; problems go to stderr, one per line, and never
+include secrets.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from jfsync import __version__
 from jfsync.config import Config, load_config
@@ -66,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     statuscmd.add_arguments(status)
     status.set_defaults(handler=statuscmd.run)
 
+    _add_retry_dead(sub)
+
     reconcile = sub.add_parser(
         "reconcile",
         help="compare every server once, repair what differs, and exit",
@@ -107,6 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_retry_dead(sub: Any) -> None:
+    """``jfsync retry-dead``: make parked (dead) rows live again."""
+    from jfsync import statuscmd
+
+    retry = sub.add_parser(
+        "retry-dead",
+        help="try dead (parked) writes again, for every server or one",
+        description="Make the rows parked as dead (a server answered 400 or 404) live again, "
+        "so they are tried at once. Works beside a running `jfsync run` (through its status "
+        "endpoint) and without one (in the ledger file). Prints one line per server with "
+        "the count. Exit status: 0 done, 1 the ledger could not be used, 2 invalid config "
+        "or arguments, 3 the status endpoint could not be reached or refused the token.",
+    )
+    statuscmd.add_retry_dead_arguments(retry)
+    retry.set_defaults(handler=statuscmd.run_retry_dead)
+
+
 def _load(path: str) -> Config | None:
     """Load the config, or print its problems to stderr and return None."""
     try:
@@ -120,7 +141,7 @@ def _load(path: str) -> Config | None:
 
 def _run(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    if config is None:
+    if config is None or not _ledger_usable(config, "run"):
         return EXIT_CONFIG
     from jfsync.logs import configure_logging
     from jfsync.service import run_service, tune_garbage_collector
@@ -128,6 +149,19 @@ def _run(args: argparse.Namespace) -> int:
     configure_logging(config.logging.level, config.secret_values())
     tune_garbage_collector()
     return asyncio.run(run_service(config))
+
+
+def _ledger_usable(config: Config, command: str) -> bool:
+    """Refuse, with one line, an existing ledger file that is not a ledger (0 bytes, not
+    SQLite): SQLite would take it for a new, empty ledger."""
+    from jfsync.ledger import LedgerFileError, check_ledger_file
+
+    try:
+        check_ledger_file(config.ledger)
+    except LedgerFileError as err:
+        print(f"jfsync {command}: {err}", file=sys.stderr)
+        return False
+    return True
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -145,7 +179,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _reconcile(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    if config is None:
+    if config is None or not _ledger_usable(config, "reconcile"):
         return EXIT_CONFIG
     from jfsync.logs import configure_logging
     from jfsync.reconcile import run_reconcile

@@ -60,6 +60,13 @@ Rows are identified by (peer, user, item) and ``version``; the integer ``id`` is
 
 All methods serialise on one lock; no transaction is held across anything but the ledger's own
 SQL. Tokens are stored in clear in the ledger file (protect the file) and never logged.
+
+The file: :meth:`Ledger.open` refuses an existing file that is not an SQLite database (0 bytes
+included; :func:`check_ledger_file`) and records the file's device and inode; every write
+transaction first checks that the path still names that file (:meth:`Ledger.verify_file`) and
+refuses to write into a file that was deleted or replaced (:class:`LedgerFileLostError`;
+``file_lost_observers`` are told once). Opened with the config's ``users.map``, it moves
+people keyed by their entry's position (``map:0``) to the entry's stable key.
 """
 
 from __future__ import annotations
@@ -70,7 +77,7 @@ import logging
 import os
 import sys
 from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -99,6 +106,7 @@ from jfsync.model import (
     UserData,
     user_data,
 )
+from jfsync.users import is_positional_map_key, plan_map_key_migration
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +171,60 @@ class LedgerError(JfsyncError):
 
 class LedgerInUseError(LedgerError):
     """Another jfsync process has the ledger file open."""
+
+
+class LedgerFileError(LedgerError):
+    """The file at the ledger path is not a ledger (empty, not SQLite): refused, never reused."""
+
+
+class LedgerFileLostError(LedgerError):
+    """The file jfsync has open is no longer the file at the ledger path (deleted, replaced)."""
+
+
+#: The first 16 bytes of every SQLite 3 database file.
+SQLITE_MAGIC = b"SQLite format 3\x00"
+#: The length of the SQLite database header.
+SQLITE_HEADER_BYTES = 100
+
+
+def check_ledger_file(path: str | Path) -> None:
+    """Refuse an existing file at ``path`` that is not an SQLite database; a missing one is fine.
+
+    SQLite takes an empty file for a new database, so a ledger truncated to 0 bytes (a full
+    disk, a botched copy) or replaced by something else would silently start a new ledger,
+    and the next first-contact merge bring back what users had removed. Raises
+    LedgerFileError with one line naming the file, what is wrong and the fix.
+    """
+    path = str(path)
+    if path == ":memory:":
+        return
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(SQLITE_HEADER_BYTES)
+    except FileNotFoundError:
+        return
+    except IsADirectoryError:
+        raise LedgerFileError(
+            f"the ledger {path} is a directory, not a file; point ledger: at a file"
+        ) from None
+    except OSError as err:
+        raise LedgerFileError(f"cannot read the ledger {path}: {err.strerror or err}") from None
+    fix = "restore it from a backup, or move it away to start a new ledger"
+    if not header:
+        raise LedgerFileError(f"the ledger {path} is an empty (0-byte) file, not a ledger; {fix}")
+    if len(header) < SQLITE_HEADER_BYTES or not header.startswith(SQLITE_MAGIC):
+        raise LedgerFileError(f"the ledger {path} is not an SQLite database; {fix}")
+    page_size = int.from_bytes(header[16:18], "big")
+    if page_size != 1 and (page_size < 512 or page_size > 32768 or page_size & (page_size - 1)):
+        raise LedgerFileError(
+            f"the ledger {path} has a damaged SQLite header (page size {page_size}); {fix}"
+        )
+
+
+def _file_identity(path: str) -> tuple[int, int]:
+    """(device, inode) of the file at ``path``."""
+    info = os.stat(path)
+    return info.st_dev, info.st_ino
 
 
 def take_writer_lock(path: str) -> int | None:
@@ -477,10 +539,17 @@ class Ledger:
     """The SQLite ledger; open with ``async with Ledger(path, policy) as ledger``."""
 
     def __init__(
-        self, path: str | Path, policy: MergePolicy, *, cache_pairs: int = STATE_CACHE_PAIRS
+        self,
+        path: str | Path,
+        policy: MergePolicy,
+        *,
+        cache_pairs: int = STATE_CACHE_PAIRS,
+        user_map: Sequence[Mapping[str, str]] | None = None,
     ) -> None:
         self._path = str(path)
         self._policy = policy
+        #: The config's users.map: with it, open() moves positional map keys to stable ones.
+        self._user_map = user_map
         self._db: aiosqlite.Connection | None = None
         #: Every use of the connection holds its lock; writes go through its transactions.
         self._gate = WriteGate()
@@ -496,6 +565,12 @@ class Ledger:
         self._seen: dict[_Key, int] = {}
         #: The descriptor holding the ledger file's single-writer lock, while open.
         self._writer_lock: int | None = None
+        #: (device, inode) of the file opened, checked before every write transaction.
+        self._identity: tuple[int, int] | None = None
+        #: Why the file at the path is no longer the one open (then nothing more is written).
+        self._lost: str | None = None
+        #: Told, once, why the ledger stopped taking writes (the service stops on it).
+        self.file_lost_observers: list[Callable[[str], None]] = []
 
     def __repr__(self) -> str:
         return f"Ledger({self._path!r}, open={self._db is not None})"
@@ -513,11 +588,22 @@ class Ledger:
         return self._clock_ms
 
     async def open(self) -> Self:
-        """Connect, migrate the schema, register the configured servers, load the clock."""
+        """Connect, migrate the schema, register the configured servers, load the clock.
+
+        An existing file that is not an SQLite database (0 bytes included) is refused
+        (LedgerFileError); a missing one is created. The file's identity (device, inode) is
+        recorded: every write transaction first checks that the path still names it
+        (:meth:`verify_file`).
+        """
         if self._db is not None:
             return self
         if self._path != ":memory:":
             self._writer_lock = take_writer_lock(self._path)
+            try:
+                check_ledger_file(self._path)
+            except BaseException:
+                self._release_writer_lock()
+                raise
         try:
             db = await connect(self._path)
         except BaseException:
@@ -526,6 +612,8 @@ class Ledger:
         try:
             if self._path != ":memory:":
                 await prepare(db)
+                self._identity = _file_identity(self._path)
+                self._lost = None
             else:
                 await db.execute("PRAGMA foreign_keys=ON")
             applied = await migrate(db)
@@ -540,6 +628,8 @@ class Ledger:
                 "INSERT INTO meta(key, value) VALUES ('clock_ms', 0) ON CONFLICT DO NOTHING"
             )
             await db.commit()
+            if self._user_map is not None:
+                await self._migrate_map_keys(db, self._user_map)
             for sid, name in await db.execute_fetchall("SELECT id, name FROM servers"):
                 self._server_ids[name] = sid
                 self._server_names[sid] = name
@@ -552,6 +642,69 @@ class Ledger:
         self._db = db
         return self
 
+    async def _migrate_map_keys(
+        self, db: aiosqlite.Connection, entries: Sequence[Mapping[str, str]]
+    ) -> None:
+        """Give people of positional ``users.map`` keys (``map:0``) their stable keys.
+
+        A one-time data migration, run at open with the config's map at hand (SQL alone
+        cannot derive the keys: they come from the config's entries). Each old key goes to the
+        entry naming the accounts the ledger recorded for it (:func:`plan_map_key_migration`),
+        whatever position that entry has now; the row keeps its id, so every canonical state,
+        last-known state and outbox row stays with that person. Idempotent: new keys never
+        look positional.
+        """
+        rows = await db.execute_fetchall(
+            "SELECT u.id, u.key, s.name, su.name FROM users u "
+            "LEFT JOIN server_users su ON su.user = u.id "
+            "LEFT JOIN servers s ON s.id = su.server WHERE u.key GLOB 'map:[0-9]*'"
+        )
+        old: dict[str, dict[str, str | None]] = {}
+        ids: dict[str, int] = {}
+        for uid, key, server, name in rows:
+            if not is_positional_map_key(str(key)):
+                continue
+            ids[str(key)] = int(uid)
+            accounts = old.setdefault(str(key), {})
+            if server is not None:
+                accounts[str(server)] = None if name is None else str(name)
+        if not old:
+            return
+        renames, problems = plan_map_key_migration(old, entries)
+        for problem in problems:
+            logger.info("ledger %s: %s", self._path, problem)
+        taken = {
+            str(r[0])
+            for r in await db.execute_fetchall(
+                f"SELECT key FROM users WHERE key IN ({_marks(len(renames))})",  # noqa: S608
+                list(renames.values()),
+            )
+        }
+        for key in [k for k, new in renames.items() if new in taken]:
+            logger.warning(
+                "ledger %s: user %s stays as it is: %s is in the ledger already",
+                self._path,
+                key,
+                renames.pop(key),
+            )
+        if not renames:
+            return
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            await db.executemany(
+                "UPDATE users SET key=? WHERE id=?",
+                [(new, ids[key]) for key, new in renames.items()],
+            )
+        except BaseException:
+            await db.rollback()
+            raise
+        await db.commit()
+        logger.info(
+            "ledger %s: users.map keys now follow each entry's names, not its position: %s",
+            self._path,
+            ", ".join(f"{key} -> {new}" for key, new in sorted(renames.items())),
+        )
+
     async def close(self) -> None:
         """Close the connection and give up the file (idempotent)."""
         db, self._db = self._db, None
@@ -559,6 +712,51 @@ class Ledger:
             async with self._gate.lock:
                 await db.close()
         self._release_writer_lock()
+
+    def file_problem(self) -> str | None:
+        """Why the file at the ledger path is not the file this ledger writes, or None.
+
+        One ``os.stat``: the path must still name the file (device and inode) opened.
+        """
+        if self._lost is not None:
+            return self._lost
+        if self._identity is None:
+            return None
+        try:
+            identity = _file_identity(self._path)
+        except FileNotFoundError:
+            return (
+                f"the ledger file {self._path} was deleted while jfsync had it open; nothing "
+                "more is written to it (restore the file and restart jfsync, or restart to "
+                "begin a new ledger)"
+            )
+        except OSError as err:
+            return f"cannot check the ledger file {self._path}: {err.strerror or err}"
+        if identity != self._identity:
+            return (
+                f"the ledger file {self._path} was replaced by another file while jfsync had "
+                "it open; nothing more is written to either (restart jfsync to use the file "
+                "now at that path)"
+            )
+        return None
+
+    def verify_file(self) -> None:
+        """Raise LedgerFileLostError when the path no longer names the file open.
+
+        The first time, every :attr:`file_lost_observers` is told why; from then on every
+        write is refused, even if the file comes back.
+        """
+        if self._lost is None:
+            problem = self.file_problem()
+            if problem is None:
+                return
+            self._lost = problem
+            for observer in list(self.file_lost_observers):
+                try:
+                    observer(problem)
+                except Exception:
+                    logger.exception("telling about the lost ledger file failed")
+        raise LedgerFileLostError(self._lost)
 
     def _release_writer_lock(self) -> None:
         lock, self._writer_lock = self._writer_lock, None
@@ -1211,6 +1409,8 @@ class Ledger:
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._gate.transaction(self._require(), self._forget_uncommitted) as db:
+            # Under the lock, before anything is written: never into a file nobody sees.
+            self.verify_file()
             yield db
 
     def _forget_uncommitted(self) -> None:

@@ -436,7 +436,7 @@ async def run_reconcile(
         if dry_run:
             await asyncio.to_thread(copy_ledger, config.ledger, work)
         work_config = config.model_copy(update={"ledger": work})
-        ledger = Ledger(work, MergePolicy.from_config(config))
+        ledger = Ledger(work, MergePolicy.from_config(config), user_map=config.users.map)
         await ledger.open()
         try:
             async with aiohttp.ClientSession() as session:

@@ -142,7 +142,9 @@ class SyncService:
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self.counters = Counters()
-        self.ledger = Ledger(config.ledger, MergePolicy.from_config(config))
+        self.ledger = Ledger(
+            config.ledger, MergePolicy.from_config(config), user_map=config.users.map
+        )
         if identity is None:
             # The library index lives in the ledger file; an in-memory ledger cannot share it.
             in_memory = str(config.ledger) == ":memory:"
@@ -167,6 +169,10 @@ class SyncService:
         #: When the last full reconcile finished (wall ms) and a one-line result, for status.
         self.last_reconcile_ms: int | None = None
         self.last_reconcile_result: str | None = None
+        #: Why the service must stop at once (the ledger file was lost), and its signal.
+        self.fatal_error: str | None = None
+        self.fatal = asyncio.Event()
+        self.ledger.file_lost_observers.append(self._ledger_file_lost)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -284,6 +290,26 @@ class SyncService:
                 if result:
                     return
                 await changed.wait()
+
+    def _ledger_file_lost(self, reason: str) -> None:
+        """The ledger takes no more writes (its file was deleted or replaced): stop, failing."""
+        if self.fatal_error is not None:
+            return
+        self.fatal_error = reason
+        logger.error("stopping: %s", reason)
+        self.fatal.set()
+        self._notify()
+
+    async def wait_stop(self, stop: asyncio.Event) -> None:
+        """Wait until ``stop`` is set (a signal) or the service must stop (:attr:`fatal`)."""
+        waits = [
+            asyncio.create_task(stop.wait(), name="jfsync-wait-stop"),
+            asyncio.create_task(self.fatal.wait(), name="jfsync-wait-fatal"),
+        ]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await cancel_and_wait(waits, logger)
 
     # ------------------------------------------------------------------ servers and users
 
@@ -730,11 +756,12 @@ async def _serve(
             err.strerror or err,
         )
     try:
-        await stop.wait()
+        await service.wait_stop(stop)
     except asyncio.CancelledError:
         await _shut_down(service, status_server)
         raise
-    logger.info("stop requested; finishing writes under way")
+    if service.fatal_error is None:
+        logger.info("stop requested; finishing writes under way")
     limit_s = config.sync.shutdown_grace + SHUTDOWN_SLACK_S
     if backstop:
         # Armed for good: the process is on its way out, however that ends.
@@ -755,6 +782,9 @@ async def _serve(
         return 1
     await cancel_and_wait([deadline], logger)
     await stopping
+    if service.fatal_error is not None:
+        logger.error("jfsync stopped: %s", service.fatal_error)
+        return 1
     return 0
 
 

@@ -4,8 +4,13 @@
 
 * ``GET /status``: the service's snapshot as JSON (shape documented in ``docs/status.md``);
 * ``GET /healthz``: 200 while the process runs and the ledger takes a write (a sentinel row
-  saved and deleted in the tokens table), else 503; for the container healthcheck;
-* ``GET /metrics``: Prometheus text (:mod:`jfsync.metrics`).
+  saved and deleted in the tokens table), else 503 with a ``reason``; for the container
+  healthcheck. The ledger path must still name the file jfsync has open (deleted or
+  replaced: 503, and the service stops);
+* ``GET /metrics``: Prometheus text (:mod:`jfsync.metrics`);
+* ``POST /retry-dead`` (optionally ``?server=NAME``): revive the dead rows of every peer, or
+  of one, so they are tried again; answers ``{"revived": {server: count}}`` (the route
+  ``jfsync retry-dead`` takes while ``jfsync run`` holds the ledger).
 
 With ``status.token`` configured every route, unknown ones included, needs
 ``Authorization: Bearer <token>`` (compared in constant time) and answers 401 otherwise. The
@@ -25,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
+from jfsync.ledger import LedgerFileLostError
 from jfsync.metrics import CONTENT_TYPE, Metrics
 from jfsync.service import SyncService
 
@@ -88,6 +94,7 @@ class StatusServer:
         app.router.add_get("/status", self._status)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/retry-dead", self._retry_dead)
         # No access log: a scrape every few seconds would drown the lines that matter.
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
@@ -148,6 +155,13 @@ class StatusServer:
     async def _healthz(self, request: web.Request) -> web.StreamResponse:
         ledger = self.service.ledger
         try:
+            # The path must still name the file jfsync writes (a deleted or replaced ledger
+            # would take writes that nobody will ever read); a lost file stops the service.
+            ledger.verify_file()
+        except LedgerFileLostError as err:
+            reason = self._scrub_text(str(err))
+            return self._json({"status": "unhealthy", "reason": reason}, status=503)
+        try:
             async with asyncio.timeout(HEALTHZ_TIMEOUT_S):
                 await ledger.save_token(HEALTHZ_SERVER, HEALTHZ_USER, "ok")
                 await ledger.forget_token(HEALTHZ_SERVER, HEALTHZ_USER)
@@ -170,6 +184,33 @@ class StatusServer:
         return web.Response(
             body=body, headers={"Content-Type": CONTENT_TYPE, "Cache-Control": "no-store"}
         )
+
+    async def _retry_dead(self, request: web.Request) -> web.StreamResponse:
+        """Revive the dead rows of every peer (or of ``?server=``) and wake their pushers."""
+        names = [s.name for s in self.service.config.servers]
+        wanted = request.query.get("server")
+        if wanted is not None and wanted not in names:
+            return self._json(
+                {"error": f"unknown server {wanted!r}; expected one of {', '.join(names)}"},
+                status=400,
+            )
+        revived: dict[str, int] = {}
+        try:
+            for name in [wanted] if wanted is not None else names:
+                revived[name] = await self.service.ledger.retry_dead(name)
+                link = self.service.links.get(name)
+                if revived[name] and link is not None:
+                    link.pusher.wake()
+        except Exception as err:  # noqa: BLE001 - the endpoint must answer, not crash
+            reason = self._scrub_text(f"cannot revive dead rows: {err}")
+            logger.warning("%s", reason)
+            return self._json({"error": reason, "revived": revived}, status=503)
+        if any(revived.values()):
+            logger.info(
+                "revived dead rows on request: %s",
+                ", ".join(f"{name}={count}" for name, count in revived.items()),
+            )
+        return self._json({"revived": revived})
 
     # ------------------------------------------------------------------ helpers
 

@@ -13,15 +13,20 @@ servers, sockets and peers. Exit status, for scripts:
 container ``HEALTHCHECK`` expects. The URL and token come from ``--url`` / ``--token``, else
 ``JFSYNC_STATUS_TOKEN``, else the ``status`` section of ``--config``, else
 ``http://127.0.0.1:8097`` without a token. The token is never printed.
+
+``jfsync retry-dead`` lives here too (:func:`run_retry_dead`): it revives dead rows in the
+ledger file, or through ``POST /retry-dead`` of the running jfsync that holds the ledger.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -155,12 +160,22 @@ def check_health(
     return 1
 
 
-def fetch(url: str, path: str, token: str | None, timeout_s: float) -> tuple[int, str]:
-    """GET ``url + path``; return (HTTP status, body). Raise EndpointError when unreachable."""
+def fetch(
+    url: str, path: str, token: str | None, timeout_s: float, *, method: str = "GET"
+) -> tuple[int, str]:
+    """Ask ``url + path`` (GET, or ``method``); return (HTTP status, body).
+
+    Raise EndpointError when unreachable or when the token is refused.
+    """
     full = url.rstrip("/") + path
     if not full.startswith(("http://", "https://")):
         raise EndpointError(f"{url} is not an http:// or https:// URL")
-    request = urllib.request.Request(full, headers={"Accept": "application/json"})  # noqa: S310
+    request = urllib.request.Request(  # noqa: S310 - the scheme is checked above
+        full,
+        headers={"Accept": "application/json"},
+        method=method,
+        data=b"" if method == "POST" else None,
+    )
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
@@ -399,3 +414,161 @@ def _config_token(config: Config | None) -> str | None:
 def _hide(text: str, token: str | None) -> str:
     """Never echo the token, whatever the endpoint answered."""
     return text.replace(token, "***") if token and len(token) >= 4 else text
+
+
+# ---------------------------------------------------------------------- jfsync retry-dead
+
+#: ``jfsync retry-dead`` exit status: the ledger could not be used, or jfsync failed to revive.
+EXIT_RETRY_FAILED = 1
+
+
+def add_retry_dead_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``retry-dead`` command's options."""
+    parser.add_argument(
+        "--config", "-c", help="the jfsync config: its ledger, servers and status endpoint"
+    )
+    parser.add_argument(
+        "--server", metavar="NAME", help="only the dead rows owed to this server (default: all)"
+    )
+    parser.add_argument(
+        "--url",
+        help="ask this status endpoint (default: open the ledger of --config, or ask the "
+        "endpoint of --config when a running jfsync holds the ledger)",
+    )
+    parser.add_argument(
+        "--token", help=f"bearer token (default: ${TOKEN_ENV}, then status.token of --config)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per request"
+    )
+
+
+def run_retry_dead(args: argparse.Namespace) -> int:
+    """Run ``jfsync retry-dead``; return the exit status.
+
+    Without ``--url`` the ledger of ``--config`` is opened directly; when a running
+    ``jfsync run`` holds it (the single-writer lock), the request goes to that process's
+    status endpoint instead, which revives the rows and wakes the pushers at once.
+    Exit status: 0 revived (counts printed, zero included), 1 the ledger could not be used
+    or the service failed to revive, 2 invalid config or arguments, 3 the endpoint could not
+    be reached, refused the token or answered something else.
+    """
+    if not args.config and not args.url:
+        print(
+            "jfsync retry-dead: give --config FILE (or --url of a running jfsync's status "
+            "endpoint)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    config: Config | None = None
+    if args.config:
+        try:
+            config = load_config(args.config)
+        except ConfigError as err:
+            print(f"{args.config}: the config is not valid:", file=sys.stderr)
+            for problem in err.problems:
+                print(f"  {problem}", file=sys.stderr)
+            return EXIT_CONFIG
+        names = [s.name for s in config.servers]
+        if args.server is not None and args.server not in names:
+            print(
+                f"jfsync retry-dead: --server {args.server}: no such server in {args.config}; "
+                f"expected one of {', '.join(names)}",
+                file=sys.stderr,
+            )
+            return EXIT_CONFIG
+    token = args.token or os.environ.get(TOKEN_ENV) or _config_token(config)
+    url = args.url
+    if url is None:
+        assert config is not None
+        from jfsync.errors import JfsyncError
+        from jfsync.ledger import LedgerInUseError
+
+        path = str(config.ledger)
+        if path == ":memory:" or not os.path.exists(path):
+            print(
+                f"jfsync retry-dead: there is no ledger at {path} (nothing to revive); "
+                "check ledger: in the config",
+                file=sys.stderr,
+            )
+            return EXIT_RETRY_FAILED
+        try:
+            revived = asyncio.run(retry_dead_in_ledger(config, args.server))
+        except LedgerInUseError:
+            url = endpoint_url(config)
+            print(
+                f"jfsync retry-dead: a running jfsync holds the ledger; asking it at {url}",
+                file=sys.stderr,
+            )
+        except JfsyncError as err:
+            print(f"jfsync retry-dead: {err}", file=sys.stderr)
+            return _ledger_exit(err)
+        else:
+            print_revived(revived, sys.stdout)
+            return 0
+    return retry_dead_via_endpoint(
+        url, token, args.server, timeout_s=args.timeout, out=sys.stdout, err=sys.stderr
+    )
+
+
+async def retry_dead_in_ledger(config: Config, server: str | None = None) -> dict[str, int]:
+    """Revive the dead rows of every server (or of ``server``) in the ledger file itself.
+
+    Raises LedgerInUseError when a running jfsync holds the ledger. The caller checks that
+    the file exists (an empty ledger would be created).
+    """
+    from jfsync.ledger import Ledger
+    from jfsync.merge import MergePolicy
+
+    path = str(config.ledger)
+    names = [server] if server else [s.name for s in config.servers]
+    policy = MergePolicy.from_config(config)
+    async with Ledger(path, policy, user_map=config.users.map) as ledger:
+        return {name: await ledger.retry_dead(name) for name in names}
+
+
+def retry_dead_via_endpoint(
+    url: str,
+    token: str | None,
+    server: str | None,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    out: TextIO,
+    err: TextIO,
+) -> int:
+    """``POST /retry-dead`` to a running jfsync; print one line per server; the exit status."""
+    path = "/retry-dead" + (f"?{urllib.parse.urlencode({'server': server})}" if server else "")
+    try:
+        status, body = fetch(url, path, token, timeout_s, method="POST")
+    except EndpointError as error:
+        print(f"jfsync retry-dead: {_hide(str(error), token)}", file=err)
+        return EXIT_UNREACHABLE
+    if status == 200:
+        try:
+            revived = json.loads(body)["revived"]
+            counts = {str(name): int(count) for name, count in revived.items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            print(f"jfsync retry-dead: {url}/retry-dead answered an unexpected body", file=err)
+            return EXIT_UNREACHABLE
+        print_revived(counts, out)
+        return 0
+    reason = _hide(_error_of(body), token)
+    print(f"jfsync retry-dead: {url}/retry-dead answered HTTP {status}: {reason}", file=err)
+    if status == 400:
+        return EXIT_CONFIG
+    if status == 503:
+        return EXIT_RETRY_FAILED
+    return EXIT_UNREACHABLE
+
+
+def print_revived(revived: Mapping[str, int], out: TextIO) -> None:
+    """One line per server: how many of its dead rows are live again."""
+    for name, count in revived.items():
+        print(f"{name}: {count} dead row{'' if count == 1 else 's'} revived", file=out)
+
+
+def _ledger_exit(error: Exception) -> int:
+    """A ledger file that is not a ledger is a configuration problem (2); else 1."""
+    from jfsync.ledger import LedgerFileError
+
+    return EXIT_CONFIG if isinstance(error, LedgerFileError) else EXIT_RETRY_FAILED

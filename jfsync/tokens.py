@@ -5,15 +5,16 @@ jfsync hears a user's ``UserDataChanged`` only on a websocket authenticated as t
 a token or password configured for the user wins; otherwise a token stored earlier is reused
 (across restarts, once the ledger implements the store); otherwise the admin API key mints one
 through Quick Connect. Each user's token is bound to its own device id,
-``jfsync-<serverId>-<userId>``, which the user's websocket uses too. Tokens never appear in
-reprs, logs or messages.
+``jfsync-<serverId>-<userId>``, which the user's websocket uses too; ``jfsync watch`` uses
+ids of its own (:func:`watch_device_id`), so running it never takes the replicator's session.
+Tokens never appear in reprs, logs or messages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from jfsync.config import UserCredentials
@@ -76,6 +77,27 @@ def user_device_id(server_id: str, user_id: str) -> str:
     return f"jfsync-{normalize_id(server_id)}-{normalize_id(user_id)}"
 
 
+def watch_device_id(server_id: str, user_id: str) -> str:
+    """The device id of ``jfsync watch``'s token and websocket for a user.
+
+    ``jfsync-watch-<serverId>-<userId>``: stable across watch runs, never one ``jfsync run``
+    uses. Jellyfin keeps one session per device, and a new token for a device revokes the
+    old one: with run's device ids, starting ``watch`` would take the replicator's events
+    and revoke its tokens.
+    """
+    return f"jfsync-watch-{normalize_id(server_id)}-{normalize_id(user_id)}"
+
+
+def watch_rest_device_id(server_name: str) -> str:
+    """The device id of ``jfsync watch``'s REST calls to a server (``jfsync run`` uses
+    ``jfsync-rest-<name>``)."""
+    return f"jfsync-watch-rest-{server_name}"
+
+
+#: Gives the device id of a user's token and socket from (server id, user id).
+DeviceIdFor = Callable[[str, str], str]
+
+
 class UserTokens:
     """Hand out a working token per user of one server, minting and storing as needed."""
 
@@ -87,8 +109,11 @@ class UserTokens:
         credentials: Mapping[str, UserCredentials],
         *,
         config_key: str = "servers[i]",
+        device_id: DeviceIdFor = user_device_id,
     ) -> None:
         self.client = client
+        #: The device id each user's token is minted (or logged in) for.
+        self.device_id = device_id
         self.store = store
         self.server_id = normalize_id(server_id)
         self._credentials = {name.casefold(): cred for name, cred in credentials.items()}
@@ -141,7 +166,7 @@ class UserTokens:
             stored = await self.store.load_token(self.server_id, user_id)
             if stored:
                 return stored
-        device_id = user_device_id(self.server_id, user_id)
+        device_id = self.device_id(self.server_id, user_id)
         if cred is not None and cred.password is not None:
             token = await self._login(user_id, user_name, cred.password.get_secret_value(), key)
             how = "logged in with the configured password"
@@ -153,7 +178,7 @@ class UserTokens:
         return token
 
     async def _login(self, user_id: str, user_name: str, password: str, key: str) -> str:
-        device_id = user_device_id(self.server_id, user_id)
+        device_id = self.device_id(self.server_id, user_id)
         got_id, token = await self.client.authenticate_by_name(user_name, password, device_id)
         if got_id != user_id:
             raise TokenUnavailableError(

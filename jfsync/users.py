@@ -6,15 +6,92 @@ which accounts are the same person. Explicit ``users.map`` entries come first; w
 Names in ``users.exclude`` are never touched on any server, disabled accounts are skipped, and a
 person present on only some servers syncs among those (at least two). Everything left out is
 reported, per server, so ``jfsync check`` and the status page can show it.
+
+A person matched by name has the canonical key ``name:<casefolded name>``; one matched by a map
+entry has a key derived from the entry's content (:func:`map_entry_key`), so reordering the
+list changes nobody's key. Ledgers written when map keys were positions (``map:0``) are moved
+over when they are opened (:func:`plan_map_key_migration`, run by :class:`jfsync.ledger.Ledger`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from jfsync.config import Config
 from jfsync.jellyfin.wire import UserDto
+
+#: Canonical keys of people matched by a ``users.map`` entry start with this.
+MAP_KEY_PREFIX = "map:"
+#: The keys jfsync gave map entries before they were derived from their content: the entry's
+#: position in the list (``map:0``, ``map:1``, ...), which swapped people when it was reordered.
+_POSITIONAL_MAP_KEY = re.compile(r"map:[0-9]+")
+#: Characters left as they are in a key's names (any other is %-escaped, ``=`` and ``,`` too).
+_NAME_SAFE = " '@+"
+
+
+def map_entry_key(entry: Mapping[str, str]) -> str:
+    """The canonical key of the person a ``users.map`` entry describes, from its content.
+
+    ``map:<server>=<name>,...``, servers sorted, names casefolded and %-escaped: the same
+    wherever the entry sits in the list and whatever order its servers are written in, and
+    never equal to the key of another entry or of a person matched by name (``name:...``).
+    """
+    parts = [
+        f"{server}={quote(name.casefold(), safe=_NAME_SAFE)}"
+        for server, name in sorted(entry.items())
+    ]
+    return MAP_KEY_PREFIX + ",".join(parts)
+
+
+def is_positional_map_key(key: str) -> bool:
+    """Tell whether ``key`` is a map key of the old kind, given by position in the list."""
+    return _POSITIONAL_MAP_KEY.fullmatch(key) is not None
+
+
+def plan_map_key_migration(
+    old: Mapping[str, Mapping[str, str | None]], entries: Sequence[Mapping[str, str]]
+) -> tuple[dict[str, str], list[str]]:
+    """Decide which content-derived key each positional map key of a ledger becomes.
+
+    ``old`` holds, per positional key (``map:3``), the account name the ledger recorded for
+    it on each server. A key goes to the one entry of ``entries`` that names every one of
+    those accounts on its server (case-insensitively); the position is not trusted, as the
+    list may have been reordered since. Returns (old key -> new key, problems): a key whose
+    accounts no entry names, or several, or whose entry another key also claims, is left
+    alone (its history stays under the old key) and reported.
+    """
+    folded = [{server: name.casefold() for server, name in entry.items()} for entry in entries]
+    claims: dict[str, list[str]] = {}
+    problems: list[str] = []
+    for key, accounts in sorted(old.items()):
+        named = {server: name.casefold() for server, name in accounts.items() if name}
+        if not named:
+            problems.append(f"ledger user {key}: no account names recorded; left as it is")
+            continue
+        found = [
+            i
+            for i, entry in enumerate(folded)
+            if all(entry.get(server) == name for server, name in named.items())
+        ]
+        if len(found) != 1:
+            names = ", ".join(f"{server}={name}" for server, name in sorted(named.items()))
+            why = "no users.map entry names" if not found else "several users.map entries name"
+            problems.append(f"ledger user {key} ({names}): {why} these accounts; left as it is")
+            continue
+        claims.setdefault(map_entry_key(entries[found[0]]), []).append(key)
+    renames: dict[str, str] = {}
+    for new, keys in claims.items():
+        if len(keys) == 1:
+            renames[keys[0]] = new
+        else:
+            problems.append(
+                f"ledger users {', '.join(keys)} all match the users.map entry {new}; "
+                "left as they are"
+            )
+    return renames, problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +171,7 @@ def match_users(config: Config, users_by_server: Mapping[str, list[UserDto]]) ->
                 continue
             accounts[server] = found
         if len(accounts) >= 2:
-            matched.append(MatchedUser(key=f"map:{i}", accounts=accounts))
+            matched.append(MatchedUser(key=map_entry_key(entry), accounts=accounts))
         elif accounts:
             # Back to the pool: one account alone syncs with nobody, but name matching may.
             ((server, alone),) = accounts.items()

@@ -11,6 +11,10 @@ token or password, else Quick Connect; kept in memory only), opens one
     2026-11-22T10:16:10Z alpha bob state=backoff (connection lost: ...)
 
 Nothing is written to any server and nothing is stored. Tokens never reach the output.
+``watch`` has device ids of its own (:func:`~jfsync.tokens.watch_device_id`, and
+``jfsync-watch-rest-<server>`` for REST), distinct from ``jfsync run``'s and stable across
+runs: Jellyfin keeps one session per device, so with run's ids it would take the replicator's
+events and revoke its tokens.
 """
 
 from __future__ import annotations
@@ -41,14 +45,12 @@ from jfsync.subscriber import (
     UserDataEntry,
 )
 from jfsync.timing import Clock, SystemClock
-from jfsync.tokens import MemoryTokenStore, UserTokens, user_device_id
+from jfsync.tokens import MemoryTokenStore, UserTokens, watch_device_id, watch_rest_device_id
 
 #: Exit status for a config that does not validate (the same as ``jfsync check``).
 EXIT_CONFIG = 2
 #: Exit status when no server could be watched at all.
 EXIT_NOTHING_TO_WATCH = 1
-#: Device id of watch's REST calls; no websocket uses it (design "Hard facts" 1).
-WATCH_DEVICE_ID = "jfsync-watch"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -159,7 +161,7 @@ class Watcher:
             server.url,
             server.api_key.get_secret_value(),
             session=session,
-            device_id=WATCH_DEVICE_ID,
+            device_id=watch_rest_device_id(server.name),
             timeout_s=server.timeout_s,
             verify_tls=server.verify_tls,
         )
@@ -176,7 +178,12 @@ class Watcher:
             if not u.is_disabled and u.name.casefold() not in excluded
         ]
         tokens = UserTokens(
-            client, MemoryTokenStore(), server_id, server.users, config_key=f"servers[{index}]"
+            client,
+            MemoryTokenStore(),
+            server_id,
+            server.users,
+            config_key=f"servers[{index}]",
+            device_id=watch_device_id,
         )
         for user in users:
             self._names[(server.name, user.id)] = user.name
@@ -185,7 +192,7 @@ class Watcher:
                 server.url,
                 user.id,
                 user.name,
-                user_device_id(server_id, user.id),
+                watch_device_id(server_id, user.id),
                 get_token=_token_getter(tokens, user.id, user.name),
                 on_event=self._print,
                 resync=_nothing_to_resync,
