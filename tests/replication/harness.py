@@ -55,9 +55,13 @@ FAST_SUBSCRIBER: dict[str, Any] = {"delays": fast_delays}
 
 
 def make_config(
-    emus: Sequence[Emulator], ledger: Path, url_of: Callable[[Emulator], str] | None = None
+    emus: Sequence[Emulator],
+    ledger: Path,
+    url_of: Callable[[Emulator], str] | None = None,
+    sync: dict[str, Any] | None = None,
 ) -> Config:
-    """Build a config syncing every emulator (config order = list order)."""
+    """Build a config syncing every emulator (config order = list order); ``sync`` adds keys
+    to the config's ``sync`` section."""
     return Config.model_validate(
         {
             "ledger": str(ledger),
@@ -70,7 +74,7 @@ def make_config(
                 }
                 for emu in emus
             ],
-            "sync": {"shutdown_grace": 2},
+            "sync": {"shutdown_grace": 2, **(sync or {})},
         }
     )
 

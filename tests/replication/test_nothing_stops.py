@@ -12,10 +12,14 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
+from jfsync.jellyfin.api import JellyfinClient
+from jfsync.jellyfin.wire import UserDto
+from jfsync.ledger import Applied, Observation
 from jfsync.model import UserData
 from jfsync.timing import ManualClock
 from tests.replication.conftest import MakeCluster
@@ -23,6 +27,8 @@ from tests.replication.harness import Cluster
 
 pytestmark = pytest.mark.timeout(60)
 
+#: The first retry of a failed bring-up comes within this (1 s, +/- 20 % jitter).
+BRING_UP_RETRY_S = 1.5
 #: How long a paused pusher waits before asking the peer again (on the ManualClock).
 AUTH_RETRY_S = 60.0
 #: What a reverse proxy answers for a stopped server: nginx, traefik once the container is
@@ -203,3 +209,139 @@ async def test_a_ledger_failing_round_after_round_is_logged_once_and_retried_wit
     assert len(delays) == 4, delays
     assert delays[0] < delays[1] < delays[2], delays
     assert max(delays) <= 4.0, delays
+
+
+# ---------------------------------------------------------------------------------- intake
+
+
+async def test_an_event_the_ledger_fails_to_apply_still_reaches_the_other_server(
+    make_cluster: MakeCluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster = await make_cluster(2)
+    a, b = cluster.emus
+    ledger = cluster.service.ledger
+    x = cluster.free_items[0]
+    real_apply = ledger.apply_observations
+    failed: list[str] = []
+
+    async def apply_observations(observations: Sequence[Observation]) -> list[Applied]:
+        if not failed and any(o.source == "event" and o.server == "a" for o in observations):
+            failed.append("a")
+            raise sqlite3.OperationalError("database is locked")
+        return await real_apply(observations)
+
+    monkeypatch.setattr(ledger, "apply_observations", apply_observations)
+    # alice favourites x on a; jfsync cannot apply that event (the ledger was locked).
+    cluster.change(a, x, is_favorite=True)
+    await cluster.wait_all_hold(x, UserData(favorite=True))
+    assert failed == ["a"]
+    assert cluster.data(b, x) == UserData(favorite=True)
+    (user,) = [u for u in (await server_status(cluster, "a"))["users"] if u["user"] == "alice"]
+    assert user["event_failures"] == 1
+    assert "OperationalError" in user["last_event_error"]
+    assert user["state"] == "connected"
+    lines = warnings_from(caplog, "jfsync.subscriber", "a/alice")
+    assert len(lines) == 1, lines
+    assert "database is locked" in lines[0]
+
+
+# ---------------------------------------------------------------------------------- users
+
+
+async def test_an_account_created_on_both_servers_after_start_is_synced_without_a_restart(
+    make_cluster: MakeCluster,
+) -> None:
+    clock = ManualClock()
+    cluster = await make_cluster(2, clock=clock, sync={"user_refresh_interval": "15s"})
+    a, b = cluster.emus
+    x = cluster.free_items[0]
+    # The admin creates carol on both servers while jfsync runs.
+    for emu in (a, b):
+        emu.add_user("carol", "secret")
+    refreshed = {name: link.users_refreshed_ms for name, link in cluster.service.links.items()}
+
+    await clock.advance(15.0)
+    await cluster.wait_connected(users=3)
+    assert all(
+        link.users_refreshed_ms != refreshed[name] for name, link in cluster.service.links.items()
+    )
+    # carol favourites x on a; b shows it, and nobody else's data changed.
+    cluster.change(a, x, "carol", is_favorite=True)
+    await cluster.wait_all_hold(x, UserData(favorite=True), "carol")
+    assert cluster.all_hold(x, UserData(), "alice")
+
+
+async def test_accounts_are_read_again_when_a_server_reconnects(make_cluster: MakeCluster) -> None:
+    cluster = await make_cluster(2)
+    a, b = cluster.emus
+    x = cluster.free_items[0]
+    for emu in (a, b):
+        emu.add_user("carol", "secret")
+    # Both servers restart their sockets (the default refresh period is far away).
+    await a.drop_sockets()
+    await b.drop_sockets()
+    await cluster.wait_connected(users=3)
+    cluster.change(b, x, "carol", rating=8.0)
+    await cluster.wait_all_hold(x, UserData(rating=8.0), "carol")
+
+
+async def test_an_account_removed_from_a_server_is_no_longer_subscribed(
+    make_cluster: MakeCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    cluster = await make_cluster(2)
+    a, b = cluster.emus
+    x = cluster.free_items[0]
+    # The admin deletes bob on b: bob has nobody to sync with any more.
+    del b.users[b.user_id("bob")]
+    await b.drop_sockets()
+
+    def only_alice() -> bool:
+        return all(
+            [s.user_name for s in link.subscribers.values()] == ["alice"]
+            for link in cluster.service.links.values()
+        )
+
+    await cluster.service.wait_for(only_alice, 20)
+    for name in ("a", "b"):
+        assert [u["user"] for u in (await server_status(cluster, name))["users"]] == ["alice"]
+    assert any("bob" in line and "no longer synced" in line for line in caplog.messages)
+    # alice syncs as before.
+    await cluster.wait_connected(users=1)
+    cluster.change(a, x, is_favorite=True)
+    await cluster.wait_all_hold(x, UserData(favorite=True))
+
+
+# ---------------------------------------------------------------------------------- bring-up
+
+
+async def test_a_bring_up_that_fails_unexpectedly_comes_up_on_the_retry(
+    make_cluster: MakeCluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = ManualClock()
+    real_users = JellyfinClient.users
+    failed: list[str] = []
+
+    async def users(self: JellyfinClient) -> list[UserDto]:
+        if self.name == "b" and not failed:
+            failed.append(self.name)
+            raise RuntimeError("a bug while listing users")
+        return await real_users(self)
+
+    monkeypatch.setattr(JellyfinClient, "users", users)
+    cluster = await make_cluster(2, clock=clock, connect=False)
+    a = cluster.emus[0]
+    x = cluster.free_items[0]
+    link = cluster.service.links["b"]
+    await cluster.service.wait_for(lambda: "a bug" in (link.last_error or ""), 20)
+    status = await server_status(cluster, "b")
+    assert status["reachable"] is False
+    assert "RuntimeError: a bug while listing users; retrying in 1 s" in status["last_error"]
+
+    await clock.advance(BRING_UP_RETRY_S)
+    await cluster.wait_connected()
+    assert (await server_status(cluster, "b"))["last_error"] is None
+    cluster.change(a, x, is_favorite=True)
+    await cluster.wait_all_hold(x, UserData(favorite=True))
+    assert failed == ["b"]
+    lines = warnings_from(caplog, "jfsync.service", "[b]")
+    assert len(lines) == 1, lines
