@@ -34,7 +34,7 @@ import aiohttp
 
 from jfsync import __version__
 from jfsync.config import Config, ServerConfig
-from jfsync.errors import JfsyncError, ServerError, UnsupportedServerError, is_retryable
+from jfsync.errors import AuthRejectedError, JfsyncError, ServerError, UnsupportedServerError
 from jfsync.identity import IdenticalIds, IndexedIdentity, ItemIdentity
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.jellyfin.wire import UserDto
@@ -65,8 +65,8 @@ logger = logging.getLogger(__name__)
 SCAN_BATCH = 1000
 #: How long a catch-up waits for the peer's pusher to check writes cut off by a restart.
 RECOVERY_WAIT_S = 10.0
-#: How long a bring-up waits after an answer that will not change by itself (a refused key,
-#: a 404 from a wrong URL, a server too old to sync: upgraded, it is taken up then).
+#: How long a bring-up waits after an answer that needs someone to act (a refused key, a
+#: server too old to sync: upgraded, it is taken up then).
 BRING_UP_SLOW_RETRY_S = 300.0
 #: Backoff of a bring-up or user-list refresh that failed in a way that may pass by itself.
 BRING_UP_INITIAL_S = 1.0
@@ -311,9 +311,10 @@ class SyncService:
         """Reach the server and subscribe its users, retrying forever on any failure.
 
         Every failure is shown as the server's ``last_error`` and logged once (repeats at
-        DEBUG). Answers that will not change by themselves (a refused key, a wrong URL, a
-        Jellyfin too old to sync) are asked again every ``BRING_UP_SLOW_RETRY_S``, so a server
-        upgraded from 10.8 is taken up without a restart; the rest back off from 1 s to 60 s.
+        DEBUG). Answers that need someone to act (a refused key, a Jellyfin too old to sync)
+        are asked again every ``BRING_UP_SLOW_RETRY_S``, so a server upgraded from 10.8 is
+        taken up without a restart; anything else (down, a proxy's 404 or page, a bug) backs
+        off from 1 s to 60 s.
         """
         streak = FailureStreak(logger, link.name, self.clock)
         delays = backoff_delays(base_s=BRING_UP_INITIAL_S, cap_s=BRING_UP_MAX_S)
@@ -341,9 +342,9 @@ class SyncService:
                 break
             except Exception as err:  # noqa: BLE001 - logged by the streak, retried below
                 link.reachable = False
-                slow = isinstance(err, ServerError) and not is_retryable(err)
+                slow = isinstance(err, AuthRejectedError | UnsupportedServerError)
                 delay = BRING_UP_SLOW_RETRY_S if slow else next(delays)
-                link.last_error = f"{_describe(err)}; retrying in {delay:.0f} s"
+                link.last_error = f"{_describe(err)} (retrying in {delay:.0f} s)"
                 if isinstance(err, UnsupportedServerError):
                     streak.failed("cannot sync this server", link.last_error)
                 elif isinstance(err, JfsyncError):
@@ -690,7 +691,11 @@ class SyncService:
 
 
 def _describe(err: BaseException) -> str:
-    """Text for status and logs: jfsync's own errors as they are, others with their type."""
+    """Text for status and logs: jfsync's own errors as they are (without the ``[server] ``
+    prefix: the line or entry names the server already), others with their type."""
+    if isinstance(err, ServerError):
+        text, prefix = str(err), f"[{err.server}] "
+        return text[len(prefix) :] if text.startswith(prefix) else text
     if isinstance(err, JfsyncError):
         return str(err)
     return f"unexpected error: {type(err).__name__}: {err}"
