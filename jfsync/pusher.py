@@ -250,9 +250,8 @@ class Pusher:
                     delays = backoff_delays(self._fault_initial_s, self._fault_max_s)
                 await self._after_fault(err, next(delays))
                 continue
-            if delays is not None:
-                delays = None
-                self._faults.succeeded("delivery rounds work")
+            delays = None
+            self._faults.succeeded("delivery rounds work")
             if not did and self._accepting:
                 await self._sleep_or_wake(self._idle_poll_s)
 
@@ -681,6 +680,7 @@ class Pusher:
                     self._faults.failed(
                         "asking a paused peer failed unexpectedly", err, unexpected=True
                     )
+                self._progress()
                 continue
             break
         self.stats.pause_reason = None
