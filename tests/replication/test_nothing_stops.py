@@ -404,3 +404,37 @@ async def test_a_server_too_old_to_sync_is_taken_up_once_upgraded_without_a_rest
         await gate.close()
         for emu in emus:
             await emu.close()
+
+
+async def test_a_user_list_that_cannot_be_read_is_read_again_soon(
+    make_cluster: MakeCluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = ManualClock()
+    cluster = await make_cluster(2, clock=clock, sync={"user_refresh_interval": "15s"})
+    a, b = cluster.emus
+    x = cluster.free_items[0]
+    link = cluster.service.links["b"]
+    real_users = JellyfinClient.users
+    failed: list[str] = []
+
+    async def users(self: JellyfinClient) -> list[UserDto]:
+        if self.name == "b" and not failed:
+            failed.append(self.name)
+            raise sqlite3.OperationalError("database is locked")
+        return await real_users(self)
+
+    monkeypatch.setattr(JellyfinClient, "users", users)
+    for emu in (a, b):
+        emu.add_user("carol", "secret")
+    await clock.advance(15.0)
+    await cluster.service.wait_for(lambda: link.last_error is not None, 20)
+    assert "reading the user list failed" in (await server_status(cluster, "b"))["last_error"]
+
+    await clock.advance(BRING_UP_RETRY_S)
+    await cluster.wait_connected(users=3)
+    assert (await server_status(cluster, "b"))["last_error"] is None
+    cluster.change(a, x, "carol", is_favorite=True)
+    await cluster.wait_all_hold(x, UserData(favorite=True), "carol")
+    lines = warnings_from(caplog, "jfsync.service", "[b]")
+    assert len(lines) == 1, lines
+    assert "database is locked" in lines[0]
