@@ -34,6 +34,10 @@ from jfsync.model import Register
 
 DEFAULT_STATUS_LISTEN = "127.0.0.1:8097"
 DEFAULT_RECONCILE_INTERVAL_S = 6 * 3600.0
+#: How often every server's user list is read again (accounts created or removed since).
+DEFAULT_USER_REFRESH_INTERVAL_S = 600.0
+#: Shorter refresh periods only load the servers (one /Users call each, every time).
+MIN_USER_REFRESH_INTERVAL_S = 10.0
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -192,6 +196,18 @@ class SyncConfig(_Strict):
     initial_merge: Literal["merge", "seed"] = "merge"
     seed_server: str | None = None
     shutdown_grace: Duration = 10.0
+    user_refresh_interval: Duration = DEFAULT_USER_REFRESH_INTERVAL_S
+
+    @field_validator("user_refresh_interval")
+    @classmethod
+    def _refresh_often_enough(cls, value: float) -> float:
+        if value < MIN_USER_REFRESH_INTERVAL_S:
+            raise ValueError(
+                f"too short ({value:g} s); the user list of every server is read each time; "
+                f"expected at least {MIN_USER_REFRESH_INTERVAL_S:g}s (default "
+                f"{DEFAULT_USER_REFRESH_INTERVAL_S / 60:g}m)"
+            )
+        return value
 
 
 class LoggingConfig(_Strict):

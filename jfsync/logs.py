@@ -3,9 +3,10 @@
 * :class:`SecretScrubber` is a logging filter that replaces every known secret (API keys,
   tokens, passwords, the status token) with ``***`` in the final message, as a second line of
   defence behind code that never logs secrets in the first place.
-* :class:`FailureStreak` logs the first failure of a streak at WARNING, repeats at DEBUG, and
-  the recovery at INFO with the length of the outage, so a peer that is down for a day writes
-  two lines at the default level, not thousands.
+* :class:`FailureStreak` logs the first failure of a streak at WARNING (an unexpected one at
+  ERROR with its traceback), repeats at DEBUG, and the recovery at INFO with the length of the
+  outage, so a peer that is down for a day writes two lines at the default level, not
+  thousands.
 """
 
 from __future__ import annotations
@@ -91,13 +92,21 @@ class FailureStreak:
         """Tell whether a streak is under way."""
         return self._since is not None
 
-    def failed(self, what: str, error: BaseException | str) -> None:
-        """Record one failure; the first of a streak is a WARNING, the rest DEBUG."""
-        level = logging.DEBUG if self._since is not None else logging.WARNING
-        if self._since is None:
+    def failed(self, what: str, error: BaseException | str, *, unexpected: bool = False) -> None:
+        """Record one failure; the first of a streak is a WARNING, the rest DEBUG.
+
+        ``unexpected`` (a bug, not a known failure): the first line is an ERROR carrying the
+        traceback of ``error``; repeats are still DEBUG.
+        """
+        first = self._since is None
+        if first:
             self._since = self._clock.monotonic()
         self.count += 1
-        self._logger.log(level, "[%s] %s: %s", self._subject, what, error)
+        level = logging.DEBUG
+        if first:
+            level = logging.ERROR if unexpected else logging.WARNING
+        exc_info = error if first and unexpected and isinstance(error, BaseException) else None
+        self._logger.log(level, "[%s] %s: %s", self._subject, what, error, exc_info=exc_info)
 
     def succeeded(self, what: str) -> None:
         """End a streak, if any, with one INFO line saying how long it lasted."""

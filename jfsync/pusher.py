@@ -17,18 +17,27 @@ Failures never drop a row:
   (which needs the key), and resumes by itself when the key works again;
 * 404/400: the row is parked as *dead* with its reason, shown on the status endpoint, and
   revived by a newer change or ``retry_dead``.
+
+Nothing ends the pusher but :meth:`Pusher.stop`: a round, a probe or a pause that fails in any
+other way (the ledger locked, a proxy answering 404 or an HTML page for a server behind it, a
+bug) is logged once (an unexpected error at ERROR with its traceback, repeats at DEBUG), shown
+as the peer's ``last_error``, and tried again after a capped backoff on the injected clock.
+While the peer is down every answer but a good one means "still down"; while paused, every
+error means "ask again later". The rows wait in the ledger's outbox meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     retry_if_exception,
+    retry_if_exception_type,
     stop_after_attempt,
     stop_never,
     wait_exponential,
@@ -47,7 +56,7 @@ from jfsync.jellyfin.api import JellyfinClient
 from jfsync.ledger import Ledger, OutboxRow
 from jfsync.logs import FailureStreak
 from jfsync.model import ALL_REGISTERS, PlayState, Register, UserData
-from jfsync.timing import Clock
+from jfsync.timing import Clock, backoff_delays
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +81,10 @@ RETRY_INITIAL_S = 0.2
 RETRY_MAX_S = 5.0
 #: When a failed row is tried again after the peer came back or a retry failed.
 ROW_RETRY_S = 30.0
+#: Backoff after a round, probe or pause failed in a way that is not about the peer's
+#: answers (the ledger locked, a bug): the pusher lives on and tries again.
+FAULT_INITIAL_S = 0.5
+FAULT_MAX_S = 60.0
 
 
 #: Called after every successful write with the peer and the propagation latency in seconds.
@@ -112,6 +125,8 @@ class Pusher:
         retry_max_s: float = RETRY_MAX_S,
         probe_initial_s: float = PROBE_INITIAL_S,
         probe_max_s: float = PROBE_MAX_S,
+        fault_initial_s: float = FAULT_INITIAL_S,
+        fault_max_s: float = FAULT_MAX_S,
         on_progress: Callable[[], None] | None = None,
         on_write: WriteHook | None = None,
     ) -> None:
@@ -133,6 +148,8 @@ class Pusher:
         self._probe_wait = wait_exponential(
             multiplier=probe_initial_s, max=probe_max_s
         ) + wait_random(0, probe_initial_s)
+        self._fault_initial_s = fault_initial_s
+        self._fault_max_s = fault_max_s
         self._on_progress = on_progress
         self._on_write = on_write
         self._wake = asyncio.Event()
@@ -147,6 +164,8 @@ class Pusher:
         self._accepting = True
         self._stop_requested = asyncio.Event()
         self._streak = FailureStreak(logger, f"→{peer}", clock)
+        #: Failures of the pusher's own work (rounds, probes, pauses), apart from the peer's.
+        self._faults = FailureStreak(logger, f"→{peer}", clock)
 
     def __repr__(self) -> str:
         return f"<Pusher →{self.peer}>"
@@ -218,31 +237,49 @@ class Pusher:
             await self._drop_prepared()
 
     async def _loop(self) -> None:
+        """Run steps until stopped; a step that fails is retried after a capped backoff."""
+        delays: Iterator[float] | None = None
         while self._accepting:
             self._wake.clear()
             try:
-                did = await self._round()
-            except _PeerDown as down:
-                await self._wait_until_up(down.error)
+                did = await self._step()
+            except Exception as err:  # noqa: BLE001 - logged and shown by _after_fault
+                # Nothing but stop() ends delivery to this peer (a cancellation is not an
+                # Exception): say it once, keep the rows, try again later.
+                if delays is None:
+                    delays = backoff_delays(self._fault_initial_s, self._fault_max_s)
+                await self._after_fault(err, next(delays))
                 continue
-            except _PeerPaused as paused:
-                await self._wait_until_key_works(paused.error)
-                continue
-            except JfsyncError as err:
-                self._streak.failed("delivery round failed", err)
-                self.stats.last_error = str(err)
-                await self._sleep_or_wake(self._idle_poll_s)
-                continue
-            except Exception as err:
-                # A bug must not end delivery to this peer for good (nor, at shutdown, stop
-                # the process from closing): say it loudly, keep the rows, try again.
-                logger.exception("[→%s] delivery round failed unexpectedly; retrying", self.peer)
-                self.stats.failures += 1
-                self.stats.last_error = f"unexpected error: {type(err).__name__}: {err}"
-                await self._sleep_or_wake(self._idle_poll_s)
-                continue
+            delays = None
+            self._faults.succeeded("delivery rounds work")
             if not did and self._accepting:
                 await self._sleep_or_wake(self._idle_poll_s)
+
+    async def _step(self) -> bool:
+        """One round, then the wait it ended in (peer down: probe; key refused: pause)."""
+        try:
+            return await self._round()
+        except _PeerDown as down:
+            await self._wait_until_up(down.error)
+        except _PeerPaused as paused:
+            await self._wait_until_key_works(paused.error)
+        return True
+
+    async def _after_fault(self, err: Exception, delay_s: float) -> None:
+        """Log and show a failed step (once per streak), then wait ``delay_s`` or a stop."""
+        if isinstance(err, JfsyncError):
+            self.stats.last_error = str(err)
+            self._faults.failed(f"delivery round failed; retrying in {delay_s:.1f} s", err)
+        else:
+            self.stats.failures += 1
+            self.stats.last_error = f"unexpected error: {type(err).__name__}: {err}"
+            self._faults.failed(
+                f"delivery round failed unexpectedly; retrying in {delay_s:.1f} s",
+                err,
+                unexpected=True,
+            )
+        self._progress()
+        await self._sleep_or_wake(delay_s, wake_on_rows=False)
 
     async def _round(self) -> bool:
         try:
@@ -583,7 +620,11 @@ class Pusher:
         return err
 
     async def _wait_until_up(self, error: ServerError) -> None:
-        """Probe the peer cheaply until it answers, then make its rows due again."""
+        """Probe the peer cheaply until it answers, then make its rows due again.
+
+        Any answer but a good one means "still down": a proxy in front of a stopped server
+        answers 502, 404 or its own HTML page, none of which says the server is back.
+        """
         self.stats.down_since_ms = self.stats.down_since_ms or self._clock.wall_ms()
         self.stats.last_error = str(error)
         self._streak.failed("peer unreachable; queueing and probing", error)
@@ -591,8 +632,9 @@ class Pusher:
         async for attempt in AsyncRetrying(
             stop=stop_never,
             wait=self._probe_wait,
-            retry=retry_if_exception(is_retryable),
-            sleep=self._clock.sleep,
+            retry=retry_if_exception_type(Exception),
+            sleep=self._sleep_until_stop,
+            before_sleep=self._still_down,
             reraise=True,
         ):
             with attempt:
@@ -600,9 +642,25 @@ class Pusher:
                     return
                 await self._client.public_info()
         self.stats.down_since_ms = None
-        await self._ledger.reset_backoff(self.peer)
         self._streak.succeeded("peer reachable")
         self._progress()
+        await self._ledger.reset_backoff(self.peer)
+
+    def _still_down(self, attempt: RetryCallState) -> None:
+        """Show why the last probe failed (the streak logs it at DEBUG)."""
+        err = attempt.outcome.exception() if attempt.outcome is not None else None
+        if err is None:
+            return
+        if isinstance(err, JfsyncError):
+            self.stats.last_error = str(err)
+            self._streak.failed("still down", err)
+        else:
+            self.stats.last_error = f"unexpected error: {type(err).__name__}: {err}"
+            self._faults.failed("probing the peer failed unexpectedly", err, unexpected=True)
+        self._progress()
+
+    async def _sleep_until_stop(self, seconds: float) -> None:
+        await self._sleep_or_wake(seconds, wake_on_rows=False)
 
     async def _wait_until_key_works(self, error: ServerError) -> None:
         """Stay paused with a visible reason; ask again slowly until the key is accepted."""
@@ -620,15 +678,23 @@ class Pusher:
             except AuthRejectedError as err:
                 self._streak.failed("still paused", err)
                 continue
-            except ServerError as err:
-                if is_retryable(err):
-                    continue
-                raise
+            except Exception as err:  # noqa: BLE001 - logged by the streaks below
+                # Down, a proxy's 404 or HTML page, a bug: the key is not known to work yet.
+                if isinstance(err, JfsyncError):
+                    self.stats.last_error = str(err)
+                    self._streak.failed("still paused; the peer did not answer", err)
+                else:
+                    self.stats.last_error = f"unexpected error: {type(err).__name__}: {err}"
+                    self._faults.failed(
+                        "asking a paused peer failed unexpectedly", err, unexpected=True
+                    )
+                self._progress()
+                continue
             break
         self.stats.pause_reason = None
-        await self._ledger.reset_backoff(self.peer)
         self._streak.succeeded("API key accepted")
         self._progress()
+        await self._ledger.reset_backoff(self.peer)
 
     async def _sleep_or_wake(self, seconds: float, *, wake_on_rows: bool = True) -> None:
         sleeper = asyncio.ensure_future(self._clock.sleep(seconds))

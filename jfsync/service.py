@@ -3,8 +3,12 @@
 :class:`SyncService` owns one aiohttp session, one :class:`Ledger`, and per configured server a
 REST client, a token provider, a :class:`Pusher` (the server as a peer) and a
 :class:`Subscriber` per synced user (the server as a source). Each server is brought up by a
-task of its own that retries until the server answers, so one server being down at start
-neither blocks nor breaks the others: its rows queue and it catches up when it returns.
+task of its own that retries, whatever the failure, until the server answers and its users are
+subscribed, so one server being down at start neither blocks nor breaks the others: its rows
+queue and it catches up when it returns. The same task then keeps the server's user list
+fresh (every ``sync.user_refresh_interval`` and after a socket of that server reconnects):
+accounts matched since are subscribed (their first catch-up is the usual backfill), accounts
+no longer synced have their subscriber stopped.
 
 Data flow: a websocket event, or a catch-up scan after every (re)connect, becomes ledger
 observations (one transaction each batch: echo rule, diff, stamp, merge, outbox rows); the
@@ -22,7 +26,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +34,7 @@ import aiohttp
 
 from jfsync import __version__
 from jfsync.config import Config, ServerConfig
-from jfsync.errors import JfsyncError, ServerError, UnsupportedServerError, is_retryable
+from jfsync.errors import AuthRejectedError, JfsyncError, ServerError, UnsupportedServerError
 from jfsync.identity import IdenticalIds, IndexedIdentity, ItemIdentity
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.jellyfin.wire import UserDto
@@ -45,6 +49,7 @@ from jfsync.subscriber import (
     LibraryChangedEvent,
     Subscriber,
     SubscriberEvent,
+    SubscriberState,
     UserDataChangedEvent,
 )
 from jfsync.tasks import cancel_and_wait
@@ -61,6 +66,12 @@ logger = logging.getLogger(__name__)
 SCAN_BATCH = 1000
 #: How long a catch-up waits for the peer's pusher to check writes cut off by a restart.
 RECOVERY_WAIT_S = 10.0
+#: How long a bring-up waits after an answer that needs someone to act (a refused key, a
+#: server too old to sync: upgraded, it is taken up then).
+BRING_UP_SLOW_RETRY_S = 300.0
+#: Backoff of a bring-up or user-list refresh that failed in a way that may pass by itself.
+BRING_UP_INITIAL_S = 1.0
+BRING_UP_MAX_S = 60.0
 
 
 @dataclass(slots=True)
@@ -80,7 +91,12 @@ class ServerLink:
     #: remote user id -> canonical user key, for every synced user of this server.
     user_keys: dict[str, str] = field(default_factory=dict)
     subscribers: dict[str, Subscriber] = field(default_factory=dict)
+    #: Brings the server up, then keeps its user list fresh (until stop()).
     bring_up: asyncio.Task[None] | None = None
+    #: When the user list was last read (wall ms).
+    users_refreshed_ms: int | None = None
+    #: Set to read the user list again soon (a socket of this server reconnected).
+    refresh_users: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def name(self) -> str:
@@ -162,6 +178,8 @@ class SyncService:
         self._session: aiohttp.ClientSession | None = None
         self._changed = asyncio.Event()
         self._match_lock = asyncio.Lock()
+        #: User-matching problems already logged (a refresh logs only new ones).
+        self._match_problems: set[str] = set()
         self._started_ms: int | None = None
         self._stopping = False
         #: Told (peer, propagation latency in s) after every successful write (metrics).
@@ -314,60 +332,151 @@ class SyncService:
     # ------------------------------------------------------------------ servers and users
 
     async def _bring_up(self, link: ServerLink) -> None:
-        """Reach the server (retrying forever on transient errors), then subscribe its users."""
+        """Bring the server up (retrying whatever fails), then keep its user list fresh."""
+        await self._reach(link)
+        await self._keep_users_fresh(link)
+
+    async def _reach(self, link: ServerLink) -> None:
+        """Reach the server and subscribe its users, retrying forever on any failure.
+
+        Every failure is shown as the server's ``last_error`` and logged once (repeats at
+        DEBUG). Answers that need someone to act (a refused key, a Jellyfin too old to sync)
+        are asked again every ``BRING_UP_SLOW_RETRY_S``, so a server upgraded from 10.8 is
+        taken up without a restart; anything else (down, a proxy's 404 or page, a bug) backs
+        off from 1 s to 60 s.
+        """
         streak = FailureStreak(logger, link.name, self.clock)
-        delays = backoff_delays(base_s=1.0, cap_s=60.0)
+        delays = backoff_delays(base_s=BRING_UP_INITIAL_S, cap_s=BRING_UP_MAX_S)
         while True:
             try:
                 info = await link.client.ensure_supported()
                 link.server_id = info.id
                 link.version = info.version
                 link.users = await link.client.users()
+                link.users_refreshed_ms = self.clock.wall_ms()
                 link.reachable = True
                 link.last_error = None
                 self.identity.server_reachable(link.name)
+                if link.tokens is None:
+                    assert link.server_id is not None
+                    link.tokens = UserTokens(
+                        link.client,
+                        ServerTokenStore(self.ledger, link.name),
+                        link.server_id,
+                        link.config.users,
+                        config_key=f"servers[{link.index}]",
+                    )
+                logger.info("[%s] Jellyfin %s, %d users", link.name, link.version, len(link.users))
+                await self._rematch()
                 break
-            except UnsupportedServerError as err:
-                link.last_error = str(err)
-                logger.error("[%s] %s", link.name, err)
-                return
-            except ServerError as err:
+            except Exception as err:  # noqa: BLE001 - logged by the streak, retried below
                 link.reachable = False
-                link.last_error = str(err)
-                streak.failed("cannot reach the server yet", err)
-                if not is_retryable(err):
-                    await self.clock.sleep(300.0)
+                slow = isinstance(err, AuthRejectedError | UnsupportedServerError)
+                delay = BRING_UP_SLOW_RETRY_S if slow else next(delays)
+                link.last_error = f"{_describe(err)} (retrying in {delay:.0f} s)"
+                if isinstance(err, UnsupportedServerError):
+                    streak.failed("cannot sync this server", link.last_error)
+                elif isinstance(err, JfsyncError):
+                    streak.failed("cannot bring the server up yet", link.last_error)
                 else:
-                    await self.clock.sleep(next(delays))
+                    streak.failed(
+                        f"bringing the server up failed unexpectedly; retrying in {delay:.0f} s",
+                        err,
+                        unexpected=True,
+                    )
+                self._notify()
+                await self.clock.sleep(delay)
         streak.succeeded("server reachable")
-        assert link.server_id is not None
-        link.tokens = UserTokens(
-            link.client,
-            ServerTokenStore(self.ledger, link.name),
-            link.server_id,
-            link.config.users,
-            config_key=f"servers[{link.index}]",
-        )
-        logger.info("[%s] Jellyfin %s, %d users", link.name, link.version, len(link.users or []))
-        await self._rematch()
+        self._notify()
+
+    async def _keep_users_fresh(self, link: ServerLink) -> None:
+        """Read the server's user list again periodically and whenever asked; match again."""
+        streak = FailureStreak(logger, link.name, self.clock)
+        interval = self.config.sync.user_refresh_interval
+        delays: Iterator[float] | None = None
+        wait_s = interval
+        while True:
+            await self._refresh_due(link, wait_s)
+            try:
+                users = await link.client.users()
+                link.users = users
+                link.users_refreshed_ms = self.clock.wall_ms()
+                await self._rematch()
+            except Exception as err:  # noqa: BLE001 - logged by the streak, retried below
+                if delays is None:
+                    delays = backoff_delays(base_s=BRING_UP_INITIAL_S, cap_s=BRING_UP_MAX_S)
+                wait_s = min(interval, next(delays))
+                link.last_error = f"reading the user list failed: {_describe(err)}"
+                streak.failed(
+                    f"reading the user list failed; retrying in {wait_s:.0f} s",
+                    _describe(err) if isinstance(err, JfsyncError) else err,
+                    unexpected=not isinstance(err, JfsyncError),
+                )
+                self._notify()
+                continue
+            if delays is not None:
+                link.last_error = None
+                streak.succeeded("user list read")
+                self._notify()
+            delays = None
+            wait_s = interval
+
+    async def _refresh_due(self, link: ServerLink, seconds: float) -> None:
+        """Wait ``seconds``, or less when a refresh of this server's users is asked for."""
+        sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
+        asked = asyncio.ensure_future(link.refresh_users.wait())
+        try:
+            await asyncio.wait({sleeper, asked}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in (sleeper, asked):
+                fut.cancel()
+            await asyncio.gather(sleeper, asked, return_exceptions=True)
+        link.refresh_users.clear()
 
     async def _rematch(self) -> None:
-        """Match users over every server that answered, and subscribe the newly matched."""
+        """Match users over every server that answered; subscribe the newly matched and stop
+        the subscribers of accounts no longer synced (removed, disabled, excluded, renamed)."""
         async with self._match_lock:
             users = {n: link.users for n, link in self.links.items() if link.users is not None}
             match = match_users(self.config, users)
             self.user_match = match
             for problem in match.problems:
-                logger.warning("users: %s", problem)
+                if problem not in self._match_problems:
+                    self._match_problems.add(problem)
+                    logger.warning("users: %s", problem)
             for link in self.links.values():
-                if link.users is None:
+                if link.users is None or link.tokens is None:
                     continue
-                for person, account in match.for_server(link.name):
-                    if account.id in link.user_keys:
+                wanted = {
+                    account.id: (person.key, account)
+                    for person, account in match.for_server(link.name)
+                }
+                for user_id, key in list(link.user_keys.items()):
+                    if wanted.get(user_id, (None,))[0] != key:
+                        await self._unsubscribe(link, user_id, key)
+                for user_id, (key, account) in wanted.items():
+                    if user_id in link.user_keys:
                         continue
-                    link.user_keys[account.id] = person.key
-                    await self.ledger.map_user(link.name, account.id, person.key, name=account.name)
-                    self._subscribe(link, account, person.key)
+                    await self.ledger.map_user(link.name, account.id, key, name=account.name)
+                    link.user_keys[user_id] = key
+                    logger.info("[%s] syncing account %s as %s", link.name, account.name, key)
+                    self._subscribe(link, account, key)
+
+    async def _unsubscribe(self, link: ServerLink, user_id: str, key: str) -> None:
+        """Stop syncing an account that is no longer matched."""
+        link.user_keys.pop(user_id, None)
+        subscriber = link.subscribers.pop(user_id, None)
+        name = subscriber.user_name if subscriber is not None else user_id
+        logger.warning(
+            "[%s] account %s (%s) is no longer synced (removed, disabled, excluded or no "
+            "longer matched); its subscriber is stopped",
+            link.name,
+            name,
+            key,
+        )
+        if subscriber is not None:
+            await subscriber.stop()
+        self._notify()
 
     def _subscribe(self, link: ServerLink, account: UserDto, key: str) -> None:
         tokens = link.tokens
@@ -405,6 +514,16 @@ class SyncService:
             if self.reconciler is not None:
                 self.reconciler.library_changed(event)
         elif isinstance(event, ConnectionStateChanged):
+            link = self.links.get(event.server)
+            subscriber = link.subscribers.get(event.user_id) if link is not None else None
+            if (
+                link is not None
+                and subscriber is not None
+                and event.state is SubscriberState.CONNECTED
+                and subscriber.status.reconnect_count > 0
+            ):
+                # The server may have been down or restored: its accounts may have changed.
+                link.refresh_users.set()
             self._notify()
 
     async def _on_user_data(self, event: UserDataChangedEvent) -> None:
@@ -576,6 +695,7 @@ class SyncService:
                     "version": link.version,
                     "server_id": link.server_id,
                     "last_error": link.last_error,
+                    "users_refreshed_ms": link.users_refreshed_ms,
                     "users": [
                         {
                             "user": sub.user_name,
@@ -589,6 +709,8 @@ class SyncService:
                             "reconnects": sub.status.reconnect_count,
                             "last_error": sub.status.last_error,
                             "pause_reason": sub.status.pause_reason,
+                            "event_failures": sub.status.event_failures,
+                            "last_event_error": sub.status.last_event_error,
                         }
                         for sub in link.subscribers.values()
                     ],
@@ -632,6 +754,17 @@ class SyncService:
                 "scan_changes": self.counters.scan_changes,
             },
         }
+
+
+def _describe(err: BaseException) -> str:
+    """Text for status and logs: jfsync's own errors as they are (without the ``[server] ``
+    prefix: the line or entry names the server already), others with their type."""
+    if isinstance(err, ServerError):
+        text, prefix = str(err), f"[{err.server}] "
+        return text[len(prefix) :] if text.startswith(prefix) else text
+    if isinstance(err, JfsyncError):
+        return str(err)
+    return f"unexpected error: {type(err).__name__}: {err}"
 
 
 def _file_size(path: str) -> int:

@@ -24,6 +24,12 @@ user of one server and turns its messages into :data:`SubscriberEvent` values ha
   while a socket is down, fact sheet §2.1); events that arrive meanwhile wait in the socket's
   buffer and are applied after it, in order.
 * Every sleep goes through the injected :class:`~jfsync.timing.Clock`.
+* Nothing but :meth:`Subscriber.stop` ends the subscriber. When ``on_event`` raises on a
+  UserDataChanged or LibraryChanged event (the ledger busy, the identity index not built),
+  the session ends there with that reason: BACKOFF, then reconnect, and the resync after the
+  connect catches up with whatever the failed event (and the frames after it) carried. Any
+  other unexpected error in a session (the socket's reader failing, a bug) ends the session
+  the same way, so the state never says CONNECTED while nothing reads the socket.
 
 Log lines name the server and user; the first failure in a streak is a WARNING, repeats are
 DEBUG, and the recovery is INFO with the downtime. Tokens never appear in logs or status.
@@ -168,6 +174,10 @@ class SubscriberStatus:
     last_error: str | None
     pause_reason: str | None
     buffered_events: int
+    #: Sessions ended because applying an event failed (each was caught up by a resync).
+    event_failures: int = 0
+    #: Why applying an event failed the last time (kept after the reconnect).
+    last_event_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +187,8 @@ class _SessionEnd:
     reason: str
     error: BaseException | None = None
     expected: bool = False  # the server announced a restart or shutdown
-    stopped: bool = False  # our own close
+    handler_failed: bool = False  # on_event raised on a live event
+    unexpected: bool = False  # nobody planned for this error: log it with its traceback
 
 
 class Subscriber:
@@ -230,7 +241,11 @@ class Subscriber:
         self._connections = 0
         self._last_error: str | None = None
         self._pause_reason: str | None = None
+        self._event_failures = 0
+        self._last_event_error: str | None = None
         self._streak = FailureStreak(logger, f"{server}/{user_name}", clock)
+        #: Events that could not be applied; ended only by an event applied again.
+        self._event_streak = FailureStreak(logger, f"{server}/{user_name}", clock)
 
     def __repr__(self) -> str:
         return f"<Subscriber {self.server}/{self.user_name} {self._state}>"
@@ -261,6 +276,8 @@ class Subscriber:
             last_error=self._last_error,
             pause_reason=self._pause_reason,
             buffered_events=self._socket.buffered if self._socket is not None else 0,
+            event_failures=self._event_failures,
+            last_event_error=self._last_event_error,
         )
 
     def start(self) -> None:
@@ -297,40 +314,67 @@ class Subscriber:
     # ------------------------------------------------------------------ the state machine
 
     async def _run(self) -> None:
+        """Connect, run a session, wait, again: until cancelled by stop()."""
         delays = self._delays()
         while True:
-            await self._set_state(SubscriberState.CONNECTING)
             try:
-                socket = await self._open()
+                delays = await self._cycle(delays)
             except asyncio.CancelledError:
                 raise
-            except Exception as err:  # noqa: BLE001 - loop must survive
-                delays = await self._after_connect_failure(err, delays)
-                continue
-            end = await self._session(socket)
-            if end.stopped:
-                return
-            connected_at = self._connected_at
-            if (
-                connected_at is not None
-                and self._clock.monotonic() - connected_at >= self._healthy_after_s
-            ):
-                delays = self._delays()
-            self._connected_since_ms = None
-            if end.expected:
-                logger.info(
-                    "[%s/%s] %s; reconnecting in %.0f s",
-                    self.server,
-                    self.user_name,
-                    end.reason,
-                    self._cooldown_s,
-                )
-                await self._pause(SubscriberState.COOLDOWN, end.reason, self._cooldown_s)
-                delays = self._delays()
-                continue
-            delay = next(delays)
-            self._note_failure(end.reason, f"reconnecting in {delay:.1f} s")
-            await self._pause(SubscriberState.BACKOFF, end.reason, delay)
+            except Exception as err:  # noqa: BLE001 - logged by _note_failure
+                # A bug between sessions must not end the subscription either.
+                self._connected_since_ms = None
+                delay = next(delays)
+                reason = f"unexpected error: {_describe(err)}"
+                self._note_failure(reason, f"retrying in {delay:.1f} s", error=err)
+                await self._pause(SubscriberState.BACKOFF, reason, delay)
+
+    async def _cycle(self, delays: Iterator[float]) -> Iterator[float]:
+        """Connect once, run the session, wait as its end asks; return the delays to go on."""
+        await self._set_state(SubscriberState.CONNECTING)
+        try:
+            socket = await self._open()
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001 - loop must survive
+            return await self._after_connect_failure(err, delays)
+        end = await self._session(socket)
+        connected_at = self._connected_at
+        if (
+            connected_at is not None
+            and self._clock.monotonic() - connected_at >= self._healthy_after_s
+        ):
+            delays = self._delays()
+        self._connected_since_ms = None
+        if end.expected:
+            logger.info(
+                "[%s/%s] %s; reconnecting in %.0f s",
+                self.server,
+                self.user_name,
+                end.reason,
+                self._cooldown_s,
+            )
+            await self._pause(SubscriberState.COOLDOWN, end.reason, self._cooldown_s)
+            return self._delays()
+        delay = next(delays)
+        if end.handler_failed:
+            self._event_failures += 1
+            self._last_event_error = end.reason
+            self._last_error = end.reason
+            assert end.error is not None
+            self._event_streak.failed(
+                f"{end.reason}; reconnecting in {delay:.1f} s to catch up",
+                _describe(end.error) if isinstance(end.error, JfsyncError) else end.error,
+                unexpected=not isinstance(end.error, JfsyncError),
+            )
+        else:
+            self._note_failure(
+                end.reason,
+                f"reconnecting in {delay:.1f} s",
+                error=end.error if end.unexpected else None,
+            )
+        await self._pause(SubscriberState.BACKOFF, end.reason, delay)
+        return delays
 
     async def _open(self) -> JellyfinSocket:
         """Get a token and open the socket; a refused token is re-minted once."""
@@ -426,32 +470,55 @@ class Subscriber:
             self._connections += 1
             self._log_connected()
             await self._set_state(SubscriberState.CONNECTED)
-            while True:
-                try:
-                    message = await socket.receive()
-                except SocketClosedError as err:
-                    return _SessionEnd(f"connection lost: {_describe(err)}", err)
-                if message is None:
-                    return _SessionEnd("closed", stopped=True)
-                if isinstance(message, ServerRestartingMessage | ServerShuttingDownMessage):
-                    what = (
-                        "restarting"
-                        if isinstance(message, ServerRestartingMessage)
-                        else "shutting down"
-                    )
-                    return _SessionEnd(f"the server is {what}", expected=True)
-                event = self._event_for(message)
-                # The message is not kept while its event is applied, nor the event while
-                # waiting for the next message: after a bulk action one message holds
-                # thousands of entries (parsed, some 13 MB; the event a fifth of that).
-                del message
-                if event is not None:
-                    self._last_event_at_ms = self._clock.wall_ms()
-                    await self._emit(event)
-                    del event
+            try:
+                return await self._read(socket)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # noqa: BLE001 - the session ends with the reason
+                return _SessionEnd(f"unexpected error: {_describe(err)}", err, unexpected=True)
         finally:
             self._socket = None
             await socket.close()
+
+    async def _read(self, socket: JellyfinSocket) -> _SessionEnd:
+        """Hand live messages to ``on_event`` in order until the session has to end."""
+        while True:
+            try:
+                message = await socket.receive()
+            except SocketClosedError as err:
+                return _SessionEnd(f"connection lost: {_describe(err)}", err)
+            if message is None:
+                # Only close() ends the messages without an error, and the session calls it
+                # last: the reader stopped without saying why.
+                return _SessionEnd("the socket stopped delivering messages", unexpected=True)
+            if isinstance(message, ServerRestartingMessage | ServerShuttingDownMessage):
+                what = (
+                    "restarting"
+                    if isinstance(message, ServerRestartingMessage)
+                    else "shutting down"
+                )
+                return _SessionEnd(f"the server is {what}", expected=True)
+            event = self._event_for(message)
+            # The message is not kept while its event is applied, nor the event while
+            # waiting for the next message: after a bulk action one message holds
+            # thousands of entries (parsed, some 13 MB; the event a fifth of that).
+            del message
+            if event is None:
+                continue
+            self._last_event_at_ms = self._clock.wall_ms()
+            try:
+                await self._on_event(event)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # noqa: BLE001 - the session ends with the reason
+                # Not dropped: the resync after the reconnect finds what the event carried.
+                return _SessionEnd(
+                    f"applying {type(event).__name__} failed: {_describe(err)}",
+                    err,
+                    handler_failed=True,
+                )
+            del event
+            self._event_streak.succeeded("events apply")
 
     def _event_for(self, message: LiveMessage) -> SubscriberEvent | None:
         """The event a live message stands for (None: nothing to pass on)."""
@@ -505,7 +572,8 @@ class Subscriber:
         finally:
             self._pause_reason = None
 
-    async def _emit(self, event: SubscriberEvent) -> None:
+    async def _emit(self, event: ConnectionStateChanged) -> None:
+        """Report a state change; a handler failing on it is logged (nothing to catch up)."""
         try:
             await self._on_event(event)
         except asyncio.CancelledError:
@@ -518,9 +586,15 @@ class Subscriber:
                 type(event).__name__,
             )
 
-    def _note_failure(self, what: str, next_step: str) -> None:
+    def _note_failure(
+        self, what: str, next_step: str, *, error: BaseException | None = None
+    ) -> None:
+        """Show ``what`` on status and log it once per streak (``error``: with its traceback)."""
         self._last_error = what
-        self._streak.failed(what, next_step)
+        if error is None or isinstance(error, JfsyncError):
+            self._streak.failed(what, next_step)
+        else:
+            self._streak.failed(f"{what}; {next_step}", error, unexpected=True)
 
     def _log_connected(self) -> None:
         if self._streak.failing:

@@ -17,9 +17,10 @@ Errors: a 401/403 on the upgrade raises :class:`~jfsync.errors.AuthRejectedError
 statuses the matching :class:`~jfsync.errors.HttpStatusError`, a refused or broken handshake
 :class:`~jfsync.errors.UnreachableError`, no answer in time
 :class:`~jfsync.errors.RequestTimeoutError`; a connection that ends raises
-:class:`SocketClosedError` (or :class:`KeepAliveTimeoutError`) from the message iterator.
-Malformed frames are logged and skipped; unknown message types are logged at DEBUG and
-ignored. No log line, repr or error carries the token.
+:class:`SocketClosedError` (or :class:`KeepAliveTimeoutError`) from the message iterator,
+also when the reader itself fails unexpectedly (the reason names the error). Malformed frames
+are logged and skipped; unknown message types are logged at DEBUG and ignored. No log line,
+repr or error carries the token.
 """
 
 from __future__ import annotations
@@ -254,6 +255,19 @@ class JellyfinSocket:
             self._fail(SocketClosedError(self.server, f"websocket closed: {_reason(err)}"))
         except OSError as err:
             self._fail(SocketClosedError(self.server, f"websocket broken: {_reason(err)}"))
+        except Exception as err:
+            # A frame the parser chokes on (a JSON nesting too deep for it, a bug): end the
+            # connection with the reason, so the consumer reconnects instead of waiting on a
+            # socket that nothing reads any more.
+            # The consumer logs the reason; the traceback is for debugging.
+            logger.debug(
+                "[%s/%s] the websocket reader failed", self.server, self.user, exc_info=err
+            )
+            self._fail(
+                SocketClosedError(
+                    self.server, f"websocket reader failed: {type(err).__name__}: {err}"
+                )
+            )
         finally:
             # A dead peer is not worth a closing handshake; make sure the transport is gone.
             if self._error is not None:

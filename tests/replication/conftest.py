@@ -42,6 +42,7 @@ async def make_cluster(tmp_path: Path) -> AsyncIterator[MakeCluster]:
         pusher_options: dict[str, Any] | None = None,
         gated: tuple[str, ...] = (),
         connect: bool = True,
+        sync: dict[str, Any] | None = None,
     ) -> Cluster:
         emus = []
         for name in "abc"[:servers]:
@@ -62,7 +63,7 @@ async def make_cluster(tmp_path: Path) -> AsyncIterator[MakeCluster]:
             gate = gates.get(emu.server_name)
             return gate.url if gate is not None else emu.url
 
-        config = make_config(emus, tmp_path / f"ledger-{len(made)}.db", url_of)
+        config = make_config(emus, tmp_path / f"ledger-{len(made)}.db", url_of, sync)
         service = SyncService(
             config,
             clock=clock,

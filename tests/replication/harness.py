@@ -41,6 +41,8 @@ FAST_PUSHER: dict[str, Any] = {
     "probe_max_s": 0.05,
     "auth_retry_s": 0.05,
     "idle_poll_s": 1.0,
+    "fault_initial_s": 0.01,
+    "fault_max_s": 0.05,
 }
 
 
@@ -53,9 +55,13 @@ FAST_SUBSCRIBER: dict[str, Any] = {"delays": fast_delays}
 
 
 def make_config(
-    emus: Sequence[Emulator], ledger: Path, url_of: Callable[[Emulator], str] | None = None
+    emus: Sequence[Emulator],
+    ledger: Path,
+    url_of: Callable[[Emulator], str] | None = None,
+    sync: dict[str, Any] | None = None,
 ) -> Config:
-    """Build a config syncing every emulator (config order = list order)."""
+    """Build a config syncing every emulator (config order = list order); ``sync`` adds keys
+    to the config's ``sync`` section."""
     return Config.model_validate(
         {
             "ledger": str(ledger),
@@ -68,7 +74,7 @@ def make_config(
                 }
                 for emu in emus
             ],
-            "sync": {"shutdown_grace": 2},
+            "sync": {"shutdown_grace": 2, **(sync or {})},
         }
     )
 
@@ -326,11 +332,21 @@ class SocketGate:
     bytes from the server to jfsync go through a gate: while it is held they queue in order,
     and :meth:`release` delivers them. That reproduces an event that is flushed by the server
     at one moment and reaches jfsync later, after jfsync wrote again.
+
+    While the server behind it refuses connections (stopped) and :attr:`down_answer` is set,
+    the gate answers every request itself with that status and body, as a reverse proxy in
+    front of a stopped server does (502 from nginx, 404 from traefik once the container is
+    gone, or a maintenance page); otherwise it closes the connection.
     """
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.port = 0
+        #: (status, body) answered while the server behind refuses connections.
+        self.down_answer: tuple[int, str] | None = None
+        #: The request lines answered with ``down_answer`` (e.g. ``GET /System/Info/Public``).
+        self.down_answered: list[str] = []
+        self._answered = asyncio.Event()
         self._open = asyncio.Event()
         self._open.set()
         self._server: asyncio.Server | None = None
@@ -372,6 +388,8 @@ class SocketGate:
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         except OSError:
+            if self.down_answer is not None:
+                await self._answer_down(reader, writer, *self.down_answer)
             writer.close()
             return
         self._writers.append(up_writer)
@@ -386,6 +404,37 @@ class SocketGate:
             task = asyncio.get_running_loop().create_task(coro, name=name)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def wait_down_answered(self, path: str, count: int, timeout_s: float = WAIT_S) -> None:
+        """Wait until ``count`` requests for ``path`` were answered with ``down_answer``."""
+        async with asyncio.timeout(timeout_s):
+            while sum(line.split(" ")[1:2] == [path] for line in self.down_answered) < count:
+                self._answered.clear()
+                await self._answered.wait()
+
+    async def _answer_down(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int, body: str
+    ) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            return
+        line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        payload = body.encode()
+        reason = {200: "OK", 404: "Not Found", 502: "Bad Gateway"}.get(status, "Status")
+        writer.write(
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/html\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+            + payload
+        )
+        try:
+            await writer.drain()
+        except ConnectionError:
+            return
+        # Only the request line: method and path (the query could carry anything).
+        method, _, rest = line.partition(" ")
+        self.down_answered.append(f"{method} {rest.split(' ')[0].split('?')[0]}")
+        self._answered.set()
 
     async def _pump(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, gated: bool
