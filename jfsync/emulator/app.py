@@ -138,7 +138,15 @@ _SORT_KEYS = frozenset(
 )
 #: Every field single-item reads return (``new DtoOptions()`` asks for all of them).
 _ALL_FIELDS = frozenset(
-    {"path", "providerids", "datecreated", "sortname", "parentid", "childcount"}
+    {
+        "path",
+        "providerids",
+        "datecreated",
+        "sortname",
+        "parentid",
+        "childcount",
+        "recursiveitemcount",
+    }
 )
 #: ``UpdateUserItemDataDto`` members and their JSON types.
 _UPDATE_FIELDS: dict[str, str] = {
@@ -1013,8 +1021,18 @@ class JellyfinApi:
     ) -> dict[str, Any]:
         emu = self.emu
         user_data = None
+        recursive_count = None
         if user is not None and enable_user_data:
-            user_data = emu.user_data_dto(user.id, item, item_id=self.version.rest_item_id(item.id))
+            asked = "recursiveitemcount" in fields
+            user_data = emu.user_data_dto(
+                user.id,
+                item,
+                item_id=self.version.rest_item_id(item.id),
+                with_recursive_count=asked,
+            )
+            counts = emu.folder_counts(user.id, item)
+            if asked and counts is not None:
+                recursive_count = counts[0]
         child_count = len(emu.library.children(item.id)) if item.is_folder else None
         return dto.item_dto(
             item,
@@ -1023,6 +1041,7 @@ class JellyfinApi:
             user_data=user_data,
             enable_images=enable_images,
             child_count=child_count,
+            recursive_item_count=recursive_count,
         )
 
     async def items_list(self, ctx: Ctx) -> web.StreamResponse:

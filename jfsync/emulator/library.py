@@ -166,6 +166,13 @@ class LibraryItem:
         return self.type not in LEAF_ITEM_TYPES
 
     @property
+    def played_from_leaves(self) -> bool:
+        """Tell whether the item's played state comes from its leaves (``Folder``
+        ``SupportsUserDataFromChildren``): series, seasons and plain folders, not the
+        collection folders (library roots), which Jellyfin skips as "far too slow"."""
+        return self.is_folder and self.type != "CollectionFolder"
+
+    @property
     def is_leaf(self) -> bool:
         """Tell whether the item is a playable leaf (movie, episode)."""
         return self.type in LEAF_ITEM_TYPES

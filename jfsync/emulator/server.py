@@ -421,14 +421,39 @@ class Emulator:
         return data
 
     def user_data_dto(
-        self, user_id: str, item: LibraryItem, *, item_id: str | None
+        self,
+        user_id: str,
+        item: LibraryItem,
+        *,
+        item_id: str | None,
+        with_recursive_count: bool = False,
     ) -> dict[str, Any]:
-        """Build the current ``UserItemDataDto`` of (user, item) with the given ``ItemId``."""
+        """Build the current ``UserItemDataDto`` of (user, item) with the given ``ItemId``.
+
+        Series, seasons and folders get ``UnplayedItemCount`` and ``Played`` from their leaves
+        (fact sheet Corrections 7); ``with_recursive_count`` (the item DTO asked for
+        ``RecursiveItemCount``) adds ``PlayedPercentage``.
+        """
         data = self.store.peek(user_id, item.id) or StoredUserData()
-        unplayed = None
-        if item.is_folder:
-            unplayed = self.library.leaf_count(item.id) - self.store.played_below(user_id, item.id)
-        return dto.user_data_dto(data, item, item_id=item_id, unplayed=unplayed)
+        counts = self.folder_counts(user_id, item)
+        if counts is None:
+            return dto.user_data_dto(data, item, item_id=item_id)
+        total, unplayed = counts
+        return dto.user_data_dto(
+            data,
+            item,
+            item_id=item_id,
+            unplayed=unplayed,
+            recursive_count=total if with_recursive_count else None,
+        )
+
+    def folder_counts(self, user_id: str, item: LibraryItem) -> tuple[int, int] | None:
+        """Return (leaves below, unplayed leaves below) for a user, or None when the item's
+        played state does not come from leaves (a leaf or a collection folder)."""
+        if not item.played_from_leaves:
+            return None
+        total = self.library.leaf_count(item.id)
+        return total, total - self.store.played_below(user_id, item.id)
 
     def push_dto(self, user_id: str, item_id: str) -> dict[str, Any] | None:
         """The DTO a ``UserDataChanged`` push carries (real ItemId); None if the item is gone."""

@@ -110,6 +110,13 @@ async def test_every_documented_json_route_validates(
         {"userId": alice},
         {**listing, "Limit": "5"},
         {"userId": alice, "ParentId": series.id, "Fields": "ChildCount"},
+        {"userId": alice, "ParentId": series.id, "Fields": "RecursiveItemCount,ChildCount"},
+        {
+            "userId": alice,
+            "IncludeItemTypes": "Series",
+            "Recursive": "true",
+            "Fields": "RecursiveItemCount",
+        },
         {"userId": alice, "Filters": "IsPlayed", "Recursive": "true", "SortBy": "DatePlayed"},
         {
             "userId": alice,
