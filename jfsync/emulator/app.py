@@ -24,6 +24,7 @@ from urllib.parse import unquote_plus
 from aiohttp import web
 
 from jfsync.emulator import dto
+from jfsync.emulator.browse import BrowseApi
 from jfsync.emulator.library import LibraryItem
 from jfsync.emulator.query import ITEM_FILTERS, ItemQuery, ItemQueryEngine
 from jfsync.emulator.state import (
@@ -358,6 +359,7 @@ class JellyfinApi:
         self.emu = emu
         self.version = emu.server_version
         self.queries = ItemQueryEngine(emu.library, emu.store, emu.server_id)
+        self.browse = BrowseApi(self)
         self.routes = self._build_routes()
 
     def make_app(self) -> web.Application:
@@ -632,7 +634,12 @@ class JellyfinApi:
         new = v.has_user_items_routes
         # Legacy /Users/{userId}/... aliases are documented only in 10.8's OpenAPI file.
         legacy_doc = not new
+        b = self.browse
         r: list[Route] = [
+            Route("GET", "/Shows/NextUp", b.next_up),
+            Route("GET", "/Shows/{seriesId}/Episodes", b.episodes),
+            Route("GET", "/Shows/{seriesId}/Seasons", b.seasons),
+            Route("GET", "/Users/{userId}/Items/Resume", b.resume, documented=legacy_doc),
             Route("GET", "/System/Info/Public", self.system_info_public, "anon"),
             Route("GET", "/System/Ping", self.ping, "anon"),
             Route("POST", "/System/Ping", self.ping, "anon"),
@@ -659,6 +666,7 @@ class JellyfinApi:
         ]
         if new:
             r += [
+                Route("GET", "/UserItems/Resume", b.resume),
                 Route("GET", "/UserViews", self.user_views),
                 Route("GET", "/Items/{itemId}", self.item_get),
                 Route("GET", "/UserItems/{itemId}/UserData", self.user_data_get),
@@ -1043,6 +1051,68 @@ class JellyfinApi:
             child_count=child_count,
             recursive_item_count=recursive_count,
         )
+
+    # --- helpers shared with the browsing routes -----------------------------------------
+
+    def paging(self, ctx: Ctx) -> tuple[int, int | None]:
+        """``StartIndex`` and ``Limit``; 400 when negative."""
+        start = self.number(ctx, "startIndex") or 0
+        limit = self.number(ctx, "limit")
+        if start < 0 or (limit is not None and limit < 0):
+            raise HttpError(400, "startIndex and limit must not be negative")
+        return start, limit
+
+    def number(self, ctx: Ctx, name: str) -> int | None:
+        """An integer query parameter (400 when it is not one)."""
+        return ctx.integer(name)
+
+    def date_param(self, text: str) -> datetime:
+        """A date query parameter (400 when it is not one)."""
+        try:
+            return parse_date(text)
+        except ValueError:
+            raise HttpError(400, f"The value '{text}' is not valid.") from None
+
+    def kinds(self, ctx: Ctx) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``IncludeItemTypes`` and ``ExcludeItemTypes`` as ``BaseItemKind`` names."""
+        include = tuple(self._kind(k) for k in ctx.array("includeItemTypes"))
+        exclude = tuple(self._kind(k) for k in ctx.array("excludeItemTypes"))
+        return include, exclude
+
+    def optional_user(self, ctx: Ctx) -> EmuUser | None:
+        """``ReqH.GetUserId`` then ``GetUserById`` where a missing user just means no user
+        data (TV routes): 403 for a non-admin naming another user, None for an API key."""
+        caller = ctx.caller
+        assert caller is not None
+        text = self._path_or_query_user(ctx)
+        if not text:
+            return caller.user
+        user_id = parse_guid(text)
+        if user_id != caller.user_id and not caller.is_admin:
+            raise HttpError(403, "Forbidden")
+        return self.emu.users.get(user_id)
+
+    def required_user(self, ctx: Ctx) -> EmuUser:
+        """The user a user-scoped route acts for (status codes of ``_user_for``)."""
+        return self._user_for(ctx, self._path_or_query_user(ctx))
+
+    def item_dtos(
+        self, ctx: Ctx, items: list[LibraryItem], user: EmuUser | None
+    ) -> list[dict[str, Any]]:
+        """Item DTOs with the request's ``Fields``, ``EnableUserData`` and ``EnableImages``."""
+        fields = frozenset(f.lower() for f in ctx.array("fields"))
+        enable_user_data = bool(ctx.boolean("enableUserData", True))
+        enable_images = bool(ctx.boolean("enableImages", True))
+        return [
+            self._item_dto(
+                item,
+                user,
+                fields,
+                enable_user_data=enable_user_data,
+                enable_images=enable_images,
+            )
+            for item in items
+        ]
 
     async def items_list(self, ctx: Ctx) -> web.StreamResponse:
         """``GET /Items`` and ``GET /Users/{userId}/Items`` (§5)."""

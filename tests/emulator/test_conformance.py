@@ -132,6 +132,13 @@ async def test_every_documented_json_route_validates(
         await http.get(f"/Items/{item.id}")
         await http.get(f"/UserItems/{item.id}/UserData", params={"userId": alice})
     await http.get("/UserViews", params={"userId": alice})
+    shows = {"userId": alice, "Fields": "RecursiveItemCount,Path"}
+    await http.get(f"/Shows/{series.id}/Episodes", params=shows)
+    await http.get(f"/Shows/{series.id}/Episodes", params={"seasonId": season.id, "Limit": "2"})
+    await http.get(f"/Shows/{series.id}/Seasons", params=shows)
+    await http.get("/Shows/NextUp", params={"userId": alice})
+    await http.get("/Shows/NextUp", params={"userId": bob, "seriesId": series.id})
+    await http.get("/UserItems/Resume", params={"userId": alice, "Limit": "3"})
 
     await http.post(
         f"/UserItems/{movie.id}/UserData",
