@@ -170,13 +170,16 @@ Handler = Callable[["Ctx"], Awaitable[web.StreamResponse]]
 class HttpError(Exception):
     """An error answer: status plus the body Jellyfin would send."""
 
-    def __init__(self, status: int, detail: str = "") -> None:
+    def __init__(self, status: int, detail: str = "", *, bare: bool = False) -> None:
         super().__init__(f"HTTP {status} {detail}".strip())
         self.status = status
         self.detail = detail
+        self.bare = bare
 
     def response(self) -> web.Response:
         """Build the answer as ASP.NET would shape it for this status."""
+        if self.bare:
+            return web.Response(status=self.status)
         if self.status in (400, 404, 415):
             titles = {400: "Bad Request", 404: "Not Found", 415: "Unsupported Media Type"}
             body: dict[str, Any] = {
@@ -268,6 +271,13 @@ class Ctx:
         if value is None or value == "":
             return None
         return parse_guid(value)
+
+
+def _guid_or_none(value: str) -> str | None:
+    try:
+        return normalize_id(value)
+    except InvalidIdError:
+        return None
 
 
 def parse_guid(value: str) -> str:
@@ -399,7 +409,8 @@ class JellyfinApi:
         response: web.StreamResponse
         try:
             if route is None:
-                raise HttpError(405 if allowed else 404)
+                # ASP.NET routing: no endpoint is a bare 404 (405 for another method).
+                raise HttpError(405 if allowed else 404, bare=True)
             ctx = Ctx(request, params, query, caller, auth, route)
             if route.auth != "anon" and caller is None:
                 raise HttpError(401)
@@ -975,18 +986,15 @@ class JellyfinApi:
         return ctx.caller.user
 
     def _item_query(self, ctx: Ctx, user: EmuUser | None) -> ItemQuery:
-        include = tuple(self._kind(k) for k in ctx.array("includeItemTypes"))
-        exclude = tuple(self._kind(k) for k in ctx.array("excludeItemTypes"))
-        filters = frozenset(f.lower() for f in ctx.array("filters"))
-        if filters - ITEM_FILTERS:
-            raise HttpError(400, f"unknown filter {sorted(filters - ITEM_FILTERS)[0]}")
-        sort_by = tuple(s.lower() for s in ctx.array("sortBy"))
-        if set(sort_by) - _SORT_KEYS:
-            raise HttpError(400, "unknown sortBy")
-        sort_order = tuple(s.lower() for s in ctx.array("sortOrder"))
-        if set(sort_order) - {"ascending", "descending"}:
-            raise HttpError(400, "unknown sortOrder")
-        ids = tuple(parse_guid(i) for i in ctx.array("ids"))
+        # CommaDelimitedCollectionModelBinder drops values its converter cannot parse
+        # (unknown enum names, malformed Guids) and binds the rest: 200, never 400.
+        include, exclude = self.kinds(ctx)
+        filters = frozenset(f.lower() for f in ctx.array("filters")) & ITEM_FILTERS
+        sort_by = tuple(s.lower() for s in ctx.array("sortBy") if s.lower() in _SORT_KEYS)
+        sort_order = tuple(
+            s.lower() for s in ctx.array("sortOrder") if s.lower() in ("ascending", "descending")
+        )
+        ids = tuple(i for i in (_guid_or_none(x) for x in ctx.array("ids")) if i is not None)
         has_provider = tuple(
             (provider, flag)
             for provider, name in (
@@ -1011,12 +1019,6 @@ class JellyfinApi:
             search_term=ctx.first("searchTerm") or None,
             has_provider=has_provider,
         )
-
-    def _kind(self, name: str) -> str:
-        kind = _ITEM_KINDS.get(name.lower())
-        if kind is None:
-            raise HttpError(400, f"The value '{name}' is not valid.")
-        return kind
 
     def _item_dto(
         self,
@@ -1075,9 +1077,12 @@ class JellyfinApi:
 
     def kinds(self, ctx: Ctx) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """``IncludeItemTypes`` and ``ExcludeItemTypes`` as ``BaseItemKind`` names."""
-        include = tuple(self._kind(k) for k in ctx.array("includeItemTypes"))
-        exclude = tuple(self._kind(k) for k in ctx.array("excludeItemTypes"))
-        return include, exclude
+
+        def known(name: str) -> tuple[str, ...]:
+            found = (_ITEM_KINDS.get(k.lower()) for k in ctx.array(name))
+            return tuple(k for k in found if k is not None)
+
+        return known("includeItemTypes"), known("excludeItemTypes")
 
     def optional_user(self, ctx: Ctx) -> EmuUser | None:
         """``ReqH.GetUserId`` then ``GetUserById`` where a missing user just means no user
@@ -1447,6 +1452,31 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+#: What ``JsonNumberHandling.AllowReadingFromString`` (Jellyfin's JSON options) reads as a number.
+_INT_TEXT = re.compile(r"-?\d+")
+_NUMBER_TEXT = re.compile(r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def json_int(value: Any) -> int | None:
+    """A JSON integer, or a string holding one (Jellyfin reads numbers from strings); None
+    when it is neither."""
+    if _is_int(value):
+        assert isinstance(value, int)
+        return value
+    if isinstance(value, str) and _INT_TEXT.fullmatch(value):
+        return int(value)
+    return None
+
+
+def json_number(value: Any) -> float | None:
+    """A JSON number, or a string holding one; None when it is neither."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and _NUMBER_TEXT.fullmatch(value):
+        return float(value)
+    return None
+
+
 def _parse_update(body: dict[str, Any]) -> dict[str, Any]:
     """Bind ``UpdateUserItemDataDto`` case-insensitively; wrong JSON types are 400."""
     out: dict[str, Any] = {}
@@ -1455,9 +1485,12 @@ def _parse_update(body: dict[str, Any]) -> dict[str, Any]:
         kind = _UPDATE_FIELDS.get(key)
         if kind is None or value is None:
             continue
-        if kind == "int" and not _is_int(value):
-            raise HttpError(400, f"The JSON value could not be converted for {raw_key}.")
-        if kind == "number" and (isinstance(value, bool) or not isinstance(value, int | float)):
+        if kind == "int":
+            value = json_int(value)
+        elif kind == "number":
+            number = json_number(value)
+            value = int(number) if number is not None and number.is_integer() else number
+        if value is None:
             raise HttpError(400, f"The JSON value could not be converted for {raw_key}.")
         if kind == "bool" and not isinstance(value, bool):
             raise HttpError(400, f"The JSON value could not be converted for {raw_key}.")
