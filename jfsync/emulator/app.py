@@ -1380,56 +1380,104 @@ class JellyfinApi:
         return users, item, body
 
     async def playing_start(self, ctx: Ctx) -> web.StreamResponse:
-        """``POST /Sessions/Playing``: PlayCount+1, LastPlayedDate=now, Played=false (§3)."""
+        """``POST /Sessions/Playing``: PlayCount+1, LastPlayedDate=now; up to 10.11 a resumable
+        video is un-played, from 12.0 (113bd9af05) Played is left alone (Corrections 3)."""
         users, item, _ = await self._playback(ctx)
-        if item is not None and item.is_leaf:
-            now = self.emu.now()
+        self.start_playback(users, item)
+        return no_content()
 
-            def start(data: StoredUserData) -> None:
-                data.play_count += 1
-                data.last_played = now
+    def start_playback(self, users: list[EmuUser], item: LibraryItem | None) -> None:
+        """``SM.OnPlaybackStart`` for each user of the session (pushed: PlaybackStart)."""
+        if item is None or not item.is_leaf:
+            return
+        now = self.emu.now()
+        unplays = not self.version.at_least(12)
+
+        def start(data: StoredUserData) -> None:
+            data.play_count += 1
+            data.last_played = now
+            if unplays:
                 # Videos support position ticks, so playback start un-plays them.
                 data.played = False
 
-            for user in users:
-                self.emu.save(user, item, start, "PlaybackStart")
-        return no_content()
+        for user in users:
+            self.emu.save(user, item, start, "PlaybackStart")
 
     async def playing_progress(self, ctx: Ctx) -> web.StreamResponse:
-        """``POST /Sessions/Playing/Progress``: saves the position, never pushed."""
+        """``POST /Sessions/Playing/Progress``: resume rules applied and saved, never pushed."""
         users, item, body = await self._playback(ctx)
-        position = body.get("positionticks")
-        if item is not None and item.is_leaf and _is_int(position):
-            assert isinstance(position, int)
-
-            def progress(data: StoredUserData) -> None:
-                data.position_ticks = position
-
-            for user in users:
-                self.emu.save(user, item, progress, "PlaybackProgress")
+        self.progress_playback(users, item, _position(body, negative_ok=True))
         return no_content()
+
+    def progress_playback(
+        self, users: list[EmuUser], item: LibraryItem | None, position: int | None
+    ) -> None:
+        """``SM.OnPlaybackProgress``: ``UDM.UpdatePlayState`` then a PlaybackProgress save.
+
+        Below 5 % the position is stored as 0; past 90 % the item becomes Played at position 0
+        with PlayCount + 1 and LastPlayedDate = now (Corrections 2, counted once: when it turns
+        played). Nothing of this is pushed, so a server can become Played with no event.
+        """
+        if item is None or not item.is_leaf or position is None:
+            return
+        runtime = item.run_time_ticks or 0
+        now = self.emu.now()
+
+        def progress(data: StoredUserData) -> None:
+            data.position_ticks, done = _resume_position(max(position, 0), runtime)
+            if done and not data.played:
+                data.played = True
+                data.play_count += 1
+                data.last_played = now
+
+        for user in users:
+            self.emu.save(user, item, progress, "PlaybackProgress")
 
     async def playing_stopped(self, ctx: Ctx) -> web.StreamResponse:
-        """``POST /Sessions/Playing/Stopped``: resume thresholds decide position and played."""
+        """``POST /Sessions/Playing/Stopped``: resume thresholds decide position and played;
+        ``Failed: true`` saves nothing; a negative position is 400."""
         users, item, body = await self._playback(ctx)
-        position = body.get("positionticks")
-        if item is not None and item.is_leaf:
-            runtime = item.run_time_ticks or 0
-
-            def stop(data: StoredUserData) -> None:
-                if not _is_int(position):
-                    data.play_count += 1
-                    data.played = True
-                    data.position_ticks = 0
-                    return
-                assert isinstance(position, int)
-                data.position_ticks, done = _resume_position(position, runtime)
-                if done:
-                    data.played = True
-
-            for user in users:
-                self.emu.save(user, item, stop, "PlaybackFinished")
+        position = _position(body, negative_ok=False)
+        if body.get("failed") is True:
+            return no_content()
+        self.stop_playback(users, item, position)
         return no_content()
+
+    def stop_playback(
+        self, users: list[EmuUser], item: LibraryItem | None, position: int | None
+    ) -> None:
+        """``SM.OnPlaybackStopped`` for each user of the session (pushed: PlaybackFinished)."""
+        if item is None or not item.is_leaf:
+            return
+        runtime = item.run_time_ticks or 0
+
+        def stop(data: StoredUserData) -> None:
+            if position is None:
+                # The client could not say where it stopped: Jellyfin assumes it finished.
+                data.play_count += 1
+                data.played = True
+                data.position_ticks = 0
+                return
+            data.position_ticks, done = _resume_position(position, runtime)
+            if done:
+                data.played = True
+
+        for user in users:
+            self.emu.save(user, item, stop, "PlaybackFinished")
+
+
+def _position(body: dict[str, Any], *, negative_ok: bool) -> int | None:
+    """``PositionTicks`` of a playback report (a number or a numeric string); 400 when it is
+    something else, or negative where the server refuses that (stop)."""
+    raw = body.get("positionticks")
+    if raw is None:
+        return None
+    position = json_int(raw)
+    if position is None:
+        raise HttpError(400, "The JSON value could not be converted for PositionTicks.")
+    if position < 0 and not negative_ok:
+        raise HttpError(400, "PositionTicks must not be negative.")
+    return position
 
 
 def _resume_position(position: int, runtime: int) -> tuple[int, bool]:
@@ -1441,7 +1489,7 @@ def _resume_position(position: int, runtime: int) -> tuple[int, bool]:
     pct = 100.0 * position / runtime
     if pct < MIN_RESUME_PCT:
         return 0, False
-    if pct > MAX_RESUME_PCT or position >= runtime:
+    if pct > MAX_RESUME_PCT or position >= runtime - _TICKS_PER_SECOND:
         return 0, True
     if runtime / _TICKS_PER_SECOND < MIN_RESUME_DURATION_S:
         return 0, True
