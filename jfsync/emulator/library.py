@@ -1,8 +1,11 @@
 """The emulated media library: items, their tree, and a deterministic generator.
 
-A library is two collection folders ("Movies" and "Shows") holding movies (one folder per
-movie) and series with seasons and episodes, laid out on disk the way Jellyfin users lay them
-out. Item ids are derived from type and path exactly as Jellyfin derives them
+A library is two collection folders ("Movies" and "Shows"), each standing for one physical
+folder (``<root>/movies``, ``<root>/tv``, items of type ``Folder``) that holds the movies (one
+directory per movie) and the series with seasons and episodes, laid out on disk the way
+Jellyfin users lay them out. As in Jellyfin, a movie's or series' parent is the physical
+folder, not the collection folder; queries on a collection folder see its physical folder's
+content. Item ids are derived from type and path exactly as Jellyfin derives them
 (:func:`jfsync.ids.derive_item_id`), so two emulators generated with the same seed and path root
 share ids, and a different root gives different ids for the same titles. Lookups by id, the
 parent/child tree and per-folder leaf counts are indexed, so no single-item operation costs
@@ -201,6 +204,13 @@ class Library:
         self.shows_folder = self._add(
             _folder("CollectionFolder", "Shows", f"{COLLECTION_ROOT}/Shows", "tvshows")
         )
+        self.movies_root = self._add(_folder("Folder", "movies", f"{self.path_root}/movies", None))
+        self.shows_root = self._add(_folder("Folder", "tv", f"{self.path_root}/tv", None))
+        #: Collection folder id -> the physical folder it stands for (``PhysicalFolderIds``).
+        self._physical = {
+            self.movies_folder.id: self.movies_root.id,
+            self.shows_folder.id: self.shows_root.id,
+        }
 
     # --- reading -------------------------------------------------------------------------
 
@@ -229,13 +239,23 @@ class Library:
         """Return the playable items (movies and episodes)."""
         return [item for item in self.items() if item.is_leaf]
 
+    @property
+    def physical_folders(self) -> list[LibraryItem]:
+        """Return the physical root folders (``Folder`` items the collection folders stand for)."""
+        return [self.movies_root, self.shows_root]
+
+    def physical(self, item_id: str) -> str:
+        """Return the physical folder a collection folder stands for (other ids unchanged)."""
+        return self._physical.get(item_id, item_id)
+
     def children(self, item_id: str) -> list[str]:
-        """Return the ids of the direct children of a folder."""
-        return list(self._children.get(item_id, ()))
+        """Return the ids of the direct children of a folder (a collection folder's are its
+        physical folder's)."""
+        return list(self._children.get(self.physical(item_id), ()))
 
     def descendants(self, item_id: str) -> Iterator[str]:
         """Yield the ids of every item below a folder, depth first."""
-        stack = list(reversed(self._children.get(item_id, {})))
+        stack = list(reversed(self._children.get(self.physical(item_id), {})))
         while stack:
             child = stack.pop()
             yield child
@@ -252,7 +272,7 @@ class Library:
 
     def leaf_count(self, folder_id: str) -> int:
         """Return how many playable items lie (recursively) below a folder."""
-        return self._leaf_counts.get(folder_id, 0)
+        return self._leaf_counts.get(self.physical(folder_id), 0)
 
     # --- generation ----------------------------------------------------------------------
 
@@ -383,7 +403,7 @@ class Library:
                 path=path,
                 provider_ids=ids,
                 year=year,
-                parent_id=self.movies_folder.id,
+                parent_id=self.movies_root.id,
                 run_time_ticks=ticks,
                 sort_name=_sort_name(title),
                 created_s=self._created(),
@@ -407,7 +427,7 @@ class Library:
                 path=path,
                 provider_ids=ids,
                 year=year,
-                parent_id=self.shows_folder.id,
+                parent_id=self.shows_root.id,
                 sort_name=_sort_name(title),
                 created_s=self._created(),
                 user_data_key=key,
@@ -492,8 +512,7 @@ class Library:
             self._children.setdefault(item.id, {})
         if item.parent_id is not None:
             self._children.setdefault(item.parent_id, {})[item.id] = None
-            if item.type != "CollectionFolder":
-                self._order[item.id] = None
+            self._order[item.id] = None
         if item.is_leaf:
             for folder in self.ancestors(item.id):
                 self._leaf_counts[folder] = self._leaf_counts.get(folder, 0) + 1
@@ -518,7 +537,7 @@ class Library:
         return self._next_created_s
 
 
-def _folder(kind: str, name: str, path: str, collection_type: str) -> LibraryItem:
+def _folder(kind: str, name: str, path: str, collection_type: str | None) -> LibraryItem:
     item_id = derive_item_id(kind, path)
     return LibraryItem(
         id=item_id,

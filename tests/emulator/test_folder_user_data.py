@@ -165,3 +165,28 @@ async def test_collection_folders_do_not_count_their_leaves(http: Http) -> None:
         assert "UnplayedItemCount" not in view["UserData"]
         assert "RecursiveItemCount" not in view
         assert view["UserData"]["Played"] is False
+
+
+async def test_a_movies_parent_is_its_physical_folder(http: Http) -> None:
+    emu = http.emu
+    alice = emu.user_id("alice")
+    movie = next(i for i in emu.leaf_items() if i.type == "Movie")
+    root = emu.library.movies_root
+    entry = await listed(http, movie.id, userId=alice, Fields="ParentId")
+    assert entry["ParentId"] == root.id
+    physical = await http.get(f"/Items/{root.id}", params={"userId": alice})
+    assert (physical.body["Type"], physical.body["Path"]) == (
+        "Folder",
+        f"{emu.library.path_root}/movies",
+    )
+    # A plain folder takes its played state from its leaves, like a season.
+    movies = [i for i in emu.leaf_items() if i.type == "Movie"]
+    emu.save_user_data(alice, movie.id, played=True)
+    assert physical.body["UserData"]["UnplayedItemCount"] == len(movies)
+    data = (await http.get(f"/UserItems/{root.id}/UserData", params={"userId": alice})).body
+    assert data["UnplayedItemCount"] == len(movies) - 1
+    # The collection folder still lists the movies as its children.
+    reply = await http.get(
+        "/Items", params={"userId": alice, "ParentId": emu.library.movies_folder.id}
+    )
+    assert sorted(i["Id"] for i in reply.body["Items"]) == sorted(m.id for m in movies)
