@@ -587,14 +587,25 @@ class JellyfinApi:
                 raise HttpError(403, "Forbidden")
         elif caller.user is not None:
             user_id = caller.user.id
+        elif self.version.at_least(10, 9):
+            # An API key's own user id is Guid.Empty, and GetUserById throws ArgumentException
+            # for it: 400 (Corrections 1).
+            raise HttpError(400, "userId is required with an API key")
         else:
-            # An API key's own user id is Guid.Empty: no such user.
             raise HttpError(404, "User not found")
         user = self.emu.users.get(user_id)
         if user is None:
             raise HttpError(404, "User not found")
         ctx.write_user_id = user.id
         return user
+
+    def _user_and_item(self, ctx: Ctx) -> tuple[EmuUser, LibraryItem]:
+        """The target user and item of a user-data route, checked in Jellyfin's order: a
+        malformed id is 400 (model binding), then the user (400/403/404), then the item (404)
+        - a non-admin naming another user gets 403 before any 404 for the item."""
+        parse_guid(ctx.params["itemId"])
+        user = self._user_for(ctx, self._path_or_query_user(ctx))
+        return user, self._item_for(ctx, ctx.params["itemId"])
 
     def _item_for(self, ctx: Ctx, item_text: str) -> LibraryItem:
         item_id = parse_guid(item_text)
@@ -903,6 +914,7 @@ class JellyfinApi:
             "version": app_version,
             "added_ms": self.emu.clock.wall_ms(),
             "user_id": None,
+            "access": None,
         }
         self.emu.quick_connect[entry["secret"]] = entry
         return json_response(self._qc_dto(entry))
@@ -931,11 +943,21 @@ class JellyfinApi:
         entry = next((e for e in self.emu.quick_connect.values() if e["code"] == code), None)
         if entry is None:
             raise HttpError(404, "Unknown quick connect code")
+        if entry["user_id"] is not None:
+            # QuickConnectManager.AuthorizeRequest: InvalidOperationException -> 500.
+            raise HttpError(500, "Request is already authorized")
+        # The token and its session are minted here (AuthenticateDirect), which also logs out
+        # that user's earlier token on this device and closes its socket (Corrections 5).
+        access = self.emu.login(
+            user, entry["client"], entry["device"], entry["device_id"], entry["version"]
+        )
         entry["user_id"] = user.id
+        entry["access"] = access
         return json_response(True)
 
     async def authenticate_qc(self, ctx: Ctx) -> web.StreamResponse:
-        """``POST /Users/AuthenticateWithQuickConnect`` body ``{"Secret": …}``."""
+        """``POST /Users/AuthenticateWithQuickConnect`` body ``{"Secret": …}``: the result
+        minted at Authorize; repeatable with the same secret; 404 before Authorize."""
         self._qc_active()
         body = {k.lower(): v for k, v in (await self._json_body(ctx)).items()}
         ctx.body = None
@@ -943,17 +965,12 @@ class JellyfinApi:
         if not isinstance(secret, str) or not secret:
             raise HttpError(400, "Secret is required")
         entry = self.emu.quick_connect.get(secret)
-        if entry is None:
-            raise HttpError(404, "Unknown secret")
-        if entry["user_id"] is None:
-            raise HttpError(401)
+        if entry is None or entry["user_id"] is None:
+            raise HttpError(404, "Unknown or unauthorized secret")
         user = self.emu.users.get(entry["user_id"])
-        if user is None:
+        access = entry["access"]
+        if user is None or not isinstance(access, AccessToken):
             raise HttpError(401)
-        del self.emu.quick_connect[secret]
-        access = self.emu.login(
-            user, entry["client"], entry["device"], entry["device_id"], entry["version"]
-        )
         return json_response(self._auth_result(user, access))
 
     # --- API keys ------------------------------------------------------------------------
@@ -1152,15 +1169,14 @@ class JellyfinApi:
 
     async def item_get(self, ctx: Ctx) -> web.StreamResponse:
         """``GET /Items/{itemId}`` and ``GET /Users/{userId}/Items/{itemId}``: all fields."""
-        item = self._item_for(ctx, ctx.params["itemId"])
+        parse_guid(ctx.params["itemId"])
         user = self._items_user(ctx)
+        item = self._item_for(ctx, ctx.params["itemId"])
         return json_response(self._item_dto(item, user, _ALL_FIELDS))
 
     async def user_views(self, ctx: Ctx) -> web.StreamResponse:
         """``GET /UserViews``: the library roots as the user sees them."""
-        user = self._items_user(ctx)
-        if user is None:
-            raise HttpError(404, "User not found")
+        user = self.required_user(ctx)
         folders = self.emu.library.collection_folders
         items = [self._item_dto(f, user, frozenset()) for f in folders]
         return json_response({"Items": items, "TotalRecordCount": len(items), "StartIndex": 0})
@@ -1169,16 +1185,15 @@ class JellyfinApi:
 
     async def user_data_get(self, ctx: Ctx) -> web.StreamResponse:
         """``GET /UserItems/{itemId}/UserData`` (+ legacy alias)."""
-        item = self._item_for(ctx, ctx.params["itemId"])
-        user = self._user_for(ctx, self._path_or_query_user(ctx))
+        user, item = self._user_and_item(ctx)
         return self._user_data_response(user, item)
 
     async def user_data_post(self, ctx: Ctx) -> web.StreamResponse:
         """``POST /UserItems/{itemId}/UserData``: partial update, §4.2 semantics."""
-        item = self._item_for(ctx, ctx.params["itemId"])
+        parse_guid(ctx.params["itemId"])
         body = await self._json_body(ctx)
         update = _parse_update(body)
-        user = self._user_for(ctx, self._path_or_query_user(ctx))
+        user, item = self._user_and_item(ctx)
         rating = update.get("rating")
         if rating is not None and not 0 <= rating <= 10:
             raise HttpError(400, "Rating must be between 0 and 10")
@@ -1212,8 +1227,7 @@ class JellyfinApi:
         return await self._set_favorite(ctx, False)
 
     async def _set_favorite(self, ctx: Ctx, value: bool) -> web.StreamResponse:
-        item = self._item_for(ctx, ctx.params["itemId"])
-        user = self._user_for(ctx, self._path_or_query_user(ctx))
+        user, item = self._user_and_item(ctx)
 
         def change(data: StoredUserData) -> None:
             data.is_favorite = value
@@ -1231,8 +1245,7 @@ class JellyfinApi:
         return await self._set_rating(ctx, None)
 
     async def _set_rating(self, ctx: Ctx, rating: float | None) -> web.StreamResponse:
-        item = self._item_for(ctx, ctx.params["itemId"])
-        user = self._user_for(ctx, self._path_or_query_user(ctx))
+        user, item = self._user_and_item(ctx)
 
         def change(data: StoredUserData) -> None:
             data.rating = rating
@@ -1242,8 +1255,7 @@ class JellyfinApi:
 
     async def played_add(self, ctx: Ctx) -> web.StreamResponse:
         """``POST /UserPlayedItems/{itemId}?datePlayed=`` (+ legacy): MarkPlayed, recursing."""
-        item = self._item_for(ctx, ctx.params["itemId"])
-        user = self._user_for(ctx, self._path_or_query_user(ctx))
+        user, item = self._user_and_item(ctx)
         raw_date = ctx.first("datePlayed")
         date_played = None
         if raw_date:
@@ -1257,8 +1269,7 @@ class JellyfinApi:
 
     async def played_remove(self, ctx: Ctx) -> web.StreamResponse:
         """``DELETE /UserPlayedItems/{itemId}`` (+ legacy): MarkUnplayed, recursing."""
-        item = self._item_for(ctx, ctx.params["itemId"])
-        user = self._user_for(ctx, self._path_or_query_user(ctx))
+        user, item = self._user_and_item(ctx)
         for target in self._played_users(ctx, user):
             self._mark(target, item, played=False, date_played=None)
         return self._user_data_response(user, item)

@@ -37,6 +37,9 @@ FORCE_KEEPALIVE_AFTER_S = LOST_TIMEOUT_S * 0.75
 FORCE_KEEPALIVE_DATA = 60
 #: Guard against a client that stops reading: a send that cannot drain is abandoned.
 SEND_GUARD_S = 10.0
+#: Close code and reason when a session ends (logout, revoked token, device replaced; 10.9+).
+SESSION_END_CODE = 1000
+SESSION_END_REASON = b"System Shutdown"
 #: How many sent messages the hub remembers (for tests and the demo).
 _SENT_KEPT = 100_000
 #: Tiny slack so float rounding of ManualClock steps never skips a due deadline.
@@ -190,6 +193,7 @@ class SocketHub:
         self._watchdog_task: asyncio.Task[None] | None = None
         self._watch: list[SocketConn] = []
         self._closing = False
+        self._closers: set[asyncio.Task[None]] = set()
         self.sent: deque[tuple[SocketConn, dict[str, Any]]] = deque(maxlen=_SENT_KEPT)
 
     # --- sessions ------------------------------------------------------------------------
@@ -219,12 +223,34 @@ class SocketHub:
         return session
 
     def end_sessions_for_device(self, device_id: str) -> None:
-        """``SM.Logout``: end every session on this device id and drop its sockets."""
+        """``SM.Logout``: end every session on this device id and close its sockets.
+
+        From 10.9 the server closes them with 1000 "System Shutdown" (Corrections 6); 10.8
+        drops the connection.
+        """
         for key, session in list(self.sessions.items()):
             if session.device_id.lower() == device_id.lower():
                 del self.sessions[key]
                 for conn in list(session.sockets):
-                    self._abort(conn)
+                    self.end_socket(conn)
+
+    def end_socket(self, conn: SocketConn) -> None:
+        """Close one socket because its session ended (1000 "System Shutdown" from 10.9)."""
+        if not self.version.at_least(10, 9) or conn.half_open:
+            self._abort(conn)
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._close_socket(conn), name=f"emulator[{self._server_name}]-session-end"
+        )
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
+
+    async def _close_socket(self, conn: SocketConn) -> None:
+        try:
+            async with asyncio.timeout(SEND_GUARD_S):
+                await conn.ws.close(code=SESSION_END_CODE, message=SESSION_END_REASON)
+        except (ConnectionError, RuntimeError, TimeoutError):
+            self._abort(conn)
 
     def session_by_id(self, sid: str) -> Session | None:
         """Return the session with this id."""
@@ -457,6 +483,10 @@ class SocketHub:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for closer in list(self._closers):
+            closer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await closer
         for conn in list(self.sockets):
             self._abort(conn)
         self._watch.clear()

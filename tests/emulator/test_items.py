@@ -149,7 +149,8 @@ async def test_user_data_filters(http: Http) -> None:
     assert await ids(alice, Filters="IsResumable") == {leaves[2].id}
     assert await ids(alice, Filters="Likes") == {leaves[3].id}
     assert await ids(alice, Filters="Dislikes") == {leaves[4].id}
-    assert await ids(alice, Filters="IsFavoriteOrLikes") == {leaves[1].id, leaves[3].id}
+    # IsFavoriteOrLikes filters on IsFavorite only (Corrections 4).
+    assert await ids(alice, Filters="IsFavoriteOrLikes") == {leaves[1].id}
     assert await ids(bob, Filters="IsFavorite") == {leaves[5].id}
     assert await ids(alice, Filters="IsPlayed,IsFavorite") == set()
     both = [
