@@ -28,6 +28,8 @@ async def closed(ws: aiohttp.ClientWebSocketResponse) -> tuple[int | None, str]:
         msg = await ws.receive()
         while msg.type == aiohttp.WSMsgType.TEXT:
             msg = await ws.receive()
+    if msg.type == aiohttp.WSMsgType.CLOSE:
+        return int(msg.data), str(msg.extra or "")
     return ws.close_code, str(msg.extra or "")
 
 
