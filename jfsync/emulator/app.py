@@ -27,6 +27,8 @@ from jfsync.emulator import dto
 from jfsync.emulator.browse import BrowseApi
 from jfsync.emulator.library import LibraryItem
 from jfsync.emulator.query import ITEM_FILTERS, ItemQuery, ItemQueryEngine
+from jfsync.emulator.session_routes import SessionApi
+from jfsync.emulator.sockets import Session
 from jfsync.emulator.state import (
     AccessToken,
     Caller,
@@ -370,6 +372,7 @@ class JellyfinApi:
         self.version = emu.server_version
         self.queries = ItemQueryEngine(emu.library, emu.store, emu.server_id)
         self.browse = BrowseApi(self)
+        self.sessions = SessionApi(self)
         self.routes = self._build_routes()
 
     def make_app(self) -> web.Application:
@@ -662,6 +665,13 @@ class JellyfinApi:
             Route("GET", "/Shows/{seriesId}/Episodes", b.episodes),
             Route("GET", "/Shows/{seriesId}/Seasons", b.seasons),
             Route("GET", "/Users/{userId}/Items/Resume", b.resume, documented=legacy_doc),
+            Route("GET", "/Users/{userId}/Items/Latest", b.latest, documented=legacy_doc),
+            Route("GET", "/Items/Counts", b.counts),
+            Route("GET", "/Items/Filters", b.filters),
+            Route("GET", "/Library/MediaFolders", b.media_folders, "admin"),
+            Route("GET", "/Items/{itemId}/Ancestors", b.ancestors),
+            Route("GET", "/Items/{itemId}/Similar", b.similar),
+            Route("GET", "/Artists", b.artists),
             Route("GET", "/System/Info/Public", self.system_info_public, "anon"),
             Route("GET", "/System/Ping", self.ping, "anon"),
             Route("POST", "/System/Ping", self.ping, "anon"),
@@ -679,16 +689,48 @@ class JellyfinApi:
             Route("POST", "/Auth/Keys", self.keys_create, "admin"),
             Route("DELETE", "/Auth/Keys/{key}", self.keys_delete, "admin"),
             Route("GET", "/Items", self.items_list),
-            Route("GET", "/Sessions", self.sessions_list),
+            Route("GET", "/Sessions", self.sessions.sessions_list),
+            Route("POST", "/Sessions/Capabilities", self.sessions.capabilities),
+            Route("POST", "/Sessions/Capabilities/Full", self.sessions.capabilities_full),
+            Route("POST", "/Sessions/Logout", self.sessions.logout),
+            Route("POST", "/Sessions/Playing/Ping", self.sessions.ping),
             Route("POST", "/Sessions/Playing", self.playing_start),
             Route("POST", "/Sessions/Playing/Progress", self.playing_progress),
             Route("POST", "/Sessions/Playing/Stopped", self.playing_stopped),
             Route("POST", "/Sessions/{sessionId}/User/{userId}", self.session_add_user),
             Route("DELETE", "/Sessions/{sessionId}/User/{userId}", self.session_remove_user),
         ]
+        sa = self.sessions
+        playing = "/PlayingItems/{itemId}"
+        if new:
+            r += [
+                Route("POST", playing, sa.playing_item_start),
+                Route("DELETE", playing, sa.playing_item_stopped),
+                Route("POST", playing + "/Progress", sa.playing_item_progress),
+            ]
+        r += [
+            Route(
+                "POST", "/Users/{userId}" + playing, sa.playing_item_start, documented=legacy_doc
+            ),
+            Route(
+                "DELETE",
+                "/Users/{userId}" + playing,
+                sa.playing_item_stopped,
+                documented=legacy_doc,
+            ),
+            Route(
+                "POST",
+                "/Users/{userId}" + playing + "/Progress",
+                sa.playing_item_progress,
+                documented=legacy_doc,
+            ),
+        ]
         if new:
             r += [
                 Route("GET", "/UserItems/Resume", b.resume),
+                Route("GET", "/Items/Latest", b.latest),
+                Route("GET", "/Items/Suggestions", b.suggestions),
+                Route("GET", "/Items/Root", b.root),
                 Route("GET", "/UserViews", self.user_views),
                 Route("GET", "/Items/{itemId}", self.item_get),
                 Route("GET", "/UserItems/{itemId}/UserData", self.user_data_get),
@@ -1322,30 +1364,50 @@ class JellyfinApi:
 
     # --- sessions and playback -----------------------------------------------------------
 
-    def _session_dto(self, session: Any) -> dict[str, Any]:
-        emu = self.emu
-        user = emu.users.get(session.user_id) if session.user_id else None
-        extra = [emu.users[u] for u in session.additional_users if u in emu.users]
-        return dto.session_dto(
-            session_id=session.id,
-            user=user,
-            client=session.client,
-            device_id=session.device_id,
-            device_name=session.device_name,
-            app_version=session.app_version,
-            last_activity_ms=session.last_activity_ms,
-            additional_users=extra,
-            server_id=emu.server_id,
-            version=self.version,
-        )
+    def _session_dto(self, session: Session) -> dict[str, Any]:
+        return self.sessions.session_dto(session)
 
-    async def sessions_list(self, ctx: Ctx) -> web.StreamResponse:
-        """``GET /Sessions``: all sessions for admins, one's own for users."""
-        assert ctx.caller is not None
-        sessions = list(self.emu.hub.sessions.values())
-        if not ctx.caller.is_admin:
-            sessions = [s for s in sessions if s.contains_user(ctx.caller.user_id or "")]
-        return json_response([self._session_dto(s) for s in sessions])
+    def plain_item_dto(self, item: LibraryItem, user: EmuUser | None) -> dict[str, Any]:
+        """An item DTO with no optional fields (``NowPlayingItem``, ``/Items/Root``...)."""
+        return self._item_dto(item, user, frozenset())
+
+    def session_users(self, session: Session) -> list[EmuUser]:
+        """``SM.GetUsers(session)``: the session's user and its additional users."""
+        ids = [session.user_id, *session.additional_users] if session.user_id else []
+        return [self.emu.users[u] for u in ids if u in self.emu.users]
+
+    def note_playing(
+        self,
+        session: Session,
+        item: LibraryItem | None,
+        position: int | None,
+        *,
+        paused: bool,
+        method: str | None,
+    ) -> None:
+        """Remember what a session plays (``NowPlayingItem``, ``PlayState``) and when it last
+        reported (``LastPlaybackCheckIn``)."""
+        session.last_checkin_ms = self.emu.clock.wall_ms()
+        if item is None:
+            return
+        session.now_playing = item.id
+        if position is not None:
+            session.position_ticks = max(position, 0)
+        session.is_paused = paused
+        if method is not None:
+            session.play_method = method
+
+    def note_stopped(self, session: Session) -> None:
+        """The session plays nothing any more."""
+        session.last_checkin_ms = self.emu.clock.wall_ms()
+        session.now_playing = None
+        session.position_ticks = None
+        session.is_paused = False
+        session.play_method = None
+
+    async def json_body(self, ctx: Ctx, *, required: bool = True) -> dict[str, Any]:
+        """A JSON object body (400 when missing or malformed, 415 without a JSON type)."""
+        return await self._json_body(ctx, required=required)
 
     async def session_add_user(self, ctx: Ctx) -> web.StreamResponse:
         """``POST /Sessions/{sessionId}/User/{userId}``: AdditionalUsers (§2.4)."""
@@ -1371,29 +1433,31 @@ class JellyfinApi:
             session.additional_users.remove(user_id)
         return no_content()
 
-    async def _playback(self, ctx: Ctx) -> tuple[list[EmuUser], LibraryItem | None, dict[str, Any]]:
+    async def _playback(
+        self, ctx: Ctx
+    ) -> tuple[Session, list[EmuUser], LibraryItem | None, dict[str, Any]]:
         body = {k.lower(): v for k, v in (await self._json_body(ctx, required=False)).items()}
-        caller = ctx.caller
-        assert caller is not None
-        session = self.emu.hub.log_session_activity(
-            caller.client or "",
-            caller.version or "",
-            caller.device_id or "",
-            caller.device or "",
-            caller.user_id,
-        )
-        ids = [session.user_id, *session.additional_users] if session.user_id else []
-        users = [self.emu.users[u] for u in ids if u in self.emu.users]
+        session = self.sessions.caller_session(ctx)
+        users = self.session_users(session)
         item = None
         raw_item = body.get("itemid")
         if isinstance(raw_item, str) and raw_item:
             item = self.emu.library.get(parse_guid(raw_item))
-        return users, item, body
+        return session, users, item, body
 
     async def playing_start(self, ctx: Ctx) -> web.StreamResponse:
         """``POST /Sessions/Playing``: PlayCount+1, LastPlayedDate=now; up to 10.11 a resumable
         video is un-played, from 12.0 (113bd9af05) Played is left alone (Corrections 3)."""
-        users, item, _ = await self._playback(ctx)
+        session, users, item, body = await self._playback(ctx)
+        position = _position(body, negative_ok=True)
+        method = body.get("playmethod")
+        self.note_playing(
+            session,
+            item,
+            position or 0,
+            paused=body.get("ispaused") is True,
+            method=method if method in ("Transcode", "DirectStream", "DirectPlay") else None,
+        )
         self.start_playback(users, item)
         return no_content()
 
@@ -1416,8 +1480,10 @@ class JellyfinApi:
 
     async def playing_progress(self, ctx: Ctx) -> web.StreamResponse:
         """``POST /Sessions/Playing/Progress``: resume rules applied and saved, never pushed."""
-        users, item, body = await self._playback(ctx)
-        self.progress_playback(users, item, _position(body, negative_ok=True))
+        session, users, item, body = await self._playback(ctx)
+        position = _position(body, negative_ok=True)
+        self.note_playing(session, item, position, paused=body.get("ispaused") is True, method=None)
+        self.progress_playback(users, item, position)
         return no_content()
 
     def progress_playback(
@@ -1447,8 +1513,9 @@ class JellyfinApi:
     async def playing_stopped(self, ctx: Ctx) -> web.StreamResponse:
         """``POST /Sessions/Playing/Stopped``: resume thresholds decide position and played;
         ``Failed: true`` saves nothing; a negative position is 400."""
-        users, item, body = await self._playback(ctx)
+        session, users, item, body = await self._playback(ctx)
         position = _position(body, negative_ok=False)
+        self.note_stopped(session)
         if body.get("failed") is True:
             return no_content()
         self.stop_playback(users, item, position)

@@ -205,3 +205,170 @@ class BrowseApi:
         if media_types and "video" not in media_types:
             items = []
         return self._page(ctx, items, user)
+
+    # --- fixed-name routes (never read as ids) -------------------------------------------
+
+    async def latest(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /Items/Latest`` (10.9+) and ``/Users/{userId}/Items/Latest``: recently added
+        movies and episodes, newest first, an array (not a QueryResult); with ``groupItems``
+        (the default) several new episodes of one series show as that series."""
+        from jfsync.emulator.app import json_response
+
+        user = self.api.required_user(ctx)
+        lib = self.emu.library
+        parent = ctx.guid("parentId")
+        scope = lib.descendants(parent) if parent is not None else iter(lib.item_ids())
+        include = set(self.api.kinds(ctx)[0])
+        played = ctx.boolean("isPlayed")
+        leaves = [i for i in (lib.get(x) for x in scope) if i is not None and i.is_leaf]
+        if include:
+            leaves = [i for i in leaves if i.type in include]
+        if played is not None:
+            leaves = [i for i in leaves if self._played(user, i) == played]
+        leaves.sort(key=lambda i: (-i.created_s, i.id))
+        limit = self.api.number(ctx, "limit")
+        limit = 20 if limit is None else limit
+        out: list[LibraryItem] = []
+        if ctx.boolean("groupItems", True):
+            per_series: dict[str, int] = {}
+            for leaf in leaves:
+                if leaf.series_id:
+                    per_series[leaf.series_id] = per_series.get(leaf.series_id, 0) + 1
+            seen: set[str] = set()
+            for leaf in leaves:
+                series = leaf.series_id
+                if series and per_series[series] > 1:
+                    if series in seen:
+                        continue
+                    seen.add(series)
+                    found = lib.get(series)
+                    if found is not None:
+                        out.append(found)
+                    continue
+                out.append(leaf)
+        else:
+            out = leaves
+        return json_response(self.api.item_dtos(ctx, out[:limit], user))
+
+    async def suggestions(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /Items/Suggestions``: unplayed movies and episodes in a stable shuffle."""
+        user = self.api.optional_user(ctx)
+        lib = self.emu.library
+        kinds = {k.lower() for k in ctx.array("type")} or {"movie", "episode"}
+        items = [i for i in lib.leaf_items() if i.type.lower() in kinds]
+        if user is not None:
+            items = [i for i in items if not self._played(user, i)]
+        seed = self.emu.server_id
+        items.sort(key=lambda i: hashlib.md5((seed + i.id).encode()).digest())  # noqa: S324
+        return self._page(ctx, items, user)
+
+    async def root(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /Items/Root``: the user's root folder."""
+        from jfsync.emulator.app import json_response
+
+        user = self.api.required_user(ctx)
+        return json_response(self.api.plain_item_dto(self.emu.library.user_root, user))
+
+    async def counts(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /Items/Counts``: how many movies, series and episodes (favourites only with
+        ``isFavorite=true``)."""
+        from jfsync.emulator.app import json_response
+
+        user = self.api.optional_user(ctx)
+        favorite = ctx.boolean("isFavorite")
+        tally = {"Movie": 0, "Series": 0, "Episode": 0}
+        for item in self.emu.library.items():
+            if item.type not in tally:
+                continue
+            if favorite is not None and user is not None:
+                row = self.emu.store.peek(user.id, item.id)
+                if (row is not None and row.is_favorite) != favorite:
+                    continue
+            tally[item.type] += 1
+        body = {
+            "MovieCount": tally["Movie"],
+            "SeriesCount": tally["Series"],
+            "EpisodeCount": tally["Episode"],
+            "ArtistCount": 0,
+            "ProgramCount": 0,
+            "TrailerCount": 0,
+            "SongCount": 0,
+            "AlbumCount": 0,
+            "MusicVideoCount": 0,
+            "BoxSetCount": 0,
+            "BookCount": 0,
+            "ItemCount": sum(tally.values()),
+        }
+        return json_response(body)
+
+    async def filters(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /Items/Filters``: the years present (no genres, tags or ratings here)."""
+        from jfsync.emulator.app import json_response
+
+        self.api.optional_user(ctx)
+        lib = self.emu.library
+        parent = ctx.guid("parentId")
+        scope = lib.descendants(parent) if parent is not None else iter(lib.item_ids())
+        include = set(self.api.kinds(ctx)[0])
+        years = {
+            item.year
+            for item in (lib.get(i) for i in scope)
+            if item is not None and item.year is not None and (not include or item.type in include)
+        }
+        body = {"Genres": [], "Tags": [], "OfficialRatings": [], "Years": sorted(years)}
+        return json_response(body)
+
+    async def media_folders(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /Library/MediaFolders``: the collection folders (admin)."""
+        from jfsync.emulator.app import json_response
+
+        folders = self.emu.library.collection_folders
+        if ctx.boolean("isHidden") is True:
+            folders = []
+        dtos = [self.api.plain_item_dto(f, None) for f in folders]
+        return json_response({"Items": dtos, "TotalRecordCount": len(dtos), "StartIndex": 0})
+
+    async def ancestors(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /Items/{itemId}/Ancestors``: parents nearest first; for a user the physical
+        folder shows as the collection folder it belongs to (``TranslateParentItem``)."""
+        from jfsync.emulator.app import HttpError, json_response, parse_guid
+
+        item_id = parse_guid(ctx.params["itemId"])
+        user = self.api.optional_user(ctx)
+        lib = self.emu.library
+        if lib.get(item_id) is None:
+            raise HttpError(404, "Item not found")
+        views = {lib.physical(f.id): f for f in lib.collection_folders}
+        out: list[LibraryItem] = []
+        for parent_id in lib.ancestors(item_id):
+            parent = lib.get(parent_id)
+            if parent is None:
+                continue
+            out.append(views.get(parent.id, parent) if user is not None else parent)
+        return json_response([self.api.plain_item_dto(p, user) for p in out])
+
+    async def similar(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /Items/{itemId}/Similar``: items of the same kind, nearest year first."""
+        from jfsync.emulator.app import HttpError, json_response, parse_guid
+
+        item_id = parse_guid(ctx.params["itemId"])
+        user = self.api.optional_user(ctx)
+        item = self.emu.library.get(item_id)
+        if item is None:
+            raise HttpError(404, "Item not found")
+        kind = "Series" if item.type in ("Season", "Episode") else item.type
+        others = [i for i in self.emu.library.items() if i.type == kind and i.id != item.id]
+        year = item.year or 0
+        others.sort(key=lambda i: (abs((i.year or 0) - year), i.sort_name, i.id))
+        limit = self.api.number(ctx, "limit")
+        page = others[:limit] if limit is not None else others
+        dtos = self.api.item_dtos(ctx, page, user)
+        return json_response({"Items": dtos, "TotalRecordCount": len(dtos), "StartIndex": 0})
+
+    async def artists(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /Artists``: a video library has no artists."""
+        from jfsync.emulator.app import json_response
+
+        self.api.optional_user(ctx)
+        start, _ = self.api.paging(ctx)
+        return json_response({"Items": [], "TotalRecordCount": 0, "StartIndex": start})

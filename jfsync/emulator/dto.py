@@ -246,27 +246,48 @@ def session_dto(
     additional_users: list[EmuUser],
     server_id: str,
     version: ServerVersion,
+    now_playing: dict[str, Any] | None = None,
+    position_ticks: int | None = None,
+    is_paused: bool = False,
+    play_method: str | None = None,
+    last_checkin_ms: int | None = None,
+    playable_media_types: list[str] | None = None,
+    supported_commands: list[str] | None = None,
+    supports_media_control: bool = False,
 ) -> dict[str, Any]:
-    """Build a ``SessionInfoDto`` (``SessionInfo`` on 10.8) for login answers and /Sessions."""
-    play_state: dict[str, Any] = {
-        "CanSeek": False,
-        "IsPaused": False,
-        "IsMuted": False,
-        "RepeatMode": "RepeatNone",
-    }
+    """Build a ``SessionInfoDto`` (``SessionInfo`` on 10.8) for login answers and /Sessions.
+
+    While something plays, ``NowPlayingItem`` is its item DTO and ``PlayState`` carries the
+    last reported position; ``LastPlaybackCheckIn`` is the last playback report.
+    """
+    play_state: dict[str, Any] = {}
+    if now_playing is not None and position_ticks is not None:
+        play_state["PositionTicks"] = position_ticks
+    play_state.update(
+        {
+            "CanSeek": now_playing is not None,
+            "IsPaused": is_paused,
+            "IsMuted": False,
+        }
+    )
+    if now_playing is not None and play_method is not None:
+        play_state["PlayMethod"] = play_method
+    play_state["RepeatMode"] = "RepeatNone"
     if version.at_least(10, 9):
         play_state["PlaybackOrder"] = "Default"
+    media_types = list(playable_media_types or [])
+    commands = list(supported_commands or [])
     dto: dict[str, Any] = {
         "PlayState": play_state,
         "AdditionalUsers": [{"UserId": u.id, "UserName": u.name} for u in additional_users],
         "Capabilities": {
-            "PlayableMediaTypes": [],
-            "SupportedCommands": [],
-            "SupportsMediaControl": False,
+            "PlayableMediaTypes": media_types,
+            "SupportedCommands": commands,
+            "SupportsMediaControl": supports_media_control,
             "SupportsPersistentIdentifier": True,
         },
         "RemoteEndPoint": "127.0.0.1",
-        "PlayableMediaTypes": [],
+        "PlayableMediaTypes": media_types,
         "Id": session_id,
         "UserId": user.id if user is not None else "0" * 32,
     }
@@ -276,18 +297,24 @@ def session_dto(
         {
             "Client": client,
             "LastActivityDate": date_ms(last_activity_ms),
-            "LastPlaybackCheckIn": MIN_DATE,
+            "LastPlaybackCheckIn": date_ms(last_checkin_ms) if last_checkin_ms else MIN_DATE,
             "DeviceName": device_name,
+        }
+    )
+    if now_playing is not None:
+        dto["NowPlayingItem"] = now_playing
+    dto.update(
+        {
             "DeviceId": device_id,
             "ApplicationVersion": app_version,
             "IsActive": True,
-            "SupportsMediaControl": False,
-            "SupportsRemoteControl": False,
+            "SupportsMediaControl": supports_media_control,
+            "SupportsRemoteControl": supports_media_control,
             "NowPlayingQueue": [],
             "NowPlayingQueueFullItems": [],
             "HasCustomDeviceName": False,
             "ServerId": server_id,
-            "SupportedCommands": [],
+            "SupportedCommands": commands,
         }
     )
     if not version.at_least(10, 9):

@@ -173,7 +173,7 @@ class LibraryItem:
         """Tell whether the item's played state comes from its leaves (``Folder``
         ``SupportsUserDataFromChildren``): series, seasons and plain folders, not the
         collection folders (library roots), which Jellyfin skips as "far too slow"."""
-        return self.is_folder and self.type != "CollectionFolder"
+        return self.is_folder and self.type not in ("CollectionFolder", "UserRootFolder")
 
     @property
     def is_leaf(self) -> bool:
@@ -198,6 +198,9 @@ class Library:
         self._paths: dict[str, str] = {}
         self._order: dict[str, None] = {}
         self._next_created_s = BASE_CREATED_S
+        self.user_root = self._add(
+            _folder("UserRootFolder", "Media Folders", COLLECTION_ROOT, None)
+        )
         self.movies_folder = self._add(
             _folder("CollectionFolder", "Movies", f"{COLLECTION_ROOT}/Movies", "movies")
         )

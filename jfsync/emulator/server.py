@@ -28,6 +28,7 @@ from jfsync.emulator.state import (
     SUPPORTED_VERSIONS,
     AccessToken,
     ApiKey,
+    Caller,
     EmuUser,
     RequestRecord,
     ServerVersion,
@@ -117,6 +118,7 @@ class Emulator:
             build_dto=self.push_dto,
             parent_of=self._parent_of,
             server_name=server_name,
+            sessions_data=self._sessions_data,
         )
         self._library_changes: dict[str, dict[str, None]] = _empty_library_changes()
         self._library_debouncer = Debouncer(
@@ -461,6 +463,16 @@ class Emulator:
         if item is None:
             return None
         return self.user_data_dto(user_id, item, item_id=item.id)
+
+    def _sessions_data(self, viewer: Caller) -> list[dict[str, Any]]:
+        """The ``Data`` of a ``Sessions`` message for ``viewer`` (§1.5)."""
+        if self._api is None:
+            return []
+        sessions = self._api.sessions
+        if not self._version.at_least(10, 9):
+            # 10.8's listener sends every session to every subscriber.
+            return [sessions.session_dto(s) for s in self.hub.sessions.values()]
+        return [sessions.session_dto(s) for s in sessions.visible_sessions(viewer)]
 
     def _parent_of(self, item_id: str) -> str | None:
         item = self.library.get(item_id)

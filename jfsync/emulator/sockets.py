@@ -47,6 +47,8 @@ _EPS_S = 1e-6
 
 #: Builds the current ``UserItemDataDto`` of (user, item) for a push; None when the item is gone.
 DtoBuilder = Callable[[str, str], dict[str, Any] | None]
+#: Builds the ``Data`` of a ``Sessions`` message as the given caller may see it.
+SessionsData = Callable[[Caller], list[dict[str, Any]]]
 
 
 def message_id() -> str:
@@ -67,6 +69,8 @@ class SocketConn:
     session: Session | None = None
     half_open: bool = False
     watched: bool = False
+    #: The ``SessionsStart`` subscription sending periodic ``Sessions`` messages, if any.
+    sessions_feed: asyncio.Task[None] | None = None
 
     @property
     def is_open(self) -> bool:
@@ -86,6 +90,16 @@ class Session:
     last_activity_ms: int
     additional_users: list[str] = field(default_factory=list)
     sockets: list[SocketConn] = field(default_factory=list)
+    #: What the session plays (``NowPlayingItem``) and where (``PlayState``), from reports.
+    now_playing: str | None = None
+    position_ticks: int | None = None
+    is_paused: bool = False
+    play_method: str | None = None
+    last_checkin_ms: int | None = None
+    #: ``ClientCapabilities`` the client posted.
+    playable_media_types: list[str] = field(default_factory=list)
+    supported_commands: list[str] = field(default_factory=list)
+    supports_media_control: bool = False
 
     @property
     def key(self) -> str:
@@ -178,9 +192,11 @@ class SocketHub:
         build_dto: DtoBuilder,
         parent_of: Callable[[str], str | None],
         server_name: str,
+        sessions_data: SessionsData | None = None,
     ) -> None:
         self.clock = clock
         self.version = version
+        self._sessions_data = sessions_data
         self._build_dto = build_dto
         self._parent_of = parent_of
         self._server_name = server_name
@@ -310,6 +326,10 @@ class SocketHub:
             if kind == "KeepAlive":
                 conn.last_keepalive = self.clock.monotonic()
                 await self._send(conn, {"MessageType": "KeepAlive", "MessageId": message_id()})
+            elif kind == "SessionsStart":
+                self._start_sessions_feed(conn, message.get("Data"))
+            elif kind == "SessionsStop":
+                self._stop_sessions_feed(conn)
             else:
                 logger.debug("[%s] ignored inbound %r", self._server_name, kind)
 
@@ -332,7 +352,47 @@ class SocketHub:
             client, caller.version or "", device_id, caller.device or "", caller.user_id
         )
 
+    # --- the Sessions feed (SessionInfoWebSocketListener, §1.5) ---------------------------
+
+    def may_watch_sessions(self, caller: Caller) -> bool:
+        """Who may subscribe: anyone on 10.8; admin users only on 10.9-10.10 (an API key
+        fails on a null user); any authenticated socket from 10.11."""
+        if self.version.at_least(10, 11) or not self.version.at_least(10, 9):
+            return True
+        return caller.user is not None and caller.user.is_admin
+
+    def _start_sessions_feed(self, conn: SocketConn, data: Any) -> None:
+        try:
+            due_ms, period_ms = (int(part) for part in str(data).split(","))
+        except ValueError:
+            # BasePeriodicWebSocketListener throws on a malformed Data; WSC logs and drops it.
+            logger.warning("[%s] malformed SessionsStart data %r", self._server_name, data)
+            return
+        if self._sessions_data is None or not self.may_watch_sessions(conn.caller):
+            logger.warning("[%s] SessionsStart refused for this socket", self._server_name)
+            return
+        self._stop_sessions_feed(conn)
+        conn.sessions_feed = asyncio.get_running_loop().create_task(
+            self._sessions_feed(conn, due_ms / 1000, period_ms / 1000),
+            name=f"emulator[{self._server_name}]-sessions-feed",
+        )
+
+    def _stop_sessions_feed(self, conn: SocketConn) -> None:
+        task, conn.sessions_feed = conn.sessions_feed, None
+        if task is not None and not task.done():
+            task.cancel()
+
+    async def _sessions_feed(self, conn: SocketConn, due_s: float, period_s: float) -> None:
+        assert self._sessions_data is not None
+        await self.clock.sleep(max(due_s, 0.0))
+        while conn.is_open:
+            await self._send(conn, _envelope("Sessions", self._sessions_data(conn.caller)))
+            if period_s <= 0:
+                return
+            await self.clock.sleep(period_s)
+
     def _forget(self, conn: SocketConn) -> None:
+        self._stop_sessions_feed(conn)
         if conn in self.sockets:
             self.sockets.remove(conn)
         if conn in self._watch:
@@ -488,6 +548,11 @@ class SocketHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await closer
         for conn in list(self.sockets):
+            feed, conn.sessions_feed = conn.sessions_feed, None
+            if feed is not None and not feed.done():
+                feed.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await feed
             self._abort(conn)
         self._watch.clear()
 
