@@ -365,6 +365,15 @@ class Library:
         self.version += 1
         return removed
 
+    def replace_items(self, items: list[LibraryItem]) -> None:
+        """Replace everything below the physical folders with ``items`` (parents first), as
+        a saved state has them."""
+        for item in reversed(self.items()):
+            self._unlink(item)
+        for item in items:
+            self._add(item)
+        self._next_created_s = max([BASE_CREATED_S, *(i.created_s for i in items)])
+
     def move_item(self, item_id: str, new_path: str) -> LibraryItem:
         """Move a movie or episode file to ``new_path``; Jellyfin then sees a new item id.
 

@@ -16,6 +16,7 @@ import logging
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
@@ -23,6 +24,7 @@ from aiohttp import web
 
 from jfsync.emulator import dto
 from jfsync.emulator.library import Library, LibraryItem
+from jfsync.emulator.persist import load_state, read_state, save_state
 from jfsync.emulator.sockets import Debouncer, SocketHub
 from jfsync.emulator.state import (
     SUPPORTED_VERSIONS,
@@ -78,7 +80,15 @@ class Emulator:
         server_id: str | None = None,
         quick_connect: bool = True,
         library_debounce_s: float = LIBRARY_DEBOUNCE_S,
+        state_file: str | None = None,
     ) -> None:
+        saved = None
+        self.state_file = state_file
+        if state_file is not None and Path(state_file).exists():
+            # A saved server comes back with its ids, library and user data.
+            saved = read_state(state_file)
+            server_id = str(saved["server_id"])
+            path_root = str(saved["path_root"])
         if server_version not in SUPPORTED_VERSIONS:
             logger.warning("emulating unlisted version %s", server_version)
         self.clock: Clock = clock or SystemClock()
@@ -93,7 +103,8 @@ class Emulator:
         )
         self.quick_connect_enabled = quick_connect
         self.library = Library(path_root, provider_ids=provider_ids)
-        self.library.generate(library_size, seed)
+        if saved is None:
+            self.library.generate(library_size, seed)
         self.store = UserDataStore(self.library.ancestors)
         self.users: dict[str, EmuUser] = {}
         accounts = users if users is not None else [("alice", "secret"), ("bob", "secret")]
@@ -128,6 +139,8 @@ class Emulator:
         self._site: web.TCPSite | None = None
         self._api: JellyfinApi | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        if saved is not None:
+            load_state(self, saved)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -342,6 +355,26 @@ class Emulator:
     def _restore_orphans(self, item: LibraryItem) -> None:
         for user_id, value in self._orphans.pop(item.user_data_key, {}).items():
             self.store.put(user_id, item.id, value, is_leaf=item.is_leaf)
+
+    def kept_user_data(self) -> dict[str, dict[str, StoredUserData]]:
+        """User data kept for removed items, by user-data key then user id (copies)."""
+        return {
+            key: {user: value.copy() for user, value in rows.items()}
+            for key, rows in self._orphans.items()
+        }
+
+    def restore_kept_user_data(self, kept: dict[str, dict[str, StoredUserData]]) -> None:
+        """Replace the user data kept for removed items (loading a saved state)."""
+        self._orphans = {key: dict(rows) for key, rows in kept.items()}
+
+    def save_state(self, path: str | None = None) -> str:
+        """Write the library and user data to ``path`` (default: the ``state_file``) and
+        return where; a later ``Emulator(state_file=...)`` starts from it."""
+        target = path or self.state_file
+        if target is None:
+            raise ValueError("no state file: pass a path or start the emulator with one")
+        save_state(self, target)
+        return target
 
     def _library_changed(
         self, kind: str, item_id: str, folder_kind: str, parent: str | None

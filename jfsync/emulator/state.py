@@ -264,6 +264,10 @@ class UserDataStore:
         """Return how many played leaves lie below a folder for a user."""
         return self._played_below.get(user_id, {}).get(folder_id, 0)
 
+    def user_ids(self) -> list[str]:
+        """Return the users with any stored data."""
+        return [u for u, rows in self._data.items() if rows]
+
     def items_of(self, user_id: str) -> list[str]:
         """Return the ids of items with non-default data for a user."""
         return list(self._data.get(user_id, {}))
