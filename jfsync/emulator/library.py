@@ -196,6 +196,7 @@ class Library:
         self._children: dict[str, dict[str, None]] = {}
         self._leaf_counts: dict[str, int] = {}
         self._paths: dict[str, str] = {}
+        self._by_key: dict[str, dict[str, None]] = {}
         self._order: dict[str, None] = {}
         self._next_created_s = BASE_CREATED_S
         self.user_root = self._add(
@@ -272,6 +273,13 @@ class Library:
             out.append(item.parent_id)
             item = self._items.get(item.parent_id)
         return out
+
+    def same_key(self, item_id: str) -> list[str]:
+        """Return the other leaves with this leaf's user-data key (versions of one film)."""
+        item = self._items.get(item_id)
+        if item is None or not item.is_leaf:
+            return []
+        return [i for i in self._by_key.get(item.user_data_key, {}) if i != item_id]
 
     def leaf_count(self, folder_id: str) -> int:
         """Return how many playable items lie (recursively) below a folder."""
@@ -528,6 +536,7 @@ class Library:
         if item.is_leaf:
             for folder in self.ancestors(item.id):
                 self._leaf_counts[folder] = self._leaf_counts.get(folder, 0) + 1
+            self._by_key.setdefault(item.user_data_key, {})[item.id] = None
         self.version += 1
         return item
 
@@ -535,6 +544,10 @@ class Library:
         if item.is_leaf:
             for folder in self.ancestors(item.id):
                 self._leaf_counts[folder] -= 1
+            sharing = self._by_key.get(item.user_data_key, {})
+            sharing.pop(item.id, None)
+            if not sharing:
+                self._by_key.pop(item.user_data_key, None)
         if item.parent_id is not None:
             self._children.get(item.parent_id, {}).pop(item.id, None)
         self._children.pop(item.id, None)

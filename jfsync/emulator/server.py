@@ -348,13 +348,26 @@ class Emulator:
         return moved
 
     def _orphan(self, item: LibraryItem) -> None:
+        if self._version.shares_user_data_by_key and self.library.same_key(item.id):
+            # The record stays under its key with the other version: nothing to keep aside.
+            self.store.forget_item(item.id, is_leaf=item.is_leaf)
+            return
         dropped = self.store.forget_item(item.id, is_leaf=item.is_leaf)
         if dropped:
             self._orphans.setdefault(item.user_data_key, {}).update(dropped)
 
     def _restore_orphans(self, item: LibraryItem) -> None:
+        """A new item finds the user data kept under its key: from a removed item with that
+        key, or (10.8-10.10) the record it shares with another version still present."""
         for user_id, value in self._orphans.pop(item.user_data_key, {}).items():
             self.store.put(user_id, item.id, value, is_leaf=item.is_leaf)
+        if not self._version.shares_user_data_by_key:
+            return
+        for other in self.library.same_key(item.id)[:1]:
+            for user_id in self.store.user_ids():
+                shared = self.store.peek(user_id, other)
+                if shared is not None:
+                    self.store.put(user_id, item.id, shared, is_leaf=True)
 
     def kept_user_data(self) -> dict[str, dict[str, StoredUserData]]:
         """User data kept for removed items, by user-data key then user id (copies)."""
@@ -451,6 +464,11 @@ class Emulator:
         data = self.store.get(user.id, item.id)
         change(data)
         self.store.put(user.id, item.id, data, is_leaf=item.is_leaf)
+        if self._version.shares_user_data_by_key:
+            # One record under the shared key: the other versions change too, and only the
+            # item written is queued for the push (Corrections 10).
+            for other in self.library.same_key(item.id):
+                self.store.put(user.id, other, data, is_leaf=True)
         if reason not in _SILENT_REASONS:
             self.hub.user_data_saved(user.id, item.id)
         return data
