@@ -1396,6 +1396,7 @@ class JellyfinApi:
         session.is_paused = paused
         if method is not None:
             session.play_method = method
+        self.emu.hub.sessions_changed()
 
     def note_stopped(self, session: Session) -> None:
         """The session plays nothing any more."""
@@ -1404,6 +1405,7 @@ class JellyfinApi:
         session.position_ticks = None
         session.is_paused = False
         session.play_method = None
+        self.emu.hub.sessions_changed()
 
     async def json_body(self, ctx: Ctx, *, required: bool = True) -> dict[str, Any]:
         """A JSON object body (400 when missing or malformed, 415 without a JSON type)."""

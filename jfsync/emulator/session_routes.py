@@ -191,6 +191,7 @@ class SessionApi:
         session.playable_media_types = self._media_types(ctx.array("playableMediaTypes"))
         session.supported_commands = _known(ctx.array("supportedCommands"), GENERAL_COMMANDS)
         session.supports_media_control = bool(ctx.boolean("supportsMediaControl", False))
+        self.emu.hub.sessions_changed()
         return no_content()
 
     async def capabilities_full(self, ctx: Ctx) -> web.StreamResponse:
@@ -209,6 +210,7 @@ class SessionApi:
         session.playable_media_types = self._media_types([str(m) for m in media])
         session.supported_commands = _known([str(c) for c in commands], GENERAL_COMMANDS)
         session.supports_media_control = control
+        self.emu.hub.sessions_changed()
         return no_content()
 
     def _media_types(self, values: list[str]) -> list[str]:

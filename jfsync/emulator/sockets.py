@@ -209,7 +209,8 @@ class SocketHub:
         self._watchdog_task: asyncio.Task[None] | None = None
         self._watch: list[SocketConn] = []
         self._closing = False
-        self._closers: set[asyncio.Task[None]] = set()
+        #: Short tasks closing ended sessions' sockets or sending event-driven Sessions lists.
+        self._closers: set[asyncio.Task[Any]] = set()
         self.sent: deque[tuple[SocketConn, dict[str, Any]]] = deque(maxlen=_SENT_KEPT)
 
     # --- sessions ------------------------------------------------------------------------
@@ -229,6 +230,7 @@ class SocketHub:
         if session is None:
             session = Session(client, device_id, device_name, app_version, user_id, now_ms)
             self.sessions[key] = session
+            self.sessions_changed()
         # GetSessionInfo overwrites the user on every call and drops extra users with no user.
         session.user_id = user_id
         if user_id is None:
@@ -249,6 +251,7 @@ class SocketHub:
                 del self.sessions[key]
                 for conn in list(session.sockets):
                     self.end_socket(conn)
+                self.sessions_changed()
 
     def end_socket(self, conn: SocketConn) -> None:
         """Close one socket because its session ended (1000 "System Shutdown" from 10.9)."""
@@ -377,6 +380,22 @@ class SocketHub:
             name=f"emulator[{self._server_name}]-sessions-feed",
         )
 
+    def sessions_changed(self) -> None:
+        """A session started or ended, playback started, progressed or stopped, or a client
+        posted capabilities: every ``Sessions`` subscriber gets the list now (``SendData(true)``
+        in SessionInfoWebSocketListener), besides its periodic sends."""
+        if self._sessions_data is None or self._closing:
+            return
+        for conn in self.sockets:
+            if conn.sessions_feed is None or conn.sessions_feed.done():
+                continue
+            task = asyncio.get_running_loop().create_task(
+                self._send(conn, _envelope("Sessions", self._sessions_data(conn.caller))),
+                name=f"emulator[{self._server_name}]-sessions-event",
+            )
+            self._closers.add(task)
+            task.add_done_callback(self._closers.discard)
+
     def _stop_sessions_feed(self, conn: SocketConn) -> None:
         task, conn.sessions_feed = conn.sessions_feed, None
         if task is not None and not task.done():
@@ -403,6 +422,7 @@ class SocketHub:
             # SM.CloseIfNeededAsync: a session without active sockets ends.
             if not session.sockets and self.sessions.get(session.key) is session:
                 del self.sessions[session.key]
+                self.sessions_changed()
 
     # --- sending -------------------------------------------------------------------------
 

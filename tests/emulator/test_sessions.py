@@ -228,3 +228,30 @@ async def test_sessions_feed_is_periodic_and_version_gated(
             await clock.advance(3)
             await assert_quiet(ws)
     assert http.emu is emu
+
+
+async def test_the_sessions_feed_also_sends_on_playback_events(
+    make_emulator: MakeEmulator, session: aiohttp.ClientSession, clock: ManualClock
+) -> None:
+    emu = await make_emulator(clock=clock)
+    http = Http(session, emu)
+    movie = a_movie(emu)
+    admin = emu.user_token("alice", device_id="alice-admin")
+    headers = auth_header(admin, client="feed-test", device_id="feed-admin")
+    async with session.ws_connect(emu.url + "/socket", headers=headers) as ws:
+        assert (await next_message(ws))["MessageType"] == "ForceKeepAlive"
+        # A period of an hour: anything sent before that is event-driven.
+        await ws.send_json({"MessageType": "SessionsStart", "Data": "0,3600000"})
+        await next_message(ws, "Sessions")
+        bob = emu.user_token("bob", device_id="bob-tv")
+        reply = await http.post(
+            "/Sessions/Playing", token=bob, device_id="bob-tv", json_body={"ItemId": movie.id}
+        )
+        assert reply.status == 204
+        playing: list[dict[str, Any]] = []
+        while not playing:
+            message = await next_message(ws, "Sessions")
+            playing = [s for s in message["Data"] if "NowPlayingItem" in s]
+        assert playing[0]["NowPlayingItem"]["Id"] == movie.id
+        assert playing[0]["DeviceId"] == "bob-tv"
+        await ws.send_json({"MessageType": "SessionsStop"})
