@@ -255,10 +255,17 @@ class Library:
     def children(self, item_id: str) -> list[str]:
         """Return the ids of the direct children of a folder (a collection folder's are its
         physical folder's)."""
+        if item_id == self.user_root.id:
+            return [f.id for f in self.collection_folders]
         return list(self._children.get(self.physical(item_id), ()))
 
     def descendants(self, item_id: str) -> Iterator[str]:
-        """Yield the ids of every item below a folder, depth first."""
+        """Yield the ids of every item below a folder, depth first (below the user's root
+        folder: every library's content)."""
+        if item_id == self.user_root.id:
+            for folder in self.collection_folders:
+                yield from self.descendants(folder.id)
+            return
         stack = list(reversed(self._children.get(self.physical(item_id), {})))
         while stack:
             child = stack.pop()

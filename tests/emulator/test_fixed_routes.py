@@ -52,6 +52,8 @@ async def test_the_other_fixed_routes(http: Http) -> None:
 
     root = await http.get("/Items/Root", params={"userId": alice})
     assert (root.status, root.body["Type"], root.body["IsFolder"]) == (200, "UserRootFolder", True)
+    views = await http.get("/Items", params={"userId": alice, "ParentId": root.body["Id"]})
+    assert [v["Type"] for v in views.body["Items"]] == ["CollectionFolder"] * 2
 
     counts = await http.get("/Items/Counts", params={"userId": alice})
     assert (counts.body["MovieCount"], counts.body["EpisodeCount"]) == (len(movies), len(episodes))
