@@ -24,8 +24,11 @@ from urllib.parse import unquote_plus
 from aiohttp import web
 
 from jfsync.emulator import dto
+from jfsync.emulator.browse import BrowseApi
 from jfsync.emulator.library import LibraryItem
 from jfsync.emulator.query import ITEM_FILTERS, ItemQuery, ItemQueryEngine
+from jfsync.emulator.session_routes import SessionApi
+from jfsync.emulator.sockets import Session
 from jfsync.emulator.state import (
     AccessToken,
     Caller,
@@ -138,7 +141,15 @@ _SORT_KEYS = frozenset(
 )
 #: Every field single-item reads return (``new DtoOptions()`` asks for all of them).
 _ALL_FIELDS = frozenset(
-    {"path", "providerids", "datecreated", "sortname", "parentid", "childcount"}
+    {
+        "path",
+        "providerids",
+        "datecreated",
+        "sortname",
+        "parentid",
+        "childcount",
+        "recursiveitemcount",
+    }
 )
 #: ``UpdateUserItemDataDto`` members and their JSON types.
 _UPDATE_FIELDS: dict[str, str] = {
@@ -161,13 +172,16 @@ Handler = Callable[["Ctx"], Awaitable[web.StreamResponse]]
 class HttpError(Exception):
     """An error answer: status plus the body Jellyfin would send."""
 
-    def __init__(self, status: int, detail: str = "") -> None:
+    def __init__(self, status: int, detail: str = "", *, bare: bool = False) -> None:
         super().__init__(f"HTTP {status} {detail}".strip())
         self.status = status
         self.detail = detail
+        self.bare = bare
 
     def response(self) -> web.Response:
         """Build the answer as ASP.NET would shape it for this status."""
+        if self.bare:
+            return web.Response(status=self.status)
         if self.status in (400, 404, 415):
             titles = {400: "Bad Request", 404: "Not Found", 415: "Unsupported Media Type"}
             body: dict[str, Any] = {
@@ -261,6 +275,13 @@ class Ctx:
         return parse_guid(value)
 
 
+def _guid_or_none(value: str) -> str | None:
+    try:
+        return normalize_id(value)
+    except InvalidIdError:
+        return None
+
+
 def parse_guid(value: str) -> str:
     """Parse a Guid in any accepted form; 400 when malformed."""
     try:
@@ -350,6 +371,8 @@ class JellyfinApi:
         self.emu = emu
         self.version = emu.server_version
         self.queries = ItemQueryEngine(emu.library, emu.store, emu.server_id)
+        self.browse = BrowseApi(self)
+        self.sessions = SessionApi(self)
         self.routes = self._build_routes()
 
     def make_app(self) -> web.Application:
@@ -389,7 +412,8 @@ class JellyfinApi:
         response: web.StreamResponse
         try:
             if route is None:
-                raise HttpError(405 if allowed else 404)
+                # ASP.NET routing: no endpoint is a bare 404 (405 for another method).
+                raise HttpError(405 if allowed else 404, bare=True)
             ctx = Ctx(request, params, query, caller, auth, route)
             if route.auth != "anon" and caller is None:
                 raise HttpError(401)
@@ -566,14 +590,25 @@ class JellyfinApi:
                 raise HttpError(403, "Forbidden")
         elif caller.user is not None:
             user_id = caller.user.id
+        elif self.version.at_least(10, 9):
+            # An API key's own user id is Guid.Empty, and GetUserById throws ArgumentException
+            # for it: 400 (Corrections 1).
+            raise HttpError(400, "userId is required with an API key")
         else:
-            # An API key's own user id is Guid.Empty: no such user.
             raise HttpError(404, "User not found")
         user = self.emu.users.get(user_id)
         if user is None:
             raise HttpError(404, "User not found")
         ctx.write_user_id = user.id
         return user
+
+    def _user_and_item(self, ctx: Ctx) -> tuple[EmuUser, LibraryItem]:
+        """The target user and item of a user-data route, checked in Jellyfin's order: a
+        malformed id is 400 (model binding), then the user (400/403/404), then the item (404)
+        - a non-admin naming another user gets 403 before any 404 for the item."""
+        parse_guid(ctx.params["itemId"])
+        user = self._user_for(ctx, self._path_or_query_user(ctx))
+        return user, self._item_for(ctx, ctx.params["itemId"])
 
     def _item_for(self, ctx: Ctx, item_text: str) -> LibraryItem:
         item_id = parse_guid(item_text)
@@ -624,7 +659,19 @@ class JellyfinApi:
         new = v.has_user_items_routes
         # Legacy /Users/{userId}/... aliases are documented only in 10.8's OpenAPI file.
         legacy_doc = not new
+        b = self.browse
         r: list[Route] = [
+            Route("GET", "/Shows/NextUp", b.next_up),
+            Route("GET", "/Shows/{seriesId}/Episodes", b.episodes),
+            Route("GET", "/Shows/{seriesId}/Seasons", b.seasons),
+            Route("GET", "/Users/{userId}/Items/Resume", b.resume, documented=legacy_doc),
+            Route("GET", "/Users/{userId}/Items/Latest", b.latest, documented=legacy_doc),
+            Route("GET", "/Items/Counts", b.counts),
+            Route("GET", "/Items/Filters", b.filters),
+            Route("GET", "/Library/MediaFolders", b.media_folders, "admin"),
+            Route("GET", "/Items/{itemId}/Ancestors", b.ancestors),
+            Route("GET", "/Items/{itemId}/Similar", b.similar),
+            Route("GET", "/Artists", b.artists),
             Route("GET", "/System/Info/Public", self.system_info_public, "anon"),
             Route("GET", "/System/Ping", self.ping, "anon"),
             Route("POST", "/System/Ping", self.ping, "anon"),
@@ -642,15 +689,48 @@ class JellyfinApi:
             Route("POST", "/Auth/Keys", self.keys_create, "admin"),
             Route("DELETE", "/Auth/Keys/{key}", self.keys_delete, "admin"),
             Route("GET", "/Items", self.items_list),
-            Route("GET", "/Sessions", self.sessions_list),
+            Route("GET", "/Sessions", self.sessions.sessions_list),
+            Route("POST", "/Sessions/Capabilities", self.sessions.capabilities),
+            Route("POST", "/Sessions/Capabilities/Full", self.sessions.capabilities_full),
+            Route("POST", "/Sessions/Logout", self.sessions.logout),
+            Route("POST", "/Sessions/Playing/Ping", self.sessions.ping),
             Route("POST", "/Sessions/Playing", self.playing_start),
             Route("POST", "/Sessions/Playing/Progress", self.playing_progress),
             Route("POST", "/Sessions/Playing/Stopped", self.playing_stopped),
             Route("POST", "/Sessions/{sessionId}/User/{userId}", self.session_add_user),
             Route("DELETE", "/Sessions/{sessionId}/User/{userId}", self.session_remove_user),
         ]
+        sa = self.sessions
+        playing = "/PlayingItems/{itemId}"
         if new:
             r += [
+                Route("POST", playing, sa.playing_item_start),
+                Route("DELETE", playing, sa.playing_item_stopped),
+                Route("POST", playing + "/Progress", sa.playing_item_progress),
+            ]
+        r += [
+            Route(
+                "POST", "/Users/{userId}" + playing, sa.playing_item_start, documented=legacy_doc
+            ),
+            Route(
+                "DELETE",
+                "/Users/{userId}" + playing,
+                sa.playing_item_stopped,
+                documented=legacy_doc,
+            ),
+            Route(
+                "POST",
+                "/Users/{userId}" + playing + "/Progress",
+                sa.playing_item_progress,
+                documented=legacy_doc,
+            ),
+        ]
+        if new:
+            r += [
+                Route("GET", "/UserItems/Resume", b.resume),
+                Route("GET", "/Items/Latest", b.latest),
+                Route("GET", "/Items/Suggestions", b.suggestions),
+                Route("GET", "/Items/Root", b.root),
                 Route("GET", "/UserViews", self.user_views),
                 Route("GET", "/Items/{itemId}", self.item_get),
                 Route("GET", "/UserItems/{itemId}/UserData", self.user_data_get),
@@ -876,6 +956,7 @@ class JellyfinApi:
             "version": app_version,
             "added_ms": self.emu.clock.wall_ms(),
             "user_id": None,
+            "access": None,
         }
         self.emu.quick_connect[entry["secret"]] = entry
         return json_response(self._qc_dto(entry))
@@ -904,11 +985,21 @@ class JellyfinApi:
         entry = next((e for e in self.emu.quick_connect.values() if e["code"] == code), None)
         if entry is None:
             raise HttpError(404, "Unknown quick connect code")
+        if entry["user_id"] is not None:
+            # QuickConnectManager.AuthorizeRequest: InvalidOperationException -> 500.
+            raise HttpError(500, "Request is already authorized")
+        # The token and its session are minted here (AuthenticateDirect), which also logs out
+        # that user's earlier token on this device and closes its socket (Corrections 5).
+        access = self.emu.login(
+            user, entry["client"], entry["device"], entry["device_id"], entry["version"]
+        )
         entry["user_id"] = user.id
+        entry["access"] = access
         return json_response(True)
 
     async def authenticate_qc(self, ctx: Ctx) -> web.StreamResponse:
-        """``POST /Users/AuthenticateWithQuickConnect`` body ``{"Secret": …}``."""
+        """``POST /Users/AuthenticateWithQuickConnect`` body ``{"Secret": …}``: the result
+        minted at Authorize; repeatable with the same secret; 404 before Authorize."""
         self._qc_active()
         body = {k.lower(): v for k, v in (await self._json_body(ctx)).items()}
         ctx.body = None
@@ -916,17 +1007,12 @@ class JellyfinApi:
         if not isinstance(secret, str) or not secret:
             raise HttpError(400, "Secret is required")
         entry = self.emu.quick_connect.get(secret)
-        if entry is None:
-            raise HttpError(404, "Unknown secret")
-        if entry["user_id"] is None:
-            raise HttpError(401)
+        if entry is None or entry["user_id"] is None:
+            raise HttpError(404, "Unknown or unauthorized secret")
         user = self.emu.users.get(entry["user_id"])
-        if user is None:
+        access = entry["access"]
+        if user is None or not isinstance(access, AccessToken):
             raise HttpError(401)
-        del self.emu.quick_connect[secret]
-        access = self.emu.login(
-            user, entry["client"], entry["device"], entry["device_id"], entry["version"]
-        )
         return json_response(self._auth_result(user, access))
 
     # --- API keys ------------------------------------------------------------------------
@@ -959,18 +1045,15 @@ class JellyfinApi:
         return ctx.caller.user
 
     def _item_query(self, ctx: Ctx, user: EmuUser | None) -> ItemQuery:
-        include = tuple(self._kind(k) for k in ctx.array("includeItemTypes"))
-        exclude = tuple(self._kind(k) for k in ctx.array("excludeItemTypes"))
-        filters = frozenset(f.lower() for f in ctx.array("filters"))
-        if filters - ITEM_FILTERS:
-            raise HttpError(400, f"unknown filter {sorted(filters - ITEM_FILTERS)[0]}")
-        sort_by = tuple(s.lower() for s in ctx.array("sortBy"))
-        if set(sort_by) - _SORT_KEYS:
-            raise HttpError(400, "unknown sortBy")
-        sort_order = tuple(s.lower() for s in ctx.array("sortOrder"))
-        if set(sort_order) - {"ascending", "descending"}:
-            raise HttpError(400, "unknown sortOrder")
-        ids = tuple(parse_guid(i) for i in ctx.array("ids"))
+        # CommaDelimitedCollectionModelBinder drops values its converter cannot parse
+        # (unknown enum names, malformed Guids) and binds the rest: 200, never 400.
+        include, exclude = self.kinds(ctx)
+        filters = frozenset(f.lower() for f in ctx.array("filters")) & ITEM_FILTERS
+        sort_by = tuple(s.lower() for s in ctx.array("sortBy") if s.lower() in _SORT_KEYS)
+        sort_order = tuple(
+            s.lower() for s in ctx.array("sortOrder") if s.lower() in ("ascending", "descending")
+        )
+        ids = tuple(i for i in (_guid_or_none(x) for x in ctx.array("ids")) if i is not None)
         has_provider = tuple(
             (provider, flag)
             for provider, name in (
@@ -996,12 +1079,6 @@ class JellyfinApi:
             has_provider=has_provider,
         )
 
-    def _kind(self, name: str) -> str:
-        kind = _ITEM_KINDS.get(name.lower())
-        if kind is None:
-            raise HttpError(400, f"The value '{name}' is not valid.")
-        return kind
-
     def _item_dto(
         self,
         item: LibraryItem,
@@ -1013,8 +1090,18 @@ class JellyfinApi:
     ) -> dict[str, Any]:
         emu = self.emu
         user_data = None
+        recursive_count = None
         if user is not None and enable_user_data:
-            user_data = emu.user_data_dto(user.id, item, item_id=self.version.rest_item_id(item.id))
+            asked = "recursiveitemcount" in fields
+            user_data = emu.user_data_dto(
+                user.id,
+                item,
+                item_id=self.version.rest_item_id(item.id),
+                with_recursive_count=asked,
+            )
+            counts = emu.folder_counts(user.id, item)
+            if asked and counts is not None:
+                recursive_count = counts[0]
         child_count = len(emu.library.children(item.id)) if item.is_folder else None
         return dto.item_dto(
             item,
@@ -1023,7 +1110,73 @@ class JellyfinApi:
             user_data=user_data,
             enable_images=enable_images,
             child_count=child_count,
+            recursive_item_count=recursive_count,
         )
+
+    # --- helpers shared with the browsing routes -----------------------------------------
+
+    def paging(self, ctx: Ctx) -> tuple[int, int | None]:
+        """``StartIndex`` and ``Limit``; 400 when negative."""
+        start = self.number(ctx, "startIndex") or 0
+        limit = self.number(ctx, "limit")
+        if start < 0 or (limit is not None and limit < 0):
+            raise HttpError(400, "startIndex and limit must not be negative")
+        return start, limit
+
+    def number(self, ctx: Ctx, name: str) -> int | None:
+        """An integer query parameter (400 when it is not one)."""
+        return ctx.integer(name)
+
+    def date_param(self, text: str) -> datetime:
+        """A date query parameter (400 when it is not one)."""
+        try:
+            return parse_date(text)
+        except ValueError:
+            raise HttpError(400, f"The value '{text}' is not valid.") from None
+
+    def kinds(self, ctx: Ctx) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``IncludeItemTypes`` and ``ExcludeItemTypes`` as ``BaseItemKind`` names."""
+
+        def known(name: str) -> tuple[str, ...]:
+            found = (_ITEM_KINDS.get(k.lower()) for k in ctx.array(name))
+            return tuple(k for k in found if k is not None)
+
+        return known("includeItemTypes"), known("excludeItemTypes")
+
+    def optional_user(self, ctx: Ctx) -> EmuUser | None:
+        """``ReqH.GetUserId`` then ``GetUserById`` where a missing user just means no user
+        data (TV routes): 403 for a non-admin naming another user, None for an API key."""
+        caller = ctx.caller
+        assert caller is not None
+        text = self._path_or_query_user(ctx)
+        if not text:
+            return caller.user
+        user_id = parse_guid(text)
+        if user_id != caller.user_id and not caller.is_admin:
+            raise HttpError(403, "Forbidden")
+        return self.emu.users.get(user_id)
+
+    def required_user(self, ctx: Ctx) -> EmuUser:
+        """The user a user-scoped route acts for (status codes of ``_user_for``)."""
+        return self._user_for(ctx, self._path_or_query_user(ctx))
+
+    def item_dtos(
+        self, ctx: Ctx, items: list[LibraryItem], user: EmuUser | None
+    ) -> list[dict[str, Any]]:
+        """Item DTOs with the request's ``Fields``, ``EnableUserData`` and ``EnableImages``."""
+        fields = frozenset(f.lower() for f in ctx.array("fields"))
+        enable_user_data = bool(ctx.boolean("enableUserData", True))
+        enable_images = bool(ctx.boolean("enableImages", True))
+        return [
+            self._item_dto(
+                item,
+                user,
+                fields,
+                enable_user_data=enable_user_data,
+                enable_images=enable_images,
+            )
+            for item in items
+        ]
 
     async def items_list(self, ctx: Ctx) -> web.StreamResponse:
         """``GET /Items`` and ``GET /Users/{userId}/Items`` (§5)."""
@@ -1058,15 +1211,14 @@ class JellyfinApi:
 
     async def item_get(self, ctx: Ctx) -> web.StreamResponse:
         """``GET /Items/{itemId}`` and ``GET /Users/{userId}/Items/{itemId}``: all fields."""
-        item = self._item_for(ctx, ctx.params["itemId"])
+        parse_guid(ctx.params["itemId"])
         user = self._items_user(ctx)
+        item = self._item_for(ctx, ctx.params["itemId"])
         return json_response(self._item_dto(item, user, _ALL_FIELDS))
 
     async def user_views(self, ctx: Ctx) -> web.StreamResponse:
         """``GET /UserViews``: the library roots as the user sees them."""
-        user = self._items_user(ctx)
-        if user is None:
-            raise HttpError(404, "User not found")
+        user = self.required_user(ctx)
         folders = self.emu.library.collection_folders
         items = [self._item_dto(f, user, frozenset()) for f in folders]
         return json_response({"Items": items, "TotalRecordCount": len(items), "StartIndex": 0})
@@ -1075,16 +1227,15 @@ class JellyfinApi:
 
     async def user_data_get(self, ctx: Ctx) -> web.StreamResponse:
         """``GET /UserItems/{itemId}/UserData`` (+ legacy alias)."""
-        item = self._item_for(ctx, ctx.params["itemId"])
-        user = self._user_for(ctx, self._path_or_query_user(ctx))
+        user, item = self._user_and_item(ctx)
         return self._user_data_response(user, item)
 
     async def user_data_post(self, ctx: Ctx) -> web.StreamResponse:
         """``POST /UserItems/{itemId}/UserData``: partial update, §4.2 semantics."""
-        item = self._item_for(ctx, ctx.params["itemId"])
+        parse_guid(ctx.params["itemId"])
         body = await self._json_body(ctx)
         update = _parse_update(body)
-        user = self._user_for(ctx, self._path_or_query_user(ctx))
+        user, item = self._user_and_item(ctx)
         rating = update.get("rating")
         if rating is not None and not 0 <= rating <= 10:
             raise HttpError(400, "Rating must be between 0 and 10")
@@ -1118,8 +1269,7 @@ class JellyfinApi:
         return await self._set_favorite(ctx, False)
 
     async def _set_favorite(self, ctx: Ctx, value: bool) -> web.StreamResponse:
-        item = self._item_for(ctx, ctx.params["itemId"])
-        user = self._user_for(ctx, self._path_or_query_user(ctx))
+        user, item = self._user_and_item(ctx)
 
         def change(data: StoredUserData) -> None:
             data.is_favorite = value
@@ -1137,8 +1287,7 @@ class JellyfinApi:
         return await self._set_rating(ctx, None)
 
     async def _set_rating(self, ctx: Ctx, rating: float | None) -> web.StreamResponse:
-        item = self._item_for(ctx, ctx.params["itemId"])
-        user = self._user_for(ctx, self._path_or_query_user(ctx))
+        user, item = self._user_and_item(ctx)
 
         def change(data: StoredUserData) -> None:
             data.rating = rating
@@ -1148,8 +1297,7 @@ class JellyfinApi:
 
     async def played_add(self, ctx: Ctx) -> web.StreamResponse:
         """``POST /UserPlayedItems/{itemId}?datePlayed=`` (+ legacy): MarkPlayed, recursing."""
-        item = self._item_for(ctx, ctx.params["itemId"])
-        user = self._user_for(ctx, self._path_or_query_user(ctx))
+        user, item = self._user_and_item(ctx)
         raw_date = ctx.first("datePlayed")
         date_played = None
         if raw_date:
@@ -1163,8 +1311,7 @@ class JellyfinApi:
 
     async def played_remove(self, ctx: Ctx) -> web.StreamResponse:
         """``DELETE /UserPlayedItems/{itemId}`` (+ legacy): MarkUnplayed, recursing."""
-        item = self._item_for(ctx, ctx.params["itemId"])
-        user = self._user_for(ctx, self._path_or_query_user(ctx))
+        user, item = self._user_and_item(ctx)
         for target in self._played_users(ctx, user):
             self._mark(target, item, played=False, date_played=None)
         return self._user_data_response(user, item)
@@ -1217,30 +1364,52 @@ class JellyfinApi:
 
     # --- sessions and playback -----------------------------------------------------------
 
-    def _session_dto(self, session: Any) -> dict[str, Any]:
-        emu = self.emu
-        user = emu.users.get(session.user_id) if session.user_id else None
-        extra = [emu.users[u] for u in session.additional_users if u in emu.users]
-        return dto.session_dto(
-            session_id=session.id,
-            user=user,
-            client=session.client,
-            device_id=session.device_id,
-            device_name=session.device_name,
-            app_version=session.app_version,
-            last_activity_ms=session.last_activity_ms,
-            additional_users=extra,
-            server_id=emu.server_id,
-            version=self.version,
-        )
+    def _session_dto(self, session: Session) -> dict[str, Any]:
+        return self.sessions.session_dto(session)
 
-    async def sessions_list(self, ctx: Ctx) -> web.StreamResponse:
-        """``GET /Sessions``: all sessions for admins, one's own for users."""
-        assert ctx.caller is not None
-        sessions = list(self.emu.hub.sessions.values())
-        if not ctx.caller.is_admin:
-            sessions = [s for s in sessions if s.contains_user(ctx.caller.user_id or "")]
-        return json_response([self._session_dto(s) for s in sessions])
+    def plain_item_dto(self, item: LibraryItem, user: EmuUser | None) -> dict[str, Any]:
+        """An item DTO with no optional fields (``NowPlayingItem``, ``/Items/Root``...)."""
+        return self._item_dto(item, user, frozenset())
+
+    def session_users(self, session: Session) -> list[EmuUser]:
+        """``SM.GetUsers(session)``: the session's user and its additional users."""
+        ids = [session.user_id, *session.additional_users] if session.user_id else []
+        return [self.emu.users[u] for u in ids if u in self.emu.users]
+
+    def note_playing(
+        self,
+        session: Session,
+        item: LibraryItem | None,
+        position: int | None,
+        *,
+        paused: bool,
+        method: str | None,
+    ) -> None:
+        """Remember what a session plays (``NowPlayingItem``, ``PlayState``) and when it last
+        reported (``LastPlaybackCheckIn``)."""
+        session.last_checkin_ms = self.emu.clock.wall_ms()
+        if item is None:
+            return
+        session.now_playing = item.id
+        if position is not None:
+            session.position_ticks = max(position, 0)
+        session.is_paused = paused
+        if method is not None:
+            session.play_method = method
+        self.emu.hub.sessions_changed()
+
+    def note_stopped(self, session: Session) -> None:
+        """The session plays nothing any more."""
+        session.last_checkin_ms = self.emu.clock.wall_ms()
+        session.now_playing = None
+        session.position_ticks = None
+        session.is_paused = False
+        session.play_method = None
+        self.emu.hub.sessions_changed()
+
+    async def json_body(self, ctx: Ctx, *, required: bool = True) -> dict[str, Any]:
+        """A JSON object body (400 when missing or malformed, 415 without a JSON type)."""
+        return await self._json_body(ctx, required=required)
 
     async def session_add_user(self, ctx: Ctx) -> web.StreamResponse:
         """``POST /Sessions/{sessionId}/User/{userId}``: AdditionalUsers (§2.4)."""
@@ -1266,76 +1435,129 @@ class JellyfinApi:
             session.additional_users.remove(user_id)
         return no_content()
 
-    async def _playback(self, ctx: Ctx) -> tuple[list[EmuUser], LibraryItem | None, dict[str, Any]]:
+    async def _playback(
+        self, ctx: Ctx
+    ) -> tuple[Session, list[EmuUser], LibraryItem | None, dict[str, Any]]:
         body = {k.lower(): v for k, v in (await self._json_body(ctx, required=False)).items()}
-        caller = ctx.caller
-        assert caller is not None
-        session = self.emu.hub.log_session_activity(
-            caller.client or "",
-            caller.version or "",
-            caller.device_id or "",
-            caller.device or "",
-            caller.user_id,
-        )
-        ids = [session.user_id, *session.additional_users] if session.user_id else []
-        users = [self.emu.users[u] for u in ids if u in self.emu.users]
+        session = self.sessions.caller_session(ctx)
+        users = self.session_users(session)
         item = None
         raw_item = body.get("itemid")
         if isinstance(raw_item, str) and raw_item:
             item = self.emu.library.get(parse_guid(raw_item))
-        return users, item, body
+        return session, users, item, body
 
     async def playing_start(self, ctx: Ctx) -> web.StreamResponse:
-        """``POST /Sessions/Playing``: PlayCount+1, LastPlayedDate=now, Played=false (§3)."""
-        users, item, _ = await self._playback(ctx)
-        if item is not None and item.is_leaf:
-            now = self.emu.now()
+        """``POST /Sessions/Playing``: PlayCount+1, LastPlayedDate=now; up to 10.11 a resumable
+        video is un-played, from 12.0 (113bd9af05) Played is left alone (Corrections 3)."""
+        session, users, item, body = await self._playback(ctx)
+        position = _position(body, negative_ok=True)
+        method = body.get("playmethod")
+        self.note_playing(
+            session,
+            item,
+            position or 0,
+            paused=body.get("ispaused") is True,
+            method=method if method in ("Transcode", "DirectStream", "DirectPlay") else None,
+        )
+        self.start_playback(users, item)
+        return no_content()
 
-            def start(data: StoredUserData) -> None:
-                data.play_count += 1
-                data.last_played = now
+    def start_playback(self, users: list[EmuUser], item: LibraryItem | None) -> None:
+        """``SM.OnPlaybackStart`` for each user of the session (pushed: PlaybackStart)."""
+        if item is None or not item.is_leaf:
+            return
+        now = self.emu.now()
+        unplays = not self.version.at_least(12)
+
+        def start(data: StoredUserData) -> None:
+            data.play_count += 1
+            data.last_played = now
+            if unplays:
                 # Videos support position ticks, so playback start un-plays them.
                 data.played = False
 
-            for user in users:
-                self.emu.save(user, item, start, "PlaybackStart")
-        return no_content()
+        for user in users:
+            self.emu.save(user, item, start, "PlaybackStart")
 
     async def playing_progress(self, ctx: Ctx) -> web.StreamResponse:
-        """``POST /Sessions/Playing/Progress``: saves the position, never pushed."""
-        users, item, body = await self._playback(ctx)
-        position = body.get("positionticks")
-        if item is not None and item.is_leaf and _is_int(position):
-            assert isinstance(position, int)
-
-            def progress(data: StoredUserData) -> None:
-                data.position_ticks = position
-
-            for user in users:
-                self.emu.save(user, item, progress, "PlaybackProgress")
+        """``POST /Sessions/Playing/Progress``: resume rules applied and saved, never pushed."""
+        session, users, item, body = await self._playback(ctx)
+        position = _position(body, negative_ok=True)
+        self.note_playing(session, item, position, paused=body.get("ispaused") is True, method=None)
+        self.progress_playback(users, item, position)
         return no_content()
+
+    def progress_playback(
+        self, users: list[EmuUser], item: LibraryItem | None, position: int | None
+    ) -> None:
+        """``SM.OnPlaybackProgress``: ``UDM.UpdatePlayState`` then a PlaybackProgress save.
+
+        Below 5 % the position is stored as 0; past 90 % the item becomes Played at position 0
+        with PlayCount + 1 and LastPlayedDate = now (Corrections 2, counted once: when it turns
+        played). Nothing of this is pushed, so a server can become Played with no event.
+        """
+        if item is None or not item.is_leaf or position is None:
+            return
+        runtime = item.run_time_ticks or 0
+        now = self.emu.now()
+
+        def progress(data: StoredUserData) -> None:
+            data.position_ticks, done = _resume_position(max(position, 0), runtime)
+            if done and not data.played:
+                data.played = True
+                data.play_count += 1
+                data.last_played = now
+
+        for user in users:
+            self.emu.save(user, item, progress, "PlaybackProgress")
 
     async def playing_stopped(self, ctx: Ctx) -> web.StreamResponse:
-        """``POST /Sessions/Playing/Stopped``: resume thresholds decide position and played."""
-        users, item, body = await self._playback(ctx)
-        position = body.get("positionticks")
-        if item is not None and item.is_leaf:
-            runtime = item.run_time_ticks or 0
-
-            def stop(data: StoredUserData) -> None:
-                if not _is_int(position):
-                    data.play_count += 1
-                    data.played = True
-                    data.position_ticks = 0
-                    return
-                assert isinstance(position, int)
-                data.position_ticks, done = _resume_position(position, runtime)
-                if done:
-                    data.played = True
-
-            for user in users:
-                self.emu.save(user, item, stop, "PlaybackFinished")
+        """``POST /Sessions/Playing/Stopped``: resume thresholds decide position and played;
+        ``Failed: true`` saves nothing; a negative position is 400."""
+        session, users, item, body = await self._playback(ctx)
+        position = _position(body, negative_ok=False)
+        self.note_stopped(session)
+        if body.get("failed") is True:
+            return no_content()
+        self.stop_playback(users, item, position)
         return no_content()
+
+    def stop_playback(
+        self, users: list[EmuUser], item: LibraryItem | None, position: int | None
+    ) -> None:
+        """``SM.OnPlaybackStopped`` for each user of the session (pushed: PlaybackFinished)."""
+        if item is None or not item.is_leaf:
+            return
+        runtime = item.run_time_ticks or 0
+
+        def stop(data: StoredUserData) -> None:
+            if position is None:
+                # The client could not say where it stopped: Jellyfin assumes it finished.
+                data.play_count += 1
+                data.played = True
+                data.position_ticks = 0
+                return
+            data.position_ticks, done = _resume_position(position, runtime)
+            if done:
+                data.played = True
+
+        for user in users:
+            self.emu.save(user, item, stop, "PlaybackFinished")
+
+
+def _position(body: dict[str, Any], *, negative_ok: bool) -> int | None:
+    """``PositionTicks`` of a playback report (a number or a numeric string); 400 when it is
+    something else, or negative where the server refuses that (stop)."""
+    raw = body.get("positionticks")
+    if raw is None:
+        return None
+    position = json_int(raw)
+    if position is None:
+        raise HttpError(400, "The JSON value could not be converted for PositionTicks.")
+    if position < 0 and not negative_ok:
+        raise HttpError(400, "PositionTicks must not be negative.")
+    return position
 
 
 def _resume_position(position: int, runtime: int) -> tuple[int, bool]:
@@ -1347,7 +1569,7 @@ def _resume_position(position: int, runtime: int) -> tuple[int, bool]:
     pct = 100.0 * position / runtime
     if pct < MIN_RESUME_PCT:
         return 0, False
-    if pct > MAX_RESUME_PCT or position >= runtime:
+    if pct > MAX_RESUME_PCT or position >= runtime - _TICKS_PER_SECOND:
         return 0, True
     if runtime / _TICKS_PER_SECOND < MIN_RESUME_DURATION_S:
         return 0, True
@@ -1358,6 +1580,31 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+#: What ``JsonNumberHandling.AllowReadingFromString`` (Jellyfin's JSON options) reads as a number.
+_INT_TEXT = re.compile(r"-?\d+")
+_NUMBER_TEXT = re.compile(r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def json_int(value: Any) -> int | None:
+    """A JSON integer, or a string holding one (Jellyfin reads numbers from strings); None
+    when it is neither."""
+    if _is_int(value):
+        assert isinstance(value, int)
+        return value
+    if isinstance(value, str) and _INT_TEXT.fullmatch(value):
+        return int(value)
+    return None
+
+
+def json_number(value: Any) -> float | None:
+    """A JSON number, or a string holding one; None when it is neither."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and _NUMBER_TEXT.fullmatch(value):
+        return float(value)
+    return None
+
+
 def _parse_update(body: dict[str, Any]) -> dict[str, Any]:
     """Bind ``UpdateUserItemDataDto`` case-insensitively; wrong JSON types are 400."""
     out: dict[str, Any] = {}
@@ -1366,9 +1613,12 @@ def _parse_update(body: dict[str, Any]) -> dict[str, Any]:
         kind = _UPDATE_FIELDS.get(key)
         if kind is None or value is None:
             continue
-        if kind == "int" and not _is_int(value):
-            raise HttpError(400, f"The JSON value could not be converted for {raw_key}.")
-        if kind == "number" and (isinstance(value, bool) or not isinstance(value, int | float)):
+        if kind == "int":
+            value = json_int(value)
+        elif kind == "number":
+            number = json_number(value)
+            value = int(number) if number is not None and number.is_integer() else number
+        if value is None:
             raise HttpError(400, f"The JSON value could not be converted for {raw_key}.")
         if kind == "bool" and not isinstance(value, bool):
             raise HttpError(400, f"The JSON value could not be converted for {raw_key}.")

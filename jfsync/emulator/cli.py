@@ -1,7 +1,8 @@
 """``jfsync emulator``: run one emulated Jellyfin server in the foreground until SIGINT/SIGTERM.
 
 Prints one line saying where it listens and which users exist (never passwords or keys), then
-serves until told to stop, and exits 0.
+serves until told to stop, and exits 0. With ``--state FILE`` the server starts from the
+library and user data saved in FILE (when it exists) and saves them there when it stops.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import signal
 import sys
 
+from jfsync.emulator.persist import StateFileError
 from jfsync.emulator.server import Emulator
 from jfsync.emulator.state import SUPPORTED_VERSIONS
 
@@ -57,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-quick-connect", action="store_true", help="start with Quick Connect disabled"
     )
+    parser.add_argument(
+        "--state",
+        metavar="FILE",
+        help="load the library and user data from FILE if it exists, and save them there on "
+        "exit (and on POST /__emulator__/save-state); without it every start is fresh",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +77,9 @@ def run(args: argparse.Namespace) -> int:
         )
     try:
         asyncio.run(_serve(args))
+    except StateFileError as err:
+        print(f"jfsync emulator: {err}", file=sys.stderr)
+        return 2
     except OSError as err:
         print(f"jfsync emulator: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr)
         return 1
@@ -89,6 +100,7 @@ async def _serve(args: argparse.Namespace) -> None:
         port=args.port,
         server_name=args.server_name,
         quick_connect=not args.no_quick_connect,
+        state_file=args.state,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -110,3 +122,6 @@ async def _serve(args: argparse.Namespace) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await emu.close()
+        if args.state:
+            emu.save_state()
+            print(f"jfsync emulator: state saved to {args.state}", flush=True)

@@ -21,8 +21,14 @@ POST     /__emulator__/items                              add an item (JSON body
 DELETE   /__emulator__/items/{id}                         remove an item
 POST     /__emulator__/items/{id}/move?path=P             move an item's file
 POST     /__emulator__/user-data/{userId}/{itemId}        save user data as that user would
-POST     /__emulator__/wipe-user-data[?userId=U]      lose user data silently (reinstall)
+POST     /__emulator__/wipe-user-data[?userId=U]          lose user data silently (reinstall)
+GET      /__emulator__/requests[?since=N]                 request records (index N onwards)
+GET      /__emulator__/writes[?since=N]                   user-data write records
+POST     /__emulator__/save-state[?path=P]                save library and user data (--state)
 =======  ===============================================  ==========================================
+
+Request records never carry tokens: ``api_key``/``ApiKey`` values read ``<redacted>`` and
+headers are not kept.
 
 ``POST /items`` takes ``{"type", "name", "year", "parent_id", "path", "provider_ids",
 "index_number", "run_time_ticks"}``; ``/user-data`` takes the keyword arguments of
@@ -32,6 +38,7 @@ POST     /__emulator__/wipe-user-data[?userId=U]      lose user data silently (r
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -52,6 +59,11 @@ _SAVE_KEYS = frozenset(
         "position_ticks",
     }
 )
+
+
+def _record_json(index: int, record: Any) -> dict[str, Any]:
+    """A request or write record as JSON (dataclass fields plus its index)."""
+    return {"index": index, **asdict(record)}
 
 
 def _reply(body: Any, status: int = 200) -> web.Response:
@@ -87,6 +99,11 @@ async def _route(
     head = parts[0] if parts else ""
     if method == "GET" and head == "state":
         return _reply(_state(emu))
+    if method == "GET" and head in ("requests", "writes"):
+        since = int(query.get("since", "0"))
+        rows = emu.requests if head == "requests" else emu.writes
+        records = [_record_json(n, r) for n, r in enumerate(rows[since:], start=since)]
+        return _reply({"total": len(rows), head: records})
     if method != "POST" and not (method == "DELETE" and head == "items"):
         return _reply({"error": "unknown control"}, 404)
     if head == "fail-writes":
@@ -110,6 +127,8 @@ async def _route(
         await emu.flush_now()
     elif head == "wipe-user-data":
         return _reply({"dropped": emu.wipe_user_data(query.get("userId"))})
+    elif head == "save-state":
+        return _reply({"saved": emu.save_state(query.get("path"))})
     elif head == "items":
         return await _items(emu, request, method, parts[1:], query)
     elif head == "user-data" and len(parts) == 3:

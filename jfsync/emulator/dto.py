@@ -46,18 +46,29 @@ def user_data_dto(
     *,
     item_id: str | None,
     unplayed: int | None = None,
+    recursive_count: int | None = None,
 ) -> dict[str, Any]:
-    """Build a ``UserItemDataDto`` (declared field order); ``unplayed`` is set for folders."""
+    """Build a ``UserItemDataDto`` (declared field order).
+
+    ``unplayed`` is set for folders that take their played state from their leaves (series,
+    seasons, plain folders); ``recursive_count`` is their leaf count when the item DTO asked
+    for ``RecursiveItemCount``. ``Folder.FillUserDataDtoValues`` then writes ``PlayedPercentage
+    = 100 - unplayed/total*100`` and ``Played = PlayedPercentage >= 100``; without a count (or
+    with none) ``Played = UnplayedItemCount == 0`` and no percentage.
+    """
     dto: dict[str, Any] = {}
     if data.rating is not None:
         dto["Rating"] = number(data.rating)
-    if (
-        unplayed is None
-        and data.position_ticks > 0
-        and item.run_time_ticks
-        and item.run_time_ticks > 0
-    ):
-        dto["PlayedPercentage"] = 100.0 * data.position_ticks / item.run_time_ticks
+    played = data.played
+    if unplayed is not None:
+        if recursive_count:
+            percentage = 100.0 - 100.0 * unplayed / recursive_count
+            dto["PlayedPercentage"] = number(percentage)
+            played = percentage >= 100
+        else:
+            played = unplayed == 0
+    elif data.position_ticks > 0 and item.run_time_ticks and item.run_time_ticks > 0:
+        dto["PlayedPercentage"] = number(100.0 * data.position_ticks / item.run_time_ticks)
     if unplayed is not None:
         dto["UnplayedItemCount"] = unplayed
     dto["PlaybackPositionTicks"] = data.position_ticks
@@ -67,8 +78,7 @@ def user_data_dto(
         dto["Likes"] = data.likes
     if data.last_played is not None:
         dto["LastPlayedDate"] = format_date(data.last_played)
-    # Folder.FillUserDataDtoValues: a folder is played when nothing below it is unplayed.
-    dto["Played"] = (unplayed == 0) if unplayed is not None else data.played
+    dto["Played"] = played
     dto["Key"] = item.user_data_key
     if item_id is not None:
         dto["ItemId"] = item_id
@@ -83,6 +93,7 @@ def item_dto(
     user_data: dict[str, Any] | None,
     enable_images: bool,
     child_count: int | None = None,
+    recursive_item_count: int | None = None,
 ) -> dict[str, Any]:
     """Build a ``BaseItemDto`` with the always-present fields and the requested ones (§5.2)."""
     dto: dict[str, Any] = {"Name": item.name, "ServerId": server_id, "Id": item.id}
@@ -119,6 +130,8 @@ def item_dto(
         dto["RunTimeTicks"] = item.run_time_ticks
     if user_data is not None:
         dto["UserData"] = user_data
+    if recursive_item_count is not None:
+        dto["RecursiveItemCount"] = recursive_item_count
     if child_count is not None and "childcount" in fields:
         dto["ChildCount"] = child_count
     if enable_images:
@@ -233,27 +246,48 @@ def session_dto(
     additional_users: list[EmuUser],
     server_id: str,
     version: ServerVersion,
+    now_playing: dict[str, Any] | None = None,
+    position_ticks: int | None = None,
+    is_paused: bool = False,
+    play_method: str | None = None,
+    last_checkin_ms: int | None = None,
+    playable_media_types: list[str] | None = None,
+    supported_commands: list[str] | None = None,
+    supports_media_control: bool = False,
 ) -> dict[str, Any]:
-    """Build a ``SessionInfoDto`` (``SessionInfo`` on 10.8) for login answers and /Sessions."""
-    play_state: dict[str, Any] = {
-        "CanSeek": False,
-        "IsPaused": False,
-        "IsMuted": False,
-        "RepeatMode": "RepeatNone",
-    }
+    """Build a ``SessionInfoDto`` (``SessionInfo`` on 10.8) for login answers and /Sessions.
+
+    While something plays, ``NowPlayingItem`` is its item DTO and ``PlayState`` carries the
+    last reported position; ``LastPlaybackCheckIn`` is the last playback report.
+    """
+    play_state: dict[str, Any] = {}
+    if now_playing is not None and position_ticks is not None:
+        play_state["PositionTicks"] = position_ticks
+    play_state.update(
+        {
+            "CanSeek": now_playing is not None,
+            "IsPaused": is_paused,
+            "IsMuted": False,
+        }
+    )
+    if now_playing is not None and play_method is not None:
+        play_state["PlayMethod"] = play_method
+    play_state["RepeatMode"] = "RepeatNone"
     if version.at_least(10, 9):
         play_state["PlaybackOrder"] = "Default"
+    media_types = list(playable_media_types or [])
+    commands = list(supported_commands or [])
     dto: dict[str, Any] = {
         "PlayState": play_state,
         "AdditionalUsers": [{"UserId": u.id, "UserName": u.name} for u in additional_users],
         "Capabilities": {
-            "PlayableMediaTypes": [],
-            "SupportedCommands": [],
-            "SupportsMediaControl": False,
+            "PlayableMediaTypes": media_types,
+            "SupportedCommands": commands,
+            "SupportsMediaControl": supports_media_control,
             "SupportsPersistentIdentifier": True,
         },
         "RemoteEndPoint": "127.0.0.1",
-        "PlayableMediaTypes": [],
+        "PlayableMediaTypes": media_types,
         "Id": session_id,
         "UserId": user.id if user is not None else "0" * 32,
     }
@@ -263,18 +297,24 @@ def session_dto(
         {
             "Client": client,
             "LastActivityDate": date_ms(last_activity_ms),
-            "LastPlaybackCheckIn": MIN_DATE,
+            "LastPlaybackCheckIn": date_ms(last_checkin_ms) if last_checkin_ms else MIN_DATE,
             "DeviceName": device_name,
+        }
+    )
+    if now_playing is not None:
+        dto["NowPlayingItem"] = now_playing
+    dto.update(
+        {
             "DeviceId": device_id,
             "ApplicationVersion": app_version,
             "IsActive": True,
-            "SupportsMediaControl": False,
-            "SupportsRemoteControl": False,
+            "SupportsMediaControl": supports_media_control,
+            "SupportsRemoteControl": supports_media_control,
             "NowPlayingQueue": [],
             "NowPlayingQueueFullItems": [],
             "HasCustomDeviceName": False,
             "ServerId": server_id,
-            "SupportedCommands": [],
+            "SupportedCommands": commands,
         }
     )
     if not version.at_least(10, 9):

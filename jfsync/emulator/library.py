@@ -1,8 +1,11 @@
 """The emulated media library: items, their tree, and a deterministic generator.
 
-A library is two collection folders ("Movies" and "Shows") holding movies (one folder per
-movie) and series with seasons and episodes, laid out on disk the way Jellyfin users lay them
-out. Item ids are derived from type and path exactly as Jellyfin derives them
+A library is two collection folders ("Movies" and "Shows"), each standing for one physical
+folder (``<root>/movies``, ``<root>/tv``, items of type ``Folder``) that holds the movies (one
+directory per movie) and the series with seasons and episodes, laid out on disk the way
+Jellyfin users lay them out. As in Jellyfin, a movie's or series' parent is the physical
+folder, not the collection folder; queries on a collection folder see its physical folder's
+content. Item ids are derived from type and path exactly as Jellyfin derives them
 (:func:`jfsync.ids.derive_item_id`), so two emulators generated with the same seed and path root
 share ids, and a different root gives different ids for the same titles. Lookups by id, the
 parent/child tree and per-folder leaf counts are indexed, so no single-item operation costs
@@ -166,6 +169,13 @@ class LibraryItem:
         return self.type not in LEAF_ITEM_TYPES
 
     @property
+    def played_from_leaves(self) -> bool:
+        """Tell whether the item's played state comes from its leaves (``Folder``
+        ``SupportsUserDataFromChildren``): series, seasons and plain folders, not the
+        collection folders (library roots), which Jellyfin skips as "far too slow"."""
+        return self.is_folder and self.type not in ("CollectionFolder", "UserRootFolder")
+
+    @property
     def is_leaf(self) -> bool:
         """Tell whether the item is a playable leaf (movie, episode)."""
         return self.type in LEAF_ITEM_TYPES
@@ -186,14 +196,25 @@ class Library:
         self._children: dict[str, dict[str, None]] = {}
         self._leaf_counts: dict[str, int] = {}
         self._paths: dict[str, str] = {}
+        self._by_key: dict[str, dict[str, None]] = {}
         self._order: dict[str, None] = {}
         self._next_created_s = BASE_CREATED_S
+        self.user_root = self._add(
+            _folder("UserRootFolder", "Media Folders", COLLECTION_ROOT, None)
+        )
         self.movies_folder = self._add(
             _folder("CollectionFolder", "Movies", f"{COLLECTION_ROOT}/Movies", "movies")
         )
         self.shows_folder = self._add(
             _folder("CollectionFolder", "Shows", f"{COLLECTION_ROOT}/Shows", "tvshows")
         )
+        self.movies_root = self._add(_folder("Folder", "movies", f"{self.path_root}/movies", None))
+        self.shows_root = self._add(_folder("Folder", "tv", f"{self.path_root}/tv", None))
+        #: Collection folder id -> the physical folder it stands for (``PhysicalFolderIds``).
+        self._physical = {
+            self.movies_folder.id: self.movies_root.id,
+            self.shows_folder.id: self.shows_root.id,
+        }
 
     # --- reading -------------------------------------------------------------------------
 
@@ -222,13 +243,30 @@ class Library:
         """Return the playable items (movies and episodes)."""
         return [item for item in self.items() if item.is_leaf]
 
+    @property
+    def physical_folders(self) -> list[LibraryItem]:
+        """Return the physical root folders (``Folder`` items the collection folders stand for)."""
+        return [self.movies_root, self.shows_root]
+
+    def physical(self, item_id: str) -> str:
+        """Return the physical folder a collection folder stands for (other ids unchanged)."""
+        return self._physical.get(item_id, item_id)
+
     def children(self, item_id: str) -> list[str]:
-        """Return the ids of the direct children of a folder."""
-        return list(self._children.get(item_id, ()))
+        """Return the ids of the direct children of a folder (a collection folder's are its
+        physical folder's)."""
+        if item_id == self.user_root.id:
+            return [f.id for f in self.collection_folders]
+        return list(self._children.get(self.physical(item_id), ()))
 
     def descendants(self, item_id: str) -> Iterator[str]:
-        """Yield the ids of every item below a folder, depth first."""
-        stack = list(reversed(self._children.get(item_id, {})))
+        """Yield the ids of every item below a folder, depth first (below the user's root
+        folder: every library's content)."""
+        if item_id == self.user_root.id:
+            for folder in self.collection_folders:
+                yield from self.descendants(folder.id)
+            return
+        stack = list(reversed(self._children.get(self.physical(item_id), {})))
         while stack:
             child = stack.pop()
             yield child
@@ -243,9 +281,16 @@ class Library:
             item = self._items.get(item.parent_id)
         return out
 
+    def same_key(self, item_id: str) -> list[str]:
+        """Return the other leaves with this leaf's user-data key (versions of one film)."""
+        item = self._items.get(item_id)
+        if item is None or not item.is_leaf:
+            return []
+        return [i for i in self._by_key.get(item.user_data_key, {}) if i != item_id]
+
     def leaf_count(self, folder_id: str) -> int:
         """Return how many playable items lie (recursively) below a folder."""
-        return self._leaf_counts.get(folder_id, 0)
+        return self._leaf_counts.get(self.physical(folder_id), 0)
 
     # --- generation ----------------------------------------------------------------------
 
@@ -335,6 +380,15 @@ class Library:
         self.version += 1
         return removed
 
+    def replace_items(self, items: list[LibraryItem]) -> None:
+        """Replace everything below the physical folders with ``items`` (parents first), as
+        a saved state has them."""
+        for item in reversed(self.items()):
+            self._unlink(item)
+        for item in items:
+            self._add(item)
+        self._next_created_s = max([BASE_CREATED_S, *(i.created_s for i in items)])
+
     def move_item(self, item_id: str, new_path: str) -> LibraryItem:
         """Move a movie or episode file to ``new_path``; Jellyfin then sees a new item id.
 
@@ -376,7 +430,7 @@ class Library:
                 path=path,
                 provider_ids=ids,
                 year=year,
-                parent_id=self.movies_folder.id,
+                parent_id=self.movies_root.id,
                 run_time_ticks=ticks,
                 sort_name=_sort_name(title),
                 created_s=self._created(),
@@ -400,7 +454,7 @@ class Library:
                 path=path,
                 provider_ids=ids,
                 year=year,
-                parent_id=self.shows_folder.id,
+                parent_id=self.shows_root.id,
                 sort_name=_sort_name(title),
                 created_s=self._created(),
                 user_data_key=key,
@@ -485,11 +539,11 @@ class Library:
             self._children.setdefault(item.id, {})
         if item.parent_id is not None:
             self._children.setdefault(item.parent_id, {})[item.id] = None
-            if item.type != "CollectionFolder":
-                self._order[item.id] = None
+            self._order[item.id] = None
         if item.is_leaf:
             for folder in self.ancestors(item.id):
                 self._leaf_counts[folder] = self._leaf_counts.get(folder, 0) + 1
+            self._by_key.setdefault(item.user_data_key, {})[item.id] = None
         self.version += 1
         return item
 
@@ -497,6 +551,10 @@ class Library:
         if item.is_leaf:
             for folder in self.ancestors(item.id):
                 self._leaf_counts[folder] -= 1
+            sharing = self._by_key.get(item.user_data_key, {})
+            sharing.pop(item.id, None)
+            if not sharing:
+                self._by_key.pop(item.user_data_key, None)
         if item.parent_id is not None:
             self._children.get(item.parent_id, {}).pop(item.id, None)
         self._children.pop(item.id, None)
@@ -511,7 +569,7 @@ class Library:
         return self._next_created_s
 
 
-def _folder(kind: str, name: str, path: str, collection_type: str) -> LibraryItem:
+def _folder(kind: str, name: str, path: str, collection_type: str | None) -> LibraryItem:
     item_id = derive_item_id(kind, path)
     return LibraryItem(
         id=item_id,

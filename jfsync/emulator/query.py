@@ -179,7 +179,8 @@ class ItemQueryEngine:
                 return False
             if "dislikes" in filters and row.likes is not False:
                 return False
-            return not ("isfavoriteorlikes" in filters and not (row.is_favorite or row.likes))
+            # IsFavoriteOrLikes filters on IsFavorite only, on every version (Corrections 4).
+            return not ("isfavoriteorlikes" in filters and not row.is_favorite)
 
         return keep
 

@@ -16,6 +16,7 @@ import logging
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
@@ -23,11 +24,13 @@ from aiohttp import web
 
 from jfsync.emulator import dto
 from jfsync.emulator.library import Library, LibraryItem
+from jfsync.emulator.persist import load_state, read_state, save_state
 from jfsync.emulator.sockets import Debouncer, SocketHub
 from jfsync.emulator.state import (
     SUPPORTED_VERSIONS,
     AccessToken,
     ApiKey,
+    Caller,
     EmuUser,
     RequestRecord,
     ServerVersion,
@@ -77,7 +80,15 @@ class Emulator:
         server_id: str | None = None,
         quick_connect: bool = True,
         library_debounce_s: float = LIBRARY_DEBOUNCE_S,
+        state_file: str | None = None,
     ) -> None:
+        saved = None
+        self.state_file = state_file
+        if state_file is not None and Path(state_file).exists():
+            # A saved server comes back with its ids, library and user data.
+            saved = read_state(state_file)
+            server_id = str(saved["server_id"])
+            path_root = str(saved["path_root"])
         if server_version not in SUPPORTED_VERSIONS:
             logger.warning("emulating unlisted version %s", server_version)
         self.clock: Clock = clock or SystemClock()
@@ -92,7 +103,8 @@ class Emulator:
         )
         self.quick_connect_enabled = quick_connect
         self.library = Library(path_root, provider_ids=provider_ids)
-        self.library.generate(library_size, seed)
+        if saved is None:
+            self.library.generate(library_size, seed)
         self.store = UserDataStore(self.library.ancestors)
         self.users: dict[str, EmuUser] = {}
         accounts = users if users is not None else [("alice", "secret"), ("bob", "secret")]
@@ -117,6 +129,7 @@ class Emulator:
             build_dto=self.push_dto,
             parent_of=self._parent_of,
             server_name=server_name,
+            sessions_data=self._sessions_data,
         )
         self._library_changes: dict[str, dict[str, None]] = _empty_library_changes()
         self._library_debouncer = Debouncer(
@@ -126,6 +139,8 @@ class Emulator:
         self._site: web.TCPSite | None = None
         self._api: JellyfinApi | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        if saved is not None:
+            load_state(self, saved)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -333,13 +348,46 @@ class Emulator:
         return moved
 
     def _orphan(self, item: LibraryItem) -> None:
+        if self._version.shares_user_data_by_key and self.library.same_key(item.id):
+            # The record stays under its key with the other version: nothing to keep aside.
+            self.store.forget_item(item.id, is_leaf=item.is_leaf)
+            return
         dropped = self.store.forget_item(item.id, is_leaf=item.is_leaf)
         if dropped:
             self._orphans.setdefault(item.user_data_key, {}).update(dropped)
 
     def _restore_orphans(self, item: LibraryItem) -> None:
+        """A new item finds the user data kept under its key: from a removed item with that
+        key, or (10.8-10.10) the record it shares with another version still present."""
         for user_id, value in self._orphans.pop(item.user_data_key, {}).items():
             self.store.put(user_id, item.id, value, is_leaf=item.is_leaf)
+        if not self._version.shares_user_data_by_key:
+            return
+        for other in self.library.same_key(item.id)[:1]:
+            for user_id in self.store.user_ids():
+                shared = self.store.peek(user_id, other)
+                if shared is not None:
+                    self.store.put(user_id, item.id, shared, is_leaf=True)
+
+    def kept_user_data(self) -> dict[str, dict[str, StoredUserData]]:
+        """User data kept for removed items, by user-data key then user id (copies)."""
+        return {
+            key: {user: value.copy() for user, value in rows.items()}
+            for key, rows in self._orphans.items()
+        }
+
+    def restore_kept_user_data(self, kept: dict[str, dict[str, StoredUserData]]) -> None:
+        """Replace the user data kept for removed items (loading a saved state)."""
+        self._orphans = {key: dict(rows) for key, rows in kept.items()}
+
+    def save_state(self, path: str | None = None) -> str:
+        """Write the library and user data to ``path`` (default: the ``state_file``) and
+        return where; a later ``Emulator(state_file=...)`` starts from it."""
+        target = path or self.state_file
+        if target is None:
+            raise ValueError("no state file: pass a path or start the emulator with one")
+        save_state(self, target)
+        return target
 
     def _library_changed(
         self, kind: str, item_id: str, folder_kind: str, parent: str | None
@@ -416,19 +464,49 @@ class Emulator:
         data = self.store.get(user.id, item.id)
         change(data)
         self.store.put(user.id, item.id, data, is_leaf=item.is_leaf)
+        if self._version.shares_user_data_by_key:
+            # One record under the shared key: the other versions change too, and only the
+            # item written is queued for the push (Corrections 10).
+            for other in self.library.same_key(item.id):
+                self.store.put(user.id, other, data, is_leaf=True)
         if reason not in _SILENT_REASONS:
             self.hub.user_data_saved(user.id, item.id)
         return data
 
     def user_data_dto(
-        self, user_id: str, item: LibraryItem, *, item_id: str | None
+        self,
+        user_id: str,
+        item: LibraryItem,
+        *,
+        item_id: str | None,
+        with_recursive_count: bool = False,
     ) -> dict[str, Any]:
-        """Build the current ``UserItemDataDto`` of (user, item) with the given ``ItemId``."""
+        """Build the current ``UserItemDataDto`` of (user, item) with the given ``ItemId``.
+
+        Series, seasons and folders get ``UnplayedItemCount`` and ``Played`` from their leaves
+        (fact sheet Corrections 7); ``with_recursive_count`` (the item DTO asked for
+        ``RecursiveItemCount``) adds ``PlayedPercentage``.
+        """
         data = self.store.peek(user_id, item.id) or StoredUserData()
-        unplayed = None
-        if item.is_folder:
-            unplayed = self.library.leaf_count(item.id) - self.store.played_below(user_id, item.id)
-        return dto.user_data_dto(data, item, item_id=item_id, unplayed=unplayed)
+        counts = self.folder_counts(user_id, item)
+        if counts is None:
+            return dto.user_data_dto(data, item, item_id=item_id)
+        total, unplayed = counts
+        return dto.user_data_dto(
+            data,
+            item,
+            item_id=item_id,
+            unplayed=unplayed,
+            recursive_count=total if with_recursive_count else None,
+        )
+
+    def folder_counts(self, user_id: str, item: LibraryItem) -> tuple[int, int] | None:
+        """Return (leaves below, unplayed leaves below) for a user, or None when the item's
+        played state does not come from leaves (a leaf or a collection folder)."""
+        if not item.played_from_leaves:
+            return None
+        total = self.library.leaf_count(item.id)
+        return total, total - self.store.played_below(user_id, item.id)
 
     def push_dto(self, user_id: str, item_id: str) -> dict[str, Any] | None:
         """The DTO a ``UserDataChanged`` push carries (real ItemId); None if the item is gone."""
@@ -436,6 +514,16 @@ class Emulator:
         if item is None:
             return None
         return self.user_data_dto(user_id, item, item_id=item.id)
+
+    def _sessions_data(self, viewer: Caller) -> list[dict[str, Any]]:
+        """The ``Data`` of a ``Sessions`` message for ``viewer`` (§1.5)."""
+        if self._api is None:
+            return []
+        sessions = self._api.sessions
+        if not self._version.at_least(10, 9):
+            # 10.8's listener sends every session to every subscriber.
+            return [sessions.session_dto(s) for s in self.hub.sessions.values()]
+        return [sessions.session_dto(s) for s in sessions.visible_sessions(viewer)]
 
     def _parent_of(self, item_id: str) -> str | None:
         item = self.library.get(item_id)

@@ -37,6 +37,9 @@ FORCE_KEEPALIVE_AFTER_S = LOST_TIMEOUT_S * 0.75
 FORCE_KEEPALIVE_DATA = 60
 #: Guard against a client that stops reading: a send that cannot drain is abandoned.
 SEND_GUARD_S = 10.0
+#: Close code and reason when a session ends (logout, revoked token, device replaced; 10.9+).
+SESSION_END_CODE = 1000
+SESSION_END_REASON = b"System Shutdown"
 #: How many sent messages the hub remembers (for tests and the demo).
 _SENT_KEPT = 100_000
 #: Tiny slack so float rounding of ManualClock steps never skips a due deadline.
@@ -44,6 +47,8 @@ _EPS_S = 1e-6
 
 #: Builds the current ``UserItemDataDto`` of (user, item) for a push; None when the item is gone.
 DtoBuilder = Callable[[str, str], dict[str, Any] | None]
+#: Builds the ``Data`` of a ``Sessions`` message as the given caller may see it.
+SessionsData = Callable[[Caller], list[dict[str, Any]]]
 
 
 def message_id() -> str:
@@ -64,6 +69,8 @@ class SocketConn:
     session: Session | None = None
     half_open: bool = False
     watched: bool = False
+    #: The ``SessionsStart`` subscription sending periodic ``Sessions`` messages, if any.
+    sessions_feed: asyncio.Task[None] | None = None
 
     @property
     def is_open(self) -> bool:
@@ -83,6 +90,16 @@ class Session:
     last_activity_ms: int
     additional_users: list[str] = field(default_factory=list)
     sockets: list[SocketConn] = field(default_factory=list)
+    #: What the session plays (``NowPlayingItem``) and where (``PlayState``), from reports.
+    now_playing: str | None = None
+    position_ticks: int | None = None
+    is_paused: bool = False
+    play_method: str | None = None
+    last_checkin_ms: int | None = None
+    #: ``ClientCapabilities`` the client posted.
+    playable_media_types: list[str] = field(default_factory=list)
+    supported_commands: list[str] = field(default_factory=list)
+    supports_media_control: bool = False
 
     @property
     def key(self) -> str:
@@ -175,9 +192,11 @@ class SocketHub:
         build_dto: DtoBuilder,
         parent_of: Callable[[str], str | None],
         server_name: str,
+        sessions_data: SessionsData | None = None,
     ) -> None:
         self.clock = clock
         self.version = version
+        self._sessions_data = sessions_data
         self._build_dto = build_dto
         self._parent_of = parent_of
         self._server_name = server_name
@@ -190,6 +209,8 @@ class SocketHub:
         self._watchdog_task: asyncio.Task[None] | None = None
         self._watch: list[SocketConn] = []
         self._closing = False
+        #: Short tasks closing ended sessions' sockets or sending event-driven Sessions lists.
+        self._closers: set[asyncio.Task[Any]] = set()
         self.sent: deque[tuple[SocketConn, dict[str, Any]]] = deque(maxlen=_SENT_KEPT)
 
     # --- sessions ------------------------------------------------------------------------
@@ -209,6 +230,7 @@ class SocketHub:
         if session is None:
             session = Session(client, device_id, device_name, app_version, user_id, now_ms)
             self.sessions[key] = session
+            self.sessions_changed()
         # GetSessionInfo overwrites the user on every call and drops extra users with no user.
         session.user_id = user_id
         if user_id is None:
@@ -219,12 +241,35 @@ class SocketHub:
         return session
 
     def end_sessions_for_device(self, device_id: str) -> None:
-        """``SM.Logout``: end every session on this device id and drop its sockets."""
+        """``SM.Logout``: end every session on this device id and close its sockets.
+
+        From 10.9 the server closes them with 1000 "System Shutdown" (Corrections 6); 10.8
+        drops the connection.
+        """
         for key, session in list(self.sessions.items()):
             if session.device_id.lower() == device_id.lower():
                 del self.sessions[key]
                 for conn in list(session.sockets):
-                    self._abort(conn)
+                    self.end_socket(conn)
+                self.sessions_changed()
+
+    def end_socket(self, conn: SocketConn) -> None:
+        """Close one socket because its session ended (1000 "System Shutdown" from 10.9)."""
+        if not self.version.at_least(10, 9) or conn.half_open:
+            self._abort(conn)
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._close_socket(conn), name=f"emulator[{self._server_name}]-session-end"
+        )
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
+
+    async def _close_socket(self, conn: SocketConn) -> None:
+        try:
+            async with asyncio.timeout(SEND_GUARD_S):
+                await conn.ws.close(code=SESSION_END_CODE, message=SESSION_END_REASON)
+        except (ConnectionError, RuntimeError, TimeoutError):
+            self._abort(conn)
 
     def session_by_id(self, sid: str) -> Session | None:
         """Return the session with this id."""
@@ -284,6 +329,10 @@ class SocketHub:
             if kind == "KeepAlive":
                 conn.last_keepalive = self.clock.monotonic()
                 await self._send(conn, {"MessageType": "KeepAlive", "MessageId": message_id()})
+            elif kind == "SessionsStart":
+                self._start_sessions_feed(conn, message.get("Data"))
+            elif kind == "SessionsStop":
+                self._stop_sessions_feed(conn)
             else:
                 logger.debug("[%s] ignored inbound %r", self._server_name, kind)
 
@@ -306,7 +355,63 @@ class SocketHub:
             client, caller.version or "", device_id, caller.device or "", caller.user_id
         )
 
+    # --- the Sessions feed (SessionInfoWebSocketListener, §1.5) ---------------------------
+
+    def may_watch_sessions(self, caller: Caller) -> bool:
+        """Who may subscribe: anyone on 10.8; admin users only on 10.9-10.10 (an API key
+        fails on a null user); any authenticated socket from 10.11."""
+        if self.version.at_least(10, 11) or not self.version.at_least(10, 9):
+            return True
+        return caller.user is not None and caller.user.is_admin
+
+    def _start_sessions_feed(self, conn: SocketConn, data: Any) -> None:
+        try:
+            due_ms, period_ms = (int(part) for part in str(data).split(","))
+        except ValueError:
+            # BasePeriodicWebSocketListener throws on a malformed Data; WSC logs and drops it.
+            logger.warning("[%s] malformed SessionsStart data %r", self._server_name, data)
+            return
+        if self._sessions_data is None or not self.may_watch_sessions(conn.caller):
+            logger.warning("[%s] SessionsStart refused for this socket", self._server_name)
+            return
+        self._stop_sessions_feed(conn)
+        conn.sessions_feed = asyncio.get_running_loop().create_task(
+            self._sessions_feed(conn, due_ms / 1000, period_ms / 1000),
+            name=f"emulator[{self._server_name}]-sessions-feed",
+        )
+
+    def sessions_changed(self) -> None:
+        """A session started or ended, playback started, progressed or stopped, or a client
+        posted capabilities: every ``Sessions`` subscriber gets the list now (``SendData(true)``
+        in SessionInfoWebSocketListener), besides its periodic sends."""
+        if self._sessions_data is None or self._closing:
+            return
+        for conn in self.sockets:
+            if conn.sessions_feed is None or conn.sessions_feed.done():
+                continue
+            task = asyncio.get_running_loop().create_task(
+                self._send(conn, _envelope("Sessions", self._sessions_data(conn.caller))),
+                name=f"emulator[{self._server_name}]-sessions-event",
+            )
+            self._closers.add(task)
+            task.add_done_callback(self._closers.discard)
+
+    def _stop_sessions_feed(self, conn: SocketConn) -> None:
+        task, conn.sessions_feed = conn.sessions_feed, None
+        if task is not None and not task.done():
+            task.cancel()
+
+    async def _sessions_feed(self, conn: SocketConn, due_s: float, period_s: float) -> None:
+        assert self._sessions_data is not None
+        await self.clock.sleep(max(due_s, 0.0))
+        while conn.is_open:
+            await self._send(conn, _envelope("Sessions", self._sessions_data(conn.caller)))
+            if period_s <= 0:
+                return
+            await self.clock.sleep(period_s)
+
     def _forget(self, conn: SocketConn) -> None:
+        self._stop_sessions_feed(conn)
         if conn in self.sockets:
             self.sockets.remove(conn)
         if conn in self._watch:
@@ -317,6 +422,7 @@ class SocketHub:
             # SM.CloseIfNeededAsync: a session without active sockets ends.
             if not session.sockets and self.sessions.get(session.key) is session:
                 del self.sessions[session.key]
+                self.sessions_changed()
 
     # --- sending -------------------------------------------------------------------------
 
@@ -457,7 +563,16 @@ class SocketHub:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for closer in list(self._closers):
+            closer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await closer
         for conn in list(self.sockets):
+            feed, conn.sessions_feed = conn.sessions_feed, None
+            if feed is not None and not feed.done():
+                feed.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await feed
             self._abort(conn)
         self._watch.clear()
 

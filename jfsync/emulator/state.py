@@ -74,6 +74,12 @@ class ServerVersion:
         return self.at_least(12)
 
     @property
+    def shares_user_data_by_key(self) -> bool:
+        """Up to 10.10 user data lives under the item's user-data key, so items that share
+        provider ids share one record (Corrections 10); from 10.11 it is per item."""
+        return not self.at_least(10, 11)
+
+    @property
     def quick_connect_user_id(self) -> bool:
         """``/QuickConnect/Authorize?userId=`` exists from 10.9 (§8.3)."""
         return self.at_least(10, 9)
@@ -263,6 +269,10 @@ class UserDataStore:
     def played_below(self, user_id: str, folder_id: str) -> int:
         """Return how many played leaves lie below a folder for a user."""
         return self._played_below.get(user_id, {}).get(folder_id, 0)
+
+    def user_ids(self) -> list[str]:
+        """Return the users with any stored data."""
+        return [u for u, rows in self._data.items() if rows]
 
     def items_of(self, user_id: str) -> list[str]:
         """Return the ids of items with non-default data for a user."""

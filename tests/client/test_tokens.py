@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
+import aiohttp
 import pytest
 from pydantic import SecretStr
 
@@ -169,3 +171,48 @@ async def test_configured_token_wins_and_cannot_be_refreshed(
     assert "servers[1].users.bob.token" in str(caught.value)
     assert given not in str(caught.value)
     assert _requests_to(emu, "/QuickConnect/Initiate") == 0
+
+
+async def test_a_minted_token_is_the_one_quick_connect_authorised(
+    emu: Emulator, client: JellyfinClient
+) -> None:
+    # On a real server the token and its session are minted at Authorize; the exchange only
+    # hands that token over. jfsync must end up with exactly that token, on the user's device.
+    bob = emu.user_id("bob")
+    token = await _tokens(emu, client).token_for(bob, "bob")
+    device = user_device_id(emu.server_id, bob)
+    on_device = [t.token for t in emu.tokens.values() if t.device_id == device]
+    assert on_device == [token]
+    assert (await client.current_user(token)).id == bob
+
+
+async def test_a_quick_connect_refresh_ends_the_old_token_and_its_socket(
+    emu: Emulator, client: JellyfinClient, http: aiohttp.ClientSession
+) -> None:
+    bob = emu.user_id("bob")
+    store = MemoryTokenStore()
+    tokens = _tokens(emu, client, store)
+    old = await tokens.token_for(bob, "bob")
+    device = user_device_id(emu.server_id, bob)
+    header = (
+        f'MediaBrowser Client="jfsync", Device="jfsync", DeviceId="{device}", '
+        f'Version="0.1.0", Token="{old}"'
+    )
+    async with http.ws_connect(f"{emu.url}/socket", headers={"Authorization": header}) as ws:
+        first = await ws.receive_json(timeout=5)
+        assert first["MessageType"] == "ForceKeepAlive"
+        new = await tokens.token_for(bob, "bob", refresh=True)
+        # Authorize on the same device logged the old token out: its socket is closed cleanly.
+        async with asyncio.timeout(5):
+            msg = await ws.receive()
+        assert (msg.type, msg.data, msg.extra) == (
+            aiohttp.WSMsgType.CLOSE,
+            1000,
+            "System Shutdown",
+        )
+    assert new != old
+    with pytest.raises(AuthRejectedError):
+        await client.current_user(old)
+    assert (await client.current_user(new)).id == bob
+    assert await store.load_token(emu.server_id, bob) == new
+    assert [t.token for t in emu.tokens.values() if t.device_id == device] == [new]

@@ -110,6 +110,13 @@ async def test_every_documented_json_route_validates(
         {"userId": alice},
         {**listing, "Limit": "5"},
         {"userId": alice, "ParentId": series.id, "Fields": "ChildCount"},
+        {"userId": alice, "ParentId": series.id, "Fields": "RecursiveItemCount,ChildCount"},
+        {
+            "userId": alice,
+            "IncludeItemTypes": "Series",
+            "Recursive": "true",
+            "Fields": "RecursiveItemCount",
+        },
         {"userId": alice, "Filters": "IsPlayed", "Recursive": "true", "SortBy": "DatePlayed"},
         {
             "userId": alice,
@@ -125,6 +132,25 @@ async def test_every_documented_json_route_validates(
         await http.get(f"/Items/{item.id}")
         await http.get(f"/UserItems/{item.id}/UserData", params={"userId": alice})
     await http.get("/UserViews", params={"userId": alice})
+    shows = {"userId": alice, "Fields": "RecursiveItemCount,Path"}
+    await http.get(f"/Shows/{series.id}/Episodes", params=shows)
+    await http.get(f"/Shows/{series.id}/Episodes", params={"seasonId": season.id, "Limit": "2"})
+    await http.get(f"/Shows/{series.id}/Seasons", params=shows)
+    await http.get("/Shows/NextUp", params={"userId": alice})
+    await http.get("/Shows/NextUp", params={"userId": bob, "seriesId": series.id})
+    await http.get("/UserItems/Resume", params={"userId": alice, "Limit": "3"})
+    await http.get("/Items/Latest", params={"userId": alice, "Fields": "RecursiveItemCount"})
+    await http.get("/Items/Latest", params={"userId": alice, "groupItems": "false"})
+    await http.get("/Items/Suggestions", params={"userId": alice, "Limit": "4"})
+    await http.get("/Items/Root", params={"userId": alice})
+    await http.get("/Items/Counts", params={"userId": alice})
+    await http.get("/Items/Filters", params={"userId": alice})
+    await http.get("/Library/MediaFolders")
+    await http.get(f"/Items/{episode.id}/Ancestors", params={"userId": alice})
+    await http.get(f"/Items/{episode.id}/Ancestors")
+    await http.get(f"/Items/{movie.id}/Similar", params={"userId": alice, "Limit": "3"})
+    await http.get("/Artists", params={"userId": alice})
+    await http.get(f"/Items/{emu.library.movies_root.id}", params={"userId": alice})
 
     await http.post(
         f"/UserItems/{movie.id}/UserData",
@@ -155,10 +181,31 @@ async def test_every_documented_json_route_validates(
         json_body={"ItemId": episode.id, "PositionTicks": 10},
     )
     await http.post(
+        "/Sessions/Capabilities",
+        token=bob_token,
+        params={"playableMediaTypes": "Video", "supportedCommands": "Play,Nope"},
+    )
+    await http.post(
+        "/Sessions/Capabilities/Full",
+        token=bob_token,
+        json_body={"PlayableMediaTypes": ["Video"], "SupportsMediaControl": True},
+    )
+    await http.post(f"/PlayingItems/{movie.id}", token=bob_token)
+    await http.post(
+        f"/PlayingItems/{movie.id}/Progress", token=bob_token, params={"positionTicks": "99"}
+    )
+    # A session that plays something: NowPlayingItem, PlayState and LastPlaybackCheckIn.
+    await http.get("/Sessions")
+    await http.get("/Sessions", params={"activeWithinSeconds": "60", "deviceId": "pytest-device"})
+    await http.get("/Sessions", params={"controllableByUserId": bob})
+    await http.delete(f"/PlayingItems/{movie.id}", token=bob_token, params={"positionTicks": "99"})
+    await http.post(
         "/Sessions/Playing/Stopped",
         token=bob_token,
         json_body={"ItemId": episode.id, "PositionTicks": 10},
     )
+    await http.post("/Sessions/Playing/Ping", token=bob_token)
+    await http.post("/Sessions/Logout", token=bob_token)
 
     # Every documented route the emulator implements that answers JSON was validated above.
     from jfsync.emulator.app import JellyfinApi
@@ -219,10 +266,16 @@ async def test_websocket_messages_validate(
         emu.add_item("Movie", "Fresh", year=2025)
         await clock.advance(30)
         spec.validate_schema("LibraryChangedMessage", await next_message(ws, "LibraryChanged"))
+        await ws.send_json({"MessageType": "SessionsStart", "Data": "0,1000"})
+        await http.post("/Sessions/Playing", token=token, json_body={"ItemId": movie.id})
+        sessions = await next_message(ws, "Sessions")
+        spec.validate_schema("SessionsMessage", sessions)
+        await ws.send_json({"MessageType": "SessionsStop"})
         for kind in ("ServerRestarting", "ServerShuttingDown"):
             await emu.send_server_message(kind)
             spec.validate_schema(f"{kind}Message", await next_message(ws, kind))
         await asyncio.sleep(0)
     assert token not in str(emu.requests)
-    assert emu.requests[-1].query == {"ApiKey": ["<redacted>"]}
+    socket_record = next(r for r in emu.requests if r.is_websocket)
+    assert socket_record.query == {"ApiKey": ["<redacted>"]}
     assert http.emu is emu

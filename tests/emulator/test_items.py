@@ -33,7 +33,9 @@ def test_generation_is_deterministic_and_jellyfin_shaped() -> None:
         movie.path == f"/media/movies/{movie.name} ({movie.year})/{movie.name} ({movie.year}).mkv"
     )
     assert set(movie.provider_ids) == {"Tmdb", "Imdb"}
-    assert movie.parent_id == one.movies_folder.id
+    # A movie's parent is the physical folder the collection folder stands for.
+    assert movie.parent_id == one.movies_root.id
+    assert one.physical(one.movies_folder.id) == one.movies_root.id
     episode = next(i for i in leaves if i.type == "Episode")
     season = one.get(episode.parent_id or "")
     series = one.get(episode.series_id or "")
@@ -147,7 +149,8 @@ async def test_user_data_filters(http: Http) -> None:
     assert await ids(alice, Filters="IsResumable") == {leaves[2].id}
     assert await ids(alice, Filters="Likes") == {leaves[3].id}
     assert await ids(alice, Filters="Dislikes") == {leaves[4].id}
-    assert await ids(alice, Filters="IsFavoriteOrLikes") == {leaves[1].id, leaves[3].id}
+    # IsFavoriteOrLikes filters on IsFavorite only (Corrections 4).
+    assert await ids(alice, Filters="IsFavoriteOrLikes") == {leaves[1].id}
     assert await ids(bob, Filters="IsFavorite") == {leaves[5].id}
     assert await ids(alice, Filters="IsPlayed,IsFavorite") == set()
     both = [

@@ -204,9 +204,9 @@ async def test_a_no_op_write_still_echoes(mhttp: Http, clock: ManualClock) -> No
             message = await next_message(ws, "UserDataChanged")
             entry = next(e for e in message["Data"]["UserDataList"] if e["ItemId"] == movie.id)
             assert entry["IsFavorite"] is False
-            # A movie's parent entry is its library folder.
+            # A movie's parent entry is its physical folder (a Folder, with UnplayedItemCount).
             assert any(
-                e["ItemId"] == emu.library.movies_folder.id for e in message["Data"]["UserDataList"]
+                e["ItemId"] == emu.library.movies_root.id for e in message["Data"]["UserDataList"]
             )
 
 
@@ -397,7 +397,7 @@ async def test_library_changes_are_announced_to_user_sessions(
         data = message["Data"]
         assert data["ItemsAdded"] == [added.id]
         assert data["ItemsRemoved"] == [victim.id]
-        assert data["FoldersAddedTo"] == [emu.library.movies_folder.id]
+        assert data["FoldersAddedTo"] == [emu.library.movies_root.id]
         assert data["IsEmpty"] is False
 
 
