@@ -516,14 +516,20 @@ class Ledger:
         """Connect, migrate the schema, register the configured servers, load the clock."""
         if self._db is not None:
             return self
+        new_file = False
         if self._path != ":memory:":
             self._writer_lock = take_writer_lock(self._path)
+            new_file = not os.path.exists(self._path)  # noqa: ASYNC240 - one stat, like the lock
         try:
             db = await connect(self._path)
         except BaseException:
             self._release_writer_lock()
             raise
         try:
+            if new_file:
+                # It holds every user's token: the owner's only. SQLite creates the -wal and
+                # -shm files (in prepare) with the mode of the database file.
+                os.chmod(self._path, 0o600)
             if self._path != ":memory:":
                 await prepare(db)
             else:
