@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from jfsync.errors import ConfigError
+from jfsync.jellyfin.socket import MAX_MESSAGE_BYTES
 from jfsync.model import Register
 
 DEFAULT_STATUS_LISTEN = "127.0.0.1:8097"
@@ -58,6 +59,28 @@ def _parse_duration(value: object) -> object:
 
 
 Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def _parse_size(value: object) -> object:
+    """Accept bytes as a number, or a string such as ``64MiB``, ``64MB``, ``512K``."""
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if not match:
+            raise ValueError(f"not a size ({value!r}); expected bytes, or a number with KiB or MiB")
+        unit = (match.group(2) or "")[:1].lower()
+        return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    return value
+
+
+#: The smallest websocket message limit accepted: Jellyfin's ordinary messages fit well within.
+MIN_MESSAGE_BYTES = 64 * 1024
+#: The largest websocket message limit accepted (a message is held in memory whole).
+MAX_MESSAGE_BYTES_LIMIT = 1024 * 1024 * 1024
+#: A size in bytes, e.g. servers[].max_message_size.
+ByteSize = Annotated[int, BeforeValidator(_parse_size)]
 
 
 class _Strict(BaseModel):
@@ -160,6 +183,9 @@ class ServerConfig(_Strict):
     users: dict[str, UserCredentials] = Field(default_factory=dict)
     verify_tls: bool = True
     timeout_s: Duration = 10.0
+    max_message_size: ByteSize = Field(
+        default=MAX_MESSAGE_BYTES, ge=MIN_MESSAGE_BYTES, le=MAX_MESSAGE_BYTES_LIMIT
+    )
 
     @field_validator("name")
     @classmethod
