@@ -1121,6 +1121,20 @@ class Ledger:
             )
             return [_decode_row(r, self._server_names) for r in rows]
 
+    async def dead_summary(self, peer: str, limit: int) -> tuple[int, list[OutboxRow]]:
+        """Return how many rows of ``peer`` are dead, and the oldest ``limit`` of them."""
+        async with self._read() as db:
+            sid = self._sid(peer)
+            rows = await db.execute_fetchall(
+                "SELECT COUNT(*) FROM outbox WHERE peer=? AND dead=1", (sid,)
+            )
+            count = int(next(iter(rows))[0])
+            sample = await db.execute_fetchall(
+                _ROW_SELECT + "WHERE o.peer=? AND o.dead=1 ORDER BY o.created_ms, o.id LIMIT ?",
+                (sid, limit),
+            )
+            return count, [_decode_row(r, self._server_names) for r in sample]
+
     # ------------------------------------------------------------------ tokens (TokenStore)
 
     async def load_token(self, server_id: str, user_id: str) -> str | None:
