@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from jfsync.errors import ConfigError
-from jfsync.jellyfin.socket import MAX_MESSAGE_BYTES
+from jfsync.jellyfin.messages import MAX_MESSAGE_BYTES
 from jfsync.model import Register
 
 DEFAULT_STATUS_LISTEN = "127.0.0.1:8097"
@@ -103,7 +103,10 @@ def _check_url(value: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not a URL ({value!r}); expected http:// or https:// and a host")
     if parts.query or parts.fragment:
-        raise ValueError(f"URL has a query or fragment ({value!r}); give only scheme, host, port")
+        # Not echoed: a query is where a key would be pasted (?api_key=...).
+        raise ValueError(
+            "URL has a query or fragment (?... or #...); give only scheme, host, port and base path"
+        )
     return value.rstrip("/")
 
 
@@ -358,7 +361,9 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     except IsADirectoryError:
         raise ConfigError([f"{path}: is a directory; give the path of the YAML file"]) from None
     except OSError as err:
-        raise ConfigError([f"{path}: cannot read the config file ({err.strerror})"]) from None
+        raise ConfigError(
+            [f"{path}: cannot read the config file ({err.strerror}); check the path and its mode"]
+        ) from None
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(
             [
@@ -395,16 +400,32 @@ def parse_config(
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or err
-        raise ConfigError([f"{source}: not valid YAML{where}: {problem}"]) from None
+        if isinstance(err, yaml.reader.ReaderError):
+            line = text.count("\n", 0, err.position) + 1
+            where = f" at line {line}"
+            problem: object = (
+                f"character #x{err.character:04x} is not allowed in YAML"
+                if isinstance(err.character, int)
+                else err.reason
+            )
+        else:
+            problem = getattr(err, "problem", None) or err
+        problem = " ".join(str(problem).split())  # one line, whatever the parser said
+        raise ConfigError(
+            [f"{source}: not valid YAML{where}: {problem}; correct the YAML there"]
+        ) from None
     except _TooBig as err:
         raise ConfigError([f"{source}: {err}"]) from None
     except RecursionError:
-        raise ConfigError([f"{source}: nested too deeply; a config needs few levels"]) from None
+        raise ConfigError(
+            [f"{source}: nested too deeply; a jfsync config nests a few levels"]
+        ) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError([f"{source}: expected a mapping of keys at the top level"])
+        raise ConfigError(
+            [f"{source}: expected a mapping of keys at the top level; start with servers:"]
+        )
     problems: list[str] = []
     bad_key = _non_text_key(raw, ())
     if bad_key is not None:
@@ -436,7 +457,8 @@ class _ConfigLoader(yaml.SafeLoader):
         try:
             if self._depth > MAX_CONFIG_DEPTH:
                 raise _TooBig(
-                    f"nested more than {MAX_CONFIG_DEPTH} levels deep; a config needs few"
+                    f"nested more than {MAX_CONFIG_DEPTH} levels deep; a jfsync config "
+                    "nests a few levels: is it the right file?"
                 )
             return super().compose_node(parent, index)
         finally:
@@ -483,7 +505,10 @@ def _check_size(root: yaml.Node) -> None:
         if id(node) in sizes:
             continue
         if depth > MAX_CONFIG_DEPTH:
-            raise _TooBig(f"nested more than {MAX_CONFIG_DEPTH} levels deep; a config needs few")
+            raise _TooBig(
+                f"nested more than {MAX_CONFIG_DEPTH} levels deep; a jfsync config nests a few "
+                "levels: is it the right file?"
+            )
         children: list[yaml.Node] = []
         if isinstance(node, yaml.SequenceNode):
             children = list(node.value)
@@ -585,7 +610,9 @@ def _read_secret_files(
                 )
                 continue
             if not secret:
-                problems.append(f"{_loc_text((*loc, key))}: {file_path} is empty")
+                problems.append(
+                    f"{_loc_text((*loc, key))}: {file_path} is empty; put the {target} in it"
+                )
                 continue
             node[target] = secret
             del node[key]
@@ -599,7 +626,8 @@ def _loc_text(loc: tuple[str | int, ...]) -> str:
         if isinstance(part, int):
             text += f"[{part}]"
         else:
-            text += f".{part}" if text else str(part)
+            name = part if str(part).isprintable() else repr(part)  # keep the problem one line
+            text += f".{name}" if text else str(name)
     return text or "(top level)"
 
 

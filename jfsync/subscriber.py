@@ -46,6 +46,7 @@ from jfsync.errors import (
     is_retryable,
 )
 from jfsync.jellyfin.messages import (
+    MAX_MESSAGE_BYTES,
     LibraryChangedMessage,
     ServerRestartingMessage,
     ServerShuttingDownMessage,
@@ -54,7 +55,6 @@ from jfsync.jellyfin.messages import (
 from jfsync.jellyfin.socket import (
     KEEPALIVE_INTERVAL_S,
     KEEPALIVE_TIMEOUT_S,
-    MAX_MESSAGE_BYTES,
     OPEN_TIMEOUT_S,
     JellyfinSocket,
     LiveMessage,

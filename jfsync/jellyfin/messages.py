@@ -152,10 +152,17 @@ _MODELS: dict[str, type[_Message]] = {
     "ServerShuttingDown": ServerShuttingDownMessage,
 }
 
+#: The messages whose ``Data`` can hold long lists (validated in steps when they do).
+_STEPPED: frozenset[type[_Message]] = frozenset({UserDataChangedMessage, LibraryChangedMessage})
+
 #: The one frame jfsync sends: Jellyfin parses inbound JSON case-sensitively (§1.3).
 KEEPALIVE_FRAME = '{"MessageType":"KeepAlive"}'
 
 
+#: The largest message accepted by default (``servers[].max_message_size``): twice the largest
+#: UserDataChanged a 100,000-item library can send (31.3 MiB: every entry with every field
+#: at its longest, plus a parent folder per ten items; docs/design-notes.md).
+MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 #: JSON values read, or list entries validated, between two pauses of a stepped parse
 #: (a few milliseconds of work).
 STEP_VALUES: Final = 500
@@ -171,7 +178,7 @@ def parse_message(frame: str | bytes) -> Message:
     """Parse one websocket frame; raise MalformedMessageError when it is not a valid message."""
     if len(frame) < 64 * 1024:
         # Small frames, the usual case: one json.loads, one validation.
-        return _finish(_decode(frame), stepped=False)
+        return _finish(_decode(frame))
     steps = parse_message_steps(frame)
     while True:
         try:
@@ -180,11 +187,13 @@ def parse_message(frame: str | bytes) -> Message:
             return cast(Message, done.value)
 
 
-def parse_message_steps(frame: str | bytes) -> Generator[None, None, Message]:
-    """Parse ``frame`` like :func:`parse_message`, pausing (yielding) between steps."""
+def parse_message_steps(
+    frame: str | bytes, step: int = STEP_VALUES
+) -> Generator[None, None, Message]:
+    """Parse ``frame`` like :func:`parse_message`, pausing (yielding) every ``step`` values."""
     text = _text(frame)
     try:
-        walker = _Walker(text)
+        walker = _Walker(text, step)
         raw = yield from walker.value(0)
         end = WHITESPACE.match(text, walker.pos).end()
         if end != len(text):
@@ -193,7 +202,7 @@ def parse_message_steps(frame: str | bytes) -> Generator[None, None, Message]:
         raise MalformedMessageError(f"not JSON ({err.msg} at position {err.pos})") from None
     except RecursionError:
         raise MalformedMessageError("nested too deeply") from None
-    return (yield from _validate(raw))
+    return (yield from _validate(raw, step))
 
 
 def _text(frame: str | bytes) -> str:
@@ -217,17 +226,18 @@ def _decode(frame: str | bytes) -> Any:
 class _Walker:
     """Reads JSON text value by value, walking objects and arrays itself so it can pause."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, step: int) -> None:
         self.text = text
         self.pos = 0
         self.count = 0
+        self.step = step
 
     def value(self, depth: int) -> Generator[None, None, Any]:
         text = self.text
         pos = WHITESPACE.match(text, self.pos).end()
         char = text[pos : pos + 1]
         self.count += 1
-        if self.count % STEP_VALUES == 0:
+        if self.count % self.step == 0:
             yield
         if (char == "{" or char == "[") and depth < WALK_DEPTH:
             self.pos = pos + 1
@@ -285,8 +295,8 @@ class _Walker:
             self.pos = pos + 1
 
 
-def _finish(raw: Any, *, stepped: bool) -> Message:
-    steps = _validate(raw) if stepped else _validate(raw, step=None)
+def _finish(raw: Any) -> Message:
+    steps = _validate(raw, step=None)
     while True:
         try:
             next(steps)
@@ -294,7 +304,7 @@ def _finish(raw: Any, *, stepped: bool) -> Message:
             return cast(Message, done.value)
 
 
-def _validate(raw: Any, step: int | None = STEP_VALUES) -> Generator[None, None, Message]:
+def _validate(raw: Any, step: int | None) -> Generator[None, None, Message]:
     """Validate a decoded frame; long lists in ``Data`` are validated ``step`` entries at a time."""
     if not isinstance(raw, dict):
         raise MalformedMessageError(f"expected a JSON object, got {type(raw).__name__}")
@@ -304,7 +314,7 @@ def _validate(raw: Any, step: int | None = STEP_VALUES) -> Generator[None, None,
     model = _MODELS.get(message_type, UnknownMessage)
     data = raw.get("Data")
     long_lists: dict[str, list[Any]] = {}
-    if step is not None and model is not UnknownMessage and isinstance(data, dict):
+    if step is not None and model in _STEPPED and isinstance(data, dict):
         long_lists = {k: v for k, v in data.items() if isinstance(v, list) and len(v) > step}
     try:
         if not long_lists:
@@ -315,7 +325,7 @@ def _validate(raw: Any, step: int | None = STEP_VALUES) -> Generator[None, None,
         message = model.model_validate({**raw, "Data": {**short, **{k: [] for k in long_lists}}})
     except ValidationError as err:
         raise MalformedMessageError(_describe(err), message_type) from None
-    info = cast(_Wire, getattr(message, "data"))  # noqa: B009 - every model with a list has data
+    info = cast(_Wire, getattr(message, "data"))  # noqa: B009 - both _STEPPED models have it
     info_model = type(info)
     updates: dict[str, Any] = {}
     for alias, values in long_lists.items():

@@ -53,6 +53,7 @@ from jfsync.errors import (
 )
 from jfsync.jellyfin.messages import (
     KEEPALIVE_FRAME,
+    MAX_MESSAGE_BYTES,
     ForceKeepAliveMessage,
     KeepAliveMessage,
     LibraryChangedMessage,
@@ -80,10 +81,6 @@ OPEN_TIMEOUT_S: Final = 10.0
 CLOSE_TIMEOUT_S: Final = 2.0
 #: The route logged and put in errors; never the URL, which could be given with credentials.
 SOCKET_ROUTE: Final = "/socket"
-#: The largest message accepted by default (``servers[].max_message_size``): twice the largest
-#: UserDataChanged a 100,000-item library can send (31.3 MiB: every entry with every field
-#: at its longest, plus a parent folder per ten items; docs/design-notes.md).
-MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
 #: Frames this large or larger are parsed in steps, giving the event loop back between them.
 STEPPED_PARSE_BYTES: Final = 256 * 1024
 #: Messages waiting for the consumer before the socket counts as fallen behind. Jellyfin sends
