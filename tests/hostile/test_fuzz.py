@@ -53,13 +53,13 @@ scalars = (
     | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=20)
 )
-json_values = st.recursive(
-    scalars,
-    lambda inner: (
-        st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=12), inner, max_size=6)
-    ),
-    max_leaves=25,
-)
+
+
+def _json_containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=12), inner, max_size=6)
+
+
+json_values = st.recursive(scalars, _json_containers, max_leaves=25)
 ids = st.one_of(
     st.uuids().map(lambda u: u.hex),
     st.uuids().map(str),
@@ -303,12 +303,16 @@ KEYS = [
     "${X}",
     "<<",
 ]
+
+
+def _config_containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    keys = st.sampled_from(KEYS) | st.text(max_size=6)
+    return st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=5)
+
+
 config_values = st.recursive(
     scalars | st.sampled_from(["${HOME}", "${NOPE}", "10s", "64MiB", "http://u:p@h", "*a"]),
-    lambda inner: (
-        st.lists(inner, max_size=4)
-        | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=6), inner, max_size=5)
-    ),
+    _config_containers,
     max_leaves=20,
 )
 
