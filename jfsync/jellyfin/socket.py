@@ -34,6 +34,7 @@ catches up; the KeepAlive bookkeeping keeps the last :data:`KEEPALIVES_KEPT` sen
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import logging
 from collections.abc import Awaitable
@@ -207,6 +208,10 @@ class JellyfinSocket:
             ping_timeout=None,
             close_timeout=CLOSE_TIMEOUT_S,
             max_size=self._max_message_bytes,
+            # Jellyfin (ASP.NET Core, compression not enabled) never deflates its messages;
+            # offering it would only let a peer make jfsync inflate a whole large message in
+            # one call.
+            compression=None,
         )
         try:
             self._ws = await _within(self._clock, self._open_timeout_s, opening)
@@ -284,7 +289,8 @@ class JellyfinSocket:
         assert ws is not None
         try:
             while True:
-                frame = await ws.recv()
+                # Undecoded: a large frame is decoded in steps too (_parse).
+                frame = await ws.recv(decode=False)
                 message = await self._parse(frame)
                 if message is not None and not self._handle_message(message, len(frame)):
                     return
@@ -313,6 +319,8 @@ class JellyfinSocket:
         try:
             if len(frame) < STEPPED_PARSE_BYTES:
                 return parse_message(frame)
+            if isinstance(frame, bytes):
+                frame = await _decode_in_steps(frame)
             steps = parse_message_steps(frame)
             while True:
                 try:
@@ -442,6 +450,27 @@ async def _within(clock: Clock, seconds: float, awaitable: Awaitable[_T]) -> _T:
             raise asyncio.CancelledError
         raise TimeoutError
     return work.result()
+
+
+#: Bytes of a large frame decoded from UTF-8 between two pauses.
+DECODE_STEP_BYTES: Final = 1024 * 1024
+
+
+async def _decode_in_steps(frame: bytes) -> str:
+    """Decode UTF-8 a megabyte at a time, giving the loop back between; bad bytes raise."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    parts: list[str] = []
+    view = memoryview(frame)
+    try:
+        for start in range(0, len(frame), DECODE_STEP_BYTES):
+            end = start + DECODE_STEP_BYTES
+            parts.append(decoder.decode(view[start:end], final=end >= len(frame)))
+            await asyncio.sleep(0)
+    except UnicodeDecodeError:
+        raise MalformedMessageError("binary frame that is not UTF-8 text") from None
+    finally:
+        view.release()
+    return "".join(parts)
 
 
 def _mib(size: int) -> str:
