@@ -129,13 +129,13 @@ def _add_retry_dead(sub: Any) -> None:
 
 
 def _load(path: str) -> Config | None:
-    """Load the config, or print its problems to stderr and return None."""
+    """Load the config, or print its problems to stderr (one line each) and return None."""
     try:
         return load_config(path)
     except ConfigError as err:
-        print(f"{path}: the config is not valid:", file=sys.stderr)
         for problem in err.problems:
-            print(f"  {problem}", file=sys.stderr)
+            line = problem if problem.startswith(f"{path}: ") else f"{path}: {problem}"
+            print(line, file=sys.stderr)
         return None
 
 
@@ -143,12 +143,32 @@ def _run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None or not _ledger_usable(config, "run"):
         return EXIT_CONFIG
+    from jfsync.ledgerfile import check_ledger_file
+
+    ledger = check_ledger_file(config.ledger)
+    if not ledger.ok:
+        for problem in ledger.problems:
+            print(f"{args.config}: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    import logging
+    import sqlite3
+
     from jfsync.logs import configure_logging
     from jfsync.service import run_service, tune_garbage_collector
 
     configure_logging(config.logging.level, config.secret_values())
+    for warning in ledger.warnings:
+        logging.getLogger("jfsync.ledgerfile").warning("%s", warning)
     tune_garbage_collector()
-    return asyncio.run(run_service(config))
+    try:
+        return asyncio.run(run_service(config))
+    except sqlite3.Error as err:  # the file went bad between the check and the open
+        print(
+            f"{args.config}: ledger: {config.ledger} cannot be used ({err}); restore it from a "
+            "backup, or move it away to start a new ledger",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
 
 
 def _ledger_usable(config: Config, command: str) -> bool:
@@ -167,6 +187,15 @@ def _ledger_usable(config: Config, command: str) -> bool:
 def _check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
+        return EXIT_CONFIG
+    from jfsync.ledgerfile import check_ledger_file
+
+    ledger = check_ledger_file(config.ledger)
+    for warning in ledger.warnings:
+        print(f"{args.config}: warning: {warning}", file=sys.stderr)
+    if not ledger.ok:
+        for problem in ledger.problems:
+            print(f"{args.config}: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     names = ", ".join(s.name for s in config.servers)
     print(f"{args.config}: config is valid ({len(config.servers)} servers: {names})")

@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from jfsync.errors import ConfigError
+from jfsync.jellyfin.messages import MAX_MESSAGE_BYTES
 from jfsync.model import Register
 
 DEFAULT_STATUS_LISTEN = "127.0.0.1:8097"
@@ -63,18 +64,80 @@ def _parse_duration(value: object) -> object:
 
 Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def _parse_size(value: object) -> object:
+    """Accept bytes as a number, or a string such as ``64MiB``, ``64MB``, ``512K``."""
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if not match:
+            raise ValueError(f"not a size ({value!r}); expected bytes, or a number with KiB or MiB")
+        unit = (match.group(2) or "")[:1].lower()
+        return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    return value
+
+
+#: The smallest websocket message limit accepted: Jellyfin's ordinary messages fit well within.
+MIN_MESSAGE_BYTES = 64 * 1024
+#: The largest websocket message limit accepted (a message is held in memory whole).
+MAX_MESSAGE_BYTES_LIMIT = 1024 * 1024 * 1024
+#: A size in bytes, e.g. servers[].max_message_size.
+ByteSize = Annotated[int, BeforeValidator(_parse_size)]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _check_url(value: str) -> str:
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number or too big
+    except ValueError:
+        raise ValueError(
+            f"not a URL ({_url_shown(value)!r}); expected http(s)://host[:port][/base path]"
+        ) from None
+    if "@" in parts.netloc:
+        raise ValueError(
+            f"the URL holds a user name or password ({_url_shown(value)!r}); jfsync signs in "
+            "with the API key: remove 'user:password@' from the URL"
+        )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not a URL ({value!r}); expected http:// or https:// and a host")
     if parts.query or parts.fragment:
-        raise ValueError(f"URL has a query or fragment ({value!r}); give only scheme, host, port")
+        # Not echoed: a query is where a key would be pasted (?api_key=...).
+        raise ValueError(
+            "URL has a query or fragment (?... or #...); give only scheme, host, port and base path"
+        )
     return value.rstrip("/")
+
+
+def _url_shown(value: str) -> str:
+    """``value`` with anything before an ``@`` in its host part hidden (it may be a password)."""
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        scheme, rest = "", value
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    return f"{scheme}{sep}{netloc}{slash}{path}"
+
+
+def _check_secret(value: SecretStr | None, name: str) -> SecretStr | None:
+    """Refuse an empty secret, or one with spaces or control characters (a paste gone wrong)."""
+    if value is None:
+        return None
+    text = value.get_secret_value()
+    if not text.strip():
+        raise ValueError(f"{name} is empty; give the value, or leave the key out")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ValueError(
+            f"{name} contains spaces, line breaks or control characters; give it on one line "
+            "without them (a *_file is read with surrounding whitespace stripped)"
+        )
+    return value
 
 
 class UserCredentials(_Strict):
@@ -85,10 +148,15 @@ class UserCredentials(_Strict):
     password: SecretStr | None = None
     password_file: Path | None = None
 
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: SecretStr | None) -> SecretStr | None:
+        return _check_secret(value, "the token")
+
     @model_validator(mode="after")
     def _one_source(self) -> UserCredentials:
         names = ("token", "token_file", "password", "password_file")
-        given = [n for n in names if getattr(self, n)]
+        given = [n for n in names if getattr(self, n) is not None]
         if not given:
             raise ValueError(f"no credential; give one of {', '.join(names)}")
         if len(given) > 1:
@@ -122,6 +190,9 @@ class ServerConfig(_Strict):
     users: dict[str, UserCredentials] = Field(default_factory=dict)
     verify_tls: bool = True
     timeout_s: Duration = 10.0
+    max_message_size: ByteSize = Field(
+        default=MAX_MESSAGE_BYTES, ge=MIN_MESSAGE_BYTES, le=MAX_MESSAGE_BYTES_LIMIT
+    )
 
     @field_validator("name")
     @classmethod
@@ -136,6 +207,11 @@ class ServerConfig(_Strict):
     @classmethod
     def _url(cls, value: str) -> str:
         return _check_url(value)
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        return _check_secret(value, "the API key")
 
     @model_validator(mode="after")
     def _one_key(self) -> ServerConfig:
@@ -160,6 +236,12 @@ class StatusConfig(_Strict):
     listen: str = DEFAULT_STATUS_LISTEN
     token: SecretStr | None = None
     token_file: Path | None = None
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty token would silently leave the endpoint open.
+        return _check_secret(value, "the status token")
 
     @field_validator("listen")
     @classmethod
@@ -278,13 +360,43 @@ class Config(_Strict):
 # --------------------------------------------------------------------------- loading
 
 
+#: The largest config file read (bytes). A full config with many servers is a few KB.
+MAX_CONFIG_BYTES = 1024 * 1024
+#: The largest config once YAML aliases are expanded (nodes): alias "bombs" stop here, fast.
+MAX_CONFIG_NODES = 100_000
+#: The deepest nesting of YAML collections accepted (a config needs 5 or 6 levels).
+MAX_CONFIG_DEPTH = 50
+
+
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     """Read, resolve and validate the config at ``path``; raise ConfigError listing problems."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a directory; give the path of the YAML file"]) from None
     except OSError as err:
-        raise ConfigError([f"{path}: cannot read the config file ({err.strerror})"]) from None
+        raise ConfigError(
+            [f"{path}: cannot read the config file ({err.strerror}); check the path and its mode"]
+        ) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            [
+                f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB, too large for a jfsync "
+                "config; is it the right file?"
+            ]
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            [
+                f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at line {line}); "
+                "save the file as UTF-8"
+            ]
+        ) from None
     return parse_config(text, base_dir=path.parent, environ=environ, source=str(path))
 
 
@@ -297,18 +409,43 @@ def parse_config(
 ) -> Config:
     """Validate config ``text`` (YAML); ``*_file`` paths are relative to ``base_dir``."""
     env = os.environ if environ is None else environ
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{source}: larger than {MAX_CONFIG_BYTES // 1024} KiB; too large"])
     try:
-        raw = yaml.safe_load(text)
+        raw = _load_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", err)
-        raise ConfigError([f"{source}: not valid YAML{where}: {problem}"]) from None
+        if isinstance(err, yaml.reader.ReaderError):
+            line = text.count("\n", 0, err.position) + 1
+            where = f" at line {line}"
+            problem: object = (
+                f"character #x{err.character:04x} is not allowed in YAML"
+                if isinstance(err.character, int)
+                else err.reason
+            )
+        else:
+            problem = getattr(err, "problem", None) or err
+        problem = " ".join(str(problem).split())  # one line, whatever the parser said
+        raise ConfigError(
+            [f"{source}: not valid YAML{where}: {problem}; correct the YAML there"]
+        ) from None
+    except _TooBig as err:
+        raise ConfigError([f"{source}: {err}"]) from None
+    except RecursionError:
+        raise ConfigError(
+            [f"{source}: nested too deeply; a jfsync config nests a few levels"]
+        ) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError([f"{source}: expected a mapping of keys at the top level"])
+        raise ConfigError(
+            [f"{source}: expected a mapping of keys at the top level; start with servers:"]
+        )
     problems: list[str] = []
+    bad_key = _non_text_key(raw, ())
+    if bad_key is not None:
+        raise ConfigError([bad_key])
     resolved = _resolve_env(raw, (), env, problems)
     _read_secret_files(resolved, (), base_dir, problems)
     if problems:
@@ -322,11 +459,115 @@ def parse_config(
     return config
 
 
+class _TooBig(Exception):
+    """The YAML expands past :data:`MAX_CONFIG_NODES` or nests past :data:`MAX_CONFIG_DEPTH`."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys (naming them) and deep nesting."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise _TooBig(
+                    f"nested more than {MAX_CONFIG_DEPTH} levels deep; a jfsync config "
+                    "nests a few levels: is it the right file?"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = key_node.value
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice (first at line {seen[key]}); keep one",
+                    key_node.start_mark,
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    """Parse one YAML document; refuse alias bombs and deep nesting before building objects."""
+    loader = _ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_size(root: yaml.Node) -> None:
+    """Count the nodes ``root`` stands for with aliases expanded, without expanding them."""
+    sizes: dict[int, int] = {}
+    # Iterative post-order walk: a deep document must not exhaust Python's stack.
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
+    while stack:
+        node, depth, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        if depth > MAX_CONFIG_DEPTH:
+            raise _TooBig(
+                f"nested more than {MAX_CONFIG_DEPTH} levels deep; a jfsync config nests a few "
+                "levels: is it the right file?"
+            )
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        if not done:
+            stack.append((node, depth, True))
+            stack.extend((c, depth + 1, False) for c in children if id(c) not in sizes)
+            continue
+        total = 1 + sum(sizes.get(id(c), 1) for c in children)
+        if total > MAX_CONFIG_NODES:
+            raise _TooBig(
+                f"expands to more than {MAX_CONFIG_NODES} values (YAML aliases: *name); "
+                "a config needs few aliases: write the values out"
+            )
+        sizes[id(node)] = total
+
+
 _SECRET_FILE_KEYS = {
     "api_key_file": "api_key",
     "token_file": "token",
     "password_file": "password",
 }
+
+
+def _non_text_key(node: Any, loc: tuple[str | int, ...]) -> str | None:
+    """The first mapping key that is not text (``1: x``, ``[a]: b``, ``null: c``), described."""
+    if isinstance(node, list):
+        for i, value in enumerate(node):
+            found = _non_text_key(value, (*loc, i))
+            if found is not None:
+                return found
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if not isinstance(key, str):
+                return (
+                    f"{_loc_text(loc)}: key {_shown(key)} is not a name; keys are words "
+                    "such as url or api_key"
+                )
+            found = _non_text_key(value, (*loc, key))
+            if found is not None:
+                return found
+    return None
 
 
 def _resolve_env(
@@ -385,7 +626,9 @@ def _read_secret_files(
                 )
                 continue
             if not secret:
-                problems.append(f"{_loc_text((*loc, key))}: {file_path} is empty")
+                problems.append(
+                    f"{_loc_text((*loc, key))}: {file_path} is empty; put the {target} in it"
+                )
                 continue
             node[target] = secret
             del node[key]
@@ -399,7 +642,8 @@ def _loc_text(loc: tuple[str | int, ...]) -> str:
         if isinstance(part, int):
             text += f"[{part}]"
         else:
-            text += f".{part}" if text else str(part)
+            name = part if str(part).isprintable() else repr(part)  # keep the problem one line
+            text += f".{name}" if text else str(name)
     return text or "(top level)"
 
 

@@ -597,6 +597,7 @@ class Ledger:
         """
         if self._db is not None:
             return self
+        new_file = False
         if self._path != ":memory:":
             self._writer_lock = take_writer_lock(self._path)
             try:
@@ -604,12 +605,17 @@ class Ledger:
             except BaseException:
                 self._release_writer_lock()
                 raise
+            new_file = not os.path.exists(self._path)  # noqa: ASYNC240 - one stat, like the lock
         try:
             db = await connect(self._path)
         except BaseException:
             self._release_writer_lock()
             raise
         try:
+            if new_file:
+                # It holds every user's token: the owner's only. SQLite creates the -wal and
+                # -shm files (in prepare) with the mode of the database file.
+                os.chmod(self._path, 0o600)
             if self._path != ":memory:":
                 await prepare(db)
                 self._identity = _file_identity(self._path)
@@ -1312,6 +1318,20 @@ class Ledger:
                 (self._sid(peer),),
             )
             return [_decode_row(r, self._server_names) for r in rows]
+
+    async def dead_summary(self, peer: str, limit: int) -> tuple[int, list[OutboxRow]]:
+        """Return how many rows of ``peer`` are dead, and the oldest ``limit`` of them."""
+        async with self._read() as db:
+            sid = self._sid(peer)
+            rows = await db.execute_fetchall(
+                "SELECT COUNT(*) FROM outbox WHERE peer=? AND dead=1", (sid,)
+            )
+            count = int(next(iter(rows))[0])
+            sample = await db.execute_fetchall(
+                _ROW_SELECT + "WHERE o.peer=? AND o.dead=1 ORDER BY o.created_ms, o.id LIMIT ?",
+                (sid, limit),
+            )
+            return count, [_decode_row(r, self._server_names) for r in sample]
 
     # ------------------------------------------------------------------ tokens (TokenStore)
 

@@ -164,7 +164,7 @@ def _families(snap: Mapping[str, Any]) -> Iterator[Metric]:
         depth.add_metric([name], outbox["depth"])
         oldest.add_metric([name], outbox["oldest_age_s"] or 0.0)
         in_flight.add_metric([name], outbox["in_flight"])
-        dead.add_metric([name], len(outbox["dead"]))
+        dead.add_metric([name], outbox.get("dead_count", len(outbox["dead"])))
         paused.add_metric([name], 0 if outbox["pause_reason"] is None else 1)
         down.add_metric([name], 0 if outbox["down_since_ms"] is None else 1)
     yield from (reachable, sockets, reconnects, writes, depth, oldest, in_flight, dead)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 #: Jellyfin ticks per second (1 tick = 100 ns).
@@ -139,13 +139,21 @@ class Stamp:
         return cls(ms=ms, tiebreak=-server_rank)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND = timedelta(seconds=1)
+
+
 def datetime_to_s(value: datetime | None) -> int | None:
-    """Truncate an aware datetime to whole UTC seconds since the epoch."""
+    """Floor an aware datetime to whole UTC seconds since the epoch (exact integer arithmetic).
+
+    Not ``int(value.timestamp())``: the float rounds 9999-12-31T23:59:59.999999 up to a year
+    10000 no datetime can hold, and ``int`` moves dates before 1970 forward, not down.
+    """
     if value is None:
         return None
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return int(value.timestamp())
+    return (value - _EPOCH) // _SECOND
 
 
 def s_to_datetime(value: int | None) -> datetime | None:

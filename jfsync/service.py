@@ -43,6 +43,7 @@ from jfsync.logs import FailureStreak
 from jfsync.merge import MergePolicy
 from jfsync.model import UserData
 from jfsync.pusher import Pusher, WriteHook
+from jfsync.ratelimit import RepeatLimiter
 from jfsync.reconcile import Reconciler, ReconcileReport
 from jfsync.subscriber import (
     ConnectionStateChanged,
@@ -72,6 +73,8 @@ BRING_UP_SLOW_RETRY_S = 300.0
 #: Backoff of a bring-up or user-list refresh that failed in a way that may pass by itself.
 BRING_UP_INITIAL_S = 1.0
 BRING_UP_MAX_S = 60.0
+#: Dead rows listed per peer in the status (the oldest; ``dead_count`` has them all).
+DEAD_ROWS_IN_STATUS = 50
 
 
 @dataclass(slots=True)
@@ -191,6 +194,8 @@ class SyncService:
         self.fatal_error: str | None = None
         self.fatal = asyncio.Event()
         self.ledger.file_lost_observers.append(self._ledger_file_lost)
+        #: Per server: events of users jfsync does not sync, logged in moderation.
+        self._unknown_users: dict[str, RepeatLimiter] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -500,6 +505,7 @@ class SyncService:
             on_event=self._on_event,
             resync=resync,
             clock=self.clock,
+            max_message_bytes=link.config.max_message_size,
             **self._subscriber_options,
         )
         link.subscribers[user_id] = subscriber
@@ -531,6 +537,18 @@ class SyncService:
         user = link.user_keys.get(event.user_id)
         self.counters.events_received += 1
         if user is None:
+            # A subscriber whose user is no longer synced (unmatched since): say so, in moderation.
+            limiter = self._unknown_users.get(link.name)
+            if limiter is None:
+                limiter = self._unknown_users[link.name] = RepeatLimiter(
+                    logger, self.clock, f"[{link.name}] events of users not synced"
+                )
+            limiter.log(
+                "[%s] ignored an event of user %s, who is not synced (not matched on another "
+                "server, or excluded)",
+                link.name,
+                event.user_id,
+            )
             return
         entries = event.item_entries
         self.counters.entries_received += len(entries)
@@ -684,7 +702,8 @@ class SyncService:
         servers = []
         for link in self.links.values():
             stats = link.pusher.stats
-            dead = await self.ledger.dead_rows(link.name)
+            # Counted in SQL; only a sample is loaded (a peer can park thousands of rows).
+            dead_count, dead = await self.ledger.dead_summary(link.name, DEAD_ROWS_IN_STATUS)
             oldest = await self.ledger.oldest_age(link.name, now_ms)
             servers.append(
                 {
@@ -725,6 +744,7 @@ class SyncService:
                         "down_since_ms": stats.down_since_ms,
                         "pause_reason": stats.pause_reason,
                         "last_error": stats.last_error,
+                        "dead_count": dead_count,
                         "dead": [
                             {"user": r.user, "item": r.item, "reason": r.last_error} for r in dead
                         ],

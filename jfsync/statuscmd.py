@@ -204,12 +204,13 @@ def find_problems(snap: Mapping[str, Any]) -> list[Problem]:
         if outbox.get("pause_reason"):
             blocking.append(Problem(True, f"peer {name} is paused: {outbox['pause_reason']}"))
         dead = outbox.get("dead") or []
-        if dead:
-            lines = [f"peer {name} has {len(dead)} dead row(s) (writes parked; not retried):"]
+        dead_count = outbox.get("dead_count", len(dead))
+        if dead_count:
+            lines = [f"peer {name} has {dead_count} dead row(s) (writes parked; not retried):"]
             for row in dead[:DEAD_ROWS_SHOWN]:
                 lines.append(f"    {row['user']} / {row['item']}: {row['reason'] or '?'}")
-            if len(dead) > DEAD_ROWS_SHOWN:
-                lines.append(f"    … and {len(dead) - DEAD_ROWS_SHOWN} more (see --json)")
+            if dead_count > DEAD_ROWS_SHOWN:
+                lines.append(f"    … and {dead_count - DEAD_ROWS_SHOWN} more (see --json)")
             blocking.append(Problem(True, "\n".join(lines)))
         if not server.get("reachable"):
             why = server.get("last_error") or "not reached yet"
@@ -304,7 +305,7 @@ def render(snap: Mapping[str, Any], url: str = "") -> tuple[str, list[Problem]]:
                 str(s["outbox"]["writes_done"]),
                 str(s["outbox"]["writes_skipped"]),
                 str(s["outbox"]["failures"]),
-                str(len(s["outbox"]["dead"])),
+                str(s["outbox"].get("dead_count", len(s["outbox"]["dead"]))),
             ]
             for s in servers
         ],

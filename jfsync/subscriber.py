@@ -52,6 +52,7 @@ from jfsync.errors import (
     is_retryable,
 )
 from jfsync.jellyfin.messages import (
+    MAX_MESSAGE_BYTES,
     LibraryChangedMessage,
     ServerRestartingMessage,
     ServerShuttingDownMessage,
@@ -67,6 +68,7 @@ from jfsync.jellyfin.socket import (
 )
 from jfsync.logs import FailureStreak
 from jfsync.model import UserData
+from jfsync.ratelimit import RepeatLimiter
 from jfsync.timing import Clock, backoff_delays
 
 logger = logging.getLogger(__name__)
@@ -213,6 +215,7 @@ class Subscriber:
         healthy_after_s: float = HEALTHY_AFTER_S,
         cooldown_s: float = RESTART_COOLDOWN_S,
         auth_retry_s: float = AUTH_RETRY_S,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self.server = server
         self.url = url
@@ -230,6 +233,14 @@ class Subscriber:
         self._healthy_after_s = healthy_after_s
         self._cooldown_s = cooldown_s
         self._auth_retry_s = auth_retry_s
+        self._max_message_bytes = max_message_bytes
+        label = f"[{server}/{user_name}]"
+        # Kept across reconnects: a server that keeps sending garbage is summarised, not logged
+        # line by line.
+        self._bad_frames = RepeatLimiter(logger, clock, f"{label} malformed websocket frames")
+        self._other_users = RepeatLimiter(
+            logger, clock, f"{label} UserDataChanged messages for another user"
+        )
 
         self._state = SubscriberState.IDLE
         self._state_changed = asyncio.Event()
@@ -302,6 +313,7 @@ class Subscriber:
         if self._state is not SubscriberState.STOPPED:
             self._connected_since_ms = None
             await self._set_state(SubscriberState.STOPPED, "stopped")
+            self._other_users.flush()
             logger.info("[%s/%s] subscriber stopped", self.server, self.user_name)
 
     async def wait_for_state(self, *states: SubscriberState) -> SubscriberState:
@@ -396,6 +408,8 @@ class Subscriber:
                 keepalive_interval_s=self._keepalive_interval_s,
                 keepalive_timeout_s=self._keepalive_timeout_s,
                 open_timeout_s=self._open_timeout_s,
+                max_message_bytes=self._max_message_bytes,
+                bad_frames=self._bad_frames,
             )
             try:
                 await socket.connect()
@@ -526,7 +540,7 @@ class Subscriber:
             info = message.data
             if info.user_id != self.user_id:
                 # Only AdditionalUsers (fact sheet §2.4) could cause this; jfsync never adds any.
-                logger.warning(
+                self._other_users.log(
                     "[%s/%s] ignored a UserDataChanged for another user (%s)",
                     self.server,
                     self.user_name,

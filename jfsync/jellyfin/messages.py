@@ -8,12 +8,21 @@ version never breaks the reader. Models keep Jellyfin's PascalCase through alias
 unknown fields, and normalise ids to 32 lowercase hex. A frame that is not JSON, not an
 object, has no ``MessageType``, or carries a known type with a ``Data`` of the wrong shape
 raises :class:`MalformedMessageError`; the caller logs it and skips the frame.
+
+Large frames (a bulk action on a big library sends one ``UserDataChanged`` of tens of MB) are
+parsed in steps: :func:`parse_message_steps` is a generator that pauses every
+:data:`STEP_VALUES` JSON values and every :data:`STEP_VALUES` list entries validated, so the
+socket's reader can give the event loop back between steps (:func:`parse_message` runs the
+same steps without pausing). Both accept exactly what ``json.loads`` accepts and give the same
+message.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, cast
+from collections.abc import Generator
+from json.decoder import WHITESPACE, scanstring  # type: ignore[attr-defined]
+from typing import Any, Final, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -143,36 +152,209 @@ _MODELS: dict[str, type[_Message]] = {
     "ServerShuttingDown": ServerShuttingDownMessage,
 }
 
+#: The messages whose ``Data`` can hold long lists (validated in steps when they do).
+_STEPPED: frozenset[type[_Message]] = frozenset({UserDataChangedMessage, LibraryChangedMessage})
+
 #: The one frame jfsync sends: Jellyfin parses inbound JSON case-sensitively (§1.3).
 KEEPALIVE_FRAME = '{"MessageType":"KeepAlive"}'
 
 
+#: The largest message accepted by default (``servers[].max_message_size``): twice the largest
+#: UserDataChanged a 100,000-item library can send (31.3 MiB: every entry with every field
+#: at its longest, plus a parent folder per ten items; docs/design-notes.md).
+MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
+#: JSON values read, or list entries validated, between two pauses of a stepped parse
+#: (a few milliseconds of work).
+STEP_VALUES: Final = 500
+#: How deep a stepped parse walks objects and arrays itself: the message, its ``Data``, the
+#: lists in it. Their entries (small objects) are read whole, in C.
+WALK_DEPTH: Final = 3
+
+_DECODER = json.JSONDecoder()
+_ATOM_START = frozenset('{["-0123456789tfnNI')
+
+
 def parse_message(frame: str | bytes) -> Message:
     """Parse one websocket frame; raise MalformedMessageError when it is not a valid message."""
-    if isinstance(frame, bytes):
+    if len(frame) < 64 * 1024:
+        # Small frames, the usual case: one json.loads, one validation.
+        return _finish(_decode(frame))
+    steps = parse_message_steps(frame)
+    while True:
         try:
-            frame = frame.decode("utf-8")
-        except UnicodeDecodeError:
-            raise MalformedMessageError("binary frame that is not UTF-8 text") from None
+            next(steps)
+        except StopIteration as done:
+            return cast(Message, done.value)
+
+
+def parse_message_steps(
+    frame: str | bytes, step: int = STEP_VALUES
+) -> Generator[None, None, Message]:
+    """Parse ``frame`` like :func:`parse_message`, pausing (yielding) every ``step`` values."""
+    text = _text(frame)
     try:
-        raw = json.loads(frame)
+        walker = _Walker(text, step)
+        raw = yield from walker.value(0)
+        end = WHITESPACE.match(text, walker.pos).end()
+        if end != len(text):
+            raise json.JSONDecodeError("Extra data", text, end)
     except json.JSONDecodeError as err:
         raise MalformedMessageError(f"not JSON ({err.msg} at position {err.pos})") from None
+    except RecursionError:
+        raise MalformedMessageError("nested too deeply") from None
+    return (yield from _validate(raw, step))
+
+
+def _text(frame: str | bytes) -> str:
+    if isinstance(frame, bytes):
+        try:
+            return frame.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MalformedMessageError("binary frame that is not UTF-8 text") from None
+    return frame
+
+
+def _decode(frame: str | bytes) -> Any:
+    try:
+        return json.loads(_text(frame))
+    except json.JSONDecodeError as err:
+        raise MalformedMessageError(f"not JSON ({err.msg} at position {err.pos})") from None
+    except RecursionError:
+        raise MalformedMessageError("nested too deeply") from None
+
+
+class _Walker:
+    """Reads JSON text value by value, walking objects and arrays itself so it can pause."""
+
+    def __init__(self, text: str, step: int) -> None:
+        self.text = text
+        self.pos = 0
+        self.count = 0
+        self.step = step
+
+    def value(self, depth: int) -> Generator[None, None, Any]:
+        text = self.text
+        pos = WHITESPACE.match(text, self.pos).end()
+        char = text[pos : pos + 1]
+        self.count += 1
+        if self.count % self.step == 0:
+            yield
+        if (char == "{" or char == "[") and depth < WALK_DEPTH:
+            self.pos = pos + 1
+            if char == "{":
+                return (yield from self._object(depth + 1))
+            return (yield from self._array(depth + 1))
+        if char not in _ATOM_START:
+            raise json.JSONDecodeError("Expecting value", text, pos)
+        value, self.pos = _DECODER.raw_decode(text, pos)
+        return value
+
+    def _object(self, depth: int) -> Generator[None, None, dict[str, Any]]:
+        text = self.text
+        result: dict[str, Any] = {}
+        pos = WHITESPACE.match(text, self.pos).end()
+        if text[pos : pos + 1] == "}":
+            self.pos = pos + 1
+            return result
+        while True:
+            if text[pos : pos + 1] != '"':
+                raise json.JSONDecodeError(
+                    "Expecting property name enclosed in double quotes", text, pos
+                )
+            key, pos = scanstring(text, pos + 1)
+            pos = WHITESPACE.match(text, pos).end()
+            if text[pos : pos + 1] != ":":
+                raise json.JSONDecodeError("Expecting ':' delimiter", text, pos)
+            self.pos = pos + 1
+            result[key] = yield from self.value(depth)
+            pos = WHITESPACE.match(text, self.pos).end()
+            char = text[pos : pos + 1]
+            if char == "}":
+                self.pos = pos + 1
+                return result
+            if char != ",":
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+            pos = WHITESPACE.match(text, pos + 1).end()
+
+    def _array(self, depth: int) -> Generator[None, None, list[Any]]:
+        text = self.text
+        result: list[Any] = []
+        pos = WHITESPACE.match(text, self.pos).end()
+        if text[pos : pos + 1] == "]":
+            self.pos = pos + 1
+            return result
+        while True:
+            result.append((yield from self.value(depth)))
+            pos = WHITESPACE.match(text, self.pos).end()
+            char = text[pos : pos + 1]
+            if char == "]":
+                self.pos = pos + 1
+                return result
+            if char != ",":
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+            self.pos = pos + 1
+
+
+def _finish(raw: Any) -> Message:
+    steps = _validate(raw, step=None)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return cast(Message, done.value)
+
+
+def _validate(raw: Any, step: int | None) -> Generator[None, None, Message]:
+    """Validate a decoded frame; long lists in ``Data`` are validated ``step`` entries at a time."""
     if not isinstance(raw, dict):
         raise MalformedMessageError(f"expected a JSON object, got {type(raw).__name__}")
     message_type = raw.get("MessageType")
     if not isinstance(message_type, str) or not message_type:
         raise MalformedMessageError("no MessageType")
     model = _MODELS.get(message_type, UnknownMessage)
+    data = raw.get("Data")
+    long_lists: dict[str, list[Any]] = {}
+    if step is not None and model in _STEPPED and isinstance(data, dict):
+        long_lists = {k: v for k, v in data.items() if isinstance(v, list) and len(v) > step}
     try:
-        parsed = model.model_validate(raw)
+        if not long_lists:
+            return cast(Message, model.model_validate(raw))
+        assert step is not None
+        assert isinstance(data, dict)
+        short = {k: v for k, v in data.items() if k not in long_lists}
+        message = model.model_validate({**raw, "Data": {**short, **{k: [] for k in long_lists}}})
     except ValidationError as err:
         raise MalformedMessageError(_describe(err), message_type) from None
-    return cast(Message, parsed)
+    info = cast(_Wire, getattr(message, "data"))  # noqa: B009 - both _STEPPED models have it
+    info_model = type(info)
+    updates: dict[str, Any] = {}
+    for alias, values in long_lists.items():
+        name = next((n for n, f in info_model.model_fields.items() if f.alias == alias), None)
+        if name is None:
+            continue  # a field jfsync does not read
+        parts: list[Any] = []
+        for start in range(0, len(values), step):
+            chunk = values[start : start + step]
+            try:
+                batch = info_model.model_validate({**short, alias: chunk})
+            except ValidationError as err:
+                raise MalformedMessageError(_describe(err, "Data", start), message_type) from None
+            parts.extend(getattr(batch, name))
+            # Free the decoded entries as they are done, not all at once at the end.
+            values[start : start + step] = [None] * len(chunk)
+            del chunk, batch
+            yield
+        updates[name] = tuple(parts)
+    return cast(Message, message.model_copy(update={"data": info.model_copy(update=updates)}))
 
 
-def _describe(err: ValidationError) -> str:
+def _describe(err: ValidationError, prefix: str | None = None, offset: int = 0) -> str:
     """Name the first failing field without echoing its (possibly long) value."""
     first = err.errors(include_url=False, include_input=False)[0]
-    where = ".".join(str(part) for part in first["loc"]) or "(message)"
+    loc = list(first["loc"])
+    if prefix is not None:
+        if len(loc) > 1 and isinstance(loc[1], int):
+            loc[1] += offset
+        loc.insert(0, prefix)
+    where = ".".join(str(part) for part in loc) or "(message)"
     return f"{where}: {first['msg']}"

@@ -19,21 +19,32 @@ statuses the matching :class:`~jfsync.errors.HttpStatusError`, a refused or brok
 :class:`~jfsync.errors.RequestTimeoutError`; a connection that ends raises
 :class:`SocketClosedError` (or :class:`KeepAliveTimeoutError`) from the message iterator,
 also when the reader itself fails unexpectedly (the reason names the error). Malformed frames
-are logged and skipped; unknown message types are logged at DEBUG and ignored. No log line,
-repr or error carries the token.
+are logged and skipped (the first few in full, then a count once a minute:
+:class:`~jfsync.ratelimit.RepeatLimiter`); unknown message types are logged at DEBUG and
+ignored. No log line, repr or error carries the token.
+
+Limits against a misbehaving server: a message larger than ``max_message_bytes`` closes the
+connection (the reconnect's catch-up scan reads what it said); frames of
+:data:`STEPPED_PARSE_BYTES` or more are parsed in steps that give the event loop back between
+them (:func:`~jfsync.jellyfin.messages.parse_message_steps`); at most
+:data:`MAX_QUEUED_MESSAGES` messages, or ``2 * max_message_bytes`` of them, wait for the
+consumer: past that the socket is declared fallen behind and closed, and the reconnect's scan
+catches up; the KeepAlive bookkeeping keeps the last :data:`KEEPALIVES_KEPT` sends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import logging
 from collections.abc import Awaitable
-from typing import Final, TypeVar
+from typing import Final, TypeVar, cast
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.frames import CloseCode
 
 from jfsync import __version__
 from jfsync.errors import (
@@ -44,16 +55,20 @@ from jfsync.errors import (
 )
 from jfsync.jellyfin.messages import (
     KEEPALIVE_FRAME,
+    MAX_MESSAGE_BYTES,
     ForceKeepAliveMessage,
     KeepAliveMessage,
     LibraryChangedMessage,
     MalformedMessageError,
+    Message,
     ServerRestartingMessage,
     ServerShuttingDownMessage,
     UnknownMessage,
     UserDataChangedMessage,
     parse_message,
+    parse_message_steps,
 )
+from jfsync.ratelimit import RepeatLimiter
 from jfsync.timing import Clock
 
 logger = logging.getLogger(__name__)
@@ -68,6 +83,13 @@ OPEN_TIMEOUT_S: Final = 10.0
 CLOSE_TIMEOUT_S: Final = 2.0
 #: The route logged and put in errors; never the URL, which could be given with credentials.
 SOCKET_ROUTE: Final = "/socket"
+#: Frames this large or larger are parsed in steps, giving the event loop back between them.
+STEPPED_PARSE_BYTES: Final = 256 * 1024
+#: Messages waiting for the consumer before the socket counts as fallen behind. Jellyfin sends
+#: at most two UserDataChanged a second (its 500 ms debounce), so this is minutes of backlog.
+MAX_QUEUED_MESSAGES: Final = 1000
+#: KeepAlive send times kept for tests and status (one is sent every 30 s).
+KEEPALIVES_KEPT: Final = 64
 
 #: What the consumer receives: the messages the subscriber acts on.
 LiveMessage = (
@@ -124,6 +146,9 @@ class JellyfinSocket:
         keepalive_interval_s: float = KEEPALIVE_INTERVAL_S,
         keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
         open_timeout_s: float = OPEN_TIMEOUT_S,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        max_queued_messages: int = MAX_QUEUED_MESSAGES,
+        bad_frames: RepeatLimiter | None = None,
     ) -> None:
         self.server = server
         self.user = user
@@ -134,8 +159,17 @@ class JellyfinSocket:
         self._keepalive_interval_s = keepalive_interval_s
         self._keepalive_timeout_s = keepalive_timeout_s
         self._open_timeout_s = open_timeout_s
+        self._max_message_bytes = max_message_bytes
+        self._max_queued_messages = max_queued_messages
+        self._max_queued_bytes = 2 * max_message_bytes
+        #: Logs malformed frames: pass one to keep counting across reconnects.
+        self.bad_frames = bad_frames or RepeatLimiter(
+            logger, clock, f"[{server}/{user}] malformed websocket frames"
+        )
         self._ws: ClientConnection | None = None
-        self._queue: asyncio.Queue[LiveMessage | None] = asyncio.Queue()
+        #: Messages for the consumer with the size of the frame each came in (None: the end).
+        self._queue: asyncio.Queue[tuple[LiveMessage | None, int]] = asyncio.Queue()
+        self._queued_bytes = 0
         self._error: SocketClosedError | None = None
         self._closing = False
         self._reader: asyncio.Task[None] | None = None
@@ -174,7 +208,11 @@ class JellyfinSocket:
             ping_interval=None,
             ping_timeout=None,
             close_timeout=CLOSE_TIMEOUT_S,
-            max_size=16 * 1024 * 1024,
+            max_size=self._max_message_bytes,
+            # Jellyfin (ASP.NET Core, compression not enabled) never deflates its messages;
+            # offering it would only let a peer make jfsync inflate a whole large message in
+            # one call.
+            compression=None,
         )
         try:
             self._ws = await _within(self._clock, self._open_timeout_s, opening)
@@ -203,9 +241,10 @@ class JellyfinSocket:
         Raises SocketClosedError (or KeepAliveTimeoutError) when the connection ended by
         itself; messages received before the end are returned first.
         """
-        message = await self._queue.get()
+        message, size = await self._queue.get()
+        self._queued_bytes -= size
         if message is None:
-            self._queue.put_nowait(None)  # stay at the end for later callers
+            self._queue.put_nowait((None, 0))  # stay at the end for later callers
             if self._error is not None and not self._closing:
                 raise self._error
         return message
@@ -238,7 +277,8 @@ class JellyfinSocket:
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
                 logger.debug("[%s/%s] socket task ended with %r", self.server, self.user, result)
-        self._queue.put_nowait(None)
+        self._queue.put_nowait((None, 0))
+        self.bad_frames.flush()
         current = asyncio.current_task()
         if current is not None and current.cancelling():
             raise asyncio.CancelledError
@@ -250,9 +290,21 @@ class JellyfinSocket:
         assert ws is not None
         try:
             while True:
-                self._handle_frame(await ws.recv())
+                # Undecoded: a large frame is decoded in steps too (_parse).
+                frame = await ws.recv(decode=False)
+                message = await self._parse(frame)
+                if message is not None and not self._handle_message(message, len(frame)):
+                    return
+                del frame, message
         except ConnectionClosed as err:
-            self._fail(SocketClosedError(self.server, f"websocket closed: {_reason(err)}"))
+            if err.sent is not None and err.sent.code == CloseCode.MESSAGE_TOO_BIG:
+                reason = (
+                    f"the server sent a message larger than {_mib(self._max_message_bytes)}; "
+                    "if the library is that large, raise servers[].max_message_size"
+                )
+            else:
+                reason = f"websocket closed: {_reason(err)}"
+            self._fail(SocketClosedError(self.server, reason))
         except OSError as err:
             self._fail(SocketClosedError(self.server, f"websocket broken: {_reason(err)}"))
         except Exception as err:
@@ -272,16 +324,32 @@ class JellyfinSocket:
             # A dead peer is not worth a closing handshake; make sure the transport is gone.
             if self._error is not None:
                 ws.transport.abort()
-            self._queue.put_nowait(None)
+            self._queue.put_nowait((None, 0))
             if self._keeper is not None and self._keeper is not asyncio.current_task():
                 self._keeper.cancel()
 
-    def _handle_frame(self, frame: str | bytes) -> None:
+    async def _parse(self, frame: str | bytes) -> Message | None:
+        """Parse a frame (a large one in steps, yielding to the loop); None when malformed."""
         try:
-            message = parse_message(frame)
+            if len(frame) < STEPPED_PARSE_BYTES:
+                return parse_message(frame)
+            if isinstance(frame, bytes):
+                frame = await _decode_in_steps(frame)
+            steps = parse_message_steps(frame)
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    return cast(Message, done.value)
+                await asyncio.sleep(0)
         except MalformedMessageError as err:
-            logger.warning("[%s/%s] skipped a websocket frame: %s", self.server, self.user, err)
-            return
+            self.bad_frames.log(
+                "[%s/%s] skipped a websocket frame: %s", self.server, self.user, err
+            )
+            return None
+
+    def _handle_message(self, message: Message, size: int) -> bool:
+        """Act on a keepalive or queue a live message; False when the consumer fell behind."""
         if isinstance(message, KeepAliveMessage):
             self.keepalive_replies += 1
             self._unanswered_since = None
@@ -300,7 +368,22 @@ class JellyfinSocket:
                 "[%s/%s] ignored a %s message", self.server, self.user, message.message_type
             )
         else:
-            self._queue.put_nowait(message)
+            if (
+                self._queue.qsize() >= self._max_queued_messages
+                or self._queued_bytes + size > self._max_queued_bytes
+            ):
+                self._fail(
+                    SocketClosedError(
+                        self.server,
+                        f"fell behind: {self._queue.qsize()} messages "
+                        f"({_mib(self._queued_bytes)}) wait to be applied; reconnecting, the "
+                        "catch-up scan reads what the rest said",
+                    )
+                )
+                return False
+            self._queued_bytes += size
+            self._queue.put_nowait((message, size))
+        return True
 
     async def _keepalive_loop(self) -> None:
         next_send = self._clock.monotonic() + self._keepalive_interval_s
@@ -332,6 +415,8 @@ class JellyfinSocket:
     async def _send_keepalive(self, now: float) -> None:
         assert self._ws is not None
         self.keepalives_sent.append(now)
+        if len(self.keepalives_sent) > KEEPALIVES_KEPT:
+            del self.keepalives_sent[: -KEEPALIVES_KEPT // 2]
         if self._unanswered_since is None:
             self._unanswered_since = now
         try:
@@ -379,6 +464,31 @@ async def _within(clock: Clock, seconds: float, awaitable: Awaitable[_T]) -> _T:
             raise asyncio.CancelledError
         raise TimeoutError
     return work.result()
+
+
+#: Bytes of a large frame decoded from UTF-8 between two pauses.
+DECODE_STEP_BYTES: Final = 1024 * 1024
+
+
+async def _decode_in_steps(frame: bytes) -> str:
+    """Decode UTF-8 a megabyte at a time, giving the loop back between; bad bytes raise."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    parts: list[str] = []
+    view = memoryview(frame)
+    try:
+        for start in range(0, len(frame), DECODE_STEP_BYTES):
+            end = start + DECODE_STEP_BYTES
+            parts.append(decoder.decode(view[start:end], final=end >= len(frame)))
+            await asyncio.sleep(0)
+    except UnicodeDecodeError:
+        raise MalformedMessageError("binary frame that is not UTF-8 text") from None
+    finally:
+        view.release()
+    return "".join(parts)
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f} MiB"
 
 
 def _reason(err: BaseException) -> str:

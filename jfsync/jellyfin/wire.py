@@ -30,6 +30,11 @@ def _utc(value: datetime) -> datetime:
 
 #: A Jellyfin date, always timezone-aware UTC.
 JfDate = Annotated[datetime, AfterValidator(_utc)]
+#: A .NET ``long``: what SQLite can store, so a hostile number cannot break the ledger.
+JfLong = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+#: A .NET ``double`` as Jellyfin writes it: finite (a NaN never equals itself, so a NaN
+#: rating would look changed forever and be written back and forth).
+JfDouble = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class WireModel(BaseModel):
@@ -41,11 +46,11 @@ class WireModel(BaseModel):
 class UserItemDataDto(WireModel):
     """``UserItemDataDto``: one user's data for one item, as REST and websocket send it."""
 
-    rating: float | None = Field(default=None, alias="Rating")
+    rating: JfDouble | None = Field(default=None, alias="Rating")
     played_percentage: float | None = Field(default=None, alias="PlayedPercentage")
-    unplayed_item_count: int | None = Field(default=None, alias="UnplayedItemCount")
-    playback_position_ticks: int = Field(default=0, alias="PlaybackPositionTicks")
-    play_count: int = Field(default=0, alias="PlayCount")
+    unplayed_item_count: JfLong | None = Field(default=None, alias="UnplayedItemCount")
+    playback_position_ticks: JfLong = Field(default=0, alias="PlaybackPositionTicks")
+    play_count: JfLong = Field(default=0, alias="PlayCount")
     is_favorite: bool = Field(default=False, alias="IsFavorite")
     likes: bool | None = Field(default=None, alias="Likes")
     last_played_date: JfDate | None = Field(default=None, alias="LastPlayedDate")
@@ -68,7 +73,11 @@ class UserItemDataDto(WireModel):
 def format_date(value: datetime) -> str:
     """Write a date as Jellyfin does: UTC, ISO 8601, seven fractional digits, ``Z``."""
     value = _utc(value)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond:06d}0Z"
+    # Not strftime: its %Y writes year 1 (.NET's DateTime.MinValue) as "1", not "0001".
+    return (
+        f"{value.year:04d}-{value.month:02d}-{value.day:02d}T{value.hour:02d}:"
+        f"{value.minute:02d}:{value.second:02d}.{value.microsecond:06d}0Z"
+    )
 
 
 @functools.lru_cache(maxsize=1024)
