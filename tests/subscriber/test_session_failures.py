@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from jfsync.jellyfin import socket as socket_module
 from jfsync.subscriber import (
     Subscriber,
     SubscriberEvent,
@@ -129,22 +130,54 @@ async def test_an_event_the_handler_fails_on_ends_the_session_and_a_resync_catch
     assert any("events apply again" in r.getMessage() for r in caplog.records)
 
 
-async def test_a_frame_the_reader_chokes_on_ends_the_session_and_it_reconnects(
+async def test_a_frame_nested_too_deep_is_skipped_and_the_session_goes_on(
     raw_server: RawServer,
     make_subscriber: MakeSubscriber,
     clock: ManualClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Valid JSON nested deeper than the parser can recurse is a malformed message: logged and
+    skipped (it used to crash the reader with RecursionError)."""
+    handler = Recorder()
+    resync = Resyncs()
+    sub = make_subscriber(raw_server.url, handler, resync)
+    conn = await connected(sub, raw_server)
+
+    await conn.send("[" * 100_000 + "]" * 100_000)
+    await conn.send(user_data_frame(2))
+    events = await handler.wait_user_data(1)
+    assert [e.entries[0].item_id for e in events] == [item_id(2)]
+    assert resync.count == 1
+    assert sub.status.connected_since_ms is not None
+    (line,) = lines_at_warning(caplog)
+    assert "malformed" in line.getMessage().lower()
+
+
+async def test_a_reader_that_fails_unexpectedly_ends_the_session_and_it_reconnects(
+    raw_server: RawServer,
+    make_subscriber: MakeSubscriber,
+    clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     handler = Recorder()
     resync = Resyncs()
     sub = make_subscriber(raw_server.url, handler, resync)
     conn = await connected(sub, raw_server)
+    real_parse = socket_module.parse_message
+    broken: list[str] = []
 
-    # Valid JSON nested deeper than the parser can recurse: not a "malformed" frame.
-    await conn.send("[" * 100_000 + "]" * 100_000)
+    def parse(frame: Any) -> Any:
+        if not broken:
+            broken.append("once")
+            raise RuntimeError("a bug in the reader")
+        return real_parse(frame)
+
+    monkeypatch.setattr(socket_module, "parse_message", parse)
+    await conn.send(user_data_frame(1))
     assert await backoff_sleep(sub, clock) == 1.0
     assert sub.status.connected_since_ms is None
-    assert "websocket reader failed: RecursionError" in (sub.status.last_error or "")
+    assert "websocket reader failed: RuntimeError" in (sub.status.last_error or "")
 
     await clock.advance(1.0)
     fresh = await connected(sub, raw_server)
@@ -153,7 +186,7 @@ async def test_a_frame_the_reader_chokes_on_ends_the_session_and_it_reconnects(
     events = await handler.wait_user_data(1)
     assert [e.entries[0].item_id for e in events] == [item_id(2)]
     (line,) = lines_at_warning(caplog)
-    assert "RecursionError" in line.getMessage()
+    assert "RuntimeError" in line.getMessage()
 
 
 async def test_a_bug_inside_a_session_ends_it_and_the_subscriber_reconnects(
