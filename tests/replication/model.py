@@ -221,9 +221,7 @@ class Model:
                     got = ", ".join(f"{s}={show(v)}" for s, v in values.items())
                     want = " or ".join(show(v) for v in ok)
                     why = "servers disagree" if not agree else "a user's action is lost"
-                    cands = ", ".join(
-                        f"#{a.index}" for a in self.candidates(user, item, register)
-                    )
+                    cands = ", ".join(f"#{a.index}" for a in self.candidates(user, item, register))
                     problems.append(
                         f"{user} {item[:6]} {register}: {why}: expected {want} "
                         f"(latest actions: {cands or 'none'}); servers show {got}"
