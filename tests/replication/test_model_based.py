@@ -798,7 +798,7 @@ KNOWN_LOSSES = pytest.mark.xfail(
 async def test_model_fast_slice_loses_nothing(
     make_cluster: MakeCluster, servers: int, seed: int
 ) -> None:
-    run = await run_schedule(make_cluster, Schedule(seed, servers, rounds=6, items=4))
+    run = await run_schedule(make_cluster, Schedule(seed, servers, rounds=5, items=4))
     print(_summary(run))
 
 
