@@ -776,7 +776,7 @@ def _summary(run: Run) -> str:
     return (
         f"seed {run.schedule.seed}: {len(run.model.actions)} actions in "
         f"{run.schedule.rounds} rounds on {run.schedule.servers} servers; situations "
-        f"{dict(run.situations)}"
+        f"{dict(run.situations)}; {run.model.log[-1]}"
     )
 
 
