@@ -833,7 +833,8 @@ KNOWN_LOSSES = pytest.mark.xfail(
     not os.environ.get("JFSYNC_MODEL_STRICT"),
     reason="known losses: a user's change inside the echo debounce after jfsync's write is "
     "taken for a stale event; a reconcile listing or compare read applied after a newer "
-    "live event overrides it; a wiped server's defaults spread to the others",
+    "live event overrides it; a wiped server's defaults spread to the others; a write cut "
+    "off by a crash that the user took back while jfsync was down is written again",
     strict=False,
 )
 
