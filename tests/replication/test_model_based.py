@@ -34,7 +34,7 @@ design's 1 s rule. At the end, jfsync's writes per (server, user, item) are chec
 the actions that required them (no ping-pong).
 
 A failure prints the seed, the schedule and the expected and actual values per server; replay
-with ``JFSYNC_MODEL_SEED=<seed> pytest tests/replication/test_model_based.py -k model``. The
+with the command it prints (``JFSYNC_MODEL_SEED=<seed>`` keeps only that seed). The
 soak (``-m slow``) runs ``JFSYNC_MODEL_SOAK_SEEDS`` seeds (default 12, about 4 minutes) of
 longer schedules; ``JFSYNC_MODEL_SKIP`` leaves situations out (see :func:`situations`).
 """
@@ -108,6 +108,17 @@ class Schedule:
     servers: int
     rounds: int
     items: int
+    #: Which test runs it (for the replay command).
+    test: str = "fast_slice"
+
+    def replay(self) -> str:
+        """The command that runs this schedule again, failing hard."""
+        slow = " -m slow" if self.test == "soak" else ""
+        case = f"{self.servers}-{self.seed}" if self.test == "fast_slice" else str(self.seed)
+        return (
+            f"JFSYNC_MODEL_STRICT=1 JFSYNC_MODEL_SEED={self.seed} .venv/bin/pytest "
+            f'tests/replication/test_model_based.py{slow} -k "{self.test} and {case}"'
+        )
 
 
 Hook = Callable[[Emulator, RequestRecord], bool]
@@ -135,6 +146,8 @@ class Run:
     background: list[asyncio.Task[Any]] = field(default_factory=list)
     #: What every server showed before the coming writes (server -> (user, item) -> state).
     before: dict[str, dict[tuple[str, str], UserData]] = field(default_factory=dict)
+    #: Failures inside hooks (they run in the emulator's request path: raised later).
+    errors: list[BaseException] = field(default_factory=list)
 
     @property
     def service(self) -> SyncService:
@@ -170,7 +183,12 @@ class Run:
         self.requests += 1
         self.request_event.set()
         for hook in list(self.hooks):
-            if hook(emu, record):
+            try:
+                done = hook(emu, record)
+            except Exception as err:  # raised by the round, not in the emulator's handler
+                self.errors.append(err)
+                done = True
+            if done:
                 self.hooks.remove(hook)
 
     async def next_requests(self, count: int) -> None:
@@ -305,14 +323,16 @@ class Run:
             pusher_options=FAST_PUSHER,
         )
         self.cluster.service = service
-        await service.start()
+        async with asyncio.timeout(LIMIT_S):
+            await service.start()
 
     async def stop_service(self, grace_s: float) -> None:
         """Stop the running service with ``grace_s`` (0: writes under way are cut off)."""
         service = self.service
         sync = service.config.sync.model_copy(update={"shutdown_grace": grace_s})
         service.config = service.config.model_copy(update={"sync": sync})
-        await service.stop()
+        async with asyncio.timeout(LIMIT_S + grace_s):
+            await service.stop()
 
     # ------------------------------------------------------------------ waiting
 
@@ -421,9 +441,8 @@ class Run:
         """The readable failure: seed, schedule, then what is wrong."""
         s = self.schedule
         lines = [
-            f"model-based schedule FAILED: seed={s.seed} servers={s.servers} "
-            f"(replay: JFSYNC_MODEL_SEED={s.seed} pytest tests/replication/test_model_based.py"
-            " -k model)",
+            f"model-based schedule FAILED: seed={s.seed} servers={s.servers}",
+            f"replay: {s.replay()}",
             "schedule:",
             *self.model.log,
             "problems after the barrier:",
@@ -457,6 +476,8 @@ class Run:
         self.situations[situation] += 1
         await getattr(self, "s_" + situation.replace("-", "_"))()
         self.hooks.clear()
+        if self.errors:
+            raise self.errors[0]
         for task in self.background:
             async with asyncio.timeout(LIMIT_S):
                 await task
@@ -856,5 +877,5 @@ async def test_model_fast_slice_loses_nothing(
 )
 async def test_model_soak_loses_nothing(make_cluster: MakeCluster, seed: int) -> None:
     servers = 2 + seed % 2
-    run = await run_schedule(make_cluster, Schedule(seed, servers, rounds=20, items=6))
+    run = await run_schedule(make_cluster, Schedule(seed, servers, 20, 6, test="soak"))
     print(_summary(run))
