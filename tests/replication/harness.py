@@ -331,7 +331,8 @@ class SocketGate:
     Plain HTTP passes straight through. On connections that ask for a websocket upgrade,
     bytes from the server to jfsync go through a gate: while it is held they queue in order,
     and :meth:`release` delivers them. That reproduces an event that is flushed by the server
-    at one moment and reaches jfsync later, after jfsync wrote again.
+    at one moment and reaches jfsync later, after jfsync wrote again. :meth:`hold_http` does
+    the same to HTTP answers (an answer built before a user's action, read after its event).
 
     While the server behind it refuses connections (stopped) and :attr:`down_answer` is set,
     the gate answers every request itself with that status and body, as a reverse proxy in
@@ -349,6 +350,8 @@ class SocketGate:
         self._answered = asyncio.Event()
         self._open = asyncio.Event()
         self._open.set()
+        self._http_open = asyncio.Event()
+        self._http_open.set()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
@@ -383,6 +386,14 @@ class SocketGate:
         """Deliver the queued frames, in order, and stop holding."""
         self._open.set()
 
+    def hold_http(self) -> None:
+        """Queue HTTP answers to jfsync from now on (websocket frames are not affected)."""
+        self._http_open.clear()
+
+    def release_http(self) -> None:
+        """Deliver the queued HTTP answers, in order, and stop holding them."""
+        self._http_open.set()
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)
         try:
@@ -399,7 +410,7 @@ class SocketGate:
         n = len(self._tasks)
         for coro, name in (
             (self._pump(reader, up_writer, gated=False), f"gate-up-{n}"),
-            (self._pump(up_reader, writer, gated=gated), f"gate-down-{n}"),
+            (self._pump(up_reader, writer, gated=gated, http=not gated), f"gate-down-{n}"),
         ):
             task = asyncio.get_running_loop().create_task(coro, name=name)
             self._tasks.add(task)
@@ -437,7 +448,12 @@ class SocketGate:
         self._answered.set()
 
     async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, gated: bool
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        gated: bool,
+        http: bool = False,
     ) -> None:
         try:
             while True:
@@ -446,6 +462,8 @@ class SocketGate:
                     break
                 if gated:
                     await self._open.wait()
+                if http:
+                    await self._http_open.wait()
                 writer.write(chunk)
                 await writer.drain()
         except (ConnectionError, OSError):
