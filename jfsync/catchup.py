@@ -53,6 +53,7 @@ def catchup_observations(
     scanned: Mapping[str, UserData],
     known: Mapping[str, UserData],
     wall_ms: int,
+    read_seq: int | None = None,
 ) -> list[Observation]:
     """Turn a scan (canonical item -> state) into observations of what differs from ``known``.
 
@@ -60,14 +61,16 @@ def catchup_observations(
     default and were not found are observed as reset to the default. ``wall_ms`` must be
     the time the scan was requested, not when it ended: the echo rule matches a scanned
     state only against writes recorded after that time (:func:`jfsync.echo.match_echo`).
+    ``read_seq`` is the ledger ticket taken just before the scan was requested (a page older
+    than what the ledger learnt of an item since is not applied).
     """
     observations = [
-        Observation(server, user, item, state, wall_ms, "scan")
+        Observation(server, user, item, state, wall_ms, "scan", read_seq)
         for item, state in scanned.items()
         if known.get(item) != state
     ]
     observations += [
-        Observation(server, user, item, DEFAULT_USER_DATA, wall_ms, "scan")
+        Observation(server, user, item, DEFAULT_USER_DATA, wall_ms, "scan", read_seq)
         for item, state in known.items()
         if item not in scanned and not state.is_default
     ]

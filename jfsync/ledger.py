@@ -280,8 +280,10 @@ class Observation:
     ``source`` says how it was seen: a websocket ``event``, a ``scan`` page, the pusher's
     ``compare`` read before a write, or a ``read`` of the item that settles an ambiguous
     event. Only events consume pending echoes. For every read (scan, compare, read),
-    ``wall_ms`` must be the time the read was *requested*: a read older than what the ledger
-    already knows of that (server, user, item) is never applied (:attr:`Outcome.OUTDATED`).
+    ``wall_ms`` must be the time the read was *requested*, and ``read_seq`` the ticket
+    :meth:`Ledger.ticket` gave just before it was requested: a read older than what the ledger
+    already learnt of that (server, user, item) is never applied (:attr:`Outcome.OUTDATED`).
+    A read without a ticket is taken as fresh.
     """
 
     server: str
@@ -290,6 +292,7 @@ class Observation:
     state: UserData
     wall_ms: int
     source: Source = "event"
+    read_seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,9 +399,11 @@ class _Row:
         )
 
 
-#: Keys whose last-seen time is kept before old ones are dropped, and how old they may get.
-SEEN_KEYS_MAX = 200_000
-SEEN_KEEP_MS = 3_600_000
+#: Keys whose last-seen ticket is kept before old ones are dropped, and how many tickets back
+#: they are kept then: a read that waited through that many newer events and writes is taken
+#: as fresh for the keys dropped (as before read tickets existed).
+SEEN_KEYS_MAX = 100_000
+SEEN_KEEP_TICKETS = 100_000
 
 #: (user, item) pairs whose decoded state the ledger keeps between transactions. A burst of
 #: 10,000 changes stays inside it; at about 1.5 KB a pair it costs some 30 MB when full.
@@ -559,10 +564,12 @@ class Ledger:
         self._item_ids: dict[str, int] = {}
         self._clock_ms = 0
         self._cache = _StateCache(cache_pairs)
-        #: When the ledger last learnt anything of each (user, item, server): an event's
-        #: arrival, a read's request time, a write's ack (wall ms). Reads requested before it
-        #: are outdated. In memory only: after a restart every read is newer than all of them.
+        #: When the ledger last learnt anything of each (user, item, server), as a ticket
+        #: (:meth:`ticket`: a counter, so no two moments tie the way wall milliseconds can):
+        #: an event applied, a compare read or read-back requested, a write acked. A read whose
+        #: ticket is older is outdated. In memory only: after a restart every read is newer.
         self._seen: dict[_Key, int] = {}
+        self._tickets = 0
         #: The descriptor holding the ledger file's single-writer lock, while open.
         self._writer_lock: int | None = None
         #: (device, inode) of the file opened, checked before every write transaction.
@@ -962,10 +969,11 @@ class Ledger:
         wall_ms: int,
         *,
         source: Source = "event",
+        read_seq: int | None = None,
     ) -> Applied:
         """Apply one observed state in one transaction; see :meth:`apply_observations`."""
         applied = await self.apply_observations(
-            [Observation(server, user, item, incoming, wall_ms, source)]
+            [Observation(server, user, item, incoming, wall_ms, source, read_seq)]
         )
         return applied[0]
 
@@ -1012,13 +1020,15 @@ class Ledger:
         *,
         intents: Callable[[OutboxRow, UserData], Sequence[UserData]] | None = None,
         read_ms: int | None = None,
+        read_seq: int | None = None,
     ) -> list[OutboxRow | None]:
         """Do :meth:`observe_before_write` for several rows in ONE transaction.
 
-        ``read_ms`` is when the peer's states were requested (default ``wall_ms``). A row
-        whose key the ledger learnt something of after that (an event, a write) while the
-        read differs from its last-known state gets None: the read is outdated, so it is
-        neither applied nor written over; the row stays due and is read again next round.
+        ``read_ms`` is when the peer's states were requested (default ``wall_ms``) and
+        ``read_seq`` the :meth:`ticket` taken just before (None: taken as fresh). A row whose
+        key the ledger learnt something of after that (an event, a write) while the read
+        differs from its last-known state gets None: the read is outdated, so it is neither
+        applied nor written over; the row stays due and is read again next round.
 
         With ``intents``, the same transaction also records, for every row still owed, the
         states its write will leave on the peer (``intents(fresh_row, current)``), as
@@ -1027,6 +1037,7 @@ class Ledger:
         if not reads:
             return []
         asked_ms = wall_ms if read_ms is None else read_ms
+        asked_seq = self.ticket() if read_seq is None else read_seq
         async with self._tx() as db:
             keys = await self._row_keys(db, [row for row, _ in reads])
             batch = _Batch(self, db)
@@ -1034,9 +1045,11 @@ class Ledger:
             outdated: set[_Key] = set()
             for (row, current), key in zip(reads, keys, strict=True):
                 if batch.lk.get(key) == current:
-                    batch.see(key, asked_ms)
+                    batch.see(key, asked_seq)
                     continue
-                obs = Observation(row.peer, row.user, row.item, current, asked_ms, "compare")
+                obs = Observation(
+                    row.peer, row.user, row.item, current, asked_ms, "compare", asked_seq
+                )
                 if batch.apply(obs, key).outcome is Outcome.OUTDATED:
                     outdated.add(key)
             await batch.number_new_rows()
@@ -1453,15 +1466,20 @@ class Ledger:
                 f"unknown server {server!r}; the ledger knows {', '.join(self._server_ids)}"
             ) from None
 
+    def ticket(self) -> int:
+        """A number larger than every one handed out before: take one just before a read is
+        requested and pass it as the read's ``read_seq``."""
+        self._tickets += 1
+        return self._tickets
+
     def _note_seen(self, seen: dict[_Key, int]) -> None:
         """Keep what a transaction learnt of when each key was last seen; stay bounded."""
         known = self._seen
-        for key, ms in seen.items():
-            if ms > known.get(key, 0):
-                known[key] = ms
+        for key, seq in seen.items():
+            if seq > known.get(key, 0):
+                known[key] = seq
         if len(known) > SEEN_KEYS_MAX:
-            # No read stays in flight for an hour: older entries can no longer outdate one.
-            horizon = max(known.values()) - SEEN_KEEP_MS
+            horizon = self._tickets - SEEN_KEEP_TICKETS
             self._seen = {k: v for k, v in known.items() if v >= horizon}
 
     def _tick(self, wall_ms: int) -> int:
@@ -1696,21 +1714,21 @@ class _Batch:
         )
         return next((_state(r, 0) for r in rows), None)
 
-    def seen_ms(self, key: _Key) -> int:
-        """When the ledger last learnt anything of ``key`` (0: not in this process)."""
+    def seen_seq(self, key: _Key) -> int:
+        """The ticket of the last thing learnt of ``key`` (0: nothing in this process)."""
         return max(self.seen.get(key, 0), self.ledger._seen.get(key, 0))
 
-    def see(self, key: _Key, ms: int) -> None:
-        """Record that ``key`` was seen (an event, a read, a write) at ``ms``."""
-        if ms > self.seen_ms(key):
-            self.seen[key] = ms
+    def see(self, key: _Key, seq: int) -> None:
+        """Record that ``key`` was seen (an event, a read, a write) at ticket ``seq``."""
+        if seq > self.seen_seq(key):
+            self.seen[key] = seq
 
     def apply(self, obs: Observation, key: _Key) -> Applied:
         """Apply one observation to the working set (rules in :meth:`Ledger.apply_observations`)."""
         uid, iid, sid = key
         pending = self.echo.get(key, ())
         if obs.source == "event":
-            self.see(key, obs.wall_ms)
+            self.see(key, self.ledger.ticket())
             verdict = classify_event(pending, obs.state, self.lk.get(key), obs.wall_ms)
             if verdict.pending != pending:
                 self.echo[key] = pending = verdict.pending
@@ -1721,9 +1739,13 @@ class _Batch:
                 return Applied(obs, Outcome.AMBIGUOUS)
         else:
             # A read: never applied over something learnt after it was requested.
-            if self.seen_ms(key) > obs.wall_ms:
+            seq = self.ledger.ticket() if obs.read_seq is None else obs.read_seq
+            if self.seen_seq(key) > seq:
                 return Applied(obs, Outcome.OUTDATED)
-            self.see(key, obs.wall_ms)
+            if obs.source != "scan":
+                # Scans are bulk (a whole library): they are checked, not remembered. Events,
+                # writes and the other reads of the same keys are what they race with.
+                self.see(key, seq)
             if obs.source == "scan":
                 # A page may show a write recorded after it was requested (an intent whose
                 # write landed first): jfsync's own, not the user's. Nothing is consumed.
@@ -1961,7 +1983,7 @@ class _Batch:
         """Record a write of ``state`` to the peer of ``key``; drop the row if still ``version``."""
         replaced = self.lk.get(key)
         self._set_lk(key, state)
-        self.see(key, wall_ms)
+        self.see(key, self.ledger.ticket())
         # An intent recorded before the write (record_intents) is replaced by this entry: one
         # entry per echo, timed when the write completed (scans compare against that).
         pending = tuple(p for p in self.echo.get(key, ()) if p.state != state)

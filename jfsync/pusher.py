@@ -302,9 +302,9 @@ class Pusher:
         keys = [(row.user, row.item) for row in rows]
         self._in_flight.update(keys)
         try:
-            current, read_ms = await self._read_current(rows) if read is None else read
+            current, read_ms, read_seq = await self._read_current(rows) if read is None else read
             await self._recover_interrupted(rows, current)
-            owed = await self._compare(rows, current, read_ms)
+            owed = await self._compare(rows, current, read_ms, read_seq)
             if len(rows) == self._batch_size and self._accepting:
                 # More rows wait: take the next batch and read the peer's state of it while
                 # this one is written, so neither read holds up the writes.
@@ -415,6 +415,7 @@ class Pusher:
         """Read the peer's state of every row's item, one listing per user; say when it was
         requested (the compare never applies it over something the ledger learnt later)."""
         read_ms = self._clock.wall_ms()
+        read_seq = self._ledger.ticket()
         by_user: dict[str, list[OutboxRow]] = {}
         for row in rows:
             by_user.setdefault(row.remote_user_id or row.user, []).append(row)
@@ -430,7 +431,7 @@ class Pusher:
                         found[(match.user, match.item)] = item.user_data.to_user_data()
             except ServerError as err:
                 raise self._classify(err) from err
-        return found, read_ms
+        return found, read_ms, read_seq
 
     async def _recover_interrupted(
         self, rows: Sequence[OutboxRow], current: dict[tuple[str, str], UserData]
@@ -511,7 +512,11 @@ class Pusher:
         return self._recovered.is_set()
 
     async def _compare(
-        self, rows: Sequence[OutboxRow], current: dict[tuple[str, str], UserData], read_ms: int
+        self,
+        rows: Sequence[OutboxRow],
+        current: dict[tuple[str, str], UserData],
+        read_ms: int,
+        read_seq: int,
     ) -> list[tuple[OutboxRow, UserData]]:
         """Merge what the peer holds first and record the writes' intents (one transaction);
         return the rows still owed.
@@ -537,6 +542,7 @@ class Pusher:
             self._clock.wall_ms(),
             intents=lambda row, state: write_steps(state, row),
             read_ms=read_ms,
+            read_seq=read_seq,
         )
         owed: list[tuple[OutboxRow, UserData]] = []
         for (_, state), still in zip(present, fresh, strict=True):
@@ -740,8 +746,8 @@ def write_steps(before: UserData, row: OutboxRow) -> list[UserData]:
 
 
 #: Rows taken ahead and the peer's state of each (by canonical user and item).
-#: The peer's states of a batch's items and when they were requested.
-_Read = tuple[dict[tuple[str, str], UserData], int]
+#: The peer's states of a batch's items, when they were requested and the ledger's ticket then.
+_Read = tuple[dict[tuple[str, str], UserData], int, int]
 _Prepared = tuple[list[OutboxRow], _Read]
 
 

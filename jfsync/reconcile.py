@@ -175,6 +175,7 @@ class Reconciler:
         # page against writes recorded after it was asked for (a page asked for earlier may
         # predate a write that was recorded while the scan ran).
         read_ms = self.clock.wall_ms()
+        read_seq = ledger.ticket()
         scanned = await scan_non_default(client, remote_user_id)
         items = await self.identity.canonical_items(server, list(scanned))
         if not self.identity.complete:
@@ -205,7 +206,7 @@ class Reconciler:
         else:
             resets = 0
         known_here = {k: v for k, v in known.items() if k not in gone}
-        observations = catchup_observations(server, user, states, known_here, read_ms)
+        observations = catchup_observations(server, user, states, known_here, read_ms, read_seq)
         changed = 0
         for start in range(0, len(observations), SCAN_BATCH):
             applied = await ledger.apply_observations(observations[start : start + SCAN_BATCH])

@@ -581,6 +581,7 @@ class SyncService:
         """
         await link.pusher.settled((user, item) for item in items.values())
         read_ms = self.clock.wall_ms()
+        read_seq = self.ledger.ticket()
         states: dict[str, UserData] = {}
         async for found in link.client.iter_items(
             remote_user_id, ids=list(items), fields=(), include_types=(), recursive=True
@@ -590,7 +591,10 @@ class SyncService:
                 states[key] = found.user_data.to_user_data()
         self.counters.ambiguous_reads += len(items)
         applied = await self.ledger.apply_observations(
-            [Observation(link.name, user, k, v, read_ms, "read") for k, v in states.items()]
+            [
+                Observation(link.name, user, k, v, read_ms, "read", read_seq)
+                for k, v in states.items()
+            ]
         )
         logger.debug(
             "[%s] read back %d items of user %s after an ambiguous event: %s",

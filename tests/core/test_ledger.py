@@ -423,9 +423,10 @@ async def test_the_user_taking_our_write_back_in_the_debounce_wins(ledger: Ledge
 async def test_scan_pages_are_stale_only_if_requested_before_a_write(ledger: Ledger) -> None:
     await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
     await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
+    asked = ledger.ticket()  # the page is requested, then the write is acked
     await _write(ledger, "b", DEFAULT_USER_DATA, T0 + 110)
     old_page = await ledger.apply_observation(
-        "b", USER, ITEM, DEFAULT_USER_DATA, T0 + 105, source="scan"
+        "b", USER, ITEM, DEFAULT_USER_DATA, T0 + 105, source="scan", read_seq=asked
     )
     assert old_page.outcome is Outcome.OUTDATED
     # A page requested after the write shows what b holds now: the user undid it.
@@ -810,11 +811,12 @@ async def test_one_process_writes_a_ledger_file_at_a_time(tmp_path: Path) -> Non
 async def test_a_scan_page_older_than_an_event_does_not_revert_it(ledger: Ledger) -> None:
     await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
     page_asked = T0 + 1_000
+    page_ticket = ledger.ticket()
     # While the page is on its way, the user favourites the item on a; the event lands first.
     event = await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 1_600)
     assert event.outcome is Outcome.CHANGED
     page = await ledger.apply_observation(
-        "a", USER, ITEM, DEFAULT_USER_DATA, page_asked, source="scan"
+        "a", USER, ITEM, DEFAULT_USER_DATA, page_asked, source="scan", read_seq=page_ticket
     )
     assert page.outcome is Outcome.OUTDATED
     canonical = await ledger.canonical(USER, ITEM)
@@ -826,7 +828,7 @@ async def test_a_scan_page_older_than_an_event_does_not_revert_it(ledger: Ledger
         assert row.desired.favorite is True
     # A page asked for after the event is applied as usual.
     later = await ledger.apply_observation(
-        "a", USER, ITEM, DEFAULT_USER_DATA, T0 + 2_000, source="scan"
+        "a", USER, ITEM, DEFAULT_USER_DATA, T0 + 2_000, source="scan", read_seq=ledger.ticket()
     )
     assert later.outcome is Outcome.CHANGED
 
@@ -840,10 +842,11 @@ async def test_a_compare_read_older_than_an_event_neither_reverts_nor_overwrites
     await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
     [row] = await ledger.due_rows("b", 10, T0 + 200)
     read_asked = T0 + 200
+    read_ticket = ledger.ticket()
     rated = await ledger.apply_observation("b", USER, ITEM, UserData(rating=8.0), T0 + 900)
     assert rated.outcome is Outcome.CHANGED
     [fresh] = await ledger.observe_before_writes(
-        [(row, DEFAULT_USER_DATA)], T0 + 950, read_ms=read_asked
+        [(row, DEFAULT_USER_DATA)], T0 + 950, read_ms=read_asked, read_seq=read_ticket
     )
     assert fresh is None  # not written on an outdated read: read again next round
     canonical = await ledger.canonical(USER, ITEM)
@@ -855,7 +858,7 @@ async def test_a_compare_read_older_than_an_event_neither_reverts_nor_overwrites
     # The next round reads b again and writes the favourite over the rating b now shows.
     [again] = await ledger.due_rows("b", 10, T0 + 1_000)
     [fresh] = await ledger.observe_before_writes(
-        [(again, UserData(rating=8.0))], T0 + 1_010, read_ms=T0 + 1_000
+        [(again, UserData(rating=8.0))], T0 + 1_010, read_ms=T0 + 1_000, read_seq=ledger.ticket()
     )
     assert fresh is not None
     assert fresh.intended(UserData(rating=8.0)) == UserData(favorite=True, rating=8.0)
