@@ -170,6 +170,8 @@ def _families(snap: Mapping[str, Any]) -> Iterator[Metric]:
     yield from (reachable, sockets, reconnects, writes, depth, oldest, in_flight, dead)
     yield from (paused, down)
 
+    yield from _reset_guard_families(snap)
+
     identity = GaugeMetricFamily(
         "jfsync_identity_items",
         "Items per server pair by match result (exported once the identity strategy counts).",
@@ -193,3 +195,27 @@ def _families(snap: Mapping[str, Any]) -> Iterator[Metric]:
             "Unix time the last full reconcile finished.",
             value=last_reconcile / 1000,
         )
+
+
+def _reset_guard_families(snap: Mapping[str, Any]) -> Iterator[Metric]:
+    """The reset guard's counter of triggers and gauge of holds (jfsync.resetguard)."""
+    guard = snap.get("reset_guard") or {}
+    triggers = CounterMetricFamily(
+        "jfsync_reset_guard_triggers",
+        "Times a server showed a user's data wiped (restored or held instead of propagated).",
+        labels=["server", "action"],
+    )
+    for entry in guard.get("trigger_counts", []):
+        triggers.add_metric([str(entry["server"]), str(entry["action"])], entry["count"])
+    holds = GaugeMetricFamily(
+        "jfsync_reset_holds",
+        "Users held by the reset guard on each server (waiting for jfsync accept-reset).",
+        labels=["server"],
+    )
+    held: dict[str, int] = {str(s["name"]): 0 for s in snap["servers"]}
+    for hold in guard.get("holds", []):
+        held[str(hold["server"])] = held.get(str(hold["server"]), 0) + 1
+    for server, count in held.items():
+        holds.add_metric([server], count)
+    yield triggers
+    yield holds
