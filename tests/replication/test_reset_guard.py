@@ -119,6 +119,8 @@ async def bring_back(cluster: Cluster, server: str) -> None:
     """Start ``server`` again and wait until every socket is up and caught up, then settle."""
     await cluster.emu(server).start_listener()
     await cluster.wait_connected()
+    # The catch-up's writes echo back before alice's settle sentinels go out.
+    await cluster.wait_quiet(cluster.items)
     await cluster.settle()
 
 
