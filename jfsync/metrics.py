@@ -32,6 +32,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
 #: Write outcomes per peer, in the order they are exported.
 WRITE_OUTCOMES = ("done", "skipped", "failed", "dead")
+#: What the reset guard did when it fired (jfsync.resetguard), in the order they are exported.
+RESET_ACTIONS = ("restored", "held")
 _OUTBOX_KEY_OF_OUTCOME = {
     "done": "writes_done",
     "skipped": "writes_skipped",
@@ -205,8 +207,14 @@ def _reset_guard_families(snap: Mapping[str, Any]) -> Iterator[Metric]:
         "Times a server showed a user's data wiped (restored or held instead of propagated).",
         labels=["server", "action"],
     )
+    # Every server and action from the start (0), so an alert on its increase needs no absent().
+    counts: dict[tuple[str, str], int] = {
+        (str(s["name"]), action): 0 for s in snap["servers"] for action in RESET_ACTIONS
+    }
     for entry in guard.get("trigger_counts", []):
-        triggers.add_metric([str(entry["server"]), str(entry["action"])], entry["count"])
+        counts[(str(entry["server"]), str(entry["action"]))] = entry["count"]
+    for (server, action), count in counts.items():
+        triggers.add_metric([server, action], count)
     holds = GaugeMetricFamily(
         "jfsync_reset_holds",
         "Users held by the reset guard on each server (waiting for jfsync accept-reset).",
