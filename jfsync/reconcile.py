@@ -49,7 +49,7 @@ from jfsync.jellyfin.api import JellyfinClient
 from jfsync.ledger import Applied, ItemMapping, Ledger, OutboxRow, Outcome
 from jfsync.merge import MergePolicy
 from jfsync.model import TICKS_PER_SECOND, PlayState, Register, UserData
-from jfsync.resetguard import ResetGuard, regressed_items, touched
+from jfsync.resetguard import ResetGuard, ResetRule, regressed_items, touched
 from jfsync.subscriber import LibraryChangedEvent
 from jfsync.tasks import cancel_and_wait
 from jfsync.timing import Clock, SystemClock
@@ -546,7 +546,10 @@ async def _reconcile_with(
     identity = IndexedIdentity(config, ledger, clock)
     await identity.start(clients)
     try:
-        reconciler = Reconciler(ledger, identity, clients, clock, users=lambda: users)
+        # The same guard as the service: a wiped server is restored (or held), not propagated.
+        guard = ResetGuard(ResetRule.from_config(config), ledger, clock)
+        await guard.load()
+        reconciler = Reconciler(ledger, identity, clients, clock, users=lambda: users, guard=guard)
         outcome.report = await reconciler.reconcile()
         outcome.identity = identity.status()
         await _deliver(ledger, identity, clients, users, clock, outcome)

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from jfsync.config import parse_config
+from jfsync.errors import ConfigError
 from jfsync.metrics import Metrics
 from jfsync.model import DEFAULT_USER_DATA, UserData
 from jfsync.service import SyncService
@@ -466,3 +468,34 @@ async def test_accept_reset_command_with_jfsync_running_and_stopped(
     status, out, err = await accept_reset_cli(config_file, "b")
     assert status == 1
     assert "nothing is held on b" in out
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (
+            "reset_guard: keep",
+            "sync.reset_guard: 'keep' is not accepted; expected 'restore', 'hold' or 'off'",
+        ),
+        (
+            "reset_guard_min_items: 0",
+            "sync.reset_guard_min_items: not a positive whole number (0); expected the smallest "
+            "count of items that can be a lost server, e.g. 5",
+        ),
+        (
+            "reset_guard_fraction: 80",
+            "sync.reset_guard_fraction: not a fraction (80); expected a number above 0 and at "
+            "most 1, e.g. 0.8 (80 % of the user's items)",
+        ),
+    ],
+)
+def test_a_bad_reset_guard_setting_names_the_key_and_the_fix(line: str, problem: str) -> None:
+    text = (
+        "servers:\n"
+        "  - {name: a, url: 'http://127.0.0.1:1', api_key: k}\n"
+        "  - {name: b, url: 'http://127.0.0.1:2', api_key: k}\n"
+        f"sync:\n  {line}\n"
+    )
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text)
+    assert raised.value.problems == [problem]
