@@ -58,6 +58,13 @@ Decoded state of recently used (user, item) pairs is kept between transactions i
 write-through cache (:class:`_StateCache`); writes that bypass it, and rollbacks, empty it.
 Rows are identified by (peer, user, item) and ``version``; the integer ``id`` is only a handle.
 
+Reset guard (:mod:`jfsync.resetguard`): :meth:`Ledger.rebase_last_known` takes what a server
+that lost a user's data now holds as its last-known state without merging it, and queues the
+canonical state for it; ``reset_holds`` rows (:meth:`Ledger.hold_reset`,
+:meth:`Ledger.resolve_reset_holds`) pause a (server, user): :meth:`Ledger.due_rows` skips its
+rows until the hold is dropped. Each server's Jellyfin id is kept (:meth:`Ledger.jellyfin_id`);
+:meth:`Ledger.forget_server_history` makes a replaced server a first contact again.
+
 All methods serialise on one lock; no transaction is held across anything but the ledger's own
 SQL. Tokens are stored in clear in the ledger file (protect the file) and never logged.
 """

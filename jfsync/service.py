@@ -296,7 +296,6 @@ class SyncService:
         while True:
             try:
                 info = await link.client.ensure_supported()
-                await self._check_server_identity(link, info.id)
                 link.server_id = info.id
                 link.version = info.version
                 link.users = await link.client.users()
@@ -317,6 +316,7 @@ class SyncService:
                 else:
                     await self.clock.sleep(next(delays))
         streak.succeeded("server reachable")
+        await self._check_server_identity(link, link.server_id)
         assert link.server_id is not None
         link.tokens = UserTokens(
             link.client,
