@@ -255,16 +255,21 @@ async def test_unplaying_a_whole_season_while_the_socket_was_down_is_not_taken_f
 
 
 async def held_wipe(cluster: Cluster, caplog: pytest.LogCaptureFixture) -> dict[str, UserData]:
-    """With sync.reset_guard: hold, alice's library, then b down, wiped and back: held."""
+    """With sync.reset_guard: hold, alice's library, then b down, wiped and back: held.
+
+    Checks that nothing was written to b for alice from the wipe on.
+    """
     await restart(cluster, reset_guard="hold")
     expected = await build_library(cluster)
     await take_down(cluster, "b")
     wipe_alice(cluster, "b")
+    writes = len(alice_writes(cluster, "b"))
     caplog.set_level(logging.WARNING)
     await cluster.emu("b").start_listener()
     await cluster.wait_connected()
     # alice is held on b, so her sentinels cannot go round: bob's show everything is quiet.
     await cluster.settle(user="bob")
+    assert len(alice_writes(cluster, "b")) == writes
     return expected
 
 
