@@ -142,9 +142,9 @@ def accept_reset(
         print(f"{PROG}: {base} answered HTTP {status}: {_error_of(answer)}", file=out)
         return EXIT_USAGE if status == 400 else EXIT_UNREACHABLE
     for line in answer.get("applied", []):
-        print(f"{line}: applied now by the running jfsync", file=out)
+        print(f"{line}; applied now by the running jfsync", file=out)
     for line in answer.get("pending", []):
-        print(f"{line}: decided ({verb}); applied when that user's socket reconnects", file=out)
+        print(f"{line}; applied when that user's socket reconnects", file=out)
     return 0
 
 

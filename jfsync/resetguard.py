@@ -249,7 +249,7 @@ def _short(user: str) -> str:
 def describe_hold(hold: ResetHold) -> str:
     """One line for a hold, for the CLI and logs."""
     who = hold.name or _short(hold.user)
-    state = "held" if hold.resolution is None else f"resolved: {hold.resolution} (pending)"
+    state = "held" if hold.resolution is None else f"decided: {hold.resolution}"
     return f"{hold.server}/{who}: {hold.items} of {hold.known} items wiped; {state}"
 
 

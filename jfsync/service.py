@@ -39,7 +39,7 @@ from jfsync.logs import FailureStreak
 from jfsync.merge import MergePolicy
 from jfsync.pusher import Pusher, WriteHook
 from jfsync.reconcile import Reconciler, ReconcileReport
-from jfsync.resetguard import ResetGuard, ResetRule
+from jfsync.resetguard import ResetGuard, ResetRule, describe_hold
 from jfsync.subscriber import (
     ConnectionStateChanged,
     LibraryChangedEvent,
@@ -466,8 +466,6 @@ class SyncService:
         socket is up (else by the next one). Returns ``{"resolved": [...], "applied": [...],
         "pending": [...]}`` (lines describing each hold).
         """
-        from jfsync.resetguard import describe_hold
-
         resolution: Literal["accept", "restore"] = "restore" if restore else "accept"
         holds = await self.ledger.resolve_reset_holds(server, user, resolution)
         link = self.links.get(server)
