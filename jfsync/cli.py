@@ -2,9 +2,9 @@
 
 Subcommands: ``check`` (validate a config, then reach every server), ``emulator`` (run a
 Jellyfin emulator on loopback), ``reconcile`` (one full reconcile, or with ``--dry-run`` what
-it would change), ``retry-dead`` (revive parked writes), and the service commands as they
-exist. Every command returns an exit status; problems go to stderr, one per line, and never
-include secrets.
+it would change), ``retry-dead`` (revive parked writes), ``accept-reset`` (resolve a reset
+hold, :mod:`jfsync.resetcmd`), and the service commands as they exist. Every command returns
+an exit status; problems go to stderr, one per line, and never include secrets.
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reconcile.set_defaults(handler=_reconcile)
 
+    _add_accept_reset(sub)
+
     demo = sub.add_parser(
         "demo", help="two emulated servers, the replicator, and users acting on both sides"
     )
@@ -126,6 +128,22 @@ def _add_retry_dead(sub: Any) -> None:
     )
     statuscmd.add_retry_dead_arguments(retry)
     retry.set_defaults(handler=statuscmd.run_retry_dead)
+
+
+def _add_accept_reset(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``jfsync accept-reset``: resolve what the reset guard holds (jfsync.resetcmd)."""
+    from jfsync import resetcmd
+
+    accept = sub.add_parser(
+        "accept-reset",
+        help="resolve a reset hold: take the held server's state as the user's, or --restore",
+        description="With sync.reset_guard: hold, a server that showed a user's data wiped is "
+        "held (nothing synced from or to it for that user). Accept its state as the user's "
+        "(propagated to every server), or with --restore write the other servers' state back "
+        "to it. Works with `jfsync run` running (through its status endpoint) or stopped.",
+    )
+    resetcmd.add_arguments(accept)
+    accept.set_defaults(handler=resetcmd.run)
 
 
 def _load(path: str) -> Config | None:

@@ -39,6 +39,10 @@ DEFAULT_RECONCILE_INTERVAL_S = 6 * 3600.0
 DEFAULT_USER_REFRESH_INTERVAL_S = 600.0
 #: Shorter refresh periods only load the servers (one /Users call each, every time).
 MIN_USER_REFRESH_INTERVAL_S = 10.0
+#: Reset guard defaults (see jfsync.resetguard): at least this many items, and at least this
+#: share of the user's non-default items on that server, back to never-touched at once.
+DEFAULT_RESET_GUARD_MIN_ITEMS = 5
+DEFAULT_RESET_GUARD_FRACTION = 0.8
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -290,6 +294,36 @@ class SyncConfig(_Strict):
                 f"{DEFAULT_USER_REFRESH_INTERVAL_S / 60:g}m)"
             )
         return value
+
+    #: What a catch-up does when a server shows one user's data wiped: ``restore`` it from the
+    #: canonical state, ``hold`` it for ``jfsync accept-reset``, or ``off`` (propagate it).
+    reset_guard: Literal["restore", "hold", "off"] = "restore"
+    reset_guard_min_items: int = DEFAULT_RESET_GUARD_MIN_ITEMS
+    reset_guard_fraction: float = DEFAULT_RESET_GUARD_FRACTION
+
+    @field_validator("reset_guard_min_items", mode="before")
+    @classmethod
+    def _min_items(cls, value: object) -> object:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"not a positive whole number ({value!r}); expected the smallest count of "
+                f"items that can be a lost server, e.g. {DEFAULT_RESET_GUARD_MIN_ITEMS}"
+            )
+        return value
+
+    @field_validator("reset_guard_fraction", mode="before")
+    @classmethod
+    def _fraction(cls, value: object) -> object:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not 0 < float(value) <= 1
+        ):
+            raise ValueError(
+                f"not a fraction ({value!r}); expected a number above 0 and at most 1, "
+                f"e.g. {DEFAULT_RESET_GUARD_FRACTION} (80 % of the user's items)"
+            )
+        return float(value)
 
 
 class LoggingConfig(_Strict):

@@ -58,6 +58,13 @@ Decoded state of recently used (user, item) pairs is kept between transactions i
 write-through cache (:class:`_StateCache`); writes that bypass it, and rollbacks, empty it.
 Rows are identified by (peer, user, item) and ``version``; the integer ``id`` is only a handle.
 
+Reset guard (:mod:`jfsync.resetguard`): :meth:`Ledger.rebase_last_known` takes what a server
+that lost a user's data now holds as its last-known state without merging it, and queues the
+canonical state for it; ``reset_holds`` rows (:meth:`Ledger.hold_reset`,
+:meth:`Ledger.resolve_reset_holds`) pause a (server, user): :meth:`Ledger.due_rows` skips its
+rows until the hold is dropped. Each server's Jellyfin id is kept (:meth:`Ledger.jellyfin_id`);
+:meth:`Ledger.forget_server_history` makes a replaced server a first contact again.
+
 All methods serialise on one lock; no transaction is held across anything but the ledger's own
 SQL. Tokens are stored in clear in the ledger file (protect the file) and never logged.
 
@@ -155,6 +162,10 @@ _UPSERT_LAST_KNOWN = _upsert(
     "last_known", f"user, item, server, {_STATE_COLS}", "user, item, server"
 )
 _UPSERT_ECHO = _upsert("pending_echo", "user, item, server, entries", "user, item, server")
+#: Rows of a (peer, user) the reset guard holds wait: nothing is written there until resolved.
+_NOT_HELD = (
+    "AND NOT EXISTS (SELECT 1 FROM reset_holds h WHERE h.server = o.peer AND h.user = o.user) "
+)
 _SELECT_CANONICAL = f"SELECT {_CANON_COLS} FROM canonical"  # noqa: S608 - fixed columns
 _SELECT_LAST_KNOWN = f"SELECT user, item, server, {_STATE_COLS} FROM last_known"  # noqa: S608
 _SELECT_ECHO = "SELECT user, item, server, entries FROM pending_echo"
@@ -349,6 +360,24 @@ class ItemMapping:
     item_type: str | None = None
     path: str | None = None
     provider_ids: dict[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResetHold:
+    """A (server, user) held by the reset guard: the server showed that user's data wiped."""
+
+    server: str
+    #: The canonical user key.
+    user: str
+    #: The user's account name on that server, when known.
+    name: str | None
+    #: Items that went back to never-touched, of the ``known`` non-default ones.
+    items: int
+    known: int
+    since_ms: int
+    #: None while held; ``accept`` or ``restore`` once the operator decided (applied by the
+    #: next catch-up of that user on that server).
+    resolution: str | None
 
 
 _Key = tuple[int, int, int]  # (user, item, server)
@@ -1191,6 +1220,7 @@ class Ledger:
             rows = await db.execute_fetchall(
                 _ROW_SELECT
                 + "WHERE o.peer=? AND o.dead=0 AND o.next_attempt_ms<=? "
+                + _NOT_HELD
                 + skip
                 + "ORDER BY o.next_attempt_ms, o.created_ms, o.id LIMIT ?",
                 (self._sid(peer), now_ms, *in_sql, limit + len(beyond)),
@@ -1345,6 +1375,151 @@ class Ledger:
                 (sid, limit),
             )
             return count, [_decode_row(r, self._server_names) for r in sample]
+
+    # ------------------------------------------------------------------ reset guard
+
+    async def jellyfin_id(self, server: str) -> str | None:
+        """Return the Jellyfin server id last seen under the config name ``server``."""
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                "SELECT jellyfin_id FROM servers WHERE id=?", (self._sid(server),)
+            )
+            return next((None if r[0] is None else str(r[0]) for r in rows), None)
+
+    async def remember_jellyfin_id(self, server: str, jellyfin_id: str) -> None:
+        """Record the Jellyfin server id seen under the config name ``server``."""
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE servers SET jellyfin_id=? WHERE id=?", (jellyfin_id, self._sid(server))
+            )
+
+    async def forget_server_history(self, server: str) -> int:
+        """Forget what jfsync knew ``server`` to hold, for every user, in ONE transaction.
+
+        Its last-known states, pending echoes and reset holds go; canonical states, id maps and
+        queued rows stay. Every item it shows next is a first contact (merged, never taken as
+        an edit). Returns how many last-known states were dropped.
+        """
+        async with self._tx() as db:
+            self._cache.clear()
+            sid = self._sid(server)
+            cursor = await db.execute("DELETE FROM last_known WHERE server=?", (sid,))
+            dropped = cursor.rowcount
+            await cursor.close()
+            await db.execute("DELETE FROM pending_echo WHERE server=?", (sid,))
+            await db.execute("DELETE FROM reset_holds WHERE server=?", (sid,))
+            return dropped
+
+    async def rebase_last_known(
+        self, server: str, user: str, states: Mapping[str, UserData], wall_ms: int
+    ) -> int:
+        """Take ``states`` as what ``server`` holds for ``user`` WITHOUT merging them, in one tx.
+
+        For a server that lost its data (the reset guard's ``restore``): each state becomes the
+        server's last-known state, and the canonical value of every synced register where it
+        differs is queued for the server, so the pusher writes the canonical state back (its
+        compare then finds the server as recorded, not changed). Returns the rows queued.
+        """
+        if not states:
+            return 0
+        async with self._tx() as db:
+            sid = self._sid(server)
+            uid = (await self._ensure_ids(db, "users", [user]))[user]
+            items = await self._ensure_ids(db, "items", list(states))
+            batch = _Batch(self, db)
+            await batch.load({(uid, iid) for iid in items.values()})
+            version = batch.tick(wall_ms)
+            queued = 0
+            for item in sorted(states):
+                state = states[item]
+                key = (uid, items[item], sid)
+                batch._set_lk(key, state)
+                canonical = batch.canon.get(key[:2])
+                if canonical is None:
+                    continue
+                owed = frozenset(
+                    r for r in self._policy.synced if canonical.data.get(r) != state.get(r)
+                )
+                if owed and batch.refresh_row(key, owed, canonical.data, version, wall_ms):
+                    queued += 1
+            await batch.flush()
+            return queued
+
+    async def reset_holds(self) -> list[ResetHold]:
+        """Return every (server, user) the reset guard holds, oldest first."""
+        async with self._read() as db:
+            rows = await db.execute_fetchall(
+                "SELECT h.server, u.key, su.name, h.items, h.known, h.since_ms, h.resolution "
+                "FROM reset_holds h JOIN users u ON u.id = h.user "
+                "LEFT JOIN server_users su ON su.server = h.server AND su.user = h.user "
+                "ORDER BY h.since_ms, h.server, u.key"
+            )
+        return [
+            ResetHold(
+                server=self._server_names[int(r[0])],
+                user=str(r[1]),
+                name=None if r[2] is None else str(r[2]),
+                items=int(r[3]),
+                known=int(r[4]),
+                since_ms=int(r[5]),
+                resolution=None if r[6] is None else str(r[6]),
+            )
+            for r in rows
+            if int(r[0]) in self._server_names
+        ]
+
+    async def hold_reset(
+        self, server: str, user: str, *, items: int, known: int, since_ms: int
+    ) -> None:
+        """Hold ``user`` on ``server``: nothing is delivered to it until a resolution."""
+        async with self._tx() as db:
+            uid = (await self._ensure_ids(db, "users", [user]))[user]
+            await db.execute(
+                "INSERT INTO reset_holds(server, user, items, known, since_ms, resolution) "
+                "VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT(server, user) DO NOTHING",
+                (self._sid(server), uid, items, known, since_ms),
+            )
+
+    async def resolve_reset_holds(
+        self, server: str, user: str | None, resolution: Literal["accept", "restore"]
+    ) -> list[ResetHold]:
+        """Record the operator's decision on the holds of ``server`` (one user, or all).
+
+        ``user`` is a canonical key or the user's account name on that server (any case).
+        Returns the holds decided (empty when none matched). The next catch-up of each
+        applies the decision and drops the hold (:meth:`drop_reset_hold`).
+        """
+        held = [h for h in await self.reset_holds() if h.server == server]
+        if user is not None:
+            wanted = user.casefold()
+            held = [
+                h
+                for h in held
+                if h.user == user or (h.name is not None and h.name.casefold() == wanted)
+            ]
+        if not held:
+            return []
+        async with self._tx() as db:
+            sid = self._sid(server)
+            for hold in held:
+                await db.execute(
+                    "UPDATE reset_holds SET resolution=? WHERE server=? AND user="
+                    "(SELECT id FROM users WHERE key=?)",
+                    (resolution, sid, hold.user),
+                )
+        return [replace(h, resolution=resolution) for h in held]
+
+    async def drop_reset_hold(self, server: str, user: str) -> bool:
+        """Drop the hold of ``user`` on ``server`` (its resolution was applied)."""
+        async with self._tx() as db:
+            cursor = await db.execute(
+                "DELETE FROM reset_holds WHERE server=? "
+                "AND user=(SELECT id FROM users WHERE key=?)",
+                (self._sid(server), user),
+            )
+            dropped = cursor.rowcount == 1
+            await cursor.close()
+            return dropped
 
     # ------------------------------------------------------------------ tokens (TokenStore)
 

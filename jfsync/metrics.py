@@ -32,6 +32,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
 #: Write outcomes per peer, in the order they are exported.
 WRITE_OUTCOMES = ("done", "skipped", "failed", "dead")
+#: What the reset guard did when it fired (jfsync.resetguard), in the order they are exported.
+RESET_ACTIONS = ("restored", "held")
 _OUTBOX_KEY_OF_OUTCOME = {
     "done": "writes_done",
     "skipped": "writes_skipped",
@@ -170,6 +172,8 @@ def _families(snap: Mapping[str, Any]) -> Iterator[Metric]:
     yield from (reachable, sockets, reconnects, writes, depth, oldest, in_flight, dead)
     yield from (paused, down)
 
+    yield from _reset_guard_families(snap)
+
     identity = GaugeMetricFamily(
         "jfsync_identity_items",
         "Items per server pair by match result (exported once the identity strategy counts).",
@@ -193,3 +197,33 @@ def _families(snap: Mapping[str, Any]) -> Iterator[Metric]:
             "Unix time the last full reconcile finished.",
             value=last_reconcile / 1000,
         )
+
+
+def _reset_guard_families(snap: Mapping[str, Any]) -> Iterator[Metric]:
+    """The reset guard's counter of triggers and gauge of holds (jfsync.resetguard)."""
+    guard = snap.get("reset_guard") or {}
+    triggers = CounterMetricFamily(
+        "jfsync_reset_guard_triggers",
+        "Times a server showed a user's data wiped (restored or held instead of propagated).",
+        labels=["server", "action"],
+    )
+    # Every server and action from the start (0), so an alert on its increase needs no absent().
+    counts: dict[tuple[str, str], int] = {
+        (str(s["name"]), action): 0 for s in snap["servers"] for action in RESET_ACTIONS
+    }
+    for entry in guard.get("trigger_counts", []):
+        counts[(str(entry["server"]), str(entry["action"]))] = entry["count"]
+    for (server, action), count in counts.items():
+        triggers.add_metric([server, action], count)
+    holds = GaugeMetricFamily(
+        "jfsync_reset_holds",
+        "Users held by the reset guard on each server (waiting for jfsync accept-reset).",
+        labels=["server"],
+    )
+    held: dict[str, int] = {str(s["name"]): 0 for s in snap["servers"]}
+    for hold in guard.get("holds", []):
+        held[str(hold["server"])] = held.get(str(hold["server"]), 0) + 1
+    for server, count in held.items():
+        holds.add_metric([server], count)
+    yield triggers
+    yield holds

@@ -19,6 +19,11 @@ Schema v2 adds the library index of :mod:`jfsync.index`: ``index_items`` (every 
 items with type, name, year, path, provider ids, series, season and episode numbers),
 ``index_series`` (series provider ids), ``index_keys`` (provider-id match keys) and
 ``index_scans`` (scan generations).
+
+The reset-guard migration adds ``reset_holds``: one row per (server, user) whose data the
+server showed wiped while ``sync.reset_guard`` is ``hold`` (:mod:`jfsync.resetguard`), with
+the operator's decision once ``jfsync accept-reset`` made one. Each server's Jellyfin id lives
+in ``servers.jellyfin_id`` (there since v1).
 """
 
 from __future__ import annotations
@@ -212,8 +217,26 @@ _V2 = Migration(
     ),
 )
 
+_RESET_HOLDS = Migration(
+    version=3,
+    description="reset guard: (server, user) pairs held after the server lost their data",
+    statements=(
+        # ``resolution``: NULL while held; 'accept' or 'restore' once the operator decided
+        # (applied, and the row deleted, by the next catch-up of that user on that server).
+        """CREATE TABLE reset_holds (
+            server INTEGER NOT NULL REFERENCES servers(id),
+            user INTEGER NOT NULL REFERENCES users(id),
+            items INTEGER NOT NULL,
+            known INTEGER NOT NULL,
+            since_ms INTEGER NOT NULL,
+            resolution TEXT,
+            PRIMARY KEY (server, user)
+        ) WITHOUT ROWID""",
+    ),
+)
+
 #: Every migration, in order. Versions are 1, 2, 3, ... without gaps.
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _RESET_HOLDS)
 
 #: The schema version this jfsync writes.
 LATEST_VERSION = MIGRATIONS[-1].version

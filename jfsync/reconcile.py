@@ -10,6 +10,11 @@ if it is gone (removed, moved), nothing is observed, so a deleted file never un-
 un-favourites an item elsewhere. Then every non-default canonical item the server has but has
 no history of is queued for it (first-contact merge at write time).
 
+With a reset guard (:mod:`jfsync.resetguard`), a scan showing the user's data on that server
+regressed wholesale to defaults is a server that lost its data: the regressed items are
+restored from the canonical state instead of propagated (``restore``), or the whole (server,
+user) is held for the operator (``hold``); a held pair is not caught up until resolved.
+
 :class:`Reconciler` also owns two background tasks in the service: the periodic full reconcile
 (``sync.reconcile_interval``, on the injected clock: rescan every library, match again, catch up
 every user of every reachable server) and the debounced ``LibraryChanged`` refresh (re-read the
@@ -44,6 +49,7 @@ from jfsync.jellyfin.api import JellyfinClient
 from jfsync.ledger import Applied, ItemMapping, Ledger, OutboxRow, Outcome
 from jfsync.merge import MergePolicy
 from jfsync.model import TICKS_PER_SECOND, PlayState, Register, UserData
+from jfsync.resetguard import ResetGuard, ResetRule, regressed_items, touched
 from jfsync.subscriber import LibraryChangedEvent
 from jfsync.tasks import cancel_and_wait
 from jfsync.timing import Clock, SystemClock
@@ -80,6 +86,10 @@ class CatchUpResult:
     resets: int
     gone: int
     queued: int
+    #: Items the reset guard restored (not propagated), or held (nothing applied).
+    guarded: int = 0
+    #: The pair is held by the reset guard: nothing was applied.
+    held: bool = False
 
 
 @dataclass(slots=True)
@@ -125,8 +135,11 @@ class Reconciler:
         library_debounce_s: float = LIBRARY_DEBOUNCE_S,
         on_applied: AppliedHook | None = None,
         on_result: ResultHook | None = None,
+        guard: ResetGuard | None = None,
     ) -> None:
         self.ledger = ledger
+        #: Tells a server that lost a user's data from the user's edits (None: no guard).
+        self.guard = guard
         self.identity = identity
         self.clients = dict(clients)
         self.clock = clock
@@ -171,6 +184,15 @@ class Reconciler:
         """Scan the user's non-default items on ``server``, diff, apply, queue what it lacks."""
         client = self.clients[server]
         ledger = self.ledger
+        guard = self.guard
+        hold = await guard.hold_of(server, user) if guard is not None else None
+        if hold is not None and hold.resolution is None:
+            logger.info(
+                "[%s] user %s is held by the reset guard; not caught up (jfsync accept-reset)",
+                server,
+                user,
+            )
+            return CatchUpResult(server, user, 0, 0, 0, 0, 0, 0, hold.items, held=True)
         # Observations carry the time the scan was REQUESTED: the echo rule only matches a
         # page against writes recorded after it was asked for (a page asked for earlier may
         # predate a write that was recorded while the scan ran).
@@ -206,6 +228,25 @@ class Reconciler:
         else:
             resets = 0
         known_here = {k: v for k, v in known.items() if k not in gone}
+        lost: dict[str, UserData] = {}
+        non_default = 0
+        if guard is not None:
+            regressed = regressed_items(known_here, states, ledger.policy.synced)
+            non_default = sum(1 for v in known_here.values() if touched(v, ledger.policy.synced))
+            if hold is not None:
+                # The operator decided: "accept" propagates everything below; "restore"
+                # restores every regressed item whatever the rule says.
+                fires = hold.resolution == "restore" and bool(regressed)
+            else:
+                fires = guard.rule.fires(len(regressed), non_default)
+            if fires and hold is None and guard.rule.mode == "hold":
+                await guard.hold(server, user, len(regressed), non_default)
+                return CatchUpResult(
+                    server, user, len(states), 0, 0, 0, len(gone), 0, len(regressed), held=True
+                )
+            if fires:
+                lost = {k: states.pop(k) for k in regressed}
+                known_here = {k: v for k, v in known_here.items() if k not in lost}
         observations = catchup_observations(server, user, states, known_here, read_ms, read_seq)
         changed = 0
         for start in range(0, len(observations), SCAN_BATCH):
@@ -213,12 +254,22 @@ class Reconciler:
             changed += sum(a.outcome is Outcome.CHANGED for a in applied)
             if self._on_applied is not None:
                 self._on_applied(applied)
+        restored = await ledger.rebase_last_known(server, user, lost, read_ms) if lost else 0
         if self.identity.complete:
             queued = await ledger.backfill_mapped(server, user, self.clock.wall_ms())
         else:
             queued = await ledger.backfill(server, user, self.clock.wall_ms())
-        if queued and self._on_applied is not None:
+        if (queued or restored) and self._on_applied is not None:
             self._on_applied([])
+        if guard is not None and hold is not None:
+            await guard.resolved(
+                server,
+                user,
+                hold.resolution or "accept",
+                restored if lost else sum(1 for o in observations if o.state.is_default),
+            )
+        elif guard is not None and lost:
+            guard.restored(server, user, len(lost), non_default, restored)
         if gone:
             logger.info(
                 "[%s] %d items user %s had data for are gone from the server; not a reset",
@@ -227,7 +278,15 @@ class Reconciler:
                 user,
             )
         return CatchUpResult(
-            server, user, len(states), len(observations), changed, resets, len(gone), queued
+            server,
+            user,
+            len(states) + len(lost),
+            len(observations),
+            changed,
+            resets,
+            len(gone),
+            queued + restored,
+            len(lost),
         )
 
     async def _read_by_key(
@@ -488,7 +547,10 @@ async def _reconcile_with(
     identity = IndexedIdentity(config, ledger, clock)
     await identity.start(clients)
     try:
-        reconciler = Reconciler(ledger, identity, clients, clock, users=lambda: users)
+        # The same guard as the service: a wiped server is restored (or held), not propagated.
+        guard = ResetGuard(ResetRule.from_config(config), ledger, clock)
+        await guard.load()
+        reconciler = Reconciler(ledger, identity, clients, clock, users=lambda: users, guard=guard)
         outcome.report = await reconciler.reconcile()
         outcome.identity = identity.status()
         await _deliver(ledger, identity, clients, users, clock, outcome)

@@ -28,7 +28,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
 
@@ -45,6 +45,7 @@ from jfsync.model import UserData
 from jfsync.pusher import Pusher, WriteHook
 from jfsync.ratelimit import RepeatLimiter
 from jfsync.reconcile import Reconciler, ReconcileReport
+from jfsync.resetguard import ResetGuard, ResetRule, describe_hold
 from jfsync.subscriber import (
     ConnectionStateChanged,
     LibraryChangedEvent,
@@ -171,6 +172,8 @@ class SyncService:
                 IdenticalIds() if in_memory else IndexedIdentity(config, self.ledger, self.clock)
             )
         self.identity: ItemIdentity = identity
+        #: Tells a server that lost a user's data from that user's edits (jfsync.resetguard).
+        self.reset_guard = ResetGuard(ResetRule.from_config(config), self.ledger, self.clock)
         #: Catch-up, library refreshes and the periodic full reconcile (set up by start()).
         self.reconciler: Reconciler | None = None
         self._reconcile_options = reconcile_options or {}
@@ -203,6 +206,7 @@ class SyncService:
         """Open the ledger, start every pusher, and bring every server up in the background."""
         self._started_ms = self.clock.wall_ms()
         await self.ledger.open()
+        await self.reset_guard.load()
         self._session = aiohttp.ClientSession()
         for index, server in enumerate(self.config.servers):
             assert server.api_key is not None  # the config loader resolves *_file into it
@@ -237,6 +241,7 @@ class SyncService:
             interval_s=self.config.sync.reconcile_interval,
             on_applied=self._after_apply,
             on_result=self._reconciled,
+            guard=self.reset_guard,
             **self._reconcile_options,
         )
         self.reconciler.start()
@@ -362,6 +367,7 @@ class SyncService:
                 link.reachable = True
                 link.last_error = None
                 self.identity.server_reachable(link.name)
+                await self._check_server_identity(link, info.id)
                 if link.tokens is None:
                     assert link.server_id is not None
                     link.tokens = UserTokens(
@@ -550,6 +556,8 @@ class SyncService:
                 event.user_id,
             )
             return
+        if self.reset_guard.is_held(link.name, user):
+            return
         entries = event.item_entries
         self.counters.entries_received += len(entries)
         items = await self.identity.canonical_items(link.name, [e.item_id for e in entries])
@@ -629,6 +637,67 @@ class SyncService:
             result.scanned,
             result.observations,
         )
+
+    async def _check_server_identity(self, link: ServerLink, jellyfin_id: str | None) -> None:
+        """Forget the history of a server whose Jellyfin id changed under its config name.
+
+        A different server id is a different server (a reinstall, another machine behind the
+        URL): what jfsync knew it to hold says nothing about what it holds now, and diffing
+        against it would take every difference for the user's edit. Its last-known states,
+        echoes and reset holds are dropped, so everything it shows is a first contact, merged
+        by the first-contact rules (favourite OR, later play wins, ...), never a mass edit.
+        """
+        if not jellyfin_id:
+            return
+        before = await self.ledger.jellyfin_id(link.name)
+        if before == jellyfin_id:
+            return
+        if before is not None:
+            dropped = await self.ledger.forget_server_history(link.name)
+            self.reset_guard.forget_server(link.name)
+            logger.warning(
+                "[%s] the Jellyfin server id changed (%s -> %s): a new server under this name; "
+                "forgot what jfsync knew it to hold (%d states); its data is merged with the "
+                "others by the first-contact rules, not taken as edits",
+                link.name,
+                before,
+                jellyfin_id,
+                dropped,
+            )
+        await self.ledger.remember_jellyfin_id(link.name, jellyfin_id)
+
+    async def accept_reset(
+        self, server: str, user: str | None, *, restore: bool = False
+    ) -> dict[str, Any]:
+        """Resolve reset holds of ``server`` (one user, or all): accept its state, or restore.
+
+        The decision is stored, then applied at once by a catch-up of each held user whose
+        socket is up (else by the next one). Returns ``{"resolved": [...], "applied": [...],
+        "pending": [...]}`` (lines describing each hold).
+        """
+        resolution: Literal["accept", "restore"] = "restore" if restore else "accept"
+        holds = await self.ledger.resolve_reset_holds(server, user, resolution)
+        link = self.links.get(server)
+        applied: list[str] = []
+        pending: list[str] = []
+        for hold in holds:
+            remote = next(
+                (r for r, k in (link.user_keys if link else {}).items() if k == hold.user), None
+            )
+            if link is None or remote is None or self.reconciler is None or not link.reachable:
+                pending.append(describe_hold(hold))
+                continue
+            try:
+                await self._resync(link, remote, hold.user)
+            except ServerError as err:
+                pending.append(f"{describe_hold(hold)} ({err})")
+                continue
+            applied.append(describe_hold(hold))
+        return {
+            "resolved": [describe_hold(h) for h in holds],
+            "applied": applied,
+            "pending": pending,
+        }
 
     def _synced_users(self) -> dict[str, dict[str, str]]:
         """server -> remote user id -> canonical user, for every reachable server."""
@@ -765,6 +834,7 @@ class SyncService:
                 "path": str(self.config.ledger),
                 "size_bytes": _file_size(str(self.config.ledger)),
             },
+            "reset_guard": await self.reset_guard.status(),
             "reconcile": {
                 "last_at_ms": self.last_reconcile_ms,
                 "last_result": self.last_reconcile_result,

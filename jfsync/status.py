@@ -11,6 +11,8 @@
 * ``POST /retry-dead`` (optionally ``?server=NAME``): revive the dead rows of every peer, or
   of one, so they are tried again; answers ``{"revived": {server: count}}`` (the route
   ``jfsync retry-dead`` takes while ``jfsync run`` holds the ledger).
+* ``POST /reset-holds/accept``: resolve reset holds (``jfsync accept-reset`` while ``jfsync
+  run`` holds the ledger): JSON ``{"server": name, "user": name or null, "restore": bool}``.
 
 With ``status.token`` configured every route, unknown ones included, needs
 ``Authorization: Bearer <token>`` (compared in constant time) and answers 401 otherwise. The
@@ -95,6 +97,7 @@ class StatusServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/retry-dead", self._retry_dead)
+        self._add_reset_routes(app)
         # No access log: a scrape every few seconds would drown the lines that matter.
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
@@ -211,6 +214,40 @@ class StatusServer:
                 ", ".join(f"{name}={count}" for name, count in revived.items()),
             )
         return self._json({"revived": revived})
+
+    # ------------------------------------------------------------------ reset guard
+
+    def _add_reset_routes(self, app: web.Application) -> None:
+        """The reset guard's route (token-protected like every other route)."""
+        app.router.add_post("/reset-holds/accept", self._accept_reset)
+
+    async def _accept_reset(self, request: web.Request) -> web.StreamResponse:
+        """Resolve the reset holds of one server (one user, or all): accept, or restore."""
+        usage = 'expected a JSON object {"server": NAME, "user": NAME or null, "restore": bool}'
+        try:
+            body = await request.json()
+        except ValueError:
+            return self._json({"error": f"not JSON; {usage}"}, status=400)
+        if not isinstance(body, dict):
+            return self._json({"error": usage}, status=400)
+        server, user, restore = body.get("server"), body.get("user"), body.get("restore", False)
+        if (
+            not isinstance(server, str)
+            or not (user is None or (isinstance(user, str) and user.strip()))
+            or not isinstance(restore, bool)
+        ):
+            return self._json({"error": usage}, status=400)
+        names = [s.name for s in self.service.config.servers]
+        if server not in names:
+            known = ", ".join(names)
+            return self._json(
+                {"error": f"no server {server!r}; expected one of {known}"}, status=400
+            )
+        result = await self.service.accept_reset(server, user, restore=restore)
+        if not result["resolved"]:
+            who = f" for user {user}" if user else ""
+            return self._json({"error": f"nothing is held on {server}{who}"}, status=404)
+        return self._json(self._scrub(result))
 
     # ------------------------------------------------------------------ helpers
 

@@ -6,7 +6,8 @@ servers, sockets and peers. Exit status, for scripts:
 
 * 0: nothing needs doing (warnings such as a server being down may be listed: jfsync queues
   and catches up by itself; ``--strict`` makes them fail too);
-* 1: a peer is paused or has dead rows (someone must act), or with ``--strict`` any warning;
+* 1: a peer is paused or has dead rows, or a user is held by the reset guard (someone must
+  act), or with ``--strict`` any warning;
 * 3: the endpoint cannot be reached, refused the token, or answered something else.
 
 ``--healthz`` asks ``/healthz`` instead and exits 0 (healthy) or 1 (anything else), as a
@@ -234,6 +235,9 @@ def find_problems(snap: Mapping[str, Any]) -> list[Problem]:
                         f"socket {name}/{user['user']} not connected ({user['state']}){suffix}",
                     )
                 )
+    reset_blocking, reset_warnings = _reset_problems(snap)
+    blocking += reset_blocking
+    warnings += reset_warnings
     for pair in snap.get("identity", {}).get("pairs", []):
         if pair.get("ambiguous"):
             servers = " and ".join(pair["servers"])
@@ -244,6 +248,47 @@ def find_problems(snap: Mapping[str, Any]) -> list[Problem]:
                 )
             )
     return blocking + warnings
+
+
+def _reset_problems(snap: Mapping[str, Any]) -> tuple[list[Problem], list[Problem]]:
+    """Reset holds (blocking: someone must decide) and restores done (warnings)."""
+    guard = snap.get("reset_guard") or {}
+    blocking: list[Problem] = []
+    warnings: list[Problem] = []
+    for hold in guard.get("holds", []):
+        server, user = hold["server"], hold["user"]
+        wiped = f"{hold['items']} of {hold['known']} items read as never touched"
+        if hold.get("resolution"):
+            warnings.append(
+                Problem(
+                    False,
+                    f"user {user} on {server}: reset hold resolved ({hold['resolution']}); "
+                    "applied at the next catch-up of that user there",
+                )
+            )
+            continue
+        blocking.append(
+            Problem(
+                True,
+                f"user {user} on {server} is HELD by the reset guard ({wiped}: {server} lost "
+                f"the user's data?); nothing syncs from or to {server} for {user} until "
+                f"`jfsync accept-reset {server} --user {user}` (take {server}'s state) or "
+                "with --restore (write the other servers' state back)",
+            )
+        )
+    for trigger in guard.get("triggers", []):
+        if trigger["action"] != "restored":
+            continue
+        warnings.append(
+            Problem(
+                False,
+                f"{trigger['server']} lost user {trigger['user']}'s data ({trigger['items']} of "
+                f"{trigger['known']} items read as never touched); not propagated, restored "
+                "from the other servers "
+                f"({_duration_since(snap.get('now_ms'), trigger['at_ms'])} ago)",
+            )
+        )
+    return blocking, warnings
 
 
 def render(snap: Mapping[str, Any], url: str = "") -> tuple[str, list[Problem]]:
