@@ -1050,6 +1050,7 @@ class Ledger:
         intents: Callable[[OutboxRow, UserData], Sequence[UserData]] | None = None,
         read_ms: int | None = None,
         read_seq: int | None = None,
+        regressed: list[OutboxRow] | None = None,
     ) -> list[OutboxRow | None]:
         """Do :meth:`observe_before_write` for several rows in ONE transaction.
 
@@ -1058,6 +1059,13 @@ class Ledger:
         key the ledger learnt something of after that (an event, a write) while the read
         differs from its last-known state gets None: the read is outdated, so it is neither
         applied nor written over; the row stays due and is read again next round.
+
+        With ``regressed`` (a list to fill), a read showing an item back to never-touched
+        while the ledger knows it had data there is not applied either: that is what a server
+        that lost its data shows, and only the catch-up scan of that user, which sees all of
+        the user's items at once, can tell a lost server from the user's own edit (the reset
+        guard). Such rows get None and are added to ``regressed``; the caller defers them and
+        asks for that catch-up.
 
         With ``intents``, the same transaction also records, for every row still owed, the
         states its write will leave on the peer (``intents(fresh_row, current)``), as
@@ -1072,9 +1080,20 @@ class Ledger:
             batch = _Batch(self, db)
             await batch.load({(u, i) for u, i, _ in keys})
             outdated: set[_Key] = set()
+            synced = self._policy.synced
             for (row, current), key in zip(reads, keys, strict=True):
-                if batch.lk.get(key) == current:
+                known = batch.lk.get(key)
+                if known == current:
                     batch.see(key, asked_seq)
+                    continue
+                if (
+                    regressed is not None
+                    and known is not None
+                    and all(current.get(r) == DEFAULT_USER_DATA.get(r) for r in synced)
+                    and any(known.get(r) != DEFAULT_USER_DATA.get(r) for r in synced)
+                ):
+                    outdated.add(key)
+                    regressed.append(row)
                     continue
                 obs = Observation(
                     row.peer, row.user, row.item, current, asked_ms, "compare", asked_seq

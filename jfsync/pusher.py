@@ -81,6 +81,9 @@ RETRY_INITIAL_S = 0.2
 RETRY_MAX_S = 5.0
 #: When a failed row is tried again after the peer came back or a retry failed.
 ROW_RETRY_S = 30.0
+#: When a row whose item the peer showed back to never-touched is compared again (the
+#: catch-up of that user, asked for meanwhile, has decided what the server holds by then).
+REGRESSION_RETRY_S = 5.0
 #: Backoff after a round, probe or pause failed in a way that is not about the peer's
 #: answers (the ledger locked, a bug): the pusher lives on and tries again.
 FAULT_INITIAL_S = 0.5
@@ -129,6 +132,7 @@ class Pusher:
         fault_max_s: float = FAULT_MAX_S,
         on_progress: Callable[[], None] | None = None,
         on_write: WriteHook | None = None,
+        on_regression: Callable[[str, str], None] | None = None,
     ) -> None:
         self.peer = peer
         self.stats = PeerStats()
@@ -152,6 +156,8 @@ class Pusher:
         self._fault_max_s = fault_max_s
         self._on_progress = on_progress
         self._on_write = on_write
+        #: Told (peer, user) when items of that user read back to never-touched (catch up).
+        self._on_regression = on_regression
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[tuple[str, str]] = set()
@@ -537,13 +543,17 @@ class Pusher:
             await self._park(row, reason)
         # The intents are written ahead in the same transaction: should jfsync stop mid-write,
         # what it finds on the peer later is known to be its own.
+        regressed: list[OutboxRow] = []
         fresh = await self._ledger.observe_before_writes(
             present,
             self._clock.wall_ms(),
             intents=lambda row, state: write_steps(state, row),
             read_ms=read_ms,
             read_seq=read_seq,
+            regressed=regressed,
         )
+        if regressed:
+            await self._defer_regressed(regressed)
         owed: list[tuple[OutboxRow, UserData]] = []
         for (_, state), still in zip(present, fresh, strict=True):
             if still is None:
@@ -553,6 +563,34 @@ class Pusher:
         if len(owed) < len(present):
             self._progress()
         return owed
+
+    async def _defer_regressed(self, rows: Sequence[OutboxRow]) -> None:
+        """Hold back rows whose item the peer shows back to never-touched; ask for a catch-up.
+
+        A server that lost its data shows exactly that, and writing over it (or taking it as
+        the user's edit) before the catch-up scan of that user has applied the reset guard
+        would spread the loss or restore too little. The rows are tried again after
+        ``REGRESSION_RETRY_S``; by then the catch-up has settled what the server holds.
+        """
+        retry_at = self._clock.wall_ms() + int(REGRESSION_RETRY_S * 1000)
+        users = sorted({row.user for row in rows})
+        logger.info(
+            "[→%s] %d items read back to never-touched for %s; waiting for the catch-up of "
+            "those users before writing them",
+            self.peer,
+            len(rows),
+            ", ".join(users),
+        )
+        for row in rows:
+            await self._ledger.row_failed(
+                row, "waiting for the catch-up scan: the item reads as never touched", retry_at
+            )
+        if self._on_regression is not None:
+            for user in users:
+                try:
+                    self._on_regression(self.peer, user)
+                except Exception:
+                    logger.exception("[→%s] asking for a catch-up failed", self.peer)
 
     async def _write(self, row: OutboxRow, current: UserData) -> bool:
         """Write the row's registers (quick retries); False when it was parked instead."""

@@ -152,6 +152,8 @@ class Reconciler:
         self._changed: dict[str, set[str]] = {}
         self._removed: dict[str, set[str]] = {}
         self._catch_up_due: set[str] = set()
+        #: (server, remote user id, user) asked for by the pusher (items read as reset).
+        self._users_due: set[tuple[str, str, str]] = set()
         self._poke = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.last_report: ReconcileReport | None = None
@@ -364,6 +366,11 @@ class Reconciler:
         self._changed.setdefault(server, set()).update(ids)
         self._poke.set()
 
+    def request_user_catch_up(self, server: str, remote_user_id: str, user: str) -> None:
+        """Ask the refresher to catch up one user of one server (soon, debounced)."""
+        self._users_due.add((server, remote_user_id, user))
+        self._poke.set()
+
     def request_catch_up(self, change: IdentityChange) -> None:
         """Ask the refresher to catch up the users of servers whose id map moved."""
         self._catch_up_due.update(change.servers)
@@ -390,7 +397,16 @@ class Reconciler:
                 except JfsyncError as err:
                     logger.warning("[%s] library refresh failed: %s", server, err)
             self.library_refreshes += 1
-            await self._catch_up_servers(sorted(total.servers | due))
+            servers = total.servers | due
+            await self._catch_up_servers(sorted(servers))
+            users, self._users_due = self._users_due, set()
+            for server, remote_user_id, user in sorted(users):
+                if server in servers or server not in self.clients:
+                    continue  # caught up whole just now
+                try:
+                    await self.catch_up(server, remote_user_id, user)
+                except ServerError as err:
+                    logger.warning("[%s] catch-up of user %s failed: %s", server, user, err)
             return total
 
     async def _library_loop(self) -> None:

@@ -226,6 +226,7 @@ class SyncService:
                 self.clock,
                 on_progress=self._notify,
                 on_write=self._on_write,
+                on_regression=self._on_regression,
                 **self._pusher_options,
             )
             link = ServerLink(config=server, index=index, client=client, pusher=pusher)
@@ -725,6 +726,15 @@ class SyncService:
             if link is not None:
                 link.pusher.wake()
         self._notify()
+
+    def _on_regression(self, server: str, user: str) -> None:
+        """Items of ``user`` read back to never-touched on ``server``: catch that user up."""
+        link = self.links.get(server)
+        if self.reconciler is None or link is None:
+            return
+        remote = next((r for r, key in link.user_keys.items() if key == user), None)
+        if remote is not None:
+            self.reconciler.request_user_catch_up(server, remote, user)
 
     def _on_write(self, peer: str, latency_s: float) -> None:
         for observer in self.write_observers:

@@ -376,7 +376,13 @@ class Run:
                 f"{ {k: v for k, v in pending.items() if v} }"
             )
         pushes = [e.server_name for e in self.emus if e.pushes_pending]
-        return "; ".join(parts) + f"; pushes armed on {pushes}"
+        differ = {
+            f"{u}/{i[:6]}": {e.server_name: self.cluster.data(e, i, u) for e in self.emus}
+            for u in USERS
+            for i in self.cluster.items[-len(self.emus) :]
+            if not self.cluster.agree([i], u)
+        }
+        return "; ".join(parts) + f"; pushes armed on {pushes}; sentinels that differ {differ}"
 
     def connected(self) -> bool:
         """Every user's socket on every server is connected (its catch-up done)."""
@@ -401,8 +407,23 @@ class Run:
             for user in USERS:
                 await self.sentinel_pass(user, final)
 
+    async def idle(self) -> bool:
+        """jfsync has nothing queued and nothing in flight to any server."""
+        ledger = self.service.ledger
+        for name, link in self.service.links.items():
+            if link.pusher.in_flight or await ledger.outbox_depth(name):
+                return False
+        return True
+
     async def sentinel_pass(self, user: str, final: bool) -> None:
-        """Change every server's sentinel item for ``user``; wait until it is everywhere."""
+        """Change every server's sentinel item for ``user``; wait until it is everywhere.
+
+        The sentinels are changed only once jfsync is idle: a change landing between jfsync's
+        compare read of a server and its write there is overwritten by the write (Jellyfin has
+        no conditional write; docs/design-notes.md), and the barrier is not the schedule's
+        place to provoke that (the restore after a wipe queues writes right as it starts).
+        """
+        await self.drive(self.idle, f"jfsync idle before the sentinels of round {self.model.round}")
         sentinels = self.cluster.items[-len(self.emus) :]
         self.sentinel += 1
         expected: dict[str, UserData] = {}
@@ -419,8 +440,14 @@ class Run:
                 if link.pusher.in_flight or await ledger.outbox_depth(name):
                     return False
                 if final:
+                    # An echo of jfsync's write that the server still shows may be in transit;
+                    # one of a state the server no longer shows (the user overwrote the write
+                    # inside the debounce) never comes, and jfsync treats it as moot.
+                    emu = self.cluster.emu(name)
                     for item in sentinels:
-                        if await ledger.pending_echoes(name, f"name:{user}", item):
+                        shows = self.cluster.data(emu, item, user)
+                        awaited = await ledger.pending_echoes(name, f"name:{user}", item)
+                        if any(p.state == shows for p in awaited):
                             return False
             return True
 
