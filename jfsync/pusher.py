@@ -409,6 +409,8 @@ class Pusher:
                     failures.append(err)
                 else:
                     self._written([row for row, _ in done], done_ms)
+                    if not failures:
+                        self.stats.last_error = None  # writes work again: say so
         finally:
             recorded.set()
             for row, _ in owed:
@@ -686,6 +688,7 @@ class Pusher:
                     return
                 await self._client.public_info()
         self.stats.down_since_ms = None
+        self.stats.last_error = None  # what made it "down" is over: never shown after recovery
         self._streak.succeeded("peer reachable")
         self._progress()
         await self._ledger.reset_backoff(self.peer)
@@ -736,6 +739,7 @@ class Pusher:
                 continue
             break
         self.stats.pause_reason = None
+        self.stats.last_error = None
         self._streak.succeeded("API key accepted")
         self._progress()
         await self._ledger.reset_backoff(self.peer)

@@ -34,7 +34,13 @@ import aiohttp
 
 from jfsync import __version__
 from jfsync.config import Config, ServerConfig
-from jfsync.errors import AuthRejectedError, JfsyncError, ServerError, UnsupportedServerError
+from jfsync.errors import (
+    AuthRejectedError,
+    HttpStatusError,
+    JfsyncError,
+    ServerError,
+    UnsupportedServerError,
+)
 from jfsync.identity import IdenticalIds, IndexedIdentity, ItemIdentity
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.jellyfin.wire import UserDto
@@ -388,6 +394,15 @@ class SyncService:
                 link.last_error = f"{_describe(err)} (retrying in {delay:.0f} s)"
                 if isinstance(err, UnsupportedServerError):
                     streak.failed("cannot sync this server", link.last_error)
+                elif isinstance(err, AuthRejectedError):
+                    # Reached, and it said no: the key, not the network, needs fixing.
+                    link.last_error = (
+                        f"the server refused the API key (HTTP {err.status}); set a valid "
+                        f"admin key in servers[{link.index}].api_key (retrying in {delay:.0f} s)"
+                    )
+                    streak.failed("API key refused", link.last_error)
+                elif isinstance(err, ServerError) and not isinstance(err, HttpStatusError):
+                    streak.failed("cannot reach the server", link.last_error)
                 elif isinstance(err, JfsyncError):
                     streak.failed("cannot bring the server up yet", link.last_error)
                 else:

@@ -213,7 +213,8 @@ def find_problems(snap: Mapping[str, Any]) -> list[Problem]:
             if dead_count > DEAD_ROWS_SHOWN:
                 lines.append(f"    … and {dead_count - DEAD_ROWS_SHOWN} more (see --json)")
             blocking.append(Problem(True, "\n".join(lines)))
-        if not server.get("reachable"):
+        if not server.get("reachable") and outbox.get("down_since_ms") is None:
+            # Never reached since start (a server found down later is said so just below).
             why = server.get("last_error") or "not reached yet"
             warnings.append(Problem(False, f"server {name} is not reachable: {why}"))
         if outbox.get("down_since_ms") is not None:
