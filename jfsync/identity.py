@@ -101,6 +101,11 @@ class ItemIdentity(Protocol):
         """Rescan the servers' libraries (all by default) and match again."""
         ...
 
+    async def siblings(self, server: str, remote_ids: Iterable[str]) -> dict[str, set[str]]:
+        """Other items of ``server`` sharing a provider-id key with each of ``remote_ids``
+        (versions of one film): up to 10.10 they share one user-data record."""
+        ...
+
     async def library_changed(
         self, server: str, changed: Iterable[str], removed: Iterable[str]
     ) -> IdentityChange:
@@ -141,6 +146,10 @@ class IdenticalIds:
     async def refresh(self, servers: Iterable[str] | None = None) -> IdentityChange:
         """Nothing to rescan."""
         return IdentityChange()
+
+    async def siblings(self, server: str, remote_ids: Iterable[str]) -> dict[str, set[str]]:
+        """No index: no item is known to share another's record."""
+        return {}
 
     async def library_changed(
         self, server: str, changed: Iterable[str], removed: Iterable[str]
@@ -376,6 +385,11 @@ class IndexedIdentity:
             self._first_build(server)
 
     # ------------------------------------------------------------------ ItemIdentity
+
+    async def siblings(self, server: str, remote_ids: Iterable[str]) -> dict[str, set[str]]:
+        """Items of ``server`` sharing a provider-id key with each of ``remote_ids``."""
+        await self.ensure_ready(server)
+        return await self._index.siblings(server, remote_ids)
 
     async def canonical_items(self, server: str, remote_ids: Iterable[str]) -> dict[str, str]:
         """Return remote id -> canonical key for the mapped ids; ask for unknown ones."""

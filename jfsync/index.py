@@ -704,6 +704,24 @@ class LibraryIndex:
             found.update((str(r[0]), str(r[1])) for r in rows)
         return found
 
+    async def siblings(self, server: str, remote_ids: Iterable[str]) -> dict[str, set[str]]:
+        """Remote id -> the server's other items sharing one of its provider-id keys."""
+        sid = self.sid(server)
+        found: dict[str, set[str]] = {}
+        for chunk in _chunks(sorted(set(remote_ids)), _CHUNK):
+            rows = await self._lookup_db().execute_fetchall(
+                "SELECT DISTINCT ai.remote_id, bi.remote_id FROM index_items ai "  # noqa: S608
+                "JOIN index_keys ka ON ka.entry = ai.id "
+                "JOIN index_keys kb ON kb.server = ka.server AND kb.key = ka.key "
+                "AND kb.entry != ka.entry "
+                "JOIN index_items bi ON bi.id = kb.entry "
+                f"WHERE ai.server = ? AND ai.remote_id IN ({_marks(len(chunk))})",
+                (sid, *chunk),
+            )
+            for one, other in rows:
+                found.setdefault(str(one), set()).add(str(other))
+        return found
+
     async def in_index(self, server: str, remote_ids: Iterable[str]) -> set[str]:
         """The ids among ``remote_ids`` that the server's index holds."""
         sid = self.sid(server)

@@ -113,6 +113,7 @@ def _families(snap: Mapping[str, Any]) -> Iterator[Metric]:
         ("changes_applied", "Observations (events and scans) that changed the ledger."),
         ("scans", "Catch-up scans run after a socket (re)connected."),
         ("scan_changes", "Changes found by catch-up scans."),
+        ("read_backs", "Items read back after an event jfsync could not attribute by content."),
     ):
         yield CounterMetricFamily(f"jfsync_{key}", help_text, value=counters[key])
 

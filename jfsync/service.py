@@ -148,8 +148,9 @@ class Counters:
     changes_applied: int = 0
     scans: int = 0
     scan_changes: int = 0
-    #: Events the echo rule could not attribute, settled by reading the item from the server.
-    ambiguous_reads: int = 0
+    #: Items read back from a server after an event: the echo rule could not attribute the
+    #: event, or the item shares its user-data record with the one pushed (versions, <=10.10).
+    read_backs: int = 0
 
 
 class SyncService:
@@ -588,9 +589,26 @@ class SyncService:
         applied = await self.ledger.apply_observations(observations)
         self._after_apply(applied)
         unsure = {a.observation.item for a in applied if a.outcome is Outcome.AMBIGUOUS}
-        if unsure:
-            remote = {r: key for r, key in items.items() if key in unsure}
+        remote = {r: key for r, key in items.items() if key in unsure}
+        remote.update(await self._shared_records(link, [e.item_id for e in entries]))
+        if remote:
             await self._read_back(link, event.user_id, user, remote)
+
+    async def _shared_records(self, link: ServerLink, pushed: list[str]) -> dict[str, str]:
+        """Items that share a user-data record with an item just pushed, but were not pushed.
+
+        Up to Jellyfin 10.10 two versions of a film (same provider ids) share one record: a
+        change through one version also changes the other, with no push for it, and only one
+        of them can be matched to the film on the other servers (two candidates are refused,
+        never guessed). The versions not pushed are read back.
+        """
+        if not _shares_records(link.version) or not pushed:
+            return {}
+        siblings = await self.identity.siblings(link.name, pushed)
+        others = {other for found in siblings.values() for other in found} - set(pushed)
+        if not others:
+            return {}
+        return await self.identity.canonical_items(link.name, sorted(others))
 
     async def _read_back(
         self, link: ServerLink, remote_user_id: str, user: str, items: dict[str, str]
@@ -613,7 +631,7 @@ class SyncService:
             key = items.get(found.id)
             if key is not None and found.user_data is not None:
                 states[key] = found.user_data.to_user_data()
-        self.counters.ambiguous_reads += len(items)
+        self.counters.read_backs += len(items)
         applied = await self.ledger.apply_observations(
             [
                 Observation(link.name, user, k, v, read_ms, "read", read_seq)
@@ -871,8 +889,21 @@ class SyncService:
                 "changes_applied": self.counters.changes_applied,
                 "scans": self.counters.scans,
                 "scan_changes": self.counters.scan_changes,
+                "read_backs": self.counters.read_backs,
             },
         }
+
+
+def _shares_records(version: str | None) -> bool:
+    """Tell whether a Jellyfin version keeps one user-data record for items with the same
+    provider ids (10.8 to 10.10; from 10.11 records are per item)."""
+    if version is None:
+        return False
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) < (10, 11)
 
 
 def _describe(err: BaseException) -> str:

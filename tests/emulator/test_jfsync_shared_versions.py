@@ -61,13 +61,6 @@ async def cluster(tmp_path: Path) -> AsyncIterator[tuple[Cluster, LibraryItem, L
             await emu.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FINDING (jfsync, not the emulator): a change made through the second version of a "
-    "film on a 10.8-10.10 server is pushed for that version only; jfsync maps that version to "
-    "no item on the other server, and the first version changed silently, so the change reaches "
-    "the other server only at the next full reconcile (every 6 h by default)",
-)
 async def test_a_change_to_either_version_reaches_every_server_without_a_loop(
     cluster: tuple[Cluster, LibraryItem, LibraryItem],
 ) -> None:
