@@ -1089,6 +1089,7 @@ class Ledger:
                 if (
                     regressed is not None
                     and known is not None
+                    and batch.seen_seq(key) <= asked_seq  # an outdated read proves nothing
                     and all(current.get(r) == DEFAULT_USER_DATA.get(r) for r in synced)
                     and any(known.get(r) != DEFAULT_USER_DATA.get(r) for r in synced)
                 ):
