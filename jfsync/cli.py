@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jfsync import __version__
-from jfsync.config import Config, load_config
-from jfsync.errors import ConfigError, JfsyncError
+from jfsync.config import Config, load_config_or_report
+from jfsync.errors import JfsyncError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -146,19 +146,8 @@ def _add_accept_reset(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     accept.set_defaults(handler=resetcmd.run)
 
 
-def _load(path: str) -> Config | None:
-    """Load the config, or print its problems to stderr (one line each) and return None."""
-    try:
-        return load_config(path)
-    except ConfigError as err:
-        for problem in err.problems:
-            line = problem if problem.startswith(f"{path}: ") else f"{path}: {problem}"
-            print(line, file=sys.stderr)
-        return None
-
-
 def _run(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = load_config_or_report(args.config)
     if config is None or not _ledger_usable(config, "run"):
         return EXIT_CONFIG
     from jfsync.ledgerfile import check_ledger_file
@@ -203,7 +192,7 @@ def _ledger_usable(config: Config, command: str) -> bool:
 
 
 def _check(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = load_config_or_report(args.config)
     if config is None:
         return EXIT_CONFIG
     from jfsync.ledgerfile import check_ledger_file
@@ -225,7 +214,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _reconcile(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = load_config_or_report(args.config)
     if config is None or not _ledger_usable(config, "reconcile"):
         return EXIT_CONFIG
     from jfsync.logs import configure_logging

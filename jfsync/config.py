@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -432,6 +433,18 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
             ]
         ) from None
     return parse_config(text, base_dir=path.parent, environ=environ, source=str(path))
+
+
+def load_config_or_report(path: str | Path) -> Config | None:
+    """Load the config for a command, or print its problems to stderr (one line each, naming
+    the file) and return None; the caller exits with status 2."""
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        for problem in err.problems:
+            line = problem if problem.startswith(f"{path}: ") else f"{path}: {problem}"
+            print(line, file=sys.stderr)
+        return None
 
 
 def parse_config(

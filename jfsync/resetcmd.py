@@ -28,8 +28,7 @@ import urllib.error
 import urllib.request
 from typing import Any, TextIO
 
-from jfsync.config import Config, load_config
-from jfsync.errors import ConfigError
+from jfsync.config import Config, load_config_or_report
 from jfsync.ledger import Ledger, LedgerInUseError, ResetHold
 from jfsync.merge import MergePolicy
 from jfsync.resetguard import describe_hold
@@ -65,12 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``jfsync accept-reset`` with parsed arguments; return the exit status."""
     out = sys.stdout
-    try:
-        config = load_config(args.config)
-    except ConfigError as err:
-        print(f"{args.config}: the config is not valid:", file=sys.stderr)
-        for problem in err.problems:
-            print(f"  {problem}", file=sys.stderr)
+    config = load_config_or_report(args.config)
+    if config is None:
         return EXIT_USAGE
     names = [s.name for s in config.servers]
     if args.server not in names:

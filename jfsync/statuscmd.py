@@ -33,8 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from jfsync.config import DEFAULT_STATUS_LISTEN, Config, load_config
-from jfsync.errors import ConfigError
+from jfsync.config import DEFAULT_STATUS_LISTEN, Config, load_config_or_report
 
 #: Exit status: a peer is paused or has dead rows (or, with --strict, any warning).
 EXIT_PROBLEMS = 1
@@ -85,12 +84,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``jfsync status`` with parsed arguments; return the exit status."""
     config: Config | None = None
     if args.config:
-        try:
-            config = load_config(args.config)
-        except ConfigError as err:
-            print(f"{args.config}: the config is not valid:", file=sys.stderr)
-            for problem in err.problems:
-                print(f"  {problem}", file=sys.stderr)
+        config = load_config_or_report(args.config)
+        if config is None:
             return EXIT_PROBLEMS if args.healthz else EXIT_CONFIG
     url = args.url or endpoint_url(config)
     token = args.token or os.environ.get(TOKEN_ENV) or _config_token(config)
@@ -509,12 +504,8 @@ def run_retry_dead(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     config: Config | None = None
     if args.config:
-        try:
-            config = load_config(args.config)
-        except ConfigError as err:
-            print(f"{args.config}: the config is not valid:", file=sys.stderr)
-            for problem in err.problems:
-                print(f"  {problem}", file=sys.stderr)
+        config = load_config_or_report(args.config)
+        if config is None:
             return EXIT_CONFIG
         names = [s.name for s in config.servers]
         if args.server is not None and args.server not in names:

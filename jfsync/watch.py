@@ -30,8 +30,8 @@ from typing import TextIO
 
 import aiohttp
 
-from jfsync.config import Config, ServerConfig, load_config
-from jfsync.errors import BadResponseError, ConfigError, JfsyncError
+from jfsync.config import Config, ServerConfig, load_config_or_report
+from jfsync.errors import BadResponseError, JfsyncError
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.logs import configure_logging
 from jfsync.model import TICKS_PER_SECOND
@@ -63,12 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``jfsync watch`` until Ctrl-C; return the exit status."""
-    try:
-        config = load_config(args.config)
-    except ConfigError as err:
-        print(f"{args.config}: the config is not valid:", file=sys.stderr)
-        for problem in err.problems:
-            print(f"  {problem}", file=sys.stderr)
+    config = load_config_or_report(args.config)
+    if config is None:
         return EXIT_CONFIG
     names = [s.name for s in config.servers]
     if args.server is not None and args.server not in names:

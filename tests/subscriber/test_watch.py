@@ -139,7 +139,8 @@ def test_cli_rejects_an_unknown_server_and_a_bad_config(
     bad = tmp_path / "bad.yaml"
     bad.write_text("servers: []\n", encoding="utf-8")
     assert main(["watch", "--config", str(bad)]) == 2
-    assert "the config is not valid" in capsys.readouterr().err
+    # One line per problem, naming the file and the key (as every command does).
+    assert f"{bad}: (top level): at least two servers are needed" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(30)
