@@ -435,6 +435,12 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
     return parse_config(text, base_dir=path.parent, environ=environ, source=str(path))
 
 
+def _path_text(path: Path) -> str:
+    """A path for a one-line message: quoted and escaped when it holds control characters."""
+    text = str(path)
+    return repr(text) if any(ord(c) < 32 or ord(c) == 127 for c in text) else text
+
+
 def load_config_or_report(path: str | Path) -> Config | None:
     """Load the config for a command, or print its problems to stderr (one line each, naming
     the file) and return None; the caller exits with status 2."""
@@ -668,13 +674,14 @@ def _read_secret_files(
                 secret = file_path.read_text(encoding="utf-8").strip()
             except OSError as err:
                 problems.append(
-                    f"{_loc_text((*loc, key))}: cannot read {file_path} ({err.strerror}); "
-                    "expected a readable file holding the secret"
+                    f"{_loc_text((*loc, key))}: cannot read {_path_text(file_path)} "
+                    f"({err.strerror}); expected a readable file holding the secret"
                 )
                 continue
             if not secret:
                 problems.append(
-                    f"{_loc_text((*loc, key))}: {file_path} is empty; put the {target} in it"
+                    f"{_loc_text((*loc, key))}: {_path_text(file_path)} is empty; "
+                    f"put the {target} in it"
                 )
                 continue
             node[target] = secret

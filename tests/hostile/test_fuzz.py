@@ -376,3 +376,15 @@ def test_hostile_yaml_is_a_config_error(text: str) -> None:
 
 
 _: Callable[..., None] = check_any_frame  # the properties are plain functions, reused above
+
+
+def test_a_secret_file_path_with_a_newline_is_named_on_one_line() -> None:
+    """Found by the long fuzz run: ``api_key_file: "\\n"`` gave a two-line error."""
+    tree = json.loads(json.dumps(VALID))
+    tree["servers"][0].pop("api_key", None)
+    tree["servers"][0]["api_key_file"] = "bad\nname"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(yaml.safe_dump(tree), base_dir=NOWHERE, environ={})
+    [problem] = [p for p in caught.value.problems if "api_key_file" in p]
+    assert "\n" not in problem
+    assert "'" in problem  # quoted, with the newline escaped
