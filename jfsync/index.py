@@ -280,6 +280,10 @@ class LibraryIndex:
         self._server_locks = {s.name: asyncio.Lock() for s in servers}
         #: Per server id: its rewrites as (normalised prefix, replacement) pairs.
         self._rules: dict[int, list[tuple[str, str]]] = {}
+        #: Per server id: whether two of its items share a provider-id key (versions of a
+        #: film). Cleared by every write transaction; most libraries have none.
+        self._has_siblings: dict[int, bool] = {}
+        self._writes = 0  # write transactions begun: a cached answer read across one is dropped
 
     def __repr__(self) -> str:
         return f"LibraryIndex({self._path!r})"
@@ -708,6 +712,8 @@ class LibraryIndex:
         """Remote id -> the server's other items sharing one of its provider-id keys."""
         sid = self.sid(server)
         found: dict[str, set[str]] = {}
+        if not await self._any_siblings(sid):
+            return found
         for chunk in _chunks(sorted(set(remote_ids)), _CHUNK):
             rows = await self._lookup_db().execute_fetchall(
                 "SELECT DISTINCT ai.remote_id, bi.remote_id FROM index_items ai "  # noqa: S608
@@ -721,6 +727,20 @@ class LibraryIndex:
             for one, other in rows:
                 found.setdefault(str(one), set()).add(str(other))
         return found
+
+    async def _any_siblings(self, sid: int) -> bool:
+        """Whether two items of server ``sid`` share a provider-id key (cached until a write)."""
+        known = self._has_siblings.get(sid)
+        if known is None:
+            writes = self._writes
+            rows = await self._lookup_db().execute_fetchall(
+                "SELECT 1 FROM index_keys WHERE server=? GROUP BY key HAVING COUNT(*) > 1 LIMIT 1",
+                (sid,),
+            )
+            known = bool(list(rows))
+            if writes == self._writes:
+                self._has_siblings[sid] = known
+        return known
 
     async def in_index(self, server: str, remote_ids: Iterable[str]) -> set[str]:
         """The ids among ``remote_ids`` that the server's index holds."""
@@ -739,8 +759,14 @@ class LibraryIndex:
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
         """One short write transaction on the bulk connection."""
-        async with self._gate.transaction(self._db()) as db:
-            yield db
+        self._writes += 1
+        self._has_siblings.clear()
+        try:
+            async with self._gate.transaction(self._db()) as db:
+                yield db
+        finally:
+            self._writes += 1
+            self._has_siblings.clear()
 
     def _db(self) -> aiosqlite.Connection:
         if self._bulk is None:
