@@ -195,6 +195,17 @@ class Cluster:
 
         await self.service.wait_for(done, timeout_s)
 
+    async def key(self, server: str, item: str) -> str:
+        """The canonical key jfsync gives ``server``'s item ``item`` (usually the id itself;
+        ``<server>:<id>`` when the plain id was taken while the libraries were indexed)."""
+        found = await self.service.identity.canonical_items(server, [item])
+        return found.get(item, item)
+
+    async def pending(self, server: str, item: str, user: str = USER) -> tuple[Any, ...]:
+        """jfsync's writes to ``server`` for ``item`` whose echo it still awaits."""
+        key = await self.key(server, item)
+        return await self.service.ledger.pending_echoes(server, f"name:{user}", key)
+
     async def is_quiet(self, items: Iterable[str], user: str = USER) -> bool:
         """Nothing queued or in flight, no echo pending for ``items``, no push armed."""
         ledger = self.service.ledger
@@ -203,7 +214,7 @@ class Cluster:
             if link.pusher.in_flight or await ledger.outbox_depth(link.name):
                 return False
             for item in wanted:
-                if await ledger.pending_echoes(link.name, f"name:{user}", item):
+                if await self.pending(link.name, item, user):
                     return False
         return not any(e.pushes_pending for e in self.emus)
 

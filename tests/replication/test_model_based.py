@@ -371,7 +371,7 @@ class Run:
         for name, link in self.service.links.items():
             states = {s.user_name: str(s.status.state) for s in link.subscribers.values()}
             pending = {
-                (u, i[:6]): len(await ledger.pending_echoes(name, f"name:{u}", i))
+                (u, i[:6]): len(await self.cluster.pending(name, i, u))
                 for u in USERS
                 for i in [*self.items, *self.cluster.items[-len(self.emus) :]]
             }
@@ -451,7 +451,7 @@ class Run:
                     emu = self.cluster.emu(name)
                     for item in sentinels:
                         shows = self.cluster.data(emu, item, user)
-                        awaited = await ledger.pending_echoes(name, f"name:{user}", item)
+                        awaited = await self.cluster.pending(name, item, user)
                         if any(p.state == shows for p in awaited):
                             return False
             return True

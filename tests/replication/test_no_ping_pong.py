@@ -20,7 +20,7 @@ from jfsync.emulator import Emulator
 from jfsync.model import UserData
 from jfsync.timing import ManualClock
 from tests.replication.conftest import MakeCluster
-from tests.replication.harness import DEBOUNCE_S, USER_KEY, Cluster
+from tests.replication.harness import DEBOUNCE_S, Cluster
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -162,8 +162,7 @@ async def flushed(clock: ManualClock, emu: Emulator) -> None:
 
 async def _pending(cluster: Cluster, server: str, item: str, count: int) -> bool:
     """Tell whether at least ``count`` writes to ``server`` wait for their echo."""
-    found = await cluster.service.ledger.pending_echoes(server, USER_KEY, item)
-    return len(found) >= count
+    return len(await cluster.pending(server, item)) >= count
 
 
 async def wait_pending(cluster: Cluster, server: str, item: str, count: int) -> None:
@@ -171,5 +170,5 @@ async def wait_pending(cluster: Cluster, server: str, item: str, count: int) -> 
     try:
         await cluster.service.wait_for(lambda: _pending(cluster, server, item, count), 20)
     except TimeoutError:
-        found = await cluster.service.ledger.pending_echoes(server, USER_KEY, item)
+        found = await cluster.pending(server, item)
         raise AssertionError(f"pending on {server}: {found}") from None
