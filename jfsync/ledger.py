@@ -198,6 +198,21 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 SQLITE_HEADER_BYTES = 100
 
 
+def sqlite_header_problem(header: bytes) -> str | None:
+    """What is wrong with the first bytes of a file that should be a ledger (None: nothing),
+    worded to follow the file's name: "<ledger> is not an SQLite database"."""
+    if not header:
+        return "is an empty (0-byte) file, not a ledger"
+    if not header.startswith(SQLITE_MAGIC):
+        return "is not an SQLite database"
+    if len(header) < SQLITE_HEADER_BYTES:
+        return f"is truncated ({len(header)} bytes)"
+    page_size = int.from_bytes(header[16:18], "big")
+    if page_size != 1 and (page_size < 512 or page_size > 32768 or page_size & (page_size - 1)):
+        return f"has a damaged SQLite header (page size {page_size})"
+    return None
+
+
 def check_ledger_file(path: str | Path) -> None:
     """Refuse an existing file at ``path`` that is not an SQLite database; a missing one is fine.
 
@@ -220,15 +235,11 @@ def check_ledger_file(path: str | Path) -> None:
         ) from None
     except OSError as err:
         raise LedgerFileError(f"cannot read the ledger {path}: {err.strerror or err}") from None
-    fix = "restore it from a backup, or move it away to start a new ledger"
-    if not header:
-        raise LedgerFileError(f"the ledger {path} is an empty (0-byte) file, not a ledger; {fix}")
-    if len(header) < SQLITE_HEADER_BYTES or not header.startswith(SQLITE_MAGIC):
-        raise LedgerFileError(f"the ledger {path} is not an SQLite database; {fix}")
-    page_size = int.from_bytes(header[16:18], "big")
-    if page_size != 1 and (page_size < 512 or page_size > 32768 or page_size & (page_size - 1)):
+    problem = sqlite_header_problem(header)
+    if problem is not None:
         raise LedgerFileError(
-            f"the ledger {path} has a damaged SQLite header (page size {page_size}); {fix}"
+            f"the ledger {path} {problem}; restore it from a backup, or move it away to start "
+            "a new ledger"
         )
 
 
@@ -1090,8 +1101,8 @@ class Ledger:
                     regressed is not None
                     and known is not None
                     and batch.seen_seq(key) <= asked_seq  # an outdated read proves nothing
-                    and all(current.get(r) == DEFAULT_USER_DATA.get(r) for r in synced)
-                    and any(known.get(r) != DEFAULT_USER_DATA.get(r) for r in synced)
+                    and not current.holds_data(synced)
+                    and known.holds_data(synced)
                 ):
                     outdated.add(key)
                     regressed.append(row)
@@ -1309,11 +1320,18 @@ class Ledger:
 
     async def row_failed(self, row: OutboxRow, reason: str, retry_at_ms: int) -> None:
         """Record a failed attempt of ``row`` and when to try again (the row stays live)."""
+        await self.rows_failed([row], reason, retry_at_ms)
+
+    async def rows_failed(self, rows: Sequence[OutboxRow], reason: str, retry_at_ms: int) -> None:
+        """Do :meth:`row_failed` for several rows with one reason, in ONE transaction."""
+        if not rows:
+            return
         async with self._tx() as db:
-            self._forget_pair(row)
-            await db.execute(
+            for row in rows:
+                self._forget_pair(row)
+            await db.executemany(
                 "UPDATE outbox SET attempts=attempts+1, last_error=?, next_attempt_ms=? WHERE id=?",
-                (reason, retry_at_ms, row.id),
+                [(reason, retry_at_ms, row.id) for row in rows],
             )
 
     async def row_dead(self, row: OutboxRow, reason: str) -> bool:

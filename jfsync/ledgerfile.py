@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from jfsync.ledger import SQLITE_HEADER_BYTES, sqlite_header_problem
 from jfsync.migrations import LATEST_VERSION
 
-#: The first 16 bytes of every SQLite 3 database file.
-SQLITE_HEADER = b"SQLite format 3\x00"
 #: Tables every jfsync ledger has from schema version 1 on.
 LEDGER_TABLES = frozenset({"meta", "servers", "outbox", "tokens", "canonical", "last_known"})
 #: How long the read-only check waits for a writer's lock (a running jfsync) before giving up.
@@ -112,18 +111,13 @@ def _check_content(ledger: Path, where: str, report: LedgerFileReport) -> None:
     fix = "restore it from a backup, or move it away to start a new ledger"
     try:
         with ledger.open("rb") as handle:
-            header = handle.read(100)
+            header = handle.read(SQLITE_HEADER_BYTES)
     except OSError as err:
         report.problems.append(f"{where} cannot be read ({err.strerror}); {fix}")
         return
-    if not header:
-        report.problems.append(f"{where} is empty (0 bytes), not a jfsync ledger; {fix}")
-        return
-    if not header.startswith(SQLITE_HEADER):
-        report.problems.append(f"{where} is not an SQLite database, so not a jfsync ledger; {fix}")
-        return
-    if len(header) < 100:
-        report.problems.append(f"{where} is truncated ({len(header)} bytes); {fix}")
+    problem = sqlite_header_problem(header)
+    if problem is not None:
+        report.problems.append(f"{where} {problem}; {fix}")
         return
     page_size = int.from_bytes(header[16:18], "big")
     page_size = 65536 if page_size == 1 else page_size

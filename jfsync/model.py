@@ -17,6 +17,7 @@ Dates are whole UTC seconds since the epoch (``*_s``): jfsync compares dates at 
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -85,6 +86,10 @@ class UserData:
             return UserData(self.favorite, None if value is None else float(value), self.play_state)
         assert isinstance(value, PlayState)
         return UserData(self.favorite, self.rating, value)
+
+    def holds_data(self, registers: Iterable[Register]) -> bool:
+        """Tell whether any of ``registers`` holds something but the default."""
+        return any(self.get(r) != DEFAULT_USER_DATA.get(r) for r in registers)
 
     def changed_registers(self, other: UserData) -> frozenset[Register]:
         """Return the registers whose value differs between ``self`` and ``other``."""

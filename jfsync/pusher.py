@@ -583,10 +583,9 @@ class Pusher:
             len(rows),
             ", ".join(users),
         )
-        for row in rows:
-            await self._ledger.row_failed(
-                row, "waiting for the catch-up scan: the item reads as never touched", retry_at
-            )
+        await self._ledger.rows_failed(
+            rows, "waiting for the catch-up scan: the item reads as never touched", retry_at
+        )
         if self._on_regression is not None:
             for user in users:
                 try:

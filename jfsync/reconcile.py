@@ -49,7 +49,7 @@ from jfsync.jellyfin.api import JellyfinClient
 from jfsync.ledger import Applied, ItemMapping, Ledger, OutboxRow, Outcome
 from jfsync.merge import MergePolicy
 from jfsync.model import TICKS_PER_SECOND, PlayState, Register, UserData
-from jfsync.resetguard import ResetGuard, ResetRule, regressed_items, touched
+from jfsync.resetguard import ResetGuard, ResetRule, regressed_items
 from jfsync.subscriber import LibraryChangedEvent
 from jfsync.tasks import cancel_and_wait
 from jfsync.timing import Clock, SystemClock
@@ -234,7 +234,7 @@ class Reconciler:
         non_default = 0
         if guard is not None:
             regressed = regressed_items(known_here, states, ledger.policy.synced)
-            non_default = sum(1 for v in known_here.values() if touched(v, ledger.policy.synced))
+            non_default = sum(1 for v in known_here.values() if v.holds_data(ledger.policy.synced))
             if hold is not None:
                 # The operator decided: "accept" propagates everything below; "restore"
                 # restores every regressed item whatever the rule says.

@@ -48,7 +48,7 @@ from typing import Any, Literal
 
 from jfsync.config import Config
 from jfsync.ledger import Ledger, ResetHold
-from jfsync.model import DEFAULT_USER_DATA, Register, UserData
+from jfsync.model import Register, UserData
 from jfsync.timing import Clock
 
 logger = logging.getLogger(__name__)
@@ -80,11 +80,6 @@ class ResetRule:
         return regressed >= self.min_items and regressed >= self.fraction * non_default
 
 
-def touched(state: UserData, synced: Iterable[Register]) -> bool:
-    """Tell whether ``state`` holds anything but the default in a synced register."""
-    return any(state.get(r) != DEFAULT_USER_DATA.get(r) for r in synced)
-
-
 def regressed_items(
     known: Mapping[str, UserData],
     observed: Mapping[str, UserData],
@@ -95,7 +90,7 @@ def regressed_items(
     return sorted(
         item
         for item, state in observed.items()
-        if state.is_default and item in known and touched(known[item], registers)
+        if state.is_default and item in known and known[item].holds_data(registers)
     )
 
 
@@ -259,5 +254,4 @@ __all__ = [
     "Trigger",
     "describe_hold",
     "regressed_items",
-    "touched",
 ]

@@ -42,7 +42,7 @@ from jfsync.errors import (
     UnsupportedServerError,
 )
 from jfsync.identity import IdenticalIds, IndexedIdentity, ItemIdentity
-from jfsync.jellyfin.api import JellyfinClient
+from jfsync.jellyfin.api import JellyfinClient, parse_version
 from jfsync.jellyfin.wire import UserDto
 from jfsync.ledger import Applied, Ledger, Observation, Outcome
 from jfsync.logs import FailureStreak
@@ -897,13 +897,8 @@ class SyncService:
 def _shares_records(version: str | None) -> bool:
     """Tell whether a Jellyfin version keeps one user-data record for items with the same
     provider ids (10.8 to 10.10; from 10.11 records are per item)."""
-    if version is None:
-        return False
-    try:
-        major, minor = (int(part) for part in version.split(".")[:2])
-    except ValueError:
-        return False
-    return (major, minor) < (10, 11)
+    parsed = parse_version(version) if version is not None else None
+    return parsed is not None and parsed[:2] < (10, 11)
 
 
 def _describe(err: BaseException) -> str:
