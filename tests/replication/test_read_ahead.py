@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from jfsync.emulator import Emulator
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.ledger import Ledger, Observation
 from jfsync.merge import MergePolicy
@@ -54,9 +56,12 @@ class HeldClient(JellyfinClient):
             self.read_ahead.set()
 
 
-async def test_a_change_after_the_read_ahead_is_written_once_as_it_stands(
+@asynccontextmanager
+async def pusher_to_b(
     tmp_path: Path,
-) -> None:
+) -> AsyncIterator[tuple[Emulator, Ledger, HeldClient, Pusher, ManualClock, asyncio.Event]]:
+    """Emulator ``b``, a ledger knowing servers a and b, and b's pusher (batches of two, one
+    lane) through a :class:`HeldClient`; the event is set after every recorded write."""
     clock = ManualClock()
     async with new_emulator("b") as b, aiohttp.ClientSession() as session:
         ledger = await Ledger(tmp_path / "ledger.db", MergePolicy(servers=("a", "b"))).open()
@@ -72,122 +77,108 @@ async def test_a_change_after_the_read_ahead_is_written_once_as_it_stands(
             on_write=lambda *_: recorded.set(),
         )
         try:
-            await ledger.map_user("a", "a-user", USER_KEY)
-            await ledger.map_user("b", b.user_id(USER), USER_KEY)
-            items = [item.id for item in b.leaf_items()[:4]]
-            # a's user favourites four items: four rows for b, two batches of two.
-            await ledger.apply_observations(
-                [
-                    Observation(
-                        "a", USER_KEY, item, UserData(favorite=True), clock.wall_ms(), "event"
-                    )
-                    for item in items
-                ]
-            )
-            due = await ledger.due_rows("b", 10, clock.wall_ms())
-            second_batch = [row.item for row in due[2:]]
-            pusher.start()
-            async with asyncio.timeout(10):
-                await client.holding.wait()  # the first batch is being written...
-                await client.read_ahead.wait()  # ...and the second one has been read ahead
-            # Now a's user also rates an item of the second batch.
-            changed = second_batch[0]
-            await ledger.apply_observation(
-                "a", USER_KEY, changed, UserData(favorite=True, rating=7.0), clock.wall_ms()
-            )
-            client.release.set()
-
-            uid = b.user_id(USER)
-
-            def converged() -> bool:
-                return b.user_data(uid, changed) == UserData(favorite=True, rating=7.0) and all(
-                    b.user_data(uid, item).favorite for item in items
-                )
-
-            async with asyncio.timeout(10):
-                while not converged():
-                    recorded.clear()
-                    await recorded.wait()
-            writes = [w for w in b.writes if w.item_id == changed]
-            assert len(writes) == 1, [w.body for w in writes]
-            assert writes[0].body is not None
-            assert writes[0].body.get("Rating") == 7.0
-            assert await ledger.due_rows("b", 10, clock.wall_ms()) == []
+            yield b, ledger, client, pusher, clock, recorded
         finally:
             await pusher.stop(5)
             await ledger.close()
+
+
+async def test_a_change_after_the_read_ahead_is_written_once_as_it_stands(
+    tmp_path: Path,
+) -> None:
+    async with pusher_to_b(tmp_path) as (b, ledger, client, pusher, clock, recorded):
+        await ledger.map_user("a", "a-user", USER_KEY)
+        await ledger.map_user("b", b.user_id(USER), USER_KEY)
+        items = [item.id for item in b.leaf_items()[:4]]
+        # a's user favourites four items: four rows for b, two batches of two.
+        await ledger.apply_observations(
+            [
+                Observation("a", USER_KEY, item, UserData(favorite=True), clock.wall_ms(), "event")
+                for item in items
+            ]
+        )
+        due = await ledger.due_rows("b", 10, clock.wall_ms())
+        second_batch = [row.item for row in due[2:]]
+        pusher.start()
+        async with asyncio.timeout(10):
+            await client.holding.wait()  # the first batch is being written...
+            await client.read_ahead.wait()  # ...and the second one has been read ahead
+        # Now a's user also rates an item of the second batch.
+        changed = second_batch[0]
+        await ledger.apply_observation(
+            "a", USER_KEY, changed, UserData(favorite=True, rating=7.0), clock.wall_ms()
+        )
+        client.release.set()
+
+        uid = b.user_id(USER)
+
+        def converged() -> bool:
+            return b.user_data(uid, changed) == UserData(favorite=True, rating=7.0) and all(
+                b.user_data(uid, item).favorite for item in items
+            )
+
+        async with asyncio.timeout(10):
+            while not converged():
+                recorded.clear()
+                await recorded.wait()
+        writes = [w for w in b.writes if w.item_id == changed]
+        assert len(writes) == 1, [w.body for w in writes]
+        assert writes[0].body is not None
+        assert writes[0].body.get("Rating") == 7.0
+        assert await ledger.due_rows("b", 10, clock.wall_ms()) == []
 
 
 async def test_a_user_change_on_the_peer_after_its_read_ahead_is_kept(tmp_path: Path) -> None:
     """Issue 11, case 2 in the pusher: b was read ahead (no rating); then b's user rated the
     item 8 and the event was applied. The older read must neither revert the rating in the
     ledger (and drop the row carrying it to a) nor be written over on b."""
-    clock = ManualClock()
-    async with new_emulator("b") as b, aiohttp.ClientSession() as session:
-        ledger = await Ledger(tmp_path / "ledger.db", MergePolicy(servers=("a", "b"))).open()
-        client = HeldClient("b", b.url, API_KEY, session=session, device_id="test-read-ahead")
-        recorded = asyncio.Event()
-        pusher = Pusher(
-            "b",
-            ledger,
-            client,
-            clock,
-            batch_size=2,
-            concurrency=1,
-            on_write=lambda *_: recorded.set(),
+    async with pusher_to_b(tmp_path) as (b, ledger, client, pusher, clock, recorded):
+        uid = b.user_id(USER)
+        await ledger.map_user("a", "a-user", USER_KEY)
+        await ledger.map_user("b", uid, USER_KEY)
+        items = [item.id for item in b.leaf_items()[:4]]
+        # Both servers are known to hold nothing yet, so the favourites are plain changes.
+        await ledger.apply_observations(
+            [
+                Observation(server, USER_KEY, item, UserData(), clock.wall_ms(), "scan")
+                for server in ("a", "b")
+                for item in items
+            ]
         )
-        try:
-            uid = b.user_id(USER)
-            await ledger.map_user("a", "a-user", USER_KEY)
-            await ledger.map_user("b", uid, USER_KEY)
-            items = [item.id for item in b.leaf_items()[:4]]
-            # Both servers are known to hold nothing yet, so the favourites are plain changes.
-            await ledger.apply_observations(
-                [
-                    Observation(server, USER_KEY, item, UserData(), clock.wall_ms(), "scan")
-                    for server in ("a", "b")
-                    for item in items
-                ]
-            )
-            clock.jump_wall(1_000)
-            await ledger.apply_observations(
-                [
-                    Observation(
-                        "a", USER_KEY, item, UserData(favorite=True), clock.wall_ms(), "event"
-                    )
-                    for item in items
-                ]
-            )
-            due = await ledger.due_rows("b", 10, clock.wall_ms())
-            changed = due[2].item
-            pusher.start()
-            async with asyncio.timeout(10):
-                await client.holding.wait()
-                await client.read_ahead.wait()
-            # b's user rates the item now; the event reaches jfsync before its turn comes.
-            clock.jump_wall(1_000)
-            b.save_user_data(uid, changed, rating=8.0)
-            await ledger.apply_observation(
-                "b", USER_KEY, changed, UserData(rating=8.0), clock.wall_ms()
-            )
-            clock.jump_wall(1_000)
-            client.release.set()
+        clock.jump_wall(1_000)
+        await ledger.apply_observations(
+            [
+                Observation("a", USER_KEY, item, UserData(favorite=True), clock.wall_ms(), "event")
+                for item in items
+            ]
+        )
+        due = await ledger.due_rows("b", 10, clock.wall_ms())
+        changed = due[2].item
+        pusher.start()
+        async with asyncio.timeout(10):
+            await client.holding.wait()
+            await client.read_ahead.wait()
+        # b's user rates the item now; the event reaches jfsync before its turn comes.
+        clock.jump_wall(1_000)
+        b.save_user_data(uid, changed, rating=8.0)
+        await ledger.apply_observation(
+            "b", USER_KEY, changed, UserData(rating=8.0), clock.wall_ms()
+        )
+        clock.jump_wall(1_000)
+        client.release.set()
 
-            def converged() -> bool:
-                return b.user_data(uid, changed) == UserData(favorite=True, rating=8.0) and all(
-                    b.user_data(uid, item).favorite for item in items
-                )
+        def converged() -> bool:
+            return b.user_data(uid, changed) == UserData(favorite=True, rating=8.0) and all(
+                b.user_data(uid, item).favorite for item in items
+            )
 
-            async with asyncio.timeout(10):
-                while not converged():
-                    recorded.clear()
-                    await recorded.wait()
-            canonical = await ledger.canonical(USER_KEY, changed)
-            assert canonical is not None
-            assert canonical.data == UserData(favorite=True, rating=8.0)
-            [to_a] = await ledger.due_rows("a", 10, clock.wall_ms())
-            assert (to_a.item, to_a.desired.rating) == (changed, 8.0)
-            assert await ledger.due_rows("b", 10, clock.wall_ms()) == []
-        finally:
-            await pusher.stop(5)
-            await ledger.close()
+        async with asyncio.timeout(10):
+            while not converged():
+                recorded.clear()
+                await recorded.wait()
+        canonical = await ledger.canonical(USER_KEY, changed)
+        assert canonical is not None
+        assert canonical.data == UserData(favorite=True, rating=8.0)
+        [to_a] = await ledger.due_rows("a", 10, clock.wall_ms())
+        assert (to_a.item, to_a.desired.rating) == (changed, 8.0)
+        assert await ledger.due_rows("b", 10, clock.wall_ms()) == []

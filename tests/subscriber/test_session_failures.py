@@ -90,6 +90,32 @@ def lines_at_warning(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord
     ]
 
 
+def failing_once(real: Callable[[Any], Any], error: Exception) -> Callable[[Any], Any]:
+    """``real``, but raising ``error`` the first time it is called (an injected bug)."""
+    calls: list[Any] = []
+
+    def call(arg: Any) -> Any:
+        calls.append(arg)
+        if len(calls) == 1:
+            raise error
+        return real(arg)
+
+    return call
+
+
+async def reconnects_and_delivers(
+    sub: Any, raw_server: RawServer, clock: ManualClock, resync: Resyncs, handler: Recorder
+) -> None:
+    """After its 1 s backoff the subscriber connects again, resyncs, and the next event of the
+    new session reaches the handler."""
+    await clock.advance(1.0)
+    fresh = await connected(sub, raw_server)
+    assert resync.count == 2
+    await fresh.send(user_data_frame(2))
+    events = await handler.wait_user_data(1)
+    assert [e.entries[0].item_id for e in events] == [item_id(2)]
+
+
 async def test_an_event_the_handler_fails_on_ends_the_session_and_a_resync_catches_up(
     raw_server: RawServer,
     make_subscriber: MakeSubscriber,
@@ -164,27 +190,16 @@ async def test_a_reader_that_fails_unexpectedly_ends_the_session_and_it_reconnec
     resync = Resyncs()
     sub = make_subscriber(raw_server.url, handler, resync)
     conn = await connected(sub, raw_server)
-    real_parse = socket_module.parse_message
-    broken: list[str] = []
-
-    def parse(frame: Any) -> Any:
-        if not broken:
-            broken.append("once")
-            raise RuntimeError("a bug in the reader")
-        return real_parse(frame)
-
-    monkeypatch.setattr(socket_module, "parse_message", parse)
+    bug = RuntimeError("a bug in the reader")
+    monkeypatch.setattr(
+        socket_module, "parse_message", failing_once(socket_module.parse_message, bug)
+    )
     await conn.send(user_data_frame(1))
     assert await backoff_sleep(sub, clock) == 1.0
     assert sub.status.connected_since_ms is None
     assert "websocket reader failed: RuntimeError" in (sub.status.last_error or "")
 
-    await clock.advance(1.0)
-    fresh = await connected(sub, raw_server)
-    assert resync.count == 2
-    await fresh.send(user_data_frame(2))
-    events = await handler.wait_user_data(1)
-    assert [e.entries[0].item_id for e in events] == [item_id(2)]
+    await reconnects_and_delivers(sub, raw_server, clock, resync, handler)
     (line,) = lines_at_warning(caplog)
     assert "RuntimeError" in line.getMessage()
 
@@ -200,27 +215,14 @@ async def test_a_bug_inside_a_session_ends_it_and_the_subscriber_reconnects(
     resync = Resyncs()
     sub = make_subscriber(raw_server.url, handler, resync)
     conn = await connected(sub, raw_server)
-    real_event_for = sub._event_for
-    broken: list[str] = []
-
-    def event_for(message: Any) -> Any:
-        if not broken:
-            broken.append("once")
-            raise KeyError("a bug in turning a message into an event")
-        return real_event_for(message)
-
-    monkeypatch.setattr(sub, "_event_for", event_for)
+    bug = KeyError("a bug in turning a message into an event")
+    monkeypatch.setattr(sub, "_event_for", failing_once(sub._event_for, bug))
     await conn.send(user_data_frame(1))
     assert await backoff_sleep(sub, clock) == 1.0
     assert sub.status.connected_since_ms is None
     assert sub.status.last_error == "unexpected error: KeyError"
 
-    await clock.advance(1.0)
-    fresh = await connected(sub, raw_server)
-    assert resync.count == 2
-    await fresh.send(user_data_frame(2))
-    events = await handler.wait_user_data(1)
-    assert [e.entries[0].item_id for e in events] == [item_id(2)]
+    await reconnects_and_delivers(sub, raw_server, clock, resync, handler)
     (line,) = lines_at_warning(caplog)
     assert line.levelno == logging.ERROR
     assert line.exc_info is not None
