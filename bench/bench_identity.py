@@ -44,14 +44,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from jfsync.catchup import catchup_observations  # noqa: E402
 from jfsync.config import Config  # noqa: E402
 from jfsync.emulator import Emulator  # noqa: E402
-from jfsync.identity import IndexedIdentity  # noqa: E402
 from jfsync.jellyfin.api import JellyfinClient  # noqa: E402
-from jfsync.ledger import Ledger  # noqa: E402
-from jfsync.merge import MergePolicy  # noqa: E402
-from jfsync.reconcile import Reconciler, run_reconcile  # noqa: E402
+from jfsync.sync.catchup import catchup_observations  # noqa: E402
+from jfsync.sync.identity import IndexedIdentity  # noqa: E402
+from jfsync.sync.ledger import Ledger  # noqa: E402
+from jfsync.sync.merge import MergePolicy  # noqa: E402
+from jfsync.sync.reconcile import Reconciler, run_reconcile  # noqa: E402
 from jfsync.timing import SystemClock  # noqa: E402
 
 API_KEY = "0123456789abcdef0123456789abcdef"

@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from jfsync.ledger import Ledger, Observation
-from jfsync.merge import MergePolicy
 from jfsync.model import PlayState, UserData
+from jfsync.sync.ledger import Ledger, Observation
+from jfsync.sync.merge import MergePolicy
 
 SERVERS = ("a", "b", "c")
 USER = "alice"

@@ -1,6 +1,6 @@
 """Pusher drain: how fast one peer's outbox of 10,000 rows is written, and at what CPU cost.
 
-The ledger and one :class:`jfsync.pusher.Pusher` run in this process (as in ``jfsync run``);
+The ledger and one :class:`jfsync.sync.delivery.Pusher` run in this process (as in ``jfsync run``);
 the peer is an emulator in a subprocess of its own (``python -m jfsync.emulator``), so the
 server's work is not counted here. Each repetition applies ``--rows`` changes from server
 ``a`` in one transaction (a bulk "mark played"), then times the drain into the emulator
@@ -42,11 +42,11 @@ from bench_replication import API_KEY, floor_run, free_port  # noqa: E402
 
 from jfsync.jellyfin.api import JellyfinClient  # noqa: E402
 from jfsync.jellyfin.wire import update_body  # noqa: E402
-from jfsync.ledger import Ledger, Observation  # noqa: E402
-from jfsync.merge import MergePolicy  # noqa: E402
 from jfsync.model import PlayState, UserData  # noqa: E402
-from jfsync.pusher import Pusher  # noqa: E402
 from jfsync.service import tune_garbage_collector  # noqa: E402
+from jfsync.sync.delivery import Pusher  # noqa: E402
+from jfsync.sync.ledger import Ledger, Observation  # noqa: E402
+from jfsync.sync.merge import MergePolicy  # noqa: E402
 from jfsync.timing import SystemClock  # noqa: E402
 
 USER = "alice"

@@ -12,7 +12,7 @@ run. Figures printed:
 * **burst**: ``--burst`` items marked played on ``a`` at once (one bulk action, like marking a
   season or a library played); the time until ``b`` has received every write. Compared with
   the floor: the same writes (same route, same body) sent straight to ``floor`` by a bare
-  aiohttp loop at the pusher's concurrency (:data:`jfsync.pusher.CONCURRENCY`).
+  aiohttp loop at the pusher's concurrency (:data:`jfsync.sync.delivery.CONCURRENCY`).
 * **rss**: peak resident memory of the ``jfsync run`` process (psutil, sampled every 20 ms)
   during the burst, and until ``b``'s echo of it (one debounced message of as many entries)
   has been applied.
@@ -52,7 +52,7 @@ from jfsync import emulator as emulator_module
 from jfsync.emulator import Emulator, RequestRecord
 from jfsync.jellyfin.wire import update_body
 from jfsync.model import PlayState, UserData
-from jfsync.pusher import CONCURRENCY
+from jfsync.sync.delivery import CONCURRENCY
 
 API_KEY = "0123456789abcdef0123456789abcdef"
 #: Jellyfin's UserDataChanged debounce (fact sheet §2.1).

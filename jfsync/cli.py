@@ -3,7 +3,7 @@
 Subcommands: ``check`` (validate a config, then reach every server), ``emulator`` (run a
 Jellyfin emulator on loopback), ``reconcile`` (one full reconcile, or with ``--dry-run`` what
 it would change), ``retry-dead`` (revive parked writes), ``accept-reset`` (resolve a reset
-hold, :mod:`jfsync.resetcmd`), and the service commands as they exist. Every command returns
+hold, :mod:`jfsync.ops.resetcmd`), and the service commands as they exist. Every command returns
 an exit status; problems go to stderr, one per line, and never include secrets.
 """
 
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status", help="show a running jfsync's status endpoint, problems first (scriptable)"
     )
-    from jfsync import statuscmd
+    from jfsync.ops import statuscmd
 
     statuscmd.add_arguments(status)
     status.set_defaults(handler=statuscmd.run)
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="two emulated servers, the replicator, and users acting on both sides"
     )
-    from jfsync import demo as demo_cmd
+    from jfsync.ops import demo as demo_cmd
 
     demo_cmd.add_arguments(demo)
     demo.set_defaults(handler=demo_cmd.run)
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     emulator.set_defaults(handler=emulator_cli.run)
 
     watch = sub.add_parser("watch", help="print every user's live events from the servers")
-    from jfsync import watch as watch_cmd
+    from jfsync.ops import watch as watch_cmd
 
     watch_cmd.add_arguments(watch)
     watch.set_defaults(handler=watch_cmd.run)
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_retry_dead(sub: Any) -> None:
     """``jfsync retry-dead``: make parked (dead) rows live again."""
-    from jfsync import statuscmd
+    from jfsync.ops import statuscmd
 
     retry = sub.add_parser(
         "retry-dead",
@@ -131,8 +131,8 @@ def _add_retry_dead(sub: Any) -> None:
 
 
 def _add_accept_reset(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``jfsync accept-reset``: resolve what the reset guard holds (jfsync.resetcmd)."""
-    from jfsync import resetcmd
+    """``jfsync accept-reset``: resolve what the reset guard holds (jfsync.ops.resetcmd)."""
+    from jfsync.ops import resetcmd
 
     accept = sub.add_parser(
         "accept-reset",
@@ -150,7 +150,7 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config_or_report(args.config)
     if config is None or not _ledger_usable(config, "run"):
         return EXIT_CONFIG
-    from jfsync.ledgerfile import check_ledger_file
+    from jfsync.sync.ledger.file import check_ledger_file
 
     ledger = check_ledger_file(config.ledger)
     if not ledger.ok:
@@ -165,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
 
     configure_logging(config.logging.level, config.secret_values())
     for warning in ledger.warnings:
-        logging.getLogger("jfsync.ledgerfile").warning("%s", warning)
+        logging.getLogger("jfsync.sync.ledger.file").warning("%s", warning)
     tune_garbage_collector()
     try:
         return asyncio.run(run_service(config))
@@ -181,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
 def _ledger_usable(config: Config, command: str) -> bool:
     """Refuse, with one line, an existing ledger file that is not a ledger (0 bytes, not
     SQLite): SQLite would take it for a new, empty ledger."""
-    from jfsync.ledger import LedgerFileError, check_ledger_file
+    from jfsync.sync.ledger import LedgerFileError, check_ledger_file
 
     try:
         check_ledger_file(config.ledger)
@@ -195,7 +195,7 @@ def _check(args: argparse.Namespace) -> int:
     config = load_config_or_report(args.config)
     if config is None:
         return EXIT_CONFIG
-    from jfsync.ledgerfile import check_ledger_file
+    from jfsync.sync.ledger.file import check_ledger_file
 
     ledger = check_ledger_file(config.ledger)
     for warning in ledger.warnings:
@@ -208,7 +208,7 @@ def _check(args: argparse.Namespace) -> int:
     print(f"{args.config}: config is valid ({len(config.servers)} servers: {names})")
     if args.offline:
         return 0
-    from jfsync.check import run_online_check
+    from jfsync.ops.check import run_online_check
 
     return run_online_check(config)
 
@@ -218,7 +218,7 @@ def _reconcile(args: argparse.Namespace) -> int:
     if config is None or not _ledger_usable(config, "reconcile"):
         return EXIT_CONFIG
     from jfsync.logs import configure_logging
-    from jfsync.reconcile import run_reconcile
+    from jfsync.sync.reconcile import run_reconcile
 
     # The report goes to stdout; progress logs only when asked for with logging.level: debug.
     level = config.logging.level if config.logging.level in ("debug",) else "warning"

@@ -40,7 +40,7 @@ DEFAULT_RECONCILE_INTERVAL_S = 6 * 3600.0
 DEFAULT_USER_REFRESH_INTERVAL_S = 600.0
 #: Shorter refresh periods only load the servers (one /Users call each, every time).
 MIN_USER_REFRESH_INTERVAL_S = 10.0
-#: Reset guard defaults (see jfsync.resetguard): at least this many items, and at least this
+#: Reset guard defaults (see jfsync.sync.resetguard): at least this many items, and at least this
 #: share of the user's non-default items on that server, back to never-touched at once.
 DEFAULT_RESET_GUARD_MIN_ITEMS = 5
 DEFAULT_RESET_GUARD_FRACTION = 0.8

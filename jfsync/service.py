@@ -41,18 +41,18 @@ from jfsync.errors import (
     ServerError,
     UnsupportedServerError,
 )
-from jfsync.identity import IdenticalIds, IndexedIdentity, ItemIdentity
 from jfsync.jellyfin.api import JellyfinClient, parse_version
 from jfsync.jellyfin.wire import UserDto
-from jfsync.ledger import Applied, Ledger, Observation, Outcome
 from jfsync.logs import FailureStreak
-from jfsync.merge import MergePolicy
 from jfsync.model import UserData
-from jfsync.pusher import Pusher, WriteHook
 from jfsync.ratelimit import RepeatLimiter
-from jfsync.reconcile import Reconciler, ReconcileReport
-from jfsync.resetguard import ResetGuard, ResetRule, describe_hold
-from jfsync.subscriber import (
+from jfsync.sync.delivery import Pusher, WriteHook
+from jfsync.sync.identity import IdenticalIds, IndexedIdentity, ItemIdentity
+from jfsync.sync.ledger import Applied, Ledger, Observation, Outcome
+from jfsync.sync.merge import MergePolicy
+from jfsync.sync.reconcile import Reconciler, ReconcileReport
+from jfsync.sync.resetguard import ResetGuard, ResetRule, describe_hold
+from jfsync.sync.subscriber import (
     ConnectionStateChanged,
     LibraryChangedEvent,
     Subscriber,
@@ -60,13 +60,13 @@ from jfsync.subscriber import (
     SubscriberState,
     UserDataChangedEvent,
 )
+from jfsync.sync.tokens import UserTokens, user_device_id
+from jfsync.sync.users import UserMatch, match_users
 from jfsync.tasks import cancel_and_wait
 from jfsync.timing import Clock, SystemClock, backoff_delays
-from jfsync.tokens import UserTokens, user_device_id
-from jfsync.users import UserMatch, match_users
 
 if TYPE_CHECKING:
-    from jfsync.status import StatusServer  # it imports this module
+    from jfsync.ops.status import StatusServer  # it imports this module
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class SyncService:
                 IdenticalIds() if in_memory else IndexedIdentity(config, self.ledger, self.clock)
             )
         self.identity: ItemIdentity = identity
-        #: Tells a server that lost a user's data from that user's edits (jfsync.resetguard).
+        #: Tells a server that lost a user's data from that user's edits (jfsync.sync.resetguard).
         self.reset_guard = ResetGuard(ResetRule.from_config(config), self.ledger, self.clock)
         #: Catch-up, library refreshes and the periodic full reconcile (set up by start()).
         self.reconciler: Reconciler | None = None
@@ -985,7 +985,7 @@ async def run_service(
     not ended five seconds after that (the event loop itself blocked, or the interpreter's
     own teardown stuck) has every thread's stack written to stderr and the process ended.
     """
-    from jfsync.status import StatusServer  # the status server imports this module
+    from jfsync.ops.status import StatusServer  # the status server imports this module
 
     service = service if service is not None else SyncService(config)
     status_server = StatusServer.from_config(service)

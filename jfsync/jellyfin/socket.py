@@ -1,7 +1,7 @@
 """One websocket connection to a Jellyfin server as one user: open, keep alive, read, close.
 
 :class:`JellyfinSocket` is transport only; the reconnect policy lives in
-:mod:`jfsync.subscriber`. It opens ``ws(s)://host[/base]/socket`` with an
+:mod:`jfsync.sync.subscriber`. It opens ``ws(s)://host[/base]/socket`` with an
 ``Authorization: MediaBrowser ... Token="..."`` header (fact sheet §1.2), reads frames in its
 own task so keepalives are answered even while the consumer is busy, and hands the messages
 jfsync acts on (UserDataChanged, LibraryChanged, ServerRestarting, ServerShuttingDown) to the

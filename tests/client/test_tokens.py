@@ -13,7 +13,7 @@ from jfsync.config import UserCredentials
 from jfsync.emulator import Emulator
 from jfsync.errors import AuthRejectedError
 from jfsync.jellyfin.api import JellyfinClient
-from jfsync.tokens import MemoryTokenStore, TokenUnavailableError, UserTokens, user_device_id
+from jfsync.sync.tokens import MemoryTokenStore, TokenUnavailableError, UserTokens, user_device_id
 from tests.client.conftest import SECRETS, USERS, MakeClient, MakeEmulator
 
 PASSWORDS = dict(USERS)

@@ -7,7 +7,7 @@ from typing import Any
 
 from jfsync.config import Config, parse_config
 from jfsync.jellyfin.wire import UserDto
-from jfsync.users import match_users
+from jfsync.sync.users import match_users
 
 
 def _config(users: str = "", servers: tuple[str, ...] = ("home", "cabin", "lake")) -> Config:

@@ -18,9 +18,9 @@ import random
 import signal
 import sys
 
-from jfsync.ledger import Ledger, Observation, Source
-from jfsync.merge import MergePolicy
 from jfsync.model import DEFAULT_USER_DATA, PlayState, UserData
+from jfsync.sync.ledger import Ledger, Observation, Source
+from jfsync.sync.merge import MergePolicy
 from jfsync.timing import SystemClock
 
 SERVERS = ("a", "b", "c")

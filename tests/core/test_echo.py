@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jfsync.echo import (
+from jfsync.model import PlayState, UserData
+from jfsync.sync.echo import (
     ECHO_MAX_AGE_MS,
     ECHO_MAX_ENTRIES,
     PendingWrite,
@@ -16,7 +17,6 @@ from jfsync.echo import (
     prune,
     record_write,
 )
-from jfsync.model import PlayState, UserData
 
 W1 = UserData(favorite=True)
 W2 = UserData(favorite=True, rating=7.0)

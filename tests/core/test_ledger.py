@@ -12,8 +12,8 @@ from typing import Any
 import aiosqlite
 import pytest
 
-from jfsync import ledger as ledger_module
-from jfsync.ledger import (
+from jfsync.model import DEFAULT_USER_DATA, PlayState, Register, UserData
+from jfsync.sync.ledger import (
     ItemMapping,
     Ledger,
     LedgerError,
@@ -22,9 +22,9 @@ from jfsync.ledger import (
     OutboxRow,
     Outcome,
 )
-from jfsync.merge import MergePolicy
-from jfsync.migrations import LATEST_VERSION, SchemaVersionError, migrate, prepare
-from jfsync.model import DEFAULT_USER_DATA, PlayState, Register, UserData
+from jfsync.sync.ledger import store as ledger_module
+from jfsync.sync.ledger.schema import LATEST_VERSION, SchemaVersionError, migrate, prepare
+from jfsync.sync.merge import MergePolicy
 
 pytestmark = pytest.mark.timeout(30)
 

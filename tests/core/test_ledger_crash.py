@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from jfsync.ledger import Ledger
-from jfsync.merge import MergePolicy
 from jfsync.model import Register
+from jfsync.sync.ledger import Ledger
+from jfsync.sync.merge import MergePolicy
 
 CHILD = Path(__file__).with_name("crash_child.py")
 REPO = Path(__file__).resolve().parents[2]

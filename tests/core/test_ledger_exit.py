@@ -12,8 +12,8 @@ import pytest
 SCRIPT = textwrap.dedent(
     """
     import asyncio, sys
-    from jfsync.ledger import Ledger
-    from jfsync.merge import MergePolicy
+    from jfsync.sync.ledger import Ledger
+    from jfsync.sync.merge import MergePolicy
 
     KEPT = []  # a live reference, as a traceback or a forgotten service object would hold
 

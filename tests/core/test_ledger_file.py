@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from jfsync.cli import main
-from jfsync.ledger import Ledger, LedgerFileError, LedgerFileLostError
-from jfsync.merge import MergePolicy
+from jfsync.sync.ledger import Ledger, LedgerFileError, LedgerFileLostError
+from jfsync.sync.merge import MergePolicy
 
 pytestmark = pytest.mark.timeout(20)
 

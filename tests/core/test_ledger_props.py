@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jfsync.ledger import STATE_CACHE_PAIRS, Ledger, Observation
-from jfsync.merge import MergePolicy
 from jfsync.model import ALL_REGISTERS, DEFAULT_USER_DATA, PlayState, Register, UserData
+from jfsync.sync.ledger import STATE_CACHE_PAIRS, Ledger, Observation
+from jfsync.sync.merge import MergePolicy
 
 SERVERS = ("a", "b", "c")
 ITEMS = ("i1", "i2")
@@ -119,7 +119,7 @@ class Cluster:
             await self.scan_finish(name)
         await self._quiet()
         # The periodic reconcile: repairs the races content alone cannot tell apart (see
-        # jfsync.echo), such as an event flushed before a read and delivered after it.
+        # jfsync.sync.echo), such as an event flushed before a read and delivered after it.
         for name in SERVERS:
             await self.scan(name)
         await self._quiet()

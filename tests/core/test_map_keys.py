@@ -15,10 +15,10 @@ import pytest
 
 from jfsync.config import Config
 from jfsync.jellyfin.wire import UserDto
-from jfsync.ledger import Ledger, Observation
-from jfsync.merge import MergePolicy
 from jfsync.model import UserData
-from jfsync.users import map_entry_key, match_users, plan_map_key_migration
+from jfsync.sync.ledger import Ledger, Observation
+from jfsync.sync.merge import MergePolicy
+from jfsync.sync.users import map_entry_key, match_users, plan_map_key_migration
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from jfsync.merge import (
+from jfsync.model import ALL_REGISTERS, DEFAULT_USER_DATA, PlayState, Register, Stamp, UserData
+from jfsync.sync.merge import (
     CanonicalState,
     MergePolicy,
     MergeResult,
@@ -18,7 +19,6 @@ from jfsync.merge import (
     merge,
     next_stamp_ms,
 )
-from jfsync.model import ALL_REGISTERS, DEFAULT_USER_DATA, PlayState, Register, Stamp, UserData
 
 FAV = Register.FAVORITE
 RAT = Register.RATING

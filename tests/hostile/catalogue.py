@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from jfsync.migrations import LATEST_VERSION
+from jfsync.sync.ledger.schema import LATEST_VERSION
 
 API_A = "a1b2c3d4e5f6a7b8c9d0aaaa1111secret"
 API_B = "f6e5d4c3b2a1f0e9d8c7bbbb2222secret"
@@ -80,8 +80,8 @@ def _ledger_bytes() -> bytes:
     import asyncio
     import tempfile
 
-    from jfsync.ledger import Ledger
-    from jfsync.merge import MergePolicy
+    from jfsync.sync.ledger import Ledger
+    from jfsync.sync.merge import MergePolicy
 
     async def build(path: Path) -> None:
         policy = MergePolicy(servers=("home", "cabin"))

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from jfsync import cli
-from jfsync.ledger import Ledger
-from jfsync.ledgerfile import check_ledger_file
-from jfsync.merge import MergePolicy
-from jfsync.migrations import LATEST_VERSION
+from jfsync.sync.ledger import Ledger
+from jfsync.sync.ledger.file import check_ledger_file
+from jfsync.sync.ledger.schema import LATEST_VERSION
+from jfsync.sync.merge import MergePolicy
 from tests.hostile.catalogue import API_A, API_B, TOKEN
 
 pytestmark = pytest.mark.timeout(30)

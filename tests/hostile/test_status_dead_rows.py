@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from jfsync import service as service_module
-from jfsync.statuscmd import find_problems
+from jfsync.ops.statuscmd import find_problems
 from tests.operate.conftest import Stack, StackFactory
 
 pytestmark = pytest.mark.timeout(60)

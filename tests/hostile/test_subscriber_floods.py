@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from jfsync.subscriber import Subscriber, SubscriberState
+from jfsync.sync.subscriber import Subscriber, SubscriberState
 from jfsync.timing import ManualClock, backoff_delays
 from tests.subscriber.helpers import IO_TIMEOUT_S, RawServer, Recorder
 

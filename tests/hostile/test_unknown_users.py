@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from jfsync.model import UserData
-from jfsync.subscriber import UserDataChangedEvent, UserDataEntry
+from jfsync.sync.subscriber import UserDataChangedEvent, UserDataEntry
 from tests.operate.conftest import StackFactory
 
 pytestmark = pytest.mark.timeout(60)

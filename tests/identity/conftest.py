@@ -17,10 +17,10 @@ import pytest
 
 from jfsync.config import Config
 from jfsync.emulator import Emulator, LibraryItem, WriteRecord
-from jfsync.identity import ItemIdentity
 from jfsync.model import UserData
 from jfsync.service import SyncService
-from jfsync.subscriber import SubscriberState
+from jfsync.sync.identity import ItemIdentity
+from jfsync.sync.subscriber import SubscriberState
 from jfsync.timing import Clock, backoff_delays
 
 API_KEY = "0123456789abcdef0123456789abcdef"

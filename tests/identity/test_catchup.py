@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from jfsync.model import PlayState, UserData
-from jfsync.subscriber import SubscriberState
+from jfsync.sync.subscriber import SubscriberState
 from jfsync.timing import ManualClock
 from tests.identity.conftest import MakeStack, Stack, emulator
 

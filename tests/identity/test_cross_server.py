@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from jfsync.ledger import Ledger
 from jfsync.model import PlayState, UserData
+from jfsync.sync.ledger import Ledger
 from tests.identity.conftest import MakeStack, Stack, emulator
 
 pytestmark = pytest.mark.timeout(40)
@@ -116,7 +116,7 @@ async def test_a_duplicated_provider_id_is_refused_reported_and_never_written(
         )
         duplicate.update(original=original.id, copy=copy.id)
 
-    caplog.set_level(logging.WARNING, logger="jfsync.identity")
+    caplog.set_level(logging.WARNING, logger="jfsync.sync.identity")
     stack = await make_stack(
         [emulator("a", root="/mnt/a"), emulator("b", root="/srv/b")],
         before_start=add_copy_on_b,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from jfsync.config import PathRewrite
-from jfsync.identity import build_groups, match_pair
-from jfsync.index import IndexEntry, match_path, provider_keys
+from jfsync.sync.identity import build_groups, match_pair
+from jfsync.sync.index import IndexEntry, match_path, provider_keys
 
 pytestmark = pytest.mark.timeout(10)
 

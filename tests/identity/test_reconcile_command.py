@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from jfsync.emulator import Emulator
-from jfsync.ledger import Ledger
-from jfsync.merge import MergePolicy
 from jfsync.model import PlayState, UserData
-from jfsync.reconcile import ReconcileOutcome, print_outcome, run_reconcile
+from jfsync.sync.ledger import Ledger
+from jfsync.sync.merge import MergePolicy
+from jfsync.sync.reconcile import ReconcileOutcome, print_outcome, run_reconcile
 from tests.identity.conftest import API_KEY, MakeStack, Stack, emulator
 
 pytestmark = pytest.mark.timeout(60)

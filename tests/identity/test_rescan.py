@@ -12,9 +12,9 @@ import asyncio
 
 import pytest
 
-from jfsync.identity import IndexedIdentity
 from jfsync.model import UserData
 from jfsync.service import SyncService
+from jfsync.sync.identity import IndexedIdentity
 from tests.identity.conftest import WAIT_S, MakeStack, emulator
 
 pytestmark = pytest.mark.timeout(40)

@@ -20,8 +20,8 @@ import pytest
 from jfsync.config import Config
 from jfsync.emulator import Emulator
 from jfsync.model import UserData
+from jfsync.ops.status import StatusServer
 from jfsync.service import SyncService
-from jfsync.status import StatusServer
 from jfsync.timing import backoff_delays
 
 #: Real-time bound for one wait on loopback I/O; never a wait for time to pass.

@@ -23,9 +23,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from jfsync import statuscmd
 from jfsync.cli import build_parser
 from jfsync.config import Config, parse_config
+from jfsync.ops import statuscmd
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILES = [ROOT / "compose.yaml", ROOT / "examples" / "compose.three-servers.yaml"]

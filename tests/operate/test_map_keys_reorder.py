@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from jfsync.model import UserData
-from jfsync.users import map_entry_key
+from jfsync.sync.users import map_entry_key
 from tests.identity.conftest import Stack, emulator, make_config
 
 pytestmark = pytest.mark.timeout(60)

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jfsync import statuscmd
 from jfsync.cli import main
-from jfsync.ledger import Ledger
-from jfsync.merge import MergePolicy
 from jfsync.model import UserData
+from jfsync.ops import statuscmd
 from jfsync.service import SyncService
+from jfsync.sync.ledger import Ledger
+from jfsync.sync.merge import MergePolicy
 from tests.operate.conftest import PUSHER, Stack, StackFactory, _fast_delays, free_port
 
 pytestmark = pytest.mark.timeout(40)

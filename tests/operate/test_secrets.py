@@ -22,12 +22,12 @@ from typing import Any
 
 import pytest
 
-from jfsync import statuscmd
 from jfsync.config import parse_config
 from jfsync.emulator import Emulator
 from jfsync.emulator.server import Emulator as EmulatorClass
 from jfsync.errors import ConfigError
 from jfsync.logs import CHATTY_LIBRARIES, configure_logging
+from jfsync.ops import statuscmd
 from tests.operate.conftest import KEYS, Stack, StackFactory
 
 pytestmark = pytest.mark.timeout(45)

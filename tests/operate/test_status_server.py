@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from jfsync.status import _without_userinfo
+from jfsync.ops.status import _without_userinfo
 from tests.operate.conftest import KEYS, Stack, StackFactory
 from tests.operate.docs_tables import metric_rows, status_keys
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from jfsync import statuscmd
 from jfsync.cli import main
+from jfsync.ops import statuscmd
 from tests.operate.conftest import KEYS, Stack, StackFactory, free_port
 
 pytestmark = pytest.mark.timeout(30)

@@ -13,9 +13,9 @@ import io
 import aiohttp
 import pytest
 
+from jfsync.ops.watch import Watcher
+from jfsync.sync.tokens import user_device_id, watch_device_id, watch_rest_device_id
 from jfsync.timing import SystemClock
-from jfsync.tokens import user_device_id, watch_device_id, watch_rest_device_id
-from jfsync.watch import Watcher
 from tests.operate.conftest import StackFactory
 from tests.subscriber.test_watch import until_text
 

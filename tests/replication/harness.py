@@ -162,7 +162,7 @@ class Cluster:
 
         Waiting for the echoes too keeps the next user action out of the echo window: a user
         who restores, inside one debounce window, exactly the state jfsync just overwrote is
-        indistinguishable from a stale event (see :mod:`jfsync.echo`), and no test wants that.
+        indistinguishable from a stale event (see :mod:`jfsync.sync.echo`), and no test wants that.
         """
         await self.service.wait_for(lambda: self.all_hold(item, expected, user), WAIT_S)
         await self.wait_quiet([item], user)

@@ -27,9 +27,9 @@ import pytest
 
 from jfsync import emulator as emulator_module
 from jfsync.emulator import Emulator, RequestRecord
-from jfsync.ledger import Ledger
-from jfsync.merge import MergePolicy
 from jfsync.model import PlayState, Register, UserData, s_to_datetime
+from jfsync.sync.ledger import Ledger
+from jfsync.sync.merge import MergePolicy
 from tests.replication.harness import API_KEY, USER, new_emulator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -191,7 +191,7 @@ class World:
         Every change gives its register a value it did not have (rating and play state take
         ever new values, a favourite flips at most once per item and repetition), so no
         user change can look like the state before one of jfsync's writes (which the echo
-        rule would take for a stale event; see :mod:`jfsync.echo`).
+        rule would take for a stale event; see :mod:`jfsync.sync.echo`).
         """
         item = self.rng.choice(self.items)
         register = self.rng.choice(list(Register))

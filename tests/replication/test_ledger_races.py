@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from jfsync.ledger import Ledger
-from jfsync.merge import MergePolicy
 from jfsync.model import UserData
+from jfsync.sync.ledger import Ledger
+from jfsync.sync.merge import MergePolicy
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -20,9 +20,9 @@ import pytest
 
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.jellyfin.wire import UserDto
-from jfsync.ledger import Applied, Observation
 from jfsync.model import UserData
 from jfsync.service import SyncService
+from jfsync.sync.ledger import Applied, Observation
 from jfsync.timing import ManualClock
 from tests.replication.conftest import MakeCluster
 from tests.replication.harness import (
@@ -72,7 +72,7 @@ def warnings_from(caplog: pytest.LogCaptureFixture, logger: str, subject: str) -
 async def test_a_peer_whose_proxy_answers_for_it_while_down_gets_the_favourite_once_back(
     make_cluster: MakeCluster, caplog: pytest.LogCaptureFixture, answer: tuple[int, str]
 ) -> None:
-    caplog.set_level(logging.INFO, "jfsync.pusher")
+    caplog.set_level(logging.INFO, "jfsync.sync.delivery")
     cluster = await make_cluster(2, gated=("b",))
     a, b = cluster.emus
     gate = cluster.gates["b"]
@@ -99,7 +99,7 @@ async def test_a_peer_whose_proxy_answers_for_it_while_down_gets_the_favourite_o
     await cluster.service.wait_for(lambda: cluster.all_hold(x, UserData(favorite=True)), 20)
     assert pusher.stats.down_since_ms is None
     # One line for the whole outage (the probes' answers are DEBUG), one for the return.
-    assert len(warnings_from(caplog, "jfsync.pusher", "→b")) == 1
+    assert len(warnings_from(caplog, "jfsync.sync.delivery", "→b")) == 1
     assert any("peer reachable again" in r.getMessage() for r in caplog.records)
 
 
@@ -165,7 +165,9 @@ async def test_a_ledger_error_when_the_peer_returns_does_not_stop_its_delivery(
     assert failed == ["b"]
     # Logged once with its traceback (below); on /status it is gone once delivery works again.
     assert (await server_status(cluster, "b"))["outbox"]["last_error"] is None
-    errors = [r for r in caplog.records if r.name == "jfsync.pusher" and r.levelno >= logging.ERROR]
+    errors = [
+        r for r in caplog.records if r.name == "jfsync.sync.delivery" and r.levelno >= logging.ERROR
+    ]
     assert len(errors) == 1
     assert "delivery round failed unexpectedly" in errors[0].getMessage()
     assert errors[0].exc_info is not None  # the traceback, for a bug report
@@ -191,7 +193,7 @@ async def test_a_ledger_failing_round_after_round_is_logged_once_and_retried_wit
         return await real_due_rows(peer, *args, **kwargs)
 
     monkeypatch.setattr(ledger, "due_rows", due_rows)
-    caplog.set_level(logging.DEBUG, "jfsync.pusher")
+    caplog.set_level(logging.DEBUG, "jfsync.sync.delivery")
     cluster.change(a, x, is_favorite=True)
     shown: list[str | None] = []
     for _ in range(8):
@@ -206,7 +208,7 @@ async def test_a_ledger_failing_round_after_round_is_logged_once_and_retried_wit
     assert "database is locked" in (shown[0] or "")
     assert (await server_status(cluster, "b"))["outbox"]["last_error"] is None
     # One line at WARNING or above for the whole streak, the repeats at DEBUG.
-    lines = warnings_from(caplog, "jfsync.pusher", "→b")
+    lines = warnings_from(caplog, "jfsync.sync.delivery", "→b")
     assert len(lines) == 1, lines
     assert "database is locked" in lines[0]
     assert any("delivery rounds work again" in r.getMessage() for r in caplog.records)
@@ -254,7 +256,7 @@ async def test_an_event_the_ledger_fails_to_apply_still_reaches_the_other_server
     assert user["event_failures"] == 1
     assert "OperationalError" in user["last_event_error"]
     assert user["state"] == "connected"
-    lines = warnings_from(caplog, "jfsync.subscriber", "a/alice")
+    lines = warnings_from(caplog, "jfsync.sync.subscriber", "a/alice")
     assert len(lines) == 1, lines
     assert "database is locked" in lines[0]
 

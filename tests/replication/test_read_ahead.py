@@ -19,10 +19,10 @@ import pytest
 
 from jfsync.emulator import Emulator
 from jfsync.jellyfin.api import JellyfinClient
-from jfsync.ledger import Ledger, Observation
-from jfsync.merge import MergePolicy
 from jfsync.model import UserData
-from jfsync.pusher import Pusher
+from jfsync.sync.delivery import Pusher
+from jfsync.sync.ledger import Ledger, Observation
+from jfsync.sync.merge import MergePolicy
 from jfsync.timing import ManualClock
 from tests.replication.harness import API_KEY, USER, new_emulator
 

@@ -4,7 +4,7 @@ Each test is a story: alice builds a library of favourites, plays, ratings and r
 that jfsync syncs to every server; then server b goes down and comes back having lost her data
 (``Emulator.wipe_user_data``: same server and user ids, nothing pushed), or she clears a few
 items herself while b's socket is down, or b is replaced by a new server. The reset guard must
-tell the lost server from her own edits (jfsync.resetguard).
+tell the lost server from her own edits (jfsync.sync.resetguard).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import pytest
 
 from jfsync.config import parse_config
 from jfsync.errors import ConfigError
-from jfsync.metrics import Metrics
 from jfsync.model import DEFAULT_USER_DATA, UserData
+from jfsync.ops.metrics import Metrics
+from jfsync.ops.status import StatusServer
+from jfsync.ops.statuscmd import find_problems
 from jfsync.service import SyncService
-from jfsync.status import StatusServer
-from jfsync.statuscmd import find_problems
 from tests.replication.conftest import MakeCluster
 from tests.replication.harness import (
     FAST_PUSHER,

@@ -14,8 +14,8 @@ import pytest
 from pydantic import SecretStr
 
 from jfsync.model import UserData
+from jfsync.ops.statuscmd import render
 from jfsync.service import SyncService
-from jfsync.statuscmd import render
 from tests.replication.conftest import MakeCluster
 from tests.replication.harness import (
     FAST_PUSHER,

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from jfsync import reconcile as reconcile_module
 from jfsync.model import PlayState, UserData
+from jfsync.sync import reconcile as reconcile_module
 from jfsync.timing import ManualClock
 from tests.replication.conftest import MakeCluster
 from tests.replication.harness import USER_KEY, WAIT_S, Cluster

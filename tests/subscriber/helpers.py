@@ -17,7 +17,7 @@ from urllib.parse import unquote
 
 from aiohttp import WSMsgType, web
 
-from jfsync.subscriber import (
+from jfsync.sync.subscriber import (
     ConnectionStateChanged,
     SubscriberEvent,
     SubscriberState,

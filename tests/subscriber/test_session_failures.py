@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from jfsync.jellyfin import socket as socket_module
-from jfsync.subscriber import (
+from jfsync.sync.subscriber import (
     Subscriber,
     SubscriberEvent,
     SubscriberState,
@@ -86,7 +86,9 @@ async def make_subscriber(clock: ManualClock) -> AsyncIterator[MakeSubscriber]:
 def lines_at_warning(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     """The subscriber's WARNING and ERROR records."""
     return [
-        r for r in caplog.records if r.name == "jfsync.subscriber" and r.levelno >= logging.WARNING
+        r
+        for r in caplog.records
+        if r.name == "jfsync.sync.subscriber" and r.levelno >= logging.WARNING
     ]
 
 
@@ -122,7 +124,7 @@ async def test_an_event_the_handler_fails_on_ends_the_session_and_a_resync_catch
     clock: ManualClock,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, "jfsync.subscriber")
+    caplog.set_level(logging.INFO, "jfsync.sync.subscriber")
     handler = FailingOnce(RuntimeError("database is locked"))
     resync = Resyncs()
     sub = make_subscriber(raw_server.url, handler, resync)

@@ -15,14 +15,14 @@ import pytest
 
 from jfsync.emulator import Emulator
 from jfsync.jellyfin.api import JellyfinClient
-from jfsync.subscriber import (
+from jfsync.sync.subscriber import (
     LibraryChangedEvent,
     Subscriber,
     SubscriberState,
     UserDataChangedEvent,
 )
+from jfsync.sync.tokens import MemoryTokenStore, UserTokens, user_device_id
 from jfsync.timing import ManualClock, backoff_delays
-from jfsync.tokens import MemoryTokenStore, UserTokens, user_device_id
 
 from .helpers import IO_TIMEOUT_S, Recorder
 

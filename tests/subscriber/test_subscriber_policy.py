@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from jfsync.subscriber import (
+from jfsync.sync.subscriber import (
     ConnectionStateChanged,
     LibraryChangedEvent,
     Subscriber,
@@ -170,7 +170,7 @@ async def test_backoff_is_capped_exponential_and_resets_after_a_healthy_connecti
     clock: ManualClock,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="jfsync.subscriber")
+    caplog.set_level(logging.DEBUG, logger="jfsync.sync.subscriber")
     await raw_server.stop()  # down from the start; the port stays ours
     resync = Resyncs()
     sub = make_subscriber(raw_server.url, resync=resync)
@@ -189,7 +189,7 @@ async def test_backoff_is_capped_exponential_and_resets_after_a_healthy_connecti
     assert resync.count == 1
 
     # One WARNING for the whole streak, DEBUG for repeats, INFO for the recovery.
-    lines = [r for r in caplog.records if r.name == "jfsync.subscriber"]
+    lines = [r for r in caplog.records if r.name == "jfsync.sync.subscriber"]
     failures = [r for r in lines if "cannot connect" in r.getMessage()]
     assert [r.levelno for r in failures] == [logging.WARNING] + [logging.DEBUG] * 5
     assert all("[alpha/alice]" in r.getMessage() for r in lines)

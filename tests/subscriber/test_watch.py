@@ -15,8 +15,8 @@ import pytest
 from jfsync.cli import main
 from jfsync.config import Config, load_config
 from jfsync.emulator import Emulator
+from jfsync.ops.watch import watch
 from jfsync.timing import ManualClock
-from jfsync.watch import watch
 
 from .helpers import IO_TIMEOUT_S
 

@@ -15,13 +15,13 @@ type, path and provider ids later identity matching needs), ``canonical`` (value
 origin per register), ``last_known`` (each server's state of each user and item),
 ``pending_echo``, ``outbox`` (one row per peer, user and item) and ``tokens``.
 
-Schema v2 adds the library index of :mod:`jfsync.index`: ``index_items`` (every server's leaf
+Schema v2 adds the library index of :mod:`jfsync.sync.index`: ``index_items`` (every server's leaf
 items with type, name, year, path, provider ids, series, season and episode numbers),
 ``index_series`` (series provider ids), ``index_keys`` (provider-id match keys) and
 ``index_scans`` (scan generations).
 
 The reset-guard migration adds ``reset_holds``: one row per (server, user) whose data the
-server showed wiped while ``sync.reset_guard`` is ``hold`` (:mod:`jfsync.resetguard`), with
+server showed wiped while ``sync.reset_guard`` is ``hold`` (:mod:`jfsync.sync.resetguard`), with
 the operator's decision once ``jfsync accept-reset`` made one. Each server's Jellyfin id lives
 in ``servers.jellyfin_id`` (there since v1).
 """
@@ -171,7 +171,7 @@ _V2 = Migration(
     version=2,
     description="library index: every server's leaf items, their series and match keys",
     statements=(
-        # One row per leaf item a server has (jfsync.index). ``id`` is a local handle used by
+        # One row per leaf item a server has (jfsync.sync.index). ``id`` is a local handle used by
         # the matcher; ``match_path`` is the path after the server's prefix rewrites.
         """CREATE TABLE index_items (
             id INTEGER PRIMARY KEY,

@@ -2,7 +2,7 @@
 
 :meth:`Reconciler.catch_up` is what jfsync does for one (server, user) after every (re)connect
 and in every full reconcile: list the user's items with non-default data on that server
-(:func:`jfsync.catchup.scan_non_default`), map them through the identity, diff them against the
+(:func:`jfsync.sync.catchup.scan_non_default`), map them through the identity, diff them against the
 ledger's last-known states and apply the differences through the ledger's one merge path
 (source ``scan``). A known non-default item missing from the listing is re-read by id first:
 if the server still has it, the state read (usually the default: a reset) is the observation;
@@ -10,7 +10,7 @@ if it is gone (removed, moved), nothing is observed, so a deleted file never un-
 un-favourites an item elsewhere. Then every non-default canonical item the server has but has
 no history of is queued for it (first-contact merge at write time).
 
-With a reset guard (:mod:`jfsync.resetguard`), a scan showing the user's data on that server
+With a reset guard (:mod:`jfsync.sync.resetguard`), a scan showing the user's data on that server
 regressed wholesale to defaults is a server that lost its data: the regressed items are
 restored from the canonical state instead of propagated (``restore``), or the whole (server,
 user) is held for the operator (``hold``); a held pair is not caught up until resolved.
@@ -41,19 +41,19 @@ from typing import Any, TextIO
 
 import aiohttp
 
-from jfsync.catchup import catchup_observations, scan_non_default
 from jfsync.config import Config
 from jfsync.errors import JfsyncError, ServerError
-from jfsync.identity import IdentityChange, IndexedIdentity, ItemIdentity
 from jfsync.jellyfin.api import JellyfinClient
-from jfsync.ledger import Applied, ItemMapping, Ledger, OutboxRow, Outcome
-from jfsync.merge import MergePolicy
 from jfsync.model import TICKS_PER_SECOND, PlayState, Register, UserData
-from jfsync.resetguard import ResetGuard, ResetRule, regressed_items
-from jfsync.subscriber import LibraryChangedEvent
+from jfsync.sync.catchup import catchup_observations, scan_non_default
+from jfsync.sync.identity import IdentityChange, IndexedIdentity, ItemIdentity
+from jfsync.sync.ledger import Applied, ItemMapping, Ledger, OutboxRow, Outcome
+from jfsync.sync.merge import MergePolicy
+from jfsync.sync.resetguard import ResetGuard, ResetRule, regressed_items
+from jfsync.sync.subscriber import LibraryChangedEvent
+from jfsync.sync.users import match_users
 from jfsync.tasks import cancel_and_wait
 from jfsync.timing import Clock, SystemClock
-from jfsync.users import match_users
 
 logger = logging.getLogger(__name__)
 

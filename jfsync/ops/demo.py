@@ -27,7 +27,7 @@ from jfsync.emulator import Emulator
 from jfsync.jellyfin.api import auth_header
 from jfsync.logs import configure_logging
 from jfsync.service import SyncService
-from jfsync.subscriber import SubscriberState
+from jfsync.sync.subscriber import SubscriberState
 
 #: How long one step may take to show up on the other server.
 STEP_TIMEOUT_S = 30.0

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.jellyfin.wire import BaseItemDto
-from jfsync.ledger import Observation
 from jfsync.model import DEFAULT_USER_DATA, UserData
+from jfsync.sync.ledger import Observation
 
 #: Listings that together cover every item whose user data differs from the default.
 NON_DEFAULT_FILTERS: tuple[str, ...] = (
@@ -60,7 +60,7 @@ def catchup_observations(
     Items whose state equals the last-known one are left out; known items that are not
     default and were not found are observed as reset to the default. ``wall_ms`` must be
     the time the scan was requested, not when it ended: the echo rule matches a scanned
-    state only against writes recorded after that time (:func:`jfsync.echo.match_echo`).
+    state only against writes recorded after that time (:func:`jfsync.sync.echo.match_echo`).
     ``read_seq`` is the ledger ticket taken just before the scan was requested (a page older
     than what the ledger learnt of an item since is not applied).
     """

@@ -53,9 +53,9 @@ from jfsync.errors import (
     is_retryable,
 )
 from jfsync.jellyfin.api import JellyfinClient
-from jfsync.ledger import Ledger, OutboxRow
 from jfsync.logs import FailureStreak
 from jfsync.model import ALL_REGISTERS, PlayState, Register, UserData
+from jfsync.sync.ledger import Ledger, OutboxRow
 from jfsync.timing import Clock, backoff_delays
 
 logger = logging.getLogger(__name__)

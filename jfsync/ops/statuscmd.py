@@ -520,7 +520,7 @@ def run_retry_dead(args: argparse.Namespace) -> int:
     if url is None:
         assert config is not None
         from jfsync.errors import JfsyncError
-        from jfsync.ledger import LedgerInUseError
+        from jfsync.sync.ledger import LedgerInUseError
 
         path = str(config.ledger)
         if path == ":memory:" or not os.path.exists(path):
@@ -555,8 +555,8 @@ async def retry_dead_in_ledger(config: Config, server: str | None = None) -> dic
     Raises LedgerInUseError when a running jfsync holds the ledger. The caller checks that
     the file exists (an empty ledger would be created).
     """
-    from jfsync.ledger import Ledger
-    from jfsync.merge import MergePolicy
+    from jfsync.sync.ledger import Ledger
+    from jfsync.sync.merge import MergePolicy
 
     path = str(config.ledger)
     names = [server] if server else [s.name for s in config.servers]
@@ -607,6 +607,6 @@ def print_revived(revived: Mapping[str, int], out: TextIO) -> None:
 
 def _ledger_exit(error: Exception) -> int:
     """A ledger file that is not a ledger is a configuration problem (2); else 1."""
-    from jfsync.ledger import LedgerFileError
+    from jfsync.sync.ledger import LedgerFileError
 
     return EXIT_CONFIG if isinstance(error, LedgerFileError) else EXIT_RETRY_FAILED

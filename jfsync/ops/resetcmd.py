@@ -1,4 +1,4 @@
-"""``jfsync accept-reset``: resolve what the reset guard holds (see :mod:`jfsync.resetguard`).
+"""``jfsync accept-reset``: resolve what the reset guard holds (see :mod:`jfsync.sync.resetguard`).
 
 With ``sync.reset_guard: hold``, a server that showed a user's data wiped is held: nothing is
 synced from or to it for that user. ``jfsync accept-reset SERVER [--user U]`` decides:
@@ -29,10 +29,10 @@ import urllib.request
 from typing import Any, TextIO
 
 from jfsync.config import Config, load_config_or_report
-from jfsync.ledger import Ledger, LedgerInUseError, ResetHold
-from jfsync.merge import MergePolicy
-from jfsync.resetguard import describe_hold
-from jfsync.statuscmd import DEFAULT_TIMEOUT_S, TOKEN_ENV, endpoint_url
+from jfsync.ops.statuscmd import DEFAULT_TIMEOUT_S, TOKEN_ENV, endpoint_url
+from jfsync.sync.ledger import Ledger, LedgerInUseError, ResetHold
+from jfsync.sync.merge import MergePolicy
+from jfsync.sync.resetguard import describe_hold
 
 EXIT_NOTHING_HELD = 1
 EXIT_USAGE = 2

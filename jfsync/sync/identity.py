@@ -6,7 +6,7 @@ server's item ids (and the reverse). Two strategies implement it:
 * :class:`IdenticalIds`: servers that share item ids (same type and path, the same library
   layout) use the id itself as the canonical key;
 * :class:`IndexedIdentity`, the service's default: every server's leaf items are indexed in the
-  ledger (:mod:`jfsync.index`) and matched across servers, in order, by identical id, by path
+  ledger (:mod:`jfsync.sync.index`) and matched across servers, in order, by identical id, by path
   after each server's prefix rewrites, and by provider ids with the type (episodes by their
   series' provider ids plus season and episode numbers). A match needs exactly one candidate on
   each side; anything else is *ambiguous*: refused, reported, and left unmapped, so nothing is
@@ -30,7 +30,8 @@ from typing import Any, Protocol, cast
 
 from jfsync.config import Config
 from jfsync.errors import JfsyncError
-from jfsync.index import (
+from jfsync.jellyfin.api import JellyfinClient
+from jfsync.sync.index import (
     PAGE_SIZE,
     RULES,
     GroupRow,
@@ -38,8 +39,7 @@ from jfsync.index import (
     PageHook,
     Rule,
 )
-from jfsync.jellyfin.api import JellyfinClient
-from jfsync.ledger import ItemMapping, Ledger
+from jfsync.sync.ledger import ItemMapping, Ledger
 from jfsync.tasks import cancel_and_wait
 from jfsync.timing import Clock
 

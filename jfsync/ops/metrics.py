@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from jfsync.subscriber import SubscriberState
+from jfsync.sync.subscriber import SubscriberState
 
 #: The content type Prometheus expects for the text exposition format.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -32,7 +32,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
 #: Write outcomes per peer, in the order they are exported.
 WRITE_OUTCOMES = ("done", "skipped", "failed", "dead")
-#: What the reset guard did when it fired (jfsync.resetguard), in the order they are exported.
+#: What the reset guard did when it fired (jfsync.sync.resetguard), in the order they are exported.
 RESET_ACTIONS = ("restored", "held")
 _OUTBOX_KEY_OF_OUTCOME = {
     "done": "writes_done",
@@ -201,7 +201,7 @@ def _families(snap: Mapping[str, Any]) -> Iterator[Metric]:
 
 
 def _reset_guard_families(snap: Mapping[str, Any]) -> Iterator[Metric]:
-    """The reset guard's counter of triggers and gauge of holds (jfsync.resetguard)."""
+    """The reset guard's counter of triggers and gauge of holds (jfsync.sync.resetguard)."""
     guard = snap.get("reset_guard") or {}
     triggers = CounterMetricFamily(
         "jfsync_reset_guard_triggers",

@@ -1,6 +1,6 @@
 """The reset guard: a server that lost a user's data never wipes that user's data elsewhere.
 
-A catch-up scan (:meth:`jfsync.reconcile.Reconciler.catch_up`) reads every difference from the
+A catch-up scan (:meth:`jfsync.sync.reconcile.Reconciler.catch_up`) reads every difference from the
 ledger's last-known state as the user's edit. A server brought back with the same server and
 user ids but empty user data (a reinstall on the same config, an old backup, a failed
 migration) would therefore have every item it lost reset on every other server. The guard
@@ -21,9 +21,9 @@ What happens when it fires is ``sync.reset_guard``:
 
 * ``restore`` (default): the regressed observations are not merged; the server's last-known
   state of those items becomes what it now holds and the canonical state is queued for it
-  (:meth:`jfsync.ledger.Ledger.rebase_last_known`), so the pusher writes it back through the
-  normal outbox (retries, echoes, crash safety). Other differences in the same scan (items
-  changed to something non-default) are ordinary changes.
+  (:meth:`jfsync.sync.ledger.Ledger.rebase_last_known`), so the pusher writes it back
+  through the normal outbox (retries, echoes, crash safety). Other differences in the same
+  scan (items changed to something non-default) are ordinary changes.
 * ``hold``: nothing is applied or delivered for that (server, user) and a hold is stored in
   the ledger (it survives restarts). While held, that server's events and scans for that user
   are ignored and rows owed to it for that user wait; everything else (other users, other
@@ -47,8 +47,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from jfsync.config import Config
-from jfsync.ledger import Ledger, ResetHold
 from jfsync.model import Register, UserData
+from jfsync.sync.ledger import Ledger, ResetHold
 from jfsync.timing import Clock
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ opens the ledger) ask about the configured ``ledger`` path: that its directory e
 this user can create files in it (the ledger, its ``-wal``, ``-shm`` and ``.lock``), that the
 path is not a directory, and, when the file exists, that it can be read and written and is a
 sound SQLite database holding a jfsync ledger of a schema version this jfsync knows
-(:data:`jfsync.migrations.LATEST_VERSION`). The file is opened read-only and never modified.
+(:data:`jfsync.sync.ledger.schema.LATEST_VERSION`). The file is opened read-only and never modified.
 Every problem is one line naming the key, the path, what is wrong and the fix; warnings (a
 ledger other users can read: it holds every user's token) do not stop anything.
 """
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from jfsync.ledger import SQLITE_HEADER_BYTES, sqlite_header_problem
-from jfsync.migrations import LATEST_VERSION
+from jfsync.sync.ledger.schema import LATEST_VERSION
+from jfsync.sync.ledger.store import SQLITE_HEADER_BYTES, sqlite_header_problem
 
 #: Tables every jfsync ledger has from schema version 1 on.
 LEDGER_TABLES = frozenset({"meta", "servers", "outbox", "tokens", "canonical", "last_known"})

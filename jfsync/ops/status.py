@@ -7,7 +7,7 @@
   saved and deleted in the tokens table), else 503 with a ``reason``; for the container
   healthcheck. The ledger path must still name the file jfsync has open (deleted or
   replaced: 503, and the service stops);
-* ``GET /metrics``: Prometheus text (:mod:`jfsync.metrics`);
+* ``GET /metrics``: Prometheus text (:mod:`jfsync.ops.metrics`);
 * ``POST /retry-dead`` (optionally ``?server=NAME``): revive the dead rows of every peer, or
   of one, so they are tried again; answers ``{"revived": {server: count}}`` (the route
   ``jfsync retry-dead`` takes while ``jfsync run`` holds the ledger).
@@ -32,9 +32,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
-from jfsync.ledger import LedgerFileLostError
-from jfsync.metrics import CONTENT_TYPE, Metrics
+from jfsync.ops.metrics import CONTENT_TYPE, Metrics
 from jfsync.service import SyncService
+from jfsync.sync.ledger import LedgerFileLostError
 
 logger = logging.getLogger(__name__)
 

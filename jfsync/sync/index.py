@@ -4,7 +4,7 @@
 audio...) with what cross-server matching needs: id, type, name, year, path (as reported and
 after the server's ``path_rewrites``), provider ids, series id with season and episode numbers,
 plus the provider ids of every series (``index_series``) and the derived provider-id match keys
-(``index_keys``). Tables come from schema v2 (:mod:`jfsync.migrations`).
+(``index_keys``). Tables come from schema v2 (:mod:`jfsync.sync.ledger.schema`).
 
 It is filled by paged ``GET /Items`` scans with the admin API key and no ``userId``
 (``Fields=Path,ProviderIds``): a series listing first, then the leaf items. Every page is stored
@@ -13,9 +13,9 @@ connection keeps applying events meanwhile), so a rescan of 100,000 items never 
 long and the event loop runs between pages. A complete scan then drops the rows it did not see
 (removed items). :meth:`LibraryIndex.refresh_items` re-reads only some ids (``LibraryChanged``).
 
-The matcher in :mod:`jfsync.identity` reads candidate pairs through :meth:`LibraryIndex.edges`
+The matcher in :mod:`jfsync.sync.identity` reads candidate pairs through :meth:`LibraryIndex.edges`
 (identical id, rewritten path, shared provider-id key) and streams the resulting groups back
-through :meth:`LibraryIndex.group_rows`. Open the :class:`jfsync.ledger.Ledger` first: it
+through :meth:`LibraryIndex.group_rows`. Open the :class:`jfsync.sync.ledger.store.Ledger` first: it
 creates and migrates the schema; the index only checks the version.
 """
 
@@ -38,7 +38,7 @@ from jfsync.config import PathRewrite, ServerConfig
 from jfsync.errors import JfsyncError
 from jfsync.jellyfin.api import DEFAULT_ITEM_TYPES, JellyfinClient
 from jfsync.jellyfin.wire import BaseItemDto
-from jfsync.migrations import WriteGate, connect, prepare, schema_version
+from jfsync.sync.ledger.schema import WriteGate, connect, prepare, schema_version
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ reported, per server, so ``jfsync check`` and the status page can show it.
 A person matched by name has the canonical key ``name:<casefolded name>``; one matched by a map
 entry has a key derived from the entry's content (:func:`map_entry_key`), so reordering the
 list changes nobody's key. Ledgers written when map keys were positions (``map:0``) are moved
-over when they are opened (:func:`plan_map_key_migration`, run by :class:`jfsync.ledger.Ledger`).
+over when they are opened (:func:`plan_map_key_migration`, run by
+:class:`jfsync.sync.ledger.Ledger`).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from jfsync.errors import (
 )
 from jfsync.jellyfin.api import MIN_SUPPORTED_VERSION, JellyfinClient, parse_version
 from jfsync.jellyfin.wire import UserDto
-from jfsync.users import UserMatch, match_users
+from jfsync.sync.users import UserMatch, match_users
 
 #: Device id of the check's REST calls; no websocket uses it.
 CHECK_DEVICE_ID = "jfsync-check"

@@ -3,7 +3,7 @@
 A debugging aid for a real setup: for each configured server (or the one named with
 ``--server``) it lists the users with the admin API key, gets each user a token (configured
 token or password, else Quick Connect; kept in memory only), opens one
-:class:`~jfsync.subscriber.Subscriber` per user and prints what arrives until Ctrl-C::
+:class:`~jfsync.sync.subscriber.Subscriber` per user and prints what arrives until Ctrl-C::
 
     2026-11-22T10:15:42Z alpha alice 9f86d081884c7d659a2feaa0c55ad015 played=yes count=1 ...
     2026-11-22T10:15:42Z alpha alice 1b4f0e9851971998e732078544c96b36 folder unplayed=6 ...
@@ -11,7 +11,7 @@ token or password, else Quick Connect; kept in memory only), opens one
     2026-11-22T10:16:10Z alpha bob state=backoff (connection lost: ...)
 
 Nothing is written to any server and nothing is stored. Tokens never reach the output.
-``watch`` has device ids of its own (:func:`~jfsync.tokens.watch_device_id`, and
+``watch`` has device ids of its own (:func:`~jfsync.sync.tokens.watch_device_id`, and
 ``jfsync-watch-rest-<server>`` for REST), distinct from ``jfsync run``'s and stable across
 runs: Jellyfin keeps one session per device, so with run's ids it would take the replicator's
 events and revoke its tokens.
@@ -35,7 +35,7 @@ from jfsync.errors import BadResponseError, JfsyncError
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.logs import configure_logging
 from jfsync.model import TICKS_PER_SECOND
-from jfsync.subscriber import (
+from jfsync.sync.subscriber import (
     ConnectionStateChanged,
     GetToken,
     LibraryChangedEvent,
@@ -44,8 +44,8 @@ from jfsync.subscriber import (
     UserDataChangedEvent,
     UserDataEntry,
 )
+from jfsync.sync.tokens import MemoryTokenStore, UserTokens, watch_device_id, watch_rest_device_id
 from jfsync.timing import Clock, SystemClock
-from jfsync.tokens import MemoryTokenStore, UserTokens, watch_device_id, watch_rest_device_id
 
 #: Exit status for a config that does not validate (the same as ``jfsync check``).
 EXIT_CONFIG = 2

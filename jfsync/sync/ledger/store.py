@@ -1,19 +1,19 @@
 """The ledger: jfsync's SQLite store of canonical data, last-known states, echoes and outbox.
 
 One :class:`Ledger` owns one aiosqlite connection (WAL, foreign keys, schema from
-:mod:`jfsync.migrations`). Everything that matters commits together: applying an observation
-runs the echo rule (:mod:`jfsync.echo`), diffs against the origin's last-known state, stamps the
-change with the persisted hybrid clock, merges (:mod:`jfsync.merge`), updates the canonical and
-last-known states and upserts the outbox rows of every server that has the user, in ONE
-transaction. A crash at any point therefore loses nothing that was committed and leaves nothing
-half-written; a redelivered write is harmless because the pusher skips targets that already
-hold the desired state.
+:mod:`jfsync.sync.ledger.schema`). Everything that matters commits together: applying an
+observation runs the echo rule (:mod:`jfsync.sync.echo`), diffs against the origin's last-known
+state, stamps the change with the persisted hybrid clock, merges (:mod:`jfsync.sync.merge`),
+updates the canonical and last-known states and upserts the outbox rows of every server that has
+the user, in ONE transaction. A crash at any point therefore loses nothing that was committed
+and leaves nothing half-written; a redelivered write is harmless because the pusher skips
+targets that already hold the desired state.
 
 Sources: an observation is a websocket ``event`` (runs the echo rule and consumes pending
 states), a ``scan`` page (matches pending states without consuming them: a page can be older
 than a write made while scanning) or a ``compare`` read by the pusher (fresh: always diffed).
 An event equal to the state a write replaced was flushed before that write and is ignored as
-stale (see :mod:`jfsync.echo`). When a user's socket (re)connects, call
+stale (see :mod:`jfsync.sync.echo`). When a user's socket (re)connects, call
 :meth:`Ledger.forget_echoes` before the resync scan.
 
 Keys: servers are config names; users and items are *canonical keys* (strings). Identity
@@ -58,7 +58,7 @@ Decoded state of recently used (user, item) pairs is kept between transactions i
 write-through cache (:class:`_StateCache`); writes that bypass it, and rollbacks, empty it.
 Rows are identified by (peer, user, item) and ``version``; the integer ``id`` is only a handle.
 
-Reset guard (:mod:`jfsync.resetguard`): :meth:`Ledger.rebase_last_known` takes what a server
+Reset guard (:mod:`jfsync.sync.resetguard`): :meth:`Ledger.rebase_last_known` takes what a server
 that lost a user's data now holds as its last-known state without merging it, and queues the
 canonical state for it; ``reset_holds`` rows (:meth:`Ledger.hold_reset`,
 :meth:`Ledger.resolve_reset_holds`) pause a (server, user): :meth:`Ledger.due_rows` skips its
@@ -94,17 +94,7 @@ from typing import Any, Literal, Self
 
 import aiosqlite
 
-from jfsync.echo import (
-    PendingWrite,
-    Verdict,
-    after_read,
-    classify_event,
-    match_echo,
-    record_write,
-)
 from jfsync.errors import JfsyncError
-from jfsync.merge import CanonicalState, MergePolicy, Stamped, merge, next_stamp_ms
-from jfsync.migrations import WriteGate, connect, migrate, prepare
 from jfsync.model import (
     ALL_REGISTERS,
     DEFAULT_USER_DATA,
@@ -113,7 +103,17 @@ from jfsync.model import (
     UserData,
     user_data,
 )
-from jfsync.users import is_positional_map_key, plan_map_key_migration
+from jfsync.sync.echo import (
+    PendingWrite,
+    Verdict,
+    after_read,
+    classify_event,
+    match_echo,
+    record_write,
+)
+from jfsync.sync.ledger.schema import WriteGate, connect, migrate, prepare
+from jfsync.sync.merge import CanonicalState, MergePolicy, Stamped, merge, next_stamp_ms
+from jfsync.sync.users import is_positional_map_key, plan_map_key_migration
 
 logger = logging.getLogger(__name__)
 
