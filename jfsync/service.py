@@ -20,7 +20,6 @@ the HTTP session and the ledger.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import faulthandler
 import gc
 import logging
@@ -28,7 +27,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import aiohttp
 
@@ -45,10 +44,13 @@ from jfsync.jellyfin.api import JellyfinClient, parse_version
 from jfsync.jellyfin.wire import UserDto
 from jfsync.logs import FailureStreak
 from jfsync.model import UserData
+from jfsync.ops import snapshot
+from jfsync.ops.activity import ActivityFeed
+from jfsync.ops.status import StatusServer
 from jfsync.ratelimit import RepeatLimiter
 from jfsync.sync.delivery import Pusher, WriteHook
 from jfsync.sync.identity import IdenticalIds, IndexedIdentity, ItemIdentity
-from jfsync.sync.ledger import Applied, Ledger, Observation, Outcome
+from jfsync.sync.ledger import Applied, Ledger, Observation, OutboxRow, Outcome
 from jfsync.sync.merge import MergePolicy
 from jfsync.sync.reconcile import Reconciler, ReconcileReport
 from jfsync.sync.resetguard import ResetGuard, ResetRule, describe_hold
@@ -65,9 +67,6 @@ from jfsync.sync.users import UserMatch, match_users
 from jfsync.tasks import cancel_and_wait
 from jfsync.timing import Clock, SystemClock, backoff_delays
 
-if TYPE_CHECKING:
-    from jfsync.ops.status import StatusServer  # it imports this module
-
 logger = logging.getLogger(__name__)
 
 #: Observations applied per ledger transaction during a catch-up scan.
@@ -80,8 +79,6 @@ BRING_UP_SLOW_RETRY_S = 300.0
 #: Backoff of a bring-up or user-list refresh that failed in a way that may pass by itself.
 BRING_UP_INITIAL_S = 1.0
 BRING_UP_MAX_S = 60.0
-#: Dead rows listed per peer in the status (the oldest; ``dead_count`` has them all).
-DEAD_ROWS_IN_STATUS = 50
 
 
 @dataclass(slots=True)
@@ -206,6 +203,8 @@ class SyncService:
         self.ledger.file_lost_observers.append(self._ledger_file_lost)
         #: Per server: events of users jfsync does not sync, logged in moderation.
         self._unknown_users: dict[str, RepeatLimiter] = {}
+        #: The last few hundred changes received and written (status, page, ``--activity``).
+        self.activity = ActivityFeed()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -234,6 +233,7 @@ class SyncService:
                 on_progress=self._notify,
                 on_write=self._on_write,
                 on_regression=self._on_regression,
+                on_ack=self._on_ack,
                 **self._pusher_options,
             )
             link = ServerLink(config=server, index=index, client=client, pusher=pusher)
@@ -487,6 +487,7 @@ class SyncService:
                         continue
                     await self.ledger.map_user(link.name, account.id, key, name=account.name)
                     link.user_keys[user_id] = key
+                    self.activity.user_names.setdefault(key, account.name)
                     logger.info("[%s] syncing account %s as %s", link.name, account.name, key)
                     self._subscribe(link, account, key)
 
@@ -753,6 +754,16 @@ class SyncService:
                 self.counters.echoes += 1
             elif result.outcome is Outcome.CHANGED:
                 self.counters.changes_applied += 1
+                obs = result.observation
+                self.activity.record_change(
+                    at_ms=obs.wall_ms,
+                    server=obs.server,
+                    user=obs.user,
+                    item=obs.item,
+                    kind=obs.source,
+                    registers=result.changed,
+                    owed=result.queued,
+                )
             peers.update(peer for peer, regs in result.queued.items() if regs)
         for peer in peers:
             link = self.links.get(peer)
@@ -773,125 +784,38 @@ class SyncService:
         for observer in self.write_observers:
             observer(peer, latency_s)
 
+    def _on_ack(self, row: OutboxRow, done_ms: int) -> None:
+        self.activity.record_write(
+            peer=row.peer,
+            user=row.user,
+            item=row.item,
+            registers=row.registers,
+            done_ms=done_ms,
+            latency_s=max(0.0, (done_ms - row.created_ms) / 1000),
+        )
+
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
     # ------------------------------------------------------------------ status
 
-    def identity_status(self) -> dict[str, Any]:
-        """Item matching counts per server pair: ``{"pairs": [{"servers": [a, b], "matched",
-        "unmatched", "ambiguous"}]}`` (counts are None with the identical-ids strategy).
+    @property
+    def started_ms(self) -> int | None:
+        """When start() began (wall ms), or None before."""
+        return self._started_ms
 
-        :meth:`identity_details` has the samples and per-server figures behind them.
-        """
-        details = self.identity_details()
-        keys = ("servers", "matched", "unmatched", "ambiguous")
-        return {"pairs": [{k: pair.get(k) for k in keys} for pair in details["pairs"]]}
+    def identity_status(self) -> dict[str, Any]:
+        """Item matching counts per server pair (:func:`jfsync.ops.snapshot.identity_status`)."""
+        return snapshot.identity_status(self)
 
     def identity_details(self) -> dict[str, Any]:
-        """Everything about item matching and reconciles, for status pages and reports.
-
-        ``pairs``: per server pair ``servers``, ``matched``, ``unmatched``, ``ambiguous``,
-        ``unmatched_by_server`` ({server: n}), ``matched_by_rule`` ({id, path,
-        provider: n}) and ``samples`` ({matched: [{a: label, b: label, rule}], unmatched:
-        [item], ambiguous: [item + rule]}, items as ``{server, id, type, name, path,
-        provider_ids}``); ``servers``: {server: {items, scanned_at_ms}}; ``matched_at_ms``;
-        ``strategy``; ``reconcile``: {interval_s, library_refreshes, last: {started_ms,
-        finished_ms, changes, errors, summary} | None}.
-        """
-        status = dict(self.identity.status())
-        if not status.get("pairs"):
-            names = list(self.links) or [s.name for s in self.config.servers]
-            status["pairs"] = [
-                {"servers": [a, b], "matched": None, "unmatched": None, "ambiguous": None}
-                for i, a in enumerate(names)
-                for b in names[i + 1 :]
-            ]
-        if self.reconciler is not None:
-            status["reconcile"] = self.reconciler.status()
-        return status
+        """Everything about item matching and reconciles (:func:`.snapshot.identity_details`)."""
+        return snapshot.identity_details(self)
 
     async def status(self) -> dict[str, Any]:
         """A secret-free snapshot of servers, sockets and peers (the status endpoint's body)."""
-        now_ms = self.clock.wall_ms()
-        servers = []
-        for link in self.links.values():
-            stats = link.pusher.stats
-            # Counted in SQL; only a sample is loaded (a peer can park thousands of rows).
-            dead_count, dead = await self.ledger.dead_summary(link.name, DEAD_ROWS_IN_STATUS)
-            oldest = await self.ledger.oldest_age(link.name, now_ms)
-            servers.append(
-                {
-                    "name": link.name,
-                    "url": link.config.url,
-                    # Answered at bring-up and not found down by its pusher since.
-                    "reachable": link.reachable and stats.down_since_ms is None,
-                    "version": link.version,
-                    "server_id": link.server_id,
-                    "last_error": link.last_error,
-                    "users_refreshed_ms": link.users_refreshed_ms,
-                    "users": [
-                        {
-                            "user": sub.user_name,
-                            "state": str(sub.status.state),
-                            "connected_since_ms": sub.status.connected_since_ms,
-                            "last_event_age_s": (
-                                None
-                                if sub.status.last_event_at_ms is None
-                                else (now_ms - sub.status.last_event_at_ms) / 1000
-                            ),
-                            "reconnects": sub.status.reconnect_count,
-                            "last_error": sub.status.last_error,
-                            "pause_reason": sub.status.pause_reason,
-                            "event_failures": sub.status.event_failures,
-                            "last_event_error": sub.status.last_event_error,
-                        }
-                        for sub in link.subscribers.values()
-                    ],
-                    "outbox": {
-                        "depth": await self.ledger.outbox_depth(link.name),
-                        "oldest_age_s": oldest,
-                        "in_flight": link.pusher.in_flight,
-                        "writes_done": stats.writes_done,
-                        "writes_skipped": stats.writes_skipped,
-                        "failures": stats.failures,
-                        "dead_parked": stats.dead_parked,
-                        "down_since_ms": stats.down_since_ms,
-                        "pause_reason": stats.pause_reason,
-                        "last_error": stats.last_error,
-                        "dead_count": dead_count,
-                        "dead": [
-                            {"user": r.user, "item": r.item, "reason": r.last_error} for r in dead
-                        ],
-                    },
-                }
-            )
-        return {
-            "version": __version__,
-            "now_ms": now_ms,
-            "uptime_s": (now_ms - (self._started_ms or now_ms)) / 1000,
-            "servers": servers,
-            "identity": self.identity_status(),
-            "ledger": {
-                "path": str(self.config.ledger),
-                "size_bytes": _file_size(str(self.config.ledger)),
-            },
-            "reset_guard": await self.reset_guard.status(),
-            "reconcile": {
-                "last_at_ms": self.last_reconcile_ms,
-                "last_result": self.last_reconcile_result,
-            },
-            "counters": {
-                "events_received": self.counters.events_received,
-                "entries_received": self.counters.entries_received,
-                "echoes": self.counters.echoes,
-                "changes_applied": self.counters.changes_applied,
-                "scans": self.counters.scans,
-                "scan_changes": self.counters.scan_changes,
-                "read_backs": self.counters.read_backs,
-            },
-        }
+        return await snapshot.build_status(self)
 
 
 def _shares_records(version: str | None) -> bool:
@@ -910,15 +834,6 @@ def _describe(err: BaseException) -> str:
     if isinstance(err, JfsyncError):
         return str(err)
     return f"unexpected error: {type(err).__name__}: {err}"
-
-
-def _file_size(path: str) -> int:
-    """Bytes of an SQLite file and its write-ahead log (0 when missing or in memory)."""
-    total = 0
-    for name in (path, path + "-wal"):
-        with contextlib.suppress(OSError):
-            total += os.stat(name).st_size
-    return total
 
 
 #: Collector thresholds for ``jfsync run`` (Python's defaults: 700, 10, 10).
@@ -985,8 +900,6 @@ async def run_service(
     not ended five seconds after that (the event loop itself blocked, or the interpreter's
     own teardown stuck) has every thread's stack written to stderr and the process ended.
     """
-    from jfsync.ops.status import StatusServer  # the status server imports this module
-
     service = service if service is not None else SyncService(config)
     status_server = StatusServer.from_config(service)
     stop = asyncio.Event()

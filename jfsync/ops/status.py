@@ -1,6 +1,8 @@
 """The status endpoint: an aiohttp server with ``/status``, ``/healthz`` and ``/metrics``.
 
-:class:`StatusServer` serves one :class:`~jfsync.service.SyncService`:
+:class:`StatusServer` serves one running service, seen through the small interface
+:class:`~jfsync.ops.snapshot.StatusSource` (``jfsync.service.SyncService`` satisfies it; this
+module does not import it):
 
 * ``GET /status``: the service's snapshot as JSON (shape documented in ``docs/status.md``);
 * ``GET /healthz``: 200 while the process runs and the ledger takes a write (a sentinel row
@@ -33,7 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 from aiohttp import web
 
 from jfsync.ops.metrics import CONTENT_TYPE, Metrics
-from jfsync.service import SyncService
+from jfsync.ops.snapshot import StatusSource, build_status
 from jfsync.sync.ledger import LedgerFileLostError
 
 logger = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ class StatusServer:
     """Serve /status, /healthz and /metrics for one service on ``host:port``."""
 
     def __init__(
-        self, service: SyncService, *, host: str, port: int, token: str | None = None
+        self, service: StatusSource, *, host: str, port: int, token: str | None = None
     ) -> None:
         self.service = service
         self.host = host
@@ -72,7 +74,7 @@ class StatusServer:
         self._runner: web.AppRunner | None = None
 
     @classmethod
-    def from_config(cls, service: SyncService) -> StatusServer:
+    def from_config(cls, service: StatusSource) -> StatusServer:
         """Build the server the service's ``status`` config section describes."""
         status = service.config.status
         token = status.token.get_secret_value() if status.token is not None else None
@@ -148,7 +150,7 @@ class StatusServer:
 
     async def _status(self, request: web.Request) -> web.StreamResponse:
         try:
-            snapshot = await self.service.status()
+            snapshot = await build_status(self.service)
         except Exception as err:  # noqa: BLE001 - the endpoint must answer, not crash
             reason = self._scrub_text(f"{type(err).__name__}: {err}")
             logger.warning("status snapshot failed: %s", reason)
@@ -178,7 +180,7 @@ class StatusServer:
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         try:
-            snapshot = await self.service.status()
+            snapshot = await build_status(self.service)
         except Exception as err:  # noqa: BLE001 - the endpoint must answer, not crash
             reason = self._scrub_text(f"{type(err).__name__}: {err}")
             logger.warning("metrics snapshot failed: %s", reason)

@@ -92,6 +92,8 @@ FAULT_MAX_S = 60.0
 
 #: Called after every successful write with the peer and the propagation latency in seconds.
 WriteHook = Callable[[str, float], None]
+#: Called after every successful write with the row written and when it was recorded (wall ms).
+AckHook = Callable[[OutboxRow, int], None]
 
 
 @dataclass(slots=True)
@@ -133,6 +135,7 @@ class Pusher:
         on_progress: Callable[[], None] | None = None,
         on_write: WriteHook | None = None,
         on_regression: Callable[[str, str], None] | None = None,
+        on_ack: AckHook | None = None,
     ) -> None:
         self.peer = peer
         self.stats = PeerStats()
@@ -156,6 +159,7 @@ class Pusher:
         self._fault_max_s = fault_max_s
         self._on_progress = on_progress
         self._on_write = on_write
+        self._on_ack = on_ack
         #: Told (peer, user) when items of that user read back to never-touched (catch up).
         self._on_regression = on_regression
         self._wake = asyncio.Event()
@@ -638,11 +642,14 @@ class Pusher:
         """Count recorded writes and report each one's propagation latency."""
         self.stats.writes_done += len(rows)
         self.stats.last_write_ms = done_ms
-        if self._on_write is not None:
+        if self._on_write is not None or self._on_ack is not None:
             for row in rows:
                 # Propagation latency: from when the change was first queued for this peer.
                 try:
-                    self._on_write(self.peer, max(0.0, (done_ms - row.created_ms) / 1000))
+                    if self._on_write is not None:
+                        self._on_write(self.peer, max(0.0, (done_ms - row.created_ms) / 1000))
+                    if self._on_ack is not None:
+                        self._on_ack(row, done_ms)
                 except Exception:
                     # A failing observer must not undo delivery, nor stop the next reports.
                     logger.exception("[→%s] reporting a recorded write failed", self.peer)
