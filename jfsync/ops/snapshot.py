@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Set
 from typing import TYPE_CHECKING, Any, Protocol
 
 from jfsync import __version__
@@ -147,21 +147,49 @@ def identity_details(source: StatusSource) -> dict[str, Any]:
     return status
 
 
-async def activity_status(source: StatusSource, limit: int = SHOWN_IN_STATUS) -> list[Any]:
-    """The newest ``limit`` activity entries, item names looked up once in the library index."""
-    feed = source.activity
+async def item_names(source: StatusSource, server: str, items: Iterable[str]) -> dict[str, str]:
+    """Canonical item -> a readable name (``Title (1999) [Movie]``) from the library index.
+
+    Local reads of the index only, never of a server; empty with the identical-ids strategy
+    (no index) and when the lookup fails (the index closing): names are a nicety.
+    """
     identity = source.identity
-    if isinstance(identity, IndexedIdentity):
-        for server, items in feed.unnamed(limit).items():
-            names: dict[str, str] = {}
-            # A lookup that fails (index closing, server unknown) leaves the names for later.
-            with contextlib.suppress(Exception):
-                remote = await identity.index.remote_of(server, items)
-                found = await identity.index.find(server, remote.values())
-                names = {key: found[rid].label() for key, rid in remote.items() if rid in found}
-            if names:
-                feed.set_names(server, names)
-    return [entry.as_dict(feed.user_names) for entry in feed.entries(limit)]
+    wanted = list(items)
+    if not isinstance(identity, IndexedIdentity) or not wanted:
+        return {}
+    try:
+        remote = await identity.index.remote_of(server, wanted)
+        found = await identity.index.find(server, remote.values())
+    except Exception:  # noqa: BLE001 - a name is not worth failing the status for
+        return {}
+    return {key: found[rid].label() for key, rid in remote.items() if rid in found}
+
+
+async def activity_status(
+    source: StatusSource,
+    limit: int = SHOWN_IN_STATUS,
+    dead: Set[tuple[str, str, str]] = frozenset(),
+) -> list[Any]:
+    """The newest ``limit`` activity entries, item names looked up once in the library index.
+
+    A delivery still queued whose row is among ``dead`` ((peer, user, item) of dead rows) is
+    shown as ``dead``.
+    """
+    feed = source.activity
+    for server, items in feed.unnamed(limit).items():
+        names = await item_names(source, server, items)
+        if names:
+            feed.set_names(server, names)
+    shown = [entry.as_dict(feed.user_names) for entry in feed.entries(limit)]
+    if dead:
+        for entry in shown:
+            for target in entry["to"]:
+                if (
+                    target["state"] == "queued"
+                    and (target["server"], entry["user"], entry["item"]) in dead
+                ):
+                    target["state"] = "dead"
+    return shown
 
 
 async def build_status(source: StatusSource) -> dict[str, Any]:
@@ -169,11 +197,14 @@ async def build_status(source: StatusSource) -> dict[str, Any]:
     now_ms = source.clock.wall_ms()
     ledger = source.ledger
     servers = []
+    dead_keys: set[tuple[str, str, str]] = set()
     for link in source.links.values():
         stats = link.pusher.stats
         # Counted in SQL; only a sample is loaded (a peer can park thousands of rows).
         dead_count, dead = await ledger.dead_summary(link.name, DEAD_ROWS_IN_STATUS)
         oldest = await ledger.oldest_age(link.name, now_ms)
+        dead_names = await item_names(source, link.name, {r.item for r in dead})
+        dead_keys.update((link.name, r.user, r.item) for r in dead)
         servers.append(
             {
                 "name": link.name,
@@ -215,7 +246,13 @@ async def build_status(source: StatusSource) -> dict[str, Any]:
                     "last_error": stats.last_error,
                     "dead_count": dead_count,
                     "dead": [
-                        {"user": r.user, "item": r.item, "reason": r.last_error} for r in dead
+                        {
+                            "user": r.user,
+                            "item": r.item,
+                            "name": dead_names.get(r.item),
+                            "reason": r.last_error,
+                        }
+                        for r in dead
                     ],
                 },
             }
@@ -245,7 +282,7 @@ async def build_status(source: StatusSource) -> dict[str, Any]:
             "scan_changes": counters.scan_changes,
             "read_backs": counters.read_backs,
         },
-        "activity": await activity_status(source),
+        "activity": await activity_status(source, dead=dead_keys),
     }
 
 

@@ -228,7 +228,8 @@ def find_problems(snap: Mapping[str, Any]) -> list[Problem]:
         if dead_count:
             lines = [f"peer {name} has {dead_count} dead row(s) (writes parked; not retried):"]
             for row in dead[:DEAD_ROWS_SHOWN]:
-                lines.append(f"    {row['user']} / {row['item']}: {row['reason'] or '?'}")
+                what = row.get("name") or row["item"]
+                lines.append(f"    {row['user']} / {what}: {row['reason'] or '?'}")
             if dead_count > DEAD_ROWS_SHOWN:
                 lines.append(f"    … and {dead_count - DEAD_ROWS_SHOWN} more (see --json)")
             blocking.append(Problem(True, "\n".join(lines)))
