@@ -267,6 +267,59 @@ class StatusConfig(_Strict):
         return int(self.listen.rpartition(":")[2])
 
 
+#: What alerts can be sent about (``alerts.events``).
+AlertEvent = Literal["peer_down", "dead_rows", "reset_guard", "auth_failed"]
+ALERT_EVENTS: tuple[AlertEvent, ...] = ("peer_down", "dead_rows", "reset_guard", "auth_failed")
+DEFAULT_PEER_DOWN_AFTER_S = 300.0
+
+
+class AlertTarget(_Strict):
+    """Where alerts go: a JSON ``webhook``, an ``ntfy`` topic URL or a ``gotify`` server."""
+
+    kind: Literal["webhook", "ntfy", "gotify"]
+    url: str
+    #: webhook and ntfy: sent as ``Authorization: Bearer``; gotify: the application token.
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    #: How the target is named in logs (the URL is not logged: it may hold a secret).
+    name: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_url(value)
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: SecretStr | None) -> SecretStr | None:
+        return _check_secret(value, "the alert token")
+
+    @model_validator(mode="after")
+    def _gotify_needs_a_token(self) -> AlertTarget:
+        if self.kind == "gotify" and self.token is None:
+            raise ValueError(
+                "a gotify target needs the application token (token or token_file): create an "
+                "application in Gotify (Apps) and give its token"
+            )
+        return self
+
+    @property
+    def label(self) -> str:
+        """The target as logs show it: its name, else kind and host (never path or token)."""
+        return self.name or f"{self.kind} {urlsplit(self.url).hostname}"
+
+
+class AlertsConfig(_Strict):
+    """Optional notifications when something needs a person (README, "Alerts")."""
+
+    targets: list[AlertTarget] = Field(default_factory=list)
+    events: list[AlertEvent] = Field(default_factory=lambda: list(ALERT_EVENTS))
+    #: A server unreachable (or with no live socket) this long is reported.
+    peer_down_after: Duration = DEFAULT_PEER_DOWN_AFTER_S
+    #: How often the conditions are checked.
+    check_interval: Duration = 10.0
+
+
 class UsersConfig(_Strict):
     """How users are matched across servers, and who is left alone."""
 
@@ -342,6 +395,7 @@ class Config(_Strict):
     users: UsersConfig = UsersConfig()
     sync: SyncConfig = SyncConfig()
     logging: LoggingConfig = LoggingConfig()
+    alerts: AlertsConfig = AlertsConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -389,6 +443,11 @@ class Config(_Strict):
                 for secret in (cred.token, cred.password):
                     if secret is not None:
                         found.append(secret.get_secret_value())
+        for target in self.alerts.targets:
+            if target.token is not None:
+                found.append(target.token.get_secret_value())
+            # A webhook or ntfy topic URL is a secret too (whoever has it can post there).
+            found.append(target.url)
         return [s for s in found if s]
 
 

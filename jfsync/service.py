@@ -46,6 +46,7 @@ from jfsync.logs import FailureStreak
 from jfsync.model import UserData
 from jfsync.ops import snapshot
 from jfsync.ops.activity import ActivityFeed
+from jfsync.ops.alerts import Alerter
 from jfsync.ops.status import StatusServer
 from jfsync.ratelimit import RepeatLimiter
 from jfsync.sync.delivery import Pusher, WriteHook
@@ -162,6 +163,7 @@ class SyncService:
         subscriber_options: dict[str, Any] | None = None,
         pusher_options: dict[str, Any] | None = None,
         reconcile_options: dict[str, Any] | None = None,
+        alert_options: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
         self.clock: Clock = clock or SystemClock()
@@ -205,6 +207,10 @@ class SyncService:
         self._unknown_users: dict[str, RepeatLimiter] = {}
         #: The last few hundred changes received and written (status, page, ``--activity``).
         self.activity = ActivityFeed()
+        #: Notifications when something needs a person (``alerts:``; idle without targets).
+        self.alerter = Alerter(
+            config.alerts, self.status, **{"clock": self.clock, **(alert_options or {})}
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -253,6 +259,7 @@ class SyncService:
             **self._reconcile_options,
         )
         self.reconciler.start()
+        self.alerter.start()
         for link in self.links.values():
             link.pusher.start()
             link.bring_up = asyncio.create_task(
@@ -275,6 +282,7 @@ class SyncService:
             return
         self._stopping = True
         links = list(self.links.values())
+        await self._stop_step("alerts", self.alerter.stop())
         bring_ups = [link.bring_up for link in links if link.bring_up is not None]
         await self._stop_step("bring-up tasks", cancel_and_wait(bring_ups, logger))
         # Intake first: an event arriving later would find the identity index closed.

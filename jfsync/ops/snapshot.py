@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from jfsync import __version__
 from jfsync.ops.activity import SHOWN_IN_STATUS, ActivityFeed
+from jfsync.ops.alerts import Alerter
 from jfsync.sync.identity import IndexedIdentity
 
 if TYPE_CHECKING:
@@ -96,6 +97,8 @@ class StatusSource(Protocol):
     def counters(self) -> CountersView: ...
     @property
     def activity(self) -> ActivityFeed: ...
+    @property
+    def alerter(self) -> Alerter: ...
     @property
     def started_ms(self) -> int | None: ...
     @property
@@ -283,6 +286,7 @@ async def build_status(source: StatusSource) -> dict[str, Any]:
             "read_backs": counters.read_backs,
         },
         "activity": await activity_status(source, dead=dead_keys),
+        "alerts": source.alerter.status(),
     }
 
 
