@@ -12,12 +12,13 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
-from jfsync.config import AlertsConfig
+from jfsync.config import AlertsConfig, ConfigError, parse_config
 from jfsync.ops.alerts import find_incidents
 from jfsync.timing import ManualClock
 from tests.operate.conftest import WAIT_S, Stack, StackFactory
@@ -287,3 +288,51 @@ def test_which_snapshots_make_incidents() -> None:
     assert found["reset_guard:home:carol"].after_s == 0
     only_dead = AlertsConfig(events=["dead_rows"])
     assert find_incidents(snap, only_dead) == []
+
+
+CONFIG = """
+servers:
+  - {name: a, url: "http://127.0.0.1:8096", api_key: key-a-123456}
+  - {name: b, url: "http://127.0.0.1:8196", api_key: key-b-123456}
+alerts:
+  peer_down_after: 2m
+  targets:
+"""
+
+
+def _config_problems(targets: str, tmp_path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(CONFIG + targets, base_dir=tmp_path, environ={})
+    return info.value.problems
+
+
+def test_alert_targets_in_the_config(tmp_path: Path) -> None:
+    (tmp_path / "gotify.token").write_text("AppTokenFromFile1\n")
+    config = parse_config(
+        CONFIG
+        + "    - {kind: gotify, url: 'https://push.example.org', token_file: ./gotify.token}\n"
+        + "    - {kind: ntfy, url: 'https://ntfy.sh/secret-topic-77', name: phone}\n",
+        base_dir=tmp_path,
+        environ={},
+    )
+    assert config.alerts.peer_down_after == 120
+    gotify, ntfy = config.alerts.targets
+    assert gotify.token is not None
+    assert gotify.token.get_secret_value() == "AppTokenFromFile1"
+    assert gotify.label == "gotify push.example.org"
+    assert ntfy.label == "phone"
+    # Tokens and URLs are scrubbed from logs and answers like every other secret.
+    secrets = config.secret_values()
+    assert "AppTokenFromFile1" in secrets
+    assert "https://ntfy.sh/secret-topic-77" in secrets
+    assert "AppTokenFromFile1" not in repr(config)
+
+    [problem] = _config_problems(
+        "    - {kind: gotify, url: 'https://push.example.org'}\n", tmp_path
+    )
+    assert "alerts.targets[0]" in problem
+    assert "application token" in problem
+    [problem] = _config_problems("    - {kind: slack, url: 'https://x.example'}\n", tmp_path)
+    assert "alerts.targets[0].kind" in problem
+    [problem] = _config_problems("    - {kind: webhook, url: 'ftp://x.example'}\n", tmp_path)
+    assert "alerts.targets[0].url" in problem
