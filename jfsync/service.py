@@ -209,7 +209,9 @@ class SyncService:
         self.activity = ActivityFeed()
         #: Notifications when something needs a person (``alerts:``; idle without targets).
         self.alerter = Alerter(
-            config.alerts, self.status, **{"clock": self.clock, **(alert_options or {})}
+            config.alerts,
+            self.status,
+            **{"clock": self.clock, "secrets": config.secret_values(), **(alert_options or {})},
         )
 
     # ------------------------------------------------------------------ lifecycle

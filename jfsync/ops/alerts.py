@@ -13,7 +13,8 @@ the reset guard is a single message. Alerts go through a bounded queue per targe
 by that target's own task, retried with backoff (the clock's sleep, so tests inject it);
 replication never waits for them. A full queue drops its oldest alert with a warning. Logs
 name a target by its ``name`` (or kind and host), never by URL or token; an error from a target
-is described by its HTTP status or error type only.
+is described by its HTTP status or error type only; every configured secret found in an
+alert's text (an error message could quote one) is replaced by ``***``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import aiohttp
@@ -225,8 +226,11 @@ class Alerter:
         *,
         delays: Callable[[], Iterator[float]] | None = None,
         attempts: int = SEND_ATTEMPTS,
+        secrets: Iterable[str] = (),
     ) -> None:
         self.config = config
+        # Replaced in every alert's text (an error text could quote one), longest first.
+        self._secrets = sorted({x for x in secrets if len(x) >= 4}, key=len, reverse=True)
         self._snapshot = snapshot
         self._clock = clock
         self._delays = delays or (lambda: backoff_delays(base_s=RETRY_INITIAL_S, cap_s=RETRY_MAX_S))
@@ -381,6 +385,13 @@ class Alerter:
         )
 
     def _enqueue(self, alert: Alert) -> None:
+        for secret in self._secrets:
+            if secret in alert.title or secret in alert.message:
+                alert = replace(
+                    alert,
+                    title=alert.title.replace(secret, "***"),
+                    message=alert.message.replace(secret, "***"),
+                )
         logger.warning("alert (%s): %s", alert.state, alert.title.removeprefix("jfsync: "))
         for target in self._targets:
             if target.queue.full():
