@@ -306,6 +306,9 @@
     for (const pair of (snap.identity && snap.identity.pairs) || []) {
       if (pair.ambiguous) items.push(["warning", `${pair.ambiguous} item(s) match ambiguously between ${pair.servers.join(" and ")} (not synced)`]);
     }
+    for (const target of (snap.alerts && snap.alerts.targets) || []) {
+      if (target.failed || target.dropped) items.push(["warning", `alerts to ${target.target}: ${target.failed} not delivered, ${target.dropped} dropped (does it answer?)`]);
+    }
     $("problems").hidden = items.length === 0;
     $("problem-list").replaceChildren(...items.map(([kind, text]) => el("li", { class: kind, text })));
   }
