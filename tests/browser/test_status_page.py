@@ -178,3 +178,38 @@ async def test_screenshot_for_the_docs(
     png = await browser.screenshot(target)
     assert png.startswith(b"\x89PNG")
     assert len(png) > 10_000
+
+
+async def test_accepting_a_reset_hold_on_the_page_takes_that_servers_state(
+    make_stack: StackFactory, browser: Browser
+) -> None:
+    stack = await make_stack(config_extra={"sync": {"shutdown_grace": 2, "reset_guard": "hold"}})
+    liked = stack.items[:6]
+    for item in liked:
+        await stack.flow(stack.home, item, is_favorite=True)
+    # Cabin comes back with alice's data gone (a reinstall): jfsync holds her there.
+    await stack.cabin.stop_listener()
+    stack.cabin.wipe_user_data(stack.cabin.user_id("alice"))
+    await stack.cabin.start_listener()
+
+    async def held() -> bool:
+        snap = await stack.service.status()
+        return [(h["server"], h["user"]) for h in snap["reset_guard"]["holds"]] == [
+            ("cabin", "alice")
+        ]
+
+    await stack.wait_for(held)
+    await _open(browser, stack)
+    hold = '#holds li[data-hold="cabin/alice"]'
+    await browser.wait_for(f"document.querySelector('{hold} button[data-action=accept]')")
+    assert "held by the reset guard" in await browser.text("#problem-list")
+    assert all(stack.user_data(stack.home, item).favorite for item in liked)
+
+    await browser.click(f"{hold} button[data-action=accept]")
+    await browser.wait_for("document.getElementById('message').textContent.includes('cabin')")
+    assert browser.dialogs == ["Take the state of cabin for alice?"]
+    # Cabin's state is alice's now, on every server; the hold is gone from the page.
+    await stack.wait_for(
+        lambda: not any(stack.user_data(stack.home, item).favorite for item in liked)
+    )
+    await browser.wait_for("document.getElementById('holds-section').hidden", SHOWS_WITHIN_S)
