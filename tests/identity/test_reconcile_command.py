@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from jfsync.emulator import Emulator
+import jfsync.emulator as emulator_module
+from jfsync.emulator import Emulator, RequestRecord
 from jfsync.model import PlayState, UserData
 from jfsync.ops.reconcilecmd import ReconcileOutcome, print_outcome, run_reconcile
+from jfsync.sync.catchup import NON_DEFAULT_FILTERS
 from jfsync.sync.ledger import Ledger
 from jfsync.sync.merge import MergePolicy
 from tests.identity.conftest import API_KEY, PUSHER_OPTIONS, MakeStack, Stack, emulator
@@ -353,3 +355,51 @@ async def test_a_server_failing_every_write_ends_the_run_with_the_rows_kept(
     again = await run_reconcile(stack.config, dry_run=False, pusher_options=PUSHER_OPTIONS)
     assert again.ok, again.failures
     assert holds_all(stack, expected)
+
+
+async def test_a_server_that_loses_a_users_data_during_the_run_is_not_written_over(
+    make_stack: MakeStack,
+) -> None:
+    stack = await make_stack(
+        [emulator("a", root="/mnt/a"), emulator("b", root="/srv/b")], start=False
+    )
+    named = seed_history(stack)
+    b = stack.emus["b"]
+    alice_b = b.user_id("alice")
+
+    # b loses alice's data (a restore from an empty backup) right after the reconcile has
+    # listed her items there, before the writes owed to b are compared and sent.
+    def lose_after_the_scan(emu: Emulator, record: RequestRecord) -> None:
+        query = {k.lower(): v for k, v in record.query.items()}
+        if (
+            emu is b
+            and record.route == "/Items"
+            and query.get("userid") == [alice_b]
+            and query.get("filters") == [NON_DEFAULT_FILTERS[-1]]
+        ):
+            b.wipe_user_data(alice_b)
+
+    emulator_module.request_observers.append(lose_after_the_scan)
+    try:
+        out = io.StringIO()
+        outcome = await run_reconcile(
+            stack.config, dry_run=False, out=out, pusher_options=PUSHER_OPTIONS
+        )
+    finally:
+        emulator_module.request_observers.remove(lose_after_the_scan)
+    # The two items b had data for and is owed a change on read back as never touched: they
+    # are not written over (that would make the loss look like the user's wish), and said so.
+    assert outcome.ok, outcome.failures
+    assert outcome.deferred == {("name:alice", "b"): 2}
+    assert (
+        "    (2 items read as never touched on b after the scan; left queued for the next "
+        "catch-up to decide)\n"
+    ) in out.getvalue()
+    held = {named["ratings"][1], named["mixed"][1]}
+    assert not stack.writes("b", held)
+    assert stack.data("b", named["ratings"][1]) == UserData()
+
+    # The next run's scan sees the whole loss: the reset guard restores b from the ledger.
+    again = await run_reconcile(stack.config, dry_run=False, pusher_options=PUSHER_OPTIONS)
+    assert again.ok, again.failures
+    assert holds_all(stack, owed_everywhere(named))
