@@ -140,7 +140,7 @@ class DeliveryWatcher:
         """Writes recorded as made (in a dry run: that would have been made)."""
 
     def failed(self, peer: str, row: OutboxRow, error: ServerError) -> None:
-        """A write failed after its quick retries; the row stays queued (or parked: 400/404)."""
+        """A write failed (after any quick retries); the row stays queued (parked on 400/404)."""
 
     def missing(self, peer: str, row: OutboxRow) -> None:
         """The item is not on the peer for that user: the row is parked, nothing is written."""
@@ -175,6 +175,8 @@ class Pusher:
         on_regression: Callable[[str, str], None] | None = None,
         watcher: DeliveryWatcher | None = None,
         dry_run: bool = False,
+        drain_down_wait_s: float = DRAIN_DOWN_WAIT_S,
+        drain_max_downs: int = DRAIN_MAX_DOWNS,
     ) -> None:
         self.peer = peer
         self.stats = PeerStats()
@@ -203,6 +205,8 @@ class Pusher:
         self._watcher = watcher
         #: Read, compare and record as usual, but send no write (on a copy of the ledger).
         self._dry_run = dry_run
+        self._drain_down_wait_s = drain_down_wait_s
+        self._drain_max_downs = drain_max_downs
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[tuple[str, str]] = set()
@@ -279,18 +283,14 @@ class Pusher:
                 if current is not None and current.cancelling():
                     raise
 
-    async def drain(
-        self,
-        *,
-        down_wait_s: float = DRAIN_DOWN_WAIT_S,
-        max_downs: int = DRAIN_MAX_DOWNS,
-    ) -> str | None:
+    async def drain(self) -> str | None:
         """Deliver every row due now, then return: the one-shot delivery of ``jfsync reconcile``.
 
         The rounds are those of the running pusher (compare read, intents, quick retries,
         read-ahead, parking). A peer that goes down is probed as usual for up to
-        ``down_wait_s``; when it answers, its rows are due again and the drain goes on (up to
-        ``max_downs`` times). A refused key pauses the peer, which ends the drain at once.
+        ``drain_down_wait_s``; when it answers, its rows are due again and the drain goes on
+        (up to ``drain_max_downs`` times). A refused key pauses the peer, which ends the
+        drain at once.
         Returns None when nothing due is left, else why delivery stopped; the rows not
         written stay queued. Not for a pusher that was started.
         """
@@ -306,12 +306,14 @@ class Pusher:
                     return self.stats.pause_reason
                 except _PeerDown as down:
                     downs += 1
-                    if downs > max_downs:
+                    if downs > self._drain_max_downs:
                         return f"{self.peer} failed {downs} times: {down.error}"
-                    until = self._clock.monotonic() + down_wait_s
-                    if not await self._wait_until_up(down.error, until=until):
+                    wait_s = self._drain_down_wait_s
+                    if not await self._wait_until_up(
+                        down.error, until=self._clock.monotonic() + wait_s
+                    ):
                         return (
-                            f"{self.peer} did not answer for {down_wait_s:g} s: "
+                            f"{self.peer} did not answer for {wait_s:g} s: "
                             f"{self.stats.last_error or down.error}"
                         )
             return "stopped"

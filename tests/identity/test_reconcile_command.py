@@ -403,3 +403,53 @@ async def test_a_server_that_loses_a_users_data_during_the_run_is_not_written_ov
     again = await run_reconcile(stack.config, dry_run=False, pusher_options=PUSHER_OPTIONS)
     assert again.ok, again.failures
     assert holds_all(stack, owed_everywhere(named))
+
+
+async def test_a_server_that_goes_away_mid_run_is_given_up_on_after_a_while(
+    make_stack: MakeStack,
+) -> None:
+    stack = await make_stack(
+        [emulator("a", root="/mnt/a"), emulator("b", root="/srv/b")], start=False
+    )
+    named = seed_history(stack)
+    b = stack.emus["b"]
+    # b shuts down as the first write reaches it (that write and any in flight fail).
+    b.fail_next_writes(1000, 503)
+    going: list[asyncio.Task[None]] = []
+
+    def go_away(emu: Emulator, record: RequestRecord) -> None:
+        if emu is b and record.method != "GET" and not going:
+            going.append(asyncio.get_running_loop().create_task(b.stop_listener()))
+
+    emulator_module.request_observers.append(go_away)
+    try:
+        out = io.StringIO()
+        outcome = await run_reconcile(
+            stack.config,
+            dry_run=False,
+            out=out,
+            pusher_options={**PUSHER_OPTIONS, "drain_down_wait_s": 0.1},
+        )
+    finally:
+        emulator_module.request_observers.remove(go_away)
+        await asyncio.gather(*going)
+    # The command did not wait for b forever: it says b is gone and what stays queued.
+    assert not outcome.ok
+    text = out.getvalue()
+    assert "  failed: b: b did not answer for 0.1 s: " in text
+    assert "cannot reach" in text
+    assert "4 writes stay queued for later" in text
+    expected = owed_everywhere(named)
+    assert all(
+        stack.data(s, item, user) == state
+        for (s, item, user), state in expected.items()
+        if s == "a"
+    )
+    assert not stack.writes("b")
+
+    # b is back: the next run delivers what waited.
+    b.fail_next_writes(0)
+    await b.start_listener()
+    again = await run_reconcile(stack.config, dry_run=False, pusher_options=PUSHER_OPTIONS)
+    assert again.ok, again.failures
+    assert holds_all(stack, expected)
