@@ -218,7 +218,7 @@ def _reconcile(args: argparse.Namespace) -> int:
     if config is None or not _ledger_usable(config, "reconcile"):
         return EXIT_CONFIG
     from jfsync.logs import configure_logging
-    from jfsync.sync.reconcile import run_reconcile
+    from jfsync.ops.reconcilecmd import run_reconcile
 
     # The report goes to stdout; progress logs only when asked for with logging.level: debug.
     level = config.logging.level if config.logging.level in ("debug",) else "warning"
