@@ -291,16 +291,16 @@ class SessionWatcher:
         delays = self._delays()
         while True:
             self._set_state(WatcherState.CONNECTING)
+            taken = self.tracker.updates
             try:
                 async with self._source() as source:
-                    self._set_state(WatcherState.FOLLOWING)
-                    self._last_error = None
-                    self._streak.succeeded("following playback sessions")
-                    delays = self._delays()
                     await self._follow(source)
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # noqa: BLE001 - logged by the streak, retried below
+                if self.tracker.updates > taken:
+                    # It worked for a while: back off afresh.
+                    delays = self._delays()
                 delay = next(delays)
                 self._last_error = _describe(err)
                 self._streak.failed(
@@ -362,6 +362,8 @@ class SessionWatcher:
                         sessions = getter.result()
                         getter = None
                         reads.extend(self.tracker.update(sessions, now))
+                        if self._state is not WatcherState.FOLLOWING:
+                            self._following()
                     reads.extend(self.tracker.due(now))
                     if reads:
                         await self._hand_over(reads)
@@ -372,6 +374,13 @@ class SessionWatcher:
             # A task that ended has had its result or error taken above.
             left = [t for t in (getter, sleeper) if t is not None and not t.done()]
             await cancel_and_wait(left, logger)
+
+    def _following(self) -> None:
+        """The first session list after a (re)connect arrived."""
+        self._last_error = None
+        self._streak.succeeded("following playback sessions")
+        logger.debug("[%s] following playback sessions (%s)", self.server, self.mode)
+        self._set_state(WatcherState.FOLLOWING)
 
     async def _hand_over(self, reads: list[PlaybackRead]) -> None:
         """Give the reads to ``on_reads``; a failure is logged (the reconcile repairs it)."""

@@ -121,9 +121,7 @@ async def test_on_12_a_rewatch_keeps_played_and_spreads_as_it_is(
 async def test_with_rewatch_protection_off_a_rewatch_unplays_everywhere(
     make_cluster: MakeCluster, http: aiohttp.ClientSession
 ) -> None:
-    cluster = await make_cluster(
-        2, server_version="10.11.11", sync={"rewatch_protection": False}
-    )
+    cluster = await make_cluster(2, server_version="10.11.11", sync={"rewatch_protection": False})
     a, _ = cluster.emus
     film = _film(a)
     player = UserClient(http, a)
