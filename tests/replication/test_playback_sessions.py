@@ -8,6 +8,8 @@ Time is a ManualClock wherever a timeout matters.
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
 
@@ -16,7 +18,7 @@ from jfsync.emulator.library import LibraryItem
 from jfsync.sync.sessions import SessionWatcher, WatcherState
 from jfsync.timing import ManualClock
 from tests.replication.conftest import MakeCluster
-from tests.replication.harness import WAIT_S, Cluster, UserClient, fast_delays
+from tests.replication.harness import API_KEY, WAIT_S, Cluster, UserClient, fast_delays
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -205,3 +207,41 @@ async def test_the_watcher_reconnects_and_still_reads_a_session_that_ended(
     )
     await _following(cluster, "a")
     assert watcher.status.playing == 0
+
+
+async def test_a_server_restart_mid_film_is_shown_and_the_lost_session_is_read_after_it(
+    make_cluster: MakeCluster, http: aiohttp.ClientSession
+) -> None:
+    cluster = await make_cluster(
+        2,
+        server_version="10.11.11",
+        session_options={**SLOW_FEED, "delays": fast_delays},
+    )
+    a, b = cluster.emus
+    film = _film(a)
+    assert film.run_time_ticks is not None
+    watcher = await _following(cluster, "a")
+    player = UserClient(http, a)
+    await _report(watcher, player, "/Sessions/Playing", {"ItemId": film.id})
+    position = film.run_time_ticks * 3 // 5
+    progress = {"ItemId": film.id, "PositionTicks": position}
+    await _report(watcher, player, "/Sessions/Playing/Progress", progress)
+
+    # a goes down (its sessions with it): status says why jfsync cannot follow it.
+    await a.stop_listener()
+    async with asyncio.timeout(WAIT_S):
+        await watcher.wait_for_state(WatcherState.BACKOFF)
+    status = await cluster.service.status()
+    sessions = next(s for s in status["servers"] if s["name"] == "a")["sessions"]
+    assert sessions["state"] in ("backoff", "connecting")
+    assert sessions["last_error"]
+    assert API_KEY not in str(status)
+
+    # a is back without the player's session: its position reaches b.
+    await a.start_listener()
+    await cluster.service.wait_for(
+        lambda: cluster.data(b, film.id).play_state.position_ticks == position, WAIT_S
+    )
+    async with asyncio.timeout(WAIT_S):
+        await watcher.wait_for_state(WatcherState.FOLLOWING)
+    assert watcher.status.last_error is None
