@@ -79,6 +79,8 @@ class _Playing:
     mark: object
     active_at: float
     read_at: float
+    #: The position the session shows (live: it may move without a report).
+    position_ticks: int | None = None
     quiet: bool = False
 
 
@@ -117,7 +119,9 @@ class PlaybackTracker:
                 session.play_state.is_paused,
             )
             known = self._playing.get(session.id)
+            position = session.play_state.position_ticks
             if known is not None and known.item_id == item.id and known.users == users:
+                known.position_ticks = position
                 if mark != known.mark:
                     known.mark = mark
                     known.active_at = now
@@ -125,10 +129,17 @@ class PlaybackTracker:
                 continue
             if known is not None:
                 reads.extend(_reads(known, "ended"))
-            self._playing[session.id] = _Playing(item.id, users, mark, now, now)
+            self._playing[session.id] = _Playing(item.id, users, mark, now, now, position)
         for session_id in [s for s in self._playing if s not in seen]:
             reads.extend(_reads(self._playing.pop(session_id), "ended"))
         return _unique(reads)
+
+    def position_of(self, user_id: str, item_id: str) -> int | None:
+        """The position a session of ``user_id`` shows for ``item_id`` (None: not playing)."""
+        for playing in self._playing.values():
+            if playing.item_id == item_id and user_id in playing.users:
+                return playing.position_ticks
+        return None
 
     def due(self, now: float) -> list[PlaybackRead]:
         """Return the reads due at ``now``: sessions gone quiet, live progress."""
@@ -238,7 +249,8 @@ class SessionWatcher:
         self._task: asyncio.Task[None] | None = None
         self._streak = FailureStreak(logger, f"{server} sessions", clock)
         self._changed = asyncio.Event()
-        self._handing_over = False
+        #: True while the watcher waits for the next list or timer (both already armed).
+        self._waiting = False
 
     def __repr__(self) -> str:
         return f"<SessionWatcher {self.server} {self.mode} {self._state}>"
@@ -274,8 +286,14 @@ class SessionWatcher:
             await changed.wait()
 
     async def wait_for_updates(self, count: int) -> None:
-        """Wait (on events, not time) until ``count`` session lists were taken and acted on."""
-        while self.tracker.updates < count or self._handing_over:
+        """Wait (on events, not time) until ``count`` session lists were taken and acted on,
+        and the watcher waits again with its timers armed (a ManualClock may be advanced)."""
+        await self.wait_until(lambda: self.tracker.updates >= count)
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait (on events, not time) until ``predicate`` holds after a list or timer was
+        acted on, and the watcher waits again with its timers armed."""
+        while not (self._waiting and predicate()):
             changed = self._changed
             await changed.wait()
 
@@ -350,26 +368,28 @@ class SessionWatcher:
                         name=f"jfsync-sessions-timer[{self.server}]",
                     )
                     waits.add(sleeper)
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                # One loop turn: the new tasks take their first step (their sleeps start).
+                await asyncio.sleep(0)
+                self._waiting = True
+                self._notify()
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    self._waiting = False
                 if sleeper is not None:
                     await cancel_and_wait([sleeper], logger)
                     sleeper = None
                 now = self._clock.monotonic()
                 reads: list[PlaybackRead] = []
-                self._handing_over = True
-                try:
-                    if getter.done():
-                        sessions = getter.result()
-                        getter = None
-                        reads.extend(self.tracker.update(sessions, now))
-                        if self._state is not WatcherState.FOLLOWING:
-                            self._following()
-                    reads.extend(self.tracker.due(now))
-                    if reads:
-                        await self._hand_over(reads)
-                finally:
-                    self._handing_over = False
-                    self._notify()
+                if getter.done():
+                    sessions = getter.result()
+                    getter = None
+                    reads.extend(self.tracker.update(sessions, now))
+                    if self._state is not WatcherState.FOLLOWING:
+                        self._following()
+                reads.extend(self.tracker.due(now))
+                if reads:
+                    await self._hand_over(reads)
         finally:
             # A task that ended has had its result or error taken above.
             left = [t for t in (getter, sleeper) if t is not None and not t.done()]

@@ -42,18 +42,24 @@ def _watcher(cluster: Cluster, server: str) -> SessionWatcher:
 
 
 async def _following(cluster: Cluster, server: str) -> SessionWatcher:
+    """The server's watcher once it took a session list and waits for the next one."""
     watcher = _watcher(cluster, server)
-    await cluster.service.wait_for(lambda: watcher.status.state is WatcherState.FOLLOWING, WAIT_S)
+    async with asyncio.timeout(WAIT_S):
+        await watcher.wait_for_state(WatcherState.FOLLOWING)
+        await watcher.wait_for_updates(watcher.tracker.updates)
     return watcher
 
 
 async def _report(
     watcher: SessionWatcher, player: UserClient, path: str, body: dict[str, object]
 ) -> None:
-    """Send one playback report and wait until the watcher took the session list it caused."""
-    seen = watcher.tracker.updates
+    """Send one playback report; wait until the watcher shows the session where it said."""
     assert await player.call("POST", path, body) == 204
-    await watcher.wait_for_updates(seen + 1)
+    item, position = str(body["ItemId"]), body.get("PositionTicks", 0)
+    async with asyncio.timeout(WAIT_S):
+        await watcher.wait_until(
+            lambda: watcher.tracker.position_of(player.user_id, item) == position
+        )
 
 
 async def test_a_player_that_crashes_mid_film_leaves_its_position_everywhere_after_the_quiet_time(
@@ -163,7 +169,8 @@ async def test_on_10_10_sessions_are_read_over_rest_and_a_vanished_session_is_ca
     assert await player.call("POST", "/Sessions/Playing", {"ItemId": film.id}) == 204
     seen = watcher.tracker.updates
     await clock.advance(10.0)
-    await watcher.wait_for_updates(seen + 1)
+    async with asyncio.timeout(WAIT_S):
+        await watcher.wait_for_updates(seen + 1)
     assert watcher.status.playing == 1
     position = film.run_time_ticks // 3
     progress = {"ItemId": film.id, "PositionTicks": position}
