@@ -8,7 +8,7 @@ per server follows what every session plays, with the server's admin API key:
 * from 10.11, on a websocket subscribed with ``SessionsStart`` (§1.5: ``Sessions`` messages on
   every session and playback event, and every ``period_s``);
 * on 10.9 and 10.10, where an API key cannot subscribe (§1.5), by reading ``GET /Sessions``
-  every ``poll_s``.
+  every ``poll_s``; also from 10.11 when the websocket upgrade is refused (a proxy).
 
 :class:`PlaybackTracker` (pure, times from the injected clock) turns those lists into reads:
 the (user, item) of a session is read when the session stops playing that item (stopped,
@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
-from jfsync.errors import JfsyncError, ServerError
+from jfsync.errors import JfsyncError, ServerError, is_auth_error, is_retryable
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.jellyfin.messages import (
     ServerRestartingMessage,
@@ -281,7 +281,12 @@ class SessionWatcher:
 
     async def wait_for_state(self, state: WatcherState) -> None:
         """Wait (on events, not time) until the watcher is in ``state``."""
-        while self._state is not state:
+        await self.wait_for(lambda: self._state is state)
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Wait (on events, not time) until ``predicate`` holds; re-checked on every change
+        of state and after every list or timer acted on."""
+        while not predicate():
             changed = self._changed
             await changed.wait()
 
@@ -293,9 +298,7 @@ class SessionWatcher:
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait (on events, not time) until ``predicate`` holds after a list or timer was
         acted on, and the watcher waits again with its timers armed."""
-        while not (self._waiting and predicate()):
-            changed = self._changed
-            await changed.wait()
+        await self.wait_for(lambda: self._waiting and predicate())
 
     def _set_state(self, state: WatcherState) -> None:
         self._state = state
@@ -344,7 +347,20 @@ class SessionWatcher:
             **self._socket_options,  # type: ignore[arg-type]
         )
         try:
-            await socket.connect()
+            try:
+                await socket.connect()
+            except JfsyncError as err:
+                if not is_retryable(err) and not is_auth_error(err):
+                    # A proxy that refuses websockets (404, 400): GET /Sessions works there.
+                    self.mode = "poll"
+                    logger.warning(
+                        "[%s] the server refused the sessions websocket (%s); reading "
+                        "GET /Sessions every %.0f s instead",
+                        self.server,
+                        _describe(err),
+                        self._poll_s,
+                    )
+                raise
             await socket.send(sessions_start_frame(round(self._feed_period_s * 1000)))
             yield _Feed(socket)
         finally:
