@@ -44,6 +44,10 @@ MIN_USER_REFRESH_INTERVAL_S = 10.0
 #: share of the user's non-default items on that server, back to never-touched at once.
 DEFAULT_RESET_GUARD_MIN_ITEMS = 5
 DEFAULT_RESET_GUARD_FRACTION = 0.8
+#: Playback: a session quiet this long has gone (jfsync.sync.sessions); the shortest
+#: ``sync.live_progress`` period (each one reads and writes every playing item).
+DEFAULT_SESSION_QUIET_S = 60.0
+MIN_LIVE_PROGRESS_S = 5.0
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -378,6 +382,28 @@ class SyncConfig(_Strict):
                 f"e.g. {DEFAULT_RESET_GUARD_FRACTION} (80 % of the user's items)"
             )
         return float(value)
+
+    # Playback (issue 14 items 5 and 6; jfsync.sync.rewatch, jfsync.sync.sessions).
+    #: A played item un-played by starting it again (Jellyfin up to 10.11) stays played on the
+    #: other servers until it is finished or explicitly marked unplayed.
+    rewatch_protection: bool = True
+    #: Follow playback sessions on an administrator socket and re-read an item when its
+    #: session ends or goes quiet (a player that crashed never reports a stop).
+    follow_sessions: bool = True
+    #: A playing session with no progress report for this long has gone quiet (crashed).
+    session_quiet: Duration = DEFAULT_SESSION_QUIET_S
+    #: While something plays, re-read and spread its position this often (off when unset).
+    live_progress: Duration | None = None
+
+    @field_validator("live_progress")
+    @classmethod
+    def _progress_not_too_often(cls, value: float | None) -> float | None:
+        if value is not None and value < MIN_LIVE_PROGRESS_S:
+            raise ValueError(
+                f"too short ({value:g} s); every playing item is read and written to every "
+                f"server each time; expected at least {MIN_LIVE_PROGRESS_S:g}s, e.g. 30s"
+            )
+        return value
 
 
 class LoggingConfig(_Strict):

@@ -55,6 +55,7 @@ from jfsync.sync.ledger import Applied, Ledger, Observation, OutboxRow, Outcome
 from jfsync.sync.merge import MergePolicy
 from jfsync.sync.reconcile import Reconciler, ReconcileReport
 from jfsync.sync.resetguard import ResetGuard, ResetRule, describe_hold
+from jfsync.sync.sessions import PlaybackRead, SessionWatcher
 from jfsync.sync.subscriber import (
     ConnectionStateChanged,
     LibraryChangedEvent,
@@ -105,6 +106,8 @@ class ServerLink:
     users_refreshed_ms: int | None = None
     #: Set to read the user list again soon (a socket of this server reconnected).
     refresh_users: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Follows the server's playback sessions (``sync.follow_sessions``), once it answered.
+    sessions: SessionWatcher | None = None
 
     @property
     def name(self) -> str:
@@ -164,6 +167,7 @@ class SyncService:
         pusher_options: dict[str, Any] | None = None,
         reconcile_options: dict[str, Any] | None = None,
         alert_options: dict[str, Any] | None = None,
+        session_options: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
         self.clock: Clock = clock or SystemClock()
@@ -187,6 +191,7 @@ class SyncService:
         self.user_match: UserMatch | None = None
         self._subscriber_options = subscriber_options or {}
         self._pusher_options = pusher_options or {}
+        self._session_options = session_options or {}
         self._session: aiohttp.ClientSession | None = None
         self._changed = asyncio.Event()
         self._match_lock = asyncio.Lock()
@@ -290,6 +295,8 @@ class SyncService:
         # Intake first: an event arriving later would find the identity index closed.
         subscribers = [sub for link in links for sub in link.subscribers.values()]
         await self._stop_step("subscribers", asyncio.gather(*(s.stop() for s in subscribers)))
+        watchers = [link.sessions for link in links if link.sessions is not None]
+        await self._stop_step("session watchers", asyncio.gather(*(w.stop() for w in watchers)))
         if self.reconciler is not None:
             await self._stop_step("reconciler", self.reconciler.close())
         grace = self.config.sync.shutdown_grace
@@ -362,6 +369,7 @@ class SyncService:
     async def _bring_up(self, link: ServerLink) -> None:
         """Bring the server up (retrying whatever fails), then keep its user list fresh."""
         await self._reach(link)
+        self._follow_sessions(link)
         await self._keep_users_fresh(link)
 
     async def _reach(self, link: ServerLink) -> None:
@@ -622,7 +630,12 @@ class SyncService:
         return await self.identity.canonical_items(link.name, sorted(others))
 
     async def _read_back(
-        self, link: ServerLink, remote_user_id: str, user: str, items: dict[str, str]
+        self,
+        link: ServerLink,
+        remote_user_id: str,
+        user: str,
+        items: dict[str, str],
+        why: str = "an ambiguous event",
     ) -> None:
         """Settle events the echo rule cannot attribute: read the items and apply the read.
 
@@ -650,13 +663,55 @@ class SyncService:
             ]
         )
         logger.debug(
-            "[%s] read back %d items of user %s after an ambiguous event: %s",
+            "[%s] read back %d items of user %s after %s: %s",
             link.name,
             len(items),
             user,
+            why,
             ", ".join(a.outcome.value for a in applied),
         )
         self._after_apply(applied)
+
+    # ------------------------------------------------------------------ playback sessions
+
+    def _follow_sessions(self, link: ServerLink) -> None:
+        """Start following the server's playback sessions (jfsync.sync.sessions), if enabled."""
+        sync = self.config.sync
+        if not sync.follow_sessions or link.sessions is not None:
+            return
+        assert link.config.api_key is not None
+        link.sessions = SessionWatcher(
+            link.name,
+            link.config.url,
+            link.client,
+            api_key=link.config.api_key.get_secret_value(),
+            version=parse_version(link.version or ""),
+            clock=self.clock,
+            on_reads=self._read_playing,
+            quiet_s=sync.session_quiet,
+            live_progress_s=sync.live_progress,
+            **self._session_options,
+        )
+        link.sessions.start()
+
+    async def _read_playing(self, server: str, reads: list[PlaybackRead]) -> None:
+        """Read what a playback that ended, went quiet or goes on left on ``server``.
+
+        Progress is saved without a push (a crashed player's position, a Played mark past
+        90 %): the read is applied like any read, so echoes, merge and rewatch rules hold.
+        """
+        link = self.links[server]
+        by_user: dict[str, list[str]] = {}
+        for read in reads:
+            if read.user_id in link.user_keys:
+                by_user.setdefault(read.user_id, []).append(read.item_id)
+        for remote_user, item_ids in by_user.items():
+            user = link.user_keys.get(remote_user)
+            if user is None or self.reset_guard.is_held(link.name, user):
+                continue
+            items = await self.identity.canonical_items(link.name, item_ids)
+            if items:
+                await self._read_back(link, remote_user, user, items, why="playback")
 
     async def _resync(self, link: ServerLink, remote_user_id: str, user: str) -> None:
         """Catch up with what the socket of this user may have missed."""

@@ -36,6 +36,7 @@ from jfsync.errors import (
     error_for_status,
 )
 from jfsync.ids import LEAF_ITEM_TYPES, normalize_id
+from jfsync.jellyfin.messages import SessionInfo
 from jfsync.jellyfin.wire import (
     AuthenticationResult,
     BaseItemDto,
@@ -191,6 +192,11 @@ class JellyfinClient:
         """``GET /Users/Me`` with ``token`` (default: the API key, which answers 400)."""
         data = await self._call("GET", "/Users/Me", token=token)
         return self._parse(UserDto, data, "/Users/Me")
+
+    async def sessions(self) -> list[SessionInfo]:
+        """``GET /Sessions``: every session with what it plays (the API key sees them all)."""
+        data = await self._call("GET", "/Sessions")
+        return self._parse(_SESSION_LIST, data, "/Sessions")
 
     # ------------------------------------------------------------------ items
 
@@ -510,6 +516,7 @@ class JellyfinClient:
 
 
 _USER_LIST: TypeAdapter[list[UserDto]] = TypeAdapter(list[UserDto])
+_SESSION_LIST: TypeAdapter[list[SessionInfo]] = TypeAdapter(list[SessionInfo])
 _BOOL: TypeAdapter[bool] = TypeAdapter(bool)
 _ITEM_PAGE: TypeAdapter[QueryResult[BaseItemDto]] = TypeAdapter(QueryResult[BaseItemDto])
 

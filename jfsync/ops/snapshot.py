@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from jfsync.sync.ledger import Ledger
     from jfsync.sync.reconcile import Reconciler
     from jfsync.sync.resetguard import ResetGuard
+    from jfsync.sync.sessions import SessionWatcher
     from jfsync.sync.subscriber import Subscriber
     from jfsync.timing import Clock
 
@@ -55,6 +56,8 @@ class LinkView(Protocol):
     def users_refreshed_ms(self) -> int | None: ...
     @property
     def subscribers(self) -> Mapping[str, Subscriber]: ...
+    @property
+    def sessions(self) -> SessionWatcher | None: ...
 
 
 class CountersView(Protocol):
@@ -195,6 +198,20 @@ async def activity_status(
     return shown
 
 
+def sessions_status(watcher: SessionWatcher | None) -> dict[str, Any] | None:
+    """The session watcher's part of a server's status (None when sessions are not followed)."""
+    if watcher is None:
+        return None
+    status = watcher.status
+    return {
+        "mode": status.mode,
+        "state": str(status.state),
+        "playing": status.playing,
+        "reads": status.reads,
+        "last_error": status.last_error,
+    }
+
+
 async def build_status(source: StatusSource) -> dict[str, Any]:
     """A secret-free snapshot of servers, sockets and peers (the status endpoint's body)."""
     now_ms = source.clock.wall_ms()
@@ -218,6 +235,7 @@ async def build_status(source: StatusSource) -> dict[str, Any]:
                 "server_id": link.server_id,
                 "last_error": link.last_error,
                 "users_refreshed_ms": link.users_refreshed_ms,
+                "sessions": sessions_status(link.sessions),
                 "users": [
                     {
                         "user": sub.user_name,

@@ -41,6 +41,12 @@ state yet):
   history for the item (``seed_known``), and is merged as above when it has not (the seed
   overrides it when it shows up).
 
+**Rewatch protection** (``rewatch_protection``, from ``sync.rewatch_protection``, on by
+default; :mod:`jfsync.sync.rewatch`): a known server's play-state change that un-plays a played
+item through playback (unplayed, play count above 0) is merged as if ``Played`` had stayed
+true, as 12.0 shows a rewatch; its play count, date and position are taken. An explicit
+un-play (play count 0) is merged as it is. First contact is not affected.
+
 A first-contact winner that differs from the canonical value becomes canonical with stamp
 ``max(stamp, old stamp)`` and origin ``origin``, and every other server is owed it; a canonical
 winner that differs from the incoming value is owed to ``origin``. With the merge policy the
@@ -61,6 +67,7 @@ from jfsync.model import (
     Stamp,
     UserData,
 )
+from jfsync.sync.rewatch import protected
 
 _FAVORITE = Register.FAVORITE
 _RATING = Register.RATING
@@ -90,6 +97,8 @@ class MergePolicy:
     synced: frozenset[Register] = frozenset(ALL_REGISTERS)
     initial_merge: InitialMerge = "merge"
     seed_server: str | None = None
+    #: Keep Played when a server un-plays an item by starting it again (jfsync.sync.rewatch).
+    rewatch_protection: bool = False
 
     def __post_init__(self) -> None:
         if not self.servers:
@@ -110,6 +119,7 @@ class MergePolicy:
             synced=frozenset(config.sync.fields),
             initial_merge=config.sync.initial_merge,
             seed_server=seed,
+            rewatch_protection=config.sync.rewatch_protection,
         )
 
     @property
@@ -220,6 +230,9 @@ def merge(
     lost: set[Register] = set()
     for register in _ordered(changed):
         value = incoming.get(register)
+        if policy.rewatch_protection and register is Register.PLAY_STATE:
+            assert isinstance(value, PlayState)
+            value = protected(canonical.data.play_state, value)
         current = canonical.stamped(register)
         if stamp > current.stamp:
             if value != canonical.data.get(register):

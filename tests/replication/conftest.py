@@ -43,12 +43,15 @@ async def make_cluster(tmp_path: Path) -> AsyncIterator[MakeCluster]:
         gated: tuple[str, ...] = (),
         connect: bool = True,
         sync: dict[str, Any] | None = None,
+        server_version: str | None = None,
+        session_options: dict[str, Any] | None = None,
     ) -> Cluster:
         emus = []
         for name in "abc"[:servers]:
             debounce = debounce_s[name] if isinstance(debounce_s, dict) else debounce_s
             clock_of = (emulator_clocks or {}).get(name)
-            emu = new_emulator(name, leaves, debounce, clock=clock_of)
+            versioned = {} if server_version is None else {"server_version": server_version}
+            emu = new_emulator(name, leaves, debounce, clock=clock_of, **versioned)
             await emu.start()
             emus_started.append(emu)
             emus.append(emu)
@@ -69,6 +72,7 @@ async def make_cluster(tmp_path: Path) -> AsyncIterator[MakeCluster]:
             clock=clock,
             subscriber_options=FAST_SUBSCRIBER,
             pusher_options={**FAST_PUSHER, **(pusher_options or {})},
+            session_options=session_options,
         )
         manual = {
             name: clk
