@@ -135,7 +135,9 @@ class UserMatch:
 def match_users(config: Config, users_by_server: Mapping[str, list[UserDto]]) -> UserMatch:
     """Match accounts across servers per ``config.users``; servers keep config order."""
     order = [s.name for s in config.servers if s.name in users_by_server]
+    # users.choices with sync: false opt a person out just like users.exclude (issue 14).
     excluded_names = {name.casefold() for name in config.users.exclude}
+    excluded_names |= config.users.opted_out()
     problems: list[str] = []
     excluded: dict[str, list[str]] = {}
     disabled: dict[str, list[str]] = {}
@@ -206,7 +208,7 @@ def _why_missing(
 ) -> str:
     folded = name.casefold()
     if folded in excluded:
-        return f"user {name!r} is in users.exclude"
+        return f"user {name!r} is in users.exclude (or opted out in users.choices)"
     for account in users_by_server[server]:
         if account.name.casefold() == folded:
             if account.is_disabled:
