@@ -168,7 +168,7 @@ def _run(args: argparse.Namespace) -> int:
         logging.getLogger("jfsync.sync.ledger.file").warning("%s", warning)
     tune_garbage_collector()
     try:
-        return asyncio.run(run_service(config))
+        return asyncio.run(run_service(config, config_path=args.config))
     except sqlite3.Error as err:  # the file went bad between the check and the open
         print(
             f"{args.config}: ledger: {config.ledger} cannot be used ({err}); restore it from a "

@@ -44,6 +44,7 @@ from jfsync.jellyfin.wire import (
     SystemInfo,
     UserDto,
     UserItemDataDto,
+    VirtualFolderInfo,
     update_body,
 )
 from jfsync.model import Register, UserData
@@ -185,6 +186,11 @@ class JellyfinClient:
         """``GET /Users/Me`` with ``token`` (default: the API key, which answers 400)."""
         data = await self._call("GET", "/Users/Me", token=token)
         return self._parse(UserDto, data, "/Users/Me")
+
+    async def libraries(self) -> list[VirtualFolderInfo]:
+        """``GET /Library/VirtualFolders`` (admin): the server's libraries and their folders."""
+        data = await self._call("GET", "/Library/VirtualFolders")
+        return self._parse(_LIBRARY_LIST, data, "/Library/VirtualFolders")
 
     # ------------------------------------------------------------------ items
 
@@ -521,6 +527,7 @@ class JellyfinClient:
 
 
 _USER_LIST: TypeAdapter[list[UserDto]] = TypeAdapter(list[UserDto])
+_LIBRARY_LIST: TypeAdapter[list[VirtualFolderInfo]] = TypeAdapter(list[VirtualFolderInfo])
 _BOOL: TypeAdapter[bool] = TypeAdapter(bool)
 _ITEM_PAGE: TypeAdapter[QueryResult[BaseItemDto]] = TypeAdapter(QueryResult[BaseItemDto])
 

@@ -51,7 +51,7 @@ from jfsync.sync.ledger import Applied, ItemMapping, Ledger, OutboxRow, Outcome
 from jfsync.sync.merge import MergePolicy
 from jfsync.sync.resetguard import ResetGuard, ResetRule, regressed_items
 from jfsync.sync.subscriber import LibraryChangedEvent
-from jfsync.sync.users import match_users
+from jfsync.sync.users import match_users, person_fields
 from jfsync.tasks import cancel_and_wait
 from jfsync.timing import Clock, SystemClock
 
@@ -175,6 +175,18 @@ class Reconciler:
         if self._interval_s is not None:
             self._tasks.append(asyncio.create_task(self._periodic(), name="jfsync-reconcile"))
 
+    def set_interval(self, interval_s: float | None) -> None:
+        """Take a new ``sync.reconcile_interval`` (a config reload): the next full reconcile
+        comes that long from now."""
+        self._interval_s = interval_s
+        if not self._tasks:
+            return  # not started: start() reads it
+        for task in [t for t in self._tasks if t.get_name() == "jfsync-reconcile"]:
+            task.cancel()
+            self._tasks.remove(task)
+        if interval_s is not None:
+            self._tasks.append(asyncio.create_task(self._periodic(), name="jfsync-reconcile"))
+
     async def close(self) -> None:
         """Cancel the background tasks and wait for them."""
         tasks, self._tasks = self._tasks, []
@@ -200,7 +212,13 @@ class Reconciler:
         # predate a write that was recorded while the scan ran).
         read_ms = self.clock.wall_ms()
         read_seq = ledger.ticket()
-        scanned = await scan_non_default(client, remote_user_id)
+        # Issue 14: a server with a library filter is listed library by library.
+        parents = (
+            await self.identity.index.library_parents(client, server)
+            if isinstance(self.identity, IndexedIdentity)
+            else None
+        )
+        scanned = await scan_non_default(client, remote_user_id, parents)
         items = await self.identity.canonical_items(server, list(scanned))
         if not self.identity.complete:
             # Identities that map lazily learn the server's ids from what it shows.
@@ -481,6 +499,8 @@ class ReconcileOutcome:
     problems: list[str] = field(default_factory=list)
     user_names: dict[str, str] = field(default_factory=dict)
     identity: dict[str, Any] = field(default_factory=dict)
+    #: Issue 14: per server with a library filter, what it syncs and leaves out (one line).
+    libraries: dict[str, str] = field(default_factory=dict)
 
     def counts(self) -> dict[tuple[str, str], int]:
         """Writes per (user, server)."""
@@ -554,6 +574,8 @@ async def _reconcile_with(
         return
     match = match_users(config, accounts)
     outcome.problems.extend(f"users: {p}" for p in match.problems)
+    # Issue 14: each person's register choices (the policy from the config has no user keys).
+    await ledger.set_policy(ledger.policy.with_user_fields(person_fields(config, match)))
     users: dict[str, dict[str, str]] = {name: {} for name in clients}
     for person in match.users:
         outcome.user_names[person.key] = person.display_name
@@ -569,6 +591,10 @@ async def _reconcile_with(
         reconciler = Reconciler(ledger, identity, clients, clock, users=lambda: users, guard=guard)
         outcome.report = await reconciler.reconcile()
         outcome.identity = identity.status()
+        for name in clients:
+            scope = identity.index.scope(name)
+            if scope is not None:
+                outcome.libraries[name] = scope.describe()
         await _deliver(ledger, identity, clients, users, clock, outcome)
     finally:
         await identity.close()
@@ -729,6 +755,8 @@ def print_outcome(outcome: ReconcileOutcome, out: TextIO, *, sample: int = 5) ->
         )
         for amb in pair.get("samples", {}).get("ambiguous", [])[:sample]:
             print(f"    ambiguous on {amb['server']}: {amb['name']}", file=out)
+    for server, text in sorted(outcome.libraries.items()):
+        print(f"libraries of {server}: {text} (excluded ones are never read or written)", file=out)
     counts = outcome.counts()
     users = sorted({u for u, _ in counts} | {u for u, _ in outcome.missing})
     for user in users:

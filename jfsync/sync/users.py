@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 from jfsync.config import Config
 from jfsync.jellyfin.wire import UserDto
+from jfsync.model import Register
 
 #: Canonical keys of people matched by a ``users.map`` entry start with this.
 MAP_KEY_PREFIX = "map:"
@@ -215,3 +216,17 @@ def _why_missing(
                 return f"user {name!r} is disabled there"
             return f"user {name!r} is already matched by an earlier entry"
     return f"no user named {name!r} there"
+
+
+def person_fields(config: Config, match: UserMatch) -> dict[str, frozenset[Register]]:
+    """Per matched person with ``users.choices`` fields of their own: key -> registers synced.
+
+    A choice applies to the person one of whose account names it gives (on any server).
+    """
+    found: dict[str, frozenset[Register]] = {}
+    for person in match.users:
+        names = [account.name for account in person.accounts.values()]
+        choice = config.users.choice_for(names)
+        if choice is not None and choice.fields is not None:
+            found[person.key] = frozenset(choice.fields)
+    return found

@@ -1836,6 +1836,64 @@ class Ledger:
                 self._cache.clear()  # the cached rows no longer match the file
         return dropped
 
+    async def mark_away(self) -> list[str]:
+        """Remember every server with history that the policy no longer names; return them.
+
+        While away it is owed nothing, so when it comes back (:meth:`rejoined`) what changed
+        meanwhile must be queued for it again (:meth:`requeue_differences`).
+        """
+        configured = set(self._policy.servers)
+        async with self._tx() as db:
+            rows = await db.execute_fetchall(
+                "SELECT s.name FROM servers s WHERE EXISTS "
+                "(SELECT 1 FROM last_known k WHERE k.server=s.id)"
+            )
+            away = sorted(str(r[0]) for r in rows if str(r[0]) not in configured)
+            await db.executemany(
+                "INSERT INTO meta(key, value) VALUES (?, 0) ON CONFLICT DO NOTHING",
+                [(f"away:{name}",) for name in away],
+            )
+        return away
+
+    async def rejoined(self) -> list[str]:
+        """Configured servers that were away (removed from the config) since last caught up."""
+        async with self._read() as db:
+            rows = await db.execute_fetchall("SELECT key FROM meta WHERE key LIKE 'away:%'")
+        names = {str(r[0]).removeprefix("away:") for r in rows}
+        return [n for n in self._policy.servers if n in names]
+
+    async def requeue_differences(self, server: str, wall_ms: int) -> int:
+        """Queue for ``server`` every synced register its last-known state differs from the
+        canonical one in (it was away, or only sent); return the rows touched."""
+        sid = self._sid(server)
+        async with self._tx() as db:
+            rows = await db.execute_fetchall(
+                "SELECT k.user, k.item FROM last_known k JOIN canonical c "
+                "ON c.user=k.user AND c.item=k.item WHERE k.server=?",
+                (sid,),
+            )
+            pairs = {(int(r[0]), int(r[1])) for r in rows}
+            touched = 0
+            if pairs:
+                batch = _Batch(self, db)
+                await batch.load(pairs)
+                version = batch.tick(wall_ms)
+                for pair in sorted(pairs):
+                    canonical = batch.canon.get(pair)
+                    known = batch.lk.get((*pair, sid))
+                    if canonical is None or known is None:
+                        continue
+                    owed = frozenset(
+                        r for r in ALL_REGISTERS if canonical.data.get(r) != known.get(r)
+                    )
+                    if owed and batch.refresh_row(
+                        (*pair, sid), owed, canonical.data, version, wall_ms
+                    ):
+                        touched += 1
+                await batch.flush()
+            await db.execute("DELETE FROM meta WHERE key=?", (f"away:{server}",))
+        return touched
+
     async def drop_unmapped_rows(self, peer: str) -> int:
         """Drop rows owed to ``peer`` for items its library index no longer maps (a library
         filter left them out); return how many. Without an index for ``peer``, nothing."""
