@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import aiohttp
+import yaml
 
 from jfsync.config import Config, load_config
 from jfsync.errors import ConfigError, ServerError
@@ -372,9 +373,14 @@ def _write(target: Path, text: str, *, private: bool) -> None:
 
 
 def _quote(value: str) -> str:
-    """A YAML scalar: quoted when plain would be read differently."""
-    if re.fullmatch(r"[A-Za-z0-9_./:@${}-]+", value) and value[:1] not in "@$":
-        return value
+    """A YAML scalar: plain when YAML reads it back as the same text, else double-quoted
+    (a key of digits would otherwise be read as a number)."""
+    if re.fullmatch(r"[A-Za-z0-9_./:-]+", value):
+        try:
+            if yaml.safe_load(value) == value:
+                return value
+        except yaml.YAMLError:
+            pass
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
