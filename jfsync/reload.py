@@ -210,6 +210,8 @@ class ConfigReloader:
         self._load = load
         self._asked = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        #: The reload under way: a stop waits for it rather than cut it in half.
+        self._current: asyncio.Future[bool] | None = None
         self._seen = _fingerprint(self.path)
         #: Reloads done (valid or not), for tests and status.
         self.attempts = 0
@@ -234,12 +236,16 @@ class ConfigReloader:
             self._task = asyncio.create_task(self._watch(), name="jfsync-config-watch")
 
     async def stop(self) -> None:
-        """Stop watching; a reload under way is cancelled (the config stays as it was)."""
+        """Stop watching; a reload under way is finished first (never left half applied)."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        current, self._current = self._current, None
+        if current is not None and not current.done():
+            with contextlib.suppress(Exception):
+                await current
 
     def request(self) -> None:
         """Reload soon whatever the file looks like (SIGHUP)."""
@@ -266,8 +272,13 @@ class ConfigReloader:
             if not signalled and seen == self._seen:
                 continue
             self._seen = seen
+            self._current = asyncio.ensure_future(
+                self.reload("SIGHUP" if signalled else "the file changed")
+            )
             try:
-                await self.reload("SIGHUP" if signalled else "the file changed")
+                await asyncio.shield(self._current)
+            except asyncio.CancelledError:
+                raise
             except Exception:
                 logger.exception("config reload failed unexpectedly; the running config stays")
 

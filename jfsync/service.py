@@ -808,15 +808,26 @@ class SyncService:
         before = self.ledger.policy
         await self.ledger.set_policy(policy)
         await self._settle_outbox()
-        # A server that only sent and now receives is owed what it missed meanwhile.
-        now_receiving = sorted(before.send_only - policy.send_only)
-        for name in now_receiving:
-            if name in policy.servers:
-                queued = await self.ledger.requeue_differences(name, self.clock.wall_ms())
-                logger.info("[%s] receives again: %d items queued for it", name, queued)
-                link = self.links.get(name)
-                if link is not None:
-                    link.pusher.wake()
+        await self._now_receiving(before)
+
+    async def _now_receiving(self, before: MergePolicy) -> None:
+        """A server that only sent and now receives is owed what it missed meanwhile."""
+        policy = self.ledger.policy
+        for name in sorted(before.send_only - policy.send_only):
+            if name not in policy.servers:
+                continue
+            now_ms = self.clock.wall_ms()
+            queued = await self.ledger.requeue_differences(name, now_ms)
+            link = self.links.get(name)
+            for user in sorted(set(link.user_keys.values()) if link is not None else ()):
+                # ... and what it has no history of (as a server met for the first time).
+                if self.identity.complete:
+                    queued += await self.ledger.backfill_mapped(name, user, now_ms)
+                else:
+                    queued += await self.ledger.backfill(name, user, now_ms)
+            logger.info("[%s] receives again: %d items queued for it", name, queued)
+            if link is not None:
+                link.pusher.wake()
 
     async def _settle_outbox(self) -> None:
         """Drop queued rows the policy no longer allows (with a log line), remember servers
@@ -858,7 +869,9 @@ class SyncService:
                 self.config = kept
                 return lines
             if diff.rebuild:
+                before = self.ledger.policy
                 await self._rebuild(kept)
+                await self._now_receiving(before)
                 return lines
             self.config = kept
             if diff.users:

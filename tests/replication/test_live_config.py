@@ -234,3 +234,33 @@ async def test_a_removed_server_is_owed_nothing_and_a_readded_one_catches_up(
         assert "[c] back in the config" in caplog.text
     finally:
         await reloader.stop()
+
+
+async def test_a_send_only_server_made_both_gets_what_it_missed(
+    make_cluster: MakeCluster, tmp_path: Path
+) -> None:
+    cluster = await make_cluster(2, server_keys={"a": {"mode": "send"}})
+    a, b = cluster.emus
+    path, data = _config_file(cluster, tmp_path)
+    data["servers"][0]["mode"] = "send"
+    _write(path, data)
+    clock = ManualClock()
+    reloader = ConfigReloader(cluster.service, path, clock=clock)
+    reloader.start()
+    item = cluster.free_items[0]
+    try:
+        # While a only sends, the user favourites an item on b: a is left alone.
+        cluster.change(b, item, is_favorite=True)
+        key = await cluster.key("b", item)
+        await cluster.service.wait_for(
+            lambda: cluster.service.ledger.last_known("b", "name:alice", key), WAIT_S
+        )
+        await cluster.wait_quiet([item])
+        assert cluster.data(a, item) == UserData()
+        # a becomes an ordinary server: it is sent what it missed.
+        data["servers"][0]["mode"] = "both"
+        _write(path, data)
+        await _poll(reloader, clock, 1)
+        await cluster.wait_all_hold(item, UserData(favorite=True))
+    finally:
+        await reloader.stop()
