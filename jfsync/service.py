@@ -53,7 +53,7 @@ from jfsync.model import UserData
 from jfsync.ratelimit import RepeatLimiter
 from jfsync.reload import POLL_S, ConfigReloader, diff_configs, restart_note
 from jfsync.sync.delivery import Pusher, WriteHook
-from jfsync.sync.identity import IdenticalIds, IdentityChange, IndexedIdentity, ItemIdentity
+from jfsync.sync.identity import IdenticalIds, IndexedIdentity, ItemIdentity
 from jfsync.sync.ledger import Applied, Ledger, Observation, Outcome
 from jfsync.sync.merge import MergePolicy
 from jfsync.sync.reconcile import Reconciler, ReconcileReport
@@ -901,6 +901,8 @@ class SyncService:
         self.identity.index.set_servers(self.config.servers)
         change = await self.identity.refresh(list(servers))
         for name in servers:
+            # Items brought back in are owed what changed while they were left out.
+            await self.ledger.requeue_differences(name, self.clock.wall_ms())
             dropped = await self.ledger.drop_unmapped_rows(name)
             if dropped:
                 logger.warning(
@@ -908,8 +910,16 @@ class SyncService:
                     name,
                     dropped,
                 )
-        if self.reconciler is not None:
-            self.reconciler.request_catch_up(change | IdentityChange(servers=frozenset(servers)))
+        # Catch up now whatever the filter brought in (or the match moved).
+        for name in sorted(change.servers | set(servers)):
+            link = self.links.get(name)
+            if link is None or not link.reachable:
+                continue
+            for remote, user in sorted(link.user_keys.items()):
+                try:
+                    await self._resync(link, remote, user)
+                except ServerError as err:
+                    logger.warning("[%s] catch-up of user %s failed: %s", name, user, err)
 
     async def _rebuild(self, config: Config) -> None:
         """Re-create the replicator for a new server list: stop everything (the ledger is

@@ -264,3 +264,40 @@ async def test_a_send_only_server_made_both_gets_what_it_missed(
         await cluster.wait_all_hold(item, UserData(favorite=True))
     finally:
         await reloader.stop()
+
+
+async def test_a_library_filter_edited_while_running(
+    make_cluster: MakeCluster, tmp_path: Path
+) -> None:
+    cluster = await make_cluster(2)
+    a, b = cluster.emus
+    path, data = _config_file(cluster, tmp_path)
+    clock = ManualClock()
+    reloader = ConfigReloader(cluster.service, path, clock=clock)
+    reloader.start()
+    library = a.library
+    episodes = [i for i in cluster.free_items if "/tv/" in (library.get(i).path or "")]  # type: ignore[union-attr]
+    first, second = episodes[:2]
+    try:
+        played = cluster.change(a, first, played=True)
+        await cluster.wait_all_hold(first, played)
+        # b leaves its Shows library out from now on.
+        data["servers"][1]["libraries"] = {"exclude": ["Shows"]}
+        _write(path, data)
+        await _poll(reloader, clock, 1)
+        rated = cluster.change(a, first, rating=7.0)
+        favourite = cluster.change(a, second, is_favorite=True)
+        await cluster.service.wait_for(
+            lambda: cluster.service.counters.events_received >= 3, WAIT_S
+        )
+        await cluster.wait_quiet([first, second])
+        assert cluster.data(b, first) == played
+        assert cluster.data(b, second) == UserData()
+        # Shows is synced again: a first meeting for its items, and b gets what it lacks.
+        del data["servers"][1]["libraries"]
+        _write(path, data)
+        await _poll(reloader, clock, 2)
+        await cluster.wait_all_hold(first, rated)
+        await cluster.wait_all_hold(second, favourite)
+    finally:
+        await reloader.stop()
