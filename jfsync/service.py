@@ -253,6 +253,13 @@ class SyncService:
             self.links[server.name] = link
         clients = {name: link.client for name, link in self.links.items()}
         await self.identity.start(clients)
+        filtered = [s.name for s in self.config.servers if s.libraries is not None]
+        if filtered and not isinstance(self.identity, IndexedIdentity):
+            logger.warning(
+                "library filters of %s are not applied: they need the library index, which "
+                "lives in a ledger file (not :memory:)",
+                ", ".join(filtered),
+            )
         self.reconciler = Reconciler(
             self.ledger,
             self.identity,
