@@ -343,7 +343,10 @@ async def init_config(
     print(f"Wrote {target}.", file=out)
     refs = sorted({a.written_key[2:-1] for a in answers if _ENV_REF.match(a.written_key)})
     if refs:
-        print(f"Before jfsync run, set {', '.join(refs)} to the API keys.", file=out)
+        keys = "API keys" if len(refs) > 1 else "API key"
+        print(
+            f"Before jfsync run, set {', '.join(refs)} to the {keys} in its environment.", file=out
+        )
     print(f"Next: jfsync check -c {target}, then jfsync run -c {target}", file=out)
     return EXIT_OK
 

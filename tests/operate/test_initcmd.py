@@ -103,7 +103,7 @@ async def test_flags_with_keys_as_environment_references(
     assert KEYS["cabin"] not in text
     assert 'api_key: "${HOME_KEY}"' in text
     assert 'api_key: "${JFSYNC_CABIN_API_KEY}"' in text
-    assert "set HOME_KEY, JFSYNC_CABIN_API_KEY to the API keys" in out
+    assert "set HOME_KEY, JFSYNC_CABIN_API_KEY to the API keys in its environment" in out
     config = load_config(
         target, environ={"HOME_KEY": KEYS["home"], "JFSYNC_CABIN_API_KEY": KEYS["cabin"]}
     )
