@@ -877,7 +877,13 @@ class SyncService:
                 return lines
             if diff.rebuild:
                 before = self.ledger.policy
-                await self._rebuild(kept)
+                try:
+                    await self._rebuild(kept)
+                except Exception:
+                    # Never left stopped: back to the config that ran, then say what failed.
+                    logger.exception("config reload: starting with the new config failed")
+                    await self._rebuild(old)
+                    raise
                 await self._now_receiving(before)
                 return lines
             self.config = kept
