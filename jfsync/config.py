@@ -188,6 +188,71 @@ class PathRewrite(_Strict):
         return None
 
 
+# --------------------------------------------------------------------------- issue 14: filters,
+# direction and per-user choices (kept together; see the README "Choosing what syncs")
+
+#: ``servers[].mode``: ``both`` sends its users' changes and receives the others'; ``send`` only
+#: sends (jfsync never writes to it); ``receive`` only receives (its own changes stay local).
+ServerMode = Literal["both", "send", "receive"]
+
+
+class LibraryFilter(_Strict):
+    """Which of a server's libraries jfsync touches, by library name (case-insensitive).
+
+    Give ``include`` (only these) or ``exclude`` (all but these), not both. Items of a library
+    left out are never read or written: scans skip it, its events are ignored, nothing is queued
+    for it.
+    """
+
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _names(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        seen: set[str] = set()
+        for name in value:
+            if not name.strip():
+                raise ValueError("an empty library name; give the name Jellyfin shows")
+            if name.casefold() in seen:
+                raise ValueError(f"library {name!r} is listed twice")
+            seen.add(name.casefold())
+        return value
+
+    @model_validator(mode="after")
+    def _one_list(self) -> LibraryFilter:
+        if self.include is not None and self.exclude is not None:
+            raise ValueError("both include and exclude given; give one of them")
+        if self.include is None and self.exclude is None:
+            raise ValueError("give include (only these libraries) or exclude (all but these)")
+        if self.include is not None and not self.include:
+            raise ValueError("include is empty: nothing of this server would sync")
+        return self
+
+    def allows(self, name: str) -> bool:
+        """Tell whether the library called ``name`` is synced."""
+        folded = name.casefold()
+        if self.include is not None:
+            return folded in {n.casefold() for n in self.include}
+        return folded not in {n.casefold() for n in self.exclude or ()}
+
+
+class UserChoice(_Strict):
+    """One person's choices: whether they are synced at all, and which registers."""
+
+    sync: bool = True
+    fields: list[Register] | None = None
+
+    @field_validator("fields")
+    @classmethod
+    def _some_fields(cls, value: list[Register] | None) -> list[Register] | None:
+        if value is not None and not value:
+            raise ValueError("fields is empty; to stop syncing this user give sync: false")
+        return value
+
+
 class ServerConfig(_Strict):
     """One Jellyfin server."""
 
@@ -202,6 +267,9 @@ class ServerConfig(_Strict):
     max_message_size: ByteSize = Field(
         default=MAX_MESSAGE_BYTES, ge=MIN_MESSAGE_BYTES, le=MAX_MESSAGE_BYTES_LIMIT
     )
+    #: Issue 14: direction and library filters (see LibraryFilter, ServerMode).
+    mode: ServerMode = "both"
+    libraries: LibraryFilter | None = None
 
     @field_validator("name")
     @classmethod
@@ -330,6 +398,20 @@ class UsersConfig(_Strict):
     match: Literal["name", "map"] = "name"
     map: list[dict[str, str]] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
+    #: Issue 14: per-person choices, keyed by account name (any server's, case-insensitive).
+    choices: dict[str, UserChoice] = Field(default_factory=dict)
+
+    def choice_for(self, names: list[str]) -> UserChoice | None:
+        """The choices that name one of ``names`` (a person's account names), if any."""
+        folded = {n.casefold() for n in names}
+        for name, choice in self.choices.items():
+            if name.casefold() in folded:
+                return choice
+        return None
+
+    def opted_out(self) -> set[str]:
+        """Casefolded account names whose person chose ``sync: false``."""
+        return {n.casefold() for n, c in self.choices.items() if not c.sync}
 
 
 class SyncConfig(_Strict):
@@ -439,6 +521,7 @@ class Config(_Strict):
                 f"sync.seed_server {self.sync.seed_server!r} is not a server; "
                 f"expected one of {', '.join(sorted(seen))}"
             )
+        self._check_directions()
         if self.users.match == "map" and not self.users.map:
             raise ValueError("users.match is 'map' but users.map is empty")
         for i, entry in enumerate(self.users.map):
@@ -449,6 +532,24 @@ class Config(_Strict):
                     f"expected {', '.join(sorted(seen))}"
                 )
         return self
+
+    def _check_directions(self) -> None:
+        """Issue 14: at least one server must send to another that receives."""
+        senders = [s.name for s in self.servers if s.mode != "receive"]
+        receivers = [s.name for s in self.servers if s.mode != "send"]
+        if not senders:
+            raise ValueError("every server has mode: receive; nothing would ever be sent")
+        if not receivers:
+            raise ValueError("every server has mode: send; nothing would ever be written")
+        if not any(a != b for a in senders for b in receivers):
+            raise ValueError(
+                f"only {senders[0]} sends and only it receives; another server must "
+                "receive (mode: both or receive)"
+            )
+        seed = self.sync.seed_server
+        receive_only = {s.name for s in self.servers if s.mode == "receive"}
+        if self.sync.initial_merge == "seed" and seed in receive_only:
+            raise ValueError(f"sync.seed_server {seed!r} has mode: receive; the seed must send")
 
     def server(self, name: str) -> ServerConfig:
         """Return the server called ``name``."""

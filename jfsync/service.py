@@ -15,6 +15,11 @@ observations (one transaction each batch: echo rule, diff, stamp, merge, outbox 
 pushers of the peers owed something are woken and write it. Shutdown stops intake first
 (subscribers), lets pushers finish writes under way within ``sync.shutdown_grace``, then closes
 the HTTP session and the ledger.
+
+Config edits (issue 14): :meth:`SyncService.reconfigure` applies a new config while running
+(:mod:`jfsync.reload` says what each change needs), and :func:`run_service` watches the file and
+answers SIGHUP. The merge policy the ledger applies follows the config and each person's
+``users.choices`` (:meth:`SyncService.merge_policy`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -49,6 +54,7 @@ from jfsync.ops.activity import ActivityFeed
 from jfsync.ops.alerts import Alerter
 from jfsync.ops.status import StatusServer
 from jfsync.ratelimit import RepeatLimiter
+from jfsync.reload import POLL_S, ConfigReloader, diff_configs, restart_note
 from jfsync.sync.delivery import Pusher, WriteHook
 from jfsync.sync.identity import IdenticalIds, IndexedIdentity, ItemIdentity
 from jfsync.sync.ledger import Applied, Ledger, Observation, OutboxRow, Outcome
@@ -65,7 +71,7 @@ from jfsync.sync.subscriber import (
     UserDataChangedEvent,
 )
 from jfsync.sync.tokens import UserTokens, user_device_id
-from jfsync.sync.users import UserMatch, match_users
+from jfsync.sync.users import UserMatch, match_users, person_fields
 from jfsync.tasks import cancel_and_wait
 from jfsync.timing import Clock, SystemClock, backoff_delays
 
@@ -172,6 +178,11 @@ class SyncService:
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self.counters = Counters()
+        #: Issue 14: the identity is made here (and again by a reload), unless one was given.
+        self._own_identity = identity is None
+        #: The config file's reload state for /status (set by jfsync.reload.ConfigReloader).
+        self.config_status: dict[str, Any] | None = None
+        self._reload_lock = asyncio.Lock()
         self.ledger = Ledger(
             config.ledger, MergePolicy.from_config(config), user_map=config.users.map
         )
@@ -223,9 +234,11 @@ class SyncService:
 
     async def start(self) -> None:
         """Open the ledger, start every pusher, and bring every server up in the background."""
-        self._started_ms = self.clock.wall_ms()
+        if self._started_ms is None:  # a reload that re-creates the replicator keeps it
+            self._started_ms = self.clock.wall_ms()
         await self.ledger.open()
         await self.reset_guard.load()
+        await self._settle_outbox()
         self._session = aiohttp.ClientSession()
         for index, server in enumerate(self.config.servers):
             assert server.api_key is not None  # the config loader resolves *_file into it
@@ -253,6 +266,13 @@ class SyncService:
             self.links[server.name] = link
         clients = {name: link.client for name, link in self.links.items()}
         await self.identity.start(clients)
+        filtered = [s.name for s in self.config.servers if s.libraries is not None]
+        if filtered and not isinstance(self.identity, IndexedIdentity):
+            logger.warning(
+                "library filters of %s are not applied: they need the library index, which "
+                "lives in a ledger file (not :memory:)",
+                ", ".join(filtered),
+            )
         self.reconciler = Reconciler(
             self.ledger,
             self.identity,
@@ -438,11 +458,11 @@ class SyncService:
     async def _keep_users_fresh(self, link: ServerLink) -> None:
         """Read the server's user list again periodically and whenever asked; match again."""
         streak = FailureStreak(logger, link.name, self.clock)
-        interval = self.config.sync.user_refresh_interval
         delays: Iterator[float] | None = None
-        wait_s = interval
+        wait_s = self.config.sync.user_refresh_interval
         while True:
             await self._refresh_due(link, wait_s)
+            interval = self.config.sync.user_refresh_interval  # a reload may have changed it
             try:
                 users = await link.client.users()
                 link.users = users
@@ -486,6 +506,7 @@ class SyncService:
             users = {n: link.users for n, link in self.links.items() if link.users is not None}
             match = match_users(self.config, users)
             self.user_match = match
+            await self._apply_policy()  # issue 14: each person's register choices
             for problem in match.problems:
                 if problem not in self._match_problems:
                     self._match_problems.add(problem)
@@ -863,6 +884,167 @@ class SyncService:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
+    # ------------------------------------------------------------------ issue 14: live config
+
+    def merge_policy(self) -> MergePolicy:
+        """The merge policy of the running config and the people matched so far."""
+        policy = MergePolicy.from_config(self.config)
+        if self.user_match is not None:
+            policy = policy.with_user_fields(person_fields(self.config, self.user_match))
+        return policy
+
+    async def _apply_policy(self) -> None:
+        """Give the ledger the current merge policy when it changed; settle queued rows."""
+        policy = self.merge_policy()
+        if policy == self.ledger.policy:
+            return
+        before = self.ledger.policy
+        await self.ledger.set_policy(policy)
+        await self._settle_outbox()
+        await self._now_receiving(before)
+
+    async def _now_receiving(self, before: MergePolicy) -> None:
+        """A server that only sent and now receives is owed what it missed meanwhile."""
+        policy = self.ledger.policy
+        for name in sorted(before.send_only - policy.send_only):
+            if name not in policy.servers:
+                continue
+            now_ms = self.clock.wall_ms()
+            queued = await self.ledger.requeue_differences(name, now_ms)
+            link = self.links.get(name)
+            for user in sorted(set(link.user_keys.values()) if link is not None else ()):
+                # ... and what it has no history of (as a server met for the first time).
+                if self.identity.complete:
+                    queued += await self.ledger.backfill_mapped(name, user, now_ms)
+                else:
+                    queued += await self.ledger.backfill(name, user, now_ms)
+            logger.info("[%s] receives again: %d items queued for it", name, queued)
+            if link is not None:
+                link.pusher.wake()
+
+    async def _settle_outbox(self) -> None:
+        """Drop queued rows the policy no longer allows (with a log line), remember servers
+        taken out of the config, and queue for servers back in it what they missed."""
+        away = await self.ledger.mark_away()
+        for peer, count in sorted((await self.ledger.prune_outbox()).items()):
+            why = (
+                "no longer in the config"
+                if peer in away or peer not in self.ledger.policy.servers
+                else "mode: send, or registers no longer synced"
+            )
+            logger.warning("[%s] dropped %d queued writes (%s)", peer, count, why)
+        for name in await self.ledger.rejoined():
+            queued = await self.ledger.requeue_differences(name, self.clock.wall_ms())
+            logger.info(
+                "[%s] back in the config: %d items that changed meanwhile queued for it",
+                name,
+                queued,
+            )
+        self._notify()
+
+    async def reconfigure(self, new: Config) -> list[str]:
+        """Apply a validated config to the running service; return what changed, one line each.
+
+        See :mod:`jfsync.reload` for what each change does. The ledger path and the status
+        endpoint are kept (they are only read at start); a change to them is reported.
+        """
+        async with self._reload_lock:
+            old = self.config
+            diff = diff_configs(old, new)
+            kept = new.model_copy(update={"ledger": old.ledger, "status": old.status})
+            lines = list(diff.lines)
+            if diff.needs_restart:
+                lines.append(restart_note(diff.needs_restart))
+                logger.warning("config reload: %s", restart_note(diff.needs_restart))
+            if self.config_status is not None:
+                self.config_status["pending_restart"] = list(diff.needs_restart)
+            if diff.empty:
+                self.config = kept
+                return lines
+            if diff.rebuild:
+                before = self.ledger.policy
+                try:
+                    await self._rebuild(kept)
+                except Exception:
+                    # Never left stopped: back to the config that ran, then say what failed.
+                    logger.exception("config reload: starting with the new config failed")
+                    await self._rebuild(old)
+                    raise
+                await self._now_receiving(before)
+                return lines
+            self.config = kept
+            if diff.users:
+                await self._rematch()  # opens and closes sockets; applies the policy
+            else:
+                await self._apply_policy()
+            if diff.filters:
+                await self._apply_filters(diff.filters)
+            if diff.intervals and self.reconciler is not None:
+                self.reconciler.set_interval(kept.sync.reconcile_interval)
+                for link in self.links.values():
+                    link.refresh_users.set()  # the new user refresh period starts now
+            for link in self.links.values():
+                link.config = kept.server(link.name)
+                link.pusher.wake()
+            self._notify()
+            return lines
+
+    async def _apply_filters(self, servers: Sequence[str]) -> None:
+        """Rescan the libraries of servers whose filter changed; drop what they left out."""
+        if not isinstance(self.identity, IndexedIdentity):
+            logger.warning(
+                "library filters need the library index (a ledger file); not applied to %s",
+                ", ".join(servers),
+            )
+            return
+        self.identity.index.set_servers(self.config.servers)
+        change = await self.identity.refresh(list(servers))
+        for name in servers:
+            # Items brought back in are owed what changed while they were left out.
+            await self.ledger.requeue_differences(name, self.clock.wall_ms())
+            dropped = await self.ledger.drop_unmapped_rows(name)
+            if dropped:
+                logger.warning(
+                    "[%s] dropped %d queued writes of items its library filter leaves out",
+                    name,
+                    dropped,
+                )
+        # Catch up now whatever the filter brought in (or the match moved).
+        for name in sorted(change.servers | set(servers)):
+            link = self.links.get(name)
+            if link is None or not link.reachable:
+                continue
+            for remote, user in sorted(link.user_keys.items()):
+                try:
+                    await self._resync(link, remote, user)
+                except ServerError as err:
+                    logger.warning("[%s] catch-up of user %s failed: %s", name, user, err)
+
+    async def _rebuild(self, config: Config) -> None:
+        """Re-create the replicator for a new server list: stop everything (the ledger is
+        durable: nothing queued is lost), then start again with ``config``."""
+        logger.info("config reload: servers changed; reconnecting every server")
+        await self.stop()
+        self.config = config
+        self.ledger = Ledger(
+            config.ledger, MergePolicy.from_config(config), user_map=config.users.map
+        )
+        self.ledger.file_lost_observers.append(self._ledger_file_lost)
+        if self._own_identity:
+            in_memory = str(config.ledger) == ":memory:"
+            self.identity = (
+                IdenticalIds() if in_memory else IndexedIdentity(config, self.ledger, self.clock)
+            )
+        self.reset_guard = ResetGuard(ResetRule.from_config(config), self.ledger, self.clock)
+        self.reconciler = None
+        self.links = {}
+        self.user_match = None
+        self._session = None
+        self._match_problems = set()
+        self._unknown_users = {}
+        self._stopping = False
+        await self.start()
+
     # ------------------------------------------------------------------ status
 
     @property
@@ -954,8 +1136,13 @@ async def run_service(
     service: SyncService | None = None,
     force_exit: Callable[[int], object] = os._exit,
     backstop: bool = True,
+    config_path: str | os.PathLike[str] | None = None,
+    reload_poll_s: float | None = None,
 ) -> int:
     """Run until SIGINT or SIGTERM with the status endpoint; return the exit status.
+
+    With ``config_path`` the file is watched and applied when it changes or on SIGHUP
+    (:mod:`jfsync.reload`); an invalid edit keeps the running config.
 
     The first signal starts a graceful stop; a second SIGINT, or a stop still not finished
     ``SHUTDOWN_SLACK_S`` after the grace period, ends the process at once with status 1
@@ -969,6 +1156,11 @@ async def run_service(
     status_server = StatusServer.from_config(service)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    reloader = (
+        ConfigReloader(service, os.fspath(config_path), poll_s=reload_poll_s or POLL_S)
+        if config_path is not None
+        else None
+    )
 
     def on_signal(sig: signal.Signals) -> None:
         # Ctrl+C twice means "now"; a repeated SIGTERM (a supervisor's retry) just waits.
@@ -977,12 +1169,20 @@ async def run_service(
             force_exit(1)
         stop.set()
 
+    def on_hangup() -> None:
+        if reloader is None:
+            logger.warning("SIGHUP: no config file to read again (started without one)")
+        else:
+            logger.info("SIGHUP: reading the config file again")
+            reloader.request()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
-        return await _serve(config, service, status_server, stop, force_exit, backstop)
+        return await _serve(config, service, status_server, stop, force_exit, backstop, reloader)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
 
@@ -993,6 +1193,7 @@ async def _serve(
     stop: asyncio.Event,
     force_exit: Callable[[int], object],
     backstop: bool,
+    reloader: ConfigReloader | None = None,
 ) -> int:
     """Start, wait for ``stop``, then shut down within the grace period plus the slack."""
     try:
@@ -1011,14 +1212,20 @@ async def _serve(
             config.status.listen,
             err.strerror or err,
         )
+    if reloader is not None:
+        reloader.start()
     try:
         await service.wait_stop(stop)
     except asyncio.CancelledError:
+        if reloader is not None:
+            await reloader.stop()
         await _shut_down(service, status_server)
         raise
+    if reloader is not None:
+        await reloader.stop()  # no reload may re-create what the shutdown closes
     if service.fatal_error is None:
         logger.info("stop requested; finishing writes under way")
-    limit_s = config.sync.shutdown_grace + SHUTDOWN_SLACK_S
+    limit_s = service.config.sync.shutdown_grace + SHUTDOWN_SLACK_S
     if backstop:
         # Armed for good: the process is on its way out, however that ends.
         faulthandler.dump_traceback_later(limit_s + 5.0, exit=True)

@@ -46,6 +46,7 @@ from jfsync.jellyfin.wire import (
     SystemInfo,
     UserDto,
     UserItemDataDto,
+    VirtualFolderInfo,
 )
 from jfsync.jellyfin.writeplan import (
     CLEAR_RATING_ROUTE,
@@ -197,6 +198,11 @@ class JellyfinClient:
         """``GET /Sessions``: every session with what it plays (the API key sees them all)."""
         data = await self._call("GET", "/Sessions")
         return self._parse(_SESSION_LIST, data, "/Sessions")
+
+    async def libraries(self) -> list[VirtualFolderInfo]:
+        """``GET /Library/VirtualFolders`` (admin): the server's libraries and their folders."""
+        data = await self._call("GET", "/Library/VirtualFolders")
+        return self._parse(_LIBRARY_LIST, data, "/Library/VirtualFolders")
 
     # ------------------------------------------------------------------ items
 
@@ -517,6 +523,7 @@ class JellyfinClient:
 
 _USER_LIST: TypeAdapter[list[UserDto]] = TypeAdapter(list[UserDto])
 _SESSION_LIST: TypeAdapter[list[SessionInfo]] = TypeAdapter(list[SessionInfo])
+_LIBRARY_LIST: TypeAdapter[list[VirtualFolderInfo]] = TypeAdapter(list[VirtualFolderInfo])
 _BOOL: TypeAdapter[bool] = TypeAdapter(bool)
 _ITEM_PAGE: TypeAdapter[QueryResult[BaseItemDto]] = TypeAdapter(QueryResult[BaseItemDto])
 

@@ -37,7 +37,7 @@ from jfsync.sync.ledger import Ledger, OutboxRow
 from jfsync.sync.merge import MergePolicy
 from jfsync.sync.reconcile import Reconciler, ReconcileReport
 from jfsync.sync.resetguard import ResetGuard, ResetRule
-from jfsync.sync.users import match_users
+from jfsync.sync.users import match_users, person_fields
 from jfsync.tasks import cancel_and_wait
 from jfsync.timing import Clock, SystemClock
 
@@ -75,6 +75,8 @@ class ReconcileOutcome:
     problems: list[str] = field(default_factory=list)
     user_names: dict[str, str] = field(default_factory=dict)
     identity: dict[str, Any] = field(default_factory=dict)
+    #: Per server with a library filter, what it syncs and leaves out (one line).
+    libraries: dict[str, str] = field(default_factory=dict)
 
     def counts(self) -> dict[tuple[str, str], int]:
         """Writes per (user, server)."""
@@ -155,6 +157,8 @@ async def _reconcile_with(
         return
     match = match_users(config, accounts)
     outcome.problems.extend(f"users: {p}" for p in match.problems)
+    # Each person's register choices (the policy from the config has no user keys).
+    await ledger.set_policy(ledger.policy.with_user_fields(person_fields(config, match)))
     users: dict[str, dict[str, str]] = {name: {} for name in clients}
     for person in match.users:
         outcome.user_names[person.key] = person.display_name
@@ -170,6 +174,10 @@ async def _reconcile_with(
         reconciler = Reconciler(ledger, identity, clients, clock, users=lambda: users, guard=guard)
         outcome.report = await reconciler.reconcile()
         outcome.identity = identity.status()
+        for name in clients:
+            scope = identity.index.scope(name)
+            if scope is not None:
+                outcome.libraries[name] = scope.describe()
         await _deliver(ledger, identity, clients, clock, outcome, pusher_options)
     finally:
         await identity.close()
@@ -346,6 +354,8 @@ def print_outcome(outcome: ReconcileOutcome, out: TextIO, *, sample: int = 5) ->
         )
         for amb in pair.get("samples", {}).get("ambiguous", [])[:sample]:
             print(f"    ambiguous on {amb['server']}: {amb['name']}", file=out)
+    for server, text in sorted(outcome.libraries.items()):
+        print(f"libraries of {server}: {text} (excluded ones are never read or written)", file=out)
     counts = outcome.counts()
     noted = set(outcome.missing) | set(outcome.deferred)
     users = sorted({u for u, _ in counts} | {u for u, _ in noted})

@@ -109,6 +109,8 @@ class StatusSource(Protocol):
     @property
     def last_reconcile_result(self) -> str | None: ...
     @property
+    def config_status(self) -> dict[str, Any] | None: ...
+    @property
     def write_observers(self) -> list[WriteHook]: ...
 
     async def accept_reset(
@@ -294,6 +296,9 @@ async def build_status(source: StatusSource) -> dict[str, Any]:
             "last_at_ms": source.last_reconcile_ms,
             "last_result": source.last_reconcile_result,
         },
+        # The config file and its last reload: {path, loaded_at_ms, last_error, last_changes,
+        # pending_restart}; None when not run from a file.
+        "config": source.config_status,
         "counters": {
             "events_received": counters.events_received,
             "entries_received": counters.entries_received,

@@ -160,6 +160,18 @@ class Reconciler:
         if self._interval_s is not None:
             self._tasks.append(asyncio.create_task(self._periodic(), name="jfsync-reconcile"))
 
+    def set_interval(self, interval_s: float | None) -> None:
+        """Take a new ``sync.reconcile_interval`` (a config reload): the next full reconcile
+        comes that long from now."""
+        self._interval_s = interval_s
+        if not self._tasks:
+            return  # not started: start() reads it
+        for task in [t for t in self._tasks if t.get_name() == "jfsync-reconcile"]:
+            task.cancel()
+            self._tasks.remove(task)
+        if interval_s is not None:
+            self._tasks.append(asyncio.create_task(self._periodic(), name="jfsync-reconcile"))
+
     async def close(self) -> None:
         """Cancel the background tasks and wait for them."""
         tasks, self._tasks = self._tasks, []
@@ -185,7 +197,13 @@ class Reconciler:
         # predate a write that was recorded while the scan ran).
         read_ms = self.clock.wall_ms()
         read_seq = ledger.ticket()
-        scanned = await scan_non_default(client, remote_user_id)
+        # Issue 14: a server with a library filter is listed library by library.
+        parents = (
+            await self.identity.index.library_parents(client, server)
+            if isinstance(self.identity, IndexedIdentity)
+            else None
+        )
+        scanned = await scan_non_default(client, remote_user_id, parents)
         items = await self.identity.canonical_items(server, list(scanned))
         if not self.identity.complete:
             # Identities that map lazily learn the server's ids from what it shows.

@@ -45,6 +45,9 @@ async def make_cluster(tmp_path: Path) -> AsyncIterator[MakeCluster]:
         sync: dict[str, Any] | None = None,
         server_version: str | None = None,
         session_options: dict[str, Any] | None = None,
+        server_keys: dict[str, dict[str, Any]] | None = None,
+        users: dict[str, Any] | None = None,
+        users_connected: int = 2,
     ) -> Cluster:
         emus = []
         for name in "abc"[:servers]:
@@ -66,7 +69,9 @@ async def make_cluster(tmp_path: Path) -> AsyncIterator[MakeCluster]:
             gate = gates.get(emu.server_name)
             return gate.url if gate is not None else emu.url
 
-        config = make_config(emus, tmp_path / f"ledger-{len(made)}.db", url_of, sync)
+        config = make_config(
+            emus, tmp_path / f"ledger-{len(made)}.db", url_of, sync, server_keys, users
+        )
         service = SyncService(
             config,
             clock=clock,
@@ -83,7 +88,7 @@ async def make_cluster(tmp_path: Path) -> AsyncIterator[MakeCluster]:
         made.append(cluster)
         await service.start()
         if connect:
-            await cluster.wait_connected()
+            await cluster.wait_connected(users_connected)
         return cluster
 
     try:

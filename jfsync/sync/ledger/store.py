@@ -89,7 +89,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Literal, Self
 
 import aiosqlite
@@ -1770,6 +1770,153 @@ class Ledger:
                     found[(int(r[19]), int(r[20]), int(r[1]))] = _decode_row(r, self._server_names)
         return found
 
+    # ------------------------------------------------------------------ issue 14: live policy
+    # (config reload, mode: send/receive, per-user register choices)
+
+    #: User id -> the registers that person syncs, for people with their own choices.
+    _fields_by_uid: Mapping[int, frozenset[Register]] = MappingProxyType({})
+
+    async def set_policy(self, policy: MergePolicy) -> None:
+        """Apply a new merge policy from the next transaction on (a config reload).
+
+        Servers it names that the ledger does not know yet are registered; the people with
+        register choices of their own get their ids. Rows already queued are left as they
+        are: :meth:`prune_outbox` brings them in line.
+        """
+        users = [u for u, _ in policy.user_fields]
+        async with self._tx() as db:
+            await db.executemany(
+                "INSERT INTO servers(name) VALUES (?) ON CONFLICT(name) DO NOTHING",
+                [(name,) for name in policy.servers],
+            )
+            ids = await self._ensure_ids(db, "users", users) if users else {}
+            for sid, name in await db.execute_fetchall("SELECT id, name FROM servers"):
+                self._server_ids[str(name)] = int(sid)
+                self._server_names[int(sid)] = str(name)
+        self._fields_by_uid = MappingProxyType({ids[u]: fields for u, fields in policy.user_fields})
+        self._policy = policy
+        self._cache.forget_mappings()
+
+    def _synced_of(self, uid: int, sid: int) -> frozenset[Register]:
+        """The registers that may be owed to server ``sid`` for user ``uid`` (none: send-only)."""
+        policy = self._policy
+        if policy.send_only and self._server_names.get(sid) in policy.send_only:
+            return frozenset()
+        return self._fields_by_uid.get(uid, policy.synced)
+
+    async def prune_outbox(self) -> dict[str, int]:
+        """Bring queued rows in line with the policy; return rows dropped per peer.
+
+        Rows owed to servers no longer configured, or with ``mode: send``, are dropped whole;
+        registers no longer synced (for everyone, or for that person) are taken out of the
+        others, and a row left with none is dropped.
+        """
+        dropped: dict[str, int] = {}
+        async with self._tx() as db:
+            rows = await db.execute_fetchall("SELECT id, peer, user, registers FROM outbox")
+            gone: list[tuple[int]] = []
+            narrowed: list[tuple[int, int]] = []
+            configured = set(self._policy.servers)
+            for rid, peer, uid, bits in rows:
+                name = self._server_names.get(int(peer), str(peer))
+                allowed = (
+                    _mask_bits(self._synced_of(int(uid), int(peer))) if name in configured else 0
+                )
+                left = int(bits) & allowed
+                if left == 0:
+                    gone.append((int(rid),))
+                    dropped[name] = dropped.get(name, 0) + 1
+                elif left != int(bits):
+                    narrowed.append((left, int(rid)))
+            if gone:
+                await db.executemany("DELETE FROM outbox WHERE id=?", gone)
+            if narrowed:
+                await db.executemany("UPDATE outbox SET registers=? WHERE id=?", narrowed)
+            if gone or narrowed:
+                self._cache.clear()  # the cached rows no longer match the file
+        return dropped
+
+    async def mark_away(self) -> list[str]:
+        """Remember every server with history that the policy no longer names; return them.
+
+        While away it is owed nothing, so when it comes back (:meth:`rejoined`) what changed
+        meanwhile must be queued for it again (:meth:`requeue_differences`).
+        """
+        configured = set(self._policy.servers)
+        async with self._tx() as db:
+            rows = await db.execute_fetchall(
+                "SELECT s.name FROM servers s WHERE EXISTS "
+                "(SELECT 1 FROM last_known k WHERE k.server=s.id)"
+            )
+            away = sorted(str(r[0]) for r in rows if str(r[0]) not in configured)
+            await db.executemany(
+                "INSERT INTO meta(key, value) VALUES (?, 0) ON CONFLICT DO NOTHING",
+                [(f"away:{name}",) for name in away],
+            )
+        return away
+
+    async def rejoined(self) -> list[str]:
+        """Configured servers that were away (removed from the config) since last caught up."""
+        async with self._read() as db:
+            rows = await db.execute_fetchall("SELECT key FROM meta WHERE key LIKE 'away:%'")
+        names = {str(r[0]).removeprefix("away:") for r in rows}
+        return [n for n in self._policy.servers if n in names]
+
+    async def requeue_differences(self, server: str, wall_ms: int) -> int:
+        """Queue for ``server`` every synced register its last-known state differs from the
+        canonical one in (it was away, or only sent); return the rows touched."""
+        sid = self._sid(server)
+        async with self._tx() as db:
+            rows = await db.execute_fetchall(
+                "SELECT k.user, k.item FROM last_known k JOIN canonical c "
+                "ON c.user=k.user AND c.item=k.item WHERE k.server=?",
+                (sid,),
+            )
+            pairs = {(int(r[0]), int(r[1])) for r in rows}
+            touched = 0
+            if pairs:
+                batch = _Batch(self, db)
+                await batch.load(pairs)
+                version = batch.tick(wall_ms)
+                for pair in sorted(pairs):
+                    canonical = batch.canon.get(pair)
+                    known = batch.lk.get((*pair, sid))
+                    if canonical is None or known is None:
+                        continue
+                    owed = frozenset(
+                        r for r in ALL_REGISTERS if canonical.data.get(r) != known.get(r)
+                    )
+                    if owed and batch.refresh_row(
+                        (*pair, sid), owed, canonical.data, version, wall_ms
+                    ):
+                        touched += 1
+                await batch.flush()
+            await db.execute("DELETE FROM meta WHERE key=?", (f"away:{server}",))
+        return touched
+
+    async def drop_unmapped_rows(self, peer: str) -> int:
+        """Drop rows owed to ``peer`` for items its library index no longer maps (a library
+        filter left them out); return how many. Without an index for ``peer``, nothing."""
+        async with self._tx() as db:
+            sid = self._sid(peer)
+            indexed = list(
+                await db.execute_fetchall(
+                    "SELECT 1 FROM server_items WHERE server=? LIMIT 1", (sid,)
+                )
+            )
+            if not indexed:
+                return 0
+            cursor = await db.execute(
+                "DELETE FROM outbox WHERE peer=? AND NOT EXISTS (SELECT 1 FROM server_items s "
+                "WHERE s.server=outbox.peer AND s.item=outbox.item)",
+                (sid,),
+            )
+            count = cursor.rowcount
+            await cursor.close()
+            if count:
+                self._cache.clear()
+        return int(count)
+
 
 class _Batch:
     """The in-memory working set of one transaction: load, apply in order, flush."""
@@ -1975,7 +2122,12 @@ class _Batch:
                 self._dirty_echo.add(key)
         previous = self.lk.get(key)
         canonical = self.canon.get((uid, iid))
-        synced = self.policy.synced
+        policy = self.policy.for_user(obs.user)  # issue 14: the person's register choices
+        synced = policy.synced
+        if canonical is None and obs.server in policy.receive_only:
+            # A receive-only server decides nothing: its state is only remembered.
+            self._set_lk(key, obs.state)
+            return Applied(obs, Outcome.UNCHANGED)
         if previous is not None and canonical is not None:
             if previous == obs.state:
                 return Applied(obs, Outcome.UNCHANGED)
@@ -1985,7 +2137,7 @@ class _Batch:
         stamp = self.policy.stamp(self.tick(obs.wall_ms), obs.server)
         seed_known = self._seed_sid is not None and (uid, iid, self._seed_sid) in self.lk
         result = merge(
-            self.policy,
+            policy,
             canonical=canonical,
             last_known=previous,
             incoming=obs.state,
@@ -2035,7 +2187,7 @@ class _Batch:
         if existing is not None:
             mask |= existing.mask
             revive = existing.dead and bool(owed)
-        mask &= self.policy.synced
+        mask &= self.ledger._synced_of(key[0], key[2])  # issue 14: user choices, send-only
         known = self.lk.get(key)
         if known is not None:
             mask = {r for r in mask if desired.get(r) != known.get(r)}
