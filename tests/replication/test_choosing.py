@@ -14,7 +14,7 @@ import pytest
 
 from jfsync.emulator import Emulator
 from jfsync.model import PlayState, UserData
-from jfsync.sync.reconcile import run_reconcile
+from jfsync.ops.reconcilecmd import run_reconcile
 from tests.replication.conftest import MakeCluster
 from tests.replication.harness import USER_KEY, WAIT_S, Cluster
 
