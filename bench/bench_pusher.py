@@ -43,7 +43,7 @@ from bench_replication import API_KEY, floor_run, free_port  # noqa: E402
 from jfsync.jellyfin.api import JellyfinClient  # noqa: E402
 from jfsync.jellyfin.wire import update_body  # noqa: E402
 from jfsync.model import PlayState, UserData  # noqa: E402
-from jfsync.service import tune_garbage_collector  # noqa: E402
+from jfsync.ops.runcmd import tune_garbage_collector  # noqa: E402
 from jfsync.sync.delivery import Pusher  # noqa: E402
 from jfsync.sync.ledger import Ledger, Observation  # noqa: E402
 from jfsync.sync.merge import MergePolicy  # noqa: E402

@@ -175,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
     import sqlite3
 
     from jfsync.logs import configure_logging
-    from jfsync.service import run_service, tune_garbage_collector
+    from jfsync.ops.runcmd import run_service, tune_garbage_collector
 
     configure_logging(config.logging.level, config.secret_values())
     for warning in ledger.warnings:

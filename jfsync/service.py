@@ -10,26 +10,24 @@ fresh (every ``sync.user_refresh_interval`` and after a socket of that server re
 accounts matched since are subscribed (their first catch-up is the usual backfill), accounts
 no longer synced have their subscriber stopped.
 
-Data flow: a websocket event, or a catch-up scan after every (re)connect, becomes ledger
-observations (one transaction each batch: echo rule, diff, stamp, merge, outbox rows); the
-pushers of the peers owed something are woken and write it. Shutdown stops intake first
+Data flow: a websocket event goes to :class:`jfsync.sync.intake.Intake`, a catch-up scan after
+every (re)connect to the :class:`Reconciler`; both become ledger observations (one transaction
+each batch: echo rule, diff, stamp, merge, outbox rows), and the pushers of the peers owed
+something are woken and write it. Shutdown stops intake first
 (subscribers), lets pushers finish writes under way within ``sync.shutdown_grace``, then closes
 the HTTP session and the ledger.
 
-Config edits (issue 14): :meth:`SyncService.reconfigure` applies a new config while running
-(:mod:`jfsync.reload` says what each change needs), and :func:`run_service` watches the file and
-answers SIGHUP. The merge policy the ledger applies follows the config and each person's
-``users.choices`` (:meth:`SyncService.merge_policy`).
+Config edits: :meth:`SyncService.reconfigure` applies a new config while running
+(:mod:`jfsync.reload` says what each change needs); :mod:`jfsync.ops.runcmd` runs the service
+in a process (signals, the status server, watching the config file). The merge policy the
+ledger applies follows the config and each person's ``users.choices``
+(:meth:`SyncService.merge_policy`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import faulthandler
-import gc
 import logging
-import os
-import signal
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -48,20 +46,18 @@ from jfsync.errors import (
 from jfsync.jellyfin.api import JellyfinClient, parse_version
 from jfsync.jellyfin.wire import UserDto
 from jfsync.logs import FailureStreak
-from jfsync.model import UserData
 from jfsync.ops import snapshot
 from jfsync.ops.activity import ActivityFeed
 from jfsync.ops.alerts import Alerter
-from jfsync.ops.status import StatusServer
-from jfsync.ratelimit import RepeatLimiter
-from jfsync.reload import POLL_S, ConfigReloader, diff_configs, restart_note
+from jfsync.reload import diff_configs, restart_note
 from jfsync.sync.delivery import Pusher, WriteHook
 from jfsync.sync.identity import IdenticalIds, IndexedIdentity, ItemIdentity
-from jfsync.sync.ledger import Applied, Ledger, Observation, OutboxRow, Outcome
+from jfsync.sync.intake import Counters, Intake
+from jfsync.sync.ledger import Applied, Ledger, OutboxRow, Outcome
 from jfsync.sync.merge import MergePolicy
 from jfsync.sync.reconcile import Reconciler, ReconcileReport
 from jfsync.sync.resetguard import ResetGuard, ResetRule, describe_hold
-from jfsync.sync.sessions import PlaybackRead, SessionWatcher
+from jfsync.sync.sessions import SessionWatcher
 from jfsync.sync.subscriber import (
     ConnectionStateChanged,
     LibraryChangedEvent,
@@ -145,21 +141,6 @@ class ServerTokenStore:
         await self._ledger.forget_token(f"{self._name}/{server_id}", user_id)
 
 
-@dataclass(slots=True)
-class Counters:
-    """Running totals for status and metrics."""
-
-    events_received: int = 0
-    entries_received: int = 0
-    echoes: int = 0
-    changes_applied: int = 0
-    scans: int = 0
-    scan_changes: int = 0
-    #: Items read back from a server after an event: the echo rule could not attribute the
-    #: event, or the item shares its user-data record with the one pushed (versions, <=10.10).
-    read_backs: int = 0
-
-
 class SyncService:
     """Run jfsync against the configured servers until stopped."""
 
@@ -219,10 +200,10 @@ class SyncService:
         self.fatal_error: str | None = None
         self.fatal = asyncio.Event()
         self.ledger.file_lost_observers.append(self._ledger_file_lost)
-        #: Per server: events of users jfsync does not sync, logged in moderation.
-        self._unknown_users: dict[str, RepeatLimiter] = {}
         #: The last few hundred changes received and written (status, page, ``--activity``).
         self.activity = ActivityFeed()
+        #: Events, read-backs and playback reads become observations (jfsync.sync.intake).
+        self.intake = self._make_intake()
         #: Notifications when something needs a person (``alerts:``; idle without targets).
         self.alerter = Alerter(
             config.alerts,
@@ -342,6 +323,17 @@ class SyncService:
             await step
         except Exception:
             logger.exception("stopping the %s failed; going on with the shutdown", name)
+
+    def _make_intake(self) -> Intake:
+        return Intake(
+            self.links,
+            ledger=self.ledger,
+            identity=self.identity,
+            clock=self.clock,
+            reset_guard=self.reset_guard,
+            counters=self.counters,
+            after_apply=self._after_apply,
+        )
 
     async def __aenter__(self) -> SyncService:
         await self.start()
@@ -578,7 +570,7 @@ class SyncService:
 
     async def _on_event(self, event: SubscriberEvent) -> None:
         if isinstance(event, UserDataChangedEvent):
-            await self._on_user_data(event)
+            await self.intake.user_data(event)
         elif isinstance(event, LibraryChangedEvent):
             if self.reconciler is not None:
                 self.reconciler.library_changed(event)
@@ -595,104 +587,6 @@ class SyncService:
                 link.refresh_users.set()
             self._notify()
 
-    async def _on_user_data(self, event: UserDataChangedEvent) -> None:
-        link = self.links[event.server]
-        user = link.user_keys.get(event.user_id)
-        self.counters.events_received += 1
-        if user is None:
-            # A subscriber whose user is no longer synced (unmatched since): say so, in moderation.
-            limiter = self._unknown_users.get(link.name)
-            if limiter is None:
-                limiter = self._unknown_users[link.name] = RepeatLimiter(
-                    logger, self.clock, f"[{link.name}] events of users not synced"
-                )
-            limiter.log(
-                "[%s] ignored an event of user %s, who is not synced (not matched on another "
-                "server, or excluded)",
-                link.name,
-                event.user_id,
-            )
-            return
-        if self.reset_guard.is_held(link.name, user):
-            return
-        entries = event.item_entries
-        self.counters.entries_received += len(entries)
-        items = await self.identity.canonical_items(link.name, [e.item_id for e in entries])
-        # An echo of a write whose answer jfsync has not recorded yet must wait for it.
-        await link.pusher.settled((user, item) for item in items.values())
-        now_ms = self.clock.wall_ms()
-        observations = [
-            Observation(link.name, user, items[e.item_id], e.data, now_ms, "event")
-            for e in entries
-            if e.item_id in items
-        ]
-        applied = await self.ledger.apply_observations(observations)
-        self._after_apply(applied)
-        unsure = {a.observation.item for a in applied if a.outcome is Outcome.AMBIGUOUS}
-        remote = {r: key for r, key in items.items() if key in unsure}
-        remote.update(await self._shared_records(link, [e.item_id for e in entries]))
-        if remote:
-            await self._read_back(link, event.user_id, user, remote)
-
-    async def _shared_records(self, link: ServerLink, pushed: list[str]) -> dict[str, str]:
-        """Items that share a user-data record with an item just pushed, but were not pushed.
-
-        Up to Jellyfin 10.10 two versions of a film (same provider ids) share one record: a
-        change through one version also changes the other, with no push for it, and only one
-        of them can be matched to the film on the other servers (two candidates are refused,
-        never guessed). The versions not pushed are read back.
-        """
-        if not _shares_records(link.version) or not pushed:
-            return {}
-        siblings = await self.identity.siblings(link.name, pushed)
-        others = {other for found in siblings.values() for other in found} - set(pushed)
-        if not others:
-            return {}
-        return await self.identity.canonical_items(link.name, sorted(others))
-
-    async def _read_back(
-        self,
-        link: ServerLink,
-        remote_user_id: str,
-        user: str,
-        items: dict[str, str],
-        why: str = "an ambiguous event",
-    ) -> None:
-        """Settle events the echo rule cannot attribute: read the items and apply the read.
-
-        Such an event equals a state jfsync's write replaced or an older write (a stale
-        event, or the user taking the write back inside the debounce): the server's current
-        state says which. The read is requested after the event arrived (and after any write
-        of these items under way was recorded), so it is at least as fresh as the event.
-        ``items`` maps the server's item ids to canonical keys.
-        """
-        await link.pusher.settled((user, item) for item in items.values())
-        read_ms = self.clock.wall_ms()
-        read_seq = self.ledger.ticket()
-        states: dict[str, UserData] = {}
-        async for found in link.client.iter_items(
-            remote_user_id, ids=list(items), fields=(), include_types=(), recursive=True
-        ):
-            key = items.get(found.id)
-            if key is not None and found.user_data is not None:
-                states[key] = found.user_data.to_user_data()
-        self.counters.read_backs += len(items)
-        applied = await self.ledger.apply_observations(
-            [
-                Observation(link.name, user, k, v, read_ms, "read", read_seq)
-                for k, v in states.items()
-            ]
-        )
-        logger.debug(
-            "[%s] read back %d items of user %s after %s: %s",
-            link.name,
-            len(items),
-            user,
-            why,
-            ", ".join(a.outcome.value for a in applied),
-        )
-        self._after_apply(applied)
-
     # ------------------------------------------------------------------ playback sessions
 
     def _follow_sessions(self, link: ServerLink) -> None:
@@ -708,31 +602,12 @@ class SyncService:
             api_key=link.config.api_key.get_secret_value(),
             version=parse_version(link.version or ""),
             clock=self.clock,
-            on_reads=self._read_playing,
+            on_reads=self.intake.read_playing,
             quiet_s=sync.session_quiet,
             live_progress_s=sync.live_progress,
             **self._session_options,
         )
         link.sessions.start()
-
-    async def _read_playing(self, server: str, reads: list[PlaybackRead]) -> None:
-        """Read what a playback that ended, went quiet or goes on left on ``server``.
-
-        Progress is saved without a push (a crashed player's position, a Played mark past
-        90 %): the read is applied like any read, so echoes, merge and rewatch rules hold.
-        """
-        link = self.links[server]
-        by_user: dict[str, list[str]] = {}
-        for read in reads:
-            if read.user_id in link.user_keys:
-                by_user.setdefault(read.user_id, []).append(read.item_id)
-        for remote_user, item_ids in by_user.items():
-            user = link.user_keys.get(remote_user)
-            if user is None or self.reset_guard.is_held(link.name, user):
-                continue
-            items = await self.identity.canonical_items(link.name, item_ids)
-            if items:
-                await self._read_back(link, remote_user, user, items, why="playback")
 
     async def _resync(self, link: ServerLink, remote_user_id: str, user: str) -> None:
         """Catch up with what the socket of this user may have missed."""
@@ -1038,10 +913,10 @@ class SyncService:
         self.reset_guard = ResetGuard(ResetRule.from_config(config), self.ledger, self.clock)
         self.reconciler = None
         self.links = {}
+        self.intake = self._make_intake()
         self.user_match = None
         self._session = None
         self._match_problems = set()
-        self._unknown_users = {}
         self._stopping = False
         await self.start()
 
@@ -1065,13 +940,6 @@ class SyncService:
         return await snapshot.build_status(self)
 
 
-def _shares_records(version: str | None) -> bool:
-    """Tell whether a Jellyfin version keeps one user-data record for items with the same
-    provider ids (10.8 to 10.10; from 10.11 records are per item)."""
-    parsed = parse_version(version) if version is not None else None
-    return parsed is not None and parsed[:2] < (10, 11)
-
-
 def _describe(err: BaseException) -> str:
     """Text for status and logs: jfsync's own errors as they are (without the ``[server] ``
     prefix: the line or entry names the server already), others with their type."""
@@ -1081,178 +949,3 @@ def _describe(err: BaseException) -> str:
     if isinstance(err, JfsyncError):
         return str(err)
     return f"unexpected error: {type(err).__name__}: {err}"
-
-
-#: Collector thresholds for ``jfsync run`` (Python's defaults: 700, 10, 10).
-GC_THRESHOLDS = (20_000, 50, 100)
-
-
-def tune_garbage_collector() -> None:
-    """Make the cyclic garbage collector cheap for a long-running service (``jfsync run``).
-
-    Almost everything jfsync allocates is freed by reference counting; the collector only
-    matters for rare cycles. With Python's defaults it ran some 1,700 times during the
-    10,000-write burst benchmark, the full collections walking the ledger's state cache
-    and the library index each time (80-90 ms apiece, 0.8 s in all); with these thresholds
-    it runs about 20 times (0.06 s). Objects that exist now (modules, classes, the config)
-    live as long as the process and are moved out of the collector's sight first.
-    """
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
-#: How long past the grace period a shutdown may take before jfsync gives up on it.
-SHUTDOWN_SLACK_S = 10.0
-
-
-def _stuck_tasks() -> str:
-    """Each other pending task with the chain of calls it waits in, for a stop that hung."""
-    current = asyncio.current_task()
-    lines = []
-    for task in sorted(asyncio.all_tasks(), key=lambda t: t.get_name()):
-        if task is current or task.done():
-            continue
-        lines.append(f"{task.get_name()}: {_awaiting(task.get_coro())}")
-    return "; ".join(lines) or "none"
-
-
-def _awaiting(coro: object) -> str:
-    """``outer > ... > inner at file:line`` for a suspended coroutine chain."""
-    names: list[str] = []
-    where = "not started"
-    while coro is not None:
-        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
-        if frame is None:
-            break
-        names.append(frame.f_code.co_name)
-        where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
-        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-    return f"{' > '.join(names) or '?'} at {where}"
-
-
-async def run_service(
-    config: Config,
-    *,
-    service: SyncService | None = None,
-    force_exit: Callable[[int], object] = os._exit,
-    backstop: bool = True,
-    config_path: str | os.PathLike[str] | None = None,
-    reload_poll_s: float | None = None,
-) -> int:
-    """Run until SIGINT or SIGTERM with the status endpoint; return the exit status.
-
-    With ``config_path`` the file is watched and applied when it changes or on SIGHUP
-    (:mod:`jfsync.reload`); an invalid edit keeps the running config.
-
-    The first signal starts a graceful stop; a second SIGINT, or a stop still not finished
-    ``SHUTDOWN_SLACK_S`` after the grace period, ends the process at once with status 1
-    (``force_exit``), after logging what it was still waiting for. Nothing committed is lost
-    that way: the ledger survives a kill, and queued rows are delivered by the next run.
-    With ``backstop`` (not in tests: it would end the test process), a stop that has still
-    not ended five seconds after that (the event loop itself blocked, or the interpreter's
-    own teardown stuck) has every thread's stack written to stderr and the process ended.
-    """
-    service = service if service is not None else SyncService(config)
-    status_server = StatusServer.from_config(service)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    reloader = (
-        ConfigReloader(service, os.fspath(config_path), poll_s=reload_poll_s or POLL_S)
-        if config_path is not None
-        else None
-    )
-
-    def on_signal(sig: signal.Signals) -> None:
-        # Ctrl+C twice means "now"; a repeated SIGTERM (a supervisor's retry) just waits.
-        if stop.is_set() and sig is signal.SIGINT:
-            logger.warning("second interrupt: exiting at once; queued rows stay in the ledger")
-            force_exit(1)
-        stop.set()
-
-    def on_hangup() -> None:
-        if reloader is None:
-            logger.warning("SIGHUP: no config file to read again (started without one)")
-        else:
-            logger.info("SIGHUP: reading the config file again")
-            reloader.request()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
-    loop.add_signal_handler(signal.SIGHUP, on_hangup)
-    try:
-        return await _serve(config, service, status_server, stop, force_exit, backstop, reloader)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-
-
-async def _serve(
-    config: Config,
-    service: SyncService,
-    status_server: StatusServer,
-    stop: asyncio.Event,
-    force_exit: Callable[[int], object],
-    backstop: bool,
-    reloader: ConfigReloader | None = None,
-) -> int:
-    """Start, wait for ``stop``, then shut down within the grace period plus the slack."""
-    try:
-        await service.start()
-    except JfsyncError as err:
-        logger.error("cannot start: %s", err)
-        await service.stop()
-        return 1
-    try:
-        await status_server.start()
-    except OSError as err:
-        # Syncing matters more than reporting: keep replicating without the endpoint.
-        logger.error(
-            "cannot serve the status endpoint on %s (%s); replicating without it; "
-            "change status.listen",
-            config.status.listen,
-            err.strerror or err,
-        )
-    if reloader is not None:
-        reloader.start()
-    try:
-        await service.wait_stop(stop)
-    except asyncio.CancelledError:
-        if reloader is not None:
-            await reloader.stop()
-        await _shut_down(service, status_server)
-        raise
-    if reloader is not None:
-        await reloader.stop()  # no reload may re-create what the shutdown closes
-    if service.fatal_error is None:
-        logger.info("stop requested; finishing writes under way")
-    limit_s = service.config.sync.shutdown_grace + SHUTDOWN_SLACK_S
-    if backstop:
-        # Armed for good: the process is on its way out, however that ends.
-        faulthandler.dump_traceback_later(limit_s + 5.0, exit=True)
-    stopping = asyncio.create_task(_shut_down(service, status_server), name="jfsync-stop")
-    deadline = asyncio.create_task(service.clock.sleep(limit_s), name="jfsync-stop-deadline")
-    await asyncio.wait({stopping, deadline}, return_when=asyncio.FIRST_COMPLETED)
-    if not stopping.done():
-        logger.error(
-            "the shutdown did not end within %.0f s; exiting at once (queued rows stay in "
-            "the ledger); still waiting on: %s",
-            limit_s,
-            _stuck_tasks(),
-        )
-        force_exit(1)
-        # Only reached when force_exit returns (tests): end the stuck stop too.
-        await cancel_and_wait([stopping, deadline], logger)
-        return 1
-    await cancel_and_wait([deadline], logger)
-    await stopping
-    if service.fatal_error is not None:
-        logger.error("jfsync stopped: %s", service.fatal_error)
-        return 1
-    return 0
-
-
-async def _shut_down(service: SyncService, status_server: StatusServer) -> None:
-    """Stop the status endpoint, then the service."""
-    # Status first: once the ledger closes it could only answer errors.
-    await status_server.stop()
-    await service.stop()

@@ -24,7 +24,7 @@ from jfsync.emulator.library import LibraryItem
 from jfsync.emulator.state import StoredUserData
 from jfsync.jellyfin.messages import UserDataChangedMessage
 from jfsync.jellyfin.socket import JellyfinSocket, SocketClosedError
-from jfsync.service import GC_THRESHOLDS
+from jfsync.ops.runcmd import GC_THRESHOLDS
 from jfsync.timing import ManualClock
 from tests.subscriber.helpers import IO_TIMEOUT_S, RawServer
 

@@ -18,13 +18,13 @@ STRANGER = "0123456789abcdef0123456789abcdef"
 async def test_a_stream_of_events_for_an_unsynced_user_is_a_few_lines(
     make_stack: StackFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="jfsync.service")
+    caplog.set_level(logging.WARNING, logger="jfsync.sync.intake")
     stack = await make_stack()
     item = stack.items[0]
     event = UserDataChangedEvent("home", STRANGER, (UserDataEntry(item, UserData(favorite=True)),))
     for _ in range(200):  # e.g. a subscriber whose user was unmatched since
         await stack.service._on_event(event)
-    lines = [r.getMessage() for r in caplog.records if r.name == "jfsync.service"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "jfsync.sync.intake"]
     assert len(lines) == 4, lines
     assert f"[home] ignored an event of user {STRANGER}, who is not synced" in lines[0]
     assert "[home] events of users not synced: more are counted" in lines[3]

@@ -21,7 +21,8 @@ import pytest
 
 from jfsync.config import Config
 from jfsync.emulator import Emulator
-from jfsync.service import SyncService, run_service
+from jfsync.ops.runcmd import run_service
+from jfsync.service import SyncService
 from tests.core.test_ledger_file import committed
 from tests.operate.conftest import KEYS, PUSHER, WAIT_S, StackFactory, _fast_delays, free_port
 

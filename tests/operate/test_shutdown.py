@@ -20,7 +20,8 @@ import pytest
 
 from jfsync.config import Config
 from jfsync.emulator import Emulator
-from jfsync.service import SHUTDOWN_SLACK_S, SyncService, run_service
+from jfsync.ops.runcmd import SHUTDOWN_SLACK_S, run_service
+from jfsync.service import SyncService
 from jfsync.timing import ManualClock
 from tests.operate.conftest import KEYS, free_port
 

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from jfsync.model import UserData
+from jfsync.ops.runcmd import run_service
 from jfsync.reload import ConfigReloader
-from jfsync.service import run_service
 from jfsync.timing import ManualClock
 from tests.replication.conftest import MakeCluster
 from tests.replication.harness import WAIT_S, Cluster, config_dict
