@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
@@ -44,7 +45,7 @@ from jfsync.jellyfin.api import JellyfinClient  # noqa: E402
 from jfsync.jellyfin.wire import update_body  # noqa: E402
 from jfsync.model import PlayState, UserData  # noqa: E402
 from jfsync.ops.runcmd import tune_garbage_collector  # noqa: E402
-from jfsync.sync.delivery import Pusher  # noqa: E402
+from jfsync.sync.delivery import Delivered, DeliveryWatcher, Pusher  # noqa: E402
 from jfsync.sync.ledger import Ledger, Observation  # noqa: E402
 from jfsync.sync.merge import MergePolicy  # noqa: E402
 from jfsync.timing import SystemClock  # noqa: E402
@@ -118,12 +119,13 @@ async def run(rows: int, repeat: int, with_bare: bool) -> None:
                 target = [0]
                 done = asyncio.Event()
 
-                def on_write(peer: str, latency_s: float) -> None:
-                    written[0] += 1
-                    if written[0] >= target[0]:
-                        done.set()
+                class Counted(DeliveryWatcher):
+                    def written(self, peer: str, writes: Sequence[Delivered]) -> None:
+                        written[0] += len(writes)
+                        if written[0] >= target[0]:
+                            done.set()
 
-                pusher = Pusher("b", ledger, client, clock, on_write=on_write)
+                pusher = Pusher("b", ledger, client, clock, watcher=Counted())
                 pusher.start()
                 tune_garbage_collector()  # as jfsync run does
                 try:

@@ -50,10 +50,10 @@ from jfsync.ops import snapshot
 from jfsync.ops.activity import ActivityFeed
 from jfsync.ops.alerts import Alerter
 from jfsync.reload import diff_configs, restart_note
-from jfsync.sync.delivery import Pusher, WriteHook
+from jfsync.sync.delivery import Delivered, DeliveryWatcher, Pusher, WriteHook
 from jfsync.sync.identity import IdenticalIds, IndexedIdentity, ItemIdentity
 from jfsync.sync.intake import Counters, Intake
-from jfsync.sync.ledger import Applied, Ledger, OutboxRow, Outcome
+from jfsync.sync.ledger import Applied, Ledger, Outcome
 from jfsync.sync.merge import MergePolicy
 from jfsync.sync.reconcile import Reconciler, ReconcileReport
 from jfsync.sync.resetguard import ResetGuard, ResetRule, describe_hold
@@ -141,6 +141,33 @@ class ServerTokenStore:
         await self._ledger.forget_token(f"{self._name}/{server_id}", user_id)
 
 
+class _DeliveryReport(DeliveryWatcher):
+    """Writes the pushers recorded: to the write observers (metrics) and the activity feed."""
+
+    def __init__(self, service: SyncService) -> None:
+        self._service = service
+
+    def written(self, peer: str, writes: Sequence[Delivered]) -> None:
+        """Report each write's latency and put it in the activity feed."""
+        service = self._service
+        for write in writes:
+            row = write.row
+            try:
+                for observer in service.write_observers:
+                    observer(peer, write.latency_s)
+                service.activity.record_write(
+                    peer=row.peer,
+                    user=row.user,
+                    item=row.item,
+                    registers=row.registers,
+                    done_ms=write.done_ms,
+                    latency_s=write.latency_s,
+                )
+            except Exception:
+                # A failing observer must not stop the reports of the other writes.
+                logger.exception("[→%s] reporting a recorded write failed", peer)
+
+
 class SyncService:
     """Run jfsync against the configured servers until stopped."""
 
@@ -193,6 +220,8 @@ class SyncService:
         self._stopping = False
         #: Told (peer, propagation latency in s) after every successful write (metrics).
         self.write_observers: list[WriteHook] = []
+        #: What every pusher reports of its writes goes to the observers and the activity feed.
+        self._delivery = _DeliveryReport(self)
         #: When the last full reconcile finished (wall ms) and a one-line result, for status.
         self.last_reconcile_ms: int | None = None
         self.last_reconcile_result: str | None = None
@@ -238,9 +267,8 @@ class SyncService:
                 client,
                 self.clock,
                 on_progress=self._notify,
-                on_write=self._on_write,
                 on_regression=self._on_regression,
-                on_ack=self._on_ack,
+                watcher=self._delivery,
                 **self._pusher_options,
             )
             link = ServerLink(config=server, index=index, client=client, pusher=pusher)
@@ -740,20 +768,6 @@ class SyncService:
         remote = next((r for r, key in link.user_keys.items() if key == user), None)
         if remote is not None:
             self.reconciler.request_user_catch_up(server, remote, user)
-
-    def _on_write(self, peer: str, latency_s: float) -> None:
-        for observer in self.write_observers:
-            observer(peer, latency_s)
-
-    def _on_ack(self, row: OutboxRow, done_ms: int) -> None:
-        self.activity.record_write(
-            peer=row.peer,
-            user=row.user,
-            item=row.item,
-            registers=row.registers,
-            done_ms=done_ms,
-            latency_s=max(0.0, (done_ms - row.created_ms) / 1000),
-        )
 
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()

@@ -100,10 +100,8 @@ DRAIN_DOWN_WAIT_S = 30.0
 DRAIN_MAX_DOWNS = 3
 
 
-#: Called after every successful write with the peer and the propagation latency in seconds.
+#: A write-latency observer: the peer and the propagation latency of one write, in seconds.
 WriteHook = Callable[[str, float], None]
-#: Called after every successful write with the row written and when it was recorded (wall ms).
-AckHook = Callable[[OutboxRow, int], None]
 
 
 @dataclass(slots=True)
@@ -123,19 +121,27 @@ class PeerStats:
 
 @dataclass(frozen=True, slots=True)
 class Delivered:
-    """One write recorded as made: the row, the peer's state before it and after it."""
+    """One write recorded as made: the row, the peer's state before it and after it, and when
+    the ledger recorded it (wall ms)."""
 
     row: OutboxRow
     before: UserData
     after: UserData
+    done_ms: int
+
+    @property
+    def latency_s(self) -> float:
+        """Propagation latency: from when the change was first queued for this peer."""
+        return max(0.0, (self.done_ms - self.row.created_ms) / 1000)
 
 
 class DeliveryWatcher:
     """Told what became of each row a pusher handled; this base ignores everything.
 
-    ``jfsync reconcile`` subclasses it to report per item what it wrote, what failed and what
-    the peer does not have. Called from the pusher's task; a method that raises is logged and
-    changes nothing about delivery.
+    The one way to hear what delivery did: ``jfsync run`` subclasses it for the write-latency
+    metrics and the activity feed, ``jfsync reconcile`` to report per item what it wrote, what
+    failed and what the peer does not have. Called from the pusher's task; a method that raises
+    is logged and changes nothing about delivery.
     """
 
     def written(self, peer: str, writes: Sequence[Delivered]) -> None:
@@ -173,9 +179,7 @@ class Pusher:
         fault_initial_s: float = FAULT_INITIAL_S,
         fault_max_s: float = FAULT_MAX_S,
         on_progress: Callable[[], None] | None = None,
-        on_write: WriteHook | None = None,
         on_regression: Callable[[str, str], None] | None = None,
-        on_ack: AckHook | None = None,
         watcher: DeliveryWatcher | None = None,
         dry_run: bool = False,
         drain_down_wait_s: float = DRAIN_DOWN_WAIT_S,
@@ -202,8 +206,6 @@ class Pusher:
         self._fault_initial_s = fault_initial_s
         self._fault_max_s = fault_max_s
         self._on_progress = on_progress
-        self._on_write = on_write
-        self._on_ack = on_ack
         #: Told (peer, user) when items of that user read back to never-touched (catch up).
         self._on_regression = on_regression
         self._watcher = watcher
@@ -501,10 +503,10 @@ class Pusher:
                     # holds them, so nothing is written twice).
                     failures.append(err)
                 else:
-                    self._written([row for row, _ in acks], done_ms)
+                    self._written(len(acks), done_ms)
                     if self._watcher is not None:
                         delivered = [
-                            Delivered(row, current, after)
+                            Delivered(row, current, after, done_ms)
                             for (row, current), (_, after) in zip(made, acks, strict=True)
                         ]
                         self._tell(self._watcher.written, self.peer, delivered)
@@ -741,21 +743,10 @@ class Pusher:
             raise self._classify(err) from err
         return True
 
-    def _written(self, rows: Sequence[OutboxRow], done_ms: int) -> None:
-        """Count recorded writes and report each one's propagation latency."""
-        self.stats.writes_done += len(rows)
+    def _written(self, count: int, done_ms: int) -> None:
+        """Count recorded writes (the watcher is told which, with their latency)."""
+        self.stats.writes_done += count
         self.stats.last_write_ms = done_ms
-        if self._on_write is not None or self._on_ack is not None:
-            for row in rows:
-                # Propagation latency: from when the change was first queued for this peer.
-                try:
-                    if self._on_write is not None:
-                        self._on_write(self.peer, max(0.0, (done_ms - row.created_ms) / 1000))
-                    if self._on_ack is not None:
-                        self._on_ack(row, done_ms)
-                except Exception:
-                    # A failing observer must not undo delivery, nor stop the next reports.
-                    logger.exception("[→%s] reporting a recorded write failed", self.peer)
         self._streak.succeeded("writes to the peer work")
         self._progress()
 

@@ -9,7 +9,7 @@ one, holding the first write until the test has made its change.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import pytest
 from jfsync.emulator import Emulator
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.model import UserData
-from jfsync.sync.delivery import Pusher
+from jfsync.sync.delivery import Delivered, DeliveryWatcher, Pusher
 from jfsync.sync.ledger import Ledger, Observation
 from jfsync.sync.merge import MergePolicy
 from jfsync.timing import ManualClock
@@ -56,6 +56,16 @@ class HeldClient(JellyfinClient):
             self.read_ahead.set()
 
 
+class _Recorded(DeliveryWatcher):
+    """Sets the event after every batch of recorded writes."""
+
+    def __init__(self, event: asyncio.Event) -> None:
+        self._event = event
+
+    def written(self, peer: str, writes: Sequence[Delivered]) -> None:
+        self._event.set()
+
+
 @asynccontextmanager
 async def pusher_to_b(
     tmp_path: Path,
@@ -74,7 +84,7 @@ async def pusher_to_b(
             clock,
             batch_size=2,
             concurrency=1,
-            on_write=lambda *_: recorded.set(),
+            watcher=_Recorded(recorded),
         )
         try:
             yield b, ledger, client, pusher, clock, recorded
