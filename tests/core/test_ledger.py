@@ -22,7 +22,7 @@ from jfsync.sync.ledger import (
     OutboxRow,
     Outcome,
 )
-from jfsync.sync.ledger import store as ledger_module
+from jfsync.sync.ledger import outbox as outbox_module
 from jfsync.sync.ledger.schema import LATEST_VERSION, SchemaVersionError, migrate, prepare
 from jfsync.sync.merge import MergePolicy
 
@@ -559,7 +559,7 @@ async def test_failed_rows_wait_until_their_retry_time(ledger: Ledger) -> None:
 async def test_due_rows_respects_limit_and_exclusions(
     ledger: Ledger, monkeypatch: pytest.MonkeyPatch, chunk: int
 ) -> None:
-    monkeypatch.setattr(ledger_module, "_CHUNK", chunk)
+    monkeypatch.setattr(outbox_module, "CHUNK", chunk)
     items = [f"{i:032x}" for i in range(6)]
     for n, item in enumerate(items):
         await ledger.apply_observation("a", USER, item, UserData(favorite=True), T0 + n)
