@@ -735,6 +735,86 @@ async def test_a_transaction_that_does_not_commit_leaves_nothing_behind(
     assert [r.registers for r in await ledger.due_rows("b", 10, T0 + 130)] == [{FAV}]
 
 
+async def test_a_commit_that_lands_while_its_caller_is_cancelled_is_what_the_ledger_knows(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop cancels a caller whose COMMIT already ran on SQLite's thread: the change is in
+    the file though the caller saw it fail, and the ledger must act on the file, not on what it
+    decoded before."""
+    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
+    commit = aiosqlite.Connection.commit
+
+    async def cancelled_after_commit(self: aiosqlite.Connection) -> None:
+        await commit(self)
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(aiosqlite.Connection, "commit", cancelled_after_commit)
+    with pytest.raises(asyncio.CancelledError):
+        await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
+    monkeypatch.setattr(aiosqlite.Connection, "commit", commit)
+
+    canonical = await ledger.canonical(USER, ITEM)
+    assert canonical is not None
+    assert canonical.data == UserData(favorite=True)
+    # a's favourite is known: seen again it is no change, and b is owed it once.
+    again = await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 120)
+    assert again.outcome is Outcome.UNCHANGED
+    assert [r.registers for r in await ledger.due_rows("b", 10, T0 + 130)] == [{FAV}]
+
+
+async def test_a_newer_change_keeps_a_failed_row_waiting_for_its_retry(ledger: Ledger) -> None:
+    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
+    [row] = await ledger.due_rows("b", 10, T0 + 110)
+    await ledger.row_failed(row, "connection refused", T0 + 30_000)
+    # b is down; the user rates the item on a meanwhile: the row owes both, still at its retry.
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True, rating=4.0), T0 + 200)
+    assert await ledger.due_rows("b", 10, T0 + 29_999) == []
+    [later] = await ledger.due_rows("b", 10, T0 + 30_000)
+    assert later.registers == {FAV, RAT}
+    assert (later.attempts, later.last_error) == (1, "connection refused")
+    # b is back: everything owed goes now, and a newer change does not push it back.
+    assert await ledger.reset_backoff("b") == 1
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True, rating=6.0), T0 + 300)
+    [now] = await ledger.due_rows("b", 10, T0 + 310)
+    assert now.desired.rating == 6.0
+
+
+async def test_what_was_forgotten_of_a_server_is_a_first_contact_next(ledger: Ledger) -> None:
+    await seen_everywhere(ledger, UserData(favorite=True), T0)
+    assert await ledger.forget_server_history("b") == 1
+    # b shows the favourite off: not the user's edit (jfsync knows nothing of b now), merged.
+    seen = await ledger.apply_observation("b", USER, ITEM, DEFAULT_USER_DATA, T0 + 100)
+    assert seen.first_contact
+    canonical = await ledger.canonical(USER, ITEM)
+    assert canonical is not None
+    assert canonical.data.favorite
+    # The same after an identity change forgets what c held of the item.
+    await ledger.remap_items("c", forget=[ITEM])
+    assert (
+        await ledger.apply_observation("c", USER, ITEM, DEFAULT_USER_DATA, T0 + 200)
+    ).first_contact
+
+
+async def test_forgotten_echoes_are_not_matched_by_the_next_event(ledger: Ledger) -> None:
+    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
+    await _write(ledger, "b", DEFAULT_USER_DATA, T0 + 110)
+    assert await ledger.forget_echoes("b", USER) == 1
+    # b's socket reconnected; the favourite it reports now is b's state, not an awaited echo.
+    event = await ledger.apply_observation("b", USER, ITEM, UserData(favorite=True), T0 + 5_000)
+    assert event.outcome is Outcome.UNCHANGED
+
+
+async def test_a_retired_item_seen_again_starts_from_nothing(ledger: Ledger) -> None:
+    await seen_everywhere(ledger, UserData(favorite=True), T0)
+    assert await ledger.retire_items([ITEM]) == [ITEM]  # no server maps it (identical ids)
+    assert await ledger.canonical(USER, ITEM) is None
+    back = await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
+    assert back.first_contact
+    assert back.outcome is Outcome.CHANGED
+
+
 async def test_a_transaction_cancelled_while_it_begins_does_not_break_the_next(
     ledger: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
