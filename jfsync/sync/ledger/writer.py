@@ -3,12 +3,12 @@
 The canonical states, last-known states, pending echoes and outbox rows are the tables whose
 decoded rows the ledger keeps between transactions (:class:`jfsync.sync.ledger.cache.StateCache`).
 Every write to them in the package goes through a :class:`StateWriter`, made by the ledger for
-each transaction, so the cache is kept right by construction: loads come from the cache (pairs
-not written or invalidated in this transaction) or SQLite, writes are remembered as final values,
-and only when the transaction commits does the cache take what was read and written, then drop
-what bulk statements touched. A transaction that does not commit leaves it as it was (the ledger
-then empties it: a cancelled COMMIT may still have landed). Reads outside a write transaction get
-a read-only writer that refuses every write.
+each transaction, so the cache is kept right by construction: loads come from the cache (until
+the transaction has written, and never for pairs its bulk statements touched) or from SQLite;
+writes are remembered as final values; only once the transaction has committed does the cache
+take what was read and written, then drop what bulk statements touched. A transaction that does
+not commit leaves the cache as it was (the ledger then empties it: a cancelled COMMIT may still
+have landed). Reads outside a write transaction get a read-only writer that refuses writes.
 """
 
 from __future__ import annotations
@@ -77,13 +77,15 @@ class StateWriter:
         self._lk: dict[Key, UserData] = {}
         self._echo: dict[Key, tuple[PendingWrite, ...]] = {}
         self._rows: dict[Key, WorkRow | None] = {}
-        #: Pairs whose cached state this transaction made old: loaded from SQLite from then on.
-        self._written: set[Pair] = set()
+        #: Whether this transaction wrote: the cache is then old for what it wrote, so later
+        #: loads read SQLite (which has the transaction's writes).
+        self._wrote = False
         #: Pairs touched by bulk statements (dropped at commit), or all of them.
         self._evicted: set[Pair] = set()
         self._cleared = False
-        #: Id of the outbox row each key loaded or written has in the file now.
-        self._stored: dict[Key, int] = {}
+        #: The pairs loaded in this transaction, as loaded (with ``_rows``: the outbox row
+        #: each key has in the file now).
+        self._loaded: dict[Pair, CachedPair] = {}
         #: Row ids handed out by :meth:`number_rows` and not inserted yet.
         self._new_ids: set[int] = set()
         self._highest_id = 0
@@ -119,9 +121,9 @@ class StateWriter:
             missing = set(pairs)
         else:
             missing = set()
-            written, evicted = self._written, self._evicted
+            evicted = self._evicted
             for pair in pairs:
-                entry = None if pair in written or pair in evicted else cache.get(pair)
+                entry = None if self._wrote or pair in evicted else cache.get(pair)
                 if entry is None:
                     missing.add(pair)
                 else:
@@ -130,11 +132,7 @@ class StateWriter:
             read = await self._read_pairs(missing)
             self._read.update(read)
             found.update(read)
-        stored = self._stored
-        for (uid, iid), entry in found.items():
-            for sid, row in entry.rows.items():
-                assert row.id is not None  # stored rows are numbered
-                stored[(uid, iid, sid)] = row.id
+        self._loaded.update(found)
         return found
 
     async def _read_pairs(self, pairs: set[Pair]) -> dict[Pair, CachedPair]:
@@ -177,7 +175,7 @@ class StateWriter:
             [(*pair, *canonical_values(state)) for pair, state in states.items()],
         )
         self._canon.update(states)
-        self._written.update(states)
+        self._wrote = True
 
     async def put_last_known(self, states: Mapping[Key, UserData]) -> None:
         """Write last-known states."""
@@ -186,7 +184,7 @@ class StateWriter:
             _UPSERT_LAST_KNOWN, [(*key, *state_values(state)) for key, state in states.items()]
         )
         self._lk.update(states)
-        self._written.update(key[:2] for key in states)
+        self._wrote = True
 
     async def put_echoes(self, echoes: Mapping[Key, tuple[PendingWrite, ...]]) -> None:
         """Write pending echo lists (an empty one deletes the key's)."""
@@ -200,7 +198,7 @@ class StateWriter:
                 "DELETE FROM pending_echo WHERE user=? AND item=? AND server=?", drop
             )
         self._echo.update(echoes)
-        self._written.update(key[:2] for key in echoes)
+        self._wrote = True
 
     async def number_rows(self, count: int) -> int:
         """Hand out ``count`` new outbox row ids; return the first.
@@ -222,16 +220,14 @@ class StateWriter:
         stored row replaced by a newly numbered one, or by None, is deleted.
         """
         self._require_writable()
-        stored = self._stored
         deletes: list[tuple[int]] = []
         updates: list[tuple[Any, ...]] = []
         inserts: list[tuple[Any, ...]] = []
         for key, row in rows.items():
-            old = stored.get(key)
+            old = self._stored_id(key)
             if row is None:
                 if old is not None:
                     deletes.append((old,))
-                    del stored[key]
                 continue
             assert row.id is not None  # number_rows first
             if row.id in self._new_ids:
@@ -241,7 +237,6 @@ class StateWriter:
                 inserts.append((row.id, key[2], key[0], key[1], *row_values(row)))
             else:
                 updates.append((*row_values(row), row.id))
-            stored[key] = row.id
         if deletes:
             await self.db.executemany("DELETE FROM outbox WHERE id=?", deletes)
         if updates:
@@ -249,7 +244,17 @@ class StateWriter:
         if inserts:
             await self.db.executemany(_INSERT_ROW, inserts)
         self._rows.update(rows)
-        self._written.update(key[:2] for key in rows)
+        self._wrote = True
+
+    def _stored_id(self, key: Key) -> int | None:
+        """The id of the outbox row ``key`` has in the file now (None: none, or not loaded)."""
+        rows = self._rows
+        if key in rows:
+            row = rows[key]
+        else:
+            entry = self._loaded.get(key[:2])
+            row = None if entry is None else entry.rows.get(key[2])
+        return None if row is None else row.id
 
     # ------------------------------------------------------------------ bulk statements
 
@@ -270,7 +275,8 @@ class StateWriter:
         self._require_writable()
         self._clear()
         gone = set(item_ids)
-        self._stored = {k: v for k, v in self._stored.items() if k[1] not in gone}
+        self._loaded = {p: e for p, e in self._loaded.items() if p[1] not in gone}
+        self._rows.update({k: None for k in self._rows if k[1] in gone})
         for chunk in chunks(item_ids, CHUNK):
             for table in ("canonical", "last_known", "pending_echo", "outbox"):
                 await self.db.execute(
