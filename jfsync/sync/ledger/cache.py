@@ -3,9 +3,10 @@
 A pair held here is known completely: its canonical state (or that it has none) and, for every
 server, its last-known state, pending echoes and outbox row (or their absence). Transactions
 that work on pairs read them from here instead of reloading and decoding the same rows from
-SQLite. Nothing but :class:`jfsync.sync.ledger.writer.StateWriter` changes it, and only once a
-transaction has committed: it is the one code that writes the cached tables, so the cache
-cannot miss a write. Bounded to ``limit`` pairs, least recently used dropped first.
+SQLite. Only :class:`jfsync.sync.ledger.writer.StateWriter` adds to it or changes it, once a
+transaction has committed: it is the one code that writes the cached tables, so the cache cannot
+miss a write (the ledger empties it after a transaction that did not end normally). Bounded to
+``limit`` pairs, least recently used dropped first.
 """
 
 from __future__ import annotations

@@ -115,9 +115,10 @@ class Ledger:
     ``observe_before_writes(..., intents=...)`` does steps 2 and 3 in one transaction.
 
     Decoded state of recently used (user, item) pairs is kept between transactions in a bounded
-    cache (:class:`~jfsync.sync.ledger.cache.StateCache`), changed only by the transaction's
-    :class:`~jfsync.sync.ledger.writer.StateWriter` when it commits. Rows are identified by
-    (peer, user, item) and ``version``; the integer ``id`` is only a handle.
+    cache (:class:`~jfsync.sync.ledger.cache.StateCache`), filled and changed only by the
+    transaction's :class:`~jfsync.sync.ledger.writer.StateWriter` once it commits, and emptied
+    after a transaction that did not end normally. Rows are identified by (peer, user, item)
+    and ``version``; the integer ``id`` is only a handle.
 
     Reset guard (:mod:`jfsync.sync.resetguard`): :meth:`rebase_last_known` takes what a server
     that lost a user's data now holds as its last-known state without merging it, and queues
