@@ -47,11 +47,12 @@ if str(ROOT) not in sys.path:
 from jfsync.config import Config  # noqa: E402
 from jfsync.emulator import Emulator  # noqa: E402
 from jfsync.jellyfin.api import JellyfinClient  # noqa: E402
+from jfsync.ops.reconcilecmd import run_reconcile  # noqa: E402
 from jfsync.sync.catchup import catchup_observations  # noqa: E402
 from jfsync.sync.identity import IndexedIdentity  # noqa: E402
 from jfsync.sync.ledger import Ledger  # noqa: E402
 from jfsync.sync.merge import MergePolicy  # noqa: E402
-from jfsync.sync.reconcile import Reconciler, run_reconcile  # noqa: E402
+from jfsync.sync.reconcile import Reconciler  # noqa: E402
 from jfsync.timing import SystemClock  # noqa: E402
 
 API_KEY = "0123456789abcdef0123456789abcdef"

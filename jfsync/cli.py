@@ -1,10 +1,12 @@
 """The ``jfsync`` command line: argument parsing and dispatch to each subcommand.
 
-Subcommands: ``check`` (validate a config, then reach every server), ``emulator`` (run a
-Jellyfin emulator on loopback), ``reconcile`` (one full reconcile, or with ``--dry-run`` what
-it would change), ``retry-dead`` (revive parked writes), ``accept-reset`` (resolve a reset
-hold, :mod:`jfsync.ops.resetcmd`), and the service commands as they exist. Every command returns
-an exit status; problems go to stderr, one per line, and never include secrets.
+Subcommands: ``init`` (write a first config, :mod:`jfsync.ops.initcmd`), ``check`` (validate
+a config, then reach every server), ``emulator`` (run a Jellyfin emulator on loopback),
+``reconcile`` (one full reconcile, or with ``--dry-run`` what it would change), ``retry-dead``
+(revive parked writes), ``accept-reset`` (resolve a reset hold, :mod:`jfsync.ops.resetcmd`), and
+the service commands as they exist. Every command returns an exit status; problems go to
+stderr, one per line, and never include secrets. ``run`` applies edits of its config file
+without a restart (on change or SIGHUP, :mod:`jfsync.reload`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the replicator until SIGINT or SIGTERM")
     run.add_argument("--config", "-c", required=True, help="path to the YAML config")
     run.set_defaults(handler=_run)
+
+    init = sub.add_parser(
+        "init",
+        help="write a first config: asks for the servers, checks them, lists the users",
+        description="Ask for (or take as --server/--api-key) each server's URL and admin API "
+        "key, check them as `jfsync check` does, list the people it would sync and write a "
+        "commented config file. Refuses to overwrite one without --force.",
+    )
+    from jfsync.ops import initcmd
+
+    initcmd.add_arguments(init)
+    init.set_defaults(handler=initcmd.run)
 
     check = sub.add_parser("check", help="validate the config and reach every server")
     check.add_argument("--config", "-c", required=True, help="path to the YAML config")
@@ -168,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
         logging.getLogger("jfsync.sync.ledger.file").warning("%s", warning)
     tune_garbage_collector()
     try:
-        return asyncio.run(run_service(config))
+        return asyncio.run(run_service(config, config_path=args.config))
     except sqlite3.Error as err:  # the file went bad between the check and the open
         print(
             f"{args.config}: ledger: {config.ledger} cannot be used ({err}); restore it from a "
@@ -218,7 +232,7 @@ def _reconcile(args: argparse.Namespace) -> int:
     if config is None or not _ledger_usable(config, "reconcile"):
         return EXIT_CONFIG
     from jfsync.logs import configure_logging
-    from jfsync.sync.reconcile import run_reconcile
+    from jfsync.ops.reconcilecmd import run_reconcile
 
     # The report goes to stdout; progress logs only when asked for with logging.level: debug.
     level = config.logging.level if config.logging.level in ("debug",) else "warning"

@@ -44,6 +44,10 @@ MIN_USER_REFRESH_INTERVAL_S = 10.0
 #: share of the user's non-default items on that server, back to never-touched at once.
 DEFAULT_RESET_GUARD_MIN_ITEMS = 5
 DEFAULT_RESET_GUARD_FRACTION = 0.8
+#: Playback: a session quiet this long has gone (jfsync.sync.sessions); the shortest
+#: ``sync.live_progress`` period (each one reads and writes every playing item).
+DEFAULT_SESSION_QUIET_S = 60.0
+MIN_LIVE_PROGRESS_S = 5.0
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -184,6 +188,71 @@ class PathRewrite(_Strict):
         return None
 
 
+# --------------------------------------------------------------------------- issue 14: filters,
+# direction and per-user choices (kept together; see the README "Choosing what syncs")
+
+#: ``servers[].mode``: ``both`` sends its users' changes and receives the others'; ``send`` only
+#: sends (jfsync never writes to it); ``receive`` only receives (its own changes stay local).
+ServerMode = Literal["both", "send", "receive"]
+
+
+class LibraryFilter(_Strict):
+    """Which of a server's libraries jfsync touches, by library name (case-insensitive).
+
+    Give ``include`` (only these) or ``exclude`` (all but these), not both. Items of a library
+    left out are never read or written: scans skip it, its events are ignored, nothing is queued
+    for it.
+    """
+
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _names(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        seen: set[str] = set()
+        for name in value:
+            if not name.strip():
+                raise ValueError("an empty library name; give the name Jellyfin shows")
+            if name.casefold() in seen:
+                raise ValueError(f"library {name!r} is listed twice")
+            seen.add(name.casefold())
+        return value
+
+    @model_validator(mode="after")
+    def _one_list(self) -> LibraryFilter:
+        if self.include is not None and self.exclude is not None:
+            raise ValueError("both include and exclude given; give one of them")
+        if self.include is None and self.exclude is None:
+            raise ValueError("give include (only these libraries) or exclude (all but these)")
+        if self.include is not None and not self.include:
+            raise ValueError("include is empty: nothing of this server would sync")
+        return self
+
+    def allows(self, name: str) -> bool:
+        """Tell whether the library called ``name`` is synced."""
+        folded = name.casefold()
+        if self.include is not None:
+            return folded in {n.casefold() for n in self.include}
+        return folded not in {n.casefold() for n in self.exclude or ()}
+
+
+class UserChoice(_Strict):
+    """One person's choices: whether they are synced at all, and which registers."""
+
+    sync: bool = True
+    fields: list[Register] | None = None
+
+    @field_validator("fields")
+    @classmethod
+    def _some_fields(cls, value: list[Register] | None) -> list[Register] | None:
+        if value is not None and not value:
+            raise ValueError("fields is empty; to stop syncing this user give sync: false")
+        return value
+
+
 class ServerConfig(_Strict):
     """One Jellyfin server."""
 
@@ -198,6 +267,9 @@ class ServerConfig(_Strict):
     max_message_size: ByteSize = Field(
         default=MAX_MESSAGE_BYTES, ge=MIN_MESSAGE_BYTES, le=MAX_MESSAGE_BYTES_LIMIT
     )
+    #: Issue 14: direction and library filters (see LibraryFilter, ServerMode).
+    mode: ServerMode = "both"
+    libraries: LibraryFilter | None = None
 
     @field_validator("name")
     @classmethod
@@ -267,12 +339,79 @@ class StatusConfig(_Strict):
         return int(self.listen.rpartition(":")[2])
 
 
+#: What alerts can be sent about (``alerts.events``).
+AlertEvent = Literal["peer_down", "dead_rows", "reset_guard", "auth_failed"]
+ALERT_EVENTS: tuple[AlertEvent, ...] = ("peer_down", "dead_rows", "reset_guard", "auth_failed")
+DEFAULT_PEER_DOWN_AFTER_S = 300.0
+
+
+class AlertTarget(_Strict):
+    """Where alerts go: a JSON ``webhook``, an ``ntfy`` topic URL or a ``gotify`` server."""
+
+    kind: Literal["webhook", "ntfy", "gotify"]
+    url: str
+    #: webhook and ntfy: sent as ``Authorization: Bearer``; gotify: the application token.
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    #: How the target is named in logs (the URL is not logged: it may hold a secret).
+    name: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_url(value)
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: SecretStr | None) -> SecretStr | None:
+        return _check_secret(value, "the alert token")
+
+    @model_validator(mode="after")
+    def _gotify_needs_a_token(self) -> AlertTarget:
+        if self.kind == "gotify" and self.token is None:
+            raise ValueError(
+                "a gotify target needs the application token (token or token_file): create an "
+                "application in Gotify (Apps) and give its token"
+            )
+        return self
+
+    @property
+    def label(self) -> str:
+        """The target as logs show it: its name, else kind and host (never path or token)."""
+        return self.name or f"{self.kind} {urlsplit(self.url).hostname}"
+
+
+class AlertsConfig(_Strict):
+    """Optional notifications when something needs a person (README, "Alerts")."""
+
+    targets: list[AlertTarget] = Field(default_factory=list)
+    events: list[AlertEvent] = Field(default_factory=lambda: list(ALERT_EVENTS))
+    #: A server unreachable (or with no live socket) this long is reported.
+    peer_down_after: Duration = DEFAULT_PEER_DOWN_AFTER_S
+    #: How often the conditions are checked.
+    check_interval: Duration = 10.0
+
+
 class UsersConfig(_Strict):
     """How users are matched across servers, and who is left alone."""
 
     match: Literal["name", "map"] = "name"
     map: list[dict[str, str]] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
+    #: Issue 14: per-person choices, keyed by account name (any server's, case-insensitive).
+    choices: dict[str, UserChoice] = Field(default_factory=dict)
+
+    def choice_for(self, names: list[str]) -> UserChoice | None:
+        """The choices that name one of ``names`` (a person's account names), if any."""
+        folded = {n.casefold() for n in names}
+        for name, choice in self.choices.items():
+            if name.casefold() in folded:
+                return choice
+        return None
+
+    def opted_out(self) -> set[str]:
+        """Casefolded account names whose person chose ``sync: false``."""
+        return {n.casefold() for n, c in self.choices.items() if not c.sync}
 
 
 class SyncConfig(_Strict):
@@ -326,6 +465,28 @@ class SyncConfig(_Strict):
             )
         return float(value)
 
+    # Playback (issue 14 items 5 and 6; jfsync.sync.rewatch, jfsync.sync.sessions).
+    #: A played item un-played by starting it again (Jellyfin up to 10.11) stays played on the
+    #: other servers until it is finished or explicitly marked unplayed.
+    rewatch_protection: bool = True
+    #: Follow playback sessions on an administrator socket and re-read an item when its
+    #: session ends or goes quiet (a player that crashed never reports a stop).
+    follow_sessions: bool = True
+    #: A playing session with no progress report for this long has gone quiet (crashed).
+    session_quiet: Duration = DEFAULT_SESSION_QUIET_S
+    #: While something plays, re-read and spread its position this often (off when unset).
+    live_progress: Duration | None = None
+
+    @field_validator("live_progress")
+    @classmethod
+    def _progress_not_too_often(cls, value: float | None) -> float | None:
+        if value is not None and value < MIN_LIVE_PROGRESS_S:
+            raise ValueError(
+                f"too short ({value:g} s); every playing item is read and written to every "
+                f"server each time; expected at least {MIN_LIVE_PROGRESS_S:g}s, e.g. 30s"
+            )
+        return value
+
 
 class LoggingConfig(_Strict):
     """Log verbosity."""
@@ -342,6 +503,7 @@ class Config(_Strict):
     users: UsersConfig = UsersConfig()
     sync: SyncConfig = SyncConfig()
     logging: LoggingConfig = LoggingConfig()
+    alerts: AlertsConfig = AlertsConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -359,6 +521,7 @@ class Config(_Strict):
                 f"sync.seed_server {self.sync.seed_server!r} is not a server; "
                 f"expected one of {', '.join(sorted(seen))}"
             )
+        self._check_directions()
         if self.users.match == "map" and not self.users.map:
             raise ValueError("users.match is 'map' but users.map is empty")
         for i, entry in enumerate(self.users.map):
@@ -369,6 +532,24 @@ class Config(_Strict):
                     f"expected {', '.join(sorted(seen))}"
                 )
         return self
+
+    def _check_directions(self) -> None:
+        """Issue 14: at least one server must send to another that receives."""
+        senders = [s.name for s in self.servers if s.mode != "receive"]
+        receivers = [s.name for s in self.servers if s.mode != "send"]
+        if not senders:
+            raise ValueError("every server has mode: receive; nothing would ever be sent")
+        if not receivers:
+            raise ValueError("every server has mode: send; nothing would ever be written")
+        if not any(a != b for a in senders for b in receivers):
+            raise ValueError(
+                f"only {senders[0]} sends and only it receives; another server must "
+                "receive (mode: both or receive)"
+            )
+        seed = self.sync.seed_server
+        receive_only = {s.name for s in self.servers if s.mode == "receive"}
+        if self.sync.initial_merge == "seed" and seed in receive_only:
+            raise ValueError(f"sync.seed_server {seed!r} has mode: receive; the seed must send")
 
     def server(self, name: str) -> ServerConfig:
         """Return the server called ``name``."""
@@ -389,6 +570,11 @@ class Config(_Strict):
                 for secret in (cred.token, cred.password):
                     if secret is not None:
                         found.append(secret.get_secret_value())
+        for target in self.alerts.targets:
+            if target.token is not None:
+                found.append(target.token.get_secret_value())
+            # A webhook or ntfy topic URL is a secret too (whoever has it can post there).
+            found.append(target.url)
         return [s for s in found if s]
 
 

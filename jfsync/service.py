@@ -15,20 +15,24 @@ observations (one transaction each batch: echo rule, diff, stamp, merge, outbox 
 pushers of the peers owed something are woken and write it. Shutdown stops intake first
 (subscribers), lets pushers finish writes under way within ``sync.shutdown_grace``, then closes
 the HTTP session and the ledger.
+
+Config edits (issue 14): :meth:`SyncService.reconfigure` applies a new config while running
+(:mod:`jfsync.reload` says what each change needs), and :func:`run_service` watches the file and
+answers SIGHUP. The merge policy the ledger applies follows the config and each person's
+``users.choices`` (:meth:`SyncService.merge_policy`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import faulthandler
 import gc
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import aiohttp
 
@@ -45,13 +49,19 @@ from jfsync.jellyfin.api import JellyfinClient, parse_version
 from jfsync.jellyfin.wire import UserDto
 from jfsync.logs import FailureStreak
 from jfsync.model import UserData
+from jfsync.ops import snapshot
+from jfsync.ops.activity import ActivityFeed
+from jfsync.ops.alerts import Alerter
+from jfsync.ops.status import StatusServer
 from jfsync.ratelimit import RepeatLimiter
+from jfsync.reload import POLL_S, ConfigReloader, diff_configs, restart_note
 from jfsync.sync.delivery import Pusher, WriteHook
 from jfsync.sync.identity import IdenticalIds, IndexedIdentity, ItemIdentity
-from jfsync.sync.ledger import Applied, Ledger, Observation, Outcome
+from jfsync.sync.ledger import Applied, Ledger, Observation, OutboxRow, Outcome
 from jfsync.sync.merge import MergePolicy
 from jfsync.sync.reconcile import Reconciler, ReconcileReport
 from jfsync.sync.resetguard import ResetGuard, ResetRule, describe_hold
+from jfsync.sync.sessions import PlaybackRead, SessionWatcher
 from jfsync.sync.subscriber import (
     ConnectionStateChanged,
     LibraryChangedEvent,
@@ -61,12 +71,9 @@ from jfsync.sync.subscriber import (
     UserDataChangedEvent,
 )
 from jfsync.sync.tokens import UserTokens, user_device_id
-from jfsync.sync.users import UserMatch, match_users
+from jfsync.sync.users import UserMatch, match_users, person_fields
 from jfsync.tasks import cancel_and_wait
 from jfsync.timing import Clock, SystemClock, backoff_delays
-
-if TYPE_CHECKING:
-    from jfsync.ops.status import StatusServer  # it imports this module
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +87,6 @@ BRING_UP_SLOW_RETRY_S = 300.0
 #: Backoff of a bring-up or user-list refresh that failed in a way that may pass by itself.
 BRING_UP_INITIAL_S = 1.0
 BRING_UP_MAX_S = 60.0
-#: Dead rows listed per peer in the status (the oldest; ``dead_count`` has them all).
-DEAD_ROWS_IN_STATUS = 50
 
 
 @dataclass(slots=True)
@@ -107,6 +112,8 @@ class ServerLink:
     users_refreshed_ms: int | None = None
     #: Set to read the user list again soon (a socket of this server reconnected).
     refresh_users: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Follows the server's playback sessions (``sync.follow_sessions``), once it answered.
+    sessions: SessionWatcher | None = None
 
     @property
     def name(self) -> str:
@@ -165,10 +172,17 @@ class SyncService:
         subscriber_options: dict[str, Any] | None = None,
         pusher_options: dict[str, Any] | None = None,
         reconcile_options: dict[str, Any] | None = None,
+        alert_options: dict[str, Any] | None = None,
+        session_options: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self.counters = Counters()
+        #: Issue 14: the identity is made here (and again by a reload), unless one was given.
+        self._own_identity = identity is None
+        #: The config file's reload state for /status (set by jfsync.reload.ConfigReloader).
+        self.config_status: dict[str, Any] | None = None
+        self._reload_lock = asyncio.Lock()
         self.ledger = Ledger(
             config.ledger, MergePolicy.from_config(config), user_map=config.users.map
         )
@@ -188,6 +202,7 @@ class SyncService:
         self.user_match: UserMatch | None = None
         self._subscriber_options = subscriber_options or {}
         self._pusher_options = pusher_options or {}
+        self._session_options = session_options or {}
         self._session: aiohttp.ClientSession | None = None
         self._changed = asyncio.Event()
         self._match_lock = asyncio.Lock()
@@ -206,14 +221,24 @@ class SyncService:
         self.ledger.file_lost_observers.append(self._ledger_file_lost)
         #: Per server: events of users jfsync does not sync, logged in moderation.
         self._unknown_users: dict[str, RepeatLimiter] = {}
+        #: The last few hundred changes received and written (status, page, ``--activity``).
+        self.activity = ActivityFeed()
+        #: Notifications when something needs a person (``alerts:``; idle without targets).
+        self.alerter = Alerter(
+            config.alerts,
+            self.status,
+            **{"clock": self.clock, "secrets": config.secret_values(), **(alert_options or {})},
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         """Open the ledger, start every pusher, and bring every server up in the background."""
-        self._started_ms = self.clock.wall_ms()
+        if self._started_ms is None:  # a reload that re-creates the replicator keeps it
+            self._started_ms = self.clock.wall_ms()
         await self.ledger.open()
         await self.reset_guard.load()
+        await self._settle_outbox()
         self._session = aiohttp.ClientSession()
         for index, server in enumerate(self.config.servers):
             assert server.api_key is not None  # the config loader resolves *_file into it
@@ -234,12 +259,20 @@ class SyncService:
                 on_progress=self._notify,
                 on_write=self._on_write,
                 on_regression=self._on_regression,
+                on_ack=self._on_ack,
                 **self._pusher_options,
             )
             link = ServerLink(config=server, index=index, client=client, pusher=pusher)
             self.links[server.name] = link
         clients = {name: link.client for name, link in self.links.items()}
         await self.identity.start(clients)
+        filtered = [s.name for s in self.config.servers if s.libraries is not None]
+        if filtered and not isinstance(self.identity, IndexedIdentity):
+            logger.warning(
+                "library filters of %s are not applied: they need the library index, which "
+                "lives in a ledger file (not :memory:)",
+                ", ".join(filtered),
+            )
         self.reconciler = Reconciler(
             self.ledger,
             self.identity,
@@ -253,6 +286,7 @@ class SyncService:
             **self._reconcile_options,
         )
         self.reconciler.start()
+        self.alerter.start()
         for link in self.links.values():
             link.pusher.start()
             link.bring_up = asyncio.create_task(
@@ -275,11 +309,14 @@ class SyncService:
             return
         self._stopping = True
         links = list(self.links.values())
+        await self._stop_step("alerts", self.alerter.stop())
         bring_ups = [link.bring_up for link in links if link.bring_up is not None]
         await self._stop_step("bring-up tasks", cancel_and_wait(bring_ups, logger))
         # Intake first: an event arriving later would find the identity index closed.
         subscribers = [sub for link in links for sub in link.subscribers.values()]
         await self._stop_step("subscribers", asyncio.gather(*(s.stop() for s in subscribers)))
+        watchers = [link.sessions for link in links if link.sessions is not None]
+        await self._stop_step("session watchers", asyncio.gather(*(w.stop() for w in watchers)))
         if self.reconciler is not None:
             await self._stop_step("reconciler", self.reconciler.close())
         grace = self.config.sync.shutdown_grace
@@ -352,6 +389,7 @@ class SyncService:
     async def _bring_up(self, link: ServerLink) -> None:
         """Bring the server up (retrying whatever fails), then keep its user list fresh."""
         await self._reach(link)
+        self._follow_sessions(link)
         await self._keep_users_fresh(link)
 
     async def _reach(self, link: ServerLink) -> None:
@@ -420,11 +458,11 @@ class SyncService:
     async def _keep_users_fresh(self, link: ServerLink) -> None:
         """Read the server's user list again periodically and whenever asked; match again."""
         streak = FailureStreak(logger, link.name, self.clock)
-        interval = self.config.sync.user_refresh_interval
         delays: Iterator[float] | None = None
-        wait_s = interval
+        wait_s = self.config.sync.user_refresh_interval
         while True:
             await self._refresh_due(link, wait_s)
+            interval = self.config.sync.user_refresh_interval  # a reload may have changed it
             try:
                 users = await link.client.users()
                 link.users = users
@@ -468,6 +506,7 @@ class SyncService:
             users = {n: link.users for n, link in self.links.items() if link.users is not None}
             match = match_users(self.config, users)
             self.user_match = match
+            await self._apply_policy()  # issue 14: each person's register choices
             for problem in match.problems:
                 if problem not in self._match_problems:
                     self._match_problems.add(problem)
@@ -487,6 +526,7 @@ class SyncService:
                         continue
                     await self.ledger.map_user(link.name, account.id, key, name=account.name)
                     link.user_keys[user_id] = key
+                    self.activity.user_names.setdefault(key, account.name)
                     logger.info("[%s] syncing account %s as %s", link.name, account.name, key)
                     self._subscribe(link, account, key)
 
@@ -611,7 +651,12 @@ class SyncService:
         return await self.identity.canonical_items(link.name, sorted(others))
 
     async def _read_back(
-        self, link: ServerLink, remote_user_id: str, user: str, items: dict[str, str]
+        self,
+        link: ServerLink,
+        remote_user_id: str,
+        user: str,
+        items: dict[str, str],
+        why: str = "an ambiguous event",
     ) -> None:
         """Settle events the echo rule cannot attribute: read the items and apply the read.
 
@@ -639,13 +684,55 @@ class SyncService:
             ]
         )
         logger.debug(
-            "[%s] read back %d items of user %s after an ambiguous event: %s",
+            "[%s] read back %d items of user %s after %s: %s",
             link.name,
             len(items),
             user,
+            why,
             ", ".join(a.outcome.value for a in applied),
         )
         self._after_apply(applied)
+
+    # ------------------------------------------------------------------ playback sessions
+
+    def _follow_sessions(self, link: ServerLink) -> None:
+        """Start following the server's playback sessions (jfsync.sync.sessions), if enabled."""
+        sync = self.config.sync
+        if not sync.follow_sessions or link.sessions is not None:
+            return
+        assert link.config.api_key is not None
+        link.sessions = SessionWatcher(
+            link.name,
+            link.config.url,
+            link.client,
+            api_key=link.config.api_key.get_secret_value(),
+            version=parse_version(link.version or ""),
+            clock=self.clock,
+            on_reads=self._read_playing,
+            quiet_s=sync.session_quiet,
+            live_progress_s=sync.live_progress,
+            **self._session_options,
+        )
+        link.sessions.start()
+
+    async def _read_playing(self, server: str, reads: list[PlaybackRead]) -> None:
+        """Read what a playback that ended, went quiet or goes on left on ``server``.
+
+        Progress is saved without a push (a crashed player's position, a Played mark past
+        90 %): the read is applied like any read, so echoes, merge and rewatch rules hold.
+        """
+        link = self.links[server]
+        by_user: dict[str, list[str]] = {}
+        for read in reads:
+            if read.user_id in link.user_keys:
+                by_user.setdefault(read.user_id, []).append(read.item_id)
+        for remote_user, item_ids in by_user.items():
+            user = link.user_keys.get(remote_user)
+            if user is None or self.reset_guard.is_held(link.name, user):
+                continue
+            items = await self.identity.canonical_items(link.name, item_ids)
+            if items:
+                await self._read_back(link, remote_user, user, items, why="playback")
 
     async def _resync(self, link: ServerLink, remote_user_id: str, user: str) -> None:
         """Catch up with what the socket of this user may have missed."""
@@ -753,6 +840,16 @@ class SyncService:
                 self.counters.echoes += 1
             elif result.outcome is Outcome.CHANGED:
                 self.counters.changes_applied += 1
+                obs = result.observation
+                self.activity.record_change(
+                    at_ms=obs.wall_ms,
+                    server=obs.server,
+                    user=obs.user,
+                    item=obs.item,
+                    kind=obs.source,
+                    registers=result.changed,
+                    owed=result.queued,
+                )
             peers.update(peer for peer, regs in result.queued.items() if regs)
         for peer in peers:
             link = self.links.get(peer)
@@ -773,125 +870,199 @@ class SyncService:
         for observer in self.write_observers:
             observer(peer, latency_s)
 
+    def _on_ack(self, row: OutboxRow, done_ms: int) -> None:
+        self.activity.record_write(
+            peer=row.peer,
+            user=row.user,
+            item=row.item,
+            registers=row.registers,
+            done_ms=done_ms,
+            latency_s=max(0.0, (done_ms - row.created_ms) / 1000),
+        )
+
     def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
+    # ------------------------------------------------------------------ issue 14: live config
+
+    def merge_policy(self) -> MergePolicy:
+        """The merge policy of the running config and the people matched so far."""
+        policy = MergePolicy.from_config(self.config)
+        if self.user_match is not None:
+            policy = policy.with_user_fields(person_fields(self.config, self.user_match))
+        return policy
+
+    async def _apply_policy(self) -> None:
+        """Give the ledger the current merge policy when it changed; settle queued rows."""
+        policy = self.merge_policy()
+        if policy == self.ledger.policy:
+            return
+        before = self.ledger.policy
+        await self.ledger.set_policy(policy)
+        await self._settle_outbox()
+        await self._now_receiving(before)
+
+    async def _now_receiving(self, before: MergePolicy) -> None:
+        """A server that only sent and now receives is owed what it missed meanwhile."""
+        policy = self.ledger.policy
+        for name in sorted(before.send_only - policy.send_only):
+            if name not in policy.servers:
+                continue
+            now_ms = self.clock.wall_ms()
+            queued = await self.ledger.requeue_differences(name, now_ms)
+            link = self.links.get(name)
+            for user in sorted(set(link.user_keys.values()) if link is not None else ()):
+                # ... and what it has no history of (as a server met for the first time).
+                if self.identity.complete:
+                    queued += await self.ledger.backfill_mapped(name, user, now_ms)
+                else:
+                    queued += await self.ledger.backfill(name, user, now_ms)
+            logger.info("[%s] receives again: %d items queued for it", name, queued)
+            if link is not None:
+                link.pusher.wake()
+
+    async def _settle_outbox(self) -> None:
+        """Drop queued rows the policy no longer allows (with a log line), remember servers
+        taken out of the config, and queue for servers back in it what they missed."""
+        away = await self.ledger.mark_away()
+        for peer, count in sorted((await self.ledger.prune_outbox()).items()):
+            why = (
+                "no longer in the config"
+                if peer in away or peer not in self.ledger.policy.servers
+                else "mode: send, or registers no longer synced"
+            )
+            logger.warning("[%s] dropped %d queued writes (%s)", peer, count, why)
+        for name in await self.ledger.rejoined():
+            queued = await self.ledger.requeue_differences(name, self.clock.wall_ms())
+            logger.info(
+                "[%s] back in the config: %d items that changed meanwhile queued for it",
+                name,
+                queued,
+            )
+        self._notify()
+
+    async def reconfigure(self, new: Config) -> list[str]:
+        """Apply a validated config to the running service; return what changed, one line each.
+
+        See :mod:`jfsync.reload` for what each change does. The ledger path and the status
+        endpoint are kept (they are only read at start); a change to them is reported.
+        """
+        async with self._reload_lock:
+            old = self.config
+            diff = diff_configs(old, new)
+            kept = new.model_copy(update={"ledger": old.ledger, "status": old.status})
+            lines = list(diff.lines)
+            if diff.needs_restart:
+                lines.append(restart_note(diff.needs_restart))
+                logger.warning("config reload: %s", restart_note(diff.needs_restart))
+            if self.config_status is not None:
+                self.config_status["pending_restart"] = list(diff.needs_restart)
+            if diff.empty:
+                self.config = kept
+                return lines
+            if diff.rebuild:
+                before = self.ledger.policy
+                try:
+                    await self._rebuild(kept)
+                except Exception:
+                    # Never left stopped: back to the config that ran, then say what failed.
+                    logger.exception("config reload: starting with the new config failed")
+                    await self._rebuild(old)
+                    raise
+                await self._now_receiving(before)
+                return lines
+            self.config = kept
+            if diff.users:
+                await self._rematch()  # opens and closes sockets; applies the policy
+            else:
+                await self._apply_policy()
+            if diff.filters:
+                await self._apply_filters(diff.filters)
+            if diff.intervals and self.reconciler is not None:
+                self.reconciler.set_interval(kept.sync.reconcile_interval)
+                for link in self.links.values():
+                    link.refresh_users.set()  # the new user refresh period starts now
+            for link in self.links.values():
+                link.config = kept.server(link.name)
+                link.pusher.wake()
+            self._notify()
+            return lines
+
+    async def _apply_filters(self, servers: Sequence[str]) -> None:
+        """Rescan the libraries of servers whose filter changed; drop what they left out."""
+        if not isinstance(self.identity, IndexedIdentity):
+            logger.warning(
+                "library filters need the library index (a ledger file); not applied to %s",
+                ", ".join(servers),
+            )
+            return
+        self.identity.index.set_servers(self.config.servers)
+        change = await self.identity.refresh(list(servers))
+        for name in servers:
+            # Items brought back in are owed what changed while they were left out.
+            await self.ledger.requeue_differences(name, self.clock.wall_ms())
+            dropped = await self.ledger.drop_unmapped_rows(name)
+            if dropped:
+                logger.warning(
+                    "[%s] dropped %d queued writes of items its library filter leaves out",
+                    name,
+                    dropped,
+                )
+        # Catch up now whatever the filter brought in (or the match moved).
+        for name in sorted(change.servers | set(servers)):
+            link = self.links.get(name)
+            if link is None or not link.reachable:
+                continue
+            for remote, user in sorted(link.user_keys.items()):
+                try:
+                    await self._resync(link, remote, user)
+                except ServerError as err:
+                    logger.warning("[%s] catch-up of user %s failed: %s", name, user, err)
+
+    async def _rebuild(self, config: Config) -> None:
+        """Re-create the replicator for a new server list: stop everything (the ledger is
+        durable: nothing queued is lost), then start again with ``config``."""
+        logger.info("config reload: servers changed; reconnecting every server")
+        await self.stop()
+        self.config = config
+        self.ledger = Ledger(
+            config.ledger, MergePolicy.from_config(config), user_map=config.users.map
+        )
+        self.ledger.file_lost_observers.append(self._ledger_file_lost)
+        if self._own_identity:
+            in_memory = str(config.ledger) == ":memory:"
+            self.identity = (
+                IdenticalIds() if in_memory else IndexedIdentity(config, self.ledger, self.clock)
+            )
+        self.reset_guard = ResetGuard(ResetRule.from_config(config), self.ledger, self.clock)
+        self.reconciler = None
+        self.links = {}
+        self.user_match = None
+        self._session = None
+        self._match_problems = set()
+        self._unknown_users = {}
+        self._stopping = False
+        await self.start()
+
     # ------------------------------------------------------------------ status
 
-    def identity_status(self) -> dict[str, Any]:
-        """Item matching counts per server pair: ``{"pairs": [{"servers": [a, b], "matched",
-        "unmatched", "ambiguous"}]}`` (counts are None with the identical-ids strategy).
+    @property
+    def started_ms(self) -> int | None:
+        """When start() began (wall ms), or None before."""
+        return self._started_ms
 
-        :meth:`identity_details` has the samples and per-server figures behind them.
-        """
-        details = self.identity_details()
-        keys = ("servers", "matched", "unmatched", "ambiguous")
-        return {"pairs": [{k: pair.get(k) for k in keys} for pair in details["pairs"]]}
+    def identity_status(self) -> dict[str, Any]:
+        """Item matching counts per server pair (:func:`jfsync.ops.snapshot.identity_status`)."""
+        return snapshot.identity_status(self)
 
     def identity_details(self) -> dict[str, Any]:
-        """Everything about item matching and reconciles, for status pages and reports.
-
-        ``pairs``: per server pair ``servers``, ``matched``, ``unmatched``, ``ambiguous``,
-        ``unmatched_by_server`` ({server: n}), ``matched_by_rule`` ({id, path,
-        provider: n}) and ``samples`` ({matched: [{a: label, b: label, rule}], unmatched:
-        [item], ambiguous: [item + rule]}, items as ``{server, id, type, name, path,
-        provider_ids}``); ``servers``: {server: {items, scanned_at_ms}}; ``matched_at_ms``;
-        ``strategy``; ``reconcile``: {interval_s, library_refreshes, last: {started_ms,
-        finished_ms, changes, errors, summary} | None}.
-        """
-        status = dict(self.identity.status())
-        if not status.get("pairs"):
-            names = list(self.links) or [s.name for s in self.config.servers]
-            status["pairs"] = [
-                {"servers": [a, b], "matched": None, "unmatched": None, "ambiguous": None}
-                for i, a in enumerate(names)
-                for b in names[i + 1 :]
-            ]
-        if self.reconciler is not None:
-            status["reconcile"] = self.reconciler.status()
-        return status
+        """Everything about item matching and reconciles (:func:`.snapshot.identity_details`)."""
+        return snapshot.identity_details(self)
 
     async def status(self) -> dict[str, Any]:
         """A secret-free snapshot of servers, sockets and peers (the status endpoint's body)."""
-        now_ms = self.clock.wall_ms()
-        servers = []
-        for link in self.links.values():
-            stats = link.pusher.stats
-            # Counted in SQL; only a sample is loaded (a peer can park thousands of rows).
-            dead_count, dead = await self.ledger.dead_summary(link.name, DEAD_ROWS_IN_STATUS)
-            oldest = await self.ledger.oldest_age(link.name, now_ms)
-            servers.append(
-                {
-                    "name": link.name,
-                    "url": link.config.url,
-                    # Answered at bring-up and not found down by its pusher since.
-                    "reachable": link.reachable and stats.down_since_ms is None,
-                    "version": link.version,
-                    "server_id": link.server_id,
-                    "last_error": link.last_error,
-                    "users_refreshed_ms": link.users_refreshed_ms,
-                    "users": [
-                        {
-                            "user": sub.user_name,
-                            "state": str(sub.status.state),
-                            "connected_since_ms": sub.status.connected_since_ms,
-                            "last_event_age_s": (
-                                None
-                                if sub.status.last_event_at_ms is None
-                                else (now_ms - sub.status.last_event_at_ms) / 1000
-                            ),
-                            "reconnects": sub.status.reconnect_count,
-                            "last_error": sub.status.last_error,
-                            "pause_reason": sub.status.pause_reason,
-                            "event_failures": sub.status.event_failures,
-                            "last_event_error": sub.status.last_event_error,
-                        }
-                        for sub in link.subscribers.values()
-                    ],
-                    "outbox": {
-                        "depth": await self.ledger.outbox_depth(link.name),
-                        "oldest_age_s": oldest,
-                        "in_flight": link.pusher.in_flight,
-                        "writes_done": stats.writes_done,
-                        "writes_skipped": stats.writes_skipped,
-                        "failures": stats.failures,
-                        "dead_parked": stats.dead_parked,
-                        "down_since_ms": stats.down_since_ms,
-                        "pause_reason": stats.pause_reason,
-                        "last_error": stats.last_error,
-                        "dead_count": dead_count,
-                        "dead": [
-                            {"user": r.user, "item": r.item, "reason": r.last_error} for r in dead
-                        ],
-                    },
-                }
-            )
-        return {
-            "version": __version__,
-            "now_ms": now_ms,
-            "uptime_s": (now_ms - (self._started_ms or now_ms)) / 1000,
-            "servers": servers,
-            "identity": self.identity_status(),
-            "ledger": {
-                "path": str(self.config.ledger),
-                "size_bytes": _file_size(str(self.config.ledger)),
-            },
-            "reset_guard": await self.reset_guard.status(),
-            "reconcile": {
-                "last_at_ms": self.last_reconcile_ms,
-                "last_result": self.last_reconcile_result,
-            },
-            "counters": {
-                "events_received": self.counters.events_received,
-                "entries_received": self.counters.entries_received,
-                "echoes": self.counters.echoes,
-                "changes_applied": self.counters.changes_applied,
-                "scans": self.counters.scans,
-                "scan_changes": self.counters.scan_changes,
-                "read_backs": self.counters.read_backs,
-            },
-        }
+        return await snapshot.build_status(self)
 
 
 def _shares_records(version: str | None) -> bool:
@@ -910,15 +1081,6 @@ def _describe(err: BaseException) -> str:
     if isinstance(err, JfsyncError):
         return str(err)
     return f"unexpected error: {type(err).__name__}: {err}"
-
-
-def _file_size(path: str) -> int:
-    """Bytes of an SQLite file and its write-ahead log (0 when missing or in memory)."""
-    total = 0
-    for name in (path, path + "-wal"):
-        with contextlib.suppress(OSError):
-            total += os.stat(name).st_size
-    return total
 
 
 #: Collector thresholds for ``jfsync run`` (Python's defaults: 700, 10, 10).
@@ -974,8 +1136,13 @@ async def run_service(
     service: SyncService | None = None,
     force_exit: Callable[[int], object] = os._exit,
     backstop: bool = True,
+    config_path: str | os.PathLike[str] | None = None,
+    reload_poll_s: float | None = None,
 ) -> int:
     """Run until SIGINT or SIGTERM with the status endpoint; return the exit status.
+
+    With ``config_path`` the file is watched and applied when it changes or on SIGHUP
+    (:mod:`jfsync.reload`); an invalid edit keeps the running config.
 
     The first signal starts a graceful stop; a second SIGINT, or a stop still not finished
     ``SHUTDOWN_SLACK_S`` after the grace period, ends the process at once with status 1
@@ -985,12 +1152,15 @@ async def run_service(
     not ended five seconds after that (the event loop itself blocked, or the interpreter's
     own teardown stuck) has every thread's stack written to stderr and the process ended.
     """
-    from jfsync.ops.status import StatusServer  # the status server imports this module
-
     service = service if service is not None else SyncService(config)
     status_server = StatusServer.from_config(service)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    reloader = (
+        ConfigReloader(service, os.fspath(config_path), poll_s=reload_poll_s or POLL_S)
+        if config_path is not None
+        else None
+    )
 
     def on_signal(sig: signal.Signals) -> None:
         # Ctrl+C twice means "now"; a repeated SIGTERM (a supervisor's retry) just waits.
@@ -999,12 +1169,20 @@ async def run_service(
             force_exit(1)
         stop.set()
 
+    def on_hangup() -> None:
+        if reloader is None:
+            logger.warning("SIGHUP: no config file to read again (started without one)")
+        else:
+            logger.info("SIGHUP: reading the config file again")
+            reloader.request()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
-        return await _serve(config, service, status_server, stop, force_exit, backstop)
+        return await _serve(config, service, status_server, stop, force_exit, backstop, reloader)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
 
@@ -1015,6 +1193,7 @@ async def _serve(
     stop: asyncio.Event,
     force_exit: Callable[[int], object],
     backstop: bool,
+    reloader: ConfigReloader | None = None,
 ) -> int:
     """Start, wait for ``stop``, then shut down within the grace period plus the slack."""
     try:
@@ -1033,14 +1212,20 @@ async def _serve(
             config.status.listen,
             err.strerror or err,
         )
+    if reloader is not None:
+        reloader.start()
     try:
         await service.wait_stop(stop)
     except asyncio.CancelledError:
+        if reloader is not None:
+            await reloader.stop()
         await _shut_down(service, status_server)
         raise
+    if reloader is not None:
+        await reloader.stop()  # no reload may re-create what the shutdown closes
     if service.fatal_error is None:
         logger.info("stop requested; finishing writes under way")
-    limit_s = config.sync.shutdown_grace + SHUTDOWN_SLACK_S
+    limit_s = service.config.sync.shutdown_grace + SHUTDOWN_SLACK_S
     if backstop:
         # Armed for good: the process is on its way out, however that ends.
         faulthandler.dump_traceback_later(limit_s + 5.0, exit=True)

@@ -669,6 +669,7 @@ class JellyfinApi:
             Route("GET", "/Items/Counts", b.counts),
             Route("GET", "/Items/Filters", b.filters),
             Route("GET", "/Library/MediaFolders", b.media_folders, "admin"),
+            Route("GET", "/Library/VirtualFolders", b.virtual_folders, "admin"),
             Route("GET", "/Items/{itemId}/Ancestors", b.ancestors),
             Route("GET", "/Items/{itemId}/Similar", b.similar),
             Route("GET", "/Artists", b.artists),

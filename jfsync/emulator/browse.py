@@ -328,6 +328,30 @@ class BrowseApi:
         dtos = [self.api.plain_item_dto(f, None) for f in folders]
         return json_response({"Items": dtos, "TotalRecordCount": len(dtos), "StartIndex": 0})
 
+    async def virtual_folders(self, ctx: Ctx) -> web.StreamResponse:
+        """``GET /Library/VirtualFolders``: the libraries with their folders on disk (admin).
+
+        A plain JSON array of ``VirtualFolderInfo``; ``ItemId`` is the collection folder's id
+        (what ``parentId`` takes), ``Locations`` the paths its items live under.
+        """
+        from jfsync.emulator.app import json_response
+
+        lib = self.emu.library
+        out = []
+        for folder in lib.collection_folders:
+            physical = lib.get(lib.physical(folder.id))
+            out.append(
+                {
+                    "Name": folder.name,
+                    "Locations": [physical.path] if physical is not None and physical.path else [],
+                    "CollectionType": folder.collection_type,
+                    "ItemId": folder.id,
+                    "PrimaryImageItemId": folder.id,
+                    "RefreshStatus": "Idle",
+                }
+            )
+        return json_response(out)
+
     async def ancestors(self, ctx: Ctx) -> web.StreamResponse:
         """``GET /Items/{itemId}/Ancestors``: parents nearest first; for a user the physical
         folder shows as the collection folder it belongs to (``TranslateParentItem``)."""

@@ -6,8 +6,9 @@ the aiohttp session passed in (one connection pool for the whole process). Failu
 :mod:`jfsync.errors` exceptions that name the server and the route *template* (never a URL with
 its query, never a header), so keys and tokens cannot leak into messages or logs.
 
-The write path follows the design ("Hard facts" 5): ``POST /UserItems/{id}/UserData`` with only
-the fields that change, ``DELETE /UserItems/{id}/Rating`` to clear a rating and
+The write path follows the design ("Hard facts" 5): :meth:`JellyfinClient.apply_user_data`
+sends what :func:`jfsync.jellyfin.writeplan.plan_write` plans: ``POST /UserItems/{id}/UserData``
+with only the fields that change, ``DELETE /UserItems/{id}/Rating`` to clear a rating and
 ``DELETE /UserPlayedItems/{id}`` to unplay. ``POST /UserPlayedItems`` is never used: it bumps the
 play count and recurses into folders.
 """
@@ -35,6 +36,7 @@ from jfsync.errors import (
     error_for_status,
 )
 from jfsync.ids import LEAF_ITEM_TYPES, normalize_id
+from jfsync.jellyfin.messages import SessionInfo
 from jfsync.jellyfin.wire import (
     AuthenticationResult,
     BaseItemDto,
@@ -44,7 +46,13 @@ from jfsync.jellyfin.wire import (
     SystemInfo,
     UserDto,
     UserItemDataDto,
-    update_body,
+    VirtualFolderInfo,
+)
+from jfsync.jellyfin.writeplan import (
+    CLEAR_RATING_ROUTE,
+    MARK_UNPLAYED_ROUTE,
+    USER_DATA_ROUTE,
+    plan_write,
 )
 from jfsync.model import Register, UserData
 
@@ -186,6 +194,16 @@ class JellyfinClient:
         data = await self._call("GET", "/Users/Me", token=token)
         return self._parse(UserDto, data, "/Users/Me")
 
+    async def sessions(self) -> list[SessionInfo]:
+        """``GET /Sessions``: every session with what it plays (the API key sees them all)."""
+        data = await self._call("GET", "/Sessions")
+        return self._parse(_SESSION_LIST, data, "/Sessions")
+
+    async def libraries(self) -> list[VirtualFolderInfo]:
+        """``GET /Library/VirtualFolders`` (admin): the server's libraries and their folders."""
+        data = await self._call("GET", "/Library/VirtualFolders")
+        return self._parse(_LIBRARY_LIST, data, "/Library/VirtualFolders")
+
     # ------------------------------------------------------------------ items
 
     async def iter_items(
@@ -239,23 +257,21 @@ class JellyfinClient:
 
     async def get_user_data(self, user_id: str, item_id: str) -> UserItemDataDto:
         """``GET /UserItems/{itemId}/UserData?userId=``: one user's data for one item."""
-        return await self._user_item("GET", "/UserItems/{itemId}/UserData", user_id, item_id)
+        return await self._user_item("GET", USER_DATA_ROUTE, user_id, item_id)
 
     async def update_user_data(
         self, user_id: str, item_id: str, body: Mapping[str, Any]
     ) -> UserItemDataDto:
         """``POST /UserItems/{itemId}/UserData?userId=`` with exactly the fields to set."""
-        return await self._user_item(
-            "POST", "/UserItems/{itemId}/UserData", user_id, item_id, body=dict(body)
-        )
+        return await self._user_item("POST", USER_DATA_ROUTE, user_id, item_id, body=dict(body))
 
     async def clear_rating(self, user_id: str, item_id: str) -> UserItemDataDto:
         """``DELETE /UserItems/{itemId}/Rating?userId=``: set the rating to none."""
-        return await self._user_item("DELETE", "/UserItems/{itemId}/Rating", user_id, item_id)
+        return await self._user_item("DELETE", CLEAR_RATING_ROUTE, user_id, item_id)
 
     async def mark_unplayed(self, user_id: str, item_id: str) -> UserItemDataDto:
         """``DELETE /UserPlayedItems/{itemId}?userId=``: played, count, position and date reset."""
-        return await self._user_item("DELETE", "/UserPlayedItems/{itemId}", user_id, item_id)
+        return await self._user_item("DELETE", MARK_UNPLAYED_ROUTE, user_id, item_id)
 
     async def _user_item(
         self,
@@ -289,31 +305,16 @@ class JellyfinClient:
     ) -> UserData:
         """Make ``registers`` of the target hold ``desired``; return the state the server reports.
 
-        Nothing is sent when the target already holds them (dates compare at 1 s, the
-        resolution of :class:`jfsync.model.PlayState`). A rating going to none is cleared with
-        DELETE; a play state whose last played date goes to none is reset with DELETE played;
-        then one POST carries only the registers that still differ.
+        Sends the requests of :func:`jfsync.jellyfin.writeplan.plan_write` in order: nothing
+        when the target already holds them (dates compare at 1 s), a DELETE for a rating or a
+        last played date going to none, then one POST of only the registers that still differ.
         """
         result = current
-        if not _differing(desired, result, registers):
-            return result
-        if Register.RATING in registers and desired.rating is None and result.rating is not None:
-            result = (await self.clear_rating(user_id, item_id)).to_user_data()
-        if (
-            Register.PLAY_STATE in registers
-            and desired.play_state.last_played_s is None
-            and result.play_state.last_played_s is not None
-        ):
-            result = (await self.mark_unplayed(user_id, item_id)).to_user_data()
-        remaining = _differing(desired, result, registers)
-        if remaining:
-            raw = _update_body_json(desired, frozenset(str(r) for r in remaining))
-            if raw is not None:
-                result = (
-                    await self._user_item(
-                        "POST", "/UserItems/{itemId}/UserData", user_id, item_id, raw_body=raw
-                    )
-                ).to_user_data()
+        for request in plan_write(current, desired, registers).requests:
+            answer = await self._user_item(
+                request.method, request.route, user_id, item_id, raw_body=request.body
+            )
+            result = answer.to_user_data()
         return result
 
     # ------------------------------------------------------------------ tokens
@@ -521,6 +522,8 @@ class JellyfinClient:
 
 
 _USER_LIST: TypeAdapter[list[UserDto]] = TypeAdapter(list[UserDto])
+_SESSION_LIST: TypeAdapter[list[SessionInfo]] = TypeAdapter(list[SessionInfo])
+_LIBRARY_LIST: TypeAdapter[list[VirtualFolderInfo]] = TypeAdapter(list[VirtualFolderInfo])
 _BOOL: TypeAdapter[bool] = TypeAdapter(bool)
 _ITEM_PAGE: TypeAdapter[QueryResult[BaseItemDto]] = TypeAdapter(QueryResult[BaseItemDto])
 
@@ -533,19 +536,6 @@ def _adapter(kind: type[T]) -> TypeAdapter[T]:
     if adapter is None:
         adapter = _ADAPTERS[kind] = TypeAdapter(kind)
     return adapter
-
-
-@functools.lru_cache(maxsize=1024)
-def _update_body_json(desired: UserData, fields: frozenset[str]) -> bytes | None:
-    """The encoded ``update_body`` (None when empty); a burst writes a few states many times."""
-    body = update_body(desired, fields)
-    return json.dumps(body).encode() if body else None
-
-
-def _differing(
-    desired: UserData, current: UserData, registers: frozenset[Register]
-) -> set[Register]:
-    return {r for r in registers if desired.get(r) != current.get(r)}
 
 
 def _enc(value: str) -> str:

@@ -2,12 +2,13 @@
 
 Every frame Jellyfin sends is ``{"MessageType": ..., "Data": ..., "MessageId": ...}``
 (fact sheet §1.3). The types jfsync acts on get their own model: ``ForceKeepAlive``,
-``KeepAlive``, ``UserDataChanged`` (§2.2), ``LibraryChanged``, ``ServerRestarting`` and
-``ServerShuttingDown``. Every other type parses to :class:`UnknownMessage`, so a new server
-version never breaks the reader. Models keep Jellyfin's PascalCase through aliases, ignore
-unknown fields, and normalise ids to 32 lowercase hex. A frame that is not JSON, not an
-object, has no ``MessageType``, or carries a known type with a ``Data`` of the wrong shape
-raises :class:`MalformedMessageError`; the caller logs it and skips the frame.
+``KeepAlive``, ``UserDataChanged`` (§2.2), ``LibraryChanged``, ``Sessions`` (§1.5, what plays
+where), ``ServerRestarting`` and ``ServerShuttingDown``. Every other type parses to
+:class:`UnknownMessage`, so a new server version never breaks the reader. Models keep
+Jellyfin's PascalCase through aliases, ignore unknown fields, and normalise ids to 32 lowercase
+hex. A frame that is not JSON, not an object, has no ``MessageType``, or carries a known type
+with a ``Data`` of the wrong shape raises :class:`MalformedMessageError`; the caller logs it
+and skips the frame.
 
 Large frames (a bulk action on a big library sends one ``UserDataChanged`` of tens of MB) are
 parsed in steps: :func:`parse_message_steps` is a generator that pauses every
@@ -110,6 +111,72 @@ class LibraryChangedMessage(_Message):
         return {} if value is None else value
 
 
+class NowPlayingItem(_Wire):
+    """The part of a session's ``NowPlayingItem`` (a ``BaseItemDto``) jfsync reads."""
+
+    id: JfId = Field(alias="Id")
+    run_time_ticks: int | None = Field(default=None, alias="RunTimeTicks")
+
+
+class PlayStateInfo(_Wire):
+    """``PlayerStateInfo``: where a session's playback is (live, from its check-ins)."""
+
+    position_ticks: int | None = Field(default=None, alias="PositionTicks")
+    is_paused: bool = Field(default=False, alias="IsPaused")
+
+
+class SessionUserInfo(_Wire):
+    """``SessionUserInfo``: an additional user of a session (fact sheet §2.4)."""
+
+    user_id: JfId = Field(alias="UserId")
+
+
+class SessionInfo(_Wire):
+    """``SessionInfoDto``: one session as ``Sessions`` messages and ``GET /Sessions`` show it.
+
+    Only what following playback needs: its id, users, what it plays, where, and when its
+    player last reported (``LastPlaybackCheckIn``, moved by every progress report).
+    """
+
+    id: str = Field(alias="Id")
+    user_id: JfId | None = Field(default=None, alias="UserId")
+    additional_users: tuple[SessionUserInfo, ...] = Field(default=(), alias="AdditionalUsers")
+    now_playing_item: NowPlayingItem | None = Field(default=None, alias="NowPlayingItem")
+    play_state: PlayStateInfo = Field(default_factory=PlayStateInfo, alias="PlayState")
+    last_playback_check_in: str | None = Field(default=None, alias="LastPlaybackCheckIn")
+
+    @field_validator("additional_users", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: Any) -> Any:
+        return () if value is None else value
+
+    @field_validator("play_state", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @property
+    def user_ids(self) -> tuple[str, ...]:
+        """The session's user (none for an API-key session: the empty Guid) and extra users."""
+        main = () if self.user_id is None or self.user_id == _EMPTY_GUID else (self.user_id,)
+        return main + tuple(u.user_id for u in self.additional_users if u.user_id not in main)
+
+
+_EMPTY_GUID = "0" * 32
+
+
+class SessionsMessage(_Message):
+    """``Sessions``: every session the socket may see, after a ``SessionsStart`` (§1.5)."""
+
+    message_type: Literal["Sessions"] = Field(default="Sessions", alias="MessageType")
+    data: tuple[SessionInfo, ...] = Field(default=(), alias="Data")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: Any) -> Any:
+        return () if value is None else value
+
+
 class ServerRestartingMessage(_Message):
     """``ServerRestarting``: the server is about to restart; sockets will close."""
 
@@ -140,6 +207,7 @@ Message = (
     | LibraryChangedMessage
     | ServerRestartingMessage
     | ServerShuttingDownMessage
+    | SessionsMessage
     | UnknownMessage
 )
 
@@ -150,6 +218,7 @@ _MODELS: dict[str, type[_Message]] = {
     "LibraryChanged": LibraryChangedMessage,
     "ServerRestarting": ServerRestartingMessage,
     "ServerShuttingDown": ServerShuttingDownMessage,
+    "Sessions": SessionsMessage,
 }
 
 #: The messages whose ``Data`` can hold long lists (validated in steps when they do).
@@ -157,6 +226,12 @@ _STEPPED: frozenset[type[_Message]] = frozenset({UserDataChangedMessage, Library
 
 #: The one frame jfsync sends: Jellyfin parses inbound JSON case-sensitively (§1.3).
 KEEPALIVE_FRAME = '{"MessageType":"KeepAlive"}'
+
+
+def sessions_start_frame(period_ms: int) -> str:
+    """The ``SessionsStart`` subscription: a ``Sessions`` message at once, then every
+    ``period_ms`` and on every session or playback event (§1.5)."""
+    return json.dumps({"MessageType": "SessionsStart", "Data": f"0,{int(period_ms)}"})
 
 
 #: The largest message accepted by default (``servers[].max_message_size``): twice the largest

@@ -4,8 +4,9 @@
 :mod:`jfsync.sync.subscriber`. It opens ``ws(s)://host[/base]/socket`` with an
 ``Authorization: MediaBrowser ... Token="..."`` header (fact sheet §1.2), reads frames in its
 own task so keepalives are answered even while the consumer is busy, and hands the messages
-jfsync acts on (UserDataChanged, LibraryChanged, ServerRestarting, ServerShuttingDown) to the
-consumer in order through :meth:`JellyfinSocket.messages`.
+jfsync acts on (UserDataChanged, LibraryChanged, Sessions, ServerRestarting,
+ServerShuttingDown) to the consumer in order through :meth:`JellyfinSocket.receive`;
+:meth:`JellyfinSocket.send` sends a subscription such as ``SessionsStart``.
 
 KeepAlive (§1.4): a ``ForceKeepAlive`` is answered at once, and a ``KeepAlive`` is sent every
 ``keepalive_interval_s`` (30 s, as Jellyfin's own clients do). When no reply arrives within
@@ -63,6 +64,7 @@ from jfsync.jellyfin.messages import (
     Message,
     ServerRestartingMessage,
     ServerShuttingDownMessage,
+    SessionsMessage,
     UnknownMessage,
     UserDataChangedMessage,
     parse_message,
@@ -97,6 +99,7 @@ LiveMessage = (
     | LibraryChangedMessage
     | ServerRestartingMessage
     | ServerShuttingDownMessage
+    | SessionsMessage
 )
 
 _T = TypeVar("_T")
@@ -234,6 +237,19 @@ class JellyfinSocket:
         self._keeper = asyncio.create_task(
             self._keepalive_loop(), name=f"jfsync-ws-keepalive[{label}]"
         )
+
+    async def send(self, frame: str) -> None:
+        """Send one text frame (a subscription such as ``SessionsStart``).
+
+        Raises SocketClosedError when the connection is not open or closes meanwhile.
+        """
+        ws = self._ws
+        if ws is None or not self.is_open:
+            raise self._error or SocketClosedError(self.server, "websocket is not open")
+        try:
+            await ws.send(frame)
+        except ConnectionClosed as err:
+            raise SocketClosedError(self.server, f"websocket closed: {_reason(err)}") from None
 
     async def receive(self) -> LiveMessage | None:
         """Return the next live message in arrival order, or None once :meth:`close` was called.

@@ -193,6 +193,15 @@ class BaseItemDto(WireModel):
     user_data: UserItemDataDto | None = Field(default=None, alias="UserData")
 
 
+class VirtualFolderInfo(WireModel):
+    """``VirtualFolderInfo`` of ``/Library/VirtualFolders``: one library of the server."""
+
+    name: str = Field(alias="Name")
+    item_id: JfId | None = Field(default=None, alias="ItemId")
+    locations: list[str] = Field(default_factory=list, alias="Locations")
+    collection_type: str | None = Field(default=None, alias="CollectionType")
+
+
 ItemT = TypeVar("ItemT", bound=BaseModel)
 
 

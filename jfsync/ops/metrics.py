@@ -3,7 +3,7 @@
 :class:`Metrics` owns its own :class:`~prometheus_client.CollectorRegistry` (never the global
 one, so several services in one process, as in tests, do not collide). Everything but the
 latency histogram is collected at scrape time from the same secret-free snapshot ``/status``
-serves (:meth:`jfsync.service.SyncService.status`), so the two views never disagree. The
+serves (:func:`jfsync.ops.snapshot.build_status`), so the two views never disagree. The
 propagation latency histogram is fed by the pushers' write hook through
 :meth:`Metrics.observe_write`. The series are listed in ``docs/status.md``.
 """
@@ -73,7 +73,7 @@ class Metrics:
         child.observe(latency_s)
 
     def render(self, snapshot: Mapping[str, Any]) -> bytes:
-        """Return the Prometheus text for ``snapshot`` (a ``SyncService.status()`` result)."""
+        """Return the Prometheus text for ``snapshot`` (a :func:`build_status` result)."""
         self._snapshot.snapshot = snapshot
         try:
             return generate_latest(self.registry)

@@ -1,6 +1,8 @@
 """The status endpoint: an aiohttp server with ``/status``, ``/healthz`` and ``/metrics``.
 
-:class:`StatusServer` serves one :class:`~jfsync.service.SyncService`:
+:class:`StatusServer` serves one running service, seen through the small interface
+:class:`~jfsync.ops.snapshot.StatusSource` (``jfsync.service.SyncService`` satisfies it; this
+module does not import it):
 
 * ``GET /status``: the service's snapshot as JSON (shape documented in ``docs/status.md``);
 * ``GET /healthz``: 200 while the process runs and the ledger takes a write (a sentinel row
@@ -12,10 +14,15 @@
   of one, so they are tried again; answers ``{"revived": {server: count}}`` (the route
   ``jfsync retry-dead`` takes while ``jfsync run`` holds the ledger).
 * ``POST /reset-holds/accept``: resolve reset holds (``jfsync accept-reset`` while ``jfsync
-  run`` holds the ledger): JSON ``{"server": name, "user": name or null, "restore": bool}``.
+  run`` holds the ledger): JSON ``{"server": name, "user": name or null, "restore": bool}``;
+* ``GET /`` and ``GET /page/{app.js,style.css}``: the status page (files of
+  ``jfsync/ops/page``), which polls ``/status`` itself and offers the two actions above.
 
 With ``status.token`` configured every route, unknown ones included, needs
-``Authorization: Bearer <token>`` (compared in constant time) and answers 401 otherwise. The
+``Authorization: Bearer <token>`` (compared in constant time) and answers 401 otherwise; only
+the page's own files are served without it (they hold no data: the page asks for the token
+and sends it with every request it makes). A POST whose ``Origin`` is another site is refused
+(a page elsewhere cannot make a browser act here). The
 token never appears in any answer; every configured secret is replaced by ``***`` in every body
 as a second line of defence, and user:password parts of URLs are dropped.
 """
@@ -27,13 +34,14 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from aiohttp import web
 
 from jfsync.ops.metrics import CONTENT_TYPE, Metrics
-from jfsync.service import SyncService
+from jfsync.ops.snapshot import StatusSource, build_status
 from jfsync.sync.ledger import LedgerFileLostError
 
 logger = logging.getLogger(__name__)
@@ -50,12 +58,35 @@ MIN_SECRET_LEN = 4
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+#: The status page's files (package data in jfsync/ops/page) by route, with their types.
+PAGE_FILES = {
+    "/": ("index.html", "text/html"),
+    "/page/app.js": ("app.js", "text/javascript"),
+    "/page/style.css": ("style.css", "text/css"),
+}
+#: Headers of the page's files: nothing from elsewhere, no framing (the buttons act).
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+def page_file(name: str) -> bytes:
+    """One file of the status page, as shipped in the package."""
+    return resources.files("jfsync.ops").joinpath("page", name).read_bytes()
+
 
 class StatusServer:
     """Serve /status, /healthz and /metrics for one service on ``host:port``."""
 
     def __init__(
-        self, service: SyncService, *, host: str, port: int, token: str | None = None
+        self, service: StatusSource, *, host: str, port: int, token: str | None = None
     ) -> None:
         self.service = service
         self.host = host
@@ -70,9 +101,10 @@ class StatusServer:
         )
         self.metrics = Metrics(s.name for s in service.config.servers)
         self._runner: web.AppRunner | None = None
+        self._page_files: dict[str, bytes] = {}
 
     @classmethod
-    def from_config(cls, service: SyncService) -> StatusServer:
+    def from_config(cls, service: StatusSource) -> StatusServer:
         """Build the server the service's ``status`` config section describes."""
         status = service.config.status
         token = status.token.get_secret_value() if status.token is not None else None
@@ -93,6 +125,8 @@ class StatusServer:
         if self._runner is not None:
             return
         app = web.Application(middlewares=[self._auth_middleware])
+        for route in PAGE_FILES:
+            app.router.add_get(route, self._page)
         app.router.add_get("/status", self._status)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
@@ -113,7 +147,7 @@ class StatusServer:
             self.port = int(runner.addresses[0][1])
         self.service.write_observers.append(self.metrics.observe_write)
         logger.info(
-            "status endpoint on %s (/status, /healthz, /metrics; %s)",
+            "status endpoint on %s (page /, /status, /healthz, /metrics; %s)",
             self.url,
             "bearer token required" if self._token else "no token",
         )
@@ -138,7 +172,10 @@ class StatusServer:
 
     @web.middleware
     async def _auth_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self._token is not None and not self._authorized(request):
+        if request.method == "POST" and not _same_origin(request):
+            return self._json({"error": "a request from another site is refused"}, status=403)
+        public = request.method in ("GET", "HEAD") and request.path in PAGE_FILES
+        if self._token is not None and not public and not self._authorized(request):
             return web.json_response(
                 {"error": "missing or wrong bearer token"},
                 status=401,
@@ -146,9 +183,19 @@ class StatusServer:
             )
         return await handler(request)
 
+    async def _page(self, request: web.Request) -> web.StreamResponse:
+        """The status page's files: no data in them, so no token needed to load them."""
+        name, content_type = PAGE_FILES[request.path]
+        body = self._page_files.get(name)
+        if body is None:
+            body = self._page_files[name] = page_file(name)
+        return web.Response(
+            body=body, content_type=content_type, charset="utf-8", headers=PAGE_HEADERS
+        )
+
     async def _status(self, request: web.Request) -> web.StreamResponse:
         try:
-            snapshot = await self.service.status()
+            snapshot = await build_status(self.service)
         except Exception as err:  # noqa: BLE001 - the endpoint must answer, not crash
             reason = self._scrub_text(f"{type(err).__name__}: {err}")
             logger.warning("status snapshot failed: %s", reason)
@@ -178,7 +225,7 @@ class StatusServer:
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         try:
-            snapshot = await self.service.status()
+            snapshot = await build_status(self.service)
         except Exception as err:  # noqa: BLE001 - the endpoint must answer, not crash
             reason = self._scrub_text(f"{type(err).__name__}: {err}")
             logger.warning("metrics snapshot failed: %s", reason)
@@ -282,6 +329,15 @@ class StatusServer:
         for secret in self._secrets:
             text = text.replace(secret, REDACTED)
         return text
+
+
+def _same_origin(request: web.Request) -> bool:
+    """False when a browser says the request comes from a page of another site."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True  # not sent by a browser page (jfsync's commands, curl)
+    parts = urlsplit(origin)
+    return origin != "null" and parts.netloc.lower() == request.host.lower()
 
 
 def _without_userinfo(url: str) -> str:

@@ -10,10 +10,11 @@ servers, sockets and peers. Exit status, for scripts:
   act), or with ``--strict`` any warning;
 * 3: the endpoint cannot be reached, refused the token, or answered something else.
 
-``--healthz`` asks ``/healthz`` instead and exits 0 (healthy) or 1 (anything else), as a
-container ``HEALTHCHECK`` expects. The URL and token come from ``--url`` / ``--token``, else
-``JFSYNC_STATUS_TOKEN``, else the ``status`` section of ``--config``, else
-``http://127.0.0.1:8097`` without a token. The token is never printed.
+``--activity`` prints the activity feed (the recent changes received and written, newest
+first) instead of the tables. ``--healthz`` asks ``/healthz`` instead and exits 0 (healthy)
+or 1 (anything else), as a container ``HEALTHCHECK`` expects. The URL and token come from
+``--url`` / ``--token``, else ``JFSYNC_STATUS_TOKEN``, else the ``status`` section of
+``--config``, else ``http://127.0.0.1:8097`` without a token. The token is never printed.
 
 ``jfsync retry-dead`` lives here too (:func:`run_retry_dead`): it revives dead rows in the
 ledger file, or through ``POST /retry-dead`` of the running jfsync that holds the ledger.
@@ -73,6 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--healthz", action="store_true", help="only ask /healthz; exit 0 healthy, 1 otherwise"
     )
     parser.add_argument(
+        "--activity",
+        action="store_true",
+        help="print the recent changes jfsync received and wrote (newest first)",
+    )
+    parser.add_argument(
         "--strict", action="store_true", help="exit 1 on warnings too (server down, socket lost)"
     )
     parser.add_argument(
@@ -92,7 +98,13 @@ def run(args: argparse.Namespace) -> int:
     if args.healthz:
         return check_health(url, token, timeout_s=args.timeout, out=sys.stdout)
     return show_status(
-        url, token, timeout_s=args.timeout, strict=args.strict, raw=args.json, out=sys.stdout
+        url,
+        token,
+        timeout_s=args.timeout,
+        strict=args.strict,
+        raw=args.json,
+        activity=args.activity,
+        out=sys.stdout,
     )
 
 
@@ -116,9 +128,14 @@ def show_status(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     strict: bool = False,
     raw: bool = False,
+    activity: bool = False,
     out: TextIO,
 ) -> int:
-    """Fetch ``/status`` from ``url``, print it, and return the exit status."""
+    """Fetch ``/status`` from ``url``, print it, and return the exit status.
+
+    With ``activity`` only the activity feed is printed (``raw``: as JSON); the exit status
+    still says whether something needs doing.
+    """
     try:
         status, body = fetch(url, "/status", token, timeout_s)
         if status != 200:
@@ -129,7 +146,14 @@ def show_status(
     except (EndpointError, ValueError) as err:
         print(f"jfsync status: {_hide(str(err), token)}", file=out)
         return EXIT_UNREACHABLE
-    if raw:
+    if activity:
+        entries = snapshot.get("activity") or []
+        if raw:
+            print(json.dumps(entries, indent=2), file=out)
+        else:
+            print(_hide(render_activity(snapshot), token), file=out, end="")
+        problems = find_problems(snapshot)
+    elif raw:
         print(json.dumps(snapshot, indent=2), file=out)
         problems = find_problems(snapshot)
     else:
@@ -204,7 +228,8 @@ def find_problems(snap: Mapping[str, Any]) -> list[Problem]:
         if dead_count:
             lines = [f"peer {name} has {dead_count} dead row(s) (writes parked; not retried):"]
             for row in dead[:DEAD_ROWS_SHOWN]:
-                lines.append(f"    {row['user']} / {row['item']}: {row['reason'] or '?'}")
+                what = row.get("name") or row["item"]
+                lines.append(f"    {row['user']} / {what}: {row['reason'] or '?'}")
             if dead_count > DEAD_ROWS_SHOWN:
                 lines.append(f"    … and {dead_count - DEAD_ROWS_SHOWN} more (see --json)")
             blocking.append(Problem(True, "\n".join(lines)))
@@ -371,6 +396,46 @@ def render(snap: Mapping[str, Any], url: str = "") -> tuple[str, list[Problem]]:
 
 
 _MATCH_KEYS = ("matched", "unmatched", "ambiguous")
+
+
+def render_activity(snap: Mapping[str, Any]) -> str:
+    """The activity feed as a table, newest first: when, who, what, where, how long."""
+    now_ms = snap.get("now_ms")
+    entries = snap.get("activity")
+    if entries is None:
+        return "This jfsync does not report activity (older version).\n"
+    if not entries:
+        return "No activity yet: nothing changed since jfsync started.\n"
+    rows = []
+    for entry in entries:
+        targets = entry.get("to") or []
+        route = f"{entry.get('from') or '?'} → " + (
+            ", ".join(str(t["server"]) for t in targets) or "(none)"
+        )
+        rows.append(
+            [
+                f"{_duration_since(now_ms, entry.get('at_ms'))} ago",
+                str(entry.get("user_name") or entry.get("user")),
+                str(entry.get("name") or entry.get("item")),
+                route,
+                ", ".join(entry.get("registers") or []) or "-",
+                "; ".join(_delivery_text(t) for t in targets) or "-",
+            ]
+        )
+    lines = [f"ACTIVITY (newest first, {len(entries)} shown)"]
+    lines += _table(["WHEN", "USER", "ITEM", "FROM → TO", "CHANGED", "DELIVERY"], rows)
+    return "\n".join(lines) + "\n"
+
+
+def _delivery_text(target: Mapping[str, Any]) -> str:
+    state = target.get("state")
+    if state == "written" and target.get("latency_s") is not None:
+        return f"{target['server']} {_latency(float(target['latency_s']))}"
+    return f"{target['server']} {state or '?'}"
+
+
+def _latency(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else _duration(seconds)
 
 
 def _peer_state(outbox: Mapping[str, Any]) -> str:

@@ -10,7 +10,7 @@ from every listing was reset on that server, which is a change to the default st
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from jfsync.jellyfin.api import JellyfinClient
@@ -36,14 +36,22 @@ class ScannedItem:
     data: UserData
 
 
-async def scan_non_default(client: JellyfinClient, remote_user_id: str) -> dict[str, ScannedItem]:
-    """List the user's leaf items with non-default data, by the server's item id."""
+async def scan_non_default(
+    client: JellyfinClient, remote_user_id: str, parent_ids: Sequence[str] | None = None
+) -> dict[str, ScannedItem]:
+    """List the user's leaf items with non-default data, by the server's item id.
+
+    With ``parent_ids`` (a library filter: :mod:`jfsync.sync.filters`) only those libraries are
+    listed, one listing per library and filter; the others are never read.
+    """
     found: dict[str, ScannedItem] = {}
-    for name in NON_DEFAULT_FILTERS:
-        async for item in client.iter_items(remote_user_id, filters=(name,)):
-            if item.id in found or item.user_data is None:
-                continue
-            found[item.id] = ScannedItem(item, item.user_data.to_user_data())
+    parents: Sequence[str | None] = [None] if parent_ids is None else parent_ids
+    for parent in parents:
+        for name in NON_DEFAULT_FILTERS:
+            async for item in client.iter_items(remote_user_id, filters=(name,), parent_id=parent):
+                if item.id in found or item.user_data is None:
+                    continue
+                found[item.id] = ScannedItem(item, item.user_data.to_user_data())
     return found
 
 

@@ -1,11 +1,16 @@
 """The pusher: drains one peer's outbox into that Jellyfin server, with retries and pauses.
 
-One :class:`Pusher` per peer. It takes due rows from the ledger in batches, reads the target's
-current state for the whole batch in one ``/Items?Ids=`` call (compare-before-write), lets the
-ledger merge anything the peer changed behind the event path, then writes what is still owed
-with bounded concurrency through :meth:`JellyfinClient.apply_user_data` and records the batch's
-writes (pending echo + last-known) in the ledger in one transaction. While a batch is written,
-the next one and the peer's state of it are read ahead.
+One :class:`Pusher` per peer, the only path by which outbox rows become writes: ``jfsync run``
+starts it (:meth:`Pusher.start`, it runs until stopped) and ``jfsync reconcile`` drains it once
+(:meth:`Pusher.drain`; with ``dry_run`` it reads and compares but sends nothing, and a
+:class:`DeliveryWatcher` hears what became of each row). It takes due rows from the ledger in
+batches, reads the target's current state for the whole batch in one ``/Items?Ids=`` call
+(compare-before-write), lets the ledger merge anything the peer changed behind the event path
+and records each write's intents (the steps of its :mod:`jfsync.jellyfin.writeplan`), then
+writes what is still owed with bounded concurrency through
+:meth:`JellyfinClient.apply_user_data` and records the batch's writes (pending echo +
+last-known) in the ledger in one transaction. While a batch is written, the next one and the
+peer's state of it are read ahead.
 
 Failures never drop a row:
 
@@ -53,8 +58,9 @@ from jfsync.errors import (
     is_retryable,
 )
 from jfsync.jellyfin.api import JellyfinClient
+from jfsync.jellyfin.writeplan import plan_write
 from jfsync.logs import FailureStreak
-from jfsync.model import ALL_REGISTERS, PlayState, Register, UserData
+from jfsync.model import ALL_REGISTERS, UserData
 from jfsync.sync.ledger import Ledger, OutboxRow
 from jfsync.timing import Clock, backoff_delays
 
@@ -88,10 +94,16 @@ REGRESSION_RETRY_S = 5.0
 #: answers (the ledger locked, a bug): the pusher lives on and tries again.
 FAULT_INITIAL_S = 0.5
 FAULT_MAX_S = 60.0
+#: How long :meth:`Pusher.drain` probes a peer that went down before it gives up on it.
+DRAIN_DOWN_WAIT_S = 30.0
+#: How often a peer may go down (and come back) during one :meth:`Pusher.drain`.
+DRAIN_MAX_DOWNS = 3
 
 
 #: Called after every successful write with the peer and the propagation latency in seconds.
 WriteHook = Callable[[str, float], None]
+#: Called after every successful write with the row written and when it was recorded (wall ms).
+AckHook = Callable[[OutboxRow, int], None]
 
 
 @dataclass(slots=True)
@@ -107,6 +119,36 @@ class PeerStats:
     last_error: str | None = None
     last_write_ms: int | None = None
     latencies_s: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """One write recorded as made: the row, the peer's state before it and after it."""
+
+    row: OutboxRow
+    before: UserData
+    after: UserData
+
+
+class DeliveryWatcher:
+    """Told what became of each row a pusher handled; this base ignores everything.
+
+    ``jfsync reconcile`` subclasses it to report per item what it wrote, what failed and what
+    the peer does not have. Called from the pusher's task; a method that raises is logged and
+    changes nothing about delivery.
+    """
+
+    def written(self, peer: str, writes: Sequence[Delivered]) -> None:
+        """Writes recorded as made (in a dry run: that would have been made)."""
+
+    def failed(self, peer: str, row: OutboxRow, error: ServerError) -> None:
+        """A write failed (after any quick retries); the row stays queued (parked on 400/404)."""
+
+    def missing(self, peer: str, row: OutboxRow) -> None:
+        """The item is not on the peer for that user: the row is parked, nothing is written."""
+
+    def deferred(self, peer: str, rows: Sequence[OutboxRow]) -> None:
+        """The peer shows these items back to never-touched: held until a catch-up decides."""
 
 
 class Pusher:
@@ -133,6 +175,11 @@ class Pusher:
         on_progress: Callable[[], None] | None = None,
         on_write: WriteHook | None = None,
         on_regression: Callable[[str, str], None] | None = None,
+        on_ack: AckHook | None = None,
+        watcher: DeliveryWatcher | None = None,
+        dry_run: bool = False,
+        drain_down_wait_s: float = DRAIN_DOWN_WAIT_S,
+        drain_max_downs: int = DRAIN_MAX_DOWNS,
     ) -> None:
         self.peer = peer
         self.stats = PeerStats()
@@ -156,8 +203,14 @@ class Pusher:
         self._fault_max_s = fault_max_s
         self._on_progress = on_progress
         self._on_write = on_write
+        self._on_ack = on_ack
         #: Told (peer, user) when items of that user read back to never-touched (catch up).
         self._on_regression = on_regression
+        self._watcher = watcher
+        #: Read, compare and record as usual, but send no write (on a copy of the ledger).
+        self._dry_run = dry_run
+        self._drain_down_wait_s = drain_down_wait_s
+        self._drain_max_downs = drain_max_downs
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[tuple[str, str]] = set()
@@ -233,6 +286,43 @@ class Pusher:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise
+
+    async def drain(self) -> str | None:
+        """Deliver every row due now, then return: the one-shot delivery of ``jfsync reconcile``.
+
+        The rounds are those of the running pusher (compare read, intents, quick retries,
+        read-ahead, parking). A peer that goes down is probed as usual for up to
+        ``drain_down_wait_s``; when it answers, its rows are due again and the drain goes on
+        (up to ``drain_max_downs`` times). A refused key pauses the peer, which ends the
+        drain at once.
+        Returns None when nothing due is left, else why delivery stopped; the rows not
+        written stay queued. Not for a pusher that was started.
+        """
+        assert self._task is None, "drain() is for a pusher that is not running"
+        downs = 0
+        try:
+            while self._accepting:
+                try:
+                    if not await self._round():
+                        return None
+                except _PeerPaused as paused:
+                    self._pause(paused.error)
+                    return self.stats.pause_reason
+                except _PeerDown as down:
+                    downs += 1
+                    if downs > self._drain_max_downs:
+                        return f"{self.peer} failed {downs} times: {down.error}"
+                    wait_s = self._drain_down_wait_s
+                    if not await self._wait_until_up(
+                        down.error, until=self._clock.monotonic() + wait_s
+                    ):
+                        return (
+                            f"{self.peer} did not answer for {wait_s:g} s: "
+                            f"{self.stats.last_error or down.error}"
+                        )
+            return "stopped"
+        finally:
+            await self._drop_prepared()
 
     # ------------------------------------------------------------------ the loop
 
@@ -372,15 +462,16 @@ class Pusher:
         lanes taking more rows: those not tried stay queued as they are.
         """
         failures: list[Exception] = []
-        done: list[tuple[OutboxRow, UserData]] = []
-        rows = iter(owed)
+        # By the row's place in the batch: the writes are recorded (and reported) in due order.
+        done: list[tuple[OutboxRow, UserData] | None] = [None] * len(owed)
+        rows = enumerate(owed)
         stopped = False
         # Set once this batch's writes are recorded: an echo of one waits for it (settled).
         recorded = asyncio.Event()
 
         async def lane() -> None:
             nonlocal stopped
-            for row, current in rows:
+            for index, (row, current) in rows:
                 if not self._accepting:
                     return  # stopping: what is not sent yet stays queued
                 key = (row.user, row.item)
@@ -393,22 +484,30 @@ class Pusher:
                     stopped = stopped or isinstance(err, _PeerDown | _PeerPaused)
                 else:
                     if written:
-                        done.append((row, row.intended(current)))
+                        done[index] = (row, current)
                 if stopped:
                     return
 
         try:
             await asyncio.gather(*(lane() for _ in range(min(self._concurrency, len(owed)))))
-            if done:
+            made = [write for write in done if write is not None]
+            if made:
+                acks = [(row, row.intended(current)) for row, current in made]
                 try:
                     done_ms = self._clock.wall_ms()
-                    await self._ledger.rows_written(done, done_ms)
+                    await self._ledger.rows_written(acks, done_ms)
                 except JfsyncError as err:
                     # Unrecorded writes stay queued and are compared again (the peer already
                     # holds them, so nothing is written twice).
                     failures.append(err)
                 else:
-                    self._written([row for row, _ in done], done_ms)
+                    self._written([row for row, _ in acks], done_ms)
+                    if self._watcher is not None:
+                        delivered = [
+                            Delivered(row, current, after)
+                            for (row, current), (_, after) in zip(made, acks, strict=True)
+                        ]
+                        self._tell(self._watcher.written, self.peer, delivered)
                     if not failures:
                         self.stats.last_error = None  # writes work again: say so
         finally:
@@ -543,6 +642,8 @@ class Pusher:
                 continue
             reason = f"item {row.remote_item_id or row.item} not found on {self.peer} for that user"
             await self._park(row, reason)
+            if self._watcher is not None:
+                self._tell(self._watcher.missing, self.peer, row)
         # The intents are written ahead in the same transaction: should jfsync stop mid-write,
         # what it finds on the peer later is known to be its own.
         regressed: list[OutboxRow] = []
@@ -586,6 +687,8 @@ class Pusher:
         await self._ledger.rows_failed(
             rows, "waiting for the catch-up scan: the item reads as never touched", retry_at
         )
+        if self._watcher is not None:
+            self._tell(self._watcher.deferred, self.peer, rows)
         if self._on_regression is not None:
             for user in users:
                 try:
@@ -603,6 +706,8 @@ class Pusher:
                 remote_user, remote_item, row.desired, current, row.registers
             )
 
+        if self._dry_run:
+            return True  # recorded as made (in a copy of the ledger); nothing is sent
         try:
             try:
                 await send()
@@ -626,6 +731,8 @@ class Pusher:
         except ServerError as err:
             self.stats.failures += 1
             self.stats.last_error = str(err)
+            if self._watcher is not None:
+                self._tell(self._watcher.failed, self.peer, row, err)
             if isinstance(err, NotFoundError | BadRequestError):
                 await self._park(row, str(err))
                 return False
@@ -638,11 +745,14 @@ class Pusher:
         """Count recorded writes and report each one's propagation latency."""
         self.stats.writes_done += len(rows)
         self.stats.last_write_ms = done_ms
-        if self._on_write is not None:
+        if self._on_write is not None or self._on_ack is not None:
             for row in rows:
                 # Propagation latency: from when the change was first queued for this peer.
                 try:
-                    self._on_write(self.peer, max(0.0, (done_ms - row.created_ms) / 1000))
+                    if self._on_write is not None:
+                        self._on_write(self.peer, max(0.0, (done_ms - row.created_ms) / 1000))
+                    if self._on_ack is not None:
+                        self._on_ack(row, done_ms)
                 except Exception:
                     # A failing observer must not undo delivery, nor stop the next reports.
                     logger.exception("[→%s] reporting a recorded write failed", self.peer)
@@ -664,33 +774,46 @@ class Pusher:
             return _PeerDown(err)
         return err
 
-    async def _wait_until_up(self, error: ServerError) -> None:
+    async def _wait_until_up(self, error: ServerError, *, until: float | None = None) -> bool:
         """Probe the peer cheaply until it answers, then make its rows due again.
 
         Any answer but a good one means "still down": a proxy in front of a stopped server
-        answers 502, 404 or its own HTML page, none of which says the server is back.
+        answers 502, 404 or its own HTML page, none of which says the server is back. With
+        ``until`` (a time on the clock's monotonic scale), no probe starts after it: False
+        is returned, the peer still counted as down. Also False when stopping.
         """
         self.stats.down_since_ms = self.stats.down_since_ms or self._clock.wall_ms()
         self.stats.last_error = str(error)
         self._streak.failed("peer unreachable; queueing and probing", error)
         self._progress()
-        async for attempt in AsyncRetrying(
-            stop=stop_never,
-            wait=self._probe_wait,
-            retry=retry_if_exception_type(Exception),
-            sleep=self._sleep_until_stop,
-            before_sleep=self._still_down,
-            reraise=True,
-        ):
-            with attempt:
-                if self._stopping():
-                    return
-                await self._client.public_info()
+
+        def give_up(_: RetryCallState) -> bool:
+            return until is not None and self._clock.monotonic() >= until
+
+        try:
+            async for attempt in AsyncRetrying(
+                stop=give_up if until is not None else stop_never,
+                wait=self._probe_wait,
+                retry=retry_if_exception_type(Exception),
+                sleep=self._sleep_until_stop,
+                before_sleep=self._still_down,
+                reraise=True,
+            ):
+                with attempt:
+                    if self._stopping():
+                        return False
+                    await self._client.public_info()
+        except Exception:
+            # The last probe failed when ``until`` had come: still down.
+            if until is None:
+                raise
+            return False
         self.stats.down_since_ms = None
         self.stats.last_error = None  # what made it "down" is over: never shown after recovery
         self._streak.succeeded("peer reachable")
         self._progress()
         await self._ledger.reset_backoff(self.peer)
+        return True
 
     def _still_down(self, attempt: RetryCallState) -> None:
         """Show why the last probe failed (the streak logs it at DEBUG)."""
@@ -708,13 +831,17 @@ class Pusher:
     async def _sleep_until_stop(self, seconds: float) -> None:
         await self._sleep_or_wake(seconds, wake_on_rows=False)
 
-    async def _wait_until_key_works(self, error: ServerError) -> None:
-        """Stay paused with a visible reason; ask again slowly until the key is accepted."""
+    def _pause(self, error: ServerError) -> None:
+        """Show the peer as paused, with why."""
         self.stats.pause_reason = (
             f"{self.peer} refused jfsync's API key ({error}); check servers[].api_key"
         )
         self._streak.failed("paused", self.stats.pause_reason)
         self._progress()
+
+    async def _wait_until_key_works(self, error: ServerError) -> None:
+        """Stay paused with a visible reason; ask again slowly until the key is accepted."""
+        self._pause(error)
         while self._accepting:
             await self._sleep_or_wake(self._auth_retry_s, wake_on_rows=False)
             if self._stopping():
@@ -762,28 +889,22 @@ class Pusher:
         if self._on_progress is not None:
             self._on_progress()
 
+    def _tell(self, method: Callable[..., None], *args: object) -> None:
+        """Tell the watcher; a watcher that fails must not undo or stop delivery."""
+        try:
+            method(*args)
+        except Exception:
+            logger.exception("[→%s] the delivery watcher failed", self.peer)
+
 
 def write_steps(before: UserData, row: OutboxRow) -> list[UserData]:
     """The states the peer holds after each request of writing ``row`` over ``before``.
 
-    Mirrors :meth:`JellyfinClient.apply_user_data`: DELETE the rating when it goes to none,
-    DELETE played when the last played date goes to none (Jellyfin's MarkUnplayed: not
-    played, count 0, position 0, no date), then one POST of what still differs.
+    The steps of :func:`jfsync.jellyfin.writeplan.plan_write`, which
+    :meth:`JellyfinClient.apply_user_data` sends; ``[before]`` when nothing is to be sent.
     """
-    steps: list[UserData] = []
-    state = before
-    if Register.RATING in row.registers and row.desired.rating is None and state.rating is not None:
-        state = replace(state, rating=None)
-        steps.append(state)
-    if (
-        Register.PLAY_STATE in row.registers
-        and row.desired.play_state.last_played_s is None
-        and state.play_state.last_played_s is not None
-    ):
-        state = replace(state, play_state=PlayState())
-        steps.append(state)
-    steps.append(row.intended(before))
-    return steps
+    plan = plan_write(before, row.desired, row.registers)
+    return list(plan.steps) or [plan.result]
 
 
 #: Rows taken ahead and the peer's state of each (by canonical user and item).

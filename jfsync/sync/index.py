@@ -38,6 +38,7 @@ from jfsync.config import PathRewrite, ServerConfig
 from jfsync.errors import JfsyncError
 from jfsync.jellyfin.api import DEFAULT_ITEM_TYPES, JellyfinClient
 from jfsync.jellyfin.wire import BaseItemDto
+from jfsync.sync.filters import LibraryScope, resolve_scope
 from jfsync.sync.ledger.schema import WriteGate, connect, prepare, schema_version
 
 logger = logging.getLogger(__name__)
@@ -284,6 +285,8 @@ class LibraryIndex:
         #: film). Cleared by every write transaction; most libraries have none.
         self._has_siblings: dict[int, bool] = {}
         self._writes = 0  # write transactions begun: a cached answer read across one is dropped
+        #: Per server with a library filter: the scope its last scan resolved (issue 14).
+        self._scopes: dict[str, LibraryScope] = {}
 
     def __repr__(self) -> str:
         return f"LibraryIndex({self._path!r})"
@@ -356,6 +359,61 @@ class LibraryIndex:
         """The config name of a server id."""
         return self._names[sid]
 
+    # ------------------------------------------------------------------ library filters
+
+    def set_servers(self, servers: Sequence[ServerConfig]) -> None:
+        """Take new settings of known servers (a config reload): library filters, rewrites.
+
+        A changed filter takes effect at the server's next scan; forget its resolved scope.
+        """
+        for server in servers:
+            old = self._servers.get(server.name)
+            if old is not None and old.libraries != server.libraries:
+                self._scopes.pop(server.name, None)
+            self._servers[server.name] = server
+
+    def scope(self, server: str) -> LibraryScope | None:
+        """The library scope of the server's last scan (None: no filter, or not scanned yet)."""
+        config = self._servers.get(server)
+        if config is None or config.libraries is None:
+            return None
+        return self._scopes.get(server)
+
+    async def library_parents(self, client: JellyfinClient, server: str) -> list[str] | None:
+        """The library ids a user scan of ``server`` must be limited to (None: the whole
+        server). Resolves the filter first when no scan has yet."""
+        scope = await self._scope_for(client, server)
+        return None if scope is None else scope.parent_ids
+
+    async def _scope_for(self, client: JellyfinClient, server: str) -> LibraryScope | None:
+        config = self._servers.get(server)
+        if config is None or config.libraries is None:
+            self._scopes.pop(server, None)
+            return None
+        scope = self._scopes.get(server)
+        if scope is None:
+            scope = await resolve_scope(client, server, config.libraries)
+            assert scope is not None
+            self._scopes[server] = scope
+            logger.info("[%s] library filter: %s", server, scope.describe())
+        return scope
+
+    @staticmethod
+    async def _listing(
+        client: JellyfinClient, scope: LibraryScope | None, **query: Any
+    ) -> AsyncIterator[BaseItemDto]:
+        """``iter_items(None, **query)`` over the whole server, or each synced library."""
+        if scope is None:
+            async for item in client.iter_items(None, **query):
+                yield item
+            return
+        seen: set[str] = set()
+        for parent in scope.parent_ids:
+            async for item in client.iter_items(None, parent_id=parent, **query):
+                if item.id not in seen:
+                    seen.add(item.id)
+                    yield item
+
     # ------------------------------------------------------------------ scanning
 
     async def scan(
@@ -391,8 +449,11 @@ class LibraryIndex:
         series: dict[str, dict[str, str]] = {}
         moved: set[str] = set()
         batch: list[BaseItemDto] = []
-        async for item in client.iter_items(
-            None, include_types=("Series",), fields=("ProviderIds",), page_size=page_size
+        # A filtered server is read library by library: excluded ones are never listed.
+        self._scopes.pop(server, None)
+        scope = await self._scope_for(client, server)
+        async for item in self._listing(
+            client, scope, include_types=("Series",), fields=("ProviderIds",), page_size=page_size
         ):
             batch.append(item)
             if len(batch) >= page_size:
@@ -406,8 +467,9 @@ class LibraryIndex:
         # A page is stored (in SQLite's thread) while the next one is fetched and parsed.
         storing: asyncio.Task[None] | None = None
         try:
-            async for item in client.iter_items(
-                None,
+            async for item in self._listing(
+                client,
+                scope,
                 include_types=DEFAULT_ITEM_TYPES,
                 fields=("Path", "ProviderIds"),
                 page_size=page_size,
@@ -453,10 +515,11 @@ class LibraryIndex:
             return 0, 0
         sid = self.sid(server)
         async with self._server_locks[server]:
-            return await self._refresh(client, sid, wanted)
+            scope = await self._scope_for(client, server)
+            return await self._refresh(client, sid, wanted, scope)
 
     async def _refresh(
-        self, client: JellyfinClient, sid: int, wanted: list[str]
+        self, client: JellyfinClient, sid: int, wanted: list[str], scope: LibraryScope | None
     ) -> tuple[int, int]:
         gen = await self._current_gen(sid)
         leaves: list[IndexEntry] = []
@@ -471,6 +534,14 @@ class LibraryIndex:
                 found_series.append(item)
             elif item.type in DEFAULT_ITEM_TYPES:
                 leaves.append(IndexEntry.from_dto(item))
+        if scope is not None:
+            # Read by id, an item is placed by its path; one outside the synced libraries is
+            # not stored (and dropped if it moved out of them).
+            out = [e.remote_id for e in leaves if not scope.allows_path(e.path)]
+            if out:
+                leaves = [e for e in leaves if scope.allows_path(e.path)]
+                for chunk in _chunks(out, _CHUNK):
+                    await self._remove(sid, chunk)
         stored = 0
         moved: set[str] = set()
         series = await self._store_series(sid, gen, found_series, moved) if found_series else {}

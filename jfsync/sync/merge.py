@@ -41,6 +41,16 @@ state yet):
   history for the item (``seed_known``), and is merged as above when it has not (the seed
   overrides it when it shows up).
 
+**Rewatch protection** (``rewatch_protection``, from ``sync.rewatch_protection``, on by
+default; :mod:`jfsync.sync.rewatch`): a known server's play-state change that un-plays a played
+item through playback (unplayed, play count above 0) is merged as if ``Played`` had stayed
+true, as 12.0 shows a rewatch; its play count, date and position are taken. An explicit
+un-play (play count 0) is merged as it is. First contact is not affected.
+**Direction** (``servers[].mode``): a server in :attr:`MergePolicy.send_only` is never owed
+anything; a change shown by a server in :attr:`MergePolicy.receive_only` never moves the canonical
+state nor is owed to anyone (at first contact that server is owed the non-default canonical
+values it lacks). :meth:`MergePolicy.for_user` narrows ``synced`` to one person's choices.
+
 A first-contact winner that differs from the canonical value becomes canonical with stamp
 ``max(stamp, old stamp)`` and origin ``origin``, and every other server is owed it; a canonical
 winner that differs from the incoming value is owed to ``origin``. With the merge policy the
@@ -50,7 +60,7 @@ first-contact outcome is the same whatever order the servers are first seen in.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 from jfsync.model import (
@@ -61,6 +71,7 @@ from jfsync.model import (
     Stamp,
     UserData,
 )
+from jfsync.sync.rewatch import protected
 
 _FAVORITE = Register.FAVORITE
 _RATING = Register.RATING
@@ -90,6 +101,16 @@ class MergePolicy:
     synced: frozenset[Register] = frozenset(ALL_REGISTERS)
     initial_merge: InitialMerge = "merge"
     seed_server: str | None = None
+    #: Keep Played when a server un-plays an item by starting it again (jfsync.sync.rewatch).
+    rewatch_protection: bool = False
+    #: Servers jfsync never writes to (``mode: send``): never owed anything.
+    send_only: frozenset[str] = frozenset()
+    #: Servers whose own changes are never propagated (``mode: receive``): what they show
+    #: is recorded as their state (so writes to them stay right) but never moves the
+    #: canonical state; at first contact they are owed the canonical values they lack.
+    receive_only: frozenset[str] = frozenset()
+    #: Per canonical user key: the registers that person syncs, when narrower than ``synced``.
+    user_fields: tuple[tuple[str, frozenset[Register]], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.servers:
@@ -110,7 +131,26 @@ class MergePolicy:
             synced=frozenset(config.sync.fields),
             initial_merge=config.sync.initial_merge,
             seed_server=seed,
+            rewatch_protection=config.sync.rewatch_protection,
+            send_only=frozenset(s.name for s in config.servers if s.mode == "send"),
+            receive_only=frozenset(s.name for s in config.servers if s.mode == "receive"),
         )
+
+    def with_user_fields(self, fields: Mapping[str, frozenset[Register]]) -> MergePolicy:
+        """This policy with per-user register choices (user key -> registers synced)."""
+        narrowed = tuple(sorted((u, frozenset(f) & self.synced) for u, f in fields.items()))
+        return replace(self, user_fields=narrowed)
+
+    def for_user(self, user: str) -> MergePolicy:
+        """The policy one person's data is merged by (their own register choices applied)."""
+        for key, fields in self.user_fields:
+            if key == user:
+                return replace(self, synced=fields, user_fields=())
+        return self
+
+    def receives(self, server: str) -> bool:
+        """Tell whether jfsync may write to ``server``."""
+        return server not in self.send_only
 
     @property
     def seed(self) -> str | None:
@@ -209,6 +249,13 @@ def merge(
     and item; it is ignored otherwise.
     """
     synced = policy.synced
+    if origin in policy.receive_only:
+        if canonical is None:
+            raise ValueError(
+                f"{origin} is receive-only: with no canonical state its state decides nothing "
+                "(record it as its last-known state instead of merging)"
+            )
+        return _receiver(policy, canonical, last_known, incoming, origin)
     if canonical is None:
         return _first_ever(policy, last_known, incoming, stamp, origin)
     if last_known is None:
@@ -220,6 +267,9 @@ def merge(
     lost: set[Register] = set()
     for register in _ordered(changed):
         value = incoming.get(register)
+        if policy.rewatch_protection and register is Register.PLAY_STATE:
+            assert isinstance(value, PlayState)
+            value = protected(canonical.data.play_state, value)
         current = canonical.stamped(register)
         if stamp > current.stamp:
             if value != canonical.data.get(register):
@@ -345,6 +395,38 @@ def _first_contact(
     )
 
 
+def _receiver(
+    policy: MergePolicy,
+    canonical: CanonicalState,
+    last_known: UserData | None,
+    incoming: UserData,
+    origin: str,
+) -> MergeResult:
+    """A receive-only server showed ``incoming``: its changes never move the canonical state.
+
+    At first contact it is owed the canonical values that are not the default and differ from
+    what it holds (it receives what the others have); its later edits stay its own until the
+    register changes elsewhere.
+    """
+    base = last_known if last_known is not None else DEFAULT_USER_DATA
+    changed = frozenset([r for r in policy.synced if incoming.get(r) != base.get(r)])
+    owed: frozenset[Register] = frozenset()
+    if last_known is None and policy.receives(origin):
+        owed = frozenset(
+            r
+            for r in policy.synced
+            if canonical.data.get(r) != incoming.get(r)
+            and canonical.data.get(r) != DEFAULT_USER_DATA.get(r)
+        )
+    return MergeResult(
+        changed=changed,
+        first_contact=last_known is None,
+        canonical=canonical,
+        canonical_changed=frozenset(),
+        writes={origin: owed} if owed else {},
+    )
+
+
 def _writes(
     policy: MergePolicy,
     origin: str,
@@ -354,9 +436,9 @@ def _writes(
     writes: dict[str, frozenset[Register]] = {}
     if to_others:
         for server in policy.servers:
-            if server != origin:
+            if server != origin and server not in policy.send_only:
                 writes[server] = to_others
-    if to_origin:
+    if to_origin and origin not in policy.send_only:
         writes[origin] = to_origin
     return writes
 

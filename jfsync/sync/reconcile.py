@@ -1,4 +1,4 @@
-"""Catch-up, library refreshes, the periodic full reconcile and ``jfsync reconcile``.
+"""Catch-up, library refreshes and the full reconcile (periodic, and for ``jfsync reconcile``).
 
 :meth:`Reconciler.catch_up` is what jfsync does for one (server, user) after every (re)connect
 and in every full reconcile: list the user's items with non-default data on that server
@@ -20,40 +20,29 @@ user) is held for the operator (``hold``); a held pair is not caught up until re
 every user of every reachable server) and the debounced ``LibraryChanged`` refresh (re-read the
 items named, match again, catch up the servers whose id map moved).
 
-:func:`run_reconcile` is ``jfsync reconcile``: one full reconcile, then delivery of everything
-owed, then exit. With ``dry_run`` it works on a copy of the ledger file taken through a
-read-only SQLite connection and never writes to a server: it reads what each write would
-target and reports, per user and server, what would change (before and after). The ledger file
-itself is left byte-for-byte as it was. The real run executes the same steps with the writes.
+``jfsync reconcile`` (:mod:`jfsync.ops.reconcilecmd`) runs one :meth:`Reconciler.reconcile`
+and then delivers what it queued through the pushers, the only delivery path
+(:mod:`jfsync.sync.delivery`); :class:`ReconcileReport` is what both it and the service show.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-import aiohttp
-
-from jfsync.config import Config
 from jfsync.errors import JfsyncError, ServerError
 from jfsync.jellyfin.api import JellyfinClient
-from jfsync.model import TICKS_PER_SECOND, PlayState, Register, UserData
+from jfsync.model import UserData
 from jfsync.sync.catchup import catchup_observations, scan_non_default
 from jfsync.sync.identity import IdentityChange, IndexedIdentity, ItemIdentity
-from jfsync.sync.ledger import Applied, ItemMapping, Ledger, OutboxRow, Outcome
-from jfsync.sync.merge import MergePolicy
-from jfsync.sync.resetguard import ResetGuard, ResetRule, regressed_items
+from jfsync.sync.ledger import Applied, ItemMapping, Ledger, Outcome
+from jfsync.sync.resetguard import ResetGuard, regressed_items
 from jfsync.sync.subscriber import LibraryChangedEvent
-from jfsync.sync.users import match_users
 from jfsync.tasks import cancel_and_wait
-from jfsync.timing import Clock, SystemClock
+from jfsync.timing import Clock
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +52,6 @@ SCAN_BATCH = 1000
 LIBRARY_DEBOUNCE_S = 2.0
 #: More changed ids than this in one refresh: rescan the whole library instead.
 FULL_RESCAN_OVER = 5000
-#: Rows read and written per delivery round of ``jfsync reconcile``.
-DELIVERY_BATCH = 100
-#: Writes in flight to one server at once during ``jfsync reconcile``.
-WRITE_CONCURRENCY = 8
 
 #: server -> remote user id -> canonical user key, for the users to catch up.
 UsersOf = Callable[[], Mapping[str, Mapping[str, str]]]
@@ -175,6 +160,18 @@ class Reconciler:
         if self._interval_s is not None:
             self._tasks.append(asyncio.create_task(self._periodic(), name="jfsync-reconcile"))
 
+    def set_interval(self, interval_s: float | None) -> None:
+        """Take a new ``sync.reconcile_interval`` (a config reload): the next full reconcile
+        comes that long from now."""
+        self._interval_s = interval_s
+        if not self._tasks:
+            return  # not started: start() reads it
+        for task in [t for t in self._tasks if t.get_name() == "jfsync-reconcile"]:
+            task.cancel()
+            self._tasks.remove(task)
+        if interval_s is not None:
+            self._tasks.append(asyncio.create_task(self._periodic(), name="jfsync-reconcile"))
+
     async def close(self) -> None:
         """Cancel the background tasks and wait for them."""
         tasks, self._tasks = self._tasks, []
@@ -200,7 +197,13 @@ class Reconciler:
         # predate a write that was recorded while the scan ran).
         read_ms = self.clock.wall_ms()
         read_seq = ledger.ticket()
-        scanned = await scan_non_default(client, remote_user_id)
+        # Issue 14: a server with a library filter is listed library by library.
+        parents = (
+            await self.identity.index.library_parents(client, server)
+            if isinstance(self.identity, IndexedIdentity)
+            else None
+        )
+        scanned = await scan_non_default(client, remote_user_id, parents)
         items = await self.identity.canonical_items(server, list(scanned))
         if not self.identity.complete:
             # Identities that map lazily learn the server's ids from what it shows.
@@ -450,360 +453,8 @@ class Reconciler:
         }
 
 
-# ---------------------------------------------------------------------- jfsync reconcile
-
-
-@dataclass(frozen=True, slots=True)
-class PlannedWrite:
-    """One write a reconcile makes (or, in a dry run, would make) to one server."""
-
-    server: str
-    user: str
-    item: str
-    #: The server's own id of the item.
-    remote_item_id: str
-    label: str
-    before: UserData
-    after: UserData
-    registers: frozenset[Register]
-
-
-@dataclass(slots=True)
-class ReconcileOutcome:
-    """Everything ``jfsync reconcile`` did or would do."""
-
-    dry_run: bool
-    report: ReconcileReport | None = None
-    writes: list[PlannedWrite] = field(default_factory=list)
-    #: (user, server) -> items owed to a server that does not have them (not written).
-    missing: dict[tuple[str, str], int] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    user_names: dict[str, str] = field(default_factory=dict)
-    identity: dict[str, Any] = field(default_factory=dict)
-
-    def counts(self) -> dict[tuple[str, str], int]:
-        """Writes per (user, server)."""
-        found: dict[tuple[str, str], int] = {}
-        for write in self.writes:
-            key = (write.user, write.server)
-            found[key] = found.get(key, 0) + 1
-        return found
-
-    @property
-    def ok(self) -> bool:
-        """True when every server answered and every write succeeded."""
-        return not self.failures and not self.problems
-
-
-async def run_reconcile(
-    config: Config,
-    *,
-    dry_run: bool,
-    clock: Clock | None = None,
-    out: TextIO | None = None,
-    sample: int = 5,
-) -> ReconcileOutcome:
-    """Run one full reconcile of the configured servers and deliver (or plan) every write."""
-    clock = clock or SystemClock()
-    outcome = ReconcileOutcome(dry_run=dry_run)
-    with tempfile.TemporaryDirectory(prefix="jfsync-reconcile-") as tmp:
-        work = Path(tmp) / "ledger.db" if dry_run else config.ledger
-        if dry_run:
-            await asyncio.to_thread(copy_ledger, config.ledger, work)
-        work_config = config.model_copy(update={"ledger": work})
-        ledger = Ledger(work, MergePolicy.from_config(config), user_map=config.users.map)
-        await ledger.open()
-        try:
-            async with aiohttp.ClientSession() as session:
-                await _reconcile_with(work_config, ledger, session, clock, outcome)
-        finally:
-            await ledger.close()
-    if out is not None:
-        print_outcome(outcome, out, sample=sample)
-    return outcome
-
-
-async def _reconcile_with(
-    config: Config,
-    ledger: Ledger,
-    session: aiohttp.ClientSession,
-    clock: Clock,
-    outcome: ReconcileOutcome,
-) -> None:
-    clients: dict[str, JellyfinClient] = {}
-    for server in config.servers:
-        assert server.api_key is not None
-        clients[server.name] = JellyfinClient(
-            server.name,
-            server.url,
-            server.api_key.get_secret_value(),
-            session=session,
-            device_id=f"jfsync-rest-{server.name}",
-            timeout_s=server.timeout_s,
-            verify_tls=server.verify_tls,
-        )
-    accounts = {}
-    for name, client in clients.items():
-        try:
-            await client.ensure_supported()
-            accounts[name] = await client.users()
-        except ServerError as err:
-            outcome.problems.append(str(err))
-    if outcome.problems:
-        return
-    match = match_users(config, accounts)
-    outcome.problems.extend(f"users: {p}" for p in match.problems)
-    users: dict[str, dict[str, str]] = {name: {} for name in clients}
-    for person in match.users:
-        outcome.user_names[person.key] = person.display_name
-        for name, account in person.accounts.items():
-            users[name][account.id] = person.key
-            await ledger.map_user(name, account.id, person.key, name=account.name)
-    identity = IndexedIdentity(config, ledger, clock)
-    await identity.start(clients)
-    try:
-        # The same guard as the service: a wiped server is restored (or held), not propagated.
-        guard = ResetGuard(ResetRule.from_config(config), ledger, clock)
-        await guard.load()
-        reconciler = Reconciler(ledger, identity, clients, clock, users=lambda: users, guard=guard)
-        outcome.report = await reconciler.reconcile()
-        outcome.identity = identity.status()
-        await _deliver(ledger, identity, clients, users, clock, outcome)
-    finally:
-        await identity.close()
-
-
-async def _deliver(
-    ledger: Ledger,
-    identity: IndexedIdentity,
-    clients: Mapping[str, JellyfinClient],
-    users: Mapping[str, Mapping[str, str]],
-    clock: Clock,
-    outcome: ReconcileOutcome,
-) -> None:
-    """Drain every peer's outbox like the pusher does, writing only when not a dry run."""
-    done: set[tuple[str, str, str]] = set()
-    progress = True
-    while progress:
-        progress = False
-        for peer, client in clients.items():
-            while True:
-                rows = [
-                    r
-                    for r in await ledger.due_rows(peer, DELIVERY_BATCH, clock.wall_ms())
-                    if (peer, r.user, r.item) not in done
-                ]
-                if not rows:
-                    break
-                progress = True
-                await _deliver_batch(ledger, identity, client, peer, rows, clock, outcome, done)
-
-
-async def _deliver_batch(
-    ledger: Ledger,
-    identity: IndexedIdentity,
-    client: JellyfinClient,
-    peer: str,
-    rows: Sequence[OutboxRow],
-    clock: Clock,
-    outcome: ReconcileOutcome,
-    done: set[tuple[str, str, str]],
-) -> None:
-    current: dict[tuple[str, str], UserData] = {}
-    by_user: dict[str, list[OutboxRow]] = {}
-    for row in rows:
-        by_user.setdefault(row.remote_user_id or row.user, []).append(row)
-    for remote_user, user_rows in by_user.items():
-        wanted = {(r.remote_item_id or r.item): r for r in user_rows}
-        async for item in client.iter_items(
-            remote_user, ids=list(wanted), fields=(), include_types=(), recursive=True
-        ):
-            match = wanted.get(item.id)
-            if match is not None and item.user_data is not None:
-                current[(match.user, match.item)] = item.user_data.to_user_data()
-    labels = await identity.index.find(peer, [r.remote_item_id for r in rows if r.remote_item_id])
-    reads: list[tuple[OutboxRow, UserData]] = []
-    for row in rows:
-        done.add((peer, row.user, row.item))
-        state = current.get((row.user, row.item))
-        if state is not None:
-            reads.append((row, state))
-            continue
-        key = (row.user, peer)
-        outcome.missing[key] = outcome.missing.get(key, 0) + 1
-        if not outcome.dry_run:
-            await ledger.row_dead(row, f"item {row.item} not found on {peer} for that user")
-    # As the pusher: what the target changed behind the event path is merged first.
-    fresh_rows = await ledger.observe_before_writes(reads, clock.wall_ms())
-    todo = [
-        (fresh, state)
-        for (_, state), fresh in zip(reads, fresh_rows, strict=True)
-        if fresh is not None
-    ]
-    semaphore = asyncio.Semaphore(WRITE_CONCURRENCY)
-
-    async def write(fresh: OutboxRow, state: UserData) -> ServerError | None:
-        if outcome.dry_run:
-            return None
-        async with semaphore:
-            try:
-                await client.apply_user_data(
-                    fresh.remote_user_id or fresh.user,
-                    fresh.remote_item_id or fresh.item,
-                    fresh.desired,
-                    state,
-                    fresh.registers,
-                )
-            except ServerError as err:
-                return err
-        return None
-
-    results = await asyncio.gather(*(write(fresh, state) for fresh, state in todo))
-    acks: list[tuple[OutboxRow, UserData]] = []
-    for (fresh, state), error in zip(todo, results, strict=True):
-        label = (
-            labels[fresh.remote_item_id].label() if fresh.remote_item_id in labels else fresh.item
-        )
-        if error is not None:
-            outcome.failures.append(f"{peer}: {label}: {error}")
-            await ledger.row_failed(fresh, str(error), clock.wall_ms() + 3_600_000)
-            continue
-        after = fresh.intended(state)
-        acks.append((fresh, after))
-        outcome.writes.append(
-            PlannedWrite(
-                peer,
-                fresh.user,
-                fresh.item,
-                fresh.remote_item_id or fresh.item,
-                label,
-                state,
-                after,
-                fresh.registers,
-            )
-        )
-    await ledger.rows_written(acks, clock.wall_ms())
-
-
-def copy_ledger(source: Path, target: Path) -> None:
-    """Copy the ledger at ``source`` into ``target`` through a read-only connection.
-
-    A consistent snapshot even while ``jfsync run`` writes it; the source file is not
-    modified. A missing source leaves ``target`` absent (a fresh ledger is then created).
-    """
-    if not source.exists():
-        return
-    reader = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
-    try:
-        writer = sqlite3.connect(target)
-        try:
-            reader.backup(writer)
-        finally:
-            writer.close()
-    finally:
-        reader.close()
-
-
-# ---------------------------------------------------------------------- report text
-
-
-def print_outcome(outcome: ReconcileOutcome, out: TextIO, *, sample: int = 5) -> None:
-    """Print what a reconcile did or would do: per user and server, counts and a sample."""
-    verb = "would change" if outcome.dry_run else "changed"
-    title = "jfsync reconcile --dry-run" if outcome.dry_run else "jfsync reconcile"
-    print(title, file=out)
-    for problem in outcome.problems:
-        print(f"  problem: {problem}", file=out)
-    if outcome.report is None:
-        print("nothing done", file=out)
-        return
-    for pair in outcome.identity.get("pairs", []):
-        a, b = pair["servers"]
-        by = pair.get("unmatched_by_server", {})
-        print(
-            f"items {a} <-> {b}: {pair['matched']} matched, "
-            f"{by.get(a, 0)} only on {a}, {by.get(b, 0)} only on {b}, "
-            f"{pair['ambiguous']} ambiguous (not synced)",
-            file=out,
-        )
-        for amb in pair.get("samples", {}).get("ambiguous", [])[:sample]:
-            print(f"    ambiguous on {amb['server']}: {amb['name']}", file=out)
-    counts = outcome.counts()
-    users = sorted({u for u, _ in counts} | {u for u, _ in outcome.missing})
-    for user in users:
-        print(f"user {outcome.user_names.get(user, user)}:", file=out)
-        for server in sorted({s for u, s in counts if u == user} | _servers_missing(outcome, user)):
-            n = counts.get((user, server), 0)
-            print(f"  {server}: {n} item{'s' if n != 1 else ''} {verb}", file=out)
-            shown = [w for w in outcome.writes if w.user == user and w.server == server]
-            for write in shown[:sample]:
-                print(f"    {write.label}: {describe_change(write)}", file=out)
-            if len(shown) > sample:
-                print(f"    ... and {len(shown) - sample} more", file=out)
-            missing = outcome.missing.get((user, server), 0)
-            if missing:
-                print(f"    ({missing} owed items are not on {server}; nothing to write)", file=out)
-    if not users:
-        print("nothing to change: every server already agrees", file=out)
-    total = len(outcome.writes)
-    print(
-        f"total: {total} write{'s' if total != 1 else ''} "
-        f"{'would be made' if outcome.dry_run else 'made'}",
-        file=out,
-    )
-    for failure in outcome.failures:
-        print(f"  failed: {failure}", file=out)
-    if outcome.dry_run:
-        print("dry run: no server was written to and the ledger file was not modified", file=out)
-
-
-def _servers_missing(outcome: ReconcileOutcome, user: str) -> set[str]:
-    return {s for u, s in outcome.missing if u == user}
-
-
-def describe_change(write: PlannedWrite) -> str:
-    """Say what a write changes, e.g. ``favourite no -> yes; unplayed -> played (1 play, ...)``."""
-    parts: list[str] = []
-    before, after = write.before, write.after
-    if Register.FAVORITE in write.registers and before.favorite != after.favorite:
-        parts.append(f"favourite {_yes(before.favorite)} -> {_yes(after.favorite)}")
-    if Register.RATING in write.registers and before.rating != after.rating:
-        parts.append(f"rating {_rating(before.rating)} -> {_rating(after.rating)}")
-    if Register.PLAY_STATE in write.registers and before.play_state != after.play_state:
-        parts.append(f"{_play(before.play_state)} -> {_play(after.play_state)}")
-    return "; ".join(parts) or "no visible change"
-
-
-def _yes(value: bool) -> str:
-    return "yes" if value else "no"
-
-
-def _rating(value: float | None) -> str:
-    return "none" if value is None else f"{value:g}"
-
-
-def _play(state: PlayState) -> str:
-    if state.is_default:
-        return "unplayed"
-    text = "played" if state.played else "not played"
-    details = [f"{state.play_count} play{'' if state.play_count == 1 else 's'}"]
-    if state.last_played_s is not None:
-        when = datetime.fromtimestamp(state.last_played_s, tz=UTC).strftime("%Y-%m-%d %H:%M")
-        details.append(f"last {when}")
-    if state.position_ticks:
-        seconds = state.position_ticks // TICKS_PER_SECOND
-        details.append(f"at {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}")
-    return f"{text} ({', '.join(details)})"
-
-
 __all__ = [
     "CatchUpResult",
-    "PlannedWrite",
-    "ReconcileOutcome",
     "ReconcileReport",
     "Reconciler",
-    "copy_ledger",
-    "print_outcome",
-    "run_reconcile",
 ]

@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 from jfsync.config import Config
 from jfsync.jellyfin.wire import UserDto
+from jfsync.model import Register
 
 #: Canonical keys of people matched by a ``users.map`` entry start with this.
 MAP_KEY_PREFIX = "map:"
@@ -135,7 +136,9 @@ class UserMatch:
 def match_users(config: Config, users_by_server: Mapping[str, list[UserDto]]) -> UserMatch:
     """Match accounts across servers per ``config.users``; servers keep config order."""
     order = [s.name for s in config.servers if s.name in users_by_server]
+    # users.choices with sync: false opt a person out just like users.exclude (issue 14).
     excluded_names = {name.casefold() for name in config.users.exclude}
+    excluded_names |= config.users.opted_out()
     problems: list[str] = []
     excluded: dict[str, list[str]] = {}
     disabled: dict[str, list[str]] = {}
@@ -206,10 +209,24 @@ def _why_missing(
 ) -> str:
     folded = name.casefold()
     if folded in excluded:
-        return f"user {name!r} is in users.exclude"
+        return f"user {name!r} is in users.exclude (or opted out in users.choices)"
     for account in users_by_server[server]:
         if account.name.casefold() == folded:
             if account.is_disabled:
                 return f"user {name!r} is disabled there"
             return f"user {name!r} is already matched by an earlier entry"
     return f"no user named {name!r} there"
+
+
+def person_fields(config: Config, match: UserMatch) -> dict[str, frozenset[Register]]:
+    """Per matched person with ``users.choices`` fields of their own: key -> registers synced.
+
+    A choice applies to the person one of whose account names it gives (on any server).
+    """
+    found: dict[str, frozenset[Register]] = {}
+    for person in match.users:
+        names = [account.name for account in person.accounts.values()]
+        choice = config.users.choice_for(names)
+        if choice is not None and choice.fields is not None:
+            found[person.key] = frozenset(choice.fields)
+    return found

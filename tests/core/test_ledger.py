@@ -6,6 +6,7 @@ import asyncio
 import os
 import sqlite3
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -813,6 +814,61 @@ async def test_a_retired_item_seen_again_starts_from_nothing(ledger: Ledger) -> 
     back = await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
     assert back.first_contact
     assert back.outcome is Outcome.CHANGED
+
+
+async def test_a_row_dropped_for_a_send_only_server_is_queued_anew_when_it_receives(
+    ledger: Ledger,
+) -> None:
+    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
+    # The config makes b send-only: the favourite queued for it is dropped.
+    await ledger.set_policy(replace(ledger.policy, send_only=frozenset({"b"})))
+    assert await ledger.prune_outbox() == {"b": 1}
+    assert await ledger.due_rows("b", 10, T0 + 110) == []
+    # b receives again and the user rates the item on a: b is owed the rating at once...
+    await ledger.set_policy(replace(ledger.policy, send_only=frozenset()))
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True, rating=4.0), T0 + 200)
+    assert [r.registers for r in await ledger.due_rows("b", 10, T0 + 210)] == [{RAT}]
+    # ... and the favourite it missed while it only sent, once the service asks for it.
+    assert await ledger.requeue_differences("b", T0 + 300) == 1
+    [row] = await ledger.due_rows("b", 10, T0 + 310)
+    assert row.registers == {FAV, RAT}
+    assert await deliver(ledger, "b", DEFAULT_USER_DATA, T0 + 320) == UserData(
+        favorite=True, rating=4.0
+    )
+
+
+async def test_registers_a_person_stops_syncing_are_not_written_from_a_queued_row(
+    ledger: Ledger,
+) -> None:
+    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True, rating=4.0), T0 + 100)
+    [queued] = await ledger.due_rows("b", 10, T0 + 110)
+    # Alice now syncs only favourites: the rating is taken out of the rows queued for her.
+    await ledger.set_policy(ledger.policy.with_user_fields({USER: frozenset({FAV})}))
+    assert await ledger.prune_outbox() == {}
+    # The pusher holding the row from before writes only the favourite.
+    row = await ledger.observe_before_write(queued, DEFAULT_USER_DATA, T0 + 200)
+    assert row is not None
+    assert row.registers == {FAV}
+    assert await ledger.row_written(row, row.intended(DEFAULT_USER_DATA), T0 + 210)
+    assert await ledger.due_rows("b", 10, T0 + 220) == []
+
+
+async def test_a_write_a_library_filter_left_out_is_not_handed_to_the_pusher(
+    ledger: Ledger,
+) -> None:
+    other = "0" * 32
+    await ledger.map_items("b", [ItemMapping("b-1", ITEM), ItemMapping("b-2", other)])
+    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
+    [queued] = await ledger.due_rows("b", 10, T0 + 110)
+    # b's filter now leaves the item out: its index no longer maps it, the write is dropped.
+    await ledger.remap_items("b", unmapped=["b-1"])
+    assert await ledger.drop_unmapped_rows("b") == 1
+    assert await ledger.drop_unmapped_rows("c") == 0  # c has no index: nothing to judge by
+    assert await ledger.observe_before_write(queued, DEFAULT_USER_DATA, T0 + 200) is None
+    assert await ledger.due_rows("b", 10, T0 + 210) == []
 
 
 async def test_a_transaction_cancelled_while_it_begins_does_not_break_the_next(

@@ -146,6 +146,7 @@ async def test_every_documented_json_route_validates(
     await http.get("/Items/Counts", params={"userId": alice})
     await http.get("/Items/Filters", params={"userId": alice})
     await http.get("/Library/MediaFolders")
+    await http.get("/Library/VirtualFolders")
     await http.get(f"/Items/{episode.id}/Ancestors", params={"userId": alice})
     await http.get(f"/Items/{episode.id}/Ancestors")
     await http.get(f"/Items/{movie.id}/Similar", params={"userId": alice, "Limit": "3"})

@@ -1,6 +1,7 @@
 """Fixed-name routes are served as such, never read as item ids (issue item 9): /Items/Latest,
 /Items/Suggestions, /Items/Root, /Items/Counts, /Items/Filters, /Users/{userId}/Items/Latest,
-/Library/MediaFolders, /Items/{id}/Ancestors, /Items/{id}/Similar and /Artists."""
+/Library/MediaFolders, /Library/VirtualFolders, /Items/{id}/Ancestors, /Items/{id}/Similar and
+/Artists."""
 
 from __future__ import annotations
 
@@ -65,6 +66,12 @@ async def test_the_other_fixed_routes(http: Http) -> None:
 
     folders = await http.get("/Library/MediaFolders")
     assert [f["Type"] for f in folders.body["Items"]] == ["CollectionFolder"] * 2
+    # The libraries as an admin configures them: name, collection folder id, folders on disk.
+    libraries = await http.get("/Library/VirtualFolders")
+    assert [lib["Name"] for lib in libraries.body] == ["Movies", "Shows"]
+    assert [lib["ItemId"] for lib in libraries.body] == [f["Id"] for f in folders.body["Items"]]
+    movie_folder = libraries.body[0]["Locations"][0]
+    assert all((m.path or "").startswith(movie_folder + "/") for m in movies)
 
     episode = episodes[0]
     ancestors = await http.get(f"/Items/{episode.id}/Ancestors", params={"userId": alice})

@@ -12,7 +12,7 @@ import json
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from jfsync import service as service_module
+from jfsync.ops import snapshot as snapshot_module
 from jfsync.ops.statuscmd import find_problems
 from tests.operate.conftest import Stack, StackFactory
 
@@ -40,7 +40,7 @@ async def park(stack: Stack, count: int) -> list[str]:
 async def test_status_counts_every_dead_row_and_lists_the_oldest(
     make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(service_module, "DEAD_ROWS_IN_STATUS", SHOWN)
+    monkeypatch.setattr(snapshot_module, "DEAD_ROWS_IN_STATUS", SHOWN)
     stack = await make_stack()
     items = await park(stack, PARKED)
 

@@ -19,12 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from jfsync.emulator import Emulator
+import jfsync.emulator as emulator_module
+from jfsync.emulator import Emulator, RequestRecord
 from jfsync.model import PlayState, UserData
+from jfsync.ops.reconcilecmd import ReconcileOutcome, print_outcome, run_reconcile
+from jfsync.sync.catchup import NON_DEFAULT_FILTERS
 from jfsync.sync.ledger import Ledger
 from jfsync.sync.merge import MergePolicy
-from jfsync.sync.reconcile import ReconcileOutcome, print_outcome, run_reconcile
-from tests.identity.conftest import API_KEY, MakeStack, Stack, emulator
+from tests.identity.conftest import API_KEY, PUSHER_OPTIONS, MakeStack, Stack, emulator
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -235,3 +237,219 @@ async def test_a_real_reconcile_refuses_a_ledger_jfsync_run_has_open(
     code, out, err = await reconcile_cli(config_file, "--dry-run")
     assert code == 0, err
     assert "dry run: no server was written to" in out
+
+
+# --------------------------------------------------------------------------- delivery
+
+
+def owed_everywhere(named: dict[str, tuple[str, str]]) -> dict[tuple[str, str, str], UserData]:
+    """What every server must hold once seed_history's users' data is merged."""
+    old_s, new_s = int(OLD.timestamp()), int(NEW.timestamp())
+    expected = {
+        "played_a": UserData(play_state=PlayState(True, 1, old_s, 0)),
+        "fav_b": UserData(favorite=True),
+        "rating_b": UserData(rating=7.0),
+        "later_b": UserData(play_state=PlayState(True, 3, new_s, 0)),
+        "ratings": UserData(rating=8.0),
+        "mixed": UserData(favorite=True, play_state=PlayState(False, 1, old_s, 3_000_000_000)),
+    }
+    found: dict[tuple[str, str, str], UserData] = {}
+    for key, state in expected.items():
+        x, y = named[key]
+        found[("a", x, "alice")] = state
+        found[("b", y, "alice")] = state
+    found[("a", named["bob"][0], "bob")] = UserData(favorite=True)
+    found[("b", named["bob"][1], "bob")] = UserData(favorite=True)
+    return found
+
+
+def holds_all(stack: Stack, expected: dict[tuple[str, str, str], UserData]) -> bool:
+    return all(stack.data(s, item, user) == state for (s, item, user), state in expected.items())
+
+
+async def test_writes_a_server_refuses_for_a_moment_are_retried_and_made(
+    make_stack: MakeStack,
+) -> None:
+    stack = await make_stack(
+        [emulator("a", root="/mnt/a"), emulator("b", root="/srv/b")], start=False
+    )
+    named = seed_history(stack)
+    # b answers its next two writes with 503 (a restart, a proxy hiccup).
+    stack.emus["b"].fail_next_writes(2, 503)
+    outcome = await run_reconcile(stack.config, dry_run=False, pusher_options=PUSHER_OPTIONS)
+    assert outcome.ok, outcome.failures
+    assert outcome.counts() == {
+        ("name:alice", "a"): 4,
+        ("name:alice", "b"): 3,
+        ("name:bob", "b"): 1,
+    }
+    assert holds_all(stack, owed_everywhere(named))
+    assert [w.status for w in stack.emus["b"].writes].count(503) == 2
+
+
+async def test_a_refused_key_pauses_that_server_and_its_writes_wait_for_the_next_run(
+    make_stack: MakeStack, tmp_path: Path
+) -> None:
+    stack = await make_stack(
+        [emulator("a", root="/mnt/a"), emulator("b", root="/srv/b")], start=False
+    )
+    named = seed_history(stack)
+    config_file = write_cli_config(tmp_path / "jfsync.yaml", stack, stack.config.ledger)
+    # b reads fine but refuses every write with 401 (the key lost its rights to write).
+    stack.emus["b"].fail_next_writes(1000, 401)
+
+    code, text, err = await reconcile_cli(config_file)
+    assert code == 1
+    assert API_KEY not in text + err
+    assert "  failed: b: b refused jfsync's API key" in text
+    assert "writes stay queued for later" in text
+    assert "user alice:\n  a: 4 items changed\n" in text
+    # a got everything it was owed; b nothing, and no write was retried (paused, not hammered).
+    expected = owed_everywhere(named)
+    assert all(
+        stack.data(s, item, user) == state
+        for (s, item, user), state in expected.items()
+        if s == "a"
+    )
+    assert not stack.writes("b")
+    refused = [(w.user_id, w.item_id) for w in stack.emus["b"].writes]
+    assert len(refused) == len(set(refused)) >= 1
+    async with Ledger(stack.config.ledger, MergePolicy.from_config(stack.config)) as ledger:
+        assert await ledger.outbox_depth("b") == 4
+
+    # The key works again: the next run delivers what waited, at once (no retry delay).
+    stack.emus["b"].fail_next_writes(0)
+    code, text, err = await reconcile_cli(config_file)
+    assert code == 0, text + err
+    assert "user alice:\n  b: 3 items changed\n" in text
+    assert "user bob:\n  b: 1 item changed\n" in text
+    assert holds_all(stack, expected)
+
+
+async def test_a_server_failing_every_write_ends_the_run_with_the_rows_kept(
+    make_stack: MakeStack,
+) -> None:
+    stack = await make_stack(
+        [emulator("a", root="/mnt/a"), emulator("b", root="/srv/b")], start=False
+    )
+    named = seed_history(stack)
+    # b answers, but every write fails with 500: retried, probed, given up after a while.
+    stack.emus["b"].fail_next_writes(10_000, 500)
+    out = io.StringIO()
+    outcome = await run_reconcile(
+        stack.config, dry_run=False, out=out, pusher_options=PUSHER_OPTIONS
+    )
+    assert not outcome.ok
+    text = out.getvalue()
+    assert "  failed: b: b failed 4 times: " in text
+    assert "4 writes stay queued for later" in text
+    expected = owed_everywhere(named)
+    assert all(
+        stack.data(s, item, user) == state
+        for (s, item, user), state in expected.items()
+        if s == "a"
+    )
+    assert not stack.writes("b")
+    # Nothing lost: the next run, with b well again, delivers it all.
+    stack.emus["b"].fail_next_writes(0)
+    again = await run_reconcile(stack.config, dry_run=False, pusher_options=PUSHER_OPTIONS)
+    assert again.ok, again.failures
+    assert holds_all(stack, expected)
+
+
+async def test_a_server_that_loses_a_users_data_during_the_run_is_not_written_over(
+    make_stack: MakeStack,
+) -> None:
+    stack = await make_stack(
+        [emulator("a", root="/mnt/a"), emulator("b", root="/srv/b")], start=False
+    )
+    named = seed_history(stack)
+    b = stack.emus["b"]
+    alice_b = b.user_id("alice")
+
+    # b loses alice's data (a restore from an empty backup) right after the reconcile has
+    # listed her items there, before the writes owed to b are compared and sent.
+    def lose_after_the_scan(emu: Emulator, record: RequestRecord) -> None:
+        query = {k.lower(): v for k, v in record.query.items()}
+        if (
+            emu is b
+            and record.route == "/Items"
+            and query.get("userid") == [alice_b]
+            and query.get("filters") == [NON_DEFAULT_FILTERS[-1]]
+        ):
+            b.wipe_user_data(alice_b)
+
+    emulator_module.request_observers.append(lose_after_the_scan)
+    try:
+        out = io.StringIO()
+        outcome = await run_reconcile(
+            stack.config, dry_run=False, out=out, pusher_options=PUSHER_OPTIONS
+        )
+    finally:
+        emulator_module.request_observers.remove(lose_after_the_scan)
+    # The two items b had data for and is owed a change on read back as never touched: they
+    # are not written over (that would make the loss look like the user's wish), and said so.
+    assert outcome.ok, outcome.failures
+    assert outcome.deferred == {("name:alice", "b"): 2}
+    assert (
+        "    (2 items read as never touched on b after the scan; left queued for the next "
+        "catch-up to decide)\n"
+    ) in out.getvalue()
+    held = {named["ratings"][1], named["mixed"][1]}
+    assert not stack.writes("b", held)
+    assert stack.data("b", named["ratings"][1]) == UserData()
+
+    # The next run's scan sees the whole loss: the reset guard restores b from the ledger.
+    again = await run_reconcile(stack.config, dry_run=False, pusher_options=PUSHER_OPTIONS)
+    assert again.ok, again.failures
+    assert holds_all(stack, owed_everywhere(named))
+
+
+async def test_a_server_that_goes_away_mid_run_is_given_up_on_after_a_while(
+    make_stack: MakeStack,
+) -> None:
+    stack = await make_stack(
+        [emulator("a", root="/mnt/a"), emulator("b", root="/srv/b")], start=False
+    )
+    named = seed_history(stack)
+    b = stack.emus["b"]
+    # b shuts down as the first write reaches it (that write and any in flight fail).
+    b.fail_next_writes(1000, 503)
+    going: list[asyncio.Task[None]] = []
+
+    def go_away(emu: Emulator, record: RequestRecord) -> None:
+        if emu is b and record.method != "GET" and not going:
+            going.append(asyncio.get_running_loop().create_task(b.stop_listener()))
+
+    emulator_module.request_observers.append(go_away)
+    try:
+        out = io.StringIO()
+        outcome = await run_reconcile(
+            stack.config,
+            dry_run=False,
+            out=out,
+            pusher_options={**PUSHER_OPTIONS, "drain_down_wait_s": 0.1},
+        )
+    finally:
+        emulator_module.request_observers.remove(go_away)
+        await asyncio.gather(*going)
+    # The command did not wait for b forever: it says b is gone and what stays queued.
+    assert not outcome.ok
+    text = out.getvalue()
+    assert "  failed: b: b did not answer for 0.1 s: " in text
+    assert "cannot reach" in text
+    assert "4 writes stay queued for later" in text
+    expected = owed_everywhere(named)
+    assert all(
+        stack.data(s, item, user) == state
+        for (s, item, user), state in expected.items()
+        if s == "a"
+    )
+    assert not stack.writes("b")
+
+    # b is back: the next run delivers what waited.
+    b.fail_next_writes(0)
+    await b.start_listener()
+    again = await run_reconcile(stack.config, dry_run=False, pusher_options=PUSHER_OPTIONS)
+    assert again.ok, again.failures
+    assert holds_all(stack, expected)

@@ -141,6 +141,8 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
         pusher: dict[str, Any] | None = None,
         connect: bool = True,
         before_start: Callable[[Config], None] | None = None,
+        config_extra: dict[str, Any] | None = None,
+        service_options: dict[str, Any] | None = None,
     ) -> Stack:
         emus = {
             name: Emulator(
@@ -173,6 +175,7 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
         }
         if token is not None:
             raw["status"] = {"token": token}
+        raw.update(config_extra or {})
         config = Config.model_validate(raw)
         if before_start is not None:
             before_start(config)
@@ -180,6 +183,7 @@ async def make_stack(tmp_path: Path) -> AsyncIterator[StackFactory]:
             config,
             subscriber_options={"delays": _fast_delays},
             pusher_options={**PUSHER, **(pusher or {})},
+            **(service_options or {}),
         )
         await service.start()
         closers.append(service.stop)

@@ -220,7 +220,7 @@ async def test_metrics_has_every_documented_series_and_they_move(
     # Series that only exist once something is known: give them a value to expose.
     stack.service.last_reconcile_ms = 1_700_000_000_000
     stack.service.last_reconcile_result = "2 users, 0 changes"
-    stack.service.identity_status = lambda: {  # type: ignore[method-assign]
+    stack.service.identity.status = lambda: {  # type: ignore[method-assign]
         "pairs": [{"servers": ["home", "cabin"], "matched": 18, "unmatched": 2, "ambiguous": 1}]
     }
     families = await _scrape(stack)

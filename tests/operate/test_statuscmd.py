@@ -117,7 +117,9 @@ async def test_dead_rows_exit_1_and_are_listed_with_their_reasons(make_stack: St
     lines = out.splitlines()
     assert lines[2] == "PROBLEMS"
     assert lines[3] == "  ERROR peer cabin has 1 dead row(s) (writes parked; not retried):"
-    assert lines[4].strip().startswith(f"name:alice / {stack.items[4]}: ")
+    # The item by its name in the library index (the key is in --json).
+    name = stack.cabin.item(stack.items[4]).name
+    assert lines[4].strip().startswith(f"name:alice / {name} ("), lines[4]
     assert "HTTP 404" in lines[4]
 
 

@@ -43,12 +43,18 @@ async def make_cluster(tmp_path: Path) -> AsyncIterator[MakeCluster]:
         gated: tuple[str, ...] = (),
         connect: bool = True,
         sync: dict[str, Any] | None = None,
+        server_version: str | None = None,
+        session_options: dict[str, Any] | None = None,
+        server_keys: dict[str, dict[str, Any]] | None = None,
+        users: dict[str, Any] | None = None,
+        users_connected: int = 2,
     ) -> Cluster:
         emus = []
         for name in "abc"[:servers]:
             debounce = debounce_s[name] if isinstance(debounce_s, dict) else debounce_s
             clock_of = (emulator_clocks or {}).get(name)
-            emu = new_emulator(name, leaves, debounce, clock=clock_of)
+            versioned = {} if server_version is None else {"server_version": server_version}
+            emu = new_emulator(name, leaves, debounce, clock=clock_of, **versioned)
             await emu.start()
             emus_started.append(emu)
             emus.append(emu)
@@ -63,12 +69,15 @@ async def make_cluster(tmp_path: Path) -> AsyncIterator[MakeCluster]:
             gate = gates.get(emu.server_name)
             return gate.url if gate is not None else emu.url
 
-        config = make_config(emus, tmp_path / f"ledger-{len(made)}.db", url_of, sync)
+        config = make_config(
+            emus, tmp_path / f"ledger-{len(made)}.db", url_of, sync, server_keys, users
+        )
         service = SyncService(
             config,
             clock=clock,
             subscriber_options=FAST_SUBSCRIBER,
             pusher_options={**FAST_PUSHER, **(pusher_options or {})},
+            session_options=session_options,
         )
         manual = {
             name: clk
@@ -79,7 +88,7 @@ async def make_cluster(tmp_path: Path) -> AsyncIterator[MakeCluster]:
         made.append(cluster)
         await service.start()
         if connect:
-            await cluster.wait_connected()
+            await cluster.wait_connected(users_connected)
         return cluster
 
     try:

@@ -59,24 +59,39 @@ def make_config(
     ledger: Path,
     url_of: Callable[[Emulator], str] | None = None,
     sync: dict[str, Any] | None = None,
+    servers: dict[str, dict[str, Any]] | None = None,
+    users: dict[str, Any] | None = None,
 ) -> Config:
     """Build a config syncing every emulator (config order = list order); ``sync`` adds keys
-    to the config's ``sync`` section."""
-    return Config.model_validate(
-        {
-            "ledger": str(ledger),
-            "servers": [
-                {
-                    "name": emu.server_name,
-                    "url": url_of(emu) if url_of else emu.url,
-                    "api_key": API_KEY,
-                    "timeout_s": 5,
-                }
-                for emu in emus
-            ],
-            "sync": {"shutdown_grace": 2, **(sync or {})},
-        }
-    )
+    to the config's ``sync`` section, ``servers`` to a server's entry (by name), ``users`` to
+    the ``users`` section."""
+    return Config.model_validate(config_dict(emus, ledger, url_of, sync, servers, users))
+
+
+def config_dict(
+    emus: Sequence[Emulator],
+    ledger: Path,
+    url_of: Callable[[Emulator], str] | None = None,
+    sync: dict[str, Any] | None = None,
+    servers: dict[str, dict[str, Any]] | None = None,
+    users: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The config of :func:`make_config` as plain data (to edit, or write as YAML)."""
+    return {
+        "ledger": str(ledger),
+        "servers": [
+            {
+                "name": emu.server_name,
+                "url": url_of(emu) if url_of else emu.url,
+                "api_key": API_KEY,
+                "timeout_s": 5,
+                **(servers or {}).get(emu.server_name, {}),
+            }
+            for emu in emus
+        ],
+        "sync": {"shutdown_grace": 2, **(sync or {})},
+        "users": users or {},
+    }
 
 
 def config_yaml(emus: Sequence[Emulator], ledger: Path, grace_s: float = 5.0) -> str:

@@ -2,9 +2,9 @@
 
 Jellyfin saves progress reports with the resume rules but never pushes them (fact sheet,
 Corrections 2): a player that reports progress past 90 % and then crashes, never reporting a
-stop, leaves the item Played with no ``UserDataChanged`` at all. Live sessions are not followed
-yet (the issue "Run it the way people run it", item 6); until then the full reconcile repairs
-it, and this test shows that it does.
+stop, leaves the item Played with no ``UserDataChanged`` at all. jfsync follows playback sessions
+and reads the item once the session ends or goes quiet (tests/replication/test_playback_sessions.py);
+the full reconcile repairs it too, whatever happened to the session, and this test shows that.
 """
 
 from __future__ import annotations

@@ -108,9 +108,10 @@ def test_library_changed_reads_every_list_and_tolerates_nulls() -> None:
 
 
 def test_unknown_types_parse_to_unknown_message() -> None:
-    message = parse_message('{"MessageType":"Sessions","Data":[{"Id":"x"}],"MessageId":"m"}')
+    frame = '{"MessageType":"ActivityLogEntry","Data":[{"Id":"x"}],"MessageId":"m"}'
+    message = parse_message(frame)
     assert isinstance(message, UnknownMessage)
-    assert message.message_type == "Sessions"
+    assert message.message_type == "ActivityLogEntry"
     assert message.data == [{"Id": "x"}]
 
 

@@ -157,7 +157,7 @@ async def test_live_messages_arrive_in_order_and_bad_frames_are_skipped(
     sock = await open_socket(raw_server.url)
     conn = await raw_server.next_connection()
     await conn.send("this is not json")
-    await conn.send({"MessageType": "Sessions", "Data": [], "MessageId": "b" * 32})
+    await conn.send({"MessageType": "ScheduledTasksInfo", "Data": [], "MessageId": "b" * 32})
     await conn.send({"MessageType": "UserDataChanged", "Data": {"UserId": "not-an-id"}})
     await conn.send(user_data_frame())
     await conn.ws.send_bytes(b"\xff\x00")
@@ -175,7 +175,9 @@ async def test_live_messages_arrive_in_order_and_bad_frames_are_skipped(
     assert len(skipped) == 3
     assert all(r.levelno == logging.WARNING for r in skipped)
     assert all("[alpha/alice]" in r.getMessage() for r in skipped)
-    ignored = [r for r in caplog.records if "ignored a Sessions message" in r.getMessage()]
+    ignored = [
+        r for r in caplog.records if "ignored a ScheduledTasksInfo message" in r.getMessage()
+    ]
     assert [r.levelno for r in ignored] == [logging.DEBUG]
     assert all(TOKEN not in r.getMessage() for r in caplog.records)
 

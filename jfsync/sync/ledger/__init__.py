@@ -4,7 +4,8 @@ One SQLite file (aiosqlite) holds the canonical state per user and item, the las
 server, the pending echoes, the id maps and the durable outbox. ``store`` is the ledger itself
 and its transactions; ``batch`` applies observations, compare reads, intents and acks;
 ``writer`` is the only writer of the cached tables and ``cache`` the state it keeps between
-transactions; ``outbox`` the rows owed and their queries; ``maps`` the id maps; ``clock`` the
+transactions; ``policy`` what may be owed to whom (the merge policy in force, each person's
+choices); ``outbox`` the rows owed and their queries; ``maps`` the id maps; ``clock`` the
 hybrid clock and read tickets; ``codec`` the column encodings; ``lock`` the file while it is
 open; ``errors`` the errors; ``schema`` creates and migrates the tables; ``file`` checks the
 file on disk before anything opens it. Importers use this package's face, not the modules

@@ -3,10 +3,12 @@
 :class:`Batch` is the working set of one write transaction: it loads the (user, item) pairs
 the transaction needs, applies each observation in order (the echo rule of
 :mod:`jfsync.sync.echo`, the diff against the origin's last-known state, a hybrid-clock stamp,
-the merge of :mod:`jfsync.sync.merge`, the outbox rows of every server that has the user),
-records the states a write may leave and the acks of writes, and flushes what changed through
-the transaction's :class:`~jfsync.sync.ledger.writer.StateWriter`. What an observation is
-(:class:`Observation`) and what applying it did (:class:`Applied`, :class:`Outcome`) live here.
+the merge of :mod:`jfsync.sync.merge` by the person's own policy, the outbox rows of every
+server that has the user, holding only what :class:`~jfsync.sync.ledger.policy.LedgerPolicy`
+lets it be owed), records the states a write may leave and the acks of writes, and flushes
+what changed through the transaction's :class:`~jfsync.sync.ledger.writer.StateWriter`. What
+an observation is (:class:`Observation`) and what applying it did (:class:`Applied`,
+:class:`Outcome`) live here.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from jfsync.sync.ledger.clock import Clock
 from jfsync.sync.ledger.codec import Key, Pair
 from jfsync.sync.ledger.maps import IdMaps
 from jfsync.sync.ledger.outbox import OutboxRow, WorkRow
+from jfsync.sync.ledger.policy import LedgerPolicy
 from jfsync.sync.ledger.writer import StateWriter
-from jfsync.sync.merge import CanonicalState, MergePolicy, merge
+from jfsync.sync.merge import CanonicalState, merge
 
 Source = Literal["event", "scan", "compare", "read"]
 
@@ -92,13 +95,16 @@ class Batch:
     """The in-memory working set of one transaction: load, apply in order, flush.
 
     Its pairs come from the transaction's :class:`StateWriter` (the state cache or SQLite) and go
-    back through it; the hybrid clock and read tickets from the ledger's :class:`Clock`.
+    back through it; the hybrid clock and read tickets from the ledger's :class:`Clock`; what
+    may be owed to whom from the :class:`LedgerPolicy` in force when the transaction began.
     """
 
     def __init__(
-        self, policy: MergePolicy, maps: IdMaps, clock: Clock, tables: StateWriter
+        self, rules: LedgerPolicy, maps: IdMaps, clock: Clock, tables: StateWriter
     ) -> None:
-        self.policy = policy
+        self.rules = rules
+        #: The merge policy in force (each person's own choices: :meth:`MergePolicy.for_user`).
+        self.policy = policy = rules.merge
         self.maps = maps
         self.clock = clock
         self.tables = tables
@@ -208,7 +214,12 @@ class Batch:
                 self._dirty_echo.add(key)
         previous = self.lk.get(key)
         canonical = self.canon.get((uid, iid))
-        synced = self.policy.synced
+        policy = self.policy.for_user(obs.user)  # the person's register choices
+        synced = policy.synced
+        if canonical is None and obs.server in policy.receive_only:
+            # A receive-only server decides nothing: its state is only remembered.
+            self.set_last_known(key, obs.state)
+            return Applied(obs, Outcome.UNCHANGED)
         if previous is not None and canonical is not None:
             if previous == obs.state:
                 return Applied(obs, Outcome.UNCHANGED)
@@ -218,7 +229,7 @@ class Batch:
         stamp = self.policy.stamp(self.tick(obs.wall_ms), obs.server)
         seed_known = self._seed_sid is not None and (uid, iid, self._seed_sid) in self.lk
         result = merge(
-            self.policy,
+            policy,
             canonical=canonical,
             last_known=previous,
             incoming=obs.state,
@@ -269,7 +280,7 @@ class Batch:
         if existing is not None:
             mask |= existing.mask
             revive = existing.dead and bool(owed)
-        mask &= self.policy.synced
+        mask &= self.rules.synced_of(key[0], self.maps.names.get(key[2]))  # choices, send-only
         known = self.lk.get(key)
         if known is not None:
             mask = {r for r in mask if desired.get(r) != known.get(r)}

@@ -75,6 +75,13 @@ class IdMaps:
             self._server_ids[name] = sid
             self._server_names[sid] = name
 
+    async def configure_servers(self, db: aiosqlite.Connection, names: Iterable[str]) -> None:
+        """The configured servers changed (a config reload): add the new ones and learn their
+        ids, in the caller's transaction; which of them are indexed is read again."""
+        await self.register_servers(db, names)
+        await self.load_servers(db)
+        self._forget_mappings()
+
     @property
     def names(self) -> Mapping[int, str]:
         """Server names by id."""
@@ -274,6 +281,13 @@ class IdMaps:
                 self._members[uid] = frozenset(found.get(uid, ()))
         return found
 
+    async def has_index(self, db: aiosqlite.Connection, sid: int) -> bool:
+        """Tell whether server ``sid``'s library is indexed (it maps items)."""
+        rows = await db.execute_fetchall(
+            "SELECT 1 FROM server_items WHERE server=? LIMIT 1", (sid,)
+        )
+        return bool(list(rows))
+
     async def mappings(
         self,
         db: aiosqlite.Connection,
@@ -289,14 +303,7 @@ class IdMaps:
         """
         indexed = self._indexed if cached else None
         if indexed is None:
-            found: set[int] = set()
-            for sid in sorted(servers):
-                rows = await db.execute_fetchall(
-                    "SELECT 1 FROM server_items WHERE server=? LIMIT 1", (sid,)
-                )
-                if list(rows):
-                    found.add(sid)
-            indexed = frozenset(found)
+            indexed = frozenset([sid for sid in sorted(servers) if await self.has_index(db, sid)])
             if cached:
                 self._indexed = indexed
         mapped: dict[int, set[int]] = {}

@@ -278,3 +278,19 @@ async def dead(
     else:
         rows = await db.execute_fetchall(select + " LIMIT ?", (sid, limit))
     return [decode_row(r, names) for r in rows]
+
+
+async def registers_owed(db: aiosqlite.Connection) -> list[tuple[int, Key, int]]:
+    """Every row, live or dead: its id, its (user, item, peer) and its register bits."""
+    rows = await db.execute_fetchall("SELECT id, user, item, peer, registers FROM outbox")
+    return [(int(r[0]), (int(r[1]), int(r[2]), int(r[3])), int(r[4])) for r in rows]
+
+
+async def unmapped(db: aiosqlite.Connection, sid: int) -> list[tuple[int, Key]]:
+    """The rows of peer ``sid`` for items it does not map: id and (user, item, peer) each."""
+    rows = await db.execute_fetchall(
+        "SELECT o.id, o.user, o.item FROM outbox o WHERE o.peer=? AND NOT EXISTS "
+        "(SELECT 1 FROM server_items s WHERE s.server=o.peer AND s.item=o.item)",
+        (sid,),
+    )
+    return [(int(r[0]), (int(r[1]), int(r[2]), sid)) for r in rows]

@@ -6,8 +6,10 @@ every read and write transaction on it, one at a time. Its methods put the other
 package to work: :mod:`~jfsync.sync.ledger.batch` applies observations, compare reads, intents
 and acks; :mod:`~jfsync.sync.ledger.writer` is the only writer of the cached tables and keeps
 :mod:`~jfsync.sync.ledger.cache` right; :mod:`~jfsync.sync.ledger.outbox` and
-:mod:`~jfsync.sync.ledger.maps` hold the outbox queries and the id maps; the reset guard's holds
-(:class:`ResetHold`) and the stored tokens are plain tables read and written here.
+:mod:`~jfsync.sync.ledger.maps` hold the outbox queries and the id maps;
+:mod:`~jfsync.sync.ledger.policy` the policy in force, replaced whole on a config reload; the
+reset guard's holds (:class:`ResetHold`), the servers away from the config and the stored
+tokens are plain tables read and written here.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Literal, Self
 
 import aiosqlite
 
-from jfsync.model import DEFAULT_USER_DATA, UserData
+from jfsync.model import ALL_REGISTERS, DEFAULT_USER_DATA, UserData
 from jfsync.sync.echo import PendingWrite
 from jfsync.sync.ledger import outbox
 from jfsync.sync.ledger.batch import Applied, Batch, Observation, Outcome, Source
@@ -34,6 +36,7 @@ from jfsync.sync.ledger.errors import LedgerError
 from jfsync.sync.ledger.lock import LedgerFile
 from jfsync.sync.ledger.maps import IdMaps, ItemMapping, migrate_map_keys
 from jfsync.sync.ledger.outbox import OutboxRow
+from jfsync.sync.ledger.policy import LedgerPolicy
 from jfsync.sync.ledger.schema import WriteGate, connect, migrate, prepare
 from jfsync.sync.ledger.writer import StateWriter
 from jfsync.sync.merge import CanonicalState, MergePolicy
@@ -127,6 +130,13 @@ class Ledger:
     the hold is dropped. Each server's Jellyfin id is kept (:meth:`jellyfin_id`);
     :meth:`forget_server_history` makes a replaced server a first contact again.
 
+    Config reload: :meth:`set_policy` puts a new merge policy (servers, ``mode: send`` and
+    ``receive``, each person's register choices) in force from the next transaction on;
+    :meth:`prune_outbox` then drops what queued rows it no longer allows, :meth:`mark_away`
+    remembers servers taken out of the config and :meth:`rejoined` names those back in it,
+    for which :meth:`requeue_differences` queues what changed meanwhile;
+    :meth:`drop_unmapped_rows` drops rows of items a library filter now leaves out.
+
     All methods serialise on one lock; no transaction is held across anything but the ledger's
     own SQL. Tokens are stored in clear in the ledger file (protect the file) and never logged.
 
@@ -148,7 +158,8 @@ class Ledger:
         user_map: Sequence[Mapping[str, str]] | None = None,
     ) -> None:
         self._path = str(path)
-        self._policy = policy
+        #: The policy in force: replaced whole by :meth:`set_policy`, never changed in place.
+        self._policy = LedgerPolicy(policy)
         #: The config's users.map: with it, open() moves positional map keys to stable ones.
         self._user_map = user_map
         self._db: aiosqlite.Connection | None = None
@@ -169,7 +180,7 @@ class Ledger:
     @property
     def policy(self) -> MergePolicy:
         """The merge policy this ledger applies."""
-        return self._policy
+        return self._policy.merge
 
     @property
     def clock_ms(self) -> int:
@@ -206,7 +217,7 @@ class Ledger:
             if applied:
                 logger.info("ledger %s: applied schema migrations %s", self._path, applied)
             await db.execute("BEGIN IMMEDIATE")
-            await self._maps.register_servers(db, self._policy.servers)
+            await self._maps.register_servers(db, self.policy.servers)
             await db.execute(
                 "INSERT INTO meta(key, value) VALUES ('clock_ms', 0) ON CONFLICT DO NOTHING"
             )
@@ -302,7 +313,7 @@ class Ledger:
         """Return the servers (config order) that have the canonical user ``user``."""
         async with self._read() as tx:
             names = await self._maps.servers_with_user(tx.db, user)
-            return sorted(names, key=self._policy.rank)
+            return sorted(names, key=self.policy.rank)
 
     # ------------------------------------------------------------------ identity changes
 
@@ -446,7 +457,7 @@ class Ledger:
             batch = self._batch(tx)
             await batch.load({(u, i) for u, i, _ in keys})
             outdated: set[Key] = set()
-            synced = self._policy.synced
+            synced = self.policy.synced
             for (row, current), key in zip(reads, keys, strict=True):
                 known = batch.lk.get(key)
                 if known == current:
@@ -502,7 +513,7 @@ class Ledger:
                 canonical = batch.canon[pair]
                 owed = frozenset(
                     r
-                    for r in self._policy.synced
+                    for r in self.policy.synced
                     if canonical.data.get(r) != DEFAULT_USER_DATA.get(r)
                 )
                 if owed and batch.refresh_row((*pair, sid), owed, canonical.data, version, wall_ms):
@@ -688,6 +699,105 @@ class Ledger:
             count = await outbox.dead_count(tx.db, sid)
             return count, await outbox.dead(tx.db, self._maps.names, sid, limit)
 
+    # ------------------------------------------------------------------ policy (config reload)
+
+    async def set_policy(self, policy: MergePolicy) -> None:
+        """Apply a new merge policy from the next transaction on (a config reload).
+
+        Servers it names that the ledger does not know yet are registered; the people with
+        register choices of their own get their ids. Rows already queued are left as they
+        are: :meth:`prune_outbox` brings them in line.
+        """
+        async with self._tx() as tx:
+            ids = await self._maps.ensure_ids(tx.db, "users", [u for u, _ in policy.user_fields])
+            await self._maps.configure_servers(tx.db, policy.servers)
+        self._policy = LedgerPolicy(policy, {ids[u]: fields for u, fields in policy.user_fields})
+
+    async def prune_outbox(self) -> dict[str, int]:
+        """Bring queued rows in line with the policy; return rows dropped per peer.
+
+        Rows owed to servers no longer configured, or with ``mode: send``, are dropped whole;
+        registers no longer synced (for everyone, or for that person) are taken out of the
+        others, and a row left with none is dropped.
+        """
+        dropped: dict[str, int] = {}
+        async with self._tx() as tx:
+            rules = self._policy
+            configured = set(rules.merge.servers)
+            names = self._maps.names
+            narrowed: list[tuple[int, Key, int]] = []
+            for rid, key, bits in await outbox.registers_owed(tx.db):
+                name = names.get(key[2], str(key[2]))
+                allowed = mask_bits(rules.synced_of(key[0], name)) if name in configured else 0
+                left = bits & allowed
+                if left == bits:
+                    continue
+                narrowed.append((rid, key, left))
+                if left == 0:
+                    dropped[name] = dropped.get(name, 0) + 1
+            await tx.narrow_rows(narrowed)
+        return dropped
+
+    async def mark_away(self) -> list[str]:
+        """Remember every server with history that the policy no longer names; return them.
+
+        While away it is owed nothing, so when it comes back (:meth:`rejoined`) what changed
+        meanwhile must be queued for it again (:meth:`requeue_differences`).
+        """
+        configured = set(self.policy.servers)
+        async with self._tx() as tx:
+            away = sorted(n for n in await tx.servers_with_history() if n not in configured)
+            await tx.db.executemany(
+                "INSERT INTO meta(key, value) VALUES (?, 0) ON CONFLICT DO NOTHING",
+                [(f"away:{name}",) for name in away],
+            )
+        return away
+
+    async def rejoined(self) -> list[str]:
+        """Configured servers that were away (removed from the config) since last caught up."""
+        async with self._read() as tx:
+            rows = await tx.db.execute_fetchall("SELECT key FROM meta WHERE key LIKE 'away:%'")
+        names = {str(r[0]).removeprefix("away:") for r in rows}
+        return [n for n in self.policy.servers if n in names]
+
+    async def requeue_differences(self, server: str, wall_ms: int) -> int:
+        """Queue for ``server`` every synced register its last-known state differs from the
+        canonical one in (it was away, or only sent); return the rows touched."""
+        sid = self._sid(server)
+        async with self._tx() as tx:
+            pairs = await tx.known_on(sid)
+            touched = 0
+            if pairs:
+                batch = self._batch(tx)
+                await batch.load(pairs)
+                version = batch.tick(wall_ms)
+                for pair in sorted(pairs):
+                    canonical = batch.canon.get(pair)
+                    known = batch.lk.get((*pair, sid))
+                    if canonical is None or known is None:
+                        continue
+                    owed = frozenset(
+                        r for r in ALL_REGISTERS if canonical.data.get(r) != known.get(r)
+                    )
+                    if owed and batch.refresh_row(
+                        (*pair, sid), owed, canonical.data, version, wall_ms
+                    ):
+                        touched += 1
+                await batch.flush()
+            await tx.db.execute("DELETE FROM meta WHERE key=?", (f"away:{server}",))
+        return touched
+
+    async def drop_unmapped_rows(self, peer: str) -> int:
+        """Drop rows owed to ``peer`` for items its library index no longer maps (a library
+        filter left them out); return how many. Without an index for ``peer``, nothing."""
+        async with self._tx() as tx:
+            sid = self._sid(peer)
+            if not await self._maps.has_index(tx.db, sid):
+                return 0
+            rows = await outbox.unmapped(tx.db, sid)
+            await tx.narrow_rows([(rid, key, 0) for rid, key in rows])
+        return len(rows)
+
     # ------------------------------------------------------------------ reset guard
 
     async def jellyfin_id(self, server: str) -> str | None:
@@ -746,7 +856,7 @@ class Ledger:
                 if canonical is None:
                     continue
                 owed = frozenset(
-                    r for r in self._policy.synced if canonical.data.get(r) != state.get(r)
+                    r for r in self.policy.synced if canonical.data.get(r) != state.get(r)
                 )
                 if owed and batch.refresh_row(key, owed, canonical.data, version, wall_ms):
                     queued += 1
@@ -862,8 +972,10 @@ class Ledger:
 
         Checked: SQLite integrity and foreign keys; the clock is at or after every stamp and
         row version; every outbox row owes at least one synced register; and for every server
-        that has the user and a last-known state, each synced register either equals the
-        canonical value or is owed by that server's outbox row with the canonical value.
+        that has the user and a last-known state, each register that person syncs to it (none
+        for a send-only server; a receive-only one keeps its own edits, and an indexed server
+        that does not map the item is owed nothing of it, so neither is checked) either equals
+        the canonical value or is owed by that server's outbox row with the canonical value.
         """
         problems: list[str] = []
         async with self._read() as tx:
@@ -886,7 +998,7 @@ class Ledger:
             )[0]
             if highest is not None and int(highest) > clock:
                 problems.append(f"clock {clock} is behind a stored stamp {highest}")
-            synced_bits = mask_bits(self._policy.synced)
+            synced_bits = mask_bits(self.policy.synced)
             for rid, bits in await db.execute_fetchall("SELECT id, registers FROM outbox"):
                 if int(bits) == 0 or int(bits) & ~synced_bits:
                     problems.append(f"outbox row {rid} has registers {bits}")
@@ -900,14 +1012,17 @@ class Ledger:
             }
             await batch.load(pairs)
             names = self._maps.names
-            configured = {self._sid(n) for n in self._policy.servers}
+            rules = self._policy
+            configured = {
+                self._sid(n) for n in rules.merge.servers if n not in rules.merge.receive_only
+            }
             for (uid, iid), canonical in sorted(batch.canon.items()):
                 for sid in sorted(batch.members.get(uid, set()) & configured):
                     known = batch.lk.get((uid, iid, sid))
-                    if known is None:
+                    if known is None or batch.lacks_item(sid, iid):
                         continue
                     row = batch.rows.get((uid, iid, sid))
-                    for register in ordered(self._policy.synced):
+                    for register in ordered(rules.synced_of(uid, names[sid])):
                         want = canonical.data.get(register)
                         if known.get(register) == want:
                             continue

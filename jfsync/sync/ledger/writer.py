@@ -355,6 +355,26 @@ class StateWriter:
         await cursor.close()
         return count
 
+    async def narrow_rows(self, rows: Sequence[tuple[int, Key, int]]) -> None:
+        """Keep of each outbox row (id, its key) only the register bits given (0: delete it).
+
+        Rows of any key, loaded in this transaction or not: their pairs are dropped from the
+        cache at commit, and a later load of them in this transaction reads SQLite.
+        """
+        self._require_writable()
+        if not rows:
+            return
+        self._evict(key[:2] for _, key, _ in rows)
+        gone = [(rid,) for rid, _, bits in rows if bits == 0]
+        narrowed = [(bits, rid) for rid, _, bits in rows if bits != 0]
+        for rid, key, bits in rows:
+            if bits == 0 and self._stored_id(key) == rid:
+                self._rows[key] = None  # the key has no row in the file now
+        if gone:
+            await self.db.executemany("DELETE FROM outbox WHERE id=?", gone)
+        if narrowed:
+            await self.db.executemany("UPDATE outbox SET registers=? WHERE id=?", narrowed)
+
     def _clear(self) -> None:
         """Rows of unknown pairs change: the cache is emptied at commit, bypassed until."""
         self._cleared = True
@@ -397,6 +417,23 @@ class StateWriter:
             "SELECT entries FROM pending_echo WHERE user=? AND item=? AND server=?", key
         )
         return next((decode_echo(str(r[0])) for r in rows), ())
+
+    async def known_on(self, sid: int) -> set[Pair]:
+        """Pairs with both a canonical state and a last-known state on server ``sid``."""
+        rows = await self.db.execute_fetchall(
+            "SELECT k.user, k.item FROM last_known k JOIN canonical c "
+            "ON c.user=k.user AND c.item=k.item WHERE k.server=?",
+            (sid,),
+        )
+        return {(int(r[0]), int(r[1])) for r in rows}
+
+    async def servers_with_history(self) -> set[str]:
+        """The names of the servers that have at least one last-known state."""
+        rows = await self.db.execute_fetchall(
+            "SELECT s.name FROM servers s WHERE EXISTS "
+            "(SELECT 1 FROM last_known k WHERE k.server=s.id)"
+        )
+        return {str(r[0]) for r in rows}
 
     async def unknown_to(self, sid: int, uid: int, *, only_mapped: bool) -> set[Pair]:
         """Pairs of user ``uid`` with a canonical state but no last-known state on ``sid``

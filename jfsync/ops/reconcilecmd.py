@@ -1,0 +1,440 @@
+"""``jfsync reconcile``: one full reconcile, delivery of everything owed, a report, then exit.
+
+:func:`run_reconcile` reaches every configured server, matches users and items, runs one full
+reconcile (:class:`jfsync.sync.reconcile.Reconciler`, with the service's reset guard), then
+delivers what every peer is owed through the pusher of ``jfsync run``
+(:meth:`jfsync.sync.delivery.Pusher.drain`: compare read, intents written ahead, quick retries,
+a down peer probed for a while, a refused key pausing that peer) and prints what changed per
+user and server (:func:`print_outcome`).
+
+With ``dry_run`` it works on a copy of the ledger file taken through a read-only SQLite
+connection (:func:`copy_ledger`) and the pushers send no write: they read what each write
+would target, and the report says what would change (before and after). The ledger file itself
+is left byte-for-byte as it was. The real run executes the same steps with the writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+
+from jfsync.config import Config
+from jfsync.errors import ServerError
+from jfsync.jellyfin.api import JellyfinClient
+from jfsync.model import TICKS_PER_SECOND, PlayState, Register, UserData
+from jfsync.sync.delivery import Delivered, DeliveryWatcher, Pusher
+from jfsync.sync.identity import IndexedIdentity
+from jfsync.sync.ledger import Ledger, OutboxRow
+from jfsync.sync.merge import MergePolicy
+from jfsync.sync.reconcile import Reconciler, ReconcileReport
+from jfsync.sync.resetguard import ResetGuard, ResetRule
+from jfsync.sync.users import match_users, person_fields
+from jfsync.tasks import cancel_and_wait
+from jfsync.timing import Clock, SystemClock
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedWrite:
+    """One write a reconcile makes (or, in a dry run, would make) to one server."""
+
+    server: str
+    user: str
+    item: str
+    #: The server's own id of the item.
+    remote_item_id: str
+    label: str
+    before: UserData
+    after: UserData
+    registers: frozenset[Register]
+
+
+@dataclass(slots=True)
+class ReconcileOutcome:
+    """Everything ``jfsync reconcile`` did or would do."""
+
+    dry_run: bool
+    report: ReconcileReport | None = None
+    writes: list[PlannedWrite] = field(default_factory=list)
+    #: (user, server) -> items owed to a server that does not have them (not written).
+    missing: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: (user, server) -> items the server showed back to never-touched after the scan (left
+    #: queued: the next catch-up decides whether the server lost them or the user reset them).
+    deferred: dict[tuple[str, str], int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    user_names: dict[str, str] = field(default_factory=dict)
+    identity: dict[str, Any] = field(default_factory=dict)
+    #: Per server with a library filter, what it syncs and leaves out (one line).
+    libraries: dict[str, str] = field(default_factory=dict)
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Writes per (user, server)."""
+        found: dict[tuple[str, str], int] = {}
+        for write in self.writes:
+            key = (write.user, write.server)
+            found[key] = found.get(key, 0) + 1
+        return found
+
+    @property
+    def ok(self) -> bool:
+        """True when every server answered and every write succeeded."""
+        return not self.failures and not self.problems
+
+
+async def run_reconcile(
+    config: Config,
+    *,
+    dry_run: bool,
+    clock: Clock | None = None,
+    out: TextIO | None = None,
+    sample: int = 5,
+    pusher_options: Mapping[str, Any] | None = None,
+) -> ReconcileOutcome:
+    """Run one full reconcile of the configured servers and deliver (or plan) every write.
+
+    ``pusher_options`` are passed to every :class:`Pusher` (retry and probe timings).
+    """
+    clock = clock or SystemClock()
+    outcome = ReconcileOutcome(dry_run=dry_run)
+    with tempfile.TemporaryDirectory(prefix="jfsync-reconcile-") as tmp:
+        work = Path(tmp) / "ledger.db" if dry_run else config.ledger
+        if dry_run:
+            await asyncio.to_thread(copy_ledger, config.ledger, work)
+        work_config = config.model_copy(update={"ledger": work})
+        ledger = Ledger(work, MergePolicy.from_config(config), user_map=config.users.map)
+        await ledger.open()
+        try:
+            async with aiohttp.ClientSession() as session:
+                await _reconcile_with(
+                    work_config, ledger, session, clock, outcome, dict(pusher_options or {})
+                )
+        finally:
+            await ledger.close()
+    if out is not None:
+        print_outcome(outcome, out, sample=sample)
+    return outcome
+
+
+async def _reconcile_with(
+    config: Config,
+    ledger: Ledger,
+    session: aiohttp.ClientSession,
+    clock: Clock,
+    outcome: ReconcileOutcome,
+    pusher_options: dict[str, Any],
+) -> None:
+    clients: dict[str, JellyfinClient] = {}
+    for server in config.servers:
+        assert server.api_key is not None
+        clients[server.name] = JellyfinClient(
+            server.name,
+            server.url,
+            server.api_key.get_secret_value(),
+            session=session,
+            device_id=f"jfsync-rest-{server.name}",
+            timeout_s=server.timeout_s,
+            verify_tls=server.verify_tls,
+        )
+    accounts = {}
+    for name, client in clients.items():
+        try:
+            await client.ensure_supported()
+            accounts[name] = await client.users()
+        except ServerError as err:
+            outcome.problems.append(str(err))
+    if outcome.problems:
+        return
+    match = match_users(config, accounts)
+    outcome.problems.extend(f"users: {p}" for p in match.problems)
+    # Each person's register choices (the policy from the config has no user keys).
+    await ledger.set_policy(ledger.policy.with_user_fields(person_fields(config, match)))
+    users: dict[str, dict[str, str]] = {name: {} for name in clients}
+    for person in match.users:
+        outcome.user_names[person.key] = person.display_name
+        for name, account in person.accounts.items():
+            users[name][account.id] = person.key
+            await ledger.map_user(name, account.id, person.key, name=account.name)
+    identity = IndexedIdentity(config, ledger, clock)
+    await identity.start(clients)
+    try:
+        # The same guard as the service: a wiped server is restored (or held), not propagated.
+        guard = ResetGuard(ResetRule.from_config(config), ledger, clock)
+        await guard.load()
+        reconciler = Reconciler(ledger, identity, clients, clock, users=lambda: users, guard=guard)
+        outcome.report = await reconciler.reconcile()
+        outcome.identity = identity.status()
+        for name in clients:
+            scope = identity.index.scope(name)
+            if scope is not None:
+                outcome.libraries[name] = scope.describe()
+        await _deliver(ledger, identity, clients, clock, outcome, pusher_options)
+    finally:
+        await identity.close()
+
+
+class _Collector(DeliveryWatcher):
+    """What the pushers did with each row, for the report."""
+
+    def __init__(self) -> None:
+        self.made: list[tuple[str, Delivered]] = []
+        #: (peer, user, item) -> the row and why its write failed (until a retry made it).
+        self.failures: dict[tuple[str, str, str], tuple[OutboxRow, ServerError]] = {}
+        self.absent: list[tuple[str, OutboxRow]] = []
+        self.held: list[tuple[str, OutboxRow]] = []
+
+    def written(self, peer: str, writes: Sequence[Delivered]) -> None:
+        for write in writes:
+            self.made.append((peer, write))
+            self.failures.pop((peer, write.row.user, write.row.item), None)
+
+    def failed(self, peer: str, row: OutboxRow, error: ServerError) -> None:
+        self.failures[(peer, row.user, row.item)] = (row, error)
+
+    def missing(self, peer: str, row: OutboxRow) -> None:
+        self.absent.append((peer, row))
+
+    def deferred(self, peer: str, rows: Sequence[OutboxRow]) -> None:
+        self.held.extend((peer, row) for row in rows)
+
+
+async def _deliver(
+    ledger: Ledger,
+    identity: IndexedIdentity,
+    clients: Mapping[str, JellyfinClient],
+    clock: Clock,
+    outcome: ReconcileOutcome,
+    pusher_options: dict[str, Any],
+) -> None:
+    """Drain every peer's outbox through its pusher (sending nothing in a dry run)."""
+    collector = _Collector()
+    pushers = {
+        peer: Pusher(
+            peer,
+            ledger,
+            client,
+            clock,
+            watcher=collector,
+            dry_run=outcome.dry_run,
+            **pusher_options,
+        )
+        for peer, client in clients.items()
+    }
+    # The operator asks for everything owed, now: rows waiting to be retried after an
+    # earlier failure are due at once, as when a peer comes back (parked rows stay parked).
+    for peer in pushers:
+        await ledger.reset_backoff(peer)
+    stopped: dict[str, str] = {}
+    todo = list(pushers)
+    while todo:
+        reasons = await _drain_all([pushers[peer] for peer in todo])
+        stopped.update((peer, r) for peer, r in zip(todo, reasons, strict=True) if r is not None)
+        # What a compare read found changed on one peer may be owed to another, whose
+        # drain may be over: go round again for every peer with rows due.
+        now_ms = clock.wall_ms()
+        todo = [
+            peer
+            for peer in pushers
+            if peer not in stopped and await ledger.due_rows(peer, 1, now_ms)
+        ]
+    await _report(ledger, identity, collector, stopped, outcome)
+
+
+async def _drain_all(pushers: Sequence[Pusher]) -> list[str | None]:
+    """Drain the pushers side by side; return why each stopped early (None: all done)."""
+    tasks = [
+        asyncio.create_task(p.drain(), name=f"jfsync-reconcile-deliver[{p.peer}]") for p in pushers
+    ]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        # One failed (the ledger, a bug): the others end too, and the error is raised.
+        await cancel_and_wait([t for t in tasks if not t.done()], logger)
+
+
+async def _report(
+    ledger: Ledger,
+    identity: IndexedIdentity,
+    collector: _Collector,
+    stopped: Mapping[str, str],
+    outcome: ReconcileOutcome,
+) -> None:
+    """Turn what the pushers did into the outcome, with each item's readable name."""
+    wanted: dict[str, set[str]] = {}
+    for peer, write in collector.made:
+        wanted.setdefault(peer, set()).add(write.row.remote_item_id or write.row.item)
+    for (peer, _, _), (row, _) in collector.failures.items():
+        wanted.setdefault(peer, set()).add(row.remote_item_id or row.item)
+    labels = {peer: await identity.index.find(peer, ids) for peer, ids in wanted.items()}
+
+    def label(peer: str, row: OutboxRow) -> str:
+        found = labels.get(peer, {}).get(row.remote_item_id or row.item)
+        return found.label() if found is not None else row.item
+
+    for peer, write in collector.made:
+        row = write.row
+        outcome.writes.append(
+            PlannedWrite(
+                peer,
+                row.user,
+                row.item,
+                row.remote_item_id or row.item,
+                label(peer, row),
+                write.before,
+                write.after,
+                row.registers,
+            )
+        )
+    for peer, row in collector.absent:
+        key = (row.user, peer)
+        outcome.missing[key] = outcome.missing.get(key, 0) + 1
+    for peer, row in collector.held:
+        key = (row.user, peer)
+        outcome.deferred[key] = outcome.deferred.get(key, 0) + 1
+    for (peer, _, _), (row, error) in collector.failures.items():
+        outcome.failures.append(f"{peer}: {label(peer, row)}: {error}")
+    for peer, reason in stopped.items():
+        owed = await ledger.outbox_depth(peer)
+        if outcome.dry_run:
+            outcome.failures.append(f"{peer}: {reason}; {owed} owed writes could not be planned")
+        else:
+            outcome.failures.append(f"{peer}: {reason}; {owed} writes stay queued for later")
+
+
+def copy_ledger(source: Path, target: Path) -> None:
+    """Copy the ledger at ``source`` into ``target`` through a read-only connection.
+
+    A consistent snapshot even while ``jfsync run`` writes it; the source file is not
+    modified. A missing source leaves ``target`` absent (a fresh ledger is then created).
+    """
+    if not source.exists():
+        return
+    reader = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    try:
+        writer = sqlite3.connect(target)
+        try:
+            reader.backup(writer)
+        finally:
+            writer.close()
+    finally:
+        reader.close()
+
+
+# ---------------------------------------------------------------------- report text
+
+
+def print_outcome(outcome: ReconcileOutcome, out: TextIO, *, sample: int = 5) -> None:
+    """Print what a reconcile did or would do: per user and server, counts and a sample."""
+    verb = "would change" if outcome.dry_run else "changed"
+    title = "jfsync reconcile --dry-run" if outcome.dry_run else "jfsync reconcile"
+    print(title, file=out)
+    for problem in outcome.problems:
+        print(f"  problem: {problem}", file=out)
+    if outcome.report is None:
+        print("nothing done", file=out)
+        return
+    for pair in outcome.identity.get("pairs", []):
+        a, b = pair["servers"]
+        by = pair.get("unmatched_by_server", {})
+        print(
+            f"items {a} <-> {b}: {pair['matched']} matched, "
+            f"{by.get(a, 0)} only on {a}, {by.get(b, 0)} only on {b}, "
+            f"{pair['ambiguous']} ambiguous (not synced)",
+            file=out,
+        )
+        for amb in pair.get("samples", {}).get("ambiguous", [])[:sample]:
+            print(f"    ambiguous on {amb['server']}: {amb['name']}", file=out)
+    for server, text in sorted(outcome.libraries.items()):
+        print(f"libraries of {server}: {text} (excluded ones are never read or written)", file=out)
+    counts = outcome.counts()
+    noted = set(outcome.missing) | set(outcome.deferred)
+    users = sorted({u for u, _ in counts} | {u for u, _ in noted})
+    for user in users:
+        print(f"user {outcome.user_names.get(user, user)}:", file=out)
+        for server in sorted(
+            {s for u, s in counts if u == user} | {s for u, s in noted if u == user}
+        ):
+            n = counts.get((user, server), 0)
+            print(f"  {server}: {n} item{'s' if n != 1 else ''} {verb}", file=out)
+            shown = [w for w in outcome.writes if w.user == user and w.server == server]
+            for write in shown[:sample]:
+                print(f"    {write.label}: {describe_change(write)}", file=out)
+            if len(shown) > sample:
+                print(f"    ... and {len(shown) - sample} more", file=out)
+            missing = outcome.missing.get((user, server), 0)
+            if missing:
+                print(f"    ({missing} owed items are not on {server}; nothing to write)", file=out)
+            deferred = outcome.deferred.get((user, server), 0)
+            if deferred:
+                print(
+                    f"    ({deferred} items read as never touched on {server} after the scan; "
+                    "left queued for the next catch-up to decide)",
+                    file=out,
+                )
+    if not users:
+        print("nothing to change: every server already agrees", file=out)
+    total = len(outcome.writes)
+    print(
+        f"total: {total} write{'s' if total != 1 else ''} "
+        f"{'would be made' if outcome.dry_run else 'made'}",
+        file=out,
+    )
+    for failure in outcome.failures:
+        print(f"  failed: {failure}", file=out)
+    if outcome.dry_run:
+        print("dry run: no server was written to and the ledger file was not modified", file=out)
+
+
+def describe_change(write: PlannedWrite) -> str:
+    """Say what a write changes, e.g. ``favourite no -> yes; unplayed -> played (1 play, ...)``."""
+    parts: list[str] = []
+    before, after = write.before, write.after
+    if Register.FAVORITE in write.registers and before.favorite != after.favorite:
+        parts.append(f"favourite {_yes(before.favorite)} -> {_yes(after.favorite)}")
+    if Register.RATING in write.registers and before.rating != after.rating:
+        parts.append(f"rating {_rating(before.rating)} -> {_rating(after.rating)}")
+    if Register.PLAY_STATE in write.registers and before.play_state != after.play_state:
+        parts.append(f"{_play(before.play_state)} -> {_play(after.play_state)}")
+    return "; ".join(parts) or "no visible change"
+
+
+def _yes(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def _rating(value: float | None) -> str:
+    return "none" if value is None else f"{value:g}"
+
+
+def _play(state: PlayState) -> str:
+    if state.is_default:
+        return "unplayed"
+    text = "played" if state.played else "not played"
+    details = [f"{state.play_count} play{'' if state.play_count == 1 else 's'}"]
+    if state.last_played_s is not None:
+        when = datetime.fromtimestamp(state.last_played_s, tz=UTC).strftime("%Y-%m-%d %H:%M")
+        details.append(f"last {when}")
+    if state.position_ticks:
+        seconds = state.position_ticks // TICKS_PER_SECOND
+        details.append(f"at {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}")
+    return f"{text} ({', '.join(details)})"
+
+
+__all__ = [
+    "PlannedWrite",
+    "ReconcileOutcome",
+    "copy_ledger",
+    "describe_change",
+    "print_outcome",
+    "run_reconcile",
+]
