@@ -6,6 +6,7 @@ import asyncio
 import os
 import sqlite3
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from jfsync.sync.ledger import (
     OutboxRow,
     Outcome,
 )
-from jfsync.sync.ledger import store as ledger_module
+from jfsync.sync.ledger import outbox as outbox_module
 from jfsync.sync.ledger.schema import LATEST_VERSION, SchemaVersionError, migrate, prepare
 from jfsync.sync.merge import MergePolicy
 
@@ -559,7 +560,7 @@ async def test_failed_rows_wait_until_their_retry_time(ledger: Ledger) -> None:
 async def test_due_rows_respects_limit_and_exclusions(
     ledger: Ledger, monkeypatch: pytest.MonkeyPatch, chunk: int
 ) -> None:
-    monkeypatch.setattr(ledger_module, "_CHUNK", chunk)
+    monkeypatch.setattr(outbox_module, "CHUNK", chunk)
     items = [f"{i:032x}" for i in range(6)]
     for n, item in enumerate(items):
         await ledger.apply_observation("a", USER, item, UserData(favorite=True), T0 + n)
@@ -733,6 +734,141 @@ async def test_a_transaction_that_does_not_commit_leaves_nothing_behind(
     applied = await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 120)
     assert applied.outcome is Outcome.CHANGED
     assert [r.registers for r in await ledger.due_rows("b", 10, T0 + 130)] == [{FAV}]
+
+
+async def test_a_commit_that_lands_while_its_caller_is_cancelled_is_what_the_ledger_knows(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop cancels a caller whose COMMIT already ran on SQLite's thread: the change is in
+    the file though the caller saw it fail, and the ledger must act on the file, not on what it
+    decoded before."""
+    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
+    commit = aiosqlite.Connection.commit
+
+    async def cancelled_after_commit(self: aiosqlite.Connection) -> None:
+        await commit(self)
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(aiosqlite.Connection, "commit", cancelled_after_commit)
+    with pytest.raises(asyncio.CancelledError):
+        await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
+    monkeypatch.setattr(aiosqlite.Connection, "commit", commit)
+
+    canonical = await ledger.canonical(USER, ITEM)
+    assert canonical is not None
+    assert canonical.data == UserData(favorite=True)
+    # a's favourite is known: seen again it is no change, and b is owed it once.
+    again = await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 120)
+    assert again.outcome is Outcome.UNCHANGED
+    assert [r.registers for r in await ledger.due_rows("b", 10, T0 + 130)] == [{FAV}]
+
+
+async def test_a_newer_change_keeps_a_failed_row_waiting_for_its_retry(ledger: Ledger) -> None:
+    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
+    [row] = await ledger.due_rows("b", 10, T0 + 110)
+    await ledger.row_failed(row, "connection refused", T0 + 30_000)
+    # b is down; the user rates the item on a meanwhile: the row owes both, still at its retry.
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True, rating=4.0), T0 + 200)
+    assert await ledger.due_rows("b", 10, T0 + 29_999) == []
+    [later] = await ledger.due_rows("b", 10, T0 + 30_000)
+    assert later.registers == {FAV, RAT}
+    assert (later.attempts, later.last_error) == (1, "connection refused")
+    # b is back: everything owed goes now, and a newer change does not push it back.
+    assert await ledger.reset_backoff("b") == 1
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True, rating=6.0), T0 + 300)
+    [now] = await ledger.due_rows("b", 10, T0 + 310)
+    assert now.desired.rating == 6.0
+
+
+async def test_what_was_forgotten_of_a_server_is_a_first_contact_next(ledger: Ledger) -> None:
+    await seen_everywhere(ledger, UserData(favorite=True), T0)
+    assert await ledger.forget_server_history("b") == 1
+    # b shows the favourite off: not the user's edit (jfsync knows nothing of b now), merged.
+    seen = await ledger.apply_observation("b", USER, ITEM, DEFAULT_USER_DATA, T0 + 100)
+    assert seen.first_contact
+    canonical = await ledger.canonical(USER, ITEM)
+    assert canonical is not None
+    assert canonical.data.favorite
+    # The same after an identity change forgets what c held of the item.
+    await ledger.remap_items("c", forget=[ITEM])
+    assert (
+        await ledger.apply_observation("c", USER, ITEM, DEFAULT_USER_DATA, T0 + 200)
+    ).first_contact
+
+
+async def test_forgotten_echoes_are_not_matched_by_the_next_event(ledger: Ledger) -> None:
+    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
+    await _write(ledger, "b", DEFAULT_USER_DATA, T0 + 110)
+    assert await ledger.forget_echoes("b", USER) == 1
+    # b's socket reconnected; the favourite it reports now is b's state, not an awaited echo.
+    event = await ledger.apply_observation("b", USER, ITEM, UserData(favorite=True), T0 + 5_000)
+    assert event.outcome is Outcome.UNCHANGED
+
+
+async def test_a_retired_item_seen_again_starts_from_nothing(ledger: Ledger) -> None:
+    await seen_everywhere(ledger, UserData(favorite=True), T0)
+    assert await ledger.retire_items([ITEM]) == [ITEM]  # no server maps it (identical ids)
+    assert await ledger.canonical(USER, ITEM) is None
+    back = await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
+    assert back.first_contact
+    assert back.outcome is Outcome.CHANGED
+
+
+async def test_a_row_dropped_for_a_send_only_server_is_queued_anew_when_it_receives(
+    ledger: Ledger,
+) -> None:
+    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
+    # The config makes b send-only: the favourite queued for it is dropped.
+    await ledger.set_policy(replace(ledger.policy, send_only=frozenset({"b"})))
+    assert await ledger.prune_outbox() == {"b": 1}
+    assert await ledger.due_rows("b", 10, T0 + 110) == []
+    # b receives again and the user rates the item on a: b is owed the rating at once...
+    await ledger.set_policy(replace(ledger.policy, send_only=frozenset()))
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True, rating=4.0), T0 + 200)
+    assert [r.registers for r in await ledger.due_rows("b", 10, T0 + 210)] == [{RAT}]
+    # ... and the favourite it missed while it only sent, once the service asks for it.
+    assert await ledger.requeue_differences("b", T0 + 300) == 1
+    [row] = await ledger.due_rows("b", 10, T0 + 310)
+    assert row.registers == {FAV, RAT}
+    assert await deliver(ledger, "b", DEFAULT_USER_DATA, T0 + 320) == UserData(
+        favorite=True, rating=4.0
+    )
+
+
+async def test_registers_a_person_stops_syncing_are_not_written_from_a_queued_row(
+    ledger: Ledger,
+) -> None:
+    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True, rating=4.0), T0 + 100)
+    [queued] = await ledger.due_rows("b", 10, T0 + 110)
+    # Alice now syncs only favourites: the rating is taken out of the rows queued for her.
+    await ledger.set_policy(ledger.policy.with_user_fields({USER: frozenset({FAV})}))
+    assert await ledger.prune_outbox() == {}
+    # The pusher holding the row from before writes only the favourite.
+    row = await ledger.observe_before_write(queued, DEFAULT_USER_DATA, T0 + 200)
+    assert row is not None
+    assert row.registers == {FAV}
+    assert await ledger.row_written(row, row.intended(DEFAULT_USER_DATA), T0 + 210)
+    assert await ledger.due_rows("b", 10, T0 + 220) == []
+
+
+async def test_a_write_a_library_filter_left_out_is_not_handed_to_the_pusher(
+    ledger: Ledger,
+) -> None:
+    other = "0" * 32
+    await ledger.map_items("b", [ItemMapping("b-1", ITEM), ItemMapping("b-2", other)])
+    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
+    await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
+    [queued] = await ledger.due_rows("b", 10, T0 + 110)
+    # b's filter now leaves the item out: its index no longer maps it, the write is dropped.
+    await ledger.remap_items("b", unmapped=["b-1"])
+    assert await ledger.drop_unmapped_rows("b") == 1
+    assert await ledger.drop_unmapped_rows("c") == 0  # c has no index: nothing to judge by
+    assert await ledger.observe_before_write(queued, DEFAULT_USER_DATA, T0 + 200) is None
+    assert await ledger.due_rows("b", 10, T0 + 210) == []
 
 
 async def test_a_transaction_cancelled_while_it_begins_does_not_break_the_next(

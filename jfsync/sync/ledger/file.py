@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from jfsync.sync.ledger.lock import SQLITE_HEADER_BYTES, sqlite_header_problem
 from jfsync.sync.ledger.schema import LATEST_VERSION
-from jfsync.sync.ledger.store import SQLITE_HEADER_BYTES, sqlite_header_problem
 
 #: Tables every jfsync ledger has from schema version 1 on.
 LEDGER_TABLES = frozenset({"meta", "servers", "outbox", "tokens", "canonical", "last_known"})

@@ -279,9 +279,10 @@ class WriteGate:
     """Serialises the use of one connection and runs its write transactions.
 
     ``lock`` is held for every use of the connection (reads too); :meth:`transaction` runs
-    BEGIN IMMEDIATE ... COMMIT under it and, when the body fails or is cancelled, calls
-    ``on_failure`` and settles the connection (:func:`settle`). A settle cut short by another
-    cancellation is done first by the next transaction.
+    BEGIN IMMEDIATE ... COMMIT under it, calls ``on_commit`` once COMMIT returned (still under
+    the lock) and, when the body or the COMMIT fails or is cancelled, calls ``on_failure`` and
+    settles the connection (:func:`settle`). A settle cut short by another cancellation is
+    done first by the next transaction.
     """
 
     def __init__(self) -> None:
@@ -290,7 +291,11 @@ class WriteGate:
 
     @asynccontextmanager
     async def transaction(
-        self, db: aiosqlite.Connection, on_failure: Callable[[], None] | None = None
+        self,
+        db: aiosqlite.Connection,
+        on_failure: Callable[[], None] | None = None,
+        *,
+        on_commit: Callable[[], None] | None = None,
     ) -> AsyncIterator[aiosqlite.Connection]:
         """One write transaction on ``db``, under :attr:`lock`."""
         async with self.lock:
@@ -308,6 +313,8 @@ class WriteGate:
                 await settle(db)
                 self._unsettled = False
                 raise
+            if on_commit is not None:
+                on_commit()
 
 
 async def prepare(db: aiosqlite.Connection) -> None:

@@ -1,0 +1,402 @@
+"""The apply path: observations, compare reads, intents and acks on one transaction's pairs.
+
+:class:`Batch` is the working set of one write transaction: it loads the (user, item) pairs
+the transaction needs, applies each observation in order (the echo rule of
+:mod:`jfsync.sync.echo`, the diff against the origin's last-known state, a hybrid-clock stamp,
+the merge of :mod:`jfsync.sync.merge` by the person's own policy, the outbox rows of every
+server that has the user, holding only what :class:`~jfsync.sync.ledger.policy.LedgerPolicy`
+lets it be owed), records the states a write may leave and the acks of writes, and flushes
+what changed through the transaction's :class:`~jfsync.sync.ledger.writer.StateWriter`. What
+an observation is (:class:`Observation`) and what applying it did (:class:`Applied`,
+:class:`Outcome`) live here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Literal
+
+from jfsync.model import Register, Stamp, UserData
+from jfsync.sync.echo import (
+    PendingWrite,
+    Verdict,
+    after_read,
+    classify_event,
+    match_echo,
+    record_write,
+)
+from jfsync.sync.ledger.clock import Clock
+from jfsync.sync.ledger.codec import Key, Pair
+from jfsync.sync.ledger.maps import IdMaps
+from jfsync.sync.ledger.outbox import OutboxRow, WorkRow
+from jfsync.sync.ledger.policy import LedgerPolicy
+from jfsync.sync.ledger.writer import StateWriter
+from jfsync.sync.merge import CanonicalState, merge
+
+Source = Literal["event", "scan", "compare", "read"]
+
+
+class Outcome(StrEnum):
+    """What an observation turned out to be."""
+
+    ECHO = "echo"
+    STALE = "stale"
+    #: An event the echo rule cannot attribute (a stale event or the user taking a write
+    #: back): nothing applied; the caller reads the item from the server and applies that.
+    AMBIGUOUS = "ambiguous"
+    #: A read requested before something the ledger already knows of that key: not applied.
+    OUTDATED = "outdated"
+    UNCHANGED = "unchanged"
+    CHANGED = "changed"
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """A state ``server`` holds for ``user`` and ``item`` (canonical keys), seen at ``wall_ms``.
+
+    ``source`` says how it was seen: a websocket ``event``, a ``scan`` page, the pusher's
+    ``compare`` read before a write, or a ``read`` of the item that settles an ambiguous
+    event. Only events consume pending echoes. For every read (scan, compare, read),
+    ``wall_ms`` must be the time the read was *requested*, and ``read_seq`` the ticket
+    :meth:`Ledger.ticket` gave just before it was requested: a read older than what the ledger
+    already learnt of that (server, user, item) is never applied (:attr:`Outcome.OUTDATED`).
+    A read without a ticket is taken as fresh.
+    """
+
+    server: str
+    user: str
+    item: str
+    state: UserData
+    wall_ms: int
+    source: Source = "event"
+    read_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What applying one observation did (for logs, metrics and tests)."""
+
+    observation: Observation
+    outcome: Outcome
+    #: Synced registers that differed from what jfsync knew of that server.
+    changed: frozenset[Register] = frozenset()
+    first_contact: bool = False
+    #: Registers whose canonical value moved.
+    canonical_changed: frozenset[Register] = frozenset()
+    stamp: Stamp | None = None
+    #: Outbox rows this observation created, changed or emptied: the registers each now holds
+    #: (an empty set: the row is gone because nothing is owed any more).
+    queued: dict[str, frozenset[Register]] = field(default_factory=dict)
+
+
+class Batch:
+    """The in-memory working set of one transaction: load, apply in order, flush.
+
+    Its pairs come from the transaction's :class:`StateWriter` (the state cache or SQLite) and go
+    back through it; the hybrid clock and read tickets from the ledger's :class:`Clock`; what
+    may be owed to whom from the :class:`LedgerPolicy` in force when the transaction began.
+    """
+
+    def __init__(
+        self, rules: LedgerPolicy, maps: IdMaps, clock: Clock, tables: StateWriter
+    ) -> None:
+        self.rules = rules
+        #: The merge policy in force (each person's own choices: :meth:`MergePolicy.for_user`).
+        self.policy = policy = rules.merge
+        self.maps = maps
+        self.clock = clock
+        self.tables = tables
+        self._loaded_pairs: set[Pair] = set()
+        self.canon: dict[Pair, CanonicalState] = {}
+        self.lk: dict[Key, UserData] = {}
+        self.echo: dict[Key, tuple[PendingWrite, ...]] = {}
+        self.rows: dict[Key, WorkRow | None] = {}
+        #: Last-seen times this transaction moved (merged into the clock's at flush).
+        self.seen: dict[Key, int] = {}
+        self.members: dict[int, set[int]] = {}
+        #: Servers whose library is indexed (they map items), and which loaded items each maps.
+        self.indexed: set[int] = set()
+        self.mapped: dict[int, set[int]] = {}
+        #: Ids of the rows loaded, by key (a row created again for that key reuses its id).
+        self._loaded_rows: dict[Key, int] = {}
+        self._dirty_canon: set[Pair] = set()
+        self._dirty_lk: set[Key] = set()
+        self._dirty_echo: set[Key] = set()
+        self._dirty_rows: set[Key] = set()
+        self._clock_moved = False
+        seed = policy.seed
+        self._seed_sid = maps.sid_of(seed) if seed is not None else None
+        self._configured = {maps.sid(n) for n in policy.servers}
+
+    async def load(self, pairs: set[Pair], *, with_members: bool = True) -> None:
+        """Read everything the given (user, item) pairs need: from the cache, else SQLite.
+
+        Pairs this batch already loaded are left as the batch has them (it may have changed
+        them). From SQLite it takes a few queries per chunk of pairs.
+        """
+        wanted = pairs - self._loaded_pairs
+        self._loaded_pairs |= wanted
+        canon, lk, echo, rows, loaded = self.canon, self.lk, self.echo, self.rows, self._loaded_rows
+        for pair, entry in (await self.tables.load(wanted)).items():
+            uid, iid = pair
+            if entry.canon is not None:
+                canon[pair] = entry.canon
+            for sid, state in entry.lk.items():
+                lk[(uid, iid, sid)] = state
+            for sid, pending in entry.echo.items():
+                echo[(uid, iid, sid)] = pending
+            for sid, row in entry.rows.items():
+                key = (uid, iid, sid)
+                rows[key] = row
+                assert row.id is not None  # stored rows are numbered
+                loaded[key] = row.id
+        if with_members:
+            db, cached = self.tables.db, self.tables.cached
+            self.members.update(await self.maps.members(db, {u for u, _ in wanted}, cached=cached))
+            indexed, mapped = await self.maps.mappings(
+                db, {i for _, i in wanted}, self._configured, cached=cached
+            )
+            self.indexed |= indexed
+            for sid, items in mapped.items():
+                self.mapped.setdefault(sid, set()).update(items)
+
+    def lacks_item(self, server_id: int, item_id: int) -> bool:
+        """Tell whether an indexed server does not have the item."""
+        return server_id in self.indexed and item_id not in self.mapped.get(server_id, set())
+
+    def seen_seq(self, key: Key) -> int:
+        """The ticket of the last thing learnt of ``key`` (0: nothing in this process)."""
+        return max(self.seen.get(key, 0), self.clock.seen(key))
+
+    def see(self, key: Key, seq: int) -> None:
+        """Record that ``key`` was seen (an event, a read, a write) at ticket ``seq``."""
+        if seq > self.seen_seq(key):
+            self.seen[key] = seq
+
+    def apply(self, obs: Observation, key: Key) -> Applied:
+        """Apply one observation to the working set (rules in :meth:`Ledger.apply_observations`)."""
+        uid, iid, sid = key
+        pending = self.echo.get(key, ())
+        if obs.source == "event":
+            self.see(key, self.clock.ticket())
+            verdict = classify_event(pending, obs.state, self.lk.get(key), obs.wall_ms)
+            if verdict.pending != pending:
+                self.echo[key] = pending = verdict.pending
+                self._dirty_echo.add(key)
+            if verdict.verdict is Verdict.ECHO:
+                return Applied(obs, Outcome.ECHO)
+            if verdict.verdict is Verdict.AMBIGUOUS:
+                return Applied(obs, Outcome.AMBIGUOUS)
+        else:
+            # A read: never applied over something learnt after it was requested.
+            seq = self.clock.ticket() if obs.read_seq is None else obs.read_seq
+            if self.seen_seq(key) > seq:
+                return Applied(obs, Outcome.OUTDATED)
+            if obs.source != "scan":
+                # Scans are bulk (a whole library): they are checked, not remembered. Events,
+                # writes and the other reads of the same keys are what they race with.
+                self.see(key, seq)
+            if obs.source == "scan":
+                # A page may show a write recorded after it was requested (an intent whose
+                # write landed first): jfsync's own, not the user's. Nothing is consumed.
+                verdict = match_echo(
+                    pending, obs.state, obs.wall_ms, consume=False, read_at_ms=obs.wall_ms
+                )
+                if verdict.verdict is Verdict.ECHO:
+                    return Applied(obs, Outcome.ECHO)
+                if verdict.verdict is Verdict.STALE:
+                    return Applied(obs, Outcome.STALE)
+            moot = after_read(pending, obs.state, obs.wall_ms, obs.wall_ms)
+            if moot != pending:
+                self.echo[key] = pending = moot
+                self._dirty_echo.add(key)
+        previous = self.lk.get(key)
+        canonical = self.canon.get((uid, iid))
+        policy = self.policy.for_user(obs.user)  # the person's register choices
+        synced = policy.synced
+        if canonical is None and obs.server in policy.receive_only:
+            # A receive-only server decides nothing: its state is only remembered.
+            self.set_last_known(key, obs.state)
+            return Applied(obs, Outcome.UNCHANGED)
+        if previous is not None and canonical is not None:
+            if previous == obs.state:
+                return Applied(obs, Outcome.UNCHANGED)
+            if all(previous.get(r) == obs.state.get(r) for r in synced):
+                self.set_last_known(key, obs.state)
+                return Applied(obs, Outcome.UNCHANGED)
+        stamp = self.policy.stamp(self.tick(obs.wall_ms), obs.server)
+        seed_known = self._seed_sid is not None and (uid, iid, self._seed_sid) in self.lk
+        result = merge(
+            policy,
+            canonical=canonical,
+            last_known=previous,
+            incoming=obs.state,
+            stamp=stamp,
+            origin=obs.server,
+            seed_known=seed_known,
+        )
+        if result.canonical != canonical:
+            self.canon[(uid, iid)] = result.canonical
+            self._dirty_canon.add((uid, iid))
+        self.set_last_known(key, obs.state)
+        queued: dict[str, frozenset[Register]] = {}
+        targets = (self.members.get(uid, set()) | {sid}) & self._configured
+        names = self.maps.names
+        for target in sorted(targets):
+            name = names[target]
+            owed = result.writes.get(name, frozenset())
+            tkey = (uid, iid, target)
+            if self.rows.get(tkey) is None and (
+                not owed or (target != sid and self.lacks_item(target, iid))
+            ):
+                continue
+            if self.refresh_row(tkey, owed, result.canonical.data, stamp.ms, obs.wall_ms):
+                row = self.rows.get(tkey)
+                queued[name] = row.mask if row is not None else frozenset()
+        return Applied(
+            obs,
+            Outcome.CHANGED if result.changed else Outcome.UNCHANGED,
+            changed=result.changed,
+            first_contact=result.first_contact,
+            canonical_changed=result.canonical_changed,
+            stamp=stamp,
+            queued=queued,
+        )
+
+    def refresh_row(
+        self,
+        key: Key,
+        owed: frozenset[Register],
+        desired: UserData,
+        version: int,
+        now_ms: int,
+    ) -> bool:
+        """Merge ``owed`` into the row of ``key``, prune what the peer holds; tell if it moved."""
+        existing = self.rows.get(key)
+        mask = set(owed)
+        revive = False
+        if existing is not None:
+            mask |= existing.mask
+            revive = existing.dead and bool(owed)
+        mask &= self.rules.synced_of(key[0], self.maps.names.get(key[2]))  # choices, send-only
+        known = self.lk.get(key)
+        if known is not None:
+            mask = {r for r in mask if desired.get(r) != known.get(r)}
+        if not mask:
+            if existing is None:
+                return False
+            self.rows[key] = None
+            self._dirty_rows.add(key)
+            return True
+        registers = frozenset(mask)
+        if (
+            existing is not None
+            and not revive
+            and existing.mask == registers
+            and all(existing.desired.get(r) == desired.get(r) for r in registers)
+        ):
+            return False
+        if existing is not None and not revive:
+            row = existing.owing(registers, desired, version)
+        elif existing is not None:
+            row = WorkRow(existing.id, registers, desired, version, existing.created_ms)
+        else:
+            row = WorkRow(self._loaded_rows.get(key), registers, desired, version, now_ms)
+        self.rows[key] = row
+        self._dirty_rows.add(key)
+        return True
+
+    async def flush(self) -> None:
+        """Write every changed canonical state, last-known state, echo list and row."""
+        tables = self.tables
+        if self._dirty_canon:
+            await tables.put_canonical({pair: self.canon[pair] for pair in self._dirty_canon})
+        if self._dirty_lk:
+            await tables.put_last_known({key: self.lk[key] for key in self._dirty_lk})
+        if self._dirty_echo:
+            await tables.put_echoes({key: self.echo[key] for key in self._dirty_echo})
+        if self._dirty_rows:
+            await self.number_new_rows()
+            await tables.put_rows({key: self.rows[key] for key in self._dirty_rows})
+        if self._clock_moved:
+            await self.clock.save(tables.db)
+        if self.seen:
+            self.clock.note_seen(self.seen)
+
+    def record_intents(
+        self, key: Key, base: UserData, states: Sequence[UserData], wall_ms: int
+    ) -> None:
+        """Add ``states`` as pending echoes of ``key`` replacing ``base`` (writes ahead)."""
+        pending = self.echo.get(key, ())
+        for state in states:
+            pending = record_write(pending, state, wall_ms, base)
+        self.echo[key] = pending
+        self._dirty_echo.add(key)
+
+    async def number_new_rows(self) -> None:
+        """Give the rows created so far their ids (flush numbers the rest)."""
+        new = [k for k in self._dirty_rows if (row := self.rows[k]) is not None and row.id is None]
+        if not new:
+            return
+        first = await self.tables.number_rows(len(new))
+        for offset, key in enumerate(sorted(new)):
+            row = self.rows[key]
+            assert row is not None
+            self.rows[key] = row.numbered(first + offset)
+
+    def outbox_row(self, key: Key, like: OutboxRow) -> OutboxRow | None:
+        """The row of ``key`` as it stands in this batch, named like ``like`` (or None)."""
+        row = self.rows.get(key)
+        return None if row is None else row.as_outbox_row(like)
+
+    def written(self, key: Key, version: int, state: UserData, wall_ms: int) -> bool:
+        """Record a write of ``state`` to the peer of ``key``; drop the row if still ``version``."""
+        replaced = self.lk.get(key)
+        self.set_last_known(key, state)
+        self.see(key, self.clock.ticket())
+        # An intent recorded before the write (record_intents) is replaced by this entry: one
+        # entry per echo, timed when the write completed (scans compare against that).
+        pending = tuple(p for p in self.echo.get(key, ()) if p.state != state)
+        self.echo[key] = record_write(pending, state, wall_ms, replaced)
+        self._dirty_echo.add(key)
+        done = self._settle_row(key, version, state)
+        # A change that came while the write was on its way may have moved the canonical
+        # value back to what the peer held before it: its row was pruned then (nothing owed
+        # to a peer already holding it), and the write has just undone that. Owe it again.
+        canonical = self.canon.get(key[:2])
+        if canonical is not None:
+            owed = frozenset(r for r in self.policy.synced if state.get(r) != canonical.data.get(r))
+            if owed:
+                self.refresh_row(key, owed, canonical.data, self.tick(wall_ms), wall_ms)
+        return done
+
+    def _settle_row(self, key: Key, version: int, state: UserData) -> bool:
+        """Drop the row of ``key`` if still ``version``, else what ``state`` delivered of it."""
+        row = self.rows.get(key)
+        if row is None:
+            return False
+        if row.version == version:
+            self.rows[key] = None
+            self._dirty_rows.add(key)
+            return True
+        # Replaced mid-flight: keep what the write did not already deliver (same version, so
+        # a pusher holding the newer row can still ack it).
+        left = frozenset(r for r in row.mask if row.desired.get(r) != state.get(r))
+        if not left:
+            self.rows[key] = None
+            self._dirty_rows.add(key)
+        elif left != row.mask:
+            self.rows[key] = replace(row, mask=left)
+            self._dirty_rows.add(key)
+        return False
+
+    def set_last_known(self, key: Key, state: UserData) -> None:
+        self.lk[key] = state
+        self._dirty_lk.add(key)
+
+    def tick(self, wall_ms: int) -> int:
+        """Advance the hybrid clock and persist it with this batch."""
+        self._clock_moved = True
+        return self.clock.tick(wall_ms)

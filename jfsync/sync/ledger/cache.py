@@ -1,0 +1,110 @@
+"""The state cache: decoded state of recently used (user, item) pairs, kept between transactions.
+
+A pair held here is known completely: its canonical state (or that it has none) and, for every
+server, its last-known state, pending echoes and outbox row (or their absence). Transactions
+that work on pairs read them from here instead of reloading and decoding the same rows from
+SQLite. Only :class:`jfsync.sync.ledger.writer.StateWriter` adds to it or changes it, once a
+transaction has committed: it is the one code that writes the cached tables, so the cache cannot
+miss a write (the ledger empties it after a transaction that did not end normally). Bounded to
+``limit`` pairs, least recently used dropped first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+
+from jfsync.model import UserData
+from jfsync.sync.echo import PendingWrite
+from jfsync.sync.ledger.codec import Key, Pair
+from jfsync.sync.ledger.outbox import WorkRow
+from jfsync.sync.merge import CanonicalState
+
+#: (user, item) pairs whose decoded state the ledger keeps between transactions. A burst of
+#: 10,000 changes stays inside it; at about 1.5 KB a pair it costs some 30 MB when full.
+STATE_CACHE_PAIRS = 20_000
+
+
+class CachedPair:
+    """Everything the ledger holds for one (user, item) pair, decoded, by server id."""
+
+    __slots__ = ("canon", "echo", "lk", "rows")
+
+    def __init__(self, canon: CanonicalState | None) -> None:
+        # A plain class: thousands are built per burst, and a dataclass with default
+        # factories costs several times more to construct.
+        self.canon = canon
+        self.lk: dict[int, UserData] = {}
+        self.echo: dict[int, tuple[PendingWrite, ...]] = {}
+        self.rows: dict[int, WorkRow] = {}
+
+
+class StateCache:
+    """Decoded state of up to ``limit`` (user, item) pairs, as the ledger file holds them."""
+
+    def __init__(self, limit: int = STATE_CACHE_PAIRS) -> None:
+        self.limit = limit
+        self._pairs: OrderedDict[Pair, CachedPair] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def __contains__(self, pair: object) -> bool:
+        return pair in self._pairs
+
+    def get(self, pair: Pair) -> CachedPair | None:
+        """The pair held (now the most recently used), or None. Read it, never change it."""
+        entry = self._pairs.get(pair)
+        if entry is not None:
+            self._pairs.move_to_end(pair)
+        return entry
+
+    def clear(self) -> None:
+        """Forget every pair."""
+        self._pairs.clear()
+
+    def evict(self, pairs: Iterable[Pair]) -> None:
+        """Forget the given pairs."""
+        for pair in pairs:
+            self._pairs.pop(pair, None)
+
+    def committed(
+        self,
+        read: Mapping[Pair, CachedPair],
+        canon: Mapping[Pair, CanonicalState],
+        lk: Mapping[Key, UserData],
+        echo: Mapping[Key, tuple[PendingWrite, ...]],
+        rows: Mapping[Key, WorkRow | None],
+    ) -> None:
+        """Take what a committed transaction read from SQLite, then what it wrote.
+
+        ``read`` holds pairs as they were read (complete); the other mappings hold the final
+        value the transaction wrote for each pair or key (an empty echo list or a None row:
+        deleted). Written pairs not held stay unheld: only complete pairs are kept.
+        """
+        held = self._pairs
+        held.update(read)
+        while len(held) > self.limit:
+            held.popitem(last=False)
+        for pair, state in canon.items():
+            entry = held.get(pair)
+            if entry is not None:
+                entry.canon = state
+        for (uid, iid, sid), known in lk.items():
+            entry = held.get((uid, iid))
+            if entry is not None:
+                entry.lk[sid] = known
+        for (uid, iid, sid), pending in echo.items():
+            entry = held.get((uid, iid))
+            if entry is not None:
+                if pending:
+                    entry.echo[sid] = pending
+                else:
+                    entry.echo.pop(sid, None)
+        for (uid, iid, sid), row in rows.items():
+            entry = held.get((uid, iid))
+            if entry is not None:
+                if row is None:
+                    entry.rows.pop(sid, None)
+                else:
+                    entry.rows[sid] = row

@@ -1,0 +1,67 @@
+"""The ledger's sense of time: the persisted hybrid clock and the read tickets.
+
+The hybrid clock stamps every change (and numbers outbox row versions): never behind the wall
+clock, always ahead of the last stamp, saved in ``meta.clock_ms`` by the transaction that moved
+it. Tickets order what this process learnt of each (user, item, server): an event applied, a
+read requested, a write acked. A read whose ticket is older than the last thing learnt of its key
+is outdated and never applied. Tickets live in memory only: after a restart every read is newer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import aiosqlite
+
+from jfsync.sync.ledger.codec import Key
+from jfsync.sync.merge import next_stamp_ms
+
+#: Keys whose last-seen ticket is kept before old ones are dropped, and how many tickets back
+#: they are kept then: a read that waited through that many newer events and writes is taken
+#: as fresh for the keys dropped (as before read tickets existed).
+SEEN_KEYS_MAX = 100_000
+SEEN_KEEP_TICKETS = 100_000
+
+
+class Clock:
+    """The hybrid clock (:attr:`ms`), the ticket counter and the last ticket seen per key."""
+
+    def __init__(self) -> None:
+        #: The latest stamp handed out.
+        self.ms = 0
+        self._tickets = 0
+        #: When the ledger last learnt anything of each (user, item, server), as a ticket.
+        self._seen: dict[Key, int] = {}
+
+    async def load(self, db: aiosqlite.Connection) -> None:
+        """Read the persisted clock."""
+        rows = list(await db.execute_fetchall("SELECT value FROM meta WHERE key='clock_ms'"))
+        self.ms = int(rows[0][0])
+
+    async def save(self, db: aiosqlite.Connection) -> None:
+        """Persist the clock in the caller's transaction."""
+        await db.execute("UPDATE meta SET value=? WHERE key='clock_ms'", (self.ms,))
+
+    def tick(self, wall_ms: int) -> int:
+        """Advance the hybrid clock past ``wall_ms`` and the last stamp; return the new stamp."""
+        self.ms = next_stamp_ms(wall_ms, self.ms)
+        return self.ms
+
+    def ticket(self) -> int:
+        """A number larger than every one handed out before."""
+        self._tickets += 1
+        return self._tickets
+
+    def seen(self, key: Key) -> int:
+        """The ticket of the last thing learnt of ``key`` (0: nothing in this process)."""
+        return self._seen.get(key, 0)
+
+    def note_seen(self, seen: Mapping[Key, int]) -> None:
+        """Keep what a transaction learnt of when each key was last seen; stay bounded."""
+        known = self._seen
+        for key, seq in seen.items():
+            if seq > known.get(key, 0):
+                known[key] = seq
+        if len(known) > SEEN_KEYS_MAX:
+            horizon = self._tickets - SEEN_KEEP_TICKETS
+            self._seen = {k: v for k, v in known.items() if v >= horizon}

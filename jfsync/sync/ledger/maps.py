@@ -1,0 +1,401 @@
+"""The id maps: servers, canonical user and item keys, and which server id is which of them.
+
+Servers are config names, users and items canonical keys; each has an integer id in the file
+(``servers``, ``users``, ``items``), and ``server_users`` / ``server_items`` record which of a
+server's own ids is which canonical user or item (with type, path and provider ids for identity
+matching). :class:`IdMaps` is the one code that writes those tables; it keeps the ids it handed
+out and, bounded, which servers have each user and map each item, and forgets them itself
+whenever it writes a mapping (and, told by the ledger, when a transaction did not commit).
+:func:`migrate_map_keys` moves positional ``users.map`` keys to stable ones at open.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import aiosqlite
+
+from jfsync.sync.ledger.codec import CHUNK, Key, Pair, chunks, marks
+from jfsync.sync.ledger.errors import LedgerError
+from jfsync.sync.ledger.outbox import OutboxRow
+from jfsync.sync.users import is_positional_map_key, plan_map_key_migration
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ItemMapping:
+    """How one server item maps to a canonical item, with what identity matching needs."""
+
+    remote_id: str
+    item: str
+    item_type: str | None = None
+    path: str | None = None
+    provider_ids: dict[str, str] | None = None
+
+
+class IdMaps:
+    """Ids of servers, users and items, and the server-side id maps, for one open ledger.
+
+    Ids of users and items are kept once read or created; which servers have each user
+    (``members``) and map each item (``mapped``, bounded to ``limit`` items) is kept until a
+    mapping changes. Call :meth:`forget_uncommitted` after a transaction that did not commit:
+    ids it created no longer exist and what it read may not have been committed.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._server_ids: dict[str, int] = {}
+        self._server_names: dict[int, str] = {}
+        self._user_ids: dict[str, int] = {}
+        self._item_ids: dict[str, int] = {}
+        #: User id -> the servers that have that user.
+        self._members: dict[int, frozenset[int]] = {}
+        #: Indexed servers (None: not read yet) and, per item id, the indexed servers mapping
+        #: it (emptied when it would pass ``limit`` items).
+        self._indexed: frozenset[int] | None = None
+        self._mapped: dict[int, frozenset[int]] = {}
+
+    # ------------------------------------------------------------------ servers
+
+    async def register_servers(self, db: aiosqlite.Connection, names: Iterable[str]) -> None:
+        """Add the configured servers (in the caller's transaction)."""
+        await db.executemany(
+            "INSERT INTO servers(name) VALUES (?) ON CONFLICT(name) DO NOTHING",
+            [(name,) for name in names],
+        )
+
+    async def load_servers(self, db: aiosqlite.Connection) -> None:
+        """Learn every server's id."""
+        for sid, name in await db.execute_fetchall("SELECT id, name FROM servers"):
+            self._server_ids[name] = sid
+            self._server_names[sid] = name
+
+    async def configure_servers(self, db: aiosqlite.Connection, names: Iterable[str]) -> None:
+        """The configured servers changed (a config reload): add the new ones and learn their
+        ids, in the caller's transaction; which of them are indexed is read again."""
+        await self.register_servers(db, names)
+        await self.load_servers(db)
+        self._forget_mappings()
+
+    @property
+    def names(self) -> Mapping[int, str]:
+        """Server names by id."""
+        return self._server_names
+
+    def sid(self, server: str) -> int:
+        """The id of the configured server ``server``; LedgerError for an unknown one."""
+        try:
+            return self._server_ids[server]
+        except KeyError:
+            raise LedgerError(
+                f"unknown server {server!r}; the ledger knows {', '.join(self._server_ids)}"
+            ) from None
+
+    def sid_of(self, server: str) -> int | None:
+        """The id of ``server``, or None when the ledger does not know it."""
+        return self._server_ids.get(server)
+
+    # ------------------------------------------------------------------ users and items
+
+    def forget_uncommitted(self) -> None:
+        """After a transaction that did not commit: forget ids and mappings it may have made."""
+        self._user_ids.clear()
+        self._item_ids.clear()
+        self._forget_mappings()
+
+    async def ensure_ids(
+        self, db: aiosqlite.Connection, table: Literal["users", "items"], keys: Iterable[str]
+    ) -> dict[str, int]:
+        """The ids of canonical user or item keys, creating those the file lacks."""
+        known = self._user_ids if table == "users" else self._item_ids
+        wanted = set(keys)
+        missing = [k for k in wanted if k not in known]
+        if missing:
+            await db.executemany(
+                f"INSERT INTO {table}(key) VALUES (?) ON CONFLICT(key) DO NOTHING",  # noqa: S608
+                [(k,) for k in missing],
+            )
+            for chunk in chunks(missing, CHUNK):
+                rows = await db.execute_fetchall(
+                    f"SELECT key, id FROM {table} WHERE key IN ({marks(len(chunk))})",  # noqa: S608
+                    chunk,
+                )
+                for key, rid in rows:
+                    known[str(key)] = int(rid)
+        return {k: known[k] for k in wanted}
+
+    async def user_id(self, db: aiosqlite.Connection, user: str) -> int:
+        """The id of the canonical user ``user``, created if new."""
+        return (await self.ensure_ids(db, "users", [user]))[user]
+
+    def known_pair(self, user: str, item: str) -> Pair | None:
+        """The (user, item) ids when this process knows both, else None (no SQL)."""
+        uid = self._user_ids.get(user)
+        iid = self._item_ids.get(item)
+        return None if uid is None or iid is None else (uid, iid)
+
+    async def pair(self, db: aiosqlite.Connection, user: str, item: str) -> Pair | None:
+        """The (user, item) ids, or None when the file has no such user or item."""
+        known = self.known_pair(user, item)
+        if known is not None:
+            return known
+        urows = list(await db.execute_fetchall("SELECT id FROM users WHERE key=?", (user,)))
+        irows = list(await db.execute_fetchall("SELECT id FROM items WHERE key=?", (item,)))
+        if not urows or not irows:
+            return None
+        return int(urows[0][0]), int(irows[0][0])
+
+    async def row_keys(self, db: aiosqlite.Connection, rows: Sequence[OutboxRow]) -> list[Key]:
+        """The (user, item, peer) ids of each row, in order."""
+        users = self._user_ids
+        items = self._item_ids
+        if any(r.user not in users or r.item not in items for r in rows):
+            users = await self.ensure_ids(db, "users", [r.user for r in rows])
+            items = await self.ensure_ids(db, "items", [r.item for r in rows])
+        return [(users[r.user], items[r.item], self.sid(r.peer)) for r in rows]
+
+    async def unmapped_items(
+        self, db: aiosqlite.Connection, items: Sequence[str]
+    ) -> list[tuple[int, str]]:
+        """(id, key) of the canonical items among ``items`` that no server maps, key order."""
+        found: list[tuple[int, str]] = []
+        for chunk in chunks(sorted(set(items)), CHUNK):
+            rows = await db.execute_fetchall(
+                f"SELECT i.id, i.key FROM items i WHERE i.key IN ({marks(len(chunk))}) "  # noqa: S608
+                "AND NOT EXISTS (SELECT 1 FROM server_items s WHERE s.item = i.id)",
+                chunk,
+            )
+            found += [(int(r[0]), str(r[1])) for r in rows]
+        return found
+
+    # ------------------------------------------------------------------ mappings: writes
+
+    async def map_user(
+        self, db: aiosqlite.Connection, sid: int, remote_id: str, user: str, name: str | None
+    ) -> None:
+        """Record that ``remote_id`` on server ``sid`` is the canonical user ``user``."""
+        self._forget_mappings()
+        uid = await self.user_id(db, user)
+        await db.execute("DELETE FROM server_users WHERE server=? AND user=?", (sid, uid))
+        await db.execute(
+            "INSERT OR REPLACE INTO server_users(server, remote_id, user, name) "
+            "VALUES (?, ?, ?, ?)",
+            (sid, remote_id, uid, name),
+        )
+
+    async def map_items(
+        self, db: aiosqlite.Connection, sid: int, mappings: Sequence[ItemMapping]
+    ) -> None:
+        """Record ``mappings`` of server ``sid``, replacing what mapped the same items."""
+        self._forget_mappings()
+        ids = await self.ensure_ids(db, "items", [m.item for m in mappings])
+        await db.executemany(
+            "DELETE FROM server_items WHERE server=? AND item=?",
+            [(sid, ids[m.item]) for m in mappings],
+        )
+        await db.executemany(
+            "INSERT OR REPLACE INTO server_items(server, remote_id, item, item_type, path, "
+            "provider_ids) VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    sid,
+                    m.remote_id,
+                    ids[m.item],
+                    m.item_type,
+                    m.path,
+                    json.dumps(m.provider_ids, sort_keys=True) if m.provider_ids else None,
+                )
+                for m in mappings
+            ],
+        )
+
+    async def unmap_items(
+        self, db: aiosqlite.Connection, sid: int, remote_ids: Iterable[str]
+    ) -> None:
+        """Drop the mappings of server ``sid``'s item ids ``remote_ids``."""
+        self._forget_mappings()
+        for chunk in chunks(sorted(set(remote_ids)), CHUNK):
+            await db.execute(
+                f"DELETE FROM server_items WHERE server=? AND remote_id IN ({marks(len(chunk))})",  # noqa: S608
+                (sid, *chunk),
+            )
+
+    def _forget_mappings(self) -> None:
+        self._members.clear()
+        self._indexed = None
+        self._mapped.clear()
+
+    # ------------------------------------------------------------------ mappings: reads
+
+    async def user_for(self, db: aiosqlite.Connection, sid: int, remote_id: str) -> str | None:
+        """The canonical user of server ``sid``'s user id, if mapped."""
+        rows = await db.execute_fetchall(
+            "SELECT u.key FROM server_users s JOIN users u ON u.id = s.user "
+            "WHERE s.server=? AND s.remote_id=?",
+            (sid, remote_id),
+        )
+        return next((str(r[0]) for r in rows), None)
+
+    async def item_for(self, db: aiosqlite.Connection, sid: int, remote_id: str) -> str | None:
+        """The canonical item of server ``sid``'s item id, if mapped."""
+        rows = await db.execute_fetchall(
+            "SELECT i.key FROM server_items s JOIN items i ON i.id = s.item "
+            "WHERE s.server=? AND s.remote_id=?",
+            (sid, remote_id),
+        )
+        return next((str(r[0]) for r in rows), None)
+
+    async def servers_with_user(self, db: aiosqlite.Connection, user: str) -> set[str]:
+        """The names of the servers that have the canonical user ``user``."""
+        rows = await db.execute_fetchall(
+            "SELECT s.server FROM server_users s JOIN users u ON u.id = s.user WHERE u.key=?",
+            (user,),
+        )
+        return {self._server_names[int(r[0])] for r in rows}
+
+    async def members(
+        self, db: aiosqlite.Connection, users: set[int], *, cached: bool = True
+    ) -> dict[int, set[int]]:
+        """Which servers have each of ``users`` (users no server has are left out)."""
+        found: dict[int, set[int]] = {}
+        missing = set(users)
+        if cached:
+            for uid in users:
+                known = self._members.get(uid)
+                if known is not None:
+                    found[uid] = set(known)
+                    missing.discard(uid)
+        for chunk in chunks(sorted(missing), CHUNK):
+            for uid, sid in await db.execute_fetchall(
+                f"SELECT user, server FROM server_users WHERE user IN ({marks(len(chunk))})",  # noqa: S608
+                chunk,
+            ):
+                found.setdefault(int(uid), set()).add(int(sid))
+        if cached:
+            for uid in missing:
+                self._members[uid] = frozenset(found.get(uid, ()))
+        return found
+
+    async def has_index(self, db: aiosqlite.Connection, sid: int) -> bool:
+        """Tell whether server ``sid``'s library is indexed (it maps items)."""
+        rows = await db.execute_fetchall(
+            "SELECT 1 FROM server_items WHERE server=? LIMIT 1", (sid,)
+        )
+        return bool(list(rows))
+
+    async def mappings(
+        self,
+        db: aiosqlite.Connection,
+        items: set[int],
+        servers: Iterable[int],
+        *,
+        cached: bool = True,
+    ) -> tuple[frozenset[int], dict[int, set[int]]]:
+        """The indexed ones of ``servers``, and which of ``items`` each of them maps.
+
+        A server whose library is indexed but that does not map an item does not have it;
+        servers without an index (identical-id identity) are taken to have every item.
+        """
+        indexed = self._indexed if cached else None
+        if indexed is None:
+            indexed = frozenset([sid for sid in sorted(servers) if await self.has_index(db, sid)])
+            if cached:
+                self._indexed = indexed
+        mapped: dict[int, set[int]] = {}
+        if not indexed:
+            return indexed, mapped
+        wanted = set(items)
+        if cached:
+            for iid in items:
+                servers_of = self._mapped.get(iid)
+                if servers_of is not None:
+                    for sid in servers_of:
+                        mapped.setdefault(sid, set()).add(iid)
+                    wanted.discard(iid)
+        have: dict[int, set[int]] = {}
+        for sid in sorted(indexed):
+            for chunk in chunks(sorted(wanted), CHUNK):
+                in_chunk = marks(len(chunk))
+                for (iid,) in await db.execute_fetchall(
+                    f"SELECT item FROM server_items WHERE server=? AND item IN ({in_chunk})",  # noqa: S608
+                    (sid, *chunk),
+                ):
+                    mapped.setdefault(sid, set()).add(int(iid))
+                    have.setdefault(int(iid), set()).add(sid)
+        if cached:
+            if len(self._mapped) + len(wanted) > self.limit:
+                self._mapped.clear()  # bounded like the state cache (a library has many items)
+            # Most items are mapped by the same servers: one shared set per combination.
+            shared: dict[frozenset[int], frozenset[int]] = {}
+            for iid in wanted:
+                servers_of = frozenset(have.get(iid, ()))
+                self._mapped[iid] = shared.setdefault(servers_of, servers_of)
+        return indexed, mapped
+
+
+async def migrate_map_keys(
+    db: aiosqlite.Connection, path: str, entries: Sequence[Mapping[str, str]]
+) -> None:
+    """Give people of positional ``users.map`` keys (``map:0``) their stable keys.
+
+    A one-time data migration, run at open with the config's map at hand (SQL alone cannot
+    derive the keys: they come from the config's entries). Each old key goes to the entry
+    naming the accounts the ledger recorded for it (:func:`plan_map_key_migration`), whatever
+    position that entry has now; the row keeps its id, so every canonical state, last-known
+    state and outbox row stays with that person. Idempotent: new keys never look positional.
+    """
+    rows = await db.execute_fetchall(
+        "SELECT u.id, u.key, s.name, su.name FROM users u "
+        "LEFT JOIN server_users su ON su.user = u.id "
+        "LEFT JOIN servers s ON s.id = su.server WHERE u.key GLOB 'map:[0-9]*'"
+    )
+    old: dict[str, dict[str, str | None]] = {}
+    ids: dict[str, int] = {}
+    for uid, key, server, name in rows:
+        if not is_positional_map_key(str(key)):
+            continue
+        ids[str(key)] = int(uid)
+        accounts = old.setdefault(str(key), {})
+        if server is not None:
+            accounts[str(server)] = None if name is None else str(name)
+    if not old:
+        return
+    renames, problems = plan_map_key_migration(old, entries)
+    for problem in problems:
+        logger.info("ledger %s: %s", path, problem)
+    taken = {
+        str(r[0])
+        for r in await db.execute_fetchall(
+            f"SELECT key FROM users WHERE key IN ({marks(len(renames))})",  # noqa: S608
+            list(renames.values()),
+        )
+    }
+    for key in [k for k, new in renames.items() if new in taken]:
+        logger.warning(
+            "ledger %s: user %s stays as it is: %s is in the ledger already",
+            path,
+            key,
+            renames.pop(key),
+        )
+    if not renames:
+        return
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        await db.executemany(
+            "UPDATE users SET key=? WHERE id=?",
+            [(new, ids[key]) for key, new in renames.items()],
+        )
+    except BaseException:
+        await db.rollback()
+        raise
+    await db.commit()
+    logger.info(
+        "ledger %s: users.map keys now follow each entry's names, not its position: %s",
+        path,
+        ", ".join(f"{key} -> {new}" for key, new in sorted(renames.items())),
+    )

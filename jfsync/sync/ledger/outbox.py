@@ -1,0 +1,296 @@
+"""The outbox: what each peer is still owed, as rows, and the queries a pusher's queue runs.
+
+At most one row per (peer, user, item) names the registers owed and the desired state.
+:class:`OutboxRow` is a row as callers see it (canonical keys, the peer's own ids);
+:class:`WorkRow` is a row while a transaction works on it (ids only, replaced, never changed in
+place). The read queries (due rows, dead rows, depth, age) live here; rows are written only by
+:class:`jfsync.sync.ledger.writer.StateWriter`, which keeps the state cache right, using
+:func:`row_values` for the columns.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiosqlite
+
+from jfsync.model import Register, UserData
+from jfsync.sync.ledger.codec import (
+    CHUNK,
+    STATE_COLS,
+    Key,
+    chunks,
+    decode_state,
+    marks,
+    mask_bits,
+    mask_registers,
+    state_values,
+)
+
+#: An outbox row with its canonical keys and the peer's own ids, in one indexed read.
+ROW_SELECT = (
+    "SELECT o.id, o.peer, u.key, i.key, o.registers, o.favorite, o.rating, o.played, "
+    "o.play_count, o.last_played_s, o.position_ticks, o.version, o.created_ms, o.attempts, "
+    "o.next_attempt_ms, o.last_error, o.dead, su.remote_id, si.remote_id, o.user, o.item "
+    "FROM outbox o JOIN users u ON u.id = o.user JOIN items i ON i.id = o.item "
+    "LEFT JOIN server_users su ON su.server = o.peer AND su.user = o.user "
+    "LEFT JOIN server_items si ON si.server = o.peer AND si.item = o.item "
+)
+#: Rows of a (peer, user) the reset guard holds wait: nothing is written there until resolved.
+NOT_HELD = (
+    "AND NOT EXISTS (SELECT 1 FROM reset_holds h WHERE h.server = o.peer AND h.user = o.user) "
+)
+#: Rows by ids, as a transaction loads them (:func:`decode_work_row`).
+WORK_SELECT = (
+    "SELECT o.user, o.item, o.peer, o.id, o.registers, o.favorite, o.rating, o.played, "
+    "o.play_count, o.last_played_s, o.position_ticks, o.version, o.created_ms, o.attempts, "
+    "o.next_attempt_ms, o.last_error, o.dead FROM outbox o"
+)
+#: The columns :func:`row_values` gives, in order.
+ROW_COLS = (
+    f"registers, {STATE_COLS}, version, created_ms, attempts, next_attempt_ms, last_error, dead"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One pending write: the registers owed to ``peer`` for ``user`` and ``item``."""
+
+    id: int
+    peer: str
+    user: str
+    item: str
+    registers: frozenset[Register]
+    desired: UserData
+    version: int
+    created_ms: int
+    attempts: int
+    next_attempt_ms: int
+    last_error: str | None
+    dead: bool
+    #: The peer's own ids when the id maps know them (else use the canonical keys).
+    remote_user_id: str | None = None
+    remote_item_id: str | None = None
+
+    def intended(self, current: UserData) -> UserData:
+        """Return ``current`` with this row's registers set to their desired values."""
+        result = current
+        for register in self.registers:
+            result = result.with_register(register, self.desired.get(register))
+        return result
+
+
+@dataclass(frozen=True, slots=True)
+class WorkRow:
+    """An outbox row while a transaction works on it (replaced, never changed in place).
+
+    ``id`` is None until the transaction numbers it; ``mask`` is the registers owed.
+    """
+
+    id: int | None
+    mask: frozenset[Register]
+    desired: UserData
+    version: int
+    created_ms: int
+    attempts: int = 0
+    next_attempt_ms: int = 0
+    last_error: str | None = None
+    dead: bool = False
+
+    # Built field by field: dataclasses.replace costs several times more, on a hot path.
+    def numbered(self, row_id: int) -> WorkRow:
+        """This row with the id SQLite will store it under."""
+        return WorkRow(
+            row_id,
+            self.mask,
+            self.desired,
+            self.version,
+            self.created_ms,
+            self.attempts,
+            self.next_attempt_ms,
+            self.last_error,
+            self.dead,
+        )
+
+    def owing(self, mask: frozenset[Register], desired: UserData, version: int) -> WorkRow:
+        """This row owing ``mask`` of ``desired`` as of ``version`` (the rest kept)."""
+        return WorkRow(
+            self.id,
+            mask,
+            desired,
+            version,
+            self.created_ms,
+            self.attempts,
+            self.next_attempt_ms,
+            self.last_error,
+            self.dead,
+        )
+
+    def as_outbox_row(self, like: OutboxRow) -> OutboxRow:
+        """This row named like ``like`` (same peer, keys and remote ids); it must be numbered."""
+        assert self.id is not None  # numbered before it is handed out
+        return OutboxRow(
+            id=self.id,
+            peer=like.peer,
+            user=like.user,
+            item=like.item,
+            registers=self.mask,
+            desired=self.desired,
+            version=self.version,
+            created_ms=self.created_ms,
+            attempts=self.attempts,
+            next_attempt_ms=self.next_attempt_ms,
+            last_error=self.last_error,
+            dead=self.dead,
+            remote_user_id=like.remote_user_id,
+            remote_item_id=like.remote_item_id,
+        )
+
+
+def row_values(row: WorkRow) -> tuple[Any, ...]:
+    """The :data:`ROW_COLS` values of ``row``."""
+    return (
+        mask_bits(row.mask),
+        *state_values(row.desired),
+        row.version,
+        row.created_ms,
+        row.attempts,
+        row.next_attempt_ms,
+        row.last_error,
+        int(row.dead),
+    )
+
+
+def decode_row(r: Sequence[Any], names: Mapping[int, str]) -> OutboxRow:
+    """An :class:`OutboxRow` from a :data:`ROW_SELECT` row; ``names`` are the servers by id."""
+    return OutboxRow(
+        id=int(r[0]),
+        peer=names[int(r[1])],
+        user=str(r[2]),
+        item=str(r[3]),
+        registers=mask_registers(int(r[4])),
+        desired=decode_state(r, 5),
+        version=int(r[11]),
+        created_ms=int(r[12]),
+        attempts=int(r[13]),
+        next_attempt_ms=int(r[14]),
+        last_error=None if r[15] is None else str(r[15]),
+        dead=bool(r[16]),
+        remote_user_id=None if r[17] is None else str(r[17]),
+        remote_item_id=None if r[18] is None else str(r[18]),
+    )
+
+
+def decode_work_row(row: Sequence[Any]) -> tuple[Key, WorkRow]:
+    """The key and :class:`WorkRow` of a :data:`WORK_SELECT` row."""
+    key = (int(row[0]), int(row[1]), int(row[2]))
+    return key, WorkRow(
+        id=int(row[3]),
+        mask=mask_registers(int(row[4])),
+        desired=decode_state(row, 5),
+        version=int(row[11]),
+        created_ms=int(row[12]),
+        attempts=int(row[13]),
+        next_attempt_ms=int(row[14]),
+        last_error=None if row[15] is None else str(row[15]),
+        dead=bool(row[16]),
+    )
+
+
+async def due(
+    db: aiosqlite.Connection,
+    names: Mapping[int, str],
+    sid: int,
+    limit: int,
+    now_ms: int,
+    exclude: Iterable[int],
+) -> list[OutboxRow]:
+    """Up to ``limit`` live rows of peer ``sid`` due at ``now_ms``, oldest due first.
+
+    Rows of held (server, user) pairs wait. ``exclude`` holds row ids to skip: SQLite skips up
+    to a chunk of them (so they cost no reading), any more are skipped here.
+    """
+    ids = sorted(set(exclude))
+    in_sql, beyond = ids[:CHUNK], set(ids[CHUNK:])
+    skip = f"AND o.id NOT IN ({marks(len(in_sql))}) " if in_sql else ""
+    rows = await db.execute_fetchall(
+        ROW_SELECT
+        + "WHERE o.peer=? AND o.dead=0 AND o.next_attempt_ms<=? "
+        + NOT_HELD
+        + skip
+        + "ORDER BY o.next_attempt_ms, o.created_ms, o.id LIMIT ?",
+        (sid, now_ms, *in_sql, limit + len(beyond)),
+    )
+    kept = [r for r in rows if int(r[0]) not in beyond] if beyond else list(rows)
+    return [decode_row(r, names) for r in kept[:limit]]
+
+
+async def rows_at(
+    db: aiosqlite.Connection, names: Mapping[int, str], keys: Iterable[Key]
+) -> dict[Key, OutboxRow]:
+    """The rows, live or dead, of the given (user, item, peer) keys that exist."""
+    grouped: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for uid, iid, sid in set(keys):
+        grouped[(sid, uid)].append(iid)
+    found: dict[Key, OutboxRow] = {}
+    for (sid, uid), items in grouped.items():
+        for chunk in chunks(sorted(items), CHUNK):
+            rows = await db.execute_fetchall(
+                ROW_SELECT + f"WHERE o.peer=? AND o.user=? AND o.item IN ({marks(len(chunk))})",
+                (sid, uid, *chunk),
+            )
+            for r in rows:
+                found[(int(r[19]), int(r[20]), int(r[1]))] = decode_row(r, names)
+    return found
+
+
+async def depth(db: aiosqlite.Connection, sid: int) -> int:
+    """How many live rows peer ``sid`` has queued."""
+    rows = await db.execute_fetchall("SELECT COUNT(*) FROM outbox WHERE peer=? AND dead=0", (sid,))
+    return int(next(iter(rows))[0])
+
+
+async def oldest_created_ms(db: aiosqlite.Connection, sid: int) -> int | None:
+    """When the oldest live row of peer ``sid`` was created (None: no live row)."""
+    rows = await db.execute_fetchall(
+        "SELECT MIN(created_ms) FROM outbox WHERE peer=? AND dead=0", (sid,)
+    )
+    oldest = next(iter(rows))[0]
+    return None if oldest is None else int(oldest)
+
+
+async def dead_count(db: aiosqlite.Connection, sid: int) -> int:
+    """How many rows of peer ``sid`` are parked."""
+    rows = await db.execute_fetchall("SELECT COUNT(*) FROM outbox WHERE peer=? AND dead=1", (sid,))
+    return int(next(iter(rows))[0])
+
+
+async def dead(
+    db: aiosqlite.Connection, names: Mapping[int, str], sid: int, limit: int | None = None
+) -> list[OutboxRow]:
+    """The parked rows of peer ``sid``, oldest first (at most ``limit`` of them)."""
+    select = ROW_SELECT + "WHERE o.peer=? AND o.dead=1 ORDER BY o.created_ms, o.id"
+    if limit is None:
+        rows = await db.execute_fetchall(select, (sid,))
+    else:
+        rows = await db.execute_fetchall(select + " LIMIT ?", (sid, limit))
+    return [decode_row(r, names) for r in rows]
+
+
+async def registers_owed(db: aiosqlite.Connection) -> list[tuple[int, Key, int]]:
+    """Every row, live or dead: its id, its (user, item, peer) and its register bits."""
+    rows = await db.execute_fetchall("SELECT id, user, item, peer, registers FROM outbox")
+    return [(int(r[0]), (int(r[1]), int(r[2]), int(r[3])), int(r[4])) for r in rows]
+
+
+async def unmapped(db: aiosqlite.Connection, sid: int) -> list[tuple[int, Key]]:
+    """The rows of peer ``sid`` for items it does not map: id and (user, item, peer) each."""
+    rows = await db.execute_fetchall(
+        "SELECT o.id, o.user, o.item FROM outbox o WHERE o.peer=? AND NOT EXISTS "
+        "(SELECT 1 FROM server_items s WHERE s.server=o.peer AND s.item=o.item)",
+        (sid,),
+    )
+    return [(int(r[0]), (int(r[1]), int(r[2]), sid)) for r in rows]
