@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cluster import ClusterFactory, StartCluster
+
 #: Every request jfsync sends to an emulator is checked against the official OpenAPI spec.
 pytest_plugins = ["tests.support.openapi_requests"]
 
@@ -95,3 +97,14 @@ def reference_dir() -> Path:
     if not REFERENCE_DIR.is_dir():
         pytest.fail(f"missing {REFERENCE_DIR}: the OpenAPI files are part of the repository")
     return REFERENCE_DIR
+
+
+@pytest.fixture
+async def start_cluster(tmp_path: Path) -> AsyncIterator[StartCluster]:
+    """Start emulators and jfsync between them (:class:`tests.support.cluster.ClusterFactory`);
+    every cluster, service and emulator started through it is stopped at teardown."""
+    factory = ClusterFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        await factory.close()
