@@ -23,6 +23,7 @@ from jfsync.emulator import Emulator
 from jfsync.service import SHUTDOWN_SLACK_S, SyncService, run_service
 from jfsync.timing import ManualClock
 from tests.operate.conftest import KEYS, free_port
+from tests.support.config import make_config
 
 pytestmark = pytest.mark.timeout(30)
 WAIT_S = 20.0
@@ -30,15 +31,12 @@ GRACE_S = 2.0
 
 
 def _config(tmp_path: Path, emus: dict[str, Emulator]) -> Config:
-    return Config.model_validate(
-        {
-            "ledger": str(tmp_path / "ledger.db"),
-            "status": {"listen": f"127.0.0.1:{free_port()}"},
-            "sync": {"shutdown_grace": GRACE_S},
-            "servers": [
-                {"name": name, "url": emu.url, "api_key": KEYS[name]} for name, emu in emus.items()
-            ],
-        }
+    return make_config(
+        emus,
+        api_key=KEYS,
+        ledger=tmp_path / "ledger.db",
+        status={"listen": f"127.0.0.1:{free_port()}"},
+        sync={"shutdown_grace": GRACE_S},
     )
 
 
