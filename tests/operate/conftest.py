@@ -9,7 +9,6 @@ events (``service.wait_for`` re-checks whenever jfsync applies or writes), never
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +20,7 @@ from jfsync.emulator import Emulator
 from jfsync.model import UserData
 from jfsync.ops.status import StatusServer
 from tests.support.cluster import FAST_PUSHER, Cluster, StartCluster
+from tests.support.config import free_port
 from tests.support.waiting import WAIT_S
 
 __all__ = ["KEYS", "PUSHER", "WAIT_S", "Stack", "StackFactory", "emulators", "free_port"]
@@ -28,13 +28,6 @@ __all__ = ["KEYS", "PUSHER", "WAIT_S", "Stack", "StackFactory", "emulators", "fr
 KEYS = {"home": "0a1b2c3d4e5f60718293a4b5c6d7e8f9", "cabin": "f9e8d7c6b5a4938271605f4e3d2c1b0a"}
 #: Pushers that retry in milliseconds, except a refused key: that pause must stay visible.
 PUSHER: dict[str, Any] = {**FAST_PUSHER, "auth_retry_s": 300.0}
-
-
-def free_port() -> int:
-    """A free loopback port (for a status endpoint a child process or run_service binds)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _emulator(name: str, library_size: int, users: list[tuple[str, str]] | None = None) -> Emulator:

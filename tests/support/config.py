@@ -9,6 +9,7 @@ check how a particular config *text* is parsed keep that text in the test.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,14 @@ from jfsync.emulator import Emulator
 
 #: The API key the test emulators accept unless a test gives its own.
 API_KEY = "0123456789abcdef0123456789abcdef"
+
+
+def free_port() -> int:
+    """A free loopback port (for a status endpoint a child process or ``run_service`` binds)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
 
 Servers = Mapping[str, "str | Emulator"] | Iterable[Emulator]
 
