@@ -24,7 +24,7 @@ from jfsync.emulator import Emulator
 from jfsync.service import SyncService, run_service
 from tests.core.test_ledger_file import committed
 from tests.operate.conftest import KEYS, PUSHER, WAIT_S, StackFactory, free_port
-from tests.support.cluster import fast_delays
+from tests.support.cluster import fast_delays, service_connected
 from tests.support.config import make_config
 
 pytestmark = pytest.mark.timeout(40)
@@ -112,17 +112,6 @@ def _config(tmp_path: Path, emus: dict[str, Emulator]) -> Config:
     )
 
 
-async def _running(service: SyncService) -> None:
-    def up() -> bool:
-        return bool(service.links) and all(
-            link.subscribers
-            and all(str(s.status.state) == "connected" for s in link.subscribers.values())
-            for link in service.links.values()
-        )
-
-    await service.wait_for(up, WAIT_S)
-
-
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
 async def test_jfsync_run_goes_unhealthy_and_stops_with_the_error(
     emulators: dict[str, Emulator], tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
@@ -134,7 +123,7 @@ async def test_jfsync_run_goes_unhealthy_and_stops_with_the_error(
     run = asyncio.create_task(
         run_service(config, service=service, force_exit=exits.append, backstop=False)
     )
-    await _running(service)
+    await service_connected(service)
     path = Path(config.ledger)
     other = _lose(path, how, tmp_path)
 

@@ -20,10 +20,9 @@ import pytest
 from jfsync.emulator import Emulator
 from tests.operate.conftest import KEYS, free_port
 from tests.support.config import write_config
-from tests.support.waiting import emulator_requests, wait_until
+from tests.support.waiting import WAIT_S, emulator_requests, wait_until
 
 pytestmark = pytest.mark.timeout(40)
-WAIT_S = 20.0
 TOKEN = "run-test-status-token-41c7"
 
 

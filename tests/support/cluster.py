@@ -53,6 +53,25 @@ FAST_SUBSCRIBER: dict[str, Any] = {"delays": fast_delays}
 Closer = Callable[[], Awaitable[None]]
 
 
+async def service_connected(
+    service: SyncService, users: int | None = None, timeout_s: float = WAIT_S
+) -> None:
+    """Wait until every server of ``service`` has its users' sockets live (resync done).
+
+    ``users``: how many users each server must have connected (default: all it syncs).
+    """
+
+    def ready() -> bool:
+        return bool(service.links) and all(
+            link.subscribers
+            and (users is None or len(link.subscribers) == users)
+            and all(str(s.status.state) == "connected" for s in link.subscribers.values())
+            for link in service.links.values()
+        )
+
+    await service.wait_for(ready, timeout_s)
+
+
 class Cluster:
     """Emulators and the jfsync service replicating between them."""
 
@@ -148,15 +167,7 @@ class Cluster:
         ``users``: how many users each server must have connected (default: all it syncs).
         """
 
-        def ready() -> bool:
-            return all(
-                link.subscribers
-                and (users is None or len(link.subscribers) == users)
-                and all(str(s.status.state) == "connected" for s in link.subscribers.values())
-                for link in self.service.links.values()
-            )
-
-        await self.wait(ready)
+        await service_connected(self.service, users)
 
     # --- what the servers hold -----------------------------------------------------------
 
