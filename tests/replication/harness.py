@@ -1,8 +1,8 @@
 """Helpers for the replication tests: emulated clusters, convergence checks and a quiet barrier.
 
-A :class:`Cluster` is two or three emulators generated from the same seed and path root (so
-they share item ids, as identical libraries do) with distinct server names, plus the
-:class:`SyncService` that replicates between them. :func:`settle` is the barrier the
+A :class:`Cluster` is the suite's shared cluster (:mod:`tests.support.cluster`) of two or three
+emulators generated from the same seed and path root (so they share item ids, as identical
+libraries do) with distinct server names, plus the :class:`SyncService` between them. :func:`settle` is the barrier the
 no-ping-pong tests rely on: it sends one sentinel change through every server's socket and
 waits until every resulting write's echo came back, so every message sent before it has been
 applied and any write it caused has been made.
