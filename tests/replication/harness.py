@@ -108,7 +108,7 @@ class Cluster(BaseCluster):
         who restores, inside one debounce window, exactly the state jfsync just overwrote is
         indistinguishable from a stale event (see :mod:`jfsync.sync.echo`), and no test wants that.
         """
-        await self.service.wait_for(lambda: self.all_hold(item, expected, user), WAIT_S)
+        await self.wait(lambda: self.all_hold(item, expected, user))
         await self.wait_quiet([item], user)
 
     async def wait_items(
@@ -137,7 +137,7 @@ class Cluster(BaseCluster):
             pending.extend((e, i) for e in emus for i in items)
             return False
 
-        await self.service.wait_for(done, timeout_s)
+        await self.wait(done, timeout_s)
 
     async def key(self, server: str, item: str) -> str:
         """The canonical key jfsync gives ``server``'s item ``item`` (usually the id itself;
@@ -165,7 +165,7 @@ class Cluster(BaseCluster):
     async def wait_quiet(self, items: Iterable[str], user: str = USER) -> None:
         """Wait until :meth:`is_quiet` holds."""
         wanted = list(items)
-        await self.service.wait_for(lambda: self.is_quiet(wanted, user), WAIT_S)
+        await self.wait(lambda: self.is_quiet(wanted, user))
 
     async def settle(self, user: str = USER) -> None:
         """Wait until everything sent so far was applied and every write it caused was made.
@@ -183,9 +183,7 @@ class Cluster(BaseCluster):
         if self.manual_clocks:
             # Those emulators flush only when told: first the sentinels, then the echoes.
             await self.flush_manual()
-            await self.service.wait_for(
-                lambda: all(self.all_hold(i, s, user) for i, s in expected.items()), WAIT_S
-            )
+            await self.wait(lambda: all(self.all_hold(i, s, user) for i, s in expected.items()))
             await self.flush_manual()
 
         async def quiet() -> bool:
@@ -193,7 +191,7 @@ class Cluster(BaseCluster):
                 return False
             return await self.is_quiet(expected, user)
 
-        await self.service.wait_for(quiet, WAIT_S)
+        await self.wait(quiet)
 
     async def flush_manual(self) -> None:
         """Let every emulator on a ManualClock flush its armed UserDataChanged push."""

@@ -25,7 +25,7 @@ from jfsync.sync.identity import ItemIdentity
 from jfsync.timing import Clock, ManualClock, backoff_delays
 from tests.support.config import API_KEY, make_config
 from tests.support.gate import SocketGate
-from tests.support.waiting import WAIT_S, Predicate
+from tests.support.waiting import WAIT_S, Predicate, bound
 
 USER = "alice"
 #: Small emulator echo debounce: real time is unavoidable there, so keep it short.
@@ -69,7 +69,7 @@ async def service_connected(
             for link in service.links.values()
         )
 
-    await service.wait_for(ready, timeout_s)
+    await service.wait_for(ready, bound(timeout_s))
 
 
 class Cluster:
@@ -159,7 +159,7 @@ class Cluster:
 
     async def wait(self, predicate: Predicate, timeout_s: float = WAIT_S) -> None:
         """Wait until ``predicate`` holds, re-checked whenever jfsync applies or writes."""
-        await self.service.wait_for(predicate, timeout_s)
+        await self.service.wait_for(predicate, bound(timeout_s))
 
     async def wait_connected(self, users: int | None = None) -> None:
         """Wait until every synced user of every server has a live socket (resync done).
