@@ -12,9 +12,11 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # --- build: wheels for jfsync and its dependencies --------------------------------------
 FROM ${PYTHON_IMAGE} AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# constraints.txt pins every dependency and the build backend (PIP_CONSTRAINT reaches pip's
+# isolated build of jfsync too), so an image built today and one built next year hold the same.
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CONSTRAINT=/src/constraints.txt
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY jfsync ./jfsync
 RUN pip wheel --wheel-dir /wheels .
 

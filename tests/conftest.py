@@ -11,11 +11,30 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cluster import ClusterFactory, StartCluster
+from tests.support.waiting import TIME_SCALE
+
 #: Every request jfsync sends to an emulator is checked against the official OpenAPI spec.
 pytest_plugins = ["tests.support.openapi_requests"]
 
 #: The official OpenAPI files, kept in the repo (tests/data/openapi/README.md says where from).
 REFERENCE_DIR = Path(__file__).resolve().parent / "data" / "openapi"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Stretch every test's timeout by ``JFSYNC_TEST_TIME_SCALE`` (see tests/support/waiting.py).
+
+    The test's own ``timeout`` mark (or its module's, or the ini default) times the scale goes
+    first, so pytest-timeout sees it before any other.
+    """
+    if TIME_SCALE == 1:
+        return
+    default = float(config.getini("timeout") or 0)
+    for item in items:
+        mark = item.get_closest_marker("timeout")
+        seconds = float(mark.args[0]) if mark is not None and mark.args else default
+        if seconds > 0:
+            item.add_marker(pytest.mark.timeout(seconds * TIME_SCALE), append=False)
 
 
 @pytest.fixture(autouse=True)
@@ -95,3 +114,14 @@ def reference_dir() -> Path:
     if not REFERENCE_DIR.is_dir():
         pytest.fail(f"missing {REFERENCE_DIR}: the OpenAPI files are part of the repository")
     return REFERENCE_DIR
+
+
+@pytest.fixture
+async def start_cluster(tmp_path: Path) -> AsyncIterator[StartCluster]:
+    """Start emulators and jfsync between them (:class:`tests.support.cluster.ClusterFactory`);
+    every cluster, service and emulator started through it is stopped at teardown."""
+    factory = ClusterFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        await factory.close()

@@ -17,26 +17,25 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from jfsync.emulator.http import HttpError, json_response, parse_guid
 from jfsync.emulator.library import LibraryItem
 from jfsync.emulator.query import ItemQuery
 from jfsync.emulator.state import EmuUser
 
 if TYPE_CHECKING:
-    from jfsync.emulator.app import Ctx, JellyfinApi
+    from jfsync.emulator.http import Ctx, ItemViews
 
 
 class BrowseApi:
     """The TV and resume handlers of one emulated server."""
 
-    def __init__(self, api: JellyfinApi) -> None:
+    def __init__(self, api: ItemViews) -> None:
         self.api = api
         self.emu = api.emu
 
     # --- helpers -------------------------------------------------------------------------
 
     def _series(self, item_text: str) -> LibraryItem | None:
-        from jfsync.emulator.app import parse_guid
-
         item = self.emu.library.get(parse_guid(item_text))
         return item if item is not None and item.type == "Series" else None
 
@@ -51,8 +50,6 @@ class BrowseApi:
     def _page(
         self, ctx: Ctx, items: list[LibraryItem], user: EmuUser | None, total: int | None = None
     ) -> web.Response:
-        from jfsync.emulator.app import json_response
-
         start, limit = self.api.paging(ctx)
         page = items[start : start + limit if limit is not None else None]
         dtos = self.api.item_dtos(ctx, page, user)
@@ -63,8 +60,6 @@ class BrowseApi:
 
     async def episodes(self, ctx: Ctx) -> web.StreamResponse:
         """``GET /Shows/{seriesId}/Episodes``: by season id, season number or the whole series."""
-        from jfsync.emulator.app import HttpError
-
         user = self.api.optional_user(ctx)
         season_id = ctx.guid("seasonId")
         season_no = self.api.number(ctx, "season")
@@ -101,8 +96,6 @@ class BrowseApi:
 
     async def seasons(self, ctx: Ctx) -> web.StreamResponse:
         """``GET /Shows/{seriesId}/Seasons``: the series' seasons in order, all at once."""
-        from jfsync.emulator.app import HttpError, json_response
-
         user = self.api.optional_user(ctx)
         series = self._series(ctx.params["seriesId"])
         if series is None:
@@ -212,8 +205,6 @@ class BrowseApi:
         """``GET /Items/Latest`` (10.9+) and ``/Users/{userId}/Items/Latest``: recently added
         movies and episodes, newest first, an array (not a QueryResult); with ``groupItems``
         (the default) several new episodes of one series show as that series."""
-        from jfsync.emulator.app import json_response
-
         user = self.api.required_user(ctx)
         lib = self.emu.library
         parent = ctx.guid("parentId")
@@ -264,16 +255,12 @@ class BrowseApi:
 
     async def root(self, ctx: Ctx) -> web.StreamResponse:
         """``GET /Items/Root``: the user's root folder."""
-        from jfsync.emulator.app import json_response
-
         user = self.api.required_user(ctx)
         return json_response(self.api.plain_item_dto(self.emu.library.user_root, user))
 
     async def counts(self, ctx: Ctx) -> web.StreamResponse:
         """``GET /Items/Counts``: how many movies, series and episodes (favourites only with
         ``isFavorite=true``)."""
-        from jfsync.emulator.app import json_response
-
         user = self.api.optional_user(ctx)
         favorite = ctx.boolean("isFavorite")
         tally = {"Movie": 0, "Series": 0, "Episode": 0}
@@ -303,8 +290,6 @@ class BrowseApi:
 
     async def filters(self, ctx: Ctx) -> web.StreamResponse:
         """``GET /Items/Filters``: the years present (no genres, tags or ratings here)."""
-        from jfsync.emulator.app import json_response
-
         self.api.optional_user(ctx)
         lib = self.emu.library
         parent = ctx.guid("parentId")
@@ -320,8 +305,6 @@ class BrowseApi:
 
     async def media_folders(self, ctx: Ctx) -> web.StreamResponse:
         """``GET /Library/MediaFolders``: the collection folders (admin)."""
-        from jfsync.emulator.app import json_response
-
         folders = self.emu.library.collection_folders
         if ctx.boolean("isHidden") is True:
             folders = []
@@ -334,8 +317,6 @@ class BrowseApi:
         A plain JSON array of ``VirtualFolderInfo``; ``ItemId`` is the collection folder's id
         (what ``parentId`` takes), ``Locations`` the paths its items live under.
         """
-        from jfsync.emulator.app import json_response
-
         lib = self.emu.library
         out = []
         for folder in lib.collection_folders:
@@ -355,8 +336,6 @@ class BrowseApi:
     async def ancestors(self, ctx: Ctx) -> web.StreamResponse:
         """``GET /Items/{itemId}/Ancestors``: parents nearest first; for a user the physical
         folder shows as the collection folder it belongs to (``TranslateParentItem``)."""
-        from jfsync.emulator.app import HttpError, json_response, parse_guid
-
         item_id = parse_guid(ctx.params["itemId"])
         user = self.api.optional_user(ctx)
         lib = self.emu.library
@@ -373,8 +352,6 @@ class BrowseApi:
 
     async def similar(self, ctx: Ctx) -> web.StreamResponse:
         """``GET /Items/{itemId}/Similar``: items of the same kind, nearest year first."""
-        from jfsync.emulator.app import HttpError, json_response, parse_guid
-
         item_id = parse_guid(ctx.params["itemId"])
         user = self.api.optional_user(ctx)
         item = self.emu.library.get(item_id)
@@ -391,8 +368,6 @@ class BrowseApi:
 
     async def artists(self, ctx: Ctx) -> web.StreamResponse:
         """``GET /Artists``: a video library has no artists."""
-        from jfsync.emulator.app import json_response
-
         self.api.optional_user(ctx)
         start, _ = self.api.paging(ctx)
         return json_response({"Items": [], "TotalRecordCount": 0, "StartIndex": start})

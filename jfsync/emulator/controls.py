@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from jfsync.emulator.http import parse_date
 from jfsync.emulator.library import LibraryError, LibraryItem
 
 if TYPE_CHECKING:
@@ -163,8 +164,6 @@ async def _items(
 
 
 def _save(emu: Emulator, user_id: str, item_id: str, body: dict[str, Any]) -> dict[str, Any]:
-    from jfsync.emulator.app import parse_date
-
     kwargs: dict[str, Any] = {k: v for k, v in body.items() if k in _SAVE_KEYS}
     if body.get("last_played"):
         kwargs["last_played"] = parse_date(body["last_played"])

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from jfsync.emulator.http import parse_date
 from jfsync.emulator.library import LibraryItem
 from jfsync.emulator.state import StoredUserData
 from jfsync.jellyfin.wire import format_date
@@ -44,8 +45,6 @@ def _data_json(value: StoredUserData) -> dict[str, Any]:
 
 
 def _data_from(raw: dict[str, Any]) -> StoredUserData:
-    from jfsync.emulator.app import parse_date
-
     last = raw.get("last_played")
     return StoredUserData(
         rating=raw.get("rating"),

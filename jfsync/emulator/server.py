@@ -18,11 +18,12 @@ from collections.abc import Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 from aiohttp import web
 
 from jfsync.emulator import dto
+from jfsync.emulator.app import JellyfinApi
 from jfsync.emulator.library import Library, LibraryItem
 from jfsync.emulator.persist import load_state, read_state, save_state
 from jfsync.emulator.sockets import Debouncer, SocketHub
@@ -44,9 +45,6 @@ from jfsync.emulator.state import (
 from jfsync.ids import normalize_id
 from jfsync.model import UserData
 from jfsync.timing import Clock, SystemClock
-
-if TYPE_CHECKING:
-    from jfsync.emulator.app import JellyfinApi
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +173,6 @@ class Emulator:
         """Listen again on the same port with the same state (the server came back up)."""
         if self._runner is not None:
             return
-        from jfsync.emulator.app import JellyfinApi
-
         self.hub.reopen()
         self._api = JellyfinApi(self)
         runner = web.AppRunner(

@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from jfsync.emulator import dto
+from jfsync.emulator.http import HttpError, json_response, no_content, parse_guid
 from jfsync.emulator.sockets import Session
 from jfsync.emulator.state import Caller
 
 if TYPE_CHECKING:
-    from jfsync.emulator.app import Ctx, JellyfinApi
+    from jfsync.emulator.http import Ctx, ItemViews
 
 #: ``MediaType`` values (10.9+; 10.8 takes any string).
 MEDIA_TYPES = ("Unknown", "Video", "Audio", "Photo", "Book")
@@ -87,7 +89,7 @@ def _known(values: list[str], names: tuple[str, ...] | list[str]) -> list[str]:
 class SessionApi:
     """The session handlers of one emulated server."""
 
-    def __init__(self, api: JellyfinApi) -> None:
+    def __init__(self, api: ItemViews) -> None:
         self.api = api
         self.emu = api.emu
 
@@ -106,8 +108,6 @@ class SessionApi:
         )
 
     def _target_session(self, ctx: Ctx) -> Session:
-        from jfsync.emulator.app import HttpError
-
         wanted = ctx.first("id")
         if not wanted:
             return self.caller_session(ctx)
@@ -118,8 +118,6 @@ class SessionApi:
 
     def session_dto(self, session: Session) -> dict[str, Any]:
         """The ``SessionInfoDto`` of a session, with what it plays."""
-        from jfsync.emulator import dto
-
         emu = self.emu
         user = emu.users.get(session.user_id) if session.user_id else None
         extra = [emu.users[u] for u in session.additional_users if u in emu.users]
@@ -160,8 +158,6 @@ class SessionApi:
     async def sessions_list(self, ctx: Ctx) -> web.StreamResponse:
         """``GET /Sessions``, filtered by ``deviceId``, ``activeWithinSeconds`` and
         ``controllableByUserId``."""
-        from jfsync.emulator.app import json_response
-
         assert ctx.caller is not None
         sessions = self.visible_sessions(ctx.caller)
         device_id = ctx.first("deviceId")
@@ -185,8 +181,6 @@ class SessionApi:
 
     async def capabilities(self, ctx: Ctx) -> web.StreamResponse:
         """``POST /Sessions/Capabilities``: capabilities from the query, 204."""
-        from jfsync.emulator.app import no_content
-
         session = self._target_session(ctx)
         session.playable_media_types = self._media_types(ctx.array("playableMediaTypes"))
         session.supported_commands = _known(ctx.array("supportedCommands"), GENERAL_COMMANDS)
@@ -196,8 +190,6 @@ class SessionApi:
 
     async def capabilities_full(self, ctx: Ctx) -> web.StreamResponse:
         """``POST /Sessions/Capabilities/Full``: a ``ClientCapabilitiesDto`` body, 204."""
-        from jfsync.emulator.app import HttpError, no_content
-
         body = {k.lower(): v for k, v in (await self.api.json_body(ctx)).items()}
         session = self._target_session(ctx)
         media = body.get("playablemediatypes") or []
@@ -220,8 +212,6 @@ class SessionApi:
 
     async def logout(self, ctx: Ctx) -> web.StreamResponse:
         """``POST /Sessions/Logout``: the caller's token stops working; its session ends."""
-        from jfsync.emulator.app import no_content
-
         assert ctx.caller is not None
         if not ctx.caller.is_api_key:
             self.emu.revoke_token(ctx.caller.token)
@@ -229,16 +219,12 @@ class SessionApi:
 
     async def ping(self, ctx: Ctx) -> web.StreamResponse:
         """``POST /Sessions/Playing/Ping``: keeps the session (and a transcode) alive, 204."""
-        from jfsync.emulator.app import no_content
-
         self.caller_session(ctx)
         return no_content()
 
     # --- /PlayingItems -------------------------------------------------------------------
 
     def _playing_item(self, ctx: Ctx) -> tuple[Session, list[Any], Any]:
-        from jfsync.emulator.app import parse_guid
-
         item_id = parse_guid(ctx.params["itemId"])
         session = self.caller_session(ctx)
         users = self.api.session_users(session)
@@ -246,8 +232,6 @@ class SessionApi:
 
     async def playing_item_start(self, ctx: Ctx) -> web.StreamResponse:
         """``POST /PlayingItems/{itemId}``: playback start from query parameters."""
-        from jfsync.emulator.app import no_content
-
         session, users, item = self._playing_item(ctx)
         method = _known(ctx.array("playMethod"), PLAY_METHODS)
         self.api.note_playing(session, item, 0, paused=False, method=method[0] if method else None)
@@ -256,8 +240,6 @@ class SessionApi:
 
     async def playing_item_progress(self, ctx: Ctx) -> web.StreamResponse:
         """``POST /PlayingItems/{itemId}/Progress``: progress from query parameters."""
-        from jfsync.emulator.app import no_content
-
         session, users, item = self._playing_item(ctx)
         position = self.api.number(ctx, "positionTicks")
         paused = bool(ctx.boolean("isPaused", False))
@@ -267,8 +249,6 @@ class SessionApi:
 
     async def playing_item_stopped(self, ctx: Ctx) -> web.StreamResponse:
         """``DELETE /PlayingItems/{itemId}``: playback stopped at ``positionTicks``."""
-        from jfsync.emulator.app import HttpError, no_content
-
         session, users, item = self._playing_item(ctx)
         position = self.api.number(ctx, "positionTicks")
         if position is not None and position < 0:

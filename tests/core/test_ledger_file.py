@@ -13,11 +13,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-import yaml
 
 from jfsync.cli import main
 from jfsync.sync.ledger import Ledger, LedgerFileError, LedgerFileLostError
 from jfsync.sync.merge import MergePolicy
+from tests.support.config import write_config
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -25,16 +25,12 @@ POLICY = MergePolicy(servers=("home", "cabin"))
 
 
 def _config(tmp_path: Path, ledger: Path) -> Path:
-    raw = {
-        "ledger": str(ledger),
-        "servers": [
-            {"name": "home", "url": "http://127.0.0.1:1", "api_key": "k" * 32},
-            {"name": "cabin", "url": "http://127.0.0.1:2", "api_key": "c" * 32},
-        ],
-    }
-    path = tmp_path / "jfsync.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_config(
+        tmp_path / "jfsync.yaml",
+        {"home": "http://127.0.0.1:1", "cabin": "http://127.0.0.1:2"},
+        api_key={"home": "k" * 32, "cabin": "c" * 32},
+        ledger=ledger,
+    )
 
 
 def committed(

@@ -15,6 +15,7 @@ from jfsync.emulator import Emulator, request_observers
 from jfsync.emulator.state import RequestRecord
 from jfsync.timing import ManualClock
 from tests.emulator.conftest import API_KEY, USERS, Http, MakeEmulator, next_message
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -159,16 +160,12 @@ async def test_http_controls(
     assert all(r.is_control and r.route is None for r in emu.requests if "__emulator__" in r.path)
     restart = await http.post("/__emulator__/restart", params={"down_s": "5"})
     assert restart.status == 200
-    async with asyncio.timeout(5):
-        # Down, and parked on the manual clock for the 5 s downtime.
-        while emu.is_listening or 5.0 not in clock.pending_sleeps:  # noqa: ASYNC110
-            await asyncio.sleep(0)
+    # Down, and parked on the manual clock for the 5 s downtime.
+    await wait_until(lambda: not emu.is_listening and 5.0 in clock.pending_sleeps, 5)
     with pytest.raises(aiohttp.ClientConnectionError):
         await http.get("/System/Info/Public")
     await clock.advance(5)
-    async with asyncio.timeout(5):
-        while not emu.is_listening:  # noqa: ASYNC110 - loop turns, not time
-            await asyncio.sleep(0)
+    await wait_until(lambda: emu.is_listening, 5)
     assert (await http.get("/System/Info/Public")).status == 200
 
 

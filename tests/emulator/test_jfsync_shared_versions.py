@@ -9,27 +9,18 @@ loop.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
 from jfsync.emulator import Emulator
 from jfsync.emulator.library import LibraryItem
-from jfsync.service import SyncService
-from tests.replication.harness import (
-    FAST_PUSHER,
-    FAST_SUBSCRIBER,
-    Cluster,
-    make_config,
-    new_emulator,
-)
+from tests.replication.harness import Cluster, new_emulator
+from tests.support.cluster import StartCluster
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[tuple[Cluster, LibraryItem, LibraryItem]]:
+async def cluster(start_cluster: StartCluster) -> tuple[Cluster, LibraryItem, LibraryItem]:
     """Servers a (the film twice) and b (once), with jfsync running between them."""
     a, b = new_emulator("a"), new_emulator("b")
     film = next(i for i in a.leaf_items() if i.type == "Movie")
@@ -43,22 +34,8 @@ async def cluster(tmp_path: Path) -> AsyncIterator[tuple[Cluster, LibraryItem, L
     )
     # b first: the harness's sentinel items come from the first server and must exist on both.
     emus: list[Emulator] = [b, a]
-    for emu in emus:
-        await emu.start()
-    service = SyncService(
-        make_config(emus, tmp_path / "ledger.db"),
-        subscriber_options=FAST_SUBSCRIBER,
-        pusher_options=FAST_PUSHER,
-    )
-    made = Cluster(emus, service)
-    await service.start()
-    try:
-        await made.wait_connected()
-        yield made, film, extra
-    finally:
-        await service.stop()
-        for emu in emus:
-            await emu.close()
+    made: Cluster = await start_cluster(emus, cls=Cluster)
+    return made, film, extra
 
 
 async def test_a_change_to_either_version_reaches_every_server_without_a_loop(

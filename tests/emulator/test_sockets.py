@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -13,15 +12,9 @@ import pytest
 from jfsync.emulator import Emulator
 from jfsync.timing import ManualClock
 from tests.emulator.conftest import API_KEY, Http, MakeEmulator, auth_header, next_message
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(20)
-
-
-async def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
-    """Yield to the loop until ``predicate`` holds (bounded by a timeout, never a sleep)."""
-    async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110 - loop turns, not time; bounded by timeout
-            await asyncio.sleep(0)
 
 
 async def assert_quiet(ws: aiohttp.ClientWebSocketResponse) -> None:

@@ -20,6 +20,7 @@ from jfsync.sync.ledger.file import check_ledger_file
 from jfsync.sync.ledger.schema import LATEST_VERSION
 from jfsync.sync.merge import MergePolicy
 from tests.hostile.catalogue import API_A, API_B, TOKEN
+from tests.support.config import write_config
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -97,11 +98,11 @@ async def test_a_ledger_others_can_read_is_reported_at_check_and_at_start(
     [warning] = report.warnings
     assert str(path) in warning
     assert "chmod 600" in warning
-    config = tmp_path / "jfsync.yaml"
-    config.write_text(
-        f"ledger: {path}\nservers:\n"
-        f"  - {{name: home, url: 'http://127.0.0.1:1', api_key: {API_A}}}\n"
-        f"  - {{name: cabin, url: 'http://127.0.0.1:2', api_key: {API_B}}}\n"
+    config = write_config(
+        tmp_path / "jfsync.yaml",
+        {"home": "http://127.0.0.1:1", "cabin": "http://127.0.0.1:2"},
+        api_key={"home": API_A, "cabin": API_B},
+        ledger=path,
     )
     assert cli.main(["check", "--offline", "--config", str(config)]) == 0
     err = capsys.readouterr().err

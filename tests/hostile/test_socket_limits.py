@@ -36,21 +36,6 @@ OpenSocket = Callable[..., Coroutine[Any, Any, JellyfinSocket]]
 
 
 @pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-async def raw_server() -> AsyncIterator[RawServer]:
-    server = RawServer()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
 async def open_socket(clock: ManualClock) -> AsyncIterator[OpenSocket]:
     opened: list[JellyfinSocket] = []
 

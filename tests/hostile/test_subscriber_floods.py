@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -30,16 +29,6 @@ def frame(user_id: str, n: int) -> dict[str, object]:
         "MessageId": f"{n:032x}",
         "Data": {"UserId": user_id, "UserDataList": [{"ItemId": ITEM_ID, "PlayCount": n}]},
     }
-
-
-@pytest.fixture
-async def raw_server() -> AsyncIterator[RawServer]:
-    server = RawServer()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 async def resync() -> None:

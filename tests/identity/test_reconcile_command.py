@@ -26,7 +26,9 @@ from jfsync.ops.reconcilecmd import ReconcileOutcome, print_outcome, run_reconci
 from jfsync.sync.catchup import NON_DEFAULT_FILTERS
 from jfsync.sync.ledger import Ledger
 from jfsync.sync.merge import MergePolicy
-from tests.identity.conftest import API_KEY, PUSHER_OPTIONS, MakeStack, Stack, emulator
+from tests.identity.conftest import API_KEY, MakeStack, Stack, emulator
+from tests.support.cluster import FAST_PUSHER as PUSHER_OPTIONS
+from tests.support.config import write_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -72,15 +74,6 @@ def snapshot(emus: dict[str, Emulator]) -> dict[tuple[str, str, str], UserData]:
 
 def file_digest(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
-
-
-def write_cli_config(path: Path, stack: Stack, ledger: Path) -> Path:
-    """A config file for ``jfsync reconcile`` syncing the stack's emulators."""
-    lines = [f"ledger: {ledger}", "servers:"]
-    for name, emu in stack.emus.items():
-        lines += [f"  - name: {name}", f"    url: {emu.url}", f"    api_key: {API_KEY}"]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 async def reconcile_cli(config_file: Path, *extra: str) -> tuple[int | None, str, str]:
@@ -182,7 +175,9 @@ async def test_the_command_prints_per_user_and_server_what_would_change(
         [emulator("a", root="/mnt/a"), emulator("b", root="/srv/b")], start=False
     )
     named = seed_history(stack)
-    config_file = write_cli_config(tmp_path / "jfsync.yaml", stack, tmp_path / "cli-ledger.db")
+    config_file = write_config(
+        tmp_path / "jfsync.yaml", stack.emus, ledger=tmp_path / "cli-ledger.db"
+    )
 
     code, text, err = await reconcile_cli(config_file, "--dry-run", "--sample", "4")
     assert code == 0, err
@@ -223,7 +218,7 @@ async def test_a_real_reconcile_refuses_a_ledger_jfsync_run_has_open(
     make_stack: MakeStack, tmp_path: Path
 ) -> None:
     stack = await make_stack([emulator("a", root="/mnt/a"), emulator("b", root="/srv/b")])
-    config_file = write_cli_config(tmp_path / "jfsync.yaml", stack, stack.config.ledger)
+    config_file = write_config(tmp_path / "jfsync.yaml", stack.emus, ledger=stack.config.ledger)
 
     # The running service (this process) holds the ledger: a second writer is refused,
     # clearly, before touching any server.
@@ -294,7 +289,7 @@ async def test_a_refused_key_pauses_that_server_and_its_writes_wait_for_the_next
         [emulator("a", root="/mnt/a"), emulator("b", root="/srv/b")], start=False
     )
     named = seed_history(stack)
-    config_file = write_cli_config(tmp_path / "jfsync.yaml", stack, stack.config.ledger)
+    config_file = write_config(tmp_path / "jfsync.yaml", stack.emus, ledger=stack.config.ledger)
     # b reads fine but refuses every write with 401 (the key lost its rights to write).
     stack.emus["b"].fail_next_writes(1000, 401)
 

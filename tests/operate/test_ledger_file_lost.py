@@ -24,7 +24,9 @@ from jfsync.emulator import Emulator
 from jfsync.ops.runcmd import run_service
 from jfsync.service import SyncService
 from tests.core.test_ledger_file import committed
-from tests.operate.conftest import KEYS, PUSHER, WAIT_S, StackFactory, _fast_delays, free_port
+from tests.operate.conftest import KEYS, PUSHER, WAIT_S, StackFactory, free_port
+from tests.support.cluster import fast_delays, service_connected
+from tests.support.config import make_config
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -102,27 +104,13 @@ async def test_a_change_after_the_ledger_file_is_lost_is_written_nowhere(
 
 
 def _config(tmp_path: Path, emus: dict[str, Emulator]) -> Config:
-    return Config.model_validate(
-        {
-            "ledger": str(tmp_path / "ledger.db"),
-            "status": {"listen": f"127.0.0.1:{free_port()}"},
-            "sync": {"shutdown_grace": 2},
-            "servers": [
-                {"name": name, "url": emu.url, "api_key": KEYS[name]} for name, emu in emus.items()
-            ],
-        }
+    return make_config(
+        emus,
+        api_key=KEYS,
+        ledger=tmp_path / "ledger.db",
+        status={"listen": f"127.0.0.1:{free_port()}"},
+        sync={"shutdown_grace": 2},
     )
-
-
-async def _running(service: SyncService) -> None:
-    def up() -> bool:
-        return bool(service.links) and all(
-            link.subscribers
-            and all(str(s.status.state) == "connected" for s in link.subscribers.values())
-            for link in service.links.values()
-        )
-
-    await service.wait_for(up, WAIT_S)
 
 
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
@@ -131,14 +119,12 @@ async def test_jfsync_run_goes_unhealthy_and_stops_with_the_error(
 ) -> None:
     caplog.set_level(logging.INFO, logger="jfsync")
     config = _config(tmp_path, emulators)
-    service = SyncService(
-        config, subscriber_options={"delays": _fast_delays}, pusher_options=PUSHER
-    )
+    service = SyncService(config, subscriber_options={"delays": fast_delays}, pusher_options=PUSHER)
     exits: list[int] = []
     run = asyncio.create_task(
         run_service(config, service=service, force_exit=exits.append, backstop=False)
     )
-    await _running(service)
+    await service_connected(service)
     path = Path(config.ledger)
     other = _lose(path, how, tmp_path)
 

@@ -17,7 +17,9 @@ import pytest
 
 from jfsync.model import UserData
 from jfsync.sync.users import map_entry_key
-from tests.identity.conftest import Stack, emulator, make_config
+from tests.identity.conftest import RECONCILE_OPTIONS, Stack, emulator
+from tests.support.cluster import StartCluster
+from tests.support.config import make_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,14 +50,21 @@ def _keys(ledger: Path) -> set[str]:
         db.close()
 
 
-async def test_reordering_the_map_keeps_each_persons_history(tmp_path: Path) -> None:
+async def test_reordering_the_map_keeps_each_persons_history(
+    tmp_path: Path, start_cluster: StartCluster
+) -> None:
     home = emulator("home", users=[("alice", "x"), ("bob", "x")])
     cabin = emulator("cabin", users=[("alicia", "x"), ("robert", "x")])
     emus = {"home": home, "cabin": cabin}
     ledger = tmp_path / "ledger.db"
-    for emu in emus.values():
-        await emu.start()
-    stack = Stack(emus, make_config(emus, ledger, users={"match": "map", "map": [ALICE, BOB]}))
+    stack: Stack = await start_cluster(
+        list(emus.values()),
+        cls=Stack,
+        ledger=ledger,
+        users={"match": "map", "map": [ALICE, BOB]},
+        reconcile_options=RECONCILE_OPTIONS,
+        start=False,
+    )
     try:
         await stack.start_service()
         items = [i.id for i in home.leaf_items()]  # same seed and root: the same ids
@@ -76,7 +85,13 @@ async def test_reordering_the_map_keeps_each_persons_history(tmp_path: Path) -> 
 
         # The operator reorders the map (and the servers inside an entry), then starts jfsync.
         reordered = [{"cabin": "robert", "home": "bob"}, ALICE]
-        stack.config = make_config(emus, ledger, users={"match": "map", "map": reordered})
+        stack.config = make_config(
+            emus,
+            ledger=ledger,
+            timeout_s=5,
+            sync={"shutdown_grace": 2},
+            users={"match": "map", "map": reordered},
+        )
         await stack.start_service()
 
         await stack.wait(lambda: stack.holds("cabin", mine, UserData(), "alicia"))
@@ -99,8 +114,5 @@ async def test_reordering_the_map_keeps_each_persons_history(tmp_path: Path) -> 
         assert stack.data("home", his, "alice") == UserData()
         assert stack.data("cabin", his, "alicia") == UserData()
     finally:
-        for service in stack.services:
-            await service.stop()
-        for emu in emus.values():
-            await emu.close()
+        await stack.stop_service()
     assert _keys(ledger) == {map_entry_key(ALICE), map_entry_key(BOB)}

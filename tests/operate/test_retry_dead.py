@@ -13,15 +13,14 @@ import io
 from pathlib import Path
 
 import pytest
-import yaml
 
 from jfsync.cli import main
 from jfsync.model import UserData
 from jfsync.ops import statuscmd
-from jfsync.service import SyncService
 from jfsync.sync.ledger import Ledger
 from jfsync.sync.merge import MergePolicy
-from tests.operate.conftest import PUSHER, Stack, StackFactory, _fast_delays, free_port
+from tests.operate.conftest import Stack, StackFactory, free_port
+from tests.support.config import write_config
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -50,21 +49,13 @@ def _config_file(stack: Stack, tmp_path: Path) -> Path:
     status: dict[str, str] = {"listen": f"127.0.0.1:{stack.server.port}"}
     if stack.token:
         status["token"] = stack.token
-    raw = {
-        "ledger": str(config.ledger),
-        "status": status,
-        "servers": [
-            {
-                "name": s.name,
-                "url": s.url,
-                "api_key": s.api_key.get_secret_value() if s.api_key else "",
-            }
-            for s in config.servers
-        ],
-    }
-    path = tmp_path / "jfsync.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return write_config(
+        tmp_path / "jfsync.yaml",
+        {s.name: s.url for s in config.servers},
+        api_key={s.name: s.api_key.get_secret_value() if s.api_key else "" for s in config.servers},
+        ledger=config.ledger,
+        status=status,
+    )
 
 
 async def _rejected_by_cabin(stack: Stack, item: str, rating: float) -> UserData:
@@ -142,17 +133,12 @@ async def test_retry_dead_without_a_running_jfsync_revives_rows_in_the_ledger_fi
     assert "asking it" not in err  # the ledger itself, no endpoint involved
 
     # The next jfsync run delivers it.
-    service = SyncService(
-        stack.service.config,
-        subscriber_options={"delays": _fast_delays},
-        pusher_options=PUSHER,
-    )
-    await service.start()
+    service = await stack.start_service(config=stack.service.config, connect=False)
     try:
         await service.wait_for(lambda: stack.user_data(stack.cabin, item) == expected, 20.0)
         assert await service.ledger.dead_rows("cabin") == []
     finally:
-        await service.stop()
+        await stack.stop_service()
     assert stack.user_data(stack.home, item) == expected
 
 
@@ -160,15 +146,12 @@ async def test_retry_dead_bad_arguments_and_unreachable_endpoint(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ledger = tmp_path / "ledger.db"
-    raw = {
-        "ledger": str(ledger),
-        "servers": [
-            {"name": "home", "url": "http://127.0.0.1:1", "api_key": "k" * 32},
-            {"name": "cabin", "url": "http://127.0.0.1:2", "api_key": "c" * 32},
-        ],
-    }
-    config = tmp_path / "jfsync.yaml"
-    config.write_text(yaml.safe_dump(raw))
+    config = write_config(
+        tmp_path / "jfsync.yaml",
+        {"home": "http://127.0.0.1:1", "cabin": "http://127.0.0.1:2"},
+        api_key={"home": "k" * 32, "cabin": "c" * 32},
+        ledger=ledger,
+    )
 
     code, _, err = await _cli(["retry-dead"], capsys)
     assert code == 2

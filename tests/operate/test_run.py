@@ -12,35 +12,31 @@ import json
 import signal
 import socket
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from jfsync import emulator as emulator_module
-from jfsync.emulator import Emulator, RequestRecord
+from jfsync.emulator import Emulator
 from tests.operate.conftest import KEYS, free_port
+from tests.support.config import write_config
+from tests.support.waiting import WAIT_S, emulator_requests, wait_until
 
 pytestmark = pytest.mark.timeout(40)
-WAIT_S = 20.0
 TOKEN = "run-test-status-token-41c7"
 
 
 def _config(tmp_path: Path, emus: dict[str, Emulator], port: int) -> Path:
     (tmp_path / "status.token").write_text(TOKEN)
-    lines = [
-        f"ledger: {tmp_path / 'jfsync.db'}",
-        "logging: {level: info}",
-        "sync: {shutdown_grace: 5s}",
-        f"status: {{listen: '127.0.0.1:{port}', token_file: status.token}}",
-        "servers:",
-    ]
-    for name, emu in emus.items():
-        lines.append(f"  - {{name: {name}, url: '{emu.url}', api_key: {KEYS[name]}}}")
-    path = tmp_path / "jfsync.yaml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_config(
+        tmp_path / "jfsync.yaml",
+        emus,
+        api_key=KEYS,
+        ledger=tmp_path / "jfsync.db",
+        logging={"level": "info"},
+        sync={"shutdown_grace": "5s"},
+        status={"listen": f"127.0.0.1:{port}", "token_file": "status.token"},
+    )
 
 
 async def _wait_line(stream: asyncio.StreamReader, needle: str, seen: list[str]) -> str:
@@ -129,29 +125,15 @@ async def test_run_keeps_replicating_when_the_status_port_is_taken(
             home, cabin = emulators["home"], emulators["cabin"]
             item = home.leaf_items()[0].id
             expected = home.save_user_data(home.user_id("alice"), item, is_favorite=True)
-            await _wait_for_requests(
-                cabin, lambda: cabin.user_data(cabin.user_id("alice"), item) == expected
-            )
+            with emulator_requests() as changed:
+                await wait_until(
+                    lambda: cabin.user_data(cabin.user_id("alice"), item) == expected,
+                    WAIT_S,
+                    changed=changed,
+                )
             code = await _stop(process, seen)
         finally:
             if process.returncode is None:
                 process.kill()
                 await process.wait()
     assert code == 0, "".join(seen)
-
-
-async def _wait_for_requests(emu: Emulator, predicate: Callable[[], bool]) -> None:
-    """Wait until ``predicate`` holds, re-checking after every request an emulator answers."""
-    changed = asyncio.Event()
-
-    def observe(_emu: Emulator, _record: RequestRecord) -> None:
-        changed.set()
-
-    emulator_module.request_observers.append(observe)
-    try:
-        async with asyncio.timeout(WAIT_S):
-            while not predicate():
-                changed.clear()
-                await changed.wait()
-    finally:
-        emulator_module.request_observers.remove(observe)

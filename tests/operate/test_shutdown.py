@@ -24,22 +24,21 @@ from jfsync.ops.runcmd import SHUTDOWN_SLACK_S, run_service
 from jfsync.service import SyncService
 from jfsync.timing import ManualClock
 from tests.operate.conftest import KEYS, free_port
+from tests.support.cluster import service_connected
+from tests.support.config import make_config
+from tests.support.waiting import WAIT_S
 
 pytestmark = pytest.mark.timeout(30)
-WAIT_S = 20.0
 GRACE_S = 2.0
 
 
 def _config(tmp_path: Path, emus: dict[str, Emulator]) -> Config:
-    return Config.model_validate(
-        {
-            "ledger": str(tmp_path / "ledger.db"),
-            "status": {"listen": f"127.0.0.1:{free_port()}"},
-            "sync": {"shutdown_grace": GRACE_S},
-            "servers": [
-                {"name": name, "url": emu.url, "api_key": KEYS[name]} for name, emu in emus.items()
-            ],
-        }
+    return make_config(
+        emus,
+        api_key=KEYS,
+        ledger=tmp_path / "ledger.db",
+        status={"listen": f"127.0.0.1:{free_port()}"},
+        sync={"shutdown_grace": GRACE_S},
     )
 
 
@@ -57,19 +56,6 @@ class StuckService(SyncService):
         await self.never.wait()
 
 
-async def _running(service: SyncService) -> None:
-    """Wait until every server's users are subscribed (the service is fully up)."""
-
-    def up() -> bool:
-        return bool(service.links) and all(
-            link.subscribers
-            and all(str(s.status.state) == "connected" for s in link.subscribers.values())
-            for link in service.links.values()
-        )
-
-    await service.wait_for(up, WAIT_S)
-
-
 async def test_a_stop_that_never_ends_is_cut_short_after_grace_plus_slack(
     emulators: dict[str, Emulator], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -80,7 +66,7 @@ async def test_a_stop_that_never_ends_is_cut_short_after_grace_plus_slack(
     run = asyncio.create_task(
         run_service(service.config, service=service, force_exit=exits.append, backstop=False)
     )
-    await _running(service)
+    await service_connected(service)
 
     os.kill(os.getpid(), signal.SIGTERM)
     async with asyncio.timeout(WAIT_S):
@@ -119,7 +105,7 @@ async def test_a_second_interrupt_exits_at_once(
     run = asyncio.create_task(
         run_service(service.config, service=service, force_exit=force_exit, backstop=False)
     )
-    await _running(service)
+    await service_connected(service)
 
     os.kill(os.getpid(), signal.SIGTERM)
     async with asyncio.timeout(WAIT_S):
@@ -145,7 +131,7 @@ async def test_a_failing_stop_step_still_closes_the_ledger_and_the_index(
     service = SyncService(_config(tmp_path, emulators))
     await service.start()
     try:
-        await _running(service)
+        await service_connected(service)
         pusher = service.links["home"].pusher
         real_stop = pusher.stop
 

@@ -17,6 +17,7 @@ import pytest
 from jfsync.cli import main
 from jfsync.ops import statuscmd
 from tests.operate.conftest import KEYS, Stack, StackFactory, free_port
+from tests.support.config import write_config
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -200,12 +201,11 @@ async def test_token_from_flag_env_or_config_and_never_printed(
 
     # --config: the URL from status.listen, the token from status.token_file.
     (tmp_path / "status.token").write_text(token + "\n")
-    config = tmp_path / "jfsync.yaml"
-    config.write_text(
-        f"status:\n  listen: 0.0.0.0:{stack.server.port}\n  token_file: status.token\n"
-        "servers:\n"
-        f"  - {{name: home, url: 'http://127.0.0.1:1', api_key: {KEYS['home']}}}\n"
-        f"  - {{name: cabin, url: 'http://127.0.0.1:2', api_key: {KEYS['cabin']}}}\n"
+    config = write_config(
+        tmp_path / "jfsync.yaml",
+        {"home": "http://127.0.0.1:1", "cabin": "http://127.0.0.1:2"},
+        api_key=KEYS,
+        status={"listen": f"0.0.0.0:{stack.server.port}", "token_file": "status.token"},
     )
     code, out = await _main(["status", "--config", str(config)], capsys)
     assert code == 0, out

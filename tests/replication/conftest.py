@@ -1,36 +1,23 @@
-"""Fixtures for the replication tests: a factory of emulated clusters with jfsync running."""
+"""Fixtures for the replication tests: the shared cluster fixture, preset to servers a, b, c."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from jfsync.emulator import Emulator
-from jfsync.service import SyncService
 from jfsync.timing import Clock, ManualClock
-from tests.replication.harness import (
-    DEBOUNCE_S,
-    FAST_PUSHER,
-    FAST_SUBSCRIBER,
-    Cluster,
-    SocketGate,
-    make_config,
-    new_emulator,
-)
+from tests.replication.harness import DEBOUNCE_S, Cluster, new_emulator
+from tests.support.cluster import StartCluster
 
 MakeCluster = Callable[..., Awaitable[Cluster]]
 
 
 @pytest.fixture
-async def make_cluster(tmp_path: Path) -> AsyncIterator[MakeCluster]:
+def make_cluster(start_cluster: StartCluster) -> MakeCluster:
     """Start emulators ``a``, ``b`` (, ``c``) and jfsync between them; stop all at teardown."""
-    made: list[Cluster] = []
-    emus_started: list[Emulator] = []
-    gates_started: list[SocketGate] = []
 
     async def make(
         servers: int = 3,
@@ -47,59 +34,39 @@ async def make_cluster(tmp_path: Path) -> AsyncIterator[MakeCluster]:
         session_options: dict[str, Any] | None = None,
         server_keys: dict[str, dict[str, Any]] | None = None,
         users: dict[str, Any] | None = None,
-        users_connected: int = 2,
+        users_connected: int | None = None,
     ) -> Cluster:
         emus = []
         for name in "abc"[:servers]:
             debounce = debounce_s[name] if isinstance(debounce_s, dict) else debounce_s
             clock_of = (emulator_clocks or {}).get(name)
             versioned = {} if server_version is None else {"server_version": server_version}
-            emu = new_emulator(name, leaves, debounce, clock=clock_of, **versioned)
-            await emu.start()
-            emus_started.append(emu)
-            emus.append(emu)
-        gates = {}
-        for name in gated:
-            gate = SocketGate(next(e for e in emus if e.server_name == name).port)
-            await gate.start()
-            gates_started.append(gate)
-            gates[name] = gate
-
-        def url_of(emu: Emulator) -> str:
-            gate = gates.get(emu.server_name)
-            return gate.url if gate is not None else emu.url
-
-        config = make_config(
-            emus, tmp_path / f"ledger-{len(made)}.db", url_of, sync, server_keys, users
-        )
-        service = SyncService(
-            config,
-            clock=clock,
-            subscriber_options=FAST_SUBSCRIBER,
-            pusher_options={**FAST_PUSHER, **(pusher_options or {})},
-            session_options=session_options,
-        )
+            emus.append(new_emulator(name, leaves, debounce, clock=clock_of, **versioned))
         manual = {
             name: clk
             for name, clk in (emulator_clocks or {}).items()
             if isinstance(clk, ManualClock)
         }
-        cluster = Cluster(emus, service, manual, gates)
-        made.append(cluster)
-        await service.start()
+        cluster: Cluster = await start_cluster(
+            emus,
+            cls=Cluster,
+            gated=gated,
+            manual_clocks=manual,
+            sync=sync,
+            clock=clock,
+            pusher_options=pusher_options,
+            server_extra=server_keys,
+            users=users,
+            service_options=(
+                {"session_options": session_options} if session_options is not None else None
+            ),
+            connect=False,
+        )
         if connect:
             await cluster.wait_connected(users_connected)
         return cluster
 
-    try:
-        yield make
-    finally:
-        for cluster in made:
-            await cluster.service.stop()
-        for gate in gates_started:
-            await gate.close()
-        for emu in emus_started:
-            await emu.close()
+    return make
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -30,7 +29,9 @@ from jfsync.emulator import Emulator, RequestRecord
 from jfsync.model import PlayState, Register, UserData, s_to_datetime
 from jfsync.sync.ledger import Ledger
 from jfsync.sync.merge import MergePolicy
-from tests.replication.harness import API_KEY, USER, new_emulator
+from tests.replication.harness import USER, new_emulator
+from tests.support.config import free_port, write_config
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Real-time bound for a restart to converge (process start, catch-up, writes).
@@ -42,33 +43,17 @@ BURST = 10
 WHILE_DEAD = 3
 
 
-def free_port() -> int:
-    """A free loopback port for the subprocess's status endpoint."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def write_config(path: Path, emus: list[Emulator], grace_s: float = 5.0) -> None:
+def write_jfsync_config(path: Path, emus: list[Emulator], grace_s: float = 5.0) -> None:
     """Write a ``jfsync run`` config syncing ``emus`` with a ledger beside it."""
-    lines = [
-        f"ledger: {path.parent / 'ledger.db'}",
-        "logging:",
-        "  level: info",
-        "status:",
-        f"  listen: 127.0.0.1:{free_port()}",
-        "sync:",
-        f"  shutdown_grace: {grace_s}",
-        "servers:",
-    ]
-    for emu in emus:
-        lines += [
-            f"  - name: {emu.server_name}",
-            f"    url: {emu.url}",
-            f"    api_key: {API_KEY}",
-            "    timeout_s: 5",
-        ]
-    path.write_text("\n".join(lines) + "\n")
+    write_config(
+        path,
+        emus,
+        ledger=path.parent / "ledger.db",
+        timeout_s=5,
+        logging={"level": "info"},
+        status={"listen": f"127.0.0.1:{free_port()}"},
+        sync={"shutdown_grace": grace_s},
+    )
 
 
 class Requests:
@@ -91,10 +76,7 @@ class Requests:
     async def wait(self, predicate: object, timeout_s: float) -> None:
         """Wait until ``predicate()`` holds, re-checking after every request."""
         assert callable(predicate)
-        async with asyncio.timeout(timeout_s):
-            while not predicate():
-                self.changed.clear()
-                await self.changed.wait()
+        await wait_until(predicate, timeout_s, changed=self.changed)
 
 
 @dataclass
@@ -260,7 +242,7 @@ async def world(tmp_path: Path, seed: int) -> AsyncIterator[World]:
     requests = Requests()
     emulator_module.request_observers.append(requests.observe)
     config = tmp_path / "jfsync.yaml"
-    write_config(config, emus)
+    write_jfsync_config(config, emus)
     state = World(emus, config, requests, random.Random(seed))
     try:
         yield state
@@ -386,7 +368,7 @@ async def test_sigkill_soak(tmp_path: Path) -> None:
 async def test_sigterm_exits_0_within_the_grace_period_and_loses_nothing(tmp_path: Path) -> None:
     grace_s = 5.0
     async with world(tmp_path, seed=5) as state:
-        write_config(state.config, state.emus, grace_s=grace_s)
+        write_jfsync_config(state.config, state.emus, grace_s=grace_s)
         await state.start()
         for rep in range(3):
             await barrier(state)

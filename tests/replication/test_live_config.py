@@ -23,7 +23,8 @@ from jfsync.ops.runcmd import run_service
 from jfsync.reload import ConfigReloader
 from jfsync.timing import ManualClock
 from tests.replication.conftest import MakeCluster
-from tests.replication.harness import WAIT_S, Cluster, config_dict
+from tests.replication.harness import WAIT_S, Cluster
+from tests.support.config import config_dict
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,7 +38,12 @@ def _write(path: Path, data: dict[str, Any] | str) -> None:
 
 def _config_file(cluster: Cluster, tmp_path: Path) -> tuple[Path, dict[str, Any]]:
     """The running config as a YAML file, and its data to edit."""
-    data = config_dict(cluster.emus, cluster.service.config.ledger)
+    data = config_dict(
+        cluster.emus,
+        ledger=cluster.service.config.ledger,
+        timeout_s=5,
+        sync={"shutdown_grace": 2},
+    )
     path = tmp_path / "jfsync.yaml"
     _write(path, data)
     return path, data

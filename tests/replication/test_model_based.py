@@ -58,7 +58,7 @@ from jfsync.model import TICKS_PER_SECOND, PlayState, Register, UserData
 from jfsync.service import SyncService
 from jfsync.timing import ManualClock
 from tests.replication.conftest import MakeCluster
-from tests.replication.harness import FAST_PUSHER, FAST_SUBSCRIBER, Cluster
+from tests.replication.harness import FAST_SUBSCRIBER, Cluster
 from tests.replication.model import Model, show
 
 #: Users acting (the emulators' two accounts).
@@ -320,16 +320,13 @@ class Run:
 
     async def start_service(self) -> None:
         """Start a new service on the cluster's config and ledger."""
-        old = self.cluster.service
-        service = SyncService(
-            old.config,
-            clock=self.clock,
-            subscriber_options=SUBSCRIBER_OPTIONS,
-            pusher_options=FAST_PUSHER,
-        )
-        self.cluster.service = service
         async with asyncio.timeout(LIMIT_S):
-            await service.start()
+            await self.cluster.start_service(
+                config=self.cluster.service.config,
+                clock=self.clock,
+                connect=False,
+                subscriber_options=SUBSCRIBER_OPTIONS,
+            )
 
     async def stop_service(self, grace_s: float) -> None:
         """Stop the running service with ``grace_s`` (0: writes under way are cut off)."""

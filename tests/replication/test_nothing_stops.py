@@ -13,7 +13,6 @@ import logging
 import re
 import sqlite3
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,18 +20,11 @@ import pytest
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.jellyfin.wire import UserDto
 from jfsync.model import UserData
-from jfsync.service import SyncService
 from jfsync.sync.ledger import Applied, Observation
 from jfsync.timing import ManualClock
 from tests.replication.conftest import MakeCluster
-from tests.replication.harness import (
-    FAST_PUSHER,
-    FAST_SUBSCRIBER,
-    Cluster,
-    SocketGate,
-    make_config,
-    new_emulator,
-)
+from tests.replication.harness import FAST_SUBSCRIBER, Cluster, new_emulator
+from tests.support.cluster import StartCluster
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -364,7 +356,7 @@ async def test_a_bring_up_that_fails_unexpectedly_comes_up_on_the_retry(
 
 
 async def test_a_server_too_old_to_sync_is_taken_up_once_upgraded_without_a_restart(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    start_cluster: StartCluster, caplog: pytest.LogCaptureFixture
 ) -> None:
     # b runs Jellyfin 10.8 behind a fixed address; its admin later upgrades it in place
     # (the gate then forwards to a 10.10 server holding the same library).
@@ -372,45 +364,37 @@ async def test_a_server_too_old_to_sync_is_taken_up_once_upgraded_without_a_rest
     a = new_emulator("a")
     old_b = new_emulator("b", server_version="10.8.13")
     new_b = new_emulator("b", server_version="10.10.7")
-    emus = [a, old_b, new_b]
-    for emu in emus:
-        await emu.start()
-    gate = SocketGate(old_b.port)
-    await gate.start()
-    config = make_config(
-        [a, new_b], tmp_path / "ledger.db", lambda e: gate.url if e is new_b else e.url
-    )
+    await start_cluster.start_emulators([a, old_b, new_b])
+    gate = await start_cluster.gate(old_b.port)
     # No keepalives while the test moves the clock by minutes.
     options = {**FAST_SUBSCRIBER, "keepalive_interval_s": 3600.0}
-    service = SyncService(
-        config, clock=clock, subscriber_options=options, pusher_options=FAST_PUSHER
+    cluster = await start_cluster(
+        [a, new_b],
+        cls=Cluster,
+        url_of=lambda e: gate.url if e is new_b else e.url,
+        clock=clock,
+        subscriber_options=options,
+        connect=False,
     )
-    cluster = Cluster([a, new_b], service)
-    try:
-        await service.start()
-        link = service.links["b"]
-        await service.wait_for(lambda: "10.8.13" in (link.last_error or ""), 20)
-        status = await server_status(cluster, "b")
-        assert status["reachable"] is False
-        assert "Upgrade the server" in status["last_error"]
-        assert "(retrying in 300 s)" in status["last_error"]
-        lines = warnings_from(caplog, "jfsync.service", "[b]")
-        assert len(lines) == 1, lines
+    service = cluster.service
+    link = service.links["b"]
+    await service.wait_for(lambda: "10.8.13" in (link.last_error or ""), 20)
+    status = await server_status(cluster, "b")
+    assert status["reachable"] is False
+    assert "Upgrade the server" in status["last_error"]
+    assert "(retrying in 300 s)" in status["last_error"]
+    lines = warnings_from(caplog, "jfsync.service", "[b]")
+    assert len(lines) == 1, lines
 
-        # The upgrade: the old server stops, the new one answers at the same address.
-        gate.upstream_port = new_b.port
-        await old_b.stop_listener()
-        await clock.advance(300.0)
-        await cluster.wait_connected()
-        x = cluster.free_items[0]
-        cluster.change(a, x, is_favorite=True)
-        await cluster.wait_all_hold(x, UserData(favorite=True))
-        assert (await server_status(cluster, "b"))["last_error"] is None
-    finally:
-        await service.stop()
-        await gate.close()
-        for emu in emus:
-            await emu.close()
+    # The upgrade: the old server stops, the new one answers at the same address.
+    gate.upstream_port = new_b.port
+    await old_b.stop_listener()
+    await clock.advance(300.0)
+    await cluster.wait_connected()
+    x = cluster.free_items[0]
+    cluster.change(a, x, is_favorite=True)
+    await cluster.wait_all_hold(x, UserData(favorite=True))
+    assert (await server_status(cluster, "b"))["last_error"] is None
 
 
 async def test_a_user_list_that_cannot_be_read_is_read_again_soon(

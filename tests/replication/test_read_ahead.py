@@ -25,6 +25,7 @@ from jfsync.sync.ledger import Ledger, Observation
 from jfsync.sync.merge import MergePolicy
 from jfsync.timing import ManualClock
 from tests.replication.harness import API_KEY, USER, new_emulator
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -127,10 +128,7 @@ async def test_a_change_after_the_read_ahead_is_written_once_as_it_stands(
                 b.user_data(uid, item).favorite for item in items
             )
 
-        async with asyncio.timeout(10):
-            while not converged():
-                recorded.clear()
-                await recorded.wait()
+        await wait_until(converged, 10, changed=recorded)
         writes = [w for w in b.writes if w.item_id == changed]
         assert len(writes) == 1, [w.body for w in writes]
         assert writes[0].body is not None
@@ -182,10 +180,7 @@ async def test_a_user_change_on_the_peer_after_its_read_ahead_is_kept(tmp_path: 
                 b.user_data(uid, item).favorite for item in items
             )
 
-        async with asyncio.timeout(10):
-            while not converged():
-                recorded.clear()
-                await recorded.wait()
+        await wait_until(converged, 10, changed=recorded)
         canonical = await ledger.canonical(USER_KEY, changed)
         assert canonical is not None
         assert canonical.data == UserData(favorite=True, rating=8.0)

@@ -27,15 +27,13 @@ from jfsync.ops.statuscmd import find_problems
 from jfsync.service import SyncService
 from tests.replication.conftest import MakeCluster
 from tests.replication.harness import (
-    FAST_PUSHER,
-    FAST_SUBSCRIBER,
     USER,
     USER_KEY,
     WAIT_S,
     Cluster,
-    config_yaml,
     new_emulator,
 )
+from tests.support.config import write_config
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -85,13 +83,9 @@ def link_state(cluster: Cluster, server: str, user: str = USER) -> str:
 async def restart(cluster: Cluster, **sync: Any) -> SyncService:
     """Stop jfsync and start it again on the same ledger, with ``sync`` keys changed."""
     old = cluster.service
-    await old.stop()
+    await cluster.stop_service()
     config = old.config.model_copy(update={"sync": old.config.sync.model_copy(update=sync)})
-    service = SyncService(config, subscriber_options=FAST_SUBSCRIBER, pusher_options=FAST_PUSHER)
-    cluster.service = service  # the fixture stops whatever service the cluster has
-    await service.start()
-    await cluster.wait_connected()
-    return service
+    return await cluster.start_service(config=config)
 
 
 async def converged(cluster: Cluster, server: str, expected: dict[str, UserData]) -> None:
@@ -368,12 +362,7 @@ async def test_b_replaced_by_a_new_server_is_merged_at_first_contact_not_reset(
         cluster.change(new_b, fav, is_favorite=True)
         cluster.change(new_b, rated, rating=7.0)
         caplog.set_level(logging.WARNING)
-        service = SyncService(
-            cluster.service.config, subscriber_options=FAST_SUBSCRIBER, pusher_options=FAST_PUSHER
-        )
-        cluster.service = service
-        await service.start()
-        await cluster.wait_connected()
+        service = await cluster.start_service()
         await converged(cluster, "b", expected)
 
         # First contact: a keeps all of her library, b gets it, and what b had joins in.
@@ -416,8 +405,14 @@ async def test_accept_reset_command_with_jfsync_running_and_stopped(
     cluster = await make_cluster(2, leaves=60)
     expected = await held_wipe(cluster, caplog)
     a, b = cluster.emu("a"), cluster.emu("b")
-    config_file = tmp_path / "jfsync.yaml"
-    config_file.write_text(config_yaml(cluster.emus, cluster.service.config.ledger))
+    config_file = write_config(
+        tmp_path / "jfsync.yaml",
+        cluster.emus,
+        ledger=cluster.service.config.ledger,
+        timeout_s=5,
+        logging={"level": "warning"},
+        sync={"shutdown_grace": 5.0},
+    )
 
     # Bad arguments: one clear line, exit 2.
     status, out, err = await accept_reset_cli(config_file, "nosuch")

@@ -7,24 +7,16 @@ reached yet"; an error that has ended leaves no trace on ``/status``.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
 from jfsync.model import UserData
 from jfsync.ops.statuscmd import render
 from jfsync.service import SyncService
 from tests.replication.conftest import MakeCluster
-from tests.replication.harness import (
-    FAST_PUSHER,
-    FAST_SUBSCRIBER,
-    WAIT_S,
-    Cluster,
-    make_config,
-    new_emulator,
-)
+from tests.replication.harness import API_KEY, WAIT_S, Cluster, new_emulator
+from tests.support.cluster import StartCluster
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,30 +29,25 @@ async def server_status(service: SyncService, name: str) -> dict[str, Any]:
 
 
 async def test_a_refused_api_key_is_named_as_such_not_as_unreachable(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    start_cluster: StartCluster, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    async with new_emulator("a") as a, new_emulator("b") as b:
-        config = make_config([a, b], tmp_path / "ledger.db")
-        wrong = config.servers[1].model_copy(update={"api_key": SecretStr("f" * 32)})
-        config = config.model_copy(update={"servers": [config.servers[0], wrong]})
-        service = SyncService(
-            config, subscriber_options=FAST_SUBSCRIBER, pusher_options=FAST_PUSHER
-        )
-        async with service:
+    a, b = new_emulator("a"), new_emulator("b")
+    cluster = await start_cluster([a, b], api_key={"a": API_KEY, "b": "f" * 32}, connect=False)
+    service = cluster.service
 
-            async def refused() -> bool:
-                error = (await server_status(service, "b"))["last_error"] or ""
-                return "refused the API key" in error
+    async def refused() -> bool:
+        error = (await server_status(service, "b"))["last_error"] or ""
+        return "refused the API key" in error
 
-            await service.wait_for(refused, WAIT_S)
-            server = await server_status(service, "b")
-            assert server["reachable"] is False
-            assert "servers[1].api_key" in server["last_error"]
-            assert "f" * 32 not in server["last_error"]
-            lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-            assert any("API key refused" in line for line in lines), lines
-            assert not any("cannot reach" in line and "[b]" in line for line in lines), lines
+    await service.wait_for(refused, WAIT_S)
+    server = await server_status(service, "b")
+    assert server["reachable"] is False
+    assert "servers[1].api_key" in server["last_error"]
+    assert "f" * 32 not in server["last_error"]
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("API key refused" in line for line in lines), lines
+    assert not any("cannot reach" in line and "[b]" in line for line in lines), lines
 
 
 async def test_a_server_down_after_it_was_reached_is_not_called_never_reached(

@@ -19,10 +19,12 @@ from aiohttp import WSMsgType, web
 
 from jfsync.sync.subscriber import (
     ConnectionStateChanged,
+    Subscriber,
     SubscriberEvent,
     SubscriberState,
     UserDataChangedEvent,
 )
+from tests.support.waiting import wait_until
 
 #: Real-time bound for waiting on loopback I/O; never a wait for the clock.
 IO_TIMEOUT_S = 5.0
@@ -130,18 +132,23 @@ class RawServer:
         return ws
 
 
+async def state(sub: Subscriber, *states: SubscriberState) -> SubscriberState:
+    """Wait until the subscriber is in one of ``states`` (bounded real time); return it."""
+    async with asyncio.timeout(IO_TIMEOUT_S):
+        return await sub.wait_for_state(*states)
+
+
 class Recorder:
     """Collects the events a Subscriber delivers; tests wait for them on events, not time."""
 
     def __init__(self) -> None:
         self.events: list[SubscriberEvent] = []
-        self._changed = asyncio.Condition()
+        self._changed = asyncio.Event()
 
     async def __call__(self, event: SubscriberEvent) -> None:
         """The ``on_event`` callback."""
         self.events.append(event)
-        async with self._changed:
-            self._changed.notify_all()
+        self._changed.set()
 
     @property
     def states(self) -> list[SubscriberState]:
@@ -157,8 +164,7 @@ class Recorder:
         self, predicate: Callable[[list[SubscriberEvent]], bool], timeout_s: float = IO_TIMEOUT_S
     ) -> None:
         """Wait until ``predicate(events)`` holds (bounded real time for loopback I/O)."""
-        async with asyncio.timeout(timeout_s), self._changed:
-            await self._changed.wait_for(lambda: predicate(self.events))
+        await wait_until(lambda: predicate(self.events), timeout_s, changed=self._changed)
 
     async def wait_user_data(self, count: int) -> list[UserDataChangedEvent]:
         """Wait until ``count`` UserDataChanged events arrived; return them all."""

@@ -23,8 +23,9 @@ from jfsync.sync.subscriber import (
 )
 from jfsync.sync.tokens import MemoryTokenStore, UserTokens, user_device_id
 from jfsync.timing import ManualClock, backoff_delays
+from tests.support.waiting import wait_until
 
-from .helpers import IO_TIMEOUT_S, Recorder
+from .helpers import Recorder, state
 
 State = SubscriberState
 API_KEY = "0123456789abcdef0123456789abcdef"
@@ -131,23 +132,11 @@ async def subscribe(emu: Emulator, clock: ManualClock) -> AsyncIterator[Subscrib
         await sub.stop()
 
 
-async def state(sub: Subscriber, *states: State) -> State:
-    async with asyncio.timeout(IO_TIMEOUT_S):
-        return await sub.wait_for_state(*states)
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    """Yield to the loop until loopback I/O made ``predicate`` true (bounded, no clock)."""
-    async with asyncio.timeout(IO_TIMEOUT_S):
-        while not predicate():  # noqa: ASYNC110 - loopback I/O has no event to wait on
-            await asyncio.sleep(0)
-
-
 async def live(sub: Subscriber, emu: Emulator) -> None:
     """Wait for CONNECTED with the emulator's socket bound and the first KeepAlive answered."""
     await state(sub, State.CONNECTED)
-    await until(lambda: sub.socket is not None and sub.socket.keepalive_replies >= 1)
-    await until(lambda: emu.socket_count(sub.user_id) >= 1)
+    await wait_until(lambda: sub.socket is not None and sub.socket.keepalive_replies >= 1)
+    await wait_until(lambda: emu.socket_count(sub.user_id) >= 1)
 
 
 async def flush(emu_clock: ManualClock) -> None:
@@ -239,14 +228,14 @@ async def test_server_restart_is_reconnected_and_resynced_with_buffered_events_i
     await clock.advance(2.0)
     await state(alice.sub, State.RESYNCING)
     assert alice.resync.count == 2
-    await until(lambda: emu.socket_count(alice.sub.user_id) == 1)
+    await wait_until(lambda: emu.socket_count(alice.sub.user_id) == 1)
 
     # Three separate pushes arrive while the resync runs: held back, then applied in order.
     ids = movie_ids(emu)[:3]
     for n, item_id in enumerate(ids, start=1):
         emu.save_user_data(alice.sub.user_id, item_id, play_count=n, played=True)
         await flush(emu_clock)
-    await until(lambda: alice.sub.status.buffered_events == 3)
+    await wait_until(lambda: alice.sub.status.buffered_events == 3)
     assert alice.recorder.user_data == []
     alice.resync.gate.set()
     events = await alice.recorder.wait_user_data(3)
@@ -340,7 +329,7 @@ async def test_persistent_auth_failure_is_auth_failed_with_a_slow_retry(
         assert "refused bob's token" in (sub.status.pause_reason or "")
         assert "deadbeef" not in repr(sub.status)
         await clock.advance(300)
-        await until(lambda: len(calls) == 4)
+        await wait_until(lambda: len(calls) == 4)
         await state(sub, State.AUTH_FAILED)
     finally:
         await sub.stop()
@@ -357,9 +346,9 @@ async def test_keepalive_answers_force_keepalive_at_once_and_repeats_every_30_s(
     # The emulator's ForceKeepAlive on bind was answered without any time passing.
     assert sock.keepalives_sent == [start]
     for _ in range(3):
-        await until(lambda: clock.pending_sleeps == [30.0])
+        await wait_until(lambda: clock.pending_sleeps == [30.0])
         await clock.advance(30)
-        await until(lambda: sock.keepalive_replies == len(sock.keepalives_sent))
+        await wait_until(lambda: sock.keepalive_replies == len(sock.keepalives_sent))
     assert sock.keepalives_sent == [start, start + 30, start + 60, start + 90]
     assert alice.sub.state is State.CONNECTED
 

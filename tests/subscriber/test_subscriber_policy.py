@@ -20,8 +20,9 @@ from jfsync.sync.subscriber import (
     SubscriberState,
 )
 from jfsync.timing import ManualClock, backoff_delays
+from tests.support.waiting import wait_until
 
-from .helpers import IO_TIMEOUT_S, RawConn, RawServer, Recorder
+from .helpers import RawConn, RawServer, Recorder, state
 
 USER_ID = "4bd7d5a1e0c44f6a9b0d3c2e1f0a9b8c"
 OTHER_USER_ID = "0123456789abcdef0123456789abcdef"
@@ -131,21 +132,9 @@ async def make_subscriber(clock: ManualClock, recorder: Recorder) -> AsyncIterat
         await sub.stop()
 
 
-async def state(sub: Subscriber, *states: State) -> State:
-    async with asyncio.timeout(IO_TIMEOUT_S):
-        return await sub.wait_for_state(*states)
-
-
 def current(sub: Subscriber) -> State:
     """The state now (a call, so type checkers do not carry narrowing across awaits)."""
     return sub.state
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    """Yield to the loop (no clock, no real sleeping) until loopback I/O made ``predicate`` true."""
-    async with asyncio.timeout(IO_TIMEOUT_S):
-        while not predicate():  # noqa: ASYNC110 - loopback I/O has no event to wait on
-            await asyncio.sleep(0)
 
 
 async def backoff_sleep(sub: Subscriber, clock: ManualClock) -> float:
@@ -160,7 +149,7 @@ async def connected(sub: Subscriber, server: RawServer) -> RawConn:
     """Wait for CONNECTED and for the answer to the server's first ForceKeepAlive."""
     conn = await server.next_connection()
     await state(sub, State.CONNECTED)
-    await until(lambda: sub.socket is not None and sub.socket.keepalive_replies >= 1)
+    await wait_until(lambda: sub.socket is not None and sub.socket.keepalive_replies >= 1)
     return conn
 
 
@@ -238,7 +227,7 @@ async def test_server_restarting_means_cooldown_then_reconnect_and_resync(
     assert str(sub.status.pause_reason) == "the server is restarting"
     changes = [e for e in recorder.events if isinstance(e, ConnectionStateChanged)]
     assert changes[-1].reason == "the server is restarting"
-    await until(lambda: conn.ws.closed)  # we hung up ourselves; nothing more comes from it
+    await wait_until(lambda: conn.ws.closed)  # we hung up ourselves; nothing more comes from it
 
     await clock.advance(14.9)
     assert current(sub) is State.COOLDOWN
@@ -268,7 +257,7 @@ async def test_refused_token_is_reminted_once_and_the_new_one_connects(
     assert resync.count == 1
     # No pause on the way: straight from the refusal to a new token and a connection.
     assert recorder.states == [State.CONNECTING, State.RESYNCING, State.CONNECTED]
-    await until(lambda: clock.pending_sleeps == [30.0])  # only the keepalive timer
+    await wait_until(lambda: clock.pending_sleeps == [30.0])  # only the keepalive timer
 
 
 async def test_persistent_auth_failure_waits_slowly_with_a_visible_reason(
@@ -294,7 +283,7 @@ async def test_persistent_auth_failure_waits_slowly_with_a_visible_reason(
     await clock.advance(299)
     assert current(sub) is State.AUTH_FAILED
     await clock.advance(1)
-    await until(lambda: len(tokens.calls) == 4)
+    await wait_until(lambda: len(tokens.calls) == 4)
     await state(sub, State.AUTH_FAILED)
     assert tokens.calls == [False, True, False, True]
 
@@ -369,7 +358,7 @@ async def test_events_during_resync_are_buffered_then_applied_in_order(
     for n in (1, 2, 3):
         await conn.send(user_data_frame(n))
     await conn.send({"MessageType": "LibraryChanged", "Data": {"ItemsAdded": [item_id(9)]}})
-    await until(lambda: sub.status.buffered_events == 4)
+    await wait_until(lambda: sub.status.buffered_events == 4)
     assert recorder.user_data == []
     assert current(sub) is State.RESYNCING
 
@@ -480,6 +469,6 @@ async def test_stop_closes_the_socket_and_ends_every_task(
     assert current(sub) is State.STOPPED
     assert recorder.states[-1] is State.STOPPED
     assert sub.socket is None
-    await until(lambda: conn.ws.closed)
+    await wait_until(lambda: conn.ws.closed)
     assert clock.pending_sleeps == []
     await sub.stop()  # idempotent

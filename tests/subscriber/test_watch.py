@@ -17,6 +17,7 @@ from jfsync.config import Config, load_config
 from jfsync.emulator import Emulator
 from jfsync.ops.watch import watch
 from jfsync.timing import ManualClock
+from tests.support.config import write_config
 
 from .helpers import IO_TIMEOUT_S
 
@@ -45,17 +46,12 @@ async def emulators(emu_clock: ManualClock) -> AsyncIterator[dict[str, Emulator]
         yield {"alpha": alpha, "beta": beta}
 
 
-def write_config(tmp_path: Path, urls: dict[str, str]) -> Path:
-    lines = ["servers:"]
-    for name, url in urls.items():
-        lines += [f"  - name: {name}", f"    url: {url}", f"    api_key: {KEYS[name]}"]
-    path = tmp_path / "jfsync.yaml"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+def write_urls(tmp_path: Path, urls: dict[str, str]) -> Path:
+    return write_config(tmp_path / "jfsync.yaml", urls, api_key=KEYS)
 
 
 def config_for(tmp_path: Path, emulators: dict[str, Emulator]) -> Config:
-    return load_config(write_config(tmp_path, {n: e.url for n, e in emulators.items()}))
+    return load_config(write_urls(tmp_path, {n: e.url for n, e in emulators.items()}))
 
 
 async def until_text(buffer: io.StringIO, needle: str, count: int = 1) -> str:
@@ -133,7 +129,7 @@ async def test_watch_with_no_reachable_server_exits_non_zero(
 def test_cli_rejects_an_unknown_server_and_a_bad_config(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = write_config(tmp_path, {"alpha": "http://127.0.0.1:9", "beta": "http://127.0.0.1:9"})
+    path = write_urls(tmp_path, {"alpha": "http://127.0.0.1:9", "beta": "http://127.0.0.1:9"})
     assert main(["watch", "--config", str(path), "--server", "gamma"]) == 2
     assert "--server gamma: no such server" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
@@ -147,7 +143,7 @@ def test_cli_rejects_an_unknown_server_and_a_bad_config(
 async def test_cli_watch_runs_until_ctrl_c_and_exits_zero(
     tmp_path: Path, emulators: dict[str, Emulator], emu_clock: ManualClock
 ) -> None:
-    path = write_config(tmp_path, {n: e.url for n, e in emulators.items()})
+    path = write_urls(tmp_path, {n: e.url for n, e in emulators.items()})
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
