@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import threading
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from jfsync.logs import CHATTY_LIBRARIES
 from tests.support.cluster import ClusterFactory, StartCluster
 from tests.support.waiting import TIME_SCALE
 
@@ -56,6 +58,22 @@ async def _no_leftover_tasks() -> AsyncIterator[None]:
         task.cancel()
     names = ", ".join(sorted(t.get_name() + ":" + repr(t.get_coro()) for t in leftover))
     pytest.fail(f"test left tasks running: {names}")
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """Undo what a test's ``configure_logging`` did (a config reload or ``run_service`` in the
+    test's process calls it): the root logger's level and handlers and the noisy libraries'
+    levels are put back, so a later test's ``configure_logging`` installs its own handler."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    chatty = {name: logging.getLogger(name).level for name in CHATTY_LIBRARIES}
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(level)
+    for name, was in chatty.items():
+        logging.getLogger(name).setLevel(was)
 
 
 #: How long a test's threads (aiosqlite workers, executors) get to end after teardown.

@@ -24,15 +24,6 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "jfsync"
 
-#: Cycles known on main and being undone on another branch. Each entry is the exact set of
-#: modules in one cycle; the test accepts that set and nothing else. Delete an entry when its
-#: fix is merged (an entry that no longer matches a cycle is harmless but says so).
-EXPECTED_CYCLES: dict[str, frozenset[str]] = {
-    # jfsync.service builds the status server; jfsync.ops.status reads SyncService back. The
-    # branch that splits them removes this entry at merge.
-    "service<->status": frozenset({"jfsync.service", "jfsync.ops.status"}),
-}
-
 #: (importer prefix, forbidden prefix): no module under the first may import one under the
 #: second, directly or through any chain of runtime imports.
 LAYER_RULES = [
@@ -239,8 +230,7 @@ def test_checker_names_a_lazy_cycle(tmp_path: Path) -> None:
 def test_no_import_cycles() -> None:
     """No module of jfsync imports itself back through other modules (known ones aside)."""
     graph = build_graph()
-    expected = set(EXPECTED_CYCLES.values())
-    unexpected = [c for c in strongly_connected(graph.runtime) if frozenset(c) not in expected]
+    unexpected = list(strongly_connected(graph.runtime))
     named = [
         " -> ".join(cycle_path(graph.runtime, c)) + f"  (all in the circle: {', '.join(sorted(c))})"
         for c in unexpected
