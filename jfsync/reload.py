@@ -4,11 +4,13 @@
 needs: people, maps and choices are matched again (sockets of accounts no longer synced are
 closed, new ones opened); fields, modes and users' register choices change the merge policy
 (rows queued that it no longer allows are dropped, with a log line); a library filter rescans
-that server's libraries; intervals take effect on the next wait. A server added, removed or
-reached differently (URL, key, TLS, timeouts, path rewrites, credentials) or a different reset
-guard rule re-creates the replicator inside the process: the ledger is closed and opened again,
-so nothing queued is lost, and every socket reconnects and catches up. The ledger path and the
-status endpoint are only read at start; a change to them is reported and waits for a restart.
+that server's libraries; intervals take effect on the next wait; playback-session settings
+restart each server's session watcher, and a changed ``alerts`` section its notifier. A server
+added, removed or reached differently (URL, key, TLS, timeouts, path rewrites, credentials) or
+a different reset guard rule re-creates the replicator inside the process: the ledger is closed
+and opened again, so nothing queued is lost, and every socket reconnects and catches up. The
+ledger path and the status endpoint are only read at start; a change to them is reported and
+waits for a restart.
 
 :class:`ConfigReloader` watches the file: every ``poll_s`` (on the injected clock) it compares the
 file's size, modification time and SHA-256 with the last seen, and on a change, or on SIGHUP
@@ -70,6 +72,10 @@ class ConfigDiff:
     policy: bool = False
     reset_guard: bool = False
     intervals: bool = False
+    #: How playback sessions are followed changed (``sync.follow_sessions`` and its periods).
+    sessions: bool = False
+    #: The ``alerts`` section changed.
+    alerts: bool = False
     logging: bool = False
     #: The servers' order changed (it breaks ties between servers).
     server_order: bool = False
@@ -129,13 +135,13 @@ def diff_configs(old: Config, new: Config) -> ConfigDiff:
     if users:
         lines.append("users (match, map, exclude or choices) changed")
     o, n = old.sync, new.sync
-    policy = (o.fields, o.initial_merge, o.seed_server) != (
-        n.fields,
-        n.initial_merge,
-        n.seed_server,
-    )
+    policy_keys = ("fields", "initial_merge", "seed_server", "rewatch_protection")
+    policy = any(getattr(o, k) != getattr(n, k) for k in policy_keys)
     if policy:
-        lines.append(f"sync.fields/initial_merge/seed_server changed (fields: {_fields(n)})")
+        lines.append(
+            "sync.fields/initial_merge/seed_server/rewatch_protection changed "
+            f"(fields: {_fields(n)})"
+        )
     guard_keys = ("reset_guard", "reset_guard_min_items", "reset_guard_fraction")
     reset_guard = any(getattr(o, k) != getattr(n, k) for k in guard_keys)
     if reset_guard:
@@ -144,6 +150,13 @@ def diff_configs(old: Config, new: Config) -> ConfigDiff:
     intervals = any(getattr(o, k) != getattr(n, k) for k in interval_keys)
     if intervals:
         lines.append("sync intervals changed")
+    session_keys = ("follow_sessions", "session_quiet", "live_progress")
+    sessions = any(getattr(o, k) != getattr(n, k) for k in session_keys)
+    if sessions:
+        lines.append("playback sessions settings changed (follow_sessions, periods)")
+    alerts = old.alerts != new.alerts
+    if alerts:
+        lines.append("alerts changed")
     logging_changed = old.logging != new.logging
     if logging_changed:
         lines.append(f"logging.level -> {new.logging.level}")
@@ -162,6 +175,8 @@ def diff_configs(old: Config, new: Config) -> ConfigDiff:
         policy=policy or bool(modes),
         reset_guard=reset_guard,
         intervals=intervals,
+        sessions=sessions,
+        alerts=alerts,
         logging=logging_changed,
         needs_restart=tuple(needs_restart),
         lines=tuple(lines),

@@ -234,11 +234,8 @@ class SyncService:
         #: Events, read-backs and playback reads become observations (jfsync.sync.intake).
         self.intake = self._make_intake()
         #: Notifications when something needs a person (``alerts:``; idle without targets).
-        self.alerter = Alerter(
-            config.alerts,
-            self.status,
-            **{"clock": self.clock, "secrets": config.secret_values(), **(alert_options or {})},
-        )
+        self._alert_options = alert_options or {}
+        self.alerter = self._make_alerter(config)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -351,6 +348,13 @@ class SyncService:
             await step
         except Exception:
             logger.exception("stopping the %s failed; going on with the shutdown", name)
+
+    def _make_alerter(self, config: Config) -> Alerter:
+        return Alerter(
+            config.alerts,
+            self.status,
+            **{"clock": self.clock, "secrets": config.secret_values(), **self._alert_options},
+        )
 
     def _make_intake(self) -> Intake:
         return Intake(
@@ -875,8 +879,27 @@ class SyncService:
             for link in self.links.values():
                 link.config = kept.server(link.name)
                 link.pusher.wake()
+            if diff.sessions:
+                await self._refollow_sessions()
+            if diff.alerts:
+                await self._renew_alerter()
             self._notify()
             return lines
+
+    async def _refollow_sessions(self) -> None:
+        """Follow every reachable server's playback sessions again, with the new settings."""
+        for link in self.links.values():
+            watcher, link.sessions = link.sessions, None
+            if watcher is not None:
+                await watcher.stop()
+            if link.reachable:
+                self._follow_sessions(link)
+
+    async def _renew_alerter(self) -> None:
+        """Notify through the new ``alerts`` section (incidents open now are told again)."""
+        await self.alerter.stop()
+        self.alerter = self._make_alerter(self.config)
+        self.alerter.start()
 
     async def _apply_filters(self, servers: Sequence[str]) -> None:
         """Rescan the libraries of servers whose filter changed; drop what they left out."""
@@ -925,6 +948,7 @@ class SyncService:
                 IdenticalIds() if in_memory else IndexedIdentity(config, self.ledger, self.clock)
             )
         self.reset_guard = ResetGuard(ResetRule.from_config(config), self.ledger, self.clock)
+        self.alerter = self._make_alerter(config)
         self.reconciler = None
         self.links = {}
         self.intake = self._make_intake()

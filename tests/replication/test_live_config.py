@@ -15,6 +15,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
@@ -23,7 +24,7 @@ from jfsync.ops.runcmd import run_service
 from jfsync.reload import ConfigReloader
 from jfsync.timing import ManualClock
 from tests.replication.conftest import MakeCluster
-from tests.replication.harness import WAIT_S, Cluster
+from tests.replication.harness import WAIT_S, Cluster, UserClient
 from tests.support.config import config_dict
 
 pytestmark = pytest.mark.timeout(60)
@@ -305,5 +306,63 @@ async def test_a_library_filter_edited_while_running(
         await _poll(reloader, clock, 2)
         await cluster.wait_all_hold(first, rated)
         await cluster.wait_all_hold(second, favourite)
+    finally:
+        await reloader.stop()
+
+
+async def test_turning_rewatch_protection_off_in_the_file_spreads_the_next_rewatch(
+    make_cluster: MakeCluster, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    cluster = await make_cluster(2, server_version="10.11.11")
+    a = cluster.emus[0]
+    film = next(
+        i for i in a.leaf_items() if i.type == "Movie" and (i.run_time_ticks or 0) > 6 * 10**9
+    )
+    player = UserClient(http, a)
+    # The user has watched the film; every server shows it played.
+    assert await player.call("POST", f"/UserPlayedItems/{film.id}") == 200
+    await cluster.wait_all_hold(film.id, cluster.data(a, film.id))
+
+    # The operator turns rewatch protection off in the running config...
+    path, data = _config_file(cluster, tmp_path)
+    clock = ManualClock()
+    reloader = ConfigReloader(cluster.service, path, clock=clock)
+    reloader.start()
+    try:
+        data["sync"]["rewatch_protection"] = False
+        _write(path, data)
+        await _poll(reloader, clock, 1)
+        status = (await cluster.service.status())["config"]
+        assert status["last_error"] is None
+        assert any("rewatch_protection" in line for line in status["last_changes"])
+    finally:
+        await reloader.stop()
+
+    # ...so starting it again on a (10.11 un-plays it) now shows unplayed on b too.
+    assert await player.call("POST", "/Sessions/Playing", {"ItemId": film.id}) == 204
+    started = cluster.data(a, film.id)
+    assert not started.play_state.played
+    await cluster.wait_all_hold(film.id, started)
+
+
+async def test_an_alerts_section_added_while_running_is_used(
+    make_cluster: MakeCluster, tmp_path: Path
+) -> None:
+    cluster = await make_cluster(2)
+    assert (await cluster.service.status())["alerts"]["targets"] == []
+    path, data = _config_file(cluster, tmp_path)
+    clock = ManualClock()
+    reloader = ConfigReloader(cluster.service, path, clock=clock)
+    reloader.start()
+    try:
+        data["alerts"] = {
+            "targets": [{"name": "phone", "kind": "ntfy", "url": "http://127.0.0.1:9/jfsync"}]
+        }
+        _write(path, data)
+        await _poll(reloader, clock, 1)
+        status = await cluster.service.status()
+        assert status["config"]["last_error"] is None
+        assert "alerts changed" in status["config"]["last_changes"]
+        assert [t["target"] for t in status["alerts"]["targets"]] == ["phone"]
     finally:
         await reloader.stop()
