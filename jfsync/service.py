@@ -188,7 +188,7 @@ class SyncService:
         self.counters = Counters()
         #: Issue 14: the identity is made here (and again by a reload), unless one was given.
         self._own_identity = identity is None
-        #: The config file's reload state for /status (set by jfsync.reload.ConfigReloader).
+        #: The config file's reload state for /status (set by jfsync.ops.reloader.ConfigReloader).
         self.config_status: dict[str, Any] | None = None
         self._reload_lock = asyncio.Lock()
         self.ledger = Ledger(

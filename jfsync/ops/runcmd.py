@@ -2,9 +2,10 @@
 
 :func:`run_service` starts a :class:`jfsync.service.SyncService` and its status server, stops
 both on SIGINT/SIGTERM (a second SIGINT ends at once), applies the config file again on SIGHUP
-and when the file changes (:class:`jfsync.reload.ConfigReloader`), and bounds the shutdown: past
-``sync.shutdown_grace`` plus :data:`SHUTDOWN_SLACK_S` it names the tasks still running and ends
-the process. :func:`tune_garbage_collector` is the process-wide GC setting the service runs with.
+and when the file changes (:class:`jfsync.ops.reloader.ConfigReloader`), and bounds the
+shutdown: past ``sync.shutdown_grace`` plus :data:`SHUTDOWN_SLACK_S` it names the tasks still
+running and ends the process. :func:`tune_garbage_collector` is the process-wide GC setting
+the service runs with.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from collections.abc import Callable
 
 from jfsync.config import Config
 from jfsync.errors import JfsyncError
+from jfsync.ops.reloader import POLL_S, ConfigReloader
 from jfsync.ops.status import StatusServer
-from jfsync.reload import POLL_S, ConfigReloader
 from jfsync.service import SyncService
 from jfsync.tasks import cancel_and_wait
 

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from jfsync.model import UserData
+from jfsync.ops.reloader import ConfigReloader
 from jfsync.ops.runcmd import run_service
-from jfsync.reload import ConfigReloader
 from jfsync.timing import ManualClock
 from tests.replication.conftest import MakeCluster
 from tests.replication.harness import WAIT_S, Cluster, UserClient
