@@ -15,7 +15,7 @@ import logging
 import re
 import secrets
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
@@ -45,10 +45,8 @@ from jfsync.emulator.state import (
     StoredUserData,
     WriteRecord,
 )
+from jfsync.emulator.view import EmulatorLike
 from jfsync.ids import InvalidIdError, normalize_id
-
-if TYPE_CHECKING:
-    from jfsync.emulator.server import Emulator
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +176,7 @@ _UPDATE_FIELDS: dict[str, str] = {
 class JellyfinApi:
     """The routes of one emulated server (built per listener start)."""
 
-    def __init__(self, emu: Emulator) -> None:
+    def __init__(self, emu: EmulatorLike) -> None:
         self.emu = emu
         self.version = emu.server_version
         self.queries = ItemQueryEngine(emu.library, emu.store, emu.server_id)

@@ -13,17 +13,13 @@ played first. Every answer is a ``QueryResult`` of item DTOs with user data, bui
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from jfsync.emulator.http import HttpError, json_response, parse_guid
+from jfsync.emulator.http import Ctx, HttpError, ItemViews, json_response, parse_guid
 from jfsync.emulator.library import LibraryItem
 from jfsync.emulator.query import ItemQuery
 from jfsync.emulator.state import EmuUser
-
-if TYPE_CHECKING:
-    from jfsync.emulator.http import Ctx, ItemViews
 
 
 class BrowseApi:

@@ -39,15 +39,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from jfsync.emulator.http import parse_date
 from jfsync.emulator.library import LibraryError, LibraryItem
-
-if TYPE_CHECKING:
-    from jfsync.emulator.server import Emulator
+from jfsync.emulator.view import ControlledServer
 
 _SAVE_KEYS = frozenset(
     {
@@ -83,7 +81,7 @@ def item_json(item: LibraryItem) -> dict[str, Any]:
     }
 
 
-async def handle_control(emu: Emulator, request: web.Request, path: str) -> web.Response:
+async def handle_control(emu: ControlledServer, request: web.Request, path: str) -> web.Response:
     """Answer one control request; ``path`` is what follows the prefix."""
     parts = [p for p in path.split("/") if p]
     method = request.method
@@ -95,7 +93,7 @@ async def handle_control(emu: Emulator, request: web.Request, path: str) -> web.
 
 
 async def _route(
-    emu: Emulator, request: web.Request, method: str, parts: list[str], query: Any
+    emu: ControlledServer, request: web.Request, method: str, parts: list[str], query: Any
 ) -> web.Response:
     head = parts[0] if parts else ""
     if method == "GET" and head == "state":
@@ -141,7 +139,7 @@ async def _route(
 
 
 async def _items(
-    emu: Emulator, request: web.Request, method: str, rest: list[str], query: Any
+    emu: ControlledServer, request: web.Request, method: str, rest: list[str], query: Any
 ) -> web.Response:
     if method == "POST" and not rest:
         body = await request.json()
@@ -163,7 +161,9 @@ async def _items(
     return _reply({"error": "unknown control"}, 404)
 
 
-def _save(emu: Emulator, user_id: str, item_id: str, body: dict[str, Any]) -> dict[str, Any]:
+def _save(
+    emu: ControlledServer, user_id: str, item_id: str, body: dict[str, Any]
+) -> dict[str, Any]:
     kwargs: dict[str, Any] = {k: v for k, v in body.items() if k in _SAVE_KEYS}
     if body.get("last_played"):
         kwargs["last_played"] = parse_date(body["last_played"])
@@ -179,7 +179,7 @@ def _save(emu: Emulator, user_id: str, item_id: str, body: dict[str, Any]) -> di
     }
 
 
-async def _restart(emu: Emulator, down_s: float) -> None:
+async def _restart(emu: ControlledServer, down_s: float) -> None:
     # Let the control request's answer go out before the listener disappears.
     await emu.clock.sleep(0)
     await emu.stop_listener()
@@ -187,7 +187,7 @@ async def _restart(emu: Emulator, down_s: float) -> None:
     await emu.start_listener()
 
 
-def _state(emu: Emulator) -> dict[str, Any]:
+def _state(emu: ControlledServer) -> dict[str, Any]:
     return {
         "version": emu.version,
         "server_id": emu.server_id,

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote_plus
 
 from aiohttp import web
@@ -25,10 +25,8 @@ from jfsync.emulator.library import LibraryItem
 from jfsync.emulator.query import ItemQueryEngine
 from jfsync.emulator.sockets import Session
 from jfsync.emulator.state import Caller, EmuUser, ServerVersion
+from jfsync.emulator.view import EmulatorLike
 from jfsync.ids import InvalidIdError, normalize_id
-
-if TYPE_CHECKING:
-    from jfsync.emulator.server import Emulator
 
 Handler = Callable[["Ctx"], Awaitable[web.StreamResponse]]
 
@@ -232,7 +230,7 @@ def no_content() -> web.Response:
 class ItemViews(Protocol):
     """What route groups need from the server's API: users, paging and item DTOs."""
 
-    emu: Emulator
+    emu: EmulatorLike
     version: ServerVersion
     queries: ItemQueryEngine
 

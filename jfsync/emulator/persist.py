@@ -15,15 +15,13 @@ import os
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from jfsync.emulator.http import parse_date
 from jfsync.emulator.library import LibraryItem
 from jfsync.emulator.state import StoredUserData
+from jfsync.emulator.view import SavedServer
 from jfsync.jellyfin.wire import format_date
-
-if TYPE_CHECKING:
-    from jfsync.emulator.server import Emulator
 
 #: Version of the state file layout.
 STATE_FORMAT = 1
@@ -56,7 +54,7 @@ def _data_from(raw: dict[str, Any]) -> StoredUserData:
     )
 
 
-def state_json(emu: Emulator) -> dict[str, Any]:
+def state_json(emu: SavedServer) -> dict[str, Any]:
     """Describe the server's library and user data as JSON-ready values."""
     users: dict[str, dict[str, Any]] = {}
     for user_id in emu.store.user_ids():
@@ -78,7 +76,7 @@ def state_json(emu: Emulator) -> dict[str, Any]:
     }
 
 
-def save_state(emu: Emulator, path: str | Path) -> None:
+def save_state(emu: SavedServer, path: str | Path) -> None:
     """Write the server's state to ``path`` atomically."""
     target = Path(path)
     text = json.dumps(state_json(emu), indent=1, sort_keys=True)
@@ -106,11 +104,11 @@ def read_state(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def load_state(emu: Emulator, raw: dict[str, Any]) -> None:
+def load_state(emu: SavedServer, raw: dict[str, Any]) -> None:
     """Replace the library and user data of a fresh emulator with a saved state.
 
     The emulator must have been built with the saved ``server_id`` and path root (``Emulator``
-    does that when given ``state=``), so the collection and physical folders match.
+    does that when given ``state_file=``), so the collection and physical folders match.
     """
     items = [LibraryItem(**_item_fields(entry)) for entry in raw.get("items", [])]
     emu.library.replace_items(items)

@@ -6,6 +6,8 @@ user-data change, from REST or from :meth:`Emulator.save_user_data`, goes throug
 that echoes over websockets exactly as Jellyfin's ``UserDataSaved`` event does (fact sheet §2,
 §3). Test controls (stop/start the listener, fail writes, latency, dropped or half-open
 sockets, library changes) are methods here and routes in :mod:`jfsync.emulator.controls`.
+The routes and the state file see this class only through the protocols of
+:mod:`jfsync.emulator.view`, so nothing this module imports imports it back.
 """
 
 from __future__ import annotations

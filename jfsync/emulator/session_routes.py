@@ -11,17 +11,14 @@ instead of a body; ``GET /Sessions`` shows ``NowPlayingItem``, ``PlayState.Posit
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from jfsync.emulator import dto
-from jfsync.emulator.http import HttpError, json_response, no_content, parse_guid
+from jfsync.emulator.http import Ctx, HttpError, ItemViews, json_response, no_content, parse_guid
 from jfsync.emulator.sockets import Session
 from jfsync.emulator.state import Caller
-
-if TYPE_CHECKING:
-    from jfsync.emulator.http import Ctx, ItemViews
 
 #: ``MediaType`` values (10.9+; 10.8 takes any string).
 MEDIA_TYPES = ("Unknown", "Video", "Audio", "Photo", "Book")
