@@ -5,9 +5,13 @@ module of ``jfsync/`` (a package is its ``__init__``), one edge per ``import``/`
 of another jfsync module, at module level or inside a function or class body alike (a lazy
 import inside a function is still a dependency, it only hides the cycle until run time).
 
-Imports under ``if TYPE_CHECKING:`` are left out of the graph: they never run, and annotating
-with a type from a module that imports this one is not a cycle Python can trip over. They do
-count for the layer rules below, because a type-only import still couples the layers.
+Imports under ``if TYPE_CHECKING:`` are kept apart as type-only edges and count for both
+checks. They never run, so Python would not trip over a circle they close; but a module that
+needs another's types to be described depends on it all the same, and a circle hidden behind
+``TYPE_CHECKING`` is still a circle to read and to untangle. The cure is a small ``Protocol`` (or
+moving the shared state below both), as :mod:`jfsync.emulator.view` does for the emulator. For
+the layer rules a type-only import counts when it is direct; longer chains follow runtime
+imports only (what a layer pulls in when it runs).
 
 ``from package import name`` is an edge to ``package.name`` when that is a module, else to the
 package. Importing ``a.b.c`` also runs ``a/__init__`` and ``a/b/__init__`` first; those implicit
@@ -40,6 +44,10 @@ class Graph:
     modules: set[str]
     runtime: dict[str, set[str]] = field(default_factory=dict)
     typing: dict[str, set[str]] = field(default_factory=dict)
+
+    def all_edges(self) -> dict[str, set[str]]:
+        """Runtime and type-only imports together: every dependency a reader sees."""
+        return {m: self.runtime.get(m, set()) | self.typing.get(m, set()) for m in self.modules}
 
 
 def module_name(path: Path, root: Path = PACKAGE_DIR) -> str:
@@ -196,14 +204,14 @@ def test_graph_sees_the_package() -> None:
     assert "jfsync.service" in graph.modules
     assert "jfsync.emulator.app" in graph.modules
     assert "jfsync.emulator.http" in graph.runtime["jfsync.emulator.app"]
-    # A function-level import counts, a TYPE_CHECKING one does not.
     assert sum(len(e) for e in graph.runtime.values()) > 100
-    assert "jfsync.emulator.server" in graph.typing["jfsync.emulator.app"]
-    assert "jfsync.emulator.server" not in graph.runtime["jfsync.emulator.app"]
+    # The emulator's parts see the server through protocols, never by importing it.
+    assert "jfsync.emulator.view" in graph.runtime["jfsync.emulator.app"]
+    assert "jfsync.emulator.server" not in graph.all_edges()["jfsync.emulator.app"]
 
 
 def test_checker_names_a_lazy_cycle(tmp_path: Path) -> None:
-    """A cycle closed by a function-level import is found and named; a type-only one is not."""
+    """A cycle closed by a function-level import is found and named, and so is a type-only one."""
     pkg = tmp_path / "jfsync"
     (pkg / "sub").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
@@ -211,29 +219,40 @@ def test_checker_names_a_lazy_cycle(tmp_path: Path) -> None:
     (pkg / "sub" / "a.py").write_text("from jfsync.sub import b\n")
     (pkg / "sub" / "b.py").write_text("def f():\n    from . import c\n")
     (pkg / "sub" / "c.py").write_text("import jfsync.sub.a\n")
+    # typed -> d only for the type checker (the else branch runs), d -> typed at run time.
     (pkg / "typed.py").write_text(
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from jfsync.sub import a\n"
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from jfsync.sub import d\nelse:\n    import json\n"
     )
     (pkg / "sub" / "d.py").write_text("import jfsync.typed\n")
     graph = build_graph(pkg)
-    cycles = strongly_connected(graph.runtime)
-    assert cycles == [{"jfsync.sub.a", "jfsync.sub.b", "jfsync.sub.c"}]
-    assert cycle_path(graph.runtime, cycles[0]) == [
+    assert graph.typing["jfsync.typed"] == {"jfsync.sub.d"}
+    assert graph.runtime["jfsync.typed"] == set()
+    lazy = {"jfsync.sub.a", "jfsync.sub.b", "jfsync.sub.c"}
+    assert strongly_connected(graph.runtime) == [lazy]
+    assert cycle_path(graph.runtime, lazy) == [
         "jfsync.sub.a",
         "jfsync.sub.b",
         "jfsync.sub.c",
         "jfsync.sub.a",
     ]
-    assert graph.typing["jfsync.typed"] == {"jfsync.sub.a"}
+    typed = {"jfsync.sub.d", "jfsync.typed"}
+    cycles = sorted(strongly_connected(graph.all_edges()), key=min)
+    assert cycles == [lazy, typed]
+    assert cycle_path(graph.all_edges(), typed) == ["jfsync.sub.d", "jfsync.typed", "jfsync.sub.d"]
 
 
 def test_no_import_cycles() -> None:
-    """No module of jfsync imports itself back through other modules (known ones aside)."""
+    """No module of jfsync imports itself back through other modules, type-only imports included.
+
+    A circle closed only under ``if TYPE_CHECKING:`` fails too: give the module that describes
+    the other a ``Protocol`` of what it uses (see :mod:`jfsync.emulator.view`) instead.
+    """
     graph = build_graph()
-    unexpected = list(strongly_connected(graph.runtime))
+    edges = graph.all_edges()
     named = [
-        " -> ".join(cycle_path(graph.runtime, c)) + f"  (all in the circle: {', '.join(sorted(c))})"
-        for c in unexpected
+        " -> ".join(cycle_path(edges, c)) + f"  (all in the circle: {', '.join(sorted(c))})"
+        for c in strongly_connected(edges)
     ]
     assert not named, "import cycles in jfsync/:\n  " + "\n  ".join(named)
 
@@ -241,7 +260,7 @@ def test_no_import_cycles() -> None:
 def test_layers_point_one_way() -> None:
     """The replication core never reaches operations or the wiring; transport never the core."""
     graph = build_graph()
-    both = {m: graph.runtime[m] | graph.typing[m] for m in graph.modules}
+    both = graph.all_edges()
     broken: list[str] = []
     for importer, forbidden in LAYER_RULES:
         for module in sorted(graph.modules):
