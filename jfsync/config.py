@@ -853,6 +853,12 @@ def _read_secret_files(
                     f"{_loc_text((*loc, key))}: both {target} and {key} given; give exactly one"
                 )
                 continue
+            if "\x00" in value:
+                problems.append(
+                    f"{_loc_text((*loc, key))}: the path holds a NUL character; "
+                    "expected the path of a file holding the secret"
+                )
+                continue
             file_path = Path(value)
             if not file_path.is_absolute():
                 file_path = base_dir / file_path
@@ -862,6 +868,12 @@ def _read_secret_files(
                 problems.append(
                     f"{_loc_text((*loc, key))}: cannot read {_path_text(file_path)} "
                     f"({err.strerror}); expected a readable file holding the secret"
+                )
+                continue
+            except UnicodeDecodeError:
+                problems.append(
+                    f"{_loc_text((*loc, key))}: {_path_text(file_path)} is not UTF-8 text; "
+                    "expected a text file holding the secret"
                 )
                 continue
             if not secret:

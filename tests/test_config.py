@@ -150,6 +150,21 @@ def test_missing_env_var_and_unreadable_secret_file(tmp_path: Path) -> None:
     ]
 
 
+def test_a_secret_file_that_is_binary_or_a_nul_path_is_named_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "b.key").write_bytes(b"\xff\xfe key")
+    assert _problems(MINIMAL, tmp_path) == [
+        f"servers[1].api_key_file: {tmp_path / 'b.key'} is not UTF-8 text; "
+        "expected a text file holding the secret"
+    ]
+    nul = MINIMAL.replace("./b.key", '"./b\\0.key"')
+    assert _problems(nul, tmp_path) == [
+        "servers[1].api_key_file: the path holds a NUL character; "
+        "expected the path of a file holding the secret"
+    ]
+
+
 def test_secret_values_never_appear_in_errors(tmp_path: Path) -> None:
     text = (
         "servers:\n  - {name: a, url: 'http://h', api_key: [s3cr3t-value]}\n"
