@@ -259,6 +259,20 @@ def find_problems(snap: Mapping[str, Any]) -> list[Problem]:
     reset_blocking, reset_warnings = _reset_problems(snap)
     blocking += reset_blocking
     warnings += reset_warnings
+    config = snap.get("config") or {}
+    if config.get("last_error"):
+        warnings.append(
+            Problem(
+                False,
+                f"the last edit of {config.get('path', 'the config file')} was refused; the "
+                f"running config stays: {config['last_error']}",
+            )
+        )
+    if config.get("pending_restart"):
+        waiting = ", ".join(config["pending_restart"])
+        warnings.append(
+            Problem(False, f"changed in the config file, applied at restart: {waiting}")
+        )
     for pair in snap.get("identity", {}).get("pairs", []):
         if pair.get("ambiguous"):
             servers = " and ".join(pair["servers"])

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from jfsync.model import UserData
+from jfsync.ops import statuscmd
 from jfsync.ops.reloader import ConfigReloader
 from jfsync.ops.runcmd import run_service
 from jfsync.timing import ManualClock
@@ -364,5 +365,27 @@ async def test_an_alerts_section_added_while_running_is_used(
         assert status["config"]["last_error"] is None
         assert "alerts changed" in status["config"]["last_changes"]
         assert [t["target"] for t in status["alerts"]["targets"]] == ["phone"]
+    finally:
+        await reloader.stop()
+
+
+async def test_jfsync_status_says_an_edit_was_refused_and_why(
+    make_cluster: MakeCluster, tmp_path: Path
+) -> None:
+    cluster = await make_cluster(2)
+    path, data = _config_file(cluster, tmp_path)
+    clock = ManualClock()
+    reloader = ConfigReloader(cluster.service, path, clock=clock)
+    reloader.start()
+    try:
+        data["sync"]["reconcile_interval"] = "soon"
+        _write(path, data)
+        await _poll(reloader, clock, 1)
+        _, problems = statuscmd.render(await cluster.service.status())
+        said = [p.text for p in problems if "was refused" in p.text]
+        assert len(said) == 1, [p.text for p in problems]
+        assert str(path) in said[0]
+        assert "sync.reconcile_interval" in said[0]
+        assert "the running config stays" in said[0]
     finally:
         await reloader.stop()
