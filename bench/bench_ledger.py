@@ -28,11 +28,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from results import emit  # noqa: E402
+from results import emit
 
-from jfsync.model import PlayState, UserData  # noqa: E402
-from jfsync.sync.ledger import Ledger, Observation  # noqa: E402
-from jfsync.sync.merge import MergePolicy  # noqa: E402
+from jfsync.model import PlayState, UserData
+from jfsync.sync.ledger import Ledger, Observation
+from jfsync.sync.merge import MergePolicy
 
 SERVERS = ("a", "b", "c")
 USER = "alice"
