@@ -9,12 +9,13 @@ measuring process are jfsync's alone (its peak RSS excludes the emulators).
   catch-up (five filtered listings of non-default items, diff, apply) is timed, three times,
   against a full scan of the whole library for the same user (every item with its user data,
   and the same diff), in the same run.
-* ``reconcile``: two servers of 100,000 items under different path roots (ids all differ;
-  items match by rewritten path), five users, 5% of the items differing per user between the
-  servers (a third only on a, a third only on b, a third on both with different play states),
-  no ledger yet. Times the first real reconcile (index both libraries, match, read every user
-  on both, merge, write every difference) with the process's peak RSS, then a dry run on the
-  reconciled servers (which must find nothing to do).
+* ``reconcile``: two servers (three with ``--servers 3``) of 100,000 items under different
+  path roots (ids all differ; items match by rewritten path), five users, 5% of the items
+  differing per user between the servers (a third only on a, a third only on b, a third on
+  both with different play states; c, if any, plays like b), no ledger yet. Times the first
+  real reconcile (index every library, match, read every user on every server, merge, write
+  every difference) with the process's peak RSS, then a dry run on the reconciled servers
+  (which must find nothing to do).
 
 Issue 13's figures, measured in the same run: the worst event-loop stall (``looplag.py``) during
 the index build, the catch-ups, the reconcile and a refresh; the bytes this process wrote to
@@ -420,16 +421,26 @@ async def full_scan(
     return len(differing)
 
 
-async def reconcile_scenario(items: int, users: int, share: float) -> dict[str, Any]:
+#: Path roots of the servers of the reconcile scenario, in order (``--servers`` takes the first N).
+RECONCILE_ROOTS = {"a": "/mnt/a", "b": "/srv/b", "c": "/data/c"}
+
+
+async def reconcile_scenario(
+    items: int, users: int, share: float, count: int = 2
+) -> dict[str, Any]:
     """Time a dry run and the first real reconcile of two unequal servers."""
     servers = Servers()
-    servers.start("reconcile", items, users, share, {"a": "/mnt/a", "b": "/srv/b"})
+    roots = dict(list(RECONCILE_ROOTS.items())[:count])
+    servers.start("reconcile", items, users, share, roots)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            config = make_config(
-                servers, Path(tmp) / "ledger.db", rewrites={"a": "/mnt/a", "b": "/srv/b"}
-            )
-            result: dict[str, Any] = {"items": items, "users": users, "share": share}
+            config = make_config(servers, Path(tmp) / "ledger.db", rewrites=roots)
+            result: dict[str, Any] = {
+                "items": items,
+                "users": users,
+                "share": share,
+                "servers": count,
+            }
             result["peak_rss_start_mib"] = peak_rss_mib()
             written = write_bytes()
             async with LoopLag() as probe:
@@ -478,6 +489,13 @@ def main() -> int:
         p.add_argument("--items", type=int, default=100_000)
         p.add_argument("--users", type=int, default=5)
         p.add_argument("--rounds", type=int, default=3)
+        p.add_argument(
+            "--servers",
+            type=int,
+            choices=(2, 3),
+            default=2,
+            help="reconcile: servers (c, if any, has b's data of the third kind)",
+        )
     serve_p = sub.add_parser("serve")
     serve_p.add_argument("--scenario", required=True)
     serve_p.add_argument("--name", required=True)
@@ -504,7 +522,7 @@ def main() -> int:
         emit("catchup", **result)
         ok = result["ratio"] <= 0.1
     else:
-        result = asyncio.run(reconcile_scenario(items, args.users, 0.05))
+        result = asyncio.run(reconcile_scenario(items, args.users, 0.05, args.servers))
         print(json.dumps({"reconcile": result}, indent=1))
         emit("reconcile", **result)
         ok = result["ok"] and result["reconcile_s"] < 60 and result["peak_rss_mib"] < 300

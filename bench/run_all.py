@@ -188,7 +188,7 @@ def rows_for(found: dict[str, dict[str, Any]], runs: dict[str, Run]) -> list[Row
     # ---- goal 1: first reconcile, bytes written, RSS
     if not missing("reconcile", "first reconcile", "<= 1.5x floor"):
         r = found["reconcile"]
-        size = f"2 x {r['items']:,} items x {r['users']} users"
+        size = f"{r.get('servers', 2)} x {r['items']:,} items x {r['users']} users"
         ratio = r["reconcile_s"] / r["floor_s"]
         rows.append(
             Row(
