@@ -137,6 +137,7 @@ async def serve(args: argparse.Namespace) -> None:
         seed=1,
         server_name=args.name,
         path_root=args.root,
+        provider_ids=not args.no_provider_ids,
         debounce_s=0.5,
     )
     if args.scenario == "catchup":
@@ -503,6 +504,11 @@ def main() -> int:
     serve_p.add_argument("--items", type=int, required=True)
     serve_p.add_argument("--users", type=int, required=True)
     serve_p.add_argument("--share", type=float, required=True)
+    serve_p.add_argument(
+        "--no-provider-ids",
+        action="store_true",
+        help="items without provider ids (matching no other server's items but by path)",
+    )
     args = parser.parse_args()
     if args.command == "serve":
         asyncio.run(serve(args))

@@ -22,9 +22,10 @@ The floor runs once jfsync is quiet again (the echo applied), so that work does 
 ``jfsync run`` runs under ``looplag.py``, a probe on its event loop: the worst loop stall is
 printed for the start (first reconcile), the latency phase and each burst. With
 ``--catchup-items N`` a third server ``c`` of N items (2% of them with non-default data for
-``alice``, an emulator in a process of its own) joins the sync, and during the latency phase
-its websocket is dropped again each time jfsync has finished catching up with it, so that a
-catch-up of an N-item server runs the whole time the latency is measured (issue 13, goal 3).
+``alice``, an emulator in a process of its own, none of its items matching a's or b's) joins
+the sync, and during the latency phase its websocket is dropped again each time jfsync has
+finished catching up with it, so that a catch-up of an N-item server runs the whole time the
+latency is measured (issue 13, goal 3).
 
 With ``--repeat N`` the burst runs N times in a row in the same ``jfsync run`` (each time a new
 play date and count on the same items, after the last burst's echoes were applied), each with
@@ -297,6 +298,9 @@ def start_catchup_server(items: int) -> tuple[subprocess.Popen[str], dict[str, o
             "1",
             "--share",
             "0.02",
+            # c's items must match none of a's and b's (a different path root, no provider
+            # ids): its data would otherwise be merged into the items the bench measures.
+            "--no-provider-ids",
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -413,10 +417,13 @@ async def run(
             seen = len(b.writes)
 
             def collect() -> bool:
+                # Only a write made after the change counts: writes owed to b from the start
+                # (c's data, with --catchup-items) may still reach the same items.
                 nonlocal seen
                 for record in b.writes[seen:]:
-                    if record.item_id in index and record.status < 300:
-                        done_at.setdefault(record.item_id, record.time)
+                    item = record.item_id
+                    if item in index and record.status < 300 and record.time >= made_at[item]:
+                        done_at.setdefault(item, record.time)
                 seen = len(b.writes)
                 return len(done_at) == len(wanted)
 
