@@ -41,11 +41,12 @@ ROOT = HERE.parent
 
 #: Today's figures the "10k-entry message" goal is judged against (at least 3x faster):
 #: the time from a 10,000-item bulk action on a to its first write reaching b (a's one
-#: 10,757-entry message received, parsed and applied), and the ledger-only apply of 10,000
-#: observations in one transaction (median of 2); measured 2026-12-07 with ``--quick`` on a
-#: busy machine (load 3 on 2 cores; see "Issue 13 baseline" in docs/benchmarks.md).
-MESSAGE_BASELINE_S = 1.48
-LEDGER_APPLY_BASELINE_S = 0.65
+#: 10,757-entry message received, parsed and applied; median of 3 bursts at full sizes), and
+#: the ledger-only apply of 10,000 observations in one transaction (median of 2, ``--quick``);
+#: measured 2026-12-07 on a quiet machine (load under 0.5; see "Issue 13 baseline" in
+#: docs/benchmarks.md).
+MESSAGE_BASELINE_S = 0.90
+LEDGER_APPLY_BASELINE_S = 0.47
 #: The goal for a one-item refresh of 2 x 100k items: "milliseconds, not seconds".
 REFRESH_GOAL_S = 0.1
 
