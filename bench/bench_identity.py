@@ -9,12 +9,22 @@ measuring process are jfsync's alone (its peak RSS excludes the emulators).
   catch-up (five filtered listings of non-default items, diff, apply) is timed, three times,
   against a full scan of the whole library for the same user (every item with its user data,
   and the same diff), in the same run.
-* ``reconcile``: two servers of 100,000 items under different path roots (ids all differ;
-  items match by rewritten path), five users, 5% of the items differing per user between the
-  servers (a third only on a, a third only on b, a third on both with different play states),
-  no ledger yet. Times the first real reconcile (index both libraries, match, read every user
-  on both, merge, write every difference) with the process's peak RSS, then a dry run on the
-  reconciled servers (which must find nothing to do).
+* ``reconcile``: two servers (three with ``--servers 3``) of 100,000 items under different
+  path roots (ids all differ; items match by rewritten path), five users, 5% of the items
+  differing per user between the servers (a third only on a, a third only on b, a third on
+  both with different play states; c, if any, plays like b), no ledger yet. Times the first
+  real reconcile (index every library, match, read every user on every server, merge, write
+  every difference) with the process's peak RSS, then a dry run on the reconciled servers
+  (which must find nothing to do).
+
+Issue 13's figures, measured in the same run: the worst event-loop stall (``looplag.py``) during
+the index build, the catch-ups, the reconcile and a refresh; the bytes this process wrote to
+disk during the index build (``/proc/self/io``) next to the ledger's size; in ``catchup``, a
+refresh of server a after one of its items moved (the incremental re-match of goal 5); and in
+``reconcile``, the floor: a bare aiohttp client listing both libraries with every user's data
+(every item, pages of 1,000, what a scan asks for) plus a bare write loop making the same
+writes as the reconcile (same route and body, at the pusher's concurrency), run on the
+reconciled servers right after it.
 
     .venv/bin/python bench/bench_identity.py                  # both scenarios
     .venv/bin/python bench/bench_identity.py catchup --items 100000
@@ -44,11 +54,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from looplag import LoopLag, write_bytes  # noqa: E402
+from results import emit  # noqa: E402
+
 from jfsync.config import Config  # noqa: E402
 from jfsync.emulator import Emulator  # noqa: E402
 from jfsync.jellyfin.api import JellyfinClient  # noqa: E402
-from jfsync.ops.reconcilecmd import run_reconcile  # noqa: E402
+from jfsync.jellyfin.wire import update_body  # noqa: E402
+from jfsync.ops.reconcilecmd import PlannedWrite, run_reconcile  # noqa: E402
 from jfsync.sync.catchup import catchup_observations  # noqa: E402
+from jfsync.sync.delivery import CONCURRENCY  # noqa: E402
 from jfsync.sync.identity import IndexedIdentity  # noqa: E402
 from jfsync.sync.ledger import Ledger  # noqa: E402
 from jfsync.sync.merge import MergePolicy  # noqa: E402
@@ -120,6 +137,7 @@ async def serve(args: argparse.Namespace) -> None:
         seed=1,
         server_name=args.name,
         path_root=args.root,
+        provider_ids=not args.no_provider_ids,
         debounce_s=0.5,
     )
     if args.scenario == "catchup":
@@ -251,10 +269,16 @@ async def _catchup(servers: Servers, tmp: Path, share: float, rounds: int) -> di
         identity = IndexedIdentity(config, ledger, clock)
         await identity.start(clients)
         reconciler = Reconciler(ledger, identity, clients, clock, users=lambda: users)
+        probe = LoopLag().start()
         try:
+            written = write_bytes()
             started = time.perf_counter()
             await identity.refresh()
             result["index_both_s"] = time.perf_counter() - started
+            result["index_written_mib"] = (write_bytes() - written) / 2**20
+            result["index_stall_ms"] = probe.worst_ms
+            probe.reset()
+            result["ledger_after_index_mib"] = ledger_mib(config.ledger)
             started = time.perf_counter()
             first = [
                 await reconciler.catch_up(n, next(iter(u)), "name:alice") for n, u in users.items()
@@ -293,10 +317,88 @@ async def _catchup(servers: Servers, tmp: Path, share: float, rounds: int) -> di
             result["catchup_s"] = catchups
             result["full_scan_s"] = fulls
             result["ratio"] = statistics.median(catchups) / statistics.median(fulls)
+            result["catchup_stall_ms"] = probe.worst_ms
+            # One item of a moves (a new id, as Jellyfin gives a moved file); refresh a.
+            moved = ids[len(ids) // 2]
+            async with session.post(
+                f"{servers.info['a']['url']}/__emulator__/items/{moved}/move",
+                params={"path": "/media/bench-moved/moved-item.mkv"},
+            ) as response:
+                assert response.status == 200, response.status
+            probe.reset()
+            started = time.perf_counter()
+            await identity.refresh(["a"])
+            result["one_item_refresh_s"] = time.perf_counter() - started
+            result["refresh_stall_ms"] = probe.worst_ms
         finally:
+            await probe.stop()
             await identity.close()
     result["peak_rss_mib"] = peak_rss_mib()
+    result["ledger_mib"] = ledger_mib(config.ledger)
     return result
+
+
+def ledger_mib(path: Path) -> float:
+    """The ledger's size on disk in MiB (its file and its write-ahead log)."""
+    wal = path.with_name(path.name + "-wal")
+    return (path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)) / 2**20
+
+
+async def reconcile_floor(servers: Servers, writes: list[PlannedWrite]) -> dict[str, float]:
+    """A bare client's listing of both libraries for every user, then the same writes."""
+    header = (
+        'MediaBrowser Client="floor", Device="bench", DeviceId="bench-floor", '
+        f'Version="1", Token="{API_KEY}"'
+    )
+    headers = {"Authorization": header, "Accept": "application/json"}
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+        started = time.perf_counter()
+        listed = 0
+        for info in servers.info.values():
+            for user_id in info["users"].values():
+                start = 0
+                while True:
+                    params = {
+                        "userId": user_id,
+                        "Recursive": "true",
+                        "IncludeItemTypes": "Movie,Episode",
+                        "Fields": "Path,ProviderIds",
+                        "EnableUserData": "true",
+                        "EnableImages": "false",
+                        "SortBy": "SortName",
+                        "StartIndex": str(start),
+                        "Limit": "1000",
+                    }
+                    async with session.get(info["url"] + "/Items", params=params) as response:
+                        assert response.status == 200, response.status
+                        page = (await response.json())["Items"]
+                    listed += len(page)
+                    start += len(page)
+                    if len(page) < 1000:
+                        break
+        list_s = time.perf_counter() - started
+        gate = asyncio.Semaphore(CONCURRENCY)
+
+        async def one(write: PlannedWrite) -> None:
+            info = servers.info[write.server]
+            user_id = info["users"][write.user.removeprefix("name:")]
+            body = update_body(write.after, frozenset(write.registers))
+            async with (
+                gate,
+                session.post(
+                    f"{info['url']}/UserItems/{write.remote_item_id}/UserData",
+                    params={"userId": user_id},
+                    json=body,
+                ) as response,
+            ):
+                await response.read()
+                assert response.status == 200, response.status
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(w) for w in writes))
+        write_s = time.perf_counter() - started
+    return {"floor_list_s": list_s, "floor_write_s": write_s, "floor_listed": listed}
 
 
 async def full_scan(
@@ -320,33 +422,57 @@ async def full_scan(
     return len(differing)
 
 
-async def reconcile_scenario(items: int, users: int, share: float) -> dict[str, Any]:
+#: Path roots of the servers of the reconcile scenario, in order (``--servers`` takes the first N).
+RECONCILE_ROOTS = {"a": "/mnt/a", "b": "/srv/b", "c": "/data/c"}
+
+
+async def reconcile_scenario(
+    items: int, users: int, share: float, count: int = 2
+) -> dict[str, Any]:
     """Time a dry run and the first real reconcile of two unequal servers."""
     servers = Servers()
-    servers.start("reconcile", items, users, share, {"a": "/mnt/a", "b": "/srv/b"})
+    roots = dict(list(RECONCILE_ROOTS.items())[:count])
+    servers.start("reconcile", items, users, share, roots)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            config = make_config(
-                servers, Path(tmp) / "ledger.db", rewrites={"a": "/mnt/a", "b": "/srv/b"}
-            )
-            result: dict[str, Any] = {"items": items, "users": users, "share": share}
+            config = make_config(servers, Path(tmp) / "ledger.db", rewrites=roots)
+            result: dict[str, Any] = {
+                "items": items,
+                "users": users,
+                "share": share,
+                "servers": count,
+            }
             result["peak_rss_start_mib"] = peak_rss_mib()
-            started = time.perf_counter()
-            real = await run_reconcile(config, dry_run=False)
-            result["reconcile_s"] = time.perf_counter() - started
+            written = write_bytes()
+            async with LoopLag() as probe:
+                started = time.perf_counter()
+                real = await run_reconcile(config, dry_run=False)
+                result["reconcile_s"] = time.perf_counter() - started
+            result["reconcile_stall_ms"] = probe.worst_ms
+            result["reconcile_written_mib"] = (write_bytes() - written) / 2**20
             result["peak_rss_mib"] = peak_rss_mib()
             result["writes"] = len(real.writes)
             result["failures"] = len(real.failures)
             pair = real.identity["pairs"][0]
             result["matched"] = pair["matched"]
             result["matched_by_rule"] = pair["matched_by_rule"]
-            result["ledger_mib"] = config.ledger.stat().st_size / 2**20
+            result["ledger_mib"] = ledger_mib(config.ledger)
             # Then what a dry run finds on the reconciled servers (nothing), and its time.
             started = time.perf_counter()
             again = await run_reconcile(config, dry_run=True)
             result["second_dry_run_s"] = time.perf_counter() - started
             result["second_dry_run_writes"] = len(again.writes)
             result["ok"] = real.ok and again.ok and not again.writes
+            result.update(await reconcile_floor(servers, real.writes))
+            result["floor_s"] = result["floor_list_s"] + result["floor_write_s"]
+            print(
+                f"reconcile {result['reconcile_s']:.2f} s against a floor of "
+                f"{result['floor_s']:.2f} s (bare listing {result['floor_list_s']:.2f} s of "
+                f"{result['floor_listed']} items, bare writes {result['floor_write_s']:.2f} s of "
+                f"{result['writes']}): {result['reconcile_s'] / result['floor_s']:.2f}x; "
+                f"worst loop stall {result['reconcile_stall_ms']:.0f} ms",
+                flush=True,
+            )
             return result
     finally:
         servers.stop()
@@ -364,6 +490,13 @@ def main() -> int:
         p.add_argument("--items", type=int, default=100_000)
         p.add_argument("--users", type=int, default=5)
         p.add_argument("--rounds", type=int, default=3)
+        p.add_argument(
+            "--servers",
+            type=int,
+            choices=(2, 3),
+            default=2,
+            help="reconcile: servers (c, if any, has b's data of the third kind)",
+        )
     serve_p = sub.add_parser("serve")
     serve_p.add_argument("--scenario", required=True)
     serve_p.add_argument("--name", required=True)
@@ -371,6 +504,11 @@ def main() -> int:
     serve_p.add_argument("--items", type=int, required=True)
     serve_p.add_argument("--users", type=int, required=True)
     serve_p.add_argument("--share", type=float, required=True)
+    serve_p.add_argument(
+        "--no-provider-ids",
+        action="store_true",
+        help="items without provider ids (matching no other server's items but by path)",
+    )
     args = parser.parse_args()
     if args.command == "serve":
         asyncio.run(serve(args))
@@ -387,10 +525,12 @@ def main() -> int:
     if command == "catchup":
         result = asyncio.run(catchup_scenario(items, 0.02, args.rounds))
         print(json.dumps({"catchup": result}, indent=1))
+        emit("catchup", **result)
         ok = result["ratio"] <= 0.1
     else:
-        result = asyncio.run(reconcile_scenario(items, args.users, 0.05))
+        result = asyncio.run(reconcile_scenario(items, args.users, 0.05, args.servers))
         print(json.dumps({"reconcile": result}, indent=1))
+        emit("reconcile", **result)
         ok = result["ok"] and result["reconcile_s"] < 60 and result["peak_rss_mib"] < 300
     print(f"target {'met' if ok else 'MISSED'}", flush=True)
     return 0 if ok else 1

@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_replication import API_KEY, floor_run, free_port  # noqa: E402
+from results import emit  # noqa: E402
 
 from jfsync.jellyfin.api import JellyfinClient  # noqa: E402
 from jfsync.jellyfin.wire import update_body  # noqa: E402
@@ -95,6 +96,9 @@ async def run(rows: int, repeat: int, with_bare: bool) -> None:
     url = f"http://127.0.0.1:{port}"
     drains: list[float] = []
     bares: list[float] = []
+    applies: list[float] = []
+    cpu_rows: list[float] = []
+    bare_cpu_rows: list[float] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
             async with aiohttp.ClientSession() as session:
@@ -144,6 +148,8 @@ async def run(rows: int, repeat: int, with_bare: bool) -> None:
                         await asyncio.wait_for(done.wait(), 300)
                         t2, c2, p2 = time.perf_counter(), time.thread_time(), time.process_time()
                         drains.append(t2 - t1)
+                        applies.append(t1 - t0)
+                        cpu_rows.append(1e6 * (c2 - c1) / rows)
                         line = (
                             f"[{rep + 1}] apply {t1 - t0:.2f} s (loop CPU {c1 - c0:.2f} s); "
                             f"drain {t2 - t1:.2f} s, loop CPU {1e6 * (c2 - c1) / rows:.0f} us/row, "
@@ -155,6 +161,7 @@ async def run(rows: int, repeat: int, with_bare: bool) -> None:
                             c3 = time.thread_time()
                             bares.append(await floor_run(url, users[OTHER_USER], bodies))
                             c4 = time.thread_time()
+                            bare_cpu_rows.append(1e6 * (c4 - c3) / len(bodies))
                             line += (
                                 f"; bare aiohttp {bares[-1]:.2f} s, "
                                 f"loop CPU {1e6 * (c4 - c3) / len(bodies):.0f} us/row"
@@ -170,6 +177,16 @@ async def run(rows: int, repeat: int, with_bare: bool) -> None:
     if bares:
         summary += f", bare aiohttp median {statistics.median(bares):.2f} s"
     print(summary)
+    emit(
+        "pusher",
+        rows=rows,
+        repeat=repeat,
+        apply_s=applies,
+        drain_s=drains,
+        bare_s=bares,
+        cpu_us_per_row=cpu_rows,
+        bare_cpu_us_per_row=bare_cpu_rows,
+    )
 
 
 def main() -> None:

@@ -19,6 +19,14 @@ run. Figures printed:
 
 The floor runs once jfsync is quiet again (the echo applied), so that work does not slow it.
 
+``jfsync run`` runs under ``looplag.py``, a probe on its event loop: the worst loop stall is
+printed for the start (first reconcile), the latency phase and each burst. With
+``--catchup-items N`` a third server ``c`` of N items (2% of them with non-default data for
+``alice``, an emulator in a process of its own, none of its items matching a's or b's) joins
+the sync, and during the latency phase its websocket is dropped again each time jfsync has
+finished catching up with it, so that a catch-up of an N-item server runs the whole time the
+latency is measured (issue 13, goal 3).
+
 With ``--repeat N`` the burst runs N times in a row in the same ``jfsync run`` (each time a new
 play date and count on the same items, after the last burst's echoes were applied), each with
 its own floor run, and the median ratio is printed. The first burst finds items jfsync has no
@@ -35,10 +43,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +57,11 @@ from pathlib import Path
 
 import aiohttp
 import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from looplag import worst_between
+from results import emit
 
 from jfsync import emulator as emulator_module
 from jfsync.emulator import Emulator, RequestRecord
@@ -68,8 +83,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def config_text(emus: list[Emulator], ledger: Path, status_port: int) -> str:
-    """A config for ``jfsync run`` syncing the given emulators."""
+def config_text(emus: list[tuple[str, str]], ledger: Path, status_port: int) -> str:
+    """A config for ``jfsync run`` syncing the given emulators (name, url)."""
     lines = [
         f"ledger: {ledger}",
         "logging:",
@@ -78,11 +93,12 @@ def config_text(emus: list[Emulator], ledger: Path, status_port: int) -> str:
         f"  listen: 127.0.0.1:{status_port}",
         "servers:",
     ]
-    for emu in emus:
+    for name, url in emus:
         lines += [
-            f"  - name: {emu.server_name}",
-            f"    url: {emu.url}",
+            f"  - name: {name}",
+            f"    url: {url}",
             f"    api_key: {API_KEY}",
+            "    timeout_s: 120",
         ]
     return "\n".join(lines) + "\n"
 
@@ -185,7 +201,7 @@ async def one_burst(
     batch: list[str],
     rep: int,
     label: bool,
-) -> tuple[float, float]:
+) -> dict[str, float]:
     """Mark ``batch`` played on ``a`` (repetition ``rep``: a new date and count), time it
     until ``b`` holds it, then the floor; print the figures and return the ratio.
 
@@ -253,7 +269,63 @@ async def one_burst(
         f"peak {burst_peak / 2**20:.0f} MiB during it, {peak[0] / 2**20:.0f} MiB until its echo "
         "was applied"
     )
-    return burst_s, floor_s
+    return {
+        "burst_s": burst_s,
+        "floor_s": floor_s,
+        "first_write_s": first_write_s,
+        "cpu_jfsync_s": cpu_jfsync,
+        "peak_rss_mib": peak[0] / 2**20,
+        "started": started,
+    }
+
+
+def start_catchup_server(items: int) -> tuple[subprocess.Popen[str], dict[str, object]]:
+    """Start emulator ``c`` (``items`` items, 2% non-default for alice) in its own process."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("bench_identity.py")),
+            "serve",
+            "--scenario",
+            "catchup",
+            "--name",
+            "c",
+            "--root",
+            "/media/c",
+            "--items",
+            str(items),
+            "--users",
+            "1",
+            "--share",
+            "0.02",
+            # c's items must match none of a's and b's (a different path root, no provider
+            # ids): its data would otherwise be merged into the items the bench measures.
+            "--no-provider-ids",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    info: dict[str, object] = json.loads(proc.stdout.readline())
+    return proc, info
+
+
+async def keep_catching_up(
+    url: str, status_port: int, stop: asyncio.Event, done: list[int]
+) -> None:
+    """Drop c's websocket each time jfsync has finished catching up with it, until ``stop``."""
+    async with aiohttp.ClientSession() as session:
+        while not stop.is_set():
+            scans = int(str((await status_counters(status_port))["scans"]))
+            async with session.post(f"{url}/__emulator__/drop-sockets") as response:
+                await response.read()
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.25)  # polling another process
+                if int(str((await status_counters(status_port))["scans"])) > scans:
+                    done[0] += 1
+                    break
 
 
 def pct(values: list[float], p: float) -> float:
@@ -262,7 +334,14 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
 
 
-async def run(changes: int, rate: float, burst: int, profile: str | None, repeat: int = 1) -> None:
+async def run(
+    changes: int,
+    rate: float,
+    burst: int,
+    profile: str | None,
+    repeat: int = 1,
+    catchup_items: int = 0,
+) -> None:
     """Start everything, measure, print, clean up."""
     leaves = max(burst, changes) + 10
     built = time.monotonic()
@@ -278,14 +357,33 @@ async def run(changes: int, rate: float, burst: int, profile: str | None, repeat
     writes = Writes()
     emulator_module.request_observers.append(writes.observe)
     uid_a, uid_b = a.user_id(USER), b.user_id(USER)
+    figures: dict[str, object] = {
+        "changes": changes,
+        "rate": rate,
+        "burst": burst,
+        "repeat": repeat,
+        "catchup_items": catchup_items,
+    }
+    servers = [(emu.server_name, emu.url) for emu in (a, b)]
+    c_proc: subprocess.Popen[str] | None = None
+    if catchup_items:
+        built = time.monotonic()
+        c_proc, c_info = start_catchup_server(catchup_items)
+        servers.append(("c", str(c_info["url"])))
+        print(f"emulator c: {catchup_items} items, built in {time.monotonic() - built:.1f} s")
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "jfsync.yaml"
+        stalls = Path(tmp) / "stalls.txt"
         status_port = free_port()
-        config.write_text(config_text([a, b], Path(tmp) / "ledger.db", status_port))
+        config.write_text(config_text(servers, Path(tmp) / "ledger.db", status_port))
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         command = ["-m", "jfsync", "run", "--config", str(config)]
         if profile:
             command = ["-m", "cProfile", "-o", profile, *command]
+        else:
+            probe = str(Path(__file__).with_name("looplag.py"))
+            command = [probe, "--out", str(stalls), *command]
+        proc_started = time.monotonic()
         proc = await asyncio.create_subprocess_exec(sys.executable, *command, env=env)
         try:
             # Ready when a probe change made on a has reached b.
@@ -293,8 +391,22 @@ async def run(changes: int, rate: float, burst: int, profile: str | None, repeat
             probe = items[-1]
             a.save_user_data(uid_a, probe, is_favorite=True)
             await writes.wait(lambda: b.user_data(uid_b, probe).favorite, 120)
+            ready = time.monotonic()
+            figures["start_s"] = ready - proc_started
+            figures["start_stall_ms"] = worst_between(stalls, proc_started, ready)
             print(
-                f"jfsync run: first change through {time.monotonic() - started:.1f} s after start"
+                f"jfsync run: first change through {ready - started:.1f} s after start "
+                f"(worst loop stall {figures['start_stall_ms']:.0f} ms)"
+            )
+            stop_catchups = asyncio.Event()
+            catchups = [0]
+            catching_up = (
+                asyncio.create_task(
+                    keep_catching_up(str(servers[2][1]), status_port, stop_catchups, catchups),
+                    name="bench-catchups",
+                )
+                if catchup_items
+                else None
             )
 
             # ---- latency: one favourite per item at a steady rate.
@@ -305,10 +417,13 @@ async def run(changes: int, rate: float, burst: int, profile: str | None, repeat
             seen = len(b.writes)
 
             def collect() -> bool:
+                # Only a write made after the change counts: writes owed to b from the start
+                # (c's data, with --catchup-items) may still reach the same items.
                 nonlocal seen
                 for record in b.writes[seen:]:
-                    if record.item_id in index and record.status < 300:
-                        done_at.setdefault(record.item_id, record.time)
+                    item = record.item_id
+                    if item in index and record.status < 300 and record.time >= made_at[item]:
+                        done_at.setdefault(item, record.time)
                 seen = len(b.writes)
                 return len(done_at) == len(wanted)
 
@@ -320,12 +435,28 @@ async def run(changes: int, rate: float, burst: int, profile: str | None, repeat
                 made_at[item] = time.monotonic()
                 a.save_user_data(uid_a, item, is_favorite=True)
             await writes.wait(collect, 60)
+            stop_catchups.set()
+            if catching_up is not None:
+                await catching_up
             lat_ms = [(done_at[i] - made_at[i]) * 1000 for i in wanted]
+            figures.update(
+                latency_p50_ms=pct(lat_ms, 50),
+                latency_p99_ms=pct(lat_ms, 99),
+                latency_max_ms=max(lat_ms),
+                catchups_during_latency=catchups[0],
+                latency_stall_ms=worst_between(stalls, t0, time.monotonic()),
+            )
             print(
                 f"latency over {len(wanted)} changes at {rate:g}/s: "
                 f"p50 {pct(lat_ms, 50):.1f} ms, p95 {pct(lat_ms, 95):.1f} ms, "
                 f"p99 {pct(lat_ms, 99):.1f} ms, max {max(lat_ms):.1f} ms, "
                 f"mean {statistics.fmean(lat_ms):.1f} ms"
+                + (
+                    f"; {catchups[0]} catch-ups of c ({catchup_items} items) meanwhile"
+                    if catchup_items
+                    else ""
+                )
+                + f"; worst loop stall {figures['latency_stall_ms']:.0f} ms"
             )
 
             # ---- burst: mark `burst` items played on a at once. b echoes with Jellyfin's own
@@ -333,16 +464,33 @@ async def run(changes: int, rate: float, burst: int, profile: str | None, repeat
             # them); a keeps 0 so the clock starts when jfsync can know of the change.
             b.set_debounce(JELLYFIN_DEBOUNCE_S)
             batch = items[:burst]
-            timings = [
-                await one_burst(proc.pid, status_port, a, b, floor, writes, batch, rep, repeat > 1)
-                for rep in range(repeat)
-            ]
+            timings = []
+            for rep in range(repeat):
+                timing = await one_burst(
+                    proc.pid, status_port, a, b, floor, writes, batch, rep, repeat > 1
+                )
+                # The burst and its echo (the floor after them is not jfsync's).
+                timing["stall_ms"] = worst_between(
+                    stalls, timing["started"], timing["started"] + timing["burst_s"]
+                )
+                timings.append(timing)
+            bursts = statistics.median(t["burst_s"] for t in timings)
+            floors = statistics.median(t["floor_s"] for t in timings)
+            figures.update(
+                burst_s=[t["burst_s"] for t in timings],
+                burst_floor_s=[t["floor_s"] for t in timings],
+                burst_median_s=bursts,
+                burst_floor_median_s=floors,
+                first_write_s=[t["first_write_s"] for t in timings],
+                burst_cpu_s=[t["cpu_jfsync_s"] for t in timings],
+                burst_peak_rss_mib=max(t["peak_rss_mib"] for t in timings),
+                burst_stall_ms=max(t["stall_ms"] for t in timings),
+            )
+            print(f"worst loop stall during the bursts: {figures['burst_stall_ms']:.0f} ms")
             if repeat > 1:
                 # Both timings vary with the machine's speed; the ratio of their medians is
                 # steadier than any one burst's ratio.
-                ratios = [burst_s / floor_s for burst_s, floor_s in timings]
-                bursts = statistics.median(t[0] for t in timings)
-                floors = statistics.median(t[1] for t in timings)
+                ratios = [t["burst_s"] / t["floor_s"] for t in timings]
                 print(
                     f"burst ratios over {repeat} repetitions: "
                     + ", ".join(f"{r:.2f}x" for r in ratios)
@@ -354,6 +502,8 @@ async def run(changes: int, rate: float, burst: int, profile: str | None, repeat
                 "jfsync counters: "
                 + ", ".join(f"{k} {v}" for k, v in counters.items() if isinstance(v, int))
             )
+            figures["stall_ms"] = worst_between(stalls, proc_started, time.monotonic())
+            emit("replication", **figures)
         finally:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
@@ -366,6 +516,10 @@ async def run(changes: int, rate: float, burst: int, profile: str | None, repeat
             emulator_module.request_observers.remove(writes.observe)
             for emu in emus:
                 await emu.close()
+            if c_proc is not None:
+                assert c_proc.stdin is not None
+                c_proc.stdin.close()
+                c_proc.wait(timeout=30)
 
 
 def main() -> None:
@@ -383,8 +537,16 @@ def main() -> None:
     parser.add_argument(
         "--profile", metavar="FILE", help="profile jfsync run with cProfile into FILE (pstats)"
     )
+    parser.add_argument(
+        "--catchup-items",
+        type=int,
+        default=0,
+        help="a third server of this many items, caught up again and again during the latency",
+    )
     args = parser.parse_args()
-    asyncio.run(run(args.changes, args.rate, args.burst, args.profile, args.repeat))
+    asyncio.run(
+        run(args.changes, args.rate, args.burst, args.profile, args.repeat, args.catchup_items)
+    )
 
 
 if __name__ == "__main__":
