@@ -248,15 +248,8 @@ class SyncService:
         await self._settle_outbox()
         self._session = aiohttp.ClientSession()
         for index, server in enumerate(self.config.servers):
-            assert server.api_key is not None  # the config loader resolves *_file into it
-            client = JellyfinClient(
-                server.name,
-                server.url,
-                server.api_key.get_secret_value(),
-                session=self._session,
-                device_id=f"jfsync-rest-{server.name}",
-                timeout_s=server.timeout_s,
-                verify_tls=server.verify_tls,
+            client = JellyfinClient.for_server(
+                server, session=self._session, device_id=f"jfsync-rest-{server.name}"
             )
             pusher = Pusher(
                 server.name,

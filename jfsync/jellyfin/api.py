@@ -27,6 +27,7 @@ import aiohttp
 from pydantic import TypeAdapter, ValidationError
 
 from jfsync import __version__
+from jfsync.config import ServerConfig
 from jfsync.errors import (
     AuthRejectedError,
     BadResponseError,
@@ -111,6 +112,22 @@ def parse_version(text: str) -> tuple[int, int, int] | None:
 
 class JellyfinClient:
     """Typed REST access to one Jellyfin server with its admin API key."""
+
+    @classmethod
+    def for_server(
+        cls, server: ServerConfig, *, session: aiohttp.ClientSession, device_id: str
+    ) -> JellyfinClient:
+        """The client of one configured server: its URL, admin API key, timeout and TLS check."""
+        assert server.api_key is not None  # the config loader resolves api_key_file into it
+        return cls(
+            server.name,
+            server.url,
+            server.api_key.get_secret_value(),
+            session=session,
+            device_id=device_id,
+            timeout_s=server.timeout_s,
+            verify_tls=server.verify_tls,
+        )
 
     def __init__(
         self,

@@ -89,16 +89,7 @@ async def check_online(config: Config, out: TextIO) -> int:
 async def _check_server(report: ServerReport, session: aiohttp.ClientSession) -> None:
     server = report.config
     name = server.name
-    assert server.api_key is not None  # config resolves api_key_file into api_key
-    client = JellyfinClient(
-        name,
-        server.url,
-        server.api_key.get_secret_value(),
-        session=session,
-        device_id=CHECK_DEVICE_ID,
-        timeout_s=server.timeout_s,
-        verify_tls=server.verify_tls,
-    )
+    client = JellyfinClient.for_server(server, session=session, device_id=CHECK_DEVICE_ID)
     report.client = client
     head = f"Server {name} ({client.display_url})"
     try:

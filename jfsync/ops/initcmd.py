@@ -249,15 +249,7 @@ async def _libraries(config: Config, session: aiohttp.ClientSession) -> dict[str
     """Each reachable server's library names (for the comments of the file)."""
     found: dict[str, list[str]] = {}
     for server in config.servers:
-        assert server.api_key is not None
-        client = JellyfinClient(
-            server.name,
-            server.url,
-            server.api_key.get_secret_value(),
-            session=session,
-            device_id=CHECK_DEVICE_ID,
-            timeout_s=server.timeout_s,
-        )
+        client = JellyfinClient.for_server(server, session=session, device_id=CHECK_DEVICE_ID)
         try:
             found[server.name] = [lib.name for lib in await client.libraries()]
         except ServerError:
@@ -268,15 +260,7 @@ async def _libraries(config: Config, session: aiohttp.ClientSession) -> dict[str
 async def _match(config: Config, session: aiohttp.ClientSession) -> UserMatch:
     users: dict[str, list[UserDto]] = {}
     for server in config.servers:
-        assert server.api_key is not None
-        client = JellyfinClient(
-            server.name,
-            server.url,
-            server.api_key.get_secret_value(),
-            session=session,
-            device_id=CHECK_DEVICE_ID,
-            timeout_s=server.timeout_s,
-        )
+        client = JellyfinClient.for_server(server, session=session, device_id=CHECK_DEVICE_ID)
         try:
             users[server.name] = await client.users()
         except ServerError:

@@ -136,15 +136,8 @@ async def _reconcile_with(
 ) -> None:
     clients: dict[str, JellyfinClient] = {}
     for server in config.servers:
-        assert server.api_key is not None
-        clients[server.name] = JellyfinClient(
-            server.name,
-            server.url,
-            server.api_key.get_secret_value(),
-            session=session,
-            device_id=f"jfsync-rest-{server.name}",
-            timeout_s=server.timeout_s,
-            verify_tls=server.verify_tls,
+        clients[server.name] = JellyfinClient.for_server(
+            server, session=session, device_id=f"jfsync-rest-{server.name}"
         )
     accounts = {}
     for name, client in clients.items():

@@ -151,15 +151,8 @@ class Watcher:
     async def _start_server(
         self, index: int, server: ServerConfig, session: aiohttp.ClientSession
     ) -> None:
-        assert server.api_key is not None  # load_config reads api_key_file into api_key
-        client = JellyfinClient(
-            server.name,
-            server.url,
-            server.api_key.get_secret_value(),
-            session=session,
-            device_id=watch_rest_device_id(server.name),
-            timeout_s=server.timeout_s,
-            verify_tls=server.verify_tls,
+        client = JellyfinClient.for_server(
+            server, session=session, device_id=watch_rest_device_id(server.name)
         )
         info = await client.ensure_supported()
         server_id = info.id

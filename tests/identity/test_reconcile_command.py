@@ -258,6 +258,16 @@ def owed_everywhere(named: dict[str, tuple[str, str]]) -> dict[tuple[str, str, s
     return found
 
 
+def a_holds_all_and_b_nothing(stack: Stack, expected: dict[tuple[str, str, str], UserData]) -> bool:
+    """a holds everything it was owed, and b was written nothing (its writes failed)."""
+    held = all(
+        stack.data(s, item, user) == state
+        for (s, item, user), state in expected.items()
+        if s == "a"
+    )
+    return held and not stack.writes("b")
+
+
 def holds_all(stack: Stack, expected: dict[tuple[str, str, str], UserData]) -> bool:
     return all(stack.data(s, item, user) == state for (s, item, user), state in expected.items())
 
@@ -301,12 +311,7 @@ async def test_a_refused_key_pauses_that_server_and_its_writes_wait_for_the_next
     assert "user alice:\n  a: 4 items changed\n" in text
     # a got everything it was owed; b nothing, and no write was retried (paused, not hammered).
     expected = owed_everywhere(named)
-    assert all(
-        stack.data(s, item, user) == state
-        for (s, item, user), state in expected.items()
-        if s == "a"
-    )
-    assert not stack.writes("b")
+    assert a_holds_all_and_b_nothing(stack, expected)
     refused = [(w.user_id, w.item_id) for w in stack.emus["b"].writes]
     assert len(refused) == len(set(refused)) >= 1
     async with Ledger(stack.config.ledger, MergePolicy.from_config(stack.config)) as ledger:
@@ -339,12 +344,7 @@ async def test_a_server_failing_every_write_ends_the_run_with_the_rows_kept(
     assert "  failed: b: b failed 4 times: " in text
     assert "4 writes stay queued for later" in text
     expected = owed_everywhere(named)
-    assert all(
-        stack.data(s, item, user) == state
-        for (s, item, user), state in expected.items()
-        if s == "a"
-    )
-    assert not stack.writes("b")
+    assert a_holds_all_and_b_nothing(stack, expected)
     # Nothing lost: the next run, with b well again, delivers it all.
     stack.emus["b"].fail_next_writes(0)
     again = await run_reconcile(stack.config, dry_run=False, pusher_options=PUSHER_OPTIONS)
@@ -435,12 +435,7 @@ async def test_a_server_that_goes_away_mid_run_is_given_up_on_after_a_while(
     assert "cannot reach" in text
     assert "4 writes stay queued for later" in text
     expected = owed_everywhere(named)
-    assert all(
-        stack.data(s, item, user) == state
-        for (s, item, user), state in expected.items()
-        if s == "a"
-    )
-    assert not stack.writes("b")
+    assert a_holds_all_and_b_nothing(stack, expected)
 
     # b is back: the next run delivers what waited.
     b.fail_next_writes(0)
