@@ -1,8 +1,10 @@
 """The ledger's schema as ordered migrations keyed on ``PRAGMA user_version``, and connection setup.
 
 :func:`connect` opens an aiosqlite connection whose worker thread can never keep the process
-alive at exit; :func:`settle` cleans up after a failed or cancelled transaction and
-:class:`WriteGate` runs write transactions that do so;
+alive at exit; :func:`run_on_thread` runs one plain function on that thread (one hop) and
+:func:`write_transaction` is the body of a write transaction run that way (BEGIN IMMEDIATE, the
+work, COMMIT, or ROLLBACK on any failure); :func:`settle` cleans up after a failed or cancelled
+transaction run statement by statement and :class:`WriteGate` runs such transactions;
 :func:`prepare` switches a fresh connection to WAL mode with foreign keys on, then
 :func:`migrate` applies, in order and each in its own transaction, every migration whose version
 is above the database's ``user_version``, setting ``user_version`` in the same transaction. A
@@ -34,12 +36,15 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import aiosqlite
 
 from jfsync.errors import JfsyncError
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class SchemaVersionError(JfsyncError):
@@ -255,6 +260,58 @@ async def connect(path: str) -> aiosqlite.Connection:
     if worker is not None:
         worker.daemon = True
     return await pending
+
+
+async def run_on_thread(db: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """Run ``fn(conn)`` on ``db``'s own thread, with its ``sqlite3.Connection``: ONE hop.
+
+    aiosqlite 0.22 has no public way to run a callable on its worker thread; this is the one
+    place that uses its private ``Connection._execute(fn, *args)`` (queue a call on the thread,
+    in order with every other call) and ``Connection._conn`` (the sqlite3 connection).
+    ``tests/core/test_ledger_thread.py`` fails should an aiosqlite upgrade change either.
+
+    The call always runs to its end on the thread: a caller cancelled meanwhile still waits
+    for it to end (cancelled again, it keeps waiting) and only then gets CancelledError. So
+    when this returns or raises, nothing of ``fn`` runs any more: what it touches in Python is
+    never shared with the caller's next step, and the next call starts on an idle connection.
+    ``fn`` must therefore be bounded (one transaction) and must leave the connection idle on
+    failure (:func:`write_transaction` does).
+    """
+    conn: sqlite3.Connection = db._conn
+    execute: Callable[..., Any] = db._execute
+    call: asyncio.Future[T] = asyncio.ensure_future(execute(fn, conn))
+    cancelled = False
+    while not call.done():
+        try:
+            await asyncio.wait((call,))
+        except asyncio.CancelledError:
+            cancelled = True  # the call goes on on the thread: wait for its end
+    if cancelled:
+        if not call.cancelled():
+            call.exception()  # retrieved: the cancellation is what the caller hears of
+        raise asyncio.CancelledError
+    return call.result()
+
+
+def write_transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+    """Run ``work`` in one write transaction on ``conn`` (autocommit mode), on its thread.
+
+    BEGIN IMMEDIATE, ``work(conn)``, COMMIT; on any failure (of the work or of the COMMIT) the
+    transaction is rolled back before the error goes on, so the connection is idle again
+    either way. Meant to be the function :func:`run_on_thread` runs.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error as err:
+                logger.debug("rollback after a failed transaction failed: %s", err)
+        raise
+    return result
 
 
 async def settle(db: aiosqlite.Connection) -> None:
