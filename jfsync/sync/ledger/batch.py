@@ -13,7 +13,7 @@ an observation is (:class:`Observation`) and what applying it did (:class:`Appli
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Literal
@@ -130,16 +130,19 @@ class Batch:
         self._seed_sid = maps.sid_of(seed) if seed is not None else None
         self._configured = {maps.sid(n) for n in policy.servers}
 
-    def load(self, pairs: set[Pair], *, with_members: bool = True) -> None:
+    def load(
+        self, pairs: set[Pair], *, with_members: bool = True, empty: Set[Pair] = frozenset()
+    ) -> None:
         """Read everything the given (user, item) pairs need: from the cache, else SQLite.
 
         Pairs this batch already loaded are left as the batch has them (it may have changed
-        them). From SQLite it takes a few queries per chunk of pairs.
+        them). From SQLite it takes a few queries per chunk of pairs; ``empty`` pairs (of a
+        user or item this transaction created) have nothing to read.
         """
         wanted = pairs - self._loaded_pairs
         self._loaded_pairs |= wanted
         canon, lk, echo, rows, loaded = self.canon, self.lk, self.echo, self.rows, self._loaded_rows
-        for pair, entry in (self.tables.load(wanted)).items():
+        for pair, entry in self.tables.load(wanted, empty).items():
             uid, iid = pair
             if entry.canon is not None:
                 canon[pair] = entry.canon

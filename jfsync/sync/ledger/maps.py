@@ -109,13 +109,23 @@ class IdMaps:
         self._forget_mappings()
 
     def ensure_ids(
-        self, db: sqlite3.Connection, table: Literal["users", "items"], keys: Iterable[str]
+        self,
+        db: sqlite3.Connection,
+        table: Literal["users", "items"],
+        keys: Iterable[str],
+        created: set[int] | None = None,
     ) -> dict[str, int]:
-        """The ids of canonical user or item keys, creating those the file lacks."""
+        """The ids of canonical user or item keys, creating those the file lacks.
+
+        The ids created are added to ``created``: nothing in the file refers to them yet (ids
+        are never reused), so their state need not be read.
+        """
         known = self._user_ids if table == "users" else self._item_ids
         wanted = set(keys)
         missing = [k for k in wanted if k not in known]
         if missing:
+            # Ids only grow and are never reused: those above the highest before are new.
+            highest = int(fetch(db, f"SELECT COALESCE(MAX(id), 0) FROM {table}")[0][0])  # noqa: S608
             db.executemany(
                 f"INSERT INTO {table}(key) VALUES (?) ON CONFLICT(key) DO NOTHING",  # noqa: S608
                 [(k,) for k in missing],
@@ -128,6 +138,8 @@ class IdMaps:
                 )
                 for key, rid in rows:
                     known[str(key)] = int(rid)
+                    if created is not None and rid > highest:
+                        created.add(int(rid))
         return {k: known[k] for k in wanted}
 
     def user_id(self, db: sqlite3.Connection, user: str) -> int:

@@ -280,17 +280,20 @@ async def run_on_thread(db: aiosqlite.Connection, fn: Callable[[sqlite3.Connecti
     conn: sqlite3.Connection = db._conn
     execute: Callable[..., Any] = db._execute
     call: asyncio.Future[T] = asyncio.ensure_future(execute(fn, conn))
-    cancelled = False
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        if call.done():
+            raise
+    # Cancelled while the call runs on the thread: wait for its end, then pass the news on.
     while not call.done():
         try:
             await asyncio.wait((call,))
         except asyncio.CancelledError:
-            cancelled = True  # the call goes on on the thread: wait for its end
-    if cancelled:
-        if not call.cancelled():
-            call.exception()  # retrieved: the cancellation is what the caller hears of
-        raise asyncio.CancelledError
-    return call.result()
+            continue
+    if not call.cancelled():
+        call.exception()  # retrieved: the cancellation is what the caller hears of
+    raise asyncio.CancelledError
 
 
 def write_transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:

@@ -419,12 +419,17 @@ class Ledger:
         def work(tx: StateWriter) -> list[Applied]:
             db = tx.db
             batch = self._batch(tx)
-            users = self._maps.ensure_ids(db, "users", [o.user for o in observed])
-            items = self._maps.ensure_ids(db, "items", [o.item for o in observed])
+            created: set[int] = set()
+            users = self._maps.ensure_ids(db, "users", [o.user for o in observed], created)
+            new_users = set(created)
+            created.clear()
+            items = self._maps.ensure_ids(db, "items", [o.item for o in observed], created)
             keys = [
                 (users[o.user], items[o.item], sid) for o, sid in zip(observed, sids, strict=True)
             ]
-            batch.load({(u, i) for u, i, _ in keys})
+            pairs = {(u, i) for u, i, _ in keys}
+            empty = {(u, i) for u, i in pairs if u in new_users or i in created}
+            batch.load(pairs, empty=empty)
             results = [batch.apply(o, k) for o, k in zip(observed, keys, strict=True)]
             batch.flush()
             return results

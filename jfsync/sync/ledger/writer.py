@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from typing import Any
 
 from jfsync.model import UserData
@@ -110,12 +110,19 @@ class StateWriter:
 
     # ------------------------------------------------------------------ pairs
 
-    def load(self, pairs: set[Pair]) -> dict[Pair, CachedPair]:
+    def load(self, pairs: set[Pair], empty: Set[Pair] = frozenset()) -> dict[Pair, CachedPair]:
         """Everything the file holds for ``pairs`` (complete), from the cache or SQLite.
 
+        ``empty``: pairs of a user or item this transaction created, so that nothing in the
+        file refers to them; they are not read (unless this transaction already wrote).
         The entries are shared with the cache: read them, never change them.
         """
         found: dict[Pair, CachedPair] = {}
+        if empty and not self._wrote and not self._cleared:
+            fresh = {pair: CachedPair(None) for pair in pairs & empty}
+            self._read.update(fresh)
+            found.update(fresh)
+            pairs = pairs - fresh.keys()
         cache = None if self._cleared else self._cache
         if cache is None:
             missing = set(pairs)
