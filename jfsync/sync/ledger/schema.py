@@ -336,7 +336,9 @@ async def settle(db: aiosqlite.Connection) -> None:
 
 
 class WriteGate:
-    """Serialises the use of one connection and runs its write transactions.
+    """Serialises the use of one connection and runs its write transactions statement by
+    statement (the library index does; the ledger holds only :attr:`lock` and runs each
+    transaction as one call, :func:`run_on_thread` with :func:`write_transaction`).
 
     ``lock`` is held for every use of the connection (reads too); :meth:`transaction` runs
     BEGIN IMMEDIATE ... COMMIT under it, calls ``on_commit`` once COMMIT returned (still under

@@ -2,8 +2,11 @@
 
 One :class:`Ledger` owns one aiosqlite connection to one file (WAL, foreign keys, schema from
 :mod:`~jfsync.sync.ledger.schema`, the file held by :mod:`~jfsync.sync.ledger.lock`) and runs
-every read and write transaction on it, one at a time. Its methods put the other modules of the
-package to work: :mod:`~jfsync.sync.ledger.batch` applies observations, compare reads, intents
+every read and write transaction on it, one at a time, each as ONE call on the connection's
+thread: a method builds a plain function of its reads, its apply logic and its writes (BEGIN
+IMMEDIATE to COMMIT for a write, :func:`~jfsync.sync.ledger.schema.write_transaction`) and awaits
+it once (:func:`~jfsync.sync.ledger.schema.run_on_thread`). Its methods put the other modules of
+the package to work: :mod:`~jfsync.sync.ledger.batch` applies observations, compare reads, intents
 and acks; :mod:`~jfsync.sync.ledger.writer` is the only writer of the cached tables and keeps
 :mod:`~jfsync.sync.ledger.cache` right; :mod:`~jfsync.sync.ledger.outbox` and
 :mod:`~jfsync.sync.ledger.maps` hold the outbox queries and the id maps;
@@ -147,8 +150,11 @@ class Ledger:
     for which :meth:`requeue_differences` queues what changed meanwhile;
     :meth:`drop_unmapped_rows` drops rows of items a library filter now leaves out.
 
-    All methods serialise on one lock; no transaction is held across anything but the ledger's
-    own SQL. Tokens are stored in clear in the ledger file (protect the file) and never logged.
+    All methods serialise on one lock; each transaction (and each read) is one call on the
+    connection's thread, so none is held across anything but the ledger's own SQL and apply
+    logic, and one whose caller is cancelled still ends whole (committed or rolled back)
+    before the next begins. Tokens are stored in clear in the ledger file (protect the file)
+    and never logged.
 
     The file: :meth:`open` refuses an existing file that is not an SQLite database (0 bytes
     included; :func:`~jfsync.sync.ledger.lock.check_ledger_file`) and records the file's device
