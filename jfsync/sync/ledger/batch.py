@@ -312,17 +312,21 @@ class Batch:
         return True
 
     def flush(self) -> None:
-        """Write every changed canonical state, last-known state, echo list and row."""
+        """Write every changed canonical state, last-known state, echo list and row.
+
+        In key order: SQLite then walks each table's B-tree once, page after page, instead of
+        jumping between pages at random.
+        """
         tables = self.tables
         if self._dirty_canon:
-            tables.put_canonical({pair: self.canon[pair] for pair in self._dirty_canon})
+            tables.put_canonical({pair: self.canon[pair] for pair in sorted(self._dirty_canon)})
         if self._dirty_lk:
-            tables.put_last_known({key: self.lk[key] for key in self._dirty_lk})
+            tables.put_last_known({key: self.lk[key] for key in sorted(self._dirty_lk)})
         if self._dirty_echo:
-            tables.put_echoes({key: self.echo[key] for key in self._dirty_echo})
+            tables.put_echoes({key: self.echo[key] for key in sorted(self._dirty_echo)})
         if self._dirty_rows:
             self.number_new_rows()
-            tables.put_rows({key: self.rows[key] for key in self._dirty_rows})
+            tables.put_rows({key: self.rows[key] for key in sorted(self._dirty_rows)})
         if self._clock_moved:
             self.clock.save(tables.db)
         if self.seen:
