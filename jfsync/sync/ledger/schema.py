@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -279,21 +280,65 @@ async def run_on_thread(db: aiosqlite.Connection, fn: Callable[[sqlite3.Connecti
     """
     conn: sqlite3.Connection = db._conn
     execute: Callable[..., Any] = db._execute
-    call: asyncio.Future[T] = asyncio.ensure_future(execute(fn, conn))
+    call = _Call(fn, asyncio.get_running_loop())
     try:
-        return await asyncio.shield(call)
+        # Awaited directly (no task of its own): queued on the thread before the first wait.
+        result: T = await execute(call.run, conn)
     except asyncio.CancelledError:
-        if call.done():
-            raise
-    # Cancelled while the call runs on the thread: wait for its end, then pass the news on.
-    while not call.done():
+        pass  # the call is queued or running still: wait below for its end
+    else:
+        return result
+    ended = call.wait_for_end()
+    while ended is not None and not ended.done():
         try:
-            await asyncio.wait((call,))
+            await asyncio.wait((ended,))
         except asyncio.CancelledError:
-            continue
-    if not call.cancelled():
-        call.exception()  # retrieved: the cancellation is what the caller hears of
+            continue  # cancelled again: the call still runs, so still wait
     raise asyncio.CancelledError
+
+
+class _Call:
+    """One call of :func:`run_on_thread`, and how a cancelled caller learns that it ended.
+
+    The thread runs :meth:`run`; a caller cancelled before the result came asks
+    :meth:`wait_for_end` for a future that the thread resolves once the call ended (None when
+    it has already). On the usual path nothing but one flag under a lock is added.
+    """
+
+    __slots__ = ("_ended", "_fn", "_lock", "_loop", "_waiter")
+
+    def __init__(
+        self, fn: Callable[[sqlite3.Connection], Any], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._fn = fn
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._ended = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def run(self, conn: sqlite3.Connection) -> Any:
+        """On the connection's thread: the call itself, then tell a waiting caller."""
+        try:
+            return self._fn(conn)
+        finally:
+            with self._lock:
+                self._ended = True
+                waiter = self._waiter
+            if waiter is not None:
+                self._loop.call_soon_threadsafe(_resolve, waiter)
+
+    def wait_for_end(self) -> asyncio.Future[None] | None:
+        """On the event loop: a future resolved once the call ended, or None if it has."""
+        with self._lock:
+            if self._ended:
+                return None
+            self._waiter = self._loop.create_future()
+            return self._waiter
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def write_transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
