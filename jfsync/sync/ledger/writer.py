@@ -4,11 +4,14 @@ The canonical states, last-known states, pending echoes and outbox rows are the 
 decoded rows the ledger keeps between transactions (:class:`jfsync.sync.ledger.cache.StateCache`).
 Every write to them in the package goes through a :class:`StateWriter`, made by the ledger for
 each transaction, so the cache is kept right by construction: loads come from the cache (until
-the transaction has written, and never for pairs its bulk statements touched) or from SQLite;
-writes are remembered as final values; only once the transaction has committed does the cache
-take what was read and written, then drop what bulk statements touched. A transaction that does
-not commit leaves the cache as it was (the ledger then empties it: a cancelled COMMIT may still
-have landed). Reads outside a write transaction get a read-only writer that refuses writes.
+the transaction has written, and never for pairs its bulk statements touched) or from SQLite
+(pairs of a user or item the transaction itself created hold nothing and are not read);
+writes are remembered as final values; only once the transaction has committed, back on the
+event loop, does the cache take what was read and written, then drop what bulk statements
+touched. A transaction that does not commit leaves the cache as it was (the ledger then empties
+it, as it does after a cancelled caller). Reads outside a write transaction get a read-only
+writer that refuses writes. Everything here but :meth:`StateWriter.commit` runs on the
+connection's own thread, inside the transaction's one call (:mod:`jfsync.sync.ledger.store`).
 """
 
 from __future__ import annotations
