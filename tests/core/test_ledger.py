@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import aiosqlite
 import pytest
@@ -710,59 +708,6 @@ async def test_ten_thousand_observations_apply_in_one_batch(ledger: Ledger) -> N
     assert await ledger.outbox_depth("c") == 10_000
 
 
-async def test_a_transaction_that_does_not_commit_leaves_nothing_behind(
-    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
-    commit = aiosqlite.Connection.commit
-
-    async def refuse(self: aiosqlite.Connection) -> None:
-        raise sqlite3.OperationalError("disk I/O error")
-
-    monkeypatch.setattr(aiosqlite.Connection, "commit", refuse)
-    with pytest.raises(sqlite3.OperationalError):
-        await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
-    monkeypatch.setattr(aiosqlite.Connection, "commit", commit)
-
-    # Not in the file, nor in what the ledger answers or acts on (its decoded-state cache).
-    canonical = await ledger.canonical(USER, ITEM)
-    assert canonical is not None
-    assert canonical.data == DEFAULT_USER_DATA
-    assert await ledger.last_known("a", USER, ITEM) == DEFAULT_USER_DATA
-    assert await ledger.due_rows("b", 10, T0 + 110) == []
-    # The same change seen again is a change again, and is queued for the peers.
-    applied = await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 120)
-    assert applied.outcome is Outcome.CHANGED
-    assert [r.registers for r in await ledger.due_rows("b", 10, T0 + 130)] == [{FAV}]
-
-
-async def test_a_commit_that_lands_while_its_caller_is_cancelled_is_what_the_ledger_knows(
-    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A stop cancels a caller whose COMMIT already ran on SQLite's thread: the change is in
-    the file though the caller saw it fail, and the ledger must act on the file, not on what it
-    decoded before."""
-    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
-    commit = aiosqlite.Connection.commit
-
-    async def cancelled_after_commit(self: aiosqlite.Connection) -> None:
-        await commit(self)
-        raise asyncio.CancelledError
-
-    monkeypatch.setattr(aiosqlite.Connection, "commit", cancelled_after_commit)
-    with pytest.raises(asyncio.CancelledError):
-        await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
-    monkeypatch.setattr(aiosqlite.Connection, "commit", commit)
-
-    canonical = await ledger.canonical(USER, ITEM)
-    assert canonical is not None
-    assert canonical.data == UserData(favorite=True)
-    # a's favourite is known: seen again it is no change, and b is owed it once.
-    again = await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 120)
-    assert again.outcome is Outcome.UNCHANGED
-    assert [r.registers for r in await ledger.due_rows("b", 10, T0 + 130)] == [{FAV}]
-
-
 async def test_a_newer_change_keeps_a_failed_row_waiting_for_its_retry(ledger: Ledger) -> None:
     await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
     await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
@@ -869,56 +814,6 @@ async def test_a_write_a_library_filter_left_out_is_not_handed_to_the_pusher(
     assert await ledger.drop_unmapped_rows("c") == 0  # c has no index: nothing to judge by
     assert await ledger.observe_before_write(queued, DEFAULT_USER_DATA, T0 + 200) is None
     assert await ledger.due_rows("b", 10, T0 + 210) == []
-
-
-async def test_a_transaction_cancelled_while_it_begins_does_not_break_the_next(
-    ledger: Ledger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A stop cancels callers mid-call, but a cancelled BEGIN still runs on SQLite's thread.
-
-    Another connection holds the write lock, so that BEGIN waits on SQLite's thread while the
-    next transaction starts; once the lock is released it begins. The next transaction must
-    not then fail with "cannot start a transaction within a transaction", nor keep anything.
-    """
-    await seen_everywhere(ledger, DEFAULT_USER_DATA, T0)
-    execute = aiosqlite.Connection.execute
-    begun: list[asyncio.Future[aiosqlite.Cursor]] = []
-
-    async def cancelled_during_begin(
-        self: aiosqlite.Connection, sql: str, parameters: Any = None
-    ) -> aiosqlite.Cursor:
-        if sql == "BEGIN IMMEDIATE" and not begun:
-            begun.append(asyncio.ensure_future(execute(self, sql, parameters)))
-            await asyncio.sleep(0)  # the BEGIN is now queued on the connection's thread
-            raise asyncio.CancelledError
-        return await execute(self, sql, parameters)
-
-    monkeypatch.setattr(aiosqlite.Connection, "execute", cancelled_during_begin)
-    blocker = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None)
-    try:
-        blocker.execute("BEGIN IMMEDIATE")
-        cancelled = asyncio.create_task(
-            ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 100)
-        )
-        after = asyncio.create_task(
-            ledger.apply_observation("a", USER, ITEM, UserData(rating=3.0), T0 + 120)
-        )
-        for _ in range(20):  # loop turns only: both tasks reach their first wait
-            await asyncio.sleep(0)
-        blocker.execute("COMMIT")
-    finally:
-        blocker.close()
-    async with asyncio.timeout(10):
-        with pytest.raises(asyncio.CancelledError):
-            await cancelled
-        applied = await after
-        await begun[0]
-
-    assert applied.outcome is Outcome.CHANGED
-    assert applied.changed == {RAT}
-    [row] = await ledger.due_rows("b", 10, T0 + 130)
-    assert row.registers == {RAT}
-    assert row.desired == UserData(rating=3.0)
 
 
 async def test_one_process_writes_a_ledger_file_at_a_time(tmp_path: Path) -> None:

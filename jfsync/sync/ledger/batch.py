@@ -13,7 +13,7 @@ an observation is (:class:`Observation`) and what applying it did (:class:`Appli
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Literal
@@ -130,16 +130,19 @@ class Batch:
         self._seed_sid = maps.sid_of(seed) if seed is not None else None
         self._configured = {maps.sid(n) for n in policy.servers}
 
-    async def load(self, pairs: set[Pair], *, with_members: bool = True) -> None:
+    def load(
+        self, pairs: set[Pair], *, with_members: bool = True, empty: Set[Pair] = frozenset()
+    ) -> None:
         """Read everything the given (user, item) pairs need: from the cache, else SQLite.
 
         Pairs this batch already loaded are left as the batch has them (it may have changed
-        them). From SQLite it takes a few queries per chunk of pairs.
+        them). From SQLite it takes a few queries per chunk of pairs; ``empty`` pairs (of a
+        user or item this transaction created) have nothing to read.
         """
         wanted = pairs - self._loaded_pairs
         self._loaded_pairs |= wanted
         canon, lk, echo, rows, loaded = self.canon, self.lk, self.echo, self.rows, self._loaded_rows
-        for pair, entry in (await self.tables.load(wanted)).items():
+        for pair, entry in self.tables.load(wanted, empty).items():
             uid, iid = pair
             if entry.canon is not None:
                 canon[pair] = entry.canon
@@ -154,8 +157,8 @@ class Batch:
                 loaded[key] = row.id
         if with_members:
             db, cached = self.tables.db, self.tables.cached
-            self.members.update(await self.maps.members(db, {u for u, _ in wanted}, cached=cached))
-            indexed, mapped = await self.maps.mappings(
+            self.members.update(self.maps.members(db, {u for u, _ in wanted}, cached=cached))
+            indexed, mapped = self.maps.mappings(
                 db, {i for _, i in wanted}, self._configured, cached=cached
             )
             self.indexed |= indexed
@@ -308,20 +311,24 @@ class Batch:
         self._dirty_rows.add(key)
         return True
 
-    async def flush(self) -> None:
-        """Write every changed canonical state, last-known state, echo list and row."""
+    def flush(self) -> None:
+        """Write every changed canonical state, last-known state, echo list and row.
+
+        In key order: SQLite then walks each table's B-tree once, page after page, instead of
+        jumping between pages at random.
+        """
         tables = self.tables
         if self._dirty_canon:
-            await tables.put_canonical({pair: self.canon[pair] for pair in self._dirty_canon})
+            tables.put_canonical({pair: self.canon[pair] for pair in sorted(self._dirty_canon)})
         if self._dirty_lk:
-            await tables.put_last_known({key: self.lk[key] for key in self._dirty_lk})
+            tables.put_last_known({key: self.lk[key] for key in sorted(self._dirty_lk)})
         if self._dirty_echo:
-            await tables.put_echoes({key: self.echo[key] for key in self._dirty_echo})
+            tables.put_echoes({key: self.echo[key] for key in sorted(self._dirty_echo)})
         if self._dirty_rows:
-            await self.number_new_rows()
-            await tables.put_rows({key: self.rows[key] for key in self._dirty_rows})
+            self.number_new_rows()
+            tables.put_rows({key: self.rows[key] for key in sorted(self._dirty_rows)})
         if self._clock_moved:
-            await self.clock.save(tables.db)
+            self.clock.save(tables.db)
         if self.seen:
             self.clock.note_seen(self.seen)
 
@@ -335,12 +342,12 @@ class Batch:
         self.echo[key] = pending
         self._dirty_echo.add(key)
 
-    async def number_new_rows(self) -> None:
+    def number_new_rows(self) -> None:
         """Give the rows created so far their ids (flush numbers the rest)."""
         new = [k for k in self._dirty_rows if (row := self.rows[k]) is not None and row.id is None]
         if not new:
             return
-        first = await self.tables.number_rows(len(new))
+        first = self.tables.number_rows(len(new))
         for offset, key in enumerate(sorted(new)):
             row = self.rows[key]
             assert row is not None

@@ -5,15 +5,17 @@ clock, always ahead of the last stamp, saved in ``meta.clock_ms`` by the transac
 it. Tickets order what this process learnt of each (user, item, server): an event applied, a
 read requested, a write acked. A read whose ticket is older than the last thing learnt of its key
 is outdated and never applied. Tickets live in memory only: after a restart every read is newer.
+Tickets are handed out both on the event loop (before a read is requested) and on the ledger's
+SQLite thread (inside a transaction), so taking one is guarded by a lock.
 """
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from collections.abc import Mapping
 
-import aiosqlite
-
-from jfsync.sync.ledger.codec import Key
+from jfsync.sync.ledger.codec import Key, fetch
 from jfsync.sync.merge import next_stamp_ms
 
 #: Keys whose last-seen ticket is kept before old ones are dropped, and how many tickets back
@@ -30,17 +32,18 @@ class Clock:
         #: The latest stamp handed out.
         self.ms = 0
         self._tickets = 0
+        self._ticket_lock = threading.Lock()
         #: When the ledger last learnt anything of each (user, item, server), as a ticket.
         self._seen: dict[Key, int] = {}
 
-    async def load(self, db: aiosqlite.Connection) -> None:
+    def load(self, db: sqlite3.Connection) -> None:
         """Read the persisted clock."""
-        rows = list(await db.execute_fetchall("SELECT value FROM meta WHERE key='clock_ms'"))
+        rows = list(fetch(db, "SELECT value FROM meta WHERE key='clock_ms'"))
         self.ms = int(rows[0][0])
 
-    async def save(self, db: aiosqlite.Connection) -> None:
+    def save(self, db: sqlite3.Connection) -> None:
         """Persist the clock in the caller's transaction."""
-        await db.execute("UPDATE meta SET value=? WHERE key='clock_ms'", (self.ms,))
+        db.execute("UPDATE meta SET value=? WHERE key='clock_ms'", (self.ms,))
 
     def tick(self, wall_ms: int) -> int:
         """Advance the hybrid clock past ``wall_ms`` and the last stamp; return the new stamp."""
@@ -48,9 +51,10 @@ class Clock:
         return self.ms
 
     def ticket(self) -> int:
-        """A number larger than every one handed out before."""
-        self._tickets += 1
-        return self._tickets
+        """A number larger than every one handed out before (from any thread)."""
+        with self._ticket_lock:
+            self._tickets += 1
+            return self._tickets
 
     def seen(self, key: Key) -> int:
         """The ticket of the last thing learnt of ``key`` (0: nothing in this process)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -161,3 +162,8 @@ def chunks(values: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     """``values`` in slices of at most ``size``."""
     for start in range(0, len(values), size):
         yield values[start : start + size]
+
+
+def fetch(db: sqlite3.Connection, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
+    """Every row ``sql`` gives on ``db`` (call it on the connection's own thread)."""
+    return db.execute(sql, parameters).fetchall()

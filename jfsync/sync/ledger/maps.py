@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import aiosqlite
-
-from jfsync.sync.ledger.codec import CHUNK, Key, Pair, chunks, marks
+from jfsync.sync.ledger.codec import CHUNK, Key, Pair, chunks, fetch, marks
 from jfsync.sync.ledger.errors import LedgerError
 from jfsync.sync.ledger.outbox import OutboxRow
+from jfsync.sync.ledger.schema import write_transaction
 from jfsync.sync.users import is_positional_map_key, plan_map_key_migration
 
 logger = logging.getLogger(__name__)
@@ -62,24 +62,24 @@ class IdMaps:
 
     # ------------------------------------------------------------------ servers
 
-    async def register_servers(self, db: aiosqlite.Connection, names: Iterable[str]) -> None:
+    def register_servers(self, db: sqlite3.Connection, names: Iterable[str]) -> None:
         """Add the configured servers (in the caller's transaction)."""
-        await db.executemany(
+        db.executemany(
             "INSERT INTO servers(name) VALUES (?) ON CONFLICT(name) DO NOTHING",
             [(name,) for name in names],
         )
 
-    async def load_servers(self, db: aiosqlite.Connection) -> None:
+    def load_servers(self, db: sqlite3.Connection) -> None:
         """Learn every server's id."""
-        for sid, name in await db.execute_fetchall("SELECT id, name FROM servers"):
+        for sid, name in fetch(db, "SELECT id, name FROM servers"):
             self._server_ids[name] = sid
             self._server_names[sid] = name
 
-    async def configure_servers(self, db: aiosqlite.Connection, names: Iterable[str]) -> None:
+    def configure_servers(self, db: sqlite3.Connection, names: Iterable[str]) -> None:
         """The configured servers changed (a config reload): add the new ones and learn their
         ids, in the caller's transaction; which of them are indexed is read again."""
-        await self.register_servers(db, names)
-        await self.load_servers(db)
+        self.register_servers(db, names)
+        self.load_servers(db)
         self._forget_mappings()
 
     @property
@@ -108,30 +108,43 @@ class IdMaps:
         self._item_ids.clear()
         self._forget_mappings()
 
-    async def ensure_ids(
-        self, db: aiosqlite.Connection, table: Literal["users", "items"], keys: Iterable[str]
+    def ensure_ids(
+        self,
+        db: sqlite3.Connection,
+        table: Literal["users", "items"],
+        keys: Iterable[str],
+        created: set[int] | None = None,
     ) -> dict[str, int]:
-        """The ids of canonical user or item keys, creating those the file lacks."""
+        """The ids of canonical user or item keys, creating those the file lacks.
+
+        The ids created are added to ``created``: nothing in the file refers to them yet (ids
+        are never reused), so their state need not be read.
+        """
         known = self._user_ids if table == "users" else self._item_ids
         wanted = set(keys)
         missing = [k for k in wanted if k not in known]
         if missing:
-            await db.executemany(
+            # Ids only grow and are never reused: those above the highest before are new.
+            highest = int(fetch(db, f"SELECT COALESCE(MAX(id), 0) FROM {table}")[0][0])  # noqa: S608
+            db.executemany(
                 f"INSERT INTO {table}(key) VALUES (?) ON CONFLICT(key) DO NOTHING",  # noqa: S608
                 [(k,) for k in missing],
             )
             for chunk in chunks(missing, CHUNK):
-                rows = await db.execute_fetchall(
+                rows = fetch(
+                    db,
                     f"SELECT key, id FROM {table} WHERE key IN ({marks(len(chunk))})",  # noqa: S608
                     chunk,
                 )
                 for key, rid in rows:
                     known[str(key)] = int(rid)
+                    if created is not None and rid > highest:
+                        created.add(int(rid))
         return {k: known[k] for k in wanted}
 
-    async def user_id(self, db: aiosqlite.Connection, user: str) -> int:
+    def user_id(self, db: sqlite3.Connection, user: str) -> int:
         """The id of the canonical user ``user``, created if new."""
-        return (await self.ensure_ids(db, "users", [user]))[user]
+        return (self.ensure_ids(db, "users", [user]))[user]
 
     def known_pair(self, user: str, item: str) -> Pair | None:
         """The (user, item) ids when this process knows both, else None (no SQL)."""
@@ -139,33 +152,32 @@ class IdMaps:
         iid = self._item_ids.get(item)
         return None if uid is None or iid is None else (uid, iid)
 
-    async def pair(self, db: aiosqlite.Connection, user: str, item: str) -> Pair | None:
+    def pair(self, db: sqlite3.Connection, user: str, item: str) -> Pair | None:
         """The (user, item) ids, or None when the file has no such user or item."""
         known = self.known_pair(user, item)
         if known is not None:
             return known
-        urows = list(await db.execute_fetchall("SELECT id FROM users WHERE key=?", (user,)))
-        irows = list(await db.execute_fetchall("SELECT id FROM items WHERE key=?", (item,)))
+        urows = list(fetch(db, "SELECT id FROM users WHERE key=?", (user,)))
+        irows = list(fetch(db, "SELECT id FROM items WHERE key=?", (item,)))
         if not urows or not irows:
             return None
         return int(urows[0][0]), int(irows[0][0])
 
-    async def row_keys(self, db: aiosqlite.Connection, rows: Sequence[OutboxRow]) -> list[Key]:
+    def row_keys(self, db: sqlite3.Connection, rows: Sequence[OutboxRow]) -> list[Key]:
         """The (user, item, peer) ids of each row, in order."""
         users = self._user_ids
         items = self._item_ids
         if any(r.user not in users or r.item not in items for r in rows):
-            users = await self.ensure_ids(db, "users", [r.user for r in rows])
-            items = await self.ensure_ids(db, "items", [r.item for r in rows])
+            users = self.ensure_ids(db, "users", [r.user for r in rows])
+            items = self.ensure_ids(db, "items", [r.item for r in rows])
         return [(users[r.user], items[r.item], self.sid(r.peer)) for r in rows]
 
-    async def unmapped_items(
-        self, db: aiosqlite.Connection, items: Sequence[str]
-    ) -> list[tuple[int, str]]:
+    def unmapped_items(self, db: sqlite3.Connection, items: Sequence[str]) -> list[tuple[int, str]]:
         """(id, key) of the canonical items among ``items`` that no server maps, key order."""
         found: list[tuple[int, str]] = []
         for chunk in chunks(sorted(set(items)), CHUNK):
-            rows = await db.execute_fetchall(
+            rows = fetch(
+                db,
                 f"SELECT i.id, i.key FROM items i WHERE i.key IN ({marks(len(chunk))}) "  # noqa: S608
                 "AND NOT EXISTS (SELECT 1 FROM server_items s WHERE s.item = i.id)",
                 chunk,
@@ -175,30 +187,28 @@ class IdMaps:
 
     # ------------------------------------------------------------------ mappings: writes
 
-    async def map_user(
-        self, db: aiosqlite.Connection, sid: int, remote_id: str, user: str, name: str | None
+    def map_user(
+        self, db: sqlite3.Connection, sid: int, remote_id: str, user: str, name: str | None
     ) -> None:
         """Record that ``remote_id`` on server ``sid`` is the canonical user ``user``."""
         self._forget_mappings()
-        uid = await self.user_id(db, user)
-        await db.execute("DELETE FROM server_users WHERE server=? AND user=?", (sid, uid))
-        await db.execute(
+        uid = self.user_id(db, user)
+        db.execute("DELETE FROM server_users WHERE server=? AND user=?", (sid, uid))
+        db.execute(
             "INSERT OR REPLACE INTO server_users(server, remote_id, user, name) "
             "VALUES (?, ?, ?, ?)",
             (sid, remote_id, uid, name),
         )
 
-    async def map_items(
-        self, db: aiosqlite.Connection, sid: int, mappings: Sequence[ItemMapping]
-    ) -> None:
+    def map_items(self, db: sqlite3.Connection, sid: int, mappings: Sequence[ItemMapping]) -> None:
         """Record ``mappings`` of server ``sid``, replacing what mapped the same items."""
         self._forget_mappings()
-        ids = await self.ensure_ids(db, "items", [m.item for m in mappings])
-        await db.executemany(
+        ids = self.ensure_ids(db, "items", [m.item for m in mappings])
+        db.executemany(
             "DELETE FROM server_items WHERE server=? AND item=?",
             [(sid, ids[m.item]) for m in mappings],
         )
-        await db.executemany(
+        db.executemany(
             "INSERT OR REPLACE INTO server_items(server, remote_id, item, item_type, path, "
             "provider_ids) VALUES (?, ?, ?, ?, ?, ?)",
             [
@@ -214,13 +224,11 @@ class IdMaps:
             ],
         )
 
-    async def unmap_items(
-        self, db: aiosqlite.Connection, sid: int, remote_ids: Iterable[str]
-    ) -> None:
+    def unmap_items(self, db: sqlite3.Connection, sid: int, remote_ids: Iterable[str]) -> None:
         """Drop the mappings of server ``sid``'s item ids ``remote_ids``."""
         self._forget_mappings()
         for chunk in chunks(sorted(set(remote_ids)), CHUNK):
-            await db.execute(
+            db.execute(
                 f"DELETE FROM server_items WHERE server=? AND remote_id IN ({marks(len(chunk))})",  # noqa: S608
                 (sid, *chunk),
             )
@@ -232,34 +240,37 @@ class IdMaps:
 
     # ------------------------------------------------------------------ mappings: reads
 
-    async def user_for(self, db: aiosqlite.Connection, sid: int, remote_id: str) -> str | None:
+    def user_for(self, db: sqlite3.Connection, sid: int, remote_id: str) -> str | None:
         """The canonical user of server ``sid``'s user id, if mapped."""
-        rows = await db.execute_fetchall(
+        rows = fetch(
+            db,
             "SELECT u.key FROM server_users s JOIN users u ON u.id = s.user "
             "WHERE s.server=? AND s.remote_id=?",
             (sid, remote_id),
         )
         return next((str(r[0]) for r in rows), None)
 
-    async def item_for(self, db: aiosqlite.Connection, sid: int, remote_id: str) -> str | None:
+    def item_for(self, db: sqlite3.Connection, sid: int, remote_id: str) -> str | None:
         """The canonical item of server ``sid``'s item id, if mapped."""
-        rows = await db.execute_fetchall(
+        rows = fetch(
+            db,
             "SELECT i.key FROM server_items s JOIN items i ON i.id = s.item "
             "WHERE s.server=? AND s.remote_id=?",
             (sid, remote_id),
         )
         return next((str(r[0]) for r in rows), None)
 
-    async def servers_with_user(self, db: aiosqlite.Connection, user: str) -> set[str]:
+    def servers_with_user(self, db: sqlite3.Connection, user: str) -> set[str]:
         """The names of the servers that have the canonical user ``user``."""
-        rows = await db.execute_fetchall(
+        rows = fetch(
+            db,
             "SELECT s.server FROM server_users s JOIN users u ON u.id = s.user WHERE u.key=?",
             (user,),
         )
         return {self._server_names[int(r[0])] for r in rows}
 
-    async def members(
-        self, db: aiosqlite.Connection, users: set[int], *, cached: bool = True
+    def members(
+        self, db: sqlite3.Connection, users: set[int], *, cached: bool = True
     ) -> dict[int, set[int]]:
         """Which servers have each of ``users`` (users no server has are left out)."""
         found: dict[int, set[int]] = {}
@@ -271,7 +282,8 @@ class IdMaps:
                     found[uid] = set(known)
                     missing.discard(uid)
         for chunk in chunks(sorted(missing), CHUNK):
-            for uid, sid in await db.execute_fetchall(
+            for uid, sid in fetch(
+                db,
                 f"SELECT user, server FROM server_users WHERE user IN ({marks(len(chunk))})",  # noqa: S608
                 chunk,
             ):
@@ -281,16 +293,14 @@ class IdMaps:
                 self._members[uid] = frozenset(found.get(uid, ()))
         return found
 
-    async def has_index(self, db: aiosqlite.Connection, sid: int) -> bool:
+    def has_index(self, db: sqlite3.Connection, sid: int) -> bool:
         """Tell whether server ``sid``'s library is indexed (it maps items)."""
-        rows = await db.execute_fetchall(
-            "SELECT 1 FROM server_items WHERE server=? LIMIT 1", (sid,)
-        )
+        rows = fetch(db, "SELECT 1 FROM server_items WHERE server=? LIMIT 1", (sid,))
         return bool(list(rows))
 
-    async def mappings(
+    def mappings(
         self,
-        db: aiosqlite.Connection,
+        db: sqlite3.Connection,
         items: set[int],
         servers: Iterable[int],
         *,
@@ -303,7 +313,7 @@ class IdMaps:
         """
         indexed = self._indexed if cached else None
         if indexed is None:
-            indexed = frozenset([sid for sid in sorted(servers) if await self.has_index(db, sid)])
+            indexed = frozenset([sid for sid in sorted(servers) if self.has_index(db, sid)])
             if cached:
                 self._indexed = indexed
         mapped: dict[int, set[int]] = {}
@@ -321,7 +331,8 @@ class IdMaps:
         for sid in sorted(indexed):
             for chunk in chunks(sorted(wanted), CHUNK):
                 in_chunk = marks(len(chunk))
-                for (iid,) in await db.execute_fetchall(
+                for (iid,) in fetch(
+                    db,
                     f"SELECT item FROM server_items WHERE server=? AND item IN ({in_chunk})",  # noqa: S608
                     (sid, *chunk),
                 ):
@@ -338,8 +349,8 @@ class IdMaps:
         return indexed, mapped
 
 
-async def migrate_map_keys(
-    db: aiosqlite.Connection, path: str, entries: Sequence[Mapping[str, str]]
+def migrate_map_keys(
+    db: sqlite3.Connection, path: str, entries: Sequence[Mapping[str, str]]
 ) -> None:
     """Give people of positional ``users.map`` keys (``map:0``) their stable keys.
 
@@ -349,10 +360,11 @@ async def migrate_map_keys(
     position that entry has now; the row keeps its id, so every canonical state, last-known
     state and outbox row stays with that person. Idempotent: new keys never look positional.
     """
-    rows = await db.execute_fetchall(
+    rows = fetch(
+        db,
         "SELECT u.id, u.key, s.name, su.name FROM users u "
         "LEFT JOIN server_users su ON su.user = u.id "
-        "LEFT JOIN servers s ON s.id = su.server WHERE u.key GLOB 'map:[0-9]*'"
+        "LEFT JOIN servers s ON s.id = su.server WHERE u.key GLOB 'map:[0-9]*'",
     )
     old: dict[str, dict[str, str | None]] = {}
     ids: dict[str, int] = {}
@@ -370,7 +382,8 @@ async def migrate_map_keys(
         logger.info("ledger %s: %s", path, problem)
     taken = {
         str(r[0])
-        for r in await db.execute_fetchall(
+        for r in fetch(
+            db,
             f"SELECT key FROM users WHERE key IN ({marks(len(renames))})",  # noqa: S608
             list(renames.values()),
         )
@@ -384,16 +397,13 @@ async def migrate_map_keys(
         )
     if not renames:
         return
-    await db.execute("BEGIN IMMEDIATE")
-    try:
-        await db.executemany(
+    write_transaction(
+        db,
+        lambda conn: conn.executemany(
             "UPDATE users SET key=? WHERE id=?",
             [(new, ids[key]) for key, new in renames.items()],
-        )
-    except BaseException:
-        await db.rollback()
-        raise
-    await db.commit()
+        ),
+    )
     logger.info(
         "ledger %s: users.map keys now follow each entry's names, not its position: %s",
         path,

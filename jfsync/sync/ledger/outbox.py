@@ -10,12 +10,11 @@ place). The read queries (due rows, dead rows, depth, age) live here; rows are w
 
 from __future__ import annotations
 
+import sqlite3
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import aiosqlite
 
 from jfsync.model import Register, UserData
 from jfsync.sync.ledger.codec import (
@@ -24,6 +23,7 @@ from jfsync.sync.ledger.codec import (
     Key,
     chunks,
     decode_state,
+    fetch,
     marks,
     mask_bits,
     mask_registers,
@@ -200,8 +200,8 @@ def decode_work_row(row: Sequence[Any]) -> tuple[Key, WorkRow]:
     )
 
 
-async def due(
-    db: aiosqlite.Connection,
+def due(
+    db: sqlite3.Connection,
     names: Mapping[int, str],
     sid: int,
     limit: int,
@@ -216,7 +216,8 @@ async def due(
     ids = sorted(set(exclude))
     in_sql, beyond = ids[:CHUNK], set(ids[CHUNK:])
     skip = f"AND o.id NOT IN ({marks(len(in_sql))}) " if in_sql else ""
-    rows = await db.execute_fetchall(
+    rows = fetch(
+        db,
         ROW_SELECT
         + "WHERE o.peer=? AND o.dead=0 AND o.next_attempt_ms<=? "
         + NOT_HELD
@@ -228,8 +229,8 @@ async def due(
     return [decode_row(r, names) for r in kept[:limit]]
 
 
-async def rows_at(
-    db: aiosqlite.Connection, names: Mapping[int, str], keys: Iterable[Key]
+def rows_at(
+    db: sqlite3.Connection, names: Mapping[int, str], keys: Iterable[Key]
 ) -> dict[Key, OutboxRow]:
     """The rows, live or dead, of the given (user, item, peer) keys that exist."""
     grouped: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -238,7 +239,8 @@ async def rows_at(
     found: dict[Key, OutboxRow] = {}
     for (sid, uid), items in grouped.items():
         for chunk in chunks(sorted(items), CHUNK):
-            rows = await db.execute_fetchall(
+            rows = fetch(
+                db,
                 ROW_SELECT + f"WHERE o.peer=? AND o.user=? AND o.item IN ({marks(len(chunk))})",
                 (sid, uid, *chunk),
             )
@@ -247,48 +249,47 @@ async def rows_at(
     return found
 
 
-async def depth(db: aiosqlite.Connection, sid: int) -> int:
+def depth(db: sqlite3.Connection, sid: int) -> int:
     """How many live rows peer ``sid`` has queued."""
-    rows = await db.execute_fetchall("SELECT COUNT(*) FROM outbox WHERE peer=? AND dead=0", (sid,))
+    rows = fetch(db, "SELECT COUNT(*) FROM outbox WHERE peer=? AND dead=0", (sid,))
     return int(next(iter(rows))[0])
 
 
-async def oldest_created_ms(db: aiosqlite.Connection, sid: int) -> int | None:
+def oldest_created_ms(db: sqlite3.Connection, sid: int) -> int | None:
     """When the oldest live row of peer ``sid`` was created (None: no live row)."""
-    rows = await db.execute_fetchall(
-        "SELECT MIN(created_ms) FROM outbox WHERE peer=? AND dead=0", (sid,)
-    )
+    rows = fetch(db, "SELECT MIN(created_ms) FROM outbox WHERE peer=? AND dead=0", (sid,))
     oldest = next(iter(rows))[0]
     return None if oldest is None else int(oldest)
 
 
-async def dead_count(db: aiosqlite.Connection, sid: int) -> int:
+def dead_count(db: sqlite3.Connection, sid: int) -> int:
     """How many rows of peer ``sid`` are parked."""
-    rows = await db.execute_fetchall("SELECT COUNT(*) FROM outbox WHERE peer=? AND dead=1", (sid,))
+    rows = fetch(db, "SELECT COUNT(*) FROM outbox WHERE peer=? AND dead=1", (sid,))
     return int(next(iter(rows))[0])
 
 
-async def dead(
-    db: aiosqlite.Connection, names: Mapping[int, str], sid: int, limit: int | None = None
+def dead(
+    db: sqlite3.Connection, names: Mapping[int, str], sid: int, limit: int | None = None
 ) -> list[OutboxRow]:
     """The parked rows of peer ``sid``, oldest first (at most ``limit`` of them)."""
     select = ROW_SELECT + "WHERE o.peer=? AND o.dead=1 ORDER BY o.created_ms, o.id"
     if limit is None:
-        rows = await db.execute_fetchall(select, (sid,))
+        rows = fetch(db, select, (sid,))
     else:
-        rows = await db.execute_fetchall(select + " LIMIT ?", (sid, limit))
+        rows = fetch(db, select + " LIMIT ?", (sid, limit))
     return [decode_row(r, names) for r in rows]
 
 
-async def registers_owed(db: aiosqlite.Connection) -> list[tuple[int, Key, int]]:
+def registers_owed(db: sqlite3.Connection) -> list[tuple[int, Key, int]]:
     """Every row, live or dead: its id, its (user, item, peer) and its register bits."""
-    rows = await db.execute_fetchall("SELECT id, user, item, peer, registers FROM outbox")
+    rows = fetch(db, "SELECT id, user, item, peer, registers FROM outbox")
     return [(int(r[0]), (int(r[1]), int(r[2]), int(r[3])), int(r[4])) for r in rows]
 
 
-async def unmapped(db: aiosqlite.Connection, sid: int) -> list[tuple[int, Key]]:
+def unmapped(db: sqlite3.Connection, sid: int) -> list[tuple[int, Key]]:
     """The rows of peer ``sid`` for items it does not map: id and (user, item, peer) each."""
-    rows = await db.execute_fetchall(
+    rows = fetch(
+        db,
         "SELECT o.id, o.user, o.item FROM outbox o WHERE o.peer=? AND NOT EXISTS "
         "(SELECT 1 FROM server_items s WHERE s.server=o.peer AND s.item=o.item)",
         (sid,),

@@ -1,8 +1,10 @@
 """The ledger's schema as ordered migrations keyed on ``PRAGMA user_version``, and connection setup.
 
 :func:`connect` opens an aiosqlite connection whose worker thread can never keep the process
-alive at exit; :func:`settle` cleans up after a failed or cancelled transaction and
-:class:`WriteGate` runs write transactions that do so;
+alive at exit; :func:`run_on_thread` runs one plain function on that thread (one hop) and
+:func:`write_transaction` is the body of a write transaction run that way (BEGIN IMMEDIATE, the
+work, COMMIT, or ROLLBACK on any failure); :func:`settle` cleans up after a failed or cancelled
+transaction run statement by statement and :class:`WriteGate` runs such transactions;
 :func:`prepare` switches a fresh connection to WAL mode with foreign keys on, then
 :func:`migrate` applies, in order and each in its own transaction, every migration whose version
 is above the database's ``user_version``, setting ``user_version`` in the same transaction. A
@@ -31,15 +33,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import aiosqlite
 
 from jfsync.errors import JfsyncError
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class SchemaVersionError(JfsyncError):
@@ -257,6 +263,105 @@ async def connect(path: str) -> aiosqlite.Connection:
     return await pending
 
 
+async def run_on_thread(db: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """Run ``fn(conn)`` on ``db``'s own thread, with its ``sqlite3.Connection``: ONE hop.
+
+    aiosqlite 0.22 has no public way to run a callable on its worker thread; this is the one
+    place that uses its private ``Connection._execute(fn, *args)`` (queue a call on the thread,
+    in order with every other call) and ``Connection._conn`` (the sqlite3 connection).
+    ``tests/core/test_ledger_thread.py`` fails should an aiosqlite upgrade change either.
+
+    The call always runs to its end on the thread: a caller cancelled meanwhile still waits
+    for it to end (cancelled again, it keeps waiting) and only then gets CancelledError. So
+    when this returns or raises, nothing of ``fn`` runs any more: what it touches in Python is
+    never shared with the caller's next step, and the next call starts on an idle connection.
+    ``fn`` must therefore be bounded (one transaction) and must leave the connection idle on
+    failure (:func:`write_transaction` does).
+    """
+    conn: sqlite3.Connection = db._conn
+    execute: Callable[..., Any] = db._execute
+    call = _Call(fn, asyncio.get_running_loop())
+    try:
+        # Awaited directly (no task of its own): queued on the thread before the first wait.
+        result: T = await execute(call.run, conn)
+    except asyncio.CancelledError:
+        pass  # the call is queued or running still: wait below for its end
+    else:
+        return result
+    ended = call.wait_for_end()
+    while ended is not None and not ended.done():
+        try:
+            await asyncio.wait((ended,))
+        except asyncio.CancelledError:
+            continue  # cancelled again: the call still runs, so still wait
+    raise asyncio.CancelledError
+
+
+class _Call:
+    """One call of :func:`run_on_thread`, and how a cancelled caller learns that it ended.
+
+    The thread runs :meth:`run`; a caller cancelled before the result came asks
+    :meth:`wait_for_end` for a future that the thread resolves once the call ended (None when
+    it has already). On the usual path nothing but one flag under a lock is added.
+    """
+
+    __slots__ = ("_ended", "_fn", "_lock", "_loop", "_waiter")
+
+    def __init__(
+        self, fn: Callable[[sqlite3.Connection], Any], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._fn = fn
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._ended = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def run(self, conn: sqlite3.Connection) -> Any:
+        """On the connection's thread: the call itself, then tell a waiting caller."""
+        try:
+            return self._fn(conn)
+        finally:
+            with self._lock:
+                self._ended = True
+                waiter = self._waiter
+            if waiter is not None:
+                self._loop.call_soon_threadsafe(_resolve, waiter)
+
+    def wait_for_end(self) -> asyncio.Future[None] | None:
+        """On the event loop: a future resolved once the call ended, or None if it has."""
+        with self._lock:
+            if self._ended:
+                return None
+            self._waiter = self._loop.create_future()
+            return self._waiter
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def write_transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+    """Run ``work`` in one write transaction on ``conn`` (autocommit mode), on its thread.
+
+    BEGIN IMMEDIATE, ``work(conn)``, COMMIT; on any failure (of the work or of the COMMIT) the
+    transaction is rolled back before the error goes on, so the connection is idle again
+    either way. Meant to be the function :func:`run_on_thread` runs.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error as err:
+                logger.debug("rollback after a failed transaction failed: %s", err)
+        raise
+    return result
+
+
 async def settle(db: aiosqlite.Connection) -> None:
     """Roll back what a failed or cancelled transaction left open on ``db``.
 
@@ -276,7 +381,9 @@ async def settle(db: aiosqlite.Connection) -> None:
 
 
 class WriteGate:
-    """Serialises the use of one connection and runs its write transactions.
+    """Serialises the use of one connection and runs its write transactions statement by
+    statement (the library index does; the ledger holds only :attr:`lock` and runs each
+    transaction as one call, :func:`run_on_thread` with :func:`write_transaction`).
 
     ``lock`` is held for every use of the connection (reads too); :meth:`transaction` runs
     BEGIN IMMEDIATE ... COMMIT under it, calls ``on_commit`` once COMMIT returned (still under

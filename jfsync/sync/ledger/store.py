@@ -2,8 +2,11 @@
 
 One :class:`Ledger` owns one aiosqlite connection to one file (WAL, foreign keys, schema from
 :mod:`~jfsync.sync.ledger.schema`, the file held by :mod:`~jfsync.sync.ledger.lock`) and runs
-every read and write transaction on it, one at a time. Its methods put the other modules of the
-package to work: :mod:`~jfsync.sync.ledger.batch` applies observations, compare reads, intents
+every read and write transaction on it, one at a time, each as ONE call on the connection's
+thread: a method builds a plain function of its reads, its apply logic and its writes (BEGIN
+IMMEDIATE to COMMIT for a write, :func:`~jfsync.sync.ledger.schema.write_transaction`) and awaits
+it once (:func:`~jfsync.sync.ledger.schema.run_on_thread`). Its methods put the other modules of
+the package to work: :mod:`~jfsync.sync.ledger.batch` applies observations, compare reads, intents
 and acks; :mod:`~jfsync.sync.ledger.writer` is the only writer of the cached tables and keeps
 :mod:`~jfsync.sync.ledger.cache` right; :mod:`~jfsync.sync.ledger.outbox` and
 :mod:`~jfsync.sync.ledger.maps` hold the outbox queries and the id maps;
@@ -16,12 +19,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+import sqlite3
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Literal, Self, TypeVar
 
 import aiosqlite
 
@@ -31,17 +35,26 @@ from jfsync.sync.ledger import outbox
 from jfsync.sync.ledger.batch import Applied, Batch, Observation, Outcome, Source
 from jfsync.sync.ledger.cache import STATE_CACHE_PAIRS, StateCache
 from jfsync.sync.ledger.clock import Clock
-from jfsync.sync.ledger.codec import Key, mask_bits, ordered
+from jfsync.sync.ledger.codec import Key, fetch, mask_bits, ordered
 from jfsync.sync.ledger.errors import LedgerError
 from jfsync.sync.ledger.lock import LedgerFile
 from jfsync.sync.ledger.maps import IdMaps, ItemMapping, migrate_map_keys
 from jfsync.sync.ledger.outbox import OutboxRow
 from jfsync.sync.ledger.policy import LedgerPolicy
-from jfsync.sync.ledger.schema import WriteGate, connect, migrate, prepare
+from jfsync.sync.ledger.schema import (
+    WriteGate,
+    connect,
+    migrate,
+    prepare,
+    run_on_thread,
+    write_transaction,
+)
 from jfsync.sync.ledger.writer import StateWriter
 from jfsync.sync.merge import CanonicalState, MergePolicy
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +150,11 @@ class Ledger:
     for which :meth:`requeue_differences` queues what changed meanwhile;
     :meth:`drop_unmapped_rows` drops rows of items a library filter now leaves out.
 
-    All methods serialise on one lock; no transaction is held across anything but the ledger's
-    own SQL. Tokens are stored in clear in the ledger file (protect the file) and never logged.
+    All methods serialise on one lock; each transaction (and each read) is one call on the
+    connection's thread, so none is held across anything but the ledger's own SQL and apply
+    logic, and one whose caller is cancelled still ends whole (committed or rolled back)
+    before the next begins. Tokens are stored in clear in the ledger file (protect the file)
+    and never logged.
 
     The file: :meth:`open` refuses an existing file that is not an SQLite database (0 bytes
     included; :func:`~jfsync.sync.ledger.lock.check_ledger_file`) and records the file's device
@@ -216,22 +232,28 @@ class Ledger:
             applied = await migrate(db)
             if applied:
                 logger.info("ledger %s: applied schema migrations %s", self._path, applied)
-            await db.execute("BEGIN IMMEDIATE")
-            await self._maps.register_servers(db, self.policy.servers)
-            await db.execute(
-                "INSERT INTO meta(key, value) VALUES ('clock_ms', 0) ON CONFLICT DO NOTHING"
-            )
-            await db.commit()
-            if self._user_map is not None:
-                await migrate_map_keys(db, self._path, self._user_map)
-            await self._maps.load_servers(db)
-            await self._clock.load(db)
+            await run_on_thread(db, self._start)
         except BaseException:
             await db.close()
             self._file.release()
             raise
         self._db = db
         return self
+
+    def _start(self, conn: sqlite3.Connection) -> None:
+        """What :meth:`open` does on the connection's thread once the schema is current."""
+
+        def register(conn: sqlite3.Connection) -> None:
+            self._maps.register_servers(conn, self.policy.servers)
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES ('clock_ms', 0) ON CONFLICT DO NOTHING"
+            )
+
+        write_transaction(conn, register)
+        if self._user_map is not None:
+            migrate_map_keys(conn, self._path, self._user_map)
+        self._maps.load_servers(conn)
+        self._clock.load(conn)
 
     async def close(self) -> None:
         """Close the connection and give up the file (idempotent)."""
@@ -273,16 +295,16 @@ class Ledger:
         self, server: str, remote_user_id: str, user: str, *, name: str | None = None
     ) -> None:
         """Record that ``remote_user_id`` on ``server`` is the canonical user ``user``."""
-        async with self._tx() as tx:
-            await self._maps.map_user(tx.db, self._sid(server), remote_user_id, user, name)
+        sid = self._sid(server)
+        await self._write(lambda tx: self._maps.map_user(tx.db, sid, remote_user_id, user, name))
 
     async def map_items(self, server: str, mappings: Iterable[ItemMapping]) -> None:
         """Record several server items as canonical items (replacing older mappings)."""
         entries = list(mappings)
         if not entries:
             return
-        async with self._tx() as tx:
-            await self._maps.map_items(tx.db, self._sid(server), entries)
+        sid = self._sid(server)
+        await self._write(lambda tx: self._maps.map_items(tx.db, sid, entries))
 
     async def map_item(
         self,
@@ -301,19 +323,18 @@ class Ledger:
 
     async def user_for(self, server: str, remote_user_id: str) -> str | None:
         """Return the canonical user of a server's user id, if mapped."""
-        async with self._read() as tx:
-            return await self._maps.user_for(tx.db, self._sid(server), remote_user_id)
+        sid = self._sid(server)
+        return await self._read(lambda tx: self._maps.user_for(tx.db, sid, remote_user_id))
 
     async def item_for(self, server: str, remote_item_id: str) -> str | None:
         """Return the canonical item of a server's item id, if mapped."""
-        async with self._read() as tx:
-            return await self._maps.item_for(tx.db, self._sid(server), remote_item_id)
+        sid = self._sid(server)
+        return await self._read(lambda tx: self._maps.item_for(tx.db, sid, remote_item_id))
 
     async def servers_with_user(self, user: str) -> list[str]:
         """Return the servers (config order) that have the canonical user ``user``."""
-        async with self._read() as tx:
-            names = await self._maps.servers_with_user(tx.db, user)
-            return sorted(names, key=self.policy.rank)
+        names = await self._read(lambda tx: self._maps.servers_with_user(tx.db, user))
+        return sorted(names, key=self.policy.rank)
 
     # ------------------------------------------------------------------ identity changes
 
@@ -333,14 +354,17 @@ class Ledger:
         server's ids ``unmapped`` are dropped; then ``mappings`` are recorded as
         :meth:`map_items` records them.
         """
-        async with self._tx() as tx:
-            sid = self._sid(server)
+        sid = self._sid(server)
+
+        def work(tx: StateWriter) -> None:
             if forget:
-                await tx.forget_items_on(sid, forget)
+                tx.forget_items_on(sid, forget)
             if unmapped:
-                await self._maps.unmap_items(tx.db, sid, unmapped)
+                self._maps.unmap_items(tx.db, sid, unmapped)
             if mappings:
-                await self._maps.map_items(tx.db, sid, mappings)
+                self._maps.map_items(tx.db, sid, mappings)
+
+        await self._write(work)
 
     async def retire_items(self, items: Sequence[str]) -> list[str]:
         """Drop every trace of the canonical items among ``items`` that no server maps any more.
@@ -349,11 +373,14 @@ class Ledger:
         stay: ids are never reused). Items that some server still maps are left alone. Returns
         the keys retired.
         """
-        async with self._tx() as tx:
-            unmapped = await self._maps.unmapped_items(tx.db, items)
+
+        def work(tx: StateWriter) -> list[tuple[int, str]]:
+            unmapped = self._maps.unmapped_items(tx.db, items)
             if unmapped:
-                await tx.retire([iid for iid, _ in unmapped])
-        return [key for _, key in unmapped]
+                tx.retire([iid for iid, _ in unmapped])
+            return unmapped
+
+        return [key for _, key in await self._write(work)]
 
     async def backfill_mapped(self, server: str, user: str, wall_ms: int) -> int:
         """Do :meth:`backfill`, but only for canonical items that ``server`` maps (has).
@@ -392,20 +419,28 @@ class Ledger:
         """
         if not observations:
             return []
-        async with self._tx() as tx:
+        observed = list(observations)
+        sids = [self._sid(o.server) for o in observed]
+
+        def work(tx: StateWriter) -> list[Applied]:
             db = tx.db
             batch = self._batch(tx)
-            sids = [self._sid(o.server) for o in observations]
-            users = await self._maps.ensure_ids(db, "users", [o.user for o in observations])
-            items = await self._maps.ensure_ids(db, "items", [o.item for o in observations])
+            created: set[int] = set()
+            users = self._maps.ensure_ids(db, "users", [o.user for o in observed], created)
+            new_users = set(created)
+            created.clear()
+            items = self._maps.ensure_ids(db, "items", [o.item for o in observed], created)
             keys = [
-                (users[o.user], items[o.item], sid)
-                for o, sid in zip(observations, sids, strict=True)
+                (users[o.user], items[o.item], sid) for o, sid in zip(observed, sids, strict=True)
             ]
-            await batch.load({(u, i) for u, i, _ in keys})
-            results = [batch.apply(o, k) for o, k in zip(observations, keys, strict=True)]
-            await batch.flush()
+            pairs = {(u, i) for u, i, _ in keys}
+            empty = {(u, i) for u, i in pairs if u in new_users or i in created}
+            batch.load(pairs, empty=empty)
+            results = [batch.apply(o, k) for o, k in zip(observed, keys, strict=True)]
+            batch.flush()
             return results
+
+        return await self._write(work)
 
     async def observe_before_write(
         self, row: OutboxRow, current: UserData, wall_ms: int
@@ -452,12 +487,14 @@ class Ledger:
             return []
         asked_ms = wall_ms if read_ms is None else read_ms
         asked_seq = self.ticket() if read_seq is None else read_seq
-        async with self._tx() as tx:
-            keys = await self._maps.row_keys(tx.db, [row for row, _ in reads])
+        synced = self.policy.synced
+        found: list[OutboxRow] = []
+
+        def work(tx: StateWriter) -> list[OutboxRow | None]:
+            keys = self._maps.row_keys(tx.db, [row for row, _ in reads])
             batch = self._batch(tx)
-            await batch.load({(u, i) for u, i, _ in keys})
+            batch.load({(u, i) for u, i, _ in keys})
             outdated: set[Key] = set()
-            synced = self.policy.synced
             for (row, current), key in zip(reads, keys, strict=True):
                 known = batch.lk.get(key)
                 if known == current:
@@ -471,14 +508,14 @@ class Ledger:
                     and known.holds_data(synced)
                 ):
                     outdated.add(key)
-                    regressed.append(row)
+                    found.append(row)
                     continue
                 obs = Observation(
                     row.peer, row.user, row.item, current, asked_ms, "compare", asked_seq
                 )
                 if batch.apply(obs, key).outcome is Outcome.OUTDATED:
                     outdated.add(key)
-            await batch.number_new_rows()
+            batch.number_new_rows()
             fresh = [
                 None if key in outdated else batch.outbox_row(key, row)
                 for (row, _), key in zip(reads, keys, strict=True)
@@ -487,8 +524,13 @@ class Ledger:
                 for still, (_, current), key in zip(fresh, reads, keys, strict=True):
                     if still is not None:
                         batch.record_intents(key, current, intents(still, current), wall_ms)
-            await batch.flush()
+            batch.flush()
             return fresh
+
+        fresh = await self._write(work)
+        if regressed is not None:
+            regressed.extend(found)  # only once committed, on the caller's thread
+        return fresh
 
     async def backfill(
         self, server: str, user: str, wall_ms: int, *, only_mapped: bool = False
@@ -499,63 +541,72 @@ class Ledger:
         merges whatever the server holds at first contact. With ``only_mapped`` only items the
         server maps (has) are queued. Returns the rows touched.
         """
-        async with self._tx() as tx:
-            sid = self._sid(server)
-            uid = await self._maps.user_id(tx.db, user)
-            pairs = await tx.unknown_to(sid, uid, only_mapped=only_mapped)
+        sid = self._sid(server)
+        synced = self.policy.synced
+
+        def work(tx: StateWriter) -> int:
+            uid = self._maps.user_id(tx.db, user)
+            pairs = tx.unknown_to(sid, uid, only_mapped=only_mapped)
             if not pairs:
                 return 0
             batch = self._batch(tx)
-            await batch.load(pairs)
+            batch.load(pairs)
             version = batch.tick(wall_ms)
             touched = 0
             for pair in sorted(pairs):
                 canonical = batch.canon[pair]
                 owed = frozenset(
-                    r
-                    for r in self.policy.synced
-                    if canonical.data.get(r) != DEFAULT_USER_DATA.get(r)
+                    r for r in synced if canonical.data.get(r) != DEFAULT_USER_DATA.get(r)
                 )
                 if owed and batch.refresh_row((*pair, sid), owed, canonical.data, version, wall_ms):
                     touched += 1
-            await batch.flush()
+            batch.flush()
             return touched
+
+        return await self._write(work)
 
     # ------------------------------------------------------------------ reads
 
     async def canonical(self, user: str, item: str) -> CanonicalState | None:
         """Return the canonical state of ``user`` and ``item``, if any."""
-        async with self._read() as tx:
-            pair = await self._maps.pair(tx.db, user, item)
+
+        def work(tx: StateWriter) -> CanonicalState | None:
+            pair = self._maps.pair(tx.db, user, item)
             if pair is None:
                 return None
             batch = self._batch(tx)
-            await batch.load({pair}, with_members=False)
+            batch.load({pair}, with_members=False)
             return batch.canon.get(pair)
+
+        return await self._read(work)
 
     async def last_known(self, server: str, user: str, item: str) -> UserData | None:
         """Return the state jfsync last knew ``server`` to hold for ``user`` and ``item``."""
-        async with self._read() as tx:
-            pair = await self._maps.pair(tx.db, user, item)
-            if pair is None:
-                return None
-            return await tx.last_known((*pair, self._sid(server)))
+        sid = self._sid(server)
+
+        def work(tx: StateWriter) -> UserData | None:
+            pair = self._maps.pair(tx.db, user, item)
+            return None if pair is None else tx.last_known((*pair, sid))
+
+        return await self._read(work)
 
     async def last_known_for_user(self, server: str, user: str) -> dict[str, UserData]:
         """Return every last-known state of ``user`` on ``server``, by canonical item.
 
         A resync uses it to find known items missing from a scan of non-default items.
         """
-        async with self._read() as tx:
-            return await tx.last_known_for(self._sid(server), user)
+        sid = self._sid(server)
+        return await self._read(lambda tx: tx.last_known_for(sid, user))
 
     async def pending_echoes(self, server: str, user: str, item: str) -> tuple[PendingWrite, ...]:
         """Return the writes to ``server`` whose echo is still expected."""
-        async with self._read() as tx:
-            pair = await self._maps.pair(tx.db, user, item)
-            if pair is None:
-                return ()
-            return await tx.pending_echoes((*pair, self._sid(server)))
+        sid = self._sid(server)
+
+        def work(tx: StateWriter) -> tuple[PendingWrite, ...]:
+            pair = self._maps.pair(tx.db, user, item)
+            return () if pair is None else tx.pending_echoes((*pair, sid))
+
+        return await self._read(work)
 
     async def forget_echoes(self, server: str, user: str) -> int:
         """Drop every pending echo of ``user`` on ``server``; return how many keys had some.
@@ -563,8 +614,8 @@ class Ledger:
         Call it when that user's socket (re)connects, before the resync scan: events of the old
         socket can no longer arrive, so pending states would only risk swallowing a real change.
         """
-        async with self._tx() as tx:
-            return await tx.forget_echoes(self._sid(server), user)
+        sid = self._sid(server)
+        return await self._write(lambda tx: tx.forget_echoes(sid, user))
 
     # ------------------------------------------------------------------ outbox
 
@@ -581,19 +632,23 @@ class Ledger:
         ``exclude`` holds the ids of rows the caller already has in flight. SQLite skips them
         (up to a chunk of them; any more are skipped here), so they cost no reading.
         """
-        async with self._read() as tx:
-            return await outbox.due(
-                tx.db, self._maps.names, self._sid(peer), limit, now_ms, exclude
-            )
+        sid = self._sid(peer)
+        skip = list(exclude)
+        names = self._maps.names
+        return await self._read(lambda tx: outbox.due(tx.db, names, sid, limit, now_ms, skip))
 
     async def get_row(self, peer: str, user: str, item: str) -> OutboxRow | None:
         """Return the outbox row for ``peer``, ``user`` and ``item``, live or dead."""
-        async with self._read() as tx:
-            pair = await self._maps.pair(tx.db, user, item)
+        sid = self._sid(peer)
+
+        def work(tx: StateWriter) -> OutboxRow | None:
+            pair = self._maps.pair(tx.db, user, item)
             if pair is None:
                 return None
-            key = (*pair, self._sid(peer))
-            return (await outbox.rows_at(tx.db, self._maps.names, [key])).get(key)
+            key = (*pair, sid)
+            return outbox.rows_at(tx.db, self._maps.names, [key]).get(key)
+
+        return await self._read(work)
 
     async def row_written(self, row: OutboxRow, written_state: UserData, wall_ms: int) -> bool:
         """Record a successful write of ``row``; return whether the row is done.
@@ -619,13 +674,16 @@ class Ledger:
         """
         if not intents:
             return
-        async with self._tx() as tx:
-            keys = await self._maps.row_keys(tx.db, [row for row, _, _ in intents])
+
+        def work(tx: StateWriter) -> None:
+            keys = self._maps.row_keys(tx.db, [row for row, _, _ in intents])
             batch = self._batch(tx)
-            await batch.load({(u, i) for u, i, _ in keys}, with_members=False)
+            batch.load({(u, i) for u, i, _ in keys}, with_members=False)
             for (_, base, states), key in zip(intents, keys, strict=True):
                 batch.record_intents(key, base, states, wall_ms)
-            await batch.flush()
+            batch.flush()
+
+        await self._write(work)
 
     async def rows_written(
         self, acks: Sequence[tuple[OutboxRow, UserData]], wall_ms: int
@@ -633,16 +691,19 @@ class Ledger:
         """Do :meth:`row_written` for several rows in ONE transaction."""
         if not acks:
             return []
-        async with self._tx() as tx:
-            keys = await self._maps.row_keys(tx.db, [row for row, _ in acks])
+
+        def work(tx: StateWriter) -> list[bool]:
+            keys = self._maps.row_keys(tx.db, [row for row, _ in acks])
             batch = self._batch(tx)
-            await batch.load({(u, i) for u, i, _ in keys}, with_members=False)
+            batch.load({(u, i) for u, i, _ in keys}, with_members=False)
             done = [
                 batch.written(key, row.version, state, wall_ms)
                 for (row, state), key in zip(acks, keys, strict=True)
             ]
-            await batch.flush()
+            batch.flush()
             return done
+
+        return await self._write(work)
 
     async def row_failed(self, row: OutboxRow, reason: str, retry_at_ms: int) -> None:
         """Record a failed attempt of ``row`` and when to try again (the row stays live)."""
@@ -652,52 +713,61 @@ class Ledger:
         """Do :meth:`row_failed` for several rows with one reason, in ONE transaction."""
         if not rows:
             return
-        async with self._tx() as tx:
+
+        def work(tx: StateWriter) -> None:
             failed = [(row.id, self._maps.known_pair(row.user, row.item)) for row in rows]
-            await tx.fail_rows(failed, reason, retry_at_ms)
+            tx.fail_rows(failed, reason, retry_at_ms)
+
+        await self._write(work)
 
     async def row_dead(self, row: OutboxRow, reason: str) -> bool:
         """Park ``row`` as dead with ``reason``; False when a newer change replaced it (or it
         was parked already)."""
-        async with self._tx() as tx:
+
+        def work(tx: StateWriter) -> bool:
             pair = self._maps.known_pair(row.user, row.item)
-            parked = await tx.park_row(row.id, row.version, reason, pair)
+            return tx.park_row(row.id, row.version, reason, pair)
+
+        parked = await self._write(work)
         if parked:
             logger.warning("[%s] parked write of %s/%s: %s", row.peer, row.user, row.item, reason)
         return parked
 
     async def retry_dead(self, peer: str) -> int:
         """Make every dead row of ``peer`` live and due now; return how many."""
-        async with self._tx() as tx:
-            return await tx.revive_dead(self._sid(peer))
+        sid = self._sid(peer)
+        return await self._write(lambda tx: tx.revive_dead(sid))
 
     async def reset_backoff(self, peer: str) -> int:
         """Make every live row of ``peer`` due now (after the peer came back); return how many."""
-        async with self._tx() as tx:
-            return await tx.reset_backoff(self._sid(peer))
+        sid = self._sid(peer)
+        return await self._write(lambda tx: tx.reset_backoff(sid))
 
     async def outbox_depth(self, peer: str) -> int:
         """Return how many live rows ``peer`` has queued."""
-        async with self._read() as tx:
-            return await outbox.depth(tx.db, self._sid(peer))
+        sid = self._sid(peer)
+        return await self._read(lambda tx: outbox.depth(tx.db, sid))
 
     async def oldest_age(self, peer: str, now_ms: int) -> float | None:
         """Return the age in seconds of the oldest live row of ``peer``, or None when empty."""
-        async with self._read() as tx:
-            oldest = await outbox.oldest_created_ms(tx.db, self._sid(peer))
+        sid = self._sid(peer)
+        oldest = await self._read(lambda tx: outbox.oldest_created_ms(tx.db, sid))
         return None if oldest is None else max(0.0, (now_ms - oldest) / 1000.0)
 
     async def dead_rows(self, peer: str) -> list[OutboxRow]:
         """Return the parked rows of ``peer`` with their reasons (``last_error``)."""
-        async with self._read() as tx:
-            return await outbox.dead(tx.db, self._maps.names, self._sid(peer))
+        sid = self._sid(peer)
+        return await self._read(lambda tx: outbox.dead(tx.db, self._maps.names, sid))
 
     async def dead_summary(self, peer: str, limit: int) -> tuple[int, list[OutboxRow]]:
         """Return how many rows of ``peer`` are dead, and the oldest ``limit`` of them."""
-        async with self._read() as tx:
-            sid = self._sid(peer)
-            count = await outbox.dead_count(tx.db, sid)
-            return count, await outbox.dead(tx.db, self._maps.names, sid, limit)
+        sid = self._sid(peer)
+
+        def work(tx: StateWriter) -> tuple[int, list[OutboxRow]]:
+            count = outbox.dead_count(tx.db, sid)
+            return count, outbox.dead(tx.db, self._maps.names, sid, limit)
+
+        return await self._read(work)
 
     # ------------------------------------------------------------------ policy (config reload)
 
@@ -708,9 +778,13 @@ class Ledger:
         register choices of their own get their ids. Rows already queued are left as they
         are: :meth:`prune_outbox` brings them in line.
         """
-        async with self._tx() as tx:
-            ids = await self._maps.ensure_ids(tx.db, "users", [u for u, _ in policy.user_fields])
-            await self._maps.configure_servers(tx.db, policy.servers)
+
+        def work(tx: StateWriter) -> dict[str, int]:
+            ids = self._maps.ensure_ids(tx.db, "users", [u for u, _ in policy.user_fields])
+            self._maps.configure_servers(tx.db, policy.servers)
+            return ids
+
+        ids = await self._write(work)
         self._policy = LedgerPolicy(policy, {ids[u]: fields for u, fields in policy.user_fields})
 
     async def prune_outbox(self) -> dict[str, int]:
@@ -720,13 +794,14 @@ class Ledger:
         registers no longer synced (for everyone, or for that person) are taken out of the
         others, and a row left with none is dropped.
         """
-        dropped: dict[str, int] = {}
-        async with self._tx() as tx:
-            rules = self._policy
+        rules = self._policy
+
+        def work(tx: StateWriter) -> dict[str, int]:
+            dropped: dict[str, int] = {}
             configured = set(rules.merge.servers)
             names = self._maps.names
             narrowed: list[tuple[int, Key, int]] = []
-            for rid, key, bits in await outbox.registers_owed(tx.db):
+            for rid, key, bits in outbox.registers_owed(tx.db):
                 name = names.get(key[2], str(key[2]))
                 allowed = mask_bits(rules.synced_of(key[0], name)) if name in configured else 0
                 left = bits & allowed
@@ -735,8 +810,10 @@ class Ledger:
                 narrowed.append((rid, key, left))
                 if left == 0:
                     dropped[name] = dropped.get(name, 0) + 1
-            await tx.narrow_rows(narrowed)
-        return dropped
+            tx.narrow_rows(narrowed)
+            return dropped
+
+        return await self._write(work)
 
     async def mark_away(self) -> list[str]:
         """Remember every server with history that the policy no longer names; return them.
@@ -745,18 +822,22 @@ class Ledger:
         meanwhile must be queued for it again (:meth:`requeue_differences`).
         """
         configured = set(self.policy.servers)
-        async with self._tx() as tx:
-            away = sorted(n for n in await tx.servers_with_history() if n not in configured)
-            await tx.db.executemany(
+
+        def work(tx: StateWriter) -> list[str]:
+            away = sorted(n for n in tx.servers_with_history() if n not in configured)
+            tx.db.executemany(
                 "INSERT INTO meta(key, value) VALUES (?, 0) ON CONFLICT DO NOTHING",
                 [(f"away:{name}",) for name in away],
             )
-        return away
+            return away
+
+        return await self._write(work)
 
     async def rejoined(self) -> list[str]:
         """Configured servers that were away (removed from the config) since last caught up."""
-        async with self._read() as tx:
-            rows = await tx.db.execute_fetchall("SELECT key FROM meta WHERE key LIKE 'away:%'")
+        rows = await self._read(
+            lambda tx: fetch(tx.db, "SELECT key FROM meta WHERE key LIKE 'away:%'")
+        )
         names = {str(r[0]).removeprefix("away:") for r in rows}
         return [n for n in self.policy.servers if n in names]
 
@@ -764,12 +845,13 @@ class Ledger:
         """Queue for ``server`` every synced register its last-known state differs from the
         canonical one in (it was away, or only sent); return the rows touched."""
         sid = self._sid(server)
-        async with self._tx() as tx:
-            pairs = await tx.known_on(sid)
+
+        def work(tx: StateWriter) -> int:
+            pairs = tx.known_on(sid)
             touched = 0
             if pairs:
                 batch = self._batch(tx)
-                await batch.load(pairs)
+                batch.load(pairs)
                 version = batch.tick(wall_ms)
                 for pair in sorted(pairs):
                     canonical = batch.canon.get(pair)
@@ -783,37 +865,44 @@ class Ledger:
                         (*pair, sid), owed, canonical.data, version, wall_ms
                     ):
                         touched += 1
-                await batch.flush()
-            await tx.db.execute("DELETE FROM meta WHERE key=?", (f"away:{server}",))
-        return touched
+                batch.flush()
+            tx.db.execute("DELETE FROM meta WHERE key=?", (f"away:{server}",))
+            return touched
+
+        return await self._write(work)
 
     async def drop_unmapped_rows(self, peer: str) -> int:
         """Drop rows owed to ``peer`` for items its library index no longer maps (a library
         filter left them out); return how many. Without an index for ``peer``, nothing."""
-        async with self._tx() as tx:
-            sid = self._sid(peer)
-            if not await self._maps.has_index(tx.db, sid):
+        sid = self._sid(peer)
+
+        def work(tx: StateWriter) -> int:
+            if not self._maps.has_index(tx.db, sid):
                 return 0
-            rows = await outbox.unmapped(tx.db, sid)
-            await tx.narrow_rows([(rid, key, 0) for rid, key in rows])
-        return len(rows)
+            rows = outbox.unmapped(tx.db, sid)
+            tx.narrow_rows([(rid, key, 0) for rid, key in rows])
+            return len(rows)
+
+        return await self._write(work)
 
     # ------------------------------------------------------------------ reset guard
 
     async def jellyfin_id(self, server: str) -> str | None:
         """Return the Jellyfin server id last seen under the config name ``server``."""
-        async with self._read() as tx:
-            rows = await tx.db.execute_fetchall(
-                "SELECT jellyfin_id FROM servers WHERE id=?", (self._sid(server),)
-            )
-            return next((None if r[0] is None else str(r[0]) for r in rows), None)
+        sid = self._sid(server)
+        rows = await self._read(
+            lambda tx: fetch(tx.db, "SELECT jellyfin_id FROM servers WHERE id=?", (sid,))
+        )
+        return next((None if r[0] is None else str(r[0]) for r in rows), None)
 
     async def remember_jellyfin_id(self, server: str, jellyfin_id: str) -> None:
         """Record the Jellyfin server id seen under the config name ``server``."""
-        async with self._tx() as tx:
-            await tx.db.execute(
-                "UPDATE servers SET jellyfin_id=? WHERE id=?", (jellyfin_id, self._sid(server))
+        sid = self._sid(server)
+        await self._write(
+            lambda tx: tx.db.execute(
+                "UPDATE servers SET jellyfin_id=? WHERE id=?", (jellyfin_id, sid)
             )
+        )
 
     async def forget_server_history(self, server: str) -> int:
         """Forget what jfsync knew ``server`` to hold, for every user, in ONE transaction.
@@ -822,11 +911,14 @@ class Ledger:
         queued rows stay. Every item it shows next is a first contact (merged, never taken as
         an edit). Returns how many last-known states were dropped.
         """
-        async with self._tx() as tx:
-            sid = self._sid(server)
-            dropped = await tx.forget_server(sid)
-            await tx.db.execute("DELETE FROM reset_holds WHERE server=?", (sid,))
+        sid = self._sid(server)
+
+        def work(tx: StateWriter) -> int:
+            dropped = tx.forget_server(sid)
+            tx.db.execute("DELETE FROM reset_holds WHERE server=?", (sid,))
             return dropped
+
+        return await self._write(work)
 
     async def rebase_last_known(
         self, server: str, user: str, states: Mapping[str, UserData], wall_ms: int
@@ -840,38 +932,43 @@ class Ledger:
         """
         if not states:
             return 0
-        async with self._tx() as tx:
-            sid = self._sid(server)
-            uid = await self._maps.user_id(tx.db, user)
-            items = await self._maps.ensure_ids(tx.db, "items", list(states))
+        sid = self._sid(server)
+        synced = self.policy.synced
+        given = dict(states)
+
+        def work(tx: StateWriter) -> int:
+            uid = self._maps.user_id(tx.db, user)
+            items = self._maps.ensure_ids(tx.db, "items", list(given))
             batch = self._batch(tx)
-            await batch.load({(uid, iid) for iid in items.values()})
+            batch.load({(uid, iid) for iid in items.values()})
             version = batch.tick(wall_ms)
             queued = 0
-            for item in sorted(states):
-                state = states[item]
+            for item in sorted(given):
+                state = given[item]
                 key = (uid, items[item], sid)
                 batch.set_last_known(key, state)
                 canonical = batch.canon.get(key[:2])
                 if canonical is None:
                     continue
-                owed = frozenset(
-                    r for r in self.policy.synced if canonical.data.get(r) != state.get(r)
-                )
+                owed = frozenset(r for r in synced if canonical.data.get(r) != state.get(r))
                 if owed and batch.refresh_row(key, owed, canonical.data, version, wall_ms):
                     queued += 1
-            await batch.flush()
+            batch.flush()
             return queued
+
+        return await self._write(work)
 
     async def reset_holds(self) -> list[ResetHold]:
         """Return every (server, user) the reset guard holds, oldest first."""
-        async with self._read() as tx:
-            rows = await tx.db.execute_fetchall(
+        rows = await self._read(
+            lambda tx: fetch(
+                tx.db,
                 "SELECT h.server, u.key, su.name, h.items, h.known, h.since_ms, h.resolution "
                 "FROM reset_holds h JOIN users u ON u.id = h.user "
                 "LEFT JOIN server_users su ON su.server = h.server AND su.user = h.user "
-                "ORDER BY h.since_ms, h.server, u.key"
+                "ORDER BY h.since_ms, h.server, u.key",
             )
+        )
         names = self._maps.names
         return [
             ResetHold(
@@ -891,13 +988,17 @@ class Ledger:
         self, server: str, user: str, *, items: int, known: int, since_ms: int
     ) -> None:
         """Hold ``user`` on ``server``: nothing is delivered to it until a resolution."""
-        async with self._tx() as tx:
-            uid = await self._maps.user_id(tx.db, user)
-            await tx.db.execute(
+        sid = self._sid(server)
+
+        def work(tx: StateWriter) -> None:
+            uid = self._maps.user_id(tx.db, user)
+            tx.db.execute(
                 "INSERT INTO reset_holds(server, user, items, known, since_ms, resolution) "
                 "VALUES (?, ?, ?, ?, ?, NULL) ON CONFLICT(server, user) DO NOTHING",
-                (self._sid(server), uid, items, known, since_ms),
+                (sid, uid, items, known, since_ms),
             )
+
+        await self._write(work)
 
     async def resolve_reset_holds(
         self, server: str, user: str | None, resolution: Literal["accept", "restore"]
@@ -918,52 +1019,57 @@ class Ledger:
             ]
         if not held:
             return []
-        async with self._tx() as tx:
-            sid = self._sid(server)
-            for hold in held:
-                await tx.db.execute(
-                    "UPDATE reset_holds SET resolution=? WHERE server=? AND user="
-                    "(SELECT id FROM users WHERE key=?)",
-                    (resolution, sid, hold.user),
-                )
+        sid = self._sid(server)
+        await self._write(
+            lambda tx: tx.db.executemany(
+                "UPDATE reset_holds SET resolution=? WHERE server=? AND user="
+                "(SELECT id FROM users WHERE key=?)",
+                [(resolution, sid, hold.user) for hold in held],
+            )
+        )
         return [replace(h, resolution=resolution) for h in held]
 
     async def drop_reset_hold(self, server: str, user: str) -> bool:
         """Drop the hold of ``user`` on ``server`` (its resolution was applied)."""
-        async with self._tx() as tx:
-            cursor = await tx.db.execute(
+        sid = self._sid(server)
+
+        def work(tx: StateWriter) -> bool:
+            cursor = tx.db.execute(
                 "DELETE FROM reset_holds WHERE server=? "
                 "AND user=(SELECT id FROM users WHERE key=?)",
-                (self._sid(server), user),
+                (sid, user),
             )
-            dropped = cursor.rowcount == 1
-            await cursor.close()
-            return dropped
+            return cursor.rowcount == 1
+
+        return await self._write(work)
 
     # ------------------------------------------------------------------ tokens (TokenStore)
 
     async def load_token(self, server_id: str, user_id: str) -> str | None:
         """Return the stored token of a user on a server, if any."""
-        async with self._read() as tx:
-            rows = await tx.db.execute_fetchall(
-                "SELECT token FROM tokens WHERE server=? AND user=?", (server_id, user_id)
+        rows = await self._read(
+            lambda tx: fetch(
+                tx.db, "SELECT token FROM tokens WHERE server=? AND user=?", (server_id, user_id)
             )
-            return next((str(r[0]) for r in rows), None)
+        )
+        return next((str(r[0]) for r in rows), None)
 
     async def save_token(self, server_id: str, user_id: str, token: str) -> None:
         """Store (or replace) the token of a user on a server."""
-        async with self._tx() as tx:
-            await tx.db.execute(
+        await self._write(
+            lambda tx: tx.db.execute(
                 "INSERT OR REPLACE INTO tokens(server, user, token) VALUES (?, ?, ?)",
                 (server_id, user_id, token),
             )
+        )
 
     async def forget_token(self, server_id: str, user_id: str) -> None:
         """Delete the stored token of a user on a server."""
-        async with self._tx() as tx:
-            await tx.db.execute(
+        await self._write(
+            lambda tx: tx.db.execute(
                 "DELETE FROM tokens WHERE server=? AND user=?", (server_id, user_id)
             )
+        )
 
     # ------------------------------------------------------------------ checks
 
@@ -977,64 +1083,55 @@ class Ledger:
         that does not map the item is owed nothing of it, so neither is checked) either equals
         the canonical value or is owed by that server's outbox row with the canonical value.
         """
+        rules = self._policy
+        configured = {
+            self._sid(n) for n in rules.merge.servers if n not in rules.merge.receive_only
+        }
+        return await self._read(lambda tx: self._problems(tx.db, rules, configured))
+
+    def _problems(
+        self, db: sqlite3.Connection, rules: LedgerPolicy, configured: set[int]
+    ) -> list[str]:
+        """:meth:`check_invariants` on the connection's thread, from the file itself."""
         problems: list[str] = []
-        async with self._read() as tx:
-            db = tx.db
-            integrity = [str(r[0]) for r in await db.execute_fetchall("PRAGMA integrity_check")]
-            if integrity != ["ok"]:
-                problems.append(f"integrity_check: {integrity}")
-            fk = list(await db.execute_fetchall("PRAGMA foreign_key_check"))
-            if fk:
-                problems.append(f"foreign_key_check: {len(fk)} rows")
-            stored = list(await db.execute_fetchall("SELECT value FROM meta WHERE key='clock_ms'"))
-            clock = int(stored[0][0])
-            highest = next(
-                iter(
-                    await db.execute_fetchall(
-                        "SELECT MAX(m) FROM (SELECT MAX(favorite_ms, rating_ms, play_state_ms) "
-                        "AS m FROM canonical UNION ALL SELECT MAX(version) FROM outbox)"
-                    )
-                )
-            )[0]
-            if highest is not None and int(highest) > clock:
-                problems.append(f"clock {clock} is behind a stored stamp {highest}")
-            synced_bits = mask_bits(self.policy.synced)
-            for rid, bits in await db.execute_fetchall("SELECT id, registers FROM outbox"):
-                if int(bits) == 0 or int(bits) & ~synced_bits:
-                    problems.append(f"outbox row {rid} has registers {bits}")
-            # From the file itself, not the cache nor the cached mappings.
-            batch = Batch(
-                self._policy, self._maps, self._clock, StateWriter(db, None, writable=False)
-            )
-            pairs = {
-                (int(u), int(i))
-                for u, i in await db.execute_fetchall("SELECT user, item FROM canonical")
-            }
-            await batch.load(pairs)
-            names = self._maps.names
-            rules = self._policy
-            configured = {
-                self._sid(n) for n in rules.merge.servers if n not in rules.merge.receive_only
-            }
-            for (uid, iid), canonical in sorted(batch.canon.items()):
-                for sid in sorted(batch.members.get(uid, set()) & configured):
-                    known = batch.lk.get((uid, iid, sid))
-                    if known is None or batch.lacks_item(sid, iid):
+        integrity = [str(r[0]) for r in fetch(db, "PRAGMA integrity_check")]
+        if integrity != ["ok"]:
+            problems.append(f"integrity_check: {integrity}")
+        fk = fetch(db, "PRAGMA foreign_key_check")
+        if fk:
+            problems.append(f"foreign_key_check: {len(fk)} rows")
+        clock = int(fetch(db, "SELECT value FROM meta WHERE key='clock_ms'")[0][0])
+        highest = fetch(
+            db,
+            "SELECT MAX(m) FROM (SELECT MAX(favorite_ms, rating_ms, play_state_ms) "
+            "AS m FROM canonical UNION ALL SELECT MAX(version) FROM outbox)",
+        )[0][0]
+        if highest is not None and int(highest) > clock:
+            problems.append(f"clock {clock} is behind a stored stamp {highest}")
+        synced_bits = mask_bits(rules.merge.synced)
+        for rid, bits in fetch(db, "SELECT id, registers FROM outbox"):
+            if int(bits) == 0 or int(bits) & ~synced_bits:
+                problems.append(f"outbox row {rid} has registers {bits}")
+        # From the file itself, not the cache nor the cached mappings.
+        batch = Batch(rules, self._maps, self._clock, StateWriter(db, None, writable=False))
+        pairs = {(int(u), int(i)) for u, i in fetch(db, "SELECT user, item FROM canonical")}
+        batch.load(pairs)
+        names = self._maps.names
+        for (uid, iid), canonical in sorted(batch.canon.items()):
+            for sid in sorted(batch.members.get(uid, set()) & configured):
+                known = batch.lk.get((uid, iid, sid))
+                if known is None or batch.lacks_item(sid, iid):
+                    continue
+                row = batch.rows.get((uid, iid, sid))
+                for register in ordered(rules.synced_of(uid, names[sid])):
+                    want = canonical.data.get(register)
+                    if known.get(register) == want:
                         continue
-                    row = batch.rows.get((uid, iid, sid))
-                    for register in ordered(rules.synced_of(uid, names[sid])):
-                        want = canonical.data.get(register)
-                        if known.get(register) == want:
-                            continue
-                        if (
-                            row is None
-                            or register not in row.mask
-                            or row.desired.get(register) != want
-                        ):
-                            problems.append(
-                                f"{names[sid]} user#{uid} item#{iid}: {register} "
-                                f"is {known.get(register)!r}, canonical {want!r}, not queued"
-                            )
+                    if row is None or register not in row.mask or row.desired.get(register) != want:
+                        problems.append(
+                            f"{names[sid]} user#{uid} item#{iid}: {register} "
+                            f"is {known.get(register)!r}, canonical {want!r}, not queued"
+                        )
         return problems
 
     # ------------------------------------------------------------------ internals
@@ -1044,30 +1141,56 @@ class Ledger:
         requested and pass it as the read's ``read_seq``."""
         return self._clock.ticket()
 
-    @asynccontextmanager
-    async def _read(self) -> AsyncIterator[StateWriter]:
-        """Use the connection outside a transaction: reads only (the cache takes what they
-        read of the cached tables)."""
+    async def _read(self, work: Callable[[StateWriter], T]) -> T:
+        """Run ``work`` on the connection's thread outside a transaction, in ONE hop: reads
+        only (the cache takes what they read of the cached tables, once they returned)."""
         db = self._require()
-        async with self._gate.lock:
-            tables = StateWriter(db, self._cache, writable=False)
-            yield tables
-            tables.commit()
+        cache = self._cache
+        writers: list[StateWriter] = []
 
-    @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[StateWriter]:
-        """One write transaction; its writer updates the cache once it commits."""
-        tables = StateWriter(self._require(), self._cache)
-        async with self._gate.transaction(
-            tables.db, self._forget_uncommitted, on_commit=tables.commit
-        ):
+        def body(conn: sqlite3.Connection) -> T:
+            tables = StateWriter(conn, cache, writable=False)
+            writers.append(tables)
+            return work(tables)
+
+        async with self._gate.lock:
+            result = await run_on_thread(db, body)
+            writers[0].commit()
+        return result
+
+    async def _write(self, work: Callable[[StateWriter], T]) -> T:
+        """Run ``work`` in ONE write transaction, in ONE hop to the connection's thread.
+
+        BEGIN IMMEDIATE, ``work`` (its reads, the apply logic, its writes) and COMMIT run as
+        one function there (:func:`~jfsync.sync.ledger.schema.write_transaction`), which rolls
+        back on any failure. Once COMMIT returned, and back on the event loop, the
+        transaction's writer gives the cache what it read and wrote; when the transaction
+        failed or its caller was cancelled (the call still ran to its end: committed or
+        rolled back), the cache and the id maps forget what they held instead.
+        """
+        db = self._require()
+        cache = self._cache
+        writers: list[StateWriter] = []
+
+        def body(conn: sqlite3.Connection) -> T:
+            tables = StateWriter(conn, cache)
+            writers.append(tables)
+            return work(tables)
+
+        async with self._gate.lock:
             # Under the lock, before anything is written: never into a file nobody sees.
             self.verify_file()
-            yield tables
+            try:
+                result = await run_on_thread(db, partial(write_transaction, work=body))
+            except BaseException:
+                self._forget_uncommitted()
+                raise
+            writers[0].commit()
+        return result
 
     def _forget_uncommitted(self) -> None:
-        """After a failed transaction: ids it handed out no longer exist, and a COMMIT cut
-        short by a cancellation may still have landed, so nothing cached can be trusted."""
+        """After a failed or cancelled transaction: ids it handed out may no longer exist, and
+        whether a cancelled one committed is not known here, so nothing cached is trusted."""
         self._maps.forget_uncommitted()
         self._cache.clear()
 
@@ -1080,4 +1203,5 @@ class Ledger:
         return self._db
 
     def _sid(self, server: str) -> int:
+        self._require()  # a closed ledger says so before it judges a server name
         return self._maps.sid(server)

@@ -4,20 +4,22 @@ The canonical states, last-known states, pending echoes and outbox rows are the 
 decoded rows the ledger keeps between transactions (:class:`jfsync.sync.ledger.cache.StateCache`).
 Every write to them in the package goes through a :class:`StateWriter`, made by the ledger for
 each transaction, so the cache is kept right by construction: loads come from the cache (until
-the transaction has written, and never for pairs its bulk statements touched) or from SQLite;
-writes are remembered as final values; only once the transaction has committed does the cache
-take what was read and written, then drop what bulk statements touched. A transaction that does
-not commit leaves the cache as it was (the ledger then empties it: a cancelled COMMIT may still
-have landed). Reads outside a write transaction get a read-only writer that refuses writes.
+the transaction has written, and never for pairs its bulk statements touched) or from SQLite
+(pairs of a user or item the transaction itself created hold nothing and are not read);
+writes are remembered as final values; only once the transaction has committed, back on the
+event loop, does the cache take what was read and written, then drop what bulk statements
+touched. A transaction that does not commit leaves the cache as it was (the ledger then empties
+it, as it does after a cancelled caller). Reads outside a write transaction get a read-only
+writer that refuses writes. Everything here but :meth:`StateWriter.commit` runs on the
+connection's own thread, inside the transaction's one call (:mod:`jfsync.sync.ledger.store`).
 """
 
 from __future__ import annotations
 
+import sqlite3
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from typing import Any
-
-import aiosqlite
 
 from jfsync.model import UserData
 from jfsync.sync.echo import PendingWrite
@@ -34,6 +36,7 @@ from jfsync.sync.ledger.codec import (
     decode_echo,
     decode_state,
     encode_echo,
+    fetch,
     marks,
     state_values,
     upsert_sql,
@@ -65,7 +68,7 @@ class StateWriter:
     """
 
     def __init__(
-        self, db: aiosqlite.Connection, cache: StateCache | None, *, writable: bool = True
+        self, db: sqlite3.Connection, cache: StateCache | None, *, writable: bool = True
     ) -> None:
         self.db = db
         self._cache = cache
@@ -110,12 +113,19 @@ class StateWriter:
 
     # ------------------------------------------------------------------ pairs
 
-    async def load(self, pairs: set[Pair]) -> dict[Pair, CachedPair]:
+    def load(self, pairs: set[Pair], empty: Set[Pair] = frozenset()) -> dict[Pair, CachedPair]:
         """Everything the file holds for ``pairs`` (complete), from the cache or SQLite.
 
+        ``empty``: pairs of a user or item this transaction created, so that nothing in the
+        file refers to them; they are not read (unless this transaction already wrote).
         The entries are shared with the cache: read them, never change them.
         """
         found: dict[Pair, CachedPair] = {}
+        if empty and not self._wrote and not self._cleared:
+            fresh = {pair: CachedPair(None) for pair in pairs & empty}
+            self._read.update(fresh)
+            found.update(fresh)
+            pairs = pairs - fresh.keys()
         cache = None if self._cleared else self._cache
         if cache is None:
             missing = set(pairs)
@@ -129,30 +139,30 @@ class StateWriter:
                 else:
                     found[pair] = entry
         if missing:
-            read = await self._read_pairs(missing)
+            read = self._read_pairs(missing)
             self._read.update(read)
             found.update(read)
         self._loaded.update(found)
         return found
 
-    async def _read_pairs(self, pairs: set[Pair]) -> dict[Pair, CachedPair]:
+    def _read_pairs(self, pairs: set[Pair]) -> dict[Pair, CachedPair]:
         entries: dict[Pair, CachedPair] = {}
         canon = {
             (int(row[0]), int(row[1])): decode_canonical(row)
-            for row in await self._by_pairs(_SELECT_CANONICAL, pairs)
+            for row in self._by_pairs(_SELECT_CANONICAL, pairs)
         }
         for pair in pairs:
             entries[pair] = CachedPair(canon.get(pair))
-        for row in await self._by_pairs(_SELECT_LAST_KNOWN, pairs):
+        for row in self._by_pairs(_SELECT_LAST_KNOWN, pairs):
             entries[(int(row[0]), int(row[1]))].lk[int(row[2])] = decode_state(row, 3)
-        for row in await self._by_pairs(_SELECT_ECHO, pairs):
+        for row in self._by_pairs(_SELECT_ECHO, pairs):
             entries[(int(row[0]), int(row[1]))].echo[int(row[2])] = decode_echo(str(row[3]))
-        for row in await self._by_pairs(WORK_SELECT, pairs, alias="o."):
+        for row in self._by_pairs(WORK_SELECT, pairs, alias="o."):
             (uid, iid, sid), work = decode_work_row(row)
             entries[(uid, iid)].rows[sid] = work
         return entries
 
-    async def _by_pairs(self, select: str, pairs: set[Pair], alias: str = "") -> list[Any]:
+    def _by_pairs(self, select: str, pairs: set[Pair], alias: str = "") -> list[Any]:
         by_user: dict[int, list[int]] = defaultdict(list)
         for uid, iid in pairs:
             by_user[uid].append(iid)
@@ -160,60 +170,61 @@ class StateWriter:
         for uid, items in by_user.items():
             for chunk in chunks(sorted(items), CHUNK):
                 found.extend(
-                    await self.db.execute_fetchall(
+                    fetch(
+                        self.db,
                         f"{select} WHERE {alias}user=? AND {alias}item IN ({marks(len(chunk))})",
                         (uid, *chunk),
                     )
                 )
         return found
 
-    async def put_canonical(self, states: Mapping[Pair, CanonicalState]) -> None:
+    def put_canonical(self, states: Mapping[Pair, CanonicalState]) -> None:
         """Write canonical states."""
         self._require_writable()
-        await self.db.executemany(
+        self.db.executemany(
             _UPSERT_CANONICAL,
             [(*pair, *canonical_values(state)) for pair, state in states.items()],
         )
         self._canon.update(states)
         self._wrote = True
 
-    async def put_last_known(self, states: Mapping[Key, UserData]) -> None:
+    def put_last_known(self, states: Mapping[Key, UserData]) -> None:
         """Write last-known states."""
         self._require_writable()
-        await self.db.executemany(
+        self.db.executemany(
             _UPSERT_LAST_KNOWN, [(*key, *state_values(state)) for key, state in states.items()]
         )
         self._lk.update(states)
         self._wrote = True
 
-    async def put_echoes(self, echoes: Mapping[Key, tuple[PendingWrite, ...]]) -> None:
+    def put_echoes(self, echoes: Mapping[Key, tuple[PendingWrite, ...]]) -> None:
         """Write pending echo lists (an empty one deletes the key's)."""
         self._require_writable()
         keep = [(*k, encode_echo(pending)) for k, pending in echoes.items() if pending]
         drop = [k for k, pending in echoes.items() if not pending]
         if keep:
-            await self.db.executemany(_UPSERT_ECHO, keep)
+            self.db.executemany(_UPSERT_ECHO, keep)
         if drop:
-            await self.db.executemany(
+            self.db.executemany(
                 "DELETE FROM pending_echo WHERE user=? AND item=? AND server=?", drop
             )
         self._echo.update(echoes)
         self._wrote = True
 
-    async def number_rows(self, count: int) -> int:
+    def number_rows(self, count: int) -> int:
         """Hand out ``count`` new outbox row ids; return the first.
 
         Numbered inside the write transaction (no other writer can take a number), so callers
         and the cache know every row's id without reading it back after the insert.
         """
         self._require_writable()
-        rows = await self.db.execute_fetchall("SELECT COALESCE(MAX(id), 0) FROM outbox")
+        rows = fetch(self.db, "SELECT COALESCE(MAX(id), 0) FROM outbox")
         first = max(int(next(iter(rows))[0]), self._highest_id) + 1
         self._highest_id = first + count - 1
         self._new_ids.update(range(first, first + count))
         return first
 
-    async def put_rows(self, rows: Mapping[Key, WorkRow | None]) -> None:
+    def put_rows(self, rows: Mapping[Key, WorkRow | None]) -> None:
         """Write outbox rows of keys loaded in this transaction (None: the key has none).
 
         A row numbered by :meth:`number_rows` is inserted, any other updated in place; a
@@ -238,11 +249,11 @@ class StateWriter:
             else:
                 updates.append((*row_values(row), row.id))
         if deletes:
-            await self.db.executemany("DELETE FROM outbox WHERE id=?", deletes)
+            self.db.executemany("DELETE FROM outbox WHERE id=?", deletes)
         if updates:
-            await self.db.executemany(_UPDATE_ROW, updates)
+            self.db.executemany(_UPDATE_ROW, updates)
         if inserts:
-            await self.db.executemany(_INSERT_ROW, inserts)
+            self.db.executemany(_INSERT_ROW, inserts)
         self._rows.update(rows)
         self._wrote = True
 
@@ -258,19 +269,19 @@ class StateWriter:
 
     # ------------------------------------------------------------------ bulk statements
 
-    async def forget_items_on(self, sid: int, items: Sequence[str]) -> None:
+    def forget_items_on(self, sid: int, items: Sequence[str]) -> None:
         """Drop server ``sid``'s last-known states and pending echoes of canonical ``items``."""
         self._require_writable()
         self._clear()
         for chunk in chunks(sorted(set(items)), CHUNK):
             for table in ("last_known", "pending_echo"):
-                await self.db.execute(
+                self.db.execute(
                     f"DELETE FROM {table} WHERE server=? AND item IN "  # noqa: S608
                     f"(SELECT id FROM items WHERE key IN ({marks(len(chunk))}))",
                     (sid, *chunk),
                 )
 
-    async def retire(self, item_ids: Sequence[int]) -> None:
+    def retire(self, item_ids: Sequence[int]) -> None:
         """Drop every canonical state, last-known state, echo and row of the items."""
         self._require_writable()
         self._clear()
@@ -279,83 +290,83 @@ class StateWriter:
         self._rows.update({k: None for k in self._rows if k[1] in gone})
         for chunk in chunks(item_ids, CHUNK):
             for table in ("canonical", "last_known", "pending_echo", "outbox"):
-                await self.db.execute(
+                self.db.execute(
                     f"DELETE FROM {table} WHERE item IN ({marks(len(chunk))})",  # noqa: S608
                     chunk,
                 )
 
-    async def forget_echoes(self, sid: int, user: str) -> int:
+    def forget_echoes(self, sid: int, user: str) -> int:
         """Drop every pending echo of canonical ``user`` on server ``sid``; return the keys."""
         self._require_writable()
         self._clear()
-        cursor = await self.db.execute(
+        cursor = self.db.execute(
             "DELETE FROM pending_echo WHERE server=? AND user IN "
             "(SELECT id FROM users WHERE key=?)",
             (sid, user),
         )
         count = cursor.rowcount
-        await cursor.close()
+        cursor.close()
         return count
 
-    async def forget_server(self, sid: int) -> int:
+    def forget_server(self, sid: int) -> int:
         """Drop server ``sid``'s last-known states and echoes; return how many states went."""
         self._require_writable()
         self._clear()
-        cursor = await self.db.execute("DELETE FROM last_known WHERE server=?", (sid,))
+        cursor = self.db.execute("DELETE FROM last_known WHERE server=?", (sid,))
         dropped = cursor.rowcount
-        await cursor.close()
-        await self.db.execute("DELETE FROM pending_echo WHERE server=?", (sid,))
+        cursor.close()
+        self.db.execute("DELETE FROM pending_echo WHERE server=?", (sid,))
         return dropped
 
-    async def fail_rows(
+    def fail_rows(
         self, failed: Sequence[tuple[int, Pair | None]], reason: str, retry_at_ms: int
     ) -> None:
         """Count a failed attempt of each row id (with its pair, None: not known here)."""
         self._require_writable()
         self._evict(pair for _, pair in failed)
-        await self.db.executemany(
+        self.db.executemany(
             "UPDATE outbox SET attempts=attempts+1, last_error=?, next_attempt_ms=? WHERE id=?",
             [(reason, retry_at_ms, row_id) for row_id, _ in failed],
         )
 
-    async def park_row(self, row_id: int, version: int, reason: str, pair: Pair | None) -> bool:
+    def park_row(self, row_id: int, version: int, reason: str, pair: Pair | None) -> bool:
         """Park a live row still at ``version`` as dead; tell whether it was."""
         self._require_writable()
         self._evict([pair])
-        cursor = await self.db.execute(
+        cursor = self.db.execute(
             "UPDATE outbox SET dead=1, attempts=attempts+1, last_error=? "
             "WHERE id=? AND version=? AND dead=0",
             (reason, row_id, version),
         )
         parked = cursor.rowcount == 1
-        await cursor.close()
+        cursor.close()
         return parked
 
-    async def revive_dead(self, sid: int) -> int:
+    def revive_dead(self, sid: int) -> int:
         """Make every dead row of peer ``sid`` live and due now; return how many."""
         self._require_writable()
         self._clear()
-        cursor = await self.db.execute(
+        cursor = self.db.execute(
             "UPDATE outbox SET dead=0, attempts=0, next_attempt_ms=0 WHERE peer=? AND dead=1",
             (sid,),
         )
         count = cursor.rowcount
-        await cursor.close()
+        cursor.close()
         return count
 
-    async def reset_backoff(self, sid: int) -> int:
+    def reset_backoff(self, sid: int) -> int:
         """Make every live row of peer ``sid`` due now; return how many."""
         self._require_writable()
         self._clear()
-        cursor = await self.db.execute(
+        cursor = self.db.execute(
             "UPDATE outbox SET next_attempt_ms=0 WHERE peer=? AND dead=0 AND next_attempt_ms>0",
             (sid,),
         )
         count = cursor.rowcount
-        await cursor.close()
+        cursor.close()
         return count
 
-    async def narrow_rows(self, rows: Sequence[tuple[int, Key, int]]) -> None:
+    def narrow_rows(self, rows: Sequence[tuple[int, Key, int]]) -> None:
         """Keep of each outbox row (id, its key) only the register bits given (0: delete it).
 
         Rows of any key, loaded in this transaction or not: their pairs are dropped from the
@@ -371,9 +382,9 @@ class StateWriter:
             if bits == 0 and self._stored_id(key) == rid:
                 self._rows[key] = None  # the key has no row in the file now
         if gone:
-            await self.db.executemany("DELETE FROM outbox WHERE id=?", gone)
+            self.db.executemany("DELETE FROM outbox WHERE id=?", gone)
         if narrowed:
-            await self.db.executemany("UPDATE outbox SET registers=? WHERE id=?", narrowed)
+            self.db.executemany("UPDATE outbox SET registers=? WHERE id=?", narrowed)
 
     def _clear(self) -> None:
         """Rows of unknown pairs change: the cache is emptied at commit, bypassed until."""
@@ -392,18 +403,20 @@ class StateWriter:
 
     # ------------------------------------------------------------------ other reads
 
-    async def last_known(self, key: Key) -> UserData | None:
+    def last_known(self, key: Key) -> UserData | None:
         """One last-known state, read without loading a whole pair."""
-        rows = await self.db.execute_fetchall(
+        rows = fetch(
+            self.db,
             f"SELECT {STATE_COLS} FROM last_known "  # noqa: S608 - fixed columns
             "WHERE user=? AND item=? AND server=?",
             key,
         )
         return next((decode_state(r, 0) for r in rows), None)
 
-    async def last_known_for(self, sid: int, user: str) -> dict[str, UserData]:
+    def last_known_for(self, sid: int, user: str) -> dict[str, UserData]:
         """Every last-known state of canonical ``user`` on server ``sid``, by canonical item."""
-        rows = await self.db.execute_fetchall(
+        rows = fetch(
+            self.db,
             f"SELECT i.key, {STATE_COLS} FROM last_known k "  # noqa: S608 - fixed columns
             "JOIN users u ON u.id = k.user JOIN items i ON i.id = k.item "
             "WHERE k.server=? AND u.key=?",
@@ -411,31 +424,33 @@ class StateWriter:
         )
         return {str(r[0]): decode_state(r, 1) for r in rows}
 
-    async def pending_echoes(self, key: Key) -> tuple[PendingWrite, ...]:
+    def pending_echoes(self, key: Key) -> tuple[PendingWrite, ...]:
         """The pending echoes of one key."""
-        rows = await self.db.execute_fetchall(
-            "SELECT entries FROM pending_echo WHERE user=? AND item=? AND server=?", key
+        rows = fetch(
+            self.db, "SELECT entries FROM pending_echo WHERE user=? AND item=? AND server=?", key
         )
         return next((decode_echo(str(r[0])) for r in rows), ())
 
-    async def known_on(self, sid: int) -> set[Pair]:
+    def known_on(self, sid: int) -> set[Pair]:
         """Pairs with both a canonical state and a last-known state on server ``sid``."""
-        rows = await self.db.execute_fetchall(
+        rows = fetch(
+            self.db,
             "SELECT k.user, k.item FROM last_known k JOIN canonical c "
             "ON c.user=k.user AND c.item=k.item WHERE k.server=?",
             (sid,),
         )
         return {(int(r[0]), int(r[1])) for r in rows}
 
-    async def servers_with_history(self) -> set[str]:
+    def servers_with_history(self) -> set[str]:
         """The names of the servers that have at least one last-known state."""
-        rows = await self.db.execute_fetchall(
+        rows = fetch(
+            self.db,
             "SELECT s.name FROM servers s WHERE EXISTS "
-            "(SELECT 1 FROM last_known k WHERE k.server=s.id)"
+            "(SELECT 1 FROM last_known k WHERE k.server=s.id)",
         )
         return {str(r[0]) for r in rows}
 
-    async def unknown_to(self, sid: int, uid: int, *, only_mapped: bool) -> set[Pair]:
+    def unknown_to(self, sid: int, uid: int, *, only_mapped: bool) -> set[Pair]:
         """Pairs of user ``uid`` with a canonical state but no last-known state on ``sid``
         (with ``only_mapped``, only items ``sid`` maps)."""
         mapped = (
@@ -443,7 +458,8 @@ class StateWriter:
             if only_mapped
             else ""
         )
-        rows = await self.db.execute_fetchall(
+        rows = fetch(
+            self.db,
             f"SELECT c.item FROM canonical c WHERE c.user=? {mapped}"  # noqa: S608 - fixed text
             "AND NOT EXISTS (SELECT 1 FROM last_known k WHERE k.user=c.user "
             "AND k.item=c.item AND k.server=?)",
