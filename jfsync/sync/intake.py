@@ -25,7 +25,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from jfsync.jellyfin.api import JellyfinClient, parse_version
 from jfsync.model import UserData
@@ -63,9 +63,11 @@ class Counters:
     read_backs: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    """One entry of a message, waiting to be applied: the server's ids and the canonical item."""
+class _Entry(NamedTuple):
+    """One entry of a message, waiting to be applied: the server's ids and the canonical item.
+
+    A tuple: a bulk action makes ten thousand of them at once.
+    """
 
     server: str
     remote_user: str
@@ -156,11 +158,15 @@ class Intake:
         self.counters.entries_received += len(entries)
         items = await self._identity.canonical_items(link.name, [e.item_id for e in entries])
         mine = _Unapplied(user)
+        groups = mine.groups
         for e in entries:
             item = items.get(e.item_id)
-            if item is not None:
-                entry = _Entry(link.name, event.user_id, e.item_id, item, e.data)
-                self._adopt(mine, item).append(entry)
+            if item is None:
+                continue
+            group = groups.get(item)
+            if group is None:
+                group = self._adopt(mine, item)
+            group.append(_Entry(link.name, event.user_id, e.item_id, item, e.data))
         await self._drain(mine, FIRST_SLICE)
         remote = await self._shared_records(link, [e.item_id for e in entries])
         if remote:
