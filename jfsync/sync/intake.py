@@ -132,6 +132,8 @@ class Intake:
         self._unknown_users: dict[str, RepeatLimiter] = {}
         #: (user, item) -> the entries of that item received but not applied yet.
         self._held: dict[tuple[str, str], _Unapplied] = {}
+        #: Done once the last message received has registered its entries.
+        self._registered: asyncio.Future[None] | None = None
 
     async def user_data(self, event: UserDataChangedEvent) -> None:
         """Apply one ``UserDataChanged`` message of one (server, user) socket."""
@@ -156,17 +158,28 @@ class Intake:
             return
         entries = event.item_entries
         self.counters.entries_received += len(entries)
-        items = await self._identity.canonical_items(link.name, [e.item_id for e in entries])
-        mine = _Unapplied(user)
-        groups = mine.groups
-        for e in entries:
-            item = items.get(e.item_id)
-            if item is None:
-                continue
-            group = groups.get(item)
-            if group is None:
-                group = self._adopt(mine, item)
-            group.append(_Entry(link.name, event.user_id, e.item_id, item, e.data))
+        # Messages take their place in arrival order, though a large one takes longer to map:
+        # a later message must not apply an item before an earlier one has registered it.
+        earlier, registered = self._registered, asyncio.get_running_loop().create_future()
+        self._registered = registered
+        try:
+            items = await self._identity.canonical_items(link.name, [e.item_id for e in entries])
+            mapped = [
+                _Entry(link.name, event.user_id, e.item_id, items[e.item_id], e.data)
+                for e in entries
+                if e.item_id in items
+            ]
+            if earlier is not None and not earlier.done():
+                await asyncio.shield(earlier)
+            mine = _Unapplied(user)
+            groups = mine.groups
+            for entry in mapped:
+                group = groups.get(entry.item)
+                if group is None:
+                    group = self._adopt(mine, entry.item)
+                group.append(entry)
+        finally:
+            registered.set_result(None)
         await self._drain(mine, FIRST_SLICE)
         remote = await self._shared_records(link, [e.item_id for e in entries])
         if remote:
