@@ -4,7 +4,7 @@ Marking a season or a library played sends one ``UserDataChanged`` of thousands 
 jfsync applies it a slice at a time (:mod:`jfsync.sync.intake`), so the first writes to the
 other servers leave after the first slice, and a change the user makes elsewhere meanwhile is
 neither held up by the rest of the message nor overwritten by the older entries still to be
-applied: the user's last action wins.
+applied, whether it arrives as an event or is found by a catch-up: the user's last action wins.
 
 The slices are made tiny here (a few entries), so that a bulk action of a few hundred items
 takes many transactions, as ten thousand do with the real sizes. What is asserted is order
@@ -132,3 +132,29 @@ async def test_the_users_last_action_wins_in_the_middle_of_a_sliced_apply(
     await cluster.settle()
     assert cluster.all_hold(last, resumed)
     assert all(cluster.all_hold(item, PLAYED) for item in items[:-1])
+
+
+async def test_a_catch_up_during_a_sliced_apply_lets_the_later_change_win(
+    make_cluster: MakeCluster,
+) -> None:
+    cluster = await make_cluster(2, leaves=BULK + 10, gated=("a",))
+    b = cluster.emu("b")
+    items = cluster.free_items[:BULK]
+    last = items[-1]
+    cluster.change("a", last, is_favorite=True)
+    await cluster.wait_all_hold(last, UserData(favorite=True))
+    gate_a = cluster.gates["a"]
+    gate_a.hold()
+    await bulk_played(cluster, "a", items)
+    # Then, on b, the user plays a bit of the last item: progress is saved without a push
+    # (Jellyfin's PlaybackProgress), so only a catch-up of b can find it.
+    resumed = cluster.change(b, last, reason="PlaybackProgress", position_ticks=5_000_000)
+    gate_a.release()
+    await cluster.wait(lambda: cluster.service.intake.unapplied > 0)
+    assert cluster.service.intake.unapplied > BULK // 2
+    # b's socket drops while a's bulk action is being applied: jfsync catches b up.
+    await b.drop_sockets()
+    await cluster.wait_all_hold(last, resumed)
+    await cluster.wait_items([b], items[:-1], PLAYED)
+    await cluster.settle()
+    assert cluster.all_hold(last, resumed)
