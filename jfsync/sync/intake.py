@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -35,7 +35,7 @@ from jfsync.sync.identity import ItemIdentity
 from jfsync.sync.ledger import Applied, Ledger, Observation, Outcome
 from jfsync.sync.resetguard import ResetGuard
 from jfsync.sync.sessions import PlaybackRead
-from jfsync.sync.subscriber import UserDataChangedEvent
+from jfsync.sync.subscriber import UserDataChangedEvent, UserDataEntry
 from jfsync.timing import Clock
 
 logger = logging.getLogger(__name__)
@@ -162,25 +162,21 @@ class Intake:
         # a later message must not apply an item before an earlier one has registered it.
         earlier, registered = self._registered, asyncio.get_running_loop().create_future()
         self._registered = registered
+        mine = _Unapplied(user)
+        head, rest = entries[:FIRST_SLICE], entries[FIRST_SLICE:]
         try:
-            items = await self._identity.canonical_items(link.name, [e.item_id for e in entries])
-            mapped = [
-                _Entry(link.name, event.user_id, e.item_id, items[e.item_id], e.data)
-                for e in entries
-                if e.item_id in items
-            ]
+            mapped = await self._map(link.name, event.user_id, head)
             if earlier is not None and not earlier.done():
                 await asyncio.shield(earlier)
-            mine = _Unapplied(user)
-            groups = mine.groups
-            for entry in mapped:
-                group = groups.get(entry.item)
-                if group is None:
-                    group = self._adopt(mine, entry.item)
-                group.append(entry)
+            self._register(mine, mapped)
+            if rest:
+                # A bulk action: its first slice is applied (and its writes leave) before the
+                # rest of it is even mapped.
+                await self._drain(mine, FIRST_SLICE, once=True)
+                self._register(mine, await self._map(link.name, event.user_id, rest))
         finally:
             registered.set_result(None)
-        await self._drain(mine, FIRST_SLICE)
+        await self._drain(mine, SLICE if rest else FIRST_SLICE)
         remote = await self._shared_records(link, [e.item_id for e in entries])
         if remote:
             await self.read_back(link, event.user_id, user, remote)
@@ -211,6 +207,26 @@ class Intake:
         """:meth:`apply_ahead` for every item of ``user`` (before a catch-up of that user)."""
         await self.apply_ahead([key for key in self._held if key[0] == user])
 
+    async def _map(
+        self, server: str, remote_user: str, entries: Sequence[UserDataEntry]
+    ) -> list[_Entry]:
+        """The entries whose items map to canonical items (the others are not synced)."""
+        items = await self._identity.canonical_items(server, [e.item_id for e in entries])
+        return [
+            _Entry(server, remote_user, e.item_id, items[e.item_id], e.data)
+            for e in entries
+            if e.item_id in items
+        ]
+
+    def _register(self, held: _Unapplied, entries: list[_Entry]) -> None:
+        """Register ``entries`` as ``held``'s (in order, after any older ones of their items)."""
+        groups = held.groups
+        for entry in entries:
+            group = groups.get(entry.item)
+            if group is None:
+                group = self._adopt(held, entry.item)
+            group.append(entry)
+
     def _adopt(self, held: _Unapplied, item: str) -> list[_Entry]:
         """Register ``item`` as ``held``'s, taking over the entries of it not applied yet."""
         key = (held.user, item)
@@ -222,13 +238,15 @@ class Intake:
         self._held[key] = held
         return group
 
-    async def _drain(self, held: _Unapplied, first: int) -> None:
-        """Apply ``held``'s entries in slices (``first`` entries, then :data:`SLICE`), then
-        read back what the echo rule could not attribute."""
+    async def _drain(self, held: _Unapplied, first: int, *, once: bool = False) -> None:
+        """Apply ``held``'s entries in slices (``first`` entries, then :data:`SLICE`; with
+        ``once`` only the first), then read back what the echo rule could not attribute."""
         unsure: list[_Entry] = []
         size = first
+        slices = 0
         try:
-            while held.groups:
+            while held.groups and not (once and slices):
+                slices += 1
                 peek = _first_groups(held.groups, size)
                 size = SLICE
                 # An echo of a write whose answer jfsync has not recorded yet must wait for it.
