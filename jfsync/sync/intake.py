@@ -132,8 +132,8 @@ class Intake:
         self._unknown_users: dict[str, RepeatLimiter] = {}
         #: (user, item) -> the entries of that item received but not applied yet.
         self._held: dict[tuple[str, str], _Unapplied] = {}
-        #: Done once the last message received has registered its entries.
-        self._registered: asyncio.Future[None] | None = None
+        #: Per user: done once the last bulk message received has registered its entries.
+        self._registering: dict[str, asyncio.Future[None]] = {}
 
     async def user_data(self, event: UserDataChangedEvent) -> None:
         """Apply one ``UserDataChanged`` message of one (server, user) socket."""
@@ -158,12 +158,17 @@ class Intake:
             return
         entries = event.item_entries
         self.counters.entries_received += len(entries)
-        # Messages take their place in arrival order, though a large one takes longer to map:
-        # a later message must not apply an item before an earlier one has registered it.
-        earlier, registered = self._registered, asyncio.get_running_loop().create_future()
-        self._registered = registered
         mine = _Unapplied(user)
         head, rest = entries[:FIRST_SLICE], entries[FIRST_SLICE:]
+        # A bulk message takes longer to map than a small one received after it: that one
+        # must not apply an item before the bulk one has registered it (the older entry would
+        # land last and win). So a message waits for the bulk message of the same user still
+        # registering when it arrived, if any (small ones map fast; waiting for every earlier
+        # message would hold all servers' events behind one server's slow mapping).
+        earlier = self._registering.get(user)
+        registered: asyncio.Future[None] | None = None
+        if rest:
+            registered = self._registering[user] = asyncio.get_running_loop().create_future()
         try:
             mapped = await self._map(link.name, event.user_id, head)
             if earlier is not None and not earlier.done():
@@ -175,7 +180,10 @@ class Intake:
                 await self._drain(mine, FIRST_SLICE, once=True)
                 self._register(mine, await self._map(link.name, event.user_id, rest))
         finally:
-            registered.set_result(None)
+            if registered is not None:
+                registered.set_result(None)
+                if self._registering.get(user) is registered:
+                    del self._registering[user]
         await self._drain(mine, SLICE if rest else FIRST_SLICE)
         remote = await self._shared_records(link, [e.item_id for e in entries])
         if remote:
