@@ -46,6 +46,9 @@ FIRST_SLICE = 100
 #: Entries applied per transaction after the first: a few milliseconds of work each, so that
 #: nothing waits long behind a message of thousands of entries.
 SLICE = 250
+#: Entries of a bulk message mapped and registered at a time (a few milliseconds of work; the
+#: event loop is given back between).
+MAP_STEP = 2000
 
 
 @dataclass(slots=True)
@@ -178,7 +181,9 @@ class Intake:
                 # A bulk action: its first slice is applied (and its writes leave) before the
                 # rest of it is even mapped.
                 await self._drain(mine, FIRST_SLICE, once=True)
-                self._register(mine, await self._map(link.name, event.user_id, rest))
+                for start in range(0, len(rest), MAP_STEP):
+                    chunk = rest[start : start + MAP_STEP]
+                    self._register(mine, await self._map(link.name, event.user_id, chunk))
         finally:
             if registered is not None:
                 registered.set_result(None)

@@ -6,8 +6,8 @@ other servers leave after the first slice, and a change the user makes elsewhere
 neither held up by the rest of the message nor overwritten by the older entries still to be
 applied, whether it arrives as an event or is found by a catch-up: the user's last action wins.
 
-The slices are made tiny here (a few entries), so that a bulk action of a few hundred items
-takes many transactions, as ten thousand do with the real sizes. What is asserted is order
+The slices are made tiny here (a few entries, mapped fifty at a time), so that a bulk action of
+a few hundred items takes many transactions, as ten thousand do with the real sizes. What is asserted is order
 (what was still unapplied when something happened), never time.
 """
 
@@ -36,6 +36,7 @@ PLAYED = UserData(play_state=PlayState(True, 1, int(WHEN.timestamp()), 0))
 def tiny_slices(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(intake_module, "FIRST_SLICE", 3)
     monkeypatch.setattr(intake_module, "SLICE", 2)
+    monkeypatch.setattr(intake_module, "MAP_STEP", 50)
 
 
 def unapplied_at_writes(cluster: Cluster, to: Emulator, items: set[str]) -> list[int]:
