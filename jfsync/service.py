@@ -259,6 +259,7 @@ class SyncService:
                 on_progress=self._notify,
                 on_regression=self._on_regression,
                 watcher=self._delivery,
+                ahead=self._apply_ahead,
                 **self._pusher_options,
             )
             link = ServerLink(config=server, index=index, client=client, pusher=pusher)
@@ -358,7 +359,12 @@ class SyncService:
             reset_guard=self.reset_guard,
             counters=self.counters,
             after_apply=self._after_apply,
+            request_catch_up=self._on_regression,
         )
+
+    async def _apply_ahead(self, keys: Sequence[tuple[str, str]]) -> None:
+        """Apply events received of these keys but not applied yet (the intake of the day)."""
+        await self.intake.apply_ahead(keys)
 
     async def __aenter__(self) -> SyncService:
         await self.start()
@@ -647,6 +653,8 @@ class SyncService:
         # Echoes due on the old socket will never arrive; left pending they would swallow a
         # user who sets the state back (taken for a stale event) for up to a minute.
         await self.ledger.forget_echoes(link.name, user)
+        # Events received before the scan is asked for are applied before it.
+        await self.intake.apply_ahead_of_user(user)
         result = await self.reconciler.catch_up(link.name, remote_user_id, user)
         self.counters.scans += 1
         self.counters.scan_changes += result.changed
@@ -758,7 +766,8 @@ class SyncService:
         self._notify()
 
     def _on_regression(self, server: str, user: str) -> None:
-        """Items of ``user`` read back to never-touched on ``server``: catch that user up."""
+        """Catch ``user`` up on ``server``: items of it read back to never-touched, or changes
+        received from it that could not be applied."""
         link = self.links.get(server)
         if self.reconciler is None or link is None:
             return

@@ -334,6 +334,36 @@ class JellyfinClient:
             result = answer.to_user_data()
         return result
 
+    async def write_user_data(
+        self,
+        user_id: str,
+        item_id: str,
+        desired: UserData,
+        current: UserData,
+        registers: frozenset[Register],
+    ) -> None:
+        """Send what :meth:`apply_user_data` sends, without decoding the server's answers.
+
+        For a writer that records the state it meant to write, not the one reported (the
+        pusher, thousands of times in a burst): every answer must still be a success whose
+        body is a JSON object (a proxy's page answering 200 is an error), but its fields are
+        not read.
+        """
+        user = normalize_id(user_id)
+        item = normalize_id(item_id)
+        for request in plan_write(current, desired, registers).requests:
+            raw = await self._call(
+                request.method,
+                request.route,
+                path={"itemId": item},
+                query=[("userId", user)],
+                raw_body=request.body,
+                decode=False,
+            )
+            if raw.lstrip()[:1] != b"{":
+                problem = "the body is empty" if not raw.strip() else "the body is not JSON"
+                raise BadResponseError(self.name, request.route, problem)
+
     # ------------------------------------------------------------------ tokens
 
     async def quick_connect_enabled(self) -> bool:

@@ -14,8 +14,9 @@ Large frames (a bulk action on a big library sends one ``UserDataChanged`` of te
 parsed in steps: :func:`parse_message_steps` is a generator that pauses every
 :data:`STEP_VALUES` JSON values and every :data:`STEP_VALUES` list entries validated, so the
 socket's reader can give the event loop back between steps (:func:`parse_message` runs the
-same steps without pausing). Both accept exactly what ``json.loads`` accepts and give the same
-message.
+same steps without pausing); :func:`parse_message_decoded_steps` decodes the JSON at once and
+validates in steps (for frames of a few MiB). All accept exactly what ``json.loads`` accepts and
+give the same message.
 """
 
 from __future__ import annotations
@@ -277,6 +278,19 @@ def parse_message_steps(
         raise MalformedMessageError(f"not JSON ({err.msg} at position {err.pos})") from None
     except RecursionError:
         raise MalformedMessageError("nested too deeply") from None
+    return (yield from _validate(raw, step))
+
+
+def parse_message_decoded_steps(
+    frame: str | bytes, step: int = STEP_VALUES
+) -> Generator[None, None, Message]:
+    """Parse ``frame`` like :func:`parse_message_steps`, but decode its JSON at once.
+
+    ``json.loads`` reads a few MiB in about the time of one validation step, and several
+    times faster than the walk of :func:`parse_message_steps`: for a frame of that size
+    (a bulk action on a library of ten thousand items) only the validation is done in steps.
+    """
+    raw = _decode(frame)
     return (yield from _validate(raw, step))
 
 

@@ -8,7 +8,7 @@ batches, reads the target's current state for the whole batch in one ``/Items?Id
 (compare-before-write), lets the ledger merge anything the peer changed behind the event path
 and records each write's intents (the steps of its :mod:`jfsync.jellyfin.writeplan`), then
 writes what is still owed with bounded concurrency through
-:meth:`JellyfinClient.apply_user_data` and records the batch's writes (pending echo +
+:meth:`JellyfinClient.write_user_data` and records the batch's writes (pending echo +
 last-known) in the ledger in one transaction. While a batch is written, the next one and the
 peer's state of it are read ahead.
 
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from tenacity import (
@@ -102,6 +102,9 @@ DRAIN_MAX_DOWNS = 3
 
 #: A write-latency observer: the peer and the propagation latency of one write, in seconds.
 WriteHook = Callable[[str, float], None]
+#: Applies what was received of some (user, item) keys and not applied yet (the intake's
+#: :meth:`~jfsync.sync.intake.Intake.apply_ahead`), before a compare read of them is applied.
+AheadHook = Callable[[Sequence[tuple[str, str]]], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -184,6 +187,7 @@ class Pusher:
         dry_run: bool = False,
         drain_down_wait_s: float = DRAIN_DOWN_WAIT_S,
         drain_max_downs: int = DRAIN_MAX_DOWNS,
+        ahead: AheadHook | None = None,
     ) -> None:
         self.peer = peer
         self.stats = PeerStats()
@@ -213,6 +217,9 @@ class Pusher:
         self._dry_run = dry_run
         self._drain_down_wait_s = drain_down_wait_s
         self._drain_max_downs = drain_max_downs
+        #: Applies events received (of other servers too) but not applied yet, before a
+        #: compare: an older change must not land after the peer's newer one read here.
+        self._ahead = ahead
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[tuple[str, str]] = set()
@@ -401,6 +408,8 @@ class Pusher:
         self._in_flight.update(keys)
         try:
             current, read_ms, read_seq = await self._read_current(rows) if read is None else read
+            if self._ahead is not None:
+                await self._ahead(keys)
             await self._recover_interrupted(rows, current)
             owed = await self._compare(rows, current, read_ms, read_seq)
             if len(rows) == self._batch_size and self._accepting:
@@ -704,7 +713,8 @@ class Pusher:
         remote_item = row.remote_item_id or row.item
 
         async def send() -> None:
-            await self._client.apply_user_data(
+            # The answer is not decoded: what is recorded is the state meant (OutboxRow.intended).
+            await self._client.write_user_data(
                 remote_user, remote_item, row.desired, current, row.registers
             )
 

@@ -3,19 +3,29 @@
 :class:`Intake` is the first step of the replication core after a socket: it takes a user's
 ``UserDataChanged`` message, maps its items through the identity, waits for any write of those
 items that is under way to be recorded (so its echo is recognised), and applies the entries as
-observations in one ledger transaction (echo rule, diff, merge, outbox). An event the echo rule
-cannot attribute, and on servers up to 10.10 the other versions of a film sharing one user-data
-record, are settled by reading the items back from that server (:meth:`Intake.read_back`),
-which is also how playback that ended without a stop is taken in (:meth:`Intake.read_playing`).
+observations (echo rule, diff, merge, outbox), a slice of them per ledger transaction. An event
+the echo rule cannot attribute, and on servers up to 10.10 the other versions of a film sharing
+one user-data record, are settled by reading the items back from that server
+(:meth:`Intake.read_back`), which is also how playback that ended without a stop is taken in
+(:meth:`Intake.read_playing`).
 What was applied goes to ``after_apply`` (counters, activity, waking the peers' pushers).
+
+A message is applied in slices (:data:`FIRST_SLICE`, then :data:`SLICE` entries per
+transaction): after a bulk action on a large library (one message of ten thousand entries) the
+first slice's writes leave while the rest is still being applied, and an event of another
+server, or a pusher's round, waits for one slice, never for the whole message. Order per item
+is kept: entries not applied yet stay registered by (user, item), and whoever applies something
+of the same item first (a later message, a pusher about to compare, a catch-up) applies them
+before it (:meth:`Intake.apply_ahead`), so the user's last action still wins.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
 
 from jfsync.jellyfin.api import JellyfinClient, parse_version
 from jfsync.model import UserData
@@ -25,10 +35,20 @@ from jfsync.sync.identity import ItemIdentity
 from jfsync.sync.ledger import Applied, Ledger, Observation, Outcome
 from jfsync.sync.resetguard import ResetGuard
 from jfsync.sync.sessions import PlaybackRead
-from jfsync.sync.subscriber import UserDataChangedEvent
+from jfsync.sync.subscriber import UserDataChangedEvent, UserDataEntry
 from jfsync.timing import Clock
 
 logger = logging.getLogger(__name__)
+
+#: Entries of a message applied in its first transaction: small, so that the first writes of
+#: a bulk action leave early.
+FIRST_SLICE = 100
+#: Entries applied per transaction after the first: a few milliseconds of work each, so that
+#: nothing waits long behind a message of thousands of entries.
+SLICE = 250
+#: Entries of a bulk message mapped and registered at a time (a few milliseconds of work; the
+#: event loop is given back between).
+MAP_STEP = 2000
 
 
 @dataclass(slots=True)
@@ -44,6 +64,32 @@ class Counters:
     #: Items read back from a server after an event: the echo rule could not attribute the
     #: event, or the item shares its user-data record with the one pushed (versions, <=10.10).
     read_backs: int = 0
+
+
+class _Entry(NamedTuple):
+    """One entry of a message, waiting to be applied: the server's ids and the canonical item.
+
+    A tuple: a bulk action makes ten thousand of them at once.
+    """
+
+    server: str
+    remote_user: str
+    remote_item: str
+    item: str
+    data: UserData
+
+
+@dataclass(slots=True)
+class _Unapplied:
+    """Entries not applied yet, by canonical item (in order), of one user.
+
+    Registered in :attr:`Intake._held` under (user, item) for as long as they are neither
+    applied nor in a transaction on its way: whoever needs an item applied first moves its
+    entries over to itself, synchronously, so they are never out of sight.
+    """
+
+    user: str
+    groups: dict[str, list[_Entry]] = field(default_factory=dict)
 
 
 class IntakeLink(Protocol):
@@ -74,6 +120,7 @@ class Intake:
         reset_guard: ResetGuard,
         counters: Counters,
         after_apply: Callable[[list[Applied]], None],
+        request_catch_up: Callable[[str, str], None] | None = None,
     ) -> None:
         self._links = links
         self._ledger = ledger
@@ -82,8 +129,14 @@ class Intake:
         self._reset_guard = reset_guard
         self.counters = counters
         self._after_apply = after_apply
+        #: Told (server, user) when entries could not be applied (a catch-up finds them).
+        self._request_catch_up = request_catch_up
         #: Per server: events of users jfsync does not sync, logged in moderation.
         self._unknown_users: dict[str, RepeatLimiter] = {}
+        #: (user, item) -> the entries of that item received but not applied yet.
+        self._held: dict[tuple[str, str], _Unapplied] = {}
+        #: Per user: done once the last bulk message received has registered its entries.
+        self._registering: dict[str, asyncio.Future[None]] = {}
 
     async def user_data(self, event: UserDataChangedEvent) -> None:
         """Apply one ``UserDataChanged`` message of one (server, user) socket."""
@@ -108,22 +161,176 @@ class Intake:
             return
         entries = event.item_entries
         self.counters.entries_received += len(entries)
-        items = await self._identity.canonical_items(link.name, [e.item_id for e in entries])
-        # An echo of a write whose answer jfsync has not recorded yet must wait for it.
-        await link.pusher.settled((user, item) for item in items.values())
-        now_ms = self._clock.wall_ms()
-        observations = [
-            Observation(link.name, user, items[e.item_id], e.data, now_ms, "event")
+        mine = _Unapplied(user)
+        head, rest = entries[:FIRST_SLICE], entries[FIRST_SLICE:]
+        # A bulk message takes longer to map than a small one received after it: that one
+        # must not apply an item before the bulk one has registered it (the older entry would
+        # land last and win). So a message waits for the bulk message of the same user still
+        # registering when it arrived, if any (small ones map fast; waiting for every earlier
+        # message would hold all servers' events behind one server's slow mapping).
+        earlier = self._registering.get(user)
+        registered: asyncio.Future[None] | None = None
+        if rest:
+            registered = self._registering[user] = asyncio.get_running_loop().create_future()
+        try:
+            mapped = await self._map(link.name, event.user_id, head)
+            if earlier is not None and not earlier.done():
+                await asyncio.shield(earlier)
+            self._register(mine, mapped)
+            if rest:
+                # A bulk action: its first slice is applied (and its writes leave) before the
+                # rest of it is even mapped.
+                await self._drain(mine, FIRST_SLICE, once=True)
+                for start in range(0, len(rest), MAP_STEP):
+                    chunk = rest[start : start + MAP_STEP]
+                    self._register(mine, await self._map(link.name, event.user_id, chunk))
+        finally:
+            if registered is not None:
+                registered.set_result(None)
+                if self._registering.get(user) is registered:
+                    del self._registering[user]
+        await self._drain(mine, SLICE if rest else FIRST_SLICE)
+        remote = await self._shared_records(link, [e.item_id for e in entries])
+        if remote:
+            await self.read_back(link, event.user_id, user, remote)
+
+    @property
+    def unapplied(self) -> int:
+        """Entries received and not applied yet."""
+        return sum(len(self._held[key].groups.get(key[1], ())) for key in self._held)
+
+    async def apply_ahead(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Apply now what was received of these (user, item) keys and is not applied yet.
+
+        Call it before applying anything else of those items that was learnt later (a
+        pusher's compare read, a catch-up scan): the older entries of a message still being
+        applied in slices must not land after it. Returns at once when nothing is waiting.
+        """
+        ahead: dict[str, _Unapplied] = {}
+        for user, item in keys:
+            if (user, item) in self._held:
+                held = ahead.get(user)
+                if held is None:
+                    held = ahead[user] = _Unapplied(user)
+                self._adopt(held, item)
+        for held in ahead.values():
+            await self._drain(held, SLICE)
+
+    async def apply_ahead_of_user(self, user: str) -> None:
+        """:meth:`apply_ahead` for every item of ``user`` (before a catch-up of that user)."""
+        await self.apply_ahead([key for key in self._held if key[0] == user])
+
+    async def _map(
+        self, server: str, remote_user: str, entries: Sequence[UserDataEntry]
+    ) -> list[_Entry]:
+        """The entries whose items map to canonical items (the others are not synced)."""
+        items = await self._identity.canonical_items(server, [e.item_id for e in entries])
+        return [
+            _Entry(server, remote_user, e.item_id, items[e.item_id], e.data)
             for e in entries
             if e.item_id in items
         ]
-        applied = await self._ledger.apply_observations(observations)
-        self._after_apply(applied)
-        unsure = {a.observation.item for a in applied if a.outcome is Outcome.AMBIGUOUS}
-        remote = {r: key for r, key in items.items() if key in unsure}
-        remote.update(await self._shared_records(link, [e.item_id for e in entries]))
-        if remote:
-            await self.read_back(link, event.user_id, user, remote)
+
+    def _register(self, held: _Unapplied, entries: list[_Entry]) -> None:
+        """Register ``entries`` as ``held``'s (in order, after any older ones of their items)."""
+        groups = held.groups
+        for entry in entries:
+            group = groups.get(entry.item)
+            if group is None:
+                group = self._adopt(held, entry.item)
+            group.append(entry)
+
+    def _adopt(self, held: _Unapplied, item: str) -> list[_Entry]:
+        """Register ``item`` as ``held``'s, taking over the entries of it not applied yet."""
+        key = (held.user, item)
+        group = held.groups.get(item)
+        if group is None:
+            before = self._held.get(key)
+            older = before.groups.pop(item, []) if before is not None and before is not held else []
+            group = held.groups[item] = older
+        self._held[key] = held
+        return group
+
+    async def _drain(self, held: _Unapplied, first: int, *, once: bool = False) -> None:
+        """Apply ``held``'s entries in slices (``first`` entries, then :data:`SLICE`; with
+        ``once`` only the first), then read back what the echo rule could not attribute."""
+        unsure: list[_Entry] = []
+        size = first
+        slices = 0
+        try:
+            while held.groups and not (once and slices):
+                slices += 1
+                peek = _first_groups(held.groups, size)
+                size = SLICE
+                # An echo of a write whose answer jfsync has not recorded yet must wait for it.
+                await self._settled(held.user, [e for item in peek for e in held.groups[item]])
+                # Whatever another message or a pusher took over meanwhile is theirs now.
+                batch: list[_Entry] = []
+                for item in peek:
+                    group = held.groups.pop(item, None)
+                    if group is not None:
+                        if self._held.get((held.user, item)) is held:
+                            del self._held[(held.user, item)]
+                        batch += group
+                if not batch:
+                    continue
+                # No await from here until the transaction is queued: the ledger's lock is
+                # FIFO, so whoever finds these items gone applies after them.
+                now_ms = self._clock.wall_ms()
+                applied = await self._ledger.apply_observations(
+                    [
+                        Observation(e.server, held.user, e.item, e.data, now_ms, "event")
+                        for e in batch
+                    ]
+                )
+                self._after_apply(applied)
+                unsure += [
+                    e for e, a in zip(batch, applied, strict=True) if a.outcome is Outcome.AMBIGUOUS
+                ]
+        except BaseException as err:
+            self._give_up(held, cancelled=isinstance(err, asyncio.CancelledError))
+            raise
+        by_source: dict[tuple[str, str], dict[str, str]] = {}
+        for e in unsure:
+            by_source.setdefault((e.server, e.remote_user), {})[e.remote_item] = e.item
+        for (server, remote_user), remote in by_source.items():
+            link = self._links.get(server)
+            if link is not None:
+                await self.read_back(link, remote_user, held.user, remote)
+
+    async def _settled(self, user: str, entries: list[_Entry]) -> None:
+        by_server: dict[str, set[tuple[str, str]]] = {}
+        for e in entries:
+            by_server.setdefault(e.server, set()).add((user, e.item))
+        for server, keys in by_server.items():
+            link = self._links.get(server)
+            if link is not None:
+                await link.pusher.settled(keys)
+
+    def _give_up(self, held: _Unapplied, *, cancelled: bool) -> None:
+        """Unregister entries left unapplied (the apply failed or was cancelled) and ask for
+        a catch-up of their servers, which finds whatever they carried."""
+        if not held.groups:
+            return
+        servers: set[tuple[str, str]] = set()
+        count = 0
+        for item, group in held.groups.items():
+            if self._held.get((held.user, item)) is held:
+                del self._held[(held.user, item)]
+            servers.update((e.server, e.remote_user) for e in group)
+            count += len(group)
+        held.groups.clear()
+        # Stopping (cancelled) is no news; a failure is.
+        logger.log(
+            logging.INFO if cancelled else logging.WARNING,
+            "[%s] %d changes of user %s were received but not applied; catching up to find them",
+            ", ".join(sorted({s for s, _ in servers})),
+            count,
+            held.user,
+        )
+        if self._request_catch_up is not None:
+            for server, _ in sorted(servers):
+                self._request_catch_up(server, held.user)
 
     async def _shared_records(self, link: IntakeLink, pushed: list[str]) -> dict[str, str]:
         """Items that share a user-data record with an item just pushed, but were not pushed.
@@ -202,6 +409,18 @@ class Intake:
             items = await self._identity.canonical_items(link.name, item_ids)
             if items:
                 await self.read_back(link, remote_user, user, items, why="playback")
+
+
+def _first_groups(groups: dict[str, list[_Entry]], size: int) -> list[str]:
+    """The first items of ``groups`` holding together at least ``size`` entries (or all)."""
+    items: list[str] = []
+    count = 0
+    for item, group in groups.items():
+        items.append(item)
+        count += len(group)
+        if count >= size:
+            break
+    return items
 
 
 def _shares_records(version: str | None) -> bool:

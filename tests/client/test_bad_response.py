@@ -14,6 +14,7 @@ from aiohttp import web
 
 from jfsync.errors import BadResponseError, is_retryable
 from jfsync.jellyfin.api import JellyfinClient
+from jfsync.model import PlayState, Register, UserData
 
 KEY = "feedfacefeedfacefeedfacefeedface"
 ITEM = "9f86d081884c7d659a2feaa0c55ad015"
@@ -112,3 +113,25 @@ async def _call(client: JellyfinClient, call: str) -> None:
         _ = [i async for i in client.iter_items(USER)]
     else:
         await client.server_version()
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [("<html>proxy error</html>", "the body is not JSON"), ("", "the body is empty")],
+)
+async def test_a_write_answered_by_a_page_is_not_taken_as_made(
+    broken_server: Callable[[str, str], str], body: str, problem: str
+) -> None:
+    """The pusher's write does not read the answer's fields, but a proxy's page answering
+    200 is still an error: the write is not recorded as made (it is retried)."""
+    url = broken_server(f"/UserItems/{ITEM}/UserData", body)
+    played = UserData(play_state=PlayState(played=True, play_count=1, last_played_s=1_700_000_000))
+    async with aiohttp.ClientSession() as session:
+        client = JellyfinClient("broken", url, KEY, session=session, device_id="d")
+        with pytest.raises(BadResponseError) as caught:
+            await client.write_user_data(
+                USER, ITEM, played, UserData(), frozenset({Register.PLAY_STATE})
+            )
+    assert caught.value.route == "/UserItems/{itemId}/UserData"
+    assert problem in caught.value.problem
+    assert KEY not in str(caught.value)

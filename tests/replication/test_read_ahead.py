@@ -43,11 +43,11 @@ class HeldClient(JellyfinClient):
         self.read_ahead = asyncio.Event()
         self._listings = 0
 
-    async def apply_user_data(self, *args: Any, **kwargs: Any) -> UserData:
+    async def write_user_data(self, *args: Any, **kwargs: Any) -> None:
         if not self.holding.is_set():
             self.holding.set()
             await self.release.wait()
-        return await super().apply_user_data(*args, **kwargs)
+        await super().write_user_data(*args, **kwargs)
 
     async def iter_items(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         async for item in super().iter_items(*args, **kwargs):

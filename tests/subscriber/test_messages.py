@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Generator
 from datetime import UTC, datetime
 
 import pytest
@@ -12,11 +13,14 @@ from jfsync.jellyfin.messages import (
     KeepAliveMessage,
     LibraryChangedMessage,
     MalformedMessageError,
+    Message,
     ServerRestartingMessage,
     ServerShuttingDownMessage,
     UnknownMessage,
     UserDataChangedMessage,
     parse_message,
+    parse_message_decoded_steps,
+    parse_message_steps,
 )
 from jfsync.model import PlayState, UserData
 
@@ -137,3 +141,53 @@ def test_malformed_frames_raise_a_specific_error(frame: str | bytes, fragment: s
     with pytest.raises(MalformedMessageError) as info:
         parse_message(frame)
     assert fragment in str(info.value)
+
+
+def _run_steps(steps: Generator[None, None, Message]) -> Message | MalformedMessageError:
+    try:
+        while True:
+            next(steps)
+    except StopIteration as done:
+        return done.value
+    except MalformedMessageError as err:
+        return err
+
+
+BULK_FRAME = json.dumps(
+    {
+        **USER_DATA_CHANGED,
+        "Data": {
+            "UserId": "4bd7d5a1e0c44f6a9b0d3c2e1f0a9b8c",
+            "UserDataList": USER_DATA_CHANGED["Data"]["UserDataList"] * 300,  # type: ignore[index]
+        },
+    }
+)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        BULK_FRAME,
+        BULK_FRAME.encode(),
+        json.dumps(USER_DATA_CHANGED),
+        BULK_FRAME.replace('"PlayCount": 0', '"PlayCount": "many"', 1),
+        BULK_FRAME[:-2],
+        b"\xff" + BULK_FRAME.encode(),
+    ],
+    ids=["bulk", "bulk bytes", "small", "bad entry", "cut short", "not UTF-8"],
+)
+def test_a_bulk_frame_decoded_at_once_parses_as_when_walked(frame: str | bytes) -> None:
+    """A frame of a few MiB is decoded at once and validated in steps: the same message, or
+    the same kind of error, as the walked parse and the one-go parse."""
+    decoded = _run_steps(parse_message_decoded_steps(frame, step=7))
+    walked = _run_steps(parse_message_steps(frame, step=7))
+    try:
+        whole: Message | MalformedMessageError = parse_message(frame)
+    except MalformedMessageError as err:
+        whole = err
+    if isinstance(whole, MalformedMessageError):
+        assert isinstance(decoded, MalformedMessageError)
+        assert isinstance(walked, MalformedMessageError)
+        assert str(decoded) == str(walked)
+    else:
+        assert decoded == walked == whole
