@@ -40,6 +40,7 @@ _BITS: dict[Register, int] = {Register.FAVORITE: 1, Register.RATING: 2, Register
 _ALL_BITS = sum(_BITS.values())
 #: Every register set, by its bits (decoded once, shared by every row).
 _MASKS = tuple(frozenset(r for r, b in _BITS.items() if bits & b) for bits in range(_ALL_BITS + 1))
+_MASK_BITS: dict[frozenset[Register], int] = {mask: bits for bits, mask in enumerate(_MASKS)}
 
 
 def upsert_sql(table: str, columns: str, key: str) -> str:
@@ -136,6 +137,10 @@ def decode_echo(text: str) -> tuple[PendingWrite, ...]:
 
 def mask_bits(registers: Iterable[Register]) -> int:
     """The bit mask stored for a register set."""
+    if type(registers) is frozenset:
+        known = _MASK_BITS.get(registers)
+        if known is not None:
+            return known
     bits = 0
     for register in registers:
         bits |= _BITS[register]
