@@ -299,8 +299,16 @@ def merge(
     new = canonical
     if won_favorite or won_rating or won_play_state:
         winner = Stamped(stamp, origin)
+        if (
+            favorite is incoming.favorite
+            and rating is incoming.rating
+            and play_state is incoming.play_state
+        ):
+            merged = incoming  # shared (decoded states are interned): encoded once per burst
+        else:
+            merged = UserData(favorite, rating, play_state)
         new = CanonicalState(
-            UserData(favorite, rating, play_state),
+            merged,
             winner if won_favorite else canonical.favorite,
             winner if won_rating else canonical.rating,
             winner if won_play_state else canonical.play_state,

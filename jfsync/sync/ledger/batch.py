@@ -386,14 +386,15 @@ class Batch:
 
     def number_new_rows(self) -> None:
         """Give the rows created so far their ids (flush numbers the rest)."""
-        new = [k for k in self._dirty_rows if (row := self.rows[k]) is not None and row.id is None]
+        rows = self.rows
+        new = sorted(k for k in self._dirty_rows if (row := rows[k]) is not None and row.id is None)
         if not new:
             return
         first = self.tables.number_rows(len(new))
-        for offset, key in enumerate(sorted(new)):
-            row = self.rows[key]
+        for row_id, key in enumerate(new, first):
+            row = rows[key]
             assert row is not None
-            self.rows[key] = row.numbered(first + offset)
+            rows[key] = row.numbered(row_id)
 
     def outbox_row(self, key: Key, like: OutboxRow) -> OutboxRow | None:
         """The row of ``key`` as it stands in this batch, named like ``like`` (or None)."""

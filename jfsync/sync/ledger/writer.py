@@ -273,20 +273,22 @@ class StateWriter:
         deletes: list[tuple[int]] = []
         updates: list[tuple[Any, ...]] = []
         inserts: list[tuple[Any, ...]] = []
+        new_ids = self._new_ids
         for key, row in rows.items():
             old = self._stored_id(key)
             if row is None:
                 if old is not None:
                     deletes.append((old,))
                 continue
-            assert row.id is not None  # number_rows first
-            if row.id in self._new_ids:
+            row_id = row.id
+            assert row_id is not None  # number_rows first
+            if row_id in new_ids:
                 if old is not None:
                     deletes.append((old,))
-                self._new_ids.discard(row.id)
-                inserts.append((row.id, key[2], key[0], key[1], *row_values(row)))
+                new_ids.discard(row_id)
+                inserts.append((row_id, key[2], key[0], key[1], *row_values(row)))
             else:
-                updates.append((*row_values(row), row.id))
+                updates.append((*row_values(row), row_id))
         if deletes:
             self.db.executemany("DELETE FROM outbox WHERE id=?", deletes)
         if updates:
@@ -302,7 +304,7 @@ class StateWriter:
         if key in rows:
             row = rows[key]
         else:
-            entry = self._loaded.get(key[:2])
+            entry = self._loaded.get((key[0], key[1]))
             row = None if entry is None else entry.rows.get(key[2])
         return None if row is None else row.id
 
