@@ -367,8 +367,10 @@ class Batch:
         if self._dirty_echo:
             tables.put_echoes({key: self.echo[key] for key in sorted(self._dirty_echo)})
         if self._dirty_rows:
-            self.number_new_rows()
-            tables.put_rows({key: self.rows[key] for key in sorted(self._dirty_rows)})
+            keys = sorted(self._dirty_rows)
+            self._number(keys)
+            rows = self.rows
+            tables.put_rows({key: rows[key] for key in keys})
         if self._clock_moved:
             self.clock.save(tables.db)
         if self.seen:
@@ -386,8 +388,12 @@ class Batch:
 
     def number_new_rows(self) -> None:
         """Give the rows created so far their ids (flush numbers the rest)."""
+        self._number(sorted(self._dirty_rows))
+
+    def _number(self, keys: Sequence[Key]) -> None:
+        """Number the unnumbered rows of ``keys`` (sorted), in key order."""
         rows = self.rows
-        new = sorted(k for k in self._dirty_rows if (row := rows[k]) is not None and row.id is None)
+        new = [k for k in keys if (row := rows[k]) is not None and row.id is None]
         if not new:
             return
         first = self.tables.number_rows(len(new))
