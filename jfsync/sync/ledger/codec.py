@@ -97,14 +97,6 @@ def decode_canonical(row: Sequence[Any]) -> CanonicalState:
     return CanonicalState(data, stamped(8), stamped(11), stamped(14))
 
 
-def canonical_values(state: CanonicalState) -> tuple[Any, ...]:
-    """The :data:`CANON_COLS` values of ``state``, after user and item."""
-    values: list[Any] = list(state_values(state.data))
-    for stamped in (state.favorite, state.rating, state.play_state):
-        values.extend((stamped.stamp.ms, stamped.stamp.tiebreak, stamped.origin))
-    return tuple(values)
-
-
 def encode_echo(entries: Sequence[PendingWrite]) -> str:
     """The JSON of ``[[written_ms, state, replaced], ...]`` stored for pending echoes."""
     # States are interned and few, so each one's text is made once (two encodes per write

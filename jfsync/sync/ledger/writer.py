@@ -74,8 +74,8 @@ def _state_params(states: Mapping[Key, UserData]) -> list[tuple[Any, ...]]:
 
 
 def _canonical_params(states: Mapping[Pair, CanonicalState]) -> list[tuple[Any, ...]]:
-    """The upsert parameters of canonical states (:func:`canonical_values`), each run of one
-    shared data object encoded once."""
+    """The upsert parameters of canonical states (:data:`CANON_COLS`), each run of one shared
+    data object encoded once."""
     params: list[tuple[Any, ...]] = []
     last: UserData | None = None
     values: tuple[Any, ...] = ()
