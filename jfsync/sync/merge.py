@@ -413,8 +413,8 @@ def _first_ever(
     origin: str,
 ) -> MergeResult:
     base = last_known if last_known is not None else DEFAULT_USER_DATA
-    changed = frozenset([r for r in policy.synced if incoming.get(r) != base.get(r)])
-    owed = frozenset([r for r in policy.synced if incoming.get(r) != DEFAULT_USER_DATA.get(r)])
+    changed = changed_registers(policy.synced, base, incoming)
+    owed = changed_registers(policy.synced, DEFAULT_USER_DATA, incoming)
     return MergeResult(
         changed=changed,
         first_contact=True,

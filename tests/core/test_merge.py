@@ -15,6 +15,7 @@ from jfsync.sync.merge import (
     MergePolicy,
     MergeResult,
     Stamped,
+    changed_registers,
     first_contact_winner,
     merge,
     next_stamp_ms,
@@ -469,6 +470,15 @@ canonicals = st.builds(
     st.tuples(servers, servers, servers),
     st.tuples(st.integers(0, 50), st.integers(0, 50), st.integers(0, 50)),
 )
+
+
+@given(user_data, user_data, register_sets)
+def test_changed_registers_are_the_synced_ones_whose_value_differs(
+    before: UserData, after: UserData, synced: frozenset[Register]
+) -> None:
+    expected = frozenset(r for r in synced if before.get(r) != after.get(r))
+    assert changed_registers(synced, before, after) == expected
+    assert changed_registers(synced, before, before) == frozenset()
 
 
 def _known_server_by_the_rules(
