@@ -213,20 +213,21 @@ class Batch:
                 # Scans are bulk (a whole library): they are checked, not remembered. Events,
                 # writes and the other reads of the same keys are what they race with.
                 self.see(key, seq)
-            if obs.source == "scan":
-                # A page may show a write recorded after it was requested (an intent whose
-                # write landed first): jfsync's own, not the user's. Nothing is consumed.
-                verdict = match_echo(
-                    pending, state, obs.wall_ms, consume=False, read_at_ms=obs.wall_ms
-                )
-                if verdict.verdict is Verdict.ECHO:
-                    return Applied(obs, Outcome.ECHO)
-                if verdict.verdict is Verdict.STALE:
-                    return Applied(obs, Outcome.STALE)
-            moot = after_read(pending, state, obs.wall_ms, obs.wall_ms)
-            if moot != pending:
-                self.echo[key] = pending = moot
-                self._dirty_echo.add(key)
+            if pending:  # else nothing to match, nothing made moot
+                if obs.source == "scan":
+                    # A page may show a write recorded after it was requested (an intent whose
+                    # write landed first): jfsync's own, not the user's. Nothing is consumed.
+                    verdict = match_echo(
+                        pending, state, obs.wall_ms, consume=False, read_at_ms=obs.wall_ms
+                    )
+                    if verdict.verdict is Verdict.ECHO:
+                        return Applied(obs, Outcome.ECHO)
+                    if verdict.verdict is Verdict.STALE:
+                        return Applied(obs, Outcome.STALE)
+                moot = after_read(pending, state, obs.wall_ms, obs.wall_ms)
+                if moot != pending:
+                    self.echo[key] = pending = moot
+                    self._dirty_echo.add(key)
         previous = lk.get(key)
         canonical = self.canon.get((uid, iid))
         policy = self._policy_of(obs.user)  # the person's register choices
