@@ -75,6 +75,7 @@ from jfsync.sync.rewatch import protected
 
 _FAVORITE = Register.FAVORITE
 _RATING = Register.RATING
+_PLAY_STATE = Register.PLAY_STATE
 
 if TYPE_CHECKING:
     from jfsync.config import Config
@@ -166,7 +167,7 @@ class MergePolicy:
 
     def stamp(self, ms: int, server: str) -> Stamp:
         """Build the stamp of a change that ``server`` showed at hybrid time ``ms``."""
-        return Stamp.observed(ms, self.rank(server))
+        return Stamp(ms, -self.rank(server))  # Stamp.observed, without the keyword call
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,29 +262,103 @@ def merge(
     if last_known is None:
         return _first_contact(policy, canonical, incoming, stamp, origin, seed_known)
 
-    changed = frozenset([r for r in synced if incoming.get(r) != last_known.get(r)])
+    changed = changed_registers(synced, last_known, incoming)
+    # Built once, at the end: one observation usually moves one register, and a bulk apply
+    # runs this for every item of a library.
+    data = canonical.data
+    favorite, rating, play_state = data.favorite, data.rating, data.play_state
+    won_favorite = won_rating = won_play_state = False
+    moved: list[Register] = []
+    lost: list[Register] = []
+    if _FAVORITE in changed:
+        value_f = incoming.favorite
+        if later(stamp, canonical.favorite.stamp):
+            if value_f != favorite:
+                moved.append(_FAVORITE)
+            favorite, won_favorite = value_f, True
+        elif value_f != favorite:
+            lost.append(_FAVORITE)
+    if _RATING in changed:
+        value_r = incoming.rating
+        if later(stamp, canonical.rating.stamp):
+            if value_r != rating:
+                moved.append(_RATING)
+            rating, won_rating = None if value_r is None else float(value_r), True
+        elif value_r != rating:
+            lost.append(_RATING)
+    if _PLAY_STATE in changed:
+        value_p = incoming.play_state
+        if policy.rewatch_protection:
+            value_p = protected(play_state, value_p)
+        if later(stamp, canonical.play_state.stamp):
+            if value_p is not play_state and value_p != play_state:
+                moved.append(_PLAY_STATE)
+            play_state, won_play_state = value_p, True
+        elif value_p is not play_state and value_p != play_state:
+            lost.append(_PLAY_STATE)
     new = canonical
-    moved: set[Register] = set()
-    lost: set[Register] = set()
-    for register in _ordered(changed):
-        value = incoming.get(register)
-        if policy.rewatch_protection and register is Register.PLAY_STATE:
-            assert isinstance(value, PlayState)
-            value = protected(canonical.data.play_state, value)
-        current = canonical.stamped(register)
-        if stamp > current.stamp:
-            if value != canonical.data.get(register):
-                moved.add(register)
-            new = new.with_register(register, value, Stamped(stamp, origin))
-        elif value != canonical.data.get(register):
-            lost.add(register)
+    if won_favorite or won_rating or won_play_state:
+        winner = Stamped(stamp, origin)
+        if (
+            favorite is incoming.favorite
+            and rating is incoming.rating
+            and play_state is incoming.play_state
+        ):
+            merged = incoming  # shared (decoded states are interned): encoded once per burst
+        else:
+            merged = UserData(favorite, rating, play_state)
+        new = CanonicalState(
+            merged,
+            winner if won_favorite else canonical.favorite,
+            winner if won_rating else canonical.rating,
+            winner if won_play_state else canonical.play_state,
+        )
+    moved_set = frozenset(moved)
     return MergeResult(
         changed=changed,
         first_contact=False,
         canonical=new,
-        canonical_changed=frozenset(moved),
-        writes=_writes(policy, origin, frozenset(moved), frozenset(lost)),
+        canonical_changed=moved_set,
+        writes=_writes(policy, origin, moved_set, frozenset(lost)) if moved or lost else {},
     )
+
+
+def later(stamp: Stamp, other: Stamp) -> bool:
+    """``stamp > other`` (hybrid-clock milliseconds, then tiebreak), without the dataclass
+    comparison's tuple building: it runs for every register of every observation."""
+    ms, other_ms = stamp.ms, other.ms
+    return ms > other_ms or (ms == other_ms and stamp.tiebreak > other.tiebreak)
+
+
+#: Per synced register set: the changed registers by difference bits (1 favourite, 2 rating,
+#: 4 play state), shared frozensets, so a diff builds no set.
+_DIFF_SETS: dict[frozenset[Register], tuple[frozenset[Register], ...]] = {}
+
+
+def changed_registers(
+    synced: frozenset[Register], before: UserData, after: UserData
+) -> frozenset[Register]:
+    """The registers of ``synced`` whose value differs between ``before`` and ``after``."""
+    sets = _DIFF_SETS.get(synced)
+    if sets is None:
+        if len(_DIFF_SETS) >= 256:
+            _DIFF_SETS.clear()
+        sets = _DIFF_SETS[synced] = tuple(
+            frozenset(r for b, r in ((1, _FAVORITE), (2, _RATING), (4, _PLAY_STATE)) if bits & b)
+            & synced
+            for bits in range(8)
+        )
+    if before is after:
+        return sets[0]
+    bits = 0
+    if before.favorite != after.favorite:
+        bits = 1
+    if before.rating != after.rating:
+        bits |= 2
+    ps_before, ps_after = before.play_state, after.play_state
+    if ps_before is not ps_after and ps_before != ps_after:
+        bits |= 4
+    return sets[bits]
 
 
 def first_contact_winner(
@@ -338,8 +413,8 @@ def _first_ever(
     origin: str,
 ) -> MergeResult:
     base = last_known if last_known is not None else DEFAULT_USER_DATA
-    changed = frozenset([r for r in policy.synced if incoming.get(r) != base.get(r)])
-    owed = frozenset([r for r in policy.synced if incoming.get(r) != DEFAULT_USER_DATA.get(r)])
+    changed = changed_registers(policy.synced, base, incoming)
+    owed = changed_registers(policy.synced, DEFAULT_USER_DATA, incoming)
     return MergeResult(
         changed=changed,
         first_contact=True,

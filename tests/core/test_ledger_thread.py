@@ -21,6 +21,7 @@ import pytest
 
 from jfsync.model import DEFAULT_USER_DATA, Register, UserData
 from jfsync.sync.ledger import Ledger, Observation, Outcome
+from jfsync.sync.ledger.cache import StateCache
 from jfsync.sync.ledger.schema import connect, run_on_thread, write_transaction
 from jfsync.sync.merge import MergePolicy
 from tests.support.waiting import bound, wait_until
@@ -334,3 +335,34 @@ async def test_a_commit_that_fails_rolls_back_and_the_next_transaction_works(
     again = await ledger.apply_observation("a", USER, ITEM, UserData(favorite=True), T0 + 120)
     assert again.outcome is Outcome.CHANGED
     assert [r.registers for r in await ledger.due_rows("c", 10, T0 + 130)] == [{FAV}]
+
+
+# ---------------------------------------------------------------------- the state cache
+
+
+async def test_the_cache_takes_a_burst_on_sqlites_thread_not_on_the_event_loop(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 2,000-entry message: the state cache takes its ~6,000 fresh objects on SQLite's
+    thread right after COMMIT (still under the ledger's gate lock), so the event loop does
+    not stall on it; and what it took is what the file holds."""
+    threads: list[int] = []
+    committed = StateCache.committed
+
+    def record(self: StateCache, *args: Any) -> None:
+        threads.append(threading.get_ident())
+        committed(self, *args)
+
+    monkeypatch.setattr(StateCache, "committed", record)
+    observations = [
+        Observation("a", USER, f"{i:032x}", UserData(favorite=True), T0 + 100 + i)
+        for i in range(2_000)
+    ]
+    applied = await ledger.apply_observations(observations)
+    assert all(a.outcome is Outcome.CHANGED for a in applied)
+    assert threads
+    assert threading.get_ident() not in threads
+    assert await ledger.outbox_depth("b") == 2_000
+    canonical = await ledger.canonical(USER, f"{1_999:032x}")  # from the cache
+    assert canonical is not None
+    assert canonical.data == UserData(favorite=True)

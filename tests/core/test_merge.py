@@ -15,10 +15,12 @@ from jfsync.sync.merge import (
     MergePolicy,
     MergeResult,
     Stamped,
+    changed_registers,
     first_contact_winner,
     merge,
     next_stamp_ms,
 )
+from jfsync.sync.rewatch import protected
 
 FAV = Register.FAVORITE
 RAT = Register.RATING
@@ -468,6 +470,87 @@ canonicals = st.builds(
     st.tuples(servers, servers, servers),
     st.tuples(st.integers(0, 50), st.integers(0, 50), st.integers(0, 50)),
 )
+
+
+@given(user_data, user_data, register_sets)
+def test_changed_registers_are_the_synced_ones_whose_value_differs(
+    before: UserData, after: UserData, synced: frozenset[Register]
+) -> None:
+    expected = frozenset(r for r in synced if before.get(r) != after.get(r))
+    assert changed_registers(synced, before, after) == expected
+    assert changed_registers(synced, before, before) == frozenset()
+
+
+def _known_server_by_the_rules(
+    policy: MergePolicy,
+    canonical: CanonicalState,
+    last_known: UserData,
+    incoming: UserData,
+    stamp: Stamp,
+    origin: str,
+) -> tuple[frozenset[Register], CanonicalState, frozenset[Register], dict[str, set[Register]]]:
+    """The known-server rules of the module doc, register by register, written plainly."""
+    changed = frozenset(r for r in policy.synced if incoming.get(r) != last_known.get(r))
+    new, moved, lost = canonical, set(), set()
+    for register in ALL_REGISTERS:
+        if register not in changed:
+            continue
+        value = incoming.get(register)
+        if policy.rewatch_protection and register is PS:
+            assert isinstance(value, PlayState)
+            value = protected(canonical.data.play_state, value)
+        if stamp > canonical.stamped(register).stamp:
+            if value != canonical.data.get(register):
+                moved.add(register)
+            new = new.with_register(register, value, Stamped(stamp, origin))
+        elif value != canonical.data.get(register):
+            lost.add(register)
+    writes: dict[str, set[Register]] = {}
+    if moved:
+        writes.update({s: set(moved) for s in policy.servers if s != origin})
+    if lost:
+        writes[origin] = set(lost)
+    return changed, new, frozenset(moved), writes
+
+
+@settings(max_examples=400)
+@given(
+    canonicals,
+    user_data,
+    user_data,
+    servers,
+    st.integers(0, 100),
+    register_sets,
+    st.booleans(),
+)
+def test_known_server_merge_follows_the_rules_register_by_register(
+    canonical: CanonicalState,
+    last_known: UserData,
+    incoming: UserData,
+    origin: str,
+    ms: int,
+    synced: frozenset[Register],
+    rewatch: bool,
+) -> None:
+    policy = MergePolicy(servers=SERVERS, synced=synced, rewatch_protection=rewatch)
+    stamp = st_(ms, origin)
+    result = merge(
+        policy,
+        canonical=canonical,
+        last_known=last_known,
+        incoming=incoming,
+        stamp=stamp,
+        origin=origin,
+    )
+    changed, expected, moved, writes = _known_server_by_the_rules(
+        policy, canonical, last_known, incoming, stamp, origin
+    )
+    assert result.changed == changed
+    assert result.canonical == expected
+    assert result.canonical_changed == moved
+    assert {s: set(r) for s, r in result.writes.items()} == writes
+    # Nothing moved: the very state given back (the ledger then writes nothing).
+    assert (result.canonical is canonical) == (expected == canonical)
 
 
 @given(canonicals, st.none() | user_data, user_data, servers, st.integers(0, 100), register_sets)

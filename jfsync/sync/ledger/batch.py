@@ -33,9 +33,11 @@ from jfsync.sync.ledger.maps import IdMaps
 from jfsync.sync.ledger.outbox import OutboxRow, WorkRow
 from jfsync.sync.ledger.policy import LedgerPolicy
 from jfsync.sync.ledger.writer import StateWriter
-from jfsync.sync.merge import CanonicalState, merge
+from jfsync.sync.merge import CanonicalState, MergePolicy, changed_registers, merge
 
 Source = Literal["event", "scan", "compare", "read"]
+
+_NOTHING: frozenset[Register] = frozenset()
 
 
 class Outcome(StrEnum):
@@ -126,6 +128,11 @@ class Batch:
         self._dirty_echo: set[Key] = set()
         self._dirty_rows: set[Key] = set()
         self._clock_moved = False
+        #: Per batch memos of the hot path (policies by person, tiebreaks by server, the
+        #: servers owed rows by (user, origin): reset when :meth:`load` adds members).
+        self._user_policies: dict[str, MergePolicy] = {}
+        self._tiebreaks: dict[str, int] = {}
+        self._targets: dict[tuple[int, int], tuple[tuple[int, str], ...]] = {}
         seed = policy.seed
         self._seed_sid = maps.sid_of(seed) if seed is not None else None
         self._configured = {maps.sid(n) for n in policy.servers}
@@ -158,6 +165,7 @@ class Batch:
         if with_members:
             db, cached = self.tables.db, self.tables.cached
             self.members.update(self.maps.members(db, {u for u, _ in wanted}, cached=cached))
+            self._targets.clear()
             indexed, mapped = self.maps.mappings(
                 db, {i for _, i in wanted}, self._configured, cached=cached
             )
@@ -175,23 +183,27 @@ class Batch:
 
     def see(self, key: Key, seq: int) -> None:
         """Record that ``key`` was seen (an event, a read, a write) at ticket ``seq``."""
-        if seq > self.seen_seq(key):
-            self.seen[key] = seq
+        seen = self.seen
+        if seq > seen.get(key, 0) and seq > self.clock.seen(key):
+            seen[key] = seq
 
     def apply(self, obs: Observation, key: Key) -> Applied:
         """Apply one observation to the working set (rules in :meth:`Ledger.apply_observations`)."""
         uid, iid, sid = key
+        state = obs.state
+        lk = self.lk
         pending = self.echo.get(key, ())
         if obs.source == "event":
             self.see(key, self.clock.ticket())
-            verdict = classify_event(pending, obs.state, self.lk.get(key), obs.wall_ms)
-            if verdict.pending != pending:
-                self.echo[key] = pending = verdict.pending
-                self._dirty_echo.add(key)
-            if verdict.verdict is Verdict.ECHO:
-                return Applied(obs, Outcome.ECHO)
-            if verdict.verdict is Verdict.AMBIGUOUS:
-                return Applied(obs, Outcome.AMBIGUOUS)
+            if pending:  # no pending write: a change (classify_event's answer), nothing to prune
+                verdict = classify_event(pending, state, lk.get(key), obs.wall_ms)
+                if verdict.pending != pending:
+                    self.echo[key] = pending = verdict.pending
+                    self._dirty_echo.add(key)
+                if verdict.verdict is Verdict.ECHO:
+                    return Applied(obs, Outcome.ECHO)
+                if verdict.verdict is Verdict.AMBIGUOUS:
+                    return Applied(obs, Outcome.AMBIGUOUS)
         else:
             # A read: never applied over something learnt after it was requested.
             seq = self.clock.ticket() if obs.read_seq is None else obs.read_seq
@@ -201,72 +213,101 @@ class Batch:
                 # Scans are bulk (a whole library): they are checked, not remembered. Events,
                 # writes and the other reads of the same keys are what they race with.
                 self.see(key, seq)
-            if obs.source == "scan":
-                # A page may show a write recorded after it was requested (an intent whose
-                # write landed first): jfsync's own, not the user's. Nothing is consumed.
-                verdict = match_echo(
-                    pending, obs.state, obs.wall_ms, consume=False, read_at_ms=obs.wall_ms
-                )
-                if verdict.verdict is Verdict.ECHO:
-                    return Applied(obs, Outcome.ECHO)
-                if verdict.verdict is Verdict.STALE:
-                    return Applied(obs, Outcome.STALE)
-            moot = after_read(pending, obs.state, obs.wall_ms, obs.wall_ms)
-            if moot != pending:
-                self.echo[key] = pending = moot
-                self._dirty_echo.add(key)
-        previous = self.lk.get(key)
+            if pending:  # else nothing to match, nothing made moot
+                if obs.source == "scan":
+                    # A page may show a write recorded after it was requested (an intent whose
+                    # write landed first): jfsync's own, not the user's. Nothing is consumed.
+                    verdict = match_echo(
+                        pending, state, obs.wall_ms, consume=False, read_at_ms=obs.wall_ms
+                    )
+                    if verdict.verdict is Verdict.ECHO:
+                        return Applied(obs, Outcome.ECHO)
+                    if verdict.verdict is Verdict.STALE:
+                        return Applied(obs, Outcome.STALE)
+                moot = after_read(pending, state, obs.wall_ms, obs.wall_ms)
+                if moot != pending:
+                    self.echo[key] = pending = moot
+                    self._dirty_echo.add(key)
+        previous = lk.get(key)
         canonical = self.canon.get((uid, iid))
-        policy = self.policy.for_user(obs.user)  # the person's register choices
-        synced = policy.synced
+        policy = self._policy_of(obs.user)  # the person's register choices
         if canonical is None and obs.server in policy.receive_only:
             # A receive-only server decides nothing: its state is only remembered.
-            self.set_last_known(key, obs.state)
+            self.set_last_known(key, state)
             return Applied(obs, Outcome.UNCHANGED)
         if previous is not None and canonical is not None:
-            if previous == obs.state:
+            if previous is state or previous == state:
                 return Applied(obs, Outcome.UNCHANGED)
-            if all(previous.get(r) == obs.state.get(r) for r in synced):
-                self.set_last_known(key, obs.state)
+            if not changed_registers(policy.synced, previous, state):
+                self.set_last_known(key, state)
                 return Applied(obs, Outcome.UNCHANGED)
-        stamp = self.policy.stamp(self.tick(obs.wall_ms), obs.server)
-        seed_known = self._seed_sid is not None and (uid, iid, self._seed_sid) in self.lk
+        stamp = Stamp(self.tick(obs.wall_ms), self._tiebreak_of(obs.server))
+        seed_known = self._seed_sid is not None and (uid, iid, self._seed_sid) in lk
         result = merge(
             policy,
             canonical=canonical,
             last_known=previous,
-            incoming=obs.state,
+            incoming=state,
             stamp=stamp,
             origin=obs.server,
             seed_known=seed_known,
         )
-        if result.canonical != canonical:
-            self.canon[(uid, iid)] = result.canonical
+        desired = result.canonical
+        # merge returns ``canonical`` itself when it did not move (any move changes a stamp).
+        if desired is not canonical:
+            self.canon[(uid, iid)] = desired
             self._dirty_canon.add((uid, iid))
-        self.set_last_known(key, obs.state)
+        lk[key] = state
+        self._dirty_lk.add(key)
         queued: dict[str, frozenset[Register]] = {}
-        targets = (self.members.get(uid, set()) | {sid}) & self._configured
-        names = self.maps.names
-        for target in sorted(targets):
-            name = names[target]
-            owed = result.writes.get(name, frozenset())
+        writes = result.writes
+        rows = self.rows
+        for target, name in self._targets_of(uid, sid):
+            owed = writes.get(name, _NOTHING)
             tkey = (uid, iid, target)
-            if self.rows.get(tkey) is None and (
+            if rows.get(tkey) is None and (
                 not owed or (target != sid and self.lacks_item(target, iid))
             ):
                 continue
-            if self.refresh_row(tkey, owed, result.canonical.data, stamp.ms, obs.wall_ms):
-                row = self.rows.get(tkey)
-                queued[name] = row.mask if row is not None else frozenset()
+            if self.refresh_row(tkey, owed, desired.data, stamp.ms, obs.wall_ms):
+                row = rows.get(tkey)
+                queued[name] = row.mask if row is not None else _NOTHING
         return Applied(
             obs,
             Outcome.CHANGED if result.changed else Outcome.UNCHANGED,
-            changed=result.changed,
-            first_contact=result.first_contact,
-            canonical_changed=result.canonical_changed,
-            stamp=stamp,
-            queued=queued,
+            result.changed,
+            result.first_contact,
+            result.canonical_changed,
+            stamp,
+            queued,
         )
+
+    def _policy_of(self, user: str) -> MergePolicy:
+        """The merge policy of one person (:meth:`MergePolicy.for_user`), once per batch."""
+        policy = self.policy
+        if not policy.user_fields:
+            return policy
+        found = self._user_policies.get(user)
+        if found is None:
+            found = self._user_policies[user] = policy.for_user(user)
+        return found
+
+    def _tiebreak_of(self, server: str) -> int:
+        """The stamp tiebreak of changes ``server`` shows (:meth:`MergePolicy.stamp`)."""
+        tiebreak = self._tiebreaks.get(server)
+        if tiebreak is None:
+            tiebreak = self._tiebreaks[server] = self.policy.stamp(0, server).tiebreak
+        return tiebreak
+
+    def _targets_of(self, uid: int, sid: int) -> tuple[tuple[int, str], ...]:
+        """The configured servers (id, name) that may owe rows for ``uid``, origin ``sid``
+        included, in id order."""
+        targets = self._targets.get((uid, sid))
+        if targets is None:
+            names = self.maps.names
+            ids = (self.members.get(uid, set()) | {sid}) & self._configured
+            targets = self._targets[(uid, sid)] = tuple((t, names[t]) for t in sorted(ids))
+        return targets
 
     def refresh_row(
         self,
@@ -278,22 +319,24 @@ class Batch:
     ) -> bool:
         """Merge ``owed`` into the row of ``key``, prune what the peer holds; tell if it moved."""
         existing = self.rows.get(key)
-        mask = set(owed)
+        mask = owed
         revive = False
         if existing is not None:
-            mask |= existing.mask
+            mask = mask | existing.mask
             revive = existing.dead and bool(owed)
-        mask &= self.rules.synced_of(key[0], self.maps.names.get(key[2]))  # choices, send-only
+        mask = mask & self.rules.synced_of(key[0], self.maps.names.get(key[2]))  # choices
         known = self.lk.get(key)
-        if known is not None:
-            mask = {r for r in mask if desired.get(r) != known.get(r)}
+        if known is not None and mask:
+            held = [r for r in mask if desired.get(r) == known.get(r)]
+            if held:
+                mask = mask.difference(held)
         if not mask:
             if existing is None:
                 return False
             self.rows[key] = None
             self._dirty_rows.add(key)
             return True
-        registers = frozenset(mask)
+        registers = mask
         if (
             existing is not None
             and not revive
@@ -325,8 +368,10 @@ class Batch:
         if self._dirty_echo:
             tables.put_echoes({key: self.echo[key] for key in sorted(self._dirty_echo)})
         if self._dirty_rows:
-            self.number_new_rows()
-            tables.put_rows({key: self.rows[key] for key in sorted(self._dirty_rows)})
+            keys = sorted(self._dirty_rows)
+            self._number(keys)
+            rows = self.rows
+            tables.put_rows({key: rows[key] for key in keys})
         if self._clock_moved:
             self.clock.save(tables.db)
         if self.seen:
@@ -344,14 +389,19 @@ class Batch:
 
     def number_new_rows(self) -> None:
         """Give the rows created so far their ids (flush numbers the rest)."""
-        new = [k for k in self._dirty_rows if (row := self.rows[k]) is not None and row.id is None]
+        self._number(sorted(self._dirty_rows))
+
+    def _number(self, keys: Sequence[Key]) -> None:
+        """Number the unnumbered rows of ``keys`` (sorted), in key order."""
+        rows = self.rows
+        new = [k for k in keys if (row := rows[k]) is not None and row.id is None]
         if not new:
             return
         first = self.tables.number_rows(len(new))
-        for offset, key in enumerate(sorted(new)):
-            row = self.rows[key]
+        for row_id, key in enumerate(new, first):
+            row = rows[key]
             assert row is not None
-            self.rows[key] = row.numbered(first + offset)
+            rows[key] = row.numbered(row_id)
 
     def outbox_row(self, key: Key, like: OutboxRow) -> OutboxRow | None:
         """The row of ``key`` as it stands in this batch, named like ``like`` (or None)."""

@@ -40,6 +40,7 @@ _BITS: dict[Register, int] = {Register.FAVORITE: 1, Register.RATING: 2, Register
 _ALL_BITS = sum(_BITS.values())
 #: Every register set, by its bits (decoded once, shared by every row).
 _MASKS = tuple(frozenset(r for r, b in _BITS.items() if bits & b) for bits in range(_ALL_BITS + 1))
+_MASK_BITS: dict[frozenset[Register], int] = {mask: bits for bits, mask in enumerate(_MASKS)}
 
 
 def upsert_sql(table: str, columns: str, key: str) -> str:
@@ -96,14 +97,6 @@ def decode_canonical(row: Sequence[Any]) -> CanonicalState:
     return CanonicalState(data, stamped(8), stamped(11), stamped(14))
 
 
-def canonical_values(state: CanonicalState) -> tuple[Any, ...]:
-    """The :data:`CANON_COLS` values of ``state``, after user and item."""
-    values: list[Any] = list(state_values(state.data))
-    for stamped in (state.favorite, state.rating, state.play_state):
-        values.extend((stamped.stamp.ms, stamped.stamp.tiebreak, stamped.origin))
-    return tuple(values)
-
-
 def encode_echo(entries: Sequence[PendingWrite]) -> str:
     """The JSON of ``[[written_ms, state, replaced], ...]`` stored for pending echoes."""
     # States are interned and few, so each one's text is made once (two encodes per write
@@ -136,6 +129,10 @@ def decode_echo(text: str) -> tuple[PendingWrite, ...]:
 
 def mask_bits(registers: Iterable[Register]) -> int:
     """The bit mask stored for a register set."""
+    if type(registers) is frozenset:
+        known = _MASK_BITS.get(registers)
+        if known is not None:
+            return known
     bits = 0
     for register in registers:
         bits |= _BITS[register]

@@ -150,11 +150,25 @@ class WorkRow:
         )
 
 
+#: The last state encoded by :func:`row_values` and its values, in ONE slot (read and
+#: replaced whole, so threads of several ledgers never see half of it): a burst owes one
+#: state object to many rows.
+_LAST_DESIRED: list[tuple[UserData | None, tuple[Any, ...]]] = [(None, ())]
+
+
+def _desired_values(state: UserData) -> tuple[Any, ...]:
+    last = _LAST_DESIRED[0]
+    if last[0] is not state:
+        last = (state, state_values(state))
+        _LAST_DESIRED[0] = last
+    return last[1]
+
+
 def row_values(row: WorkRow) -> tuple[Any, ...]:
     """The :data:`ROW_COLS` values of ``row``."""
     return (
         mask_bits(row.mask),
-        *state_values(row.desired),
+        *_desired_values(row.desired),
         row.version,
         row.created_ms,
         row.attempts,

@@ -6,12 +6,13 @@ Every write to them in the package goes through a :class:`StateWriter`, made by 
 each transaction, so the cache is kept right by construction: loads come from the cache (until
 the transaction has written, and never for pairs its bulk statements touched) or from SQLite
 (pairs of a user or item the transaction itself created hold nothing and are not read);
-writes are remembered as final values; only once the transaction has committed, back on the
-event loop, does the cache take what was read and written, then drop what bulk statements
-touched. A transaction that does not commit leaves the cache as it was (the ledger then empties
-it, as it does after a cancelled caller). Reads outside a write transaction get a read-only
-writer that refuses writes. Everything here but :meth:`StateWriter.commit` runs on the
-connection's own thread, inside the transaction's one call (:mod:`jfsync.sync.ledger.store`).
+writes are remembered as final values; only once the transaction has committed does the cache
+take what was read and written, then drop what bulk statements touched. A transaction that does
+not commit leaves the cache as it was (the ledger then empties it, as it does after a cancelled
+caller). Reads outside a write transaction get a read-only writer that refuses writes.
+Everything here, :meth:`StateWriter.commit` included (right after COMMIT), runs on the
+connection's own thread, inside the transaction's one call under the ledger's gate lock
+(:mod:`jfsync.sync.ledger.store`): the cache is never read or changed anywhere else.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from jfsync.sync.ledger.codec import (
     STATE_COLS,
     Key,
     Pair,
-    canonical_values,
     chunks,
     decode_canonical,
     decode_echo,
@@ -58,6 +58,50 @@ _INSERT_ROW = (
     f"VALUES ({marks(4 + len(ROW_COLS.split(', ')))})"
 )
 _UPDATE_ROW = f"UPDATE outbox SET {', '.join(c + '=?' for c in ROW_COLS.split(', '))} WHERE id=?"  # noqa: S608
+
+
+def _state_params(states: Mapping[Key, UserData]) -> list[tuple[Any, ...]]:
+    """The upsert parameters of last-known states: a burst repeats one state object for many
+    keys, so each run of the same object is encoded once."""
+    params: list[tuple[Any, ...]] = []
+    last: UserData | None = None
+    values: tuple[Any, ...] = ()
+    for key, state in states.items():
+        if state is not last:
+            values, last = state_values(state), state
+        params.append((*key, *values))
+    return params
+
+
+def _canonical_params(states: Mapping[Pair, CanonicalState]) -> list[tuple[Any, ...]]:
+    """The upsert parameters of canonical states (:data:`CANON_COLS`), each run of one shared
+    data object encoded once."""
+    params: list[tuple[Any, ...]] = []
+    last: UserData | None = None
+    values: tuple[Any, ...] = ()
+    for (uid, iid), state in states.items():
+        data = state.data
+        if data is not last:
+            values, last = state_values(data), data
+        f, r, p = state.favorite, state.rating, state.play_state
+        fs, rs, ps = f.stamp, r.stamp, p.stamp
+        params.append(
+            (
+                uid,
+                iid,
+                *values,
+                fs.ms,
+                fs.tiebreak,
+                f.origin,
+                rs.ms,
+                rs.tiebreak,
+                r.origin,
+                ps.ms,
+                ps.tiebreak,
+                p.origin,
+            )
+        )
+    return params
 
 
 class StateWriter:
@@ -181,19 +225,14 @@ class StateWriter:
     def put_canonical(self, states: Mapping[Pair, CanonicalState]) -> None:
         """Write canonical states."""
         self._require_writable()
-        self.db.executemany(
-            _UPSERT_CANONICAL,
-            [(*pair, *canonical_values(state)) for pair, state in states.items()],
-        )
+        self.db.executemany(_UPSERT_CANONICAL, _canonical_params(states))
         self._canon.update(states)
         self._wrote = True
 
     def put_last_known(self, states: Mapping[Key, UserData]) -> None:
         """Write last-known states."""
         self._require_writable()
-        self.db.executemany(
-            _UPSERT_LAST_KNOWN, [(*key, *state_values(state)) for key, state in states.items()]
-        )
+        self.db.executemany(_UPSERT_LAST_KNOWN, _state_params(states))
         self._lk.update(states)
         self._wrote = True
 
@@ -234,20 +273,22 @@ class StateWriter:
         deletes: list[tuple[int]] = []
         updates: list[tuple[Any, ...]] = []
         inserts: list[tuple[Any, ...]] = []
+        new_ids = self._new_ids
         for key, row in rows.items():
             old = self._stored_id(key)
             if row is None:
                 if old is not None:
                     deletes.append((old,))
                 continue
-            assert row.id is not None  # number_rows first
-            if row.id in self._new_ids:
+            row_id = row.id
+            assert row_id is not None  # number_rows first
+            if row_id in new_ids:
                 if old is not None:
                     deletes.append((old,))
-                self._new_ids.discard(row.id)
-                inserts.append((row.id, key[2], key[0], key[1], *row_values(row)))
+                new_ids.discard(row_id)
+                inserts.append((row_id, key[2], key[0], key[1], *row_values(row)))
             else:
-                updates.append((*row_values(row), row.id))
+                updates.append((*row_values(row), row_id))
         if deletes:
             self.db.executemany("DELETE FROM outbox WHERE id=?", deletes)
         if updates:
@@ -263,7 +304,7 @@ class StateWriter:
         if key in rows:
             row = rows[key]
         else:
-            entry = self._loaded.get(key[:2])
+            entry = self._loaded.get((key[0], key[1]))
             row = None if entry is None else entry.rows.get(key[2])
         return None if row is None else row.id
 
