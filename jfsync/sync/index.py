@@ -74,6 +74,7 @@ _TEMP_TABLES = (
     "CREATE INDEX IF NOT EXISTS temp.group_members_by_grp ON group_members(grp)",
     "CREATE INDEX IF NOT EXISTS temp.group_members_by_item ON group_members(item)",
     "CREATE TEMP TABLE IF NOT EXISTS dirty_groups (grp INTEGER PRIMARY KEY)",
+    "CREATE TEMP TABLE IF NOT EXISTS match_scope (entry INTEGER PRIMARY KEY)",
 )
 
 Rule = Literal["id", "path", "provider"]
@@ -620,17 +621,118 @@ class LibraryIndex:
         )
         return [(int(r[0]), int(r[1])) for r in rows]
 
-    async def entry_servers(self) -> dict[int, int]:
-        """Entry -> server id for every entry of a configured server."""
+    async def entry_servers(self, scope: Iterable[int] | None = None) -> dict[int, int]:
+        """Entry -> server id for every entry of a configured server (or those in ``scope``)."""
         sids = [self._sids[n] for n in self._order]
-        rows = await self._db().execute_fetchall(
-            f"SELECT id, server FROM index_items WHERE server IN ({_marks(len(sids))})",  # noqa: S608
-            sids,
-        )
-        return {int(r[0]): int(r[1]) for r in rows}
+        if scope is None:
+            rows = await self._db().execute_fetchall(
+                f"SELECT id, server FROM index_items WHERE server IN ({_marks(len(sids))})",  # noqa: S608
+                sids,
+            )
+            return {int(r[0]): int(r[1]) for r in rows}
+        found: dict[int, int] = {}
+        for chunk in _chunks(sorted(set(scope)), _CHUNK):
+            rows = await self._db().execute_fetchall(
+                f"SELECT id, server FROM index_items WHERE server IN ({_marks(len(sids))}) "  # noqa: S608
+                f"AND id IN ({_marks(len(chunk))})",
+                (*sids, *chunk),
+            )
+            found.update((int(r[0]), int(r[1])) for r in rows)
+        return found
+
+    async def entries_of(self, server: str, remote_ids: Iterable[str]) -> dict[str, int]:
+        """Remote id -> index entry, for the server's ids among ``remote_ids`` the index holds."""
+        sid = self.sid(server)
+        found: dict[str, int] = {}
+        for chunk in _chunks(sorted(set(remote_ids)), _CHUNK):
+            rows = await self._db().execute_fetchall(
+                f"SELECT remote_id, id FROM index_items WHERE server=? AND remote_id IN ({_marks(len(chunk))})",  # noqa: S608, E501
+                (sid, *chunk),
+            )
+            found.update((str(r[0]), int(r[1])) for r in rows)
+        return found
+
+    async def neighbours(self, entries: Iterable[int]) -> set[int]:
+        """The entries of other configured servers linked to one of ``entries``: a candidate
+        pair under some matching rule (same id and type, same match path, a shared
+        provider-id key) or mapped to the same canonical item. Matching results of an entry
+        depend only on what these links connect it to."""
+        sids = [self._sids[n] for n in self._order]
+        marks = _marks(len(sids))
+        found: set[int] = set()
+        for chunk in _chunks(sorted(set(entries)), _CHUNK):
+            ids = _marks(len(chunk))
+            rows = await self._db().execute_fetchall(
+                "SELECT b.id FROM index_items a JOIN index_items b "  # noqa: S608
+                f"ON b.server IN ({marks}) AND b.remote_id = a.remote_id "
+                "AND b.item_type = a.item_type AND b.server <> a.server "
+                f"WHERE a.id IN ({ids}) "
+                "UNION SELECT b.id FROM index_items a JOIN index_items b "
+                "ON b.match_path = a.match_path AND b.server <> a.server "
+                f"WHERE a.id IN ({ids}) AND a.match_path IS NOT NULL "
+                f"AND b.server IN ({marks}) "
+                "UNION SELECT kb.entry FROM index_keys ka JOIN index_keys kb "
+                f"ON kb.server IN ({marks}) AND kb.key = ka.key AND kb.server <> ka.server "
+                f"WHERE ka.entry IN ({ids}) "
+                "UNION SELECT b.id FROM index_items a JOIN server_items sa "
+                "ON sa.server = a.server AND sa.remote_id = a.remote_id "
+                f"JOIN server_items sb ON sb.server IN ({marks}) AND sb.item = sa.item "
+                "AND sb.server <> sa.server "
+                "JOIN index_items b ON b.server = sb.server AND b.remote_id = sb.remote_id "
+                f"WHERE a.id IN ({ids})",
+                (*sids, *chunk, *chunk, *sids, *sids, *chunk, *sids, *chunk),
+            )
+            found.update(int(r[0]) for r in rows)
+        return found
+
+    async def closure(self, entries: Iterable[int], limit: int) -> set[int] | None:
+        """``entries`` with every entry linked to them, directly or not (see
+        :meth:`neighbours`); None when that grows past ``limit`` entries."""
+        found = set(entries)
+        frontier = set(found)
+        while frontier:
+            if len(found) > limit:
+                return None
+            frontier = await self.neighbours(frontier) - found
+            found |= frontier
+        return found if len(found) <= limit else None
+
+    async def scoped_edges(
+        self, rule: Rule, a: str, b: str, scope: Iterable[int]
+    ) -> list[tuple[int, int]]:
+        """:meth:`edges` of the entries of ``a`` in ``scope`` (a set closed under links)."""
+        column = "a.entry" if rule == "provider" else "a.id"
+        found: list[tuple[int, int]] = []
+        for chunk in _chunks(sorted(set(scope)), _CHUNK):
+            rows = await self._db().execute_fetchall(
+                f"{_EDGE_SQL[rule]} AND {column} IN ({_marks(len(chunk))})",
+                (self.sid(b), self.sid(a), *chunk),
+            )
+            found.extend((int(r[0]), int(r[1])) for r in rows)
+        return found
+
+    async def scoped_mapped_pairs(
+        self, a: str, b: str, scope: Iterable[int]
+    ) -> list[tuple[int, int]]:
+        """:meth:`mapped_pairs` of the entries of ``a`` in ``scope``."""
+        found: list[tuple[int, int]] = []
+        for chunk in _chunks(sorted(set(scope)), _CHUNK):
+            rows = await self._db().execute_fetchall(
+                "SELECT ea.id, eb.id FROM index_items ea "  # noqa: S608
+                "JOIN server_items sa ON sa.server = ea.server AND sa.remote_id = ea.remote_id "
+                "JOIN server_items sb ON sb.server = ? AND sb.item = sa.item "
+                "JOIN index_items eb ON eb.server = sb.server AND eb.remote_id = sb.remote_id "
+                f"WHERE ea.server = ? AND ea.id IN ({_marks(len(chunk))})",
+                (self.sid(b), self.sid(a), *chunk),
+            )
+            found.extend((int(r[0]), int(r[1])) for r in rows)
+        return found
 
     async def group_rows(
-        self, groups: Mapping[int, int | None], fetch: int = 2000
+        self,
+        groups: Mapping[int, int | None],
+        fetch: int = 2000,
+        scope: Iterable[int] | None = None,
     ) -> AsyncIterator[list[GroupRow]]:
         """Stream the entries of every group whose id map may need a change.
 
@@ -638,28 +740,37 @@ class LibraryIndex:
         groups of their own (negative ids). A group is left out when nothing can change for
         it: all its members are mapped to one canonical item that no other group holds (or
         it is refused and none is mapped). Rows come ordered by group, so a group's members
-        arrive together (possibly across two lists).
+        arrive together (possibly across two lists). With ``scope`` (a set of entries closed
+        under links, see :meth:`neighbours`), only the groups of those entries are looked at.
         """
         async with self._gate.lock:
-            async for rows in self._group_rows(groups, fetch):
+            async for rows in self._group_rows(groups, fetch, scope):
                 yield rows
 
     async def _group_rows(
-        self, groups: Mapping[int, int | None], fetch: int
+        self, groups: Mapping[int, int | None], fetch: int, scope: Iterable[int] | None
     ) -> AsyncIterator[list[GroupRow]]:
         db = self._db()
-        for table in ("match_groups", "group_members", "dirty_groups"):
+        tables = ("match_groups", "group_members", "dirty_groups", "match_scope")
+        for table in tables:
             await db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names
         pending = iter(groups.items())
         while chunk := list(itertools.islice(pending, 5000)):
             await db.executemany("INSERT INTO match_groups(entry, grp) VALUES (?, ?)", chunk)
+            await asyncio.sleep(0)
         sids = [self._sids[n] for n in self._order]
+        where = f"WHERE e.server IN ({_marks(len(sids))})"
+        if scope is not None:
+            await db.executemany(
+                "INSERT OR IGNORE INTO match_scope(entry) VALUES (?)", [(e,) for e in scope]
+            )
+            where += " AND e.id IN (SELECT entry FROM match_scope)"
         await db.execute(
             "INSERT INTO group_members(grp, refused, entry, item) "  # noqa: S608
             "SELECT COALESCE(g.grp, -e.id), (g.entry IS NOT NULL AND g.grp IS NULL), e.id, "
             "si.item FROM index_items e LEFT JOIN match_groups g ON g.entry = e.id "
             "LEFT JOIN server_items si ON si.server = e.server AND si.remote_id = e.remote_id "
-            f"WHERE e.server IN ({_marks(len(sids))})",
+            f"{where}",
             sids,
         )
         await db.execute(
@@ -697,18 +808,30 @@ class LibraryIndex:
                     )
                     for r in rows
                 ]
-        for table in ("match_groups", "group_members", "dirty_groups"):
+        for table in tables:
             await db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names
 
-    async def stale_mappings(self, server: str) -> list[tuple[str, str]]:
-        """(remote id, canonical key) of the server's mappings whose item left the index."""
-        rows = await self._db().execute_fetchall(
+    async def stale_mappings(
+        self, server: str, among: Iterable[str] | None = None
+    ) -> list[tuple[str, str]]:
+        """(remote id, canonical key) of the server's mappings whose item left the index
+        (only those of the remote ids ``among``, when given)."""
+        sql = (
             "SELECT si.remote_id, i.key FROM server_items si JOIN items i ON i.id = si.item "
             "WHERE si.server = ? AND NOT EXISTS (SELECT 1 FROM index_items e "
-            "WHERE e.server = si.server AND e.remote_id = si.remote_id)",
-            (self.sid(server),),
+            "WHERE e.server = si.server AND e.remote_id = si.remote_id)"
         )
-        return [(str(r[0]), str(r[1])) for r in rows]
+        sid = self.sid(server)
+        if among is None:
+            rows = await self._db().execute_fetchall(sql, (sid,))
+            return [(str(r[0]), str(r[1])) for r in rows]
+        found: list[tuple[str, str]] = []
+        for chunk in _chunks(sorted(set(among)), _CHUNK):
+            rows = await self._db().execute_fetchall(
+                f"{sql} AND si.remote_id IN ({_marks(len(chunk))})", (sid, *chunk)
+            )
+            found.extend((str(r[0]), str(r[1])) for r in rows)
+        return found
 
     async def mapped_keys(self) -> dict[str, set[str]]:
         """The canonical keys each configured server's id map holds now."""
@@ -721,6 +844,33 @@ class LibraryIndex:
             if name in found:
                 found[name].add(str(key))
         return found
+
+    async def held_keys(
+        self, keys: Iterable[str], prefixes: Iterable[str] = ()
+    ) -> dict[str, set[str]]:
+        """Like :meth:`mapped_keys`, limited to ``keys`` and the keys starting with one of
+        ``prefixes`` (what choosing the keys of a few groups needs to know)."""
+        found: dict[str, set[str]] = {n: set() for n in self._order}
+        sql = "SELECT si.server, i.key FROM items i JOIN server_items si ON si.item = i.id "
+        for chunk in _chunks(sorted(set(keys)), _CHUNK):
+            rows = await self._db().execute_fetchall(
+                f"{sql} WHERE i.key IN ({_marks(len(chunk))})",
+                chunk,
+            )
+            self._add_held(found, rows)
+        for prefix in sorted(set(prefixes)):
+            rows = await self._db().execute_fetchall(
+                f"{sql} WHERE i.key >= ? AND i.key < ?",
+                (prefix, prefix + "\U0010ffff"),
+            )
+            self._add_held(found, rows)
+        return found
+
+    def _add_held(self, found: dict[str, set[str]], rows: Iterable[Any]) -> None:
+        for sid, key in rows:
+            name = self._names.get(int(sid))
+            if name in found:
+                found[name].add(str(key))
 
     async def describe(self, entries: Iterable[int]) -> dict[int, IndexedItem]:
         """Readable rows for some entries (samples for status and logs)."""
