@@ -318,18 +318,31 @@ async def _catchup(servers: Servers, tmp: Path, share: float, rounds: int) -> di
             result["full_scan_s"] = fulls
             result["ratio"] = statistics.median(catchups) / statistics.median(fulls)
             result["catchup_stall_ms"] = probe.worst_ms
-            # One item of a moves (a new id, as Jellyfin gives a moved file); refresh a.
+            # One item of a moves (a new id, as Jellyfin gives a moved file): its LibraryChanged
+            # (old id removed, new id added) re-reads that item and matches again.
             moved = ids[len(ids) // 2]
             async with session.post(
                 f"{servers.info['a']['url']}/__emulator__/items/{moved}/move",
                 params={"path": "/media/bench-moved/moved-item.mkv"},
             ) as response:
                 assert response.status == 200, response.status
+                new_id = str((await response.json())["id"])
             probe.reset()
+            full = identity.full_matches
+            started = time.perf_counter()
+            await identity.library_changed("a", {new_id}, {moved})
+            result["one_item_refresh_s"] = time.perf_counter() - started
+            result["one_item_refresh_full_match"] = identity.full_matches > full
+            result["refresh_stall_ms"] = probe.worst_ms
+            probe.reset()
+            # Then a rescan of a (nothing changed since): what it writes and how long it takes.
+            written = write_bytes()
             started = time.perf_counter()
             await identity.refresh(["a"])
-            result["one_item_refresh_s"] = time.perf_counter() - started
-            result["refresh_stall_ms"] = probe.worst_ms
+            result["rescan_s"] = time.perf_counter() - started
+            result["rescan_written_mib"] = (write_bytes() - written) / 2**20
+            result["rescan_full_match"] = identity.full_matches > full
+            result["rescan_stall_ms"] = probe.worst_ms
         finally:
             await probe.stop()
             await identity.close()

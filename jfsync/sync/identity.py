@@ -40,6 +40,7 @@ from jfsync.sync.index import (
     LibraryIndex,
     PageHook,
     Rule,
+    ScanResult,
 )
 from jfsync.sync.ledger import ItemMapping, Ledger
 from jfsync.tasks import cancel_and_wait
@@ -450,15 +451,32 @@ class IndexedIdentity:
         A server whose scan fails keeps its previous index; the failure is logged.
         """
         names = [n for n in (servers or self._names) if n in self._clients]
-        results = await asyncio.gather(*(self._scan(n) for n in names), return_exceptions=True)
+        try:
+            results = await asyncio.gather(*(self._scan(n) for n in names), return_exceptions=True)
+        except BaseException:
+            self._state = None  # pages stored by the scans were not matched
+            raise
+        dirty: set[int] | None = set()
+        gone: dict[str, set[str]] = {}
         for name, result in zip(names, results, strict=True):
             if isinstance(result, asyncio.CancelledError):
+                self._state = None
                 raise result
             if isinstance(result, BaseException):
                 logger.warning("[%s] library rescan failed: %s", name, result)
+                dirty = None  # what it stored before failing is not listed
             else:
                 self._ready.add(name)
-        return await self.rematch()
+                gone[name] = result.gone
+                if dirty is not None and result.dirty is not None:
+                    dirty |= result.dirty
+                else:
+                    dirty = None
+        if dirty is None:
+            return await self.rematch()
+        if not dirty and self._state is not None:
+            return IdentityChange()  # nothing a match depends on changed
+        return await self._rematch_some(dirty, gone)
 
     async def library_changed(
         self, server: str, changed: Iterable[str], removed: Iterable[str]
@@ -923,7 +941,7 @@ class IndexedIdentity:
             self.on_change(IdentityChange(frozenset(others), change.mapped))
         return None
 
-    async def _scan(self, server: str) -> None:
+    async def _scan(self, server: str) -> ScanResult:
         started = self._clock.monotonic()
         result = await self._index.scan(
             self._clients[server],
@@ -933,13 +951,15 @@ class IndexedIdentity:
             on_page=self._on_page,
         )
         logger.info(
-            "[%s] library indexed in %.1f s: %d items, %d series, %d removed",
+            "[%s] library indexed in %.1f s: %d items (%d new or changed), %d series, %d removed",
             server,
             self._clock.monotonic() - started,
             result.items,
+            result.changed,
             result.series,
             result.removed,
         )
+        return result
 
 
 @dataclass(slots=True)

@@ -65,6 +65,8 @@ PAGE_SIZE = 1000
 _CHUNK = 500
 #: Page cache of the scanning connection, in KiB.
 BULK_CACHE_KIB = 16384
+#: A scan that changed more entries than this does not list them (everything is matched again).
+DIRTY_LIMIT = 20_000
 
 #: Scratch tables of the matcher (per connection, never in the ledger file).
 _TEMP_TABLES = (
@@ -186,12 +188,30 @@ class GroupRow:
 
 @dataclass(slots=True)
 class ScanResult:
-    """What one complete scan of a server found."""
+    """What one complete scan of a server found, and what it changed in the index."""
 
     server: str
     items: int = 0
     series: int = 0
     removed: int = 0
+    #: Leaf items new or changed since the last scan.
+    changed: int = 0
+    #: Entries new, changed or removed, with what the changed and removed ones were linked
+    #: to before (see :meth:`LibraryIndex.neighbours`); None when more than
+    #: :data:`DIRTY_LIMIT` (match everything again).
+    dirty: set[int] | None = field(default_factory=set)
+    #: Remote ids of the items removed (their mappings may be stale).
+    gone: set[str] = field(default_factory=set)
+    #: Entries and series seen by the scan (not kept once it completed).
+    seen: set[int] = field(default_factory=set, repr=False)
+    seen_series: set[str] = field(default_factory=set, repr=False)
+
+    def touch(self, entries: Iterable[int]) -> None:
+        """Note entries as dirty (forgetting the list once it grows past the limit)."""
+        if self.dirty is not None:
+            self.dirty.update(entries)
+            if len(self.dirty) > DIRTY_LIMIT:
+                self.dirty = None
 
 
 def normalise_path(path: str) -> str:
@@ -340,6 +360,12 @@ class LibraryIndex:
                 await db.close()
 
     @property
+    def rows_written(self) -> int:
+        """Rows the index inserted, changed or deleted since it was opened (scans, refreshes
+        and the matcher's scratch tables)."""
+        return 0 if self._bulk is None else self._bulk.total_changes
+
+    @property
     def servers(self) -> list[str]:
         """The configured servers, in config order."""
         return list(self._order)
@@ -462,6 +488,7 @@ class LibraryIndex:
                 batch = []
         if batch:
             series.update(await self._store_series(sid, gen, batch, moved))
+        result.seen_series.update(series)
         rekey = frozenset(moved)
         result.series = len(series)
         page: list[IndexEntry] = []
@@ -480,7 +507,7 @@ class LibraryIndex:
                     if storing is not None:
                         await storing
                     storing = asyncio.create_task(
-                        self._store_page(sid, gen, page, series, rekey),
+                        self._store_page(sid, gen, page, series, rekey, result),
                         name=f"jfsync-index-store[{server}]",
                     )
                     result.items += len(page)
@@ -491,7 +518,7 @@ class LibraryIndex:
             if storing is not None:
                 await storing
             if page:
-                await self._store_items(sid, gen, page, series, rekey)
+                await self._store_page(sid, gen, page, series, rekey, result)
                 result.items += len(page)
                 if on_page is not None:
                     await on_page(server, result.items)
@@ -500,7 +527,9 @@ class LibraryIndex:
                 storing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await storing
-        result.removed = await self._finish(sid, gen, wall_ms)
+        await self._finish(sid, gen, wall_ms, result)
+        result.seen = set()
+        result.seen_series = set()
         return result
 
     async def refresh_items(
@@ -1011,19 +1040,26 @@ class LibraryIndex:
         """Store series with their provider ids; add to ``changed`` those whose ids moved."""
         found = {i.id: dict(i.provider_ids) for i in items}
         async with self._tx() as db:
+            stored: dict[str, tuple[Any, Any]] = {}
+            for chunk in _chunks(list(found), _CHUNK):
+                rows = await db.execute_fetchall(
+                    "SELECT remote_id, name, provider_ids FROM index_series "  # noqa: S608
+                    f"WHERE server=? AND remote_id IN ({_marks(len(chunk))})",
+                    (sid, *chunk),
+                )
+                stored.update((str(r[0]), (r[1], r[2])) for r in rows)
             if changed is not None:
-                for chunk in _chunks(list(found), _CHUNK):
-                    rows = await db.execute_fetchall(
-                        "SELECT remote_id, provider_ids FROM index_series "  # noqa: S608
-                        f"WHERE server=? AND remote_id IN ({_marks(len(chunk))})",
-                        (sid, *chunk),
-                    )
-                    changed.update(str(r[0]) for r in rows if _unjson(r[1]) != found.get(str(r[0])))
+                changed.update(k for k, (_, ids) in stored.items() if _unjson(ids) != found.get(k))
+            # A series seen again unchanged is not written (its scan stays where it was).
             await db.executemany(
                 "INSERT INTO index_series(server, remote_id, name, provider_ids, scan) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT(server, remote_id) DO UPDATE SET "
                 "name=excluded.name, provider_ids=excluded.provider_ids, scan=excluded.scan",
-                [(sid, i.id, i.name, _json(found[i.id]), gen) for i in items],
+                [
+                    (sid, i.id, i.name, _json(found[i.id]), gen)
+                    for i in items
+                    if stored.get(i.id) != (i.name, _json(found[i.id]))
+                ],
             )
         return found
 
@@ -1070,13 +1106,15 @@ class LibraryIndex:
         entries: Sequence[IndexEntry],
         series: Mapping[str, Mapping[str, str]],
         rekey: frozenset[str] = frozenset(),
+        track: ScanResult | None = None,
     ) -> int:
         """Store one page of items with their provider keys, in one transaction.
 
         New items are inserted; items whose stored fields differ (or whose series is in
-        ``rekey``: its provider ids changed) are updated and re-keyed; unchanged ones only
-        get the scan generation, so a rescan of a stable library writes little. Returns how
-        many items were new or changed.
+        ``rekey``: its provider ids changed) are updated and re-keyed; unchanged ones are not
+        written at all, so a rescan of a stable library writes next to nothing. ``track``
+        (a scan under way) notes the entries seen, and the dirty ones: new, changed, and what
+        the changed ones were linked to before. Returns how many items were new or changed.
         """
         if not entries:
             return 0
@@ -1107,17 +1145,17 @@ class LibraryIndex:
                 stored.update((str(r[1]), (int(r[0]), tuple(r[2:]))) for r in found)
             fresh: list[IndexEntry] = []
             changed: list[tuple[IndexEntry, int]] = []
-            same: list[tuple[int]] = []
             for e in entries:
                 old = stored.get(e.remote_id)
                 if old is None:
                     fresh.append(e)
                 elif old[1] != rows[e.remote_id] or e.series_id in rekey:
                     changed.append((e, old[0]))
-                else:
-                    same.append((old[0],))
-            if same:
-                await db.executemany(f"UPDATE index_items SET scan={int(gen)} WHERE id=?", same)  # noqa: S608
+            if track is not None:
+                track.seen.update(h for h, _ in stored.values())
+                if changed and track.dirty is not None:
+                    handles_before = [h for _, h in changed]
+                    track.touch([*handles_before, *await self.neighbours(handles_before)])
             if changed:
                 await db.executemany(
                     "UPDATE index_items SET item_type=?, name=?, year=?, path=?, match_path=?, "
@@ -1141,6 +1179,11 @@ class LibraryIndex:
                         (sid, *chunk),
                     )
                     handles.update((str(r[0]), int(r[1])) for r in found)
+            if track is not None:
+                new_handles = [handles[e.remote_id] for e in fresh]
+                track.seen.update(new_handles)
+                track.touch(new_handles)
+                track.changed += len(fresh) + len(changed)
             keyed = fresh + [e for e, _ in changed]
             if keyed:
                 await db.executemany(
@@ -1160,24 +1203,46 @@ class LibraryIndex:
         entries: Sequence[IndexEntry],
         series: Mapping[str, Mapping[str, str]],
         rekey: frozenset[str],
+        track: ScanResult,
     ) -> None:
-        await self._store_items(sid, gen, entries, series, rekey)
+        await self._store_items(sid, gen, entries, series, rekey, track)
 
-    async def _finish(self, sid: int, gen: int, wall_ms: int) -> int:
+    async def _finish(self, sid: int, gen: int, wall_ms: int, result: ScanResult) -> None:
+        """Drop what the scan did not see (and note it as dirty), then mark it complete."""
         async with self._tx() as db:
-            cursor = await db.execute(
-                "DELETE FROM index_items WHERE server=? AND scan<?", (sid, gen)
+            rows = await db.execute_fetchall(
+                "SELECT id, remote_id FROM index_items WHERE server=? AND scan<?", (sid, gen)
             )
-            removed = cursor.rowcount
-            await cursor.close()
-            await db.execute("DELETE FROM index_series WHERE server=? AND scan<?", (sid, gen))
+            gone = [(int(r[0]), str(r[1])) for r in rows if int(r[0]) not in result.seen]
+            del rows
+            if len(gone) > DIRTY_LIMIT:
+                result.dirty = None
+            elif gone and result.dirty is not None:
+                handles = [h for h, _ in gone]
+                result.touch([*handles, *await self.neighbours(handles)])
+            for chunk in _chunks([h for h, _ in gone], _CHUNK):
+                await db.execute(
+                    f"DELETE FROM index_items WHERE id IN ({_marks(len(chunk))})",  # noqa: S608
+                    chunk,
+                )
+            result.removed = len(gone)
+            result.gone = {r for _, r in gone}
+            rows = await db.execute_fetchall(
+                "SELECT remote_id FROM index_series WHERE server=? AND scan<?", (sid, gen)
+            )
+            series_gone = [str(r[0]) for r in rows if str(r[0]) not in result.seen_series]
+            for chunk in _chunks(series_gone, _CHUNK):
+                await db.execute(
+                    "DELETE FROM index_series "  # noqa: S608
+                    f"WHERE server=? AND remote_id IN ({_marks(len(chunk))})",
+                    (sid, *chunk),
+                )
             await db.execute(
                 "INSERT INTO index_scans(server, scan, complete_ms, rewrites) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(server) DO UPDATE SET scan=excluded.scan, "
                 "complete_ms=excluded.complete_ms, rewrites=excluded.rewrites",
                 (sid, gen, wall_ms, _rewrites_text(self._servers[self._names[sid]])),
             )
-        return removed
 
     async def _check_rewrites(self, server: str) -> None:
         """Recompute stored match paths when the server's rewrites changed since the scan."""

@@ -132,3 +132,44 @@ async def test_changes_are_matched_again_alone_and_as_a_full_match_would(
     await stack.wait(lambda: stack.holds("b", moved.id, UserData(favorite=True)))
     stack.change("b", fresh_b.id, rating=7.0)
     await stack.wait(lambda: stack.holds("a", fresh_a.id, UserData(rating=7.0)))
+
+
+async def test_a_rescan_writes_nothing_new_and_matches_again_only_what_changed(
+    make_stack: MakeStack, tmp_path: Path
+) -> None:
+    stack = await make_stack(
+        [emulator("a", root="/mnt/a"), emulator("b", root="/srv/b")], rewrites=REWRITES
+    )
+    identity = _identity(stack)
+    await _settles_like_scratch(stack, tmp_path / "scratch-0.db")
+    full, partial = identity.full_matches, identity.partial_matches
+
+    # Nothing changed: the rescan stores only each server's scan record, and matches nothing.
+    written = identity.index.rows_written
+    change = await identity.refresh()
+    assert (change.mapped, change.unmapped, change.retired) == (0, 0, 0)
+    assert identity.index.rows_written - written == 2
+    assert (identity.full_matches, identity.partial_matches) == (full, partial)
+
+    # Changes the servers never announced (jfsync was not listening): a file moves on b, a
+    # film leaves a, a new one arrives on both.
+    movies = [(x, y) for x, y in stack.pairs("a", "b") if x.type == "Movie" and x.provider_ids]
+    (x_a, x_b), (y_a, y_b) = movies[:2]
+    moved = stack.emus["b"].library.move_item(x_b.id, "/srv/b/Moved/Elsewhere.mkv")
+    stack.emus["a"].library.remove_item(y_a.id)
+    fresh_a = stack.emus["a"].library.add_item("Movie", "Quiet Harbour", year=2020)
+    fresh_b = stack.emus["b"].library.add_item("Movie", "Quiet Harbour", year=2020)
+    written = identity.index.rows_written
+    await identity.refresh()
+    expected, counts = await _from_scratch(stack, tmp_path / "scratch-1.db")
+    assert await _partition(identity, stack) == expected
+    assert _counts(identity.status()) == counts
+    assert frozenset({("a", x_a.id), ("b", moved.id)}) in expected
+    assert frozenset({("a", fresh_a.id), ("b", fresh_b.id)}) in expected
+    assert not any(("b", y_b.id) in group and len(group) > 1 for group in expected)
+    assert (identity.full_matches, identity.partial_matches) == (full, partial + 1)
+    # A handful of rows, not the library's: 3 items in, 2 out, their keys, the scratch tables.
+    assert identity.index.rows_written - written < 60
+
+    stack.change("a", x_a.id, is_favorite=True)
+    await stack.wait(lambda: stack.holds("b", moved.id, UserData(favorite=True)))
