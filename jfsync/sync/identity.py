@@ -341,6 +341,7 @@ class IndexedIdentity:
         self._ledger = ledger
         self._clock = clock
         self._names = [s.name for s in config.servers]
+        self._rank = {name: i for i, name in enumerate(self._names)}
         self._index = LibraryIndex(config.ledger, config.servers)
         self._page_size = page_size
         self._on_page = on_page
@@ -700,11 +701,13 @@ class IndexedIdentity:
         try:
             current: list[GroupRow] = []
             async for page in pages:
-                for row in page:
+                for start, row in enumerate(page):
                     if current and row.group != current[0].group:
                         self._plan_group(current, plans, claimed, taken, held, retire)
                         current = []
                     current.append(row)
+                    if start % 500 == 499:
+                        await asyncio.sleep(0)  # let the loop run between slices of a page
                 for name in self._names:
                     await flush(name)
             if current:
@@ -751,7 +754,8 @@ class IndexedIdentity:
                     plans[row.server].forget.add(row.key)
                     retire.add(row.key)
             return
-        members = sorted(rows, key=lambda r: self._names.index(r.server))
+        rank = self._rank
+        members = sorted(rows, key=lambda r: rank[r.server])
         chosen = next((r.key for r in members if r.key is not None and r.key not in claimed), None)
         if chosen is None:
             first = members[0]

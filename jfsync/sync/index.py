@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import aiosqlite
 
@@ -59,12 +59,17 @@ IDENTIFYING_PROVIDERS: frozenset[str] = frozenset(
 )
 #: The schema version that has the index tables.
 INDEX_SCHEMA_VERSION = 2
-#: Items per page of a scan (and per transaction when storing it).
+#: Items per page of a scan.
 PAGE_SIZE = 1000
 #: Rows per IN (...) list.
 _CHUNK = 500
 #: Page cache of the scanning connection, in KiB.
 BULK_CACHE_KIB = 16384
+#: Pages stored per transaction once a scan is under way (the first ones go alone). Every
+#: transaction rewrites the pages of the index's b-trees it touches (remote ids and match
+#: keys land all over them), so fewer, larger ones write much less; each still holds the
+#: ledger's write lock for a short while only.
+TX_PAGES = 5
 #: A scan that changed more entries than this does not list them (everything is matched again).
 DIRTY_LIMIT = 20_000
 
@@ -503,7 +508,7 @@ class LibraryIndex:
                 page_size=page_size,
             ):
                 page.append(IndexEntry.from_dto(item))
-                if len(page) >= page_size:
+                if len(page) >= page_size * min(TX_PAGES, 1 + result.items // page_size):
                     if storing is not None:
                         await storing
                     storing = asyncio.create_task(
@@ -636,7 +641,7 @@ class LibraryIndex:
     async def edges(self, rule: Rule, a: str, b: str) -> list[tuple[int, int]]:
         """Candidate pairs (entry on ``a``, entry on ``b``) under one matching rule."""
         rows = await self._db().execute_fetchall(_EDGE_SQL[rule], (self.sid(b), self.sid(a)))
-        return [(int(r[0]), int(r[1])) for r in rows]
+        return _int_pairs(rows)
 
     async def mapped_pairs(self, a: str, b: str) -> list[tuple[int, int]]:
         """Pairs of entries that the ledger maps to the same canonical item."""
@@ -648,7 +653,7 @@ class LibraryIndex:
             "WHERE sa.server = ?",
             (self.sid(b), self.sid(a)),
         )
-        return [(int(r[0]), int(r[1])) for r in rows]
+        return _int_pairs(rows)
 
     async def entry_servers(self, scope: Iterable[int] | None = None) -> dict[int, int]:
         """Entry -> server id for every entry of a configured server (or those in ``scope``)."""
@@ -658,7 +663,7 @@ class LibraryIndex:
                 f"SELECT id, server FROM index_items WHERE server IN ({_marks(len(sids))})",  # noqa: S608
                 sids,
             )
-            return {int(r[0]): int(r[1]) for r in rows}
+            return dict(_int_pairs(rows))
         found: dict[int, int] = {}
         for chunk in _chunks(sorted(set(scope)), _CHUNK):
             rows = await self._db().execute_fetchall(
@@ -868,10 +873,8 @@ class LibraryIndex:
             "SELECT si.server, i.key FROM server_items si JOIN items i ON i.id = si.item"
         )
         found: dict[str, set[str]] = {n: set() for n in self._order}
-        for sid, key in rows:
-            name = self._names.get(int(sid))
-            if name in found:
-                found[name].add(str(key))
+        # Hundreds of thousands of rows: sorted into sets in a worker thread.
+        await asyncio.to_thread(self._add_held, found, rows)
         return found
 
     async def held_keys(
@@ -1118,21 +1121,8 @@ class LibraryIndex:
         """
         if not entries:
             return 0
-        rules = self._rules[sid]
-        rows = {
-            e.remote_id: (
-                e.item_type,
-                e.name,
-                e.year,
-                e.path,
-                _match_path(rules, e.path),
-                _json(e.provider_ids),
-                e.series_id,
-                e.season,
-                e.episode,
-            )
-            for e in entries
-        }
+        # Rows and match keys are worked out in a worker thread (a page is 1,000 items).
+        rows, keys = await asyncio.to_thread(_prepare_rows, self._rules[sid], entries, series)
         async with self._tx() as db:
             stored: dict[str, tuple[int, tuple[Any, ...]]] = {}
             for chunk in _chunks(list(rows), _CHUNK):
@@ -1167,33 +1157,39 @@ class LibraryIndex:
                 )
             handles = {e.remote_id: h for e, h in changed}
             if fresh:
-                await db.executemany(
-                    "INSERT INTO index_items(server, remote_id, item_type, name, year, path, "
-                    "match_path, provider_ids, series_id, season, episode, scan) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(sid, e.remote_id, *rows[e.remote_id], gen) for e in fresh],
+                # New entries take the next ids (the transaction holds the write lock).
+                top = await db.execute_fetchall("SELECT COALESCE(MAX(id), 0) FROM index_items")
+                first = int(next(iter(top))[0]) + 1
+                handles.update((e.remote_id, first + i) for i, e in enumerate(fresh))
+            keyed = fresh + [e for e, _ in changed]
+
+            def parameters() -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+                return (
+                    [
+                        (handles[e.remote_id], sid, e.remote_id, *rows[e.remote_id], gen)
+                        for e in fresh
+                    ],
+                    [(sid, key, handles[e.remote_id]) for e in keyed for key in keys[e.remote_id]],
                 )
-                for chunk in _chunks([e.remote_id for e in fresh], _CHUNK):
-                    found = await db.execute_fetchall(
-                        f"SELECT remote_id, id FROM index_items WHERE server=? AND remote_id IN ({_marks(len(chunk))})",  # noqa: S608, E501
-                        (sid, *chunk),
-                    )
-                    handles.update((str(r[0]), int(r[1])) for r in found)
+
+            inserts, key_rows = await asyncio.to_thread(parameters) if keyed else ([], [])
+            if inserts:
+                await db.executemany(
+                    "INSERT INTO index_items(id, server, remote_id, item_type, name, year, path, "
+                    "match_path, provider_ids, series_id, season, episode, scan) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    inserts,
+                )
+            if key_rows:
+                await db.executemany(
+                    "INSERT OR IGNORE INTO index_keys(server, key, entry) VALUES (?, ?, ?)",
+                    key_rows,
+                )
             if track is not None:
                 new_handles = [handles[e.remote_id] for e in fresh]
                 track.seen.update(new_handles)
                 track.touch(new_handles)
                 track.changed += len(fresh) + len(changed)
-            keyed = fresh + [e for e, _ in changed]
-            if keyed:
-                await db.executemany(
-                    "INSERT OR IGNORE INTO index_keys(server, key, entry) VALUES (?, ?, ?)",
-                    [
-                        (sid, key, handles[e.remote_id])
-                        for e in keyed
-                        for key in provider_keys(e, series.get(e.series_id or ""))
-                    ],
-                )
         return len(fresh) + len(changed)
 
     async def _store_page(
@@ -1213,7 +1209,10 @@ class LibraryIndex:
             rows = await db.execute_fetchall(
                 "SELECT id, remote_id FROM index_items WHERE server=? AND scan<?", (sid, gen)
             )
-            gone = [(int(r[0]), str(r[1])) for r in rows if int(r[0]) not in result.seen]
+            seen = result.seen
+            gone = await asyncio.to_thread(
+                lambda: [(int(r[0]), str(r[1])) for r in rows if r[0] not in seen]
+            )
             del rows
             if len(gone) > DIRTY_LIMIT:
                 result.dirty = None
@@ -1263,6 +1262,31 @@ class LibraryIndex:
         logger.info("[%s] path rewrites changed; match paths recomputed", server)
 
 
+def _prepare_rows(
+    rules: Sequence[tuple[str, str]],
+    entries: Sequence[IndexEntry],
+    series: Mapping[str, Mapping[str, str]],
+) -> tuple[dict[str, tuple[Any, ...]], dict[str, set[str]]]:
+    """Per remote id: the ``index_items`` columns after ``remote_id`` (``scan`` aside) as
+    stored, and the provider-id match keys."""
+    rows = {
+        e.remote_id: (
+            e.item_type,
+            e.name,
+            e.year,
+            e.path,
+            _match_path(rules, e.path),
+            _json(e.provider_ids),
+            e.series_id,
+            e.season,
+            e.episode,
+        )
+        for e in entries
+    }
+    keys = {e.remote_id: provider_keys(e, series.get(e.series_id or "")) for e in entries}
+    return rows, keys
+
+
 def _indexed(server: str, r: Sequence[Any]) -> IndexedItem:
     """Build an IndexedItem from (remote_id, type, name, year, path, provider_ids, season, ep)."""
     return IndexedItem(
@@ -1287,6 +1311,12 @@ def _unjson(text: object) -> dict[str, str]:
         return {}
     value = json.loads(str(text))
     return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _int_pairs(rows: Iterable[Any]) -> list[tuple[int, int]]:
+    """Rows of two INTEGER columns as they come (tuples of ints: nothing to convert, which
+    matters for the hundreds of thousands of rows the matcher reads)."""
+    return cast(list[tuple[int, int]], rows if isinstance(rows, list) else list(rows))
 
 
 def _marks(count: int) -> str:
