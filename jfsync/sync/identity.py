@@ -13,7 +13,10 @@ server's item ids (and the reverse). Two strategies implement it:
   read or written for it. Items on one server only keep a key of their own (their changes stay
   in the ledger and are delivered when the item appears elsewhere). Earlier matches are kept as
   long as the two items still share a match key, and canonical keys persist in the ledger's
-  id map, so they are stable across restarts.
+  id map, so they are stable across restarts. After the first complete match, a change (a
+  ``LibraryChanged`` refresh, a rescan) matches again only the entries linked to what changed
+  (candidate pairs under any rule, or one canonical item), before and after the change: an
+  entry's match depends on nothing else, so the outcome is the full match's, in milliseconds.
 
 :func:`match_pair` and :func:`build_groups` are the pure matching steps, tested on their own.
 """
@@ -533,7 +536,7 @@ class IndexedIdentity:
             for b in present[i + 1 :]:
                 pairs.append(await self._match(a, b))
         groups, conflicts = await asyncio.to_thread(build_groups, pairs, entry_server)
-        state = _MatchState(present, {}, conflicts)
+        state = _MatchState(present, {}, conflicts, len(entry_server))
         for pair in pairs:
             pair.kept.clear()
             state.pairs[pair.servers] = found = _PairState(pair)
@@ -572,12 +575,17 @@ class IndexedIdentity:
                 return await self._rematch_all()
             started = self._clock.monotonic()
             self._state = None
-            by_name = await index.counts()
+            # Counted on the index's other connection while this one follows the links.
+            counting = asyncio.create_task(index.counts(), name="jfsync-index-counts")
+            try:
+                scope = await index.closure(dirty, max(INCREMENTAL_LIMIT, state.entries // 20))
+                by_name = await counting
+            finally:
+                await cancel_and_wait([counting], logger)
             present = [n for n in self._names if by_name.get(n)]
-            limit = max(INCREMENTAL_LIMIT, sum(by_name.values()) // 20)
-            scope = await index.closure(dirty, limit) if present == state.present else None
-            if scope is None:
+            if scope is None or present != state.present:
                 return await self._rematch_all()
+            state.entries = sum(by_name.values())
             self.partial_matches += 1
             entry_server = await index.entry_servers(scope)
             pairs: list[PairResult] = []
@@ -999,6 +1007,8 @@ class _MatchState:
     present: list[str]
     pairs: dict[tuple[str, str], _PairState]
     conflicts: set[int]
+    #: Entries in the index (all servers).
+    entries: int = 0
 
 
 async def _once(rows: list[GroupRow]) -> AsyncIterator[list[GroupRow]]:

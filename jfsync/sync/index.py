@@ -7,16 +7,22 @@ plus the provider ids of every series (``index_series``) and the derived provide
 (``index_keys``). Tables come from schema v2 (:mod:`jfsync.sync.ledger.schema`).
 
 It is filled by paged ``GET /Items`` scans with the admin API key and no ``userId``
-(``Fields=Path,ProviderIds``): a series listing first, then the leaf items. Every page is stored
-in its own short transaction on a connection of the index's own (SQLite WAL: the ledger's
-connection keeps applying events meanwhile), so a rescan of 100,000 items never holds a lock for
-long and the event loop runs between pages. A complete scan then drops the rows it did not see
-(removed items). :meth:`LibraryIndex.refresh_items` re-reads only some ids (``LibraryChanged``).
+(``Fields=Path,ProviderIds``): a series listing first, then the leaf items. Pages are stored in
+short transactions (the first page alone, then up to :data:`TX_PAGES` pages each) on a
+connection of the index's own (SQLite WAL: the ledger's connection keeps applying events
+meanwhile), so a rescan of 100,000 items never holds a lock for long and the event loop runs
+between pages. Only rows that are new or changed are written: a rescan of a library that did not
+change writes next to nothing. A complete scan then drops the rows it did not see (removed
+items) and reports, in its :class:`ScanResult`, the entries it changed and what they were linked
+to, so that only those are matched again. :meth:`LibraryIndex.refresh_items` re-reads only some
+ids (``LibraryChanged``).
 
 The matcher in :mod:`jfsync.sync.identity` reads candidate pairs through :meth:`LibraryIndex.edges`
 (identical id, rewritten path, shared provider-id key) and streams the resulting groups back
-through :meth:`LibraryIndex.group_rows`. Open the :class:`jfsync.sync.ledger.store.Ledger` first: it
-creates and migrates the schema; the index only checks the version.
+through :meth:`LibraryIndex.group_rows`; to match again after a change it follows the links of
+the changed entries (:meth:`LibraryIndex.closure`) and reads only those (``scoped_*``). Open
+the :class:`jfsync.sync.ledger.store.Ledger` first: it creates and migrates the schema; the
+index only checks the version.
 """
 
 from __future__ import annotations
@@ -629,8 +635,9 @@ class LibraryIndex:
         }
 
     async def counts(self) -> dict[str, int]:
-        """Leaf items in the index per configured server."""
-        rows = await self._db().execute_fetchall(
+        """Leaf items in the index per configured server (read on the lookup connection, in
+        its own thread: it can run while the bulk connection does something else)."""
+        rows = await self._lookup_db().execute_fetchall(
             "SELECT server, COUNT(*) FROM index_items GROUP BY server"
         )
         found = {int(r[0]): int(r[1]) for r in rows}
@@ -756,7 +763,8 @@ class LibraryIndex:
                 "JOIN server_items sa ON sa.server = ea.server AND sa.remote_id = ea.remote_id "
                 "JOIN server_items sb ON sb.server = ? AND sb.item = sa.item "
                 "JOIN index_items eb ON eb.server = sb.server AND eb.remote_id = sb.remote_id "
-                f"WHERE ea.server = ? AND ea.id IN ({_marks(len(chunk))})",
+                # ``+``: look the entries up by id, not through every entry of the server.
+                f"WHERE +ea.server = ? AND ea.id IN ({_marks(len(chunk))})",
                 (self.sid(b), self.sid(a), *chunk),
             )
             found.extend((int(r[0]), int(r[1])) for r in rows)
@@ -793,18 +801,19 @@ class LibraryIndex:
             await db.executemany("INSERT INTO match_groups(entry, grp) VALUES (?, ?)", chunk)
             await asyncio.sleep(0)
         sids = [self._sids[n] for n in self._order]
-        where = f"WHERE e.server IN ({_marks(len(sids))})"
+        source = "index_items e"
         if scope is not None:
             await db.executemany(
                 "INSERT OR IGNORE INTO match_scope(entry) VALUES (?)", [(e,) for e in scope]
             )
-            where += " AND e.id IN (SELECT entry FROM match_scope)"
+            # From the scope's entries, never through every entry of the servers.
+            source = "match_scope s CROSS JOIN index_items e ON e.id = s.entry"
         await db.execute(
             "INSERT INTO group_members(grp, refused, entry, item) "  # noqa: S608
             "SELECT COALESCE(g.grp, -e.id), (g.entry IS NOT NULL AND g.grp IS NULL), e.id, "
-            "si.item FROM index_items e LEFT JOIN match_groups g ON g.entry = e.id "
+            f"si.item FROM {source} LEFT JOIN match_groups g ON g.entry = e.id "
             "LEFT JOIN server_items si ON si.server = e.server AND si.remote_id = e.remote_id "
-            f"{where}",
+            f"WHERE e.server IN ({_marks(len(sids))})",
             sids,
         )
         await db.execute(
@@ -883,17 +892,22 @@ class LibraryIndex:
         """Like :meth:`mapped_keys`, limited to ``keys`` and the keys starting with one of
         ``prefixes`` (what choosing the keys of a few groups needs to know)."""
         found: dict[str, set[str]] = {n: set() for n in self._order}
-        sql = "SELECT si.server, i.key FROM items i JOIN server_items si ON si.item = i.id "
+        sids = [self._sids[n] for n in self._order]
+        # CROSS JOIN: from the few keys to their mappings, never through every mapping.
+        sql = (
+            "SELECT si.server, i.key FROM items i CROSS JOIN server_items si "  # noqa: S608
+            f"ON si.server IN ({_marks(len(sids))}) AND si.item = i.id "
+        )
         for chunk in _chunks(sorted(set(keys)), _CHUNK):
             rows = await self._db().execute_fetchall(
                 f"{sql} WHERE i.key IN ({_marks(len(chunk))})",
-                chunk,
+                (*sids, *chunk),
             )
             self._add_held(found, rows)
         for prefix in sorted(set(prefixes)):
             rows = await self._db().execute_fetchall(
                 f"{sql} WHERE i.key >= ? AND i.key < ?",
-                (prefix, prefix + "\U0010ffff"),
+                (*sids, prefix, prefix + "\U0010ffff"),
             )
             self._add_held(found, rows)
         return found
