@@ -514,6 +514,8 @@ class LibraryIndex:
                 page_size=page_size,
             ):
                 page.append(IndexEntry.from_dto(item))
+                if len(page) % 250 == 0:
+                    await asyncio.sleep(0)  # a listing page is 1,000 items: let the loop run
                 if len(page) >= page_size * min(TX_PAGES, 1 + result.items // page_size):
                     if storing is not None:
                         await storing
@@ -1220,20 +1222,26 @@ class LibraryIndex:
     async def _finish(self, sid: int, gen: int, wall_ms: int, result: ScanResult) -> None:
         """Drop what the scan did not see (and note it as dirty), then mark it complete."""
         async with self._tx() as db:
-            rows = await db.execute_fetchall(
-                "SELECT id, remote_id FROM index_items WHERE server=? AND scan<?", (sid, gen)
-            )
             seen = result.seen
-            gone = await asyncio.to_thread(
-                lambda: [(int(r[0]), str(r[1])) for r in rows if r[0] not in seen]
-            )
-            del rows
+            handles: list[int] = []
+            # Ids only, a slice at a time: the whole server's rows are never held at once.
+            async with db.execute(
+                "SELECT id FROM index_items WHERE server=? AND scan<?", (sid, gen)
+            ) as cursor:
+                while rows := await cursor.fetchmany(20_000):
+                    handles.extend(h for (h,) in rows if h not in seen)
+            gone: list[tuple[int, str]] = []
+            for chunk in _chunks(handles, _CHUNK):
+                found = await db.execute_fetchall(
+                    f"SELECT id, remote_id FROM index_items WHERE id IN ({_marks(len(chunk))})",  # noqa: S608
+                    chunk,
+                )
+                gone.extend((int(r[0]), str(r[1])) for r in found)
             if len(gone) > DIRTY_LIMIT:
                 result.dirty = None
             elif gone and result.dirty is not None:
-                handles = [h for h, _ in gone]
                 result.touch([*handles, *await self.neighbours(handles)])
-            for chunk in _chunks([h for h, _ in gone], _CHUNK):
+            for chunk in _chunks(handles, _CHUNK):
                 await db.execute(
                     f"DELETE FROM index_items WHERE id IN ({_marks(len(chunk))})",  # noqa: S608
                     chunk,
