@@ -19,8 +19,11 @@ measuring process are jfsync's alone (its peak RSS excludes the emulators).
 
 Issue 13's figures, measured in the same run: the worst event-loop stall (``looplag.py``) during
 the index build, the catch-ups, the reconcile and a refresh; the bytes this process wrote to
-disk during the index build (``/proc/self/io``) next to the ledger's size; in ``catchup``, a
-refresh of server a after one of its items moved (the incremental re-match of goal 5); and in
+disk during the index build (``/proc/self/io``) next to the ledger's size; in ``catchup``, the
+one-item refresh of goal 5 (one item of a moved: its ``LibraryChanged``, old id removed and new
+id added, re-read and matched again through ``IndexedIdentity.library_changed``), then a rescan
+of a with nothing else changed (its time, bytes written and loop stall; both report whether
+they fell back to matching everything again); and in
 ``reconcile``, the floor: a bare aiohttp client listing both libraries with every user's data
 (every item, pages of 1,000, what a scan asks for) plus a bare write loop making the same
 writes as the reconcile (same route and body, at the pusher's concurrency), run on the
