@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from jfsync.model import UserData
+from jfsync.sync import identity as identity_module
 from jfsync.sync.identity import IndexedIdentity
 from jfsync.sync.ledger import Ledger
 from jfsync.sync.merge import MergePolicy
@@ -171,5 +172,25 @@ async def test_a_rescan_writes_nothing_new_and_matches_again_only_what_changed(
     # A handful of rows, not the library's: 3 items in, 2 out, their keys, the scratch tables.
     assert identity.index.rows_written - written < 60
 
+    stack.change("a", x_a.id, is_favorite=True)
+    await stack.wait(lambda: stack.holds("b", moved.id, UserData(favorite=True)))
+
+
+async def test_a_change_linked_to_too_much_is_matched_in_full(
+    make_stack: MakeStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stack = await make_stack(
+        [emulator("a", root="/mnt/a"), emulator("b", root="/srv/b")], rewrites=REWRITES
+    )
+    identity = _identity(stack)
+    await _settles_like_scratch(stack, tmp_path / "scratch-0.db")
+    full, partial = identity.full_matches, identity.partial_matches
+    # Nothing may be matched alone: any change is matched again in full, with the same result.
+    monkeypatch.setattr(identity_module, "INCREMENTAL_LIMIT", 1)
+    x_a, x_b = next((x, y) for x, y in stack.pairs("a", "b") if x.type == "Movie")
+    moved = stack.emus["b"].move_item(x_b.id, "/srv/b/Moved/Elsewhere.mkv")
+    await _settles_like_scratch(stack, tmp_path / "scratch-1.db")
+    assert identity.full_matches > full
+    assert identity.partial_matches == partial
     stack.change("a", x_a.id, is_favorite=True)
     await stack.wait(lambda: stack.holds("b", moved.id, UserData(favorite=True)))
