@@ -8,14 +8,14 @@ plus the provider ids of every series (``index_series``) and the derived provide
 
 It is filled by paged ``GET /Items`` scans with the admin API key and no ``userId``
 (``Fields=Path,ProviderIds``): a series listing first, then the leaf items. Pages are stored in
-short transactions (the first page alone, then up to :data:`TX_PAGES` pages each) on a
-connection of the index's own (SQLite WAL: the ledger's connection keeps applying events
-meanwhile), so a rescan of 100,000 items never holds a lock for long and the event loop runs
-between pages. Only rows that are new or changed are written: a rescan of a library that did not
-change writes next to nothing. A complete scan then drops the rows it did not see (removed
-items) and reports, in its :class:`ScanResult`, the entries it changed and what they were linked
-to, so that only those are matched again. :meth:`LibraryIndex.refresh_items` re-reads only some
-ids (``LibraryChanged``).
+short transactions (the first page alone, then more while they stay quick, up to
+:data:`TX_PAGES`) on a connection of the index's own (SQLite WAL: the ledger's connection keeps
+applying events meanwhile), so a rescan of 100,000 items never holds a lock for long and the
+event loop runs between pages. Only rows that are new or changed are written: a rescan of a
+library that did not change writes next to nothing. A complete scan then drops the rows it did
+not see (removed items) and reports, in its :class:`ScanResult`, the entries it changed and what
+they were linked to, so that only those are matched again. :meth:`LibraryIndex.refresh_items`
+re-reads only some ids (``LibraryChanged``).
 
 The matcher in :mod:`jfsync.sync.identity` reads candidate pairs through :meth:`LibraryIndex.edges`
 (identical id, rewritten path, shared provider-id key) and streams the resulting groups back
@@ -32,6 +32,7 @@ import contextlib
 import itertools
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -71,11 +72,14 @@ PAGE_SIZE = 1000
 _CHUNK = 500
 #: Page cache of the scanning connection, in KiB.
 BULK_CACHE_KIB = 16384
-#: Pages stored per transaction once a scan is under way (the first ones go alone). Every
-#: transaction rewrites the pages of the index's b-trees it touches (remote ids and match
-#: keys land all over them), so fewer, larger ones write much less; each still holds the
-#: ledger's write lock for a short while only.
+#: Most pages stored per transaction. Every transaction rewrites the pages of the index's
+#: b-trees it touches (remote ids and match keys land all over them), so fewer, larger ones
+#: write much less; but each holds the ledger's write lock while it runs.
 TX_PAGES = 5
+#: A scan stores one more page per transaction while they take less than this (seconds)...
+TX_GROW_S = 0.2
+#: ...and one fewer once one takes more than this: the write lock is never held for long.
+TX_SHRINK_S = 0.4
 #: A scan that changed more entries than this does not list them (everything is matched again).
 DIRTY_LIMIT = 20_000
 
@@ -216,6 +220,9 @@ class ScanResult:
     #: Entries and series seen by the scan (not kept once it completed).
     seen: set[int] = field(default_factory=set, repr=False)
     seen_series: set[str] = field(default_factory=set, repr=False)
+    #: Pages per transaction now (see :data:`TX_PAGES`), and how long the last one took.
+    tx_pages: int = field(default=1, repr=False)
+    tx_s: float = field(default=0.0, repr=False)
 
     def touch(self, entries: Iterable[int]) -> None:
         """Note entries as dirty (forgetting the list once it grows past the limit)."""
@@ -516,7 +523,7 @@ class LibraryIndex:
                 page.append(IndexEntry.from_dto(item))
                 if len(page) % 250 == 0:
                     await asyncio.sleep(0)  # a listing page is 1,000 items: let the loop run
-                if len(page) >= page_size * min(TX_PAGES, 1 + result.items // page_size):
+                if len(page) >= page_size * result.tx_pages:
                     if storing is not None:
                         await storing
                     storing = asyncio.create_task(
@@ -1140,6 +1147,7 @@ class LibraryIndex:
         # Rows and match keys are worked out in a worker thread (a page is 1,000 items).
         rows, keys = await asyncio.to_thread(_prepare_rows, self._rules[sid], entries, series)
         async with self._tx() as db:
+            began = time.perf_counter()
             stored: dict[str, tuple[int, tuple[Any, ...]]] = {}
             for chunk in _chunks(list(rows), _CHUNK):
                 found = await db.execute_fetchall(
@@ -1206,6 +1214,13 @@ class LibraryIndex:
                 track.seen.update(new_handles)
                 track.touch(new_handles)
                 track.changed += len(fresh) + len(changed)
+        if track is not None:
+            # The commit included: that is when the pages are written.
+            track.tx_s = took = time.perf_counter() - began
+            if took < TX_GROW_S:
+                track.tx_pages = min(TX_PAGES, track.tx_pages + 1)
+            elif took > TX_SHRINK_S:
+                track.tx_pages = max(1, track.tx_pages - 1)
         return len(fresh) + len(changed)
 
     async def _store_page(
