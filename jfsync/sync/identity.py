@@ -479,7 +479,11 @@ class IndexedIdentity:
         if dirty is None:
             return await self.rematch()
         if not dirty and self._state is not None:
-            return IdentityChange()  # nothing a match depends on changed
+            # Nothing a match depends on changed: only the scan times move on the status.
+            scanned = await self._index.scanned_at()
+            for name, about in self._status.get("servers", {}).items():
+                about["scanned_at_ms"] = scanned.get(name)
+            return IdentityChange()
         return await self._rematch_some(dirty, gone)
 
     async def library_changed(

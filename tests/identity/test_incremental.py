@@ -64,15 +64,18 @@ async def _from_scratch(stack: Stack, path: Path) -> tuple[Partition, list[dict[
 
 
 async def _settles_like_scratch(stack: Stack, path: Path) -> Partition:
+    """Wait until the service groups every item, and counts every pair, as a from-scratch
+    index of the servers as they are now does."""
     expected, counts = await _from_scratch(stack, path)
     identity = _identity(stack)
 
     async def same() -> bool:
+        if _counts(identity.status()) != counts:
+            return False
         return await _partition(identity, stack) == expected
 
     # The id map moves without any user data being applied: re-check every loop turn.
     await wait_until(same)
-    assert _counts(identity.status()) == counts
     return expected
 
 
@@ -145,12 +148,15 @@ async def test_a_rescan_writes_nothing_new_and_matches_again_only_what_changed(
     await _settles_like_scratch(stack, tmp_path / "scratch-0.db")
     full, partial = identity.full_matches, identity.partial_matches
 
-    # Nothing changed: the rescan stores only each server's scan record, and matches nothing.
+    # Nothing changed: the rescan stores only each server's scan record, and matches nothing;
+    # the status tells when it ended.
     written = identity.index.rows_written
     change = await identity.refresh()
     assert (change.mapped, change.unmapped, change.retired) == (0, 0, 0)
     assert identity.index.rows_written - written == 2
     assert (identity.full_matches, identity.partial_matches) == (full, partial)
+    scanned = {n: about["scanned_at_ms"] for n, about in identity.status()["servers"].items()}
+    assert scanned == await identity.index.scanned_at()
 
     # Changes the servers never announced (jfsync was not listening): a file moves on b, a
     # film leaves a, a new one arrives on both.
