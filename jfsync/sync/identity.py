@@ -13,7 +13,10 @@ server's item ids (and the reverse). Two strategies implement it:
   read or written for it. Items on one server only keep a key of their own (their changes stay
   in the ledger and are delivered when the item appears elsewhere). Earlier matches are kept as
   long as the two items still share a match key, and canonical keys persist in the ledger's
-  id map, so they are stable across restarts.
+  id map, so they are stable across restarts. After the first complete match, a change (a
+  ``LibraryChanged`` refresh, a rescan) matches again only the entries linked to what changed
+  (candidate pairs under any rule, or one canonical item), before and after the change: an
+  entry's match depends on nothing else, so the outcome is the full match's, in milliseconds.
 
 :func:`match_pair` and :func:`build_groups` are the pure matching steps, tested on their own.
 """
@@ -22,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -38,6 +43,7 @@ from jfsync.sync.index import (
     LibraryIndex,
     PageHook,
     Rule,
+    ScanResult,
 )
 from jfsync.sync.ledger import ItemMapping, Ledger
 from jfsync.tasks import cancel_and_wait
@@ -51,6 +57,9 @@ SAMPLE_SIZE = 5
 REMAP_CHUNK = 5000
 #: Marks an entry with more than one candidate while matching.
 _MANY = -1
+#: A change linked to more entries than this (or than 5% of the index) is matched again
+#: in full.
+INCREMENTAL_LIMIT = 5000
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +344,7 @@ class IndexedIdentity:
         self._ledger = ledger
         self._clock = clock
         self._names = [s.name for s in config.servers]
+        self._rank = {name: i for i, name in enumerate(self._names)}
         self._index = LibraryIndex(config.ledger, config.servers)
         self._page_size = page_size
         self._on_page = on_page
@@ -342,6 +352,11 @@ class IndexedIdentity:
         self._builds: dict[str, asyncio.Task[BaseException | None]] = {}
         self._ready: set[str] = set()
         self._match_lock = asyncio.Lock()
+        #: The last match, while the id maps are in line with it (None: match in full).
+        self._state: _MatchState | None = None
+        #: Matches of every item, and matches of only what a change was linked to.
+        self.full_matches = 0
+        self.partial_matches = 0
         self._status: dict[str, Any] = {"strategy": "indexed", "pairs": [], "servers": {}}
         self._problems_logged: set[tuple[str, str]] = set()
         self._not_found: set[tuple[str, str]] = set()
@@ -440,15 +455,36 @@ class IndexedIdentity:
         A server whose scan fails keeps its previous index; the failure is logged.
         """
         names = [n for n in (servers or self._names) if n in self._clients]
-        results = await asyncio.gather(*(self._scan(n) for n in names), return_exceptions=True)
+        try:
+            results = await asyncio.gather(*(self._scan(n) for n in names), return_exceptions=True)
+        except BaseException:
+            self._state = None  # pages stored by the scans were not matched
+            raise
+        dirty: set[int] | None = set()
+        gone: dict[str, set[str]] = {}
         for name, result in zip(names, results, strict=True):
             if isinstance(result, asyncio.CancelledError):
+                self._state = None
                 raise result
             if isinstance(result, BaseException):
                 logger.warning("[%s] library rescan failed: %s", name, result)
+                dirty = None  # what it stored before failing is not listed
             else:
                 self._ready.add(name)
-        return await self.rematch()
+                gone[name] = result.gone
+                if dirty is not None and result.dirty is not None:
+                    dirty |= result.dirty
+                else:
+                    dirty = None
+        if dirty is None:
+            return await self.rematch()
+        if not dirty and self._state is not None:
+            # Nothing a match depends on changed: only the scan times move on the status.
+            scanned = await self._index.scanned_at()
+            for name, about in self._status.get("servers", {}).items():
+                about["scanned_at_ms"] = scanned.get(name)
+            return IdentityChange()
+        return await self._rematch_some(dirty, gone)
 
     async def library_changed(
         self, server: str, changed: Iterable[str], removed: Iterable[str]
@@ -457,18 +493,29 @@ class IndexedIdentity:
         changed = set(changed)
         removed = set(removed) - changed
         client = self._clients[server]
+        index = self._index
+        # What the items were linked to before: a match they leave may free or settle others.
+        before = await index.entries_of(server, changed | removed)
+        linked = await index.neighbours(before.values()) if before else set()
         moved = 0
+        series = 0
+        after: dict[str, int] = {}
         if changed:
-            stored, series = await self._index.refresh_items(client, server, changed)
+            stored, series = await index.refresh_items(client, server, changed)
             moved += stored + series
-            held = await self._index.in_index(server, changed)
-            self._not_found.update((server, r) for r in changed - held)
-            self._not_found.difference_update((server, r) for r in held)
+            after = await index.entries_of(server, changed)
+            self._not_found.update((server, r) for r in changed - after.keys())
+            self._not_found.difference_update((server, r) for r in after)
+            # Read back outside the synced libraries, an item leaves the index.
+            moved += len((before.keys() & changed) - after.keys())
         if removed:
-            moved += await self._index.remove_items(server, removed)
+            moved += await index.remove_items(server, removed)
         if not moved:
             return IdentityChange()  # nothing a match depends on changed (artwork, say)
-        return await self.rematch()
+        if series:
+            return await self.rematch()  # a series' ids moved: all its episodes re-keyed
+        dirty = set(before.values()) | set(after.values()) | linked
+        return await self._rematch_some(dirty, {server: changed | removed})
 
     def status(self) -> dict[str, Any]:
         """Matching counts per server pair with samples (from the last match)."""
@@ -479,50 +526,160 @@ class IndexedIdentity:
     async def rematch(self) -> IdentityChange:
         """Match every server pair again and bring the ledger's id maps in line."""
         async with self._match_lock:
+            return await self._rematch_all()
+
+    async def _rematch_all(self) -> IdentityChange:
+        self._state = None  # until the id maps are in line with a complete match
+        self.full_matches += 1
+        started = self._clock.monotonic()
+        entry_server = await self._index.entry_servers()
+        counts = Counter(entry_server.values())
+        present = [n for n in self._names if counts[self._index.sid(n)]]
+        pairs: list[PairResult] = []
+        for i, a in enumerate(present):
+            for b in present[i + 1 :]:
+                pairs.append(await self._match(a, b))
+        groups, conflicts = await asyncio.to_thread(build_groups, pairs, entry_server)
+        state = _MatchState(present, {}, conflicts, len(entry_server))
+        for pair in pairs:
+            pair.kept.clear()
+            state.pairs[pair.servers] = found = _PairState(pair)
+            found.unmatched = await asyncio.to_thread(
+                self._unmatched_sample, pair, conflicts, entry_server
+            )
+            await asyncio.sleep(0)
+        del pairs, entry_server  # large; not needed to write the id maps
+        await self._update_status(state, counts)
+        change = await self._apply(groups)
+        self._state = state
+        logger.info(
+            "matched items of %s in %.1f s: %d mappings written, %d dropped, %d retired",
+            ", ".join(present) or "no server",
+            self._clock.monotonic() - started,
+            change.mapped,
+            change.unmapped,
+            change.retired,
+        )
+        return change
+
+    async def _rematch_some(self, dirty: set[int], stale: Mapping[str, set[str]]) -> IdentityChange:
+        """Match again only what ``dirty`` entries are linked to (directly or not), and
+        bring the id maps of those in line; a full :meth:`rematch` when there is no complete
+        match to start from, the servers present changed, or too much is linked.
+
+        ``dirty``: the entries that changed or left (with what they were linked to before);
+        ``stale``: per server, the remote ids whose mapping may have lost its item. Matching
+        results depend only on the entries an entry is linked to, so those outside the
+        linked set keep their groups and keys: the result is the full match's.
+        """
+        async with self._match_lock:
+            state = self._state
+            index = self._index
+            if state is None:
+                return await self._rematch_all()
             started = self._clock.monotonic()
-            entry_server = await self._index.entry_servers()
-            indexed = set(entry_server.values())
-            present = [n for n in self._names if self._index.sid(n) in indexed]
+            self._state = None
+            # Counted on the index's other connection while this one follows the links.
+            counting = asyncio.create_task(index.counts(), name="jfsync-index-counts")
+            try:
+                scope = await index.closure(dirty, max(INCREMENTAL_LIMIT, state.entries // 20))
+                by_name = await counting
+            finally:
+                await cancel_and_wait([counting], logger)
+            present = [n for n in self._names if by_name.get(n)]
+            if scope is None or present != state.present:
+                return await self._rematch_all()
+            state.entries = sum(by_name.values())
+            self.partial_matches += 1
+            entry_server = await index.entry_servers(scope)
             pairs: list[PairResult] = []
             for i, a in enumerate(present):
                 for b in present[i + 1 :]:
-                    pairs.append(await self._match(a, b))
+                    pairs.append(await self._match(a, b, scope))
             groups, conflicts = build_groups(pairs, entry_server)
-            await self._update_status(pairs, conflicts, entry_server)
-            del pairs, entry_server, conflicts  # large; not needed to write the id maps
-            change = await self._apply(groups)
-            elapsed = self._clock.monotonic() - started
-            logger.info(
-                "matched items of %s in %.1f s: %d mappings written, %d dropped, %d retired",
-                ", ".join(present) or "no server",
-                elapsed,
+            state.conflicts = (state.conflicts - scope) | conflicts
+            for pair in pairs:
+                pair.kept.clear()
+                kept = state.pairs[pair.servers]
+                kept.replace(scope, pair)
+                sample = [e for e in kept.unmatched if e not in scope]
+                sample += self._unmatched_sample(pair, conflicts, entry_server)
+                kept.unmatched = sorted(sample)[:SAMPLE_SIZE]
+            counts = Counter({index.sid(n): c for n, c in by_name.items()})
+            await self._update_status(state, counts)
+            change = await self._apply(groups, scope, stale)
+            self._state = state
+            logger.debug(
+                "matched %d linked items of %s again in %.3f s: %d mappings written, "
+                "%d dropped, %d retired",
+                len(scope),
+                ", ".join(present),
+                self._clock.monotonic() - started,
                 change.mapped,
                 change.unmapped,
                 change.retired,
             )
             return change
 
-    async def _match(self, a: str, b: str) -> PairResult:
+    async def _match(self, a: str, b: str, scope: set[int] | None = None) -> PairResult:
         """Match one pair, reading one rule's candidates at a time (twice with earlier matches:
-        first to confirm them, then to match the rest)."""
-        kept = dict(await self._index.mapped_pairs(a, b))
+        first to confirm them, then to match the rest); only the entries in ``scope`` (a set
+        closed under links) when given. The matching itself runs in a worker thread: the
+        event loop goes on meanwhile."""
+        index = self._index
+
+        async def edges(rule: Rule) -> list[tuple[int, int]]:
+            if scope is None:
+                return await index.edges(rule, a, b)
+            return await index.scoped_edges(rule, a, b, scope)
+
+        if scope is None:
+            kept = dict(await index.mapped_pairs(a, b))
+        else:
+            kept = dict(await index.scoped_mapped_pairs(a, b, scope))
         matcher = PairMatcher((a, b), kept)
+        small = scope is not None
         if kept:
             for rule in RULES:
-                matcher.confirm(rule, await self._index.edges(rule, a, b))
+                found = await edges(rule)
+                if small:
+                    matcher.confirm(rule, found)
+                else:
+                    await asyncio.to_thread(matcher.confirm, rule, found)
             del kept
         for rule in RULES:
-            matcher.apply(rule, await self._index.edges(rule, a, b))
+            found = await edges(rule)
+            if small:
+                matcher.apply(rule, found)
+            else:
+                await asyncio.to_thread(matcher.apply, rule, found)
         return matcher.result
 
-    async def _apply(self, groups: Mapping[int, int | None]) -> IdentityChange:
+    async def _apply(
+        self,
+        groups: Mapping[int, int | None],
+        scope: set[int] | None = None,
+        stale: Mapping[str, set[str]] | None = None,
+    ) -> IdentityChange:
         """Choose each group's canonical key and write the id-map changes to the ledger.
 
         Changes are written while the groups stream in, a chunk per transaction, each chunk
         with its own forgets (so a key never points at a new item with an old history).
+        With ``scope`` (entries closed under links) only their groups are looked at, and only
+        the remote ids in ``stale`` are checked for a mapping whose item left the index.
         """
         index = self._index
-        held = await index.mapped_keys()
+        pages: AsyncIterator[list[GroupRow]]
+        if scope is None:
+            held = await index.mapped_keys()
+            pages = index.group_rows(groups)
+        else:
+            rows = [row async for page in index.group_rows(groups, scope=scope) for row in page]
+            held = await index.held_keys(
+                {r.key for r in rows if r.key is not None} | {r.remote_id for r in rows},
+                {f"{r.server}:{r.remote_id}" for r in rows},
+            )
+            pages = _once(rows)
         taken: set[str] = set().union(*held.values()) if held else set()
         claimed: set[str] = set()
         plans = {n: _ServerPlan() for n in self._names}
@@ -555,19 +712,22 @@ class IndexedIdentity:
 
         try:
             current: list[GroupRow] = []
-            async for page in index.group_rows(groups):
-                for row in page:
+            async for page in pages:
+                for start, row in enumerate(page):
                     if current and row.group != current[0].group:
                         self._plan_group(current, plans, claimed, taken, held, retire)
                         current = []
                     current.append(row)
+                    if start % 500 == 499:
+                        await asyncio.sleep(0)  # let the loop run between slices of a page
                 for name in self._names:
                     await flush(name)
             if current:
                 self._plan_group(current, plans, claimed, taken, held, retire)
             for name in self._names:
-                if await index.complete(name):
-                    for remote_id, key in await index.stale_mappings(name):
+                among = None if stale is None else stale.get(name)
+                if (stale is None or among) and await index.complete(name):
+                    for remote_id, key in await index.stale_mappings(name, among):
                         plans[name].unmap.append(remote_id)
                         plans[name].forget.add(key)
                         retire.add(key)
@@ -606,7 +766,8 @@ class IndexedIdentity:
                     plans[row.server].forget.add(row.key)
                     retire.add(row.key)
             return
-        members = sorted(rows, key=lambda r: self._names.index(r.server))
+        rank = self._rank
+        members = sorted(rows, key=lambda r: rank[r.server])
         chosen = next((r.key for r in members if r.key is not None and r.key not in claimed), None)
         if chosen is None:
             first = members[0]
@@ -633,44 +794,51 @@ class IndexedIdentity:
                 plan.forget.add(row.key)
                 retire.add(row.key)
 
-    async def _update_status(
-        self,
-        pairs: Sequence[PairResult],
-        conflicts: set[int],
-        entry_server: Mapping[int, int],
-    ) -> None:
-        counts = Counter(entry_server.values())
+    async def _update_status(self, state: _MatchState, counts: Mapping[int, int]) -> None:
+        """Matching counts per pair with samples, from the kept match state: its work grows
+        with the ambiguous and conflicting entries, not with the library."""
         index = self._index
         scanned = await index.scanned_at()
+        conflicts = state.conflicts
         wanted: set[int] = set()
         summaries: list[dict[str, Any]] = []
-        for pair in pairs:
+        for found in state.pairs.values():
+            pair = found.result
             a, b = pair.servers
             sid_a, sid_b = index.sid(a), index.sid(b)
-            amb_a = [e for e in pair.ambiguous if entry_server.get(e) == sid_a]
-            amb_b = [e for e in pair.ambiguous if entry_server.get(e) == sid_b]
-            bad = {e for e in conflicts if entry_server.get(e) in (sid_a, sid_b)}
-            matched = {x: y for x, y in pair.matched.items() if x not in bad and y not in bad}
+            sids = (sid_a, sid_b)
+            sides = await index.entry_servers(set(pair.ambiguous) | conflicts)
+            amb_a = [e for e in pair.ambiguous if sides.get(e) == sid_a]
+            amb_b = [e for e in pair.ambiguous if sides.get(e) == sid_b]
+            bad = {e for e in conflicts if sides.get(e) in sids}
+            # A conflict refuses its whole group: both ends of a match are bad, or neither.
+            bad_matched = [e for e in bad if e in pair.matched]
+            by_rule = found.rules.copy()
+            by_rule.subtract(pair.rule_of[e] for e in bad_matched)
             ambiguous = set(amb_a) | set(amb_b) | bad
-            amb_count = Counter(entry_server[e] for e in ambiguous)
-            un_a = counts[sid_a] - len(matched) - amb_count[sid_a]
-            un_b = counts[sid_b] - len(matched) - amb_count[sid_b]
-            partners = set(matched) | set(matched.values()) | ambiguous
-            sample_matched = list(matched.items())[:SAMPLE_SIZE]
+            amb_count = Counter(sides[e] for e in ambiguous if e in sides)
+            matched = len(pair.matched) - len(bad_matched)
+            un_a = counts.get(sid_a, 0) - matched - amb_count[sid_a]
+            un_b = counts.get(sid_b, 0) - matched - amb_count[sid_b]
+            sample_matched = list(
+                itertools.islice(
+                    ((x, y) for x, y in pair.matched.items() if x not in bad), SAMPLE_SIZE
+                )
+            )
             sample_ambiguous = sorted(ambiguous)[:SAMPLE_SIZE]
-            sample_unmatched = await self._unmatched_sample(sid_a, sid_b, partners, entry_server)
             wanted.update(x for pair_ in sample_matched for x in pair_)
             wanted.update(sample_ambiguous)
-            wanted.update(sample_unmatched)
+            wanted.update(found.unmatched)
             summaries.append(
                 {
                     "pair": pair,
                     "matched": matched,
+                    "by_rule": by_rule,
                     "ambiguous": ambiguous,
                     "unmatched": {a: un_a, b: un_b},
                     "sample_matched": sample_matched,
                     "sample_ambiguous": sample_ambiguous,
-                    "sample_unmatched": sample_unmatched,
+                    "sample_unmatched": found.unmatched,
                 }
             )
         described = await index.describe(wanted)
@@ -678,7 +846,7 @@ class IndexedIdentity:
         for summary in summaries:
             pair = summary["pair"]
             a, b = pair.servers
-            by_rule = Counter(pair.rule_of[x] for x in summary["matched"])
+            by_rule = summary["by_rule"]
             ambiguous_rows = [
                 {**described[e].as_dict(), "rule": pair.ambiguous.get(e, "group")}
                 for e in summary["sample_ambiguous"]
@@ -699,7 +867,7 @@ class IndexedIdentity:
             out_pairs.append(
                 {
                     "servers": [a, b],
-                    "matched": len(summary["matched"]),
+                    "matched": summary["matched"],
                     "unmatched": sum(summary["unmatched"].values()),
                     "ambiguous": len(summary["ambiguous"]),
                     "unmatched_by_server": summary["unmatched"],
@@ -733,16 +901,27 @@ class IndexedIdentity:
             "pairs": out_pairs,
         }
 
-    async def _unmatched_sample(
-        self, sid_a: int, sid_b: int, partners: set[int], entry_server: Mapping[int, int]
+    def _unmatched_sample(
+        self, pair: PairResult, conflicts: set[int], entry_server: Mapping[int, int]
     ) -> list[int]:
-        found: list[int] = []
-        for entry, sid in entry_server.items():
-            if sid in (sid_a, sid_b) and entry not in partners:
-                found.append(entry)
-                if len(found) >= SAMPLE_SIZE:
-                    break
-        return found
+        """The first entries (by id) among those of ``entry_server`` on the pair's servers
+        that match nothing."""
+        a, b = pair.servers
+        sids = (self._index.sid(a), self._index.sid(b))
+        matched, ambiguous = pair.matched, pair.ambiguous
+        partners = set(matched.values())
+        return heapq.nsmallest(
+            SAMPLE_SIZE,
+            (
+                e
+                for e, sid in entry_server.items()
+                if sid in sids
+                and e not in matched
+                and e not in partners
+                and e not in ambiguous
+                and e not in conflicts
+            ),
+        )
 
     # ------------------------------------------------------------------ scanning
 
@@ -778,7 +957,7 @@ class IndexedIdentity:
             self.on_change(IdentityChange(frozenset(others), change.mapped))
         return None
 
-    async def _scan(self, server: str) -> None:
+    async def _scan(self, server: str) -> ScanResult:
         started = self._clock.monotonic()
         result = await self._index.scan(
             self._clients[server],
@@ -788,13 +967,56 @@ class IndexedIdentity:
             on_page=self._on_page,
         )
         logger.info(
-            "[%s] library indexed in %.1f s: %d items, %d series, %d removed",
+            "[%s] library indexed in %.1f s: %d items (%d new or changed), %d series, %d removed",
             server,
             self._clock.monotonic() - started,
             result.items,
+            result.changed,
             result.series,
             result.removed,
         )
+        return result
+
+
+@dataclass(slots=True)
+class _PairState:
+    """One pair's part of the last match: its result, matches per rule, unmatched samples."""
+
+    result: PairResult
+    rules: Counter[str] = field(default_factory=Counter)
+    unmatched: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.rules:
+            self.rules.update(self.result.rule_of.values())
+
+    def replace(self, scope: set[int], fresh: PairResult) -> None:
+        """Drop the results of the entries in ``scope``, then take ``fresh`` ones for them."""
+        result = self.result
+        for entry in scope:
+            if entry in result.matched:
+                del result.matched[entry]
+                self.rules[result.rule_of.pop(entry)] -= 1
+            result.ambiguous.pop(entry, None)
+        result.matched.update(fresh.matched)
+        result.rule_of.update(fresh.rule_of)
+        result.ambiguous.update(fresh.ambiguous)
+        self.rules.update(fresh.rule_of.values())
+
+
+@dataclass(slots=True)
+class _MatchState:
+    """The last complete match, kept to match again only what a change is linked to."""
+
+    present: list[str]
+    pairs: dict[tuple[str, str], _PairState]
+    conflicts: set[int]
+    #: Entries in the index (all servers).
+    entries: int = 0
+
+
+async def _once(rows: list[GroupRow]) -> AsyncIterator[list[GroupRow]]:
+    yield rows
 
 
 @dataclass(slots=True)

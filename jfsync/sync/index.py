@@ -7,16 +7,22 @@ plus the provider ids of every series (``index_series``) and the derived provide
 (``index_keys``). Tables come from schema v2 (:mod:`jfsync.sync.ledger.schema`).
 
 It is filled by paged ``GET /Items`` scans with the admin API key and no ``userId``
-(``Fields=Path,ProviderIds``): a series listing first, then the leaf items. Every page is stored
-in its own short transaction on a connection of the index's own (SQLite WAL: the ledger's
-connection keeps applying events meanwhile), so a rescan of 100,000 items never holds a lock for
-long and the event loop runs between pages. A complete scan then drops the rows it did not see
-(removed items). :meth:`LibraryIndex.refresh_items` re-reads only some ids (``LibraryChanged``).
+(``Fields=Path,ProviderIds``): a series listing first, then the leaf items. Pages are stored in
+short transactions (the first page alone, then more while they stay quick, up to
+:data:`TX_PAGES`) on a connection of the index's own (SQLite WAL: the ledger's connection keeps
+applying events meanwhile), so a rescan of 100,000 items never holds a lock for long and the
+event loop runs between pages. Only rows that are new or changed are written: a rescan of a
+library that did not change writes next to nothing. A complete scan then drops the rows it did
+not see (removed items) and reports, in its :class:`ScanResult`, the entries it changed and what
+they were linked to, so that only those are matched again. :meth:`LibraryIndex.refresh_items`
+re-reads only some ids (``LibraryChanged``).
 
 The matcher in :mod:`jfsync.sync.identity` reads candidate pairs through :meth:`LibraryIndex.edges`
 (identical id, rewritten path, shared provider-id key) and streams the resulting groups back
-through :meth:`LibraryIndex.group_rows`. Open the :class:`jfsync.sync.ledger.store.Ledger` first: it
-creates and migrates the schema; the index only checks the version.
+through :meth:`LibraryIndex.group_rows`; to match again after a change it follows the links of
+the changed entries (:meth:`LibraryIndex.closure`) and reads only those (``scoped_*``). Open
+the :class:`jfsync.sync.ledger.store.Ledger` first: it creates and migrates the schema; the
+index only checks the version.
 """
 
 from __future__ import annotations
@@ -26,11 +32,12 @@ import contextlib
 import itertools
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import aiosqlite
 
@@ -59,12 +66,22 @@ IDENTIFYING_PROVIDERS: frozenset[str] = frozenset(
 )
 #: The schema version that has the index tables.
 INDEX_SCHEMA_VERSION = 2
-#: Items per page of a scan (and per transaction when storing it).
+#: Items per page of a scan.
 PAGE_SIZE = 1000
 #: Rows per IN (...) list.
 _CHUNK = 500
 #: Page cache of the scanning connection, in KiB.
 BULK_CACHE_KIB = 16384
+#: Most pages stored per transaction. Every transaction rewrites the pages of the index's
+#: b-trees it touches (remote ids and match keys land all over them), so fewer, larger ones
+#: write much less; but each holds the ledger's write lock while it runs.
+TX_PAGES = 5
+#: A scan stores one more page per transaction while they take less than this (seconds)...
+TX_GROW_S = 0.2
+#: ...and one fewer once one takes more than this: the write lock is never held for long.
+TX_SHRINK_S = 0.4
+#: A scan that changed more entries than this does not list them (everything is matched again).
+DIRTY_LIMIT = 20_000
 
 #: Scratch tables of the matcher (per connection, never in the ledger file).
 _TEMP_TABLES = (
@@ -74,6 +91,7 @@ _TEMP_TABLES = (
     "CREATE INDEX IF NOT EXISTS temp.group_members_by_grp ON group_members(grp)",
     "CREATE INDEX IF NOT EXISTS temp.group_members_by_item ON group_members(item)",
     "CREATE TEMP TABLE IF NOT EXISTS dirty_groups (grp INTEGER PRIMARY KEY)",
+    "CREATE TEMP TABLE IF NOT EXISTS match_scope (entry INTEGER PRIMARY KEY)",
 )
 
 Rule = Literal["id", "path", "provider"]
@@ -185,12 +203,33 @@ class GroupRow:
 
 @dataclass(slots=True)
 class ScanResult:
-    """What one complete scan of a server found."""
+    """What one complete scan of a server found, and what it changed in the index."""
 
     server: str
     items: int = 0
     series: int = 0
     removed: int = 0
+    #: Leaf items new or changed since the last scan.
+    changed: int = 0
+    #: Entries new, changed or removed, with what the changed and removed ones were linked
+    #: to before (see :meth:`LibraryIndex.neighbours`); None when more than
+    #: :data:`DIRTY_LIMIT` (match everything again).
+    dirty: set[int] | None = field(default_factory=set)
+    #: Remote ids of the items removed (their mappings may be stale).
+    gone: set[str] = field(default_factory=set)
+    #: Entries and series seen by the scan (not kept once it completed).
+    seen: set[int] = field(default_factory=set, repr=False)
+    seen_series: set[str] = field(default_factory=set, repr=False)
+    #: Pages per transaction now (see :data:`TX_PAGES`), and how long the last one took.
+    tx_pages: int = field(default=1, repr=False)
+    tx_s: float = field(default=0.0, repr=False)
+
+    def touch(self, entries: Iterable[int]) -> None:
+        """Note entries as dirty (forgetting the list once it grows past the limit)."""
+        if self.dirty is not None:
+            self.dirty.update(entries)
+            if len(self.dirty) > DIRTY_LIMIT:
+                self.dirty = None
 
 
 def normalise_path(path: str) -> str:
@@ -339,6 +378,12 @@ class LibraryIndex:
                 await db.close()
 
     @property
+    def rows_written(self) -> int:
+        """Rows the index inserted, changed or deleted since it was opened (scans, refreshes
+        and the matcher's scratch tables)."""
+        return 0 if self._bulk is None else self._bulk.total_changes
+
+    @property
     def servers(self) -> list[str]:
         """The configured servers, in config order."""
         return list(self._order)
@@ -461,6 +506,7 @@ class LibraryIndex:
                 batch = []
         if batch:
             series.update(await self._store_series(sid, gen, batch, moved))
+        result.seen_series.update(series)
         rekey = frozenset(moved)
         result.series = len(series)
         page: list[IndexEntry] = []
@@ -475,11 +521,13 @@ class LibraryIndex:
                 page_size=page_size,
             ):
                 page.append(IndexEntry.from_dto(item))
-                if len(page) >= page_size:
+                if len(page) % 250 == 0:
+                    await asyncio.sleep(0)  # a listing page is 1,000 items: let the loop run
+                if len(page) >= page_size * result.tx_pages:
                     if storing is not None:
                         await storing
                     storing = asyncio.create_task(
-                        self._store_page(sid, gen, page, series, rekey),
+                        self._store_page(sid, gen, page, series, rekey, result),
                         name=f"jfsync-index-store[{server}]",
                     )
                     result.items += len(page)
@@ -490,7 +538,7 @@ class LibraryIndex:
             if storing is not None:
                 await storing
             if page:
-                await self._store_items(sid, gen, page, series, rekey)
+                await self._store_page(sid, gen, page, series, rekey, result)
                 result.items += len(page)
                 if on_page is not None:
                     await on_page(server, result.items)
@@ -499,7 +547,9 @@ class LibraryIndex:
                 storing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await storing
-        result.removed = await self._finish(sid, gen, wall_ms)
+        await self._finish(sid, gen, wall_ms, result)
+        result.seen = set()
+        result.seen_series = set()
         return result
 
     async def refresh_items(
@@ -594,8 +644,9 @@ class LibraryIndex:
         }
 
     async def counts(self) -> dict[str, int]:
-        """Leaf items in the index per configured server."""
-        rows = await self._db().execute_fetchall(
+        """Leaf items in the index per configured server (read on the lookup connection, in
+        its own thread: it can run while the bulk connection does something else)."""
+        rows = await self._lookup_db().execute_fetchall(
             "SELECT server, COUNT(*) FROM index_items GROUP BY server"
         )
         found = {int(r[0]): int(r[1]) for r in rows}
@@ -606,7 +657,7 @@ class LibraryIndex:
     async def edges(self, rule: Rule, a: str, b: str) -> list[tuple[int, int]]:
         """Candidate pairs (entry on ``a``, entry on ``b``) under one matching rule."""
         rows = await self._db().execute_fetchall(_EDGE_SQL[rule], (self.sid(b), self.sid(a)))
-        return [(int(r[0]), int(r[1])) for r in rows]
+        return _int_pairs(rows)
 
     async def mapped_pairs(self, a: str, b: str) -> list[tuple[int, int]]:
         """Pairs of entries that the ledger maps to the same canonical item."""
@@ -618,19 +669,121 @@ class LibraryIndex:
             "WHERE sa.server = ?",
             (self.sid(b), self.sid(a)),
         )
-        return [(int(r[0]), int(r[1])) for r in rows]
+        return _int_pairs(rows)
 
-    async def entry_servers(self) -> dict[int, int]:
-        """Entry -> server id for every entry of a configured server."""
+    async def entry_servers(self, scope: Iterable[int] | None = None) -> dict[int, int]:
+        """Entry -> server id for every entry of a configured server (or those in ``scope``)."""
         sids = [self._sids[n] for n in self._order]
-        rows = await self._db().execute_fetchall(
-            f"SELECT id, server FROM index_items WHERE server IN ({_marks(len(sids))})",  # noqa: S608
-            sids,
-        )
-        return {int(r[0]): int(r[1]) for r in rows}
+        if scope is None:
+            rows = await self._db().execute_fetchall(
+                f"SELECT id, server FROM index_items WHERE server IN ({_marks(len(sids))})",  # noqa: S608
+                sids,
+            )
+            return dict(_int_pairs(rows))
+        found: dict[int, int] = {}
+        for chunk in _chunks(sorted(set(scope)), _CHUNK):
+            rows = await self._db().execute_fetchall(
+                f"SELECT id, server FROM index_items WHERE server IN ({_marks(len(sids))}) "  # noqa: S608
+                f"AND id IN ({_marks(len(chunk))})",
+                (*sids, *chunk),
+            )
+            found.update((int(r[0]), int(r[1])) for r in rows)
+        return found
+
+    async def entries_of(self, server: str, remote_ids: Iterable[str]) -> dict[str, int]:
+        """Remote id -> index entry, for the server's ids among ``remote_ids`` the index holds."""
+        sid = self.sid(server)
+        found: dict[str, int] = {}
+        for chunk in _chunks(sorted(set(remote_ids)), _CHUNK):
+            rows = await self._db().execute_fetchall(
+                f"SELECT remote_id, id FROM index_items WHERE server=? AND remote_id IN ({_marks(len(chunk))})",  # noqa: S608, E501
+                (sid, *chunk),
+            )
+            found.update((str(r[0]), int(r[1])) for r in rows)
+        return found
+
+    async def neighbours(self, entries: Iterable[int]) -> set[int]:
+        """The entries of other configured servers linked to one of ``entries``: a candidate
+        pair under some matching rule (same id and type, same match path, a shared
+        provider-id key) or mapped to the same canonical item. Matching results of an entry
+        depend only on what these links connect it to."""
+        sids = [self._sids[n] for n in self._order]
+        marks = _marks(len(sids))
+        found: set[int] = set()
+        for chunk in _chunks(sorted(set(entries)), _CHUNK):
+            ids = _marks(len(chunk))
+            rows = await self._db().execute_fetchall(
+                "SELECT b.id FROM index_items a JOIN index_items b "  # noqa: S608
+                f"ON b.server IN ({marks}) AND b.remote_id = a.remote_id "
+                "AND b.item_type = a.item_type AND b.server <> a.server "
+                f"WHERE a.id IN ({ids}) "
+                "UNION SELECT b.id FROM index_items a JOIN index_items b "
+                "ON b.match_path = a.match_path AND b.server <> a.server "
+                f"WHERE a.id IN ({ids}) AND a.match_path IS NOT NULL "
+                f"AND b.server IN ({marks}) "
+                "UNION SELECT kb.entry FROM index_keys ka JOIN index_keys kb "
+                f"ON kb.server IN ({marks}) AND kb.key = ka.key AND kb.server <> ka.server "
+                f"WHERE ka.entry IN ({ids}) "
+                "UNION SELECT b.id FROM index_items a JOIN server_items sa "
+                "ON sa.server = a.server AND sa.remote_id = a.remote_id "
+                f"JOIN server_items sb ON sb.server IN ({marks}) AND sb.item = sa.item "
+                "AND sb.server <> sa.server "
+                "JOIN index_items b ON b.server = sb.server AND b.remote_id = sb.remote_id "
+                f"WHERE a.id IN ({ids})",
+                (*sids, *chunk, *chunk, *sids, *sids, *chunk, *sids, *chunk),
+            )
+            found.update(int(r[0]) for r in rows)
+        return found
+
+    async def closure(self, entries: Iterable[int], limit: int) -> set[int] | None:
+        """``entries`` with every entry linked to them, directly or not (see
+        :meth:`neighbours`); None when that grows past ``limit`` entries."""
+        found = set(entries)
+        frontier = set(found)
+        while frontier:
+            if len(found) > limit:
+                return None
+            frontier = await self.neighbours(frontier) - found
+            found |= frontier
+        return found if len(found) <= limit else None
+
+    async def scoped_edges(
+        self, rule: Rule, a: str, b: str, scope: Iterable[int]
+    ) -> list[tuple[int, int]]:
+        """:meth:`edges` of the entries of ``a`` in ``scope`` (a set closed under links)."""
+        column = "a.entry" if rule == "provider" else "a.id"
+        found: list[tuple[int, int]] = []
+        for chunk in _chunks(sorted(set(scope)), _CHUNK):
+            rows = await self._db().execute_fetchall(
+                f"{_EDGE_SQL[rule]} AND {column} IN ({_marks(len(chunk))})",
+                (self.sid(b), self.sid(a), *chunk),
+            )
+            found.extend((int(r[0]), int(r[1])) for r in rows)
+        return found
+
+    async def scoped_mapped_pairs(
+        self, a: str, b: str, scope: Iterable[int]
+    ) -> list[tuple[int, int]]:
+        """:meth:`mapped_pairs` of the entries of ``a`` in ``scope``."""
+        found: list[tuple[int, int]] = []
+        for chunk in _chunks(sorted(set(scope)), _CHUNK):
+            rows = await self._db().execute_fetchall(
+                "SELECT ea.id, eb.id FROM index_items ea "  # noqa: S608
+                "JOIN server_items sa ON sa.server = ea.server AND sa.remote_id = ea.remote_id "
+                "JOIN server_items sb ON sb.server = ? AND sb.item = sa.item "
+                "JOIN index_items eb ON eb.server = sb.server AND eb.remote_id = sb.remote_id "
+                # ``+``: look the entries up by id, not through every entry of the server.
+                f"WHERE +ea.server = ? AND ea.id IN ({_marks(len(chunk))})",
+                (self.sid(b), self.sid(a), *chunk),
+            )
+            found.extend((int(r[0]), int(r[1])) for r in rows)
+        return found
 
     async def group_rows(
-        self, groups: Mapping[int, int | None], fetch: int = 2000
+        self,
+        groups: Mapping[int, int | None],
+        fetch: int = 2000,
+        scope: Iterable[int] | None = None,
     ) -> AsyncIterator[list[GroupRow]]:
         """Stream the entries of every group whose id map may need a change.
 
@@ -638,26 +791,36 @@ class LibraryIndex:
         groups of their own (negative ids). A group is left out when nothing can change for
         it: all its members are mapped to one canonical item that no other group holds (or
         it is refused and none is mapped). Rows come ordered by group, so a group's members
-        arrive together (possibly across two lists).
+        arrive together (possibly across two lists). With ``scope`` (a set of entries closed
+        under links, see :meth:`neighbours`), only the groups of those entries are looked at.
         """
         async with self._gate.lock:
-            async for rows in self._group_rows(groups, fetch):
+            async for rows in self._group_rows(groups, fetch, scope):
                 yield rows
 
     async def _group_rows(
-        self, groups: Mapping[int, int | None], fetch: int
+        self, groups: Mapping[int, int | None], fetch: int, scope: Iterable[int] | None
     ) -> AsyncIterator[list[GroupRow]]:
         db = self._db()
-        for table in ("match_groups", "group_members", "dirty_groups"):
+        tables = ("match_groups", "group_members", "dirty_groups", "match_scope")
+        for table in tables:
             await db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names
         pending = iter(groups.items())
         while chunk := list(itertools.islice(pending, 5000)):
             await db.executemany("INSERT INTO match_groups(entry, grp) VALUES (?, ?)", chunk)
+            await asyncio.sleep(0)
         sids = [self._sids[n] for n in self._order]
+        source = "index_items e"
+        if scope is not None:
+            await db.executemany(
+                "INSERT OR IGNORE INTO match_scope(entry) VALUES (?)", [(e,) for e in scope]
+            )
+            # From the scope's entries, never through every entry of the servers.
+            source = "match_scope s CROSS JOIN index_items e ON e.id = s.entry"
         await db.execute(
             "INSERT INTO group_members(grp, refused, entry, item) "  # noqa: S608
             "SELECT COALESCE(g.grp, -e.id), (g.entry IS NOT NULL AND g.grp IS NULL), e.id, "
-            "si.item FROM index_items e LEFT JOIN match_groups g ON g.entry = e.id "
+            f"si.item FROM {source} LEFT JOIN match_groups g ON g.entry = e.id "
             "LEFT JOIN server_items si ON si.server = e.server AND si.remote_id = e.remote_id "
             f"WHERE e.server IN ({_marks(len(sids))})",
             sids,
@@ -697,18 +860,30 @@ class LibraryIndex:
                     )
                     for r in rows
                 ]
-        for table in ("match_groups", "group_members", "dirty_groups"):
+        for table in tables:
             await db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names
 
-    async def stale_mappings(self, server: str) -> list[tuple[str, str]]:
-        """(remote id, canonical key) of the server's mappings whose item left the index."""
-        rows = await self._db().execute_fetchall(
+    async def stale_mappings(
+        self, server: str, among: Iterable[str] | None = None
+    ) -> list[tuple[str, str]]:
+        """(remote id, canonical key) of the server's mappings whose item left the index
+        (only those of the remote ids ``among``, when given)."""
+        sql = (
             "SELECT si.remote_id, i.key FROM server_items si JOIN items i ON i.id = si.item "
             "WHERE si.server = ? AND NOT EXISTS (SELECT 1 FROM index_items e "
-            "WHERE e.server = si.server AND e.remote_id = si.remote_id)",
-            (self.sid(server),),
+            "WHERE e.server = si.server AND e.remote_id = si.remote_id)"
         )
-        return [(str(r[0]), str(r[1])) for r in rows]
+        sid = self.sid(server)
+        if among is None:
+            rows = await self._db().execute_fetchall(sql, (sid,))
+            return [(str(r[0]), str(r[1])) for r in rows]
+        found: list[tuple[str, str]] = []
+        for chunk in _chunks(sorted(set(among)), _CHUNK):
+            rows = await self._db().execute_fetchall(
+                f"{sql} AND si.remote_id IN ({_marks(len(chunk))})", (sid, *chunk)
+            )
+            found.extend((str(r[0]), str(r[1])) for r in rows)
+        return found
 
     async def mapped_keys(self) -> dict[str, set[str]]:
         """The canonical keys each configured server's id map holds now."""
@@ -716,11 +891,41 @@ class LibraryIndex:
             "SELECT si.server, i.key FROM server_items si JOIN items i ON i.id = si.item"
         )
         found: dict[str, set[str]] = {n: set() for n in self._order}
+        # Hundreds of thousands of rows: sorted into sets in a worker thread.
+        await asyncio.to_thread(self._add_held, found, rows)
+        return found
+
+    async def held_keys(
+        self, keys: Iterable[str], prefixes: Iterable[str] = ()
+    ) -> dict[str, set[str]]:
+        """Like :meth:`mapped_keys`, limited to ``keys`` and the keys starting with one of
+        ``prefixes`` (what choosing the keys of a few groups needs to know)."""
+        found: dict[str, set[str]] = {n: set() for n in self._order}
+        sids = [self._sids[n] for n in self._order]
+        # CROSS JOIN: from the few keys to their mappings, never through every mapping.
+        sql = (
+            "SELECT si.server, i.key FROM items i CROSS JOIN server_items si "  # noqa: S608
+            f"ON si.server IN ({_marks(len(sids))}) AND si.item = i.id "
+        )
+        for chunk in _chunks(sorted(set(keys)), _CHUNK):
+            rows = await self._db().execute_fetchall(
+                f"{sql} WHERE i.key IN ({_marks(len(chunk))})",
+                (*sids, *chunk),
+            )
+            self._add_held(found, rows)
+        for prefix in sorted(set(prefixes)):
+            rows = await self._db().execute_fetchall(
+                f"{sql} WHERE i.key >= ? AND i.key < ?",
+                (*sids, prefix, prefix + "\U0010ffff"),
+            )
+            self._add_held(found, rows)
+        return found
+
+    def _add_held(self, found: dict[str, set[str]], rows: Iterable[Any]) -> None:
         for sid, key in rows:
             name = self._names.get(int(sid))
             if name in found:
                 found[name].add(str(key))
-        return found
 
     async def describe(self, entries: Iterable[int]) -> dict[int, IndexedItem]:
         """Readable rows for some entries (samples for status and logs)."""
@@ -861,19 +1066,26 @@ class LibraryIndex:
         """Store series with their provider ids; add to ``changed`` those whose ids moved."""
         found = {i.id: dict(i.provider_ids) for i in items}
         async with self._tx() as db:
+            stored: dict[str, tuple[Any, Any]] = {}
+            for chunk in _chunks(list(found), _CHUNK):
+                rows = await db.execute_fetchall(
+                    "SELECT remote_id, name, provider_ids FROM index_series "  # noqa: S608
+                    f"WHERE server=? AND remote_id IN ({_marks(len(chunk))})",
+                    (sid, *chunk),
+                )
+                stored.update((str(r[0]), (r[1], r[2])) for r in rows)
             if changed is not None:
-                for chunk in _chunks(list(found), _CHUNK):
-                    rows = await db.execute_fetchall(
-                        "SELECT remote_id, provider_ids FROM index_series "  # noqa: S608
-                        f"WHERE server=? AND remote_id IN ({_marks(len(chunk))})",
-                        (sid, *chunk),
-                    )
-                    changed.update(str(r[0]) for r in rows if _unjson(r[1]) != found.get(str(r[0])))
+                changed.update(k for k, (_, ids) in stored.items() if _unjson(ids) != found.get(k))
+            # A series seen again unchanged is not written (its scan stays where it was).
             await db.executemany(
                 "INSERT INTO index_series(server, remote_id, name, provider_ids, scan) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT(server, remote_id) DO UPDATE SET "
                 "name=excluded.name, provider_ids=excluded.provider_ids, scan=excluded.scan",
-                [(sid, i.id, i.name, _json(found[i.id]), gen) for i in items],
+                [
+                    (sid, i.id, i.name, _json(found[i.id]), gen)
+                    for i in items
+                    if stored.get(i.id) != (i.name, _json(found[i.id]))
+                ],
             )
         return found
 
@@ -920,32 +1132,22 @@ class LibraryIndex:
         entries: Sequence[IndexEntry],
         series: Mapping[str, Mapping[str, str]],
         rekey: frozenset[str] = frozenset(),
+        track: ScanResult | None = None,
     ) -> int:
         """Store one page of items with their provider keys, in one transaction.
 
         New items are inserted; items whose stored fields differ (or whose series is in
-        ``rekey``: its provider ids changed) are updated and re-keyed; unchanged ones only
-        get the scan generation, so a rescan of a stable library writes little. Returns how
-        many items were new or changed.
+        ``rekey``: its provider ids changed) are updated and re-keyed; unchanged ones are not
+        written at all, so a rescan of a stable library writes next to nothing. ``track``
+        (a scan under way) notes the entries seen, and the dirty ones: new, changed, and what
+        the changed ones were linked to before. Returns how many items were new or changed.
         """
         if not entries:
             return 0
-        rules = self._rules[sid]
-        rows = {
-            e.remote_id: (
-                e.item_type,
-                e.name,
-                e.year,
-                e.path,
-                _match_path(rules, e.path),
-                _json(e.provider_ids),
-                e.series_id,
-                e.season,
-                e.episode,
-            )
-            for e in entries
-        }
+        # Rows and match keys are worked out in a worker thread (a page is 1,000 items).
+        rows, keys = await asyncio.to_thread(_prepare_rows, self._rules[sid], entries, series)
         async with self._tx() as db:
+            began = time.perf_counter()
             stored: dict[str, tuple[int, tuple[Any, ...]]] = {}
             for chunk in _chunks(list(rows), _CHUNK):
                 found = await db.execute_fetchall(
@@ -957,17 +1159,17 @@ class LibraryIndex:
                 stored.update((str(r[1]), (int(r[0]), tuple(r[2:]))) for r in found)
             fresh: list[IndexEntry] = []
             changed: list[tuple[IndexEntry, int]] = []
-            same: list[tuple[int]] = []
             for e in entries:
                 old = stored.get(e.remote_id)
                 if old is None:
                     fresh.append(e)
                 elif old[1] != rows[e.remote_id] or e.series_id in rekey:
                     changed.append((e, old[0]))
-                else:
-                    same.append((old[0],))
-            if same:
-                await db.executemany(f"UPDATE index_items SET scan={int(gen)} WHERE id=?", same)  # noqa: S608
+            if track is not None:
+                track.seen.update(h for h, _ in stored.values())
+                if changed and track.dirty is not None:
+                    handles_before = [h for _, h in changed]
+                    track.touch([*handles_before, *await self.neighbours(handles_before)])
             if changed:
                 await db.executemany(
                     "UPDATE index_items SET item_type=?, name=?, year=?, path=?, match_path=?, "
@@ -979,28 +1181,46 @@ class LibraryIndex:
                 )
             handles = {e.remote_id: h for e, h in changed}
             if fresh:
-                await db.executemany(
-                    "INSERT INTO index_items(server, remote_id, item_type, name, year, path, "
-                    "match_path, provider_ids, series_id, season, episode, scan) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(sid, e.remote_id, *rows[e.remote_id], gen) for e in fresh],
-                )
-                for chunk in _chunks([e.remote_id for e in fresh], _CHUNK):
-                    found = await db.execute_fetchall(
-                        f"SELECT remote_id, id FROM index_items WHERE server=? AND remote_id IN ({_marks(len(chunk))})",  # noqa: S608, E501
-                        (sid, *chunk),
-                    )
-                    handles.update((str(r[0]), int(r[1])) for r in found)
+                # New entries take the next ids (the transaction holds the write lock).
+                top = await db.execute_fetchall("SELECT COALESCE(MAX(id), 0) FROM index_items")
+                first = int(next(iter(top))[0]) + 1
+                handles.update((e.remote_id, first + i) for i, e in enumerate(fresh))
             keyed = fresh + [e for e, _ in changed]
-            if keyed:
+
+            def parameters() -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+                return (
+                    [
+                        (handles[e.remote_id], sid, e.remote_id, *rows[e.remote_id], gen)
+                        for e in fresh
+                    ],
+                    [(sid, key, handles[e.remote_id]) for e in keyed for key in keys[e.remote_id]],
+                )
+
+            inserts, key_rows = await asyncio.to_thread(parameters) if keyed else ([], [])
+            if inserts:
+                await db.executemany(
+                    "INSERT INTO index_items(id, server, remote_id, item_type, name, year, path, "
+                    "match_path, provider_ids, series_id, season, episode, scan) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    inserts,
+                )
+            if key_rows:
                 await db.executemany(
                     "INSERT OR IGNORE INTO index_keys(server, key, entry) VALUES (?, ?, ?)",
-                    [
-                        (sid, key, handles[e.remote_id])
-                        for e in keyed
-                        for key in provider_keys(e, series.get(e.series_id or ""))
-                    ],
+                    key_rows,
                 )
+            if track is not None:
+                new_handles = [handles[e.remote_id] for e in fresh]
+                track.seen.update(new_handles)
+                track.touch(new_handles)
+                track.changed += len(fresh) + len(changed)
+        if track is not None:
+            # The commit included: that is when the pages are written.
+            track.tx_s = took = time.perf_counter() - began
+            if took < TX_GROW_S:
+                track.tx_pages = min(TX_PAGES, track.tx_pages + 1)
+            elif took > TX_SHRINK_S:
+                track.tx_pages = max(1, track.tx_pages - 1)
         return len(fresh) + len(changed)
 
     async def _store_page(
@@ -1010,24 +1230,55 @@ class LibraryIndex:
         entries: Sequence[IndexEntry],
         series: Mapping[str, Mapping[str, str]],
         rekey: frozenset[str],
+        track: ScanResult,
     ) -> None:
-        await self._store_items(sid, gen, entries, series, rekey)
+        await self._store_items(sid, gen, entries, series, rekey, track)
 
-    async def _finish(self, sid: int, gen: int, wall_ms: int) -> int:
+    async def _finish(self, sid: int, gen: int, wall_ms: int, result: ScanResult) -> None:
+        """Drop what the scan did not see (and note it as dirty), then mark it complete."""
         async with self._tx() as db:
-            cursor = await db.execute(
-                "DELETE FROM index_items WHERE server=? AND scan<?", (sid, gen)
+            seen = result.seen
+            handles: list[int] = []
+            # Ids only, a slice at a time: the whole server's rows are never held at once.
+            async with db.execute(
+                "SELECT id FROM index_items WHERE server=? AND scan<?", (sid, gen)
+            ) as cursor:
+                while rows := await cursor.fetchmany(20_000):
+                    handles.extend(h for (h,) in rows if h not in seen)
+            gone: list[tuple[int, str]] = []
+            for chunk in _chunks(handles, _CHUNK):
+                found = await db.execute_fetchall(
+                    f"SELECT id, remote_id FROM index_items WHERE id IN ({_marks(len(chunk))})",  # noqa: S608
+                    chunk,
+                )
+                gone.extend((int(r[0]), str(r[1])) for r in found)
+            if len(gone) > DIRTY_LIMIT:
+                result.dirty = None
+            elif gone and result.dirty is not None:
+                result.touch([*handles, *await self.neighbours(handles)])
+            for chunk in _chunks(handles, _CHUNK):
+                await db.execute(
+                    f"DELETE FROM index_items WHERE id IN ({_marks(len(chunk))})",  # noqa: S608
+                    chunk,
+                )
+            result.removed = len(gone)
+            result.gone = {r for _, r in gone}
+            rows = await db.execute_fetchall(
+                "SELECT remote_id FROM index_series WHERE server=? AND scan<?", (sid, gen)
             )
-            removed = cursor.rowcount
-            await cursor.close()
-            await db.execute("DELETE FROM index_series WHERE server=? AND scan<?", (sid, gen))
+            series_gone = [str(r[0]) for r in rows if str(r[0]) not in result.seen_series]
+            for chunk in _chunks(series_gone, _CHUNK):
+                await db.execute(
+                    "DELETE FROM index_series "  # noqa: S608
+                    f"WHERE server=? AND remote_id IN ({_marks(len(chunk))})",
+                    (sid, *chunk),
+                )
             await db.execute(
                 "INSERT INTO index_scans(server, scan, complete_ms, rewrites) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(server) DO UPDATE SET scan=excluded.scan, "
                 "complete_ms=excluded.complete_ms, rewrites=excluded.rewrites",
                 (sid, gen, wall_ms, _rewrites_text(self._servers[self._names[sid]])),
             )
-        return removed
 
     async def _check_rewrites(self, server: str) -> None:
         """Recompute stored match paths when the server's rewrites changed since the scan."""
@@ -1046,6 +1297,31 @@ class LibraryIndex:
             )
             await db.execute("UPDATE index_scans SET rewrites=? WHERE server=?", (text, sid))
         logger.info("[%s] path rewrites changed; match paths recomputed", server)
+
+
+def _prepare_rows(
+    rules: Sequence[tuple[str, str]],
+    entries: Sequence[IndexEntry],
+    series: Mapping[str, Mapping[str, str]],
+) -> tuple[dict[str, tuple[Any, ...]], dict[str, set[str]]]:
+    """Per remote id: the ``index_items`` columns after ``remote_id`` (``scan`` aside) as
+    stored, and the provider-id match keys."""
+    rows = {
+        e.remote_id: (
+            e.item_type,
+            e.name,
+            e.year,
+            e.path,
+            _match_path(rules, e.path),
+            _json(e.provider_ids),
+            e.series_id,
+            e.season,
+            e.episode,
+        )
+        for e in entries
+    }
+    keys = {e.remote_id: provider_keys(e, series.get(e.series_id or "")) for e in entries}
+    return rows, keys
 
 
 def _indexed(server: str, r: Sequence[Any]) -> IndexedItem:
@@ -1072,6 +1348,12 @@ def _unjson(text: object) -> dict[str, str]:
         return {}
     value = json.loads(str(text))
     return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
+
+
+def _int_pairs(rows: Iterable[Any]) -> list[tuple[int, int]]:
+    """Rows of two INTEGER columns as they come (tuples of ints: nothing to convert, which
+    matters for the hundreds of thousands of rows the matcher reads)."""
+    return cast(list[tuple[int, int]], rows if isinstance(rows, list) else list(rows))
 
 
 def _marks(count: int) -> str:
