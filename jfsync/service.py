@@ -283,6 +283,7 @@ class SyncService:
             on_applied=self._after_apply,
             on_result=self._reconciled,
             guard=self.reset_guard,
+            ahead=self._apply_ahead,
             **self._reconcile_options,
         )
         self.reconciler.start()

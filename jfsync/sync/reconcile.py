@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,8 +46,9 @@ from jfsync.timing import Clock
 
 logger = logging.getLogger(__name__)
 
-#: Observations applied per ledger transaction during a catch-up.
-SCAN_BATCH = 1000
+#: Observations applied per ledger transaction during a catch-up. The ledger's lock is FIFO:
+#: an event arriving meanwhile waits for at most one such transaction (about 10 ms at 250).
+SCAN_BATCH = 250
 #: Quiet time after a ``LibraryChanged`` before the index is refreshed.
 LIBRARY_DEBOUNCE_S = 2.0
 #: More changed ids than this in one refresh: rescan the whole library instead.
@@ -57,6 +58,9 @@ FULL_RESCAN_OVER = 5000
 UsersOf = Callable[[], Mapping[str, Mapping[str, str]]]
 AppliedHook = Callable[[list[Applied]], None]
 ResultHook = Callable[["ReconcileReport"], None]
+#: Applies what was received of these (user, item) keys and not applied yet (the intake's
+#: :meth:`~jfsync.sync.intake.Intake.apply_ahead`).
+AheadHook = Callable[[Sequence[tuple[str, str]]], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +125,12 @@ class Reconciler:
         on_applied: AppliedHook | None = None,
         on_result: ResultHook | None = None,
         guard: ResetGuard | None = None,
+        ahead: AheadHook | None = None,
     ) -> None:
         self.ledger = ledger
+        #: Called before each slice of a catch-up is applied: events of those items received
+        #: earlier (a bulk message still being applied in slices) must land before the scan.
+        self._ahead = ahead
         #: Tells a server that lost a user's data from the user's edits (None: no guard).
         self.guard = guard
         self.identity = identity
@@ -255,7 +263,10 @@ class Reconciler:
         observations = catchup_observations(server, user, states, known_here, read_ms, read_seq)
         changed = 0
         for start in range(0, len(observations), SCAN_BATCH):
-            applied = await ledger.apply_observations(observations[start : start + SCAN_BATCH])
+            batch = observations[start : start + SCAN_BATCH]
+            if self._ahead is not None:
+                await self._ahead([(user, o.item) for o in batch])
+            applied = await ledger.apply_observations(batch)
             changed += sum(a.outcome is Outcome.CHANGED for a in applied)
             if self._on_applied is not None:
                 self._on_applied(applied)

@@ -13,7 +13,11 @@ a few hundred items takes many transactions, as ten thousand do with the real si
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -21,12 +25,15 @@ from jfsync import emulator as emulator_module
 from jfsync.emulator import Emulator, RequestRecord
 from jfsync.model import PlayState, UserData
 from jfsync.sync import intake as intake_module
+from jfsync.sync.ledger import Applied, Observation
 from tests.replication.conftest import MakeCluster
-from tests.replication.harness import Cluster
+from tests.replication.harness import USER_KEY, Cluster
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
 BULK = 300
+FIRST = 3
 WHEN = datetime(2025, 6, 1, 20, 0, tzinfo=UTC)
 LATER = datetime(2025, 6, 1, 21, 0, tzinfo=UTC)
 PLAYED = UserData(play_state=PlayState(True, 1, int(WHEN.timestamp()), 0))
@@ -34,7 +41,7 @@ PLAYED = UserData(play_state=PlayState(True, 1, int(WHEN.timestamp()), 0))
 
 @pytest.fixture(autouse=True)
 def tiny_slices(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(intake_module, "FIRST_SLICE", 3)
+    monkeypatch.setattr(intake_module, "FIRST_SLICE", FIRST)
     monkeypatch.setattr(intake_module, "SLICE", 2)
     monkeypatch.setattr(intake_module, "MAP_STEP", 50)
 
@@ -53,6 +60,46 @@ def unapplied_at_writes(cluster: Cluster, to: Emulator, items: set[str]) -> list
     return counts
 
 
+class Pacing:
+    """Holds the slices of a's bulk action after the first until the user's later change is in.
+
+    Each slice starts by waiting for earlier writes of its items (``Intake._settled``), before
+    its entries leave the intake: held there, they stay pull-able by whatever comes later.
+    Slices wait while :attr:`paced` holds; a slice carrying ``last`` (the later change pulling
+    the older entry forward) goes through and ends the pacing, and so does an ``apply_ahead``
+    of ``last`` (a catch-up's). So the later change always lands in the middle of the apply, by order,
+    never by timing.
+    """
+
+    def __init__(self, cluster: Cluster, monkeypatch: pytest.MonkeyPatch, last: str) -> None:
+        self.paced = True
+        self.slices = 0
+        self._resume = asyncio.Event()
+        intake = cluster.service.intake
+        settled, ahead = intake._settled, intake.apply_ahead
+
+        async def paced_settled(user: str, entries: list[Any]) -> None:
+            self.slices += 1
+            if any(e.item == last for e in entries):
+                self.resume()
+            elif self.slices > 1 and self.paced and all(e.server == "a" for e in entries):
+                await self._resume.wait()
+            await settled(user, entries)
+
+        async def unpaced_ahead(keys: Iterable[tuple[str, str]]) -> None:
+            keys = list(keys)
+            if any(item == last for _, item in keys):
+                self.resume()
+            await ahead(keys)
+
+        monkeypatch.setattr(intake, "_settled", paced_settled)
+        monkeypatch.setattr(intake, "apply_ahead", unpaced_ahead)
+
+    def resume(self) -> None:
+        self.paced = False
+        self._resume.set()
+
+
 async def bulk_played(cluster: Cluster, server: str, items: list[str]) -> None:
     """Mark ``items`` played on ``server`` at once (one message) and send it now."""
     emu = cluster.emu(server)
@@ -62,19 +109,44 @@ async def bulk_played(cluster: Cluster, server: str, items: list[str]) -> None:
 
 
 async def test_first_writes_of_a_bulk_action_leave_before_it_is_all_applied(
-    make_cluster: MakeCluster,
+    make_cluster: MakeCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cluster = await make_cluster(2, leaves=BULK + 10)
     b = cluster.emu("b")
     items = cluster.free_items[:BULK]
-    counts = unapplied_at_writes(cluster, b, set(items))
+    # Order, not speed: every slice after the first waits (up to a bound) for a write to reach
+    # b. Pushed after the first slice, one does; pushed only once everything was applied, none
+    # can, each bound runs out and the first write finds the whole message applied.
+    ledger = cluster.service.ledger
+    apply = ledger.apply_observations
+    applied = 0
+    applied_at_writes: list[int] = []
+
+    def note(emu: Emulator, record: RequestRecord) -> None:
+        path = record.path.rstrip("/").split("/")
+        if emu is b and record.method == "POST" and len(path) > 2 and path[-2] in items:
+            applied_at_writes.append(applied)
+
+    async def apply_when_b_was_written(observations: Sequence[Observation]) -> list[Applied]:
+        nonlocal applied
+        bulk = [o for o in observations if o.source == "event" and o.item in keys]
+        if bulk and applied:
+            with contextlib.suppress(TimeoutError):
+                await wait_until(lambda: bool(applied_at_writes), timeout_s=0.5)
+        result = await apply(observations)
+        applied += len(bulk)
+        return result
+
+    keys = {await cluster.key("a", item) for item in items}
+    monkeypatch.setattr(ledger, "apply_observations", apply_when_b_was_written)
+    emulator_module.request_observers.append(note)
     try:
         await bulk_played(cluster, "a", items)
         await cluster.wait_items([b], items, PLAYED)
     finally:
         emulator_module.request_observers.pop()
     # The first write reached b while most of the message was still to be applied.
-    assert counts[0] > BULK // 2
+    assert 0 < applied_at_writes[0] < BULK // 2
     await cluster.settle()
     assert cluster.service.intake.unapplied == 0
     assert all(cluster.all_hold(item, PLAYED) for item in items)
@@ -105,7 +177,7 @@ async def test_a_change_elsewhere_is_not_held_up_by_a_bulk_action(
 
 
 async def test_the_users_last_action_wins_in_the_middle_of_a_sliced_apply(
-    make_cluster: MakeCluster,
+    make_cluster: MakeCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cluster = await make_cluster(2, leaves=BULK + 10, gated=("a", "b"))
     b = cluster.emu("b")
@@ -123,10 +195,11 @@ async def test_the_users_last_action_wins_in_the_middle_of_a_sliced_apply(
     await bulk_played(cluster, "a", items)
     resumed = cluster.change(b, last, played=False, position_ticks=5_000_000)
     await b.flush_now()
+    pacing = Pacing(cluster, monkeypatch, await cluster.key("a", last))
     gate_a.release()
-    await cluster.wait(lambda: cluster.service.intake.unapplied > 0)
+    await wait_until(lambda: cluster.service.intake.unapplied >= BULK - FIRST)
     # a's bulk action is being applied, its last item still to come, when b's change arrives.
-    assert cluster.service.intake.unapplied > BULK // 2
+    assert pacing.paced
     gate_b.release()
     await cluster.wait_all_hold(last, resumed)
     await cluster.wait_items([b], items[:-1], PLAYED)
@@ -135,8 +208,9 @@ async def test_the_users_last_action_wins_in_the_middle_of_a_sliced_apply(
     assert all(cluster.all_hold(item, PLAYED) for item in items[:-1])
 
 
+@pytest.mark.parametrize("how", ["reconnect", "periodic"])
 async def test_a_catch_up_during_a_sliced_apply_lets_the_later_change_win(
-    make_cluster: MakeCluster,
+    make_cluster: MakeCluster, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
     cluster = await make_cluster(2, leaves=BULK + 10, gated=("a",))
     b = cluster.emu("b")
@@ -150,11 +224,16 @@ async def test_a_catch_up_during_a_sliced_apply_lets_the_later_change_win(
     # Then, on b, the user plays a bit of the last item: progress is saved without a push
     # (Jellyfin's PlaybackProgress), so only a catch-up of b can find it.
     resumed = cluster.change(b, last, reason="PlaybackProgress", position_ticks=5_000_000)
+    pacing = Pacing(cluster, monkeypatch, await cluster.key("a", last))
     gate_a.release()
-    await cluster.wait(lambda: cluster.service.intake.unapplied > 0)
-    assert cluster.service.intake.unapplied > BULK // 2
-    # b's socket drops while a's bulk action is being applied: jfsync catches b up.
-    await b.drop_sockets()
+    await wait_until(lambda: cluster.service.intake.unapplied >= BULK - FIRST)
+    assert pacing.paced
+    if how == "reconnect":
+        # b's socket drops while a's bulk action is being applied: jfsync catches b up.
+        await b.drop_sockets()
+    else:
+        # The periodic reconcile catches b up while a's bulk action is being applied.
+        await cluster.service.reconciler.catch_up("b", cluster.uid(b), USER_KEY)
     await cluster.wait_all_hold(last, resumed)
     await cluster.wait_items([b], items[:-1], PLAYED)
     await cluster.settle()
