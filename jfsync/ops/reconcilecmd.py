@@ -255,6 +255,10 @@ async def _drain_all(pushers: Sequence[Pusher]) -> list[str | None]:
         await cancel_and_wait([t for t in tasks if not t.done()], logger)
 
 
+#: Writes turned into the outcome between two turns of the event loop.
+_REPORT_STEP = 1000
+
+
 async def _report(
     ledger: Ledger,
     identity: IndexedIdentity,
@@ -274,7 +278,9 @@ async def _report(
         found = labels.get(peer, {}).get(row.remote_item_id or row.item)
         return found.label() if found is not None else row.item
 
-    for peer, write in collector.made:
+    for n, (peer, write) in enumerate(collector.made, start=1):
+        if n % _REPORT_STEP == 0:
+            await asyncio.sleep(0)  # a report of 100,000 writes must not stall the loop
         row = write.row
         outcome.writes.append(
             PlannedWrite(
