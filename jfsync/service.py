@@ -283,7 +283,7 @@ class SyncService:
             on_applied=self._after_apply,
             on_result=self._reconciled,
             guard=self.reset_guard,
-            ahead=self._apply_ahead,
+            ahead=self._apply_ahead_of_user,
             **self._reconcile_options,
         )
         self.reconciler.start()
@@ -366,6 +366,10 @@ class SyncService:
     async def _apply_ahead(self, keys: Sequence[tuple[str, str]]) -> None:
         """Apply events received of these keys but not applied yet (the intake of the day)."""
         await self.intake.apply_ahead(keys)
+
+    async def _apply_ahead_of_user(self, user: str) -> None:
+        """Apply the user's events received but not applied yet (the intake of the day)."""
+        await self.intake.apply_ahead_of_user(user)
 
     async def __aenter__(self) -> SyncService:
         await self.start()
@@ -654,8 +658,6 @@ class SyncService:
         # Echoes due on the old socket will never arrive; left pending they would swallow a
         # user who sets the state back (taken for a stale event) for up to a minute.
         await self.ledger.forget_echoes(link.name, user)
-        # Events received before the scan is asked for are applied before it.
-        await self.intake.apply_ahead_of_user(user)
         result = await self.reconciler.catch_up(link.name, remote_user_id, user)
         self.counters.scans += 1
         self.counters.scan_changes += result.changed

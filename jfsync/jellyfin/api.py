@@ -301,7 +301,23 @@ class JellyfinClient:
         raw_body: bytes | None = None,
     ) -> UserItemDataDto:
         """Call a ``{itemId}`` route for ``userId`` that answers a ``UserItemDataDto``."""
-        raw = await self._call(
+        raw = await self._user_item_raw(
+            method, route, user_id, item_id, body=body, raw_body=raw_body
+        )
+        return self._parse_json(UserItemDataDto, raw, route)
+
+    async def _user_item_raw(
+        self,
+        method: str,
+        route: str,
+        user_id: str,
+        item_id: str,
+        *,
+        body: Mapping[str, Any] | None = None,
+        raw_body: bytes | None = None,
+    ) -> bytes:
+        """:meth:`_user_item`'s call, answering the raw body."""
+        raw: bytes = await self._call(
             method,
             route,
             path={"itemId": normalize_id(item_id)},
@@ -310,7 +326,7 @@ class JellyfinClient:
             raw_body=raw_body,
             decode=False,
         )
-        return self._parse_json(UserItemDataDto, raw, route)
+        return raw
 
     async def apply_user_data(
         self,
@@ -349,16 +365,9 @@ class JellyfinClient:
         body is a JSON object (a proxy's page answering 200 is an error), but its fields are
         not read.
         """
-        user = normalize_id(user_id)
-        item = normalize_id(item_id)
         for request in plan_write(current, desired, registers).requests:
-            raw = await self._call(
-                request.method,
-                request.route,
-                path={"itemId": item},
-                query=[("userId", user)],
-                raw_body=request.body,
-                decode=False,
+            raw = await self._user_item_raw(
+                request.method, request.route, user_id, item_id, raw_body=request.body
             )
             if raw.lstrip()[:1] != b"{":
                 problem = "the body is empty" if not raw.strip() else "the body is not JSON"

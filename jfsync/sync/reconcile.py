@@ -58,9 +58,9 @@ FULL_RESCAN_OVER = 5000
 UsersOf = Callable[[], Mapping[str, Mapping[str, str]]]
 AppliedHook = Callable[[list[Applied]], None]
 ResultHook = Callable[["ReconcileReport"], None]
-#: Applies what was received of these (user, item) keys and not applied yet (the intake's
-#: :meth:`~jfsync.sync.intake.Intake.apply_ahead`).
-AheadHook = Callable[[Sequence[tuple[str, str]]], Awaitable[None]]
+#: Applies what was received of a user and not applied yet (the intake's
+#: :meth:`~jfsync.sync.intake.Intake.apply_ahead_of_user`).
+AheadHook = Callable[[str], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +128,8 @@ class Reconciler:
         ahead: AheadHook | None = None,
     ) -> None:
         self.ledger = ledger
-        #: Called before each slice of a catch-up is applied: events of those items received
-        #: earlier (a bulk message still being applied in slices) must land before the scan.
+        #: Called before a catch-up asks for its scan: events of that user received earlier
+        #: (a bulk message still being applied in slices) must land before the scan.
         self._ahead = ahead
         #: Tells a server that lost a user's data from the user's edits (None: no guard).
         self.guard = guard
@@ -200,6 +200,8 @@ class Reconciler:
                 user,
             )
             return CatchUpResult(server, user, 0, 0, 0, 0, 0, 0, hold.items, held=True)
+        if self._ahead is not None:
+            await self._ahead(user)
         # Observations carry the time the scan was REQUESTED: the echo rule only matches a
         # page against writes recorded after it was asked for (a page asked for earlier may
         # predate a write that was recorded while the scan ran).
@@ -263,10 +265,7 @@ class Reconciler:
         observations = catchup_observations(server, user, states, known_here, read_ms, read_seq)
         changed = 0
         for start in range(0, len(observations), SCAN_BATCH):
-            batch = observations[start : start + SCAN_BATCH]
-            if self._ahead is not None:
-                await self._ahead([(user, o.item) for o in batch])
-            applied = await ledger.apply_observations(batch)
+            applied = await ledger.apply_observations(observations[start : start + SCAN_BATCH])
             changed += sum(a.outcome is Outcome.CHANGED for a in applied)
             if self._on_applied is not None:
                 self._on_applied(applied)
