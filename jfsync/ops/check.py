@@ -1,13 +1,16 @@
 """``jfsync check`` online part: reach every server and say whether ``jfsync run`` would work.
 
 For each server: reachable, Jellyfin version (10.8 refused), server id and name, whether the API
-key is valid and an administrator's, its users, and whether Quick Connect is enabled. Then the
+key is valid and an administrator's, its users, whether Quick Connect is enabled, its direction
+(``mode``) and, with a library filter, which of its libraries sync. Then the
 users are matched across servers and, for every matched user on every server, the check says
 where their token would come from (configured token, configured password, Quick Connect). It
 prints a short report and returns non-zero when something would stop ``jfsync run``:
 unreachable server, rejected or non-admin key, 10.8, no way to get a user's token, nobody to
-sync. Nothing secret is ever printed: messages come from :mod:`jfsync.errors`, which never
-carries keys or tokens, and configured tokens are only tried, never shown.
+sync, a library filter that leaves nothing of a server in. A filter naming a library the server
+does not have is printed as a warning (``jfsync run`` logs the same and goes on). Nothing
+secret is ever printed: messages come from :mod:`jfsync.errors`, which never carries keys or
+tokens, and configured tokens are only tried, never shown.
 """
 
 from __future__ import annotations
@@ -29,12 +32,19 @@ from jfsync.errors import (
 )
 from jfsync.jellyfin.api import MIN_SUPPORTED_VERSION, JellyfinClient, parse_version
 from jfsync.jellyfin.wire import UserDto
+from jfsync.sync.filters import scope_of
 from jfsync.sync.users import UserMatch, match_users
 
 #: Device id of the check's REST calls; no websocket uses it.
 CHECK_DEVICE_ID = "jfsync-check"
 #: Exit status when something would stop ``jfsync run``.
 EXIT_PROBLEMS = 1
+#: What each ``servers[].mode`` means, as the report says it.
+MODE_TEXT = {
+    "both": "both (sends its users' changes and receives the others')",
+    "send": "send (its changes go to the others; jfsync never writes to it)",
+    "receive": "receive (gets the others' changes; its own stay on it)",
+}
 
 
 @dataclass
@@ -148,6 +158,37 @@ async def _check_server(report: ServerReport, session: aiohttp.ClientSession) ->
     qc = "enabled" if report.quick_connect else "disabled"
     report.lines.append(f"  Quick Connect: {qc}")
     report.lines.append("  users: " + (", ".join(_describe_user(u) for u in report.users) or "-"))
+    report.lines.append(f"  mode: {MODE_TEXT[server.mode]}")
+    await _check_libraries(report, client)
+
+
+async def _check_libraries(report: ServerReport, client: JellyfinClient) -> None:
+    """Say which libraries of the server sync; a filter that leaves nothing in is a problem."""
+    server = report.config
+    rule = server.libraries
+    if rule is None:
+        report.lines.append("  libraries: all (no filter)")
+        return
+    try:
+        libraries = await client.libraries()
+    except ServerError as err:
+        report.problems.append(f"{server.name}: cannot list its libraries: {_text(err)}")
+        return
+    scope = scope_of(server.name, rule, libraries)
+    synced = ", ".join(lib.name for lib in scope.included) or "none"
+    left_out = ", ".join(lib.name for lib in scope.excluded) or "none"
+    report.lines.append(f"  libraries: syncing {synced}; left out: {left_out}")
+    if scope.unknown:
+        has = ", ".join(lib.name for lib in (*scope.included, *scope.excluded)) or "none"
+        report.lines.append(
+            f"  warning: {report.key}.libraries names {', '.join(scope.unknown)}, which this "
+            f"server does not have (it has {has}); check the spelling"
+        )
+    if not scope.included:
+        report.problems.append(
+            f"{server.name}: {report.key}.libraries leaves none of its libraries in, so nothing "
+            "of it would sync; fix the names (the server's libraries are listed above)"
+        )
 
 
 async def _report_users(

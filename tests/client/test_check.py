@@ -157,3 +157,50 @@ async def test_configured_token_of_the_wrong_user_fails(
     assert wrong not in out
     assert status == 1
     assert "cabin: servers[1].users.alice.token belongs to bob" in out
+
+
+def _filtered_yaml(tmp_path: Path, home: str, cabin: str, include: str) -> Path:
+    path = tmp_path / "jfsync.yaml"
+    path.write_text(
+        "servers:\n"
+        f"  - name: home\n    url: {home}\n    api_key: {API_KEY}\n"
+        f"    libraries:\n      include: [{include}]\n"
+        f"  - name: cabin\n    url: {cabin}\n    api_key: {API_KEY}\n    mode: receive\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+async def test_report_says_each_servers_direction_and_which_libraries_sync(
+    make_emulator: MakeEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The user syncs only home's films, and the cabin only receives; they misspelt a library.
+    home = await make_emulator()
+    cabin = await make_emulator()
+    status, out = await _check(
+        _filtered_yaml(tmp_path, home.url, cabin.url, "movies, Cartons"), capsys
+    )
+    assert status == 0, out
+    home_part, cabin_part = out.split(f"Server cabin ({cabin.url})")
+    assert "  mode: both (sends its users' changes and receives the others')" in home_part
+    assert "  libraries: syncing Movies; left out: Shows" in home_part
+    assert (
+        "  warning: servers[0].libraries names Cartons, which this server does not have "
+        "(it has Movies, Shows); check the spelling"
+    ) in home_part
+    assert "  mode: receive (gets the others' changes; its own stay on it)" in cabin_part
+    assert "  libraries: all (no filter)" in cabin_part
+
+
+async def test_a_library_filter_that_leaves_nothing_in_fails_the_check(
+    make_emulator: MakeEmulator, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = await make_emulator()
+    cabin = await make_emulator()
+    status, out = await _check(_filtered_yaml(tmp_path, home.url, cabin.url, "Cartons"), capsys)
+    assert status == 1, out
+    assert "  libraries: syncing none; left out: Movies, Shows" in out
+    assert (
+        "  - home: servers[0].libraries leaves none of its libraries in, so nothing of it "
+        "would sync; fix the names (the server's libraries are listed above)"
+    ) in out
