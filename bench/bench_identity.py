@@ -70,6 +70,7 @@ from jfsync.ops.reconcilecmd import PlannedWrite, run_reconcile  # noqa: E402
 from jfsync.sync.catchup import catchup_observations  # noqa: E402
 from jfsync.sync.delivery import CONCURRENCY  # noqa: E402
 from jfsync.sync.identity import IndexedIdentity  # noqa: E402
+from jfsync.sync.index import index_path  # noqa: E402
 from jfsync.sync.ledger import Ledger  # noqa: E402
 from jfsync.sync.merge import MergePolicy  # noqa: E402
 from jfsync.sync.reconcile import Reconciler  # noqa: E402
@@ -362,9 +363,14 @@ async def _catchup(servers: Servers, tmp: Path, share: float, rounds: int) -> di
 
 
 def ledger_mib(path: Path) -> float:
-    """The ledger's size on disk in MiB (its file and its write-ahead log)."""
-    wal = path.with_name(path.name + "-wal")
-    return (path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)) / 2**20
+    """What jfsync keeps on disk, in MiB: the ledger and its library index file
+    (``<ledger>.index``), each with its write-ahead log."""
+    total = 0
+    for name in (str(path), index_path(path)):
+        for file in (Path(name), Path(name + "-wal")):
+            if file.exists():
+                total += file.stat().st_size
+    return total / 2**20
 
 
 async def reconcile_floor(servers: Servers, writes: list[PlannedWrite]) -> dict[str, float]:
