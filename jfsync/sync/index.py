@@ -517,21 +517,24 @@ class LibraryIndex:
         """Connect to a complete index file, or to a new one in its bulk build."""
         file = self._file
         if await asyncio.to_thread(os.path.exists, file):
-            db = await _connect(file, self._path)
+            found: aiosqlite.Connection | None = None
             try:
-                await self._check_ledger(db)
-                problem = await self._stale(db)
+                found = await _connect(file, self._path)
+                await self._check_ledger(found)
+                problem = await self._stale(found)
                 if problem is None:
-                    await self._journal(db, "wal")
-                    await db.execute("PRAGMA main.synchronous=NORMAL")
+                    await self._journal(found, "wal")
+                    await found.execute("PRAGMA main.synchronous=NORMAL")
                     self._state = "ready"
-                    return db
+                    return found
             except sqlite3.DatabaseError as err:
                 problem = f"cannot be read ({err})"
             except BaseException:
-                await db.close()
+                if found is not None:
+                    await found.close()
                 raise
-            await db.close()
+            if found is not None:
+                await found.close()
             logger.warning(
                 "library index %s %s; building it again from a scan of each server", file, problem
             )
