@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from jfsync.errors import UnreachableError
 from jfsync.model import UserData
 from jfsync.service import SyncService
 from jfsync.sync.identity import IndexedIdentity
@@ -283,3 +284,32 @@ async def test_a_bulk_build_matches_exactly_as_a_page_by_page_build(
     assert bulk == paged
     assert bulk[1][0]["matched"] >= 24
     assert any(bulk[3]["a"].values())
+
+
+async def test_a_first_scan_that_fails_half_way_leaves_nothing_half_done(
+    make_stack: MakeStack, tmp_path: Path
+) -> None:
+    failed: list[int] = []
+
+    async def on_page(server: str, items_so_far: int) -> None:
+        if server == "b" and not failed:
+            failed.append(items_so_far)
+            raise UnreachableError("b", "connection reset in the middle of the library")
+
+    def flaky(service: SyncService) -> IndexedIdentity:
+        return IndexedIdentity(
+            service.config, service.ledger, service.clock, page_size=5, on_page=on_page
+        )
+
+    stack = await make_stack(_servers(), rewrites=REWRITES, start=False)
+    await stack.start_service(identity=flaky)
+    # b's first scan broke after one page; its later scan read the whole library.
+    await stack.wait(lambda: stack.pair_status("a", "b")["matched"] == 24)
+    assert failed == [5]
+    await _settles_like_scratch(stack, tmp_path / "scratch.db")
+    identity = stack.svc().identity
+    assert isinstance(identity, IndexedIdentity)
+    assert (await identity.index.counts())["b"] == 24
+    x_b, x_c = next((x.id, y.id) for x, y in stack.pairs("b", "c"))
+    stack.change("b", x_b, is_favorite=True)
+    await stack.wait(lambda: stack.holds("c", x_c, UserData(favorite=True)))
