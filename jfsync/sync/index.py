@@ -166,6 +166,7 @@ _TEMP_TABLES = (
     "CREATE INDEX IF NOT EXISTS temp.group_members_by_item ON group_members(item)",
     "CREATE TEMP TABLE IF NOT EXISTS dirty_groups (grp INTEGER PRIMARY KEY)",
     "CREATE TEMP TABLE IF NOT EXISTS match_scope (entry INTEGER PRIMARY KEY)",
+    "CREATE TEMP TABLE IF NOT EXISTS group_order (grp INTEGER PRIMARY KEY, sort TEXT NOT NULL)",
 )
 
 Rule = Literal["id", "path", "provider"]
@@ -1144,7 +1145,9 @@ class LibraryIndex:
         groups of their own (negative ids). A group is left out when nothing can change for
         it: all its members are mapped to one canonical item that no other group holds (or
         it is refused and none is mapped). Rows come ordered by group, so a group's members
-        arrive together (possibly across two lists). With ``scope`` (a set of entries closed
+        arrive together (possibly across two lists); groups come in the order of the remote
+        id of their member on the earliest configured server (the key a new group takes), so
+        the id maps are written in key order. With ``scope`` (a set of entries closed
         under links, see :meth:`neighbours`), only the groups of those entries are looked at.
         """
         await self.ready()
@@ -1156,7 +1159,7 @@ class LibraryIndex:
         self, groups: Mapping[int, int | None], fetch: int, scope: Iterable[int] | None
     ) -> AsyncIterator[list[GroupRow]]:
         db = self._db()
-        tables = ("match_groups", "group_members", "dirty_groups", "match_scope")
+        tables = ("match_groups", "group_members", "dirty_groups", "match_scope", "group_order")
         for table in tables:
             await db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names
         pending = iter(groups.items())
@@ -1189,11 +1192,20 @@ class LibraryIndex:
             "(SELECT item FROM group_members WHERE item IS NOT NULL GROUP BY item "
             "HAVING COUNT(DISTINCT grp) > 1)"
         )
+        # Groups come in the order of their member on the earliest server (config order):
+        # the id maps are then written in key order, page after page, not all over them.
+        rank = " ".join(f"WHEN {sid} THEN {n}" for n, sid in enumerate(sids))
+        await db.execute(
+            "INSERT INTO group_order(grp, sort) "  # noqa: S608 - server ids are ints
+            f"SELECT m.grp, MIN(printf('%04d', CASE e.server {rank} ELSE 9999 END) || e.remote_id) "
+            "FROM dirty_groups d JOIN group_members m ON m.grp = d.grp "
+            "JOIN index_items e ON e.id = m.entry GROUP BY m.grp"
+        )
         sql = (
             "SELECT m.grp, m.refused, e.id, e.server, e.remote_id, i.key, e.item_type, e.path, "
-            "e.provider_ids FROM dirty_groups d JOIN group_members m ON m.grp = d.grp "
+            "e.provider_ids FROM group_order o JOIN group_members m ON m.grp = o.grp "
             "JOIN index_items e ON e.id = m.entry LEFT JOIN items i ON i.id = m.item "
-            "ORDER BY m.grp"
+            "ORDER BY o.sort, o.grp"
         )
         async with db.execute(sql) as cursor:
             while True:
