@@ -744,11 +744,11 @@ class LibraryIndex:
                 try:
                     await self._finalize()
                 except BaseException:
-                    self._state = "building"
-                    raise
-                finally:
+                    self._state = "building"  # the next caller tries again
                     self._notify()
+                    raise
                 self._state = "ready"
+                self._notify()
                 continue
             await self._changed.wait()
 
