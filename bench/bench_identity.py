@@ -19,7 +19,10 @@ measuring process are jfsync's alone (its peak RSS excludes the emulators).
 
 Issue 13's figures, measured in the same run: the worst event-loop stall (``looplag.py``) during
 the index build, the catch-ups, the reconcile and a refresh; the bytes this process wrote to
-disk during the index build (``/proc/self/io``) next to the ledger's size; in ``catchup``, the
+disk (``/proc/self/io``) during the index build, its scans alone (into the index file) and with
+the first match (which writes the id maps into the ledger), next to the size on disk of what
+jfsync keeps (``ledger_mib``: the ledger and its index file ``<ledger>.index``, each with its
+write-ahead log; ``index_file_mib``: the index file alone); in ``catchup``, the
 one-item refresh of goal 5 (one item of a moved: its ``LibraryChanged``, old id removed and new
 id added, re-read and matched again through ``IndexedIdentity.library_changed``), then a rescan
 of a with nothing else changed (its time, bytes written and loop stall; both report whether
@@ -70,6 +73,7 @@ from jfsync.ops.reconcilecmd import PlannedWrite, run_reconcile  # noqa: E402
 from jfsync.sync.catchup import catchup_observations  # noqa: E402
 from jfsync.sync.delivery import CONCURRENCY  # noqa: E402
 from jfsync.sync.identity import IndexedIdentity  # noqa: E402
+from jfsync.sync.index import index_path  # noqa: E402
 from jfsync.sync.ledger import Ledger  # noqa: E402
 from jfsync.sync.merge import MergePolicy  # noqa: E402
 from jfsync.sync.reconcile import Reconciler  # noqa: E402
@@ -276,9 +280,28 @@ async def _catchup(servers: Servers, tmp: Path, share: float, rounds: int) -> di
         try:
             written = write_bytes()
             started = time.perf_counter()
+            # The scans end where the first match begins: mark the bytes written once the last
+            # one (which makes the index file's indexes) returned.
+            scanned: dict[str, float] = {}
+            index = identity.index
+            scan = index.scan
+
+            async def marked(*args: Any, **kwargs: Any) -> Any:
+                found = await scan(*args, **kwargs)
+                scanned["done"] = scanned.get("done", 0) + 1
+                if scanned["done"] == len(servers.info):
+                    scanned["bytes"] = write_bytes()
+                    scanned["at"] = time.perf_counter()
+                return found
+
+            index.scan = marked  # type: ignore[method-assign]
             await identity.refresh()
+            index.scan = scan  # type: ignore[method-assign]
             result["index_both_s"] = time.perf_counter() - started
             result["index_written_mib"] = (write_bytes() - written) / 2**20
+            result["index_scan_s"] = scanned["at"] - started
+            result["index_scan_written_mib"] = (scanned["bytes"] - written) / 2**20
+            result["index_file_mib"] = file_mib(index_path(config.ledger))
             result["index_stall_ms"] = probe.worst_ms
             probe.reset()
             result["ledger_after_index_mib"] = ledger_mib(config.ledger)
@@ -361,10 +384,19 @@ async def _catchup(servers: Servers, tmp: Path, share: float, rounds: int) -> di
     return result
 
 
+def file_mib(path: str | Path) -> float:
+    """The size on disk of an SQLite file and its write-ahead log, in MiB."""
+    total = 0
+    for file in (Path(path), Path(f"{path}-wal")):
+        if file.exists():
+            total += file.stat().st_size
+    return total / 2**20
+
+
 def ledger_mib(path: Path) -> float:
-    """The ledger's size on disk in MiB (its file and its write-ahead log)."""
-    wal = path.with_name(path.name + "-wal")
-    return (path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)) / 2**20
+    """What jfsync keeps on disk, in MiB: the ledger and its library index file
+    (``<ledger>.index``), each with its write-ahead log."""
+    return file_mib(path) + file_mib(index_path(path))
 
 
 async def reconcile_floor(servers: Servers, writes: list[PlannedWrite]) -> dict[str, float]:
@@ -480,6 +512,7 @@ async def reconcile_scenario(
             result["matched"] = pair["matched"]
             result["matched_by_rule"] = pair["matched_by_rule"]
             result["ledger_mib"] = ledger_mib(config.ledger)
+            result["index_file_mib"] = file_mib(index_path(config.ledger))
             # Then what a dry run finds on the reconciled servers (nothing), and its time.
             started = time.perf_counter()
             again = await run_reconcile(config, dry_run=True)

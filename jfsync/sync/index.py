@@ -1,28 +1,41 @@
-"""The library index: every server's leaf items, kept in the ledger file, and the match queries.
+"""The library index: every server's leaf items, in a file of its own, and the match queries.
 
 :class:`LibraryIndex` stores, per configured server, each leaf item (movie, episode, video,
 audio...) with what cross-server matching needs: id, type, name, year, path (as reported and
 after the server's ``path_rewrites``), provider ids, series id with season and episode numbers,
 plus the provider ids of every series (``index_series``) and the derived provider-id match keys
-(``index_keys``). Tables come from schema v2 (:mod:`jfsync.sync.ledger.schema`).
+(``index_keys``).
+
+The index is derived data (a scan of each server rebuilds it), so it lives beside the ledger in
+a file of its own, ``<ledger>.index`` (:func:`index_path`), with the ledger attached read-only
+for the queries that join the id maps: an index transaction never takes the ledger's write
+lock. A new file is built in bulk: its tables are filled in insertion order without their
+secondary indexes and without a journal (``journal_mode=MEMORY``, ``synchronous=OFF``), so
+every page is written about once; once no first scan is running any more, the indexes are made
+in one sorted pass, the file is synced, switched to WAL and only then marked complete
+(``index_meta``). A file without that mark (a build cut short by a crash or a stop), of another
+layout, or whose servers are not the ledger's, is deleted at :meth:`LibraryIndex.open` and
+built again: an unfinished index is never used. Queries that need the indexes wait for the
+bulk build to end (:meth:`LibraryIndex.ready`); a server whose first scan comes later (added to
+the config, or down during the build) is scanned into the indexed tables.
 
 It is filled by paged ``GET /Items`` scans with the admin API key and no ``userId``
 (``Fields=Path,ProviderIds``): a series listing first, then the leaf items. Pages are stored in
 short transactions (the first page alone, then more while they stay quick, up to
-:data:`TX_PAGES`) on a connection of the index's own (SQLite WAL: the ledger's connection keeps
-applying events meanwhile), so a rescan of 100,000 items never holds a lock for long and the
-event loop runs between pages. Only rows that are new or changed are written: a rescan of a
-library that did not change writes next to nothing. A complete scan then drops the rows it did
-not see (removed items) and reports, in its :class:`ScanResult`, the entries it changed and what
-they were linked to, so that only those are matched again. :meth:`LibraryIndex.refresh_items`
+:data:`TX_PAGES`) on a connection of the index's own (WAL once built: the lookups' connection
+reads meanwhile), so a rescan of 100,000 items never holds a lock for long and the event loop
+runs between pages. Only rows that are new or changed are written: a rescan of a library that
+did not change writes next to nothing. A complete scan then drops the rows it did not see
+(removed items) and reports, in its :class:`ScanResult`, the entries it changed and what they
+were linked to, so that only those are matched again. :meth:`LibraryIndex.refresh_items`
 re-reads only some ids (``LibraryChanged``).
 
 The matcher in :mod:`jfsync.sync.identity` reads candidate pairs through :meth:`LibraryIndex.edges`
 (identical id, rewritten path, shared provider-id key) and streams the resulting groups back
 through :meth:`LibraryIndex.group_rows`; to match again after a change it follows the links of
 the changed entries (:meth:`LibraryIndex.closure`) and reads only those (``scoped_*``). Open
-the :class:`jfsync.sync.ledger.store.Ledger` first: it creates and migrates the schema; the
-index only checks the version.
+the :class:`jfsync.sync.ledger.store.Ledger` first: it creates and migrates the ledger; the
+index only checks its version.
 """
 
 from __future__ import annotations
@@ -32,12 +45,15 @@ import contextlib
 import itertools
 import json
 import logging
+import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
+from urllib.parse import quote
 
 import aiosqlite
 
@@ -46,7 +62,7 @@ from jfsync.errors import JfsyncError
 from jfsync.jellyfin.api import DEFAULT_ITEM_TYPES, JellyfinClient
 from jfsync.jellyfin.wire import BaseItemDto
 from jfsync.sync.filters import LibraryScope, resolve_scope
-from jfsync.sync.ledger.schema import WriteGate, connect, prepare, schema_version
+from jfsync.sync.ledger.schema import WriteGate, run_on_thread
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +80,14 @@ IDENTIFYING_PROVIDERS: frozenset[str] = frozenset(
         "musicbrainzrecording",
     }
 )
-#: The schema version that has the index tables.
-INDEX_SCHEMA_VERSION = 2
+#: The ledger schema from which the index lives in a file of its own (the ledger's copy of
+#: the index tables is dropped by that migration).
+INDEX_SCHEMA_VERSION = 4
+#: The index file is the ledger's path with this suffix.
+INDEX_SUFFIX = ".index"
+#: The layout of the index file (its ``PRAGMA user_version``); a file of another layout is
+#: built again.
+INDEX_FILE_VERSION = 1
 #: Items per page of a scan.
 PAGE_SIZE = 1000
 #: Rows per IN (...) list.
@@ -83,6 +105,58 @@ TX_SHRINK_S = 0.4
 #: A scan that changed more entries than this does not list them (everything is matched again).
 DIRTY_LIMIT = 20_000
 
+#: The index file's tables, made when the file is created. ``index_keys`` is clustered by entry,
+#: so a build appends to it; ``index_servers`` names the ledger's server ids the rows use.
+_FILE_TABLES = (
+    "CREATE TABLE index_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE index_servers (id INTEGER PRIMARY KEY, name TEXT NOT NULL)",
+    """CREATE TABLE index_items (
+        id INTEGER PRIMARY KEY,
+        server INTEGER NOT NULL,
+        remote_id TEXT NOT NULL,
+        item_type TEXT NOT NULL,
+        name TEXT,
+        year INTEGER,
+        path TEXT,
+        match_path TEXT,
+        provider_ids TEXT,
+        series_id TEXT,
+        season INTEGER,
+        episode INTEGER,
+        scan INTEGER NOT NULL
+    )""",
+    """CREATE TABLE index_series (
+        server INTEGER NOT NULL,
+        remote_id TEXT NOT NULL,
+        name TEXT,
+        provider_ids TEXT,
+        scan INTEGER NOT NULL,
+        PRIMARY KEY (server, remote_id)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE index_keys (
+        entry INTEGER NOT NULL,
+        server INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        PRIMARY KEY (entry, server, key)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE index_scans (
+        server INTEGER PRIMARY KEY,
+        scan INTEGER NOT NULL,
+        complete_ms INTEGER,
+        rewrites TEXT
+    )""",
+)
+#: The secondary indexes, made in one sorted pass once the bulk build ended. A scan lists each
+#: item once (``JellyfinClient.iter_items`` skips repeats) and a bulk scan starts from no rows
+#: of its server, so the unique ones hold.
+_FILE_INDEXES = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS index_items_by_remote ON index_items(server, remote_id)",
+    "CREATE INDEX IF NOT EXISTS index_items_by_path ON index_items(match_path, server)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS index_keys_by_key ON index_keys(server, key, entry)",
+)
+#: ``index_meta`` state of a file whose build completed (see the module docstring).
+_READY = "ready"
+
 #: Scratch tables of the matcher (per connection, never in the ledger file).
 _TEMP_TABLES = (
     "CREATE TEMP TABLE IF NOT EXISTS match_groups (entry INTEGER PRIMARY KEY, grp INTEGER)",
@@ -92,6 +166,7 @@ _TEMP_TABLES = (
     "CREATE INDEX IF NOT EXISTS temp.group_members_by_item ON group_members(item)",
     "CREATE TEMP TABLE IF NOT EXISTS dirty_groups (grp INTEGER PRIMARY KEY)",
     "CREATE TEMP TABLE IF NOT EXISTS match_scope (entry INTEGER PRIMARY KEY)",
+    "CREATE TEMP TABLE IF NOT EXISTS group_order (grp INTEGER PRIMARY KEY, sort TEXT NOT NULL)",
 )
 
 Rule = Literal["id", "path", "provider"]
@@ -299,7 +374,56 @@ def _rewrites_text(server: ServerConfig) -> str:
     return json.dumps([[r.from_, r.to] for r in server.path_rewrites])
 
 
+def index_path(ledger: str | Path) -> str:
+    """The path of the library index file that goes with the ledger at ``ledger``."""
+    return f"{ledger}{INDEX_SUFFIX}"
+
+
+def _uri(path: str, query: str = "") -> str:
+    """An SQLite ``file:`` URI of ``path`` (any character of the path kept as it is)."""
+    return f"file:{quote(os.path.abspath(path))}" + (f"?{query}" if query else "")
+
+
+async def _connect(path: str, ledger: str) -> aiosqlite.Connection:
+    """Open the index file at ``path`` (autocommit) with the ledger attached read-only.
+
+    Like :func:`jfsync.sync.ledger.schema.connect`, the worker thread is a daemon (a
+    connection left open never keeps the process alive). The ledger is attached with
+    ``mode=ro``: this connection can never write it, and its write transactions take no lock
+    on it (only a read snapshot).
+    """
+    pending = aiosqlite.connect(_uri(path), isolation_level=None, uri=True)
+    worker = getattr(pending, "_thread", None)
+    if worker is not None:
+        worker.daemon = True
+    db = await pending
+    try:
+        await db.execute("PRAGMA busy_timeout=5000")
+        await db.execute("ATTACH DATABASE ? AS ledger", (_uri(ledger, "mode=ro"),))
+    except BaseException:
+        await db.close()
+        raise
+    return db
+
+
+def _create_private(path: str) -> None:
+    """Create an empty file readable by its owner only, like the ledger (the index holds
+    the paths and titles of every library)."""
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+
+
+def _remove_files(path: str) -> None:
+    """Delete an index file with its journal, WAL and shared-memory files."""
+    for name in (path, f"{path}-journal", f"{path}-wal", f"{path}-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(name)
+
+
 PageHook = Callable[[str, int], Awaitable[None]]
+
+#: Where the index file's build stands: its tables are being filled in bulk (no secondary
+#: index, no journal), the indexes are being made, or it is complete (WAL, marked).
+BuildState = Literal["building", "finishing", "ready"]
 
 
 class LibraryIndex:
@@ -307,13 +431,13 @@ class LibraryIndex:
 
     def __init__(self, path: str | Path, servers: Sequence[ServerConfig]) -> None:
         self._path = str(path)
+        self._file = index_path(path)
         self._servers = {s.name: s for s in servers}
         self._order = [s.name for s in servers]
         self._bulk: aiosqlite.Connection | None = None
         self._lookup: aiosqlite.Connection | None = None
         self._sids: dict[str, int] = {}
         self._names: dict[int, str] = {}
-        #: Serialises transactions and streams on the bulk connection.
         #: Serialises the bulk connection's use; writes go through its transactions.
         self._gate = WriteGate()
         #: One scan or refresh per server at a time (scan generations must not interleave).
@@ -326,32 +450,51 @@ class LibraryIndex:
         self._writes = 0  # write transactions begun: a cached answer read across one is dropped
         #: Per server with a library filter: the scope its last scan resolved (issue 14).
         self._scopes: dict[str, LibraryScope] = {}
+        #: The file's build (see the module docstring), the servers whose first scan is
+        #: filling it in bulk now, and those whose bulk scan failed (their rows are partial).
+        self._state: BuildState = "ready"
+        self._bulk_scans: set[int] = set()
+        self._partial: set[int] = set()
+        #: Set (and replaced) whenever the build's state or its scans change.
+        self._changed = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"LibraryIndex({self._path!r})"
 
     # ------------------------------------------------------------------ lifecycle
 
+    @property
+    def path(self) -> str:
+        """The index file."""
+        return self._file
+
+    @property
+    def state(self) -> BuildState:
+        """Where the index file's build stands (``ready`` once complete)."""
+        return self._state
+
     async def open(self) -> None:
-        """Connect (the ledger must be open: it creates the schema), then check the schema."""
+        """Open the index file (the ledger must be open: it migrates the ledger).
+
+        A missing file is created; one that was never completed, is of another layout or
+        names the ledger's servers differently is deleted and created anew (logged): the
+        scans fill it again.
+        """
         if self._bulk is not None:
             return
         if self._path == ":memory:":
             raise LibraryIndexError("the library index needs a ledger file, not :memory:")
-        bulk = await connect(self._path)
-        lookup = await connect(self._path)
+        bulk = await self._open_file()
+        lookup: aiosqlite.Connection | None = None
         try:
-            for db in (bulk, lookup):
-                await prepare(db)
+            lookup = await _connect(self._file, self._path)
             # Scans insert into several large b-trees; a bigger page cache saves most re-reads.
-            await bulk.execute(f"PRAGMA cache_size=-{BULK_CACHE_KIB}")
-            version = await schema_version(bulk)
-            if version < INDEX_SCHEMA_VERSION:
-                raise LibraryIndexError(
-                    f"the ledger {self._path} has schema {version}; open the Ledger first "
-                    f"(it migrates to {INDEX_SCHEMA_VERSION})"
-                )
-            for sid, name in await bulk.execute_fetchall("SELECT id, name FROM servers"):
+            await bulk.execute(f"PRAGMA main.cache_size=-{BULK_CACHE_KIB}")
+            # The matcher's scratch tables and the sorts that make the indexes stay in memory
+            # (tens of MB at 2 x 100k items): spilled to temporary files, they wrote a fifth
+            # of the index's size again (set before the scratch tables: it drops them).
+            await bulk.execute("PRAGMA temp_store=MEMORY")
+            for sid, name in await bulk.execute_fetchall("SELECT id, name FROM ledger.servers"):
                 self._sids[str(name)] = int(sid)
                 self._names[int(sid)] = str(name)
                 config = self._servers.get(str(name))
@@ -363,14 +506,110 @@ class LibraryIndex:
                 await bulk.execute(statement)
         except BaseException:
             await bulk.close()
-            await lookup.close()
+            if lookup is not None:
+                await lookup.close()
             raise
         self._bulk, self._lookup = bulk, lookup
-        for name in self._order:
-            await self._check_rewrites(name)
+        if self._state == "ready":
+            for name in self._order:
+                await self._check_rewrites(name)
+
+    async def _open_file(self) -> aiosqlite.Connection:
+        """Connect to a complete index file, or to a new one in its bulk build."""
+        file = self._file
+        if await asyncio.to_thread(os.path.exists, file):
+            found: aiosqlite.Connection | None = None
+            try:
+                found = await _connect(file, self._path)
+                await self._check_ledger(found)
+                problem = await self._stale(found)
+                if problem is None:
+                    await self._journal(found, "wal")
+                    await found.execute("PRAGMA main.synchronous=NORMAL")
+                    self._state = "ready"
+                    return found
+            except sqlite3.DatabaseError as err:
+                problem = f"cannot be read ({err})"
+            except BaseException:
+                if found is not None:
+                    await found.close()
+                raise
+            if found is not None:
+                await found.close()
+            logger.warning(
+                "library index %s %s; building it again from a scan of each server", file, problem
+            )
+            await asyncio.to_thread(_remove_files, file)
+        await asyncio.to_thread(_create_private, file)
+        db = await _connect(file, self._path)
+        try:
+            await self._check_ledger(db)
+            await self._journal(db, "memory")
+            await db.execute("PRAGMA main.synchronous=OFF")
+            await db.execute("BEGIN IMMEDIATE")
+            for statement in _FILE_TABLES:
+                await db.execute(statement)
+            await db.execute("INSERT INTO index_meta(key, value) VALUES ('state', 'building')")
+            await db.execute(f"PRAGMA main.user_version = {INDEX_FILE_VERSION}")
+            await db.commit()
+        except BaseException:
+            await db.close()
+            raise
+        self._state = "building"
+        return db
+
+    async def _check_ledger(self, db: aiosqlite.Connection) -> None:
+        rows = await db.execute_fetchall("PRAGMA ledger.user_version")
+        version = int(next(iter(rows))[0])
+        if version < INDEX_SCHEMA_VERSION:
+            raise LibraryIndexError(
+                f"the ledger {self._path} has schema {version}; open the Ledger first "
+                f"(it migrates to {INDEX_SCHEMA_VERSION})"
+            )
+
+    @staticmethod
+    async def _stale(db: aiosqlite.Connection) -> str | None:
+        """Why an existing index file cannot be used (None: it can)."""
+        rows = await db.execute_fetchall("PRAGMA main.user_version")
+        version = int(next(iter(rows))[0])
+        tables = {
+            str(r[0])
+            for r in await db.execute_fetchall(
+                "SELECT name FROM main.sqlite_master WHERE type='table'"
+            )
+        }
+        if "index_meta" not in tables:
+            if tables:
+                raise LibraryIndexError(
+                    "the library index file is not one: it holds tables "
+                    f"{', '.join(sorted(tables)[:5])}; move it away (jfsync builds its index there)"
+                )
+            return "is empty"
+        if version != INDEX_FILE_VERSION:
+            return (
+                f"has another layout (version {version}, this jfsync writes {INDEX_FILE_VERSION})"
+            )
+        rows = await db.execute_fetchall("SELECT value FROM index_meta WHERE key='state'")
+        if [str(r[0]) for r in rows] != [_READY]:
+            return "was not completed (its build was cut short)"
+        rows = await db.execute_fetchall(
+            "SELECT s.id FROM index_servers s LEFT JOIN ledger.servers l ON l.id = s.id "
+            "WHERE l.name IS NULL OR l.name <> s.name LIMIT 1"
+        )
+        if list(rows):
+            return "names servers the ledger does not (it belongs to another ledger)"
+        return None
+
+    @staticmethod
+    async def _journal(db: aiosqlite.Connection, mode: str) -> None:
+        rows = await db.execute_fetchall(f"PRAGMA main.journal_mode={mode}")
+        found = str(next(iter(rows))[0]).lower()
+        if found != mode:
+            raise LibraryIndexError(f"the library index cannot use journal_mode={mode} ({found})")
 
     async def close(self) -> None:
-        """Close both connections (idempotent)."""
+        """Close both connections (idempotent). A build not completed yet stays unmarked: the
+        next :meth:`open` starts it again."""
         bulk, self._bulk = self._bulk, None
         lookup, self._lookup = self._lookup, None
         for db in (bulk, lookup):
@@ -478,7 +717,106 @@ class LibraryIndex:
         """
         sid = self.sid(server)
         async with self._server_locks[server]:
-            return await self._scan(client, server, sid, wall_ms, page_size, on_page)
+            fresh = await self._begin_bulk(sid)
+            if not fresh:
+                await self.ready()
+            try:
+                result = await self._scan(client, server, sid, wall_ms, page_size, on_page, fresh)
+            except BaseException:
+                if fresh:
+                    self._partial.add(sid)
+                raise
+            finally:
+                if fresh:
+                    self._bulk_scans.discard(sid)
+                    self._notify()
+            if fresh and not self._bulk_scans:
+                await self.ready()  # the last first scan: make the indexes now
+            return result
+
+    async def ready(self) -> None:
+        """Wait until the index file is complete (its indexes made): at once unless a bulk
+        build is under way. When no first scan is running any more, make the indexes here
+        (rows of servers whose bulk scan failed are dropped first)."""
+        while self._state != "ready":
+            if self._state == "building" and not self._bulk_scans:
+                self._state = "finishing"
+                try:
+                    await self._finalize()
+                except BaseException:
+                    self._state = "building"  # the next caller tries again
+                    self._notify()
+                    raise
+                self._state = "ready"
+                self._notify()
+                continue
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _begin_bulk(self, sid: int) -> bool:
+        """Whether this scan of ``sid`` fills the file in bulk (its first, while the file is
+        being built); if so it is registered as such (the indexes wait for its end)."""
+        if self._state != "building":
+            return False
+        rows = await self._db().execute_fetchall(
+            "SELECT 1 FROM index_scans WHERE server=? AND complete_ms IS NOT NULL", (sid,)
+        )
+        if list(rows) or self._state != "building":
+            return False
+        self._bulk_scans.add(sid)
+        try:
+            async with self._tx() as db:
+                if sid in self._partial:
+                    # What a failed earlier attempt stored (a bulk scan starts from nothing).
+                    for table in ("index_keys", "index_items", "index_series"):
+                        await db.execute(f"DELETE FROM {table} WHERE server=?", (sid,))  # noqa: S608
+                await self._name_server(db, sid)
+            self._partial.discard(sid)
+        except BaseException:
+            self._bulk_scans.discard(sid)
+            self._notify()
+            raise
+        return True
+
+    async def _name_server(self, db: aiosqlite.Connection, sid: int) -> None:
+        """Note which ledger server ``sid`` is (checked against the ledger at open; ids never
+        change names within one ledger, so a present row is left alone)."""
+        await db.execute(
+            "INSERT OR IGNORE INTO index_servers(id, name) VALUES (?, ?)", (sid, self._names[sid])
+        )
+
+    async def _finalize(self) -> None:
+        """End the bulk build: drop partial rows, make the indexes (synced), switch to WAL,
+        then mark the file complete."""
+        db = self._db()
+        started = time.perf_counter()
+        # Synced from here: the indexes' commit flushes every page the build wrote, so the
+        # mark below can never reach the disk before them.
+        await db.execute("PRAGMA main.synchronous=FULL")
+        async with self._tx() as db:
+            for table in ("index_keys", "index_items", "index_series"):
+                await db.execute(
+                    f"DELETE FROM {table} WHERE server NOT IN "  # noqa: S608 - fixed names
+                    "(SELECT server FROM index_scans WHERE complete_ms IS NOT NULL)"
+                )
+            for statement in _FILE_INDEXES:
+                await db.execute(statement)
+        async with self._gate.lock:
+            await self._journal(db, "wal")
+        async with self._tx() as db:
+            await db.execute("UPDATE index_meta SET value=? WHERE key='state'", (_READY,))
+        await db.execute("PRAGMA main.synchronous=NORMAL")
+        self._partial.clear()
+        rows = await db.execute_fetchall("SELECT COUNT(*) FROM index_items")
+        logger.info(
+            "library index built: %d items, indexes made in %.1f s (%s)",
+            int(next(iter(rows))[0]),
+            time.perf_counter() - started,
+            self._file,
+        )
 
     async def _scan(
         self,
@@ -488,7 +826,9 @@ class LibraryIndex:
         wall_ms: int,
         page_size: int,
         on_page: PageHook | None,
+        fresh: bool = False,
     ) -> ScanResult:
+        """One scan; ``fresh``: the server has no rows (a bulk scan), every item is new."""
         gen = await self._current_gen(sid) + 1
         result = ScanResult(server)
         series: dict[str, dict[str, str]] = {}
@@ -527,7 +867,7 @@ class LibraryIndex:
                     if storing is not None:
                         await storing
                     storing = asyncio.create_task(
-                        self._store_page(sid, gen, page, series, rekey, result),
+                        self._store_page(sid, gen, page, series, rekey, result, fresh),
                         name=f"jfsync-index-store[{server}]",
                     )
                     result.items += len(page)
@@ -538,7 +878,7 @@ class LibraryIndex:
             if storing is not None:
                 await storing
             if page:
-                await self._store_page(sid, gen, page, series, rekey, result)
+                await self._store_page(sid, gen, page, series, rekey, result, fresh)
                 result.items += len(page)
                 if on_page is not None:
                     await on_page(server, result.items)
@@ -547,7 +887,7 @@ class LibraryIndex:
                 storing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await storing
-        await self._finish(sid, gen, wall_ms, result)
+        await self._finish(sid, gen, wall_ms, result, fresh)
         result.seen = set()
         result.seen_series = set()
         return result
@@ -565,6 +905,7 @@ class LibraryIndex:
             return 0, 0
         sid = self.sid(server)
         async with self._server_locks[server]:
+            await self.ready()
             scope = await self._scope_for(client, server)
             return await self._refresh(client, sid, wanted, scope)
 
@@ -609,12 +950,18 @@ class LibraryIndex:
         wanted = sorted(set(ids))
         removed = 0
         async with self._server_locks[server]:
+            await self.ready()
             for chunk in _chunks(wanted, _CHUNK):
                 removed += await self._remove(sid, chunk)
         return removed
 
     async def _remove(self, sid: int, chunk: Sequence[str]) -> int:
         async with self._tx() as db:
+            await db.execute(
+                "DELETE FROM index_keys WHERE entry IN (SELECT id FROM index_items "  # noqa: S608
+                f"WHERE server=? AND remote_id IN ({_marks(len(chunk))}))",
+                (sid, *chunk),
+            )
             cursor = await db.execute(
                 f"DELETE FROM index_items WHERE server=? AND remote_id IN ({_marks(len(chunk))})",  # noqa: S608
                 (sid, *chunk),
@@ -656,11 +1003,13 @@ class LibraryIndex:
 
     async def edges(self, rule: Rule, a: str, b: str) -> list[tuple[int, int]]:
         """Candidate pairs (entry on ``a``, entry on ``b``) under one matching rule."""
+        await self.ready()
         rows = await self._db().execute_fetchall(_EDGE_SQL[rule], (self.sid(b), self.sid(a)))
         return _int_pairs(rows)
 
     async def mapped_pairs(self, a: str, b: str) -> list[tuple[int, int]]:
         """Pairs of entries that the ledger maps to the same canonical item."""
+        await self.ready()
         rows = await self._db().execute_fetchall(
             "SELECT ea.id, eb.id FROM server_items sa "
             "JOIN server_items sb ON sb.server = ? AND sb.item = sa.item "
@@ -673,6 +1022,7 @@ class LibraryIndex:
 
     async def entry_servers(self, scope: Iterable[int] | None = None) -> dict[int, int]:
         """Entry -> server id for every entry of a configured server (or those in ``scope``)."""
+        await self.ready()
         sids = [self._sids[n] for n in self._order]
         if scope is None:
             rows = await self._db().execute_fetchall(
@@ -692,6 +1042,7 @@ class LibraryIndex:
 
     async def entries_of(self, server: str, remote_ids: Iterable[str]) -> dict[str, int]:
         """Remote id -> index entry, for the server's ids among ``remote_ids`` the index holds."""
+        await self.ready()
         sid = self.sid(server)
         found: dict[str, int] = {}
         for chunk in _chunks(sorted(set(remote_ids)), _CHUNK):
@@ -707,6 +1058,7 @@ class LibraryIndex:
         pair under some matching rule (same id and type, same match path, a shared
         provider-id key) or mapped to the same canonical item. Matching results of an entry
         depend only on what these links connect it to."""
+        await self.ready()
         sids = [self._sids[n] for n in self._order]
         marks = _marks(len(sids))
         found: set[int] = set()
@@ -751,6 +1103,7 @@ class LibraryIndex:
         self, rule: Rule, a: str, b: str, scope: Iterable[int]
     ) -> list[tuple[int, int]]:
         """:meth:`edges` of the entries of ``a`` in ``scope`` (a set closed under links)."""
+        await self.ready()
         column = "a.entry" if rule == "provider" else "a.id"
         found: list[tuple[int, int]] = []
         for chunk in _chunks(sorted(set(scope)), _CHUNK):
@@ -765,6 +1118,7 @@ class LibraryIndex:
         self, a: str, b: str, scope: Iterable[int]
     ) -> list[tuple[int, int]]:
         """:meth:`mapped_pairs` of the entries of ``a`` in ``scope``."""
+        await self.ready()
         found: list[tuple[int, int]] = []
         for chunk in _chunks(sorted(set(scope)), _CHUNK):
             rows = await self._db().execute_fetchall(
@@ -791,9 +1145,12 @@ class LibraryIndex:
         groups of their own (negative ids). A group is left out when nothing can change for
         it: all its members are mapped to one canonical item that no other group holds (or
         it is refused and none is mapped). Rows come ordered by group, so a group's members
-        arrive together (possibly across two lists). With ``scope`` (a set of entries closed
+        arrive together (possibly across two lists); groups come in the order of the remote
+        id of their member on the earliest configured server (the key a new group takes), so
+        the id maps are written in key order. With ``scope`` (a set of entries closed
         under links, see :meth:`neighbours`), only the groups of those entries are looked at.
         """
+        await self.ready()
         async with self._gate.lock:
             async for rows in self._group_rows(groups, fetch, scope):
                 yield rows
@@ -802,7 +1159,7 @@ class LibraryIndex:
         self, groups: Mapping[int, int | None], fetch: int, scope: Iterable[int] | None
     ) -> AsyncIterator[list[GroupRow]]:
         db = self._db()
-        tables = ("match_groups", "group_members", "dirty_groups", "match_scope")
+        tables = ("match_groups", "group_members", "dirty_groups", "match_scope", "group_order")
         for table in tables:
             await db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed names
         pending = iter(groups.items())
@@ -835,11 +1192,20 @@ class LibraryIndex:
             "(SELECT item FROM group_members WHERE item IS NOT NULL GROUP BY item "
             "HAVING COUNT(DISTINCT grp) > 1)"
         )
+        # Groups come in the order of their member on the earliest server (config order):
+        # the id maps are then written in key order, page after page, not all over them.
+        rank = " ".join(f"WHEN {sid} THEN {n}" for n, sid in enumerate(sids))
+        await db.execute(
+            "INSERT INTO group_order(grp, sort) "  # noqa: S608 - server ids are ints
+            f"SELECT m.grp, MIN(printf('%04d', CASE e.server {rank} ELSE 9999 END) || e.remote_id) "
+            "FROM dirty_groups d JOIN group_members m ON m.grp = d.grp "
+            "JOIN index_items e ON e.id = m.entry GROUP BY m.grp"
+        )
         sql = (
             "SELECT m.grp, m.refused, e.id, e.server, e.remote_id, i.key, e.item_type, e.path, "
-            "e.provider_ids FROM dirty_groups d JOIN group_members m ON m.grp = d.grp "
+            "e.provider_ids FROM group_order o JOIN group_members m ON m.grp = o.grp "
             "JOIN index_items e ON e.id = m.entry LEFT JOIN items i ON i.id = m.item "
-            "ORDER BY m.grp"
+            "ORDER BY o.sort, o.grp"
         )
         async with db.execute(sql) as cursor:
             while True:
@@ -868,6 +1234,7 @@ class LibraryIndex:
     ) -> list[tuple[str, str]]:
         """(remote id, canonical key) of the server's mappings whose item left the index
         (only those of the remote ids ``among``, when given)."""
+        await self.ready()
         sql = (
             "SELECT si.remote_id, i.key FROM server_items si JOIN items i ON i.id = si.item "
             "WHERE si.server = ? AND NOT EXISTS (SELECT 1 FROM index_items e "
@@ -929,6 +1296,7 @@ class LibraryIndex:
 
     async def describe(self, entries: Iterable[int]) -> dict[int, IndexedItem]:
         """Readable rows for some entries (samples for status and logs)."""
+        await self.ready()
         wanted = sorted(set(entries))
         found: dict[int, IndexedItem] = {}
         for chunk in _chunks(wanted, _CHUNK):
@@ -1231,12 +1599,76 @@ class LibraryIndex:
         series: Mapping[str, Mapping[str, str]],
         rekey: frozenset[str],
         track: ScanResult,
+        fresh: bool,
     ) -> None:
-        await self._store_items(sid, gen, entries, series, rekey, track)
+        if fresh:
+            await self._store_fresh(sid, gen, entries, series, track)
+        else:
+            await self._store_items(sid, gen, entries, series, rekey, track)
 
-    async def _finish(self, sid: int, gen: int, wall_ms: int, result: ScanResult) -> None:
-        """Drop what the scan did not see (and note it as dirty), then mark it complete."""
+    async def _store_fresh(
+        self,
+        sid: int,
+        gen: int,
+        entries: Sequence[IndexEntry],
+        series: Mapping[str, Mapping[str, str]],
+        track: ScanResult,
+    ) -> None:
+        """Append one page of a bulk scan (every item new) with its keys, in one transaction.
+
+        Rows, keys and the inserts are all done in one call on SQLite's thread: nothing of
+        the page is worked on in the event loop.
+        """
+        if not entries:
+            return
+        rules = self._rules[sid]
+
+        def append(conn: sqlite3.Connection) -> int:
+            top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM index_items").fetchone()
+            first = int(top[0]) + 1
+            rows, keys = _prepare_rows(rules, entries, series)
+            conn.executemany(
+                "INSERT INTO index_items(id, server, remote_id, item_type, name, year, path, "
+                "match_path, provider_ids, series_id, season, episode, scan) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (first + n, sid, e.remote_id, *rows[e.remote_id], gen)
+                    for n, e in enumerate(entries)
+                ],
+            )
+            conn.executemany(
+                "INSERT INTO index_keys(entry, server, key) VALUES (?, ?, ?)",
+                [
+                    (first + n, sid, key)
+                    for n, e in enumerate(entries)
+                    for key in sorted(keys[e.remote_id])
+                ],
+            )
+            return first
+
         async with self._tx() as db:
+            began = time.perf_counter()
+            first = await run_on_thread(db, append)
+        track.touch(range(first, first + len(entries)))
+        track.changed += len(entries)
+        track.tx_s = took = time.perf_counter() - began
+        if took < TX_GROW_S:
+            track.tx_pages = min(TX_PAGES, track.tx_pages + 1)
+        elif took > TX_SHRINK_S:
+            track.tx_pages = max(1, track.tx_pages - 1)
+
+    async def _finish(
+        self, sid: int, gen: int, wall_ms: int, result: ScanResult, fresh: bool = False
+    ) -> None:
+        """Drop what the scan did not see (and note it as dirty), then mark it complete.
+
+        After a bulk scan (``fresh``) every row is the scan's own: only the mark is written.
+        """
+        async with self._tx() as db:
+            await self._name_server(db, sid)
+            if fresh:
+                await self._mark_scan(db, sid, gen, wall_ms)
+                return
             seen = result.seen
             handles: list[int] = []
             # Ids only, a slice at a time: the whole server's rows are never held at once.
@@ -1257,10 +1689,9 @@ class LibraryIndex:
             elif gone and result.dirty is not None:
                 result.touch([*handles, *await self.neighbours(handles)])
             for chunk in _chunks(handles, _CHUNK):
-                await db.execute(
-                    f"DELETE FROM index_items WHERE id IN ({_marks(len(chunk))})",  # noqa: S608
-                    chunk,
-                )
+                marks = _marks(len(chunk))
+                await db.execute(f"DELETE FROM index_keys WHERE entry IN ({marks})", chunk)  # noqa: S608
+                await db.execute(f"DELETE FROM index_items WHERE id IN ({marks})", chunk)  # noqa: S608
             result.removed = len(gone)
             result.gone = {r for _, r in gone}
             rows = await db.execute_fetchall(
@@ -1273,12 +1704,15 @@ class LibraryIndex:
                     f"WHERE server=? AND remote_id IN ({_marks(len(chunk))})",
                     (sid, *chunk),
                 )
-            await db.execute(
-                "INSERT INTO index_scans(server, scan, complete_ms, rewrites) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(server) DO UPDATE SET scan=excluded.scan, "
-                "complete_ms=excluded.complete_ms, rewrites=excluded.rewrites",
-                (sid, gen, wall_ms, _rewrites_text(self._servers[self._names[sid]])),
-            )
+            await self._mark_scan(db, sid, gen, wall_ms)
+
+    async def _mark_scan(self, db: aiosqlite.Connection, sid: int, gen: int, wall_ms: int) -> None:
+        await db.execute(
+            "INSERT INTO index_scans(server, scan, complete_ms, rewrites) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(server) DO UPDATE SET scan=excluded.scan, "
+            "complete_ms=excluded.complete_ms, rewrites=excluded.rewrites",
+            (sid, gen, wall_ms, _rewrites_text(self._servers[self._names[sid]])),
+        )
 
     async def _check_rewrites(self, server: str) -> None:
         """Recompute stored match paths when the server's rewrites changed since the scan."""

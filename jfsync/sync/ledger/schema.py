@@ -26,6 +26,10 @@ The reset-guard migration adds ``reset_holds``: one row per (server, user) whose
 server showed wiped while ``sync.reset_guard`` is ``hold`` (:mod:`jfsync.sync.resetguard`), with
 the operator's decision once ``jfsync accept-reset`` made one. Each server's Jellyfin id lives
 in ``servers.jellyfin_id`` (there since v1).
+
+Schema v4 drops those four tables again: the library index lives in a file of its own beside
+the ledger (``<ledger>.index``, :mod:`jfsync.sync.index`), which a scan of each server rebuilds.
+The pages they held stay in the file as free pages that the ledger reuses as it grows.
 """
 
 from __future__ import annotations
@@ -241,8 +245,24 @@ _RESET_HOLDS = Migration(
     ),
 )
 
+_INDEX_FILE = Migration(
+    version=4,
+    description="library index moved to a file of its own (<ledger>.index): its tables leave",
+    statements=(
+        # The index is derived data (a scan of each server rebuilds it): it now lives in its
+        # own file (jfsync.sync.index), built without a journal and marked complete at the end.
+        # The id maps (server_items) stay here, so the matching of every item is unchanged; on
+        # the first start after the upgrade the new file is filled by the usual start-up scan.
+        # Children first: index_keys referenced index_items.
+        "DROP TABLE IF EXISTS index_keys",
+        "DROP TABLE IF EXISTS index_items",
+        "DROP TABLE IF EXISTS index_series",
+        "DROP TABLE IF EXISTS index_scans",
+    ),
+)
+
 #: Every migration, in order. Versions are 1, 2, 3, ... without gaps.
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _RESET_HOLDS)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _RESET_HOLDS, _INDEX_FILE)
 
 #: The schema version this jfsync writes.
 LATEST_VERSION = MIGRATIONS[-1].version
