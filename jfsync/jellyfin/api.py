@@ -20,7 +20,7 @@ import functools
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
@@ -239,6 +239,7 @@ class JellyfinClient:
         parent_id: str | None = None,
         page_size: int = 1000,
         recursive: bool = True,
+        pause: Callable[[], Awaitable[None]] | None = None,
     ) -> AsyncIterator[BaseItemDto]:
         """Yield every matching item once, paging ``GET /Items`` with a stable sort.
 
@@ -246,6 +247,9 @@ class JellyfinClient:
         ``PAGE_OVERLAP`` items and items already yielded are skipped, so items added or removed
         during the scan neither repeat nor (for up to that many removals per page) go missing;
         the end is the first short page, not ``TotalRecordCount``, which may change mid-scan.
+        A page is validated :data:`ITEMS_PER_STEP` items at a time; ``pause`` (default: one
+        turn of the event loop) is awaited between two steps and before every page but the
+        first.
         """
         base: list[tuple[str, str]] = []
         if user_id is not None:
@@ -267,12 +271,13 @@ class JellyfinClient:
         wanted = [normalize_id(i) for i in ids]
         seen: set[str] = set()
         if not wanted:
-            async for item in self._scan(base, page_size, seen):
+            async for item in self._scan(base, page_size, seen, pause):
                 yield item
             return
         for start in range(0, len(wanted), IDS_PER_REQUEST):
             chunk = wanted[start : start + IDS_PER_REQUEST]
-            async for item in self._scan([*base, ("ids", ",".join(chunk))], page_size, seen):
+            chunked = [*base, ("ids", ",".join(chunk))]
+            async for item in self._scan(chunked, page_size, seen, pause):
                 yield item
 
     # ------------------------------------------------------------------ user data
@@ -553,13 +558,20 @@ class JellyfinClient:
         return text
 
     async def _scan(
-        self, base: list[tuple[str, str]], page_size: int, seen: set[str]
+        self,
+        base: list[tuple[str, str]],
+        page_size: int,
+        seen: set[str],
+        pause: Callable[[], Awaitable[None]] | None = None,
     ) -> AsyncIterator[BaseItemDto]:
         route = "/Items"
+        between = pause or _one_turn
         overlap = min(PAGE_OVERLAP, max(0, page_size // 4))
         start = 0
         first = True
         while True:
+            if not first:
+                await between()
             query = [
                 *base,
                 ("startIndex", str(start)),
@@ -576,7 +588,7 @@ class JellyfinClient:
             items: list[BaseItemDto] = []
             for step in range(0, len(page.items), ITEMS_PER_STEP):
                 if step:
-                    await asyncio.sleep(0)
+                    await between()
                 items += self._parse_items(page.items[step : step + ITEMS_PER_STEP], step, route)
             for item in items:
                 if item.id not in seen:
@@ -630,6 +642,11 @@ def _adapter(kind: type[T]) -> TypeAdapter[T]:
     if adapter is None:
         adapter = _ADAPTERS[kind] = TypeAdapter(kind)
     return adapter
+
+
+async def _one_turn() -> None:
+    """Give the event loop one turn (what runs between the steps of a page by default)."""
+    await asyncio.sleep(0)
 
 
 def _enc(value: str) -> str:
