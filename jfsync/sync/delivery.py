@@ -10,8 +10,7 @@ and records each write's intents (the steps of its :mod:`jfsync.jellyfin.writepl
 writes what is still owed with bounded concurrency through
 :meth:`JellyfinClient.write_user_data` and records the batch's writes (pending echo +
 last-known) in the ledger in one transaction. While a batch is written, the next one and the
-peer's state of it are read ahead, and the last batch's record runs (after this batch's
-compare: the peer is never idle while a batch is recorded).
+peer's state of it are read ahead.
 
 Failures never drop a row:
 
