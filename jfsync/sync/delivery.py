@@ -234,10 +234,6 @@ class Pusher:
         self._writing: dict[tuple[str, str], asyncio.Event] = {}
         #: The next batch and its compare read, fetched while the current one is written.
         self._prepared: asyncio.Task[_Prepared | None] | None = None
-        #: The record of the last batch's writes (one transaction), running while the next
-        #: batch is compared and written; and the ids of its rows (not taken again meanwhile).
-        self._recording: asyncio.Task[None] | None = None
-        self._recording_ids: set[int] = set()
         #: Set once the first batch after start was checked for interrupted writes and sent.
         self._recovered = asyncio.Event()
         self._accepting = True
@@ -358,7 +354,6 @@ class Pusher:
             return "stopped"
         finally:
             await self._drop_prepared()
-            await self._finish_recording()
 
     # ------------------------------------------------------------------ the loop
 
@@ -368,7 +363,6 @@ class Pusher:
         finally:
             self._release_live_hold()
             await self._drop_prepared()
-            await self._finish_recording()
 
     def _release_live_hold(self) -> None:
         """No round is coming soon (stopping, peer down or paused, a fault): live work no
@@ -441,12 +435,7 @@ class Pusher:
     async def _deliver_round(self) -> bool:
         prepared = await self._take_prepared()
         if prepared is None:
-            rows = await self._due_rows()
-            if not rows and self._recording is not None:
-                # The last batch is still being recorded: a row of it replaced meanwhile
-                # stays owed, and is due as soon as the record is in.
-                await self._finish_recording()
-                rows = await self._due_rows()
+            rows = await self._ledger.due_rows(self.peer, self._batch_size, self._clock.wall_ms())
             if not rows:
                 self._recovered.set()
                 return False
@@ -465,7 +454,7 @@ class Pusher:
                 # More rows wait: take the next batch and read the peer's state of it while
                 # this one is written, so neither read holds up the writes.
                 self._prepared = asyncio.create_task(
-                    self._prepare([row.id for row in rows] + list(self._recording_ids)),
+                    self._prepare([row.id for row in rows]),
                     name=f"jfsync-pusher[{self.peer}]-read-ahead",
                 )
             failures = await self._deliver_batch(owed)
@@ -494,12 +483,6 @@ class Pusher:
             return None
         return rows, await self._read_current(rows)
 
-    async def _due_rows(self) -> list[OutboxRow]:
-        """Due rows, but those of the batch being recorded."""
-        now_ms = self._clock.wall_ms()
-        exclude = list(self._recording_ids)
-        return await self._ledger.due_rows(self.peer, self._batch_size, now_ms, exclude=exclude)
-
     async def _take_prepared(self) -> _Prepared | None:
         """The batch read ahead, if there is one and its reads worked."""
         task, self._prepared = self._prepared, None
@@ -518,18 +501,14 @@ class Pusher:
             await asyncio.gather(task, return_exceptions=True)
 
     async def _deliver_batch(self, owed: Sequence[tuple[OutboxRow, UserData]]) -> list[Exception]:
-        """Write a batch through ``concurrency`` lanes, then have it recorded; return the
-        failures.
+        """Write a batch through ``concurrency`` lanes, then record it; return the failures.
 
         Each lane takes the next row as soon as its request is answered (no task per row).
         The done writes are recorded together once the lanes are through, in ONE transaction
         (pending echo + last-known per write): recording them while writes are still under
-        way costs more, the SQLite thread then competing for the CPU with the writes. That
-        transaction runs in the background (:meth:`_record`): the next batch's compare is
-        queued on the ledger before it, and its writes leave while it runs, so the peer is
-        not left idle while a batch is recorded. The first failure that concerns the whole
-        peer (down, key refused), and a stop, end the lanes taking more rows: those not tried
-        stay queued as they are.
+        way costs more, the SQLite thread then competing for the CPU with the writes. The
+        first failure that concerns the whole peer (down, key refused), and a stop, end the
+        lanes taking more rows: those not tried stay queued as they are.
         """
         failures: list[Exception] = []
         # By the row's place in the batch: the writes are recorded (and reported) in due order.
@@ -560,76 +539,33 @@ class Pusher:
 
         try:
             await asyncio.gather(*(lane() for _ in range(min(self._concurrency, len(owed)))))
-            # The last batch's record is in by now (it ran while this batch was written).
-            await self._finish_recording()
-        except BaseException:
-            self._recorded(owed, recorded)
-            raise
-        made = [write for write in done if write is not None]
-        self._recording_ids = {row.id for row, _ in owed}
-        self._recording = asyncio.create_task(
-            self._record(owed, made, recorded, lanes_failed=bool(failures)),
-            name=f"jfsync-pusher[{self.peer}]-record",
-        )
+            made = [write for write in done if write is not None]
+            if made:
+                acks = [(row, row.intended(current)) for row, current in made]
+                try:
+                    done_ms = self._clock.wall_ms()
+                    await self._ledger.rows_written(acks, done_ms)
+                except JfsyncError as err:
+                    # Unrecorded writes stay queued and are compared again (the peer already
+                    # holds them, so nothing is written twice).
+                    failures.append(err)
+                else:
+                    self._written(len(acks), done_ms)
+                    if self._watcher is not None:
+                        delivered = [
+                            Delivered(row, current, after, done_ms)
+                            for (row, current), (_, after) in zip(made, acks, strict=True)
+                        ]
+                        self._tell(self._watcher.written, self.peer, delivered)
+                    if not failures:
+                        self.stats.last_error = None  # writes work again: say so
+        finally:
+            recorded.set()
+            for row, _ in owed:
+                key = (row.user, row.item)
+                if self._writing.get(key) is recorded:
+                    del self._writing[key]
         return failures
-
-    async def _record(
-        self,
-        owed: Sequence[tuple[OutboxRow, UserData]],
-        made: Sequence[tuple[OutboxRow, UserData]],
-        recorded: asyncio.Event,
-        *,
-        lanes_failed: bool,
-    ) -> None:
-        """Record a batch's writes in ONE transaction (pending echo + last-known per write) and
-        tell the stats and the watcher; then the batch's echoes may be applied."""
-        try:
-            if not made:
-                return
-            acks = [(row, row.intended(current)) for row, current in made]
-            try:
-                done_ms = self._clock.wall_ms()
-                await self._ledger.rows_written(acks, done_ms)
-            except JfsyncError as err:
-                # Unrecorded writes stay queued and are compared again (the peer already
-                # holds them, so nothing is written twice).
-                logger.debug("[→%s] recording %d writes failed: %s", self.peer, len(acks), err)
-                return
-            self._written(len(acks), done_ms)
-            if self._watcher is not None:
-                delivered = [
-                    Delivered(row, current, after, done_ms)
-                    for (row, current), (_, after) in zip(made, acks, strict=True)
-                ]
-                self._tell(self._watcher.written, self.peer, delivered)
-            if not lanes_failed:
-                self.stats.last_error = None  # writes work again: say so
-        finally:
-            self._recorded(owed, recorded)
-
-    def _recorded(
-        self, owed: Sequence[tuple[OutboxRow, UserData]], recorded: asyncio.Event
-    ) -> None:
-        """The batch is recorded (or will not be): its echoes may be applied."""
-        recorded.set()
-        for row, _ in owed:
-            key = (row.user, row.item)
-            if self._writing.get(key) is recorded:
-                del self._writing[key]
-
-    async def _finish_recording(self) -> None:
-        """Wait for the record of the last batch (if any) to end."""
-        task, self._recording = self._recording, None
-        if task is None:
-            return
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            # One transaction: it ends soon, and nothing of it may outlive the pusher.
-            await asyncio.wait([task])
-            raise
-        finally:
-            self._recording_ids = set()
 
     async def _read_current(self, rows: Sequence[OutboxRow]) -> _Read:
         """Read the peer's state of every row's item, one listing per user; say when it was
