@@ -55,6 +55,7 @@ from jfsync.sync.identity import IdenticalIds, IndexedIdentity, ItemIdentity
 from jfsync.sync.intake import Counters, Intake
 from jfsync.sync.ledger import Applied, Ledger, Outcome
 from jfsync.sync.merge import MergePolicy
+from jfsync.sync.priority import LiveFirst
 from jfsync.sync.reconcile import Reconciler, ReconcileReport
 from jfsync.sync.resetguard import ResetGuard, ResetRule, describe_hold
 from jfsync.sync.sessions import SessionWatcher
@@ -231,6 +232,8 @@ class SyncService:
         self.ledger.file_lost_observers.append(self._ledger_file_lost)
         #: The last few hundred changes received and written (status, page, ``--activity``).
         self.activity = ActivityFeed()
+        #: Live work first: catch-ups give way to events and deliveries (jfsync.sync.priority).
+        self.live = LiveFirst(self.clock)
         #: Events, read-backs and playback reads become observations (jfsync.sync.intake).
         self.intake = self._make_intake()
         #: Notifications when something needs a person (``alerts:``; idle without targets).
@@ -260,6 +263,7 @@ class SyncService:
                 on_regression=self._on_regression,
                 watcher=self._delivery,
                 ahead=self._apply_ahead,
+                live=self.live,
                 **self._pusher_options,
             )
             link = ServerLink(config=server, index=index, client=client, pusher=pusher)
@@ -280,10 +284,11 @@ class SyncService:
             self.clock,
             users=self._synced_users,
             interval_s=self.config.sync.reconcile_interval,
-            on_applied=self._after_apply,
+            on_applied=self._after_scan_apply,
             on_result=self._reconciled,
             guard=self.reset_guard,
             ahead=self._apply_ahead_of_user,
+            live=self.live,
             **self._reconcile_options,
         )
         self.reconciler.start()
@@ -361,6 +366,7 @@ class SyncService:
             counters=self.counters,
             after_apply=self._after_apply,
             request_catch_up=self._on_regression,
+            live=self.live,
         )
 
     async def _apply_ahead(self, keys: Sequence[tuple[str, str]]) -> None:
@@ -744,7 +750,12 @@ class SyncService:
         self.last_reconcile_result = report.summary()
         self._notify()
 
-    def _after_apply(self, applied: list[Applied]) -> None:
+    def _after_scan_apply(self, applied: list[Applied]) -> None:
+        """:meth:`_after_apply` for what a catch-up applied (no live change: its deliveries
+        do not make other catch-ups give way)."""
+        self._after_apply(applied, live=False)
+
+    def _after_apply(self, applied: list[Applied], *, live: bool = True) -> None:
         peers: set[str] = set()
         for result in applied:
             if result.outcome is Outcome.ECHO:
@@ -765,7 +776,7 @@ class SyncService:
         for peer in peers:
             link = self.links.get(peer)
             if link is not None:
-                link.pusher.wake()
+                link.pusher.wake(live=live)
         self._notify()
 
     def _on_regression(self, server: str, user: str) -> None:

@@ -220,11 +220,15 @@ async def build_status(source: StatusSource) -> dict[str, Any]:
     ledger = source.ledger
     servers = []
     dead_keys: set[tuple[str, str, str]] = set()
+    # Every peer's outbox in ONE read of the ledger (counted in SQL; only a sample of the dead
+    # rows is loaded: a peer can park thousands): polled every few seconds, it must not queue
+    # a row of reads in front of the live events' transactions.
+    outboxes = await ledger.outbox_summaries(list(source.links), DEAD_ROWS_IN_STATUS)
     for link in source.links.values():
         stats = link.pusher.stats
-        # Counted in SQL; only a sample is loaded (a peer can park thousands of rows).
-        dead_count, dead = await ledger.dead_summary(link.name, DEAD_ROWS_IN_STATUS)
-        oldest = await ledger.oldest_age(link.name, now_ms)
+        box = outboxes[link.name]
+        dead_count, dead = box.dead_count, box.dead
+        oldest = box.oldest_age_s(now_ms)
         dead_names = await item_names(source, link.name, {r.item for r in dead})
         dead_keys.update((link.name, r.user, r.item) for r in dead)
         servers.append(
@@ -257,7 +261,7 @@ async def build_status(source: StatusSource) -> dict[str, Any]:
                     for sub in link.subscribers.values()
                 ],
                 "outbox": {
-                    "depth": await ledger.outbox_depth(link.name),
+                    "depth": box.depth,
                     "oldest_age_s": oldest,
                     "in_flight": link.pusher.in_flight,
                     "writes_done": stats.writes_done,

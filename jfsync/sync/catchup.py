@@ -10,7 +10,7 @@ from every listing was reset on that server, which is a change to the default st
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from jfsync.jellyfin.api import JellyfinClient
@@ -37,18 +37,28 @@ class ScannedItem:
 
 
 async def scan_non_default(
-    client: JellyfinClient, remote_user_id: str, parent_ids: Sequence[str] | None = None
+    client: JellyfinClient,
+    remote_user_id: str,
+    parent_ids: Sequence[str] | None = None,
+    *,
+    pause: Callable[[], Awaitable[None]] | None = None,
 ) -> dict[str, ScannedItem]:
     """List the user's leaf items with non-default data, by the server's item id.
 
     With ``parent_ids`` (a library filter: :mod:`jfsync.sync.filters`) only those libraries are
-    listed, one listing per library and filter; the others are never read.
+    listed, one listing per library and filter; the others are never read. ``pause`` is
+    awaited before each page and between the validation steps of a page (a catch-up gives
+    way to live work there: :mod:`jfsync.sync.priority`).
     """
     found: dict[str, ScannedItem] = {}
     parents: Sequence[str | None] = [None] if parent_ids is None else parent_ids
     for parent in parents:
         for name in NON_DEFAULT_FILTERS:
-            async for item in client.iter_items(remote_user_id, filters=(name,), parent_id=parent):
+            if pause is not None:
+                await pause()
+            async for item in client.iter_items(
+                remote_user_id, filters=(name,), parent_id=parent, pause=pause
+            ):
                 if item.id in found or item.user_data is None:
                     continue
                 found[item.id] = ScannedItem(item, item.user_data.to_user_data())

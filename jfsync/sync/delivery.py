@@ -62,6 +62,7 @@ from jfsync.jellyfin.writeplan import plan_write
 from jfsync.logs import FailureStreak
 from jfsync.model import ALL_REGISTERS, UserData
 from jfsync.sync.ledger import Ledger, OutboxRow
+from jfsync.sync.priority import LiveFirst
 from jfsync.timing import Clock, backoff_delays
 
 logger = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ class Pusher:
         drain_down_wait_s: float = DRAIN_DOWN_WAIT_S,
         drain_max_downs: int = DRAIN_MAX_DOWNS,
         ahead: AheadHook | None = None,
+        live: LiveFirst | None = None,
     ) -> None:
         self.peer = peer
         self.stats = PeerStats()
@@ -220,6 +222,11 @@ class Pusher:
         #: Applies events received (of other servers too) but not applied yet, before a
         #: compare: an older change must not land after the peer's newer one read here.
         self._ahead = ahead
+        #: Told while a round that delivers a live change is due or under way: catch-ups
+        #: give way to it.
+        self._live = live
+        #: The release of the live-work hold taken by the last wake, until a round ends.
+        self._live_hold: Callable[[], None] | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[tuple[str, str]] = set()
@@ -245,9 +252,24 @@ class Pusher:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"jfsync-pusher[{self.peer}]")
 
-    def wake(self) -> None:
-        """Tell the pusher new rows may be due."""
+    def wake(self, *, live: bool = False) -> None:
+        """Tell the pusher new rows may be due.
+
+        With ``live`` the rows carry a live change (an event just applied): a running pusher
+        then counts as live work (:mod:`jfsync.sync.priority`) from now to the end of its
+        next round, unless its peer is down or paused (then no round is coming soon).
+        """
         self._wake.set()
+        if (
+            live
+            and self._live is not None
+            and self._live_hold is None
+            and self._task is not None
+            and self._accepting
+            and self.stats.down_since_ms is None
+            and self.stats.pause_reason is None
+        ):
+            self._live_hold = self._live.hold()
 
     async def settled(self, keys: Iterable[tuple[str, str]]) -> None:
         """Wait until no write of these (user, item) keys is sent but not yet recorded.
@@ -339,7 +361,15 @@ class Pusher:
         try:
             await self._loop()
         finally:
+            self._release_live_hold()
             await self._drop_prepared()
+
+    def _release_live_hold(self) -> None:
+        """No round is coming soon (stopping, peer down or paused, a fault): live work no
+        more."""
+        release, self._live_hold = self._live_hold, None
+        if release is not None:
+            release()
 
     async def _loop(self) -> None:
         """Run steps until stopped; a step that fails is retried after a capped backoff."""
@@ -365,13 +395,16 @@ class Pusher:
         try:
             return await self._round()
         except _PeerDown as down:
+            self._release_live_hold()
             await self._wait_until_up(down.error)
         except _PeerPaused as paused:
+            self._release_live_hold()
             await self._wait_until_key_works(paused.error)
         return True
 
     async def _after_fault(self, err: Exception, delay_s: float) -> None:
         """Log and show a failed step (once per streak), then wait ``delay_s`` or a stop."""
+        self._release_live_hold()
         if isinstance(err, JfsyncError):
             self.stats.last_error = str(err)
             self._faults.failed(f"delivery round failed; retrying in {delay_s:.1f} s", err)
@@ -387,12 +420,17 @@ class Pusher:
         await self._sleep_or_wake(delay_s, wake_on_rows=False)
 
     async def _round(self) -> bool:
+        # The hold of the wakes so far covers this round; a wake during it, the next one.
+        woken, self._live_hold = self._live_hold, None
         try:
             return await self._deliver_round()
         except BaseException:
             # Whatever went wrong (peer down, stop), a batch read ahead is read again later.
             await self._drop_prepared()
             raise
+        finally:
+            if woken is not None:
+                woken()
 
     async def _deliver_round(self) -> bool:
         prepared = await self._take_prepared()

@@ -33,6 +33,7 @@ from jfsync.ratelimit import RepeatLimiter
 from jfsync.sync.delivery import Pusher
 from jfsync.sync.identity import ItemIdentity
 from jfsync.sync.ledger import Applied, Ledger, Observation, Outcome
+from jfsync.sync.priority import LiveFirst
 from jfsync.sync.resetguard import ResetGuard
 from jfsync.sync.sessions import PlaybackRead
 from jfsync.sync.subscriber import UserDataChangedEvent, UserDataEntry
@@ -121,6 +122,7 @@ class Intake:
         counters: Counters,
         after_apply: Callable[[list[Applied]], None],
         request_catch_up: Callable[[str, str], None] | None = None,
+        live: LiveFirst | None = None,
     ) -> None:
         self._links = links
         self._ledger = ledger
@@ -137,9 +139,18 @@ class Intake:
         self._held: dict[tuple[str, str], _Unapplied] = {}
         #: Per user: done once the last bulk message received has registered its entries.
         self._registering: dict[str, asyncio.Future[None]] = {}
+        #: Told of events and of their applies: catch-ups give way to them.
+        self._live = live
 
     async def user_data(self, event: UserDataChangedEvent) -> None:
         """Apply one ``UserDataChanged`` message of one (server, user) socket."""
+        if self._live is None:
+            await self._user_data(event)
+            return
+        with self._live.working():
+            await self._user_data(event)
+
+    async def _user_data(self, event: UserDataChangedEvent) -> None:
         link = self._links[event.server]
         user = link.user_keys.get(event.user_id)
         self.counters.events_received += 1
@@ -159,6 +170,8 @@ class Intake:
             return
         if self._reset_guard.is_held(link.name, user):
             return
+        if self._live is not None:
+            self._live.event()
         entries = event.item_entries
         self.counters.entries_received += len(entries)
         mine = _Unapplied(user)

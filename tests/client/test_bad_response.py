@@ -74,6 +74,23 @@ async def broken_server() -> AsyncIterator[Callable[[str, str], str]]:
             "field Items[0].Id: Field required",
         ),
         (
+            # A page is validated a step at a time: a bad item deep in it is still named by
+            # its place in the whole page.
+            "/Items",
+            '{"Items": ['
+            + ", ".join(
+                f'{{"Id": "{n:032x}", "Name": "x"}}' if n != 150 else '{"Name": "x", "Id": 7}'
+                for n in range(1, 300)
+            )
+            + '], "TotalRecordCount": 299}',
+            "items",
+            "/Items",
+            "field Items[149].Id: ",
+        ),
+        ("/Items", "[]", "items", "/Items", "field (body): "),
+        ("/Items", "<html>proxy error</html>", "items", "/Items", "the body is not JSON"),
+        ("/Items", " ", "items", "/Items", "the body is empty"),
+        (
             "/System/Info/Public",
             '{"Version": "ten", "Id": "4bd7d5a1e0c44f6a9b0d3c2e1f0a9b8c"}',
             "version",

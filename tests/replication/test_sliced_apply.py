@@ -25,6 +25,8 @@ from jfsync import emulator as emulator_module
 from jfsync.emulator import Emulator, RequestRecord
 from jfsync.model import PlayState, UserData
 from jfsync.sync import intake as intake_module
+from jfsync.sync import priority as priority_module
+from jfsync.sync import reconcile as reconcile_module
 from jfsync.sync.ledger import Applied, Observation
 from tests.replication.conftest import MakeCluster
 from tests.replication.harness import USER_KEY, Cluster
@@ -238,3 +240,74 @@ async def test_a_catch_up_during_a_sliced_apply_lets_the_later_change_win(
     await cluster.wait_items([b], items[:-1], PLAYED)
     await cluster.settle()
     assert cluster.all_hold(last, resumed)
+
+
+async def test_a_live_change_between_two_catch_up_slices_goes_first_and_wins(
+    make_cluster: MakeCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user plays a bit of many films on b (progress is saved without a push: only a
+    catch-up of b finds it). While the catch-up applies what it found, a slice at a time, the
+    user goes back into the first of those films on a and moves on in it. That change reaches
+    b before the catch-up's next slice (live work goes first), and it is what every server
+    keeps; the catch-up's other findings land everywhere too."""
+    monkeypatch.setattr(reconcile_module, "SCAN_BATCH", 2)
+    monkeypatch.setattr(reconcile_module, "LIVE_SCAN_BATCH", 2)
+    # A bound on how long a catch-up step gives way, never waited out here: large, so that
+    # order decides, not the speed of the machine.
+    monkeypatch.setattr(priority_module, "MAX_YIELD_S", 30.0)
+    cluster = await make_cluster(2, leaves=40)
+    a, b = cluster.emus
+    items = cluster.free_items[:20]
+    found = {
+        item: cluster.change(b, item, reason="PlaybackProgress", position_ticks=5_000_000)
+        for item in items
+    }
+    keys = {await cluster.key("b", item): item for item in items}
+    ledger = cluster.service.ledger
+    apply = ledger.apply_observations
+    scan_slices = 0
+    first: str | None = None
+    later: UserData | None = None
+    live_applied = False
+    at_write: list[int] = []
+
+    def note(emu: Emulator, record: RequestRecord) -> None:
+        if emu is b and record.method == "POST" and first is not None and first in record.path:
+            at_write.append(scan_slices)
+
+    async def apply_in_slices(observations: Sequence[Observation]) -> list[Applied]:
+        nonlocal scan_slices, first, later, live_applied
+        result = await apply(observations)
+        if any(o.source == "event" and o.server == "a" and o.state == later for o in observations):
+            live_applied = True
+        scan = [o for o in observations if o.source == "scan" and o.server == "b"]
+        if scan:
+            scan_slices += 1
+        if scan and scan_slices == 1:
+            first = keys[scan[0].item]
+            # What the first slice found reached a (and its echo came back): the user's next
+            # action there is later.
+            await cluster.wait_all_hold(first, found[first])
+            later = cluster.change(a, first, position_ticks=9_000_000)
+            await a.flush_now()
+            await cluster.wait(lambda: live_applied)
+        return result
+
+    monkeypatch.setattr(ledger, "apply_observations", apply_in_slices)
+    emulator_module.request_observers.append(note)
+    try:
+        result = await cluster.service.reconciler.catch_up("b", cluster.uid(b), USER_KEY)
+        assert result.changed == len(items)
+        assert first is not None
+        assert later is not None
+        await cluster.wait_all_hold(first, later)
+    finally:
+        emulator_module.request_observers.remove(note)
+    # The live change went to b before the catch-up applied its second slice of ten.
+    assert at_write[0] == 1
+    assert scan_slices == len(items) // 2
+    rest = [item for item in items if item != first]
+    await cluster.wait(lambda: all(cluster.all_hold(item, found[item]) for item in rest))
+    await cluster.settle()
+    assert cluster.all_hold(first, later)
+    assert all(cluster.all_hold(item, found[item]) for item in rest)

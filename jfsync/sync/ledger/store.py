@@ -30,11 +30,12 @@ import aiosqlite
 
 from jfsync.model import ALL_REGISTERS, DEFAULT_USER_DATA, UserData
 from jfsync.sync.echo import PendingWrite
-from jfsync.sync.ledger import outbox
+from jfsync.sync.ledger import combined, outbox
 from jfsync.sync.ledger.batch import Applied, Batch, Observation, Outcome, Source
 from jfsync.sync.ledger.cache import STATE_CACHE_PAIRS, StateCache
 from jfsync.sync.ledger.clock import Clock
 from jfsync.sync.ledger.codec import Key, fetch, mask_bits, ordered
+from jfsync.sync.ledger.combined import PeerOutbox
 from jfsync.sync.ledger.errors import LedgerError
 from jfsync.sync.ledger.lock import LedgerFile
 from jfsync.sync.ledger.maps import IdMaps, ItemMapping, migrate_map_keys
@@ -1204,3 +1205,16 @@ class Ledger:
     def _sid(self, server: str) -> int:
         self._require()  # a closed ledger says so before it judges a server name
         return self._maps.sid(server)
+
+    # ------------------------------------------------------------------ combined reads
+
+    async def outbox_summaries(
+        self, peers: Sequence[str], dead_limit: int
+    ) -> dict[str, PeerOutbox]:
+        """Each peer's outbox depth, oldest live row, dead count and oldest ``dead_limit`` dead
+        rows, in ONE read (:mod:`jfsync.sync.ledger.combined`; the status snapshot)."""
+        sids = {peer: self._sid(peer) for peer in peers}
+        names = self._maps.names
+        return await self._read(
+            lambda tx: combined.outbox_summaries(tx.db, names, sids, dead_limit)
+        )
