@@ -191,6 +191,11 @@ def _families(snap: Mapping[str, Any]) -> Iterator[Metric]:
         "Size of the SQLite ledger and its write-ahead log.",
         value=snap["ledger"]["size_bytes"],
     )
+    yield GaugeMetricFamily(
+        "jfsync_library_index_size_bytes",
+        "Size of the library index file beside the ledger and its write-ahead log.",
+        value=snap["ledger"]["index_size_bytes"],
+    )
     last_reconcile = snap["reconcile"]["last_at_ms"]
     if last_reconcile is not None:
         yield GaugeMetricFamily(

@@ -19,6 +19,7 @@ from jfsync import __version__
 from jfsync.ops.activity import SHOWN_IN_STATUS, ActivityFeed
 from jfsync.ops.alerts import Alerter
 from jfsync.sync.identity import IndexedIdentity
+from jfsync.sync.index import index_path
 
 if TYPE_CHECKING:
     from jfsync.config import Config, ServerConfig
@@ -294,6 +295,8 @@ async def build_status(source: StatusSource) -> dict[str, Any]:
         "ledger": {
             "path": str(source.config.ledger),
             "size_bytes": _file_size(str(source.config.ledger)),
+            "index_path": index_path(source.config.ledger),
+            "index_size_bytes": _file_size(index_path(source.config.ledger)),
         },
         "reset_guard": await source.reset_guard.status(),
         "reconcile": {

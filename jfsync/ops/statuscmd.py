@@ -401,6 +401,10 @@ def render(snap: Mapping[str, Any], url: str = "") -> tuple[str, list[Problem]]:
     reconcile = snap.get("reconcile", {})
     lines.append("")
     lines.append(f"Ledger: {ledger.get('path', '?')} ({_bytes(ledger.get('size_bytes'))})")
+    if ledger.get("index_path"):
+        lines.append(
+            f"Library index: {ledger['index_path']} ({_bytes(ledger.get('index_size_bytes'))})"
+        )
     if reconcile.get("last_at_ms") is None:
         lines.append("Last full reconcile: not yet")
     else:

@@ -150,6 +150,8 @@ async def test_status_json_has_every_documented_key_with_its_type(make_stack: St
     assert snapshot["counters"]["changes_applied"] >= 2
     assert snapshot["identity"]["pairs"][0]["servers"] == ["home", "cabin"]
     assert snapshot["ledger"]["size_bytes"] > 0
+    assert snapshot["ledger"]["index_path"] == f"{snapshot['ledger']['path']}.index"
+    assert snapshot["ledger"]["index_size_bytes"] > 0
 
 
 async def test_healthz_is_200_until_the_ledger_cannot_take_a_write(

@@ -287,7 +287,12 @@ def test_problems_are_found_in_a_snapshot_without_a_server() -> None:
         "identity": {
             "pairs": [{"servers": ["home", "cabin"], "matched": 5, "unmatched": 0, "ambiguous": 2}]
         },
-        "ledger": {"path": "/data/jfsync.db", "size_bytes": 3 * 1024 * 1024},
+        "ledger": {
+            "path": "/data/jfsync.db",
+            "size_bytes": 3 * 1024 * 1024,
+            "index_path": "/data/jfsync.db.index",
+            "index_size_bytes": 5 * 1024 * 1024,
+        },
         "reconcile": {"last_at_ms": None, "last_result": None},
     }
     text, problems = statuscmd.render(snapshot, "http://x")
@@ -297,4 +302,5 @@ def test_problems_are_found_in_a_snapshot_without_a_server() -> None:
     assert problems[1].text == "2 item(s) match ambiguously between home and cabin (not synced)"
     assert "jfsync 0.1.0 at http://x, up 1h 02m" in text
     assert "Ledger: /data/jfsync.db (3.0 MiB)" in text
+    assert "Library index: /data/jfsync.db.index (5.0 MiB)" in text
     assert "Last full reconcile: not yet" in text
