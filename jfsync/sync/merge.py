@@ -319,7 +319,7 @@ def merge(
         first_contact=False,
         canonical=new,
         canonical_changed=moved_set,
-        writes=_writes(policy, origin, moved_set, frozenset(lost)) if moved or lost else {},
+        writes=writes_owed(policy, origin, moved_set, frozenset(lost)) if moved or lost else {},
     )
 
 
@@ -420,7 +420,7 @@ def _first_ever(
         first_contact=True,
         canonical=CanonicalState.first(incoming, stamp, origin),
         canonical_changed=owed,
-        writes=_writes(policy, origin, owed, frozenset()),
+        writes=writes_owed(policy, origin, owed, frozenset()),
     )
 
 
@@ -466,7 +466,7 @@ def _first_contact(
         first_contact=True,
         canonical=new,
         canonical_changed=frozenset(moved),
-        writes=_writes(policy, origin, frozenset(moved), frozenset(lost)),
+        writes=writes_owed(policy, origin, frozenset(moved), frozenset(lost)),
     )
 
 
@@ -502,12 +502,14 @@ def _receiver(
     )
 
 
-def _writes(
+def writes_owed(
     policy: MergePolicy,
     origin: str,
     to_others: frozenset[Register],
     to_origin: frozenset[Register],
 ) -> dict[str, frozenset[Register]]:
+    """What each server is owed: ``to_others`` by every server but ``origin`` that receives,
+    ``to_origin`` by ``origin`` (when it receives); servers owed nothing are left out."""
     writes: dict[str, frozenset[Register]] = {}
     if to_others:
         for server in policy.servers:

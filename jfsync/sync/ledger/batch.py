@@ -14,11 +14,11 @@ an observation is (:class:`Observation`) and what applying it did (:class:`Appli
 from __future__ import annotations
 
 from collections.abc import Sequence, Set
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
-from jfsync.model import Register, Stamp, UserData
+from jfsync.model import DEFAULT_USER_DATA, Register, Stamp, UserData
 from jfsync.sync.echo import (
     PendingWrite,
     Verdict,
@@ -28,16 +28,41 @@ from jfsync.sync.echo import (
     record_write,
 )
 from jfsync.sync.ledger.clock import Clock
-from jfsync.sync.ledger.codec import Key, Pair
+from jfsync.sync.ledger.codec import MASKS as _MASKS
+from jfsync.sync.ledger.codec import Key, Pair, mask_bits
 from jfsync.sync.ledger.maps import IdMaps
 from jfsync.sync.ledger.outbox import OutboxRow, WorkRow
 from jfsync.sync.ledger.policy import LedgerPolicy
 from jfsync.sync.ledger.writer import StateWriter
-from jfsync.sync.merge import CanonicalState, MergePolicy, changed_registers, merge
+from jfsync.sync.merge import (
+    CanonicalState,
+    MergePolicy,
+    Stamped,
+    changed_registers,
+    merge,
+    writes_owed,
+)
+from jfsync.sync.rewatch import protected
 
 Source = Literal["event", "scan", "compare", "read"]
 
 _NOTHING: frozenset[Register] = frozenset()
+_DEFAULT = DEFAULT_USER_DATA
+#: Builds a :class:`WorkRow` from all of its fields (a named tuple: no defaults to fill in).
+_new_row = tuple.__new__
+
+
+def _diff_bits(before: UserData, after: UserData) -> int:
+    """The registers whose value differs (bits: 1 favourite, 2 rating, 4 play state)."""
+    bits = 0
+    if before.favorite != after.favorite:
+        bits = 1
+    if before.rating != after.rating:
+        bits |= 2
+    ps_before, ps_after = before.play_state, after.play_state
+    if ps_before is not ps_after and ps_before != ps_after:
+        bits |= 4
+    return bits
 
 
 class Outcome(StrEnum):
@@ -123,16 +148,23 @@ class Batch:
         self.mapped: dict[int, set[int]] = {}
         #: Ids of the rows loaded, by key (a row created again for that key reuses its id).
         self._loaded_rows: dict[Key, int] = {}
-        self._dirty_canon: set[Pair] = set()
-        self._dirty_lk: set[Key] = set()
-        self._dirty_echo: set[Key] = set()
-        self._dirty_rows: set[Key] = set()
+        #: What this batch changed, in the order it did (dicts as ordered sets: a bulk apply
+        #: changes keys in the order their ids were made, so sorting them at flush is cheap).
+        self._dirty_canon: dict[Pair, None] = {}
+        self._dirty_lk: dict[Key, None] = {}
+        self._dirty_echo: dict[Key, None] = {}
+        self._dirty_rows: dict[Key, None] = {}
         self._clock_moved = False
         #: Per batch memos of the hot path (policies by person, tiebreaks by server, the
         #: servers owed rows by (user, origin): reset when :meth:`load` adds members).
         self._user_policies: dict[str, MergePolicy] = {}
         self._tiebreaks: dict[str, int] = {}
         self._targets: dict[tuple[int, int], tuple[tuple[int, str], ...]] = {}
+        #: And those of :meth:`apply_all`: per person (:meth:`_profile_of`), per (user, peer)
+        #: the registers it may be owed, per (origin, moved, lost) what each server is owed.
+        self._profiles: dict[str, tuple[int, frozenset[str], bool]] = {}
+        self._allowed: dict[tuple[int, int], int] = {}
+        self._writes: dict[tuple[str, int, int], dict[str, int]] = {}
         seed = policy.seed
         self._seed_sid = maps.sid_of(seed) if seed is not None else None
         self._configured = {maps.sid(n) for n in policy.servers}
@@ -187,19 +219,241 @@ class Batch:
         if seq > seen.get(key, 0) and seq > self.clock.seen(key):
             seen[key] = seq
 
+    def apply_all(self, observations: Sequence[Observation], keys: Sequence[Key]) -> list[Applied]:
+        """Apply ``observations`` (``keys``: their ids) in order, as :meth:`apply` does each.
+
+        A bulk message or a scan page is thousands of observations of one shape: no pending
+        echo, and either a known server's change or the first state anyone showed of an item.
+        Those run inline here: the ticket check, the diff as register bits, the merge of
+        :func:`jfsync.sync.merge.merge` for exactly these two cases written out, and each
+        new outbox row built once; anything else (a pending echo, a first contact with a
+        canonical state, a receive-only server, a row already queued) takes the general path
+        (:meth:`apply`, :meth:`_merge_in`, :meth:`refresh_row`). Both give the same states,
+        rows and outcomes (``tests/core/test_ledger_bulk.py`` compares them on random
+        histories).
+        """
+        results: list[Applied] = []
+        append = results.append
+        echo, lk, canon, rows, seen = self.echo, self.lk, self.canon, self.rows, self.seen
+        dirty_lk, dirty_canon, dirty_rows = self._dirty_lk, self._dirty_canon, self._dirty_rows
+        clock = self.clock
+        ticket, clock_seen = clock.ticket, clock.seen
+        loaded_rows, indexed, mapped = self._loaded_rows, self.indexed, self.mapped
+        targets_of, targets = self._targets_of, self._targets
+        profiles = self._profiles
+        allowed = self._allowed
+        writes_of = self._writes
+        tiebreaks = self._tiebreaks
+        unchanged, changed_outcome = Outcome.UNCHANGED, Outcome.CHANGED
+        ticked = False
+        for obs, key in zip(observations, keys, strict=True):
+            if echo.get(key):
+                append(self.apply(obs, key))  # the echo rule decides first
+                continue
+            source = obs.source
+            if source == "event":
+                seq = ticket()
+                if seq > seen.get(key, 0) and seq > clock_seen(key):
+                    seen[key] = seq
+            else:
+                # A read: never applied over something learnt after it was requested.
+                seq = ticket() if obs.read_seq is None else obs.read_seq
+                if seen.get(key, 0) > seq or clock_seen(key) > seq:
+                    append(Applied(obs, Outcome.OUTDATED))
+                    continue
+                if source != "scan" and seq > seen.get(key, 0) and seq > clock_seen(key):
+                    seen[key] = seq
+            user, server, state = obs.user, obs.server, obs.state
+            profile = profiles.get(user)
+            if profile is None:
+                profile = self._profile_of(user)
+            synced_bits, receive_only, rewatch = profile
+            uid, iid, sid = key
+            pair = (uid, iid)
+            previous = lk.get(key)
+            canonical = canon.get(pair)
+            if canonical is None:
+                if server in receive_only:
+                    append(self._merge_in(obs, key))
+                    continue
+                # The first state anyone showed of the item (merge's first-ever case).
+                base = _DEFAULT if previous is None else previous
+                bits = _diff_bits(base, state) & synced_bits
+                owed_bits = _diff_bits(_DEFAULT, state) & synced_bits
+                ms = clock.ms + 1
+                wall = obs.wall_ms
+                if wall > ms:
+                    ms = wall
+                clock.ms = ms
+                ticked = True
+                tiebreak = tiebreaks.get(server)
+                if tiebreak is None:
+                    tiebreak = self._tiebreak_of(server)
+                stamp = Stamp(ms, tiebreak)
+                stamped = Stamped(stamp, server)
+                new = CanonicalState(state, stamped, stamped, stamped)
+                first_contact = True
+                moved = owed_bits
+                lost = 0
+            elif previous is None or server in receive_only:
+                append(self._merge_in(obs, key))  # first contact of a server, or a receiver
+                continue
+            else:
+                # A known server (merge's known case): each changed register by its stamp.
+                if previous is state:
+                    append(Applied(obs, unchanged))
+                    continue
+                fav, old_favorite = state.favorite, previous.favorite
+                rat, old_rating = state.rating, previous.rating
+                ps, old_ps = state.play_state, previous.play_state
+                bits = 0
+                if fav != old_favorite:
+                    bits = 1
+                if rat != old_rating:
+                    if rat is not old_rating:  # as ``previous == state`` compares fields
+                        bits |= 2
+                    else:
+                        bits |= 8  # only ``!=`` (NaN) says so: merged as changed_registers
+                if ps is not old_ps and ps != old_ps:
+                    bits |= 4
+                if not bits & 7:
+                    append(Applied(obs, unchanged))
+                    continue
+                bits = ((bits >> 2) & 2 | bits) & synced_bits
+                if not bits:
+                    lk[key] = state
+                    dirty_lk[key] = None
+                    append(Applied(obs, unchanged))
+                    continue
+                ms = clock.ms + 1
+                wall = obs.wall_ms
+                if wall > ms:
+                    ms = wall
+                clock.ms = ms
+                ticked = True
+                tiebreak = tiebreaks.get(server)
+                if tiebreak is None:
+                    tiebreak = self._tiebreak_of(server)
+                stamp = Stamp(ms, tiebreak)
+                data = canonical.data
+                favorite, rating, play_state = data.favorite, data.rating, data.play_state
+                won = moved = lost = 0
+                if bits & 1:
+                    held = canonical.favorite.stamp
+                    if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
+                        if fav != favorite:
+                            moved = 1
+                        favorite = fav
+                        won = 1
+                    elif fav != favorite:
+                        lost = 1
+                if bits & 2:
+                    held = canonical.rating.stamp
+                    if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
+                        if rat != rating:
+                            moved |= 2
+                        rating = None if rat is None else float(rat)
+                        won |= 2
+                    elif rat != rating:
+                        lost |= 2
+                if bits & 4:
+                    if rewatch:
+                        ps = protected(play_state, ps)
+                    held = canonical.play_state.stamp
+                    if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
+                        if ps is not play_state and ps != play_state:
+                            moved |= 4
+                        play_state = ps
+                        won |= 4
+                    elif ps is not play_state and ps != play_state:
+                        lost |= 4
+                if won:
+                    winner = Stamped(stamp, server)
+                    if (
+                        favorite is state.favorite
+                        and rating is state.rating
+                        and play_state is state.play_state
+                    ):
+                        merged = state  # shared (decoded states are interned)
+                    else:
+                        merged = UserData(favorite, rating, play_state)
+                    new = CanonicalState(
+                        merged,
+                        winner if won & 1 else canonical.favorite,
+                        winner if won & 2 else canonical.rating,
+                        winner if won & 4 else canonical.play_state,
+                    )
+                else:
+                    new = canonical
+                first_contact = False
+            # The new states, then the rows of every server that may be owed something.
+            if new is not canonical:
+                canon[pair] = new
+                dirty_canon[pair] = None
+            lk[key] = state
+            dirty_lk[key] = None
+            owed_by = writes_of.get((server, moved, lost))
+            if owed_by is None:
+                owed_by = self._writes_of(server, moved, lost)
+            desired = new.data
+            queued: dict[str, frozenset[Register]] = {}
+            servers = targets.get((uid, sid))
+            if servers is None:
+                servers = targets_of(uid, sid)
+            for target, name in servers:
+                owed = owed_by.get(name, 0)
+                tkey = (uid, iid, target)
+                existing = rows.get(tkey)
+                if existing is not None:
+                    if self.refresh_row(tkey, _MASKS[owed], desired, ms, wall):
+                        row = rows.get(tkey)
+                        queued[name] = _NOTHING if row is None else row.mask
+                    continue
+                if not owed or (
+                    target != sid and target in indexed and iid not in mapped.get(target, ())
+                ):
+                    continue
+                may = allowed.get((uid, target))
+                if may is None:
+                    may = self._allowed_of(uid, target)
+                owed &= may
+                known = lk.get(tkey)
+                if known is not None and owed:
+                    owed &= _diff_bits(desired, known)  # what the peer holds is not owed
+                if not owed:
+                    continue
+                mask = _MASKS[owed]
+                rows[tkey] = _new_row(
+                    WorkRow, (loaded_rows.get(tkey), mask, desired, ms, wall, 0, 0, None, False)
+                )
+                dirty_rows[tkey] = None
+                queued[name] = mask
+            append(
+                Applied(
+                    obs,
+                    changed_outcome if bits else unchanged,
+                    _MASKS[bits],
+                    first_contact,
+                    _MASKS[moved],
+                    stamp,
+                    queued,
+                )
+            )
+        if ticked:
+            self._clock_moved = True
+        return results
+
     def apply(self, obs: Observation, key: Key) -> Applied:
         """Apply one observation to the working set (rules in :meth:`Ledger.apply_observations`)."""
-        uid, iid, sid = key
         state = obs.state
-        lk = self.lk
         pending = self.echo.get(key, ())
         if obs.source == "event":
             self.see(key, self.clock.ticket())
             if pending:  # no pending write: a change (classify_event's answer), nothing to prune
-                verdict = classify_event(pending, state, lk.get(key), obs.wall_ms)
+                verdict = classify_event(pending, state, self.lk.get(key), obs.wall_ms)
                 if verdict.pending != pending:
                     self.echo[key] = pending = verdict.pending
-                    self._dirty_echo.add(key)
+                    self._dirty_echo[key] = None
                 if verdict.verdict is Verdict.ECHO:
                     return Applied(obs, Outcome.ECHO)
                 if verdict.verdict is Verdict.AMBIGUOUS:
@@ -227,7 +481,15 @@ class Batch:
                 moot = after_read(pending, state, obs.wall_ms, obs.wall_ms)
                 if moot != pending:
                     self.echo[key] = pending = moot
-                    self._dirty_echo.add(key)
+                    self._dirty_echo[key] = None
+        return self._merge_in(obs, key)
+
+    def _merge_in(self, obs: Observation, key: Key) -> Applied:
+        """The rest of :meth:`apply` once the echo rule and the read's ticket let ``obs`` in:
+        the diff, the stamp, the merge, the new states and the outbox rows."""
+        uid, iid, sid = key
+        state = obs.state
+        lk = self.lk
         previous = lk.get(key)
         canonical = self.canon.get((uid, iid))
         policy = self._policy_of(obs.user)  # the person's register choices
@@ -256,9 +518,9 @@ class Batch:
         # merge returns ``canonical`` itself when it did not move (any move changes a stamp).
         if desired is not canonical:
             self.canon[(uid, iid)] = desired
-            self._dirty_canon.add((uid, iid))
+            self._dirty_canon[(uid, iid)] = None
         lk[key] = state
-        self._dirty_lk.add(key)
+        self._dirty_lk[key] = None
         queued: dict[str, frozenset[Register]] = {}
         writes = result.writes
         rows = self.rows
@@ -291,6 +553,31 @@ class Batch:
         if found is None:
             found = self._user_policies[user] = policy.for_user(user)
         return found
+
+    def _profile_of(self, user: str) -> tuple[int, frozenset[str], bool]:
+        """What the bulk path needs of one person's policy: the registers it syncs (bits),
+        the receive-only servers and whether rewatch protection is on (once per batch)."""
+        policy = self._policy_of(user)
+        profile = (mask_bits(policy.synced), policy.receive_only, policy.rewatch_protection)
+        self._profiles[user] = profile
+        return profile
+
+    def _allowed_of(self, uid: int, target: int) -> int:
+        """The registers that may be owed to ``target`` for ``uid`` (bits; :meth:`refresh_row`)."""
+        bits = mask_bits(self.rules.synced_of(uid, self.maps.names.get(target)))
+        self._allowed[(uid, target)] = bits
+        return bits
+
+    def _writes_of(self, server: str, moved: int, lost: int) -> dict[str, int]:
+        """The registers (bits) each server is owed when ``server``'s observation moved the
+        canonical value of ``moved`` and lost ``lost`` (:func:`writes_owed`)."""
+        if not moved and not lost:
+            owed: dict[str, int] = {}
+        else:
+            writes = writes_owed(self.policy, server, _MASKS[moved], _MASKS[lost])
+            owed = {name: mask_bits(registers) for name, registers in writes.items()}
+        self._writes[(server, moved, lost)] = owed
+        return owed
 
     def _tiebreak_of(self, server: str) -> int:
         """The stamp tiebreak of changes ``server`` shows (:meth:`MergePolicy.stamp`)."""
@@ -334,7 +621,7 @@ class Batch:
             if existing is None:
                 return False
             self.rows[key] = None
-            self._dirty_rows.add(key)
+            self._dirty_rows[key] = None
             return True
         registers = mask
         if (
@@ -351,7 +638,7 @@ class Batch:
         else:
             row = WorkRow(self._loaded_rows.get(key), registers, desired, version, now_ms)
         self.rows[key] = row
-        self._dirty_rows.add(key)
+        self._dirty_rows[key] = None
         return True
 
     def flush(self) -> None:
@@ -385,7 +672,7 @@ class Batch:
         for state in states:
             pending = record_write(pending, state, wall_ms, base)
         self.echo[key] = pending
-        self._dirty_echo.add(key)
+        self._dirty_echo[key] = None
 
     def number_new_rows(self) -> None:
         """Give the rows created so far their ids (flush numbers the rest)."""
@@ -417,7 +704,7 @@ class Batch:
         # entry per echo, timed when the write completed (scans compare against that).
         pending = tuple(p for p in self.echo.get(key, ()) if p.state != state)
         self.echo[key] = record_write(pending, state, wall_ms, replaced)
-        self._dirty_echo.add(key)
+        self._dirty_echo[key] = None
         done = self._settle_row(key, version, state)
         # A change that came while the write was on its way may have moved the canonical
         # value back to what the peer held before it: its row was pruned then (nothing owed
@@ -436,22 +723,22 @@ class Batch:
             return False
         if row.version == version:
             self.rows[key] = None
-            self._dirty_rows.add(key)
+            self._dirty_rows[key] = None
             return True
         # Replaced mid-flight: keep what the write did not already deliver (same version, so
         # a pusher holding the newer row can still ack it).
         left = frozenset(r for r in row.mask if row.desired.get(r) != state.get(r))
         if not left:
             self.rows[key] = None
-            self._dirty_rows.add(key)
+            self._dirty_rows[key] = None
         elif left != row.mask:
-            self.rows[key] = replace(row, mask=left)
-            self._dirty_rows.add(key)
+            self.rows[key] = row._replace(mask=left)
+            self._dirty_rows[key] = None
         return False
 
     def set_last_known(self, key: Key, state: UserData) -> None:
         self.lk[key] = state
-        self._dirty_lk.add(key)
+        self._dirty_lk[key] = None
 
     def tick(self, wall_ms: int) -> int:
         """Advance the hybrid clock and persist it with this batch."""

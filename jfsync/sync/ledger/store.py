@@ -435,7 +435,7 @@ class Ledger:
             pairs = {(u, i) for u, i, _ in keys}
             empty = {(u, i) for u, i in pairs if u in new_users or i in created}
             batch.load(pairs, empty=empty)
-            results = [batch.apply(o, k) for o, k in zip(observed, keys, strict=True)]
+            results = batch.apply_all(observed, keys)
             batch.flush()
             return results
 

@@ -37,6 +37,7 @@ from jfsync.sync.ledger.codec import (
     decode_state,
     encode_echo,
     fetch,
+    insert_rows,
     marks,
     state_values,
     upsert_sql,
@@ -225,14 +226,14 @@ class StateWriter:
     def put_canonical(self, states: Mapping[Pair, CanonicalState]) -> None:
         """Write canonical states."""
         self._require_writable()
-        self.db.executemany(_UPSERT_CANONICAL, _canonical_params(states))
+        insert_rows(self.db, _UPSERT_CANONICAL, _canonical_params(states))
         self._canon.update(states)
         self._wrote = True
 
     def put_last_known(self, states: Mapping[Key, UserData]) -> None:
         """Write last-known states."""
         self._require_writable()
-        self.db.executemany(_UPSERT_LAST_KNOWN, _state_params(states))
+        insert_rows(self.db, _UPSERT_LAST_KNOWN, _state_params(states))
         self._lk.update(states)
         self._wrote = True
 
@@ -242,7 +243,7 @@ class StateWriter:
         keep = [(*k, encode_echo(pending)) for k, pending in echoes.items() if pending]
         drop = [k for k, pending in echoes.items() if not pending]
         if keep:
-            self.db.executemany(_UPSERT_ECHO, keep)
+            insert_rows(self.db, _UPSERT_ECHO, keep)
         if drop:
             self.db.executemany(
                 "DELETE FROM pending_echo WHERE user=? AND item=? AND server=?", drop
@@ -294,7 +295,7 @@ class StateWriter:
         if updates:
             self.db.executemany(_UPDATE_ROW, updates)
         if inserts:
-            self.db.executemany(_INSERT_ROW, inserts)
+            insert_rows(self.db, _INSERT_ROW, inserts)
         self._rows.update(rows)
         self._wrote = True
 
