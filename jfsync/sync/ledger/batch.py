@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
-from jfsync.model import DEFAULT_USER_DATA, Register, Stamp, UserData
+from jfsync.model import DEFAULT_USER_DATA, PlayState, Register, Stamp, UserData
 from jfsync.sync.echo import (
     PendingWrite,
     Verdict,
@@ -60,9 +60,19 @@ def _diff_bits(before: UserData, after: UserData) -> int:
     if before.rating != after.rating:
         bits |= 2
     ps_before, ps_after = before.play_state, after.play_state
-    if ps_before is not ps_after and ps_before != ps_after:
+    if ps_before is not ps_after and _ps_differ(ps_before, ps_after):
         bits |= 4
     return bits
+
+
+def _ps_differ(a: PlayState, b: PlayState) -> bool:
+    """``a != b``, field by field (the dataclass's ``__eq__`` builds two tuples per call)."""
+    return (
+        a.last_played_s != b.last_played_s
+        or a.play_count != b.play_count
+        or a.played != b.played
+        or a.position_ticks != b.position_ticks
+    )
 
 
 class Outcome(StrEnum):
@@ -314,7 +324,7 @@ class Batch:
                         bits |= 2
                     else:
                         bits |= 8  # only ``!=`` (NaN) says so: merged as changed_registers
-                if ps is not old_ps and ps != old_ps:
+                if ps is not old_ps and _ps_differ(ps, old_ps):
                     bits |= 4
                 if not bits & 7:
                     append(Applied(obs, unchanged))
@@ -361,11 +371,11 @@ class Batch:
                         ps = protected(play_state, ps)
                     held = canonical.play_state.stamp
                     if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
-                        if ps is not play_state and ps != play_state:
+                        if ps is not play_state and _ps_differ(ps, play_state):
                             moved |= 4
                         play_state = ps
                         won |= 4
-                    elif ps is not play_state and ps != play_state:
+                    elif ps is not play_state and _ps_differ(ps, play_state):
                         lost |= 4
                 if won:
                     winner = Stamped(stamp, server)

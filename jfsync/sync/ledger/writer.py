@@ -39,11 +39,12 @@ from jfsync.sync.ledger.codec import (
     fetch,
     insert_rows,
     marks,
+    mask_bits,
     state_values,
     upsert_sql,
 )
 from jfsync.sync.ledger.errors import LedgerError
-from jfsync.sync.ledger.outbox import ROW_COLS, WORK_SELECT, WorkRow, decode_work_row, row_values
+from jfsync.sync.ledger.outbox import ROW_COLS, WORK_SELECT, WorkRow, decode_work_row
 from jfsync.sync.merge import CanonicalState
 
 _UPSERT_CANONICAL = upsert_sql("canonical", CANON_COLS, "user, item")
@@ -275,21 +276,43 @@ class StateWriter:
         updates: list[tuple[Any, ...]] = []
         inserts: list[tuple[Any, ...]] = []
         new_ids = self._new_ids
+        written, loaded = self._rows, self._loaded
+        # What _stored_id does, inline, and each run of one desired state encoded once: a bulk
+        # apply writes thousands of rows, most of them owing one state object.
+        last: UserData | None = None
+        values: tuple[Any, ...] = ()
         for key, row in rows.items():
-            old = self._stored_id(key)
+            if key in written:
+                prior = written[key]
+            else:
+                entry = loaded.get((key[0], key[1]))
+                prior = None if entry is None else entry.rows.get(key[2])
+            old = None if prior is None else prior.id
             if row is None:
                 if old is not None:
                     deletes.append((old,))
                 continue
-            row_id = row.id
+            row_id, mask, desired, version, created_ms, attempts, next_ms, error, dead = row
             assert row_id is not None  # number_rows first
+            if desired is not last:
+                values, last = state_values(desired), desired
+            columns = (
+                mask_bits(mask),
+                *values,
+                version,
+                created_ms,
+                attempts,
+                next_ms,
+                error,
+                int(dead),
+            )
             if row_id in new_ids:
                 if old is not None:
                     deletes.append((old,))
                 new_ids.discard(row_id)
-                inserts.append((row_id, key[2], key[0], key[1], *row_values(row)))
+                inserts.append((row_id, key[2], key[0], key[1], *columns))
             else:
-                updates.append((*row_values(row), row_id))
+                updates.append((*columns, row_id))
         if deletes:
             self.db.executemany("DELETE FROM outbox WHERE id=?", deletes)
         if updates:
