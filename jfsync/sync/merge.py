@@ -218,6 +218,40 @@ class CanonicalState:
         return max(self.favorite.stamp, self.rating.stamp, self.play_state.stamp)
 
 
+_new = object.__new__
+_set_stamp = Stamped.__dict__["stamp"].__set__
+_set_origin = Stamped.__dict__["origin"].__set__
+_set_data = CanonicalState.__dict__["data"].__set__
+_set_favorite = CanonicalState.__dict__["favorite"].__set__
+_set_rating = CanonicalState.__dict__["rating"].__set__
+_set_play_state = CanonicalState.__dict__["play_state"].__set__
+
+
+def new_stamped(stamp: Stamp, origin: str) -> Stamped:
+    """``Stamped(stamp, origin)`` built through the slots (see :func:`new_canonical`)."""
+    stamped = _new(Stamped)
+    _set_stamp(stamped, stamp)
+    _set_origin(stamped, origin)
+    return stamped
+
+
+def new_canonical(
+    data: UserData, favorite: Stamped, rating: Stamped, play_state: Stamped
+) -> CanonicalState:
+    """``CanonicalState(data, favorite, rating, play_state)``, built twice as fast.
+
+    A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``; a bulk
+    apply builds one canonical state per observation, so it sets the slots directly. The
+    object is whole before anyone sees it.
+    """
+    state = _new(CanonicalState)
+    _set_data(state, data)
+    _set_favorite(state, favorite)
+    _set_rating(state, rating)
+    _set_play_state(state, play_state)
+    return state
+
+
 @dataclass(frozen=True, slots=True)
 class MergeResult:
     """What one observation did: changes seen, the new canonical state, the writes owed."""

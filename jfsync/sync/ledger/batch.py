@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
-from jfsync.model import DEFAULT_USER_DATA, PlayState, Register, Stamp, UserData
+from jfsync.model import DEFAULT_USER_DATA, PlayState, Register, Stamp, UserData, new_stamp
 from jfsync.sync.echo import (
     PendingWrite,
     Verdict,
@@ -37,9 +37,10 @@ from jfsync.sync.ledger.writer import StateWriter
 from jfsync.sync.merge import (
     CanonicalState,
     MergePolicy,
-    Stamped,
     changed_registers,
     merge,
+    new_canonical,
+    new_stamped,
     writes_owed,
 )
 from jfsync.sync.rewatch import protected
@@ -50,6 +51,7 @@ _NOTHING: frozenset[Register] = frozenset()
 _DEFAULT = DEFAULT_USER_DATA
 #: Builds a :class:`WorkRow` from all of its fields (a named tuple: no defaults to fill in).
 _new_row = tuple.__new__
+_new_object = object.__new__
 
 
 def _diff_bits(before: UserData, after: UserData) -> int:
@@ -126,6 +128,43 @@ class Applied:
     #: Outbox rows this observation created, changed or emptied: the registers each now holds
     #: (an empty set: the row is gone because nothing is owed any more).
     queued: dict[str, frozenset[Register]] = field(default_factory=dict)
+
+
+_set_applied = tuple(
+    Applied.__dict__[name].__set__
+    for name in (
+        "observation",
+        "outcome",
+        "changed",
+        "first_contact",
+        "canonical_changed",
+        "stamp",
+        "queued",
+    )
+)
+
+
+def _applied(
+    observation: Observation,
+    outcome: Outcome,
+    changed: frozenset[Register],
+    first_contact: bool,
+    canonical_changed: frozenset[Register],
+    stamp: Stamp,
+    queued: dict[str, frozenset[Register]],
+) -> Applied:
+    """An :class:`Applied` with every field given, built through its slots (twice as fast as
+    the frozen dataclass's ``__init__``: the bulk path builds one per observation)."""
+    applied = _new_object(Applied)
+    s_obs, s_outcome, s_changed, s_first, s_moved, s_stamp, s_queued = _set_applied
+    s_obs(applied, observation)
+    s_outcome(applied, outcome)
+    s_changed(applied, changed)
+    s_first(applied, first_contact)
+    s_moved(applied, canonical_changed)
+    s_stamp(applied, stamp)
+    s_queued(applied, queued)
+    return applied
 
 
 class Batch:
@@ -299,9 +338,9 @@ class Batch:
                 tiebreak = tiebreaks.get(server)
                 if tiebreak is None:
                     tiebreak = self._tiebreak_of(server)
-                stamp = Stamp(ms, tiebreak)
-                stamped = Stamped(stamp, server)
-                new = CanonicalState(state, stamped, stamped, stamped)
+                stamp = new_stamp(ms, tiebreak)
+                stamped = new_stamped(stamp, server)
+                new = new_canonical(state, stamped, stamped, stamped)
                 first_contact = True
                 moved = owed_bits
                 lost = 0
@@ -344,7 +383,7 @@ class Batch:
                 tiebreak = tiebreaks.get(server)
                 if tiebreak is None:
                     tiebreak = self._tiebreak_of(server)
-                stamp = Stamp(ms, tiebreak)
+                stamp = new_stamp(ms, tiebreak)
                 data = canonical.data
                 favorite, rating, play_state = data.favorite, data.rating, data.play_state
                 won = moved = lost = 0
@@ -378,7 +417,7 @@ class Batch:
                     elif ps is not play_state and _ps_differ(ps, play_state):
                         lost |= 4
                 if won:
-                    winner = Stamped(stamp, server)
+                    winner = new_stamped(stamp, server)
                     if (
                         favorite is state.favorite
                         and rating is state.rating
@@ -387,7 +426,7 @@ class Batch:
                         merged = state  # shared (decoded states are interned)
                     else:
                         merged = UserData(favorite, rating, play_state)
-                    new = CanonicalState(
+                    new = new_canonical(
                         merged,
                         winner if won & 1 else canonical.favorite,
                         winner if won & 2 else canonical.rating,
@@ -439,7 +478,7 @@ class Batch:
                 dirty_rows[tkey] = None
                 queued[name] = mask
             append(
-                Applied(
+                _applied(
                     obs,
                     changed_outcome if bits else unchanged,
                     _MASKS[bits],
