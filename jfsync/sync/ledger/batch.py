@@ -231,18 +231,22 @@ class Batch:
         self._loaded_pairs |= wanted
         canon, lk, echo, rows, loaded = self.canon, self.lk, self.echo, self.rows, self._loaded_rows
         for pair, entry in self.tables.load(wanted, empty).items():
+            state = entry.canon
+            if state is not None:
+                canon[pair] = state
             uid, iid = pair
-            if entry.canon is not None:
-                canon[pair] = entry.canon
-            for sid, state in entry.lk.items():
-                lk[(uid, iid, sid)] = state
-            for sid, pending in entry.echo.items():
-                echo[(uid, iid, sid)] = pending
-            for sid, row in entry.rows.items():
-                key = (uid, iid, sid)
-                rows[key] = row
-                assert row.id is not None  # stored rows are numbered
-                loaded[key] = row.id
+            if entry.lk:  # (the empty ones of a bulk message's new items are skipped)
+                for sid, known in entry.lk.items():
+                    lk[(uid, iid, sid)] = known
+            if entry.echo:
+                for sid, pending in entry.echo.items():
+                    echo[(uid, iid, sid)] = pending
+            if entry.rows:
+                for sid, row in entry.rows.items():
+                    key = (uid, iid, sid)
+                    rows[key] = row
+                    assert row.id is not None  # stored rows are numbered
+                    loaded[key] = row.id
         if with_members:
             db, cached = self.tables.db, self.tables.cached
             self.members.update(self.maps.members(db, {u for u, _ in wanted}, cached=cached))

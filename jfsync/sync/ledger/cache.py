@@ -12,7 +12,7 @@ miss a write (the ledger empties it after a transaction that did not end normall
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 
 from jfsync.model import UserData
 from jfsync.sync.echo import PendingWrite
@@ -52,12 +52,22 @@ class StateCache:
     def __contains__(self, pair: object) -> bool:
         return pair in self._pairs
 
-    def get(self, pair: Pair) -> CachedPair | None:
-        """The pair held (now the most recently used), or None. Read it, never change it."""
-        entry = self._pairs.get(pair)
-        if entry is not None:
-            self._pairs.move_to_end(pair)
-        return entry
+    def take(
+        self, pairs: Iterable[Pair], skip: Set[Pair], found: dict[Pair, CachedPair]
+    ) -> set[Pair]:
+        """Put the held ones of ``pairs`` (now the most recently used) but those in ``skip``
+        into ``found``; return the others. Read the entries, never change them."""
+        held = self._pairs
+        get, used = held.get, held.move_to_end
+        missing: set[Pair] = set()
+        for pair in pairs:
+            entry = None if pair in skip else get(pair)
+            if entry is None:
+                missing.add(pair)
+            else:
+                used(pair)
+                found[pair] = entry
+        return missing
 
     def clear(self) -> None:
         """Forget every pair."""
@@ -86,23 +96,24 @@ class StateCache:
         held.update(read)
         while len(held) > self.limit:
             held.popitem(last=False)
+        get = held.get
         for pair, state in canon.items():
-            entry = held.get(pair)
+            entry = get(pair)
             if entry is not None:
                 entry.canon = state
         for (uid, iid, sid), known in lk.items():
-            entry = held.get((uid, iid))
+            entry = get((uid, iid))
             if entry is not None:
                 entry.lk[sid] = known
         for (uid, iid, sid), pending in echo.items():
-            entry = held.get((uid, iid))
+            entry = get((uid, iid))
             if entry is not None:
                 if pending:
                     entry.echo[sid] = pending
                 else:
                     entry.echo.pop(sid, None)
         for (uid, iid, sid), row in rows.items():
-            entry = held.get((uid, iid))
+            entry = get((uid, iid))
             if entry is not None:
                 if row is None:
                     entry.rows.pop(sid, None)

@@ -172,18 +172,8 @@ class StateWriter:
             self._read.update(fresh)
             found.update(fresh)
             pairs = pairs - fresh.keys()
-        cache = None if self._cleared else self._cache
-        if cache is None:
-            missing = set(pairs)
-        else:
-            missing = set()
-            evicted = self._evicted
-            for pair in pairs:
-                entry = None if self._wrote or pair in evicted else cache.get(pair)
-                if entry is None:
-                    missing.add(pair)
-                else:
-                    found[pair] = entry
+        cache = None if self._cleared or self._wrote else self._cache
+        missing = set(pairs) if cache is None else cache.take(pairs, self._evicted, found)
         if missing:
             read = self._read_pairs(missing)
             self._read.update(read)
