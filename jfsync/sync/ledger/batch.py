@@ -48,6 +48,8 @@ from jfsync.sync.rewatch import protected
 Source = Literal["event", "scan", "compare", "read"]
 
 _NOTHING: frozenset[Register] = frozenset()
+#: "No row loaded or made for this key" (None: the key's row is gone).
+_ABSENT = WorkRow(None, _NOTHING, DEFAULT_USER_DATA, 0, 0)
 _DEFAULT = DEFAULT_USER_DATA
 #: Builds a :class:`WorkRow` from all of its fields (a named tuple: no defaults to fill in).
 _new_row = tuple.__new__
@@ -212,7 +214,9 @@ class Batch:
         #: And those of :meth:`apply_all`: per person (:meth:`_profile_of`), per (user, peer)
         #: the registers it may be owed, per (origin, moved, lost) what each server is owed.
         self._profiles: dict[str, tuple[int, frozenset[str], bool]] = {}
-        self._allowed: dict[tuple[int, int], int] = {}
+        self._row_targets: dict[tuple[int, int], tuple[tuple[int, str, int, bool], ...]] = {}
+        #: At least every ticket in :attr:`seen` and in the clock's seen map.
+        self._seen_high = clock.seen_high
         self._writes: dict[tuple[str, int, int], dict[str, int]] = {}
         seed = policy.seed
         self._seed_sid = maps.sid_of(seed) if seed is not None else None
@@ -251,6 +255,7 @@ class Batch:
             db, cached = self.tables.db, self.tables.cached
             self.members.update(self.maps.members(db, {u for u, _ in wanted}, cached=cached))
             self._targets.clear()
+            self._row_targets.clear()
             indexed, mapped = self.maps.mappings(
                 db, {i for _, i in wanted}, self._configured, cached=cached
             )
@@ -271,6 +276,8 @@ class Batch:
         seen = self.seen
         if seq > seen.get(key, 0) and seq > self.clock.seen(key):
             seen[key] = seq
+            if seq > self._seen_high:
+                self._seen_high = seq
 
     def apply_all(self, observations: Sequence[Observation], keys: Sequence[Key]) -> list[Applied]:
         """Apply ``observations`` (``keys``: their ids) in order, as :meth:`apply` does each.
@@ -291,36 +298,56 @@ class Batch:
         dirty_lk, dirty_canon, dirty_rows = self._dirty_lk, self._dirty_canon, self._dirty_rows
         clock = self.clock
         ticket, clock_seen = clock.ticket, clock.seen
-        loaded_rows, indexed, mapped = self._loaded_rows, self.indexed, self.mapped
-        targets_of, targets = self._targets_of, self._targets
-        profiles = self._profiles
-        allowed = self._allowed
-        writes_of = self._writes
-        tiebreaks = self._tiebreaks
+        loaded_rows, mapped = self._loaded_rows, self.mapped
+        row_targets = self._row_targets
         unchanged, changed_outcome = Outcome.UNCHANGED, Outcome.CHANGED
         ticked = False
+        # Every ticket seen so far is at most ``high``: a ticket above it is newer than what
+        # the ledger learnt of any key, with no look-up.
+        high = self._seen_high
+        # What the previous observation's user, origin and outcome gave (a bulk message is
+        # thousands of one user's observations from one server, most with one outcome).
+        user = server = None
+        receive_only: frozenset[str] = frozenset()
+        synced_bits, rewatch, tiebreak = 0, False, 0
+        targets_key: tuple[int, int] | None = None
+        targets: tuple[tuple[int, str, int, bool], ...] = ()
+        writes_key: tuple[str, int, int] | None = None
+        owed_by: dict[str, int] = {}
         for obs, key in zip(observations, keys, strict=True):
             if echo.get(key):
+                self._seen_high = high
                 append(self.apply(obs, key))  # the echo rule decides first
+                high = self._seen_high
                 continue
             source = obs.source
             if source == "event":
                 seq = ticket()
-                if seq > seen.get(key, 0) and seq > clock_seen(key):
+                if seq > high:
+                    seen[key] = high = seq
+                elif seq > seen.get(key, 0) and seq > clock_seen(key):
                     seen[key] = seq
             else:
                 # A read: never applied over something learnt after it was requested.
                 seq = ticket() if obs.read_seq is None else obs.read_seq
-                if seen.get(key, 0) > seq or clock_seen(key) > seq:
+                if seq < high and (seen.get(key, 0) > seq or clock_seen(key) > seq):
                     append(Applied(obs, Outcome.OUTDATED))
                     continue
-                if source != "scan" and seq > seen.get(key, 0) and seq > clock_seen(key):
-                    seen[key] = seq
-            user, server, state = obs.user, obs.server, obs.state
-            profile = profiles.get(user)
-            if profile is None:
-                profile = self._profile_of(user)
-            synced_bits, receive_only, rewatch = profile
+                if source != "scan":
+                    if seq > high:
+                        seen[key] = high = seq
+                    elif seq > seen.get(key, 0) and seq > clock_seen(key):
+                        seen[key] = seq
+            state = obs.state
+            if obs.user is not user:
+                user = obs.user
+                profile = self._profiles.get(user)
+                if profile is None:
+                    profile = self._profile_of(user)
+                synced_bits, receive_only, rewatch = profile
+            if obs.server is not server:
+                server = obs.server
+                tiebreak = self._tiebreak_of(server)
             uid, iid, sid = key
             pair = (uid, iid)
             previous = lk.get(key)
@@ -332,22 +359,18 @@ class Batch:
                 # The first state anyone showed of the item (merge's first-ever case).
                 base = _DEFAULT if previous is None else previous
                 bits = _diff_bits(base, state) & synced_bits
-                owed_bits = _diff_bits(_DEFAULT, state) & synced_bits
+                moved = _diff_bits(_DEFAULT, state) & synced_bits  # owed to the others
+                lost = 0
                 ms = clock.ms + 1
                 wall = obs.wall_ms
                 if wall > ms:
                     ms = wall
                 clock.ms = ms
                 ticked = True
-                tiebreak = tiebreaks.get(server)
-                if tiebreak is None:
-                    tiebreak = self._tiebreak_of(server)
                 stamp = new_stamp(ms, tiebreak)
                 stamped = new_stamped(stamp, server)
                 new = new_canonical(state, stamped, stamped, stamped)
                 first_contact = True
-                moved = owed_bits
-                lost = 0
             elif previous is None or server in receive_only:
                 append(self._merge_in(obs, key))  # first contact of a server, or a receiver
                 continue
@@ -356,18 +379,18 @@ class Batch:
                 if previous is state:
                     append(Applied(obs, unchanged))
                     continue
-                fav, old_favorite = state.favorite, previous.favorite
-                rat, old_rating = state.rating, previous.rating
-                ps, old_ps = state.play_state, previous.play_state
+                fav, rat, ps = state.favorite, state.rating, state.play_state
+                old_rating, old_ps = previous.rating, previous.play_state
                 bits = 0
-                if fav != old_favorite:
+                if fav != previous.favorite:
                     bits = 1
                 if rat != old_rating:
                     if rat is not old_rating:  # as ``previous == state`` compares fields
                         bits |= 2
                     else:
                         bits |= 8  # only ``!=`` (NaN) says so: merged as changed_registers
-                if ps is not old_ps and _ps_differ(ps, old_ps):
+                ps_moved = ps is not old_ps and _ps_differ(ps, old_ps)
+                if ps_moved:
                     bits |= 4
                 if not bits & 7:
                     append(Applied(obs, unchanged))
@@ -384,9 +407,6 @@ class Batch:
                     ms = wall
                 clock.ms = ms
                 ticked = True
-                tiebreak = tiebreaks.get(server)
-                if tiebreak is None:
-                    tiebreak = self._tiebreak_of(server)
                 stamp = new_stamp(ms, tiebreak)
                 data = canonical.data
                 favorite, rating, play_state = data.favorite, data.rating, data.play_state
@@ -412,21 +432,22 @@ class Batch:
                 if bits & 4:
                     if rewatch:
                         ps = protected(play_state, ps)
+                    # Differs from the canonical one? Known when that is what the server held.
+                    if play_state is old_ps and ps is state.play_state:
+                        differs = ps_moved
+                    else:
+                        differs = ps is not play_state and _ps_differ(ps, play_state)
                     held = canonical.play_state.stamp
                     if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
-                        if ps is not play_state and _ps_differ(ps, play_state):
+                        if differs:
                             moved |= 4
                         play_state = ps
                         won |= 4
-                    elif ps is not play_state and _ps_differ(ps, play_state):
+                    elif differs:
                         lost |= 4
                 if won:
                     winner = new_stamped(stamp, server)
-                    if (
-                        favorite is state.favorite
-                        and rating is state.rating
-                        and play_state is state.play_state
-                    ):
+                    if favorite is fav and rating is rat and play_state is state.play_state:
                         merged = state  # shared (decoded states are interned)
                     else:
                         merged = UserData(favorite, rating, play_state)
@@ -445,40 +466,51 @@ class Batch:
                 dirty_canon[pair] = None
             lk[key] = state
             dirty_lk[key] = None
-            owed_by = writes_of.get((server, moved, lost))
-            if owed_by is None:
-                owed_by = self._writes_of(server, moved, lost)
+            if (
+                writes_key is None
+                or moved != writes_key[1]
+                or lost != writes_key[2]
+                or (server is not writes_key[0])
+            ):
+                writes_key = (server, moved, lost)
+                known_writes = self._writes.get(writes_key)
+                owed_by = self._writes_of(*writes_key) if known_writes is None else known_writes
             desired = new.data
             queued: dict[str, frozenset[Register]] = {}
-            servers = targets.get((uid, sid))
-            if servers is None:
-                servers = targets_of(uid, sid)
-            for target, name in servers:
+            if targets_key is None or uid != targets_key[0] or sid != targets_key[1]:
+                targets_key = (uid, sid)
+                known_targets = row_targets.get(targets_key)
+                targets = self._row_targets_of(uid, sid) if known_targets is None else known_targets
+            for target, name, may, indexed in targets:
                 owed = owed_by.get(name, 0)
                 tkey = (uid, iid, target)
-                existing = rows.get(tkey)
-                if existing is not None:
+                existing = rows.get(tkey, _ABSENT)
+                if existing is not None and existing is not _ABSENT:
                     if self.refresh_row(tkey, _MASKS[owed], desired, ms, wall):
                         row = rows.get(tkey)
                         queued[name] = _NOTHING if row is None else row.mask
                     continue
-                if not owed or (
-                    target != sid and target in indexed and iid not in mapped.get(target, ())
-                ):
+                if not owed or (indexed and iid not in mapped.get(target, ())):
                     continue
-                may = allowed.get((uid, target))
-                if may is None:
-                    may = self._allowed_of(uid, target)
                 owed &= may
                 known = lk.get(tkey)
                 if known is not None and owed:
-                    owed &= _diff_bits(desired, known)  # what the peer holds is not owed
+                    # What the peer holds already is not owed (refresh_row's pruning).
+                    if known is desired:
+                        continue
+                    if owed & 1 and desired.favorite == known.favorite:
+                        owed ^= 1
+                    if owed & 2 and desired.rating == known.rating:
+                        owed ^= 2
+                    if owed & 4:
+                        a, b = desired.play_state, known.play_state
+                        if a is b or not _ps_differ(a, b):
+                            owed ^= 4
                 if not owed:
                     continue
                 mask = _MASKS[owed]
-                rows[tkey] = _new_row(
-                    WorkRow, (loaded_rows.get(tkey), mask, desired, ms, wall, 0, 0, None, False)
-                )
+                row_id = None if existing is _ABSENT else loaded_rows.get(tkey)
+                rows[tkey] = _new_row(WorkRow, (row_id, mask, desired, ms, wall, 0, 0, None, False))
                 dirty_rows[tkey] = None
                 queued[name] = mask
             append(
@@ -492,6 +524,7 @@ class Batch:
                     queued,
                 )
             )
+        self._seen_high = high
         if ticked:
             self._clock_moved = True
         return results
@@ -615,11 +648,22 @@ class Batch:
         self._profiles[user] = profile
         return profile
 
-    def _allowed_of(self, uid: int, target: int) -> int:
-        """The registers that may be owed to ``target`` for ``uid`` (bits; :meth:`refresh_row`)."""
-        bits = mask_bits(self.rules.synced_of(uid, self.maps.names.get(target)))
-        self._allowed[(uid, target)] = bits
-        return bits
+    def _row_targets_of(self, uid: int, sid: int) -> tuple[tuple[int, str, int, bool], ...]:
+        """:meth:`_targets_of` for :meth:`apply_all`: each with the registers it may be owed
+        for ``uid`` (bits, as :meth:`refresh_row` narrows them) and whether it is an indexed
+        server other than the origin (owed only the items it maps)."""
+        names = self.maps.names
+        targets = tuple(
+            (
+                target,
+                name,
+                mask_bits(self.rules.synced_of(uid, names.get(target))),
+                target != sid and target in self.indexed,
+            )
+            for target, name in self._targets_of(uid, sid)
+        )
+        self._row_targets[(uid, sid)] = targets
+        return targets
 
     def _writes_of(self, server: str, moved: int, lost: int) -> dict[str, int]:
         """The registers (bits) each server is owed when ``server``'s observation moved the
