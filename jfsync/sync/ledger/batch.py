@@ -231,8 +231,12 @@ class Batch:
         them). From SQLite it takes a few queries per chunk of pairs; ``empty`` pairs (of a
         user or item this transaction created) have nothing to read.
         """
-        wanted = pairs - self._loaded_pairs
-        self._loaded_pairs |= wanted
+        if self._loaded_pairs:
+            wanted = pairs - self._loaded_pairs
+            self._loaded_pairs |= wanted
+        else:
+            wanted = pairs
+            self._loaded_pairs = set(pairs)  # a copy in C: the caller keeps ``pairs``
         canon, lk, echo, rows, loaded = self.canon, self.lk, self.echo, self.rows, self._loaded_rows
         for pair, entry in self.tables.load(wanted, empty).items():
             state = entry.canon

@@ -81,37 +81,41 @@ class StateCache:
     def committed(
         self,
         read: Mapping[Pair, CachedPair],
-        canon: Mapping[Pair, CanonicalState],
-        lk: Mapping[Key, UserData],
-        echo: Mapping[Key, tuple[PendingWrite, ...]],
+        canon: Iterable[Mapping[Pair, CanonicalState]],
+        lk: Iterable[Mapping[Key, UserData]],
+        echo: Iterable[Mapping[Key, tuple[PendingWrite, ...]]],
         rows: Mapping[Key, WorkRow | None],
     ) -> None:
         """Take what a committed transaction read from SQLite, then what it wrote.
 
-        ``read`` holds pairs as they were read (complete); the other mappings hold the final
-        value the transaction wrote for each pair or key (an empty echo list or a None row:
-        deleted). Written pairs not held stay unheld: only complete pairs are kept.
+        ``read`` holds pairs as they were read (complete); ``canon``, ``lk`` and ``echo`` the
+        values the transaction wrote, in the order it wrote them (a later one replaces an
+        earlier one), and ``rows`` the final row of each key written (an empty echo list or a
+        None row: deleted). Written pairs not held stay unheld: only complete pairs are kept.
         """
         held = self._pairs
         held.update(read)
         while len(held) > self.limit:
             held.popitem(last=False)
         get = held.get
-        for pair, state in canon.items():
-            entry = get(pair)
-            if entry is not None:
-                entry.canon = state
-        for (uid, iid, sid), known in lk.items():
-            entry = get((uid, iid))
-            if entry is not None:
-                entry.lk[sid] = known
-        for (uid, iid, sid), pending in echo.items():
-            entry = get((uid, iid))
-            if entry is not None:
-                if pending:
-                    entry.echo[sid] = pending
-                else:
-                    entry.echo.pop(sid, None)
+        for states in canon:
+            for pair, state in states.items():
+                entry = get(pair)
+                if entry is not None:
+                    entry.canon = state
+        for known_states in lk:
+            for (uid, iid, sid), known in known_states.items():
+                entry = get((uid, iid))
+                if entry is not None:
+                    entry.lk[sid] = known
+        for echoes in echo:
+            for (uid, iid, sid), pending in echoes.items():
+                entry = get((uid, iid))
+                if entry is not None:
+                    if pending:
+                        entry.echo[sid] = pending
+                    else:
+                        entry.echo.pop(sid, None)
         for (uid, iid, sid), row in rows.items():
             entry = get((uid, iid))
             if entry is not None:

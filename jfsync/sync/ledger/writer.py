@@ -122,9 +122,11 @@ class StateWriter:
         #: Pairs read from SQLite in this transaction, complete, as read.
         self._read: dict[Pair, CachedPair] = {}
         #: The final value this transaction wrote, per pair or key.
-        self._canon: dict[Pair, CanonicalState] = {}
-        self._lk: dict[Key, UserData] = {}
-        self._echo: dict[Key, tuple[PendingWrite, ...]] = {}
+        #: What this transaction wrote, in the order it wrote it (the caller's mappings, kept
+        #: as given: they are not changed afterwards), and the final row of each key.
+        self._canon: list[Mapping[Pair, CanonicalState]] = []
+        self._lk: list[Mapping[Key, UserData]] = []
+        self._echo: list[Mapping[Key, tuple[PendingWrite, ...]]] = []
         self._rows: dict[Key, WorkRow | None] = {}
         #: Whether this transaction wrote: the cache is then old for what it wrote, so later
         #: loads read SQLite (which has the transaction's writes).
@@ -178,7 +180,10 @@ class StateWriter:
             read = self._read_pairs(missing)
             self._read.update(read)
             found.update(read)
-        self._loaded.update(found)
+        if self._loaded:
+            self._loaded.update(found)
+        else:
+            self._loaded = dict(found)  # a copy in C: the caller keeps ``found``
         return found
 
     def _read_pairs(self, pairs: set[Pair]) -> dict[Pair, CachedPair]:
@@ -215,21 +220,22 @@ class StateWriter:
         return found
 
     def put_canonical(self, states: Mapping[Pair, CanonicalState]) -> None:
-        """Write canonical states."""
+        """Write canonical states (``states`` is kept for the cache: leave it unchanged)."""
         self._require_writable()
         insert_rows(self.db, _UPSERT_CANONICAL, _canonical_params(states))
-        self._canon.update(states)
+        self._canon.append(states)
         self._wrote = True
 
     def put_last_known(self, states: Mapping[Key, UserData]) -> None:
-        """Write last-known states."""
+        """Write last-known states (``states`` is kept for the cache: leave it unchanged)."""
         self._require_writable()
         insert_rows(self.db, _UPSERT_LAST_KNOWN, _state_params(states))
-        self._lk.update(states)
+        self._lk.append(states)
         self._wrote = True
 
     def put_echoes(self, echoes: Mapping[Key, tuple[PendingWrite, ...]]) -> None:
-        """Write pending echo lists (an empty one deletes the key's)."""
+        """Write pending echo lists (an empty one deletes the key's; ``echoes`` is kept for the
+        cache: leave it unchanged)."""
         self._require_writable()
         keep = [(*k, encode_echo(pending)) for k, pending in echoes.items() if pending]
         drop = [k for k, pending in echoes.items() if not pending]
@@ -239,7 +245,7 @@ class StateWriter:
             self.db.executemany(
                 "DELETE FROM pending_echo WHERE user=? AND item=? AND server=?", drop
             )
-        self._echo.update(echoes)
+        self._echo.append(echoes)
         self._wrote = True
 
     def number_rows(self, count: int) -> int:
