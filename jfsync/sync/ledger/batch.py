@@ -260,12 +260,13 @@ class Batch:
             self.members.update(self.maps.members(db, {u for u, _ in wanted}, cached=cached))
             self._targets.clear()
             self._row_targets.clear()
-            indexed, mapped = self.maps.mappings(
-                db, {i for _, i in wanted}, self._configured, cached=cached
-            )
-            self.indexed |= indexed
-            for sid, items in mapped.items():
-                self.mapped.setdefault(sid, set()).update(items)
+            if self.maps.indexed(db, self._configured, cached=cached):
+                indexed, mapped = self.maps.mappings(
+                    db, {i for _, i in wanted}, self._configured, cached=cached
+                )
+                self.indexed |= indexed
+                for sid, items in mapped.items():
+                    self.mapped.setdefault(sid, set()).update(items)
 
     def lacks_item(self, server_id: int, item_id: int) -> bool:
         """Tell whether an indexed server does not have the item."""

@@ -305,6 +305,17 @@ class IdMaps:
         rows = fetch(db, "SELECT 1 FROM server_items WHERE server=? LIMIT 1", (sid,))
         return bool(list(rows))
 
+    def indexed(
+        self, db: sqlite3.Connection, servers: Iterable[int], *, cached: bool = True
+    ) -> frozenset[int]:
+        """The ones of ``servers`` whose library is indexed (:meth:`mappings` has more)."""
+        indexed = self._indexed if cached else None
+        if indexed is None:
+            indexed = frozenset([sid for sid in sorted(servers) if self.has_index(db, sid)])
+            if cached:
+                self._indexed = indexed
+        return indexed
+
     def mappings(
         self,
         db: sqlite3.Connection,
@@ -318,11 +329,7 @@ class IdMaps:
         A server whose library is indexed but that does not map an item does not have it;
         servers without an index (identical-id identity) are taken to have every item.
         """
-        indexed = self._indexed if cached else None
-        if indexed is None:
-            indexed = frozenset([sid for sid in sorted(servers) if self.has_index(db, sid)])
-            if cached:
-                self._indexed = indexed
+        indexed = self.indexed(db, servers, cached=cached)
         mapped: dict[int, set[int]] = {}
         if not indexed:
             return indexed, mapped

@@ -119,8 +119,10 @@ class StateWriter:
         self.db = db
         self._cache = cache
         self._writable = writable
-        #: Pairs read from SQLite in this transaction, complete, as read.
+        #: Pairs read from SQLite in this transaction, complete, as read, and the pairs that
+        #: held nothing (of a user or item it created).
         self._read: dict[Pair, CachedPair] = {}
+        self._fresh: set[Pair] = set()
         #: The final value this transaction wrote, per pair or key.
         #: What this transaction wrote, in the order it wrote it (the caller's mappings, kept
         #: as given: they are not changed afterwards), and the final row of each key.
@@ -155,7 +157,11 @@ class StateWriter:
         if self._cleared:
             cache.clear()
             return
-        cache.committed(self._read, self._canon, self._lk, self._echo, self._rows)
+        read = self._read
+        if self._fresh:
+            # Pairs that held nothing when the transaction began: whole as read, and empty.
+            read = {pair: CachedPair(None) for pair in self._fresh} | read
+        cache.committed(read, self._canon, self._lk, self._echo, self._rows)
         if self._evicted:
             cache.evict(self._evicted)
 
@@ -165,15 +171,16 @@ class StateWriter:
         """Everything the file holds for ``pairs`` (complete), from the cache or SQLite.
 
         ``empty``: pairs of a user or item this transaction created, so that nothing in the
-        file refers to them; they are not read (unless this transaction already wrote).
+        file refers to them; they are not read (unless this transaction already wrote) and
+        are left out of the result (they hold nothing), to join the cache at commit.
         The entries are shared with the cache: read them, never change them.
         """
         found: dict[Pair, CachedPair] = {}
         if empty and not self._wrote and not self._cleared:
-            fresh = {pair: CachedPair(None) for pair in pairs & empty}
-            self._read.update(fresh)
-            found.update(fresh)
-            pairs = pairs - fresh.keys()
+            fresh = pairs & empty
+            if fresh:
+                self._fresh |= fresh
+                pairs = pairs - fresh
         cache = None if self._cleared or self._wrote else self._cache
         missing = set(pairs) if cache is None else cache.take(pairs, self._evicted, found)
         if missing:
