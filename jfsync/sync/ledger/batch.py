@@ -242,17 +242,13 @@ class Batch:
             state = entry.canon
             if state is not None:
                 canon[pair] = state
-            uid, iid = pair
-            if entry.lk:  # (the empty ones of a bulk message's new items are skipped)
-                for sid, known in entry.lk.items():
-                    lk[(uid, iid, sid)] = known
+            if entry.lk:
+                lk.update(entry.lk)
             if entry.echo:
-                for sid, pending in entry.echo.items():
-                    echo[(uid, iid, sid)] = pending
+                echo.update(entry.echo)
             if entry.rows:
-                for sid, row in entry.rows.items():
-                    key = (uid, iid, sid)
-                    rows[key] = row
+                rows.update(entry.rows)
+                for key, row in entry.rows.items():
                     assert row.id is not None  # stored rows are numbered
                     loaded[key] = row.id
         if with_members:

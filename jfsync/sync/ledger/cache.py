@@ -26,7 +26,8 @@ STATE_CACHE_PAIRS = 20_000
 
 
 class CachedPair:
-    """Everything the ledger holds for one (user, item) pair, decoded, by server id."""
+    """Everything the ledger holds for one (user, item) pair, decoded, by (user, item, server)
+    key (as a transaction's working set keys them: it takes each part in one dict update)."""
 
     __slots__ = ("canon", "echo", "lk", "rows")
 
@@ -34,9 +35,9 @@ class CachedPair:
         # A plain class: thousands are built per burst, and a dataclass with default
         # factories costs several times more to construct.
         self.canon = canon
-        self.lk: dict[int, UserData] = {}
-        self.echo: dict[int, tuple[PendingWrite, ...]] = {}
-        self.rows: dict[int, WorkRow] = {}
+        self.lk: dict[Key, UserData] = {}
+        self.echo: dict[Key, tuple[PendingWrite, ...]] = {}
+        self.rows: dict[Key, WorkRow] = {}
 
 
 class StateCache:
@@ -104,22 +105,22 @@ class StateCache:
                 if entry is not None:
                     entry.canon = state
         for known_states in lk:
-            for (uid, iid, sid), known in known_states.items():
-                entry = get((uid, iid))
+            for key, known in known_states.items():
+                entry = get(key[:2])
                 if entry is not None:
-                    entry.lk[sid] = known
+                    entry.lk[key] = known
         for echoes in echo:
-            for (uid, iid, sid), pending in echoes.items():
-                entry = get((uid, iid))
+            for key, pending in echoes.items():
+                entry = get(key[:2])
                 if entry is not None:
                     if pending:
-                        entry.echo[sid] = pending
+                        entry.echo[key] = pending
                     else:
-                        entry.echo.pop(sid, None)
-        for (uid, iid, sid), row in rows.items():
-            entry = get((uid, iid))
+                        entry.echo.pop(key, None)
+        for key, row in rows.items():
+            entry = get(key[:2])
             if entry is not None:
                 if row is None:
-                    entry.rows.pop(sid, None)
+                    entry.rows.pop(key, None)
                 else:
-                    entry.rows[sid] = row
+                    entry.rows[key] = row

@@ -202,12 +202,14 @@ class StateWriter:
         for pair in pairs:
             entries[pair] = CachedPair(canon.get(pair))
         for row in self._by_pairs(_SELECT_LAST_KNOWN, pairs):
-            entries[(int(row[0]), int(row[1]))].lk[int(row[2])] = decode_state(row, 3)
+            uid, iid = int(row[0]), int(row[1])
+            entries[(uid, iid)].lk[(uid, iid, int(row[2]))] = decode_state(row, 3)
         for row in self._by_pairs(_SELECT_ECHO, pairs):
-            entries[(int(row[0]), int(row[1]))].echo[int(row[2])] = decode_echo(str(row[3]))
+            uid, iid = int(row[0]), int(row[1])
+            entries[(uid, iid)].echo[(uid, iid, int(row[2]))] = decode_echo(str(row[3]))
         for row in self._by_pairs(WORK_SELECT, pairs, alias="o."):
             (uid, iid, sid), work = decode_work_row(row)
-            entries[(uid, iid)].rows[sid] = work
+            entries[(uid, iid)].rows[(uid, iid, sid)] = work
         return entries
 
     def _by_pairs(self, select: str, pairs: set[Pair], alias: str = "") -> list[Any]:
@@ -289,7 +291,7 @@ class StateWriter:
                 prior = written[key]
             else:
                 entry = loaded.get((key[0], key[1]))
-                prior = None if entry is None else entry.rows.get(key[2])
+                prior = None if entry is None else entry.rows.get(key)
             old = None if prior is None else prior.id
             if row is None:
                 if old is not None:
@@ -332,7 +334,7 @@ class StateWriter:
             row = rows[key]
         else:
             entry = self._loaded.get((key[0], key[1]))
-            row = None if entry is None else entry.rows.get(key[2])
+            row = None if entry is None else entry.rows.get(key)
         return None if row is None else row.id
 
     # ------------------------------------------------------------------ bulk statements
