@@ -4,8 +4,9 @@
 change, the first state anyone showed of an item) and sends everything else through the general
 per-observation path. A reference ledger whose batches apply every observation through that
 general path (``Batch.apply``) is given the same random history as a real ledger: mixed sources
-(events, scans, compare reads, reads with old and fresh tickets), writes acked (so pending echoes
-exist), indexed servers that lack items, and policies with per-person choices, send-only and
+(events, scans, compare reads, reads with old and fresh tickets), bulk actions (one state for
+every item, as a "mark all played"), writes acked (so pending echoes exist), indexed servers that
+lack items, and policies with per-person choices, send-only and
 receive-only servers, the seed policy and rewatch protection. After every step both report the
 same outcomes, and in the end their files hold the same rows in every table.
 """
@@ -81,8 +82,18 @@ observation = st.tuples(
     st.sampled_from(["none", "fresh", "early"]),
     st.integers(min_value=-3_000, max_value=5_000),  # wall clock step (it may go back)
 )
+#: A bulk action: one state for every item, from one server (a "mark all played").
+bulk = st.tuples(
+    st.just("bulk"),
+    st.sampled_from(SERVERS),
+    st.sampled_from(USERS),
+    states(),
+    st.sampled_from(["event", "scan"]),
+    st.integers(min_value=0, max_value=3),
+)
 step = st.one_of(
     st.tuples(st.just("apply"), st.lists(observation, min_size=1, max_size=12)),
+    bulk,
     st.tuples(st.just("ack"), st.sampled_from(SERVERS), st.integers(1, 6)),
     st.tuples(st.just("compare"), st.sampled_from(SERVERS), st.integers(1, 6)),
     st.tuples(st.just("index"), st.sampled_from(SERVERS), st.sets(st.sampled_from(ITEMS))),
@@ -137,6 +148,15 @@ class Run:
                 seq = {"none": None, "fresh": ledger.ticket(), "early": self.early}[ticket]
                 batch.append(Observation(server, user, item, state, self.now, source, seq))
             return list(await ledger.apply_observations(batch))
+        if kind == "bulk":
+            _, server, user, state, source, repeat = action
+            self.now += 1_000
+            batch = [
+                Observation(server, user, item, state, self.now, source)
+                for _ in range(repeat + 1)
+                for item in ITEMS
+            ]
+            return list(await ledger.apply_observations(batch))
         self.now += 1_000
         if kind == "index":
             mappings = [ItemMapping(f"{action[1]}-{item}", item) for item in sorted(action[2])]
@@ -156,7 +176,7 @@ async def dump(ledger: Ledger) -> dict[str, list[tuple[Any, ...]]]:
 
     def read(tx: StateWriter) -> dict[str, list[tuple[Any, ...]]]:
         return {
-            table: sorted(tx.db.execute(f"SELECT * FROM {table}").fetchall(), key=repr)  # noqa: S608
+            table: sorted(tx.db.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
             for table in ("canonical", "last_known", "pending_echo", "outbox", "meta")
         }
 
@@ -205,5 +225,34 @@ async def test_a_bulk_message_queues_every_item_for_the_peer() -> None:
             assert {r.desired for r in rows} == {state}
             for item in items[:3]:
                 canonical = await ledger.canonical("alice", item)
-                assert canonical is not None and canonical.data == state
+                assert canonical is not None
+                assert canonical.data == state
         assert await ledger.check_invariants() == []
+
+
+async def test_a_bulk_message_over_items_the_others_changed_moves_only_what_differs() -> None:
+    """One state for four items whose canonical states differ: b played two of them since a's
+    last bulk action. a's new action moves (and owes b) only the items b does not hold."""
+    policy = MergePolicy(servers=("a", "b"))
+    items = ["i1", "i2", "i3", "i4"]
+    unplayed = UserData()
+    played = UserData(play_state=PlayState(True, 1, 1_700_000_000, 0))
+    async with Ledger(":memory:", policy) as ledger:
+        for server in ("a", "b"):
+            await ledger.map_user(server, f"{server}-alice", "alice")
+        await ledger.apply_observations([Observation("a", "alice", i, unplayed, T0) for i in items])
+        await ledger.apply_observations([Observation("b", "alice", i, unplayed, T0) for i in items])
+        for item in ("i2", "i4"):  # the user plays two of them on b
+            await ledger.apply_observation("b", "alice", item, played, T0 + 1_000)
+        applied = await ledger.apply_observations(
+            [Observation("a", "alice", i, played, T0 + 2_000) for i in items]
+        )
+        moved = {a.observation.item: a.canonical_changed for a in applied}
+        assert moved == {
+            "i1": frozenset({Register.PLAY_STATE}),
+            "i2": frozenset(),
+            "i3": frozenset({Register.PLAY_STATE}),
+            "i4": frozenset(),
+        }
+        rows = await ledger.due_rows("b", 10, T0 + 10**6)
+        assert sorted(r.item for r in rows) == ["i1", "i3"]

@@ -315,6 +315,12 @@ class Batch:
         targets: tuple[tuple[int, str, int, bool], ...] = ()
         writes_key: tuple[str, int, int] | None = None
         owed_by: dict[str, int] = {}
+        # And what the previous known server's change decided: the same previous, incoming
+        # and canonical states (a bulk message's) decide the same registers.
+        last_previous: UserData | None = None
+        last_state: UserData | None = None
+        last_data: UserData | None = None
+        last_decision: tuple[int, int, PlayState] = (0, 0, _DEFAULT.play_state)
         for obs, key in zip(observations, keys, strict=True):
             if echo.get(key):
                 self._seen_high = high
@@ -380,28 +386,49 @@ class Batch:
                 if previous is state:
                     append(Applied(obs, unchanged))
                     continue
-                fav, rat, ps = state.favorite, state.rating, state.play_state
-                old_rating, old_ps = previous.rating, previous.play_state
-                bits = 0
-                if fav != previous.favorite:
-                    bits = 1
-                if rat != old_rating:
-                    if rat is not old_rating:  # as ``previous == state`` compares fields
-                        bits |= 2
-                    else:
-                        bits |= 8  # only ``!=`` (NaN) says so: merged as changed_registers
-                ps_moved = ps is not old_ps and _ps_differ(ps, old_ps)
-                if ps_moved:
-                    bits |= 4
-                if not bits & 7:
-                    append(Applied(obs, unchanged))
-                    continue
-                bits = ((bits >> 2) & 2 | bits) & synced_bits
-                if not bits:
-                    lk[key] = state
-                    dirty_lk[key] = None
-                    append(Applied(obs, unchanged))
-                    continue
+                data = canonical.data
+                fav, rat = state.favorite, state.rating
+                if previous is last_previous and state is last_state and data is last_data:
+                    bits, differs, ps = last_decision  # the same three states as before
+                else:
+                    ps, old_ps = state.play_state, previous.play_state
+                    bits = 0
+                    if fav != previous.favorite:
+                        bits = 1
+                    old_rating = previous.rating
+                    if rat != old_rating:
+                        if rat is not old_rating:  # as ``previous == state`` compares fields
+                            bits |= 2
+                        else:
+                            bits |= 8  # only ``!=`` (NaN) says so: as changed_registers
+                    ps_moved = ps is not old_ps and _ps_differ(ps, old_ps)
+                    if ps_moved:
+                        bits |= 4
+                    if not bits & 7:
+                        append(Applied(obs, unchanged))
+                        continue
+                    bits = ((bits >> 2) & 2 | bits) & synced_bits
+                    if not bits:
+                        lk[key] = state
+                        dirty_lk[key] = None
+                        append(Applied(obs, unchanged))
+                        continue
+                    # Which changed registers differ from the canonical value.
+                    differs = 0
+                    if bits & 1 and fav != data.favorite:
+                        differs = 1
+                    if bits & 2 and rat != data.rating:
+                        differs |= 2
+                    if bits & 4:
+                        play_state = data.play_state
+                        if rewatch:
+                            ps = protected(play_state, ps)
+                        if play_state is old_ps and ps is state.play_state:
+                            differs |= 4  # it moved from what is the canonical value
+                        elif ps is not play_state and _ps_differ(ps, play_state):
+                            differs |= 4
+                    last_previous, last_state, last_data = previous, state, data
+                    last_decision = (bits, differs, ps)
                 ms = clock.ms + 1
                 wall = obs.wall_ms
                 if wall > ms:
@@ -409,45 +436,27 @@ class Batch:
                 clock.ms = ms
                 ticked = True
                 stamp = new_stamp(ms, tiebreak)
-                data = canonical.data
-                favorite, rating, play_state = data.favorite, data.rating, data.play_state
-                won = moved = lost = 0
+                # The changed registers whose canonical stamp this one is later than win.
+                won = 0
                 if bits & 1:
                     held = canonical.favorite.stamp
                     if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
-                        if fav != favorite:
-                            moved = 1
-                        favorite = fav
                         won = 1
-                    elif fav != favorite:
-                        lost = 1
                 if bits & 2:
                     held = canonical.rating.stamp
                     if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
-                        if rat != rating:
-                            moved |= 2
-                        rating = None if rat is None else float(rat)
                         won |= 2
-                    elif rat != rating:
-                        lost |= 2
                 if bits & 4:
-                    if rewatch:
-                        ps = protected(play_state, ps)
-                    # Differs from the canonical one? Known when that is what the server held.
-                    if play_state is old_ps and ps is state.play_state:
-                        differs = ps_moved
-                    else:
-                        differs = ps is not play_state and _ps_differ(ps, play_state)
                     held = canonical.play_state.stamp
                     if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
-                        if differs:
-                            moved |= 4
-                        play_state = ps
                         won |= 4
-                    elif differs:
-                        lost |= 4
+                moved = won & differs
+                lost = bits & ~won & differs
                 if won:
                     winner = new_stamped(stamp, server)
+                    favorite = fav if won & 1 else data.favorite
+                    rating = (None if rat is None else float(rat)) if won & 2 else data.rating
+                    play_state = ps if won & 4 else data.play_state
                     if favorite is fav and rating is rat and play_state is state.play_state:
                         merged = state  # shared (decoded states are interned)
                     else:
