@@ -762,10 +762,10 @@ class Batch:
         if self._dirty_echo:
             tables.put_echoes({key: self.echo[key] for key in sorted(self._dirty_echo)})
         if self._dirty_rows:
-            keys = sorted(self._dirty_rows)
-            self._number(keys)
             rows = self.rows
-            tables.put_rows({key: rows[key] for key in keys})
+            written = {key: rows[key] for key in sorted(self._dirty_rows)}
+            self._number(written)
+            tables.put_rows(written)
         if self._clock_moved:
             self.clock.save(tables.db)
         if self.seen:
@@ -783,19 +783,19 @@ class Batch:
 
     def number_new_rows(self) -> None:
         """Give the rows created so far their ids (flush numbers the rest)."""
-        self._number(sorted(self._dirty_rows))
-
-    def _number(self, keys: Sequence[Key]) -> None:
-        """Number the unnumbered rows of ``keys`` (sorted), in key order."""
         rows = self.rows
-        new = [k for k in keys if (row := rows[k]) is not None and row.id is None]
+        self._number({key: rows[key] for key in sorted(self._dirty_rows)})
+
+    def _number(self, written: dict[Key, WorkRow | None]) -> None:
+        """Number the unnumbered rows of ``written`` (the rows of some keys, in key order), in
+        that order, in it and in the batch."""
+        new = [(k, row) for k, row in written.items() if row is not None and row.id is None]
         if not new:
             return
+        rows = self.rows
         first = self.tables.number_rows(len(new))
-        for row_id, key in enumerate(new, first):
-            row = rows[key]
-            assert row is not None
-            rows[key] = row.numbered(row_id)
+        for row_id, (key, row) in enumerate(new, first):
+            rows[key] = written[key] = row.numbered(row_id)
 
     def outbox_row(self, key: Key, like: OutboxRow) -> OutboxRow | None:
         """The row of ``key`` as it stands in this batch, named like ``like`` (or None)."""
