@@ -4,9 +4,9 @@ Every module of the ledger reads and writes the same column layouts: a :class:`U
 columns (:data:`STATE_COLS`), a canonical state adds three stamped registers
 (:data:`CANON_COLS`), pending echoes are one JSON text per key, a register set is a bit mask.
 The decoders intern what they build (states and register sets repeat a lot), so decoding a
-burst costs little memory. The key types (:data:`Key`, :data:`Pair`) and the chunking helpers
-for ``IN (...)`` lists live here too, so that no module of the package imports another for
-them.
+burst costs little memory. The key types (:data:`Key`, :data:`Pair`), the chunking helpers
+for ``IN (...)`` lists and the multi-row INSERT of many rows (:func:`insert_rows`) live here
+too, so that no module of the package imports another for them.
 """
 
 from __future__ import annotations
@@ -178,9 +178,9 @@ def insert_rows(db: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]])
     """Run the one-row INSERT ``sql`` (``... VALUES (?, ...)``, an upsert clause allowed after
     it) for every row of ``rows``, in order, as multi-row INSERTs of :data:`ROWS_PER_INSERT`.
 
-    Same rows as ``db.executemany(sql, rows)``, with a third less of SQLite's work per row in
-    a bulk apply: one statement step per 50 rows instead of one per row. Keys must not repeat
-    within ``rows`` (the upserts of one statement would then depend on each other).
+    Same rows, in the same order, as ``db.executemany(sql, rows)``, with a third less of
+    SQLite's work per row in a bulk apply: one statement step per 50 rows instead of one per
+    row.
     """
     count = len(rows)
     whole = count - count % ROWS_PER_INSERT
