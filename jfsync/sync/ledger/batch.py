@@ -132,18 +132,13 @@ class Applied:
     queued: dict[str, frozenset[Register]] = field(default_factory=dict)
 
 
-_set_applied = tuple(
-    Applied.__dict__[name].__set__
-    for name in (
-        "observation",
-        "outcome",
-        "changed",
-        "first_contact",
-        "canonical_changed",
-        "stamp",
-        "queued",
-    )
-)
+_set_observation = Applied.__dict__["observation"].__set__
+_set_outcome = Applied.__dict__["outcome"].__set__
+_set_changed = Applied.__dict__["changed"].__set__
+_set_first_contact = Applied.__dict__["first_contact"].__set__
+_set_canonical_changed = Applied.__dict__["canonical_changed"].__set__
+_set_stamp = Applied.__dict__["stamp"].__set__
+_set_queued = Applied.__dict__["queued"].__set__
 
 
 def _applied(
@@ -156,16 +151,16 @@ def _applied(
     queued: dict[str, frozenset[Register]],
 ) -> Applied:
     """An :class:`Applied` with every field given, built through its slots (twice as fast as
-    the frozen dataclass's ``__init__``: the bulk path builds one per observation)."""
+    the frozen dataclass's ``__init__``: the bulk path builds one per observation). The
+    object is whole before anyone sees it."""
     applied = _new_object(Applied)
-    s_obs, s_outcome, s_changed, s_first, s_moved, s_stamp, s_queued = _set_applied
-    s_obs(applied, observation)
-    s_outcome(applied, outcome)
-    s_changed(applied, changed)
-    s_first(applied, first_contact)
-    s_moved(applied, canonical_changed)
-    s_stamp(applied, stamp)
-    s_queued(applied, queued)
+    _set_observation(applied, observation)
+    _set_outcome(applied, outcome)
+    _set_changed(applied, changed)
+    _set_first_contact(applied, first_contact)
+    _set_canonical_changed(applied, canonical_changed)
+    _set_stamp(applied, stamp)
+    _set_queued(applied, queued)
     return applied
 
 
