@@ -290,7 +290,7 @@ class StateWriter:
             if key in written:
                 prior = written[key]
             else:
-                entry = loaded.get((key[0], key[1]))
+                entry = loaded.get(key[:2])
                 prior = None if entry is None else entry.rows.get(key)
             old = None if prior is None else prior.id
             if row is None:
@@ -301,23 +301,40 @@ class StateWriter:
             assert row_id is not None  # number_rows first
             if desired is not last:
                 values, last = state_values(desired), desired
-            columns = (
-                mask_bits(mask),
-                *values,
-                version,
-                created_ms,
-                attempts,
-                next_ms,
-                error,
-                int(dead),
-            )
             if row_id in new_ids:
                 if old is not None:
                     deletes.append((old,))
                 new_ids.discard(row_id)
-                inserts.append((row_id, key[2], key[0], key[1], *columns))
+                inserts.append(
+                    (
+                        row_id,
+                        key[2],
+                        key[0],
+                        key[1],
+                        mask_bits(mask),
+                        *values,
+                        version,
+                        created_ms,
+                        attempts,
+                        next_ms,
+                        error,
+                        1 if dead else 0,
+                    )
+                )
             else:
-                updates.append((*columns, row_id))
+                updates.append(
+                    (
+                        mask_bits(mask),
+                        *values,
+                        version,
+                        created_ms,
+                        attempts,
+                        next_ms,
+                        error,
+                        1 if dead else 0,
+                        row_id,
+                    )
+                )
         if deletes:
             self.db.executemany("DELETE FROM outbox WHERE id=?", deletes)
         if updates:
