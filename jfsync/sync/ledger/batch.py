@@ -784,13 +784,15 @@ class Batch:
     def _number(self, written: dict[Key, WorkRow | None]) -> None:
         """Number the unnumbered rows of ``written`` (the rows of some keys, in key order), in
         that order, in it and in the batch."""
-        new = [(k, row) for k, row in written.items() if row is not None and row.id is None]
-        if not new:
+        count = sum(1 for row in written.values() if row is not None and row.id is None)
+        if not count:
             return
         rows = self.rows
-        first = self.tables.number_rows(len(new))
-        for row_id, (key, row) in enumerate(new, first):
-            rows[key] = written[key] = row.numbered(row_id)
+        row_id = self.tables.number_rows(count)
+        for key, row in written.items():  # (values replaced in place: the keys stay)
+            if row is not None and row.id is None:
+                rows[key] = written[key] = row.numbered(row_id)
+                row_id += 1
 
     def outbox_row(self, key: Key, like: OutboxRow) -> OutboxRow | None:
         """The row of ``key`` as it stands in this batch, named like ``like`` (or None)."""
