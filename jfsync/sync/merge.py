@@ -218,6 +218,40 @@ class CanonicalState:
         return max(self.favorite.stamp, self.rating.stamp, self.play_state.stamp)
 
 
+_new = object.__new__
+_set_stamp = Stamped.__dict__["stamp"].__set__
+_set_origin = Stamped.__dict__["origin"].__set__
+_set_data = CanonicalState.__dict__["data"].__set__
+_set_favorite = CanonicalState.__dict__["favorite"].__set__
+_set_rating = CanonicalState.__dict__["rating"].__set__
+_set_play_state = CanonicalState.__dict__["play_state"].__set__
+
+
+def new_stamped(stamp: Stamp, origin: str) -> Stamped:
+    """``Stamped(stamp, origin)`` built through the slots (see :func:`new_canonical`)."""
+    stamped = _new(Stamped)
+    _set_stamp(stamped, stamp)
+    _set_origin(stamped, origin)
+    return stamped
+
+
+def new_canonical(
+    data: UserData, favorite: Stamped, rating: Stamped, play_state: Stamped
+) -> CanonicalState:
+    """``CanonicalState(data, favorite, rating, play_state)``, built twice as fast.
+
+    A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``; a bulk
+    apply builds one canonical state per observation, so it sets the slots directly. The
+    object is whole before anyone sees it.
+    """
+    state = _new(CanonicalState)
+    _set_data(state, data)
+    _set_favorite(state, favorite)
+    _set_rating(state, rating)
+    _set_play_state(state, play_state)
+    return state
+
+
 @dataclass(frozen=True, slots=True)
 class MergeResult:
     """What one observation did: changes seen, the new canonical state, the writes owed."""
@@ -319,7 +353,7 @@ def merge(
         first_contact=False,
         canonical=new,
         canonical_changed=moved_set,
-        writes=_writes(policy, origin, moved_set, frozenset(lost)) if moved or lost else {},
+        writes=writes_owed(policy, origin, moved_set, frozenset(lost)) if moved or lost else {},
     )
 
 
@@ -420,7 +454,7 @@ def _first_ever(
         first_contact=True,
         canonical=CanonicalState.first(incoming, stamp, origin),
         canonical_changed=owed,
-        writes=_writes(policy, origin, owed, frozenset()),
+        writes=writes_owed(policy, origin, owed, frozenset()),
     )
 
 
@@ -466,7 +500,7 @@ def _first_contact(
         first_contact=True,
         canonical=new,
         canonical_changed=frozenset(moved),
-        writes=_writes(policy, origin, frozenset(moved), frozenset(lost)),
+        writes=writes_owed(policy, origin, frozenset(moved), frozenset(lost)),
     )
 
 
@@ -502,12 +536,14 @@ def _receiver(
     )
 
 
-def _writes(
+def writes_owed(
     policy: MergePolicy,
     origin: str,
     to_others: frozenset[Register],
     to_origin: frozenset[Register],
 ) -> dict[str, frozenset[Register]]:
+    """What each server is owed: ``to_others`` by every server but ``origin`` that receives,
+    ``to_origin`` by ``origin`` (when it receives); servers owed nothing are left out."""
     writes: dict[str, frozenset[Register]] = {}
     if to_others:
         for server in policy.servers:

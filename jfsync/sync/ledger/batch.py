@@ -14,11 +14,11 @@ an observation is (:class:`Observation`) and what applying it did (:class:`Appli
 from __future__ import annotations
 
 from collections.abc import Sequence, Set
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
-from jfsync.model import Register, Stamp, UserData
+from jfsync.model import DEFAULT_USER_DATA, PlayState, Register, Stamp, UserData, new_stamp
 from jfsync.sync.echo import (
     PendingWrite,
     Verdict,
@@ -28,16 +28,55 @@ from jfsync.sync.echo import (
     record_write,
 )
 from jfsync.sync.ledger.clock import Clock
-from jfsync.sync.ledger.codec import Key, Pair
+from jfsync.sync.ledger.codec import MASKS as _MASKS
+from jfsync.sync.ledger.codec import Key, Pair, mask_bits
 from jfsync.sync.ledger.maps import IdMaps
 from jfsync.sync.ledger.outbox import OutboxRow, WorkRow
 from jfsync.sync.ledger.policy import LedgerPolicy
 from jfsync.sync.ledger.writer import StateWriter
-from jfsync.sync.merge import CanonicalState, MergePolicy, changed_registers, merge
+from jfsync.sync.merge import (
+    CanonicalState,
+    MergePolicy,
+    changed_registers,
+    merge,
+    new_canonical,
+    new_stamped,
+    writes_owed,
+)
+from jfsync.sync.rewatch import protected
 
 Source = Literal["event", "scan", "compare", "read"]
 
 _NOTHING: frozenset[Register] = frozenset()
+#: "No row loaded or made for this key" (None: the key's row is gone).
+_ABSENT = WorkRow(None, _NOTHING, DEFAULT_USER_DATA, 0, 0)
+_DEFAULT = DEFAULT_USER_DATA
+#: Builds a :class:`WorkRow` from all of its fields (a named tuple: no defaults to fill in).
+_new_row = tuple.__new__
+_new_object = object.__new__
+
+
+def _diff_bits(before: UserData, after: UserData) -> int:
+    """The registers whose value differs (bits: 1 favourite, 2 rating, 4 play state)."""
+    bits = 0
+    if before.favorite != after.favorite:
+        bits = 1
+    if before.rating != after.rating:
+        bits |= 2
+    ps_before, ps_after = before.play_state, after.play_state
+    if ps_before is not ps_after and _ps_differ(ps_before, ps_after):
+        bits |= 4
+    return bits
+
+
+def _ps_differ(a: PlayState, b: PlayState) -> bool:
+    """``a != b``, field by field (the dataclass's ``__eq__`` builds two tuples per call)."""
+    return (
+        a.last_played_s != b.last_played_s
+        or a.play_count != b.play_count
+        or a.played != b.played
+        or a.position_ticks != b.position_ticks
+    )
 
 
 class Outcome(StrEnum):
@@ -93,6 +132,38 @@ class Applied:
     queued: dict[str, frozenset[Register]] = field(default_factory=dict)
 
 
+_set_observation = Applied.__dict__["observation"].__set__
+_set_outcome = Applied.__dict__["outcome"].__set__
+_set_changed = Applied.__dict__["changed"].__set__
+_set_first_contact = Applied.__dict__["first_contact"].__set__
+_set_canonical_changed = Applied.__dict__["canonical_changed"].__set__
+_set_stamp = Applied.__dict__["stamp"].__set__
+_set_queued = Applied.__dict__["queued"].__set__
+
+
+def _applied(
+    observation: Observation,
+    outcome: Outcome,
+    changed: frozenset[Register],
+    first_contact: bool,
+    canonical_changed: frozenset[Register],
+    stamp: Stamp,
+    queued: dict[str, frozenset[Register]],
+) -> Applied:
+    """An :class:`Applied` with every field given, built through its slots (twice as fast as
+    the frozen dataclass's ``__init__``: the bulk path builds one per observation). The
+    object is whole before anyone sees it."""
+    applied = _new_object(Applied)
+    _set_observation(applied, observation)
+    _set_outcome(applied, outcome)
+    _set_changed(applied, changed)
+    _set_first_contact(applied, first_contact)
+    _set_canonical_changed(applied, canonical_changed)
+    _set_stamp(applied, stamp)
+    _set_queued(applied, queued)
+    return applied
+
+
 class Batch:
     """The in-memory working set of one transaction: load, apply in order, flush.
 
@@ -123,16 +194,25 @@ class Batch:
         self.mapped: dict[int, set[int]] = {}
         #: Ids of the rows loaded, by key (a row created again for that key reuses its id).
         self._loaded_rows: dict[Key, int] = {}
-        self._dirty_canon: set[Pair] = set()
-        self._dirty_lk: set[Key] = set()
-        self._dirty_echo: set[Key] = set()
-        self._dirty_rows: set[Key] = set()
+        #: What this batch changed, in the order it did (dicts as ordered sets: a bulk apply
+        #: changes keys in the order their ids were made, so sorting them at flush is cheap).
+        self._dirty_canon: dict[Pair, None] = {}
+        self._dirty_lk: dict[Key, None] = {}
+        self._dirty_echo: dict[Key, None] = {}
+        self._dirty_rows: dict[Key, None] = {}
         self._clock_moved = False
         #: Per batch memos of the hot path (policies by person, tiebreaks by server, the
         #: servers owed rows by (user, origin): reset when :meth:`load` adds members).
         self._user_policies: dict[str, MergePolicy] = {}
         self._tiebreaks: dict[str, int] = {}
         self._targets: dict[tuple[int, int], tuple[tuple[int, str], ...]] = {}
+        #: And those of :meth:`apply_all`: per person (:meth:`_profile_of`), per (user, peer)
+        #: the registers it may be owed, per (origin, moved, lost) what each server is owed.
+        self._profiles: dict[str, tuple[int, frozenset[str], bool]] = {}
+        self._row_targets: dict[tuple[int, int], tuple[tuple[int, str, int, bool], ...]] = {}
+        #: At least every ticket in :attr:`seen` and in the clock's seen map.
+        self._seen_high = clock.seen_high
+        self._writes: dict[tuple[str, int, int], dict[str, int]] = {}
         seed = policy.seed
         self._seed_sid = maps.sid_of(seed) if seed is not None else None
         self._configured = {maps.sid(n) for n in policy.servers}
@@ -146,32 +226,38 @@ class Batch:
         them). From SQLite it takes a few queries per chunk of pairs; ``empty`` pairs (of a
         user or item this transaction created) have nothing to read.
         """
-        wanted = pairs - self._loaded_pairs
-        self._loaded_pairs |= wanted
+        if self._loaded_pairs:
+            wanted = pairs - self._loaded_pairs
+            self._loaded_pairs |= wanted
+        else:
+            wanted = pairs
+            self._loaded_pairs = set(pairs)  # a copy in C: the caller keeps ``pairs``
         canon, lk, echo, rows, loaded = self.canon, self.lk, self.echo, self.rows, self._loaded_rows
         for pair, entry in self.tables.load(wanted, empty).items():
-            uid, iid = pair
-            if entry.canon is not None:
-                canon[pair] = entry.canon
-            for sid, state in entry.lk.items():
-                lk[(uid, iid, sid)] = state
-            for sid, pending in entry.echo.items():
-                echo[(uid, iid, sid)] = pending
-            for sid, row in entry.rows.items():
-                key = (uid, iid, sid)
-                rows[key] = row
-                assert row.id is not None  # stored rows are numbered
-                loaded[key] = row.id
+            state = entry.canon
+            if state is not None:
+                canon[pair] = state
+            if entry.lk:
+                lk.update(entry.lk)
+            if entry.echo:
+                echo.update(entry.echo)
+            if entry.rows:
+                rows.update(entry.rows)
+                for key, row in entry.rows.items():
+                    assert row.id is not None  # stored rows are numbered
+                    loaded[key] = row.id
         if with_members:
             db, cached = self.tables.db, self.tables.cached
             self.members.update(self.maps.members(db, {u for u, _ in wanted}, cached=cached))
             self._targets.clear()
-            indexed, mapped = self.maps.mappings(
-                db, {i for _, i in wanted}, self._configured, cached=cached
-            )
-            self.indexed |= indexed
-            for sid, items in mapped.items():
-                self.mapped.setdefault(sid, set()).update(items)
+            self._row_targets.clear()
+            if self.maps.indexed(db, self._configured, cached=cached):
+                indexed, mapped = self.maps.mappings(
+                    db, {i for _, i in wanted}, self._configured, cached=cached
+                )
+                self.indexed |= indexed
+                for sid, items in mapped.items():
+                    self.mapped.setdefault(sid, set()).update(items)
 
     def lacks_item(self, server_id: int, item_id: int) -> bool:
         """Tell whether an indexed server does not have the item."""
@@ -186,20 +272,279 @@ class Batch:
         seen = self.seen
         if seq > seen.get(key, 0) and seq > self.clock.seen(key):
             seen[key] = seq
+            if seq > self._seen_high:
+                self._seen_high = seq
+
+    def apply_all(self, observations: Sequence[Observation], keys: Sequence[Key]) -> list[Applied]:
+        """Apply ``observations`` (``keys``: their ids) in order, as :meth:`apply` does each.
+
+        A bulk message or a scan page is thousands of observations of one shape: no pending
+        echo, and either a known server's change or the first state anyone showed of an item.
+        Those run inline here: the ticket check, the diff as register bits, the merge of
+        :func:`jfsync.sync.merge.merge` for exactly these two cases written out, and each
+        new outbox row built once; anything else (a pending echo, a first contact with a
+        canonical state, a receive-only server, a row already queued) takes the general path
+        (:meth:`apply`, :meth:`_merge_in`, :meth:`refresh_row`). Both give the same states,
+        rows and outcomes (``tests/core/test_ledger_bulk.py`` compares them on random
+        histories).
+        """
+        results: list[Applied] = []
+        append = results.append
+        echo, lk, canon, rows, seen = self.echo, self.lk, self.canon, self.rows, self.seen
+        dirty_lk, dirty_canon, dirty_rows = self._dirty_lk, self._dirty_canon, self._dirty_rows
+        clock = self.clock
+        ticket, clock_seen = clock.ticket, clock.seen
+        loaded_rows, mapped = self._loaded_rows, self.mapped
+        row_targets = self._row_targets
+        unchanged, changed_outcome = Outcome.UNCHANGED, Outcome.CHANGED
+        ticked = False
+        # Every ticket seen so far is at most ``high``: a ticket above it is newer than what
+        # the ledger learnt of any key, with no look-up.
+        high = self._seen_high
+        # What the previous observation's user, origin and outcome gave (a bulk message is
+        # thousands of one user's observations from one server, most with one outcome).
+        user = server = None
+        receive_only: frozenset[str] = frozenset()
+        synced_bits, rewatch, tiebreak = 0, False, 0
+        targets_key: tuple[int, int] | None = None
+        targets: tuple[tuple[int, str, int, bool], ...] = ()
+        writes_key: tuple[str, int, int] | None = None
+        owed_by: dict[str, int] = {}
+        # And what the previous known server's change decided: the same previous, incoming
+        # and canonical states (a bulk message's) decide the same registers.
+        last_previous: UserData | None = None
+        last_state: UserData | None = None
+        last_data: UserData | None = None
+        last_decision: tuple[int, int, PlayState] = (0, 0, _DEFAULT.play_state)
+        for obs, key in zip(observations, keys, strict=True):
+            if echo.get(key):
+                self._seen_high = high
+                append(self.apply(obs, key))  # the echo rule decides first
+                high = self._seen_high
+                continue
+            source = obs.source
+            if source == "event":
+                seq = ticket()
+                if seq > high:
+                    seen[key] = high = seq
+                elif seq > seen.get(key, 0) and seq > clock_seen(key):
+                    seen[key] = seq
+            else:
+                # A read: never applied over something learnt after it was requested.
+                seq = ticket() if obs.read_seq is None else obs.read_seq
+                if seq < high and (seen.get(key, 0) > seq or clock_seen(key) > seq):
+                    append(Applied(obs, Outcome.OUTDATED))
+                    continue
+                if source != "scan":
+                    if seq > high:
+                        seen[key] = high = seq
+                    elif seq > seen.get(key, 0) and seq > clock_seen(key):
+                        seen[key] = seq
+            state = obs.state
+            if obs.user is not user:
+                user = obs.user
+                profile = self._profiles.get(user)
+                if profile is None:
+                    profile = self._profile_of(user)
+                synced_bits, receive_only, rewatch = profile
+            if obs.server is not server:
+                server = obs.server
+                tiebreak = self._tiebreak_of(server)
+            uid, iid, sid = key
+            pair = (uid, iid)
+            previous = lk.get(key)
+            canonical = canon.get(pair)
+            if canonical is None:
+                if server in receive_only:
+                    append(self._merge_in(obs, key))
+                    continue
+                # The first state anyone showed of the item (merge's first-ever case).
+                base = _DEFAULT if previous is None else previous
+                bits = _diff_bits(base, state) & synced_bits
+                moved = _diff_bits(_DEFAULT, state) & synced_bits  # owed to the others
+                lost = 0
+                ms = clock.ms + 1
+                wall = obs.wall_ms
+                if wall > ms:
+                    ms = wall
+                clock.ms = ms
+                ticked = True
+                stamp = new_stamp(ms, tiebreak)
+                stamped = new_stamped(stamp, server)
+                new = new_canonical(state, stamped, stamped, stamped)
+                first_contact = True
+            elif previous is None or server in receive_only:
+                append(self._merge_in(obs, key))  # first contact of a server, or a receiver
+                continue
+            else:
+                # A known server (merge's known case): each changed register by its stamp.
+                if previous is state:
+                    append(Applied(obs, unchanged))
+                    continue
+                data = canonical.data
+                fav, rat = state.favorite, state.rating
+                if previous is last_previous and state is last_state and data is last_data:
+                    bits, differs, ps = last_decision  # the same three states as before
+                else:
+                    ps, old_ps = state.play_state, previous.play_state
+                    bits = 0
+                    if fav != previous.favorite:
+                        bits = 1
+                    old_rating = previous.rating
+                    if rat != old_rating:
+                        if rat is not old_rating:  # as ``previous == state`` compares fields
+                            bits |= 2
+                        else:
+                            bits |= 8  # only ``!=`` (NaN) says so: as changed_registers
+                    ps_moved = ps is not old_ps and _ps_differ(ps, old_ps)
+                    if ps_moved:
+                        bits |= 4
+                    if not bits & 7:
+                        append(Applied(obs, unchanged))
+                        continue
+                    bits = ((bits >> 2) & 2 | bits) & synced_bits
+                    if not bits:
+                        lk[key] = state
+                        dirty_lk[key] = None
+                        append(Applied(obs, unchanged))
+                        continue
+                    # Which changed registers differ from the canonical value.
+                    differs = 0
+                    if bits & 1 and fav != data.favorite:
+                        differs = 1
+                    if bits & 2 and rat != data.rating:
+                        differs |= 2
+                    if bits & 4:
+                        play_state = data.play_state
+                        if rewatch:
+                            ps = protected(play_state, ps)
+                        if play_state is old_ps and ps is state.play_state:
+                            differs |= 4  # it moved from what is the canonical value
+                        elif ps is not play_state and _ps_differ(ps, play_state):
+                            differs |= 4
+                    last_previous, last_state, last_data = previous, state, data
+                    last_decision = (bits, differs, ps)
+                ms = clock.ms + 1
+                wall = obs.wall_ms
+                if wall > ms:
+                    ms = wall
+                clock.ms = ms
+                ticked = True
+                stamp = new_stamp(ms, tiebreak)
+                # The changed registers whose canonical stamp this one is later than win.
+                won = 0
+                if bits & 1:
+                    held = canonical.favorite.stamp
+                    if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
+                        won = 1
+                if bits & 2:
+                    held = canonical.rating.stamp
+                    if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
+                        won |= 2
+                if bits & 4:
+                    held = canonical.play_state.stamp
+                    if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
+                        won |= 4
+                moved = won & differs
+                lost = bits & ~won & differs
+                if won:
+                    winner = new_stamped(stamp, server)
+                    favorite = fav if won & 1 else data.favorite
+                    rating = (None if rat is None else float(rat)) if won & 2 else data.rating
+                    play_state = ps if won & 4 else data.play_state
+                    if favorite is fav and rating is rat and play_state is state.play_state:
+                        merged = state  # shared (decoded states are interned)
+                    else:
+                        merged = UserData(favorite, rating, play_state)
+                    new = new_canonical(
+                        merged,
+                        winner if won & 1 else canonical.favorite,
+                        winner if won & 2 else canonical.rating,
+                        winner if won & 4 else canonical.play_state,
+                    )
+                else:
+                    new = canonical
+                first_contact = False
+            # The new states, then the rows of every server that may be owed something.
+            if new is not canonical:
+                canon[pair] = new
+                dirty_canon[pair] = None
+            lk[key] = state
+            dirty_lk[key] = None
+            if (
+                writes_key is None
+                or moved != writes_key[1]
+                or lost != writes_key[2]
+                or (server is not writes_key[0])
+            ):
+                writes_key = (server, moved, lost)
+                known_writes = self._writes.get(writes_key)
+                owed_by = self._writes_of(*writes_key) if known_writes is None else known_writes
+            desired = new.data
+            queued: dict[str, frozenset[Register]] = {}
+            if targets_key is None or uid != targets_key[0] or sid != targets_key[1]:
+                targets_key = (uid, sid)
+                known_targets = row_targets.get(targets_key)
+                targets = self._row_targets_of(uid, sid) if known_targets is None else known_targets
+            for target, name, may, indexed in targets:
+                owed = owed_by.get(name, 0)
+                tkey = (uid, iid, target)
+                existing = rows.get(tkey, _ABSENT)
+                if existing is not None and existing is not _ABSENT:
+                    if self.refresh_row(tkey, _MASKS[owed], desired, ms, wall):
+                        row = rows.get(tkey)
+                        queued[name] = _NOTHING if row is None else row.mask
+                    continue
+                if not owed or (indexed and iid not in mapped.get(target, ())):
+                    continue
+                owed &= may
+                known = lk.get(tkey)
+                if known is not None and owed:
+                    # What the peer holds already is not owed (refresh_row's pruning).
+                    if known is desired:
+                        continue
+                    if owed & 1 and desired.favorite == known.favorite:
+                        owed ^= 1
+                    if owed & 2 and desired.rating == known.rating:
+                        owed ^= 2
+                    if owed & 4:
+                        a, b = desired.play_state, known.play_state
+                        if a is b or not _ps_differ(a, b):
+                            owed ^= 4
+                if not owed:
+                    continue
+                mask = _MASKS[owed]
+                row_id = None if existing is _ABSENT else loaded_rows.get(tkey)
+                rows[tkey] = _new_row(WorkRow, (row_id, mask, desired, ms, wall, 0, 0, None, False))
+                dirty_rows[tkey] = None
+                queued[name] = mask
+            append(
+                _applied(
+                    obs,
+                    changed_outcome if bits else unchanged,
+                    _MASKS[bits],
+                    first_contact,
+                    _MASKS[moved],
+                    stamp,
+                    queued,
+                )
+            )
+        self._seen_high = high
+        if ticked:
+            self._clock_moved = True
+        return results
 
     def apply(self, obs: Observation, key: Key) -> Applied:
         """Apply one observation to the working set (rules in :meth:`Ledger.apply_observations`)."""
-        uid, iid, sid = key
         state = obs.state
-        lk = self.lk
         pending = self.echo.get(key, ())
         if obs.source == "event":
             self.see(key, self.clock.ticket())
             if pending:  # no pending write: a change (classify_event's answer), nothing to prune
-                verdict = classify_event(pending, state, lk.get(key), obs.wall_ms)
+                verdict = classify_event(pending, state, self.lk.get(key), obs.wall_ms)
                 if verdict.pending != pending:
                     self.echo[key] = pending = verdict.pending
-                    self._dirty_echo.add(key)
+                    self._dirty_echo[key] = None
                 if verdict.verdict is Verdict.ECHO:
                     return Applied(obs, Outcome.ECHO)
                 if verdict.verdict is Verdict.AMBIGUOUS:
@@ -227,7 +572,15 @@ class Batch:
                 moot = after_read(pending, state, obs.wall_ms, obs.wall_ms)
                 if moot != pending:
                     self.echo[key] = pending = moot
-                    self._dirty_echo.add(key)
+                    self._dirty_echo[key] = None
+        return self._merge_in(obs, key)
+
+    def _merge_in(self, obs: Observation, key: Key) -> Applied:
+        """The rest of :meth:`apply` once the echo rule and the read's ticket let ``obs`` in:
+        the diff, the stamp, the merge, the new states and the outbox rows."""
+        uid, iid, sid = key
+        state = obs.state
+        lk = self.lk
         previous = lk.get(key)
         canonical = self.canon.get((uid, iid))
         policy = self._policy_of(obs.user)  # the person's register choices
@@ -256,9 +609,9 @@ class Batch:
         # merge returns ``canonical`` itself when it did not move (any move changes a stamp).
         if desired is not canonical:
             self.canon[(uid, iid)] = desired
-            self._dirty_canon.add((uid, iid))
+            self._dirty_canon[(uid, iid)] = None
         lk[key] = state
-        self._dirty_lk.add(key)
+        self._dirty_lk[key] = None
         queued: dict[str, frozenset[Register]] = {}
         writes = result.writes
         rows = self.rows
@@ -291,6 +644,42 @@ class Batch:
         if found is None:
             found = self._user_policies[user] = policy.for_user(user)
         return found
+
+    def _profile_of(self, user: str) -> tuple[int, frozenset[str], bool]:
+        """What the bulk path needs of one person's policy: the registers it syncs (bits),
+        the receive-only servers and whether rewatch protection is on (once per batch)."""
+        policy = self._policy_of(user)
+        profile = (mask_bits(policy.synced), policy.receive_only, policy.rewatch_protection)
+        self._profiles[user] = profile
+        return profile
+
+    def _row_targets_of(self, uid: int, sid: int) -> tuple[tuple[int, str, int, bool], ...]:
+        """:meth:`_targets_of` for :meth:`apply_all`: each with the registers it may be owed
+        for ``uid`` (bits, as :meth:`refresh_row` narrows them) and whether it is an indexed
+        server other than the origin (owed only the items it maps)."""
+        names = self.maps.names
+        targets = tuple(
+            (
+                target,
+                name,
+                mask_bits(self.rules.synced_of(uid, names.get(target))),
+                target != sid and target in self.indexed,
+            )
+            for target, name in self._targets_of(uid, sid)
+        )
+        self._row_targets[(uid, sid)] = targets
+        return targets
+
+    def _writes_of(self, server: str, moved: int, lost: int) -> dict[str, int]:
+        """The registers (bits) each server is owed when ``server``'s observation moved the
+        canonical value of ``moved`` and lost ``lost`` (:func:`writes_owed`)."""
+        if not moved and not lost:
+            owed: dict[str, int] = {}
+        else:
+            writes = writes_owed(self.policy, server, _MASKS[moved], _MASKS[lost])
+            owed = {name: mask_bits(registers) for name, registers in writes.items()}
+        self._writes[(server, moved, lost)] = owed
+        return owed
 
     def _tiebreak_of(self, server: str) -> int:
         """The stamp tiebreak of changes ``server`` shows (:meth:`MergePolicy.stamp`)."""
@@ -334,7 +723,7 @@ class Batch:
             if existing is None:
                 return False
             self.rows[key] = None
-            self._dirty_rows.add(key)
+            self._dirty_rows[key] = None
             return True
         registers = mask
         if (
@@ -351,7 +740,7 @@ class Batch:
         else:
             row = WorkRow(self._loaded_rows.get(key), registers, desired, version, now_ms)
         self.rows[key] = row
-        self._dirty_rows.add(key)
+        self._dirty_rows[key] = None
         return True
 
     def flush(self) -> None:
@@ -368,10 +757,10 @@ class Batch:
         if self._dirty_echo:
             tables.put_echoes({key: self.echo[key] for key in sorted(self._dirty_echo)})
         if self._dirty_rows:
-            keys = sorted(self._dirty_rows)
-            self._number(keys)
             rows = self.rows
-            tables.put_rows({key: rows[key] for key in keys})
+            written = {key: rows[key] for key in sorted(self._dirty_rows)}
+            self._number(written)
+            tables.put_rows(written)
         if self._clock_moved:
             self.clock.save(tables.db)
         if self.seen:
@@ -385,23 +774,25 @@ class Batch:
         for state in states:
             pending = record_write(pending, state, wall_ms, base)
         self.echo[key] = pending
-        self._dirty_echo.add(key)
+        self._dirty_echo[key] = None
 
     def number_new_rows(self) -> None:
         """Give the rows created so far their ids (flush numbers the rest)."""
-        self._number(sorted(self._dirty_rows))
-
-    def _number(self, keys: Sequence[Key]) -> None:
-        """Number the unnumbered rows of ``keys`` (sorted), in key order."""
         rows = self.rows
-        new = [k for k in keys if (row := rows[k]) is not None and row.id is None]
-        if not new:
+        self._number({key: rows[key] for key in sorted(self._dirty_rows)})
+
+    def _number(self, written: dict[Key, WorkRow | None]) -> None:
+        """Number the unnumbered rows of ``written`` (the rows of some keys, in key order), in
+        that order, in it and in the batch."""
+        count = sum(1 for row in written.values() if row is not None and row.id is None)
+        if not count:
             return
-        first = self.tables.number_rows(len(new))
-        for row_id, key in enumerate(new, first):
-            row = rows[key]
-            assert row is not None
-            rows[key] = row.numbered(row_id)
+        rows = self.rows
+        row_id = self.tables.number_rows(count)
+        for key, row in written.items():  # (values replaced in place: the keys stay)
+            if row is not None and row.id is None:
+                rows[key] = written[key] = row.numbered(row_id)
+                row_id += 1
 
     def outbox_row(self, key: Key, like: OutboxRow) -> OutboxRow | None:
         """The row of ``key`` as it stands in this batch, named like ``like`` (or None)."""
@@ -417,7 +808,7 @@ class Batch:
         # entry per echo, timed when the write completed (scans compare against that).
         pending = tuple(p for p in self.echo.get(key, ()) if p.state != state)
         self.echo[key] = record_write(pending, state, wall_ms, replaced)
-        self._dirty_echo.add(key)
+        self._dirty_echo[key] = None
         done = self._settle_row(key, version, state)
         # A change that came while the write was on its way may have moved the canonical
         # value back to what the peer held before it: its row was pruned then (nothing owed
@@ -436,22 +827,22 @@ class Batch:
             return False
         if row.version == version:
             self.rows[key] = None
-            self._dirty_rows.add(key)
+            self._dirty_rows[key] = None
             return True
         # Replaced mid-flight: keep what the write did not already deliver (same version, so
         # a pusher holding the newer row can still ack it).
         left = frozenset(r for r in row.mask if row.desired.get(r) != state.get(r))
         if not left:
             self.rows[key] = None
-            self._dirty_rows.add(key)
+            self._dirty_rows[key] = None
         elif left != row.mask:
-            self.rows[key] = replace(row, mask=left)
-            self._dirty_rows.add(key)
+            self.rows[key] = row._replace(mask=left)
+            self._dirty_rows[key] = None
         return False
 
     def set_last_known(self, key: Key, state: UserData) -> None:
         self.lk[key] = state
-        self._dirty_lk.add(key)
+        self._dirty_lk[key] = None
 
     def tick(self, wall_ms: int) -> int:
         """Advance the hybrid clock and persist it with this batch."""

@@ -12,7 +12,7 @@ miss a write (the ledger empties it after a transaction that did not end normall
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 
 from jfsync.model import UserData
 from jfsync.sync.echo import PendingWrite
@@ -26,7 +26,8 @@ STATE_CACHE_PAIRS = 20_000
 
 
 class CachedPair:
-    """Everything the ledger holds for one (user, item) pair, decoded, by server id."""
+    """Everything the ledger holds for one (user, item) pair, decoded, by (user, item, server)
+    key (as a transaction's working set keys them: it takes each part in one dict update)."""
 
     __slots__ = ("canon", "echo", "lk", "rows")
 
@@ -34,9 +35,9 @@ class CachedPair:
         # A plain class: thousands are built per burst, and a dataclass with default
         # factories costs several times more to construct.
         self.canon = canon
-        self.lk: dict[int, UserData] = {}
-        self.echo: dict[int, tuple[PendingWrite, ...]] = {}
-        self.rows: dict[int, WorkRow] = {}
+        self.lk: dict[Key, UserData] = {}
+        self.echo: dict[Key, tuple[PendingWrite, ...]] = {}
+        self.rows: dict[Key, WorkRow] = {}
 
 
 class StateCache:
@@ -52,12 +53,22 @@ class StateCache:
     def __contains__(self, pair: object) -> bool:
         return pair in self._pairs
 
-    def get(self, pair: Pair) -> CachedPair | None:
-        """The pair held (now the most recently used), or None. Read it, never change it."""
-        entry = self._pairs.get(pair)
-        if entry is not None:
-            self._pairs.move_to_end(pair)
-        return entry
+    def take(
+        self, pairs: Iterable[Pair], skip: Set[Pair], found: dict[Pair, CachedPair]
+    ) -> set[Pair]:
+        """Put the held ones of ``pairs`` (now the most recently used) but those in ``skip``
+        into ``found``; return the others. Read the entries, never change them."""
+        held = self._pairs
+        get, used = held.get, held.move_to_end
+        missing: set[Pair] = set()
+        for pair in pairs:
+            entry = None if pair in skip else get(pair)
+            if entry is None:
+                missing.add(pair)
+            else:
+                used(pair)
+                found[pair] = entry
+        return missing
 
     def clear(self) -> None:
         """Forget every pair."""
@@ -71,40 +82,45 @@ class StateCache:
     def committed(
         self,
         read: Mapping[Pair, CachedPair],
-        canon: Mapping[Pair, CanonicalState],
-        lk: Mapping[Key, UserData],
-        echo: Mapping[Key, tuple[PendingWrite, ...]],
+        canon: Iterable[Mapping[Pair, CanonicalState]],
+        lk: Iterable[Mapping[Key, UserData]],
+        echo: Iterable[Mapping[Key, tuple[PendingWrite, ...]]],
         rows: Mapping[Key, WorkRow | None],
     ) -> None:
         """Take what a committed transaction read from SQLite, then what it wrote.
 
-        ``read`` holds pairs as they were read (complete); the other mappings hold the final
-        value the transaction wrote for each pair or key (an empty echo list or a None row:
-        deleted). Written pairs not held stay unheld: only complete pairs are kept.
+        ``read`` holds pairs as they were read (complete); ``canon``, ``lk`` and ``echo`` the
+        values the transaction wrote, in the order it wrote them (a later one replaces an
+        earlier one), and ``rows`` the final row of each key written (an empty echo list or a
+        None row: deleted). Written pairs not held stay unheld: only complete pairs are kept.
         """
         held = self._pairs
         held.update(read)
         while len(held) > self.limit:
             held.popitem(last=False)
-        for pair, state in canon.items():
-            entry = held.get(pair)
-            if entry is not None:
-                entry.canon = state
-        for (uid, iid, sid), known in lk.items():
-            entry = held.get((uid, iid))
-            if entry is not None:
-                entry.lk[sid] = known
-        for (uid, iid, sid), pending in echo.items():
-            entry = held.get((uid, iid))
-            if entry is not None:
-                if pending:
-                    entry.echo[sid] = pending
-                else:
-                    entry.echo.pop(sid, None)
-        for (uid, iid, sid), row in rows.items():
-            entry = held.get((uid, iid))
+        get = held.get
+        for states in canon:
+            for pair, state in states.items():
+                entry = get(pair)
+                if entry is not None:
+                    entry.canon = state
+        for known_states in lk:
+            for key, known in known_states.items():
+                entry = get(key[:2])
+                if entry is not None:
+                    entry.lk[key] = known
+        for echoes in echo:
+            for key, pending in echoes.items():
+                entry = get(key[:2])
+                if entry is not None:
+                    if pending:
+                        entry.echo[key] = pending
+                    else:
+                        entry.echo.pop(key, None)
+        for key, row in rows.items():
+            entry = get(key[:2])
             if entry is not None:
                 if row is None:
-                    entry.rows.pop(sid, None)
+                    entry.rows.pop(key, None)
                 else:
-                    entry.rows[sid] = row
+                    entry.rows[key] = row

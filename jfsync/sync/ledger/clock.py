@@ -6,13 +6,13 @@ it. Tickets order what this process learnt of each (user, item, server): an even
 read requested, a write acked. A read whose ticket is older than the last thing learnt of its key
 is outdated and never applied. Tickets live in memory only: after a restart every read is newer.
 Tickets are handed out both on the event loop (before a read is requested) and on the ledger's
-SQLite thread (inside a transaction), so taking one is guarded by a lock.
+SQLite thread (inside a transaction), from one counter that is safe to share between threads.
 """
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
-import threading
 from collections.abc import Mapping
 
 from jfsync.sync.ledger.codec import Key, fetch
@@ -31,10 +31,12 @@ class Clock:
     def __init__(self) -> None:
         #: The latest stamp handed out.
         self.ms = 0
-        self._tickets = 0
-        self._ticket_lock = threading.Lock()
+        self._tickets = itertools.count(1)
         #: When the ledger last learnt anything of each (user, item, server), as a ticket.
         self._seen: dict[Key, int] = {}
+        #: At least every ticket in the seen map: a ticket above it is newer than all of them
+        #: (a bulk apply then skips the per-key look-ups).
+        self.seen_high = 0
 
     def load(self, db: sqlite3.Connection) -> None:
         """Read the persisted clock."""
@@ -51,10 +53,9 @@ class Clock:
         return self.ms
 
     def ticket(self) -> int:
-        """A number larger than every one handed out before (from any thread)."""
-        with self._ticket_lock:
-            self._tickets += 1
-            return self._tickets
+        """A number larger than every one handed out before, from any thread: ``next`` of an
+        :class:`itertools.count` is one call into C, which no other thread interrupts."""
+        return next(self._tickets)
 
     def seen(self, key: Key) -> int:
         """The ticket of the last thing learnt of ``key`` (0: nothing in this process)."""
@@ -63,9 +64,18 @@ class Clock:
     def note_seen(self, seen: Mapping[Key, int]) -> None:
         """Keep what a transaction learnt of when each key was last seen; stay bounded."""
         known = self._seen
-        for key, seq in seen.items():
-            if seq > known.get(key, 0):
-                known[key] = seq
+        high = self.seen_high
+        if seen and min(seen.values()) > high:
+            # All newer than anything kept (a burst's events): no key needs comparing.
+            known.update(seen)
+            high = max(seen.values())
+        else:
+            for key, seq in seen.items():
+                if seq > known.get(key, 0):
+                    known[key] = seq
+                    if seq > high:
+                        high = seq
+        self.seen_high = high
         if len(known) > SEEN_KEYS_MAX:
-            horizon = self._tickets - SEEN_KEEP_TICKETS
+            horizon = self.ticket() - SEEN_KEEP_TICKETS
             self._seen = {k: v for k, v in known.items() if v >= horizon}

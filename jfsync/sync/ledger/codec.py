@@ -4,14 +4,15 @@ Every module of the ledger reads and writes the same column layouts: a :class:`U
 columns (:data:`STATE_COLS`), a canonical state adds three stamped registers
 (:data:`CANON_COLS`), pending echoes are one JSON text per key, a register set is a bit mask.
 The decoders intern what they build (states and register sets repeat a lot), so decoding a
-burst costs little memory. The key types (:data:`Key`, :data:`Pair`) and the chunking helpers
-for ``IN (...)`` lists live here too, so that no module of the package imports another for
-them.
+burst costs little memory. The key types (:data:`Key`, :data:`Pair`), the chunking helpers
+for ``IN (...)`` lists and the multi-row INSERT of many rows (:func:`insert_rows`) live here
+too, so that no module of the package imports another for them.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,6 +30,10 @@ Pair = tuple[int, int]
 #: Placeholders per IN (...) list; far below SQLite's variable limit, large enough to batch.
 CHUNK = 500
 
+#: Rows per multi-row INSERT (:func:`insert_rows`): 50 rows of the widest table (17 columns)
+#: are 850 placeholders, far below SQLite's limit of 32,766.
+ROWS_PER_INSERT = 50
+
 STATE_COLS = "favorite, rating, played, play_count, last_played_s, position_ticks"
 CANON_COLS = (
     f"user, item, {STATE_COLS}, favorite_ms, favorite_tiebreak, favorite_origin, "
@@ -39,7 +44,10 @@ CANON_COLS = (
 _BITS: dict[Register, int] = {Register.FAVORITE: 1, Register.RATING: 2, Register.PLAY_STATE: 4}
 _ALL_BITS = sum(_BITS.values())
 #: Every register set, by its bits (decoded once, shared by every row).
-_MASKS = tuple(frozenset(r for r, b in _BITS.items() if bits & b) for bits in range(_ALL_BITS + 1))
+MASKS: tuple[frozenset[Register], ...] = tuple(
+    frozenset(r for r, b in _BITS.items() if bits & b) for bits in range(_ALL_BITS + 1)
+)
+_MASKS = MASKS
 _MASK_BITS: dict[frozenset[Register], int] = {mask: bits for bits, mask in enumerate(_MASKS)}
 
 
@@ -164,3 +172,32 @@ def chunks(values: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 def fetch(db: sqlite3.Connection, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
     """Every row ``sql`` gives on ``db`` (call it on the connection's own thread)."""
     return db.execute(sql, parameters).fetchall()
+
+
+def insert_rows(db: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    """Run the one-row INSERT ``sql`` (``... VALUES (?, ...)``, an upsert clause allowed after
+    it) for every row of ``rows``, in order, as multi-row INSERTs of :data:`ROWS_PER_INSERT`.
+
+    Same rows, in the same order, as ``db.executemany(sql, rows)``, with a third less of
+    SQLite's work per row in a bulk apply: one statement step per 50 rows instead of one per
+    row.
+    """
+    count = len(rows)
+    whole = count - count % ROWS_PER_INSERT
+    if whole:
+        width = len(rows[0]) * ROWS_PER_INSERT
+        flat = list(itertools.chain.from_iterable(rows[:whole]))
+        db.executemany(
+            _multi_row(sql),
+            [flat[start : start + width] for start in range(0, len(flat), width)],
+        )
+    if whole < count:
+        db.executemany(sql, rows[whole:])
+
+
+@functools.lru_cache(maxsize=64)
+def _multi_row(sql: str) -> str:
+    """``sql`` (one row of values) with :data:`ROWS_PER_INSERT` rows of values."""
+    head, values = sql.split(" VALUES ", 1)
+    one, tail = values.split(")", 1)
+    return f"{head} VALUES {', '.join([one + ')'] * ROWS_PER_INSERT)}{tail}"

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from jfsync.sync.ledger.codec import CHUNK, Key, Pair, chunks, fetch, marks
+from jfsync.sync.ledger.codec import CHUNK, Key, Pair, chunks, fetch, insert_rows, marks
 from jfsync.sync.ledger.errors import LedgerError
 from jfsync.sync.ledger.outbox import OutboxRow
 from jfsync.sync.ledger.schema import write_transaction
@@ -121,25 +121,32 @@ class IdMaps:
         are never reused), so their state need not be read.
         """
         known = self._user_ids if table == "users" else self._item_ids
-        wanted = set(keys)
+        wanted = dict.fromkeys(keys)  # in the caller's order: new ids follow it
         missing = [k for k in wanted if k not in known]
         if missing:
-            # Ids only grow and are never reused: those above the highest before are new.
+            # Ids only grow and are never reused (keys are never deleted), and no other writer
+            # runs inside this write transaction: the rows above the highest id before are
+            # exactly the keys it inserted. The other keys were in the file already.
             highest = int(fetch(db, f"SELECT COALESCE(MAX(id), 0) FROM {table}")[0][0])  # noqa: S608
-            db.executemany(
+            insert_rows(
+                db,
                 f"INSERT INTO {table}(key) VALUES (?) ON CONFLICT(key) DO NOTHING",  # noqa: S608
                 [(k,) for k in missing],
             )
-            for chunk in chunks(missing, CHUNK):
+            rows = fetch(db, f"SELECT key, id FROM {table} WHERE id > ?", (highest,))  # noqa: S608
+            for key, rid in rows:
+                known[key] = rid
+                if created is not None:
+                    created.add(rid)
+            older = [k for k in missing if k not in known]
+            for chunk in chunks(older, CHUNK):
                 rows = fetch(
                     db,
                     f"SELECT key, id FROM {table} WHERE key IN ({marks(len(chunk))})",  # noqa: S608
                     chunk,
                 )
                 for key, rid in rows:
-                    known[str(key)] = int(rid)
-                    if created is not None and rid > highest:
-                        created.add(int(rid))
+                    known[key] = rid
         return {k: known[k] for k in wanted}
 
     def user_id(self, db: sqlite3.Connection, user: str) -> int:
@@ -298,6 +305,17 @@ class IdMaps:
         rows = fetch(db, "SELECT 1 FROM server_items WHERE server=? LIMIT 1", (sid,))
         return bool(list(rows))
 
+    def indexed(
+        self, db: sqlite3.Connection, servers: Iterable[int], *, cached: bool = True
+    ) -> frozenset[int]:
+        """The ones of ``servers`` whose library is indexed (:meth:`mappings` has more)."""
+        indexed = self._indexed if cached else None
+        if indexed is None:
+            indexed = frozenset([sid for sid in sorted(servers) if self.has_index(db, sid)])
+            if cached:
+                self._indexed = indexed
+        return indexed
+
     def mappings(
         self,
         db: sqlite3.Connection,
@@ -311,11 +329,7 @@ class IdMaps:
         A server whose library is indexed but that does not map an item does not have it;
         servers without an index (identical-id identity) are taken to have every item.
         """
-        indexed = self._indexed if cached else None
-        if indexed is None:
-            indexed = frozenset([sid for sid in sorted(servers) if self.has_index(db, sid)])
-            if cached:
-                self._indexed = indexed
+        indexed = self.indexed(db, servers, cached=cached)
         mapped: dict[int, set[int]] = {}
         if not indexed:
             return indexed, mapped

@@ -420,7 +420,7 @@ class Ledger:
         if not observations:
             return []
         observed = list(observations)
-        sids = [self._sid(o.server) for o in observed]
+        sids = {name: self._sid(name) for name in {o.server for o in observed}}
 
         def work(tx: StateWriter) -> list[Applied]:
             db = tx.db
@@ -430,13 +430,15 @@ class Ledger:
             new_users = set(created)
             created.clear()
             items = self._maps.ensure_ids(db, "items", [o.item for o in observed], created)
-            keys = [
-                (users[o.user], items[o.item], sid) for o, sid in zip(observed, sids, strict=True)
-            ]
+            keys = [(users[o.user], items[o.item], sids[o.server]) for o in observed]
             pairs = {(u, i) for u, i, _ in keys}
-            empty = {(u, i) for u, i in pairs if u in new_users or i in created}
+            empty = (
+                {(u, i) for u, i in pairs if u in new_users or i in created}
+                if new_users or created
+                else set()
+            )
             batch.load(pairs, empty=empty)
-            results = [batch.apply(o, k) for o, k in zip(observed, keys, strict=True)]
+            results = batch.apply_all(observed, keys)
             batch.flush()
             return results
 

@@ -37,12 +37,14 @@ from jfsync.sync.ledger.codec import (
     decode_state,
     encode_echo,
     fetch,
+    insert_rows,
     marks,
+    mask_bits,
     state_values,
     upsert_sql,
 )
 from jfsync.sync.ledger.errors import LedgerError
-from jfsync.sync.ledger.outbox import ROW_COLS, WORK_SELECT, WorkRow, decode_work_row, row_values
+from jfsync.sync.ledger.outbox import ROW_COLS, WORK_SELECT, WorkRow, decode_work_row
 from jfsync.sync.merge import CanonicalState
 
 _UPSERT_CANONICAL = upsert_sql("canonical", CANON_COLS, "user, item")
@@ -117,12 +119,16 @@ class StateWriter:
         self.db = db
         self._cache = cache
         self._writable = writable
-        #: Pairs read from SQLite in this transaction, complete, as read.
+        #: Pairs read from SQLite in this transaction, complete, as read, and the pairs that
+        #: held nothing (of a user or item it created).
         self._read: dict[Pair, CachedPair] = {}
+        self._fresh: set[Pair] = set()
         #: The final value this transaction wrote, per pair or key.
-        self._canon: dict[Pair, CanonicalState] = {}
-        self._lk: dict[Key, UserData] = {}
-        self._echo: dict[Key, tuple[PendingWrite, ...]] = {}
+        #: What this transaction wrote, in the order it wrote it (the caller's mappings, kept
+        #: as given: they are not changed afterwards), and the final row of each key.
+        self._canon: list[Mapping[Pair, CanonicalState]] = []
+        self._lk: list[Mapping[Key, UserData]] = []
+        self._echo: list[Mapping[Key, tuple[PendingWrite, ...]]] = []
         self._rows: dict[Key, WorkRow | None] = {}
         #: Whether this transaction wrote: the cache is then old for what it wrote, so later
         #: loads read SQLite (which has the transaction's writes).
@@ -151,7 +157,11 @@ class StateWriter:
         if self._cleared:
             cache.clear()
             return
-        cache.committed(self._read, self._canon, self._lk, self._echo, self._rows)
+        read = self._read
+        if self._fresh:
+            # Pairs that held nothing when the transaction began: whole as read, and empty.
+            read = {pair: CachedPair(None) for pair in self._fresh} | read
+        cache.committed(read, self._canon, self._lk, self._echo, self._rows)
         if self._evicted:
             cache.evict(self._evicted)
 
@@ -161,32 +171,26 @@ class StateWriter:
         """Everything the file holds for ``pairs`` (complete), from the cache or SQLite.
 
         ``empty``: pairs of a user or item this transaction created, so that nothing in the
-        file refers to them; they are not read (unless this transaction already wrote).
+        file refers to them; they are not read (unless this transaction already wrote) and
+        are left out of the result (they hold nothing), to join the cache at commit.
         The entries are shared with the cache: read them, never change them.
         """
         found: dict[Pair, CachedPair] = {}
         if empty and not self._wrote and not self._cleared:
-            fresh = {pair: CachedPair(None) for pair in pairs & empty}
-            self._read.update(fresh)
-            found.update(fresh)
-            pairs = pairs - fresh.keys()
-        cache = None if self._cleared else self._cache
-        if cache is None:
-            missing = set(pairs)
-        else:
-            missing = set()
-            evicted = self._evicted
-            for pair in pairs:
-                entry = None if self._wrote or pair in evicted else cache.get(pair)
-                if entry is None:
-                    missing.add(pair)
-                else:
-                    found[pair] = entry
+            fresh = pairs & empty
+            if fresh:
+                self._fresh |= fresh
+                pairs = pairs - fresh
+        cache = None if self._cleared or self._wrote else self._cache
+        missing = set(pairs) if cache is None else cache.take(pairs, self._evicted, found)
         if missing:
             read = self._read_pairs(missing)
             self._read.update(read)
             found.update(read)
-        self._loaded.update(found)
+        if self._loaded:
+            self._loaded.update(found)
+        else:
+            self._loaded = dict(found)  # a copy in C: the caller keeps ``found``
         return found
 
     def _read_pairs(self, pairs: set[Pair]) -> dict[Pair, CachedPair]:
@@ -198,12 +202,14 @@ class StateWriter:
         for pair in pairs:
             entries[pair] = CachedPair(canon.get(pair))
         for row in self._by_pairs(_SELECT_LAST_KNOWN, pairs):
-            entries[(int(row[0]), int(row[1]))].lk[int(row[2])] = decode_state(row, 3)
+            uid, iid = int(row[0]), int(row[1])
+            entries[(uid, iid)].lk[(uid, iid, int(row[2]))] = decode_state(row, 3)
         for row in self._by_pairs(_SELECT_ECHO, pairs):
-            entries[(int(row[0]), int(row[1]))].echo[int(row[2])] = decode_echo(str(row[3]))
+            uid, iid = int(row[0]), int(row[1])
+            entries[(uid, iid)].echo[(uid, iid, int(row[2]))] = decode_echo(str(row[3]))
         for row in self._by_pairs(WORK_SELECT, pairs, alias="o."):
             (uid, iid, sid), work = decode_work_row(row)
-            entries[(uid, iid)].rows[sid] = work
+            entries[(uid, iid)].rows[(uid, iid, sid)] = work
         return entries
 
     def _by_pairs(self, select: str, pairs: set[Pair], alias: str = "") -> list[Any]:
@@ -223,31 +229,32 @@ class StateWriter:
         return found
 
     def put_canonical(self, states: Mapping[Pair, CanonicalState]) -> None:
-        """Write canonical states."""
+        """Write canonical states (``states`` is kept for the cache: leave it unchanged)."""
         self._require_writable()
-        self.db.executemany(_UPSERT_CANONICAL, _canonical_params(states))
-        self._canon.update(states)
+        insert_rows(self.db, _UPSERT_CANONICAL, _canonical_params(states))
+        self._canon.append(states)
         self._wrote = True
 
     def put_last_known(self, states: Mapping[Key, UserData]) -> None:
-        """Write last-known states."""
+        """Write last-known states (``states`` is kept for the cache: leave it unchanged)."""
         self._require_writable()
-        self.db.executemany(_UPSERT_LAST_KNOWN, _state_params(states))
-        self._lk.update(states)
+        insert_rows(self.db, _UPSERT_LAST_KNOWN, _state_params(states))
+        self._lk.append(states)
         self._wrote = True
 
     def put_echoes(self, echoes: Mapping[Key, tuple[PendingWrite, ...]]) -> None:
-        """Write pending echo lists (an empty one deletes the key's)."""
+        """Write pending echo lists (an empty one deletes the key's; ``echoes`` is kept for the
+        cache: leave it unchanged)."""
         self._require_writable()
         keep = [(*k, encode_echo(pending)) for k, pending in echoes.items() if pending]
         drop = [k for k, pending in echoes.items() if not pending]
         if keep:
-            self.db.executemany(_UPSERT_ECHO, keep)
+            insert_rows(self.db, _UPSERT_ECHO, keep)
         if drop:
             self.db.executemany(
                 "DELETE FROM pending_echo WHERE user=? AND item=? AND server=?", drop
             )
-        self._echo.update(echoes)
+        self._echo.append(echoes)
         self._wrote = True
 
     def number_rows(self, count: int) -> int:
@@ -274,27 +281,66 @@ class StateWriter:
         updates: list[tuple[Any, ...]] = []
         inserts: list[tuple[Any, ...]] = []
         new_ids = self._new_ids
+        written, loaded = self._rows, self._loaded
+        # What _stored_id does, inline, and each run of one desired state encoded once: a bulk
+        # apply writes thousands of rows, most of them owing one state object.
+        last: UserData | None = None
+        values: tuple[Any, ...] = ()
         for key, row in rows.items():
-            old = self._stored_id(key)
+            if key in written:
+                prior = written[key]
+            else:
+                entry = loaded.get(key[:2])
+                prior = None if entry is None else entry.rows.get(key)
+            old = None if prior is None else prior.id
             if row is None:
                 if old is not None:
                     deletes.append((old,))
                 continue
-            row_id = row.id
+            row_id, mask, desired, version, created_ms, attempts, next_ms, error, dead = row
             assert row_id is not None  # number_rows first
+            if desired is not last:
+                values, last = state_values(desired), desired
             if row_id in new_ids:
                 if old is not None:
                     deletes.append((old,))
                 new_ids.discard(row_id)
-                inserts.append((row_id, key[2], key[0], key[1], *row_values(row)))
+                inserts.append(
+                    (
+                        row_id,
+                        key[2],
+                        key[0],
+                        key[1],
+                        mask_bits(mask),
+                        *values,
+                        version,
+                        created_ms,
+                        attempts,
+                        next_ms,
+                        error,
+                        1 if dead else 0,
+                    )
+                )
             else:
-                updates.append((*row_values(row), row_id))
+                updates.append(
+                    (
+                        mask_bits(mask),
+                        *values,
+                        version,
+                        created_ms,
+                        attempts,
+                        next_ms,
+                        error,
+                        1 if dead else 0,
+                        row_id,
+                    )
+                )
         if deletes:
             self.db.executemany("DELETE FROM outbox WHERE id=?", deletes)
         if updates:
             self.db.executemany(_UPDATE_ROW, updates)
         if inserts:
-            self.db.executemany(_INSERT_ROW, inserts)
+            insert_rows(self.db, _INSERT_ROW, inserts)
         self._rows.update(rows)
         self._wrote = True
 
@@ -305,7 +351,7 @@ class StateWriter:
             row = rows[key]
         else:
             entry = self._loaded.get((key[0], key[1]))
-            row = None if entry is None else entry.rows.get(key[2])
+            row = None if entry is None else entry.rows.get(key)
         return None if row is None else row.id
 
     # ------------------------------------------------------------------ bulk statements
