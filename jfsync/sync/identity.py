@@ -35,6 +35,7 @@ from typing import Any, Protocol, cast
 
 from jfsync.config import Config
 from jfsync.errors import JfsyncError
+from jfsync.heap import release_free_memory
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.sync.index import (
     PAGE_SIZE,
@@ -551,7 +552,11 @@ class IndexedIdentity:
         del pairs, entry_server  # large; not needed to write the id maps
         await self._update_status(state, counts)
         change = await self._apply(groups)
+        del groups
         self._state = state
+        # The whole library's temporaries (candidate pairs, groups, rows) are free now; hand
+        # their pages back so the next pass, on another thread, does not stack on them.
+        await asyncio.to_thread(release_free_memory)
         logger.info(
             "matched items of %s in %.1f s: %d mappings written, %d dropped, %d retired",
             ", ".join(present) or "no server",
