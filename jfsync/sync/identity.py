@@ -24,12 +24,14 @@ server's item ids (and the reverse). Two strategies implement it:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import heapq
 import itertools
 import logging
+from array import array
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -542,14 +544,17 @@ class IndexedIdentity:
                 pairs.append(await self._match(a, b))
         groups, conflicts = await asyncio.to_thread(build_groups, pairs, entry_server)
         state = _MatchState(present, {}, conflicts, len(entry_server))
-        for pair in pairs:
+        while pairs:
+            pair = pairs.pop(0)
             pair.kept.clear()
-            state.pairs[pair.servers] = found = _PairState(pair)
-            found.unmatched = await asyncio.to_thread(
+            unmatched = await asyncio.to_thread(
                 self._unmatched_sample, pair, conflicts, entry_server
             )
-            await asyncio.sleep(0)
-        del pairs, entry_server  # large; not needed to write the id maps
+            # Kept in compact form: the pair's dicts go as soon as it is built.
+            state.pairs[pair.servers] = found = await asyncio.to_thread(_PairState.of, pair)
+            found.unmatched = unmatched
+            del pair
+        del entry_server  # large; not needed to write the id maps
         await self._update_status(state, counts)
         change = await self._apply(groups)
         del groups
@@ -808,35 +813,35 @@ class IndexedIdentity:
         wanted: set[int] = set()
         summaries: list[dict[str, Any]] = []
         for found in state.pairs.values():
-            pair = found.result
-            a, b = pair.servers
+            a, b = found.servers
+            matches = found.matches
             sid_a, sid_b = index.sid(a), index.sid(b)
             sids = (sid_a, sid_b)
-            sides = await index.entry_servers(set(pair.ambiguous) | conflicts)
-            amb_a = [e for e in pair.ambiguous if sides.get(e) == sid_a]
-            amb_b = [e for e in pair.ambiguous if sides.get(e) == sid_b]
+            sides = await index.entry_servers(set(found.ambiguous) | conflicts)
+            amb_a = [e for e in found.ambiguous if sides.get(e) == sid_a]
+            amb_b = [e for e in found.ambiguous if sides.get(e) == sid_b]
             bad = {e for e in conflicts if sides.get(e) in sids}
             # A conflict refuses its whole group: both ends of a match are bad, or neither.
-            bad_matched = [e for e in bad if e in pair.matched]
+            bad_matched = {e: m for e in bad if (m := matches.get(e)) is not None}
             by_rule = found.rules.copy()
-            by_rule.subtract(pair.rule_of[e] for e in bad_matched)
+            by_rule.subtract(rule for _, rule in bad_matched.values())
             ambiguous = set(amb_a) | set(amb_b) | bad
             amb_count = Counter(sides[e] for e in ambiguous if e in sides)
-            matched = len(pair.matched) - len(bad_matched)
+            matched = len(matches) - len(bad_matched)
             un_a = counts.get(sid_a, 0) - matched - amb_count[sid_a]
             un_b = counts.get(sid_b, 0) - matched - amb_count[sid_b]
             sample_matched = list(
                 itertools.islice(
-                    ((x, y) for x, y in pair.matched.items() if x not in bad), SAMPLE_SIZE
+                    ((x, y, rule) for x, y, rule in matches.items() if x not in bad), SAMPLE_SIZE
                 )
             )
             sample_ambiguous = sorted(ambiguous)[:SAMPLE_SIZE]
-            wanted.update(x for pair_ in sample_matched for x in pair_)
+            wanted.update(e for x, y, _ in sample_matched for e in (x, y))
             wanted.update(sample_ambiguous)
             wanted.update(found.unmatched)
             summaries.append(
                 {
-                    "pair": pair,
+                    "pair": found,
                     "matched": matched,
                     "by_rule": by_rule,
                     "ambiguous": ambiguous,
@@ -882,9 +887,9 @@ class IndexedIdentity:
                             {
                                 a: described[x].label(),
                                 b: described[y].label(),
-                                "rule": pair.rule_of[x],
+                                "rule": rule,
                             }
-                            for x, y in summary["sample_matched"]
+                            for x, y, rule in summary["sample_matched"]
                             if x in described and y in described
                         ],
                         "unmatched": [
@@ -983,30 +988,135 @@ class IndexedIdentity:
         return result
 
 
+#: Rules by their code in :class:`_Matches`.
+_RULE_CODE: dict[str, int] = {rule: code for code, rule in enumerate(RULES)}
+
+
+class _Matches:
+    """One pair's matches kept between rematches: first-server entry -> (second-server
+    entry, rule).
+
+    A whole library's matches sit in sorted arrays (17 bytes a match, where two dicts of int
+    objects took about 110), looked up by bisection; what incremental rematches change since
+    they were built is kept in a small dict and set on top, and folded into the arrays when it
+    grows past an eighth of them.
+    """
+
+    __slots__ = ("_changed", "_dropped", "_keys", "_rules", "_size", "_values")
+
+    def __init__(self, matched: Mapping[int, int], rule_of: Mapping[int, str]) -> None:
+        self._keys = array("q")
+        self._values = array("q")
+        self._rules = b""
+        self._changed: dict[int, tuple[int, str]] = {}
+        self._dropped: set[int] = set()
+        self._size = 0
+        self._build(sorted(matched), matched, rule_of)
+
+    def _build(self, keys: list[int], values: Mapping[int, int], rules: Mapping[int, str]) -> None:
+        self._keys = array("q", keys)
+        self._values = array("q", [values[k] for k in keys])
+        self._rules = bytes([_RULE_CODE[rules[k]] for k in keys])
+        self._changed = {}
+        self._dropped = set()
+        self._size = len(keys)
+
+    def _at(self, entry: int) -> int:
+        """Index of ``entry`` in the arrays, or -1."""
+        keys = self._keys
+        i = bisect.bisect_left(keys, entry)
+        return i if i < len(keys) and keys[i] == entry else -1
+
+    def get(self, entry: int) -> tuple[int, str] | None:
+        """(partner, rule) of a first-server entry, or None when it is not matched."""
+        found = self._changed.get(entry)
+        if found is not None:
+            return found
+        if entry in self._dropped:
+            return None
+        i = self._at(entry)
+        return None if i < 0 else (self._values[i], RULES[self._rules[i]])
+
+    def __contains__(self, entry: object) -> bool:
+        return isinstance(entry, int) and self.get(entry) is not None
+
+    def __len__(self) -> int:
+        return self._size
+
+    def pop(self, entry: int) -> tuple[int, str] | None:
+        """Unmatch ``entry``; return what it was matched to (None: nothing)."""
+        found = self.get(entry)
+        if found is None:
+            return None
+        self._changed.pop(entry, None)
+        if self._at(entry) >= 0:
+            self._dropped.add(entry)
+        self._size -= 1
+        return found
+
+    def put(self, entry: int, partner: int, rule: str) -> None:
+        """Match ``entry`` to ``partner`` under ``rule`` (replacing any match it had)."""
+        if self.get(entry) is None:
+            self._size += 1
+        self._changed[entry] = (partner, rule)
+        self._dropped.discard(entry)
+
+    def items(self) -> Iterator[tuple[int, int, str]]:
+        """(entry, partner, rule) of every match: the arrays' in entry order, then changes."""
+        changed, dropped = self._changed, self._dropped
+        for entry, partner, code in zip(self._keys, self._values, self._rules, strict=True):
+            if entry not in changed and entry not in dropped:
+                yield entry, partner, RULES[code]
+        for entry, (partner, rule) in changed.items():
+            yield entry, partner, rule
+
+    def fold(self) -> None:
+        """Fold the changes into the arrays once they are more than an eighth of them."""
+        if len(self._changed) + len(self._dropped) <= max(1000, len(self._keys) // 8):
+            return
+        values: dict[int, int] = {}
+        rules: dict[int, str] = {}
+        for entry, partner, rule in self.items():
+            values[entry] = partner
+            rules[entry] = rule
+        self._build(sorted(values), values, rules)
+
+
 @dataclass(slots=True)
 class _PairState:
-    """One pair's part of the last match: its result, matches per rule, unmatched samples."""
+    """One pair's part of the last match: its matches, refusals, matches per rule and
+    unmatched samples."""
 
-    result: PairResult
+    servers: tuple[str, str]
+    matches: _Matches
+    #: entries (of either server) refused because a rule gave them several candidates.
+    ambiguous: dict[int, str]
     rules: Counter[str] = field(default_factory=Counter)
     unmatched: list[int] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        if not self.rules:
-            self.rules.update(self.result.rule_of.values())
+    @classmethod
+    def of(cls, result: PairResult) -> _PairState:
+        """The kept form of a complete match of the pair (CPU-bound: run it in a thread)."""
+        return cls(
+            result.servers,
+            _Matches(result.matched, result.rule_of),
+            dict(result.ambiguous),
+            Counter(result.rule_of.values()),
+        )
 
     def replace(self, scope: set[int], fresh: PairResult) -> None:
         """Drop the results of the entries in ``scope``, then take ``fresh`` ones for them."""
-        result = self.result
+        matches = self.matches
         for entry in scope:
-            if entry in result.matched:
-                del result.matched[entry]
-                self.rules[result.rule_of.pop(entry)] -= 1
-            result.ambiguous.pop(entry, None)
-        result.matched.update(fresh.matched)
-        result.rule_of.update(fresh.rule_of)
-        result.ambiguous.update(fresh.ambiguous)
+            old = matches.pop(entry)
+            if old is not None:
+                self.rules[old[1]] -= 1
+            self.ambiguous.pop(entry, None)
+        for entry, partner in fresh.matched.items():
+            matches.put(entry, partner, fresh.rule_of[entry])
+        self.ambiguous.update(fresh.ambiguous)
         self.rules.update(fresh.rule_of.values())
+        matches.fold()
 
 
 @dataclass(slots=True)
