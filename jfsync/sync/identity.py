@@ -535,14 +535,17 @@ class IndexedIdentity:
         self._state = None  # until the id maps are in line with a complete match
         self.full_matches += 1
         started = self._clock.monotonic()
-        entry_server = await self._index.entry_servers()
-        counts = Counter(entry_server.values())
+        # What the scans freed goes back before the match's own whole-library structures.
+        await asyncio.to_thread(release_free_memory)
+        entry_server, counts = await asyncio.to_thread(
+            _EntryServers.of, await self._index.entry_servers()
+        )
         present = [n for n in self._names if counts[self._index.sid(n)]]
         pairs: list[PairResult] = []
         for i, a in enumerate(present):
             for b in present[i + 1 :]:
                 pairs.append(await self._match(a, b))
-        groups, conflicts = await asyncio.to_thread(build_groups, pairs, entry_server)
+        groups, conflicts = await asyncio.to_thread(_compact_groups, pairs, entry_server)
         state = _MatchState(present, {}, conflicts, len(entry_server))
         while pairs:
             pair = pairs.pop(0)
@@ -986,6 +989,100 @@ class IndexedIdentity:
             result.removed,
         )
         return result
+
+
+class _EntryServers(Mapping[int, int]):
+    """entry -> server id for a whole index in one byte an entry (a table indexed by entry,
+    0 where there is none), where a dict of int objects took about 80."""
+
+    __slots__ = ("_size", "_table")
+
+    def __init__(self, table: bytearray, size: int) -> None:
+        self._table = table
+        self._size = size
+
+    @staticmethod
+    def of(found: Mapping[int, int]) -> tuple[Mapping[int, int], Counter[int]]:
+        """The compact form of ``found`` (``found`` itself when its entries or server ids do
+        not fit one: sparse entry ids, server ids over 254), with the entries per server."""
+        top = max(found, default=0)
+        low = min(found, default=0)
+        sids = set(found.values())
+        if low < 0 or top > 4 * len(found) + 1_000_000 or any(not 0 <= s < 255 for s in sids):
+            return found, Counter(found.values())
+        table = bytearray(top + 1)
+        for entry, sid in found.items():
+            table[entry] = sid + 1
+        return _EntryServers(table, len(found)), Counter({s: table.count(s + 1) for s in sids})
+
+    def __getitem__(self, entry: int) -> int:
+        table = self._table
+        if 0 <= entry < len(table) and table[entry]:
+            return table[entry] - 1
+        raise KeyError(entry)
+
+    def get(self, entry: int, default: Any = None) -> Any:
+        table = self._table
+        if 0 <= entry < len(table) and table[entry]:
+            return table[entry] - 1
+        return default
+
+    def __contains__(self, entry: object) -> bool:
+        return isinstance(entry, int) and self.get(entry) is not None
+
+    def __iter__(self) -> Iterator[int]:
+        return (entry for entry, code in enumerate(self._table) if code)
+
+    def items(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        """(entry, server id) in entry order."""
+        return ((entry, code - 1) for entry, code in enumerate(self._table) if code)
+
+    def __len__(self) -> int:
+        return self._size
+
+
+class _Groups(Mapping[int, "int | None"]):
+    """entry -> group (None: refused) of a whole match in two sorted arrays (16 bytes an
+    entry, where the union-find dict took about 80), for the id-map pass to stream."""
+
+    __slots__ = ("_groups", "_keys")
+
+    def __init__(self, keys: array[int], groups: array[int]) -> None:
+        self._keys = keys
+        self._groups = groups
+
+    @staticmethod
+    def of(groups: Mapping[int, int | None]) -> _Groups:
+        """The compact form of ``groups`` (entries and groups are positive index ids)."""
+        keys = sorted(groups)
+        values = array("q", [-1 if (g := groups[k]) is None else g for k in keys])
+        return _Groups(array("q", keys), values)
+
+    def __getitem__(self, entry: int) -> int | None:
+        keys = self._keys
+        i = bisect.bisect_left(keys, entry)
+        if i < len(keys) and keys[i] == entry:
+            group = self._groups[i]
+            return None if group < 0 else group
+        raise KeyError(entry)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._keys)
+
+    def items(self) -> Iterator[tuple[int, int | None]]:  # type: ignore[override]
+        """(entry, group) in entry order."""
+        return ((e, None if g < 0 else g) for e, g in zip(self._keys, self._groups, strict=True))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _compact_groups(
+    pairs: Iterable[PairResult], entry_server: Mapping[int, int]
+) -> tuple[Mapping[int, int | None], set[int]]:
+    """:func:`build_groups` with its result in compact form (CPU-bound: run it in a thread)."""
+    groups, conflicts = build_groups(pairs, entry_server)
+    return _Groups.of(groups), conflicts
 
 
 #: Rules by their code in :class:`_Matches`.
