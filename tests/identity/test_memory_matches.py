@@ -1,19 +1,22 @@
-"""The match kept between rematches, in compact form, answers as the plain match did.
+"""The whole-library structures of a match, in compact form, answer as the plain dicts did.
 
 After a complete match, each server pair's matches are kept in sorted arrays with the changes
 of later incremental rematches on top (folded in when they grow): 2 x 200,000 matched items
 then take a few MB instead of tens. Whatever sequence of incremental rematches follows, the kept
 matches, rules and refusals must be those of a plain dict updated the same way, before and after
-the changes are folded in.
+the changes are folded in. The same holds for the entry -> server table and the groups a
+full match streams to the id maps.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jfsync.sync.identity import PairResult, _Matches, _PairState
+from jfsync.sync.identity import PairResult, _EntryServers, _Groups, _Matches, _PairState
 from jfsync.sync.index import RULES
 
 pytestmark = pytest.mark.timeout(60)
@@ -105,3 +108,37 @@ def test_changes_are_folded_into_the_arrays_and_lookups_stay_right() -> None:
     assert found.get(3) is None
     assert found.get(7) == (50_007, "path")
     assert found.pop(-5) is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(st.integers(1, 5000), st.integers(0, 3), max_size=400))
+def test_entry_servers_in_one_byte_an_entry_answer_as_the_dict(found: dict[int, int]) -> None:
+    compact, counts = _EntryServers.of(found)
+    assert isinstance(compact, _EntryServers)
+    assert dict(compact.items()) == found
+    assert sorted(compact) == sorted(found)
+    assert len(compact) == len(found)
+    assert counts == Counter(found.values())
+    for entry in range(-2, 5003):
+        assert compact.get(entry, -7) == found.get(entry, -7)
+        assert (entry in compact) == (entry in found)
+
+
+def test_entry_servers_that_do_not_fit_a_byte_table_stay_a_dict() -> None:
+    sparse = {1: 0, 50_000_000: 1}
+    assert _EntryServers.of(sparse) == (sparse, Counter({0: 1, 1: 1}))
+    many_servers = {1: 0, 2: 300}
+    assert _EntryServers.of(many_servers)[0] is many_servers
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(st.integers(1, 10**9), st.none() | st.integers(1, 10**9), max_size=300))
+def test_groups_in_arrays_answer_as_the_dict(groups: dict[int, int | None]) -> None:
+    compact = _Groups.of(groups)
+    assert dict(compact.items()) == groups
+    assert len(compact) == len(groups)
+    assert list(compact) == sorted(groups)
+    for entry, group in groups.items():
+        assert compact[entry] == group
+    with pytest.raises(KeyError):
+        compact[0]
