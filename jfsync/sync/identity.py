@@ -731,7 +731,7 @@ class IndexedIdentity:
                         self._plan_group(current, plans, claimed, taken, held, retire)
                         current = []
                     current.append(row)
-                    if start % 500 == 499:
+                    if start % 250 == 249:
                         await asyncio.sleep(0)  # let the loop run between slices of a page
                 for name in self._names:
                     await flush(name)
