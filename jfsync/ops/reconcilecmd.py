@@ -130,12 +130,15 @@ class WriteLog:
     """
 
     BUFFER = 1000
+    #: The first writes of each (user, server) also kept in memory, for the printed samples.
+    FIRST = 20
 
     def __init__(self) -> None:
         self._buffer: list[tuple[Any, ...]] = []
         self._path: str | None = None
         self._length = 0
         self._counts: dict[tuple[str, str], int] = {}
+        self._first: dict[tuple[str, str], list[PlannedWrite]] = {}
         self._finalizer: weakref.finalize[Any, WriteLog] | None = None
 
     def __repr__(self) -> str:
@@ -147,6 +150,9 @@ class WriteLog:
         self._length += 1
         key = (write.user, write.server)
         self._counts[key] = self._counts.get(key, 0) + 1
+        first = self._first.setdefault(key, [])
+        if len(first) < self.FIRST:
+            first.append(write)
         if len(self._buffer) >= self.BUFFER:
             self._flush()
 
@@ -190,11 +196,24 @@ class WriteLog:
         """Writes per (user, server)."""
         return dict(self._counts)
 
+    def first(self, sample: int) -> dict[tuple[str, str], list[PlannedWrite]]:
+        """The first ``sample`` writes of each (user, server), in order (read from the file
+        only when more than :attr:`FIRST` are asked for)."""
+        if sample <= self.FIRST:
+            return {key: kept[:sample] for key, kept in self._first.items()}
+        shown: dict[tuple[str, str], list[PlannedWrite]] = {}
+        for write in self:
+            kept = shown.setdefault((write.user, write.server), [])
+            if len(kept) < sample:
+                kept.append(write)
+        return shown
+
     def close(self) -> None:
         """Remove the file now (the log is empty afterwards)."""
         self._buffer.clear()
         self._length = 0
         self._counts.clear()
+        self._first.clear()
         if self._finalizer is not None:
             self._finalizer()
         self._path = None
@@ -513,13 +532,7 @@ def print_outcome(outcome: ReconcileOutcome, out: TextIO, *, sample: int = 5) ->
     for server, text in sorted(outcome.libraries.items()):
         print(f"libraries of {server}: {text} (excluded ones are never read or written)", file=out)
     counts = outcome.counts()
-    # The first ``sample`` writes of each (user, server), read from the log in one pass.
-    shown: dict[tuple[str, str], list[PlannedWrite]] = {}
-    if sample:
-        for write in outcome.writes:
-            kept = shown.setdefault((write.user, write.server), [])
-            if len(kept) < sample:
-                kept.append(write)
+    shown = outcome.writes.first(sample)
     noted = set(outcome.missing) | set(outcome.deferred)
     users = sorted({u for u, _ in counts} | {u for u, _ in noted})
     for user in users:

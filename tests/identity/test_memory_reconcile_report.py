@@ -3,8 +3,9 @@
 A first reconcile of a large library makes hundreds of thousands of writes; the report appends
 each to a temporary file as it is made (``WriteLog``) and reads them back when asked. Here the
 log's memory buffer is two writes, so nearly every write goes through the file: the report must
-still list exactly the writes each server received, print the same counts and samples, read the
-same twice, and leave no file behind once it is dropped.
+still list exactly the writes each server received, print the same counts and samples (a short
+sample from memory, a longer one from the file), read the same twice, and leave no file behind
+once it is dropped.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ async def test_every_write_is_reported_from_the_log_and_the_file_goes_with_it(
     make_stack: MakeStack, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr(WriteLog, "BUFFER", 2)
+    monkeypatch.setattr(WriteLog, "FIRST", 2)  # samples past 2 a (user, server): from the file
     spool = tmp_path / "spool"
     spool.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(spool))
@@ -73,6 +75,13 @@ async def test_every_write_is_reported_from_the_log_and_the_file_goes_with_it(
     assert "    ... and 27 more\n" in text
     assert "    ... and 2 more\n" in text
     assert "total: 35 writes made" in text
+    # A shorter sample (from memory) shows the same first writes.
+    one = io.StringIO()
+    print_outcome(outcome, one, sample=1)
+    first_lines = [line for line in one.getvalue().splitlines() if " -> " in line]
+    assert len(first_lines) == 2
+    assert all(line in text.splitlines() for line in first_lines)
+    assert "    ... and 29 more\n" in one.getvalue()
 
     # Nothing is left to do; the log files go once their reports do.
     after = await run_reconcile(stack.config, dry_run=True)
