@@ -615,6 +615,8 @@ class IndexedIdentity:
                 pair.kept.clear()
                 kept = state.pairs[pair.servers]
                 kept.replace(scope, pair)
+                # Folding rebuilds the pair's arrays (a whole library): off the loop.
+                await asyncio.to_thread(kept.matches.fold)
                 sample = [e for e in kept.unmatched if e not in scope]
                 sample += self._unmatched_sample(pair, conflicts, entry_server)
                 kept.unmatched = sorted(sample)[:SAMPLE_SIZE]
@@ -1101,6 +1103,9 @@ class _Matches:
 
     __slots__ = ("_changed", "_dropped", "_keys", "_rules", "_size", "_values")
 
+    #: Changes kept on top of the arrays before they are folded in, at least.
+    FOLD_MIN = 1000
+
     def __init__(self, matched: Mapping[int, int], rule_of: Mapping[int, str]) -> None:
         self._keys = array("q")
         self._values = array("q")
@@ -1168,8 +1173,9 @@ class _Matches:
             yield entry, partner, rule
 
     def fold(self) -> None:
-        """Fold the changes into the arrays once they are more than an eighth of them."""
-        if len(self._changed) + len(self._dropped) <= max(1000, len(self._keys) // 8):
+        """Fold the changes into the arrays once they are more than an eighth of them
+        (CPU-bound for a large library: run it in a thread)."""
+        if len(self._changed) + len(self._dropped) <= max(self.FOLD_MIN, len(self._keys) // 8):
             return
         values: dict[int, int] = {}
         rules: dict[int, str] = {}
@@ -1213,7 +1219,6 @@ class _PairState:
             matches.put(entry, partner, fresh.rule_of[entry])
         self.ambiguous.update(fresh.ambiguous)
         self.rules.update(fresh.rule_of.values())
-        matches.fold()
 
 
 @dataclass(slots=True)
