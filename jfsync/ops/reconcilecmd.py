@@ -124,9 +124,10 @@ class WriteLog:
 
     Appending buffers up to :data:`WriteLog.BUFFER` writes in memory, then adds them to the
     file; iterating reads the file back one write at a time, so memory stays flat however many
-    writes a reconcile makes. Counts per (user, server) are kept in memory. The file is
-    removed when the log is garbage-collected (or at exit). Compares equal to a list of the
-    same writes.
+    writes a reconcile makes. Counts per (user, server) and the first :data:`WriteLog.FIRST`
+    writes of each are kept in memory. When the file cannot be written (no room), the writes
+    from then on stay in memory, with a warning. The file is removed when the log is
+    garbage-collected (or at exit). Compares equal to a list of the same writes.
     """
 
     BUFFER = 1000
@@ -139,6 +140,10 @@ class WriteLog:
         self._length = 0
         self._counts: dict[tuple[str, str], int] = {}
         self._first: dict[tuple[str, str], list[PlannedWrite]] = {}
+        #: Writes and bytes in the file; True once the file failed (the rest kept in memory).
+        self._stored = 0
+        self._stored_bytes = 0
+        self._in_memory = False
         self._finalizer: weakref.finalize[Any, WriteLog] | None = None
 
     def __repr__(self) -> str:
@@ -157,15 +162,31 @@ class WriteLog:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._buffer:
+        if not self._buffer or self._in_memory:
             return
-        if self._path is None:
-            fd, self._path = tempfile.mkstemp(prefix="jfsync-reconcile-writes-")
-            os.close(fd)
-            self._finalizer = weakref.finalize(self, _discard, self._path)
-        with open(self._path, "ab") as file:
-            for record in self._buffer:
-                marshal.dump(record, file)
+        data = b"".join(marshal.dumps(record) for record in self._buffer)
+        try:
+            if self._path is None:
+                fd, path = tempfile.mkstemp(prefix="jfsync-reconcile-writes-")
+                os.close(fd)
+                self._path = path
+                self._finalizer = weakref.finalize(self, _discard, path)
+            with open(self._path, "ab") as file:
+                file.write(data)
+        except OSError as err:
+            # No room or no temporary directory: the rest stays in memory, nothing is lost.
+            logger.warning(
+                "the reconcile report cannot use a temporary file (%s); keeping its writes "
+                "in memory",
+                str(err),  # the text only: the error's traceback would hold this log
+            )
+            self._in_memory = True
+            if self._path is not None:
+                with contextlib.suppress(OSError):
+                    os.truncate(self._path, self._stored_bytes)
+            return
+        self._stored += len(self._buffer)
+        self._stored_bytes += len(data)
         self._buffer.clear()
 
     def __len__(self) -> int:
@@ -175,15 +196,14 @@ class WriteLog:
         return self._length > 0
 
     def __iter__(self) -> Iterator[PlannedWrite]:
-        self._flush()
-        if self._path is None:
-            return
-        remaining = self._length
-        with open(self._path, "rb") as file:
-            while remaining:
-                remaining -= 1
-                # The file is this process's own (mkstemp: mode 0600), written just above.
-                yield _decode(marshal.load(file))  # noqa: S302
+        stored, pending = self._stored, list(self._buffer)
+        if stored and self._path is not None:
+            with open(self._path, "rb") as file:
+                for _ in range(stored):
+                    # The file is this process's own (mkstemp: mode 0600), written above.
+                    yield _decode(marshal.load(file))  # noqa: S302
+        for record in pending:
+            yield _decode(record)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, WriteLog | list | tuple):
@@ -212,6 +232,8 @@ class WriteLog:
         """Remove the file now (the log is empty afterwards)."""
         self._buffer.clear()
         self._length = 0
+        self._stored = 0
+        self._stored_bytes = 0
         self._counts.clear()
         self._first.clear()
         if self._finalizer is not None:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from jfsync.model import PlayState
-from jfsync.ops.reconcilecmd import WriteLog, print_outcome, run_reconcile
+from jfsync.model import PlayState, Register, UserData
+from jfsync.ops.reconcilecmd import PlannedWrite, WriteLog, print_outcome, run_reconcile
 from tests.identity.conftest import MakeStack, emulator
 
 pytestmark = pytest.mark.timeout(60)
@@ -91,3 +91,45 @@ async def test_every_write_is_reported_from_the_log_and_the_file_goes_with_it(
     del outcome, after, on_b, write
     gc.collect()
     assert list(spool.iterdir()) == []
+
+
+def planned(n: int) -> PlannedWrite:
+    return PlannedWrite(
+        "b",
+        "name:alice",
+        f"item{n}",
+        f"remote{n}",
+        f"Film {n} (2001) [Movie]",
+        UserData(),
+        UserData(favorite=n % 2 == 0, rating=float(n % 10) or None, play_state=PlayState(True, n)),
+        frozenset({Register.FAVORITE, Register.PLAY_STATE}),
+    )
+
+
+def test_a_log_that_cannot_write_its_file_keeps_every_write_in_memory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(WriteLog, "BUFFER", 3)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    log = WriteLog()
+    writes = [planned(n) for n in range(10)]
+    for write in writes[:6]:
+        log.append(write)  # two slices of three written to the file
+    real_open = open
+
+    def full_disk(path: str, mode: str = "r", *args: object, **kwargs: object) -> object:
+        if "a" in mode:
+            raise OSError(28, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    for write in writes[6:]:
+        log.append(write)
+    monkeypatch.undo()
+    assert "cannot use a temporary file" in caplog.text
+    assert list(log) == writes
+    assert len(log) == 10
+    assert log.counts() == {("name:alice", "b"): 10}
+    del log
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []
