@@ -11,16 +11,25 @@ With ``dry_run`` it works on a copy of the ledger file taken through a read-only
 connection (:func:`copy_ledger`) and the pushers send no write: they read what each write
 would target, and the report says what would change (before and after). The ledger file itself
 is left byte-for-byte as it was. The real run executes the same steps with the writes.
+
+The report keeps every write, but not in memory: a first reconcile of a large library makes
+hundreds of thousands of writes, so each one is appended to a temporary file as it is made
+(:class:`WriteLog`, counts per user and server kept beside it) and read back, in order, by
+whoever iterates :attr:`ReconcileOutcome.writes`; the printed report reads it once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import marshal
+import os
 import sqlite3
 import tempfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -29,6 +38,7 @@ import aiohttp
 
 from jfsync.config import Config
 from jfsync.errors import ServerError
+from jfsync.heap import map_large_blocks, release_free_memory
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.model import TICKS_PER_SECOND, PlayState, Register, UserData
 from jfsync.sync.delivery import Delivered, DeliveryWatcher, Pusher
@@ -59,13 +69,186 @@ class PlannedWrite:
     registers: frozenset[Register]
 
 
+def _encode(write: PlannedWrite) -> tuple[Any, ...]:
+    before, after = write.before, write.after
+    b, a = before.play_state, after.play_state
+    return (
+        write.server,
+        write.user,
+        write.item,
+        write.remote_item_id,
+        write.label,
+        before.favorite,
+        before.rating,
+        b.played,
+        b.play_count,
+        b.last_played_s,
+        b.position_ticks,
+        after.favorite,
+        after.rating,
+        a.played,
+        a.play_count,
+        a.last_played_s,
+        a.position_ticks,
+        "".join(sorted(r.value[0] for r in write.registers)),
+    )
+
+
+#: Registers by the first letter of their value (the encoding of a write's register set).
+_REGISTER_OF = {r.value[0]: r for r in Register}
+
+
+def _decode(record: tuple[Any, ...]) -> PlannedWrite:
+    (server, user, item, remote, label, bf, br, bp, bc, bl, bt, af, ar, ap, ac, al, at, regs) = (
+        record
+    )
+    return PlannedWrite(
+        server,
+        user,
+        item,
+        remote,
+        label,
+        UserData(bf, br, PlayState(bp, bc, bl, bt)),
+        UserData(af, ar, PlayState(ap, ac, al, at)),
+        frozenset(_REGISTER_OF[c] for c in regs),
+    )
+
+
+def _discard(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+class WriteLog:
+    """The writes of one reconcile in the order they were made, kept in a temporary file.
+
+    Appending buffers up to :data:`WriteLog.BUFFER` writes in memory, then adds them to the
+    file; iterating reads the file back one write at a time, so memory stays flat however many
+    writes a reconcile makes. Counts per (user, server) and the first :data:`WriteLog.FIRST`
+    writes of each are kept in memory. When the file cannot be written (no room), the writes
+    from then on stay in memory, with a warning. The file is removed when the log is
+    garbage-collected (or at exit). Compares equal to a list of the same writes.
+    """
+
+    BUFFER = 1000
+    #: The first writes of each (user, server) also kept in memory, for the printed samples.
+    FIRST = 20
+
+    def __init__(self) -> None:
+        self._buffer: list[tuple[Any, ...]] = []
+        self._path: str | None = None
+        self._length = 0
+        self._counts: dict[tuple[str, str], int] = {}
+        self._first: dict[tuple[str, str], list[PlannedWrite]] = {}
+        #: Writes and bytes in the file; True once the file failed (the rest kept in memory).
+        self._stored = 0
+        self._stored_bytes = 0
+        self._in_memory = False
+        self._finalizer: weakref.finalize[Any, WriteLog] | None = None
+
+    def __repr__(self) -> str:
+        return f"WriteLog({self._length} writes)"
+
+    def append(self, write: PlannedWrite) -> None:
+        """Add one write at the end."""
+        self._buffer.append(_encode(write))
+        self._length += 1
+        key = (write.user, write.server)
+        self._counts[key] = self._counts.get(key, 0) + 1
+        first = self._first.setdefault(key, [])
+        if len(first) < self.FIRST:
+            first.append(write)
+        if len(self._buffer) >= self.BUFFER:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer or self._in_memory:
+            return
+        data = b"".join(marshal.dumps(record) for record in self._buffer)
+        try:
+            if self._path is None:
+                fd, path = tempfile.mkstemp(prefix="jfsync-reconcile-writes-")
+                os.close(fd)
+                self._path = path
+                self._finalizer = weakref.finalize(self, _discard, path)
+            with open(self._path, "ab") as file:
+                file.write(data)
+        except OSError as err:
+            # No room or no temporary directory: the rest stays in memory, nothing is lost.
+            logger.warning(
+                "the reconcile report cannot use a temporary file (%s); keeping its writes "
+                "in memory",
+                str(err),  # the text only: the error's traceback would hold this log
+            )
+            self._in_memory = True
+            if self._path is not None:
+                with contextlib.suppress(OSError):
+                    os.truncate(self._path, self._stored_bytes)
+            return
+        self._stored += len(self._buffer)
+        self._stored_bytes += len(data)
+        self._buffer.clear()
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __bool__(self) -> bool:
+        return self._length > 0
+
+    def __iter__(self) -> Iterator[PlannedWrite]:
+        stored, pending = self._stored, list(self._buffer)
+        if stored and self._path is not None:
+            with open(self._path, "rb") as file:
+                for _ in range(stored):
+                    # The file is this process's own (mkstemp: mode 0600), written above.
+                    yield _decode(marshal.load(file))  # noqa: S302
+        for record in pending:
+            yield _decode(record)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, WriteLog | list | tuple):
+            return len(self) == len(other) and list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Writes per (user, server)."""
+        return dict(self._counts)
+
+    def first(self, sample: int) -> dict[tuple[str, str], list[PlannedWrite]]:
+        """The first ``sample`` writes of each (user, server), in order (read from the file
+        only when more than :attr:`FIRST` are asked for)."""
+        if sample <= self.FIRST:
+            return {key: kept[:sample] for key, kept in self._first.items()}
+        shown: dict[tuple[str, str], list[PlannedWrite]] = {}
+        for write in self:
+            kept = shown.setdefault((write.user, write.server), [])
+            if len(kept) < sample:
+                kept.append(write)
+        return shown
+
+    def close(self) -> None:
+        """Remove the file now (the log is empty afterwards)."""
+        self._buffer.clear()
+        self._length = 0
+        self._stored = 0
+        self._stored_bytes = 0
+        self._counts.clear()
+        self._first.clear()
+        if self._finalizer is not None:
+            self._finalizer()
+        self._path = None
+
+
 @dataclass(slots=True)
 class ReconcileOutcome:
     """Everything ``jfsync reconcile`` did or would do."""
 
     dry_run: bool
     report: ReconcileReport | None = None
-    writes: list[PlannedWrite] = field(default_factory=list)
+    #: Every write made (or planned), in order; on disk, read back when iterated.
+    writes: WriteLog = field(default_factory=WriteLog)
     #: (user, server) -> items owed to a server that does not have them (not written).
     missing: dict[tuple[str, str], int] = field(default_factory=dict)
     #: (user, server) -> items the server showed back to never-touched after the scan (left
@@ -80,11 +263,7 @@ class ReconcileOutcome:
 
     def counts(self) -> dict[tuple[str, str], int]:
         """Writes per (user, server)."""
-        found: dict[tuple[str, str], int] = {}
-        for write in self.writes:
-            key = (write.user, write.server)
-            found[key] = found.get(key, 0) + 1
-        return found
+        return self.writes.counts()
 
     @property
     def ok(self) -> bool:
@@ -107,6 +286,9 @@ async def run_reconcile(
     """
     clock = clock or SystemClock()
     outcome = ReconcileOutcome(dry_run=dry_run)
+    # Whole-library passes free large blocks one after the other: have them unmapped when
+    # freed, not kept in the heap (glibc; a no-op elsewhere). See jfsync.heap.
+    map_large_blocks()
     with tempfile.TemporaryDirectory(prefix="jfsync-reconcile-") as tmp:
         work = Path(tmp) / "ledger.db" if dry_run else config.ledger
         if dry_run:
@@ -166,6 +348,8 @@ async def _reconcile_with(
         await guard.load()
         reconciler = Reconciler(ledger, identity, clients, clock, users=lambda: users, guard=guard)
         outcome.report = await reconciler.reconcile()
+        # The catch-ups' temporaries are free: their pages go back before delivery starts.
+        await asyncio.to_thread(release_free_memory)
         outcome.identity = identity.status()
         for name in clients:
             scope = identity.index.scope(name)
@@ -177,28 +361,40 @@ async def _reconcile_with(
 
 
 class _Collector(DeliveryWatcher):
-    """What the pushers did with each row, for the report."""
+    """What the pushers did with each row, for the report (the writes in a :class:`WriteLog`,
+    still without their labels)."""
 
     def __init__(self) -> None:
-        self.made: list[tuple[str, Delivered]] = []
+        self.made = WriteLog()
         #: (peer, user, item) -> the row and why its write failed (until a retry made it).
         self.failures: dict[tuple[str, str, str], tuple[OutboxRow, ServerError]] = {}
-        self.absent: list[tuple[str, OutboxRow]] = []
-        self.held: list[tuple[str, OutboxRow]] = []
+        #: (user, peer) -> rows owed to a peer that does not have the item.
+        self.absent: dict[tuple[str, str], int] = {}
+        #: (user, peer) -> rows read back as never touched, left for a catch-up.
+        self.held: dict[tuple[str, str], int] = {}
 
     def written(self, peer: str, writes: Sequence[Delivered]) -> None:
         for write in writes:
-            self.made.append((peer, write))
-            self.failures.pop((peer, write.row.user, write.row.item), None)
+            row = write.row
+            remote = row.remote_item_id or row.item
+            self.made.append(
+                PlannedWrite(
+                    peer, row.user, row.item, remote, "", write.before, write.after, row.registers
+                )
+            )
+            self.failures.pop((peer, row.user, row.item), None)
 
     def failed(self, peer: str, row: OutboxRow, error: ServerError) -> None:
         self.failures[(peer, row.user, row.item)] = (row, error)
 
     def missing(self, peer: str, row: OutboxRow) -> None:
-        self.absent.append((peer, row))
+        key = (row.user, peer)
+        self.absent[key] = self.absent.get(key, 0) + 1
 
     def deferred(self, peer: str, rows: Sequence[OutboxRow]) -> None:
-        self.held.extend((peer, row) for row in rows)
+        for row in rows:
+            key = (row.user, peer)
+            self.held[key] = self.held.get(key, 0) + 1
 
 
 async def _deliver(
@@ -240,6 +436,7 @@ async def _deliver(
             for peer in pushers
             if peer not in stopped and await ledger.due_rows(peer, 1, now_ms)
         ]
+    await asyncio.to_thread(release_free_memory)
     await _report(ledger, identity, collector, stopped, outcome)
 
 
@@ -255,8 +452,8 @@ async def _drain_all(pushers: Sequence[Pusher]) -> list[str | None]:
         await cancel_and_wait([t for t in tasks if not t.done()], logger)
 
 
-#: Writes turned into the outcome between two turns of the event loop.
-_REPORT_STEP = 1000
+#: Writes labelled (one index lookup per server) between two turns of the event loop.
+_REPORT_STEP = 250
 
 
 async def _report(
@@ -266,42 +463,43 @@ async def _report(
     stopped: Mapping[str, str],
     outcome: ReconcileOutcome,
 ) -> None:
-    """Turn what the pushers did into the outcome, with each item's readable name."""
-    wanted: dict[str, set[str]] = {}
-    for peer, write in collector.made:
-        wanted.setdefault(peer, set()).add(write.row.remote_item_id or write.row.item)
-    for (peer, _, _), (row, _) in collector.failures.items():
-        wanted.setdefault(peer, set()).add(row.remote_item_id or row.item)
-    labels = {peer: await identity.index.find(peer, ids) for peer, ids in wanted.items()}
+    """Turn what the pushers did into the outcome, with each item's readable name.
 
-    def label(peer: str, row: OutboxRow) -> str:
-        found = labels.get(peer, {}).get(row.remote_item_id or row.item)
-        return found.label() if found is not None else row.item
+    The writes are read back from the collector's log a slice at a time, labelled and added
+    to the outcome's log, so no more than a slice of them is in memory at once.
+    """
+    index = identity.index
 
-    for n, (peer, write) in enumerate(collector.made, start=1):
-        if n % _REPORT_STEP == 0:
-            await asyncio.sleep(0)  # a report of 100,000 writes must not stall the loop
-        row = write.row
-        outcome.writes.append(
-            PlannedWrite(
-                peer,
-                row.user,
-                row.item,
-                row.remote_item_id or row.item,
-                label(peer, row),
-                write.before,
-                write.after,
-                row.registers,
+    async def label_slice(chunk: list[PlannedWrite]) -> None:
+        wanted: dict[str, set[str]] = {}
+        for write in chunk:
+            wanted.setdefault(write.server, set()).add(write.remote_item_id)
+        labels = {peer: await index.find(peer, ids) for peer, ids in wanted.items()}
+        for write in chunk:
+            found = labels[write.server].get(write.remote_item_id)
+            outcome.writes.append(
+                replace(write, label=found.label() if found is not None else write.item)
             )
-        )
-    for peer, row in collector.absent:
-        key = (row.user, peer)
-        outcome.missing[key] = outcome.missing.get(key, 0) + 1
-    for peer, row in collector.held:
-        key = (row.user, peer)
-        outcome.deferred[key] = outcome.deferred.get(key, 0) + 1
+
+    chunk: list[PlannedWrite] = []
+    for write in collector.made:
+        chunk.append(write)
+        if len(chunk) >= _REPORT_STEP:
+            await label_slice(chunk)  # a report of 100,000 writes must not stall the loop
+            chunk = []
+    if chunk:
+        await label_slice(chunk)
+    collector.made.close()
+    outcome.missing.update(collector.absent)
+    outcome.deferred.update(collector.held)
+    failed: dict[str, set[str]] = {}
+    for (peer, _, _), (row, _) in collector.failures.items():
+        failed.setdefault(peer, set()).add(row.remote_item_id or row.item)
+    labels = {peer: await index.find(peer, ids) for peer, ids in failed.items()}
     for (peer, _, _), (row, error) in collector.failures.items():
-        outcome.failures.append(f"{peer}: {label(peer, row)}: {error}")
+        found = labels[peer].get(row.remote_item_id or row.item)
+        name = found.label() if found is not None else row.item
+        outcome.failures.append(f"{peer}: {name}: {error}")
     for peer, reason in stopped.items():
         owed = await ledger.outbox_depth(peer)
         if outcome.dry_run:
@@ -356,6 +554,7 @@ def print_outcome(outcome: ReconcileOutcome, out: TextIO, *, sample: int = 5) ->
     for server, text in sorted(outcome.libraries.items()):
         print(f"libraries of {server}: {text} (excluded ones are never read or written)", file=out)
     counts = outcome.counts()
+    shown = outcome.writes.first(sample)
     noted = set(outcome.missing) | set(outcome.deferred)
     users = sorted({u for u, _ in counts} | {u for u, _ in noted})
     for user in users:
@@ -365,11 +564,10 @@ def print_outcome(outcome: ReconcileOutcome, out: TextIO, *, sample: int = 5) ->
         ):
             n = counts.get((user, server), 0)
             print(f"  {server}: {n} item{'s' if n != 1 else ''} {verb}", file=out)
-            shown = [w for w in outcome.writes if w.user == user and w.server == server]
-            for write in shown[:sample]:
+            for write in shown.get((user, server), []):
                 print(f"    {write.label}: {describe_change(write)}", file=out)
-            if len(shown) > sample:
-                print(f"    ... and {len(shown) - sample} more", file=out)
+            if n > sample:
+                print(f"    ... and {n - sample} more", file=out)
             missing = outcome.missing.get((user, server), 0)
             if missing:
                 print(f"    ({missing} owed items are not on {server}; nothing to write)", file=out)
@@ -432,6 +630,7 @@ def _play(state: PlayState) -> str:
 __all__ = [
     "PlannedWrite",
     "ReconcileOutcome",
+    "WriteLog",
     "copy_ledger",
     "describe_change",
     "print_outcome",
