@@ -893,3 +893,31 @@ async def test_a_compare_read_older_than_an_event_neither_reverts_nor_overwrites
     )
     assert fresh is not None
     assert fresh.intended(UserData(rating=8.0)) == UserData(favorite=True, rating=8.0)
+
+
+async def test_more_items_than_the_kept_ids_still_reach_every_peer_right(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A library larger than the item ids the ledger keeps in memory (shrunk to 5 here): the
+    # user marks 12 films played in one go, then favourites every third one by one, then
+    # un-plays the first. Every film ends on every peer as the user left it.
+    from jfsync.sync.ledger import maps
+
+    monkeypatch.setattr(maps, "ITEM_ID_LIMIT", 5)
+    items = [f"{n:032x}" for n in range(1, 13)]
+    played = UserData(play_state=PlayState(True, 1, 1_700_000_000, 0))
+    await ledger.apply_observations(
+        [Observation("a", USER, item, played, T0, "event") for item in items]
+    )
+    for n, item in enumerate(items[::3]):
+        await ledger.apply_observation("a", USER, item, replace(played, favorite=True), T0 + n + 1)
+    await ledger.apply_observation("a", USER, items[0], UserData(favorite=True), T0 + 100)
+    expected = {item: replace(played, favorite=n % 3 == 0) for n, item in enumerate(items)}
+    expected[items[0]] = UserData(favorite=True)
+    for item, state in expected.items():
+        canonical = await ledger.canonical(USER, item)
+        assert canonical is not None, item
+        assert canonical.data == state, item
+    for peer in ("b", "c"):
+        rows = await ledger.due_rows(peer, 100, T0 + 1_000)
+        assert {r.item: r.intended(UserData()) for r in rows} == expected

@@ -38,13 +38,18 @@ class ItemMapping:
     provider_ids: dict[str, str] | None = None
 
 
+#: Item ids kept in memory at most (beyond, the kept ids are dropped and read again as needed).
+ITEM_ID_LIMIT = 50_000
+
+
 class IdMaps:
     """Ids of servers, users and items, and the server-side id maps, for one open ledger.
 
-    Ids of users and items are kept once read or created; which servers have each user
-    (``members``) and map each item (``mapped``, bounded to ``limit`` items) is kept until a
-    mapping changes. Call :meth:`forget_uncommitted` after a transaction that did not commit:
-    ids it created no longer exist and what it read may not have been committed.
+    Ids of users are kept once read or created, ids of items up to :data:`ITEM_ID_LIMIT`; which
+    servers have each user (``members``) and map each item (``mapped``, bounded to ``limit``
+    items) is kept until a mapping changes. Call :meth:`forget_uncommitted` after a transaction
+    that did not commit: ids it created no longer exist and what it read may not have been
+    committed.
     """
 
     def __init__(self, limit: int) -> None:
@@ -123,6 +128,11 @@ class IdMaps:
         known = self._user_ids if table == "users" else self._item_ids
         wanted = dict.fromkeys(keys)  # in the caller's order: new ids follow it
         missing = [k for k in wanted if k not in known]
+        if table == "items" and len(known) + len(missing) > ITEM_ID_LIMIT:
+            # Start the item ids over rather than keep one per item ever touched (a first
+            # reconcile touches the whole library: ~30 MB at 200k items): read them again.
+            known.clear()
+            missing = list(wanted)
         if missing:
             # Ids only grow and are never reused (keys are never deleted), and no other writer
             # runs inside this write transaction: the rows above the highest id before are
