@@ -233,10 +233,13 @@ def _reconcile(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     from jfsync.logs import configure_logging
     from jfsync.ops.reconcilecmd import run_reconcile
+    from jfsync.ops.runcmd import tune_garbage_collector
 
     # The report goes to stdout; progress logs only when asked for with logging.level: debug.
     level = config.logging.level if config.logging.level in ("debug",) else "warning"
     configure_logging(level, config.secret_values())
+    # As for `jfsync run`: full collections walking a whole library's objects stalled the loop.
+    tune_garbage_collector()
     try:
         outcome = asyncio.run(
             run_reconcile(config, dry_run=args.dry_run, out=sys.stdout, sample=max(0, args.sample))
