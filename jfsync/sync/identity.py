@@ -464,9 +464,11 @@ class IndexedIdentity:
         names = [n for n in (servers or self._names) if n in self._clients]
         try:
             results: list[ScanResult | BaseException] = []
-            for name in names:
+            for n, name in enumerate(names):
                 try:
-                    results.append(await self._scan(name))
+                    # A new index file is built in bulk across all of them: its indexes are
+                    # made once, after the last (the next ones are first scans too).
+                    results.append(await self._scan(name, more=n < len(names) - 1))
                 except Exception as err:  # noqa: BLE001 - that server's failure, logged below
                     results.append(err)
         except BaseException:
@@ -981,7 +983,7 @@ class IndexedIdentity:
             self.on_change(IdentityChange(frozenset(others), change.mapped))
         return None
 
-    async def _scan(self, server: str) -> ScanResult:
+    async def _scan(self, server: str, *, more: bool = False) -> ScanResult:
         started = self._clock.monotonic()
         result = await self._index.scan(
             self._clients[server],
@@ -989,6 +991,7 @@ class IndexedIdentity:
             self._clock.wall_ms(),
             page_size=self._page_size,
             on_page=self._on_page,
+            more_first_scans=more,
         )
         logger.info(
             "[%s] library indexed in %.1f s: %d items (%d new or changed), %d series, %d removed",

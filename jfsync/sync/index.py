@@ -708,12 +708,16 @@ class LibraryIndex:
         *,
         page_size: int = PAGE_SIZE,
         on_page: PageHook | None = None,
+        more_first_scans: bool = False,
     ) -> ScanResult:
         """Scan the server's whole library into the index, one transaction per page.
 
         Series come first (episodes' keys need their provider ids), then the leaf items. Rows
         the scan did not see are dropped only when it completes; a failing scan leaves the
         previous index in place. ``on_page(server, items_so_far)`` runs after every page.
+        ``more_first_scans``: the caller scans more servers right after this one (one at a
+        time), so a bulk build is not finished when this scan ends but by the next scan that
+        is not a first one, or the first query that needs the indexes (:meth:`ready`).
         """
         sid = self.sid(server)
         async with self._server_locks[server]:
@@ -730,7 +734,7 @@ class LibraryIndex:
                 if fresh:
                     self._bulk_scans.discard(sid)
                     self._notify()
-            if fresh and not self._bulk_scans:
+            if fresh and not self._bulk_scans and not more_first_scans:
                 await self.ready()  # the last first scan: make the indexes now
             return result
 

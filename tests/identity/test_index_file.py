@@ -243,8 +243,15 @@ async def _build(stack: Stack, path: Path, *, bulk: bool) -> tuple[Any, ...]:
     tables (an empty file completed first, as a server added later is scanned), and match."""
     config = stack.config.model_copy(update={"ledger": path})
     clients = {name: link.client for name, link in stack.svc().links.items()}
+    states: dict[str, set[str]] = {}
+    built: list[IndexedIdentity] = []
+
+    async def on_page(server: str, items_so_far: int) -> None:
+        states.setdefault(server, set()).add(built[0].index.state)
+
     async with Ledger(config.ledger, MergePolicy.from_config(config)) as ledger:
-        identity = IndexedIdentity(config, ledger, SystemClock(), page_size=7)
+        identity = IndexedIdentity(config, ledger, SystemClock(), page_size=7, on_page=on_page)
+        built.append(identity)
         await identity.start(clients)
         try:
             assert identity.index.state == "building"
@@ -252,6 +259,10 @@ async def _build(stack: Stack, path: Path, *, bulk: bool) -> tuple[Any, ...]:
                 await identity.index.ready()
             await identity.refresh()
             assert identity.index.state == "ready"
+            # In bulk, every server's first scan (one after another) filled the file before
+            # its indexes were made; page by page, every scan wrote into the indexed tables.
+            expected = "building" if bulk else "ready"
+            assert states == {name: {expected} for name in stack.emus}
             index = identity.index
             rows = {
                 name: await index.find(name, [i.id for i in emu.leaf_items()])
