@@ -384,15 +384,30 @@ def changed_registers(
         )
     if before is after:
         return sets[0]
+    return sets[diff_bits(before, after)]
+
+
+def diff_bits(before: UserData, after: UserData) -> int:
+    """The registers whose value differs, as bits: 1 favourite, 2 rating, 4 play state."""
     bits = 0
     if before.favorite != after.favorite:
         bits = 1
     if before.rating != after.rating:
         bits |= 2
     ps_before, ps_after = before.play_state, after.play_state
-    if ps_before is not ps_after and ps_before != ps_after:
+    if ps_before is not ps_after and play_states_differ(ps_before, ps_after):
         bits |= 4
-    return sets[bits]
+    return bits
+
+
+def play_states_differ(a: PlayState, b: PlayState) -> bool:
+    """``a != b``, field by field (the dataclass's ``__eq__`` builds two tuples per call)."""
+    return (
+        a.last_played_s != b.last_played_s
+        or a.play_count != b.play_count
+        or a.played != b.played
+        or a.position_ticks != b.position_ticks
+    )
 
 
 def first_contact_winner(

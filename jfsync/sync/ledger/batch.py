@@ -38,9 +38,11 @@ from jfsync.sync.merge import (
     CanonicalState,
     MergePolicy,
     changed_registers,
+    diff_bits,
     merge,
     new_canonical,
     new_stamped,
+    play_states_differ,
     writes_owed,
 )
 from jfsync.sync.rewatch import protected
@@ -54,29 +56,6 @@ _DEFAULT = DEFAULT_USER_DATA
 #: Builds a :class:`WorkRow` from all of its fields (a named tuple: no defaults to fill in).
 _new_row = tuple.__new__
 _new_object = object.__new__
-
-
-def _diff_bits(before: UserData, after: UserData) -> int:
-    """The registers whose value differs (bits: 1 favourite, 2 rating, 4 play state)."""
-    bits = 0
-    if before.favorite != after.favorite:
-        bits = 1
-    if before.rating != after.rating:
-        bits |= 2
-    ps_before, ps_after = before.play_state, after.play_state
-    if ps_before is not ps_after and _ps_differ(ps_before, ps_after):
-        bits |= 4
-    return bits
-
-
-def _ps_differ(a: PlayState, b: PlayState) -> bool:
-    """``a != b``, field by field (the dataclass's ``__eq__`` builds two tuples per call)."""
-    return (
-        a.last_played_s != b.last_played_s
-        or a.play_count != b.play_count
-        or a.played != b.played
-        or a.position_ticks != b.position_ticks
-    )
 
 
 class Outcome(StrEnum):
@@ -360,14 +339,11 @@ class Batch:
                     continue
                 # The first state anyone showed of the item (merge's first-ever case).
                 base = _DEFAULT if previous is None else previous
-                bits = _diff_bits(base, state) & synced_bits
-                moved = _diff_bits(_DEFAULT, state) & synced_bits  # owed to the others
+                bits = diff_bits(base, state) & synced_bits
+                moved = diff_bits(_DEFAULT, state) & synced_bits  # owed to the others
                 lost = 0
-                ms = clock.ms + 1
                 wall = obs.wall_ms
-                if wall > ms:
-                    ms = wall
-                clock.ms = ms
+                ms = clock.tick(wall)
                 ticked = True
                 stamp = new_stamp(ms, tiebreak)
                 stamped = new_stamped(stamp, server)
@@ -396,7 +372,7 @@ class Batch:
                             bits |= 2
                         else:
                             bits |= 8  # only ``!=`` (NaN) says so: as changed_registers
-                    ps_moved = ps is not old_ps and _ps_differ(ps, old_ps)
+                    ps_moved = ps is not old_ps and play_states_differ(ps, old_ps)
                     if ps_moved:
                         bits |= 4
                     if not bits & 7:
@@ -420,15 +396,12 @@ class Batch:
                             ps = protected(play_state, ps)
                         if play_state is old_ps and ps is state.play_state:
                             differs |= 4  # it moved from what is the canonical value
-                        elif ps is not play_state and _ps_differ(ps, play_state):
+                        elif ps is not play_state and play_states_differ(ps, play_state):
                             differs |= 4
                     last_previous, last_state, last_data = previous, state, data
                     last_decision = (bits, differs, ps)
-                ms = clock.ms + 1
                 wall = obs.wall_ms
-                if wall > ms:
-                    ms = wall
-                clock.ms = ms
+                ms = clock.tick(wall)
                 ticked = True
                 stamp = new_stamp(ms, tiebreak)
                 # The changed registers whose canonical stamp this one is later than win.
@@ -509,7 +482,7 @@ class Batch:
                         owed ^= 2
                     if owed & 4:
                         a, b = desired.play_state, known.play_state
-                        if a is b or not _ps_differ(a, b):
+                        if a is b or not play_states_differ(a, b):
                             owed ^= 4
                 if not owed:
                     continue
