@@ -50,9 +50,6 @@ class LiveFirst:
         #: Set whenever no live work is under way.
         self._idle = asyncio.Event()
         self._idle.set()
-        #: Steps of catch-ups that waited for live work, and how long in all (status, bench).
-        self.yields = 0
-        self.yielded_s = 0.0
 
     def event(self) -> None:
         """Note that an event of a synced user arrived."""
@@ -62,11 +59,6 @@ class LiveFirst:
         """Tell whether events arrived within the last :data:`LIVE_WINDOW_S`."""
         at = self._event_at
         return at is not None and self._clock.monotonic() - at < LIVE_WINDOW_S
-
-    @property
-    def busy(self) -> bool:
-        """Tell whether live work is under way right now."""
-        return self._working > 0
 
     def hold(self) -> Callable[[], None]:
         """Count live work as under way until the returned release is called (once; calling
@@ -103,15 +95,11 @@ class LiveFirst:
         await asyncio.sleep(0)
         if not self._working:
             return
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        self.yields += 1
         try:
             async with asyncio.timeout(MAX_YIELD_S):
                 await self._idle.wait()
         except TimeoutError:
             pass  # the catch-up goes on: live work may slow it, never stop it
-        self.yielded_s += loop.time() - started
 
 
 __all__ = ["LIVE_WINDOW_S", "MAX_YIELD_S", "LiveFirst"]
