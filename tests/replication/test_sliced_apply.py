@@ -67,37 +67,55 @@ class Pacing:
 
     Each slice starts by waiting for earlier writes of its items (``Intake._settled``), before
     its entries leave the intake: held there, they stay pull-able by whatever comes later.
-    Slices wait while :attr:`paced` holds; a slice carrying ``last`` (the later change pulling
-    the older entry forward) goes through and ends the pacing, and so does an ``apply_ahead``
-    of ``last`` (a catch-up's). So the later change always lands in the middle of the apply, by order,
-    never by timing.
+    a's slices after its first wait while :attr:`paced` holds. What ends the pacing is the
+    later change pulling a's older entry of ``last`` forward: a slice carrying that entry with
+    another server's, or an ``apply_ahead`` (a catch-up's) while it is still unapplied. Nothing
+    else does (a read or push of ``last`` before a's entry of it arrived pulls nothing), so the
+    later change always lands in the middle of the apply, by order, never by timing.
     """
 
     def __init__(self, cluster: Cluster, monkeypatch: pytest.MonkeyPatch, last: str) -> None:
         self.paced = True
-        self.slices = 0
+        #: Set once one of a's slices is held.
+        self.holding = False
+        #: What ended the pacing (for a failing test's message).
+        self.ended_by = ""
         self._resume = asyncio.Event()
+        self._bulk_slices = 0
         intake = cluster.service.intake
         settled, ahead = intake._settled, intake.apply_ahead
 
         async def paced_settled(user: str, entries: list[Any]) -> None:
-            self.slices += 1
-            if any(e.item == last for e in entries):
-                self.resume()
-            elif self.slices > 1 and self.paced and all(e.server == "a" for e in entries):
-                await self._resume.wait()
+            from_a = [e for e in entries if e.server == "a"]
+            if any(e.item == last for e in from_a) and len(from_a) < len(entries):
+                self.resume("a slice pulling a's entry of the last item forward")
+            elif from_a and len(from_a) == len(entries):
+                self._bulk_slices += 1
+                if self._bulk_slices > 1 and self.paced:
+                    self.holding = True
+                    await self._resume.wait()
             await settled(user, entries)
 
         async def unpaced_ahead(keys: Iterable[tuple[str, str]]) -> None:
             keys = list(keys)
-            if any(item == last for _, item in keys):
-                self.resume()
+            if any(key[1] == last and key in intake._held for key in keys):
+                self.resume("an apply_ahead of the last item while a's entry of it was unapplied")
             await ahead(keys)
 
         monkeypatch.setattr(intake, "_settled", paced_settled)
         monkeypatch.setattr(intake, "apply_ahead", unpaced_ahead)
 
-    def resume(self) -> None:
+    async def wait_holding(self, cluster: Cluster) -> None:
+        """Wait until a's bulk action is held with all but its first slice unapplied."""
+        intake = cluster.service.intake
+        await wait_until(
+            lambda: not self.paced or (self.holding and intake.unapplied >= BULK - FIRST)
+        )
+        assert self.paced, f"the pacing ended early, by {self.ended_by}"
+
+    def resume(self, why: str) -> None:
+        if self.paced:
+            self.ended_by = why
         self.paced = False
         self._resume.set()
 
@@ -199,9 +217,8 @@ async def test_the_users_last_action_wins_in_the_middle_of_a_sliced_apply(
     await b.flush_now()
     pacing = Pacing(cluster, monkeypatch, await cluster.key("a", last))
     gate_a.release()
-    await wait_until(lambda: cluster.service.intake.unapplied >= BULK - FIRST)
     # a's bulk action is being applied, its last item still to come, when b's change arrives.
-    assert pacing.paced
+    await pacing.wait_holding(cluster)
     gate_b.release()
     await cluster.wait_all_hold(last, resumed)
     await cluster.wait_items([b], items[:-1], PLAYED)
@@ -228,8 +245,7 @@ async def test_a_catch_up_during_a_sliced_apply_lets_the_later_change_win(
     resumed = cluster.change(b, last, reason="PlaybackProgress", position_ticks=5_000_000)
     pacing = Pacing(cluster, monkeypatch, await cluster.key("a", last))
     gate_a.release()
-    await wait_until(lambda: cluster.service.intake.unapplied >= BULK - FIRST)
-    assert pacing.paced
+    await pacing.wait_holding(cluster)
     if how == "reconnect":
         # b's socket drops while a's bulk action is being applied: jfsync catches b up.
         await b.drop_sockets()
