@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -67,6 +68,7 @@ from jfsync import emulator as emulator_module
 from jfsync.emulator import Emulator, RequestRecord
 from jfsync.jellyfin.wire import update_body
 from jfsync.model import PlayState, UserData
+from jfsync.ops.runcmd import tune_garbage_collector
 from jfsync.sync.delivery import CONCURRENCY
 
 API_KEY = "0123456789abcdef0123456789abcdef"
@@ -163,6 +165,62 @@ async def floor_run(url: str, user_id: str, bodies: dict[str, dict[str, object]]
         return time.monotonic() - started
 
 
+def floor_worker(spec_file: str) -> None:
+    """Run :func:`floor_run` in this process (the floor's own process, like ``jfsync run``'s):
+    read ``{"url", "user_id", "bodies"}`` from ``spec_file``, print ``{"seconds", "cpu_s"}``."""
+    spec = json.loads(Path(spec_file).read_text())
+    cpu = time.process_time()
+    seconds = asyncio.run(floor_run(spec["url"], spec["user_id"], spec["bodies"]))
+    print(json.dumps({"seconds": seconds, "cpu_s": time.process_time() - cpu}))
+
+
+async def floor_process(
+    url: str, user_id: str, bodies: dict[str, dict[str, object]]
+) -> tuple[float, float]:
+    """:func:`floor_run` in a process of its own; return its seconds and its CPU seconds.
+
+    The bare client runs outside this process for the same reason jfsync does: in here it
+    would share one event loop (and one core) with the emulator it writes to, and never pay
+    for a request crossing from one process to another, as jfsync and a real server do.
+    """
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as spec:
+        json.dump({"url": url, "user_id": user_id, "bodies": bodies}, spec)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            "--floor-worker",
+            spec.name,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await proc.communicate()
+        assert proc.returncode == 0, f"the floor client exited with {proc.returncode}"
+        result = json.loads(out)
+        return float(result["seconds"]), float(result["cpu_s"])
+    finally:
+        os.unlink(spec.name)  # a local temporary file
+
+
+#: A pause between two writes arriving at a server that counts as a gap in the write stream.
+IDLE_GAP_S = 0.005
+
+
+def idle_gaps(times: list[float]) -> tuple[float, int]:
+    """The seconds a server received no write between consecutive writes (at ``times``) at
+    least :data:`IDLE_GAP_S` apart, and how many such gaps there were."""
+    ordered = sorted(times)
+    gaps = [b - a for a, b in itertools.pairwise(ordered) if b - a >= IDLE_GAP_S]
+    return sum(gaps), len(gaps)
+
+
+def loop_cpu(proc: psutil.Process) -> float:
+    """CPU seconds of ``proc``'s main thread (its event loop; SQLite's worker is another)."""
+    for thread in proc.threads():
+        if thread.id == proc.pid:
+            return float(thread.user_time + thread.system_time)
+    return 0.0
+
+
 async def status_counters(port: int) -> dict[str, object]:
     """The ``counters`` section of the subprocess's status endpoint."""
     async with (
@@ -203,16 +261,74 @@ async def one_burst(
     label: bool,
 ) -> dict[str, float]:
     """Mark ``batch`` played on ``a`` (repetition ``rep``: a new date and count), time it
-    until ``b`` holds it, then the floor; print the figures and return the ratio.
+    until ``b`` holds it, and the floor; print the figures and return them.
 
-    The floor runs once jfsync has applied ``b``'s echoes of the burst: run while this
-    process still sends them (10,000 entries after b's debounce) and jfsync applies them, the
-    floor would be slowed by that work and the ratio flattered.
+    The floor never runs while jfsync works: after the burst only once jfsync has applied
+    ``b``'s echoes of it (run while this process still sends them, 10,000 entries after b's
+    debounce, and jfsync applies them, the floor would be slowed by that work and the ratio
+    flattered). Even repetitions run the burst first, odd ones the floor first, so a drift of
+    the machine's speed over a run weighs on both alike.
     """
-    echoes_before = int(str((await status_counters(status_port))["echoes"]))
-    uid_a, uid_b = a.user_id(USER), b.user_id(USER)
     when = datetime(2025, 6, 1, 20, 0, tzinfo=UTC) + timedelta(days=rep)
     target = PlayState(played=True, play_count=rep + 1, last_played_s=int(when.timestamp()))
+    # ---- floor: the same writes, straight to an emulator with no jfsync attached.
+    written = UserData(favorite=True, play_state=target)
+    bodies = {item: update_body(written, frozenset({"play_state"})) for item in batch}
+    floor_first = rep % 2 == 1
+    if floor_first:
+        floor_s, floor_cpu = await floor_process(floor.url, floor.user_id(USER), bodies)
+    timing = await jfsync_burst(pid, status_port, a, b, writes, batch, rep, target, when)
+    if not floor_first:
+        floor_s, floor_cpu = await floor_process(floor.url, floor.user_id(USER), bodies)
+    floor_idle_s, floor_idle_count = idle_gaps([r.time for r in floor.writes[-len(batch) :]])
+    burst_s = timing["burst_s"]
+    prefix = f"[{rep + 1}] " if label else ""
+    print(
+        f"{prefix}burst of {len(batch)} played on a: b has them all after {burst_s:.2f} s "
+        f"({len(batch) / burst_s:.0f} writes/s); floor (bare aiohttp in its own process, "
+        f"concurrency {CONCURRENCY}, run {'before' if floor_first else 'after'}) "
+        f"{floor_s:.2f} s ({len(batch) / floor_s:.0f} writes/s); ratio {burst_s / floor_s:.2f}x"
+    )
+    print(
+        f"{prefix}changes made on a in {timing['saved_s']:.2f} s; the first write reached b "
+        f"after {timing['first_write_s']:.2f} s (a's message received, parsed and applied)"
+    )
+    print(
+        f"{prefix}CPU during the burst: jfsync run {timing['cpu_jfsync_s']:.2f} s, the floor's "
+        f"client {floor_cpu:.2f} s ({timing['cpu_jfsync_s'] / floor_cpu:.2f}x; jfsync's event "
+        f"loop {timing['cpu_loop_s']:.2f} s, its other threads "
+        f"{timing['cpu_jfsync_s'] - timing['cpu_loop_s']:.2f} s); this process "
+        f"(emulators, checks) {timing['cpu_here_s']:.2f} s"
+    )
+    print(
+        f"{prefix}b received no write for {timing['idle_s']:.2f} s in all during the burst "
+        f"({timing['idle_count']:.0f} gaps of {IDLE_GAP_S * 1000:.0f} ms or more between the "
+        f"first write and the last); the floor's server {floor_idle_s:.2f} s "
+        f"({floor_idle_count} gaps)"
+    )
+    print(
+        f"{prefix}jfsync run RSS: {timing['rss_start_mib']:.0f} MiB before the burst, "
+        f"peak {timing['burst_peak_mib']:.0f} MiB during it, {timing['peak_rss_mib']:.0f} MiB "
+        "until its echo was applied"
+    )
+    return {**timing, "floor_s": floor_s, "floor_cpu_s": floor_cpu}
+
+
+async def jfsync_burst(
+    pid: int,
+    status_port: int,
+    a: Emulator,
+    b: Emulator,
+    writes: Writes,
+    batch: list[str],
+    rep: int,
+    target: PlayState,
+    when: datetime,
+) -> dict[str, float]:
+    """Mark ``batch`` played on ``a`` and time it until ``b`` holds ``target`` for every item;
+    wait until jfsync has applied ``b``'s echoes."""
+    echoes_before = int(str((await status_counters(status_port))["echoes"]))
+    uid_a, uid_b = a.user_id(USER), b.user_id(USER)
     before = len(b.writes)
     peak = [0]
     stop_sampling = asyncio.Event()
@@ -220,6 +336,7 @@ async def one_burst(
     jfsync_proc = psutil.Process(pid)
     rss_start = jfsync_proc.memory_info().rss
     cpu_jfsync = sum(jfsync_proc.cpu_times()[:2])
+    cpu_loop = loop_cpu(jfsync_proc)
     cpu_here = sum(psutil.Process().cpu_times()[:2])
     started = time.monotonic()
     for item in batch:
@@ -236,7 +353,9 @@ async def one_burst(
     )
     burst_s = time.monotonic() - started
     first_write_s = min(r.time for r in b.writes[before:]) - started
+    idle_s, idle_count = idle_gaps([r.time for r in b.writes[before:]])
     cpu_jfsync = sum(jfsync_proc.cpu_times()[:2]) - cpu_jfsync
+    cpu_loop = loop_cpu(jfsync_proc) - cpu_loop
     cpu_here = sum(psutil.Process().cpu_times()[:2]) - cpu_here
     burst_peak = peak[0]
     # Sampling goes on while b's debounced echo of the burst (one message of as many
@@ -244,36 +363,17 @@ async def one_burst(
     await quiet(status_port, echoes_before + len(batch))
     stop_sampling.set()
     await sampler
-
-    # ---- floor: the same writes, straight to an emulator with no jfsync attached.
-    written = UserData(favorite=True, play_state=target)
-    bodies = {item: update_body(written, frozenset({"play_state"})) for item in batch}
-    floor_s = await floor_run(floor.url, floor.user_id(USER), bodies)
-    prefix = f"[{rep + 1}] " if label else ""
-    print(
-        f"{prefix}burst of {len(batch)} played on a: b has them all after {burst_s:.2f} s "
-        f"({len(batch) / burst_s:.0f} writes/s); floor (bare aiohttp, concurrency "
-        f"{CONCURRENCY}) {floor_s:.2f} s ({len(batch) / floor_s:.0f} writes/s); "
-        f"ratio {burst_s / floor_s:.2f}x"
-    )
-    print(
-        f"{prefix}changes made on a in {saved_s:.2f} s; the first write reached b after "
-        f"{first_write_s:.2f} s (a's message received, parsed and applied)"
-    )
-    print(
-        f"{prefix}CPU during the burst: jfsync run {cpu_jfsync:.2f} s, this process "
-        f"(emulators, checks) {cpu_here:.2f} s"
-    )
-    print(
-        f"{prefix}jfsync run RSS: {rss_start / 2**20:.0f} MiB before the burst, "
-        f"peak {burst_peak / 2**20:.0f} MiB during it, {peak[0] / 2**20:.0f} MiB until its echo "
-        "was applied"
-    )
     return {
         "burst_s": burst_s,
-        "floor_s": floor_s,
         "first_write_s": first_write_s,
+        "saved_s": saved_s,
         "cpu_jfsync_s": cpu_jfsync,
+        "cpu_loop_s": cpu_loop,
+        "idle_s": idle_s,
+        "idle_count": idle_count,
+        "cpu_here_s": cpu_here,
+        "rss_start_mib": rss_start / 2**20,
+        "burst_peak_mib": burst_peak / 2**20,
         "peak_rss_mib": peak[0] / 2**20,
         "started": started,
     }
@@ -314,8 +414,14 @@ def start_catchup_server(items: int) -> tuple[subprocess.Popen[str], dict[str, o
 async def keep_catching_up(
     url: str, status_port: int, stop: asyncio.Event, done: list[int]
 ) -> None:
-    """Drop c's websocket each time jfsync has finished catching up with it, until ``stop``."""
+    """Drop c's websocket each time jfsync has finished catching up with it, until ``stop``;
+    then wait for the catch-up under way to finish.
+
+    Left running, that last catch-up (of up to 100,000 items) would run into the bursts,
+    which would then measure a burst during a catch-up at some runs and not at others.
+    """
     async with aiohttp.ClientSession() as session:
+        scans = -1
         while not stop.is_set():
             scans = int(str((await status_counters(status_port))["scans"]))
             async with session.post(f"{url}/__emulator__/drop-sockets") as response:
@@ -325,7 +431,11 @@ async def keep_catching_up(
                     await asyncio.wait_for(stop.wait(), 0.25)  # polling another process
                 if int(str((await status_counters(status_port))["scans"])) > scans:
                     done[0] += 1
+                    scans = -1
                     break
+        async with asyncio.timeout(300):
+            while scans >= 0 and int(str((await status_counters(status_port))["scans"])) <= scans:  # noqa: ASYNC110
+                await asyncio.sleep(0.25)  # polling another process: nothing here to wait on
 
 
 def pct(values: list[float], p: float) -> float:
@@ -483,6 +593,7 @@ async def run(
                 burst_floor_median_s=floors,
                 first_write_s=[t["first_write_s"] for t in timings],
                 burst_cpu_s=[t["cpu_jfsync_s"] for t in timings],
+                burst_floor_cpu_s=[t["floor_cpu_s"] for t in timings],
                 burst_peak_rss_mib=max(t["peak_rss_mib"] for t in timings),
                 burst_stall_ms=max(t["stall_ms"] for t in timings),
             )
@@ -491,11 +602,13 @@ async def run(
                 # Both timings vary with the machine's speed; the ratio of their medians is
                 # steadier than any one burst's ratio.
                 ratios = [t["burst_s"] / t["floor_s"] for t in timings]
+                cpus = [t["cpu_jfsync_s"] / t["floor_cpu_s"] for t in timings]
                 print(
                     f"burst ratios over {repeat} repetitions: "
                     + ", ".join(f"{r:.2f}x" for r in ratios)
                     + f"; median {statistics.median(ratios):.2f}x; medians: jfsync {bursts:.2f} s, "
-                    f"floor {floors:.2f} s, ratio {bursts / floors:.2f}x"
+                    f"floor {floors:.2f} s, ratio {bursts / floors:.2f}x; CPU against the "
+                    "floor's client: " + ", ".join(f"{r:.2f}x" for r in cpus)
                 )
             counters = await status_counters(status_port)
             print(
@@ -543,7 +656,14 @@ def main() -> None:
         default=0,
         help="a third server of this many items, caught up again and again during the latency",
     )
+    parser.add_argument("--floor-worker", metavar="FILE", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.floor_worker:
+        floor_worker(args.floor_worker)
+        return
+    # The emulators here hold three libraries: the collector tuned as jfsync run tunes its own,
+    # so that full collections walking them do not stall the servers under either run.
+    tune_garbage_collector()
     asyncio.run(
         run(args.changes, args.rate, args.burst, args.profile, args.repeat, args.catchup_items)
     )
