@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -172,10 +172,15 @@ class Intake:
             return
         if self._live is not None:
             self._live.event()
-        entries = event.item_entries
-        self.counters.entries_received += len(entries)
+        # A bulk message comes with most of its entries not converted yet: they are
+        # converted (and mapped) a step at a time after its first slice is applied.
+        steps = event.item_steps()
+        first: list[UserDataEntry] = await anext(steps, [])
+        self.counters.entries_received += len(first)
+        pushed = [e.item_id for e in first]
         mine = _Unapplied(user)
-        head, rest = entries[:FIRST_SLICE], entries[FIRST_SLICE:]
+        head, spill = first[:FIRST_SLICE], first[FIRST_SLICE:]
+        bulk = bool(spill or event.rest)
         # A bulk message takes longer to map than a small one received after it: that one
         # must not apply an item before the bulk one has registered it (the older entry would
         # land last and win). So a message waits for the bulk message of the same user still
@@ -183,29 +188,50 @@ class Intake:
         # message would hold all servers' events behind one server's slow mapping).
         earlier = self._registering.get(user)
         registered: asyncio.Future[None] | None = None
-        if rest:
+        if bulk:
             registered = self._registering[user] = asyncio.get_running_loop().create_future()
         try:
             mapped = await self._map(link.name, event.user_id, head)
             if earlier is not None and not earlier.done():
                 await asyncio.shield(earlier)
             self._register(mine, mapped)
-            if rest:
+            if bulk:
                 # A bulk action: its first slice is applied (and its writes leave) before the
-                # rest of it is even mapped.
+                # rest of it is even converted and mapped.
                 await self._drain(mine, FIRST_SLICE, once=True)
-                for start in range(0, len(rest), MAP_STEP):
-                    chunk = rest[start : start + MAP_STEP]
-                    self._register(mine, await self._map(link.name, event.user_id, chunk))
+                await self._register_steps(mine, event.user_id, link.name, spill, steps, pushed)
         finally:
+            await steps.aclose()
             if registered is not None:
                 registered.set_result(None)
                 if self._registering.get(user) is registered:
                     del self._registering[user]
-        await self._drain(mine, SLICE if rest else FIRST_SLICE)
-        remote = await self._shared_records(link, [e.item_id for e in entries])
+        await self._drain(mine, SLICE if bulk else FIRST_SLICE)
+        remote = await self._shared_records(link, pushed)
         if remote:
             await self.read_back(link, event.user_id, user, remote)
+
+    async def _register_steps(
+        self,
+        held: _Unapplied,
+        remote_user: str,
+        server: str,
+        spill: list[UserDataEntry],
+        steps: AsyncGenerator[list[UserDataEntry]],
+        pushed: list[str],
+    ) -> None:
+        """Map and register the rest of a bulk message: ``spill`` (converted already), then
+        each step of ``steps`` as it is converted, :data:`MAP_STEP` entries at a time;
+        ``pushed`` gets their item ids."""
+        for start in range(0, len(spill), MAP_STEP):
+            part = spill[start : start + MAP_STEP]
+            self._register(held, await self._map(server, remote_user, part))
+        async for chunk in steps:
+            self.counters.entries_received += len(chunk)
+            pushed += [e.item_id for e in chunk]
+            for start in range(0, len(chunk), MAP_STEP):
+                part = chunk[start : start + MAP_STEP]
+                self._register(held, await self._map(server, remote_user, part))
 
     @property
     def unapplied(self) -> int:
@@ -230,7 +256,15 @@ class Intake:
             await self._drain(held, SLICE)
 
     async def apply_ahead_of_user(self, user: str) -> None:
-        """:meth:`apply_ahead` for every item of ``user`` (before a catch-up of that user)."""
+        """:meth:`apply_ahead` for every item of ``user`` (before a catch-up of that user).
+
+        A bulk message of ``user`` whose entries are still being converted and mapped is
+        waited for first (a few milliseconds per thousand entries): an entry registered only
+        after the catch-up's scan would land after it, older than what the scan found.
+        """
+        registering = self._registering.get(user)
+        if registering is not None and not registering.done():
+            await asyncio.shield(registering)
         await self.apply_ahead([key for key in self._held if key[0] == user])
 
     async def _map(
