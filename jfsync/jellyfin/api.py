@@ -107,6 +107,11 @@ def auth_header(device_id: str, token: str | None = None) -> str:
     return "MediaBrowser " + ", ".join(parts)
 
 
+def _path_part(value: str) -> str:
+    """``value`` encoded as one segment of a URL path (an id, the usual case, as it is)."""
+    return value if value.isascii() and value.isalnum() else quote(value, safe="")
+
+
 def parse_version(text: str) -> tuple[int, int, int] | None:
     """Read ``"10.10.7"`` (or ``"12.0.0-rc5"``) as a tuple; None when it is not a version."""
     match = _VERSION.match(text)
@@ -470,7 +475,7 @@ class JellyfinClient:
         header = auth_header(
             device_id or self.device_id, None if anonymous else (token or self._api_key)
         )
-        url = self.url + route.format(**{k: quote(v, safe="") for k, v in (path or {}).items()})
+        url = self.url + route.format(**{k: _path_part(v) for k, v in (path or {}).items()})
         headers = {"Authorization": header, "Accept": "application/json"}
         if raw_body is not None:
             headers["Content-Type"] = "application/json"

@@ -15,6 +15,7 @@ import pytest
 
 from jfsync.emulator import Emulator
 from jfsync.jellyfin.api import JellyfinClient
+from jfsync.sync import subscriber as subscriber_module
 from jfsync.sync.subscriber import (
     LibraryChangedEvent,
     Subscriber,
@@ -448,3 +449,30 @@ async def test_other_supported_versions_deliver_events_and_keepalive(
             assert item_ids(event) == [movie]
         finally:
             await sub.stop()
+
+
+async def test_a_bulk_message_is_handed_on_before_all_of_it_is_converted(
+    emu: Emulator,
+    emu_clock: ManualClock,
+    subscribe: Subscribe,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The whole library marked played in one action: one message, whose event comes with
+    only its first step converted; the rest converts step by step to the same entries."""
+    monkeypatch.setattr(subscriber_module, "ENTRIES_PER_STEP", 4)
+    alice = subscribe("alice")
+    await live(alice.sub, emu)
+    leaves = [i.id for i in emu.leaf_items()]
+    for item in leaves:
+        emu.save_user_data(alice.sub.user_id, item, played=True, play_count=1)
+    await flush(emu_clock)
+    (event,) = await alice.recorder.wait_user_data(1)
+
+    assert len(event.head) == 4
+    assert event.rest, "the rest of the message is handed on unconverted"
+    steps = [step async for step in event.item_steps()]
+    assert all(len(step) <= 4 for step in steps)
+    stepped = [entry for step in steps for entry in step]
+    assert stepped == list(event.item_entries)
+    assert sorted(e.item_id for e in stepped) == sorted(leaves)
+    assert all(e.data.play_state.played for e in stepped)
