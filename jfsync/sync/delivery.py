@@ -234,10 +234,6 @@ class Pusher:
         self._writing: dict[tuple[str, str], asyncio.Event] = {}
         #: The next batch and its compare read, fetched while the current one is written.
         self._prepared: asyncio.Task[_Prepared | None] | None = None
-        #: The last batch's writes being recorded while the next batch is written, and the
-        #: ids of its rows (no batch read meanwhile may take them again).
-        self._recording: asyncio.Task[list[Exception]] | None = None
-        self._recording_ids: list[int] = []
         #: Set once the first batch after start was checked for interrupted writes and sent.
         self._recovered = asyncio.Event()
         self._accepting = True
@@ -358,7 +354,6 @@ class Pusher:
             return "stopped"
         finally:
             await self._drop_prepared()
-            await self._finish_recording()
 
     # ------------------------------------------------------------------ the loop
 
@@ -368,7 +363,6 @@ class Pusher:
         finally:
             self._release_live_hold()
             await self._drop_prepared()
-            await self._finish_recording()
 
     def _release_live_hold(self) -> None:
         """No round is coming soon (stopping, peer down or paused, a fault): live work no
@@ -431,33 +425,18 @@ class Pusher:
         try:
             return await self._deliver_round()
         except BaseException:
-            # Whatever went wrong (peer down, stop), a batch read ahead is read again later;
-            # the writes made are recorded first.
+            # Whatever went wrong (peer down, stop), a batch read ahead is read again later.
             await self._drop_prepared()
-            await self._finish_recording()
             raise
         finally:
             if woken is not None:
                 woken()
 
     async def _deliver_round(self) -> bool:
-        """Write one batch: the one read ahead, else the next due rows. While it is written
-        the next batch is read, and the batch before it recorded, so the peer has writes to
-        answer most of the time (a bare client's pace)."""
         prepared = await self._take_prepared()
         if prepared is None:
-            exclude = self._recording_ids
-            rows = await self._ledger.due_rows(
-                self.peer, self._batch_size, self._clock.wall_ms(), exclude=exclude
-            )
+            rows = await self._ledger.due_rows(self.peer, self._batch_size, self._clock.wall_ms())
             if not rows:
-                # Nothing due but maybe what is being recorded: done once that is.
-                failures = await self._finish_recording()
-                if failures:
-                    self._raise_failures(failures)
-                    return True
-                if exclude:
-                    return True  # the rows recorded meanwhile may have left some due
                 self._recovered.set()
                 return False
             read: _Read | None = None
@@ -466,55 +445,40 @@ class Pusher:
         keys = [(row.user, row.item) for row in rows]
         self._in_flight.update(keys)
         try:
-            # The compare stays here, after the batch before is written (not in the read
-            # ahead): a change applied meanwhile is written once, as it then stands.
-            owed = await self._ready(rows, read or await self._read_current(rows))
+            current, read_ms, read_seq = await self._read_current(rows) if read is None else read
+            if self._ahead is not None:
+                await self._ahead(keys)
+            await self._recover_interrupted(rows, current)
+            owed = await self._compare(rows, current, read_ms, read_seq)
             if len(rows) == self._batch_size and self._accepting:
                 # More rows wait: take the next batch and read the peer's state of it while
                 # this one is written, so neither read holds up the writes.
-                exclude = [row.id for row in rows] + self._recording_ids
                 self._prepared = asyncio.create_task(
-                    self._prepare(exclude), name=f"jfsync-pusher[{self.peer}]-read-ahead"
+                    self._prepare([row.id for row in rows]),
+                    name=f"jfsync-pusher[{self.peer}]-read-ahead",
                 )
             failures = await self._deliver_batch(owed)
             # The rows in flight when the last process stopped are settled now.
             self._recovered.set()
         finally:
             self._in_flight.difference_update(keys)
-        self._raise_failures(failures)
-        return True
-
-    def _raise_failures(self, failures: Sequence[Exception]) -> None:
-        """Raise what ends a round: the peer down or paused first, then a bug. Any other
-        failure (a write's, the ledger's) leaves its rows queued and was told already."""
         for failure in failures:
             if isinstance(failure, _PeerPaused | _PeerDown):
                 raise failure
         for failure in failures:
             if not isinstance(failure, JfsyncError):
                 raise failure
+        return True
 
-    async def _ready(
-        self, rows: Sequence[OutboxRow], read: _Read
-    ) -> list[tuple[OutboxRow, UserData]]:
-        """Compare ``rows`` with the peer's state read of them: apply what was received of
-        them first, record the writes that reached the peer before an interruption, then
-        merge and record intents; return the rows still owed with the peer's state."""
-        current, read_ms, read_seq = read
-        if self._ahead is not None:
-            await self._ahead([(row.user, row.item) for row in rows])
-        await self._recover_interrupted(rows, current)
-        return await self._compare(rows, current, read_ms, read_seq)
-
-    async def _prepare(self, exclude: Sequence[int]) -> _Prepared | None:
-        """Take the next due rows (but ``exclude``, the ids of the rows being written or
-        recorded) and read the peer's state of them.
+    async def _prepare(self, writing: Sequence[int]) -> _Prepared | None:
+        """Take the next due rows (but ``writing``, the ids of the rows being written) and
+        read the peer's state of them.
 
         The rows may change before their turn: the compare works on the rows as the ledger
         then has them, so a row replaced or settled meanwhile is written as it stands.
         """
         now_ms = self._clock.wall_ms()
-        rows = await self._ledger.due_rows(self.peer, self._batch_size, now_ms, exclude=exclude)
+        rows = await self._ledger.due_rows(self.peer, self._batch_size, now_ms, exclude=writing)
         if not rows:
             return None
         return rows, await self._read_current(rows)
@@ -536,31 +500,13 @@ class Pusher:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    async def _finish_recording(self) -> list[Exception]:
-        """Wait for the last batch's writes to be recorded; return what failed there."""
-        task, self._recording = self._recording, None
-        self._recording_ids = []
-        if task is None:
-            return []
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            # Stopping: the record goes on to its end (one transaction) unless it too is
-            # cancelled; either way it is over before the pusher is.
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-            raise
-
     async def _deliver_batch(self, owed: Sequence[tuple[OutboxRow, UserData]]) -> list[Exception]:
-        """Write a batch through ``concurrency`` lanes, then have it recorded; return the
-        failures of its writes and of the batch recorded before it.
+        """Write a batch through ``concurrency`` lanes, then record it; return the failures.
 
         Each lane takes the next row as soon as its request is answered (no task per row).
         The done writes are recorded together once the lanes are through, in ONE transaction
-        (pending echo + last-known per write), while the next batch is written: recording
-        them while the batch's own writes are under way costs more (SQLite's thread then
-        competing for the CPU with every write), waiting for it leaves the peer idle. The
+        (pending echo + last-known per write): recording them while writes are still under
+        way costs more, the SQLite thread then competing for the CPU with the writes. The
         first failure that concerns the whole peer (down, key refused), and a stop, end the
         lanes taking more rows: those not tried stay queued as they are.
         """
@@ -593,61 +539,33 @@ class Pusher:
 
         try:
             await asyncio.gather(*(lane() for _ in range(min(self._concurrency, len(owed)))))
-        except BaseException:
-            self._settle(owed, recorded)
-            raise
-        # The batch before this one is recorded by now (its record ran during these writes):
-        # one record at a time, in due order.
-        failures += await self._finish_recording()
-        made = [write for write in done if write is not None]
-        self._recording_ids = [row.id for row, _ in made]
-        self._recording = asyncio.create_task(
-            self._record(made, owed, recorded, bool(failures)),
-            name=f"jfsync-pusher[{self.peer}]-record",
-        )
-        return failures
-
-    async def _record(
-        self,
-        made: Sequence[tuple[OutboxRow, UserData]],
-        owed: Sequence[tuple[OutboxRow, UserData]],
-        recorded: asyncio.Event,
-        failed: bool,
-    ) -> list[Exception]:
-        """Record a batch's writes in one transaction (``failed``: some of its writes were
-        not made); return the failure to record them, if any."""
-        try:
-            if not made:
-                return []
-            acks = [(row, row.intended(current)) for row, current in made]
-            try:
-                done_ms = self._clock.wall_ms()
-                await self._ledger.rows_written(acks, done_ms)
-            except JfsyncError as err:
-                # Unrecorded writes stay queued and are compared again (the peer already
-                # holds them, so nothing is written twice).
-                logger.debug("[→%s] recording %d writes failed: %s", self.peer, len(acks), err)
-                return [err]
-            self._written(len(acks), done_ms)
-            if self._watcher is not None:
-                delivered = [
-                    Delivered(row, current, after, done_ms)
-                    for (row, current), (_, after) in zip(made, acks, strict=True)
-                ]
-                self._tell(self._watcher.written, self.peer, delivered)
-            if not failed:
-                self.stats.last_error = None  # writes work again: say so
-            return []
+            made = [write for write in done if write is not None]
+            if made:
+                acks = [(row, row.intended(current)) for row, current in made]
+                try:
+                    done_ms = self._clock.wall_ms()
+                    await self._ledger.rows_written(acks, done_ms)
+                except JfsyncError as err:
+                    # Unrecorded writes stay queued and are compared again (the peer already
+                    # holds them, so nothing is written twice).
+                    failures.append(err)
+                else:
+                    self._written(len(acks), done_ms)
+                    if self._watcher is not None:
+                        delivered = [
+                            Delivered(row, current, after, done_ms)
+                            for (row, current), (_, after) in zip(made, acks, strict=True)
+                        ]
+                        self._tell(self._watcher.written, self.peer, delivered)
+                    if not failures:
+                        self.stats.last_error = None  # writes work again: say so
         finally:
-            self._settle(owed, recorded)
-
-    def _settle(self, owed: Sequence[tuple[OutboxRow, UserData]], recorded: asyncio.Event) -> None:
-        """A batch's writes are recorded (or will not be): echoes of them may be judged."""
-        recorded.set()
-        for row, _ in owed:
-            key = (row.user, row.item)
-            if self._writing.get(key) is recorded:
-                del self._writing[key]
+            recorded.set()
+            for row, _ in owed:
+                key = (row.user, row.item)
+                if self._writing.get(key) is recorded:
+                    del self._writing[key]
+        return failures
 
     async def _read_current(self, rows: Sequence[OutboxRow]) -> _Read:
         """Read the peer's state of every row's item, one listing per user; say when it was
@@ -1028,9 +946,9 @@ def write_steps(before: UserData, row: OutboxRow) -> list[UserData]:
     return list(plan.steps) or [plan.result]
 
 
+#: Rows taken ahead and the peer's state of each (by canonical user and item).
 #: The peer's states of a batch's items, when they were requested and the ledger's ticket then.
 _Read = tuple[dict[tuple[str, str], UserData], int, int]
-#: Rows taken ahead and the peer's state of them.
 _Prepared = tuple[list[OutboxRow], _Read]
 
 
