@@ -12,12 +12,18 @@ run. Figures printed:
 * **burst**: ``--burst`` items marked played on ``a`` at once (one bulk action, like marking a
   season or a library played); the time until ``b`` has received every write. Compared with
   the floor: the same writes (same route, same body) sent straight to ``floor`` by a bare
-  aiohttp loop at the pusher's concurrency (:data:`jfsync.sync.delivery.CONCURRENCY`).
+  aiohttp loop at the pusher's concurrency (:data:`jfsync.sync.delivery.CONCURRENCY`), in a
+  process of its own as jfsync is (in here it would share one core and one event loop with
+  the emulator it writes to). Printed with it: the CPU both clients used (jfsync's split into
+  its event loop and its other threads, SQLite's), and how long the server received no write
+  between the first and the last (gaps of 5 ms or more), for both.
 * **rss**: peak resident memory of the ``jfsync run`` process (psutil, sampled every 20 ms)
   during the burst, and until ``b``'s echo of it (one debounced message of as many entries)
   has been applied.
 
-The floor runs once jfsync is quiet again (the echo applied), so that work does not slow it.
+The floor runs once jfsync is quiet again (the echo applied), so that work does not slow it;
+with ``--repeat`` the floor runs after the burst in even repetitions and before it in odd ones.
+The catch-up of ``c`` under way when the latency phase ends is waited for before the bursts.
 
 ``jfsync run`` runs under ``looplag.py``, a probe on its event loop: the worst loop stall is
 printed for the start (first reconcile), the latency phase and each burst. With
