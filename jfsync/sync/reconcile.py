@@ -8,7 +8,10 @@ ledger's last-known states and apply the differences through the ledger's one me
 if the server still has it, the state read (usually the default: a reset) is the observation;
 if it is gone (removed, moved), nothing is observed, so a deleted file never un-plays or
 un-favourites an item elsewhere. Then every non-default canonical item the server has but has
-no history of is queued for it (first-contact merge at write time).
+no history of is queued for it (first-contact merge at write time). Every ledger call of a
+catch-up is short (a page of last-known states, a slice of observations, a range of the
+backfill; smaller while live events flow), and between two of them it gives way to the live
+work under way (:mod:`jfsync.sync.priority`).
 
 With a reset guard (:mod:`jfsync.sync.resetguard`), a scan showing the user's data on that server
 regressed wholesale to defaults is a server that lost its data: the regressed items are
