@@ -12,10 +12,12 @@ user (:meth:`LiveFirst.event`) and holds :meth:`LiveFirst.working` while it appl
 pusher woken by such an apply (the event queued a write for its peer) holds it from then to the
 end of the delivery round that follows, so an event counts as live work until its writes are
 recorded. Deliveries of what the catch-ups themselves found are not live work. A catch-up calls
-:meth:`LiveFirst.step` between its steps (a hundred items validated, a ledger call, a
-transaction): while events flow (one arrived within :data:`LIVE_WINDOW_S`) it first lets the
-loop run whatever is ready, then waits for the live work under way to end, for at most
-:data:`MAX_YIELD_S` per step, so that a stream of events can slow a catch-up but never stop it.
+:meth:`LiveFirst.step` between its steps (a hundred items validated, a page of the
+last-known states it diffs against, a transaction of what it found, a range of the items it
+queues for a server that has no history of them): while events flow (one arrived within
+:data:`LIVE_WINDOW_S`) it first lets the loop run whatever is ready, then waits for the live
+work under way to end, for at most :data:`MAX_YIELD_S` per step, so that a stream of events
+can slow a catch-up but never stop it.
 Without events flowing a step costs nothing, so the first reconcile and a catch-up after a
 restart run at full speed.
 """

@@ -8,7 +8,10 @@ ledger's last-known states and apply the differences through the ledger's one me
 if the server still has it, the state read (usually the default: a reset) is the observation;
 if it is gone (removed, moved), nothing is observed, so a deleted file never un-plays or
 un-favourites an item elsewhere. Then every non-default canonical item the server has but has
-no history of is queued for it (first-contact merge at write time).
+no history of is queued for it (first-contact merge at write time). Every ledger call of a
+catch-up is short (a page of last-known states, a slice of observations, a range of the
+backfill; smaller while live events flow), and between two of them it gives way to the live
+work under way (:mod:`jfsync.sync.priority`).
 
 With a reset guard (:mod:`jfsync.sync.resetguard`), a scan showing the user's data on that server
 regressed wholesale to defaults is a server that lost its data: the regressed items are
@@ -58,6 +61,13 @@ LIVE_SCAN_BATCH = 32
 #: Items of a scan mapped to canonical keys per call while live events flow (the live
 #: work under way goes between two calls).
 LIVE_MAP_STEP = 500
+#: Last-known states read per ledger call, and canonical items a backfill covers per
+#: transaction, while no live event flows: a few milliseconds each at most.
+READ_PAGE = 5000
+#: The same while live events flow: one page is well under a millisecond of the ledger's
+#: thread, which is what a live event's apply can wait for; the live work under way goes
+#: between two pages.
+LIVE_READ_PAGE = 500
 #: Quiet time after a ``LibraryChanged`` before the index is refreshed.
 LIBRARY_DEBOUNCE_S = 2.0
 #: More changed ids than this in one refresh: rescan the whole library instead.
@@ -246,7 +256,7 @@ class Reconciler:
             )
         states = {items[r]: found.data for r, found in scanned.items() if r in items}
         await self._step()
-        known = await ledger.last_known_for_user(server, user)
+        known = await self._last_known(server, user)
         missing = [k for k, s in known.items() if k not in states and not s.is_default]
         gone: set[str] = set()
         if missing:
@@ -290,10 +300,7 @@ class Reconciler:
                 self._on_applied(applied)
         restored = await ledger.rebase_last_known(server, user, lost, read_ms) if lost else 0
         await self._step()
-        if self.identity.complete:
-            queued = await ledger.backfill_mapped(server, user, self.clock.wall_ms())
-        else:
-            queued = await ledger.backfill(server, user, self.clock.wall_ms())
+        queued = await self._backfill(server, user)
         if (queued or restored) and self._on_applied is not None:
             self._on_applied([])
         if guard is not None and hold is not None:
@@ -328,6 +335,46 @@ class Reconciler:
         """Give way to live work between two steps of a catch-up (:mod:`jfsync.sync.priority`)."""
         if self._live is not None:
             await self._live.step()
+
+    def _page(self) -> int:
+        """How much one paged ledger call of a catch-up covers now (:data:`READ_PAGE`, or
+        :data:`LIVE_READ_PAGE` while live events flow)."""
+        return LIVE_READ_PAGE if self._live is not None and self._live.flowing() else READ_PAGE
+
+    async def _last_known(self, server: str, user: str) -> dict[str, UserData]:
+        """Every last-known state of ``user`` on ``server``, read a page per ledger call.
+
+        An event applied between two pages is safe either way: a page read before it holds
+        the older state, and the scan's observation of that item (older than the event: its
+        ``read_seq`` was taken before the scan) is not applied over it.
+        """
+        known: dict[str, UserData] = {}
+        after = 0
+        while True:
+            page, cursor = await self.ledger.last_known_page(server, user, after, self._page())
+            known.update(page)
+            if cursor is None:
+                return known
+            after = cursor
+            await self._step()
+
+    async def _backfill(self, server: str, user: str) -> int:
+        """Queue for ``server`` what it has no history of (only the items it maps, with an
+        identity that maps every item), a range of the user's items per transaction; return
+        the rows touched."""
+        wall_ms = self.clock.wall_ms()
+        only_mapped = self.identity.complete
+        queued = 0
+        after = 0
+        while True:
+            touched, cursor = await self.ledger.backfill_page(
+                server, user, wall_ms, after, self._page(), only_mapped=only_mapped
+            )
+            queued += touched
+            if cursor is None:
+                return queued
+            after = cursor
+            await self._step()
 
     async def _canonical_items(self, server: str, remote_ids: list[str]) -> dict[str, str]:
         """The identity's canonical keys of a scan's items; while events flow, in steps."""

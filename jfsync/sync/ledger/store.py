@@ -1220,3 +1220,73 @@ class Ledger:
         return await self._read(
             lambda tx: combined.outbox_summaries(tx.db, names, sids, dead_limit)
         )
+
+    # ------------------------------------------------------------------ paged catch-up calls
+
+    async def last_known_page(
+        self, server: str, user: str, after: int = 0, limit: int = 1000
+    ) -> tuple[dict[str, UserData], int | None]:
+        """One page of :meth:`last_known_for_user`: at most ``limit`` states, of the items whose
+        id is above the cursor ``after`` (0: from the start), and the cursor of the next page
+        (None: this was the last). One short read each, so that a live event's apply waits
+        for one page, not for a whole user (:mod:`jfsync.sync.ledger.combined`)."""
+        if limit < 1:
+            raise ValueError(f"a page holds at least one state, not {limit}")
+        sid = self._sid(server)
+
+        def work(tx: StateWriter) -> tuple[dict[str, UserData], int | None]:
+            uid = combined.user_id(tx.db, user)
+            if uid is None:
+                return {}, None
+            return combined.last_known_page(tx.db, sid, uid, after, limit)
+
+        return await self._read(work)
+
+    async def backfill_page(
+        self,
+        server: str,
+        user: str,
+        wall_ms: int,
+        after: int = 0,
+        span: int = 1000,
+        *,
+        only_mapped: bool = False,
+    ) -> tuple[int, int | None]:
+        """One step of :meth:`backfill` (:meth:`backfill_mapped` with ``only_mapped``): queue
+        for ``server`` what it has no history of among the next ``span`` canonical items of
+        ``user`` after the cursor ``after`` (0: from the start), in one transaction. Returns
+        the rows touched and the cursor of the next step (None: this was the last).
+
+        A backfill done in steps queues what a single one would: an item whose last-known
+        state on ``server`` is recorded between two steps needs no row any more (it is known
+        now), and a change between two steps merges into the rows queued as any change does.
+        """
+        if span < 1:
+            raise ValueError(f"a step covers at least one item, not {span}")
+        sid = self._sid(server)
+        synced = self.policy.synced
+
+        def work(tx: StateWriter) -> tuple[int, int | None]:
+            uid = combined.user_id(tx.db, user)
+            if uid is None:
+                return 0, None
+            pairs, last = combined.unknown_page(
+                tx.db, sid, uid, after, span, only_mapped=only_mapped
+            )
+            if not pairs:
+                return 0, last
+            batch = self._batch(tx)
+            batch.load(pairs)
+            version = batch.tick(wall_ms)
+            touched = 0
+            for pair in sorted(pairs):
+                canonical = batch.canon[pair]
+                owed = frozenset(
+                    r for r in synced if canonical.data.get(r) != DEFAULT_USER_DATA.get(r)
+                )
+                if owed and batch.refresh_row((*pair, sid), owed, canonical.data, version, wall_ms):
+                    touched += 1
+            batch.flush()
+            return touched, last
+
+        return await self._write(work)
