@@ -418,10 +418,11 @@ def start_catchup_server(items: int) -> tuple[subprocess.Popen[str], dict[str, o
 
 
 async def keep_catching_up(
-    url: str, status_port: int, stop: asyncio.Event, done: list[int]
+    url: str, status_port: int, stop: asyncio.Event, ends: list[float]
 ) -> None:
     """Drop c's websocket each time jfsync has finished catching up with it, until ``stop``;
-    then wait for the catch-up under way to finish.
+    then wait for the catch-up under way to finish. ``ends`` gets the time each catch-up was
+    seen finished (polled: up to :data:`CATCHUP_POLL_S` after it did).
 
     Left running, that last catch-up (of up to 100,000 items) would run into the bursts,
     which would then measure a burst during a catch-up at some runs and not at others.
@@ -434,14 +435,46 @@ async def keep_catching_up(
                 await response.read()
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 0.25)  # polling another process
+                    await asyncio.wait_for(stop.wait(), CATCHUP_POLL_S)  # another process
                 if int(str((await status_counters(status_port))["scans"])) > scans:
-                    done[0] += 1
+                    ends.append(time.monotonic())
                     scans = -1
                     break
         async with asyncio.timeout(300):
             while scans >= 0 and int(str((await status_counters(status_port))["scans"])) <= scans:  # noqa: ASYNC110
-                await asyncio.sleep(0.25)  # polling another process: nothing here to wait on
+                await asyncio.sleep(CATCHUP_POLL_S)  # polling another process
+            if scans >= 0:
+                ends.append(time.monotonic())
+
+
+#: How often the bench asks jfsync's status whether the catch-up of c is over.
+CATCHUP_POLL_S = 0.25
+
+
+async def catchup_windows(url: str, ends: list[float]) -> list[tuple[float, float]]:
+    """The spans during which jfsync was catching up with c: from the first listing c
+    answered after the previous catch-up ended to the moment this one was seen finished.
+
+    Read from c's own request log (its clock is this machine's monotonic clock, as ours).
+    """
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{url}/__emulator__/requests") as response,
+    ):
+        records = (await response.json())["requests"]
+    listings = sorted(
+        float(r["time"])
+        for r in records
+        if r["method"] == "GET" and not r["is_control"] and "/Items" in r["path"]
+    )
+    windows: list[tuple[float, float]] = []
+    previous = float("-inf")
+    for end in ends:
+        started = [t for t in listings if previous < t <= end]
+        if started:
+            windows.append((started[0], end))
+        previous = end
+    return windows
 
 
 def pct(values: list[float], p: float) -> float:
@@ -515,10 +548,10 @@ async def run(
                 f"(worst loop stall {figures['start_stall_ms']:.0f} ms)"
             )
             stop_catchups = asyncio.Event()
-            catchups = [0]
+            catchup_ends: list[float] = []
             catching_up = (
                 asyncio.create_task(
-                    keep_catching_up(str(servers[2][1]), status_port, stop_catchups, catchups),
+                    keep_catching_up(str(servers[2][1]), status_port, stop_catchups, catchup_ends),
                     name="bench-catchups",
                 )
                 if catchup_items
@@ -559,21 +592,52 @@ async def run(
                 latency_p50_ms=pct(lat_ms, 50),
                 latency_p99_ms=pct(lat_ms, 99),
                 latency_max_ms=max(lat_ms),
-                catchups_during_latency=catchups[0],
+                catchups_during_latency=len(catchup_ends),
                 latency_stall_ms=worst_between(stalls, t0, time.monotonic()),
             )
+            # The goal is the latency while a catch-up runs: the changes made inside one.
+            during: list[float] = []
+            if catchup_items:
+                windows = await catchup_windows(str(servers[2][1]), catchup_ends)
+                during = [
+                    (done_at[i] - made_at[i]) * 1000
+                    for i in wanted
+                    if any(start <= made_at[i] <= end for start, end in windows)
+                ]
+                last_made = made_at[wanted[-1]]
+                covered = sum(
+                    max(0.0, min(end, last_made) - max(start, t0)) for start, end in windows
+                )
+                figures.update(
+                    latency_catchup_changes=len(during),
+                    latency_catchup_cover_s=covered,
+                    latency_catchup_p50_ms=pct(during, 50) if during else None,
+                    latency_catchup_p99_ms=pct(during, 99) if during else None,
+                )
             print(
                 f"latency over {len(wanted)} changes at {rate:g}/s: "
                 f"p50 {pct(lat_ms, 50):.1f} ms, p95 {pct(lat_ms, 95):.1f} ms, "
                 f"p99 {pct(lat_ms, 99):.1f} ms, max {max(lat_ms):.1f} ms, "
                 f"mean {statistics.fmean(lat_ms):.1f} ms"
                 + (
-                    f"; {catchups[0]} catch-ups of c ({catchup_items} items) meanwhile"
+                    f"; {len(catchup_ends)} catch-ups of c ({catchup_items} items) meanwhile"
                     if catchup_items
                     else ""
                 )
                 + f"; worst loop stall {figures['latency_stall_ms']:.0f} ms"
             )
+            if catchup_items:
+                print(
+                    f"latency of the {len(during)} changes made while a catch-up of c ran "
+                    f"({figures['latency_catchup_cover_s']:.1f} s of the "
+                    f"{made_at[wanted[-1]] - t0:.1f} s phase): "
+                    + (
+                        f"p50 {pct(during, 50):.1f} ms, p95 {pct(during, 95):.1f} ms, "
+                        f"p99 {pct(during, 99):.1f} ms, max {max(during):.1f} ms"
+                        if during
+                        else "none"
+                    )
+                )
 
             # ---- burst: mark `burst` items played on a at once. b echoes with Jellyfin's own
             # 500 ms debounce (one message per quiet half second, as a real server sends

@@ -64,7 +64,7 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
         "index": {"items": 20_000},
         "ledger": {"count": 2000},
         "pusher": {"rows": 10_000, "repeat": 2},
-        "replication": {"changes": 1000, "burst": 10_000, "repeat": 1, "catchup": 20_000},
+        "replication": {"changes": 1000, "burst": 10_000, "repeat": 3, "catchup": 20_000},
     },
     "tiny": {
         "reconcile": {"items": 300, "users": 2},
@@ -363,16 +363,43 @@ def rows_for(found: dict[str, dict[str, Any]], runs: dict[str, Run]) -> list[Row
         size = f"{r['changes']:,} changes at {r['rate']:g}/s{catchup}"
         rows.append(
             Row(
-                "added latency p99 (p50)",
+                "added latency p99 (p50), whole phase",
                 size,
                 f"{r['latency_p99_ms']:.1f} ms ({r['latency_p50_ms']:.1f})",
                 "",
                 "",
-                "<= 10 ms during a 100k catch-up",
-                verdict(r["latency_p99_ms"] <= 10)
-                + ("" if r["catchup_items"] else " (no catch-up ran)"),
+                "(for reference)",
+                "",
             )
         )
+        during = r.get("latency_catchup_p99_ms")
+        if r["catchup_items"]:
+            rows.append(
+                Row(
+                    "added latency p99 (p50) while a catch-up ran",
+                    f"{r['latency_catchup_changes']:,} changes made in "
+                    f"{r['latency_catchup_cover_s']:.1f} s of catch-ups",
+                    "none"
+                    if during is None
+                    else f"{during:.1f} ms ({r['latency_catchup_p50_ms']:.1f})",
+                    "",
+                    "",
+                    "<= 10 ms during a 100k catch-up",
+                    "no change made during a catch-up" if during is None else verdict(during <= 10),
+                )
+            )
+        else:
+            rows.append(
+                Row(
+                    "added latency p99 while a catch-up ran",
+                    size,
+                    "",
+                    "",
+                    "",
+                    "<= 10 ms during a 100k catch-up",
+                    "not judged (no catch-up ran)",
+                )
+            )
         rows.append(
             Row(
                 "catch-ups of c during the latency",
