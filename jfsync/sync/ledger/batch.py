@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
-from jfsync.model import DEFAULT_USER_DATA, PlayState, Register, Stamp, UserData, new_stamp
+from jfsync.model import DEFAULT_USER_DATA, PlayState, Register, Stamp, UserData
 from jfsync.sync.echo import (
     PendingWrite,
     Verdict,
@@ -37,11 +37,10 @@ from jfsync.sync.ledger.writer import StateWriter
 from jfsync.sync.merge import (
     CanonicalState,
     MergePolicy,
+    Stamped,
     changed_registers,
     diff_bits,
     merge,
-    new_canonical,
-    new_stamped,
     play_states_differ,
     writes_owed,
 )
@@ -56,6 +55,17 @@ _DEFAULT = DEFAULT_USER_DATA
 #: Builds a :class:`WorkRow` from all of its fields (a named tuple: no defaults to fill in).
 _new_row = tuple.__new__
 _new_object = object.__new__
+#: The slots of the frozen dataclasses the bulk path builds one of per observation, set
+#: directly (what :func:`jfsync.model.new_stamp` and :func:`jfsync.sync.merge.new_canonical`
+#: do, inline: a call each less per observation). Each object is whole before anyone sees it.
+_set_ms = Stamp.__dict__["ms"].__set__
+_set_tiebreak = Stamp.__dict__["tiebreak"].__set__
+_set_stamped_stamp = Stamped.__dict__["stamp"].__set__
+_set_stamped_origin = Stamped.__dict__["origin"].__set__
+_set_data = CanonicalState.__dict__["data"].__set__
+_set_favorite = CanonicalState.__dict__["favorite"].__set__
+_set_rating = CanonicalState.__dict__["rating"].__set__
+_set_play_state = CanonicalState.__dict__["play_state"].__set__
 
 
 class Outcome(StrEnum):
@@ -118,29 +128,8 @@ _set_first_contact = Applied.__dict__["first_contact"].__set__
 _set_canonical_changed = Applied.__dict__["canonical_changed"].__set__
 _set_stamp = Applied.__dict__["stamp"].__set__
 _set_queued = Applied.__dict__["queued"].__set__
-
-
-def _applied(
-    observation: Observation,
-    outcome: Outcome,
-    changed: frozenset[Register],
-    first_contact: bool,
-    canonical_changed: frozenset[Register],
-    stamp: Stamp,
-    queued: dict[str, frozenset[Register]],
-) -> Applied:
-    """An :class:`Applied` with every field given, built through its slots (twice as fast as
-    the frozen dataclass's ``__init__``: the bulk path builds one per observation). The
-    object is whole before anyone sees it."""
-    applied = _new_object(Applied)
-    _set_observation(applied, observation)
-    _set_outcome(applied, outcome)
-    _set_changed(applied, changed)
-    _set_first_contact(applied, first_contact)
-    _set_canonical_changed(applied, canonical_changed)
-    _set_stamp(applied, stamp)
-    _set_queued(applied, queued)
-    return applied
+#: (An :class:`Applied` per observation of the bulk path is built through these slots: twice
+#: as fast as the frozen dataclass's ``__init__``, and whole before anyone sees it.)
 
 
 class Batch:
@@ -272,7 +261,7 @@ class Batch:
         echo, lk, canon, rows, seen = self.echo, self.lk, self.canon, self.rows, self.seen
         dirty_lk, dirty_canon, dirty_rows = self._dirty_lk, self._dirty_canon, self._dirty_rows
         clock = self.clock
-        ticket, clock_seen = clock.ticket, clock.seen
+        ticket, clock_seen = clock.next_ticket, clock.seen
         loaded_rows, mapped = self._loaded_rows, self.mapped
         row_targets = self._row_targets
         unchanged, changed_outcome = Outcome.UNCHANGED, Outcome.CHANGED
@@ -295,213 +284,239 @@ class Batch:
         last_state: UserData | None = None
         last_data: UserData | None = None
         last_decision: tuple[int, int, PlayState] = (0, 0, _DEFAULT.play_state)
-        for obs, key in zip(observations, keys, strict=True):
-            if echo.get(key):
-                self._seen_high = high
-                append(self.apply(obs, key))  # the echo rule decides first
-                high = self._seen_high
-                continue
-            source = obs.source
-            if source == "event":
-                seq = ticket()
-                if seq > high:
-                    seen[key] = high = seq
-                elif seq > seen.get(key, 0) and seq > clock_seen(key):
-                    seen[key] = seq
-            else:
-                # A read: never applied over something learnt after it was requested.
-                seq = ticket() if obs.read_seq is None else obs.read_seq
-                if seq < high and (seen.get(key, 0) > seq or clock_seen(key) > seq):
-                    append(Applied(obs, Outcome.OUTDATED))
+        # The hybrid clock, ticked here (Clock.tick inline) and handed back to the clock around
+        # every call of the general path (which ticks it itself) and at the end.
+        clock_ms = clock.ms
+        try:
+            for obs, key in zip(observations, keys, strict=True):
+                if echo.get(key):
+                    self._seen_high = high
+                    clock.ms = clock_ms
+                    append(self.apply(obs, key))  # the echo rule decides first
+                    clock_ms = clock.ms
+                    high = self._seen_high
                     continue
-                if source != "scan":
+                source = obs.source
+                if source == "event":
+                    seq = ticket()
                     if seq > high:
                         seen[key] = high = seq
                     elif seq > seen.get(key, 0) and seq > clock_seen(key):
                         seen[key] = seq
-            state = obs.state
-            if obs.user is not user:
-                user = obs.user
-                profile = self._profiles.get(user)
-                if profile is None:
-                    profile = self._profile_of(user)
-                synced_bits, receive_only, rewatch = profile
-            if obs.server is not server:
-                server = obs.server
-                tiebreak = self._tiebreak_of(server)
-            uid, iid, sid = key
-            pair = (uid, iid)
-            previous = lk.get(key)
-            canonical = canon.get(pair)
-            if canonical is None:
-                if server in receive_only:
-                    append(self._merge_in(obs, key))
-                    continue
-                # The first state anyone showed of the item (merge's first-ever case).
-                base = _DEFAULT if previous is None else previous
-                bits = diff_bits(base, state) & synced_bits
-                moved = diff_bits(_DEFAULT, state) & synced_bits  # owed to the others
-                lost = 0
-                wall = obs.wall_ms
-                ms = clock.tick(wall)
-                ticked = True
-                stamp = new_stamp(ms, tiebreak)
-                stamped = new_stamped(stamp, server)
-                new = new_canonical(state, stamped, stamped, stamped)
-                first_contact = True
-            elif previous is None or server in receive_only:
-                append(self._merge_in(obs, key))  # first contact of a server, or a receiver
-                continue
-            else:
-                # A known server (merge's known case): each changed register by its stamp.
-                if previous is state:
-                    append(Applied(obs, unchanged))
-                    continue
-                data = canonical.data
-                fav, rat = state.favorite, state.rating
-                if previous is last_previous and state is last_state and data is last_data:
-                    bits, differs, ps = last_decision  # the same three states as before
                 else:
-                    ps, old_ps = state.play_state, previous.play_state
-                    bits = 0
-                    if fav != previous.favorite:
-                        bits = 1
-                    old_rating = previous.rating
-                    if rat != old_rating:
-                        if rat is not old_rating:  # as ``previous == state`` compares fields
-                            bits |= 2
-                        else:
-                            bits |= 8  # only ``!=`` (NaN) says so: as changed_registers
-                    ps_moved = ps is not old_ps and play_states_differ(ps, old_ps)
-                    if ps_moved:
-                        bits |= 4
-                    if not bits & 7:
+                    # A read: never applied over something learnt after it was requested.
+                    seq = ticket() if obs.read_seq is None else obs.read_seq
+                    if seq < high and (seen.get(key, 0) > seq or clock_seen(key) > seq):
+                        append(Applied(obs, Outcome.OUTDATED))
+                        continue
+                    if source != "scan":
+                        if seq > high:
+                            seen[key] = high = seq
+                        elif seq > seen.get(key, 0) and seq > clock_seen(key):
+                            seen[key] = seq
+                state = obs.state
+                if obs.user is not user:
+                    user = obs.user
+                    profile = self._profiles.get(user)
+                    if profile is None:
+                        profile = self._profile_of(user)
+                    synced_bits, receive_only, rewatch = profile
+                if obs.server is not server:
+                    server = obs.server
+                    tiebreak = self._tiebreak_of(server)
+                uid, iid, sid = key
+                pair = (uid, iid)
+                previous = lk.get(key)
+                canonical = canon.get(pair)
+                if canonical is None:
+                    if server in receive_only:
+                        clock.ms = clock_ms
+                        append(self._merge_in(obs, key))
+                        clock_ms = clock.ms
+                        continue
+                    # The first state anyone showed of the item (merge's first-ever case).
+                    base = _DEFAULT if previous is None else previous
+                    bits = diff_bits(base, state) & synced_bits
+                    moved = diff_bits(_DEFAULT, state) & synced_bits  # owed to the others
+                    lost = 0
+                    wall = obs.wall_ms
+                    clock_ms = ms = wall if wall > clock_ms else clock_ms + 1
+                    ticked = True
+                    stamp = _new_object(Stamp)
+                    _set_ms(stamp, ms)
+                    _set_tiebreak(stamp, tiebreak)
+                    stamped = _new_object(Stamped)
+                    _set_stamped_stamp(stamped, stamp)
+                    _set_stamped_origin(stamped, server)
+                    new = _new_object(CanonicalState)
+                    _set_data(new, state)
+                    _set_favorite(new, stamped)
+                    _set_rating(new, stamped)
+                    _set_play_state(new, stamped)
+                    first_contact = True
+                elif previous is None or server in receive_only:
+                    clock.ms = clock_ms
+                    append(self._merge_in(obs, key))  # first contact of a server, or a receiver
+                    clock_ms = clock.ms
+                    continue
+                else:
+                    # A known server (merge's known case): each changed register by its stamp.
+                    if previous is state:
                         append(Applied(obs, unchanged))
                         continue
-                    bits = ((bits >> 2) & 2 | bits) & synced_bits
-                    if not bits:
-                        lk[key] = state
-                        dirty_lk[key] = None
-                        append(Applied(obs, unchanged))
-                        continue
-                    # Which changed registers differ from the canonical value.
-                    differs = 0
-                    if bits & 1 and fav != data.favorite:
-                        differs = 1
-                    if bits & 2 and rat != data.rating:
-                        differs |= 2
-                    if bits & 4:
-                        play_state = data.play_state
-                        if rewatch:
-                            ps = protected(play_state, ps)
-                        if play_state is old_ps and ps is state.play_state:
-                            differs |= 4  # it moved from what is the canonical value
-                        elif ps is not play_state and play_states_differ(ps, play_state):
-                            differs |= 4
-                    last_previous, last_state, last_data = previous, state, data
-                    last_decision = (bits, differs, ps)
-                wall = obs.wall_ms
-                ms = clock.tick(wall)
-                ticked = True
-                stamp = new_stamp(ms, tiebreak)
-                # The changed registers whose canonical stamp this one is later than win.
-                won = 0
-                if bits & 1:
-                    held = canonical.favorite.stamp
-                    if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
-                        won = 1
-                if bits & 2:
-                    held = canonical.rating.stamp
-                    if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
-                        won |= 2
-                if bits & 4:
-                    held = canonical.play_state.stamp
-                    if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
-                        won |= 4
-                moved = won & differs
-                lost = bits & ~won & differs
-                if won:
-                    winner = new_stamped(stamp, server)
-                    favorite = fav if won & 1 else data.favorite
-                    rating = (None if rat is None else float(rat)) if won & 2 else data.rating
-                    play_state = ps if won & 4 else data.play_state
-                    if favorite is fav and rating is rat and play_state is state.play_state:
-                        merged = state  # shared (decoded states are interned)
+                    data = canonical.data
+                    fav, rat = state.favorite, state.rating
+                    if previous is last_previous and state is last_state and data is last_data:
+                        bits, differs, ps = last_decision  # the same three states as before
                     else:
-                        merged = UserData(favorite, rating, play_state)
-                    new = new_canonical(
-                        merged,
-                        winner if won & 1 else canonical.favorite,
-                        winner if won & 2 else canonical.rating,
-                        winner if won & 4 else canonical.play_state,
+                        ps, old_ps = state.play_state, previous.play_state
+                        bits = 0
+                        if fav != previous.favorite:
+                            bits = 1
+                        old_rating = previous.rating
+                        if rat != old_rating:
+                            if rat is not old_rating:  # as ``previous == state`` compares fields
+                                bits |= 2
+                            else:
+                                bits |= 8  # only ``!=`` (NaN) says so: as changed_registers
+                        ps_moved = ps is not old_ps and play_states_differ(ps, old_ps)
+                        if ps_moved:
+                            bits |= 4
+                        if not bits & 7:
+                            append(Applied(obs, unchanged))
+                            continue
+                        bits = ((bits >> 2) & 2 | bits) & synced_bits
+                        if not bits:
+                            lk[key] = state
+                            dirty_lk[key] = None
+                            append(Applied(obs, unchanged))
+                            continue
+                        # Which changed registers differ from the canonical value.
+                        differs = 0
+                        if bits & 1 and fav != data.favorite:
+                            differs = 1
+                        if bits & 2 and rat != data.rating:
+                            differs |= 2
+                        if bits & 4:
+                            play_state = data.play_state
+                            if rewatch:
+                                ps = protected(play_state, ps)
+                            if play_state is old_ps and ps is state.play_state:
+                                differs |= 4  # it moved from what is the canonical value
+                            elif ps is not play_state and play_states_differ(ps, play_state):
+                                differs |= 4
+                        last_previous, last_state, last_data = previous, state, data
+                        last_decision = (bits, differs, ps)
+                    wall = obs.wall_ms
+                    clock_ms = ms = wall if wall > clock_ms else clock_ms + 1
+                    ticked = True
+                    stamp = _new_object(Stamp)
+                    _set_ms(stamp, ms)
+                    _set_tiebreak(stamp, tiebreak)
+                    # The changed registers whose canonical stamp this one is later than win.
+                    won = 0
+                    if bits & 1:
+                        held = canonical.favorite.stamp
+                        if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
+                            won = 1
+                    if bits & 2:
+                        held = canonical.rating.stamp
+                        if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
+                            won |= 2
+                    if bits & 4:
+                        held = canonical.play_state.stamp
+                        if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
+                            won |= 4
+                    moved = won & differs
+                    lost = bits & ~won & differs
+                    if won:
+                        winner = _new_object(Stamped)
+                        _set_stamped_stamp(winner, stamp)
+                        _set_stamped_origin(winner, server)
+                        favorite = fav if won & 1 else data.favorite
+                        rating = (None if rat is None else float(rat)) if won & 2 else data.rating
+                        play_state = ps if won & 4 else data.play_state
+                        if favorite is fav and rating is rat and play_state is state.play_state:
+                            merged = state  # shared (decoded states are interned)
+                        else:
+                            merged = UserData(favorite, rating, play_state)
+                        new = _new_object(CanonicalState)
+                        _set_data(new, merged)
+                        _set_favorite(new, winner if won & 1 else canonical.favorite)
+                        _set_rating(new, winner if won & 2 else canonical.rating)
+                        _set_play_state(new, winner if won & 4 else canonical.play_state)
+                    else:
+                        new = canonical
+                    first_contact = False
+                # The new states, then the rows of every server that may be owed something.
+                if new is not canonical:
+                    canon[pair] = new
+                    dirty_canon[pair] = None
+                lk[key] = state
+                dirty_lk[key] = None
+                if (
+                    writes_key is None
+                    or moved != writes_key[1]
+                    or lost != writes_key[2]
+                    or (server is not writes_key[0])
+                ):
+                    writes_key = (server, moved, lost)
+                    known_writes = self._writes.get(writes_key)
+                    owed_by = self._writes_of(*writes_key) if known_writes is None else known_writes
+                desired = new.data
+                queued: dict[str, frozenset[Register]] = {}
+                if targets_key is None or uid != targets_key[0] or sid != targets_key[1]:
+                    targets_key = (uid, sid)
+                    known_targets = row_targets.get(targets_key)
+                    targets = (
+                        self._row_targets_of(uid, sid) if known_targets is None else known_targets
                     )
-                else:
-                    new = canonical
-                first_contact = False
-            # The new states, then the rows of every server that may be owed something.
-            if new is not canonical:
-                canon[pair] = new
-                dirty_canon[pair] = None
-            lk[key] = state
-            dirty_lk[key] = None
-            if (
-                writes_key is None
-                or moved != writes_key[1]
-                or lost != writes_key[2]
-                or (server is not writes_key[0])
-            ):
-                writes_key = (server, moved, lost)
-                known_writes = self._writes.get(writes_key)
-                owed_by = self._writes_of(*writes_key) if known_writes is None else known_writes
-            desired = new.data
-            queued: dict[str, frozenset[Register]] = {}
-            if targets_key is None or uid != targets_key[0] or sid != targets_key[1]:
-                targets_key = (uid, sid)
-                known_targets = row_targets.get(targets_key)
-                targets = self._row_targets_of(uid, sid) if known_targets is None else known_targets
-            for target, name, may, indexed in targets:
-                owed = owed_by.get(name, 0)
-                tkey = (uid, iid, target)
-                existing = rows.get(tkey, _ABSENT)
-                if existing is not None and existing is not _ABSENT:
-                    if self.refresh_row(tkey, _MASKS[owed], desired, ms, wall):
-                        row = rows.get(tkey)
-                        queued[name] = _NOTHING if row is None else row.mask
-                    continue
-                if not owed or (indexed and iid not in mapped.get(target, ())):
-                    continue
-                owed &= may
-                known = lk.get(tkey)
-                if known is not None and owed:
-                    # What the peer holds already is not owed (refresh_row's pruning).
-                    if known is desired:
+                for target, name, may, indexed in targets:
+                    owed = owed_by.get(name, 0)
+                    tkey = (uid, iid, target)
+                    existing = rows.get(tkey, _ABSENT)
+                    if existing is not None and existing is not _ABSENT:
+                        if self.refresh_row(tkey, _MASKS[owed], desired, ms, wall):
+                            row = rows.get(tkey)
+                            queued[name] = _NOTHING if row is None else row.mask
                         continue
-                    if owed & 1 and desired.favorite == known.favorite:
-                        owed ^= 1
-                    if owed & 2 and desired.rating == known.rating:
-                        owed ^= 2
-                    if owed & 4:
-                        a, b = desired.play_state, known.play_state
-                        if a is b or not play_states_differ(a, b):
-                            owed ^= 4
-                if not owed:
-                    continue
-                mask = _MASKS[owed]
-                row_id = None if existing is _ABSENT else loaded_rows.get(tkey)
-                rows[tkey] = _new_row(WorkRow, (row_id, mask, desired, ms, wall, 0, 0, None, False))
-                dirty_rows[tkey] = None
-                queued[name] = mask
-            append(
-                _applied(
-                    obs,
-                    changed_outcome if bits else unchanged,
-                    _MASKS[bits],
-                    first_contact,
-                    _MASKS[moved],
-                    stamp,
-                    queued,
-                )
-            )
+                    if not owed or (indexed and iid not in mapped.get(target, ())):
+                        continue
+                    owed &= may
+                    known = lk.get(tkey)
+                    if known is not None and owed:
+                        # What the peer holds already is not owed (refresh_row's pruning).
+                        if known is desired:
+                            continue
+                        if owed & 1 and desired.favorite == known.favorite:
+                            owed ^= 1
+                        if owed & 2 and desired.rating == known.rating:
+                            owed ^= 2
+                        if owed & 4:
+                            a, b = desired.play_state, known.play_state
+                            if a is b or not play_states_differ(a, b):
+                                owed ^= 4
+                    if not owed:
+                        continue
+                    mask = _MASKS[owed]
+                    row_id = None if existing is _ABSENT else loaded_rows.get(tkey)
+                    rows[tkey] = _new_row(
+                        WorkRow, (row_id, mask, desired, ms, wall, 0, 0, None, False)
+                    )
+                    dirty_rows[tkey] = None
+                    queued[name] = mask
+                applied = _new_object(Applied)  # _applied, inline
+                _set_observation(applied, obs)
+                _set_outcome(applied, changed_outcome if bits else unchanged)
+                _set_changed(applied, _MASKS[bits])
+                _set_first_contact(applied, first_contact)
+                _set_canonical_changed(applied, _MASKS[moved])
+                _set_stamp(applied, stamp)
+                _set_queued(applied, queued)
+                append(applied)
+        finally:
+            if clock_ms > clock.ms:
+                clock.ms = clock_ms
         self._seen_high = high
         if ticked:
             self._clock_moved = True
@@ -757,15 +772,14 @@ class Batch:
     def _number(self, written: dict[Key, WorkRow | None]) -> None:
         """Number the unnumbered rows of ``written`` (the rows of some keys, in key order), in
         that order, in it and in the batch."""
-        count = sum(1 for row in written.values() if row is not None and row.id is None)
-        if not count:
+        unnumbered = [key for key, row in written.items() if row is not None and row[0] is None]
+        if not unnumbered:
             return
         rows = self.rows
-        row_id = self.tables.number_rows(count)
-        for key, row in written.items():  # (values replaced in place: the keys stay)
-            if row is not None and row.id is None:
-                rows[key] = written[key] = row.numbered(row_id)
-                row_id += 1
+        row_id = self.tables.number_rows(len(unnumbered))
+        for key in unnumbered:  # (values replaced in place: the keys stay)
+            rows[key] = written[key] = _new_row(WorkRow, (row_id, *written[key][1:]))  # type: ignore[index]
+            row_id += 1
 
     def outbox_row(self, key: Key, like: OutboxRow) -> OutboxRow | None:
         """The row of ``key`` as it stands in this batch, named like ``like`` (or None)."""
