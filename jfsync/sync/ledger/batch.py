@@ -13,10 +13,10 @@ an observation is (:class:`Observation`) and what applying it did (:class:`Appli
 
 from __future__ import annotations
 
-from collections.abc import Sequence, Set
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, TypeVar
 
 from jfsync.model import DEFAULT_USER_DATA, PlayState, Register, Stamp, UserData
 from jfsync.sync.echo import (
@@ -47,6 +47,9 @@ from jfsync.sync.merge import (
 from jfsync.sync.rewatch import protected
 
 Source = Literal["event", "scan", "compare", "read"]
+
+_K = TypeVar("_K", bound=tuple[int, ...])
+_V = TypeVar("_V")
 
 _NOTHING: frozenset[Register] = frozenset()
 #: "No row loaded or made for this key" (None: the key's row is gone).
@@ -132,6 +135,13 @@ _set_queued = Applied.__dict__["queued"].__set__
 #: as fast as the frozen dataclass's ``__init__``, and whole before anyone sees it.)
 
 
+def _in_key_order(values: Mapping[_K, _V], keys: Iterable[_K]) -> dict[_K, _V]:
+    """``values`` of ``keys``, in key order (a bulk apply's keys come sorted or nearly: sorting
+    them costs one pass)."""
+    ordered = sorted(keys)
+    return dict(zip(ordered, map(values.__getitem__, ordered), strict=True))
+
+
 class Batch:
     """The in-memory working set of one transaction: load, apply in order, flush.
 
@@ -200,15 +210,16 @@ class Batch:
         else:
             wanted = pairs
             self._loaded_pairs = set(pairs)  # a copy in C: the caller keeps ``pairs``
-        canon, lk, echo, rows, loaded = self.canon, self.lk, self.echo, self.rows, self._loaded_rows
+        canon, rows, loaded = self.canon, self.rows, self._loaded_rows
+        lk_update, echo_update = self.lk.update, self.echo.update
         for pair, entry in self.tables.load(wanted, empty).items():
             state = entry.canon
             if state is not None:
                 canon[pair] = state
             if entry.lk:
-                lk.update(entry.lk)
+                lk_update(entry.lk)
             if entry.echo:
-                echo.update(entry.echo)
+                echo_update(entry.echo)
             if entry.rows:
                 rows.update(entry.rows)
                 for key, row in entry.rows.items():
@@ -739,14 +750,13 @@ class Batch:
         """
         tables = self.tables
         if self._dirty_canon:
-            tables.put_canonical({pair: self.canon[pair] for pair in sorted(self._dirty_canon)})
+            tables.put_canonical(_in_key_order(self.canon, self._dirty_canon))
         if self._dirty_lk:
-            tables.put_last_known({key: self.lk[key] for key in sorted(self._dirty_lk)})
+            tables.put_last_known(_in_key_order(self.lk, self._dirty_lk))
         if self._dirty_echo:
-            tables.put_echoes({key: self.echo[key] for key in sorted(self._dirty_echo)})
+            tables.put_echoes(_in_key_order(self.echo, self._dirty_echo))
         if self._dirty_rows:
-            rows = self.rows
-            written = {key: rows[key] for key in sorted(self._dirty_rows)}
+            written = _in_key_order(self.rows, self._dirty_rows)
             self._number(written)
             tables.put_rows(written)
         if self._clock_moved:
@@ -766,20 +776,23 @@ class Batch:
 
     def number_new_rows(self) -> None:
         """Give the rows created so far their ids (flush numbers the rest)."""
-        rows = self.rows
-        self._number({key: rows[key] for key in sorted(self._dirty_rows)})
+        self._number(_in_key_order(self.rows, self._dirty_rows))
 
     def _number(self, written: dict[Key, WorkRow | None]) -> None:
         """Number the unnumbered rows of ``written`` (the rows of some keys, in key order), in
         that order, in it and in the batch."""
-        unnumbered = [key for key, row in written.items() if row is not None and row[0] is None]
+        unnumbered = [
+            (key, row) for key, row in written.items() if row is not None and row.id is None
+        ]
         if not unnumbered:
             return
-        rows = self.rows
-        row_id = self.tables.number_rows(len(unnumbered))
-        for key in unnumbered:  # (values replaced in place: the keys stay)
-            rows[key] = written[key] = _new_row(WorkRow, (row_id, *written[key][1:]))  # type: ignore[index]
-            row_id += 1
+        first = self.tables.number_rows(len(unnumbered))
+        numbered = {
+            key: _new_row(WorkRow, (row_id, *row[1:]))
+            for row_id, (key, row) in enumerate(unnumbered, first)
+        }
+        written.update(numbered)  # (values replaced in place: the keys stay)
+        self.rows.update(numbered)
 
     def outbox_row(self, key: Key, like: OutboxRow) -> OutboxRow | None:
         """The row of ``key`` as it stands in this batch, named like ``like`` (or None)."""

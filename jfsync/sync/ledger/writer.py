@@ -293,7 +293,7 @@ class StateWriter:
             if key in written:
                 prior = written[key]
             else:
-                entry = loaded_entry(key[:2])
+                entry = loaded_entry((key[0], key[1]))
                 prior = None if entry is None else entry.rows.get(key)
             if row is None:
                 if prior is not None and prior.id is not None:
