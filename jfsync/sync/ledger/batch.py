@@ -172,6 +172,9 @@ class Batch:
         self.mapped: dict[int, set[int]] = {}
         #: Ids of the rows loaded, by key (a row created again for that key reuses its id).
         self._loaded_rows: dict[Key, int] = {}
+        #: Every server some key of :attr:`rows` has held a row for (grows only): a server not
+        #: in it has no row of any key here, so the bulk path need not look one up.
+        self._row_peers: set[int] = set()
         #: What this batch changed, in the order it did (dicts as ordered sets: a bulk apply
         #: changes keys in the order their ids were made, so sorting them at flush is cheap).
         self._dirty_canon: dict[Pair, None] = {}
@@ -210,7 +213,7 @@ class Batch:
         else:
             wanted = pairs
             self._loaded_pairs = set(pairs)  # a copy in C: the caller keeps ``pairs``
-        canon, rows, loaded = self.canon, self.rows, self._loaded_rows
+        canon, rows, loaded, row_peers = self.canon, self.rows, self._loaded_rows, self._row_peers
         lk_update, echo_update = self.lk.update, self.echo.update
         for pair, entry in self.tables.load(wanted, empty).items():
             state = entry.canon
@@ -225,6 +228,7 @@ class Batch:
                 for key, row in entry.rows.items():
                     assert row.id is not None  # stored rows are numbered
                     loaded[key] = row.id
+                    row_peers.add(key[2])
         if with_members:
             db, cached = self.tables.db, self.tables.cached
             self.members.update(self.maps.members(db, {u for u, _ in wanted}, cached=cached))
@@ -295,6 +299,15 @@ class Batch:
         last_state: UserData | None = None
         last_data: UserData | None = None
         last_decision: tuple[int, int, PlayState] = (0, 0, _DEFAULT.play_state)
+        # What each target is owed for the current targets and outcome (built for these two),
+        # and the last pruning of what a peer already holds (for these states and bits).
+        plan_targets: tuple[tuple[int, str, int, bool], ...] | None = None
+        plan_owed: dict[str, int] | None = None
+        plan: tuple[tuple[int, str, int, int, bool], ...] = ()
+        row_peers = self._row_peers
+        pruned_known: UserData | None = None
+        pruned_desired: UserData | None = None
+        pruned_in = pruned_out = 0
         # The hybrid clock, ticked here (Clock.tick inline) and handed back to the clock around
         # every call of the general path (which ticks it itself) and at the end.
         clock_ms = clock.ms
@@ -482,31 +495,53 @@ class Batch:
                     targets = (
                         self._row_targets_of(uid, sid) if known_targets is None else known_targets
                     )
-                for target, name, may, indexed in targets:
-                    owed = owed_by.get(name, 0)
-                    tkey = (uid, iid, target)
-                    existing = rows.get(tkey, _ABSENT)
-                    if existing is not None and existing is not _ABSENT:
-                        if self.refresh_row(tkey, _MASKS[owed], desired, ms, wall):
-                            row = rows.get(tkey)
-                            queued[name] = _NOTHING if row is None else row.mask
-                        continue
-                    if not owed or (indexed and iid not in mapped.get(target, ())):
-                        continue
+                if targets is not plan_targets or owed_by is not plan_owed:
+                    # What each target is owed: the same for every observation until the
+                    # targets (user, origin) or the outcome (origin, moved, lost) change.
+                    plan_targets, plan_owed = targets, owed_by
+                    plan = tuple(
+                        (target, name, owed_by.get(name, 0), may, indexed)
+                        for target, name, may, indexed in targets
+                    )
+                for target, name, owed, may, indexed in plan:
+                    if target in row_peers:  # else no key of it has a row here: none to refresh
+                        tkey = (uid, iid, target)
+                        existing = rows.get(tkey, _ABSENT)
+                        if existing is not None and existing is not _ABSENT:
+                            if self.refresh_row(tkey, _MASKS[owed], desired, ms, wall):
+                                row = rows.get(tkey)
+                                queued[name] = _NOTHING if row is None else row.mask
+                            continue
+                        if not owed or (indexed and iid not in mapped.get(target, ())):
+                            continue
+                    else:
+                        if not owed or (indexed and iid not in mapped.get(target, ())):
+                            continue
+                        tkey = (uid, iid, target)
+                        existing = _ABSENT
                     owed &= may
                     known = lk.get(tkey)
                     if known is not None and owed:
                         # What the peer holds already is not owed (refresh_row's pruning).
                         if known is desired:
                             continue
-                        if owed & 1 and desired.favorite == known.favorite:
-                            owed ^= 1
-                        if owed & 2 and desired.rating == known.rating:
-                            owed ^= 2
-                        if owed & 4:
-                            a, b = desired.play_state, known.play_state
-                            if a is b or not play_states_differ(a, b):
-                                owed ^= 4
+                        if (
+                            known is pruned_known
+                            and desired is pruned_desired
+                            and owed == pruned_in
+                        ):
+                            owed = pruned_out  # the same states as the last one pruned
+                        else:
+                            pruned_known, pruned_desired, pruned_in = known, desired, owed
+                            if owed & 1 and desired.favorite == known.favorite:
+                                owed ^= 1
+                            if owed & 2 and desired.rating == known.rating:
+                                owed ^= 2
+                            if owed & 4:
+                                a, b = desired.play_state, known.play_state
+                                if a is b or not play_states_differ(a, b):
+                                    owed ^= 4
+                            pruned_out = owed
                     if not owed:
                         continue
                     mask = _MASKS[owed]
@@ -514,6 +549,7 @@ class Batch:
                     rows[tkey] = _new_row(
                         WorkRow, (row_id, mask, desired, ms, wall, 0, 0, None, False)
                     )
+                    row_peers.add(target)
                     dirty_rows[tkey] = None
                     queued[name] = mask
                 applied = _new_object(Applied)  # _applied, inline
@@ -739,6 +775,7 @@ class Batch:
         else:
             row = WorkRow(self._loaded_rows.get(key), registers, desired, version, now_ms)
         self.rows[key] = row
+        self._row_peers.add(key[2])
         self._dirty_rows[key] = None
         return True
 
@@ -836,7 +873,7 @@ class Batch:
             self.rows[key] = None
             self._dirty_rows[key] = None
         elif left != row.mask:
-            self.rows[key] = row._replace(mask=left)
+            self.rows[key] = row._replace(mask=left)  # (a key with a row: in _row_peers)
             self._dirty_rows[key] = None
         return False
 
