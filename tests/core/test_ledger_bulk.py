@@ -256,3 +256,50 @@ async def test_a_bulk_message_over_items_the_others_changed_moves_only_what_diff
         }
         rows = await ledger.due_rows("b", 10, T0 + 10**6)
         assert sorted(r.item for r in rows) == ["i1", "i3"]
+
+
+PLAYED = UserData(play_state=PlayState(True, 1, 1_700_000_000, 0))
+FAVORITE = UserData(favorite=True)
+BOTH = UserData(favorite=True, play_state=PLAYED.play_state)
+
+
+def _event(item: str, state: UserData, server: str = "a") -> tuple[Any, ...]:
+    return (server, "alice", item, state, "event", "none", 10)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "history",
+    [
+        # Items known in one order, then changed in the reverse order: the new rows are made
+        # out of key order (numbered again at flush, as the per-observation apply numbers them).
+        [
+            ("bulk", "a", "alice", UserData(), "event", 0),
+            ("ack", "b", 100),
+            ("ack", "c", 100),
+            ("apply", [_event(item, PLAYED) for item in reversed(ITEMS)]),
+        ],
+        # A row made, then dropped by the change back in the same message (the peers hold
+        # that state), then others made.
+        [
+            ("apply", [_event(item, FAVORITE) for item in ITEMS]),
+            ("ack", "b", 100),
+            ("ack", "c", 100),
+            ("apply", [_event("i1", BOTH), _event("i1", FAVORITE), _event("i2", BOTH)]),
+        ],
+        # Rows made by the general path (b's change, with an echo pending there) of an item
+        # before the bulk path's new rows in key order.
+        [
+            ("apply", [_event(item, FAVORITE) for item in ITEMS]),
+            ("ack", "b", 100),
+            ("apply", [_event("i2", BOTH), _event("i1", PLAYED, "b"), _event("i4", BOTH)]),
+        ],
+    ],
+    ids=["reverse-key-order", "made-then-dropped", "general-path-between"],
+)
+async def test_rows_numbered_as_the_per_observation_apply_numbers_them(
+    history: list[tuple[Any, ...]],
+) -> None:
+    """Outbox row ids (the order rows of one creation time are written in) are the same
+    whether the bulk path numbers its rows as it makes them or at the end."""
+    await compare(MergePolicy(servers=SERVERS), history)

@@ -135,6 +135,11 @@ _set_queued = Applied.__dict__["queued"].__set__
 #: as fast as the frozen dataclass's ``__init__``, and whole before anyone sees it.)
 
 
+def _unnumbered(written: Mapping[Key, WorkRow | None]) -> list[tuple[Key, WorkRow]]:
+    """The rows of ``written`` without an id, with their keys, in its order."""
+    return [(key, row) for key, row in written.items() if row is not None and row.id is None]
+
+
 def _in_key_order(values: Mapping[_K, _V], keys: Iterable[_K]) -> dict[_K, _V]:
     """``values`` of ``keys``, in key order (a bulk apply's keys come sorted or nearly: sorting
     them costs one pass)."""
@@ -175,6 +180,15 @@ class Batch:
         #: Every server some key of :attr:`rows` has held a row for (grows only): a server not
         #: in it has no row of any key here, so the bulk path need not look one up.
         self._row_peers: set[int] = set()
+        #: The new rows :meth:`apply_all` numbered as it made them (ids from ``_early_first``
+        #: on, one each in the order made, keys ascending: the ids :meth:`_number` would give
+        #: them), while ``_early_ok`` (a row made out of key order or one of them dropped ends
+        #: it: :meth:`_number` then numbers them all again). ``_unnumbered``: a row was made
+        #: without an id since the last numbering.
+        self._early: list[Key] = []
+        self._early_first = 0
+        self._early_ok = True
+        self._unnumbered = False
         #: What this batch changed, in the order it did (dicts as ordered sets: a bulk apply
         #: changes keys in the order their ids were made, so sorting them at flush is cheap).
         self._dirty_canon: dict[Pair, None] = {}
@@ -305,6 +319,8 @@ class Batch:
         plan_owed: dict[str, int] | None = None
         plan: tuple[tuple[int, str, int, int, bool], ...] = ()
         row_peers = self._row_peers
+        early = self._early
+        next_id = self._early_first + len(early)
         pruned_known: UserData | None = None
         pruned_desired: UserData | None = None
         pruned_in = pruned_out = 0
@@ -545,7 +561,22 @@ class Batch:
                     if not owed:
                         continue
                     mask = _MASKS[owed]
-                    row_id = None if existing is _ABSENT else loaded_rows.get(tkey)
+                    if existing is not _ABSENT:
+                        row_id = loaded_rows.get(tkey)  # (made again: the stored row's id)
+                        if row_id is None:
+                            self._unnumbered = True
+                    elif self._early_ok and (not early or tkey > early[-1]):
+                        # A new row in key order after the others made here: numbered now,
+                        # as :meth:`_number` would at flush (checked there).
+                        if not early:
+                            self._early_first = next_id = self.tables.next_row_id()
+                        row_id = next_id
+                        next_id += 1
+                        early.append(tkey)
+                    else:
+                        row_id = None
+                        self._early_ok = False
+                        self._unnumbered = True
                     rows[tkey] = _new_row(
                         WorkRow, (row_id, mask, desired, ms, wall, 0, 0, None, False)
                     )
@@ -757,6 +788,7 @@ class Batch:
         if not mask:
             if existing is None:
                 return False
+            self._dropping(existing)
             self.rows[key] = None
             self._dirty_rows[key] = None
             return True
@@ -774,6 +806,8 @@ class Batch:
             row = WorkRow(existing.id, registers, desired, version, existing.created_ms)
         else:
             row = WorkRow(self._loaded_rows.get(key), registers, desired, version, now_ms)
+            if row.id is None:
+                self._unnumbered = True
         self.rows[key] = row
         self._row_peers.add(key[2])
         self._dirty_rows[key] = None
@@ -817,19 +851,55 @@ class Batch:
 
     def _number(self, written: dict[Key, WorkRow | None]) -> None:
         """Number the unnumbered rows of ``written`` (the rows of some keys, in key order), in
-        that order, in it and in the batch."""
-        unnumbered = [
-            (key, row) for key, row in written.items() if row is not None and row.id is None
-        ]
-        if not unnumbered:
+        that order, in it and in the batch.
+
+        The rows :meth:`apply_all` numbered as it made them keep their ids when those are what
+        this numbering gives them (every other new row after them in key order, none of them
+        dropped, the first id still free); else they are numbered again with the others.
+        """
+        early = self._early
+        tables = self.tables
+        if early:
+            self._early = []
+            ok, self._early_ok = self._early_ok, True
+            if ok and tables.next_row_id() == self._early_first:
+                if not self._unnumbered:
+                    tables.number_rows(len(early))
+                    return
+                unnumbered = _unnumbered(written)
+                if not unnumbered or unnumbered[0][0] > early[-1]:
+                    first = tables.number_rows(len(early) + len(unnumbered))
+                    self._renumber(written, unnumbered, first + len(early))
+                    return
+            again = set(early)
+            unnumbered = [
+                (key, row)
+                for key, row in written.items()
+                if row is not None and (row.id is None or key in again)
+            ]
+        elif not self._unnumbered:
             return
-        first = self.tables.number_rows(len(unnumbered))
+        else:
+            unnumbered = _unnumbered(written)
+        if unnumbered:
+            self._renumber(written, unnumbered, tables.number_rows(len(unnumbered)))
+
+    def _renumber(
+        self, written: dict[Key, WorkRow | None], rows: list[tuple[Key, WorkRow]], first: int
+    ) -> None:
+        """Give ``rows`` (in key order) the ids from ``first`` on, in ``written`` and the batch."""
+        self._unnumbered = False
         numbered = {
             key: _new_row(WorkRow, (row_id, *row[1:]))
-            for row_id, (key, row) in enumerate(unnumbered, first)
+            for row_id, (key, row) in enumerate(rows, first)
         }
         written.update(numbered)  # (values replaced in place: the keys stay)
         self.rows.update(numbered)
+
+    def _dropping(self, row: WorkRow) -> None:
+        """``row`` leaves the batch: if :meth:`apply_all` numbered it, renumber at flush."""
+        if self._early and row.id is not None and row.id >= self._early_first:
+            self._early_ok = False
 
     def outbox_row(self, key: Key, like: OutboxRow) -> OutboxRow | None:
         """The row of ``key`` as it stands in this batch, named like ``like`` (or None)."""
@@ -863,6 +933,7 @@ class Batch:
         if row is None:
             return False
         if row.version == version:
+            self._dropping(row)
             self.rows[key] = None
             self._dirty_rows[key] = None
             return True
@@ -870,6 +941,7 @@ class Batch:
         # a pusher holding the newer row can still ack it).
         left = frozenset(r for r in row.mask if row.desired.get(r) != state.get(r))
         if not left:
+            self._dropping(row)
             self.rows[key] = None
             self._dirty_rows[key] = None
         elif left != row.mask:

@@ -265,11 +265,15 @@ class StateWriter:
         and the cache know every row's id without reading it back after the insert.
         """
         self._require_writable()
-        rows = fetch(self.db, "SELECT COALESCE(MAX(id), 0) FROM outbox")
-        first = max(int(next(iter(rows))[0]), self._highest_id) + 1
+        first = self.next_row_id()
         self._highest_id = first + count - 1
         self._new_ids.update(range(first, first + count))
         return first
+
+    def next_row_id(self) -> int:
+        """The first id :meth:`number_rows` would hand out now (nothing is handed out)."""
+        rows = fetch(self.db, "SELECT COALESCE(MAX(id), 0) FROM outbox")
+        return max(int(next(iter(rows))[0]), self._highest_id) + 1
 
     def put_rows(self, rows: Mapping[Key, WorkRow | None]) -> None:
         """Write outbox rows of keys loaded in this transaction (None: the key has none).
