@@ -298,7 +298,7 @@ class StateWriter:
                 prior = written[key]
             else:
                 entry = loaded_entry((key[0], key[1]))
-                prior = None if entry is None else entry.rows.get(key)
+                prior = entry.rows.get(key) if entry is not None and entry.rows else None
             if row is None:
                 if prior is not None and prior.id is not None:
                     deletes.append((prior.id,))
