@@ -16,8 +16,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from enum import StrEnum
-from itertools import chain, repeat
-from operator import attrgetter, is_
 from typing import Literal, TypeVar
 
 from jfsync.model import DEFAULT_USER_DATA, PlayState, Register, Stamp, UserData
@@ -60,11 +58,6 @@ _DEFAULT = DEFAULT_USER_DATA
 #: Builds a :class:`WorkRow` from all of its fields (a named tuple: no defaults to fill in).
 _new_row = tuple.__new__
 _new_object = object.__new__
-#: The parts of a cached pair (:class:`~jfsync.sync.ledger.cache.CachedPair`), for passes in C.
-_CANON_OF = attrgetter("canon")
-_LK_OF = attrgetter("lk")
-_ECHO_OF = attrgetter("echo")
-_ROWS_OF = attrgetter("rows")
 #: The slots of the frozen dataclasses the bulk path builds one of per observation, set
 #: directly (what :func:`jfsync.model.new_stamp` and :func:`jfsync.sync.merge.new_canonical`
 #: do, inline: a call each less per observation). Each object is whole before anyone sees it.
@@ -150,8 +143,7 @@ def _unnumbered(written: Mapping[Key, WorkRow | None]) -> list[tuple[Key, WorkRo
 def _in_key_order(values: Mapping[_K, _V], keys: Iterable[_K]) -> dict[_K, _V]:
     """``values`` of ``keys``, in key order (a bulk apply's keys come sorted or nearly: sorting
     them costs one pass)."""
-    ordered = sorted(keys)
-    return dict(zip(ordered, map(values.__getitem__, ordered), strict=True))
+    return {key: values[key] for key in sorted(keys)}
 
 
 class Batch:
@@ -234,25 +226,22 @@ class Batch:
         else:
             wanted = pairs
             self._loaded_pairs = set(pairs)  # a copy in C: the caller keeps ``pairs``
-        found = self.tables.load(wanted, empty)
-        entries = found.values()
-        # Each part of every pair taken in one pass in C (a bulk apply loads 10,000 pairs).
-        states = list(map(_CANON_OF, entries))
-        if any(map(is_, states, repeat(None))):
-            self.canon.update(
-                (pair, s) for pair, s in zip(found, states, strict=True) if s is not None
-            )
-        else:
-            self.canon.update(zip(found, states, strict=True))
-        self.lk.update(chain.from_iterable(map(dict.items, map(_LK_OF, entries))))
-        self.echo.update(chain.from_iterable(map(dict.items, map(_ECHO_OF, entries))))
-        rows, loaded, row_peers = self.rows, self._loaded_rows, self._row_peers
-        for pair_rows in filter(None, map(_ROWS_OF, entries)):
-            rows.update(pair_rows)
-            for key, row in pair_rows.items():
-                assert row.id is not None  # stored rows are numbered
-                loaded[key] = row.id
-                row_peers.add(key[2])
+        canon, rows, loaded, row_peers = self.canon, self.rows, self._loaded_rows, self._row_peers
+        lk_update, echo_update = self.lk.update, self.echo.update
+        for pair, entry in self.tables.load(wanted, empty).items():
+            state = entry.canon
+            if state is not None:
+                canon[pair] = state
+            if entry.lk:
+                lk_update(entry.lk)
+            if entry.echo:
+                echo_update(entry.echo)
+            if entry.rows:
+                rows.update(entry.rows)
+                for key, row in entry.rows.items():
+                    assert row.id is not None  # stored rows are numbered
+                    loaded[key] = row.id
+                    row_peers.add(key[2])
         if with_members:
             db, cached = self.tables.db, self.tables.cached
             self.members.update(self.maps.members(db, {u for u, _ in wanted}, cached=cached))

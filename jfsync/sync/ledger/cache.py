@@ -12,8 +12,7 @@ miss a write (the ledger empties it after a transaction that did not end normall
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Mapping, Set
-from operator import itemgetter
+from collections.abc import Iterable, Mapping, Set
 
 from jfsync.model import UserData
 from jfsync.sync.echo import PendingWrite
@@ -24,9 +23,6 @@ from jfsync.sync.merge import CanonicalState
 #: (user, item) pairs whose decoded state the ledger keeps between transactions. A burst of
 #: 10,000 changes stays inside it; at about 1.5 KB a pair it costs some 30 MB when full.
 STATE_CACHE_PAIRS = 20_000
-
-#: The (user, item) pair of a (user, item, server) key.
-_PAIR_OF = itemgetter(0, 1)
 
 
 class CachedPair:
@@ -63,13 +59,12 @@ class StateCache:
         """Put the held ones of ``pairs`` (now the most recently used) but those in ``skip``
         into ``found``; return the others. Read the entries, never change them."""
         held = self._pairs
-        used = held.move_to_end
+        get, used = held.get, held.move_to_end
         missing: set[Pair] = set()
-        if not isinstance(pairs, Collection):
-            pairs = list(pairs)  # walked twice below
         check = bool(skip)
-        for pair, entry in zip(pairs, map(held.get, pairs), strict=True):  # the look-ups in C
-            if entry is None or (check and pair in skip):
+        for pair in pairs:
+            entry = None if check and pair in skip else get(pair)
+            if entry is None:
                 missing.add(pair)
             else:
                 used(pair)
@@ -105,18 +100,14 @@ class StateCache:
         while len(held) > self.limit:
             held.popitem(last=False)
         get = held.get
-        # (Each pass looks its entries up in C: a bulk apply writes 10,000 of each.)
         for states in canon:
-            for entry, state in zip(map(get, states), states.values(), strict=True):
+            for pair, state in states.items():
+                entry = get(pair)
                 if entry is not None:
                     entry.canon = state
         for known_states in lk:
-            for entry, key, known in zip(
-                map(get, map(_PAIR_OF, known_states)),
-                known_states,
-                known_states.values(),
-                strict=True,
-            ):
+            for key, known in known_states.items():
+                entry = get((key[0], key[1]))
                 if entry is not None:
                     entry.lk[key] = known
         for echoes in echo:
@@ -127,7 +118,8 @@ class StateCache:
                         entry.echo[key] = pending
                     else:
                         entry.echo.pop(key, None)
-        for entry, key, row in zip(map(get, map(_PAIR_OF, rows)), rows, rows.values(), strict=True):
+        for key, row in rows.items():
+            entry = get((key[0], key[1]))
             if entry is not None:
                 if row is None:
                     entry.rows.pop(key, None)
