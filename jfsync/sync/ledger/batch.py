@@ -71,6 +71,11 @@ _set_rating = CanonicalState.__dict__["rating"].__set__
 _set_play_state = CanonicalState.__dict__["play_state"].__set__
 
 
+#: Observations from which :meth:`Batch.apply_all` numbers the rows it makes as it makes them
+#: (taking the first id costs a query, which a transaction of a few rows does not make up for).
+EARLY_NUMBERING_MIN = 32
+
+
 class Outcome(StrEnum):
     """What an observation turned out to be."""
 
@@ -326,6 +331,8 @@ class Batch:
         # The hybrid clock, ticked here (Clock.tick inline) and handed back to the clock around
         # every call of the general path (which ticks it itself) and at the end.
         clock_ms = clock.ms
+        if len(observations) < EARLY_NUMBERING_MIN:
+            self._early_ok = False  # (a few rows: numbered at flush, no query for the first id)
         try:
             for obs, key in zip(observations, keys, strict=True):
                 if echo.get(key):
@@ -861,21 +868,25 @@ class Batch:
         if early:
             self._early = []
             ok, self._early_ok = self._early_ok, True
-            if ok and tables.next_row_id() == self._early_first:
-                if not self._unnumbered:
-                    tables.number_rows(len(early))
+            unnumbered = _unnumbered(written) if self._unnumbered else []
+            if ok and (not unnumbered or unnumbered[0][0] > early[-1]):
+                # Every new row present (none of them dropped), in key order.
+                first = tables.number_rows(len(early) + len(unnumbered))
+                if first == self._early_first:
+                    if unnumbered:
+                        self._renumber(written, unnumbered, first + len(early))
                     return
-                unnumbered = _unnumbered(written)
-                if not unnumbered or unnumbered[0][0] > early[-1]:
-                    first = tables.number_rows(len(early) + len(unnumbered))
-                    self._renumber(written, unnumbered, first + len(early))
-                    return
+            else:
+                first = 0
             again = set(early)
             unnumbered = [
                 (key, row)
                 for key, row in written.items()
                 if row is not None and (row.id is None or key in again)
             ]
+            if first:  # the ids just reserved for them, as many
+                self._renumber(written, unnumbered, first)
+                return
         elif not self._unnumbered:
             return
         else:
