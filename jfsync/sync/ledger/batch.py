@@ -328,6 +328,10 @@ class Batch:
         pruned_known: UserData | None = None
         pruned_desired: UserData | None = None
         pruned_in = pruned_out = 0
+        # And the registers the last first state changed (from its base, from the defaults).
+        first_state: UserData | None = None
+        first_base: UserData | None = None
+        first_bits = first_moved = 0
         # The hybrid clock, ticked here (Clock.tick inline) and handed back to the clock around
         # every call of the general path (which ticks it itself) and at the end.
         clock_ms = clock.ms
@@ -382,8 +386,12 @@ class Batch:
                         continue
                     # The first state anyone showed of the item (merge's first-ever case).
                     base = _DEFAULT if previous is None else previous
-                    bits = diff_bits(base, state) & synced_bits
-                    moved = diff_bits(_DEFAULT, state) & synced_bits  # owed to the others
+                    if state is not first_state or base is not first_base:
+                        first_state, first_base = state, base
+                        first_bits = diff_bits(base, state)
+                        first_moved = diff_bits(_DEFAULT, state)
+                    bits = first_bits & synced_bits  # (the same two states: the same bits)
+                    moved = first_moved & synced_bits  # owed to the others
                     lost = 0
                     wall = obs.wall_ms
                     clock_ms = ms = wall if wall > clock_ms else clock_ms + 1
