@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 
 from jfsync.model import ALL_REGISTERS, PlayState, Register, UserData, user_data
 from jfsync.sync.ledger import Applied, ItemMapping, Ledger, Observation
+from jfsync.sync.ledger import batch as batch_module
 from jfsync.sync.ledger.batch import Batch
 from jfsync.sync.ledger.codec import Key
 from jfsync.sync.ledger.writer import StateWriter
@@ -184,6 +186,13 @@ async def dump(ledger: Ledger) -> dict[str, list[tuple[Any, ...]]]:
 
 
 async def compare(policy: MergePolicy, history: list[tuple[Any, ...]]) -> None:
+    """Play ``history`` on both ledgers; the bulk path numbers rows as it makes them even in
+    the small messages played here."""
+    with mock.patch.object(batch_module, "EARLY_NUMBERING_MIN", 0):
+        await _compare(policy, history)
+
+
+async def _compare(policy: MergePolicy, history: list[tuple[Any, ...]]) -> None:
     async with (
         Ledger(":memory:", policy) as fast,
         ReferenceLedger(":memory:", policy) as reference,
@@ -256,3 +265,50 @@ async def test_a_bulk_message_over_items_the_others_changed_moves_only_what_diff
         }
         rows = await ledger.due_rows("b", 10, T0 + 10**6)
         assert sorted(r.item for r in rows) == ["i1", "i3"]
+
+
+PLAYED = UserData(play_state=PlayState(True, 1, 1_700_000_000, 0))
+FAVORITE = UserData(favorite=True)
+BOTH = UserData(favorite=True, play_state=PLAYED.play_state)
+
+
+def _event(item: str, state: UserData, server: str = "a") -> tuple[Any, ...]:
+    return (server, "alice", item, state, "event", "none", 10)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "history",
+    [
+        # Items known in one order, then changed in the reverse order: the new rows are made
+        # out of key order (numbered again at flush, as the per-observation apply numbers them).
+        [
+            ("bulk", "a", "alice", UserData(), "event", 0),
+            ("ack", "b", 100),
+            ("ack", "c", 100),
+            ("apply", [_event(item, PLAYED) for item in reversed(ITEMS)]),
+        ],
+        # A row made, then dropped by the change back in the same message (the peers hold
+        # that state), then others made.
+        [
+            ("apply", [_event(item, FAVORITE) for item in ITEMS]),
+            ("ack", "b", 100),
+            ("ack", "c", 100),
+            ("apply", [_event("i1", BOTH), _event("i1", FAVORITE), _event("i2", BOTH)]),
+        ],
+        # Rows made by the general path (b's change, with an echo pending there) of an item
+        # before the bulk path's new rows in key order.
+        [
+            ("apply", [_event(item, FAVORITE) for item in ITEMS]),
+            ("ack", "b", 100),
+            ("apply", [_event("i2", BOTH), _event("i1", PLAYED, "b"), _event("i4", BOTH)]),
+        ],
+    ],
+    ids=["reverse-key-order", "made-then-dropped", "general-path-between"],
+)
+async def test_rows_numbered_as_the_per_observation_apply_numbers_them(
+    history: list[tuple[Any, ...]],
+) -> None:
+    """Outbox row ids (the order rows of one creation time are written in) are the same
+    whether the bulk path numbers its rows as it makes them or at the end."""
+    await compare(MergePolicy(servers=SERVERS), history)

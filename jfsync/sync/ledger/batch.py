@@ -13,12 +13,12 @@ an observation is (:class:`Observation`) and what applying it did (:class:`Appli
 
 from __future__ import annotations
 
-from collections.abc import Sequence, Set
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, TypeVar
 
-from jfsync.model import DEFAULT_USER_DATA, PlayState, Register, Stamp, UserData, new_stamp
+from jfsync.model import DEFAULT_USER_DATA, PlayState, Register, Stamp, UserData
 from jfsync.sync.echo import (
     PendingWrite,
     Verdict,
@@ -37,17 +37,19 @@ from jfsync.sync.ledger.writer import StateWriter
 from jfsync.sync.merge import (
     CanonicalState,
     MergePolicy,
+    Stamped,
     changed_registers,
     diff_bits,
     merge,
-    new_canonical,
-    new_stamped,
     play_states_differ,
     writes_owed,
 )
 from jfsync.sync.rewatch import protected
 
 Source = Literal["event", "scan", "compare", "read"]
+
+_K = TypeVar("_K", bound=tuple[int, ...])
+_V = TypeVar("_V")
 
 _NOTHING: frozenset[Register] = frozenset()
 #: "No row loaded or made for this key" (None: the key's row is gone).
@@ -56,6 +58,22 @@ _DEFAULT = DEFAULT_USER_DATA
 #: Builds a :class:`WorkRow` from all of its fields (a named tuple: no defaults to fill in).
 _new_row = tuple.__new__
 _new_object = object.__new__
+#: The slots of the frozen dataclasses the bulk path builds one of per observation, set
+#: directly (what :func:`jfsync.model.new_stamp` and :func:`jfsync.sync.merge.new_canonical`
+#: do, inline: a call each less per observation). Each object is whole before anyone sees it.
+_set_ms = Stamp.__dict__["ms"].__set__
+_set_tiebreak = Stamp.__dict__["tiebreak"].__set__
+_set_stamped_stamp = Stamped.__dict__["stamp"].__set__
+_set_stamped_origin = Stamped.__dict__["origin"].__set__
+_set_data = CanonicalState.__dict__["data"].__set__
+_set_favorite = CanonicalState.__dict__["favorite"].__set__
+_set_rating = CanonicalState.__dict__["rating"].__set__
+_set_play_state = CanonicalState.__dict__["play_state"].__set__
+
+
+#: Observations from which :meth:`Batch.apply_all` numbers the rows it makes as it makes them
+#: (taking the first id costs a query, which a transaction of a few rows does not make up for).
+EARLY_NUMBERING_MIN = 32
 
 
 class Outcome(StrEnum):
@@ -111,6 +129,8 @@ class Applied:
     queued: dict[str, frozenset[Register]] = field(default_factory=dict)
 
 
+#: An :class:`Applied` per observation of the bulk path is built through these slots: twice as
+#: fast as the frozen dataclass's ``__init__``, and whole before anyone sees it.
 _set_observation = Applied.__dict__["observation"].__set__
 _set_outcome = Applied.__dict__["outcome"].__set__
 _set_changed = Applied.__dict__["changed"].__set__
@@ -120,27 +140,15 @@ _set_stamp = Applied.__dict__["stamp"].__set__
 _set_queued = Applied.__dict__["queued"].__set__
 
 
-def _applied(
-    observation: Observation,
-    outcome: Outcome,
-    changed: frozenset[Register],
-    first_contact: bool,
-    canonical_changed: frozenset[Register],
-    stamp: Stamp,
-    queued: dict[str, frozenset[Register]],
-) -> Applied:
-    """An :class:`Applied` with every field given, built through its slots (twice as fast as
-    the frozen dataclass's ``__init__``: the bulk path builds one per observation). The
-    object is whole before anyone sees it."""
-    applied = _new_object(Applied)
-    _set_observation(applied, observation)
-    _set_outcome(applied, outcome)
-    _set_changed(applied, changed)
-    _set_first_contact(applied, first_contact)
-    _set_canonical_changed(applied, canonical_changed)
-    _set_stamp(applied, stamp)
-    _set_queued(applied, queued)
-    return applied
+def _unnumbered(written: Mapping[Key, WorkRow | None]) -> list[tuple[Key, WorkRow]]:
+    """The rows of ``written`` without an id, with their keys, in its order."""
+    return [(key, row) for key, row in written.items() if row is not None and row.id is None]
+
+
+def _in_key_order(values: Mapping[_K, _V], keys: Iterable[_K]) -> dict[_K, _V]:
+    """``values`` of ``keys``, in key order (a bulk apply's keys come sorted or nearly: sorting
+    them costs one pass)."""
+    return {key: values[key] for key in sorted(keys)}
 
 
 class Batch:
@@ -173,6 +181,18 @@ class Batch:
         self.mapped: dict[int, set[int]] = {}
         #: Ids of the rows loaded, by key (a row created again for that key reuses its id).
         self._loaded_rows: dict[Key, int] = {}
+        #: Every server some key of :attr:`rows` has held a row for (grows only): a server not
+        #: in it has no row of any key here, so the bulk path need not look one up.
+        self._row_peers: set[int] = set()
+        #: The new rows :meth:`apply_all` numbered as it made them (ids from ``_early_first``
+        #: on, one each in the order made, keys ascending: the ids :meth:`_number` would give
+        #: them), while ``_early_ok`` (a row made out of key order or one of them dropped ends
+        #: it: :meth:`_number` then numbers them all again). ``_unnumbered``: a row was made
+        #: without an id since the last numbering.
+        self._early: list[Key] = []
+        self._early_first = 0
+        self._early_ok = True
+        self._unnumbered = False
         #: What this batch changed, in the order it did (dicts as ordered sets: a bulk apply
         #: changes keys in the order their ids were made, so sorting them at flush is cheap).
         self._dirty_canon: dict[Pair, None] = {}
@@ -211,20 +231,22 @@ class Batch:
         else:
             wanted = pairs
             self._loaded_pairs = set(pairs)  # a copy in C: the caller keeps ``pairs``
-        canon, lk, echo, rows, loaded = self.canon, self.lk, self.echo, self.rows, self._loaded_rows
+        canon, rows, loaded, row_peers = self.canon, self.rows, self._loaded_rows, self._row_peers
+        lk_update, echo_update = self.lk.update, self.echo.update
         for pair, entry in self.tables.load(wanted, empty).items():
             state = entry.canon
             if state is not None:
                 canon[pair] = state
             if entry.lk:
-                lk.update(entry.lk)
+                lk_update(entry.lk)
             if entry.echo:
-                echo.update(entry.echo)
+                echo_update(entry.echo)
             if entry.rows:
                 rows.update(entry.rows)
                 for key, row in entry.rows.items():
                     assert row.id is not None  # stored rows are numbered
                     loaded[key] = row.id
+                    row_peers.add(key[2])
         if with_members:
             db, cached = self.tables.db, self.tables.cached
             self.members.update(self.maps.members(db, {u for u, _ in wanted}, cached=cached))
@@ -272,7 +294,7 @@ class Batch:
         echo, lk, canon, rows, seen = self.echo, self.lk, self.canon, self.rows, self.seen
         dirty_lk, dirty_canon, dirty_rows = self._dirty_lk, self._dirty_canon, self._dirty_rows
         clock = self.clock
-        ticket, clock_seen = clock.ticket, clock.seen
+        ticket, clock_seen = clock.next_ticket, clock.seen
         loaded_rows, mapped = self._loaded_rows, self.mapped
         row_targets = self._row_targets
         unchanged, changed_outcome = Outcome.UNCHANGED, Outcome.CHANGED
@@ -295,213 +317,298 @@ class Batch:
         last_state: UserData | None = None
         last_data: UserData | None = None
         last_decision: tuple[int, int, PlayState] = (0, 0, _DEFAULT.play_state)
-        for obs, key in zip(observations, keys, strict=True):
-            if echo.get(key):
-                self._seen_high = high
-                append(self.apply(obs, key))  # the echo rule decides first
-                high = self._seen_high
-                continue
-            source = obs.source
-            if source == "event":
-                seq = ticket()
-                if seq > high:
-                    seen[key] = high = seq
-                elif seq > seen.get(key, 0) and seq > clock_seen(key):
-                    seen[key] = seq
-            else:
-                # A read: never applied over something learnt after it was requested.
-                seq = ticket() if obs.read_seq is None else obs.read_seq
-                if seq < high and (seen.get(key, 0) > seq or clock_seen(key) > seq):
-                    append(Applied(obs, Outcome.OUTDATED))
+        # What each target is owed for the current targets and outcome (built for these two),
+        # and the last pruning of what a peer already holds (for these states and bits).
+        plan_targets: tuple[tuple[int, str, int, bool], ...] | None = None
+        plan_owed: dict[str, int] | None = None
+        plan: tuple[tuple[int, str, int, int, bool], ...] = ()
+        row_peers = self._row_peers
+        early = self._early
+        next_id = self._early_first + len(early)
+        pruned_known: UserData | None = None
+        pruned_desired: UserData | None = None
+        pruned_in = pruned_out = 0
+        # And the registers the last first state changed (from its base, from the defaults).
+        first_state: UserData | None = None
+        first_base: UserData | None = None
+        first_bits = first_moved = 0
+        # The hybrid clock, ticked here (Clock.tick inline) and handed back to the clock around
+        # every call of the general path (which ticks it itself) and at the end.
+        clock_ms = clock.ms
+        if len(observations) < EARLY_NUMBERING_MIN:
+            self._early_ok = False  # (a few rows: numbered at flush, no query for the first id)
+        try:
+            for obs, key in zip(observations, keys, strict=True):
+                if echo.get(key):
+                    self._seen_high = high
+                    clock.ms = clock_ms
+                    append(self.apply(obs, key))  # the echo rule decides first
+                    clock_ms = clock.ms
+                    high = self._seen_high
                     continue
-                if source != "scan":
+                source = obs.source
+                if source == "event":
+                    seq = ticket()
                     if seq > high:
                         seen[key] = high = seq
                     elif seq > seen.get(key, 0) and seq > clock_seen(key):
                         seen[key] = seq
-            state = obs.state
-            if obs.user is not user:
-                user = obs.user
-                profile = self._profiles.get(user)
-                if profile is None:
-                    profile = self._profile_of(user)
-                synced_bits, receive_only, rewatch = profile
-            if obs.server is not server:
-                server = obs.server
-                tiebreak = self._tiebreak_of(server)
-            uid, iid, sid = key
-            pair = (uid, iid)
-            previous = lk.get(key)
-            canonical = canon.get(pair)
-            if canonical is None:
-                if server in receive_only:
-                    append(self._merge_in(obs, key))
-                    continue
-                # The first state anyone showed of the item (merge's first-ever case).
-                base = _DEFAULT if previous is None else previous
-                bits = diff_bits(base, state) & synced_bits
-                moved = diff_bits(_DEFAULT, state) & synced_bits  # owed to the others
-                lost = 0
-                wall = obs.wall_ms
-                ms = clock.tick(wall)
-                ticked = True
-                stamp = new_stamp(ms, tiebreak)
-                stamped = new_stamped(stamp, server)
-                new = new_canonical(state, stamped, stamped, stamped)
-                first_contact = True
-            elif previous is None or server in receive_only:
-                append(self._merge_in(obs, key))  # first contact of a server, or a receiver
-                continue
-            else:
-                # A known server (merge's known case): each changed register by its stamp.
-                if previous is state:
-                    append(Applied(obs, unchanged))
-                    continue
-                data = canonical.data
-                fav, rat = state.favorite, state.rating
-                if previous is last_previous and state is last_state and data is last_data:
-                    bits, differs, ps = last_decision  # the same three states as before
                 else:
-                    ps, old_ps = state.play_state, previous.play_state
-                    bits = 0
-                    if fav != previous.favorite:
-                        bits = 1
-                    old_rating = previous.rating
-                    if rat != old_rating:
-                        if rat is not old_rating:  # as ``previous == state`` compares fields
-                            bits |= 2
-                        else:
-                            bits |= 8  # only ``!=`` (NaN) says so: as changed_registers
-                    ps_moved = ps is not old_ps and play_states_differ(ps, old_ps)
-                    if ps_moved:
-                        bits |= 4
-                    if not bits & 7:
+                    # A read: never applied over something learnt after it was requested.
+                    seq = ticket() if obs.read_seq is None else obs.read_seq
+                    if seq < high and (seen.get(key, 0) > seq or clock_seen(key) > seq):
+                        append(Applied(obs, Outcome.OUTDATED))
+                        continue
+                    if source != "scan":
+                        if seq > high:
+                            seen[key] = high = seq
+                        elif seq > seen.get(key, 0) and seq > clock_seen(key):
+                            seen[key] = seq
+                state = obs.state
+                if obs.user is not user:
+                    user = obs.user
+                    profile = self._profiles.get(user)
+                    if profile is None:
+                        profile = self._profile_of(user)
+                    synced_bits, receive_only, rewatch = profile
+                if obs.server is not server:
+                    server = obs.server
+                    tiebreak = self._tiebreak_of(server)
+                uid, iid, sid = key
+                pair = (uid, iid)
+                previous = lk.get(key)
+                canonical = canon.get(pair)
+                if canonical is None:
+                    if server in receive_only:
+                        clock.ms = clock_ms
+                        append(self._merge_in(obs, key))
+                        clock_ms = clock.ms
+                        continue
+                    # The first state anyone showed of the item (merge's first-ever case).
+                    base = _DEFAULT if previous is None else previous
+                    if state is not first_state or base is not first_base:
+                        first_state, first_base = state, base
+                        first_bits = diff_bits(base, state)
+                        first_moved = diff_bits(_DEFAULT, state)
+                    bits = first_bits & synced_bits  # (the same two states: the same bits)
+                    moved = first_moved & synced_bits  # owed to the others
+                    lost = 0
+                    wall = obs.wall_ms
+                    clock_ms = ms = wall if wall > clock_ms else clock_ms + 1
+                    ticked = True
+                    stamp = _new_object(Stamp)
+                    _set_ms(stamp, ms)
+                    _set_tiebreak(stamp, tiebreak)
+                    stamped = _new_object(Stamped)
+                    _set_stamped_stamp(stamped, stamp)
+                    _set_stamped_origin(stamped, server)
+                    new = _new_object(CanonicalState)
+                    _set_data(new, state)
+                    _set_favorite(new, stamped)
+                    _set_rating(new, stamped)
+                    _set_play_state(new, stamped)
+                    first_contact = True
+                elif previous is None or server in receive_only:
+                    clock.ms = clock_ms
+                    append(self._merge_in(obs, key))  # first contact of a server, or a receiver
+                    clock_ms = clock.ms
+                    continue
+                else:
+                    # A known server (merge's known case): each changed register by its stamp.
+                    if previous is state:
                         append(Applied(obs, unchanged))
                         continue
-                    bits = ((bits >> 2) & 2 | bits) & synced_bits
-                    if not bits:
-                        lk[key] = state
-                        dirty_lk[key] = None
-                        append(Applied(obs, unchanged))
-                        continue
-                    # Which changed registers differ from the canonical value.
-                    differs = 0
-                    if bits & 1 and fav != data.favorite:
-                        differs = 1
-                    if bits & 2 and rat != data.rating:
-                        differs |= 2
-                    if bits & 4:
-                        play_state = data.play_state
-                        if rewatch:
-                            ps = protected(play_state, ps)
-                        if play_state is old_ps and ps is state.play_state:
-                            differs |= 4  # it moved from what is the canonical value
-                        elif ps is not play_state and play_states_differ(ps, play_state):
-                            differs |= 4
-                    last_previous, last_state, last_data = previous, state, data
-                    last_decision = (bits, differs, ps)
-                wall = obs.wall_ms
-                ms = clock.tick(wall)
-                ticked = True
-                stamp = new_stamp(ms, tiebreak)
-                # The changed registers whose canonical stamp this one is later than win.
-                won = 0
-                if bits & 1:
-                    held = canonical.favorite.stamp
-                    if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
-                        won = 1
-                if bits & 2:
-                    held = canonical.rating.stamp
-                    if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
-                        won |= 2
-                if bits & 4:
-                    held = canonical.play_state.stamp
-                    if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
-                        won |= 4
-                moved = won & differs
-                lost = bits & ~won & differs
-                if won:
-                    winner = new_stamped(stamp, server)
-                    favorite = fav if won & 1 else data.favorite
-                    rating = (None if rat is None else float(rat)) if won & 2 else data.rating
-                    play_state = ps if won & 4 else data.play_state
-                    if favorite is fav and rating is rat and play_state is state.play_state:
-                        merged = state  # shared (decoded states are interned)
+                    data = canonical.data
+                    fav, rat = state.favorite, state.rating
+                    if previous is last_previous and state is last_state and data is last_data:
+                        bits, differs, ps = last_decision  # the same three states as before
                     else:
-                        merged = UserData(favorite, rating, play_state)
-                    new = new_canonical(
-                        merged,
-                        winner if won & 1 else canonical.favorite,
-                        winner if won & 2 else canonical.rating,
-                        winner if won & 4 else canonical.play_state,
+                        ps, old_ps = state.play_state, previous.play_state
+                        bits = 0
+                        if fav != previous.favorite:
+                            bits = 1
+                        old_rating = previous.rating
+                        if rat != old_rating:
+                            if rat is not old_rating:  # as ``previous == state`` compares fields
+                                bits |= 2
+                            else:
+                                bits |= 8  # only ``!=`` (NaN) says so: as changed_registers
+                        ps_moved = ps is not old_ps and play_states_differ(ps, old_ps)
+                        if ps_moved:
+                            bits |= 4
+                        if not bits & 7:
+                            append(Applied(obs, unchanged))
+                            continue
+                        bits = ((bits >> 2) & 2 | bits) & synced_bits
+                        if not bits:
+                            lk[key] = state
+                            dirty_lk[key] = None
+                            append(Applied(obs, unchanged))
+                            continue
+                        # Which changed registers differ from the canonical value.
+                        differs = 0
+                        if bits & 1 and fav != data.favorite:
+                            differs = 1
+                        if bits & 2 and rat != data.rating:
+                            differs |= 2
+                        if bits & 4:
+                            play_state = data.play_state
+                            if rewatch:
+                                ps = protected(play_state, ps)
+                            if play_state is old_ps and ps is state.play_state:
+                                differs |= 4  # it moved from what is the canonical value
+                            elif ps is not play_state and play_states_differ(ps, play_state):
+                                differs |= 4
+                        last_previous, last_state, last_data = previous, state, data
+                        last_decision = (bits, differs, ps)
+                    wall = obs.wall_ms
+                    clock_ms = ms = wall if wall > clock_ms else clock_ms + 1
+                    ticked = True
+                    stamp = _new_object(Stamp)
+                    _set_ms(stamp, ms)
+                    _set_tiebreak(stamp, tiebreak)
+                    # The changed registers whose canonical stamp this one is later than win.
+                    won = 0
+                    if bits & 1:
+                        held = canonical.favorite.stamp
+                        if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
+                            won = 1
+                    if bits & 2:
+                        held = canonical.rating.stamp
+                        if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
+                            won |= 2
+                    if bits & 4:
+                        held = canonical.play_state.stamp
+                        if ms > held.ms or (ms == held.ms and tiebreak > held.tiebreak):
+                            won |= 4
+                    moved = won & differs
+                    lost = bits & ~won & differs
+                    if won:
+                        winner = _new_object(Stamped)
+                        _set_stamped_stamp(winner, stamp)
+                        _set_stamped_origin(winner, server)
+                        favorite = fav if won & 1 else data.favorite
+                        rating = (None if rat is None else float(rat)) if won & 2 else data.rating
+                        play_state = ps if won & 4 else data.play_state
+                        if favorite is fav and rating is rat and play_state is state.play_state:
+                            merged = state  # shared (decoded states are interned)
+                        else:
+                            merged = UserData(favorite, rating, play_state)
+                        new = _new_object(CanonicalState)
+                        _set_data(new, merged)
+                        _set_favorite(new, winner if won & 1 else canonical.favorite)
+                        _set_rating(new, winner if won & 2 else canonical.rating)
+                        _set_play_state(new, winner if won & 4 else canonical.play_state)
+                    else:
+                        new = canonical
+                    first_contact = False
+                # The new states, then the rows of every server that may be owed something.
+                if new is not canonical:
+                    canon[pair] = new
+                    dirty_canon[pair] = None
+                lk[key] = state
+                dirty_lk[key] = None
+                if (
+                    writes_key is None
+                    or moved != writes_key[1]
+                    or lost != writes_key[2]
+                    or (server is not writes_key[0])
+                ):
+                    writes_key = (server, moved, lost)
+                    known_writes = self._writes.get(writes_key)
+                    owed_by = self._writes_of(*writes_key) if known_writes is None else known_writes
+                desired = new.data
+                queued: dict[str, frozenset[Register]] = {}
+                if targets_key is None or uid != targets_key[0] or sid != targets_key[1]:
+                    targets_key = (uid, sid)
+                    known_targets = row_targets.get(targets_key)
+                    targets = (
+                        self._row_targets_of(uid, sid) if known_targets is None else known_targets
                     )
-                else:
-                    new = canonical
-                first_contact = False
-            # The new states, then the rows of every server that may be owed something.
-            if new is not canonical:
-                canon[pair] = new
-                dirty_canon[pair] = None
-            lk[key] = state
-            dirty_lk[key] = None
-            if (
-                writes_key is None
-                or moved != writes_key[1]
-                or lost != writes_key[2]
-                or (server is not writes_key[0])
-            ):
-                writes_key = (server, moved, lost)
-                known_writes = self._writes.get(writes_key)
-                owed_by = self._writes_of(*writes_key) if known_writes is None else known_writes
-            desired = new.data
-            queued: dict[str, frozenset[Register]] = {}
-            if targets_key is None or uid != targets_key[0] or sid != targets_key[1]:
-                targets_key = (uid, sid)
-                known_targets = row_targets.get(targets_key)
-                targets = self._row_targets_of(uid, sid) if known_targets is None else known_targets
-            for target, name, may, indexed in targets:
-                owed = owed_by.get(name, 0)
-                tkey = (uid, iid, target)
-                existing = rows.get(tkey, _ABSENT)
-                if existing is not None and existing is not _ABSENT:
-                    if self.refresh_row(tkey, _MASKS[owed], desired, ms, wall):
-                        row = rows.get(tkey)
-                        queued[name] = _NOTHING if row is None else row.mask
-                    continue
-                if not owed or (indexed and iid not in mapped.get(target, ())):
-                    continue
-                owed &= may
-                known = lk.get(tkey)
-                if known is not None and owed:
-                    # What the peer holds already is not owed (refresh_row's pruning).
-                    if known is desired:
+                if targets is not plan_targets or owed_by is not plan_owed:
+                    # What each target is owed: the same for every observation until the
+                    # targets (user, origin) or the outcome (origin, moved, lost) change.
+                    plan_targets, plan_owed = targets, owed_by
+                    plan = tuple(
+                        (target, name, owed_by.get(name, 0), may, indexed)
+                        for target, name, may, indexed in targets
+                    )
+                for target, name, owed, may, indexed in plan:
+                    if target in row_peers:  # else no key of it has a row here: none to refresh
+                        tkey = (uid, iid, target)
+                        existing = rows.get(tkey, _ABSENT)
+                        if existing is not None and existing is not _ABSENT:
+                            if self.refresh_row(tkey, _MASKS[owed], desired, ms, wall):
+                                row = rows.get(tkey)
+                                queued[name] = _NOTHING if row is None else row.mask
+                            continue
+                        if not owed or (indexed and iid not in mapped.get(target, ())):
+                            continue
+                    else:
+                        if not owed or (indexed and iid not in mapped.get(target, ())):
+                            continue
+                        tkey = (uid, iid, target)
+                        existing = _ABSENT
+                    owed &= may
+                    known = lk.get(tkey)
+                    if known is not None and owed:
+                        # What the peer holds already is not owed (refresh_row's pruning).
+                        if known is desired:
+                            continue
+                        if (
+                            known is pruned_known
+                            and desired is pruned_desired
+                            and owed == pruned_in
+                        ):
+                            owed = pruned_out  # the same states as the last one pruned
+                        else:
+                            pruned_known, pruned_desired, pruned_in = known, desired, owed
+                            if owed & 1 and desired.favorite == known.favorite:
+                                owed ^= 1
+                            if owed & 2 and desired.rating == known.rating:
+                                owed ^= 2
+                            if owed & 4:
+                                a, b = desired.play_state, known.play_state
+                                if a is b or not play_states_differ(a, b):
+                                    owed ^= 4
+                            pruned_out = owed
+                    if not owed:
                         continue
-                    if owed & 1 and desired.favorite == known.favorite:
-                        owed ^= 1
-                    if owed & 2 and desired.rating == known.rating:
-                        owed ^= 2
-                    if owed & 4:
-                        a, b = desired.play_state, known.play_state
-                        if a is b or not play_states_differ(a, b):
-                            owed ^= 4
-                if not owed:
-                    continue
-                mask = _MASKS[owed]
-                row_id = None if existing is _ABSENT else loaded_rows.get(tkey)
-                rows[tkey] = _new_row(WorkRow, (row_id, mask, desired, ms, wall, 0, 0, None, False))
-                dirty_rows[tkey] = None
-                queued[name] = mask
-            append(
-                _applied(
-                    obs,
-                    changed_outcome if bits else unchanged,
-                    _MASKS[bits],
-                    first_contact,
-                    _MASKS[moved],
-                    stamp,
-                    queued,
-                )
-            )
+                    mask = _MASKS[owed]
+                    if existing is not _ABSENT:
+                        row_id = loaded_rows.get(tkey)  # (made again: the stored row's id)
+                        if row_id is None:
+                            self._unnumbered = True
+                    elif self._early_ok and (not early or tkey > early[-1]):
+                        # A new row in key order after the others made here: numbered now,
+                        # as :meth:`_number` would at flush (checked there).
+                        if not early:
+                            self._early_first = next_id = self.tables.next_row_id()
+                        row_id = next_id
+                        next_id += 1
+                        early.append(tkey)
+                    else:
+                        row_id = None
+                        self._early_ok = False
+                        self._unnumbered = True
+                    rows[tkey] = _new_row(
+                        WorkRow, (row_id, mask, desired, ms, wall, 0, 0, None, False)
+                    )
+                    row_peers.add(target)
+                    dirty_rows[tkey] = None
+                    queued[name] = mask
+                applied = _new_object(Applied)  # through its slots (above)
+                _set_observation(applied, obs)
+                _set_outcome(applied, changed_outcome if bits else unchanged)
+                _set_changed(applied, _MASKS[bits])
+                _set_first_contact(applied, first_contact)
+                _set_canonical_changed(applied, _MASKS[moved])
+                _set_stamp(applied, stamp)
+                _set_queued(applied, queued)
+                append(applied)
+        finally:
+            if clock_ms > clock.ms:
+                clock.ms = clock_ms
         self._seen_high = high
         if ticked:
             self._clock_moved = True
@@ -695,6 +802,7 @@ class Batch:
         if not mask:
             if existing is None:
                 return False
+            self._dropping(existing)
             self.rows[key] = None
             self._dirty_rows[key] = None
             return True
@@ -712,7 +820,10 @@ class Batch:
             row = WorkRow(existing.id, registers, desired, version, existing.created_ms)
         else:
             row = WorkRow(self._loaded_rows.get(key), registers, desired, version, now_ms)
+            if row.id is None:
+                self._unnumbered = True
         self.rows[key] = row
+        self._row_peers.add(key[2])
         self._dirty_rows[key] = None
         return True
 
@@ -724,14 +835,13 @@ class Batch:
         """
         tables = self.tables
         if self._dirty_canon:
-            tables.put_canonical({pair: self.canon[pair] for pair in sorted(self._dirty_canon)})
+            tables.put_canonical(_in_key_order(self.canon, self._dirty_canon))
         if self._dirty_lk:
-            tables.put_last_known({key: self.lk[key] for key in sorted(self._dirty_lk)})
+            tables.put_last_known(_in_key_order(self.lk, self._dirty_lk))
         if self._dirty_echo:
-            tables.put_echoes({key: self.echo[key] for key in sorted(self._dirty_echo)})
+            tables.put_echoes(_in_key_order(self.echo, self._dirty_echo))
         if self._dirty_rows:
-            rows = self.rows
-            written = {key: rows[key] for key in sorted(self._dirty_rows)}
+            written = _in_key_order(self.rows, self._dirty_rows)
             self._number(written)
             tables.put_rows(written)
         if self._clock_moved:
@@ -751,21 +861,63 @@ class Batch:
 
     def number_new_rows(self) -> None:
         """Give the rows created so far their ids (flush numbers the rest)."""
-        rows = self.rows
-        self._number({key: rows[key] for key in sorted(self._dirty_rows)})
+        self._number(_in_key_order(self.rows, self._dirty_rows))
 
     def _number(self, written: dict[Key, WorkRow | None]) -> None:
         """Number the unnumbered rows of ``written`` (the rows of some keys, in key order), in
-        that order, in it and in the batch."""
-        count = sum(1 for row in written.values() if row is not None and row.id is None)
-        if not count:
+        that order, in it and in the batch.
+
+        The rows :meth:`apply_all` numbered as it made them keep their ids when those are what
+        this numbering gives them (every other new row after them in key order, none of them
+        dropped, the first id still free); else they are numbered again with the others.
+        """
+        early = self._early
+        tables = self.tables
+        if early:
+            self._early = []
+            ok, self._early_ok = self._early_ok, True
+            unnumbered = _unnumbered(written) if self._unnumbered else []
+            if ok and (not unnumbered or unnumbered[0][0] > early[-1]):
+                # Every new row present (none of them dropped), in key order.
+                first = tables.number_rows(len(early) + len(unnumbered))
+                if first == self._early_first:
+                    if unnumbered:
+                        self._renumber(written, unnumbered, first + len(early))
+                    return
+            else:
+                first = 0
+            again = set(early)
+            unnumbered = [
+                (key, row)
+                for key, row in written.items()
+                if row is not None and (row.id is None or key in again)
+            ]
+            if first:  # the ids just reserved for them, as many
+                self._renumber(written, unnumbered, first)
+                return
+        elif not self._unnumbered:
             return
-        rows = self.rows
-        row_id = self.tables.number_rows(count)
-        for key, row in written.items():  # (values replaced in place: the keys stay)
-            if row is not None and row.id is None:
-                rows[key] = written[key] = row.numbered(row_id)
-                row_id += 1
+        else:
+            unnumbered = _unnumbered(written)
+        if unnumbered:
+            self._renumber(written, unnumbered, tables.number_rows(len(unnumbered)))
+
+    def _renumber(
+        self, written: dict[Key, WorkRow | None], rows: list[tuple[Key, WorkRow]], first: int
+    ) -> None:
+        """Give ``rows`` (in key order) the ids from ``first`` on, in ``written`` and the batch."""
+        self._unnumbered = False
+        numbered = {
+            key: _new_row(WorkRow, (row_id, *row[1:]))
+            for row_id, (key, row) in enumerate(rows, first)
+        }
+        written.update(numbered)  # (values replaced in place: the keys stay)
+        self.rows.update(numbered)
+
+    def _dropping(self, row: WorkRow) -> None:
+        """``row`` leaves the batch: if :meth:`apply_all` numbered it, renumber at flush."""
+        if self._early and row.id is not None and row.id >= self._early_first:
+            self._early_ok = False
 
     def outbox_row(self, key: Key, like: OutboxRow) -> OutboxRow | None:
         """The row of ``key`` as it stands in this batch, named like ``like`` (or None)."""
@@ -799,6 +951,7 @@ class Batch:
         if row is None:
             return False
         if row.version == version:
+            self._dropping(row)
             self.rows[key] = None
             self._dirty_rows[key] = None
             return True
@@ -806,10 +959,11 @@ class Batch:
         # a pusher holding the newer row can still ack it).
         left = frozenset(r for r in row.mask if row.desired.get(r) != state.get(r))
         if not left:
+            self._dropping(row)
             self.rows[key] = None
             self._dirty_rows[key] = None
         elif left != row.mask:
-            self.rows[key] = row._replace(mask=left)
+            self.rows[key] = row._replace(mask=left)  # (a key with a row: in _row_peers)
             self._dirty_rows[key] = None
         return False
 

@@ -61,8 +61,9 @@ class StateCache:
         held = self._pairs
         get, used = held.get, held.move_to_end
         missing: set[Pair] = set()
+        check = bool(skip)
         for pair in pairs:
-            entry = None if pair in skip else get(pair)
+            entry = None if check and pair in skip else get(pair)
             if entry is None:
                 missing.add(pair)
             else:
@@ -106,7 +107,7 @@ class StateCache:
                     entry.canon = state
         for known_states in lk:
             for key, known in known_states.items():
-                entry = get(key[:2])
+                entry = get((key[0], key[1]))
                 if entry is not None:
                     entry.lk[key] = known
         for echoes in echo:
@@ -118,7 +119,7 @@ class StateCache:
                     else:
                         entry.echo.pop(key, None)
         for key, row in rows.items():
-            entry = get(key[:2])
+            entry = get((key[0], key[1]))
             if entry is not None:
                 if row is None:
                     entry.rows.pop(key, None)

@@ -32,6 +32,8 @@ class Clock:
         #: The latest stamp handed out.
         self.ms = 0
         self._tickets = itertools.count(1)
+        #: :meth:`ticket` without the method call (a bulk apply takes one per observation).
+        self.next_ticket = self._tickets.__next__
         #: When the ledger last learnt anything of each (user, item, server), as a ticket.
         self._seen: dict[Key, int] = {}
         #: At least every ticket in the seen map: a ticket above it is newer than all of them

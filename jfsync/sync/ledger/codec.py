@@ -48,7 +48,9 @@ MASKS: tuple[frozenset[Register], ...] = tuple(
     frozenset(r for r, b in _BITS.items() if bits & b) for bits in range(_ALL_BITS + 1)
 )
 _MASKS = MASKS
-_MASK_BITS: dict[frozenset[Register], int] = {mask: bits for bits, mask in enumerate(_MASKS)}
+#: The bits of every register set (any frozenset of registers is one of :data:`MASKS`).
+MASK_BITS: dict[frozenset[Register], int] = {mask: bits for bits, mask in enumerate(_MASKS)}
+_MASK_BITS = MASK_BITS
 
 
 def upsert_sql(table: str, columns: str, key: str) -> str:

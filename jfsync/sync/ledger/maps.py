@@ -138,17 +138,30 @@ class IdMaps:
             # runs inside this write transaction: the rows above the highest id before are
             # exactly the keys it inserted. The other keys were in the file already.
             highest = int(fetch(db, f"SELECT COALESCE(MAX(id), 0) FROM {table}")[0][0])  # noqa: S608
+            changes = db.total_changes
             insert_rows(
                 db,
                 f"INSERT INTO {table}(key) VALUES (?) ON CONFLICT(key) DO NOTHING",  # noqa: S608
                 [(k,) for k in missing],
             )
-            rows = fetch(db, f"SELECT key, id FROM {table} WHERE id > ?", (highest,))  # noqa: S608
-            for key, rid in rows:
-                known[key] = rid
+            inserted = db.total_changes - changes
+            top = int(fetch(db, f"SELECT COALESCE(MAX(id), 0) FROM {table}")[0][0])  # noqa: S608
+            if inserted == len(missing) and top == highest + inserted:
+                # Every key was new, and the ids above the highest are exactly as many as the
+                # rows inserted: each row took the next id (SQLite's max + 1), in the order
+                # inserted, which is the order of ``missing``. No need to read them back.
+                new_ids = range(highest + 1, top + 1)
+                known.update(zip(missing, new_ids, strict=True))
                 if created is not None:
-                    created.add(rid)
-            older = [k for k in missing if k not in known]
+                    created.update(new_ids)
+                older: list[str] = []
+            else:
+                rows = fetch(db, f"SELECT key, id FROM {table} WHERE id > ?", (highest,))  # noqa: S608
+                for key, rid in rows:
+                    known[key] = rid
+                    if created is not None:
+                        created.add(rid)
+                older = [k for k in missing if k not in known]
             for chunk in chunks(older, CHUNK):
                 rows = fetch(
                     db,

@@ -28,6 +28,7 @@ from jfsync.sync.ledger.cache import CachedPair, StateCache
 from jfsync.sync.ledger.codec import (
     CANON_COLS,
     CHUNK,
+    MASK_BITS,
     STATE_COLS,
     Key,
     Pair,
@@ -264,11 +265,15 @@ class StateWriter:
         and the cache know every row's id without reading it back after the insert.
         """
         self._require_writable()
-        rows = fetch(self.db, "SELECT COALESCE(MAX(id), 0) FROM outbox")
-        first = max(int(next(iter(rows))[0]), self._highest_id) + 1
+        first = self.next_row_id()
         self._highest_id = first + count - 1
         self._new_ids.update(range(first, first + count))
         return first
+
+    def next_row_id(self) -> int:
+        """The first id :meth:`number_rows` would hand out now (nothing is handed out)."""
+        rows = fetch(self.db, "SELECT COALESCE(MAX(id), 0) FROM outbox")
+        return max(int(next(iter(rows))[0]), self._highest_id) + 1
 
     def put_rows(self, rows: Mapping[Key, WorkRow | None]) -> None:
         """Write outbox rows of keys loaded in this transaction (None: the key has none).
@@ -286,24 +291,28 @@ class StateWriter:
         # apply writes thousands of rows, most of them owing one state object.
         last: UserData | None = None
         values: tuple[Any, ...] = ()
+        loaded_entry = loaded.get
+        known_bits = MASK_BITS.get
         for key, row in rows.items():
             if key in written:
                 prior = written[key]
             else:
-                entry = loaded.get(key[:2])
-                prior = None if entry is None else entry.rows.get(key)
-            old = None if prior is None else prior.id
+                entry = loaded_entry((key[0], key[1]))
+                prior = entry.rows.get(key) if entry is not None and entry.rows else None
             if row is None:
-                if old is not None:
-                    deletes.append((old,))
+                if prior is not None and prior.id is not None:
+                    deletes.append((prior.id,))
                 continue
             row_id, mask, desired, version, created_ms, attempts, next_ms, error, dead = row
             assert row_id is not None  # number_rows first
             if desired is not last:
                 values, last = state_values(desired), desired
+            bits = known_bits(mask)
+            if bits is None:
+                bits = mask_bits(mask)
             if row_id in new_ids:
-                if old is not None:
-                    deletes.append((old,))
+                if prior is not None and prior.id is not None:
+                    deletes.append((prior.id,))
                 new_ids.discard(row_id)
                 inserts.append(
                     (
@@ -311,7 +320,7 @@ class StateWriter:
                         key[2],
                         key[0],
                         key[1],
-                        mask_bits(mask),
+                        bits,
                         *values,
                         version,
                         created_ms,
@@ -324,7 +333,7 @@ class StateWriter:
             else:
                 updates.append(
                     (
-                        mask_bits(mask),
+                        bits,
                         *values,
                         version,
                         created_ms,
