@@ -34,7 +34,7 @@ from jfsync.sync.ledger import combined, outbox
 from jfsync.sync.ledger.batch import Applied, Batch, Observation, Outcome, Source
 from jfsync.sync.ledger.cache import STATE_CACHE_PAIRS, StateCache
 from jfsync.sync.ledger.clock import Clock
-from jfsync.sync.ledger.codec import Key, fetch, mask_bits, ordered
+from jfsync.sync.ledger.codec import Key, Pair, fetch, mask_bits, ordered
 from jfsync.sync.ledger.combined import PeerOutbox
 from jfsync.sync.ledger.errors import LedgerError
 from jfsync.sync.ledger.lock import LedgerFile
@@ -544,28 +544,31 @@ class Ledger:
         server maps (has) are queued. Returns the rows touched.
         """
         sid = self._sid(server)
-        synced = self.policy.synced
 
         def work(tx: StateWriter) -> int:
             uid = self._maps.user_id(tx.db, user)
             pairs = tx.unknown_to(sid, uid, only_mapped=only_mapped)
             if not pairs:
                 return 0
-            batch = self._batch(tx)
-            batch.load(pairs)
-            version = batch.tick(wall_ms)
-            touched = 0
-            for pair in sorted(pairs):
-                canonical = batch.canon[pair]
-                owed = frozenset(
-                    r for r in synced if canonical.data.get(r) != DEFAULT_USER_DATA.get(r)
-                )
-                if owed and batch.refresh_row((*pair, sid), owed, canonical.data, version, wall_ms):
-                    touched += 1
-            batch.flush()
-            return touched
+            return self._queue_unknown(tx, sid, pairs, wall_ms)
 
         return await self._write(work)
+
+    def _queue_unknown(self, tx: StateWriter, sid: int, pairs: set[Pair], wall_ms: int) -> int:
+        """Queue, for server ``sid``, the non-default registers of ``pairs`` (items it has no
+        history of), on SQLite's thread inside ``tx``; return the rows touched."""
+        synced = self.policy.synced
+        batch = self._batch(tx)
+        batch.load(pairs)
+        version = batch.tick(wall_ms)
+        touched = 0
+        for pair in sorted(pairs):
+            canonical = batch.canon[pair]
+            owed = frozenset(r for r in synced if canonical.data.get(r) != DEFAULT_USER_DATA.get(r))
+            if owed and batch.refresh_row((*pair, sid), owed, canonical.data, version, wall_ms):
+                touched += 1
+        batch.flush()
+        return touched
 
     # ------------------------------------------------------------------ reads
 
@@ -1264,7 +1267,6 @@ class Ledger:
         if span < 1:
             raise ValueError(f"a step covers at least one item, not {span}")
         sid = self._sid(server)
-        synced = self.policy.synced
 
         def work(tx: StateWriter) -> tuple[int, int | None]:
             uid = combined.user_id(tx.db, user)
@@ -1275,18 +1277,6 @@ class Ledger:
             )
             if not pairs:
                 return 0, last
-            batch = self._batch(tx)
-            batch.load(pairs)
-            version = batch.tick(wall_ms)
-            touched = 0
-            for pair in sorted(pairs):
-                canonical = batch.canon[pair]
-                owed = frozenset(
-                    r for r in synced if canonical.data.get(r) != DEFAULT_USER_DATA.get(r)
-                )
-                if owed and batch.refresh_row((*pair, sid), owed, canonical.data, version, wall_ms):
-                    touched += 1
-            batch.flush()
-            return touched, last
+            return self._queue_unknown(tx, sid, pairs, wall_ms), last
 
         return await self._write(work)
