@@ -440,6 +440,20 @@ def rows_for(found: dict[str, dict[str, Any]], runs: dict[str, Run]) -> list[Row
                 verdict(ratio <= 1.2),
             )
         )
+        if r.get("burst_floor_cpu_s"):
+            cpu = statistics.median(r["burst_cpu_s"])
+            floor_cpu = statistics.median(r["burst_floor_cpu_s"])
+            rows.append(
+                Row(
+                    "burst CPU (jfsync's process, the bare client's)",
+                    bsize,
+                    f"{cpu:.2f} s",
+                    f"bare aiohttp {floor_cpu:.2f} s",
+                    f"{cpu / floor_cpu:.2f}x",
+                    "(no goal; explains the burst)",
+                    "",
+                )
+            )
         first = statistics.median(r["first_write_s"])
         floor = MESSAGE_BASELINE_S / 3
         rows.append(
