@@ -1026,16 +1026,11 @@ class LibraryIndex:
         )
         return _int_pairs(rows)
 
-    async def entry_servers(self, scope: Iterable[int] | None = None) -> dict[int, int]:
-        """Entry -> server id for every entry of a configured server (or those in ``scope``)."""
+    async def entry_servers(self, scope: Iterable[int]) -> dict[int, int]:
+        """Entry -> server id for the entries in ``scope`` of a configured server (all of
+        them: :meth:`entry_server_table`)."""
         await self.ready()
         sids = [self._sids[n] for n in self._order]
-        if scope is None:
-            rows = await self._db().execute_fetchall(
-                f"SELECT id, server FROM index_items WHERE server IN ({_marks(len(sids))})",  # noqa: S608
-                sids,
-            )
-            return dict(_int_pairs(rows))
         found: dict[int, int] = {}
         for chunk in _chunks(sorted(set(scope)), _CHUNK):
             rows = await self._db().execute_fetchall(
@@ -1045,6 +1040,29 @@ class LibraryIndex:
             )
             found.update((int(r[0]), int(r[1])) for r in rows)
         return found
+
+    async def entry_server_table(self) -> bytearray | dict[int, int]:
+        """Entry -> server id for every entry of a configured server, built on SQLite's thread
+        from the rows as they come (the event loop never walks the whole index, and no dict of
+        the whole index is made on the way).
+
+        Returned as a table indexed by entry holding the server id plus one (0: no entry), one
+        byte an entry, when the entries are dense enough and the server ids fit a byte; as a
+        dict otherwise (sparse entry ids, server ids over 254).
+        """
+        await self.ready()
+        sids = [self._sids[n] for n in self._order]
+        where = f"WHERE server IN ({_marks(len(sids))})"
+
+        def build(conn: sqlite3.Connection) -> bytearray | dict[int, int]:
+            low, top, count = conn.execute(
+                f"SELECT MIN(id), MAX(id), COUNT(*) FROM index_items {where}",  # noqa: S608
+                sids,
+            ).fetchone()
+            rows = conn.execute(f"SELECT id, server FROM index_items {where}", sids)  # noqa: S608
+            return entry_table(rows, count, low or 0, top or 0, sids)
+
+        return await run_on_thread(self._db(), build)
 
     async def entries_of(self, server: str, remote_ids: Iterable[str]) -> dict[str, int]:
         """Remote id -> index entry, for the server's ids among ``remote_ids`` the index holds."""
@@ -1259,13 +1277,14 @@ class LibraryIndex:
         return found
 
     async def mapped_keys(self) -> dict[str, set[str]]:
-        """The canonical keys each configured server's id map holds now."""
-        rows = await self._db().execute_fetchall(
-            "SELECT si.server, i.key FROM server_items si JOIN items i ON i.id = si.item"
-        )
+        """The canonical keys each configured server's id map holds now.
+
+        Hundreds of thousands of rows: put into the sets on SQLite's thread as they are read,
+        never held as a list of rows nor walked by the event loop.
+        """
         found: dict[str, set[str]] = {n: set() for n in self._order}
-        # Hundreds of thousands of rows: sorted into sets in a worker thread.
-        await asyncio.to_thread(self._add_held, found, rows)
+        sql = "SELECT si.server, i.key FROM server_items si JOIN items i ON i.id = si.item"
+        await run_on_thread(self._db(), lambda conn: self._add_held(found, conn.execute(sql)))
         return found
 
     async def held_keys(
@@ -1762,6 +1781,23 @@ def _prepare_rows(
     }
     keys = {e.remote_id: provider_keys(e, series.get(e.series_id or "")) for e in entries}
     return rows, keys
+
+
+def entry_table(
+    rows: Iterable[tuple[int, int]], count: int, low: int, top: int, sids: Iterable[int]
+) -> bytearray | dict[int, int]:
+    """(entry, server id) ``rows`` as :meth:`LibraryIndex.entry_server_table` returns them:
+    ``count`` rows of entries from ``low`` to ``top``, of the servers ``sids``. A table holding
+    the server id plus one at each entry (0: none) when it stays within four bytes an entry
+    (plus a megabyte) and the server ids fit a byte; a dict otherwise."""
+    if not count:
+        return bytearray()
+    if low < 0 or top > 4 * count + 1_000_000 or any(not 0 <= s < 255 for s in sids):
+        return {int(entry): int(sid) for entry, sid in rows}
+    table = bytearray(top + 1)
+    for entry, sid in rows:
+        table[entry] = sid + 1
+    return table
 
 
 def _indexed(server: str, r: Sequence[Any]) -> IndexedItem:
