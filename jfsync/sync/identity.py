@@ -220,6 +220,14 @@ class PairMatcher:
                 result.kept.add(a)
                 self._taken_b[b] = a
 
+    def release(self) -> PairResult:
+        """The result, with what the matcher kept on the side (a whole library of it) freed a
+        slice at a time (see :func:`_drain`); no rule can be applied afterwards."""
+        _drain(self._taken_b)
+        _drain(self._refused_a)
+        _drain(self._refused_b)
+        return self.result
+
     def apply(self, rule: str, edges: Iterable[tuple[int, int]]) -> None:
         """Match the entries still free that are each other's only candidate under ``rule``."""
         self._kept = {}
@@ -245,6 +253,9 @@ class PairMatcher:
             if b not in taken_b:
                 refused_b.add(b)
                 result.ambiguous[b] = rule
+        # A whole library's candidates: freed a slice at a time (see _drain).
+        _drain(cand_a)
+        _drain(cand_b)
 
 
 def match_pair(
@@ -308,7 +319,7 @@ def build_groups(
         if mask & bit:
             bad.add(root)
         seen[root] = mask | bit
-    del seen
+    _drain(seen)
     # The union-find map becomes the result (every entry now points at its root).
     groups = cast(dict[int, "int | None"], parent)
     conflicts: set[int] = set()
@@ -590,13 +601,13 @@ class IndexedIdentity:
         """The kept form of a complete match of one pair, with its unmatched sample; empties
         ``pair`` (CPU-bound for a large library, and so is freeing its dicts: run it in a
         thread, so neither happens on the event loop)."""
-        pair.kept.clear()
+        _drain(pair.kept)
         unmatched = self._unmatched_sample(pair, conflicts, entry_server)
         found = _PairState.of(pair)
         found.unmatched = unmatched
-        pair.matched.clear()
-        pair.rule_of.clear()
-        pair.ambiguous.clear()
+        _drain(pair.matched)
+        _drain(pair.rule_of)
+        _drain(pair.ambiguous)
         return found
 
     async def _rematch_some(self, dirty: set[int], stale: Mapping[str, set[str]]) -> IdentityChange:
@@ -686,14 +697,18 @@ class IndexedIdentity:
                     matcher.confirm(rule, found)
                 else:
                     await asyncio.to_thread(_consume, matcher.confirm, rule, found)
-            del kept  # the matcher's reference goes in its first apply (in the thread)
+            if small:
+                kept.clear()
+            else:
+                await asyncio.to_thread(_drain, kept)  # a whole library's: see _drain
+            del kept
         for rule in RULES:
             found = await edges(rule)
             if small:
                 matcher.apply(rule, found)
             else:
                 await asyncio.to_thread(_consume, matcher.apply, rule, found)
-        return matcher.result
+        return matcher.result if small else await asyncio.to_thread(matcher.release)
 
     async def _apply(
         self,
@@ -954,8 +969,9 @@ class IndexedIdentity:
         a, b = pair.servers
         sids = (self._index.sid(a), self._index.sid(b))
         matched, ambiguous = pair.matched, pair.ambiguous
-        partners = set(matched.values())
-        return heapq.nsmallest(
+        # A generator: built from Python, not in one C call over them all (see _drain).
+        partners = set(b for b in matched.values())
+        found = heapq.nsmallest(
             SAMPLE_SIZE,
             (
                 e
@@ -967,6 +983,8 @@ class IndexedIdentity:
                 and e not in conflicts
             ),
         )
+        _drain(partners)
+        return found
 
     # ------------------------------------------------------------------ scanning
 
@@ -1024,45 +1042,79 @@ class IndexedIdentity:
         return result
 
 
+#: Elements freed per C call by :func:`_drain` (a fraction of a millisecond each).
+_DRAIN_STEP = 4096
+
+
+def _drain(container: list[Any] | dict[Any, Any] | set[Any]) -> None:
+    """Empty ``container`` a slice at a time.
+
+    Freeing a whole library's tuples, dicts or sets at once (``clear()``, or the last
+    reference going) is one C call holding the GIL all along: tens of milliseconds at 2 x 200k
+    items, during which the event loop cannot run, from whichever thread does it. Emptied in
+    slices from Python, the thread lets the loop run every few milliseconds.
+    """
+    if isinstance(container, list):
+        while container:
+            del container[-_DRAIN_STEP:]
+    elif isinstance(container, dict):
+        pop = container.popitem
+        while container:
+            for _ in range(min(_DRAIN_STEP, len(container))):
+                pop()
+    else:
+        take = container.pop
+        while container:
+            for _ in range(min(_DRAIN_STEP, len(container))):
+                take()
+
+
 def _dict_of(pairs: list[tuple[int, int]]) -> dict[int, int]:
-    """``dict(pairs)``, emptying ``pairs`` (in a worker thread, freeing its tuples there)."""
-    try:
-        return dict(pairs)
-    finally:
-        pairs.clear()
+    """``dict(pairs)``, emptying ``pairs``: built and freed from Python, a slice at a time
+    (run it in a worker thread; see :func:`_drain`)."""
+    found: dict[int, int] = {}
+    for a, b in pairs:
+        found[a] = b
+    _drain(pairs)
+    return found
 
 
 def _consume(
     step: Callable[[str, list[tuple[int, int]]], None], rule: str, pairs: list[tuple[int, int]]
 ) -> None:
-    """``step(rule, pairs)``, then empty ``pairs`` (in a worker thread: a rule's candidate
-    pairs of a whole library, freed on the event loop, stalled it for tens of ms)."""
+    """``step(rule, pairs)``, then empty ``pairs`` (in a worker thread, a slice at a time: a
+    rule's candidate pairs of a whole library, freed on the event loop, stalled it for tens
+    of milliseconds)."""
     try:
         step(rule, pairs)
     finally:
-        pairs.clear()
+        _drain(pairs)
 
 
 def _union(sets: Iterable[set[str]]) -> set[str]:
-    """Every element of ``sets`` (a whole library's keys: run it in a thread)."""
+    """Every element of ``sets``, added from Python (a whole library's keys: run it in a
+    thread; one ``set.update`` of them all holds the GIL without a pause)."""
     found: set[str] = set()
+    add = found.add
     for one in sets:
-        found.update(one)
+        for key in one:
+            add(key)
     return found
 
 
 def _clear(*containers: set[str] | dict[str, set[str]]) -> None:
-    """Empty each container, and the sets a dict holds (freeing a whole library's keys in a
-    worker thread rather than on the event loop)."""
+    """Empty each container, and the sets a dict holds, a slice at a time (a whole library's
+    keys: run it in a worker thread)."""
     for container in containers:
         if isinstance(container, dict):
             for member in container.values():
-                member.clear()
-        container.clear()
+                _drain(member)
+        _drain(container)
 
 
-#: Values per bucket of :func:`_sorted_ints`, as a shift (65,536 apart at most).
-_BUCKET_BITS = 16
+#: Values per bucket of :func:`_sorted_ints`, as a shift (8,192 apart at most: a sort of a
+#: bucket takes well under a millisecond).
+_BUCKET_BITS = 13
 
 
 def _sorted_ints(values: Iterable[int]) -> array[int]:
@@ -1180,7 +1232,7 @@ def _compact_groups(
     the union-find dict is freed there too)."""
     groups, conflicts = build_groups(pairs, entry_server)
     compact = _Groups.of(groups)
-    groups.clear()
+    _drain(groups)
     return compact, conflicts
 
 
