@@ -26,7 +26,6 @@ import logging
 import marshal
 import os
 import sqlite3
-import sys
 import tempfile
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -272,14 +271,6 @@ class ReconcileOutcome:
         return not self.failures and not self.problems
 
 
-#: How long a thread busy in Python keeps the GIL while another waits for it, during a
-#: reconcile (Python's default is 5 ms). The event loop gives the GIL up at every system call
-#: (each socket read and write, each wait for events) and, while SQLite's thread or a
-#: matching thread runs Python, waited up to this long to get it back each time: tens of
-#: milliseconds for one turn of the loop. Switching more often costs those threads little.
-SWITCH_INTERVAL_S = 0.001
-
-
 async def run_reconcile(
     config: Config,
     *,
@@ -298,25 +289,6 @@ async def run_reconcile(
     # Whole-library passes free large blocks one after the other: have them unmapped when
     # freed, not kept in the heap (glibc; a no-op elsewhere). See jfsync.heap.
     map_large_blocks()
-    switching = sys.getswitchinterval()
-    sys.setswitchinterval(min(switching, SWITCH_INTERVAL_S))
-    try:
-        await _run_in(config, dry_run, clock, outcome, dict(pusher_options or {}))
-    finally:
-        sys.setswitchinterval(switching)
-    if out is not None:
-        print_outcome(outcome, out, sample=sample)
-    return outcome
-
-
-async def _run_in(
-    config: Config,
-    dry_run: bool,
-    clock: Clock,
-    outcome: ReconcileOutcome,
-    pusher_options: dict[str, Any],
-) -> None:
-    """The reconcile on the ledger, or on a copy of it for a dry run."""
     with tempfile.TemporaryDirectory(prefix="jfsync-reconcile-") as tmp:
         work = Path(tmp) / "ledger.db" if dry_run else config.ledger
         if dry_run:
@@ -326,9 +298,14 @@ async def _run_in(
         await ledger.open()
         try:
             async with aiohttp.ClientSession() as session:
-                await _reconcile_with(work_config, ledger, session, clock, outcome, pusher_options)
+                await _reconcile_with(
+                    work_config, ledger, session, clock, outcome, dict(pusher_options or {})
+                )
         finally:
             await ledger.close()
+    if out is not None:
+        print_outcome(outcome, out, sample=sample)
+    return outcome
 
 
 async def _reconcile_with(
