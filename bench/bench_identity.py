@@ -18,19 +18,19 @@ measuring process are jfsync's alone (its peak RSS excludes the emulators).
   (which must find nothing to do).
 
 Issue 13's figures, measured in the same run: the worst event-loop stall (``looplag.py``) during
-the index build, the catch-ups, the reconcile and a refresh; the bytes this process wrote to
-disk (``/proc/self/io``) during the index build, its scans alone (into the index file) and with
-the first match (which writes the id maps into the ledger), next to the size on disk of what
-jfsync keeps (``ledger_mib``: the ledger and its index file ``<ledger>.index``, each with its
-write-ahead log; ``index_file_mib``: the index file alone); in ``catchup``, the
-one-item refresh of goal 5 (one item of a moved: its ``LibraryChanged``, old id removed and new
-id added, re-read and matched again through ``IndexedIdentity.library_changed``), then a rescan
-of a with nothing else changed (its time, bytes written and loop stall; both report whether
-they fell back to matching everything again); and in
-``reconcile``, the floor: a bare aiohttp client listing both libraries with every user's data
-(every item, pages of 1,000, what a scan asks for) plus a bare write loop making the same
-writes as the reconcile (same route and body, at the pusher's concurrency), run on the
-reconciled servers right after it.
+the index build, the catch-ups, the reconcile (also per phase of it: the scans, the match, the
+catch-ups and the delivery, told apart by jfsync's own log lines) and a refresh; the bytes this
+process wrote to disk (``/proc/self/io``) during the index build, its scans alone (into the index
+file) and with the first match (which writes the id maps into the ledger), next to the size on disk
+of what jfsync keeps (``ledger_mib``: the ledger and its index file ``<ledger>.index``, each with
+its write-ahead log; ``index_file_mib``: the index file alone); in ``catchup``, the one-item
+refresh of goal 5 (one item of a moved: its ``LibraryChanged``, old id removed and new id added,
+re-read and matched again through ``IndexedIdentity.library_changed``), then a rescan of a with
+nothing else changed (its time, bytes written and loop stall; both report whether they fell back to
+matching everything again); and in ``reconcile``, the floor: a bare aiohttp client listing both
+libraries with every user's data (every item, pages of 1,000, what a scan asks for) plus a bare
+write loop making the same writes as the reconcile (same route and body, at the pusher's
+concurrency), run on the reconciled servers right after it.
 
     .venv/bin/python bench/bench_identity.py                  # both scenarios
     .venv/bin/python bench/bench_identity.py catchup --items 100000
@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import random
 import resource
 import signal
@@ -478,6 +479,49 @@ async def full_scan(
     return len(differing)
 
 
+#: The reconcile's phases, each ended by the first jfsync log line starting with one of these
+#: (the last server's scan, the match, the catch-ups); delivery and the report run to the end.
+RECONCILE_PHASES = (
+    ("index", ("library index built",)),
+    ("match", ("matched items of",)),
+    ("catchups", ("full reconcile:",)),
+    ("delivery", ()),
+)
+
+
+class PhaseMarks(logging.Handler):
+    """Notes when jfsync logged the end of each phase of a reconcile (monotonic time), and
+    collects the loop probe's stalls (``write`` takes its ``<time> <ms>`` lines)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.ends: dict[str, float] = {}
+        self.stalls: list[tuple[float, float]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        for phase, starts in RECONCILE_PHASES:
+            if phase not in self.ends and any(text.startswith(s) for s in starts):
+                self.ends[phase] = time.monotonic()
+
+    def write(self, line: str) -> None:
+        when, _, ms = line.partition(" ")
+        self.stalls.append((float(when), float(ms)))
+
+    def flush(self) -> None:
+        """Nothing buffered."""
+
+    def worst_by_phase(self, start: float, end: float) -> dict[str, float]:
+        """The worst stall (ms) within each phase, in order."""
+        worst: dict[str, float] = {}
+        begin = start
+        for phase, _ in RECONCILE_PHASES:
+            until = self.ends.get(phase, end) if phase != "delivery" else end
+            worst[phase] = max((ms for at, ms in self.stalls if begin <= at <= until), default=0.0)
+            begin = max(begin, until)
+        return worst
+
+
 #: Path roots of the servers of the reconcile scenario, in order (``--servers`` takes the first N).
 RECONCILE_ROOTS = {"a": "/mnt/a", "b": "/srv/b", "c": "/data/c"}
 
@@ -500,11 +544,24 @@ async def reconcile_scenario(
             }
             result["peak_rss_start_mib"] = peak_rss_mib()
             written = write_bytes()
-            async with LoopLag() as probe:
-                started = time.perf_counter()
-                real = await run_reconcile(config, dry_run=False)
-                result["reconcile_s"] = time.perf_counter() - started
+            # Where the worst stalls were: per phase, from jfsync's own log lines.
+            marks = PhaseMarks()
+            jfsync_log = logging.getLogger("jfsync")
+            level = jfsync_log.level
+            jfsync_log.addHandler(marks)
+            jfsync_log.setLevel(logging.INFO)
+            try:
+                async with LoopLag(marks) as probe:  # type: ignore[arg-type]  # a writer
+                    began = time.monotonic()
+                    started = time.perf_counter()
+                    real = await run_reconcile(config, dry_run=False)
+                    result["reconcile_s"] = time.perf_counter() - started
+                    ended = time.monotonic()
+            finally:
+                jfsync_log.removeHandler(marks)
+                jfsync_log.setLevel(level)
             result["reconcile_stall_ms"] = probe.worst_ms
+            result["reconcile_stall_by_phase_ms"] = marks.worst_by_phase(began, ended)
             result["reconcile_written_mib"] = (write_bytes() - written) / 2**20
             result["peak_rss_mib"] = peak_rss_mib()
             result["writes"] = len(real.writes)
@@ -527,7 +584,12 @@ async def reconcile_scenario(
                 f"{result['floor_s']:.2f} s (bare listing {result['floor_list_s']:.2f} s of "
                 f"{result['floor_listed']} items, bare writes {result['floor_write_s']:.2f} s of "
                 f"{result['writes']}): {result['reconcile_s'] / result['floor_s']:.2f}x; "
-                f"worst loop stall {result['reconcile_stall_ms']:.0f} ms",
+                f"worst loop stall {result['reconcile_stall_ms']:.0f} ms ("
+                + ", ".join(
+                    f"{phase} {ms:.0f}"
+                    for phase, ms in result["reconcile_stall_by_phase_ms"].items()
+                )
+                + ")",
                 flush=True,
             )
             return result

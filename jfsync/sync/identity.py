@@ -220,6 +220,14 @@ class PairMatcher:
                 result.kept.add(a)
                 self._taken_b[b] = a
 
+    def release(self) -> PairResult:
+        """The result, with what the matcher kept on the side (a whole library of it) freed a
+        slice at a time (see :func:`_drain`); no rule can be applied afterwards."""
+        _drain(self._taken_b)
+        _drain(self._refused_a)
+        _drain(self._refused_b)
+        return self.result
+
     def apply(self, rule: str, edges: Iterable[tuple[int, int]]) -> None:
         """Match the entries still free that are each other's only candidate under ``rule``."""
         self._kept = {}
@@ -245,6 +253,9 @@ class PairMatcher:
             if b not in taken_b:
                 refused_b.add(b)
                 result.ambiguous[b] = rule
+        # A whole library's candidates: freed a slice at a time (see _drain).
+        _drain(cand_a)
+        _drain(cand_b)
 
 
 def match_pair(
@@ -308,7 +319,7 @@ def build_groups(
         if mask & bit:
             bad.add(root)
         seen[root] = mask | bit
-    del seen
+    _drain(seen)
     # The union-find map becomes the result (every entry now points at its root).
     groups = cast(dict[int, "int | None"], parent)
     conflicts: set[int] = set()
@@ -548,8 +559,9 @@ class IndexedIdentity:
         started = self._clock.monotonic()
         # What the scans freed goes back before the match's own whole-library structures.
         await asyncio.to_thread(release_free_memory)
+        sids = [self._index.sid(n) for n in self._names]
         entry_server, counts = await asyncio.to_thread(
-            _EntryServers.of, await self._index.entry_servers()
+            _EntryServers.of, await self._index.entry_server_table(), sids
         )
         present = [n for n in self._names if counts[self._index.sid(n)]]
         pairs: list[PairResult] = []
@@ -560,13 +572,10 @@ class IndexedIdentity:
         state = _MatchState(present, {}, conflicts, len(entry_server))
         while pairs:
             pair = pairs.pop(0)
-            pair.kept.clear()
-            unmatched = await asyncio.to_thread(
-                self._unmatched_sample, pair, conflicts, entry_server
+            # Kept in compact form: the pair's dicts go (in the thread) once it is built.
+            state.pairs[pair.servers] = await asyncio.to_thread(
+                self._keep_pair, pair, conflicts, entry_server
             )
-            # Kept in compact form: the pair's dicts go as soon as it is built.
-            state.pairs[pair.servers] = found = await asyncio.to_thread(_PairState.of, pair)
-            found.unmatched = unmatched
             del pair
         del entry_server  # large; not needed to write the id maps
         await self._update_status(state, counts)
@@ -585,6 +594,21 @@ class IndexedIdentity:
             change.retired,
         )
         return change
+
+    def _keep_pair(
+        self, pair: PairResult, conflicts: set[int], entry_server: Mapping[int, int]
+    ) -> _PairState:
+        """The kept form of a complete match of one pair, with its unmatched sample; empties
+        ``pair`` (CPU-bound for a large library, and so is freeing its dicts: run it in a
+        thread, so neither happens on the event loop)."""
+        _drain(pair.kept)
+        unmatched = self._unmatched_sample(pair, conflicts, entry_server)
+        found = _PairState.of(pair)
+        found.unmatched = unmatched
+        _drain(pair.matched)
+        _drain(pair.rule_of)
+        _drain(pair.ambiguous)
+        return found
 
     async def _rematch_some(self, dirty: set[int], stale: Mapping[str, set[str]]) -> IdentityChange:
         """Match again only what ``dirty`` entries are linked to (directly or not), and
@@ -650,8 +674,9 @@ class IndexedIdentity:
     async def _match(self, a: str, b: str, scope: set[int] | None = None) -> PairResult:
         """Match one pair, reading one rule's candidates at a time (twice with earlier matches:
         first to confirm them, then to match the rest); only the entries in ``scope`` (a set
-        closed under links) when given. The matching itself runs in a worker thread: the
-        event loop goes on meanwhile."""
+        closed under links) when given. For a whole library the matching runs in a worker
+        thread, and so does freeing each rule's candidate pairs (hundreds of thousands of
+        tuples): the event loop goes on meanwhile."""
         index = self._index
 
         async def edges(rule: Rule) -> list[tuple[int, int]]:
@@ -660,7 +685,7 @@ class IndexedIdentity:
             return await index.scoped_edges(rule, a, b, scope)
 
         if scope is None:
-            kept = dict(await index.mapped_pairs(a, b))
+            kept = await asyncio.to_thread(_dict_of, await index.mapped_pairs(a, b))
         else:
             kept = dict(await index.scoped_mapped_pairs(a, b, scope))
         matcher = PairMatcher((a, b), kept)
@@ -671,15 +696,19 @@ class IndexedIdentity:
                 if small:
                     matcher.confirm(rule, found)
                 else:
-                    await asyncio.to_thread(matcher.confirm, rule, found)
+                    await asyncio.to_thread(_consume, matcher.confirm, rule, found)
+            if small:
+                kept.clear()
+            else:
+                await asyncio.to_thread(_drain, kept)  # a whole library's: see _drain
             del kept
         for rule in RULES:
             found = await edges(rule)
             if small:
                 matcher.apply(rule, found)
             else:
-                await asyncio.to_thread(matcher.apply, rule, found)
-        return matcher.result
+                await asyncio.to_thread(_consume, matcher.apply, rule, found)
+        return matcher.result if small else await asyncio.to_thread(matcher.release)
 
     async def _apply(
         self,
@@ -706,7 +735,9 @@ class IndexedIdentity:
                 {f"{r.server}:{r.remote_id}" for r in rows},
             )
             pages = _once(rows)
-        taken: set[str] = set().union(*held.values()) if held else set()
+        # Every key a server holds: hundreds of thousands after a first match, so put
+        # together in a worker thread (one set union walks them all without a pause).
+        taken = await asyncio.to_thread(_union, held.values())
         claimed: set[str] = set()
         plans = {n: _ServerPlan() for n in self._names}
         retire: set[str] = set()
@@ -765,6 +796,9 @@ class IndexedIdentity:
                 writing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await writing
+        # The whole library's keys (and, after a first match, most of their strings) are
+        # freed in a worker thread, not on the event loop.
+        await asyncio.to_thread(_clear, claimed, taken, held)
         if retire:
             retired = await self._ledger.retire_items(sorted(retire))
             change = change | IdentityChange(retired=len(retired))
@@ -935,8 +969,9 @@ class IndexedIdentity:
         a, b = pair.servers
         sids = (self._index.sid(a), self._index.sid(b))
         matched, ambiguous = pair.matched, pair.ambiguous
-        partners = set(matched.values())
-        return heapq.nsmallest(
+        # A generator: built from Python, not in one C call over them all (see _drain).
+        partners = set(b for b in matched.values())
+        found = heapq.nsmallest(
             SAMPLE_SIZE,
             (
                 e
@@ -948,6 +983,8 @@ class IndexedIdentity:
                 and e not in conflicts
             ),
         )
+        _drain(partners)
+        return found
 
     # ------------------------------------------------------------------ scanning
 
@@ -1005,6 +1042,104 @@ class IndexedIdentity:
         return result
 
 
+#: Elements freed per C call by :func:`_drain` (a fraction of a millisecond each).
+_DRAIN_STEP = 4096
+
+
+def _drain(container: list[Any] | dict[Any, Any] | set[Any]) -> None:
+    """Empty ``container`` a slice at a time.
+
+    Freeing a whole library's tuples, dicts or sets at once (``clear()``, or the last
+    reference going) is one C call holding the GIL all along: tens of milliseconds at 2 x 200k
+    items, during which the event loop cannot run, from whichever thread does it. Emptied in
+    slices from Python, the thread lets the loop run every few milliseconds.
+    """
+    if isinstance(container, list):
+        while container:
+            del container[-_DRAIN_STEP:]
+    elif isinstance(container, dict):
+        pop = container.popitem
+        while container:
+            for _ in range(min(_DRAIN_STEP, len(container))):
+                pop()
+    else:
+        take = container.pop
+        while container:
+            for _ in range(min(_DRAIN_STEP, len(container))):
+                take()
+
+
+def _dict_of(pairs: list[tuple[int, int]]) -> dict[int, int]:
+    """``dict(pairs)``, emptying ``pairs``: built and freed from Python, a slice at a time
+    (run it in a worker thread; see :func:`_drain`)."""
+    found: dict[int, int] = {}
+    for a, b in pairs:
+        found[a] = b
+    _drain(pairs)
+    return found
+
+
+def _consume(
+    step: Callable[[str, list[tuple[int, int]]], None], rule: str, pairs: list[tuple[int, int]]
+) -> None:
+    """``step(rule, pairs)``, then empty ``pairs`` (in a worker thread, a slice at a time: a
+    rule's candidate pairs of a whole library, freed on the event loop, stalled it for tens
+    of milliseconds)."""
+    try:
+        step(rule, pairs)
+    finally:
+        _drain(pairs)
+
+
+def _union(sets: Iterable[set[str]]) -> set[str]:
+    """Every element of ``sets``, added from Python (a whole library's keys: run it in a
+    thread; one ``set.update`` of them all holds the GIL without a pause)."""
+    found: set[str] = set()
+    add = found.add
+    for one in sets:
+        for key in one:
+            add(key)
+    return found
+
+
+def _clear(*containers: set[str] | dict[str, set[str]]) -> None:
+    """Empty each container, and the sets a dict holds, a slice at a time (a whole library's
+    keys: run it in a worker thread)."""
+    for container in containers:
+        if isinstance(container, dict):
+            for member in container.values():
+                _drain(member)
+        _drain(container)
+
+
+#: Values per bucket of :func:`_sorted_ints`, as a shift (8,192 apart at most: a sort of a
+#: bucket takes well under a millisecond).
+_BUCKET_BITS = 13
+
+
+def _sorted_ints(values: Iterable[int]) -> array[int]:
+    """``values`` sorted, in an array of signed 64-bit ints.
+
+    Meant for a whole library's entries, in a worker thread: one ``sorted()`` of hundreds of
+    thousands of ints is a single C call holding the GIL all along (it stalled the event loop
+    50 ms at 3 x 100k items). The values are spread into buckets by their high bits in Python
+    (which lets the loop run every few milliseconds) and each bucket is sorted on its own.
+    """
+    buckets: dict[int, list[int]] = {}
+    for value in values:
+        bucket = buckets.get(value >> _BUCKET_BITS)
+        if bucket is None:
+            buckets[value >> _BUCKET_BITS] = [value]
+        else:
+            bucket.append(value)
+    out = array("q")
+    for high in sorted(buckets):
+        bucket = buckets.pop(high)
+        bucket.sort()
+        out.extend(bucket)
+    return out
+
+
 class _EntryServers(Mapping[int, int]):
     """entry -> server id for a whole index in one byte an entry (a table indexed by entry,
     0 where there is none), where a dict of int objects took about 80."""
@@ -1016,18 +1151,17 @@ class _EntryServers(Mapping[int, int]):
         self._size = size
 
     @staticmethod
-    def of(found: Mapping[int, int]) -> tuple[Mapping[int, int], Counter[int]]:
-        """The compact form of ``found`` (``found`` itself when its entries or server ids do
-        not fit one: sparse entry ids, server ids over 254), with the entries per server."""
-        top = max(found, default=0)
-        low = min(found, default=0)
-        sids = set(found.values())
-        if low < 0 or top > 4 * len(found) + 1_000_000 or any(not 0 <= s < 255 for s in sids):
+    def of(
+        found: bytearray | dict[int, int], sids: Iterable[int]
+    ) -> tuple[Mapping[int, int], Counter[int]]:
+        """The mapping over what :meth:`LibraryIndex.entry_server_table` returned (a dict, for
+        entries or server ids that do not fit a table, as it is), with the entries of each of
+        ``sids`` (the configured servers' ids; counted byte by byte in C on a table, walked in
+        Python on a dict: run it in a thread)."""
+        if isinstance(found, dict):
             return found, Counter(found.values())
-        table = bytearray(top + 1)
-        for entry, sid in found.items():
-            table[entry] = sid + 1
-        return _EntryServers(table, len(found)), Counter({s: table.count(s + 1) for s in sids})
+        counts = Counter({s: n for s in sids if 0 <= s < 255 and (n := found.count(s + 1))})
+        return _EntryServers(found, sum(counts.values())), counts
 
     def __getitem__(self, entry: int) -> int:
         table = self._table
@@ -1068,9 +1202,9 @@ class _Groups(Mapping[int, "int | None"]):
     @staticmethod
     def of(groups: Mapping[int, int | None]) -> _Groups:
         """The compact form of ``groups`` (entries and groups are positive index ids)."""
-        keys = sorted(groups)
-        values = array("q", [-1 if (g := groups[k]) is None else g for k in keys])
-        return _Groups(array("q", keys), values)
+        keys = _sorted_ints(groups)
+        values = array("q", (-1 if (g := groups[k]) is None else g for k in keys))
+        return _Groups(keys, values)
 
     def __getitem__(self, entry: int) -> int | None:
         keys = self._keys
@@ -1094,9 +1228,12 @@ class _Groups(Mapping[int, "int | None"]):
 def _compact_groups(
     pairs: Iterable[PairResult], entry_server: Mapping[int, int]
 ) -> tuple[Mapping[int, int | None], set[int]]:
-    """:func:`build_groups` with its result in compact form (CPU-bound: run it in a thread)."""
+    """:func:`build_groups` with its result in compact form (CPU-bound: run it in a thread;
+    the union-find dict is freed there too)."""
     groups, conflicts = build_groups(pairs, entry_server)
-    return _Groups.of(groups), conflicts
+    compact = _Groups.of(groups)
+    _drain(groups)
+    return compact, conflicts
 
 
 #: Rules by their code in :class:`_Matches`.
@@ -1125,12 +1262,12 @@ class _Matches:
         self._changed: dict[int, tuple[int, str]] = {}
         self._dropped: set[int] = set()
         self._size = 0
-        self._build(sorted(matched), matched, rule_of)
+        self._build(_sorted_ints(matched), matched, rule_of)
 
-    def _build(self, keys: list[int], values: Mapping[int, int], rules: Mapping[int, str]) -> None:
-        self._keys = array("q", keys)
-        self._values = array("q", [values[k] for k in keys])
-        self._rules = bytes([_RULE_CODE[rules[k]] for k in keys])
+    def _build(self, keys: array[int], values: Mapping[int, int], rules: Mapping[int, str]) -> None:
+        self._keys = keys
+        self._values = array("q", (values[k] for k in keys))
+        self._rules = bytes(_RULE_CODE[rules[k]] for k in keys)
         self._changed = {}
         self._dropped = set()
         self._size = len(keys)
@@ -1194,7 +1331,19 @@ class _Matches:
         for entry, partner, rule in self.items():
             values[entry] = partner
             rules[entry] = rule
-        self._build(sorted(values), values, rules)
+        self._build(_sorted_ints(values), values, rules)
+
+    def rule_counts(self) -> Counter[str]:
+        """Matches per rule: on the arrays alone, a byte count per rule (in C, no walk of the
+        matches); with changes on top of them, counted over :meth:`items`."""
+        counts: Counter[str] = Counter()
+        if self._changed or self._dropped:
+            counts.update(rule for _, _, rule in self.items())
+            return counts
+        for code, rule in enumerate(RULES):
+            if n := self._rules.count(code):
+                counts[rule] = n
+        return counts
 
 
 @dataclass(slots=True)
@@ -1212,12 +1361,8 @@ class _PairState:
     @classmethod
     def of(cls, result: PairResult) -> _PairState:
         """The kept form of a complete match of the pair (CPU-bound: run it in a thread)."""
-        return cls(
-            result.servers,
-            _Matches(result.matched, result.rule_of),
-            dict(result.ambiguous),
-            Counter(result.rule_of.values()),
-        )
+        matches = _Matches(result.matched, result.rule_of)
+        return cls(result.servers, matches, dict(result.ambiguous), matches.rule_counts())
 
     def replace(self, scope: set[int], fresh: PairResult) -> None:
         """Drop the results of the entries in ``scope``, then take ``fresh`` ones for them."""

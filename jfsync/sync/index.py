@@ -856,6 +856,11 @@ class LibraryIndex:
         rekey = frozenset(moved)
         result.series = len(series)
         page: list[IndexEntry] = []
+        # The rows and match keys of the page's items, worked out here as the items come, a
+        # slice at a time: that is Python work, and done on another thread it held the GIL
+        # against the event loop (which then waited up to 65 ms for it at 2 x 200k items).
+        prepared = _Prepared()
+        rules = self._rules[sid]
         # A page is stored (in SQLite's thread) while the next one is fetched and parsed.
         storing: asyncio.Task[None] | None = None
         try:
@@ -867,24 +872,28 @@ class LibraryIndex:
                 page_size=page_size,
             ):
                 page.append(IndexEntry.from_dto(item))
-                if len(page) % 250 == 0:
+                if len(page) % _SLICE == 0:
+                    prepared.add(rules, page[-_SLICE:], series)
                     await asyncio.sleep(0)  # a listing page is 1,000 items: let the loop run
                 if len(page) >= page_size * result.tx_pages:
+                    prepared.add(rules, page[len(page) - len(page) % _SLICE :], series)
                     if storing is not None:
                         await storing
                     storing = asyncio.create_task(
-                        self._store_page(sid, gen, page, series, rekey, result, fresh),
+                        self._store_page(sid, gen, page, prepared, series, rekey, result, fresh),
                         name=f"jfsync-index-store[{server}]",
                     )
                     result.items += len(page)
                     page = []
+                    prepared = _Prepared()
                     if on_page is not None:
                         await storing
                         await on_page(server, result.items)
             if storing is not None:
                 await storing
             if page:
-                await self._store_page(sid, gen, page, series, rekey, result, fresh)
+                prepared.add(rules, page[len(page) - len(page) % _SLICE :], series)
+                await self._store_page(sid, gen, page, prepared, series, rekey, result, fresh)
                 result.items += len(page)
                 if on_page is not None:
                     await on_page(server, result.items)
@@ -1026,16 +1035,11 @@ class LibraryIndex:
         )
         return _int_pairs(rows)
 
-    async def entry_servers(self, scope: Iterable[int] | None = None) -> dict[int, int]:
-        """Entry -> server id for every entry of a configured server (or those in ``scope``)."""
+    async def entry_servers(self, scope: Iterable[int]) -> dict[int, int]:
+        """Entry -> server id for the entries in ``scope`` of a configured server (all of
+        them: :meth:`entry_server_table`)."""
         await self.ready()
         sids = [self._sids[n] for n in self._order]
-        if scope is None:
-            rows = await self._db().execute_fetchall(
-                f"SELECT id, server FROM index_items WHERE server IN ({_marks(len(sids))})",  # noqa: S608
-                sids,
-            )
-            return dict(_int_pairs(rows))
         found: dict[int, int] = {}
         for chunk in _chunks(sorted(set(scope)), _CHUNK):
             rows = await self._db().execute_fetchall(
@@ -1045,6 +1049,29 @@ class LibraryIndex:
             )
             found.update((int(r[0]), int(r[1])) for r in rows)
         return found
+
+    async def entry_server_table(self) -> bytearray | dict[int, int]:
+        """Entry -> server id for every entry of a configured server, built on SQLite's thread
+        from the rows as they come (the event loop never walks the whole index, and no dict of
+        the whole index is made on the way).
+
+        Returned as a table indexed by entry holding the server id plus one (0: no entry), one
+        byte an entry, when the entries are dense enough and the server ids fit a byte; as a
+        dict otherwise (sparse entry ids, server ids over 254).
+        """
+        await self.ready()
+        sids = [self._sids[n] for n in self._order]
+        where = f"WHERE server IN ({_marks(len(sids))})"
+
+        def build(conn: sqlite3.Connection) -> bytearray | dict[int, int]:
+            low, top, count = conn.execute(
+                f"SELECT MIN(id), MAX(id), COUNT(*) FROM index_items {where}",  # noqa: S608
+                sids,
+            ).fetchone()
+            rows = conn.execute(f"SELECT id, server FROM index_items {where}", sids)  # noqa: S608
+            return entry_table(rows, count, low or 0, top or 0, sids)
+
+        return await run_on_thread(self._db(), build)
 
     async def entries_of(self, server: str, remote_ids: Iterable[str]) -> dict[str, int]:
         """Remote id -> index entry, for the server's ids among ``remote_ids`` the index holds."""
@@ -1259,13 +1286,14 @@ class LibraryIndex:
         return found
 
     async def mapped_keys(self) -> dict[str, set[str]]:
-        """The canonical keys each configured server's id map holds now."""
-        rows = await self._db().execute_fetchall(
-            "SELECT si.server, i.key FROM server_items si JOIN items i ON i.id = si.item"
-        )
+        """The canonical keys each configured server's id map holds now.
+
+        Hundreds of thousands of rows: put into the sets on SQLite's thread as they are read,
+        never held as a list of rows nor walked by the event loop.
+        """
         found: dict[str, set[str]] = {n: set() for n in self._order}
-        # Hundreds of thousands of rows: sorted into sets in a worker thread.
-        await asyncio.to_thread(self._add_held, found, rows)
+        sql = "SELECT si.server, i.key FROM server_items si JOIN items i ON i.id = si.item"
+        await run_on_thread(self._db(), lambda conn: self._add_held(found, conn.execute(sql)))
         return found
 
     async def held_keys(
@@ -1507,6 +1535,7 @@ class LibraryIndex:
         series: Mapping[str, Mapping[str, str]],
         rekey: frozenset[str] = frozenset(),
         track: ScanResult | None = None,
+        prepared: _Prepared | None = None,
     ) -> int:
         """Store one page of items with their provider keys, in one transaction.
 
@@ -1514,12 +1543,17 @@ class LibraryIndex:
         ``rekey``: its provider ids changed) are updated and re-keyed; unchanged ones are not
         written at all, so a rescan of a stable library writes next to nothing. ``track``
         (a scan under way) notes the entries seen, and the dirty ones: new, changed, and what
-        the changed ones were linked to before. Returns how many items were new or changed.
+        the changed ones were linked to before. ``prepared``: the rows and match keys of
+        ``entries``, when the caller worked them out already. Returns how many items were new
+        or changed.
         """
         if not entries:
             return 0
-        # Rows and match keys are worked out in a worker thread (a page is 1,000 items).
-        rows, keys = await asyncio.to_thread(_prepare_rows, self._rules[sid], entries, series)
+        if prepared is None:
+            # Worked out in a worker thread (a page is 1,000 items).
+            rows, keys = await asyncio.to_thread(_prepare_rows, self._rules[sid], entries, series)
+        else:
+            rows, keys = prepared.rows, prepared.keys
         async with self._tx() as db:
             began = time.perf_counter()
             stored: dict[str, tuple[int, tuple[Any, ...]]] = {}
@@ -1602,37 +1636,34 @@ class LibraryIndex:
         sid: int,
         gen: int,
         entries: Sequence[IndexEntry],
+        prepared: _Prepared,
         series: Mapping[str, Mapping[str, str]],
         rekey: frozenset[str],
         track: ScanResult,
         fresh: bool,
     ) -> None:
         if fresh:
-            await self._store_fresh(sid, gen, entries, series, track)
+            await self._store_fresh(sid, gen, entries, prepared, track)
         else:
-            await self._store_items(sid, gen, entries, series, rekey, track)
+            await self._store_items(sid, gen, entries, series, rekey, track, prepared)
 
     async def _store_fresh(
         self,
         sid: int,
         gen: int,
         entries: Sequence[IndexEntry],
-        series: Mapping[str, Mapping[str, str]],
+        prepared: _Prepared,
         track: ScanResult,
     ) -> None:
-        """Append one page of a bulk scan (every item new) with its keys, in one transaction.
-
-        Rows, keys and the inserts are all done in one call on SQLite's thread: nothing of
-        the page is worked on in the event loop.
-        """
+        """Append one page of a bulk scan (every item new) with its keys, in one transaction,
+        in one call on SQLite's thread (``prepared``: the page's rows and keys)."""
         if not entries:
             return
-        rules = self._rules[sid]
+        rows, keys = prepared.rows, prepared.keys
 
         def append(conn: sqlite3.Connection) -> int:
             top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM index_items").fetchone()
             first = int(top[0]) + 1
-            rows, keys = _prepare_rows(rules, entries, series)
             conn.executemany(
                 "INSERT INTO index_items(id, server, remote_id, item_type, name, year, path, "
                 "match_path, provider_ids, series_id, season, episode, scan) "
@@ -1739,6 +1770,31 @@ class LibraryIndex:
         logger.info("[%s] path rewrites changed; match paths recomputed", server)
 
 
+#: Items parsed, and their rows worked out, between two turns of the event loop in a scan.
+_SLICE = 250
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """The rows and match keys of a page's items (see :func:`_prepare_rows`), added a slice
+    at a time as the items come."""
+
+    rows: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    keys: dict[str, set[str]] = field(default_factory=dict)
+
+    def add(
+        self,
+        rules: Sequence[tuple[str, str]],
+        entries: Sequence[IndexEntry],
+        series: Mapping[str, Mapping[str, str]],
+    ) -> None:
+        """Work out the rows and keys of ``entries`` too."""
+        if entries:
+            rows, keys = _prepare_rows(rules, entries, series)
+            self.rows.update(rows)
+            self.keys.update(keys)
+
+
 def _prepare_rows(
     rules: Sequence[tuple[str, str]],
     entries: Sequence[IndexEntry],
@@ -1762,6 +1818,23 @@ def _prepare_rows(
     }
     keys = {e.remote_id: provider_keys(e, series.get(e.series_id or "")) for e in entries}
     return rows, keys
+
+
+def entry_table(
+    rows: Iterable[tuple[int, int]], count: int, low: int, top: int, sids: Iterable[int]
+) -> bytearray | dict[int, int]:
+    """(entry, server id) ``rows`` as :meth:`LibraryIndex.entry_server_table` returns them:
+    ``count`` rows of entries from ``low`` to ``top``, of the servers ``sids``. A table holding
+    the server id plus one at each entry (0: none) when it stays within four bytes an entry
+    (plus a megabyte) and the server ids fit a byte; a dict otherwise."""
+    if not count:
+        return bytearray()
+    if low < 0 or top > 4 * count + 1_000_000 or any(not 0 <= s < 255 for s in sids):
+        return {int(entry): int(sid) for entry, sid in rows}
+    table = bytearray(top + 1)
+    for entry, sid in rows:
+        table[entry] = sid + 1
+    return table
 
 
 def _indexed(server: str, r: Sequence[Any]) -> IndexedItem:

@@ -11,6 +11,7 @@ full match streams to the id maps.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from unittest.mock import patch
 
 import pytest
@@ -18,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jfsync.sync.identity import PairResult, _EntryServers, _Groups, _Matches, _PairState
-from jfsync.sync.index import RULES
+from jfsync.sync.index import RULES, entry_table
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -124,7 +125,7 @@ def test_changes_are_folded_into_the_arrays_and_lookups_stay_right() -> None:
 @settings(max_examples=100, deadline=None)
 @given(st.dictionaries(st.integers(1, 5000), st.integers(0, 3), max_size=400))
 def test_entry_servers_in_one_byte_an_entry_answer_as_the_dict(found: dict[int, int]) -> None:
-    compact, counts = _EntryServers.of(found)
+    compact, counts = _entry_servers(found)
     assert isinstance(compact, _EntryServers)
     assert dict(compact.items()) == found
     assert sorted(compact) == sorted(found)
@@ -137,9 +138,19 @@ def test_entry_servers_in_one_byte_an_entry_answer_as_the_dict(found: dict[int, 
 
 def test_entry_servers_that_do_not_fit_a_byte_table_stay_a_dict() -> None:
     sparse = {1: 0, 50_000_000: 1}
-    assert _EntryServers.of(sparse) == (sparse, Counter({0: 1, 1: 1}))
+    assert _entry_servers(sparse) == (sparse, Counter({0: 1, 1: 1}))
     many_servers = {1: 0, 2: 300}
-    assert _EntryServers.of(many_servers)[0] is many_servers
+    assert _entry_servers(many_servers)[0] == many_servers
+
+
+def _entry_servers(found: dict[int, int]) -> tuple[Mapping[int, int], Counter[int]]:
+    """What the full match holds for an index whose entries are ``found``: the table as the
+    index builds it from its rows, over the servers present."""
+    sids = set(found.values())
+    table = entry_table(
+        iter(found.items()), len(found), min(found, default=0), max(found, default=0), sids
+    )
+    return _EntryServers.of(table, sids)
 
 
 @settings(max_examples=100, deadline=None)
