@@ -39,7 +39,7 @@ from typing import Any
 from jfsync.errors import JfsyncError, ServerError
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.model import UserData
-from jfsync.sync.catchup import catchup_observations, scan_non_default
+from jfsync.sync.catchup import catchup_observations_in_steps, scan_non_default
 from jfsync.sync.identity import IdentityChange, IndexedIdentity, ItemIdentity
 from jfsync.sync.ledger import Applied, ItemMapping, Ledger, Outcome
 from jfsync.sync.priority import LiveFirst
@@ -257,6 +257,9 @@ class Reconciler:
         states = {items[r]: found.data for r, found in scanned.items() if r in items}
         await self._step()
         known = await self._last_known(server, user)
+        # The whole-user passes below give the loop back between them (each a few ms at
+        # 200,000 items; together they held it for up to 100 ms).
+        await asyncio.sleep(0)
         missing = [k for k, s in known.items() if k not in states and not s.is_default]
         gone: set[str] = set()
         if missing:
@@ -266,11 +269,13 @@ class Reconciler:
             resets = sum(1 for k in still if still[k].is_default)
         else:
             resets = 0
-        known_here = {k: v for k, v in known.items() if k not in gone}
+        known_here = {k: v for k, v in known.items() if k not in gone} if gone else known
         lost: dict[str, UserData] = {}
         non_default = 0
         if guard is not None:
+            await asyncio.sleep(0)
             regressed = regressed_items(known_here, states, ledger.policy.synced)
+            await asyncio.sleep(0)
             non_default = sum(1 for v in known_here.values() if v.holds_data(ledger.policy.synced))
             if hold is not None:
                 # The operator decided: "accept" propagates everything below; "restore"
@@ -286,7 +291,9 @@ class Reconciler:
             if fires:
                 lost = {k: states.pop(k) for k in regressed}
                 known_here = {k: v for k, v in known_here.items() if k not in lost}
-        observations = catchup_observations(server, user, states, known_here, read_ms, read_seq)
+        observations = await catchup_observations_in_steps(
+            server, user, states, known_here, read_ms, read_seq
+        )
         changed = 0
         start = 0
         while start < len(observations):
