@@ -223,15 +223,15 @@ class Intake:
         """Map and register the rest of a bulk message: ``spill`` (converted already), then
         each step of ``steps`` as it is converted, :data:`MAP_STEP` entries at a time;
         ``pushed`` gets their item ids."""
-        for start in range(0, len(spill), MAP_STEP):
-            part = spill[start : start + MAP_STEP]
-            self._register(held, await self._map(server, remote_user, part))
-        async for chunk in steps:
-            self.counters.entries_received += len(chunk)
-            pushed += [e.item_id for e in chunk]
+        chunk: list[UserDataEntry] | None = spill
+        while chunk is not None:
             for start in range(0, len(chunk), MAP_STEP):
                 part = chunk[start : start + MAP_STEP]
                 self._register(held, await self._map(server, remote_user, part))
+            chunk = await anext(steps, None)
+            if chunk is not None:
+                self.counters.entries_received += len(chunk)
+                pushed += [e.item_id for e in chunk]
 
     @property
     def unapplied(self) -> int:
