@@ -10,8 +10,9 @@ pages of every arena back (``malloc_trim(0)``). :func:`map_large_blocks` keeps b
 and more (a large dict's table, a page of rows) out of the arenas altogether: glibc then maps
 each one on its own and unmaps it when it is freed, where by default it raises that threshold
 after the first such block is freed and lets the next ones pile up in the heap. With another C
-library (musl, macOS) both do nothing and return False. Live memory is never touched: only pages no
-allocation uses are released.
+library (musl, macOS) both do nothing and return False. Live memory is never touched: only
+pages no allocation uses are released. :func:`drain` empties a whole library's container a
+slice at a time, so that freeing it never holds the GIL for long.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import ctypes
 import ctypes.util
 from collections.abc import Callable
 from functools import cache
-from typing import cast
+from typing import Any, cast
 
 
 @cache
@@ -81,4 +82,31 @@ def release_free_memory() -> bool:
     return True
 
 
-__all__ = ["LARGE_BLOCK", "map_large_blocks", "release_free_memory"]
+#: Elements freed per C call by :func:`drain` (a fraction of a millisecond each).
+DRAIN_STEP = 4096
+
+
+def drain(container: list[Any] | dict[Any, Any] | set[Any]) -> None:
+    """Empty ``container`` a slice at a time.
+
+    Freeing a whole library's tuples, dicts or sets at once (``clear()``, or the last
+    reference going) is one C call holding the GIL all along: tens of milliseconds at 2 x 200k
+    items, during which the event loop cannot run, from whichever thread does it. Emptied in
+    slices from Python, the thread lets the loop run every few milliseconds.
+    """
+    if isinstance(container, list):
+        while container:
+            del container[-DRAIN_STEP:]
+    elif isinstance(container, dict):
+        pop = container.popitem
+        while container:
+            for _ in range(min(DRAIN_STEP, len(container))):
+                pop()
+    else:
+        take = container.pop
+        while container:
+            for _ in range(min(DRAIN_STEP, len(container))):
+                take()
+
+
+__all__ = ["DRAIN_STEP", "LARGE_BLOCK", "drain", "map_large_blocks", "release_free_memory"]

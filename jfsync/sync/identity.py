@@ -37,6 +37,7 @@ from typing import Any, Protocol, cast
 
 from jfsync.config import Config
 from jfsync.errors import JfsyncError
+from jfsync.heap import drain as _drain
 from jfsync.heap import release_free_memory
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.sync.index import (
@@ -1040,33 +1041,6 @@ class IndexedIdentity:
             result.removed,
         )
         return result
-
-
-#: Elements freed per C call by :func:`_drain` (a fraction of a millisecond each).
-_DRAIN_STEP = 4096
-
-
-def _drain(container: list[Any] | dict[Any, Any] | set[Any]) -> None:
-    """Empty ``container`` a slice at a time.
-
-    Freeing a whole library's tuples, dicts or sets at once (``clear()``, or the last
-    reference going) is one C call holding the GIL all along: tens of milliseconds at 2 x 200k
-    items, during which the event loop cannot run, from whichever thread does it. Emptied in
-    slices from Python, the thread lets the loop run every few milliseconds.
-    """
-    if isinstance(container, list):
-        while container:
-            del container[-_DRAIN_STEP:]
-    elif isinstance(container, dict):
-        pop = container.popitem
-        while container:
-            for _ in range(min(_DRAIN_STEP, len(container))):
-                pop()
-    else:
-        take = container.pop
-        while container:
-            for _ in range(min(_DRAIN_STEP, len(container))):
-                take()
 
 
 def _dict_of(pairs: list[tuple[int, int]]) -> dict[int, int]:
