@@ -59,13 +59,6 @@ def outbox_summaries(
     }
 
 
-def user_id(db: sqlite3.Connection, user: str) -> int | None:
-    """The id of the canonical user ``user`` in the file, or None when it has none (a read:
-    nothing is created)."""
-    rows = fetch(db, "SELECT id FROM users WHERE key=?", (user,))
-    return int(rows[0][0]) if rows else None
-
-
 def last_known_page(
     db: sqlite3.Connection, sid: int, uid: int, after: int, limit: int
 ) -> tuple[dict[str, UserData], int | None]:

@@ -187,11 +187,20 @@ class IdMaps:
         known = self.known_pair(user, item)
         if known is not None:
             return known
-        urows = list(fetch(db, "SELECT id FROM users WHERE key=?", (user,)))
+        uid = self.existing_user_id(db, user)
         irows = list(fetch(db, "SELECT id FROM items WHERE key=?", (item,)))
-        if not urows or not irows:
+        if uid is None or not irows:
             return None
-        return int(urows[0][0]), int(irows[0][0])
+        return uid, int(irows[0][0])
+
+    def existing_user_id(self, db: sqlite3.Connection, user: str) -> int | None:
+        """The id of the canonical user ``user``, or None when the file has none (a read:
+        nothing is created)."""
+        uid = self._user_ids.get(user)
+        if uid is not None:
+            return uid
+        rows = list(fetch(db, "SELECT id FROM users WHERE key=?", (user,)))
+        return int(rows[0][0]) if rows else None
 
     def row_keys(self, db: sqlite3.Connection, rows: Sequence[OutboxRow]) -> list[Key]:
         """The (user, item, peer) ids of each row, in order."""

@@ -1238,7 +1238,7 @@ class Ledger:
         sid = self._sid(server)
 
         def work(tx: StateWriter) -> tuple[dict[str, UserData], int | None]:
-            uid = combined.user_id(tx.db, user)
+            uid = self._maps.existing_user_id(tx.db, user)
             if uid is None:
                 return {}, None
             return combined.last_known_page(tx.db, sid, uid, after, limit)
@@ -1269,7 +1269,7 @@ class Ledger:
         sid = self._sid(server)
 
         def work(tx: StateWriter) -> tuple[int, int | None]:
-            uid = combined.user_id(tx.db, user)
+            uid = self._maps.existing_user_id(tx.db, user)
             if uid is None:
                 return 0, None
             pairs, last = combined.unknown_page(
