@@ -30,6 +30,10 @@ in ``servers.jellyfin_id`` (there since v1).
 Schema v4 drops those four tables again: the library index lives in a file of its own beside
 the ledger (``<ledger>.index``, :mod:`jfsync.sync.index`), which a scan of each server rebuilds.
 The pages they held stay in the file as free pages that the ledger reuses as it grows.
+
+Schema v5 drops the index ``outbox_by_pair`` (outbox rows by user and item): every outbox row
+written or deleted paid for it, and a transaction loads a pair's rows as fast through the
+``UNIQUE (peer, user, item)`` index, one look-up per server (:mod:`jfsync.sync.ledger.writer`).
 """
 
 from __future__ import annotations
@@ -261,8 +265,20 @@ _INDEX_FILE = Migration(
     ),
 )
 
+_OUTBOX_BY_PEER = Migration(
+    version=5,
+    description="outbox rows of a pair found through (peer, user, item): outbox_by_pair goes",
+    statements=(
+        # A bulk apply inserts (and its acks delete) one outbox row per write: the second
+        # index by (user, item) was a quarter of that work. Loads read a pair's rows through
+        # the unique (peer, user, item) index instead, one look-up per server. Nothing
+        # deletes users or items (ids are never reused), so no foreign-key check needs it.
+        "DROP INDEX IF EXISTS outbox_by_pair",
+    ),
+)
+
 #: Every migration, in order. Versions are 1, 2, 3, ... without gaps.
-MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _RESET_HOLDS, _INDEX_FILE)
+MIGRATIONS: tuple[Migration, ...] = (_V1, _V2, _RESET_HOLDS, _INDEX_FILE, _OUTBOX_BY_PEER)
 
 #: The schema version this jfsync writes.
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -60,6 +60,9 @@ _INSERT_ROW = (
     f"INSERT INTO outbox(id, peer, user, item, {ROW_COLS}) "  # noqa: S608 - fixed columns
     f"VALUES ({marks(4 + len(ROW_COLS.split(', ')))})"
 )
+#: A pair's outbox rows: one look-up per server in the unique (peer, user, item) index (there is
+#: no index by user and item alone: every row written paid for it).
+_ROWS_BY_PEER = "o.peer IN (SELECT id FROM servers) AND "
 _UPDATE_ROW = f"UPDATE outbox SET {', '.join(c + '=?' for c in ROW_COLS.split(', '))} WHERE id=?"  # noqa: S608
 
 
@@ -208,25 +211,25 @@ class StateWriter:
         for row in self._by_pairs(_SELECT_ECHO, pairs):
             uid, iid = int(row[0]), int(row[1])
             entries[(uid, iid)].echo[(uid, iid, int(row[2]))] = decode_echo(str(row[3]))
-        for row in self._by_pairs(WORK_SELECT, pairs, alias="o."):
+        # Through the unique (peer, user, item) index, once per server (schema v5).
+        for row in self._by_pairs(WORK_SELECT, pairs, alias="o.", first=_ROWS_BY_PEER):
             (uid, iid, sid), work = decode_work_row(row)
             entries[(uid, iid)].rows[(uid, iid, sid)] = work
         return entries
 
-    def _by_pairs(self, select: str, pairs: set[Pair], alias: str = "") -> list[Any]:
+    def _by_pairs(
+        self, select: str, pairs: set[Pair], alias: str = "", first: str = ""
+    ) -> list[Any]:
+        """The rows of ``select`` of ``pairs`` (``alias``: its table's; ``first``: a condition
+        put before the pair's, ending in AND)."""
         by_user: dict[int, list[int]] = defaultdict(list)
         for uid, iid in pairs:
             by_user[uid].append(iid)
         found: list[Any] = []
+        where = f"{select} WHERE {first}{alias}user=? AND {alias}item IN "
         for uid, items in by_user.items():
             for chunk in chunks(sorted(items), CHUNK):
-                found.extend(
-                    fetch(
-                        self.db,
-                        f"{select} WHERE {alias}user=? AND {alias}item IN ({marks(len(chunk))})",
-                        (uid, *chunk),
-                    )
-                )
+                found.extend(fetch(self.db, f"{where}({marks(len(chunk))})", (uid, *chunk)))
         return found
 
     def put_canonical(self, states: Mapping[Pair, CanonicalState]) -> None:
