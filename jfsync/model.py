@@ -127,6 +127,27 @@ def user_data(
     return state
 
 
+def interned(state: UserData) -> UserData:
+    """``state``, or the equal state :func:`user_data` already shares (then ``state`` joins
+    the shared ones). States that enter the ledger from a peer's listing or a write are new
+    objects each; shared, each run of one value is encoded and compared once, by identity."""
+    ps = state.play_state
+    key = (
+        state.favorite,
+        state.rating,
+        ps.played,
+        ps.play_count,
+        ps.last_played_s,
+        ps.position_ticks,
+    )
+    found = _INTERNED.get(key)
+    if found is None:
+        if len(_INTERNED) >= _INTERNED_MAX:
+            _INTERNED.clear()
+        found = _INTERNED[key] = state
+    return found
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class Stamp:
     """When jfsync observed a change: hybrid-clock milliseconds, ties broken by server rank.

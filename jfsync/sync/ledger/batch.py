@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal, TypeVar
 
-from jfsync.model import DEFAULT_USER_DATA, PlayState, Register, Stamp, UserData
+from jfsync.model import DEFAULT_USER_DATA, PlayState, Register, Stamp, UserData, interned
 from jfsync.sync.echo import (
     PendingWrite,
     Verdict,
@@ -854,8 +854,9 @@ class Batch:
     ) -> None:
         """Add ``states`` as pending echoes of ``key`` replacing ``base`` (writes ahead)."""
         pending = self.echo.get(key, ())
+        base = interned(base)
         for state in states:
-            pending = record_write(pending, state, wall_ms, base)
+            pending = record_write(pending, interned(state), wall_ms, base)
         self.echo[key] = pending
         self._dirty_echo[key] = None
 
@@ -926,12 +927,24 @@ class Batch:
 
     def written(self, key: Key, version: int, state: UserData, wall_ms: int) -> bool:
         """Record a write of ``state`` to the peer of ``key``; drop the row if still ``version``."""
-        replaced = self.lk.get(key)
-        self.set_last_known(key, state)
-        self.see(key, self.clock.ticket())
+        # Shared: a batch of acks mostly writes one state, whose later encodes, compares and
+        # prunes then go by identity (each ack's state is a new object on the event loop).
+        state = interned(state)
+        lk = self.lk
+        replaced = lk.get(key)
+        lk[key] = state
+        self._dirty_lk[key] = None
+        # A ticket just taken is above every ticket handed out before: no look-up (see()).
+        seq = self.clock.next_ticket()
+        if seq > self._seen_high:
+            self.seen[key] = self._seen_high = seq
+        else:
+            self.see(key, seq)
         # An intent recorded before the write (record_intents) is replaced by this entry: one
         # entry per echo, timed when the write completed (scans compare against that).
-        pending = tuple(p for p in self.echo.get(key, ()) if p.state != state)
+        pending = tuple(
+            p for p in self.echo.get(key, ()) if p.state is not state and p.state != state
+        )
         self.echo[key] = record_write(pending, state, wall_ms, replaced)
         self._dirty_echo[key] = None
         done = self._settle_row(key, version, state)
@@ -940,9 +953,11 @@ class Batch:
         # to a peer already holding it), and the write has just undone that. Owe it again.
         canonical = self.canon.get(key[:2])
         if canonical is not None:
-            owed = frozenset(r for r in self.policy.synced if state.get(r) != canonical.data.get(r))
-            if owed:
-                self.refresh_row(key, owed, canonical.data, self.tick(wall_ms), wall_ms)
+            data = canonical.data
+            if data is not state and data != state:
+                owed = frozenset(r for r in self.policy.synced if state.get(r) != data.get(r))
+                if owed:
+                    self.refresh_row(key, owed, data, self.tick(wall_ms), wall_ms)
         return done
 
     def _settle_row(self, key: Key, version: int, state: UserData) -> bool:

@@ -122,8 +122,26 @@ def encode_echo(entries: Sequence[PendingWrite]) -> str:
     )
 
 
-@functools.lru_cache(maxsize=4096)
+#: The JSON of recently encoded states by object identity (each with its state, which keeps
+#: the id from being reused): most states here are shared (interned), and looking one up by
+#: value hashes the whole dataclass, twice per pending entry. Bounded: emptied when full.
+_JSON_BY_ID: dict[int, tuple[UserData, str]] = {}
+_JSON_BY_ID_MAX = 4096
+
+
 def _state_json(state: UserData) -> str:
+    hit = _JSON_BY_ID.get(id(state))
+    if hit is not None and hit[0] is state:
+        return hit[1]
+    text = _state_json_by_value(state)
+    if len(_JSON_BY_ID) >= _JSON_BY_ID_MAX:
+        _JSON_BY_ID.clear()
+    _JSON_BY_ID[id(state)] = (state, text)
+    return text
+
+
+@functools.lru_cache(maxsize=4096)
+def _state_json_by_value(state: UserData) -> str:
     return json.dumps(state_values(state), separators=(",", ":"))
 
 

@@ -28,7 +28,7 @@ from typing import Literal, Self, TypeVar
 
 import aiosqlite
 
-from jfsync.model import ALL_REGISTERS, DEFAULT_USER_DATA, UserData
+from jfsync.model import ALL_REGISTERS, DEFAULT_USER_DATA, UserData, interned
 from jfsync.sync.echo import PendingWrite
 from jfsync.sync.ledger import combined, outbox
 from jfsync.sync.ledger.batch import Applied, Batch, Observation, Outcome, Source
@@ -497,9 +497,12 @@ class Ledger:
             batch = self._batch(tx)
             batch.load({(u, i) for u, i, _ in keys})
             outdated: set[Key] = set()
-            for (row, current), key in zip(reads, keys, strict=True):
-                known = batch.lk.get(key)
-                if known == current:
+            lk = batch.lk
+            for (row, read), key in zip(reads, keys, strict=True):
+                # Shared (interned) like the states the ledger holds: mostly one identity test.
+                current = interned(read)
+                known = lk.get(key)
+                if known is current or known == current:
                     batch.see(key, asked_seq)
                     continue
                 if (
