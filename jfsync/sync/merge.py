@@ -473,6 +473,17 @@ def _first_ever(
     )
 
 
+#: What the last first contact decided (:func:`_first_contact`), with what it was decided from
+#: (equal inputs decide the same; mostly they are the same objects): a pusher's compare meets
+#: a peer's first contact with a whole batch of items showing one state against one canonical
+#: value (a "mark played" sent on). The pair is replaced whole: a thread sees one or the other.
+_FirstContactInputs = tuple[MergePolicy, UserData, UserData, str, str, str, str, bool]
+_FirstContactDecision = tuple[
+    tuple[Register, ...], frozenset[Register], frozenset[Register], dict[str, frozenset[Register]]
+]
+_last_first_contact: tuple[_FirstContactInputs, _FirstContactDecision] | None = None
+
+
 def _first_contact(
     policy: MergePolicy,
     canonical: CanonicalState,
@@ -481,7 +492,50 @@ def _first_contact(
     origin: str,
     seed_known: bool,
 ) -> MergeResult:
+    global _last_first_contact
+    inputs: _FirstContactInputs = (
+        policy,
+        canonical.data,
+        incoming,
+        origin,
+        canonical.favorite.origin,
+        canonical.rating.origin,
+        canonical.play_state.origin,
+        seed_known,
+    )
+    last = _last_first_contact
+    if last is not None and last[0] == inputs:  # (element by element, identity first)
+        decision = last[1]
+    else:
+        decision = _decide_first_contact(policy, canonical, incoming, origin, seed_known)
+        _last_first_contact = (inputs, decision)
+    taken, moved, changed, writes = decision
     new = canonical
+    for register in taken:
+        held = canonical.stamped(register)
+        new = new.with_register(
+            register, incoming.get(register), Stamped(max(stamp, held.stamp), origin)
+        )
+    return MergeResult(
+        changed=changed,
+        first_contact=True,
+        canonical=new,
+        canonical_changed=moved,
+        writes=dict(writes),
+    )
+
+
+def _decide_first_contact(
+    policy: MergePolicy,
+    canonical: CanonicalState,
+    incoming: UserData,
+    origin: str,
+    seed_known: bool,
+) -> _FirstContactDecision:
+    """The first contact's decision, which depends on the values and origins only: the
+    registers taken from ``incoming`` (in order, each stamped ``max(stamp, old stamp)`` from
+    ``origin``), those moved, those changed and the writes owed."""
+    taken: list[Register] = []
     moved: set[Register] = set()
     lost: set[Register] = set()
     for register in _ordered(policy.synced):
@@ -492,7 +546,7 @@ def _first_contact(
             if register is Register.RATING and policy.rank(origin) < policy.rank(held.origin):
                 # Same rating, earlier server: it now holds it "first in config order", so a
                 # later first contact compares against the right rank whatever the arrival order.
-                new = new.with_register(register, value, Stamped(max(stamp, held.stamp), origin))
+                taken.append(register)
             continue
         winner = first_contact_winner(
             policy,
@@ -505,17 +559,15 @@ def _first_contact(
         )
         if winner == "incoming":
             moved.add(register)
-            decided = Stamped(max(stamp, held.stamp), origin)
-            new = new.with_register(register, value, decided)
+            taken.append(register)
         else:
             lost.add(register)
     changed = frozenset([r for r in policy.synced if incoming.get(r) != canonical.data.get(r)])
-    return MergeResult(
-        changed=changed,
-        first_contact=True,
-        canonical=new,
-        canonical_changed=frozenset(moved),
-        writes=writes_owed(policy, origin, frozenset(moved), frozenset(lost)),
+    return (
+        tuple(taken),
+        frozenset(moved),
+        changed,
+        writes_owed(policy, origin, frozenset(moved), frozenset(lost)),
     )
 
 
