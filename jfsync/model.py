@@ -48,6 +48,21 @@ class PlayState:
     last_played_s: int | None = None
     position_ticks: int = 0
 
+    def __eq__(self, other: object) -> bool:
+        # The dataclass's own comparison (field tuples), with one thing first: a state is
+        # equal to itself without building them (states are shared; compares run per item).
+        if self is other:
+            return True
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, PlayState)
+        return (self.played, self.play_count, self.last_played_s, self.position_ticks) == (
+            other.played,
+            other.play_count,
+            other.last_played_s,
+            other.position_ticks,
+        )
+
     @property
     def is_default(self) -> bool:
         """Tell whether this is the state of an item never played."""
@@ -61,6 +76,19 @@ class UserData:
     favorite: bool = False
     rating: float | None = None
     play_state: PlayState = PlayState()
+
+    def __eq__(self, other: object) -> bool:
+        # As PlayState's: the dataclass's comparison, a state equal to itself first.
+        if self is other:
+            return True
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, UserData)
+        return (self.favorite, self.rating, self.play_state) == (
+            other.favorite,
+            other.rating,
+            other.play_state,
+        )
 
     @property
     def is_default(self) -> bool:

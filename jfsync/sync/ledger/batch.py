@@ -140,6 +140,20 @@ _set_stamp = Applied.__dict__["stamp"].__set__
 _set_queued = Applied.__dict__["queued"].__set__
 
 
+def _outcome(obs: Observation, outcome: Outcome) -> Applied:
+    """``Applied(obs, outcome)`` (nothing changed, queued or stamped), through its slots: an
+    echo, a stale or an unchanged observation costs a third of the frozen ``__init__``."""
+    applied = _new_object(Applied)
+    _set_observation(applied, obs)
+    _set_outcome(applied, outcome)
+    _set_changed(applied, _NOTHING)
+    _set_first_contact(applied, False)
+    _set_canonical_changed(applied, _NOTHING)
+    _set_stamp(applied, None)
+    _set_queued(applied, {})
+    return applied
+
+
 def _unnumbered(written: Mapping[Key, WorkRow | None]) -> list[tuple[Key, WorkRow]]:
     """The rows of ``written`` without an id, with their keys, in its order."""
     return [(key, row) for key, row in written.items() if row is not None and row.id is None]
@@ -357,7 +371,7 @@ class Batch:
                     # A read: never applied over something learnt after it was requested.
                     seq = ticket() if obs.read_seq is None else obs.read_seq
                     if seq < high and (seen.get(key, 0) > seq or clock_seen(key) > seq):
-                        append(Applied(obs, Outcome.OUTDATED))
+                        append(_outcome(obs, Outcome.OUTDATED))
                         continue
                     if source != "scan":
                         if seq > high:
@@ -416,7 +430,7 @@ class Batch:
                 else:
                     # A known server (merge's known case): each changed register by its stamp.
                     if previous is state:
-                        append(Applied(obs, unchanged))
+                        append(_outcome(obs, unchanged))
                         continue
                     data = canonical.data
                     fav, rat = state.favorite, state.rating
@@ -437,13 +451,13 @@ class Batch:
                         if ps_moved:
                             bits |= 4
                         if not bits & 7:
-                            append(Applied(obs, unchanged))
+                            append(_outcome(obs, unchanged))
                             continue
                         bits = ((bits >> 2) & 2 | bits) & synced_bits
                         if not bits:
                             lk[key] = state
                             dirty_lk[key] = None
-                            append(Applied(obs, unchanged))
+                            append(_outcome(obs, unchanged))
                             continue
                         # Which changed registers differ from the canonical value.
                         differs = 0
@@ -619,21 +633,25 @@ class Batch:
         state = obs.state
         pending = self.echo.get(key, ())
         if obs.source == "event":
-            self.see(key, self.clock.ticket())
+            seq = self.clock.next_ticket()
+            if seq > self._seen_high:  # above every ticket seen: no look-up (see())
+                self.seen[key] = self._seen_high = seq
+            else:
+                self.see(key, seq)
             if pending:  # no pending write: a change (classify_event's answer), nothing to prune
                 verdict = classify_event(pending, state, self.lk.get(key), obs.wall_ms)
                 if verdict.pending != pending:
                     self.echo[key] = pending = verdict.pending
                     self._dirty_echo[key] = None
                 if verdict.verdict is Verdict.ECHO:
-                    return Applied(obs, Outcome.ECHO)
+                    return _outcome(obs, Outcome.ECHO)
                 if verdict.verdict is Verdict.AMBIGUOUS:
-                    return Applied(obs, Outcome.AMBIGUOUS)
+                    return _outcome(obs, Outcome.AMBIGUOUS)
         else:
             # A read: never applied over something learnt after it was requested.
             seq = self.clock.ticket() if obs.read_seq is None else obs.read_seq
             if self.seen_seq(key) > seq:
-                return Applied(obs, Outcome.OUTDATED)
+                return _outcome(obs, Outcome.OUTDATED)
             if obs.source != "scan":
                 # Scans are bulk (a whole library): they are checked, not remembered. Events,
                 # writes and the other reads of the same keys are what they race with.
@@ -646,9 +664,9 @@ class Batch:
                         pending, state, obs.wall_ms, consume=False, read_at_ms=obs.wall_ms
                     )
                     if verdict.verdict is Verdict.ECHO:
-                        return Applied(obs, Outcome.ECHO)
+                        return _outcome(obs, Outcome.ECHO)
                     if verdict.verdict is Verdict.STALE:
-                        return Applied(obs, Outcome.STALE)
+                        return _outcome(obs, Outcome.STALE)
                 moot = after_read(pending, state, obs.wall_ms, obs.wall_ms)
                 if moot != pending:
                     self.echo[key] = pending = moot
@@ -667,13 +685,13 @@ class Batch:
         if canonical is None and obs.server in policy.receive_only:
             # A receive-only server decides nothing: its state is only remembered.
             self.set_last_known(key, state)
-            return Applied(obs, Outcome.UNCHANGED)
+            return _outcome(obs, Outcome.UNCHANGED)
         if previous is not None and canonical is not None:
             if previous is state or previous == state:
-                return Applied(obs, Outcome.UNCHANGED)
+                return _outcome(obs, Outcome.UNCHANGED)
             if not changed_registers(policy.synced, previous, state):
                 self.set_last_known(key, state)
-                return Applied(obs, Outcome.UNCHANGED)
+                return _outcome(obs, Outcome.UNCHANGED)
         stamp = Stamp(self.tick(obs.wall_ms), self._tiebreak_of(obs.server))
         seed_known = self._seed_sid is not None and (uid, iid, self._seed_sid) in lk
         result = merge(
