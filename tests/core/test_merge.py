@@ -9,6 +9,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+import jfsync.sync.merge as merge_module
 from jfsync.model import ALL_REGISTERS, DEFAULT_USER_DATA, PlayState, Register, Stamp, UserData
 from jfsync.sync.merge import (
     CanonicalState,
@@ -850,3 +851,48 @@ def test_concurrent_edits_converge_to_the_later_observation(
     replicas.settle()
     for server in SERVERS:
         assert replicas.actual[server].get(register) == winner
+
+
+@given(
+    user_data,
+    st.tuples(servers, servers, servers),
+    st.tuples(st.integers(0, 50), st.integers(0, 50), st.integers(0, 50)),
+    st.tuples(st.integers(0, 50), st.integers(0, 50), st.integers(0, 50)),
+    user_data,
+    servers,
+    st.integers(0, 100),
+    st.integers(0, 100),
+    st.booleans(),
+)
+def test_a_first_contact_decides_alike_after_the_same_one(
+    data: UserData,
+    origins: tuple[str, str, str],
+    first_ms: tuple[int, int, int],
+    second_ms: tuple[int, int, int],
+    incoming: UserData,
+    origin: str,
+    first_stamp: int,
+    second_stamp: int,
+    seeded: bool,
+) -> None:
+    """A pusher meets one peer's first contact with a batch of items holding the same values
+    (only the stamps differ): each item gets what it would get on its own."""
+    policy = (
+        MergePolicy(servers=SERVERS, initial_merge="seed", seed_server="b") if seeded else POLICY
+    )
+    second = _canonical_for(data, origins, second_ms)
+
+    def first_contact(canonical: CanonicalState, ms: int) -> MergeResult:
+        return merge(
+            policy,
+            canonical=canonical,
+            last_known=None,
+            incoming=incoming,
+            stamp=st_(ms, origin, policy),
+            origin=origin,
+        )
+
+    first_contact(_canonical_for(data, origins, first_ms), first_stamp)
+    after_the_same = first_contact(second, second_stamp)
+    merge_module._last_first_contact = None  # nothing decided before
+    assert after_the_same == first_contact(second, second_stamp)
