@@ -268,6 +268,13 @@ class MergeResult:
     writes: Mapping[str, frozenset[Register]] = field(default_factory=dict)
 
 
+_set_changed = MergeResult.__dict__["changed"].__set__
+_set_first_contact = MergeResult.__dict__["first_contact"].__set__
+_set_canonical = MergeResult.__dict__["canonical"].__set__
+_set_canonical_changed = MergeResult.__dict__["canonical_changed"].__set__
+_set_writes = MergeResult.__dict__["writes"].__set__
+
+
 def merge(
     policy: MergePolicy,
     *,
@@ -516,13 +523,13 @@ def _first_contact(
         new = new.with_register(
             register, incoming.get(register), Stamped(max(stamp, held.stamp), origin)
         )
-    return MergeResult(
-        changed=changed,
-        first_contact=True,
-        canonical=new,
-        canonical_changed=moved,
-        writes=dict(writes),
-    )
+    result = _new(MergeResult)  # through its slots: a compare batch makes one per item
+    _set_changed(result, changed)
+    _set_first_contact(result, True)
+    _set_canonical(result, new)
+    _set_canonical_changed(result, moved)
+    _set_writes(result, dict(writes))
+    return result
 
 
 def _decide_first_contact(

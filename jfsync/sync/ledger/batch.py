@@ -692,7 +692,9 @@ class Batch:
             if not changed_registers(policy.synced, previous, state):
                 self.set_last_known(key, state)
                 return _outcome(obs, Outcome.UNCHANGED)
-        stamp = Stamp(self.tick(obs.wall_ms), self._tiebreak_of(obs.server))
+        stamp = _new_object(Stamp)  # Stamp(ms, tiebreak), through its slots
+        _set_ms(stamp, self.tick(obs.wall_ms))
+        _set_tiebreak(stamp, self._tiebreak_of(obs.server))
         seed_known = self._seed_sid is not None and (uid, iid, self._seed_sid) in lk
         result = merge(
             policy,
@@ -723,15 +725,15 @@ class Batch:
             if self.refresh_row(tkey, owed, desired.data, stamp.ms, obs.wall_ms):
                 row = rows.get(tkey)
                 queued[name] = row.mask if row is not None else _NOTHING
-        return Applied(
-            obs,
-            Outcome.CHANGED if result.changed else Outcome.UNCHANGED,
-            result.changed,
-            result.first_contact,
-            result.canonical_changed,
-            stamp,
-            queued,
-        )
+        applied = _new_object(Applied)  # through its slots, as apply_all builds them
+        _set_observation(applied, obs)
+        _set_outcome(applied, Outcome.CHANGED if result.changed else Outcome.UNCHANGED)
+        _set_changed(applied, result.changed)
+        _set_first_contact(applied, result.first_contact)
+        _set_canonical_changed(applied, result.canonical_changed)
+        _set_stamp(applied, stamp)
+        _set_queued(applied, queued)
+        return applied
 
     def _policy_of(self, user: str) -> MergePolicy:
         """The merge policy of one person (:meth:`MergePolicy.for_user`), once per batch."""
@@ -829,7 +831,10 @@ class Batch:
             existing is not None
             and not revive
             and existing.mask == registers
-            and all(existing.desired.get(r) == desired.get(r) for r in registers)
+            and (
+                existing.desired is desired
+                or all(existing.desired.get(r) == desired.get(r) for r in registers)
+            )
         ):
             return False
         if existing is not None and not revive:
