@@ -5,7 +5,8 @@ columns (:data:`STATE_COLS`), a canonical state adds three stamped registers
 (:data:`CANON_COLS`), pending echoes are one JSON text per key, a register set is a bit mask.
 The decoders intern what they build (states and register sets repeat a lot), so decoding a
 burst costs little memory. The key types (:data:`Key`, :data:`Pair`), the chunking helpers
-for ``IN (...)`` lists and the multi-row INSERT of many rows (:func:`insert_rows`) live here
+for ``IN (...)`` lists and the multi-row INSERT of many rows (:func:`insert_rows`,
+:func:`insert_flat`) live here
 too, so that no module of the package imports another for them.
 """
 
@@ -213,6 +214,27 @@ def insert_rows(db: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]])
         )
     if whole < count:
         db.executemany(sql, rows[whole:])
+
+
+def insert_flat(db: sqlite3.Connection, sql: str, flat: list[Any], width: int) -> None:
+    """:func:`insert_rows` of rows given one after the other in ``flat``, ``width`` values
+    each (in order, as multi-row INSERTs of :data:`ROWS_PER_INSERT`).
+
+    The bulk writers build their parameters this way: a tuple per row, kept until the INSERT
+    ran, was 30,000 objects for the cyclic garbage collector to walk in a 10k apply (it ran
+    several times within it), and then flattened again here.
+    """
+    count = len(flat) // width
+    whole = count - count % ROWS_PER_INSERT
+    if whole:
+        size = width * ROWS_PER_INSERT
+        db.executemany(
+            _multi_row(sql), [flat[start : start + size] for start in range(0, whole * width, size)]
+        )
+    if whole < count:
+        db.executemany(
+            sql, [flat[start : start + width] for start in range(whole * width, len(flat), width)]
+        )
 
 
 @functools.lru_cache(maxsize=64)

@@ -38,6 +38,7 @@ from jfsync.sync.ledger.codec import (
     decode_state,
     encode_echo,
     fetch,
+    insert_flat,
     insert_rows,
     marks,
     mask_bits,
@@ -53,6 +54,10 @@ _UPSERT_LAST_KNOWN = upsert_sql(
     "last_known", f"user, item, server, {STATE_COLS}", "user, item, server"
 )
 _UPSERT_ECHO = upsert_sql("pending_echo", "user, item, server, entries", "user, item, server")
+#: Values per row of those upserts and of an outbox row's INSERT.
+_CANON_WIDTH = len(CANON_COLS.split(", "))
+_STATE_WIDTH = 3 + len(STATE_COLS.split(", "))
+_ROW_WIDTH = 4 + len(ROW_COLS.split(", "))
 _SELECT_CANONICAL = f"SELECT {CANON_COLS} FROM canonical"  # noqa: S608 - fixed columns
 _SELECT_LAST_KNOWN = f"SELECT user, item, server, {STATE_COLS} FROM last_known"  # noqa: S608
 _SELECT_ECHO = "SELECT user, item, server, entries FROM pending_echo"
@@ -66,36 +71,39 @@ _ROWS_BY_PEER = "o.peer IN (SELECT id FROM servers) AND "
 _UPDATE_ROW = f"UPDATE outbox SET {', '.join(c + '=?' for c in ROW_COLS.split(', '))} WHERE id=?"  # noqa: S608
 
 
-def _state_params(states: Mapping[Key, UserData]) -> list[tuple[Any, ...]]:
-    """The upsert parameters of last-known states: a burst repeats one state object for many
-    keys, so each run of the same object is encoded once."""
-    params: list[tuple[Any, ...]] = []
+def _state_params(states: Mapping[Key, UserData]) -> list[Any]:
+    """The upsert parameters of last-known states, one row after the other
+    (:func:`insert_flat`): a burst repeats one state object for many keys, so each run of the
+    same object is encoded once."""
+    params: list[Any] = []
+    extend = params.extend
     last: UserData | None = None
     values: tuple[Any, ...] = ()
     for key, state in states.items():
         if state is not last:
             values, last = state_values(state), state
-        params.append((*key, *values))
+        extend(key)
+        extend(values)
     return params
 
 
-def _canonical_params(states: Mapping[Pair, CanonicalState]) -> list[tuple[Any, ...]]:
-    """The upsert parameters of canonical states (:data:`CANON_COLS`), each run of one shared
-    data object encoded once."""
-    params: list[tuple[Any, ...]] = []
+def _canonical_params(states: Mapping[Pair, CanonicalState]) -> list[Any]:
+    """The upsert parameters of canonical states (:data:`CANON_COLS`), one row after the
+    other (:func:`insert_flat`), each run of one shared data object encoded once."""
+    params: list[Any] = []
+    extend = params.extend
     last: UserData | None = None
     values: tuple[Any, ...] = ()
-    for (uid, iid), state in states.items():
+    for pair, state in states.items():
         data = state.data
         if data is not last:
             values, last = state_values(data), data
         f, r, p = state.favorite, state.rating, state.play_state
         fs, rs, ps = f.stamp, r.stamp, p.stamp
-        params.append(
+        extend(pair)
+        extend(values)
+        extend(
             (
-                uid,
-                iid,
-                *values,
                 fs.ms,
                 fs.tiebreak,
                 f.origin,
@@ -235,14 +243,14 @@ class StateWriter:
     def put_canonical(self, states: Mapping[Pair, CanonicalState]) -> None:
         """Write canonical states (``states`` is kept for the cache: leave it unchanged)."""
         self._require_writable()
-        insert_rows(self.db, _UPSERT_CANONICAL, _canonical_params(states))
+        insert_flat(self.db, _UPSERT_CANONICAL, _canonical_params(states), _CANON_WIDTH)
         self._canon.append(states)
         self._wrote = True
 
     def put_last_known(self, states: Mapping[Key, UserData]) -> None:
         """Write last-known states (``states`` is kept for the cache: leave it unchanged)."""
         self._require_writable()
-        insert_rows(self.db, _UPSERT_LAST_KNOWN, _state_params(states))
+        insert_flat(self.db, _UPSERT_LAST_KNOWN, _state_params(states), _STATE_WIDTH)
         self._lk.append(states)
         self._wrote = True
 
@@ -287,7 +295,8 @@ class StateWriter:
         self._require_writable()
         deletes: list[tuple[int]] = []
         updates: list[tuple[Any, ...]] = []
-        inserts: list[tuple[Any, ...]] = []
+        inserts: list[Any] = []  # one row after the other (insert_flat)
+        extend_inserts = inserts.extend
         new_ids = self._new_ids
         written, loaded = self._rows, self._loaded
         # What _stored_id does, inline, and each run of one desired state encoded once: a bulk
@@ -317,22 +326,9 @@ class StateWriter:
                 if prior is not None and prior.id is not None:
                     deletes.append((prior.id,))
                 new_ids.discard(row_id)
-                inserts.append(
-                    (
-                        row_id,
-                        key[2],
-                        key[0],
-                        key[1],
-                        bits,
-                        *values,
-                        version,
-                        created_ms,
-                        attempts,
-                        next_ms,
-                        error,
-                        1 if dead else 0,
-                    )
-                )
+                extend_inserts((row_id, key[2], key[0], key[1], bits))
+                extend_inserts(values)
+                extend_inserts((version, created_ms, attempts, next_ms, error, 1 if dead else 0))
             else:
                 updates.append(
                     (
@@ -352,7 +348,7 @@ class StateWriter:
         if updates:
             self.db.executemany(_UPDATE_ROW, updates)
         if inserts:
-            insert_rows(self.db, _INSERT_ROW, inserts)
+            insert_flat(self.db, _INSERT_ROW, inserts, _ROW_WIDTH)
         self._rows.update(rows)
         self._wrote = True
 
