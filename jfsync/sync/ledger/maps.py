@@ -365,14 +365,30 @@ class IdMaps:
         mapped: dict[int, set[int]] = {}
         if not indexed:
             return indexed, mapped
-        wanted = set(items)
         if cached:
+            # Items by the (shared) set of servers that map them: a bulk apply's items are
+            # mostly mapped by the same servers, so each server's set is filled in one call.
+            known = self._mapped.get
+            missing: list[int] = []
+            by_servers: dict[frozenset[int], list[int]] = {}
             for iid in items:
-                servers_of = self._mapped.get(iid)
-                if servers_of is not None:
-                    for sid in servers_of:
-                        mapped.setdefault(sid, set()).add(iid)
-                    wanted.discard(iid)
+                servers_of = known(iid)
+                if servers_of is None:
+                    missing.append(iid)
+                    continue
+                group = by_servers.get(servers_of)
+                if group is None:
+                    group = by_servers[servers_of] = []
+                group.append(iid)
+            for servers_of, group in by_servers.items():
+                for sid in servers_of:
+                    target = mapped.get(sid)
+                    if target is None:
+                        target = mapped[sid] = set()
+                    target.update(group)
+            wanted = set(missing)
+        else:
+            wanted = set(items)
         have: dict[int, set[int]] = {}
         for sid in sorted(indexed):
             for chunk in chunks(sorted(wanted), CHUNK):
