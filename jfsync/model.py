@@ -158,11 +158,16 @@ def user_data(
 def interned(state: UserData) -> UserData:
     """``state``, or the equal state :func:`user_data` already shares (then ``state`` joins
     the shared ones). States that enter the ledger from a peer's listing or a write are new
-    objects each; shared, each run of one value is encoded and compared once, by identity."""
+    objects each; shared, each run of one value is encoded and compared once, by identity.
+    A state holding an int rating or favourite is left alone (it would match, and stand for,
+    the float and bool ones :func:`user_data` makes)."""
+    favorite, rating = state.favorite, state.rating
+    if favorite.__class__ is not bool or (rating is not None and rating.__class__ is not float):
+        return state
     ps = state.play_state
     key = (
-        state.favorite,
-        state.rating,
+        favorite,
+        rating,
         ps.played,
         ps.play_count,
         ps.last_played_s,
