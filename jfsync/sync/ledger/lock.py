@@ -1,4 +1,5 @@
-"""The ledger file while one process holds it: the writer lock, the refusal at open, its identity.
+"""The ledger file while one process holds it: the writer lock, the refusal at open, its identity,
+its WAL checkpoints.
 
 :func:`take_writer_lock` makes one process the only writer of a ledger (an exclusive ``flock``
 on ``<ledger>.lock``): each keeps decoded state in memory between transactions, which another
@@ -7,13 +8,22 @@ file that is not an SQLite database (SQLite would take an empty file for a new l
 the header test :func:`sqlite_header_problem` that ``jfsync check`` shares. :class:`LedgerFile`
 holds the lock and the file's (device, inode) for as long as the ledger is open, and tells,
 before every write transaction, whether the path still names that file.
+
+:class:`WalCheckpointer` copies the WAL back into the file off the live path: SQLite's own
+automatic checkpoint runs inside whichever commit takes the WAL past 1,000 pages, on the
+ledger's thread and under its lock, so a live event's apply waited 5-20 ms for it about once
+a second under load. The checkpointer runs PASSIVE checkpoints on a connection and a thread
+of its own (SQLite releases the GIL while it copies), shortly after writes, never waiting for
+or blocking the ledger's writer.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +35,13 @@ logger = logging.getLogger(__name__)
 SQLITE_MAGIC = b"SQLite format 3\x00"
 #: The length of the SQLite database header.
 SQLITE_HEADER_BYTES = 100
+#: How long the checkpointer lets writes gather after the first one it was told of, before it
+#: checkpoints them (a burst's transactions are copied together, not one by one).
+CHECKPOINT_GATHER_S = 0.1
+#: SQLite's own automatic checkpoint, kept as a bound should the checkpointer fall behind (or
+#: its connection fail): a commit that takes the WAL past this many pages checkpoints inline.
+#: The ledger's connection sets it (``PRAGMA wal_autocheckpoint``); SQLite's default is 1,000.
+WAL_AUTOCHECKPOINT_PAGES = 8000
 
 
 def sqlite_header_problem(header: bytes) -> str | None:
@@ -115,10 +132,12 @@ class LedgerFile:
     """The ledger file one :class:`~jfsync.sync.ledger.store.Ledger` has open.
 
     :meth:`claim` takes the writer lock and refuses a file that is not a ledger;
-    :meth:`remember` records the identity of the file SQLite opened; :meth:`verify` (before
-    every write transaction) raises LedgerFileLostError once the path names another file or
-    none, telling every :attr:`observers` callback why, once. An in-memory ledger has no file:
-    nothing is locked or checked.
+    :meth:`remember` records the identity of the file SQLite opened and starts its
+    :class:`WalCheckpointer`; :meth:`verify` (before every write transaction) raises
+    LedgerFileLostError once the path names another file or none, telling every
+    :attr:`observers` callback why, once, and otherwise tells the checkpointer a write is
+    coming; :meth:`release` stops the checkpointer and gives up the lock. An in-memory ledger
+    has no file: nothing is locked, checked or checkpointed.
     """
 
     def __init__(self, path: str) -> None:
@@ -131,6 +150,8 @@ class LedgerFile:
         self._identity: tuple[int, int] | None = None
         #: Why the file at the path is no longer the one open (then nothing more is written).
         self._lost: str | None = None
+        #: Copies the WAL back into the file off the ledger's thread, while open.
+        self.checkpointer: WalCheckpointer | None = None
 
     @property
     def in_memory(self) -> bool:
@@ -154,9 +175,15 @@ class LedgerFile:
         if not self.in_memory:
             self._identity = file_identity(self.path)
             self._lost = None
+            if self.checkpointer is None:
+                self.checkpointer = WalCheckpointer(self.path)
+                self.checkpointer.start()
 
     def release(self) -> None:
-        """Give up the writer lock (idempotent)."""
+        """Stop the checkpointer and give up the writer lock (idempotent)."""
+        checkpointer, self.checkpointer = self.checkpointer, None
+        if checkpointer is not None:
+            checkpointer.stop()
         lock, self._lock = self._lock, None
         if lock is not None:
             os.close(lock)  # closing the descriptor releases the lock
@@ -194,6 +221,8 @@ class LedgerFile:
         if self._lost is None:
             problem = self.problem()
             if problem is None:
+                if self.checkpointer is not None:
+                    self.checkpointer.written()
                 return
             self._lost = problem
             for observer in list(self.observers):
@@ -202,3 +231,99 @@ class LedgerFile:
                 except Exception:
                     logger.exception("telling about the lost ledger file failed")
         raise LedgerFileLostError(self._lost)
+
+
+class WalCheckpointer:
+    """PASSIVE checkpoints of one ledger file, on a thread and a connection of their own.
+
+    :meth:`start` opens the connection (to the file SQLite already opened at ``path``) and the
+    thread; :meth:`written` tells it that a write transaction is under way (cheap: it sets an
+    event); :meth:`stop` ends the thread and closes the connection (idempotent). A checkpoint
+    starts :data:`CHECKPOINT_GATHER_S` after the first write it was told of, and again while
+    writes keep coming or a reader kept frames from being copied, so the WAL holds what
+    a tenth of a second writes, not a thousand pages. A failed checkpoint is logged; SQLite's
+    automatic checkpoint (:data:`WAL_AUTOCHECKPOINT_PAGES`) still bounds the WAL.
+    """
+
+    def __init__(self, path: str, gather_s: float = CHECKPOINT_GATHER_S) -> None:
+        self.path = path
+        self._gather_s = gather_s
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        #: Checkpoints run, and the last one's (WAL pages, pages copied) (for tests, status).
+        self.checkpoints = 0
+        self.last: tuple[int, int] | None = None
+        #: Set after each checkpoint (tests wait on it instead of sleeping).
+        self.ran = threading.Event()
+
+    def start(self) -> None:
+        """Open the connection and start the thread (once)."""
+        if self._thread is not None:
+            return
+        # mode=rw: never create a file (the ledger's connection opened it already).
+        uri = f"file:{quote_path(self.path)}?mode=rw"
+        self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+        self._thread = threading.Thread(
+            target=self._run, name=f"jfsync-ledger-checkpoint:{self.path}", daemon=True
+        )
+        self._thread.start()
+
+    def written(self) -> None:
+        """A write transaction is under way: checkpoint soon."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """End the thread (after the checkpoint under way, if any) and close the connection."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stopping.set()
+            self._wake.set()
+            thread.join()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def checkpoint(self) -> tuple[int, int]:
+        """Run one PASSIVE checkpoint now, on the calling thread: (WAL pages, pages copied).
+
+        The checkpointer's thread calls it; so can a caller that has no thread of its own.
+        """
+        conn = self._conn
+        if conn is None:
+            raise LedgerFileError(f"the checkpointer of {self.path} is not started")
+        row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        result = (int(row[1]), int(row[2])) if row is not None else (0, 0)
+        self.checkpoints += 1
+        self.last = result
+        self.ran.set()
+        return result
+
+    def _run(self) -> None:
+        last: tuple[int, int] | None = None
+        while True:
+            self._wake.wait()
+            if self._stopping.is_set():
+                return
+            # Let the transaction that woke us (and the ones right behind it) commit first.
+            if self._stopping.wait(self._gather_s):
+                return
+            self._wake.clear()
+            try:
+                found = self.checkpoint()
+            except sqlite3.Error as err:
+                logger.warning("checkpoint of the ledger %s failed: %s", self.path, err)
+                continue
+            if found != last or found[1] < found[0]:
+                # The WAL moved since the last look (a transaction that woke us may have
+                # committed only after this checkpoint began), or a reader's older snapshot
+                # kept frames from being copied: look again shortly. An unchanged, fully
+                # copied WAL ends the round until the next write.
+                self._wake.set()
+            last = found
+
+
+def quote_path(path: str) -> str:
+    """``path`` quoted for an SQLite ``file:`` URI (``?`` and ``#`` would end the path)."""
+    return path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
