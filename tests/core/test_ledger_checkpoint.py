@@ -1,10 +1,12 @@
 """The ledger's WAL is copied back into the file off the live path, and never grows unbounded.
 
-What an operator would notice: the ``<ledger>-wal`` file stays about as large as what one
-burst of writes puts in it, however long jfsync runs, instead of SQLite checkpointing inside
-whichever commit crossed 1,000 pages (a live event's apply waited for that); a reader holding
-an old snapshot only delays the copy, which completes once it is gone; and closing the ledger
-ends the checkpointer's thread.
+What an operator would notice: the ``<ledger>-wal`` file stays about as large as the
+checkpoint threshold plus one burst of writes, however long jfsync runs and whether or not
+writes ever pause (SQLite no longer checkpoints inside whichever commit crossed 1,000 pages:
+a live event's apply waited for that); what is left under the threshold is copied once writes
+pause; a reader holding an old snapshot only delays the copy; closing the ledger ends the
+checkpointer's thread. The checkpointer's pacing is real time on a thread of its own; the
+tests shorten it and wait on what it did, never for time to pass.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from jfsync.model import PlayState, UserData
-from jfsync.sync.ledger import Ledger, Observation
+from jfsync.sync.ledger import Ledger, Observation, store
 from jfsync.sync.ledger.lock import WalCheckpointer
 from jfsync.sync.merge import MergePolicy
 from tests.support.waiting import wait_until
@@ -28,6 +30,8 @@ USER = "alice"
 T0 = 1_750_000_000_000
 #: Items each transaction of the tests records (a catch-up's slice is 250).
 PER_TX = 250
+#: SQLite's default page size (the ledger keeps it).
+PAGE = 4096
 
 
 @pytest.fixture
@@ -41,9 +45,12 @@ async def ledger(tmp_path: Path) -> AsyncIterator[Ledger]:
         await opened.close()
 
 
-def checkpointer(ledger: Ledger) -> WalCheckpointer:
+def checkpointer(ledger: Ledger, *, pages: int = 1000, idle_s: float = 0.05) -> WalCheckpointer:
     found = ledger._file.checkpointer
     assert found is not None
+    found.gather_s = 0.01
+    found.pages = pages
+    found.idle_s = idle_s
     return found
 
 
@@ -76,7 +83,7 @@ async def copied_after(ckpt: WalCheckpointer, before: int) -> tuple[int, int]:
     return ckpt.last
 
 
-async def test_the_wal_stays_the_size_of_one_burst_however_much_is_written(
+async def test_what_is_under_the_threshold_is_copied_once_writes_pause(
     ledger: Ledger, tmp_path: Path
 ) -> None:
     ckpt = checkpointer(ledger)
@@ -86,17 +93,38 @@ async def test_the_wal_stays_the_size_of_one_burst_however_much_is_written(
     for round_ in range(12):
         before = ckpt.checkpoints
         await record_played(ledger, round_)
-        pages, _ = await copied_after(ckpt, before)
-        written += pages
-        largest = max(largest, pages)
-    page_size = 4096
+        frames, _ = await copied_after(ckpt, before)
+        written += frames
+        largest = max(largest, frames)
+    assert ckpt.pending() == 0
     # SQLite appends to the WAL from its start again once everything in it was copied, so
     # the file never holds much more than one transaction's pages, while a dozen of them
-    # went through it (SQLite's own automatic checkpoint would have let it reach 1,000).
+    # went through it.
     assert written >= 6 * largest
-    assert wal.stat().st_size <= 2 * (largest + 8) * (page_size + 24)
-    # Everything written is in the ledger (read back through it and straight from the file).
+    assert wal.stat().st_size <= 2 * (largest + 8) * (PAGE + 24)
     assert len(await ledger.last_known_for_user("a", USER)) == 12 * PER_TX
+
+
+async def test_the_wal_stays_bounded_while_writes_never_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite's own checkpoint bounds the WAL here (a checkpoint on another connection cannot
+    # make SQLite write the WAL from its start while a transaction follows another): a small
+    # bound, so that a few transactions cross it.
+    monkeypatch.setattr(store, "WAL_AUTOCHECKPOINT_PAGES", 300)
+    ledger = await Ledger(tmp_path / "ledger.db", POLICY).open()
+    try:
+        ckpt = checkpointer(ledger, pages=100, idle_s=3600.0)  # never idle: only thresholds
+        wal = tmp_path / "ledger.db-wal"
+        rounds = 40
+        for round_ in range(rounds):
+            await record_played(ledger, round_)
+        assert ckpt.checkpoints > 0
+        # 40 transactions of ~85 pages each went through it, 3,400 frames.
+        assert wal.stat().st_size <= (300 + 2 * 100 + 8) * (PAGE + 24)
+        assert len(await ledger.last_known_for_user("a", USER)) == rounds * PER_TX
+    finally:
+        await ledger.close()
 
 
 async def test_a_reader_holding_an_old_snapshot_only_delays_the_copy(

@@ -13,8 +13,8 @@ before every write transaction, whether the path still names that file.
 automatic checkpoint runs inside whichever commit takes the WAL past 1,000 pages, on the
 ledger's thread and under its lock, so a live event's apply waited 5-20 ms for it about once
 a second under load. The checkpointer runs PASSIVE checkpoints on a connection and a thread
-of its own (SQLite releases the GIL while it copies), shortly after writes, never waiting for
-or blocking the ledger's writer.
+of its own (SQLite releases the GIL while it copies), at the same threshold or once writes
+pause, never waiting for or blocking the ledger's writer.
 """
 
 from __future__ import annotations
@@ -35,13 +35,23 @@ logger = logging.getLogger(__name__)
 SQLITE_MAGIC = b"SQLite format 3\x00"
 #: The length of the SQLite database header.
 SQLITE_HEADER_BYTES = 100
-#: How long the checkpointer lets writes gather after the first one it was told of, before it
-#: checkpoints them (a burst's transactions are copied together, not one by one).
+#: How long the checkpointer lets writes gather after one it was told of before it looks at
+#: the WAL (:class:`WalCheckpointer`).
 CHECKPOINT_GATHER_S = 0.1
-#: SQLite's own automatic checkpoint, kept as a bound should the checkpointer fall behind (or
-#: its connection fail): a commit that takes the WAL past this many pages checkpoints inline.
-#: The ledger's connection sets it (``PRAGMA wal_autocheckpoint``); SQLite's default is 1,000.
-WAL_AUTOCHECKPOINT_PAGES = 8000
+#: Frames of the WAL not yet copied that make a checkpoint due (SQLite's own threshold).
+CHECKPOINT_PAGES = 1000
+#: How long writes must pause before fewer frames than that are copied.
+CHECKPOINT_IDLE_S = 1.0
+#: How many times the checkpointer looks again, a pause apart, for the frames of the write
+#: it was told of (told before the transaction ran, it may find nothing committed yet).
+IDLE_LOOKS = 5
+#: SQLite's own automatic checkpoint, kept as the bound on the WAL (the ledger's connection
+#: sets it, ``PRAGMA wal_autocheckpoint``; SQLite's default is 1,000): a commit that takes the
+#: WAL past this many frames checkpoints inline. SQLite starts writing the WAL from its start
+#: again only when a transaction begins with every frame copied, which a checkpoint on
+#: another connection cannot see to while writes never pause (a reconcile, a long burst);
+#: then this one does, copying only what the checkpointer had not copied yet.
+WAL_AUTOCHECKPOINT_PAGES = 2000
 
 
 def sqlite_header_problem(header: bytes) -> str | None:
@@ -238,25 +248,36 @@ class WalCheckpointer:
 
     :meth:`start` opens the connection (to the file SQLite already opened at ``path``) and the
     thread; :meth:`written` tells it that a write transaction is under way (cheap: it sets an
-    event); :meth:`stop` ends the thread and closes the connection (idempotent). A checkpoint
-    starts :data:`CHECKPOINT_GATHER_S` after the first write it was told of, and again while
-    writes keep coming or a reader kept frames from being copied, so the WAL holds what
-    a tenth of a second writes, not a thousand pages. A failed checkpoint is logged; SQLite's
-    automatic checkpoint (:data:`WAL_AUTOCHECKPOINT_PAGES`) still bounds the WAL.
+    event); :meth:`stop` ends the thread and closes the connection (idempotent).
+
+    When to copy: :attr:`gather_s` after a write it was told of, it reads how many frames of
+    the WAL are not copied yet (:meth:`pending`, from the header of SQLite's shared-memory
+    WAL index, ``<ledger>-shm``; a documented part of the file format) and checkpoints once
+    they reach :attr:`pages` (SQLite's own threshold), or once writes paused for
+    :attr:`idle_s`. Copying more often would write the pages every transaction touches (the
+    tree's upper pages) into the file over and over again. Frames a reader's older
+    snapshot kept from being copied are tried again once writes pause. SQLite's automatic
+    checkpoint (:data:`WAL_AUTOCHECKPOINT_PAGES`) bounds the WAL while writes never pause,
+    or should a checkpoint here fail (it is logged).
     """
 
-    def __init__(self, path: str, gather_s: float = CHECKPOINT_GATHER_S) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self._gather_s = gather_s
+        #: How long after a write the WAL is looked at (the transactions right behind it
+        #: commit meanwhile).
+        self.gather_s = CHECKPOINT_GATHER_S
+        #: Frames not yet copied that make a checkpoint due at once.
+        self.pages = CHECKPOINT_PAGES
+        #: How long writes must pause before fewer frames are copied.
+        self.idle_s = CHECKPOINT_IDLE_S
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
-        #: Checkpoints run, and the last one's (WAL pages, pages copied) (for tests, status).
+        self._shm: int | None = None
+        #: Checkpoints run, and the last one's (WAL frames, frames copied) (tests read them).
         self.checkpoints = 0
         self.last: tuple[int, int] | None = None
-        #: Set after each checkpoint (tests wait on it instead of sleeping).
-        self.ran = threading.Event()
 
     def start(self) -> None:
         """Open the connection and start the thread (once)."""
@@ -271,7 +292,7 @@ class WalCheckpointer:
         self._thread.start()
 
     def written(self) -> None:
-        """A write transaction is under way: checkpoint soon."""
+        """A write transaction is under way: look at the WAL soon."""
         self._wake.set()
 
     def stop(self) -> None:
@@ -284,12 +305,50 @@ class WalCheckpointer:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+        shm, self._shm = self._shm, None
+        if shm is not None:
+            os.close(shm)
+
+    def pending(self) -> int | None:
+        """Frames of the WAL not yet copied into the file (None: cannot tell).
+
+        The WAL index header (``<ledger>-shm``, in the host's byte order) holds the last
+        valid frame at offset 16 (``mxFrame``) and the checkpoint information, whose first
+        field is the count of frames copied (``nBackfill``), at offset 96.
+        """
+        if self._shm is None:
+            try:  # SQLite makes it at the first transaction in WAL mode
+                self._shm = os.open(f"{self.path}-shm", os.O_RDONLY)
+            except OSError:
+                return None  # then every look at the WAL checkpoints
+        try:
+            header = os.pread(self._shm, 100, 0)
+        except OSError:
+            return None
+        if len(header) < 100:
+            return None
+        last = int.from_bytes(header[16:20], sys.byteorder)
+        copied = int.from_bytes(header[96:100], sys.byteorder)
+        return max(0, last - copied)
+
+    def _due(self) -> bool:
+        """After a write: tell whether to checkpoint now (enough frames, or writes paused
+        with frames left), or wait for the next write (False; also when stopping)."""
+        pending = self.pending()
+        if pending is None or pending >= self.pages:
+            return True
+        # Too little to copy yet, or the transaction that woke us has not committed (then
+        # nothing is pending yet): look again after the next write, or once writes paused,
+        # a few times while there is nothing to copy.
+        for _ in range(IDLE_LOOKS):
+            if self._wake.wait(self.idle_s) or self._stopping.is_set():
+                return False
+            if self.pending() != 0:
+                return True
+        return False
 
     def checkpoint(self) -> tuple[int, int]:
-        """Run one PASSIVE checkpoint now, on the calling thread: (WAL pages, pages copied).
-
-        The checkpointer's thread calls it; so can a caller that has no thread of its own.
-        """
+        """Run one PASSIVE checkpoint now, on the calling thread: (WAL frames, frames copied)."""
         conn = self._conn
         if conn is None:
             raise LedgerFileError(f"the checkpointer of {self.path} is not started")
@@ -297,31 +356,24 @@ class WalCheckpointer:
         result = (int(row[1]), int(row[2])) if row is not None else (0, 0)
         self.checkpoints += 1
         self.last = result
-        self.ran.set()
         return result
 
     def _run(self) -> None:
-        last: tuple[int, int] | None = None
         while True:
             self._wake.wait()
-            if self._stopping.is_set():
-                return
-            # Let the transaction that woke us (and the ones right behind it) commit first.
-            if self._stopping.wait(self._gather_s):
+            if self._stopping.wait(self.gather_s):
                 return
             self._wake.clear()
+            if not self._due():
+                continue
             try:
-                found = self.checkpoint()
+                frames, copied = self.checkpoint()
             except sqlite3.Error as err:
                 logger.warning("checkpoint of the ledger %s failed: %s", self.path, err)
                 continue
-            if found != last or found[1] < found[0]:
-                # The WAL moved since the last look (a transaction that woke us may have
-                # committed only after this checkpoint began), or a reader's older snapshot
-                # kept frames from being copied: look again shortly. An unchanged, fully
-                # copied WAL ends the round until the next write.
+            if copied < frames:
+                # A reader holds an older snapshot: try again (once writes pause).
                 self._wake.set()
-            last = found
 
 
 def quote_path(path: str) -> str:
