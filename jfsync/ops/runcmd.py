@@ -47,8 +47,9 @@ def tune_garbage_collector() -> None:
     reconcile of 2 x 50,000 items (160-240 ms of wall time at 200,000 on a loaded machine),
     and 6-11 ms for each young one. Now a young collection takes about half a millisecond
     and a middle one 5-11 ms; they run more often, so the collector's total work stays
-    about the same (a 10,000-write burst used no more CPU). Objects that exist now (modules, classes, the config) live as
-    long as the process and are moved out of the collector's sight first.
+    about the same (a 10,000-write burst used no more CPU). Objects that exist now (modules,
+    classes, the config) live as long as the process and are moved out of the collector's
+    sight first.
     """
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
