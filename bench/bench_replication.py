@@ -26,12 +26,16 @@ with ``--repeat`` the floor runs after the burst in even repetitions and before 
 The catch-up of ``c`` under way when the latency phase ends is waited for before the bursts.
 
 ``jfsync run`` runs under ``looplag.py``, a probe on its event loop: the worst loop stall is
-printed for the start (first reconcile), the latency phase and each burst. With
-``--catchup-items N`` a third server ``c`` of N items (2% of them with non-default data for
-``alice``, an emulator in a process of its own, none of its items matching a's or b's) joins
-the sync, and during the latency phase its websocket is dropped again each time jfsync has
-finished catching up with it, so that a catch-up of an N-item server runs the whole time the
-latency is measured (issue 13, goal 3).
+printed for the start (first reconcile), the latency phase and each burst (and, for the
+latency phase, this process's own, whose loop serves a and b). With ``--catchup-items N`` a
+third server ``c`` of N items (20% of them with non-default data for ``alice``, an emulator
+in a process of its own, none of its items matching a's or b's) joins the sync; the latency
+phase starts once c is brought up (index scan, match, first catch-up), and during it c's
+websocket is dropped again each time jfsync has finished catching up with it, 100 of c's
+items changed each time (so each catch-up applies what changed while it was away). The goal
+(issue 13, goal 3) is judged on the changes made during a catch-up: from c's first catch-up
+listing (``filters=``) after the previous one ended to the end seen on jfsync's status; the
+count of those changes and each catch-up's length are printed.
 
 With ``--repeat N`` the burst runs N times in a row in the same ``jfsync run`` (each time a new
 play date and count on the same items, after the last burst's echoes were applied), each with
@@ -67,7 +71,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from looplag import worst_between
+from looplag import LoopLag, worst_between
 from results import emit
 
 from jfsync import emulator as emulator_module
@@ -385,8 +389,20 @@ async def jfsync_burst(
     }
 
 
+#: Share of c's items alice has non-default data on. Each catch-up lists these (one request
+#: per filter and page), diffs them against the ledger and walks every item of alice for the
+#: backfill: at 2 % a catch-up of 100,000 items took 0.2-0.4 s, and jfsync's reconnect backoff
+#: (1, 2, 4, 8 s ... after each drop) left about 1.4 s of catch-ups, some 140 changes, in a
+#: 20 s phase. At 20 % each catch-up lists ten times as much and lasts seconds.
+CATCHUP_SHARE = 0.2
+#: Items of c the bench changes for alice each time it drops c's socket, so that every
+#: catch-up finds (and applies) what changed while it was away, as after a real outage.
+CATCHUP_EDITS = 100
+
+
 def start_catchup_server(items: int) -> tuple[subprocess.Popen[str], dict[str, object]]:
-    """Start emulator ``c`` (``items`` items, 2% non-default for alice) in its own process."""
+    """Start emulator ``c`` (``items`` items, :data:`CATCHUP_SHARE` of them non-default for
+    alice) in its own process."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -403,7 +419,7 @@ def start_catchup_server(items: int) -> tuple[subprocess.Popen[str], dict[str, o
             "--users",
             "1",
             "--share",
-            "0.02",
+            str(CATCHUP_SHARE),
             # c's items must match none of a's and b's (a different path root, no provider
             # ids): its data would otherwise be merged into the items the bench measures.
             "--no-provider-ids",
@@ -417,22 +433,55 @@ def start_catchup_server(items: int) -> tuple[subprocess.Popen[str], dict[str, o
     return proc, info
 
 
+async def wait_for_scans(status_port: int, scans: int, timeout_s: float = 600) -> None:
+    """Wait until jfsync has finished ``scans`` catch-ups (its status counter)."""
+    async with asyncio.timeout(timeout_s):
+        while int(str((await status_counters(status_port))["scans"])) < scans:  # noqa: ASYNC110
+            await asyncio.sleep(CATCHUP_POLL_S)  # polling another process
+
+
+async def edit_catchup_server(
+    session: aiohttp.ClientSession, url: str, info: dict[str, object], round_: int
+) -> None:
+    """Change :data:`CATCHUP_EDITS` of c's items for alice (a favourite toggled, a different
+    set each round), as if she used c while jfsync was away from it."""
+    users = info["users"]
+    items = info["items"]
+    assert isinstance(users, dict)
+    assert isinstance(items, list)
+    uid = users[USER]
+    start = (round_ * CATCHUP_EDITS) % max(1, len(items) - CATCHUP_EDITS)
+    for item in items[start : start + CATCHUP_EDITS]:
+        async with session.post(
+            f"{url}/__emulator__/user-data/{uid}/{item}",
+            json={"is_favorite": round_ % 2 == 0},
+        ) as response:
+            await response.read()
+
+
 async def keep_catching_up(
-    url: str, status_port: int, stop: asyncio.Event, ends: list[float]
+    url: str,
+    info: dict[str, object],
+    status_port: int,
+    stop: asyncio.Event,
+    ends: list[float],
 ) -> None:
     """Drop c's websocket each time jfsync has finished catching up with it, until ``stop``;
     then wait for the catch-up under way to finish. ``ends`` gets the time each catch-up was
-    seen finished (polled: up to :data:`CATCHUP_POLL_S` after it did).
+    seen finished (polled: up to :data:`CATCHUP_POLL_S` after it did). Right after each drop
+    some of c's items are changed (:func:`edit_catchup_server`): every catch-up has news.
 
     Left running, that last catch-up (of up to 100,000 items) would run into the bursts,
     which would then measure a burst during a catch-up at some runs and not at others.
     """
     async with aiohttp.ClientSession() as session:
         scans = -1
+        rounds = itertools.count()
         while not stop.is_set():
             scans = int(str((await status_counters(status_port))["scans"]))
             async with session.post(f"{url}/__emulator__/drop-sockets") as response:
                 await response.read()
+            await edit_catchup_server(session, url, info, next(rounds))
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), CATCHUP_POLL_S)  # another process
@@ -451,11 +500,15 @@ async def keep_catching_up(
 CATCHUP_POLL_S = 0.25
 
 
-async def catchup_windows(url: str, ends: list[float]) -> list[tuple[float, float]]:
-    """The spans during which jfsync was catching up with c: from the first listing c
-    answered after the previous catch-up ended to the moment this one was seen finished.
+async def catchup_windows(url: str, ends: list[float], since: float) -> list[tuple[float, float]]:
+    """The spans during which jfsync was catching up with c: from the first catch-up listing
+    c answered after the previous catch-up ended (a request for the user's items with a
+    ``filters`` query: played, favourite, resumable, liked, disliked) to the moment this one
+    was seen finished.
 
-    Read from c's own request log (its clock is this machine's monotonic clock, as ours).
+    Only listings after ``since`` (the first drop) count: the catch-up of c's bring-up is
+    not one of these. Read from c's own request log (its clock is this machine's monotonic
+    clock, as ours).
     """
     async with (
         aiohttp.ClientSession() as session,
@@ -465,10 +518,13 @@ async def catchup_windows(url: str, ends: list[float]) -> list[tuple[float, floa
     listings = sorted(
         float(r["time"])
         for r in records
-        if r["method"] == "GET" and not r["is_control"] and "/Items" in r["path"]
+        if r["method"] == "GET"
+        and not r["is_control"]
+        and "/Items" in r["path"]
+        and any(key.lower() == "filters" for key in r["query"])
     )
     windows: list[tuple[float, float]] = []
-    previous = float("-inf")
+    previous = since
     for end in ends:
         started = [t for t in listings if previous < t <= end]
         if started:
@@ -515,6 +571,7 @@ async def run(
     }
     servers = [(emu.server_name, emu.url) for emu in (a, b)]
     c_proc: subprocess.Popen[str] | None = None
+    c_info: dict[str, object] = {}
     if catchup_items:
         built = time.monotonic()
         c_proc, c_info = start_catchup_server(catchup_items)
@@ -547,11 +604,26 @@ async def run(
                 f"jfsync run: first change through {ready - started:.1f} s after start "
                 f"(worst loop stall {figures['start_stall_ms']:.0f} ms)"
             )
+            if catchup_items:
+                # c's bring-up (its 100,000-item index scan, the match and its first catch-up)
+                # is over before the latency phase: a bring-up is not a catch-up, and its
+                # tail fell into the first window, which held the worst samples of a run.
+                await wait_for_scans(status_port, len(servers))
+                brought_up = time.monotonic()
+                figures["catchup_bring_up_s"] = brought_up - proc_started
+                print(
+                    f"c brought up (index scan, match, first catch-up) "
+                    f"{brought_up - proc_started:.1f} s after start (worst loop stall "
+                    f"{worst_between(stalls, ready, brought_up):.0f} ms since the first change)"
+                )
             stop_catchups = asyncio.Event()
             catchup_ends: list[float] = []
+            catchups_from = time.monotonic()
             catching_up = (
                 asyncio.create_task(
-                    keep_catching_up(str(servers[2][1]), status_port, stop_catchups, catchup_ends),
+                    keep_catching_up(
+                        str(servers[2][1]), c_info, status_port, stop_catchups, catchup_ends
+                    ),
                     name="bench-catchups",
                 )
                 if catchup_items
@@ -576,6 +648,9 @@ async def run(
                 seen = len(b.writes)
                 return len(done_at) == len(wanted)
 
+            # The emulators a and b run on this process's loop: a stall here delays a change's
+            # message and the write's arrival alike, and is not jfsync's (printed, not removed).
+            bench_lag = LoopLag().start()
             t0 = time.monotonic()
             for n, item in enumerate(wanted):
                 delay = t0 + n / rate - time.monotonic()
@@ -584,6 +659,7 @@ async def run(
                 made_at[item] = time.monotonic()
                 a.save_user_data(uid_a, item, is_favorite=True)
             await writes.wait(collect, 60)
+            figures["latency_bench_stall_ms"] = await bench_lag.stop()
             stop_catchups.set()
             if catching_up is not None:
                 await catching_up
@@ -598,7 +674,7 @@ async def run(
             # The goal is the latency while a catch-up runs: the changes made inside one.
             during: list[float] = []
             if catchup_items:
-                windows = await catchup_windows(str(servers[2][1]), catchup_ends)
+                windows = await catchup_windows(str(servers[2][1]), catchup_ends, catchups_from)
                 during = [
                     (done_at[i] - made_at[i]) * 1000
                     for i in wanted
@@ -624,12 +700,15 @@ async def run(
                     if catchup_items
                     else ""
                 )
-                + f"; worst loop stall {figures['latency_stall_ms']:.0f} ms"
+                + f"; worst loop stall {figures['latency_stall_ms']:.0f} ms (this process, "
+                f"the emulators a and b: {figures['latency_bench_stall_ms']:.0f} ms)"
             )
             if catchup_items:
                 print(
                     f"latency of the {len(during)} changes made while a catch-up of c ran "
-                    f"({figures['latency_catchup_cover_s']:.1f} s of the "
+                    f"({len(windows)} catch-ups of "
+                    + ", ".join(f"{end - start:.1f}" for start, end in windows)
+                    + f" s; {figures['latency_catchup_cover_s']:.1f} s of the "
                     f"{made_at[wanted[-1]] - t0:.1f} s phase): "
                     + (
                         f"p50 {pct(during, 50):.1f} ms, p95 {pct(during, 95):.1f} ms, "

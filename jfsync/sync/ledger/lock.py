@@ -1,4 +1,5 @@
-"""The ledger file while one process holds it: the writer lock, the refusal at open, its identity.
+"""The ledger file while one process holds it: the writer lock, the refusal at open, its identity,
+its WAL checkpoints.
 
 :func:`take_writer_lock` makes one process the only writer of a ledger (an exclusive ``flock``
 on ``<ledger>.lock``): each keeps decoded state in memory between transactions, which another
@@ -7,13 +8,22 @@ file that is not an SQLite database (SQLite would take an empty file for a new l
 the header test :func:`sqlite_header_problem` that ``jfsync check`` shares. :class:`LedgerFile`
 holds the lock and the file's (device, inode) for as long as the ledger is open, and tells,
 before every write transaction, whether the path still names that file.
+
+:class:`WalCheckpointer` copies the WAL back into the file off the live path: SQLite's own
+automatic checkpoint runs inside whichever commit takes the WAL past 1,000 pages, on the
+ledger's thread and under its lock, so a live event's apply waited 5-20 ms for it about once
+a second under load. The checkpointer runs PASSIVE checkpoints on a connection and a thread
+of its own (SQLite releases the GIL while it copies), at the same threshold or once writes
+pause, never waiting for or blocking the ledger's writer.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +35,23 @@ logger = logging.getLogger(__name__)
 SQLITE_MAGIC = b"SQLite format 3\x00"
 #: The length of the SQLite database header.
 SQLITE_HEADER_BYTES = 100
+#: How long the checkpointer lets writes gather after one it was told of before it looks at
+#: the WAL (:class:`WalCheckpointer`).
+CHECKPOINT_GATHER_S = 0.1
+#: Frames of the WAL not yet copied that make a checkpoint due (SQLite's own threshold).
+CHECKPOINT_PAGES = 1000
+#: How long writes must pause before fewer frames than that are copied.
+CHECKPOINT_IDLE_S = 1.0
+#: How many times the checkpointer looks again, a pause apart, for the frames of the write
+#: it was told of (told before the transaction ran, it may find nothing committed yet).
+IDLE_LOOKS = 5
+#: SQLite's own automatic checkpoint, kept as the bound on the WAL (the ledger's connection
+#: sets it, ``PRAGMA wal_autocheckpoint``; SQLite's default is 1,000): a commit that takes the
+#: WAL past this many frames checkpoints inline. SQLite starts writing the WAL from its start
+#: again only when a transaction begins with every frame copied, which a checkpoint on
+#: another connection cannot see to while writes never pause (a reconcile, a long burst);
+#: then this one does, copying only what the checkpointer had not copied yet.
+WAL_AUTOCHECKPOINT_PAGES = 2000
 
 
 def sqlite_header_problem(header: bytes) -> str | None:
@@ -115,10 +142,12 @@ class LedgerFile:
     """The ledger file one :class:`~jfsync.sync.ledger.store.Ledger` has open.
 
     :meth:`claim` takes the writer lock and refuses a file that is not a ledger;
-    :meth:`remember` records the identity of the file SQLite opened; :meth:`verify` (before
-    every write transaction) raises LedgerFileLostError once the path names another file or
-    none, telling every :attr:`observers` callback why, once. An in-memory ledger has no file:
-    nothing is locked or checked.
+    :meth:`remember` records the identity of the file SQLite opened and starts its
+    :class:`WalCheckpointer`; :meth:`verify` (before every write transaction) raises
+    LedgerFileLostError once the path names another file or none, telling every
+    :attr:`observers` callback why, once, and otherwise tells the checkpointer a write is
+    coming; :meth:`release` stops the checkpointer and gives up the lock. An in-memory ledger
+    has no file: nothing is locked, checked or checkpointed.
     """
 
     def __init__(self, path: str) -> None:
@@ -131,6 +160,8 @@ class LedgerFile:
         self._identity: tuple[int, int] | None = None
         #: Why the file at the path is no longer the one open (then nothing more is written).
         self._lost: str | None = None
+        #: Copies the WAL back into the file off the ledger's thread, while open.
+        self.checkpointer: WalCheckpointer | None = None
 
     @property
     def in_memory(self) -> bool:
@@ -154,9 +185,15 @@ class LedgerFile:
         if not self.in_memory:
             self._identity = file_identity(self.path)
             self._lost = None
+            if self.checkpointer is None:
+                self.checkpointer = WalCheckpointer(self.path)
+                self.checkpointer.start()
 
     def release(self) -> None:
-        """Give up the writer lock (idempotent)."""
+        """Stop the checkpointer and give up the writer lock (idempotent)."""
+        checkpointer, self.checkpointer = self.checkpointer, None
+        if checkpointer is not None:
+            checkpointer.stop()
         lock, self._lock = self._lock, None
         if lock is not None:
             os.close(lock)  # closing the descriptor releases the lock
@@ -194,6 +231,8 @@ class LedgerFile:
         if self._lost is None:
             problem = self.problem()
             if problem is None:
+                if self.checkpointer is not None:
+                    self.checkpointer.written()
                 return
             self._lost = problem
             for observer in list(self.observers):
@@ -202,3 +241,141 @@ class LedgerFile:
                 except Exception:
                     logger.exception("telling about the lost ledger file failed")
         raise LedgerFileLostError(self._lost)
+
+
+class WalCheckpointer:
+    """PASSIVE checkpoints of one ledger file, on a thread and a connection of their own.
+
+    :meth:`start` opens the connection (to the file SQLite already opened at ``path``) and the
+    thread; :meth:`written` tells it that a write transaction is under way (cheap: it sets an
+    event); :meth:`stop` ends the thread and closes the connection (idempotent).
+
+    When to copy: :attr:`gather_s` after a write it was told of, it reads how many frames of
+    the WAL are not copied yet (:meth:`pending`, from the header of SQLite's shared-memory
+    WAL index, ``<ledger>-shm``; a documented part of the file format) and checkpoints once
+    they reach :attr:`pages` (SQLite's own threshold), or once writes paused for
+    :attr:`idle_s`. Copying more often would write the pages every transaction touches (the
+    tree's upper pages) into the file over and over again. Frames a reader's older
+    snapshot kept from being copied are tried again once writes pause. SQLite's automatic
+    checkpoint (:data:`WAL_AUTOCHECKPOINT_PAGES`) bounds the WAL while writes never pause,
+    or should a checkpoint here fail (it is logged).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        #: How long after a write the WAL is looked at (the transactions right behind it
+        #: commit meanwhile).
+        self.gather_s = CHECKPOINT_GATHER_S
+        #: Frames not yet copied that make a checkpoint due at once.
+        self.pages = CHECKPOINT_PAGES
+        #: How long writes must pause before fewer frames are copied.
+        self.idle_s = CHECKPOINT_IDLE_S
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._shm: int | None = None
+        #: Checkpoints run, and the last one's (WAL frames, frames copied) (tests read them).
+        self.checkpoints = 0
+        self.last: tuple[int, int] | None = None
+
+    def start(self) -> None:
+        """Open the connection and start the thread (once)."""
+        if self._thread is not None:
+            return
+        # mode=rw: never create a file (the ledger's connection opened it already).
+        uri = f"file:{quote_path(self.path)}?mode=rw"
+        self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+        self._thread = threading.Thread(
+            target=self._run, name=f"jfsync-ledger-checkpoint:{self.path}", daemon=True
+        )
+        self._thread.start()
+
+    def written(self) -> None:
+        """A write transaction is under way: look at the WAL soon."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """End the thread (after the checkpoint under way, if any) and close the connection."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stopping.set()
+            self._wake.set()
+            thread.join()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+        shm, self._shm = self._shm, None
+        if shm is not None:
+            os.close(shm)
+
+    def pending(self) -> int | None:
+        """Frames of the WAL not yet copied into the file (None: cannot tell).
+
+        The WAL index header (``<ledger>-shm``, in the host's byte order) holds the last
+        valid frame at offset 16 (``mxFrame``) and the checkpoint information, whose first
+        field is the count of frames copied (``nBackfill``), at offset 96.
+        """
+        if self._shm is None:
+            try:  # SQLite makes it at the first transaction in WAL mode
+                self._shm = os.open(f"{self.path}-shm", os.O_RDONLY)
+            except OSError:
+                return None  # then every look at the WAL checkpoints
+        try:
+            header = os.pread(self._shm, 100, 0)
+        except OSError:
+            return None
+        if len(header) < 100:
+            return None
+        last = int.from_bytes(header[16:20], sys.byteorder)
+        copied = int.from_bytes(header[96:100], sys.byteorder)
+        return max(0, last - copied)
+
+    def _due(self) -> bool:
+        """After a write: tell whether to checkpoint now (enough frames, or writes paused
+        with frames left), or wait for the next write (False; also when stopping)."""
+        pending = self.pending()
+        if pending is None or pending >= self.pages:
+            return True
+        # Too little to copy yet, or the transaction that woke us has not committed (then
+        # nothing is pending yet): look again after the next write, or once writes paused,
+        # a few times while there is nothing to copy.
+        for _ in range(IDLE_LOOKS):
+            if self._wake.wait(self.idle_s) or self._stopping.is_set():
+                return False
+            if self.pending() != 0:
+                return True
+        return False
+
+    def checkpoint(self) -> tuple[int, int]:
+        """Run one PASSIVE checkpoint now, on the calling thread: (WAL frames, frames copied)."""
+        conn = self._conn
+        if conn is None:
+            raise LedgerFileError(f"the checkpointer of {self.path} is not started")
+        row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        result = (int(row[1]), int(row[2])) if row is not None else (0, 0)
+        self.checkpoints += 1
+        self.last = result
+        return result
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            if self._stopping.wait(self.gather_s):
+                return
+            self._wake.clear()
+            if not self._due():
+                continue
+            try:
+                frames, copied = self.checkpoint()
+            except sqlite3.Error as err:
+                logger.warning("checkpoint of the ledger %s failed: %s", self.path, err)
+                continue
+            if copied < frames:
+                # A reader holds an older snapshot: try again (once writes pause).
+                self._wake.set()
+
+
+def quote_path(path: str) -> str:
+    """``path`` quoted for an SQLite ``file:`` URI (``?`` and ``#`` would end the path)."""
+    return path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")

@@ -37,7 +37,7 @@ from jfsync.sync.ledger.clock import Clock
 from jfsync.sync.ledger.codec import Key, Pair, fetch, mask_bits, ordered
 from jfsync.sync.ledger.combined import PeerOutbox
 from jfsync.sync.ledger.errors import LedgerError
-from jfsync.sync.ledger.lock import LedgerFile
+from jfsync.sync.ledger.lock import WAL_AUTOCHECKPOINT_PAGES, LedgerFile
 from jfsync.sync.ledger.maps import IdMaps, ItemMapping, migrate_map_keys
 from jfsync.sync.ledger.outbox import OutboxRow
 from jfsync.sync.ledger.policy import LedgerPolicy
@@ -228,6 +228,9 @@ class Ledger:
                 await db.execute("PRAGMA foreign_keys=ON")
             else:
                 await prepare(db)
+                # Checkpoints run on a thread of their own (lock.WalCheckpointer); SQLite's
+                # automatic one inside a commit is only the bound should that fall behind.
+                await db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
                 self._file.remember()
             applied = await migrate(db)
             if applied:
