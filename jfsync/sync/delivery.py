@@ -684,14 +684,13 @@ class Pusher:
         for remote_user, user_rows in by_user.items():
             wanted = {(r.remote_item_id or r.item): r for r in user_rows}
             try:
-                async for item in self._client.iter_items(
-                    remote_user, ids=list(wanted), fields=(), include_types=(), recursive=True
-                ):
-                    match = wanted.get(item.id)
-                    if match is not None and item.user_data is not None:
-                        found[(match.user, match.item)] = item.user_data.to_user_data()
+                states = await self._client.user_data_of(remote_user, wanted)
             except ServerError as err:
                 raise self._classify(err) from err
+            for remote_item, state in states.items():
+                match = wanted.get(remote_item)
+                if match is not None:
+                    found[(match.user, match.item)] = state
         return found, read_ms, read_seq
 
     async def _recover_interrupted(
