@@ -465,11 +465,12 @@ class Pusher:
             ready: list[tuple[OutboxRow, UserData]] | None = None
         else:
             rows, read, ready, wakes = prepared
-            if wakes != self._wakes:
-                # Rows were queued after the compare ahead: one of these may have been
-                # replaced meanwhile. Compared again (with the same read), it is written as
-                # the ledger has it now, never its older value first.
-                ready = None
+            if ready is not None and wakes != self._wakes:
+                # Rows were queued, or the peer told of one of these items, after the compare
+                # ahead: a row may have been replaced meanwhile. The rows it left owed are
+                # compared again (with the same read): each is written as the ledger has it
+                # now, never its older value first.
+                ready = await self._compare_again(ready, read)
         keys = [(row.user, row.item) for row in rows]
         self._in_flight.update(keys)
         try:
@@ -512,6 +513,16 @@ class Pusher:
         if self._ahead is not None:
             await self._ahead([(row.user, row.item) for row in rows])
         await self._recover_interrupted(rows, current)
+        return await self._compare(rows, current, read_ms, read_seq)
+
+    async def _compare_again(
+        self, owed: Sequence[tuple[OutboxRow, UserData]], read: _Read
+    ) -> list[tuple[OutboxRow, UserData]]:
+        """Compare the rows a compare ahead left owed once more, with the same read."""
+        rows = [row for row, _ in owed]
+        current, read_ms, read_seq = read
+        if self._ahead is not None:
+            await self._ahead([(row.user, row.item) for row in rows])
         return await self._compare(rows, current, read_ms, read_seq)
 
     async def _prepare(self, writing: Sequence[int]) -> _Prepared | None:
