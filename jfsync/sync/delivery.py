@@ -9,8 +9,8 @@ batches, reads the target's current state for the whole batch in one ``/Items?Id
 and records each write's intents (the steps of its :mod:`jfsync.jellyfin.writeplan`), then
 writes what is still owed with bounded concurrency through
 :meth:`JellyfinClient.write_user_data` and records the batch's writes (pending echo +
-last-known) in the ledger in one transaction. While a batch is written, the next one and the
-peer's state of it are read ahead.
+last-known) in the ledger in one transaction. While a batch is written, the next one is taken,
+read and compared ahead, and the one before is recorded.
 
 Failures never drop a row:
 
