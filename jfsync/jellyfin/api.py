@@ -42,6 +42,7 @@ from jfsync.jellyfin.messages import SessionInfo
 from jfsync.jellyfin.wire import (
     AuthenticationResult,
     BaseItemDto,
+    ItemUserDataDto,
     PublicSystemInfo,
     QueryResult,
     QuickConnectResult,
@@ -284,6 +285,38 @@ class JellyfinClient:
             chunked = [*base, ("ids", ",".join(chunk))]
             async for item in self._scan(chunked, page_size, seen, pause):
                 yield item
+
+    async def user_data_of(self, user_id: str, item_ids: Iterable[str]) -> dict[str, UserData]:
+        """One user's data of some items, by item id (normalised); items the user cannot see,
+        or listed without user data, are left out.
+
+        The listing :meth:`iter_items` makes for ``ids`` (no fields, no type filter, sub-items
+        included), :data:`IDS_PER_REQUEST` ids a request, but each answer is validated in one
+        pass for the ids and user data only: the pusher reads its peer's state of every batch
+        it writes this way, ten thousand items for a bulk action.
+        """
+        uid = normalize_id(user_id)
+        wanted = [normalize_id(i) for i in item_ids]
+        route = "/Items"
+        found: dict[str, UserData] = {}
+        for start in range(0, len(wanted), IDS_PER_REQUEST):
+            chunk = wanted[start : start + IDS_PER_REQUEST]
+            query = [
+                ("userId", uid),
+                ("recursive", "true"),
+                ("sortBy", SCAN_SORT_BY),
+                ("sortOrder", "Ascending"),
+                ("enableImages", "false"),
+                ("ids", ",".join(chunk)),
+                ("startIndex", "0"),
+                ("limit", str(len(chunk))),
+                ("enableTotalRecordCount", "false"),
+            ]
+            raw = await self._call("GET", route, query=query, decode=False)
+            for item in self._parse_json(_USER_DATA_PAGE, raw, route).items:
+                if item.user_data is not None:
+                    found[item.id] = item.user_data.to_user_data()
+        return found
 
     # ------------------------------------------------------------------ user data
 
@@ -637,6 +670,10 @@ _BOOL: TypeAdapter[bool] = TypeAdapter(bool)
 #: A listing page with its items still decoded JSON (validated a step at a time by _scan).
 _PAGE: TypeAdapter[QueryResult[Any]] = TypeAdapter(QueryResult[Any])
 _ITEM_LIST: TypeAdapter[list[BaseItemDto]] = TypeAdapter(list[BaseItemDto])
+#: A listing page read for its items' user data only (validated whole, in one pass).
+_USER_DATA_PAGE: TypeAdapter[QueryResult[ItemUserDataDto]] = TypeAdapter(
+    QueryResult[ItemUserDataDto]
+)
 
 
 _ADAPTERS: dict[object, Any] = {}

@@ -193,6 +193,14 @@ class BaseItemDto(WireModel):
     user_data: UserItemDataDto | None = Field(default=None, alias="UserData")
 
 
+class ItemUserDataDto(WireModel):
+    """A listed item as a user-data read needs it: its id and the user's data, nothing else
+    (the other fields of the ``BaseItemDto`` are skipped, not validated)."""
+
+    id: JfId = Field(alias="Id")
+    user_data: UserItemDataDto | None = Field(default=None, alias="UserData")
+
+
 class VirtualFolderInfo(WireModel):
     """``VirtualFolderInfo`` of ``/Library/VirtualFolders``: one library of the server."""
 

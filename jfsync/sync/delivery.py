@@ -9,8 +9,8 @@ batches, reads the target's current state for the whole batch in one ``/Items?Id
 and records each write's intents (the steps of its :mod:`jfsync.jellyfin.writeplan`), then
 writes what is still owed with bounded concurrency through
 :meth:`JellyfinClient.write_user_data` and records the batch's writes (pending echo +
-last-known) in the ledger in one transaction. While a batch is written, the next one and the
-peer's state of it are read ahead.
+last-known) in the ledger in one transaction. While a batch is written, the next one is taken,
+read and compared ahead, and the one before is recorded.
 
 Failures never drop a row:
 
@@ -228,12 +228,21 @@ class Pusher:
         #: The release of the live-work hold taken by the last wake, until a round ends.
         self._live_hold: Callable[[], None] | None = None
         self._wake = asyncio.Event()
+        #: Wakes so far: a batch compared ahead is compared again when rows were queued
+        #: since (a change of one of its items may have replaced its row).
+        self._wakes = 0
+        #: The (user, item) keys of the batch being compared ahead (until its turn).
+        self._compared_ahead: set[tuple[str, str]] = set()
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[tuple[str, str]] = set()
         #: (user, item) -> set once the batch writing it has recorded its writes (or failed).
         self._writing: dict[tuple[str, str], asyncio.Event] = {}
         #: The next batch and its compare read, fetched while the current one is written.
         self._prepared: asyncio.Task[_Prepared | None] | None = None
+        #: The recording of the last batch's writes, while the next batch is written.
+        self._recording: asyncio.Task[None] | None = None
+        #: Ids of the rows of a batch whose writes are being recorded (due until then).
+        self._recording_ids: set[int] = set()
         #: Set once the first batch after start was checked for interrupted writes and sent.
         self._recovered = asyncio.Event()
         self._accepting = True
@@ -260,6 +269,7 @@ class Pusher:
         next round, unless its peer is down or paused (then no round is coming soon).
         """
         self._wake.set()
+        self._wakes += 1
         if (
             live
             and self._live is not None
@@ -278,8 +288,15 @@ class Pusher:
         be short, and the echo travels on another connection). Applying such an echo first
         would take it for the peer's own change; the intake waits here instead, so the echo
         always finds the write recorded as pending.
+
+        The intake calls it before it applies anything this peer said of those keys, so an
+        event of an item of the batch compared ahead also makes that compare count as stale
+        (the user may have changed on the peer what the batch would write).
         """
+        ahead = self._compared_ahead
         for key in keys:
+            if key in ahead:
+                self._wakes += 1
             settled = self._writing.get(key)
             if settled is not None:
                 await settled.wait()
@@ -354,6 +371,7 @@ class Pusher:
             return "stopped"
         finally:
             await self._drop_prepared()
+            await self._finish_recording()
 
     # ------------------------------------------------------------------ the loop
 
@@ -363,6 +381,7 @@ class Pusher:
         finally:
             self._release_live_hold()
             await self._drop_prepared()
+            await self._finish_recording()
 
     def _release_live_hold(self) -> None:
         """No round is coming soon (stopping, peer down or paused, a fault): live work no
@@ -435,29 +454,43 @@ class Pusher:
     async def _deliver_round(self) -> bool:
         prepared = await self._take_prepared()
         if prepared is None:
+            # Nothing read ahead: the batch recorded last must be in the ledger before the
+            # due rows are taken (its rows are due until then).
+            await self._finish_recording()
             rows = await self._ledger.due_rows(self.peer, self._batch_size, self._clock.wall_ms())
             if not rows:
                 self._recovered.set()
                 return False
             read: _Read | None = None
+            ready: list[tuple[OutboxRow, UserData]] | None = None
         else:
-            rows, read = prepared
+            rows, read, ready, wakes = prepared
+            if ready is not None and wakes != self._wakes:
+                # Rows were queued, or the peer told of one of these items, after the compare
+                # ahead: a row may have been replaced meanwhile. The rows it left owed are
+                # compared again (with the same read): each is written as the ledger has it
+                # now, never its older value first.
+                ready = await self._compare_again(ready, read)
         keys = [(row.user, row.item) for row in rows]
         self._in_flight.update(keys)
         try:
-            current, read_ms, read_seq = await self._read_current(rows) if read is None else read
-            if self._ahead is not None:
-                await self._ahead(keys)
-            await self._recover_interrupted(rows, current)
-            owed = await self._compare(rows, current, read_ms, read_seq)
-            if len(rows) == self._batch_size and self._accepting:
-                # More rows wait: take the next batch and read the peer's state of it while
-                # this one is written, so neither read holds up the writes.
+            if ready is None:
+                owed = await self._ready(rows, read)
+            else:
+                owed = ready
+            more = len(rows) == self._batch_size and self._accepting
+            if more:
+                # More rows wait: take the next batch, read the peer's state of it and
+                # compare it while this one is written, so that neither the read nor the
+                # compare holds up the writes.
                 self._prepared = asyncio.create_task(
                     self._prepare([row.id for row in rows]),
                     name=f"jfsync-pusher[{self.peer}]-read-ahead",
                 )
-            failures = await self._deliver_batch(owed)
+            # Recorded in the background while the next batch is written, once the rows of
+            # the last process are settled (a catch-up waits for that, and must then find
+            # every write of the first batch recorded).
+            failures = await self._deliver_batch(owed, background=more and self._recovered.is_set())
             # The rows in flight when the last process stopped are settled now.
             self._recovered.set()
         finally:
@@ -470,18 +503,50 @@ class Pusher:
                 raise failure
         return True
 
-    async def _prepare(self, writing: Sequence[int]) -> _Prepared | None:
-        """Take the next due rows (but ``writing``, the ids of the rows being written) and
-        read the peer's state of them.
+    async def _ready(
+        self, rows: Sequence[OutboxRow], read: _Read | None
+    ) -> list[tuple[OutboxRow, UserData]]:
+        """Read the peer's state of ``rows`` (unless ``read`` already holds it), settle what
+        was received of them first, record interrupted writes and compare: the rows still
+        owed, with the peer's state of each."""
+        current, read_ms, read_seq = await self._read_current(rows) if read is None else read
+        if self._ahead is not None:
+            await self._ahead([(row.user, row.item) for row in rows])
+        await self._recover_interrupted(rows, current)
+        return await self._compare(rows, current, read_ms, read_seq)
 
-        The rows may change before their turn: the compare works on the rows as the ledger
-        then has them, so a row replaced or settled meanwhile is written as it stands.
+    async def _compare_again(
+        self, owed: Sequence[tuple[OutboxRow, UserData]], read: _Read
+    ) -> list[tuple[OutboxRow, UserData]]:
+        """Compare the rows a compare ahead left owed once more, with the same read."""
+        rows = [row for row, _ in owed]
+        current, read_ms, read_seq = read
+        if self._ahead is not None:
+            await self._ahead([(row.user, row.item) for row in rows])
+        return await self._compare(rows, current, read_ms, read_seq)
+
+    async def _prepare(self, writing: Sequence[int]) -> _Prepared | None:
+        """Take the next due rows (but ``writing``, the ids of the rows being written, and
+        those of a batch whose writes are still being recorded), read the peer's state of
+        them and, once the rows of the last process were settled, compare them.
+
+        The compare ahead works as the one of a round: the rows are disjoint from the ones
+        being written, a row replaced after it is written as the ledger then has it (the
+        write records what is still owed), and a read the ledger learnt something newer than
+        is not applied (the row is read again in a later round).
         """
         now_ms = self._clock.wall_ms()
-        rows = await self._ledger.due_rows(self.peer, self._batch_size, now_ms, exclude=writing)
+        exclude = [*writing, *self._recording_ids]
+        rows = await self._ledger.due_rows(self.peer, self._batch_size, now_ms, exclude=exclude)
         if not rows:
             return None
-        return rows, await self._read_current(rows)
+        read = await self._read_current(rows)
+        if not self._recovered.is_set():
+            # The first batch after start is checked for interrupted writes first.
+            return rows, read, None, self._wakes
+        self._compared_ahead = {(row.user, row.item) for row in rows}
+        wakes = self._wakes
+        return rows, read, await self._ready(rows, read), wakes
 
     async def _take_prepared(self) -> _Prepared | None:
         """The batch read ahead, if there is one and its reads worked."""
@@ -493,22 +558,36 @@ class Pusher:
         except Exception as err:  # noqa: BLE001 - read again, and handled, by the round
             logger.debug("[→%s] reading ahead failed: %s", self.peer, err)
             return None
+        finally:
+            self._compared_ahead = set()
 
     async def _drop_prepared(self) -> None:
         task, self._prepared = self._prepared, None
+        self._compared_ahead = set()
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    async def _deliver_batch(self, owed: Sequence[tuple[OutboxRow, UserData]]) -> list[Exception]:
+    async def _finish_recording(self) -> None:
+        """Wait until the writes of the last batch are recorded (if they are being recorded)."""
+        task, self._recording = self._recording, None
+        if task is not None:
+            await task
+
+    async def _deliver_batch(
+        self, owed: Sequence[tuple[OutboxRow, UserData]], *, background: bool = False
+    ) -> list[Exception]:
         """Write a batch through ``concurrency`` lanes, then record it; return the failures.
 
         Each lane takes the next row as soon as its request is answered (no task per row).
         The done writes are recorded together once the lanes are through, in ONE transaction
         (pending echo + last-known per write): recording them while writes are still under
-        way costs more, the SQLite thread then competing for the CPU with the writes. The
-        first failure that concerns the whole peer (down, key refused), and a stop, end the
-        lanes taking more rows: those not tried stay queued as they are.
+        way costs more, the SQLite thread then competing for the CPU with the writes. With
+        ``background`` (the next batch is read and compared already) the round does not wait
+        for that transaction: the next batch's writes go while it runs, and the round after
+        waits for it before it records its own. The first failure that concerns the whole
+        peer (down, key refused), and a stop, end the lanes taking more rows: those not tried
+        stay queued as they are.
         """
         failures: list[Exception] = []
         # By the row's place in the batch: the writes are recorded (and reported) in due order.
@@ -517,14 +596,14 @@ class Pusher:
         stopped = False
         # Set once this batch's writes are recorded: an echo of one waits for it (settled).
         recorded = asyncio.Event()
+        ids = {row.id for row, _ in owed}
 
         async def lane() -> None:
             nonlocal stopped
             for index, (row, current) in rows:
                 if not self._accepting:
                     return  # stopping: what is not sent yet stays queued
-                key = (row.user, row.item)
-                self._writing[key] = recorded
+                self._writing[(row.user, row.item)] = recorded
                 try:
                     async with self._semaphore:
                         written = await self._write(row, current)
@@ -539,33 +618,70 @@ class Pusher:
 
         try:
             await asyncio.gather(*(lane() for _ in range(min(self._concurrency, len(owed)))))
-            made = [write for write in done if write is not None]
-            if made:
-                acks = [(row, row.intended(current)) for row, current in made]
-                try:
-                    done_ms = self._clock.wall_ms()
-                    await self._ledger.rows_written(acks, done_ms)
-                except JfsyncError as err:
-                    # Unrecorded writes stay queued and are compared again (the peer already
-                    # holds them, so nothing is written twice).
-                    failures.append(err)
-                else:
-                    self._written(len(acks), done_ms)
-                    if self._watcher is not None:
-                        delivered = [
-                            Delivered(row, current, after, done_ms)
-                            for (row, current), (_, after) in zip(made, acks, strict=True)
-                        ]
-                        self._tell(self._watcher.written, self.peer, delivered)
-                    if not failures:
-                        self.stats.last_error = None  # writes work again: say so
-        finally:
-            recorded.set()
-            for row, _ in owed:
-                key = (row.user, row.item)
-                if self._writing.get(key) is recorded:
-                    del self._writing[key]
+        except BaseException:
+            self._recorded(owed, recorded, ids)
+            raise
+        made = [write for write in done if write is not None]
+        try:
+            # One batch is recorded at a time, in due order.
+            await self._finish_recording()
+        except BaseException:
+            self._recorded(owed, recorded, ids)
+            raise
+        self._recording_ids |= ids
+        record = self._record(owed, made, recorded, ids, clear_error=not failures)
+        if background and made and not stopped:
+            self._recording = asyncio.create_task(record, name=f"jfsync-pusher[{self.peer}]-record")
+        else:
+            await record
         return failures
+
+    async def _record(
+        self,
+        owed: Sequence[tuple[OutboxRow, UserData]],
+        made: Sequence[tuple[OutboxRow, UserData]],
+        recorded: asyncio.Event,
+        ids: set[int],
+        *,
+        clear_error: bool,
+    ) -> None:
+        """Record the writes ``made`` of a batch (pending echo + last-known) in one
+        transaction and tell the watcher; then let the echoes of the batch be judged."""
+        try:
+            if not made:
+                return
+            acks = [(row, row.intended(current)) for row, current in made]
+            done_ms = self._clock.wall_ms()
+            try:
+                await self._ledger.rows_written(acks, done_ms)
+            except JfsyncError as err:
+                # Unrecorded writes stay queued and are compared again (the peer already
+                # holds them, so nothing is written twice).
+                self.stats.last_error = str(err)
+                self._faults.failed("recording writes failed; they are compared again", err)
+                return
+            self._written(len(acks), done_ms)
+            if self._watcher is not None:
+                delivered = [
+                    Delivered(row, current, after, done_ms)
+                    for (row, current), (_, after) in zip(made, acks, strict=True)
+                ]
+                self._tell(self._watcher.written, self.peer, delivered)
+            if clear_error:
+                self.stats.last_error = None  # writes work again: say so
+        finally:
+            self._recorded(owed, recorded, ids)
+
+    def _recorded(
+        self, owed: Sequence[tuple[OutboxRow, UserData]], recorded: asyncio.Event, ids: set[int]
+    ) -> None:
+        """A batch's writes are recorded (or never will be): its echoes may be judged."""
+        recorded.set()
+        self._recording_ids -= ids
+        for row, _ in owed:
+            key = (row.user, row.item)
+            if self._writing.get(key) is recorded:
+                del self._writing[key]
 
     async def _read_current(self, rows: Sequence[OutboxRow]) -> _Read:
         """Read the peer's state of every row's item, one listing per user; say when it was
@@ -579,14 +695,13 @@ class Pusher:
         for remote_user, user_rows in by_user.items():
             wanted = {(r.remote_item_id or r.item): r for r in user_rows}
             try:
-                async for item in self._client.iter_items(
-                    remote_user, ids=list(wanted), fields=(), include_types=(), recursive=True
-                ):
-                    match = wanted.get(item.id)
-                    if match is not None and item.user_data is not None:
-                        found[(match.user, match.item)] = item.user_data.to_user_data()
+                states = await self._client.user_data_of(remote_user, wanted)
             except ServerError as err:
                 raise self._classify(err) from err
+            for remote_item, state in states.items():
+                match = wanted.get(remote_item)
+                if match is not None:
+                    found[(match.user, match.item)] = state
         return found, read_ms, read_seq
 
     async def _recover_interrupted(
@@ -949,7 +1064,9 @@ def write_steps(before: UserData, row: OutboxRow) -> list[UserData]:
 #: Rows taken ahead and the peer's state of each (by canonical user and item).
 #: The peer's states of a batch's items, when they were requested and the ledger's ticket then.
 _Read = tuple[dict[tuple[str, str], UserData], int, int]
-_Prepared = tuple[list[OutboxRow], _Read]
+#: A batch taken ahead: its rows, the peer's state of them, once compared the rows still owed
+#: with the peer's state of each (None: compared by the round), and the pusher's wakes then.
+_Prepared = tuple[list[OutboxRow], _Read, list[tuple[OutboxRow, UserData]] | None, int]
 
 
 class _PeerDown(Exception):

@@ -415,12 +415,10 @@ class Intake:
         read_ms = self._clock.wall_ms()
         read_seq = self._ledger.ticket()
         states: dict[str, UserData] = {}
-        async for found in link.client.iter_items(
-            remote_user_id, ids=list(items), fields=(), include_types=(), recursive=True
-        ):
-            key = items.get(found.id)
-            if key is not None and found.user_data is not None:
-                states[key] = found.user_data.to_user_data()
+        for remote_item, state in (await link.client.user_data_of(remote_user_id, items)).items():
+            key = items.get(remote_item)
+            if key is not None:
+                states[key] = state
         self.counters.read_backs += len(items)
         applied = await self._ledger.apply_observations(
             [

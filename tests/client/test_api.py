@@ -194,6 +194,27 @@ async def test_iter_items_chunks_long_id_lists(emu: Emulator, client: JellyfinCl
     assert sorted(got) == sorted(ids)
 
 
+async def test_user_data_of_reads_a_users_data_of_many_items_at_once(
+    emu: Emulator, client: JellyfinClient
+) -> None:
+    """bob favourited a film and rated an episode; reading both, an item bob cannot see and
+    more ids than one request carries gives bob's data of every item there is, by id."""
+    bob = emu.user_id("bob")
+    movie, episode = _leaf(emu), _leaf(emu, "Episode")
+    emu.save_user_data(bob, movie, is_favorite=True)
+    emu.save_user_data(bob, episode, rating=6.5)
+    ids = [i.id for i in emu.leaf_items()]
+    unknown = "f" * 32
+    wanted = [movie.upper(), *ids, unknown] * 4  # duplicates; over 150 ids in all
+    assert len(wanted) > 150
+    found = await client.user_data_of(bob, wanted)
+    assert set(found) == set(ids)
+    assert found[movie] == UserData(favorite=True)
+    assert found[episode] == UserData(rating=6.5)
+    assert all(found[i] == UserData() for i in ids if i not in (movie, episode))
+    assert await client.user_data_of(bob, []) == {}
+
+
 # --------------------------------------------------------------------------- user data
 
 

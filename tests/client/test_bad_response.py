@@ -88,6 +88,16 @@ async def broken_server() -> AsyncIterator[Callable[[str, str], str]]:
             "field Items[149].Id: ",
         ),
         ("/Items", "[]", "items", "/Items", "field (body): "),
+        (
+            "/Items",
+            '{"Items": [{"Id": "4bd7d5a1e0c44f6a9b0d3c2e1f0a9b8c", "UserData": {"PlayCount": '
+            '"many"}}]}',
+            "user_data_of",
+            "/Items",
+            "field Items[0].UserData.PlayCount: ",
+        ),
+        ("/Items", "<html>proxy error</html>", "user_data_of", "/Items", "the body is not JSON"),
+        ("/Items", " ", "user_data_of", "/Items", "the body is empty"),
         ("/Items", "<html>proxy error</html>", "items", "/Items", "the body is not JSON"),
         ("/Items", " ", "items", "/Items", "the body is empty"),
         (
@@ -128,6 +138,8 @@ async def _call(client: JellyfinClient, call: str) -> None:
         await client.users()
     elif call == "items":
         _ = [i async for i in client.iter_items(USER)]
+    elif call == "user_data_of":
+        await client.user_data_of(USER, [ITEM])
     else:
         await client.server_version()
 

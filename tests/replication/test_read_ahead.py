@@ -49,12 +49,12 @@ class HeldClient(JellyfinClient):
             await self.release.wait()
         await super().write_user_data(*args, **kwargs)
 
-    async def iter_items(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        async for item in super().iter_items(*args, **kwargs):
-            yield item
+    async def user_data_of(self, *args: Any, **kwargs: Any) -> dict[str, UserData]:
+        found = await super().user_data_of(*args, **kwargs)
         self._listings += 1
         if self._listings == 2:
             self.read_ahead.set()
+        return found
 
 
 class _Recorded(DeliveryWatcher):
