@@ -75,13 +75,14 @@ async def scan_non_default(
     parent_ids: Sequence[str] | None = None,
     *,
     pause: Callable[[], Awaitable[None]] | None = None,
+    page_size: int = 1000,
 ) -> dict[str, ScannedItem]:
     """List the user's leaf items with non-default data, by the server's item id.
 
     With ``parent_ids`` (a library filter: :mod:`jfsync.sync.filters`) only those libraries are
     listed, one listing per library and filter; the others are never read. ``pause`` is
     awaited before each page and between the validation steps of a page (a catch-up gives
-    way to live work there: :mod:`jfsync.sync.priority`).
+    way to live work there: :mod:`jfsync.sync.priority`); ``page_size`` items per request.
     """
     found: dict[str, ScannedItem] = {}
     parents: Sequence[str | None] = [None] if parent_ids is None else parent_ids
@@ -90,7 +91,11 @@ async def scan_non_default(
             if pause is not None:
                 await pause()
             async for item in client.iter_items(
-                remote_user_id, filters=(name,), parent_id=parent, pause=pause
+                remote_user_id,
+                filters=(name,),
+                parent_id=parent,
+                pause=pause,
+                page_size=page_size,
             ):
                 if item.id in found or item.user_data is None:
                     continue
