@@ -24,11 +24,12 @@ import pytest
 from jfsync.emulator import Emulator
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.model import UserData
-from jfsync.sync.delivery import Delivered, DeliveryWatcher, Pusher
+from jfsync.sync.delivery import Pusher
 from jfsync.sync.ledger import Ledger, Observation, OutboxRow
 from jfsync.sync.merge import MergePolicy
 from jfsync.timing import ManualClock
 from tests.replication.harness import API_KEY, USER, new_emulator
+from tests.support.delivery import SetOnWrite
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(30)
@@ -74,16 +75,6 @@ class CountingLedger(Ledger):
         return fresh
 
 
-class _Recorded(DeliveryWatcher):
-    """Sets the event after every batch of recorded writes."""
-
-    def __init__(self, event: asyncio.Event) -> None:
-        self._event = event
-
-    def written(self, peer: str, writes: Sequence[Delivered]) -> None:
-        self._event.set()
-
-
 @asynccontextmanager
 async def backlog_for_b(
     tmp_path: Path,
@@ -108,7 +99,7 @@ async def backlog_for_b(
             clock,
             batch_size=BATCH,
             concurrency=1,
-            watcher=_Recorded(recorded),
+            watcher=SetOnWrite(recorded),
         )
         try:
             uid = b.user_id(USER)

@@ -9,7 +9,7 @@ one, holding the first write until the test has made its change.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,12 @@ import pytest
 from jfsync.emulator import Emulator
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.model import UserData
-from jfsync.sync.delivery import Delivered, DeliveryWatcher, Pusher
+from jfsync.sync.delivery import Pusher
 from jfsync.sync.ledger import Ledger, Observation
 from jfsync.sync.merge import MergePolicy
 from jfsync.timing import ManualClock
 from tests.replication.harness import API_KEY, USER, new_emulator
+from tests.support.delivery import SetOnWrite
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(30)
@@ -57,16 +58,6 @@ class HeldClient(JellyfinClient):
         return found
 
 
-class _Recorded(DeliveryWatcher):
-    """Sets the event after every batch of recorded writes."""
-
-    def __init__(self, event: asyncio.Event) -> None:
-        self._event = event
-
-    def written(self, peer: str, writes: Sequence[Delivered]) -> None:
-        self._event.set()
-
-
 @asynccontextmanager
 async def pusher_to_b(
     tmp_path: Path,
@@ -85,7 +76,7 @@ async def pusher_to_b(
             clock,
             batch_size=2,
             concurrency=1,
-            watcher=_Recorded(recorded),
+            watcher=SetOnWrite(recorded),
         )
         try:
             yield b, ledger, client, pusher, clock, recorded
