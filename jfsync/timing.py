@@ -3,7 +3,8 @@
 Production code takes a :class:`Clock` and never calls ``time`` or ``asyncio.sleep`` directly,
 so tests drive time with :class:`ManualClock` instead of waiting it out. ``SystemClock`` is the
 real one. :func:`backoff_delays` yields capped exponential delays with jitter for reconnect
-loops; the pusher uses tenacity with the same clock's ``sleep``.
+loops; the pusher uses tenacity with the same clock's ``sleep``. :func:`one_turn` lets the
+loop run once, without time passing, between the steps of a long pass.
 """
 
 from __future__ import annotations
@@ -124,6 +125,11 @@ class ManualClock:
     def _drop_cancelled(self) -> None:
         while self._sleepers and self._sleepers[0][2].done():
             heapq.heappop(self._sleepers)
+
+
+async def one_turn() -> None:
+    """Give the event loop one turn (no time passes): what a long pass awaits between steps."""
+    await asyncio.sleep(0)
 
 
 async def _settle(turns: int = 5) -> None:

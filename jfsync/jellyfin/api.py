@@ -15,7 +15,6 @@ play count and recurses into folders.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import logging
@@ -58,6 +57,7 @@ from jfsync.jellyfin.writeplan import (
     plan_write,
 )
 from jfsync.model import Register, UserData
+from jfsync.timing import one_turn
 
 logger = logging.getLogger(__name__)
 
@@ -603,7 +603,7 @@ class JellyfinClient:
         pause: Callable[[], Awaitable[None]] | None = None,
     ) -> AsyncIterator[BaseItemDto]:
         route = "/Items"
-        between = pause or _one_turn
+        between = pause or one_turn
         overlap = min(PAGE_OVERLAP, max(0, page_size // 4))
         start = 0
         first = True
@@ -684,11 +684,6 @@ def _adapter(kind: type[T]) -> TypeAdapter[T]:
     if adapter is None:
         adapter = _ADAPTERS[kind] = TypeAdapter(kind)
     return adapter
-
-
-async def _one_turn() -> None:
-    """Give the event loop one turn (what runs between the steps of a page by default)."""
-    await asyncio.sleep(0)
 
 
 def _enc(value: str) -> str:

@@ -10,7 +10,6 @@ from every listing was reset on that server, which is a change to the default st
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -20,6 +19,7 @@ from jfsync.jellyfin.api import JellyfinClient
 from jfsync.jellyfin.wire import BaseItemDto
 from jfsync.model import DEFAULT_USER_DATA, UserData
 from jfsync.sync.ledger import Observation
+from jfsync.timing import one_turn
 
 #: Listings that together cover every item whose user data differs from the default.
 NON_DEFAULT_FILTERS: tuple[str, ...] = (
@@ -40,10 +40,6 @@ PASS_STEP = 1000
 T = TypeVar("T")
 
 
-async def _one_turn() -> None:
-    await asyncio.sleep(0)
-
-
 async def in_steps(
     items: Iterable[T],
     pause: Callable[[], Awaitable[None]] | None = None,
@@ -51,7 +47,7 @@ async def in_steps(
 ) -> AsyncIterator[list[T]]:
     """Yield ``items`` in lists of ``step``, awaiting ``pause`` (default: one turn of the event
     loop) before every list but the first. What ``items`` iterates must not change meanwhile."""
-    between = pause or _one_turn
+    between = pause or one_turn
     found = iter(items)
     first = True
     while chunk := list(islice(found, step)):
@@ -142,7 +138,7 @@ async def catchup_observations_in_steps(
     observations: list[Observation] = []
     async for found in in_steps(scanned.items(), pause, step):
         observations += _differing(server, user, found, known, wall_ms, read_seq)
-    await (pause or _one_turn)()
+    await (pause or one_turn)()
     async for held in in_steps(known.items(), pause, step):
         observations += _reset(server, user, held, scanned, wall_ms, read_seq)
     return observations

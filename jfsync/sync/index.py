@@ -53,7 +53,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
-from urllib.parse import quote
 
 import aiosqlite
 
@@ -62,7 +61,7 @@ from jfsync.errors import JfsyncError
 from jfsync.jellyfin.api import DEFAULT_ITEM_TYPES, JellyfinClient
 from jfsync.jellyfin.wire import BaseItemDto
 from jfsync.sync.filters import LibraryScope, resolve_scope
-from jfsync.sync.ledger.schema import WriteGate, run_on_thread
+from jfsync.sync.ledger.schema import WriteGate, run_on_thread, sqlite_uri
 
 logger = logging.getLogger(__name__)
 
@@ -379,11 +378,6 @@ def index_path(ledger: str | Path) -> str:
     return f"{ledger}{INDEX_SUFFIX}"
 
 
-def _uri(path: str, query: str = "") -> str:
-    """An SQLite ``file:`` URI of ``path`` (any character of the path kept as it is)."""
-    return f"file:{quote(os.path.abspath(path))}" + (f"?{query}" if query else "")
-
-
 async def _connect(path: str, ledger: str) -> aiosqlite.Connection:
     """Open the index file at ``path`` (autocommit) with the ledger attached read-only.
 
@@ -392,14 +386,14 @@ async def _connect(path: str, ledger: str) -> aiosqlite.Connection:
     ``mode=ro``: this connection can never write it, and its write transactions take no lock
     on it (only a read snapshot).
     """
-    pending = aiosqlite.connect(_uri(path), isolation_level=None, uri=True)
+    pending = aiosqlite.connect(sqlite_uri(path), isolation_level=None, uri=True)
     worker = getattr(pending, "_thread", None)
     if worker is not None:
         worker.daemon = True
     db = await pending
     try:
         await db.execute("PRAGMA busy_timeout=5000")
-        await db.execute("ATTACH DATABASE ? AS ledger", (_uri(ledger, "mode=ro"),))
+        await db.execute("ATTACH DATABASE ? AS ledger", (sqlite_uri(ledger, "mode=ro"),))
     except BaseException:
         await db.close()
         raise

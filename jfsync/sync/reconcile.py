@@ -248,7 +248,7 @@ class Reconciler:
             if isinstance(self.identity, IndexedIdentity)
             else None
         )
-        flowing = self._live is not None and self._live.flowing()
+        flowing = self._flowing()
         scanned = await scan_non_default(
             client,
             remote_user_id,
@@ -276,8 +276,7 @@ class Reconciler:
         # The whole-user passes below go a step at a time while events flow (a user with
         # 20,000 items of data made each one 5-20 ms long), and give the loop a turn between
         # them otherwise (together they held it for up to 100 ms at 200,000 items).
-        live = self._live is not None and self._live.flowing()
-        step = PASS_STEP if live else DIFF_STEP
+        step = PASS_STEP if self._flowing() else DIFF_STEP
         states: dict[str, UserData] = {}
         async for scan_part in in_steps(scanned.items(), self._step, step):
             for remote, found in scan_part:
@@ -330,8 +329,7 @@ class Reconciler:
         start = 0
         while start < len(observations):
             await self._step()
-            live = self._live is not None and self._live.flowing()
-            size = LIVE_SCAN_BATCH if live else SCAN_BATCH
+            size = LIVE_SCAN_BATCH if self._flowing() else SCAN_BATCH
             applied = await ledger.apply_observations(observations[start : start + size])
             start += size
             changed += sum(a.outcome is Outcome.CHANGED for a in applied)
@@ -378,10 +376,14 @@ class Reconciler:
         else:
             await asyncio.sleep(0)
 
+    def _flowing(self) -> bool:
+        """Tell whether live events flow now (a catch-up then goes in smaller steps)."""
+        return self._live is not None and self._live.flowing()
+
     def _page(self) -> int:
         """How much one paged ledger call of a catch-up covers now (:data:`READ_PAGE`, or
         :data:`LIVE_READ_PAGE` while live events flow)."""
-        return LIVE_READ_PAGE if self._live is not None and self._live.flowing() else READ_PAGE
+        return LIVE_READ_PAGE if self._flowing() else READ_PAGE
 
     async def _last_known(self, server: str, user: str) -> dict[str, UserData]:
         """Every last-known state of ``user`` on ``server``, read a page per ledger call.
@@ -420,7 +422,7 @@ class Reconciler:
 
     async def _canonical_items(self, server: str, remote_ids: list[str]) -> dict[str, str]:
         """The identity's canonical keys of a scan's items; while events flow, in steps."""
-        if self._live is None or not self._live.flowing():
+        if not self._flowing():
             return await self.identity.canonical_items(server, remote_ids)
         found: dict[str, str] = {}
         for start in range(0, len(remote_ids), LIVE_MAP_STEP):

@@ -203,17 +203,8 @@ def insert_rows(db: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]])
     SQLite's work per row in a bulk apply: one statement step per 50 rows instead of one per
     row.
     """
-    count = len(rows)
-    whole = count - count % ROWS_PER_INSERT
-    if whole:
-        width = len(rows[0]) * ROWS_PER_INSERT
-        flat = list(itertools.chain.from_iterable(rows[:whole]))
-        db.executemany(
-            _multi_row(sql),
-            [flat[start : start + width] for start in range(0, len(flat), width)],
-        )
-    if whole < count:
-        db.executemany(sql, rows[whole:])
+    if rows:
+        insert_flat(db, sql, list(itertools.chain.from_iterable(rows)), len(rows[0]))
 
 
 def insert_flat(db: sqlite3.Connection, sql: str, flat: list[Any], width: int) -> None:

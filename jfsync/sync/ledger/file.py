@@ -17,10 +17,9 @@ import sqlite3
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
 from jfsync.sync.ledger.lock import SQLITE_HEADER_BYTES, sqlite_header_problem
-from jfsync.sync.ledger.schema import LATEST_VERSION
+from jfsync.sync.ledger.schema import LATEST_VERSION, sqlite_uri
 
 #: Tables every jfsync ledger has from schema version 1 on.
 LEDGER_TABLES = frozenset({"meta", "servers", "outbox", "tokens", "canonical", "last_known"})
@@ -141,7 +140,7 @@ def _read_schema(ledger: Path, where: str, fix: str, report: LedgerFileReport) -
     # so not even the -wal and -shm files a read-only open would create appear.
     wal = Path(f"{ledger}-wal")
     flags = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
-    uri = f"file:{quote(str(ledger.resolve()))}?{flags}"
+    uri = sqlite_uri(str(ledger.resolve()), flags)
     db = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     try:
         version = int(db.execute("PRAGMA user_version").fetchone()[0])

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from jfsync.sync.ledger.errors import LedgerFileError, LedgerFileLostError, LedgerInUseError
+from jfsync.sync.ledger.schema import sqlite_uri
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +285,7 @@ class WalCheckpointer:
         if self._thread is not None:
             return
         # mode=rw: never create a file (the ledger's connection opened it already).
-        uri = f"file:{quote_path(self.path)}?mode=rw"
+        uri = sqlite_uri(self.path, "mode=rw")
         self._conn = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
         self._thread = threading.Thread(
             target=self._run, name=f"jfsync-ledger-checkpoint:{self.path}", daemon=True
@@ -374,8 +375,3 @@ class WalCheckpointer:
             if copied < frames:
                 # A reader holds an older snapshot: try again (once writes pause).
                 self._wake.set()
-
-
-def quote_path(path: str) -> str:
-    """``path`` quoted for an SQLite ``file:`` URI (``?`` and ``#`` would end the path)."""
-    return path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")

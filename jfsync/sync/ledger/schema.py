@@ -40,12 +40,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import aiosqlite
 
@@ -375,6 +377,12 @@ class _Call:
 def _resolve(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+def sqlite_uri(path: str, query: str = "") -> str:
+    """An SQLite ``file:`` URI of ``path`` (any character of the path kept as it is, the path
+    made absolute) with ``query`` (``mode=ro``, ...)."""
+    return f"file:{quote(os.path.abspath(path))}" + (f"?{query}" if query else "")
 
 
 def write_transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:

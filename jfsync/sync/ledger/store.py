@@ -602,10 +602,8 @@ class Ledger:
         return await self._read(work)
 
     async def last_known_for_user(self, server: str, user: str) -> dict[str, UserData]:
-        """Return every last-known state of ``user`` on ``server``, by canonical item.
-
-        A resync uses it to find known items missing from a scan of non-default items.
-        """
+        """Return every last-known state of ``user`` on ``server``, by canonical item, in one
+        read (a catch-up reads them a page at a time instead: :meth:`last_known_page`)."""
         sid = self._sid(server)
         return await self._read(lambda tx: tx.last_known_for(sid, user))
 
