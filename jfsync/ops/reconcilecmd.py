@@ -44,6 +44,7 @@ from jfsync.model import TICKS_PER_SECOND, PlayState, Register, UserData
 from jfsync.sync.delivery import Delivered, DeliveryWatcher, Pusher
 from jfsync.sync.identity import IndexedIdentity
 from jfsync.sync.ledger import Ledger, OutboxRow
+from jfsync.sync.ledger.schema import sqlite_uri
 from jfsync.sync.merge import MergePolicy
 from jfsync.sync.reconcile import Reconciler, ReconcileReport
 from jfsync.sync.resetguard import ResetGuard, ResetRule
@@ -516,7 +517,7 @@ def copy_ledger(source: Path, target: Path) -> None:
     """
     if not source.exists():
         return
-    reader = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    reader = sqlite3.connect(sqlite_uri(str(source), "mode=ro"), uri=True)
     try:
         writer = sqlite3.connect(target)
         try:

@@ -22,7 +22,7 @@ import pytest
 import jfsync.emulator as emulator_module
 from jfsync.emulator import Emulator, RequestRecord
 from jfsync.model import PlayState, UserData
-from jfsync.ops.reconcilecmd import ReconcileOutcome, print_outcome, run_reconcile
+from jfsync.ops.reconcilecmd import ReconcileOutcome, copy_ledger, print_outcome, run_reconcile
 from jfsync.sync.catchup import NON_DEFAULT_FILTERS
 from jfsync.sync.ledger import Ledger
 from jfsync.sync.merge import MergePolicy
@@ -443,3 +443,22 @@ async def test_a_server_that_goes_away_mid_run_is_given_up_on_after_a_while(
     again = await run_reconcile(stack.config, dry_run=False, pusher_options=PUSHER_OPTIONS)
     assert again.ok, again.failures
     assert holds_all(stack, expected)
+
+
+@pytest.mark.parametrize("folder", ["jfsync #1", "what?", "sync %41"])
+async def test_a_dry_run_reads_a_ledger_whose_folder_name_has_uri_characters(
+    tmp_path: Path, folder: str
+) -> None:
+    """A dry run works on a copy of the ledger; a folder named like ``jfsync #1`` must not cut
+    the path short (``#``, ``?`` and ``%`` mean something in an SQLite ``file:`` URI)."""
+    source = tmp_path / folder / "ledger.db"
+    source.parent.mkdir()
+    policy = MergePolicy(servers=("a", "b"))
+    async with Ledger(source, policy) as ledger:
+        await ledger.map_user("a", "a" * 32, "alice")
+    digest = file_digest(source)
+    copy = tmp_path / "copy.db"
+    await asyncio.to_thread(copy_ledger, source, copy)
+    async with Ledger(copy, policy) as copied:
+        assert await copied.user_for("a", "a" * 32) == "alice"
+    assert file_digest(source) == digest  # read through a read-only connection
