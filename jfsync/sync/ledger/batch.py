@@ -226,6 +226,12 @@ class Batch:
         #: At least every ticket in :attr:`seen` and in the clock's seen map.
         self._seen_high = clock.seen_high
         self._writes: dict[tuple[str, int, int], dict[str, int]] = {}
+        #: The pending echo lists this batch made, by the identity of what they were made of
+        #: (:meth:`_with_write`, :meth:`_without`): a round of intents or acks gives hundreds
+        #: of keys the same list (one state written over one state, at one time), which is
+        #: then built, pruned and encoded once and shared. Each entry holds its inputs, so no
+        #: id in a key is reused while the batch lives.
+        self._echo_memo: dict[tuple[int, ...], tuple[object, ...]] = {}
         seed = policy.seed
         self._seed_sid = maps.sid_of(seed) if seed is not None else None
         self._configured = {maps.sid(n) for n in policy.servers}
@@ -879,9 +885,43 @@ class Batch:
         pending = self.echo.get(key, ())
         base = interned(base)
         for state in states:
-            pending = record_write(pending, interned(state), wall_ms, base)
+            pending = self._with_write(pending, interned(state), wall_ms, base)
         self.echo[key] = pending
         self._dirty_echo[key] = None
+
+    def _with_write(
+        self,
+        pending: tuple[PendingWrite, ...],
+        state: UserData,
+        wall_ms: int,
+        replaced: UserData | None,
+    ) -> tuple[PendingWrite, ...]:
+        """``record_write(pending, state, wall_ms, replaced)``, made once per batch for the
+        same objects (see :attr:`_echo_memo`)."""
+        memo = (id(pending), id(state), wall_ms, id(replaced))
+        hit = self._echo_memo.get(memo)
+        if hit is not None:
+            made = hit[-1]
+        else:
+            made = record_write(pending, state, wall_ms, replaced)
+            self._echo_memo[memo] = (pending, state, replaced, made)
+        return made  # type: ignore[return-value]
+
+    def _without(
+        self, pending: tuple[PendingWrite, ...], state: UserData
+    ) -> tuple[PendingWrite, ...]:
+        """``pending`` without its entries of ``state``, once per batch for the same objects."""
+        if not pending:
+            return pending
+        memo = (id(pending), id(state))
+        hit = self._echo_memo.get(memo)
+        if hit is not None:
+            return hit[-1]  # type: ignore[return-value]
+        kept = tuple(p for p in pending if p.state is not state and p.state != state)
+        if len(kept) == len(pending):
+            kept = pending
+        self._echo_memo[memo] = (pending, state, kept)
+        return kept
 
     def number_new_rows(self) -> None:
         """Give the rows created so far their ids (flush numbers the rest)."""
@@ -965,10 +1005,8 @@ class Batch:
             self.see(key, seq)
         # An intent recorded before the write (record_intents) is replaced by this entry: one
         # entry per echo, timed when the write completed (scans compare against that).
-        pending = tuple(
-            p for p in self.echo.get(key, ()) if p.state is not state and p.state != state
-        )
-        self.echo[key] = record_write(pending, state, wall_ms, replaced)
+        pending = self._without(self.echo.get(key, ()), state)
+        self.echo[key] = self._with_write(pending, state, wall_ms, replaced)
         self._dirty_echo[key] = None
         done = self._settle_row(key, version, state)
         # A change that came while the write was on its way may have moved the canonical

@@ -146,8 +146,11 @@ def _state_json_by_value(state: UserData) -> str:
     return json.dumps(state_values(state), separators=(",", ":"))
 
 
+@functools.lru_cache(maxsize=4096)
 def decode_echo(text: str) -> tuple[PendingWrite, ...]:
-    """The pending echoes stored as ``text`` (:func:`encode_echo`)."""
+    """The pending echoes stored as ``text`` (:func:`encode_echo`); shared (immutable): keys
+    written together hold one text, and so one list, whose later prunes and encodes are made
+    once (by identity)."""
     return tuple(
         PendingWrite(
             decode_state(e[1], 0), int(e[0]), None if e[2] is None else decode_state(e[2], 0)

@@ -39,7 +39,6 @@ from jfsync.sync.ledger.codec import (
     encode_echo,
     fetch,
     insert_flat,
-    insert_rows,
     marks,
     mask_bits,
     state_values,
@@ -258,10 +257,23 @@ class StateWriter:
         """Write pending echo lists (an empty one deletes the key's; ``echoes`` is kept for the
         cache: leave it unchanged)."""
         self._require_writable()
-        keep = [(*k, encode_echo(pending)) for k, pending in echoes.items() if pending]
-        drop = [k for k, pending in echoes.items() if not pending]
+        keep: list[Any] = []  # one row after the other (insert_flat)
+        drop: list[Key] = []
+        extend = keep.extend
+        # Lists are shared between keys (a round's intents and acks: Batch._with_write), so
+        # each is encoded once (by identity: every one of them lives in ``echoes``).
+        texts: dict[int, str] = {}
+        for key, pending in echoes.items():
+            if not pending:
+                drop.append(key)
+                continue
+            text = texts.get(id(pending))
+            if text is None:
+                text = texts[id(pending)] = encode_echo(pending)
+            extend(key)
+            keep.append(text)
         if keep:
-            insert_rows(self.db, _UPSERT_ECHO, keep)
+            insert_flat(self.db, _UPSERT_ECHO, keep, 4)
         if drop:
             self.db.executemany(
                 "DELETE FROM pending_echo WHERE user=? AND item=? AND server=?", drop
