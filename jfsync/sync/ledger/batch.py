@@ -268,13 +268,19 @@ class Batch:
                     loaded[key] = row.id
                     row_peers.add(key[2])
         if with_members:
+            self.load_members(wanted)
+
+    def load_members(self, pairs: Set[Pair]) -> None:
+        """Read which servers have the users of ``pairs`` and, when indexed, map their items
+        (what applying an observation of them needs; :meth:`load` does it unless told not)."""
+        if pairs:
             db, cached = self.tables.db, self.tables.cached
-            self.members.update(self.maps.members(db, {u for u, _ in wanted}, cached=cached))
+            self.members.update(self.maps.members(db, {u for u, _ in pairs}, cached=cached))
             self._targets.clear()
             self._row_targets.clear()
             if self.maps.indexed(db, self._configured, cached=cached):
                 indexed, mapped = self.maps.mappings(
-                    db, {i for _, i in wanted}, self._configured, cached=cached
+                    db, {i for _, i in pairs}, self._configured, cached=cached
                 )
                 self.indexed |= indexed
                 for sid, items in mapped.items():
@@ -348,6 +354,8 @@ class Batch:
         pruned_known: UserData | None = None
         pruned_desired: UserData | None = None
         pruned_in = pruned_out = 0
+        raw_state: UserData | None = None
+        shared_state = _DEFAULT
         # And the registers the last first state changed (from its base, from the defaults).
         first_state: UserData | None = None
         first_base: UserData | None = None
@@ -385,6 +393,11 @@ class Batch:
                         elif seq > seen.get(key, 0) and seq > clock_seen(key):
                             seen[key] = seq
                 state = obs.state
+                if state is not raw_state:
+                    # Shared: the same value then goes by identity here, in the rows made
+                    # and in the compares and acks of their writes.
+                    raw_state, shared_state = state, interned(state)
+                state = shared_state
                 if obs.user is not user:
                     user = obs.user
                     profile = self._profiles.get(user)
@@ -984,9 +997,25 @@ class Batch:
             self._early_ok = False
 
     def outbox_row(self, key: Key, like: OutboxRow) -> OutboxRow | None:
-        """The row of ``key`` as it stands in this batch, named like ``like`` (or None)."""
+        """The row of ``key`` as it stands in this batch, named like ``like`` (or None):
+        ``like`` itself when the row is still what it says (a compare that changed nothing)."""
         row = self.rows.get(key)
-        return None if row is None else row.as_outbox_row(like)
+        if row is None:
+            return None
+        row_id, mask, desired, version, created_ms, attempts, next_ms, error, dead = row
+        if (
+            row_id == like.id
+            and version == like.version
+            and (mask is like.registers or mask == like.registers)
+            and (desired is like.desired or desired == like.desired)
+            and created_ms == like.created_ms
+            and attempts == like.attempts
+            and next_ms == like.next_attempt_ms
+            and error == like.last_error
+            and dead == like.dead
+        ):
+            return like
+        return row.as_outbox_row(like)
 
     def written(self, key: Key, version: int, state: UserData, wall_ms: int) -> bool:
         """Record a write of ``state`` to the peer of ``key``; drop the row if still ``version``."""

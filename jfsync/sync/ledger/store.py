@@ -498,7 +498,11 @@ class Ledger:
         def work(tx: StateWriter) -> list[OutboxRow | None]:
             keys = self._maps.row_keys(tx.db, [row for row, _ in reads])
             batch = self._batch(tx)
-            batch.load({(u, i) for u, i, _ in keys})
+            pairs = {(u, i) for u, i, _ in keys}
+            # Which servers have the users (and map the items) only matters to a read that
+            # differs: nearly every read of a burst equals what the ledger knows.
+            batch.load(pairs, with_members=False)
+            members = False
             outdated: set[Key] = set()
             lk = batch.lk
             for (row, read), key in zip(reads, keys, strict=True):
@@ -521,6 +525,9 @@ class Ledger:
                 obs = Observation(
                     row.peer, row.user, row.item, current, asked_ms, "compare", asked_seq
                 )
+                if not members:
+                    batch.load_members(pairs)
+                    members = True
                 if batch.apply(obs, key).outcome is Outcome.OUTDATED:
                     outdated.add(key)
             batch.number_new_rows()

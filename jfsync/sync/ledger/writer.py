@@ -124,6 +124,16 @@ def _canonical_params(states: Mapping[Pair, CanonicalState]) -> list[Any]:
     return params
 
 
+def _delete_ids(db: sqlite3.Connection, ids: Sequence[int]) -> None:
+    """Delete the outbox rows of ``ids``, a statement per :data:`CHUNK` of them (the acks of a
+    round delete hundreds: one statement step each cost more than the deletes)."""
+    for chunk in chunks(sorted(ids), CHUNK):
+        db.execute(
+            f"DELETE FROM outbox WHERE id IN ({marks(len(chunk))})",  # noqa: S608 - placeholders
+            chunk,
+        )
+
+
 class StateWriter:
     """Reads and writes of the cached tables within one transaction (or one read).
 
@@ -312,7 +322,7 @@ class StateWriter:
         stored row replaced by a newly numbered one, or by None, is deleted.
         """
         self._require_writable()
-        deletes: list[tuple[int]] = []
+        deletes: list[int] = []
         updates: list[tuple[Any, ...]] = []
         inserts: list[Any] = []  # one row after the other (insert_flat), then
         fresh: list[Any] = []  # those owing their first attempt (_INSERT_NEW_ROW)
@@ -333,7 +343,7 @@ class StateWriter:
                 prior = entry.rows.get(key) if entry is not None and entry.rows else None
             if row is None:
                 if prior is not None and prior.id is not None:
-                    deletes.append((prior.id,))
+                    deletes.append(prior.id)
                 continue
             row_id, mask, desired, version, created_ms, attempts, next_ms, error, dead = row
             assert row_id is not None  # number_rows first
@@ -344,7 +354,7 @@ class StateWriter:
                 bits = mask_bits(mask)
             if row_id in new_ids:
                 if prior is not None and prior.id is not None:
-                    deletes.append((prior.id,))
+                    deletes.append(prior.id)
                 new_ids.discard(row_id)
                 if not attempts and not next_ms and error is None and not dead:
                     extend_fresh((row_id, key[2], key[0], key[1], bits))
@@ -369,7 +379,7 @@ class StateWriter:
                     )
                 )
         if deletes:
-            self.db.executemany("DELETE FROM outbox WHERE id=?", deletes)
+            _delete_ids(self.db, deletes)
         if updates:
             self.db.executemany(_UPDATE_ROW, updates)
         if fresh:
@@ -498,13 +508,13 @@ class StateWriter:
         if not rows:
             return
         self._evict(key[:2] for _, key, _ in rows)
-        gone = [(rid,) for rid, _, bits in rows if bits == 0]
+        gone = [rid for rid, _, bits in rows if bits == 0]
         narrowed = [(bits, rid) for rid, _, bits in rows if bits != 0]
         for rid, key, bits in rows:
             if bits == 0 and self._stored_id(key) == rid:
                 self._rows[key] = None  # the key has no row in the file now
         if gone:
-            self.db.executemany("DELETE FROM outbox WHERE id=?", gone)
+            _delete_ids(self.db, gone)
         if narrowed:
             self.db.executemany("UPDATE outbox SET registers=? WHERE id=?", narrowed)
 
