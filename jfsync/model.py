@@ -155,6 +155,25 @@ def user_data(
     return state
 
 
+def user_data_of(values: tuple[Any, ...]) -> UserData:
+    """:func:`user_data` of ``(favorite, rating, played, play_count, last_played_s,
+    position_ticks)`` as a database row holds them (0/1 for the flags, a float or None for the
+    rating): one look-up when the state is shared already (0 and 1 are equal to, and hash like,
+    False and True, so the row's values find the shared state whose flags are bools)."""
+    found = _INTERNED.get(values)
+    if found is not None:
+        return found
+    favorite, rating, played, play_count, last_played_s, position_ticks = values
+    return user_data(
+        bool(favorite),
+        None if rating is None else float(rating),
+        bool(played),
+        int(play_count),
+        None if last_played_s is None else int(last_played_s),
+        int(position_ticks),
+    )
+
+
 def interned(state: UserData) -> UserData:
     """``state``, or the equal state :func:`user_data` already shares (then ``state`` joins
     the shared ones). States that enter the ledger from a peer's listing or a write are new

@@ -153,11 +153,17 @@ class StateCache:
                 entry = get(pair)
                 if entry is not None:
                     entry.canon = state
+        # put_lk and put_row inline on their usual paths (a bulk apply writes one of each
+        # per pair).
         for known_states in lk:
             for key, known in known_states.items():
                 entry = get((key[0], key[1]))
                 if entry is not None:
-                    entry.put_lk(key, known)
+                    parts = entry.lk
+                    if parts is _NONE:
+                        entry.lk = {key: known}
+                    else:
+                        parts[key] = known  # type: ignore[index]
         for echoes in echo:
             for key, pending in echoes.items():
                 entry = get(key[:2])
@@ -166,4 +172,7 @@ class StateCache:
         for key, row in rows.items():
             entry = get((key[0], key[1]))
             if entry is not None:
-                entry.put_row(key, row)
+                if row is not None and entry.rows is _NONE:
+                    entry.rows = {key: row}
+                else:
+                    entry.put_row(key, row)

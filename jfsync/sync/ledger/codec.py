@@ -19,7 +19,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from jfsync.model import ALL_REGISTERS, Register, Stamp, UserData, user_data
+from jfsync.model import ALL_REGISTERS, Register, Stamp, UserData, user_data_of
 from jfsync.sync.echo import PendingWrite
 from jfsync.sync.merge import CanonicalState, Stamped
 
@@ -85,17 +85,8 @@ def state_values(data: UserData) -> tuple[Any, ...]:
 
 def decode_state(row: Sequence[Any], offset: int) -> UserData:
     """The state held in ``row``'s :data:`STATE_COLS` starting at ``offset``."""
-    rating = row[offset + 1]
-    last = row[offset + 4]
     # Interned: rows repeat a few states (a season marked played, the defaults).
-    return user_data(
-        bool(row[offset]),
-        None if rating is None else float(rating),
-        bool(row[offset + 2]),
-        int(row[offset + 3]),
-        None if last is None else int(last),
-        int(row[offset + 5]),
-    )
+    return user_data_of(tuple(row[offset : offset + 6]))
 
 
 def decode_canonical(row: Sequence[Any]) -> CanonicalState:
