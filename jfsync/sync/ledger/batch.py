@@ -27,6 +27,7 @@ from jfsync.sync.echo import (
     match_echo,
     record_write,
 )
+from jfsync.sync.ledger.cache import CachedPair
 from jfsync.sync.ledger.clock import Clock
 from jfsync.sync.ledger.codec import MASKS as _MASKS
 from jfsync.sync.ledger.codec import Key, Pair, mask_bits
@@ -154,6 +155,25 @@ def _outcome(obs: Observation, outcome: Outcome) -> Applied:
     return applied
 
 
+def named_like(row: WorkRow, like: OutboxRow) -> OutboxRow:
+    """``row`` (numbered) named like ``like``: ``like`` itself when ``row`` is still what it
+    says (a compare that changed nothing hands the pusher's row back)."""
+    row_id, mask, desired, version, created_ms, attempts, next_ms, error, dead = row
+    if (
+        row_id == like.id
+        and version == like.version
+        and (mask is like.registers or mask == like.registers)
+        and (desired is like.desired or desired == like.desired)
+        and created_ms == like.created_ms
+        and attempts == like.attempts
+        and next_ms == like.next_attempt_ms
+        and error == like.last_error
+        and dead == like.dead
+    ):
+        return like
+    return row.as_outbox_row(like)
+
+
 def _unnumbered(written: Mapping[Key, WorkRow | None]) -> list[tuple[Key, WorkRow]]:
     """The rows of ``written`` without an id, with their keys, in its order."""
     return [(key, row) for key, row in written.items() if row is not None and row.id is None]
@@ -227,7 +247,7 @@ class Batch:
         self._seen_high = clock.seen_high
         self._writes: dict[tuple[str, int, int], dict[str, int]] = {}
         #: The pending echo lists this batch made, by the identity of what they were made of
-        #: (:meth:`_with_write`, :meth:`_without`): a round of intents or acks gives hundreds
+        #: (:meth:`with_write`, :meth:`without`): a round of intents or acks gives hundreds
         #: of keys the same list (one state written over one state, at one time), which is
         #: then built, pruned and encoded once and shared. Each entry holds its inputs, so no
         #: id in a key is reused while the batch lives.
@@ -251,9 +271,22 @@ class Batch:
         else:
             wanted = pairs
             self._loaded_pairs = set(pairs)  # a copy in C: the caller keeps ``pairs``
+        self._take(self.tables.load(wanted, empty))
+        if with_members:
+            self.load_members(wanted)
+
+    def load_entries(self, entries: Mapping[Pair, CachedPair]) -> None:
+        """:meth:`load` (without members) of pairs the caller loaded from this batch's
+        writer already, in this transaction and before anything was written in it."""
+        wanted = entries.keys() - self._loaded_pairs
+        self._loaded_pairs |= wanted
+        self._take({pair: entries[pair] for pair in wanted})
+
+    def _take(self, found: Mapping[Pair, CachedPair]) -> None:
+        """Put the loaded pairs ``found`` into the working set."""
         canon, rows, loaded, row_peers = self.canon, self.rows, self._loaded_rows, self._row_peers
         lk_update, echo_update = self.lk.update, self.echo.update
-        for pair, entry in self.tables.load(wanted, empty).items():
+        for pair, entry in found.items():
             state = entry.canon
             if state is not None:
                 canon[pair] = state
@@ -267,8 +300,6 @@ class Batch:
                     assert row.id is not None  # stored rows are numbered
                     loaded[key] = row.id
                     row_peers.add(key[2])
-        if with_members:
-            self.load_members(wanted)
 
     def load_members(self, pairs: Set[Pair]) -> None:
         """Read which servers have the users of ``pairs`` and, when indexed, map their items
@@ -898,11 +929,11 @@ class Batch:
         pending = self.echo.get(key, ())
         base = interned(base)
         for state in states:
-            pending = self._with_write(pending, interned(state), wall_ms, base)
+            pending = self.with_write(pending, interned(state), wall_ms, base)
         self.echo[key] = pending
         self._dirty_echo[key] = None
 
-    def _with_write(
+    def with_write(
         self,
         pending: tuple[PendingWrite, ...],
         state: UserData,
@@ -920,7 +951,7 @@ class Batch:
             self._echo_memo[memo] = (pending, state, replaced, made)
         return made  # type: ignore[return-value]
 
-    def _without(
+    def without(
         self, pending: tuple[PendingWrite, ...], state: UserData
     ) -> tuple[PendingWrite, ...]:
         """``pending`` without its entries of ``state``, once per batch for the same objects."""
@@ -1000,22 +1031,7 @@ class Batch:
         """The row of ``key`` as it stands in this batch, named like ``like`` (or None):
         ``like`` itself when the row is still what it says (a compare that changed nothing)."""
         row = self.rows.get(key)
-        if row is None:
-            return None
-        row_id, mask, desired, version, created_ms, attempts, next_ms, error, dead = row
-        if (
-            row_id == like.id
-            and version == like.version
-            and (mask is like.registers or mask == like.registers)
-            and (desired is like.desired or desired == like.desired)
-            and created_ms == like.created_ms
-            and attempts == like.attempts
-            and next_ms == like.next_attempt_ms
-            and error == like.last_error
-            and dead == like.dead
-        ):
-            return like
-        return row.as_outbox_row(like)
+        return None if row is None else named_like(row, like)
 
     def written(self, key: Key, version: int, state: UserData, wall_ms: int) -> bool:
         """Record a write of ``state`` to the peer of ``key``; drop the row if still ``version``."""
@@ -1026,16 +1042,11 @@ class Batch:
         replaced = lk.get(key)
         lk[key] = state
         self._dirty_lk[key] = None
-        # A ticket just taken is above every ticket handed out before: no look-up (see()).
-        seq = self.clock.next_ticket()
-        if seq > self._seen_high:
-            self.seen[key] = self._seen_high = seq
-        else:
-            self.see(key, seq)
+        self.see_write(key)
         # An intent recorded before the write (record_intents) is replaced by this entry: one
         # entry per echo, timed when the write completed (scans compare against that).
-        pending = self._without(self.echo.get(key, ()), state)
-        self.echo[key] = self._with_write(pending, state, wall_ms, replaced)
+        pending = self.without(self.echo.get(key, ()), state)
+        self.echo[key] = self.with_write(pending, state, wall_ms, replaced)
         self._dirty_echo[key] = None
         done = self._settle_row(key, version, state)
         # A change that came while the write was on its way may have moved the canonical
@@ -1049,6 +1060,15 @@ class Batch:
                 if owed:
                     self.refresh_row(key, owed, data, self.tick(wall_ms), wall_ms)
         return done
+
+    def see_write(self, key: Key) -> None:
+        """Record that a write to ``key`` was just acknowledged (a new ticket)."""
+        # A ticket just taken is above every ticket handed out before: no look-up (see()).
+        seq = self.clock.next_ticket()
+        if seq > self._seen_high:
+            self.seen[key] = self._seen_high = seq
+        else:
+            self.see(key, seq)
 
     def _settle_row(self, key: Key, version: int, state: UserData) -> bool:
         """Drop the row of ``key`` if still ``version``, else what ``state`` delivered of it."""

@@ -31,15 +31,15 @@ import aiosqlite
 from jfsync.model import ALL_REGISTERS, DEFAULT_USER_DATA, UserData, interned
 from jfsync.sync.echo import PendingWrite
 from jfsync.sync.ledger import combined, outbox
-from jfsync.sync.ledger.batch import Applied, Batch, Observation, Outcome, Source
-from jfsync.sync.ledger.cache import STATE_CACHE_PAIRS, StateCache
+from jfsync.sync.ledger.batch import Applied, Batch, Observation, Outcome, Source, named_like
+from jfsync.sync.ledger.cache import STATE_CACHE_PAIRS, CachedPair, StateCache
 from jfsync.sync.ledger.clock import Clock
 from jfsync.sync.ledger.codec import Key, Pair, fetch, mask_bits, ordered
 from jfsync.sync.ledger.combined import PeerOutbox
 from jfsync.sync.ledger.errors import LedgerError
 from jfsync.sync.ledger.lock import WAL_AUTOCHECKPOINT_PAGES, LedgerFile
 from jfsync.sync.ledger.maps import IdMaps, ItemMapping, migrate_map_keys
-from jfsync.sync.ledger.outbox import OutboxRow
+from jfsync.sync.ledger.outbox import OutboxRow, WorkRow
 from jfsync.sync.ledger.policy import LedgerPolicy
 from jfsync.sync.ledger.schema import (
     WriteGate,
@@ -498,48 +498,74 @@ class Ledger:
         def work(tx: StateWriter) -> list[OutboxRow | None]:
             keys = self._maps.row_keys(tx.db, [row for row, _ in reads])
             batch = self._batch(tx)
-            pairs = {(u, i) for u, i, _ in keys}
-            # Which servers have the users (and map the items) only matters to a read that
-            # differs: nearly every read of a burst equals what the ledger knows.
-            batch.load(pairs, with_members=False)
-            members = False
-            outdated: set[Key] = set()
-            lk = batch.lk
-            for (row, read), key in zip(reads, keys, strict=True):
-                # Shared (interned) like the states the ledger holds: mostly one identity test.
-                current = interned(read)
-                known = lk.get(key)
-                if known is current or known == current:
-                    batch.see(key, asked_seq)
+            currents = [interned(read) for _, read in reads]
+            entries, quick, slow = _split_known(tx, keys, currents)
+            fresh: list[OutboxRow | None] = [None] * len(reads)
+            # A read equal to what the ledger knows (nearly every read of a burst) changes
+            # nothing: decided from the pair as loaded, without the batch's working set.
+            echoes: dict[Key, tuple[PendingWrite, ...]] = {}
+            for index in quick:
+                key = keys[index]
+                row, current = reads[index][0], currents[index]
+                batch.see(key, asked_seq)
+                entry = entries[key[:2]]
+                work_row = entry.rows.get(key)
+                if work_row is None:
                     continue
-                if (
-                    regressed is not None
-                    and known is not None
-                    and batch.seen_seq(key) <= asked_seq  # an outdated read proves nothing
-                    and not current.holds_data(synced)
-                    and known.holds_data(synced)
-                ):
-                    outdated.add(key)
-                    found.append(row)
-                    continue
-                obs = Observation(
-                    row.peer, row.user, row.item, current, asked_ms, "compare", asked_seq
-                )
-                if not members:
-                    batch.load_members(pairs)
-                    members = True
-                if batch.apply(obs, key).outcome is Outcome.OUTDATED:
-                    outdated.add(key)
-            batch.number_new_rows()
-            fresh = [
-                None if key in outdated else batch.outbox_row(key, row)
-                for (row, _), key in zip(reads, keys, strict=True)
-            ]
-            if intents is not None:
-                for still, (_, current), key in zip(fresh, reads, keys, strict=True):
-                    if still is not None:
-                        batch.record_intents(key, current, intents(still, current), wall_ms)
+                still = fresh[index] = named_like(work_row, row)
+                if intents is not None:
+                    pending = entry.echo.get(key, ())
+                    for state in intents(still, current):
+                        pending = batch.with_write(pending, interned(state), wall_ms, current)
+                    echoes[key] = pending
+            if slow:
+                pairs = {keys[index][:2] for index in slow}
+                batch.load_entries({pair: entries[pair] for pair in pairs})
+                # Which servers have the users (and map the items) only matters to a read
+                # that differs.
+                members = False
+                outdated: set[Key] = set()
+                lk = batch.lk
+                for index in slow:
+                    row, key, current = reads[index][0], keys[index], currents[index]
+                    known = lk.get(key)
+                    if known is current or known == current:
+                        batch.see(key, asked_seq)
+                        continue
+                    if (
+                        regressed is not None
+                        and known is not None
+                        and batch.seen_seq(key) <= asked_seq  # an outdated read proves nothing
+                        and not current.holds_data(synced)
+                        and known.holds_data(synced)
+                    ):
+                        outdated.add(key)
+                        found.append(row)
+                        continue
+                    obs = Observation(
+                        row.peer, row.user, row.item, current, asked_ms, "compare", asked_seq
+                    )
+                    if not members:
+                        batch.load_members(pairs)
+                        members = True
+                    if batch.apply(obs, key).outcome is Outcome.OUTDATED:
+                        outdated.add(key)
+                batch.number_new_rows()
+                for index in slow:
+                    key = keys[index]
+                    if key not in outdated:
+                        fresh[index] = batch.outbox_row(key, reads[index][0])
+                if intents is not None:
+                    for index in slow:
+                        owed = fresh[index]
+                        if owed is not None:
+                            current = currents[index]
+                            batch.record_intents(
+                                keys[index], current, intents(owed, current), wall_ms
+                            )
             batch.flush()
+            if echoes:
+                tx.put_echoes(echoes)
             return fresh
 
         fresh = await self._write(work)
@@ -711,12 +737,40 @@ class Ledger:
         def work(tx: StateWriter) -> list[bool]:
             keys = self._maps.row_keys(tx.db, [row for row, _ in acks])
             batch = self._batch(tx)
-            batch.load({(u, i) for u, i, _ in keys}, with_members=False)
-            done = [
-                batch.written(key, row.version, state, wall_ms)
-                for (row, state), key in zip(acks, keys, strict=True)
-            ]
+            # Shared: a batch of acks mostly writes one state, whose encodes, compares and
+            # prunes then go by identity (each ack's state is a new object on the event loop).
+            states = [interned(state) for _, state in acks]
+            entries, quick, slow = _split_acks(tx, keys, acks, states)
+            done = [False] * len(acks)
+            if slow:
+                batch.load_entries({keys[index][:2]: entries[keys[index][:2]] for index in slow})
+                for index in slow:
+                    done[index] = batch.written(
+                        keys[index], acks[index][0].version, states[index], wall_ms
+                    )
+            # The usual ack (its row still the one written, or gone; the canonical value the
+            # one written): its last-known state, its echo and the row's delete, decided from
+            # the pair as loaded (what Batch.written does on that path).
+            known: dict[Key, UserData] = {}
+            echoes: dict[Key, tuple[PendingWrite, ...]] = {}
+            rows: dict[Key, WorkRow | None] = {}
+            for index in quick:
+                key, state = keys[index], states[index]
+                entry = entries[key[:2]]
+                replaced = entry.lk.get(key)
+                known[key] = state
+                batch.see_write(key)
+                pending = batch.without(entry.echo.get(key, ()), state)
+                echoes[key] = batch.with_write(pending, state, wall_ms, replaced)
+                if entry.rows.get(key) is not None:
+                    rows[key] = None
+                    done[index] = True
             batch.flush()
+            if known:
+                tx.put_last_known(dict(sorted(known.items())))
+                tx.put_echoes(dict(sorted(echoes.items())))
+            if rows:
+                tx.put_rows(rows)
             return done
 
         return await self._write(work)
@@ -1291,3 +1345,52 @@ class Ledger:
             return self._queue_unknown(tx, sid, pairs, wall_ms), last
 
         return await self._write(work)
+
+
+def _split_known(
+    tx: StateWriter, keys: Sequence[Key], currents: Sequence[UserData]
+) -> tuple[dict[Pair, CachedPair], list[int], list[int]]:
+    """Load the pairs of a compare's ``keys``; say which reads (their indexes) equal the peer's
+    last-known state, and which do not (or share a pair: all of them then)."""
+    pairs = [key[:2] for key in keys]
+    entries = tx.load(set(pairs))
+    if len(entries) != len(keys):
+        return entries, [], list(range(len(keys)))
+    quick: list[int] = []
+    slow: list[int] = []
+    for index, (key, current) in enumerate(zip(keys, currents, strict=True)):
+        known = entries[pairs[index]].lk.get(key)
+        if known is not None and (known is current or known == current):
+            quick.append(index)
+        else:
+            slow.append(index)
+    return entries, quick, slow
+
+
+def _split_acks(
+    tx: StateWriter,
+    keys: Sequence[Key],
+    acks: Sequence[tuple[OutboxRow, UserData]],
+    states: Sequence[UserData],
+) -> tuple[dict[Pair, CachedPair], list[int], list[int]]:
+    """Load the pairs of acks' ``keys``; say which acks (their indexes) are the usual ones (the
+    row still the version written, or gone; the canonical value the state written) and which
+    are not (or share a pair: all of them then)."""
+    pairs = [key[:2] for key in keys]
+    entries = tx.load(set(pairs))
+    if len(entries) != len(keys):
+        return entries, [], list(range(len(keys)))
+    quick: list[int] = []
+    slow: list[int] = []
+    for index, key in enumerate(keys):
+        entry = entries[pairs[index]]
+        row = entry.rows.get(key)
+        canonical = entry.canon
+        state = states[index]
+        if (row is not None and row.version != acks[index][0].version) or (
+            canonical is not None and canonical.data is not state and canonical.data != state
+        ):
+            slow.append(index)
+        else:
+            quick.append(index)
+    return entries, quick, slow

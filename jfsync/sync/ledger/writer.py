@@ -277,7 +277,7 @@ class StateWriter:
         keep: list[Any] = []  # one row after the other (insert_flat)
         drop: list[Key] = []
         extend = keep.extend
-        # Lists are shared between keys (a round's intents and acks: Batch._with_write), so
+        # Lists are shared between keys (a round's intents and acks: Batch.with_write), so
         # each is encoded once (by identity: every one of them lives in ``echoes``).
         texts: dict[int, str] = {}
         for key, pending in echoes.items():
