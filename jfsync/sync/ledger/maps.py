@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from jfsync.sync.ledger.codec import CHUNK, Key, Pair, chunks, fetch, insert_rows, marks
+from jfsync.sync.ledger.codec import CHUNK, Key, Pair, chunks, fetch, insert_flat, marks
 from jfsync.sync.ledger.errors import LedgerError
 from jfsync.sync.ledger.outbox import OutboxRow
 from jfsync.sync.ledger.schema import write_transaction
@@ -139,10 +139,11 @@ class IdMaps:
             # exactly the keys it inserted. The other keys were in the file already.
             highest = int(fetch(db, f"SELECT COALESCE(MAX(id), 0) FROM {table}")[0][0])  # noqa: S608
             changes = db.total_changes
-            insert_rows(
+            insert_flat(
                 db,
                 f"INSERT INTO {table}(key) VALUES (?) ON CONFLICT(key) DO NOTHING",  # noqa: S608
-                [(k,) for k in missing],
+                missing,
+                1,
             )
             inserted = db.total_changes - changes
             top = int(fetch(db, f"SELECT COALESCE(MAX(id), 0) FROM {table}")[0][0])  # noqa: S608

@@ -105,9 +105,13 @@ def _canonical_params(states: Mapping[Pair, CanonicalState]) -> list[Any]:
         if data is not last:
             values, last = state_values(data), data
         f, r, p = state.favorite, state.rating, state.play_state
-        fs, rs, ps = f.stamp, r.stamp, p.stamp
+        fs = f.stamp
         extend(pair)
         extend(values)
+        if f is r and r is p:  # one decision for the three (a first state, a merge's winner)
+            extend((fs.ms, fs.tiebreak, f.origin) * 3)
+            continue
+        rs, ps = r.stamp, p.stamp
         extend(
             (
                 fs.ms,
@@ -188,7 +192,9 @@ class StateWriter:
         read = self._read
         if self._fresh:
             # Pairs that held nothing when the transaction began: whole as read, and empty.
-            read = {pair: CachedPair(None) for pair in self._fresh} | read
+            fresh = {pair: CachedPair(None) for pair in self._fresh}
+            fresh.update(read)
+            read = fresh
         cache.committed(read, self._canon, self._lk, self._echo, self._rows)
         if self._evicted:
             cache.evict(self._evicted)
