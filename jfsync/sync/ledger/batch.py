@@ -1061,6 +1061,15 @@ class Batch:
                     self.refresh_row(key, owed, data, self.tick(wall_ms), wall_ms)
         return done
 
+    def see_many(self, keys: Iterable[Key], seq: int) -> None:
+        """:meth:`see` of every key of ``keys`` at ``seq`` (a read of them all)."""
+        seen = self.seen
+        newer = self.clock.newer_than_seen((k for k in keys if seq > seen.get(k, 0)), seq)
+        for key in newer:
+            seen[key] = seq
+        if newer and seq > self._seen_high:
+            self._seen_high = seq
+
     def see_write(self, key: Key) -> None:
         """Record that a write to ``key`` was just acknowledged (a new ticket)."""
         # A ticket just taken is above every ticket handed out before: no look-up (see()).

@@ -153,8 +153,8 @@ class StateCache:
                 entry = get(pair)
                 if entry is not None:
                     entry.canon = state
-        # put_lk and put_row inline on their usual paths (a bulk apply writes one of each
-        # per pair).
+        # put_lk, put_echo and put_row inline on their usual paths (a bulk apply writes a
+        # state and a row per pair, a pusher round an echo per key).
         for known_states in lk:
             for key, known in known_states.items():
                 entry = get((key[0], key[1]))
@@ -166,9 +166,12 @@ class StateCache:
                         parts[key] = known  # type: ignore[index]
         for echoes in echo:
             for key, pending in echoes.items():
-                entry = get(key[:2])
+                entry = get((key[0], key[1]))
                 if entry is not None:
-                    entry.put_echo(key, pending)
+                    if pending and entry.echo is not _NONE:
+                        entry.echo[key] = pending  # type: ignore[index]
+                    else:
+                        entry.put_echo(key, pending)
         for key, row in rows.items():
             entry = get((key[0], key[1]))
             if entry is not None:

@@ -56,6 +56,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: Nothing yet (the memos of a pusher round's loops compare by identity against it).
+_UNSET = object()
+
 
 @dataclass(frozen=True, slots=True)
 class ResetHold:
@@ -504,20 +507,35 @@ class Ledger:
             # A read equal to what the ledger knows (nearly every read of a burst) changes
             # nothing: decided from the pair as loaded, without the batch's working set.
             echoes: dict[Key, tuple[PendingWrite, ...]] = {}
+            batch.see_many([keys[index] for index in quick], asked_seq)
+            # The last intent made, by what it was made of (a round's rows mostly share it).
+            last_old: object = _UNSET
+            last_current: object = _UNSET
+            last_step: object = _UNSET
+            last_made: tuple[PendingWrite, ...] = ()
             for index in quick:
                 key = keys[index]
                 row, current = reads[index][0], currents[index]
-                batch.see(key, asked_seq)
                 entry = entries[key[:2]]
                 work_row = entry.rows.get(key)
                 if work_row is None:
                     continue
                 still = fresh[index] = named_like(work_row, row)
-                if intents is not None:
-                    pending = entry.echo.get(key, ())
-                    for state in intents(still, current):
-                        pending = batch.with_write(pending, interned(state), wall_ms, current)
-                    echoes[key] = pending
+                if intents is None:
+                    continue
+                old = entry.echo.get(key, ())
+                steps = intents(still, current)
+                if len(steps) == 1:
+                    step = interned(steps[0])
+                    if old is not last_old or current is not last_current or step is not last_step:
+                        last_old, last_current, last_step = old, current, step
+                        last_made = batch.with_write(old, step, wall_ms, current)
+                    echoes[key] = last_made
+                    continue
+                pending = old
+                for state in steps:
+                    pending = batch.with_write(pending, interned(state), wall_ms, current)
+                echoes[key] = pending
             if slow:
                 pairs = {keys[index][:2] for index in slow}
                 batch.load_entries({pair: entries[pair] for pair in pairs})
@@ -754,14 +772,24 @@ class Ledger:
             known: dict[Key, UserData] = {}
             echoes: dict[Key, tuple[PendingWrite, ...]] = {}
             rows: dict[Key, WorkRow | None] = {}
+            # The last echo list made, by what it was made of (a round's acks mostly share it).
+            last_old: object = _UNSET
+            last_state: object = _UNSET
+            last_replaced: object = _UNSET
+            last_made: tuple[PendingWrite, ...] = ()
             for index in quick:
                 key, state = keys[index], states[index]
                 entry = entries[key[:2]]
                 replaced = entry.lk.get(key)
                 known[key] = state
                 batch.see_write(key)
-                pending = batch.without(entry.echo.get(key, ()), state)
-                echoes[key] = batch.with_write(pending, state, wall_ms, replaced)
+                old = entry.echo.get(key, ())
+                if old is not last_old or state is not last_state or replaced is not last_replaced:
+                    last_old, last_state, last_replaced = old, state, replaced
+                    last_made = batch.with_write(
+                        batch.without(old, state), state, wall_ms, replaced
+                    )
+                echoes[key] = last_made
                 if entry.rows.get(key) is not None:
                     rows[key] = None
                     done[index] = True
