@@ -56,16 +56,13 @@ _NOTHING: frozenset[Register] = frozenset()
 #: "No row loaded or made for this key" (None: the key's row is gone).
 _ABSENT = WorkRow(None, _NOTHING, DEFAULT_USER_DATA, 0, 0)
 _DEFAULT = DEFAULT_USER_DATA
-#: Builds a :class:`WorkRow` from all of its fields (a named tuple: no defaults to fill in).
+#: Builds a named tuple (a :class:`WorkRow`, a :class:`Stamp`, a :class:`Stamped`) from all
+#: of its fields (no defaults to fill in, a call less than its ``__new__``).
 _new_row = tuple.__new__
 _new_object = object.__new__
-#: The slots of the frozen dataclasses the bulk path builds one of per observation, set
-#: directly (what :func:`jfsync.model.new_stamp` and :func:`jfsync.sync.merge.new_canonical`
-#: do, inline: a call each less per observation). Each object is whole before anyone sees it.
-_set_ms = Stamp.__dict__["ms"].__set__
-_set_tiebreak = Stamp.__dict__["tiebreak"].__set__
-_set_stamped_stamp = Stamped.__dict__["stamp"].__set__
-_set_stamped_origin = Stamped.__dict__["origin"].__set__
+#: The slots of the frozen dataclass the bulk path builds one of per observation, set
+#: directly (what :func:`jfsync.sync.merge.new_canonical` does, inline: a call less per
+#: observation). Each object is whole before anyone sees it.
 _set_data = CanonicalState.__dict__["data"].__set__
 _set_favorite = CanonicalState.__dict__["favorite"].__set__
 _set_rating = CanonicalState.__dict__["rating"].__set__
@@ -126,7 +123,8 @@ class Applied:
     canonical_changed: frozenset[Register] = frozenset()
     stamp: Stamp | None = None
     #: Outbox rows this observation created, changed or emptied: the registers each now holds
-    #: (an empty set: the row is gone because nothing is owed any more).
+    #: (an empty set: the row is gone because nothing is owed any more). Results of a bulk
+    #: apply that queued the same share one dict: read it, never change it.
     queued: dict[str, frozenset[Register]] = field(default_factory=dict)
 
 
@@ -385,6 +383,7 @@ class Batch:
         pruned_known: UserData | None = None
         pruned_desired: UserData | None = None
         pruned_in = pruned_out = 0
+        last_queued: dict[str, frozenset[Register]] | None = None
         raw_state: UserData | None = None
         shared_state = _DEFAULT
         # And the registers the last first state changed (from its base, from the defaults).
@@ -460,12 +459,8 @@ class Batch:
                     wall = obs.wall_ms
                     clock_ms = ms = wall if wall > clock_ms else clock_ms + 1
                     ticked = True
-                    stamp = _new_object(Stamp)
-                    _set_ms(stamp, ms)
-                    _set_tiebreak(stamp, tiebreak)
-                    stamped = _new_object(Stamped)
-                    _set_stamped_stamp(stamped, stamp)
-                    _set_stamped_origin(stamped, server)
+                    stamp = _new_row(Stamp, (ms, tiebreak))
+                    stamped = _new_row(Stamped, (stamp, server))
                     new = _new_object(CanonicalState)
                     _set_data(new, state)
                     _set_favorite(new, stamped)
@@ -528,9 +523,7 @@ class Batch:
                     wall = obs.wall_ms
                     clock_ms = ms = wall if wall > clock_ms else clock_ms + 1
                     ticked = True
-                    stamp = _new_object(Stamp)
-                    _set_ms(stamp, ms)
-                    _set_tiebreak(stamp, tiebreak)
+                    stamp = _new_row(Stamp, (ms, tiebreak))
                     # The changed registers whose canonical stamp this one is later than win.
                     won = 0
                     if bits & 1:
@@ -548,9 +541,7 @@ class Batch:
                     moved = won & differs
                     lost = bits & ~won & differs
                     if won:
-                        winner = _new_object(Stamped)
-                        _set_stamped_stamp(winner, stamp)
-                        _set_stamped_origin(winner, server)
+                        winner = _new_row(Stamped, (stamp, server))
                         favorite = fav if won & 1 else data.favorite
                         rating = (None if rat is None else float(rat)) if won & 2 else data.rating
                         play_state = ps if won & 4 else data.play_state
@@ -661,6 +652,10 @@ class Batch:
                     row_peers.add(target)
                     dirty_rows[tkey] = None
                     queued[name] = mask
+                if queued == last_queued:
+                    queued = last_queued  # one dict for a run of the same (a bulk message's)
+                else:
+                    last_queued = queued
                 applied = _new_object(Applied)  # through its slots (above)
                 _set_observation(applied, obs)
                 _set_outcome(applied, changed_outcome if bits else unchanged)
@@ -742,9 +737,7 @@ class Batch:
             if not changed_registers(policy.synced, previous, state):
                 self.set_last_known(key, state)
                 return _outcome(obs, Outcome.UNCHANGED)
-        stamp = _new_object(Stamp)  # Stamp(ms, tiebreak), through its slots
-        _set_ms(stamp, self.tick(obs.wall_ms))
-        _set_tiebreak(stamp, self._tiebreak_of(obs.server))
+        stamp = _new_row(Stamp, (self.tick(obs.wall_ms), self._tiebreak_of(obs.server)))
         seed_known = self._seed_sid is not None and (uid, iid, self._seed_sid) in lk
         result = merge(
             policy,
