@@ -331,8 +331,14 @@ class Batch:
             if seq > self._seen_high:
                 self._seen_high = seq
 
-    def apply_all(self, observations: Sequence[Observation], keys: Sequence[Key]) -> list[Applied]:
-        """Apply ``observations`` (``keys``: their ids) in order, as :meth:`apply` does each.
+    def apply_all(
+        self,
+        observations: Sequence[Observation],
+        keys: Sequence[Key],
+        pairs: Sequence[Pair] | None = None,
+    ) -> list[Applied]:
+        """Apply ``observations`` (``keys``: their ids; ``pairs``: their (user, item) ids, when
+        the caller has them) in order, as :meth:`apply` does each.
 
         A bulk message or a scan page is thousands of observations of one shape: no pending
         echo, and either a known server's change or the first state anyone showed of an item.
@@ -396,7 +402,9 @@ class Batch:
         if len(observations) < EARLY_NUMBERING_MIN:
             self._early_ok = False  # (a few rows: numbered at flush, no query for the first id)
         try:
-            for obs, key in zip(observations, keys, strict=True):
+            if pairs is None:
+                pairs = [(uid, iid) for uid, iid, _ in keys]
+            for obs, key, pair in zip(observations, keys, pairs, strict=True):
                 if echo.get(key):
                     self._seen_high = high
                     clock.ms = clock_ms
@@ -438,7 +446,6 @@ class Batch:
                     server = obs.server
                     tiebreak = self._tiebreak_of(server)
                 uid, iid, sid = key
-                pair = (uid, iid)
                 previous = lk.get(key)
                 canonical = canon.get(pair)
                 if canonical is None:

@@ -437,14 +437,15 @@ class Ledger:
             created.clear()
             items = self._maps.ensure_ids(db, "items", [o.item for o in observed], created)
             keys = [(users[o.user], items[o.item], sids[o.server]) for o in observed]
-            pairs = {(u, i) for u, i, _ in keys}
+            pair_of = [(u, i) for u, i, _ in keys]  # (shared with the batch: built once)
+            pairs = set(pair_of)
             empty = (
                 {(u, i) for u, i in pairs if u in new_users or i in created}
                 if new_users or created
                 else set()
             )
             batch.load(pairs, empty=empty)
-            results = batch.apply_all(observed, keys)
+            results = batch.apply_all(observed, keys, pair_of)
             batch.flush()
             return results
 
