@@ -205,12 +205,15 @@ class IdMaps:
 
     def row_keys(self, db: sqlite3.Connection, rows: Sequence[OutboxRow]) -> list[Key]:
         """The (user, item, peer) ids of each row, in order."""
+        sids = {peer: self.sid(peer) for peer in {r.peer for r in rows}}
         users = self._user_ids
         items = self._item_ids
-        if any(r.user not in users or r.item not in items for r in rows):
+        try:  # (a pusher's rows: ids this process knows, nearly always)
+            return [(users[r.user], items[r.item], sids[r.peer]) for r in rows]
+        except KeyError:
             users = self.ensure_ids(db, "users", [r.user for r in rows])
             items = self.ensure_ids(db, "items", [r.item for r in rows])
-        return [(users[r.user], items[r.item], self.sid(r.peer)) for r in rows]
+        return [(users[r.user], items[r.item], sids[r.peer]) for r in rows]
 
     def unmapped_items(self, db: sqlite3.Connection, items: Sequence[str]) -> list[tuple[int, str]]:
         """(id, key) of the canonical items among ``items`` that no server maps, key order."""
