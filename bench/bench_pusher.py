@@ -5,7 +5,9 @@ the peer is an emulator in a subprocess of its own (``python -m jfsync.emulator`
 server's work is not counted here. Each repetition applies ``--rows`` changes from server
 ``a`` in one transaction (a bulk "mark played"), then times the drain into the emulator
 until every write is recorded. Printed per repetition: the apply (wall and event-loop CPU)
-and the drain (wall, event-loop CPU per row, the other threads' CPU: SQLite's worker).
+and the drain (wall, event-loop CPU per row, the other threads' CPU: SQLite's worker and the WAL
+checkpointer, from the start of the apply), then SQLite's worker thread alone: its CPU in the
+apply and in the drain.
 
 For comparison, ``--bare`` also times the same number of writes (same route and body) sent by
 a bare aiohttp loop at the pusher's concurrency to the same emulator, for another user (so
@@ -29,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -53,6 +55,17 @@ from jfsync.timing import SystemClock  # noqa: E402
 
 USER = "alice"
 OTHER_USER = "bob"
+
+
+def thread_cpu(ledger: Ledger) -> Callable[[], float]:
+    """A reader of the CPU seconds used so far by ``ledger``'s SQLite worker thread (where every
+    transaction runs; the WAL checkpointer and the event loop are other threads)."""
+    worker = ledger._db._thread if ledger._db is not None else None  # (private: a bench)
+    ident = getattr(worker, "ident", None)
+    if ident is None:
+        return lambda: 0.0
+    clock = time.pthread_getcpuclockid(ident)
+    return lambda: time.clock_gettime(clock)
 
 
 def played(rep: int) -> UserData:
@@ -98,6 +111,7 @@ async def run(rows: int, repeat: int, with_bare: bool) -> None:
     bares: list[float] = []
     applies: list[float] = []
     cpu_rows: list[float] = []
+    sqlite_drain: list[float] = []
     bare_cpu_rows: list[float] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -132,6 +146,7 @@ async def run(rows: int, repeat: int, with_bare: bool) -> None:
                 pusher = Pusher("b", ledger, client, clock, watcher=Counted())
                 pusher.start()
                 tune_garbage_collector()  # as jfsync run does
+                sqlite_cpu = thread_cpu(ledger)
                 try:
                     for rep in range(repeat):
                         state = played(rep)
@@ -142,18 +157,22 @@ async def run(rows: int, repeat: int, with_bare: bool) -> None:
                         target[0] += len(items)
                         done.clear()
                         t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
+                        s0 = sqlite_cpu()
                         await ledger.apply_observations(batch)
-                        t1, c1 = time.perf_counter(), time.thread_time()
+                        t1, c1, s1 = time.perf_counter(), time.thread_time(), sqlite_cpu()
                         pusher.wake()
                         await asyncio.wait_for(done.wait(), 300)
                         t2, c2, p2 = time.perf_counter(), time.thread_time(), time.process_time()
+                        s2 = sqlite_cpu()
+                        sqlite_drain.append(s2 - s1)
                         drains.append(t2 - t1)
                         applies.append(t1 - t0)
                         cpu_rows.append(1e6 * (c2 - c1) / rows)
                         line = (
                             f"[{rep + 1}] apply {t1 - t0:.2f} s (loop CPU {c1 - c0:.2f} s); "
                             f"drain {t2 - t1:.2f} s, loop CPU {1e6 * (c2 - c1) / rows:.0f} us/row, "
-                            f"other threads {(p2 - p0) - (c2 - c0):.2f} s"
+                            f"other threads {(p2 - p0) - (c2 - c0):.2f} s "
+                            f"(SQLite's thread: apply {s1 - s0:.2f} s, drain {s2 - s1:.2f} s)"
                         )
                         if with_bare:
                             body = update_body(played(rep), frozenset({"play_state"}))
@@ -185,6 +204,7 @@ async def run(rows: int, repeat: int, with_bare: bool) -> None:
         drain_s=drains,
         bare_s=bares,
         cpu_us_per_row=cpu_rows,
+        sqlite_drain_s=sqlite_drain,
         bare_cpu_us_per_row=bare_cpu_rows,
     )
 

@@ -20,7 +20,7 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 #: Jellyfin ticks per second (1 tick = 100 ns).
 TICKS_PER_SECOND = 10_000_000
@@ -155,6 +155,25 @@ def user_data(
     return state
 
 
+def user_data_of(values: tuple[Any, ...]) -> UserData:
+    """:func:`user_data` of ``(favorite, rating, played, play_count, last_played_s,
+    position_ticks)`` as a database row holds them (0/1 for the flags, a float or None for the
+    rating): one look-up when the state is shared already (0 and 1 are equal to, and hash like,
+    False and True, so the row's values find the shared state whose flags are bools)."""
+    found = _INTERNED.get(values)
+    if found is not None:
+        return found
+    favorite, rating, played, play_count, last_played_s, position_ticks = values
+    return user_data(
+        bool(favorite),
+        None if rating is None else float(rating),
+        bool(played),
+        int(play_count),
+        None if last_played_s is None else int(last_played_s),
+        int(position_ticks),
+    )
+
+
 def interned(state: UserData) -> UserData:
     """``state``, or the equal state :func:`user_data` already shares (then ``state`` joins
     the shared ones). States that enter the ledger from a peer's listing or a write are new
@@ -181,12 +200,16 @@ def interned(state: UserData) -> UserData:
     return found
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Stamp:
+class Stamp(NamedTuple):
     """When jfsync observed a change: hybrid-clock milliseconds, ties broken by server rank.
 
     Ordering is (ms, server_rank): a lower rank (earlier in the config) wins a tie by sorting
     *later*, so it is stored inverted in ``tiebreak``.
+
+    A named tuple (compared, ordered and hashed as ``(ms, tiebreak)``): the ledger keeps one
+    per register of every cached state, and a tuple of plain numbers is dropped from the
+    cyclic garbage collector's sight the first time it looks at it, where a slotted object is
+    walked again by every collection of its generation.
     """
 
     ms: int
@@ -195,24 +218,16 @@ class Stamp:
     @classmethod
     def observed(cls, ms: int, server_rank: int) -> Stamp:
         """Build the stamp of a change seen at ``ms`` on the server at ``server_rank``."""
-        return cls(ms=ms, tiebreak=-server_rank)
+        return cls(ms, -server_rank)
 
 
-_new = object.__new__
-_set_ms = Stamp.__dict__["ms"].__set__
-_set_tiebreak = Stamp.__dict__["tiebreak"].__set__
+_new_tuple = tuple.__new__
 
 
 def new_stamp(ms: int, tiebreak: int) -> Stamp:
-    """``Stamp(ms, tiebreak)``, built twice as fast: through the slots directly.
-
-    A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``; the bulk
-    apply builds one stamp per observation. The object is whole before anyone sees it.
-    """
-    stamp = _new(Stamp)
-    _set_ms(stamp, ms)
-    _set_tiebreak(stamp, tiebreak)
-    return stamp
+    """``Stamp(ms, tiebreak)``, built without the named tuple's ``__new__`` (a call less; the
+    bulk apply builds one stamp per observation)."""
+    return _new_tuple(Stamp, (ms, tiebreak))
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from jfsync.model import (
     ALL_REGISTERS,
@@ -170,9 +170,12 @@ class MergePolicy:
         return Stamp(ms, -self.rank(server))  # Stamp.observed, without the keyword call
 
 
-@dataclass(frozen=True, slots=True)
-class Stamped:
-    """When a canonical register value was decided, and which server showed it."""
+class Stamped(NamedTuple):
+    """When a canonical register value was decided, and which server showed it.
+
+    A named tuple, as :class:`~jfsync.model.Stamp` is (and for the same reason: the garbage
+    collector stops walking a tuple of a stamp and a name once it has looked at it).
+    """
 
     stamp: Stamp
     origin: str
@@ -219,8 +222,7 @@ class CanonicalState:
 
 
 _new = object.__new__
-_set_stamp = Stamped.__dict__["stamp"].__set__
-_set_origin = Stamped.__dict__["origin"].__set__
+_new_tuple = tuple.__new__
 _set_data = CanonicalState.__dict__["data"].__set__
 _set_favorite = CanonicalState.__dict__["favorite"].__set__
 _set_rating = CanonicalState.__dict__["rating"].__set__
@@ -228,11 +230,8 @@ _set_play_state = CanonicalState.__dict__["play_state"].__set__
 
 
 def new_stamped(stamp: Stamp, origin: str) -> Stamped:
-    """``Stamped(stamp, origin)`` built through the slots (see :func:`new_canonical`)."""
-    stamped = _new(Stamped)
-    _set_stamp(stamped, stamp)
-    _set_origin(stamped, origin)
-    return stamped
+    """``Stamped(stamp, origin)``, built without the named tuple's ``__new__``."""
+    return _new_tuple(Stamped, (stamp, origin))
 
 
 def new_canonical(

@@ -25,7 +25,7 @@ from jfsync.model import ALL_REGISTERS, PlayState, Register, UserData, user_data
 from jfsync.sync.ledger import Applied, ItemMapping, Ledger, Observation
 from jfsync.sync.ledger import batch as batch_module
 from jfsync.sync.ledger.batch import Batch
-from jfsync.sync.ledger.codec import Key
+from jfsync.sync.ledger.codec import Key, Pair
 from jfsync.sync.ledger.writer import StateWriter
 from jfsync.sync.merge import MergePolicy
 
@@ -38,7 +38,12 @@ T0 = 1_750_000_000_000
 class _EachBatch(Batch):
     """A batch that applies every observation through the general path."""
 
-    def apply_all(self, observations: Sequence[Observation], keys: Sequence[Key]) -> list[Applied]:
+    def apply_all(
+        self,
+        observations: Sequence[Observation],
+        keys: Sequence[Key],
+        pairs: Sequence[Pair] | None = None,
+    ) -> list[Applied]:
         return [self.apply(o, k) for o, k in zip(observations, keys, strict=True)]
 
 

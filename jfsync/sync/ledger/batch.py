@@ -27,6 +27,7 @@ from jfsync.sync.echo import (
     match_echo,
     record_write,
 )
+from jfsync.sync.ledger.cache import CachedPair
 from jfsync.sync.ledger.clock import Clock
 from jfsync.sync.ledger.codec import MASKS as _MASKS
 from jfsync.sync.ledger.codec import Key, Pair, mask_bits
@@ -55,16 +56,13 @@ _NOTHING: frozenset[Register] = frozenset()
 #: "No row loaded or made for this key" (None: the key's row is gone).
 _ABSENT = WorkRow(None, _NOTHING, DEFAULT_USER_DATA, 0, 0)
 _DEFAULT = DEFAULT_USER_DATA
-#: Builds a :class:`WorkRow` from all of its fields (a named tuple: no defaults to fill in).
+#: Builds a named tuple (a :class:`WorkRow`, a :class:`Stamp`, a :class:`Stamped`) from all
+#: of its fields (no defaults to fill in, a call less than its ``__new__``).
 _new_row = tuple.__new__
 _new_object = object.__new__
-#: The slots of the frozen dataclasses the bulk path builds one of per observation, set
-#: directly (what :func:`jfsync.model.new_stamp` and :func:`jfsync.sync.merge.new_canonical`
-#: do, inline: a call each less per observation). Each object is whole before anyone sees it.
-_set_ms = Stamp.__dict__["ms"].__set__
-_set_tiebreak = Stamp.__dict__["tiebreak"].__set__
-_set_stamped_stamp = Stamped.__dict__["stamp"].__set__
-_set_stamped_origin = Stamped.__dict__["origin"].__set__
+#: The slots of the frozen dataclass the bulk path builds one of per observation, set
+#: directly (what :func:`jfsync.sync.merge.new_canonical` does, inline: a call less per
+#: observation). Each object is whole before anyone sees it.
 _set_data = CanonicalState.__dict__["data"].__set__
 _set_favorite = CanonicalState.__dict__["favorite"].__set__
 _set_rating = CanonicalState.__dict__["rating"].__set__
@@ -125,7 +123,8 @@ class Applied:
     canonical_changed: frozenset[Register] = frozenset()
     stamp: Stamp | None = None
     #: Outbox rows this observation created, changed or emptied: the registers each now holds
-    #: (an empty set: the row is gone because nothing is owed any more).
+    #: (an empty set: the row is gone because nothing is owed any more). Results of a bulk
+    #: apply that queued the same share one dict: read it, never change it.
     queued: dict[str, frozenset[Register]] = field(default_factory=dict)
 
 
@@ -152,6 +151,25 @@ def _outcome(obs: Observation, outcome: Outcome) -> Applied:
     _set_stamp(applied, None)
     _set_queued(applied, {})
     return applied
+
+
+def named_like(row: WorkRow, like: OutboxRow) -> OutboxRow:
+    """``row`` (numbered) named like ``like``: ``like`` itself when ``row`` is still what it
+    says (a compare that changed nothing hands the pusher's row back)."""
+    row_id, mask, desired, version, created_ms, attempts, next_ms, error, dead = row
+    if (
+        row_id == like.id
+        and version == like.version
+        and (mask is like.registers or mask == like.registers)
+        and (desired is like.desired or desired == like.desired)
+        and created_ms == like.created_ms
+        and attempts == like.attempts
+        and next_ms == like.next_attempt_ms
+        and error == like.last_error
+        and dead == like.dead
+    ):
+        return like
+    return row.as_outbox_row(like)
 
 
 def _unnumbered(written: Mapping[Key, WorkRow | None]) -> list[tuple[Key, WorkRow]]:
@@ -226,6 +244,12 @@ class Batch:
         #: At least every ticket in :attr:`seen` and in the clock's seen map.
         self._seen_high = clock.seen_high
         self._writes: dict[tuple[str, int, int], dict[str, int]] = {}
+        #: The pending echo lists this batch made, by the identity of what they were made of
+        #: (:meth:`with_write`, :meth:`without`): a round of intents or acks gives hundreds
+        #: of keys the same list (one state written over one state, at one time), which is
+        #: then built, pruned and encoded once and shared. Each entry holds its inputs, so no
+        #: id in a key is reused while the batch lives.
+        self._echo_memo: dict[tuple[int, ...], tuple[object, ...]] = {}
         seed = policy.seed
         self._seed_sid = maps.sid_of(seed) if seed is not None else None
         self._configured = {maps.sid(n) for n in policy.servers}
@@ -245,9 +269,22 @@ class Batch:
         else:
             wanted = pairs
             self._loaded_pairs = set(pairs)  # a copy in C: the caller keeps ``pairs``
+        self._take(self.tables.load(wanted, empty))
+        if with_members:
+            self.load_members(wanted)
+
+    def load_entries(self, entries: Mapping[Pair, CachedPair]) -> None:
+        """:meth:`load` (without members) of pairs the caller loaded from this batch's
+        writer already, in this transaction and before anything was written in it."""
+        wanted = entries.keys() - self._loaded_pairs
+        self._loaded_pairs |= wanted
+        self._take({pair: entries[pair] for pair in wanted})
+
+    def _take(self, found: Mapping[Pair, CachedPair]) -> None:
+        """Put the loaded pairs ``found`` into the working set."""
         canon, rows, loaded, row_peers = self.canon, self.rows, self._loaded_rows, self._row_peers
         lk_update, echo_update = self.lk.update, self.echo.update
-        for pair, entry in self.tables.load(wanted, empty).items():
+        for pair, entry in found.items():
             state = entry.canon
             if state is not None:
                 canon[pair] = state
@@ -261,14 +298,18 @@ class Batch:
                     assert row.id is not None  # stored rows are numbered
                     loaded[key] = row.id
                     row_peers.add(key[2])
-        if with_members:
+
+    def load_members(self, pairs: Set[Pair]) -> None:
+        """Read which servers have the users of ``pairs`` and, when indexed, map their items
+        (what applying an observation of them needs; :meth:`load` does it unless told not)."""
+        if pairs:
             db, cached = self.tables.db, self.tables.cached
-            self.members.update(self.maps.members(db, {u for u, _ in wanted}, cached=cached))
+            self.members.update(self.maps.members(db, {u for u, _ in pairs}, cached=cached))
             self._targets.clear()
             self._row_targets.clear()
             if self.maps.indexed(db, self._configured, cached=cached):
                 indexed, mapped = self.maps.mappings(
-                    db, {i for _, i in wanted}, self._configured, cached=cached
+                    db, {i for _, i in pairs}, self._configured, cached=cached
                 )
                 self.indexed |= indexed
                 for sid, items in mapped.items():
@@ -290,8 +331,14 @@ class Batch:
             if seq > self._seen_high:
                 self._seen_high = seq
 
-    def apply_all(self, observations: Sequence[Observation], keys: Sequence[Key]) -> list[Applied]:
-        """Apply ``observations`` (``keys``: their ids) in order, as :meth:`apply` does each.
+    def apply_all(
+        self,
+        observations: Sequence[Observation],
+        keys: Sequence[Key],
+        pairs: Sequence[Pair] | None = None,
+    ) -> list[Applied]:
+        """Apply ``observations`` (``keys``: their ids; ``pairs``: their (user, item) ids, when
+        the caller has them) in order, as :meth:`apply` does each.
 
         A bulk message or a scan page is thousands of observations of one shape: no pending
         echo, and either a known server's change or the first state anyone showed of an item.
@@ -342,6 +389,9 @@ class Batch:
         pruned_known: UserData | None = None
         pruned_desired: UserData | None = None
         pruned_in = pruned_out = 0
+        last_queued: dict[str, frozenset[Register]] | None = None
+        raw_state: UserData | None = None
+        shared_state = _DEFAULT
         # And the registers the last first state changed (from its base, from the defaults).
         first_state: UserData | None = None
         first_base: UserData | None = None
@@ -352,7 +402,9 @@ class Batch:
         if len(observations) < EARLY_NUMBERING_MIN:
             self._early_ok = False  # (a few rows: numbered at flush, no query for the first id)
         try:
-            for obs, key in zip(observations, keys, strict=True):
+            if pairs is None:
+                pairs = [(uid, iid) for uid, iid, _ in keys]
+            for obs, key, pair in zip(observations, keys, pairs, strict=True):
                 if echo.get(key):
                     self._seen_high = high
                     clock.ms = clock_ms
@@ -379,6 +431,11 @@ class Batch:
                         elif seq > seen.get(key, 0) and seq > clock_seen(key):
                             seen[key] = seq
                 state = obs.state
+                if state is not raw_state:
+                    # Shared: the same value then goes by identity here, in the rows made
+                    # and in the compares and acks of their writes.
+                    raw_state, shared_state = state, interned(state)
+                state = shared_state
                 if obs.user is not user:
                     user = obs.user
                     profile = self._profiles.get(user)
@@ -389,7 +446,6 @@ class Batch:
                     server = obs.server
                     tiebreak = self._tiebreak_of(server)
                 uid, iid, sid = key
-                pair = (uid, iid)
                 previous = lk.get(key)
                 canonical = canon.get(pair)
                 if canonical is None:
@@ -410,12 +466,8 @@ class Batch:
                     wall = obs.wall_ms
                     clock_ms = ms = wall if wall > clock_ms else clock_ms + 1
                     ticked = True
-                    stamp = _new_object(Stamp)
-                    _set_ms(stamp, ms)
-                    _set_tiebreak(stamp, tiebreak)
-                    stamped = _new_object(Stamped)
-                    _set_stamped_stamp(stamped, stamp)
-                    _set_stamped_origin(stamped, server)
+                    stamp = _new_row(Stamp, (ms, tiebreak))
+                    stamped = _new_row(Stamped, (stamp, server))
                     new = _new_object(CanonicalState)
                     _set_data(new, state)
                     _set_favorite(new, stamped)
@@ -478,9 +530,7 @@ class Batch:
                     wall = obs.wall_ms
                     clock_ms = ms = wall if wall > clock_ms else clock_ms + 1
                     ticked = True
-                    stamp = _new_object(Stamp)
-                    _set_ms(stamp, ms)
-                    _set_tiebreak(stamp, tiebreak)
+                    stamp = _new_row(Stamp, (ms, tiebreak))
                     # The changed registers whose canonical stamp this one is later than win.
                     won = 0
                     if bits & 1:
@@ -498,9 +548,7 @@ class Batch:
                     moved = won & differs
                     lost = bits & ~won & differs
                     if won:
-                        winner = _new_object(Stamped)
-                        _set_stamped_stamp(winner, stamp)
-                        _set_stamped_origin(winner, server)
+                        winner = _new_row(Stamped, (stamp, server))
                         favorite = fav if won & 1 else data.favorite
                         rating = (None if rat is None else float(rat)) if won & 2 else data.rating
                         play_state = ps if won & 4 else data.play_state
@@ -611,6 +659,10 @@ class Batch:
                     row_peers.add(target)
                     dirty_rows[tkey] = None
                     queued[name] = mask
+                if queued == last_queued:
+                    queued = last_queued  # one dict for a run of the same (a bulk message's)
+                else:
+                    last_queued = queued
                 applied = _new_object(Applied)  # through its slots (above)
                 _set_observation(applied, obs)
                 _set_outcome(applied, changed_outcome if bits else unchanged)
@@ -692,9 +744,7 @@ class Batch:
             if not changed_registers(policy.synced, previous, state):
                 self.set_last_known(key, state)
                 return _outcome(obs, Outcome.UNCHANGED)
-        stamp = _new_object(Stamp)  # Stamp(ms, tiebreak), through its slots
-        _set_ms(stamp, self.tick(obs.wall_ms))
-        _set_tiebreak(stamp, self._tiebreak_of(obs.server))
+        stamp = _new_row(Stamp, (self.tick(obs.wall_ms), self._tiebreak_of(obs.server)))
         seed_known = self._seed_sid is not None and (uid, iid, self._seed_sid) in lk
         result = merge(
             policy,
@@ -879,9 +929,43 @@ class Batch:
         pending = self.echo.get(key, ())
         base = interned(base)
         for state in states:
-            pending = record_write(pending, interned(state), wall_ms, base)
+            pending = self.with_write(pending, interned(state), wall_ms, base)
         self.echo[key] = pending
         self._dirty_echo[key] = None
+
+    def with_write(
+        self,
+        pending: tuple[PendingWrite, ...],
+        state: UserData,
+        wall_ms: int,
+        replaced: UserData | None,
+    ) -> tuple[PendingWrite, ...]:
+        """``record_write(pending, state, wall_ms, replaced)``, made once per batch for the
+        same objects (see :attr:`_echo_memo`)."""
+        memo = (id(pending), id(state), wall_ms, id(replaced))
+        hit = self._echo_memo.get(memo)
+        if hit is not None:
+            made = hit[-1]
+        else:
+            made = record_write(pending, state, wall_ms, replaced)
+            self._echo_memo[memo] = (pending, state, replaced, made)
+        return made  # type: ignore[return-value]
+
+    def without(
+        self, pending: tuple[PendingWrite, ...], state: UserData
+    ) -> tuple[PendingWrite, ...]:
+        """``pending`` without its entries of ``state``, once per batch for the same objects."""
+        if not pending:
+            return pending
+        memo = (id(pending), id(state))
+        hit = self._echo_memo.get(memo)
+        if hit is not None:
+            return hit[-1]  # type: ignore[return-value]
+        kept = tuple(p for p in pending if p.state is not state and p.state != state)
+        if len(kept) == len(pending):
+            kept = pending
+        self._echo_memo[memo] = (pending, state, kept)
+        return kept
 
     def number_new_rows(self) -> None:
         """Give the rows created so far their ids (flush numbers the rest)."""
@@ -944,9 +1028,10 @@ class Batch:
             self._early_ok = False
 
     def outbox_row(self, key: Key, like: OutboxRow) -> OutboxRow | None:
-        """The row of ``key`` as it stands in this batch, named like ``like`` (or None)."""
+        """The row of ``key`` as it stands in this batch, named like ``like`` (or None):
+        ``like`` itself when the row is still what it says (a compare that changed nothing)."""
         row = self.rows.get(key)
-        return None if row is None else row.as_outbox_row(like)
+        return None if row is None else named_like(row, like)
 
     def written(self, key: Key, version: int, state: UserData, wall_ms: int) -> bool:
         """Record a write of ``state`` to the peer of ``key``; drop the row if still ``version``."""
@@ -957,18 +1042,11 @@ class Batch:
         replaced = lk.get(key)
         lk[key] = state
         self._dirty_lk[key] = None
-        # A ticket just taken is above every ticket handed out before: no look-up (see()).
-        seq = self.clock.next_ticket()
-        if seq > self._seen_high:
-            self.seen[key] = self._seen_high = seq
-        else:
-            self.see(key, seq)
+        self.see_write(key)
         # An intent recorded before the write (record_intents) is replaced by this entry: one
         # entry per echo, timed when the write completed (scans compare against that).
-        pending = tuple(
-            p for p in self.echo.get(key, ()) if p.state is not state and p.state != state
-        )
-        self.echo[key] = record_write(pending, state, wall_ms, replaced)
+        pending = self.without(self.echo.get(key, ()), state)
+        self.echo[key] = self.with_write(pending, state, wall_ms, replaced)
         self._dirty_echo[key] = None
         done = self._settle_row(key, version, state)
         # A change that came while the write was on its way may have moved the canonical
@@ -982,6 +1060,24 @@ class Batch:
                 if owed:
                     self.refresh_row(key, owed, data, self.tick(wall_ms), wall_ms)
         return done
+
+    def see_many(self, keys: Iterable[Key], seq: int) -> None:
+        """:meth:`see` of every key of ``keys`` at ``seq`` (a read of them all)."""
+        seen = self.seen
+        newer = self.clock.newer_than_seen((k for k in keys if seq > seen.get(k, 0)), seq)
+        for key in newer:
+            seen[key] = seq
+        if newer and seq > self._seen_high:
+            self._seen_high = seq
+
+    def see_write(self, key: Key) -> None:
+        """Record that a write to ``key`` was just acknowledged (a new ticket)."""
+        # A ticket just taken is above every ticket handed out before: no look-up (see()).
+        seq = self.clock.next_ticket()
+        if seq > self._seen_high:
+            self.seen[key] = self._seen_high = seq
+        else:
+            self.see(key, seq)
 
     def _settle_row(self, key: Key, version: int, state: UserData) -> bool:
         """Drop the row of ``key`` if still ``version``, else what ``state`` delivered of it."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Set
+from types import MappingProxyType
+from typing import Any, cast
 
 from jfsync.heap import drain
 from jfsync.model import UserData
@@ -26,19 +28,58 @@ from jfsync.sync.merge import CanonicalState
 STATE_CACHE_PAIRS = 20_000
 
 
+#: The parts a pair has none of, shared by every pair (read-only: a pair's first value of a
+#: part gets a dict of its own, :meth:`CachedPair.put_lk` and the others).
+_NONE: Mapping[Any, Any] = MappingProxyType({})
+
+
 class CachedPair:
     """Everything the ledger holds for one (user, item) pair, decoded, by (user, item, server)
-    key (as a transaction's working set keys them: it takes each part in one dict update)."""
+    key (as a transaction's working set keys them: it takes each part in one dict update).
+
+    Read the parts; change them only through the ``put_*`` methods.
+    """
 
     __slots__ = ("canon", "echo", "lk", "rows")
 
     def __init__(self, canon: CanonicalState | None) -> None:
         # A plain class: thousands are built per burst, and a dataclass with default
-        # factories costs several times more to construct.
+        # factories costs several times more to construct. The parts start as one shared
+        # empty mapping: a pair new in a bulk apply holds no echo and often no row.
         self.canon = canon
-        self.lk: dict[Key, UserData] = {}
-        self.echo: dict[Key, tuple[PendingWrite, ...]] = {}
-        self.rows: dict[Key, WorkRow] = {}
+        self.lk: Mapping[Key, UserData] = _NONE
+        self.echo: Mapping[Key, tuple[PendingWrite, ...]] = _NONE
+        self.rows: Mapping[Key, WorkRow] = _NONE
+
+    def put_lk(self, key: Key, state: UserData) -> None:
+        """Set the last-known state of ``key``."""
+        lk = self.lk
+        if lk is _NONE:
+            self.lk = {key: state}
+        else:
+            cast(dict[Key, UserData], lk)[key] = state
+
+    def put_echo(self, key: Key, pending: tuple[PendingWrite, ...]) -> None:
+        """Set the pending echoes of ``key`` (empty: it has none)."""
+        echo = self.echo
+        if echo is _NONE:
+            if pending:
+                self.echo = {key: pending}
+        elif pending:
+            cast(dict[Key, tuple[PendingWrite, ...]], echo)[key] = pending
+        else:
+            cast(dict[Key, tuple[PendingWrite, ...]], echo).pop(key, None)
+
+    def put_row(self, key: Key, row: WorkRow | None) -> None:
+        """Set the outbox row of ``key`` (None: it has none)."""
+        rows = self.rows
+        if rows is _NONE:
+            if row is not None:
+                self.rows = {key: row}
+        elif row is not None:
+            cast(dict[Key, WorkRow], rows)[key] = row
+        else:
+            cast(dict[Key, WorkRow], rows).pop(key, None)
 
 
 class StateCache:
@@ -112,23 +153,29 @@ class StateCache:
                 entry = get(pair)
                 if entry is not None:
                     entry.canon = state
+        # put_lk, put_echo and put_row inline on their usual paths (a bulk apply writes a
+        # state and a row per pair, a pusher round an echo per key).
         for known_states in lk:
             for key, known in known_states.items():
                 entry = get((key[0], key[1]))
                 if entry is not None:
-                    entry.lk[key] = known
+                    parts = entry.lk
+                    if parts is _NONE:
+                        entry.lk = {key: known}
+                    else:
+                        parts[key] = known  # type: ignore[index]
         for echoes in echo:
             for key, pending in echoes.items():
-                entry = get(key[:2])
+                entry = get((key[0], key[1]))
                 if entry is not None:
-                    if pending:
-                        entry.echo[key] = pending
+                    if pending and entry.echo is not _NONE:
+                        entry.echo[key] = pending  # type: ignore[index]
                     else:
-                        entry.echo.pop(key, None)
+                        entry.put_echo(key, pending)
         for key, row in rows.items():
             entry = get((key[0], key[1]))
             if entry is not None:
-                if row is None:
-                    entry.rows.pop(key, None)
+                if row is not None and entry.rows is _NONE:
+                    entry.rows = {key: row}
                 else:
-                    entry.rows[key] = row
+                    entry.put_row(key, row)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from jfsync.sync.ledger.codec import Key, fetch
 from jfsync.sync.merge import next_stamp_ms
@@ -62,6 +62,11 @@ class Clock:
     def seen(self, key: Key) -> int:
         """The ticket of the last thing learnt of ``key`` (0: nothing in this process)."""
         return self._seen.get(key, 0)
+
+    def newer_than_seen(self, keys: Iterable[Key], seq: int) -> list[Key]:
+        """The keys of ``keys`` last seen before ticket ``seq`` (or never)."""
+        get = self._seen.get
+        return [key for key in keys if seq > get(key, 0)]
 
     def note_seen(self, seen: Mapping[Key, int]) -> None:
         """Keep what a transaction learnt of when each key was last seen; stay bounded."""

@@ -5,21 +5,19 @@ columns (:data:`STATE_COLS`), a canonical state adds three stamped registers
 (:data:`CANON_COLS`), pending echoes are one JSON text per key, a register set is a bit mask.
 The decoders intern what they build (states and register sets repeat a lot), so decoding a
 burst costs little memory. The key types (:data:`Key`, :data:`Pair`), the chunking helpers
-for ``IN (...)`` lists and the multi-row INSERT of many rows (:func:`insert_rows`,
-:func:`insert_flat`) live here
+for ``IN (...)`` lists and the multi-row INSERT of many rows (:func:`insert_flat`) live here
 too, so that no module of the package imports another for them.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from jfsync.model import ALL_REGISTERS, Register, Stamp, UserData, user_data
+from jfsync.model import ALL_REGISTERS, Register, Stamp, UserData, user_data_of
 from jfsync.sync.echo import PendingWrite
 from jfsync.sync.merge import CanonicalState, Stamped
 
@@ -31,7 +29,7 @@ Pair = tuple[int, int]
 #: Placeholders per IN (...) list; far below SQLite's variable limit, large enough to batch.
 CHUNK = 500
 
-#: Rows per multi-row INSERT (:func:`insert_rows`): 50 rows of the widest table (17 columns)
+#: Rows per multi-row INSERT (:func:`insert_flat`): 50 rows of the widest table (17 columns)
 #: are 850 placeholders, far below SQLite's limit of 32,766.
 ROWS_PER_INSERT = 50
 
@@ -85,17 +83,8 @@ def state_values(data: UserData) -> tuple[Any, ...]:
 
 def decode_state(row: Sequence[Any], offset: int) -> UserData:
     """The state held in ``row``'s :data:`STATE_COLS` starting at ``offset``."""
-    rating = row[offset + 1]
-    last = row[offset + 4]
     # Interned: rows repeat a few states (a season marked played, the defaults).
-    return user_data(
-        bool(row[offset]),
-        None if rating is None else float(rating),
-        bool(row[offset + 2]),
-        int(row[offset + 3]),
-        None if last is None else int(last),
-        int(row[offset + 5]),
-    )
+    return user_data_of(tuple(row[offset : offset + 6]))
 
 
 def decode_canonical(row: Sequence[Any]) -> CanonicalState:
@@ -146,8 +135,11 @@ def _state_json_by_value(state: UserData) -> str:
     return json.dumps(state_values(state), separators=(",", ":"))
 
 
+@functools.lru_cache(maxsize=4096)
 def decode_echo(text: str) -> tuple[PendingWrite, ...]:
-    """The pending echoes stored as ``text`` (:func:`encode_echo`)."""
+    """The pending echoes stored as ``text`` (:func:`encode_echo`); shared (immutable): keys
+    written together hold one text, and so one list, whose later prunes and encodes are made
+    once (by identity)."""
     return tuple(
         PendingWrite(
             decode_state(e[1], 0), int(e[0]), None if e[2] is None else decode_state(e[2], 0)
@@ -195,25 +187,16 @@ def fetch(db: sqlite3.Connection, sql: str, parameters: Sequence[Any] = ()) -> l
     return db.execute(sql, parameters).fetchall()
 
 
-def insert_rows(db: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+def insert_flat(db: sqlite3.Connection, sql: str, flat: list[Any], width: int) -> None:
     """Run the one-row INSERT ``sql`` (``... VALUES (?, ...)``, an upsert clause allowed after
-    it) for every row of ``rows``, in order, as multi-row INSERTs of :data:`ROWS_PER_INSERT`.
+    it) for every row given one after the other in ``flat``, ``width`` values each, in order,
+    as multi-row INSERTs of :data:`ROWS_PER_INSERT`.
 
     Same rows, in the same order, as ``db.executemany(sql, rows)``, with a third less of
     SQLite's work per row in a bulk apply: one statement step per 50 rows instead of one per
-    row.
-    """
-    if rows:
-        insert_flat(db, sql, list(itertools.chain.from_iterable(rows)), len(rows[0]))
-
-
-def insert_flat(db: sqlite3.Connection, sql: str, flat: list[Any], width: int) -> None:
-    """:func:`insert_rows` of rows given one after the other in ``flat``, ``width`` values
-    each (in order, as multi-row INSERTs of :data:`ROWS_PER_INSERT`).
-
-    The bulk writers build their parameters this way: a tuple per row, kept until the INSERT
-    ran, was 30,000 objects for the cyclic garbage collector to walk in a 10k apply (it ran
-    several times within it), and then flattened again here.
+    row. The bulk writers build their parameters this way: a tuple per row, kept until the
+    INSERT ran, was 30,000 objects for the cyclic garbage collector to walk in a 10k apply (it
+    ran several times within it).
     """
     count = len(flat) // width
     whole = count - count % ROWS_PER_INSERT

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from jfsync.sync.ledger.codec import CHUNK, Key, Pair, chunks, fetch, insert_rows, marks
+from jfsync.sync.ledger.codec import CHUNK, Key, Pair, chunks, fetch, insert_flat, marks
 from jfsync.sync.ledger.errors import LedgerError
 from jfsync.sync.ledger.outbox import OutboxRow
 from jfsync.sync.ledger.schema import write_transaction
@@ -139,10 +139,11 @@ class IdMaps:
             # exactly the keys it inserted. The other keys were in the file already.
             highest = int(fetch(db, f"SELECT COALESCE(MAX(id), 0) FROM {table}")[0][0])  # noqa: S608
             changes = db.total_changes
-            insert_rows(
+            insert_flat(
                 db,
                 f"INSERT INTO {table}(key) VALUES (?) ON CONFLICT(key) DO NOTHING",  # noqa: S608
-                [(k,) for k in missing],
+                missing,
+                1,
             )
             inserted = db.total_changes - changes
             top = int(fetch(db, f"SELECT COALESCE(MAX(id), 0) FROM {table}")[0][0])  # noqa: S608
@@ -204,12 +205,15 @@ class IdMaps:
 
     def row_keys(self, db: sqlite3.Connection, rows: Sequence[OutboxRow]) -> list[Key]:
         """The (user, item, peer) ids of each row, in order."""
+        sids = {peer: self.sid(peer) for peer in {r.peer for r in rows}}
         users = self._user_ids
         items = self._item_ids
-        if any(r.user not in users or r.item not in items for r in rows):
+        try:  # (a pusher's rows: ids this process knows, nearly always)
+            return [(users[r.user], items[r.item], sids[r.peer]) for r in rows]
+        except KeyError:
             users = self.ensure_ids(db, "users", [r.user for r in rows])
             items = self.ensure_ids(db, "items", [r.item for r in rows])
-        return [(users[r.user], items[r.item], self.sid(r.peer)) for r in rows]
+        return [(users[r.user], items[r.item], sids[r.peer]) for r in rows]
 
     def unmapped_items(self, db: sqlite3.Connection, items: Sequence[str]) -> list[tuple[int, str]]:
         """(id, key) of the canonical items among ``items`` that no server maps, key order."""

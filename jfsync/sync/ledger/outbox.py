@@ -16,9 +16,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from jfsync.model import Register, UserData
+from jfsync.model import Register, UserData, user_data_of
 from jfsync.sync.ledger.codec import (
     CHUNK,
+    MASKS,
     STATE_COLS,
     Key,
     chunks,
@@ -130,6 +131,7 @@ class WorkRow(NamedTuple):
 
 
 _new_object = object.__new__
+_MASKS = MASKS
 (
     _set_id,
     _set_peer,
@@ -188,23 +190,26 @@ def _outbox_row(
 
 
 def decode_row(r: Sequence[Any], names: Mapping[int, str]) -> OutboxRow:
-    """An :class:`OutboxRow` from a :data:`ROW_SELECT` row; ``names`` are the servers by id."""
-    error, remote_user, remote_item = r[15], r[17], r[18]
+    """An :class:`OutboxRow` from a :data:`ROW_SELECT` row; ``names`` are the servers by id.
+
+    The values are taken as SQLite gives them: the schema's INTEGER columns hold only ints and
+    its TEXT columns only text (a pusher round decodes hundreds of rows, on SQLite's thread).
+    """
     return _outbox_row(
-        int(r[0]),
-        names[int(r[1])],
-        str(r[2]),
-        str(r[3]),
-        mask_registers(int(r[4])),
-        decode_state(r, 5),
-        int(r[11]),
-        int(r[12]),
-        int(r[13]),
-        int(r[14]),
-        None if error is None else str(error),
+        r[0],
+        names[r[1]],
+        r[2],
+        r[3],
+        _MASKS[r[4] & 7],
+        user_data_of(tuple(r[5:11])),
+        r[11],
+        r[12],
+        r[13],
+        r[14],
+        r[15],
         bool(r[16]),
-        None if remote_user is None else str(remote_user),
-        None if remote_item is None else str(remote_item),
+        r[17],
+        r[18],
     )
 
 

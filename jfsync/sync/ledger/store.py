@@ -31,15 +31,15 @@ import aiosqlite
 from jfsync.model import ALL_REGISTERS, DEFAULT_USER_DATA, UserData, interned
 from jfsync.sync.echo import PendingWrite
 from jfsync.sync.ledger import combined, outbox
-from jfsync.sync.ledger.batch import Applied, Batch, Observation, Outcome, Source
-from jfsync.sync.ledger.cache import STATE_CACHE_PAIRS, StateCache
+from jfsync.sync.ledger.batch import Applied, Batch, Observation, Outcome, Source, named_like
+from jfsync.sync.ledger.cache import STATE_CACHE_PAIRS, CachedPair, StateCache
 from jfsync.sync.ledger.clock import Clock
 from jfsync.sync.ledger.codec import Key, Pair, fetch, mask_bits, ordered
 from jfsync.sync.ledger.combined import PeerOutbox
 from jfsync.sync.ledger.errors import LedgerError
 from jfsync.sync.ledger.lock import WAL_AUTOCHECKPOINT_PAGES, LedgerFile
 from jfsync.sync.ledger.maps import IdMaps, ItemMapping, migrate_map_keys
-from jfsync.sync.ledger.outbox import OutboxRow
+from jfsync.sync.ledger.outbox import OutboxRow, WorkRow
 from jfsync.sync.ledger.policy import LedgerPolicy
 from jfsync.sync.ledger.schema import (
     WriteGate,
@@ -55,6 +55,9 @@ from jfsync.sync.merge import CanonicalState, MergePolicy
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Nothing yet (the memos of a pusher round's loops compare by identity against it).
+_UNSET = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,14 +437,15 @@ class Ledger:
             created.clear()
             items = self._maps.ensure_ids(db, "items", [o.item for o in observed], created)
             keys = [(users[o.user], items[o.item], sids[o.server]) for o in observed]
-            pairs = {(u, i) for u, i, _ in keys}
+            pair_of = [(u, i) for u, i, _ in keys]  # (shared with the batch: built once)
+            pairs = set(pair_of)
             empty = (
                 {(u, i) for u, i in pairs if u in new_users or i in created}
                 if new_users or created
                 else set()
             )
             batch.load(pairs, empty=empty)
-            results = batch.apply_all(observed, keys)
+            results = batch.apply_all(observed, keys, pair_of)
             batch.flush()
             return results
 
@@ -498,41 +502,89 @@ class Ledger:
         def work(tx: StateWriter) -> list[OutboxRow | None]:
             keys = self._maps.row_keys(tx.db, [row for row, _ in reads])
             batch = self._batch(tx)
-            batch.load({(u, i) for u, i, _ in keys})
-            outdated: set[Key] = set()
-            lk = batch.lk
-            for (row, read), key in zip(reads, keys, strict=True):
-                # Shared (interned) like the states the ledger holds: mostly one identity test.
-                current = interned(read)
-                known = lk.get(key)
-                if known is current or known == current:
-                    batch.see(key, asked_seq)
+            currents = [interned(read) for _, read in reads]
+            entries, quick, slow = _split_known(tx, keys, currents)
+            fresh: list[OutboxRow | None] = [None] * len(reads)
+            # A read equal to what the ledger knows (nearly every read of a burst) changes
+            # nothing: decided from the pair as loaded, without the batch's working set.
+            echoes: dict[Key, tuple[PendingWrite, ...]] = {}
+            batch.see_many([keys[index] for index in quick], asked_seq)
+            # The last intent made, by what it was made of (a round's rows mostly share it).
+            last_old: object = _UNSET
+            last_current: object = _UNSET
+            last_step: object = _UNSET
+            last_made: tuple[PendingWrite, ...] = ()
+            for index in quick:
+                key = keys[index]
+                row, current = reads[index][0], currents[index]
+                entry = entries[key[:2]]
+                work_row = entry.rows.get(key)
+                if work_row is None:
                     continue
-                if (
-                    regressed is not None
-                    and known is not None
-                    and batch.seen_seq(key) <= asked_seq  # an outdated read proves nothing
-                    and not current.holds_data(synced)
-                    and known.holds_data(synced)
-                ):
-                    outdated.add(key)
-                    found.append(row)
+                still = fresh[index] = named_like(work_row, row)
+                if intents is None:
                     continue
-                obs = Observation(
-                    row.peer, row.user, row.item, current, asked_ms, "compare", asked_seq
-                )
-                if batch.apply(obs, key).outcome is Outcome.OUTDATED:
-                    outdated.add(key)
-            batch.number_new_rows()
-            fresh = [
-                None if key in outdated else batch.outbox_row(key, row)
-                for (row, _), key in zip(reads, keys, strict=True)
-            ]
-            if intents is not None:
-                for still, (_, current), key in zip(fresh, reads, keys, strict=True):
-                    if still is not None:
-                        batch.record_intents(key, current, intents(still, current), wall_ms)
+                old = entry.echo.get(key, ())
+                steps = intents(still, current)
+                if len(steps) == 1:
+                    step = interned(steps[0])
+                    if old is not last_old or current is not last_current or step is not last_step:
+                        last_old, last_current, last_step = old, current, step
+                        last_made = batch.with_write(old, step, wall_ms, current)
+                    echoes[key] = last_made
+                    continue
+                pending = old
+                for state in steps:
+                    pending = batch.with_write(pending, interned(state), wall_ms, current)
+                echoes[key] = pending
+            if slow:
+                pairs = {keys[index][:2] for index in slow}
+                batch.load_entries({pair: entries[pair] for pair in pairs})
+                # Which servers have the users (and map the items) only matters to a read
+                # that differs.
+                members = False
+                outdated: set[Key] = set()
+                lk = batch.lk
+                for index in slow:
+                    row, key, current = reads[index][0], keys[index], currents[index]
+                    known = lk.get(key)
+                    if known is current or known == current:
+                        batch.see(key, asked_seq)
+                        continue
+                    if (
+                        regressed is not None
+                        and known is not None
+                        and batch.seen_seq(key) <= asked_seq  # an outdated read proves nothing
+                        and not current.holds_data(synced)
+                        and known.holds_data(synced)
+                    ):
+                        outdated.add(key)
+                        found.append(row)
+                        continue
+                    obs = Observation(
+                        row.peer, row.user, row.item, current, asked_ms, "compare", asked_seq
+                    )
+                    if not members:
+                        batch.load_members(pairs)
+                        members = True
+                    if batch.apply(obs, key).outcome is Outcome.OUTDATED:
+                        outdated.add(key)
+                batch.number_new_rows()
+                for index in slow:
+                    key = keys[index]
+                    if key not in outdated:
+                        fresh[index] = batch.outbox_row(key, reads[index][0])
+                if intents is not None:
+                    for index in slow:
+                        owed = fresh[index]
+                        if owed is not None:
+                            current = currents[index]
+                            batch.record_intents(
+                                keys[index], current, intents(owed, current), wall_ms
+                            )
             batch.flush()
+            if echoes:
+                tx.put_echoes(echoes)
             return fresh
 
         fresh = await self._write(work)
@@ -704,12 +756,50 @@ class Ledger:
         def work(tx: StateWriter) -> list[bool]:
             keys = self._maps.row_keys(tx.db, [row for row, _ in acks])
             batch = self._batch(tx)
-            batch.load({(u, i) for u, i, _ in keys}, with_members=False)
-            done = [
-                batch.written(key, row.version, state, wall_ms)
-                for (row, state), key in zip(acks, keys, strict=True)
-            ]
+            # Shared: a batch of acks mostly writes one state, whose encodes, compares and
+            # prunes then go by identity (each ack's state is a new object on the event loop).
+            states = [interned(state) for _, state in acks]
+            entries, quick, slow = _split_acks(tx, keys, acks, states)
+            done = [False] * len(acks)
+            if slow:
+                batch.load_entries({keys[index][:2]: entries[keys[index][:2]] for index in slow})
+                for index in slow:
+                    done[index] = batch.written(
+                        keys[index], acks[index][0].version, states[index], wall_ms
+                    )
+            # The usual ack (its row still the one written, or gone; the canonical value the
+            # one written): its last-known state, its echo and the row's delete, decided from
+            # the pair as loaded (what Batch.written does on that path).
+            known: dict[Key, UserData] = {}
+            echoes: dict[Key, tuple[PendingWrite, ...]] = {}
+            rows: dict[Key, WorkRow | None] = {}
+            # The last echo list made, by what it was made of (a round's acks mostly share it).
+            last_old: object = _UNSET
+            last_state: object = _UNSET
+            last_replaced: object = _UNSET
+            last_made: tuple[PendingWrite, ...] = ()
+            for index in quick:
+                key, state = keys[index], states[index]
+                entry = entries[key[:2]]
+                replaced = entry.lk.get(key)
+                known[key] = state
+                batch.see_write(key)
+                old = entry.echo.get(key, ())
+                if old is not last_old or state is not last_state or replaced is not last_replaced:
+                    last_old, last_state, last_replaced = old, state, replaced
+                    last_made = batch.with_write(
+                        batch.without(old, state), state, wall_ms, replaced
+                    )
+                echoes[key] = last_made
+                if entry.rows.get(key) is not None:
+                    rows[key] = None
+                    done[index] = True
             batch.flush()
+            if known:
+                tx.put_last_known(dict(sorted(known.items())))
+                tx.put_echoes(dict(sorted(echoes.items())))
+            if rows:
+                tx.put_rows(rows)
             return done
 
         return await self._write(work)
@@ -1284,3 +1374,52 @@ class Ledger:
             return self._queue_unknown(tx, sid, pairs, wall_ms), last
 
         return await self._write(work)
+
+
+def _split_known(
+    tx: StateWriter, keys: Sequence[Key], currents: Sequence[UserData]
+) -> tuple[dict[Pair, CachedPair], list[int], list[int]]:
+    """Load the pairs of a compare's ``keys``; say which reads (their indexes) equal the peer's
+    last-known state, and which do not (or share a pair: all of them then)."""
+    pairs = [key[:2] for key in keys]
+    entries = tx.load(set(pairs))
+    if len(entries) != len(keys):
+        return entries, [], list(range(len(keys)))
+    quick: list[int] = []
+    slow: list[int] = []
+    for index, (key, current) in enumerate(zip(keys, currents, strict=True)):
+        known = entries[pairs[index]].lk.get(key)
+        if known is not None and (known is current or known == current):
+            quick.append(index)
+        else:
+            slow.append(index)
+    return entries, quick, slow
+
+
+def _split_acks(
+    tx: StateWriter,
+    keys: Sequence[Key],
+    acks: Sequence[tuple[OutboxRow, UserData]],
+    states: Sequence[UserData],
+) -> tuple[dict[Pair, CachedPair], list[int], list[int]]:
+    """Load the pairs of acks' ``keys``; say which acks (their indexes) are the usual ones (the
+    row still the version written, or gone; the canonical value the state written) and which
+    are not (or share a pair: all of them then)."""
+    pairs = [key[:2] for key in keys]
+    entries = tx.load(set(pairs))
+    if len(entries) != len(keys):
+        return entries, [], list(range(len(keys)))
+    quick: list[int] = []
+    slow: list[int] = []
+    for index, key in enumerate(keys):
+        entry = entries[pairs[index]]
+        row = entry.rows.get(key)
+        canonical = entry.canon
+        state = states[index]
+        if (row is not None and row.version != acks[index][0].version) or (
+            canonical is not None and canonical.data is not state and canonical.data != state
+        ):
+            slow.append(index)
+        else:
+            quick.append(index)
+    return entries, quick, slow

@@ -39,7 +39,6 @@ from jfsync.sync.ledger.codec import (
     encode_echo,
     fetch,
     insert_flat,
-    insert_rows,
     marks,
     mask_bits,
     state_values,
@@ -64,6 +63,13 @@ _SELECT_ECHO = "SELECT user, item, server, entries FROM pending_echo"
 _INSERT_ROW = (
     f"INSERT INTO outbox(id, peer, user, item, {ROW_COLS}) "  # noqa: S608 - fixed columns
     f"VALUES ({marks(4 + len(ROW_COLS.split(', ')))})"
+)
+#: A new row that owes its first attempt (no failure yet: the columns after ``created_ms`` at
+#: their defaults), as nearly every new row does: four columns fewer to bind and encode.
+_NEW_ROW_WIDTH = 7 + len(STATE_COLS.split(", "))
+_INSERT_NEW_ROW = (
+    f"INSERT INTO outbox(id, peer, user, item, registers, {STATE_COLS}, "  # noqa: S608
+    f"version, created_ms) VALUES ({marks(_NEW_ROW_WIDTH)})"
 )
 #: A pair's outbox rows: one look-up per server in the unique (peer, user, item) index (there is
 #: no index by user and item alone: every row written paid for it).
@@ -99,9 +105,13 @@ def _canonical_params(states: Mapping[Pair, CanonicalState]) -> list[Any]:
         if data is not last:
             values, last = state_values(data), data
         f, r, p = state.favorite, state.rating, state.play_state
-        fs, rs, ps = f.stamp, r.stamp, p.stamp
+        fs = f.stamp
         extend(pair)
         extend(values)
+        if f is r and r is p:  # one decision for the three (a first state, a merge's winner)
+            extend((fs.ms, fs.tiebreak, f.origin) * 3)
+            continue
+        rs, ps = r.stamp, p.stamp
         extend(
             (
                 fs.ms,
@@ -116,6 +126,16 @@ def _canonical_params(states: Mapping[Pair, CanonicalState]) -> list[Any]:
             )
         )
     return params
+
+
+def _delete_ids(db: sqlite3.Connection, ids: Sequence[int]) -> None:
+    """Delete the outbox rows of ``ids``, a statement per :data:`CHUNK` of them (the acks of a
+    round delete hundreds: one statement step each cost more than the deletes)."""
+    for chunk in chunks(sorted(ids), CHUNK):
+        db.execute(
+            f"DELETE FROM outbox WHERE id IN ({marks(len(chunk))})",  # noqa: S608 - placeholders
+            chunk,
+        )
 
 
 class StateWriter:
@@ -172,7 +192,9 @@ class StateWriter:
         read = self._read
         if self._fresh:
             # Pairs that held nothing when the transaction began: whole as read, and empty.
-            read = {pair: CachedPair(None) for pair in self._fresh} | read
+            fresh = {pair: CachedPair(None) for pair in self._fresh}
+            fresh.update(read)
+            read = fresh
         cache.committed(read, self._canon, self._lk, self._echo, self._rows)
         if self._evicted:
             cache.evict(self._evicted)
@@ -215,14 +237,14 @@ class StateWriter:
             entries[pair] = CachedPair(canon.get(pair))
         for row in self._by_pairs(_SELECT_LAST_KNOWN, pairs):
             uid, iid = int(row[0]), int(row[1])
-            entries[(uid, iid)].lk[(uid, iid, int(row[2]))] = decode_state(row, 3)
+            entries[(uid, iid)].put_lk((uid, iid, int(row[2])), decode_state(row, 3))
         for row in self._by_pairs(_SELECT_ECHO, pairs):
             uid, iid = int(row[0]), int(row[1])
-            entries[(uid, iid)].echo[(uid, iid, int(row[2]))] = decode_echo(str(row[3]))
+            entries[(uid, iid)].put_echo((uid, iid, int(row[2])), decode_echo(str(row[3])))
         # Through the unique (peer, user, item) index, once per server (schema v5).
         for row in self._by_pairs(WORK_SELECT, pairs, alias="o.", first=_ROWS_BY_PEER):
             (uid, iid, sid), work = decode_work_row(row)
-            entries[(uid, iid)].rows[(uid, iid, sid)] = work
+            entries[(uid, iid)].put_row((uid, iid, sid), work)
         return entries
 
     def _by_pairs(
@@ -258,10 +280,23 @@ class StateWriter:
         """Write pending echo lists (an empty one deletes the key's; ``echoes`` is kept for the
         cache: leave it unchanged)."""
         self._require_writable()
-        keep = [(*k, encode_echo(pending)) for k, pending in echoes.items() if pending]
-        drop = [k for k, pending in echoes.items() if not pending]
+        keep: list[Any] = []  # one row after the other (insert_flat)
+        drop: list[Key] = []
+        extend = keep.extend
+        # Lists are shared between keys (a round's intents and acks: Batch.with_write), so
+        # each is encoded once (by identity: every one of them lives in ``echoes``).
+        texts: dict[int, str] = {}
+        for key, pending in echoes.items():
+            if not pending:
+                drop.append(key)
+                continue
+            text = texts.get(id(pending))
+            if text is None:
+                text = texts[id(pending)] = encode_echo(pending)
+            extend(key)
+            keep.append(text)
         if keep:
-            insert_rows(self.db, _UPSERT_ECHO, keep)
+            insert_flat(self.db, _UPSERT_ECHO, keep, 4)
         if drop:
             self.db.executemany(
                 "DELETE FROM pending_echo WHERE user=? AND item=? AND server=?", drop
@@ -293,10 +328,11 @@ class StateWriter:
         stored row replaced by a newly numbered one, or by None, is deleted.
         """
         self._require_writable()
-        deletes: list[tuple[int]] = []
+        deletes: list[int] = []
         updates: list[tuple[Any, ...]] = []
-        inserts: list[Any] = []  # one row after the other (insert_flat)
-        extend_inserts = inserts.extend
+        inserts: list[Any] = []  # one row after the other (insert_flat), then
+        fresh: list[Any] = []  # those owing their first attempt (_INSERT_NEW_ROW)
+        extend_inserts, extend_fresh = inserts.extend, fresh.extend
         new_ids = self._new_ids
         written, loaded = self._rows, self._loaded
         # What _stored_id does, inline, and each run of one desired state encoded once: a bulk
@@ -313,7 +349,7 @@ class StateWriter:
                 prior = entry.rows.get(key) if entry is not None and entry.rows else None
             if row is None:
                 if prior is not None and prior.id is not None:
-                    deletes.append((prior.id,))
+                    deletes.append(prior.id)
                 continue
             row_id, mask, desired, version, created_ms, attempts, next_ms, error, dead = row
             assert row_id is not None  # number_rows first
@@ -324,8 +360,13 @@ class StateWriter:
                 bits = mask_bits(mask)
             if row_id in new_ids:
                 if prior is not None and prior.id is not None:
-                    deletes.append((prior.id,))
+                    deletes.append(prior.id)
                 new_ids.discard(row_id)
+                if not attempts and not next_ms and error is None and not dead:
+                    extend_fresh((row_id, key[2], key[0], key[1], bits))
+                    extend_fresh(values)
+                    extend_fresh((version, created_ms))
+                    continue
                 extend_inserts((row_id, key[2], key[0], key[1], bits))
                 extend_inserts(values)
                 extend_inserts((version, created_ms, attempts, next_ms, error, 1 if dead else 0))
@@ -344,9 +385,11 @@ class StateWriter:
                     )
                 )
         if deletes:
-            self.db.executemany("DELETE FROM outbox WHERE id=?", deletes)
+            _delete_ids(self.db, deletes)
         if updates:
             self.db.executemany(_UPDATE_ROW, updates)
+        if fresh:
+            insert_flat(self.db, _INSERT_NEW_ROW, fresh, _NEW_ROW_WIDTH)
         if inserts:
             insert_flat(self.db, _INSERT_ROW, inserts, _ROW_WIDTH)
         self._rows.update(rows)
@@ -471,13 +514,13 @@ class StateWriter:
         if not rows:
             return
         self._evict(key[:2] for _, key, _ in rows)
-        gone = [(rid,) for rid, _, bits in rows if bits == 0]
+        gone = [rid for rid, _, bits in rows if bits == 0]
         narrowed = [(bits, rid) for rid, _, bits in rows if bits != 0]
         for rid, key, bits in rows:
             if bits == 0 and self._stored_id(key) == rid:
                 self._rows[key] = None  # the key has no row in the file now
         if gone:
-            self.db.executemany("DELETE FROM outbox WHERE id=?", gone)
+            _delete_ids(self.db, gone)
         if narrowed:
             self.db.executemany("UPDATE outbox SET registers=? WHERE id=?", narrowed)
 
