@@ -62,6 +62,11 @@ class LiveFirst:
         at = self._event_at
         return at is not None and self._clock.monotonic() - at < LIVE_WINDOW_S
 
+    @property
+    def busy(self) -> bool:
+        """Whether live work is under way now."""
+        return self._working > 0
+
     def hold(self) -> Callable[[], None]:
         """Count live work as under way until the returned release is called (once; calling
         it again does nothing)."""
