@@ -16,7 +16,7 @@ import asyncio
 import pytest
 
 from jfsync.sync import priority as priority_module
-from jfsync.sync.priority import LIVE_WINDOW_S, LiveFirst
+from jfsync.sync.priority import ARRIVAL_TURNS, LIVE_WINDOW_S, LiveFirst
 from jfsync.timing import ManualClock
 from tests.support.waiting import bound
 
@@ -79,6 +79,42 @@ async def test_a_step_waits_until_every_piece_of_live_work_has_ended() -> None:
         step.cancel()
         await asyncio.gather(step, return_exceptions=True)
     assert not live.busy
+
+
+@pytest.mark.usefixtures("patient")
+async def test_a_change_arriving_during_a_step_is_waited_for_before_the_next() -> None:
+    """A websocket frame that arrived while a step of a catch-up ran needs a few turns of the
+    loop (the transport's read, the websocket reader, the subscriber) before the intake holds
+    it as live work: the step that follows gives it those turns, then waits for it, so the
+    change goes in ahead of the catch-up's next step, not behind several."""
+    live = LiveFirst(ManualClock())
+    live.event()
+    applied = asyncio.Event()
+    order: list[str] = []
+
+    async def arriving() -> None:
+        for _ in range(ARRIVAL_TURNS - 1):  # the hops from the transport to the intake
+            await asyncio.sleep(0)
+        with live.working():
+            order.append("change")
+            await applied.wait()
+
+    async def catch_up() -> None:
+        await live.step()
+        order.append("catch-up step")
+
+    change = asyncio.ensure_future(arriving())
+    step = asyncio.ensure_future(catch_up())
+    try:
+        await turns(2 * ARRIVAL_TURNS)
+        assert order == ["change"]
+        applied.set()
+        await asyncio.wait_for(asyncio.gather(change, step), bound(1.0))
+    finally:
+        for task in (change, step):
+            task.cancel()
+        await asyncio.gather(change, step, return_exceptions=True)
+    assert order == ["change", "catch-up step"]
 
 
 async def test_releasing_twice_frees_nothing_more() -> None:
