@@ -435,10 +435,28 @@ def start_catchup_server(items: int) -> tuple[subprocess.Popen[str], dict[str, o
     return proc, info
 
 
-async def wait_for_scans(status_port: int, scans: int, timeout_s: float = 600) -> None:
-    """Wait until jfsync has finished ``scans`` catch-ups (its status counter)."""
+async def wait_brought_up(status_port: int, server: str, timeout_s: float = 600) -> None:
+    """Wait until every user jfsync syncs on ``server`` is connected: its socket is open and
+    the catch-up that follows the connect (the first one: every item a first contact) is over.
+
+    Not a count of catch-ups: a and b sync two users each (alice and bob), whose catch-ups
+    finish first, so the three finished catch-ups waited for before said nothing about c's.
+    Its 20,000 first contacts then ran into the latency phase, and at full size, while events
+    flowed, took the whole phase: no catch-up window was left in it to measure.
+    """
     async with asyncio.timeout(timeout_s):
-        while int(str((await status_counters(status_port))["scans"])) < scans:  # noqa: ASYNC110
+        while True:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{status_port}/status") as response,
+            ):
+                body = await response.json()
+            users = next(
+                (s.get("users", []) for s in body.get("servers", []) if s.get("name") == server),
+                [],
+            )
+            if users and all(u.get("state") == "connected" for u in users):
+                return
             await asyncio.sleep(CATCHUP_POLL_S)  # polling another process
 
 
@@ -610,7 +628,7 @@ async def run(
                 # c's bring-up (its 100,000-item index scan, the match and its first catch-up)
                 # is over before the latency phase: a bring-up is not a catch-up, and its
                 # tail fell into the first window, which held the worst samples of a run.
-                await wait_for_scans(status_port, len(servers))
+                await wait_brought_up(status_port, "c")
                 brought_up = time.monotonic()
                 figures["catchup_bring_up_s"] = brought_up - proc_started
                 print(
