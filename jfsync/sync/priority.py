@@ -38,11 +38,13 @@ ARRIVAL_TURNS = 4
 #: The longest one catch-up step waits for live work to end. A bound on a priority yield, not
 #: a wait for anything to happen: it is measured on the event loop's own clock, so that a
 #: pusher round held up for long (a slow peer, retries on the injected clock) delays each
-#: step of a catch-up by this much at most, whatever clock the service runs on. With steps of
-#: about a millisecond, a catch-up under live work that never pauses (a loaded machine, where
-#: each change is under way longer than the gap to the next) still gets about a tenth of the
-#: loop: at 20 ms, half as small steps as before made such catch-ups twice as long.
-MAX_YIELD_S = 0.01
+#: step of a catch-up by this much at most, whatever clock the service runs on. Under live work
+#: that never pauses (a loaded machine, where each change is under way longer than the gap to
+#: the next) every give-way runs to this bound, and a catch-up gets step / bound of the loop:
+#: with steps of about a millisecond, a twentieth. At 10 ms, twice that, full-size runs on a
+#: machine at a load of 4 fell behind the stream (changes queued for up to 0.6 s); the
+#: catch-up is what waits instead (it took 6-11 s there).
+MAX_YIELD_S = 0.02
 
 
 class LiveFirst:
