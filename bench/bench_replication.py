@@ -35,7 +35,9 @@ websocket is dropped again each time jfsync has finished catching up with it, 10
 items changed each time (so each catch-up applies what changed while it was away). The goal
 (issue 13, goal 3) is judged on the changes made during a catch-up: from c's first catch-up
 listing (``filters=``) after the previous one ended to the end seen on jfsync's status; the
-count of those changes and each catch-up's length are printed.
+count of those changes and each catch-up's length are printed, and beside them the latency of
+the changes made outside every catch-up in the same run (this shared machine's load moves both
+alike; what a catch-up adds is the difference).
 
 With ``--repeat N`` the burst runs N times in a row in the same ``jfsync run`` (each time a new
 play date and count on the same items, after the last burst's echoes were applied), each with
@@ -433,10 +435,28 @@ def start_catchup_server(items: int) -> tuple[subprocess.Popen[str], dict[str, o
     return proc, info
 
 
-async def wait_for_scans(status_port: int, scans: int, timeout_s: float = 600) -> None:
-    """Wait until jfsync has finished ``scans`` catch-ups (its status counter)."""
+async def wait_brought_up(status_port: int, server: str, timeout_s: float = 600) -> None:
+    """Wait until every user jfsync syncs on ``server`` is connected: its socket is open and
+    the catch-up that follows the connect (the first one: every item a first contact) is over.
+
+    Not a count of catch-ups: a and b sync two users each (alice and bob), whose catch-ups
+    finish first, so the three finished catch-ups waited for before said nothing about c's.
+    Its 20,000 first contacts then ran into the latency phase, and at full size, while events
+    flowed, took the whole phase: no catch-up window was left in it to measure.
+    """
     async with asyncio.timeout(timeout_s):
-        while int(str((await status_counters(status_port))["scans"])) < scans:  # noqa: ASYNC110
+        while True:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{status_port}/status") as response,
+            ):
+                body = await response.json()
+            users = next(
+                (s.get("users", []) for s in body.get("servers", []) if s.get("name") == server),
+                [],
+            )
+            if users and all(u.get("state") == "connected" for u in users):
+                return
             await asyncio.sleep(CATCHUP_POLL_S)  # polling another process
 
 
@@ -608,7 +628,7 @@ async def run(
                 # c's bring-up (its 100,000-item index scan, the match and its first catch-up)
                 # is over before the latency phase: a bring-up is not a catch-up, and its
                 # tail fell into the first window, which held the worst samples of a run.
-                await wait_for_scans(status_port, len(servers))
+                await wait_brought_up(status_port, "c")
                 brought_up = time.monotonic()
                 figures["catchup_bring_up_s"] = brought_up - proc_started
                 print(
@@ -671,15 +691,17 @@ async def run(
                 catchups_during_latency=len(catchup_ends),
                 latency_stall_ms=worst_between(stalls, t0, time.monotonic()),
             )
-            # The goal is the latency while a catch-up runs: the changes made inside one.
+            # The goal is the latency while a catch-up runs: the changes made inside one. The
+            # changes made outside every catch-up are printed beside them: the same path on
+            # the same machine in the same minutes, the load of the machine without the
+            # catch-up's (what the catch-up adds is the difference).
             during: list[float] = []
+            outside: list[float] = []
             if catchup_items:
                 windows = await catchup_windows(str(servers[2][1]), catchup_ends, catchups_from)
-                during = [
-                    (done_at[i] - made_at[i]) * 1000
-                    for i in wanted
-                    if any(start <= made_at[i] <= end for start, end in windows)
-                ]
+                for i in wanted:
+                    inside = any(start <= made_at[i] <= end for start, end in windows)
+                    (during if inside else outside).append((done_at[i] - made_at[i]) * 1000)
                 last_made = made_at[wanted[-1]]
                 covered = sum(
                     max(0.0, min(end, last_made) - max(start, t0)) for start, end in windows
@@ -689,6 +711,9 @@ async def run(
                     latency_catchup_cover_s=covered,
                     latency_catchup_p50_ms=pct(during, 50) if during else None,
                     latency_catchup_p99_ms=pct(during, 99) if during else None,
+                    latency_outside_changes=len(outside),
+                    latency_outside_p50_ms=pct(outside, 50) if outside else None,
+                    latency_outside_p99_ms=pct(outside, 99) if outside else None,
                 )
             print(
                 f"latency over {len(wanted)} changes at {rate:g}/s: "
@@ -717,6 +742,13 @@ async def run(
                         else "none"
                     )
                 )
+                if outside:
+                    print(
+                        f"latency of the {len(outside)} changes made outside the catch-ups "
+                        f"(for comparison): p50 {pct(outside, 50):.1f} ms, "
+                        f"p95 {pct(outside, 95):.1f} ms, p99 {pct(outside, 99):.1f} ms, "
+                        f"max {max(outside):.1f} ms"
+                    )
 
             # ---- burst: mark `burst` items played on a at once. b echoes with Jellyfin's own
             # 500 ms debounce (one message per quiet half second, as a real server sends

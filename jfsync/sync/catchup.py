@@ -11,7 +11,7 @@ from every listing was reset on that server, which is a change to the default st
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import TypeVar
 
@@ -35,7 +35,7 @@ DIFF_STEP = 5000
 #: (a millisecond or two of work). A user with 20,000 items of data made each pass of a
 #: catch-up 5-20 ms long on a busy 2-core machine, several passes in a row: live events
 #: waited 40-70 ms behind them.
-PASS_STEP = 1000
+PASS_STEP = 500
 
 T = TypeVar("T")
 
@@ -43,26 +43,32 @@ T = TypeVar("T")
 async def in_steps(
     items: Iterable[T],
     pause: Callable[[], Awaitable[None]] | None = None,
-    step: int = PASS_STEP,
+    step: int | Callable[[], int] = PASS_STEP,
 ) -> AsyncIterator[list[T]]:
     """Yield ``items`` in lists of ``step``, awaiting ``pause`` (default: one turn of the event
-    loop) before every list but the first. What ``items`` iterates must not change meanwhile."""
+    loop) before every list but the first. ``step`` may be a callable, asked before each list
+    (a catch-up goes in smaller steps once live events flow). What ``items`` iterates must not
+    change meanwhile."""
     between = pause or one_turn
     found = iter(items)
     first = True
-    while chunk := list(islice(found, step)):
+    while True:
         if not first:
             await between()
+        chunk = list(islice(found, step() if callable(step) else step))
+        if not chunk:
+            return
         first = False
         yield chunk
 
 
-@dataclass(frozen=True, slots=True)
-class ScannedItem:
-    """One item found by a catch-up scan, with the user's data on that server."""
+@dataclass(slots=True)
+class Scan:
+    """What a catch-up scan found on one server: the user's data by the server's item id and,
+    when asked for, the items themselves (what an identity that maps lazily learns from)."""
 
-    item: BaseItemDto
-    data: UserData
+    states: dict[str, UserData] = field(default_factory=dict)
+    items: dict[str, BaseItemDto] = field(default_factory=dict)
 
 
 async def scan_non_default(
@@ -70,22 +76,38 @@ async def scan_non_default(
     remote_user_id: str,
     parent_ids: Sequence[str] | None = None,
     *,
+    details: bool = True,
     pause: Callable[[], Awaitable[None]] | None = None,
-    page_size: int = 1000,
-) -> dict[str, ScannedItem]:
-    """List the user's leaf items with non-default data, by the server's item id.
+    page_size: int | Callable[[], int] = 1000,
+) -> Scan:
+    """List the user's leaf items with non-default data.
 
     With ``parent_ids`` (a library filter: :mod:`jfsync.sync.filters`) only those libraries are
-    listed, one listing per library and filter; the others are never read. ``pause`` is
-    awaited before each page and between the validation steps of a page (a catch-up gives
-    way to live work there: :mod:`jfsync.sync.priority`); ``page_size`` items per request.
+    listed, one listing per library and filter; the others are never read. Without
+    ``details`` only the ids and the user's data are read (:meth:`JellyfinClient.iter_user_data`:
+    no fields asked for, a few objects kept per item); with it, whole items, kept in
+    :attr:`Scan.items`. ``pause`` is awaited before each page (and between the validation
+    steps of a page with ``details``): a catch-up gives way to live work there
+    (:mod:`jfsync.sync.priority`); ``page_size`` items per request (a callable is asked before
+    each page).
     """
-    found: dict[str, ScannedItem] = {}
+    scan = Scan()
+    states = scan.states
     parents: Sequence[str | None] = [None] if parent_ids is None else parent_ids
     for parent in parents:
         for name in NON_DEFAULT_FILTERS:
             if pause is not None:
                 await pause()
+            if not details:
+                async for remote, data in client.iter_user_data(
+                    remote_user_id,
+                    filters=(name,),
+                    parent_id=parent,
+                    pause=pause,
+                    page_size=page_size,
+                ):
+                    states.setdefault(remote, data)
+                continue
             async for item in client.iter_items(
                 remote_user_id,
                 filters=(name,),
@@ -93,10 +115,11 @@ async def scan_non_default(
                 pause=pause,
                 page_size=page_size,
             ):
-                if item.id in found or item.user_data is None:
+                if item.id in states or item.user_data is None:
                     continue
-                found[item.id] = ScannedItem(item, item.user_data.to_user_data())
-    return found
+                states[item.id] = item.user_data.to_user_data()
+                scan.items[item.id] = item
+    return scan
 
 
 def catchup_observations(
@@ -129,12 +152,12 @@ async def catchup_observations_in_steps(
     wall_ms: int,
     read_seq: int | None = None,
     *,
-    step: int = DIFF_STEP,
+    step: int | Callable[[], int] = DIFF_STEP,
     pause: Callable[[], Awaitable[None]] | None = None,
 ) -> list[Observation]:
-    """:func:`catchup_observations`, ``step`` items at a time with ``pause`` (default: one turn
-    of the event loop) awaited between: a user's whole library in one pass held the loop for
-    80-100 ms at 200,000 items."""
+    """:func:`catchup_observations`, ``step`` items at a time (a callable is asked before each
+    step) with ``pause`` (default: one turn of the event loop) awaited between: a user's whole
+    library in one pass held the loop for 80-100 ms at 200,000 items."""
     observations: list[Observation] = []
     async for found in in_steps(scanned.items(), pause, step):
         observations += _differing(server, user, found, known, wall_ms, read_seq)

@@ -32,10 +32,18 @@ from jfsync.timing import Clock
 
 #: Events count as flowing for this long after the last one arrived.
 LIVE_WINDOW_S = 2.0
+#: Turns of the event loop a catch-up step gives before it looks for live work under way: a
+#: websocket frame needs this many to get from the transport to the intake.
+ARRIVAL_TURNS = 4
 #: The longest one catch-up step waits for live work to end. A bound on a priority yield, not
 #: a wait for anything to happen: it is measured on the event loop's own clock, so that a
 #: pusher round held up for long (a slow peer, retries on the injected clock) delays each
-#: step of a catch-up by this much at most, whatever clock the service runs on.
+#: step of a catch-up by this much at most, whatever clock the service runs on. Under live work
+#: that never pauses (a loaded machine, where each change is under way longer than the gap to
+#: the next) every give-way runs to this bound, and a catch-up gets step / bound of the loop:
+#: with steps of about a millisecond, a twentieth. At 10 ms, twice that, full-size runs on a
+#: machine at a load of 4 fell behind the stream (changes queued for up to 0.6 s); the
+#: catch-up is what waits instead (it took 6-11 s there).
 MAX_YIELD_S = 0.02
 
 
@@ -61,6 +69,11 @@ class LiveFirst:
         """Tell whether events arrived within the last :data:`LIVE_WINDOW_S`."""
         at = self._event_at
         return at is not None and self._clock.monotonic() - at < LIVE_WINDOW_S
+
+    @property
+    def busy(self) -> bool:
+        """Whether live work is under way now."""
+        return self._working > 0
 
     def hold(self) -> Callable[[], None]:
         """Count live work as under way until the returned release is called (once; calling
@@ -93,8 +106,13 @@ class LiveFirst:
         """Give way to live work between two steps of a catch-up (see the module doc)."""
         if not self.flowing():
             return
-        # Whatever live work is ready runs first (and queues its ledger call before ours).
-        await asyncio.sleep(0)
+        # Whatever live work is ready runs first (and queues its ledger call before ours),
+        # and a frame that arrived during the step just ended gets as far as the intake,
+        # where it counts as live work: from the socket that takes several turns of the loop
+        # (the transport's read, the websocket reader, the subscriber), and with only one a
+        # change waited for three more steps of the catch-up on its way in.
+        for _ in range(ARRIVAL_TURNS):
+            await asyncio.sleep(0)
         if not self._working:
             return
         try:
@@ -104,4 +122,4 @@ class LiveFirst:
             pass  # the catch-up goes on: live work may slow it, never stop it
 
 
-__all__ = ["LIVE_WINDOW_S", "MAX_YIELD_S", "LiveFirst"]
+__all__ = ["ARRIVAL_TURNS", "LIVE_WINDOW_S", "MAX_YIELD_S", "LiveFirst"]

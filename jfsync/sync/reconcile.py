@@ -62,24 +62,25 @@ logger = logging.getLogger(__name__)
 SCAN_BATCH = 250
 #: Observations per transaction while live events flow (:mod:`jfsync.sync.priority`): an
 #: event's apply, and each of its pusher's ledger calls, waits for at most one such
-#: transaction (1-3 ms at 32), and the live work under way goes before the next one.
+#: transaction (1-3 ms at 32), and the live work under way goes before the next one. Not
+#: fewer: a transaction of 16 took as long as one of 32 (1.3 ms, mostly the transaction
+#: itself), and a catch-up of 20,000 first contacts gave way twice as often.
 LIVE_SCAN_BATCH = 32
 #: Items of a scan mapped to canonical keys per call while live events flow (the live
 #: work under way goes between two calls).
-LIVE_MAP_STEP = 500
-#: Items per listing page of a catch-up scan, and while events flow: a page is decoded from
-#: JSON in one go on the event loop (about 1 ms per 100 items on a busy 2-core machine), and
-#: with 250 the p95 of live changes during a catch-up went from 18 to 13-15 ms (A/B, twice,
-#: bench_replication --changes 2000 --burst 100 --catchup-items 100000).
+LIVE_MAP_STEP = 200
+#: Items per listing page of a catch-up scan, and while events flow. A page is validated in
+#: one go on the event loop (ids and user data only, about 0.3 ms per 100 items on a busy
+#: 2-core machine, :meth:`~jfsync.jellyfin.api.JellyfinClient.iter_user_data`).
 SCAN_PAGE = 1000
-LIVE_SCAN_PAGE = 250
+LIVE_SCAN_PAGE = 100
 #: Last-known states read per ledger call, and canonical items a backfill covers per
 #: transaction, while no live event flows: a few milliseconds each at most.
 READ_PAGE = 5000
 #: The same while live events flow: one page is well under a millisecond of the ledger's
 #: thread, which is what a live event's apply can wait for; the live work under way goes
 #: between two pages.
-LIVE_READ_PAGE = 500
+LIVE_READ_PAGE = 250
 #: Quiet time after a ``LibraryChanged`` before the index is refreshed.
 LIBRARY_DEBOUNCE_S = 2.0
 #: More changed ids than this in one refresh: rescan the whole library instead.
@@ -248,16 +249,20 @@ class Reconciler:
             if isinstance(self.identity, IndexedIdentity)
             else None
         )
-        flowing = self._flowing()
-        scanned = await scan_non_default(
+        # An identity that maps every item (the library index) needs only the ids and the
+        # user's data of what the server lists; the others learn the items from the scan.
+        lazy = not self.identity.complete
+        scan = await scan_non_default(
             client,
             remote_user_id,
             parents,
+            details=lazy,
             pause=self._step,
-            page_size=LIVE_SCAN_PAGE if flowing else SCAN_PAGE,
+            page_size=self._scan_page,
         )
+        scanned = scan.states
         items = await self._canonical_items(server, list(scanned))
-        if not self.identity.complete:
+        if lazy:
             # Identities that map lazily learn the server's ids from what it shows.
             await ledger.map_items(
                 server,
@@ -265,24 +270,27 @@ class Reconciler:
                     ItemMapping(
                         remote_id=remote,
                         item=items[remote],
-                        item_type=found.item.type,
-                        path=found.item.path,
-                        provider_ids=dict(found.item.provider_ids) or None,
+                        item_type=found.type,
+                        path=found.path,
+                        provider_ids=dict(found.provider_ids) or None,
                     )
-                    for remote, found in scanned.items()
+                    for remote, found in scan.items.items()
                     if remote in items
                 ],
             )
+            scan.items.clear()
         # The whole-user passes below go a step at a time while events flow (a user with
         # 20,000 items of data made each one 5-20 ms long), and give the loop a turn between
-        # them otherwise (together they held it for up to 100 ms at 200,000 items).
-        step = PASS_STEP if self._flowing() else DIFF_STEP
+        # them otherwise (together they held it for up to 100 ms at 200,000 items). The size
+        # of each step is decided as it starts: events that begin to flow mid-pass must not
+        # wait for a step sized for a quiet loop.
+        step = self._pass_step
         states: dict[str, UserData] = {}
         async for scan_part in in_steps(scanned.items(), self._step, step):
-            for remote, found in scan_part:
+            for remote, data in scan_part:
                 key = items.get(remote)
                 if key is not None:
-                    states[key] = found.data
+                    states[key] = data
         await self._step()
         known = await self._last_known(server, user)
         await asyncio.sleep(0)
@@ -379,6 +387,17 @@ class Reconciler:
     def _flowing(self) -> bool:
         """Tell whether live events flow now (a catch-up then goes in smaller steps)."""
         return self._live is not None and self._live.flowing()
+
+    def _pass_step(self) -> int:
+        """Items of a whole-user pass worked on now before the next give-way
+        (:data:`~jfsync.sync.catchup.PASS_STEP` while live events flow, else
+        :data:`~jfsync.sync.catchup.DIFF_STEP`)."""
+        return PASS_STEP if self._flowing() else DIFF_STEP
+
+    def _scan_page(self) -> int:
+        """Items per listing page of a catch-up scan now (:data:`SCAN_PAGE`, or
+        :data:`LIVE_SCAN_PAGE` while live events flow)."""
+        return LIVE_SCAN_PAGE if self._flowing() else SCAN_PAGE
 
     def _page(self) -> int:
         """How much one paged ledger call of a catch-up covers now (:data:`READ_PAGE`, or

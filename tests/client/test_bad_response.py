@@ -99,6 +99,23 @@ async def broken_server() -> AsyncIterator[Callable[[str, str], str]]:
         ("/Items", "<html>proxy error</html>", "user_data_of", "/Items", "the body is not JSON"),
         ("/Items", " ", "user_data_of", "/Items", "the body is empty"),
         ("/Items", "<html>proxy error</html>", "items", "/Items", "the body is not JSON"),
+        (
+            # The catch-up's listing (ids and user data only) names the field as well.
+            "/Items",
+            '{"Items": [{"Id": "4bd7d5a1e0c44f6a9b0d3c2e1f0a9b8c", "UserData": {"PlayCount": '
+            '"many"}}]}',
+            "user_data_list",
+            "/Items",
+            "field Items[0].UserData.PlayCount: ",
+        ),
+        (
+            "/Items",
+            '{"Items": [{"Name": "x"}]}',
+            "user_data_list",
+            "/Items",
+            "field Items[0].Id: Field required",
+        ),
+        ("/Items", "<html>proxy error</html>", "user_data_list", "/Items", "the body is not JSON"),
         ("/Items", " ", "items", "/Items", "the body is empty"),
         (
             "/System/Info/Public",
@@ -140,6 +157,8 @@ async def _call(client: JellyfinClient, call: str) -> None:
         _ = [i async for i in client.iter_items(USER)]
     elif call == "user_data_of":
         await client.user_data_of(USER, [ITEM])
+    elif call == "user_data_list":
+        _ = [i async for i in client.iter_user_data(USER)]
     else:
         await client.server_version()
 
