@@ -21,7 +21,8 @@ Issue 13's figures, measured in the same run: the worst event-loop stall (``loop
 the index build, the catch-ups, the reconcile (also per phase of it: the scans, the match, the
 catch-ups and the delivery, told apart by jfsync's own log lines) and a refresh; the bytes this
 process wrote to disk (``/proc/self/io``) during the index build, its scans alone (into the index
-file) and with the first match (which writes the id maps into the ledger), next to the size on disk
+file) and with the first match (which writes the id maps into the ledger), in ``reconcile`` per
+phase of it (the same phases as the stalls), next to the size on disk
 of what jfsync keeps (``ledger_mib``: the ledger and its index file ``<ledger>.index``, each with
 its write-ahead log; ``index_file_mib``: the index file alone); in ``catchup``, the one-item
 refresh of goal 5 (one item of a moved: its ``LibraryChanged``, old id removed and new id added,
@@ -496,6 +497,8 @@ class PhaseMarks(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.ends: dict[str, float] = {}
+        #: This process's bytes written (``/proc/self/io``) when each phase ended.
+        self.written: dict[str, int] = {}
         self.stalls: list[tuple[float, float]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -503,6 +506,7 @@ class PhaseMarks(logging.Handler):
         for phase, starts in RECONCILE_PHASES:
             if phase not in self.ends and any(text.startswith(s) for s in starts):
                 self.ends[phase] = time.monotonic()
+                self.written[phase] = write_bytes()
 
     def write(self, line: str) -> None:
         when, _, ms = line.partition(" ")
@@ -510,6 +514,17 @@ class PhaseMarks(logging.Handler):
 
     def flush(self) -> None:
         """Nothing buffered."""
+
+    def written_by_phase(self, start: int, end: int) -> dict[str, float]:
+        """The bytes written (MiB) within each phase, in order (from ``start`` bytes to
+        ``end`` bytes of ``write_bytes``)."""
+        found: dict[str, float] = {}
+        begin = start
+        for phase, _ in RECONCILE_PHASES:
+            until = self.written.get(phase, end) if phase != "delivery" else end
+            found[phase] = max(0, until - begin) / 2**20
+            begin = max(begin, until)
+        return found
 
     def worst_by_phase(self, start: float, end: float) -> dict[str, float]:
         """The worst stall (ms) within each phase, in order."""
@@ -562,7 +577,11 @@ async def reconcile_scenario(
                 jfsync_log.setLevel(level)
             result["reconcile_stall_ms"] = probe.worst_ms
             result["reconcile_stall_by_phase_ms"] = marks.worst_by_phase(began, ended)
-            result["reconcile_written_mib"] = (write_bytes() - written) / 2**20
+            done = write_bytes()
+            result["reconcile_written_mib"] = (done - written) / 2**20
+            # Per phase: the match (which writes the id maps) apart from the scans into the
+            # index file and from the catch-ups' and the delivery's ledger writes.
+            result["reconcile_written_by_phase_mib"] = marks.written_by_phase(written, done)
             result["peak_rss_mib"] = peak_rss_mib()
             result["writes"] = len(real.writes)
             result["failures"] = len(real.failures)
@@ -589,7 +608,12 @@ async def reconcile_scenario(
                     f"{phase} {ms:.0f}"
                     for phase, ms in result["reconcile_stall_by_phase_ms"].items()
                 )
-                + ")",
+                + f"); written {result['reconcile_written_mib']:.0f} MiB ("
+                + ", ".join(
+                    f"{phase} {mib:.0f}"
+                    for phase, mib in result["reconcile_written_by_phase_mib"].items()
+                )
+                + f") for {result['ledger_mib']:.0f} MiB kept",
                 flush=True,
             )
             return result

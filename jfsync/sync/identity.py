@@ -745,11 +745,22 @@ class IndexedIdentity:
         change = IdentityChange()
         # One chunk is written (in the ledger's thread) while the next groups are read.
         writing: asyncio.Task[None] | None = None
+        # Groups come in the order of the earliest server's ids, so its mappings are written
+        # in key order, chunk after chunk, page after page. A later server's come in no
+        # order of its own ids: written a chunk per transaction, each chunk would rewrite
+        # most pages of that server's part of the id map (the bytes written grew with the
+        # square of the library). Where that server has no mapping yet (its first match:
+        # nothing to forget or drop, only mappings to add), they are set aside as they come
+        # and recorded in one transaction at the end (Ledger.remap_items ``stage``).
+        staging = {} if scope is not None else {n: 0 for n in self._names[1:] if not held.get(n)}
 
         async def flush(name: str, *, final: bool = False) -> None:
             nonlocal change, writing
             plan = plans[name]
-            if not plan or (not final and len(plan) < REMAP_CHUNK):
+            staged = staging.get(name)
+            if not final and len(plan) < REMAP_CHUNK:
+                return
+            if not plan and not (final and staged):
                 return
             plans[name] = _ServerPlan()
             change = change | IdentityChange(
@@ -757,16 +768,25 @@ class IndexedIdentity:
             )
             if writing is not None:
                 await writing
-            writing = asyncio.create_task(
-                self._ledger.remap_items(
+            if staged is None:
+                remap = self._ledger.remap_items(
                     name,
                     # In key order, the id map's b-tree is written page after page.
                     mappings=sorted(plan.mappings, key=lambda m: m.remote_id),
                     unmapped=plan.unmap,
                     forget=sorted(plan.forget),
-                ),
-                name=f"jfsync-remap[{name}]",
-            )
+                )
+            else:
+                staging[name] = staged + len(plan.mappings)
+                remap = self._ledger.remap_items(
+                    name,
+                    unmapped=plan.unmap,
+                    forget=sorted(plan.forget),
+                    stage=plan.mappings,
+                    fresh_stage=not staged,
+                    staged=staging[name] if final else None,
+                )
+            writing = asyncio.create_task(remap, name=f"jfsync-remap[{name}]")
 
         try:
             current: list[GroupRow] = []

@@ -159,13 +159,18 @@ _READY = "ready"
 #: Scratch tables of the matcher (per connection, never in the ledger file).
 _TEMP_TABLES = (
     "CREATE TEMP TABLE IF NOT EXISTS match_groups (entry INTEGER PRIMARY KEY, grp INTEGER)",
-    "CREATE TEMP TABLE IF NOT EXISTS group_members "
-    "(grp INTEGER NOT NULL, refused INTEGER NOT NULL, entry INTEGER NOT NULL, item INTEGER)",
-    "CREATE INDEX IF NOT EXISTS temp.group_members_by_grp ON group_members(grp)",
-    "CREATE INDEX IF NOT EXISTS temp.group_members_by_item ON group_members(item)",
+    # Clustered by group (filled in that order: every page written once); the items mapped
+    # are indexed apart, only those (a first match maps none).
+    "CREATE TEMP TABLE IF NOT EXISTS group_members (grp INTEGER NOT NULL, entry INTEGER NOT NULL, "
+    "refused INTEGER NOT NULL, item INTEGER, PRIMARY KEY (grp, entry)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS temp.group_members_by_item ON group_members(item) "
+    "WHERE item IS NOT NULL",
     "CREATE TEMP TABLE IF NOT EXISTS dirty_groups (grp INTEGER PRIMARY KEY)",
     "CREATE TEMP TABLE IF NOT EXISTS match_scope (entry INTEGER PRIMARY KEY)",
-    "CREATE TEMP TABLE IF NOT EXISTS group_order (grp INTEGER PRIMARY KEY, sort TEXT NOT NULL)",
+    # Keyed by the order groups are streamed in (see LibraryIndex.group_rows): read in that
+    # order through its own b-tree, so streaming needs no sort of the members' rows.
+    "CREATE TEMP TABLE IF NOT EXISTS group_order (sort TEXT PRIMARY KEY, grp INTEGER NOT NULL) "
+    "WITHOUT ROWID",
 )
 
 Rule = Literal["id", "path", "provider"]
@@ -271,8 +276,6 @@ class GroupRow:
     remote_id: str
     key: str | None
     item_type: str
-    path: str | None
-    provider_ids: str | None
 
 
 @dataclass(slots=True)
@@ -490,6 +493,13 @@ class LibraryIndex:
             # 75 MB at the reconcile's peak (274 MB against 198 MB with files). Set before
             # the scratch tables are made: changing it drops them.
             await bulk.execute("PRAGMA temp_store=FILE")
+            # Emptying the scratch tables after each match must not overwrite every page they
+            # used with zeros (SQLite may be built with secure_delete on, Debian's is: at 2 x
+            # 100k that wrote 15 MiB per match); nor journal them on disk: they are derived
+            # ids in a file deleted on close, and a rollback still works with the journal in
+            # memory (what a scratch statement changes is mostly new pages, never journalled).
+            await bulk.execute("PRAGMA temp.secure_delete=OFF")
+            await bulk.execute("PRAGMA temp.journal_mode=MEMORY")
             for sid, name in await bulk.execute_fetchall("SELECT id, name FROM ledger.servers"):
                 self._sids[str(name)] = int(sid)
                 self._names[int(sid)] = str(name)
@@ -1202,11 +1212,11 @@ class LibraryIndex:
             # From the scope's entries, never through every entry of the servers.
             source = "match_scope s CROSS JOIN index_items e ON e.id = s.entry"
         await db.execute(
-            "INSERT INTO group_members(grp, refused, entry, item) "  # noqa: S608
-            "SELECT COALESCE(g.grp, -e.id), (g.entry IS NOT NULL AND g.grp IS NULL), e.id, "
+            "INSERT INTO group_members(grp, entry, refused, item) "  # noqa: S608
+            "SELECT COALESCE(g.grp, -e.id), e.id, (g.entry IS NOT NULL AND g.grp IS NULL), "
             f"si.item FROM {source} LEFT JOIN match_groups g ON g.entry = e.id "
             "LEFT JOIN server_items si ON si.server = e.server AND si.remote_id = e.remote_id "
-            f"WHERE e.server IN ({_marks(len(sids))})",
+            f"WHERE e.server IN ({_marks(len(sids))}) ORDER BY 1, 2",
             sids,
         )
         await db.execute(
@@ -1215,24 +1225,29 @@ class LibraryIndex:
             "(COUNT(item) < COUNT(*) OR MIN(item) <> MAX(item)))"
         )
         await db.execute(
-            "INSERT OR IGNORE INTO dirty_groups(grp) SELECT grp FROM group_members WHERE item IN "
+            "INSERT OR IGNORE INTO dirty_groups(grp) SELECT grp FROM group_members "
+            "WHERE item IS NOT NULL AND item IN "
             "(SELECT item FROM group_members WHERE item IS NOT NULL GROUP BY item "
             "HAVING COUNT(DISTINCT grp) > 1)"
         )
         # Groups come in the order of their member on the earliest server (config order):
         # the id maps are then written in key order, page after page, not all over them.
+        # The order is one sort of the groups' short sort keys, made here (group_order is
+        # filled in its key order); the members' rows are then read in it without a sort of
+        # their own (at 2 x 100k, sorting the rows wrote some 36 MiB of temporary files).
+        # Each entry is in one group, so a group's sort key (its earliest member) is unique.
         rank = " ".join(f"WHEN {sid} THEN {n}" for n, sid in enumerate(sids))
         await db.execute(
-            "INSERT INTO group_order(grp, sort) "  # noqa: S608 - server ids are ints
-            f"SELECT m.grp, MIN(printf('%04d', CASE e.server {rank} ELSE 9999 END) || e.remote_id) "
-            "FROM dirty_groups d JOIN group_members m ON m.grp = d.grp "
-            "JOIN index_items e ON e.id = m.entry GROUP BY m.grp"
+            "INSERT INTO group_order(sort, grp) "  # noqa: S608 - server ids are ints
+            f"SELECT MIN(printf('%04d', CASE e.server {rank} ELSE 9999 END) || e.remote_id), "
+            "m.grp FROM dirty_groups d JOIN group_members m ON m.grp = d.grp "
+            "JOIN index_items e ON e.id = m.entry GROUP BY m.grp ORDER BY 1"
         )
         sql = (
-            "SELECT m.grp, m.refused, e.id, e.server, e.remote_id, i.key, e.item_type, e.path, "
-            "e.provider_ids FROM group_order o JOIN group_members m ON m.grp = o.grp "
+            "SELECT m.grp, m.refused, e.id, e.server, e.remote_id, i.key, e.item_type "
+            "FROM group_order o JOIN group_members m ON m.grp = o.grp "
             "JOIN index_items e ON e.id = m.entry LEFT JOIN items i ON i.id = m.item "
-            "ORDER BY o.sort, o.grp"
+            "ORDER BY o.sort"
         )
         async with db.execute(sql) as cursor:
             while True:
@@ -1248,8 +1263,6 @@ class LibraryIndex:
                         remote_id=str(r[4]),
                         key=None if r[5] is None else str(r[5]),
                         item_type=str(r[6]),
-                        path=None if r[7] is None else str(r[7]),
-                        provider_ids=None if r[8] is None else str(r[8]),
                     )
                     for r in rows
                 ]

@@ -5,7 +5,9 @@ Servers are config names, users and items canonical keys; each has an integer id
 server's own ids is which canonical user or item (with type, path and provider ids for identity
 matching). :class:`IdMaps` is the one code that writes those tables; it keeps the ids it handed
 out and, bounded, which servers have each user and map each item, and forgets them itself
-whenever it writes a mapping (and, told by the ledger, when a transaction did not commit).
+whenever it writes a mapping (and, told by the ledger, when a transaction did not commit). A
+first match may set a server's mappings aside on the connection (a TEMP table, outside the file)
+and record them all in one transaction (:meth:`IdMaps.stage_items`, :meth:`IdMaps.map_staged`).
 :func:`migrate_map_keys` moves positional ``users.map`` keys to stable ones at open.
 """
 
@@ -267,6 +269,90 @@ class IdMaps:
             ],
         )
 
+    def stage_items(
+        self,
+        db: sqlite3.Connection,
+        sid: int,
+        mappings: Sequence[ItemMapping],
+        *,
+        fresh: bool = False,
+    ) -> None:
+        """Set ``mappings`` of server ``sid`` aside, to be recorded by :meth:`map_staged`.
+
+        They go, with their item ids (created as :meth:`map_items` creates them), into a
+        TEMP table of this connection (never in the ledger file, so never in its WAL);
+        ``fresh`` first drops whatever an earlier pass set aside for the server and never
+        recorded (one cut short). The caller's transaction holds them like any other write: a
+        rollback takes them back out.
+        """
+        table = _staged_table(sid)
+        if fresh:
+            # Scratch rows: no journal on disk (a rollback still works) and no zeroing of
+            # what the DROP frees (SQLite may be built with secure_delete on; Debian's is).
+            db.execute("PRAGMA temp.journal_mode=MEMORY")
+            db.execute("PRAGMA temp.secure_delete=OFF")
+            db.execute(f"DROP TABLE IF EXISTS temp.{table}")
+        db.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {table} (remote_id TEXT NOT NULL, "
+            "item INTEGER NOT NULL, item_type TEXT, path TEXT, provider_ids TEXT)"
+        )
+        if not mappings:
+            return
+        ids = self.ensure_ids(db, "items", [m.item for m in mappings])
+        insert_rows(
+            db,
+            f"INSERT INTO temp.{table}(remote_id, item, item_type, path, provider_ids) "  # noqa: S608
+            "VALUES (?, ?, ?, ?, ?)",
+            [
+                (
+                    m.remote_id,
+                    ids[m.item],
+                    m.item_type,
+                    m.path,
+                    json.dumps(m.provider_ids, sort_keys=True) if m.provider_ids else None,
+                )
+                for m in mappings
+            ],
+        )
+
+    def map_staged(self, db: sqlite3.Connection, sid: int, count: int) -> None:
+        """Record the ``count`` mappings of server ``sid`` set aside by :meth:`stage_items`,
+        as :meth:`map_items` records them (the last of two for one id or item wins), then
+        drop them.
+
+        Three SQL statements, whatever their number: a whole library's mappings land in one
+        transaction, so each page of the id map's b-trees is written once however scattered
+        the rows are (one transaction per few thousand rewrote most pages each time). A
+        different number set aside (the connection was opened again, or a pass was cut short
+        in between) raises :class:`LedgerError` and records none of them.
+        """
+        table = _staged_table(sid)
+        exists = fetch(
+            db, "SELECT 1 FROM sqlite_temp_master WHERE type='table' AND name=?", (table,)
+        )
+        found = int(fetch(db, f"SELECT COUNT(*) FROM temp.{table}")[0][0]) if exists else 0  # noqa: S608
+        if found != count:
+            raise LedgerError(
+                f"{count} item mappings of server {self._server_names.get(sid, sid)!r} were set "
+                f"aside for the id map but {found} are there; none is recorded (the next match "
+                "writes them again)"
+            )
+        self._forget_mappings()
+        if count and self.has_index(db, sid):
+            db.execute(
+                "DELETE FROM server_items WHERE server=? AND item IN "  # noqa: S608
+                f"(SELECT item FROM temp.{table})",
+                (sid,),
+            )
+        if count:
+            db.execute(
+                "INSERT OR REPLACE INTO server_items(server, remote_id, item, item_type, path, "  # noqa: S608
+                f"provider_ids) SELECT ?, remote_id, item, item_type, path, provider_ids "
+                f"FROM temp.{table} ORDER BY rowid",
+                (sid,),
+            )
+        db.execute(f"DROP TABLE IF EXISTS temp.{table}")
+
     def unmap_items(self, db: sqlite3.Connection, sid: int, remote_ids: Iterable[str]) -> None:
         """Drop the mappings of server ``sid``'s item ids ``remote_ids``."""
         self._forget_mappings()
@@ -413,6 +499,11 @@ class IdMaps:
                 servers_of = frozenset(have.get(iid, ()))
                 self._mapped[iid] = shared.setdefault(servers_of, servers_of)
         return indexed, mapped
+
+
+def _staged_table(sid: int) -> str:
+    """The TEMP table of the mappings of server ``sid`` set aside (:meth:`IdMaps.stage_items`)."""
+    return f"jfsync_staged_items_{int(sid)}"
 
 
 def migrate_map_keys(

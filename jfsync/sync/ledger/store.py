@@ -351,6 +351,9 @@ class Ledger:
         mappings: Sequence[ItemMapping] = (),
         unmapped: Sequence[str] = (),
         forget: Sequence[str] = (),
+        stage: Sequence[ItemMapping] = (),
+        fresh_stage: bool = False,
+        staged: int | None = None,
     ) -> None:
         """Change the server's item id map in ONE transaction, for identity matching.
 
@@ -359,6 +362,14 @@ class Ledger:
         left, so the next observation there is a first contact); then the mappings of the
         server's ids ``unmapped`` are dropped; then ``mappings`` are recorded as
         :meth:`map_items` records them.
+
+        ``stage`` mappings are only set aside (on this connection, outside the ledger file;
+        ``fresh_stage`` first drops any an earlier call set aside and never recorded); with
+        ``staged``, every mapping set aside for the server, which must then be ``staged`` in
+        number (else :class:`LedgerError` and nothing changes), is recorded last, in one go.
+        A first match sets the mappings of a server that has none aside as they come (in
+        no order of that server's ids) and records them all in one transaction: each page of
+        the id map is then written once, not once per few thousand mappings.
         """
         sid = self._sid(server)
 
@@ -369,6 +380,10 @@ class Ledger:
                 self._maps.unmap_items(tx.db, sid, unmapped)
             if mappings:
                 self._maps.map_items(tx.db, sid, mappings)
+            if stage or fresh_stage:
+                self._maps.stage_items(tx.db, sid, stage, fresh=fresh_stage)
+            if staged is not None:
+                self._maps.map_staged(tx.db, sid, staged)
 
         await self._write(work)
 
