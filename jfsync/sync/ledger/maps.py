@@ -299,20 +299,21 @@ class IdMaps:
         if not mappings:
             return
         ids = self.ensure_ids(db, "items", [m.item for m in mappings])
-        insert_rows(
+        flat: list[object] = []
+        for m in mappings:
+            flat += (
+                m.remote_id,
+                ids[m.item],
+                m.item_type,
+                m.path,
+                json.dumps(m.provider_ids, sort_keys=True) if m.provider_ids else None,
+            )
+        insert_flat(
             db,
             f"INSERT INTO temp.{table}(remote_id, item, item_type, path, provider_ids) "  # noqa: S608
             "VALUES (?, ?, ?, ?, ?)",
-            [
-                (
-                    m.remote_id,
-                    ids[m.item],
-                    m.item_type,
-                    m.path,
-                    json.dumps(m.provider_ids, sort_keys=True) if m.provider_ids else None,
-                )
-                for m in mappings
-            ],
+            flat,
+            5,
         )
 
     def map_staged(self, db: sqlite3.Connection, sid: int, count: int) -> None:
