@@ -110,6 +110,33 @@ def auth_header(device_id: str, token: str | None = None) -> str:
     return "MediaBrowser " + ", ".join(parts)
 
 
+def _listing_query(
+    user_id: str | None,
+    recursive: bool,
+    include_types: Sequence[str],
+    fields: Sequence[str],
+    filters: Sequence[str],
+    parent_id: str | None,
+) -> list[tuple[str, str]]:
+    """The query of an ``/Items`` listing in the scan's stable order (:data:`SCAN_SORT_BY`),
+    without images: what :meth:`JellyfinClient.iter_items` and
+    :meth:`JellyfinClient.iter_user_data` send before the page and the ids."""
+    base: list[tuple[str, str]] = []
+    if user_id is not None:
+        base.append(("userId", normalize_id(user_id)))
+    base.append(("recursive", "true" if recursive else "false"))
+    if include_types:
+        base.append(("includeItemTypes", ",".join(include_types)))
+    if fields:
+        base.append(("fields", ",".join(fields)))
+    if filters:
+        base.append(("filters", ",".join(filters)))
+    if parent_id is not None:
+        base.append(("parentId", normalize_id(parent_id)))
+    base += [("sortBy", SCAN_SORT_BY), ("sortOrder", "Ascending"), ("enableImages", "false")]
+    return base
+
+
 def _path_part(value: str) -> str:
     """``value`` encoded as one segment of a URL path (an id, the usual case, as it is)."""
     return value if value.isascii() and value.isalnum() else quote(value, safe="")
@@ -259,23 +286,7 @@ class JellyfinClient:
         turn of the event loop) is awaited between two steps and before every page but the
         first. ``page_size`` may be a callable, asked before each page.
         """
-        base: list[tuple[str, str]] = []
-        if user_id is not None:
-            base.append(("userId", normalize_id(user_id)))
-        base.append(("recursive", "true" if recursive else "false"))
-        if include_types:
-            base.append(("includeItemTypes", ",".join(include_types)))
-        if fields:
-            base.append(("fields", ",".join(fields)))
-        if filters:
-            base.append(("filters", ",".join(filters)))
-        if parent_id is not None:
-            base.append(("parentId", normalize_id(parent_id)))
-        base += [
-            ("sortBy", SCAN_SORT_BY),
-            ("sortOrder", "Ascending"),
-            ("enableImages", "false"),
-        ]
+        base = _listing_query(user_id, recursive, include_types, fields, filters, parent_id)
         wanted = [normalize_id(i) for i in ids]
         seen: set[str] = set()
         if not wanted:
@@ -341,18 +352,7 @@ class JellyfinClient:
         one page of 100 items is validated in about 0.3 ms); ``pause`` (default: one turn of
         the event loop) is awaited before every page but the first.
         """
-        base: list[tuple[str, str]] = [("userId", normalize_id(user_id)), ("recursive", "true")]
-        if include_types:
-            base.append(("includeItemTypes", ",".join(include_types)))
-        if filters:
-            base.append(("filters", ",".join(filters)))
-        if parent_id is not None:
-            base.append(("parentId", normalize_id(parent_id)))
-        base += [
-            ("sortBy", SCAN_SORT_BY),
-            ("sortOrder", "Ascending"),
-            ("enableImages", "false"),
-        ]
+        base = _listing_query(user_id, True, include_types, (), filters, parent_id)
         route = "/Items"
 
         async def parse(raw: bytes, first: bool) -> list[ItemUserDataDto]:

@@ -1391,14 +1391,23 @@ class Ledger:
         return await self._write(work)
 
 
+def _load_pairs(
+    tx: StateWriter, keys: Sequence[Key]
+) -> tuple[list[Pair], dict[Pair, CachedPair], bool]:
+    """Load the pairs of ``keys``: each key's pair, in order; the pairs loaded; and whether
+    every key has a pair of its own (the quick paths of a round need that)."""
+    pairs = [key[:2] for key in keys]
+    entries = tx.load(set(pairs))
+    return pairs, entries, len(entries) == len(keys)
+
+
 def _split_known(
     tx: StateWriter, keys: Sequence[Key], currents: Sequence[UserData]
 ) -> tuple[dict[Pair, CachedPair], list[int], list[int]]:
     """Load the pairs of a compare's ``keys``; say which reads (their indexes) equal the peer's
     last-known state, and which do not (or share a pair: all of them then)."""
-    pairs = [key[:2] for key in keys]
-    entries = tx.load(set(pairs))
-    if len(entries) != len(keys):
+    pairs, entries, distinct = _load_pairs(tx, keys)
+    if not distinct:
         return entries, [], list(range(len(keys)))
     quick: list[int] = []
     slow: list[int] = []
@@ -1420,9 +1429,8 @@ def _split_acks(
     """Load the pairs of acks' ``keys``; say which acks (their indexes) are the usual ones (the
     row still the version written, or gone; the canonical value the state written) and which
     are not (or share a pair: all of them then)."""
-    pairs = [key[:2] for key in keys]
-    entries = tx.load(set(pairs))
-    if len(entries) != len(keys):
+    pairs, entries, distinct = _load_pairs(tx, keys)
+    if not distinct:
         return entries, [], list(range(len(keys)))
     quick: list[int] = []
     slow: list[int] = []
