@@ -179,3 +179,27 @@ async def test_an_in_memory_ledger_has_no_checkpointer() -> None:
         await ledger.map_user("a", "a-uid", USER)
     finally:
         await ledger.close()
+
+
+async def test_closing_ends_the_checkpointer_even_when_the_stop_lands_as_a_wake_is_taken(
+    ledger: Ledger,
+) -> None:
+    """A stop that comes while the thread gathers (after the write that woke it, before it
+    takes the wake) must still end it: closing the ledger waited for that thread forever."""
+    found = checkpointer(ledger)
+    stopping = found._stopping
+
+    class StopAsTaken(threading.Event):
+        def clear(self) -> None:
+            if not stopping.is_set():
+                stopping.set()  # what stop() does, in its order, right before the clear
+                super().set()
+            super().clear()
+
+    thread = found._thread
+    assert thread is not None
+    # The thread waits on the old wake until it is woken; swap in the racy one, then wake it.
+    old_wake, found._wake = found._wake, StopAsTaken()
+    old_wake.set()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "the checkpointer's thread did not end after a stop"

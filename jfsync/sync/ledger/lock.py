@@ -360,7 +360,11 @@ class WalCheckpointer:
         return result
 
     def _run(self) -> None:
-        while True:
+        # Looked at before every wait: stop() sets the flag, then the wake, and a clear() of
+        # the wake below may come just after both (a stop during the gather), so the wake
+        # alone cannot tell the thread to end (it waited for a write forever, and closing the
+        # ledger with it).
+        while not self._stopping.is_set():
             self._wake.wait()
             if self._stopping.wait(self.gather_s):
                 return
