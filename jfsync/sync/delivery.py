@@ -660,6 +660,9 @@ class Pusher:
                 self.stats.last_error = str(err)
                 self._faults.failed("recording writes failed; they are compared again", err)
                 return
+            if clear_error:
+                # Writes work again: say so, before the progress below wakes whoever waits.
+                self.stats.last_error = None
             self._written(len(acks), done_ms)
             if self._watcher is not None:
                 delivered = [
@@ -667,8 +670,6 @@ class Pusher:
                     for (row, current), (_, after) in zip(made, acks, strict=True)
                 ]
                 self._tell(self._watcher.written, self.peer, delivered)
-            if clear_error:
-                self.stats.last_error = None  # writes work again: say so
         finally:
             self._recorded(owed, recorded, ids)
 

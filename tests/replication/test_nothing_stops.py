@@ -155,7 +155,9 @@ async def test_a_ledger_error_when_the_peer_returns_does_not_stop_its_delivery(
     await b.start_listener()
     await cluster.service.wait_for(lambda: cluster.all_hold(x, UserData(favorite=True)), 20)
     assert failed == ["b"]
-    # Logged once with its traceback (below); on /status it is gone once delivery works again.
+    # Logged once with its traceback (below); on /status it is gone once delivery works again:
+    # once the write that reached b is recorded (b can hold it a moment before that).
+    await cluster.service.wait_for(lambda: pusher.stats.last_error is None, 20)
     assert (await server_status(cluster, "b"))["outbox"]["last_error"] is None
     errors = [
         r for r in caplog.records if r.name == "jfsync.sync.delivery" and r.levelno >= logging.ERROR
