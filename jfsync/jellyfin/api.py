@@ -308,18 +308,15 @@ class JellyfinClient:
         pass for the ids and user data only: the pusher reads its peer's state of every batch
         it writes this way, ten thousand items for a bulk action.
         """
-        uid = normalize_id(user_id)
+        # No type filter, no fields: every listed item, sub-items included.
+        base = _listing_query(user_id, True, (), (), (), None)
         wanted = [normalize_id(i) for i in item_ids]
         route = "/Items"
         found: dict[str, UserData] = {}
         for start in range(0, len(wanted), IDS_PER_REQUEST):
             chunk = wanted[start : start + IDS_PER_REQUEST]
             query = [
-                ("userId", uid),
-                ("recursive", "true"),
-                ("sortBy", SCAN_SORT_BY),
-                ("sortOrder", "Ascending"),
-                ("enableImages", "false"),
+                *base,
                 ("ids", ",".join(chunk)),
                 ("startIndex", "0"),
                 ("limit", str(len(chunk))),

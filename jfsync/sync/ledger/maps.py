@@ -256,17 +256,7 @@ class IdMaps:
         db.executemany(
             "INSERT OR REPLACE INTO server_items(server, remote_id, item, item_type, path, "
             "provider_ids) VALUES (?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    sid,
-                    m.remote_id,
-                    ids[m.item],
-                    m.item_type,
-                    m.path,
-                    json.dumps(m.provider_ids, sort_keys=True) if m.provider_ids else None,
-                )
-                for m in mappings
-            ],
+            [(sid, *_mapping_values(m, ids[m.item])) for m in mappings],
         )
 
     def stage_items(
@@ -301,13 +291,7 @@ class IdMaps:
         ids = self.ensure_ids(db, "items", [m.item for m in mappings])
         flat: list[object] = []
         for m in mappings:
-            flat += (
-                m.remote_id,
-                ids[m.item],
-                m.item_type,
-                m.path,
-                json.dumps(m.provider_ids, sort_keys=True) if m.provider_ids else None,
-            )
+            flat += _mapping_values(m, ids[m.item])
         insert_flat(
             db,
             f"INSERT INTO temp.{table}(remote_id, item, item_type, path, provider_ids) "  # noqa: S608
@@ -339,13 +323,13 @@ class IdMaps:
                 "writes them again)"
             )
         self._forget_mappings()
-        if count and self.has_index(db, sid):
-            db.execute(
-                "DELETE FROM server_items WHERE server=? AND item IN "  # noqa: S608
-                f"(SELECT item FROM temp.{table})",
-                (sid,),
-            )
         if count:
+            if self.has_index(db, sid):
+                db.execute(
+                    "DELETE FROM server_items WHERE server=? AND item IN "  # noqa: S608
+                    f"(SELECT item FROM temp.{table})",
+                    (sid,),
+                )
             db.execute(
                 "INSERT OR REPLACE INTO server_items(server, remote_id, item, item_type, path, "  # noqa: S608
                 f"provider_ids) SELECT ?, remote_id, item, item_type, path, provider_ids "
@@ -500,6 +484,13 @@ class IdMaps:
                 servers_of = frozenset(have.get(iid, ()))
                 self._mapped[iid] = shared.setdefault(servers_of, servers_of)
         return indexed, mapped
+
+
+def _mapping_values(m: ItemMapping, item_id: int) -> tuple[object, ...]:
+    """``m``'s values as ``server_items`` holds them after its server: remote id, item id,
+    type, path, provider ids (one JSON text, keys sorted)."""
+    provider_ids = json.dumps(m.provider_ids, sort_keys=True) if m.provider_ids else None
+    return (m.remote_id, item_id, m.item_type, m.path, provider_ids)
 
 
 def _staged_table(sid: int) -> str:
