@@ -207,7 +207,9 @@ class ListedUserData(TypedDict, total=False):
     PlaybackPositionTicks: JfLong
     PlayCount: JfLong
     IsFavorite: bool
-    LastPlayedDate: JfDate | None
+    #: Not :data:`JfDate`: whole UTC seconds are taken of it as sent, a date without a zone
+    #: as UTC (:func:`jfsync.model.datetime_to_s`), with no validator called per item.
+    LastPlayedDate: datetime | None
     Played: bool
 
 
