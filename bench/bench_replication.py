@@ -288,10 +288,10 @@ async def one_burst(
     bodies = {item: update_body(written, frozenset({"play_state"})) for item in batch}
     floor_first = rep % 2 == 1
     if floor_first:
-        floor_s, floor_cpu = await floor_process(floor.url, floor.user_id(USER), bodies)
+        floor_s, floor_cpu, floor_here = await served_floor(floor, bodies)
     timing = await jfsync_burst(pid, status_port, a, b, writes, batch, rep, target, when)
     if not floor_first:
-        floor_s, floor_cpu = await floor_process(floor.url, floor.user_id(USER), bodies)
+        floor_s, floor_cpu, floor_here = await served_floor(floor, bodies)
     floor_idle_s, floor_idle_count = idle_gaps([r.time for r in floor.writes[-len(batch) :]])
     burst_s = timing["burst_s"]
     prefix = f"[{rep + 1}] " if label else ""
@@ -310,7 +310,8 @@ async def one_burst(
         f"client {floor_cpu:.2f} s ({timing['cpu_jfsync_s'] / floor_cpu:.2f}x; jfsync's event "
         f"loop {timing['cpu_loop_s']:.2f} s, its other threads "
         f"{timing['cpu_jfsync_s'] - timing['cpu_loop_s']:.2f} s); this process "
-        f"(emulators, checks) {timing['cpu_here_s']:.2f} s"
+        f"(emulators, checks) {timing['cpu_here_s']:.2f} s, {floor_here:.2f} s while it served "
+        "the floor"
     )
     print(
         f"{prefix}b received no write for {timing['idle_s']:.2f} s in all during the burst "
@@ -323,7 +324,19 @@ async def one_burst(
         f"peak {timing['burst_peak_mib']:.0f} MiB during it, {timing['peak_rss_mib']:.0f} MiB "
         "until its echo was applied"
     )
-    return {**timing, "floor_s": floor_s, "floor_cpu_s": floor_cpu}
+    return {**timing, "floor_s": floor_s, "floor_cpu_s": floor_cpu, "floor_here_s": floor_here}
+
+
+async def served_floor(
+    floor: Emulator, bodies: dict[str, dict[str, object]]
+) -> tuple[float, float, float]:
+    """:func:`floor_process` against ``floor``; return its seconds, its client's CPU seconds
+    and this process's CPU seconds meanwhile (the emulator serving the writes), to set beside
+    what this process spends serving jfsync's burst (a's message, b's compare reads and
+    writes)."""
+    here = sum(psutil.Process().cpu_times()[:2])
+    seconds, cpu = await floor_process(floor.url, floor.user_id(USER), bodies)
+    return seconds, cpu, sum(psutil.Process().cpu_times()[:2]) - here
 
 
 async def jfsync_burst(
@@ -775,6 +788,8 @@ async def run(
                 first_write_s=[t["first_write_s"] for t in timings],
                 burst_cpu_s=[t["cpu_jfsync_s"] for t in timings],
                 burst_floor_cpu_s=[t["floor_cpu_s"] for t in timings],
+                burst_server_cpu_s=[t["cpu_here_s"] for t in timings],
+                burst_floor_server_cpu_s=[t["floor_here_s"] for t in timings],
                 burst_peak_rss_mib=max(t["peak_rss_mib"] for t in timings),
                 burst_stall_ms=max(t["stall_ms"] for t in timings),
             )

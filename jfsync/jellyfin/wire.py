@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import functools
 from datetime import UTC, datetime
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Required, TypeVar
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from typing_extensions import TypedDict
 
 from jfsync.ids import normalize_id
 from jfsync.model import UserData, datetime_to_s, user_data
@@ -193,12 +194,50 @@ class BaseItemDto(WireModel):
     user_data: UserItemDataDto | None = Field(default=None, alias="UserData")
 
 
-class ItemUserDataDto(WireModel):
+class ListedUserData(TypedDict, total=False):
+    """The registers of a listed item's ``UserData``, as a user-data read needs them.
+
+    A typed dict, validated to the same rules as :class:`UserItemDataDto` (the same types,
+    null only where that model takes it, unknown keys ignored) but built with no model per
+    item: the pusher reads its peer's state of every item it writes, ten thousand for a bulk
+    action. :func:`listed_user_data` turns it into the domain value.
+    """
+
+    Rating: JfDouble | None
+    PlaybackPositionTicks: JfLong
+    PlayCount: JfLong
+    IsFavorite: bool
+    #: Not :data:`JfDate`: whole UTC seconds are taken of it as sent, a date without a zone
+    #: as UTC (:func:`jfsync.model.datetime_to_s`), with no validator called per item.
+    LastPlayedDate: datetime | None
+    Played: bool
+
+
+class ListedItem(TypedDict, total=False):
     """A listed item as a user-data read needs it: its id and the user's data, nothing else
     (the other fields of the ``BaseItemDto`` are skipped, not validated)."""
 
-    id: JfId = Field(alias="Id")
-    user_data: UserItemDataDto | None = Field(default=None, alias="UserData")
+    Id: Required[JfId]
+    UserData: ListedUserData | None
+
+
+class ListedPage(TypedDict, total=False):
+    """A listing page (``QueryResult``) read for its items' user data only."""
+
+    Items: list[ListedItem]
+
+
+def listed_user_data(data: ListedUserData) -> UserData:
+    """The domain value of a listed item's user data (as :meth:`UserItemDataDto.to_user_data`,
+    missing keys taking that model's defaults)."""
+    return user_data(
+        data.get("IsFavorite", False),
+        data.get("Rating"),
+        data.get("Played", False),
+        data.get("PlayCount", 0),
+        datetime_to_s(data.get("LastPlayedDate")),
+        data.get("PlaybackPositionTicks", 0),
+    )
 
 
 class VirtualFolderInfo(WireModel):

@@ -587,8 +587,21 @@ class Pusher:
         for that transaction: the next batch's writes go while it runs, and the round after
         waits for it before it records its own. The first failure that concerns the whole
         peer (down, key refused), and a stop, end the lanes taking more rows: those not tried
-        stay queued as they are.
+        stay queued as they are. A short batch written while rows are being queued reads the
+        next one ahead too.
         """
+        if owed and self._prepared is None and self._accepting and self._wake.is_set():
+            # A short batch (the round read nothing ahead), but rows were queued since the
+            # round began: a bulk action's first slice is written while the intake applies
+            # the rest of it. The next batch is read and compared while this one is written,
+            # as in a long backlog, instead of after it with nothing in flight meanwhile
+            # (42-214 ms per such round in the 10k burst, its due rows waiting behind the
+            # apply transactions on SQLite's thread). The round takes it as its read ahead.
+            ahead = asyncio.create_task(  # noqa: RUF006 - kept as self._prepared
+                self._prepare([row.id for row, _ in owed]),
+                name=f"jfsync-pusher[{self.peer}]-read-ahead",
+            )
+            self._prepared = ahead
         failures: list[Exception] = []
         # By the row's place in the batch: the writes are recorded (and reported) in due order.
         done: list[tuple[OutboxRow, UserData] | None] = [None] * len(owed)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from jfsync.emulator import Emulator
 from jfsync.errors import (
@@ -213,6 +215,77 @@ async def test_user_data_of_reads_a_users_data_of_many_items_at_once(
     assert found[episode] == UserData(rating=6.5)
     assert all(found[i] == UserData() for i in ids if i not in (movie, episode))
     assert await client.user_data_of(bob, []) == {}
+
+
+async def test_a_batch_of_500_is_read_in_three_requests_with_nothing_but_ids_asked(
+    make_emulator: MakeEmulator, make_client: MakeClient
+) -> None:
+    """bob marked a film played half-way through and favourited another; the pusher's read of
+    500 items gives bob's data of both exactly, in three requests of at most 170 ids that ask
+    the server for no sort, no fields and no images."""
+    emu = await make_emulator(library_size=520)
+    client = make_client(emu)
+    bob = emu.user_id("bob")
+    ids = [i.id for i in emu.leaf_items()][:500]
+    assert len(ids) == 500
+    when = datetime(2025, 3, 1, 20, 15, 42, 999_000, tzinfo=UTC)
+    emu.save_user_data(bob, ids[7], played=True, play_count=2, last_played=when, position_ticks=99)
+    emu.save_user_data(bob, ids[400], is_favorite=True, rating=7.5)
+    before = len(emu.requests)
+    found = await client.user_data_of(bob, ids)
+    reads = [r for r in emu.requests[before:] if r.path == "/Items"]
+    assert len(reads) == 3
+    for read in reads:
+        assert len(read.query["ids"][0].split(",")) <= 170
+        assert not {"sortBy", "fields"} & set(read.query)
+        assert read.query["enableImages"] == ["false"]
+    assert set(found) == set(ids)
+    assert found[ids[7]] == UserData(play_state=PlayState(True, 2, T0, 99))
+    assert found[ids[400]] == UserData(favorite=True, rating=7.5)
+    assert found[ids[0]] == UserData()
+
+
+async def test_writes_reach_a_server_behind_a_path_prefix(
+    make_emulator: MakeEmulator, make_client: MakeClient, http: aiohttp.ClientSession
+) -> None:
+    """alice's server sits behind a reverse proxy at /jellyfin/ (here: the emulator with a
+    prefix-stripping proxy in front); jfsync's write of a played state lands on it."""
+    emu = await make_emulator()
+    alice = emu.user_id("alice")
+    movie = _leaf(emu)
+
+    async def forward(request: web.Request) -> web.Response:
+        tail = request.match_info["tail"]
+        async with http.request(
+            request.method,
+            f"{emu.url}/{tail}",
+            params=request.query,
+            data=await request.read(),
+            headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
+        ) as answer:
+            return web.Response(
+                body=await answer.read(), status=answer.status, content_type="application/json"
+            )
+
+    app = web.Application()
+    app.router.add_route("*", "/jellyfin/{tail:.*}", forward)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        client = JellyfinClient(
+            "proxied", f"http://127.0.0.1:{port}/jellyfin/", API_KEY, session=http, device_id="d"
+        )
+        played = UserData(play_state=PlayState(True, 1, T0, 0))
+        await client.write_user_data(
+            alice, movie, played, UserData(), frozenset({Register.PLAY_STATE})
+        )
+        assert emu.user_data(alice, movie).play_state == played.play_state
+        assert (await client.user_data_of(alice, [movie]))[movie] == played
+    finally:
+        await runner.cleanup()
 
 
 # --------------------------------------------------------------------------- user data

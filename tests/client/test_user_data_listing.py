@@ -9,8 +9,14 @@ smaller once live events flow).
 
 from __future__ import annotations
 
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
 from jfsync.emulator import Emulator
 from jfsync.jellyfin.api import JellyfinClient
+from jfsync.jellyfin.wire import UserItemDataDto
 
 
 def _leaf(emu: Emulator, kind: str = "Movie") -> str:
@@ -77,3 +83,49 @@ async def test_the_page_size_is_asked_for_before_each_page(
     assert asked == sizes
     assert set(sizes) == {5, 2}
     assert all("fields" not in {k.lower() for k in r.query} for r in emu.requests[before:])
+
+
+async def test_listed_dates_and_missing_fields_read_as_the_servers_own_answer(
+    http: aiohttp.ClientSession,
+) -> None:
+    """A server (or a proxy in front of it) that writes dates with seven fractional digits,
+    with an offset or without a zone, leaves keys out or sends an item without user data:
+    the user's data read from a listing is what the single-item answer (``UserItemDataDto``)
+    of the same fields gives, and an item without user data is left out."""
+    dates = [
+        "2025-06-01T20:00:00.9999999Z",
+        "2025-06-01T22:00:00+02:00",
+        "2025-06-01T20:00:00",
+        "0001-01-01T00:00:00.0000000Z",
+    ]
+    entries: list[dict[str, Any]] = [
+        {"LastPlayedDate": date, "Played": True, "PlayCount": 2} for date in dates
+    ]
+    entries += [{"IsFavorite": True}, {"Rating": 7.5, "PlaybackPositionTicks": 99}, {}]
+    items = [{"Id": f"{n:032x}", "Name": "x", "UserData": ud} for n, ud in enumerate(entries)]
+    items.append({"Id": "f" * 32, "Name": "no data", "UserData": None})
+
+    async def listing(request: web.Request) -> web.Response:
+        return web.json_response({"Items": items, "TotalRecordCount": len(items)})
+
+    app = web.Application()
+    app.router.add_get("/Items", listing)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        client = JellyfinClient("proxied", url, "k" * 32, session=http, device_id="d")
+        found = await client.user_data_of("a" * 32, [item["Id"] for item in items])
+        listed = dict([pair async for pair in client.iter_user_data("a" * 32)])
+    finally:
+        await runner.cleanup()
+    expected = {
+        f"{n:032x}": UserItemDataDto.model_validate(ud).to_user_data()
+        for n, ud in enumerate(entries)
+    }
+    assert found == listed == expected
+    assert (
+        found[f"{0:032x}"].play_state.last_played_s == found[f"{1:032x}"].play_state.last_played_s
+    )
