@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -756,7 +756,6 @@ class SyncService:
         self._after_apply(applied, live=False)
 
     def _after_apply(self, applied: list[Applied], *, live: bool = True) -> None:
-        peers: set[str] = set()
         for result in applied:
             if result.outcome is Outcome.ECHO:
                 self.counters.echoes += 1
@@ -772,11 +771,7 @@ class SyncService:
                     registers=result.changed,
                     owed=result.queued,
                 )
-            peers.update(peer for peer, regs in result.queued.items() if regs)
-        for peer in peers:
-            link = self.links.get(peer)
-            if link is not None:
-                link.pusher.wake(live=live)
+        wake_peers(applied, {name: link.pusher for name, link in self.links.items()}, live=live)
         self._notify()
 
     def _on_regression(self, server: str, user: str) -> None:
@@ -992,6 +987,29 @@ class SyncService:
     async def status(self) -> dict[str, Any]:
         """A secret-free snapshot of servers, sockets and peers (the status endpoint's body)."""
         return await snapshot.build_status(self)
+
+
+def wake_peers(applied: Sequence[Applied], pushers: Mapping[str, Pusher], *, live: bool) -> None:
+    """Wake the pushers of the peers whose outbox rows ``applied`` changed.
+
+    A peer now owed a write is woken to write it (with ``live``, as live work). A peer whose
+    row was emptied (what it held is no longer owed) is woken too, though nothing is due: its
+    pusher may have compared that row ahead already, and a wake makes it compare the rows
+    again before it writes, so the peer is never sent the value nobody wants any more.
+    """
+    owed: set[str] = set()
+    emptied: set[str] = set()
+    for result in applied:
+        for peer, registers in result.queued.items():
+            (owed if registers else emptied).add(peer)
+    for peer in owed:
+        pusher = pushers.get(peer)
+        if pusher is not None:
+            pusher.wake(live=live)
+    for peer in emptied - owed:
+        pusher = pushers.get(peer)
+        if pusher is not None:
+            pusher.wake()
 
 
 def _describe(err: BaseException) -> str:

@@ -24,6 +24,7 @@ import pytest
 from jfsync.emulator import Emulator
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.model import UserData
+from jfsync.service import wake_peers
 from jfsync.sync.delivery import Pusher
 from jfsync.sync.ledger import Ledger, Observation, OutboxRow
 from jfsync.sync.merge import MergePolicy
@@ -204,3 +205,38 @@ async def test_a_change_on_b_after_the_compare_ahead_is_never_written_over(
         [to_a] = await ledger.due_rows("a", 10, clock.wall_ms())
         assert (to_a.item, to_a.desired.rating) == (changed, 9.0)
         assert await ledger.due_rows("b", 10, clock.wall_ms()) == []
+
+
+async def test_a_change_on_a_that_leaves_b_owed_nothing_is_never_written_over(
+    tmp_path: Path,
+) -> None:
+    """a's user rated six items 7; while b gets the second pair, a's user clears the rating of
+    an item of the third pair (b never had one). b shows no rating for it, and was never sent
+    the 7 of it: the row b was owed is gone, and the batch compared ahead must see that."""
+    async with backlog_for_b(tmp_path) as (b, ledger, client, pusher, clock, due):
+        third = due[2 * BATCH :]
+        changed = third[0]
+        pusher.start()
+        await third_batch_compared_ahead(ledger, client, third)
+        clock.jump_wall(1_000)
+        applied = await ledger.apply_observation(
+            "a", USER_KEY, changed, UserData(), clock.wall_ms()
+        )
+        assert applied.queued == {"b": frozenset()}, "b's row is emptied, not replaced"
+        wake_peers([applied], {"b": pusher}, live=True)  # what the service does after an apply
+        client.release.set()
+
+        uid = b.user_id(USER)
+
+        def every_server_shows_it() -> bool:
+            return all(b.user_data(uid, item).rating == 7.0 for item in due if item != changed)
+
+        await wait_until(every_server_shows_it, 10)
+
+        # Quiet: nothing owed to b any more and every write of the backlog answered.
+        async def quiet() -> bool:
+            return not pusher.in_flight and not await ledger.due_rows("b", 10, clock.wall_ms())
+
+        await wait_until(quiet, 10)
+        assert b.user_data(uid, changed).rating is None
+        assert [w.body for w in b.writes if w.item_id == changed] == []
