@@ -14,6 +14,7 @@ same outcomes, and in the end their files hold the same rows in every table.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -25,7 +26,8 @@ from jfsync.model import ALL_REGISTERS, PlayState, Register, UserData, user_data
 from jfsync.sync.ledger import Applied, ItemMapping, Ledger, Observation
 from jfsync.sync.ledger import batch as batch_module
 from jfsync.sync.ledger.batch import Batch
-from jfsync.sync.ledger.codec import Key, Pair
+from jfsync.sync.ledger.codec import Key, Pair, fetch
+from jfsync.sync.ledger.store import BULK_UNCHECKED_MIN
 from jfsync.sync.ledger.writer import StateWriter
 from jfsync.sync.merge import MergePolicy
 
@@ -317,3 +319,37 @@ async def test_rows_numbered_as_the_per_observation_apply_numbers_them(
     """Outbox row ids (the order rows of one creation time are written in) are the same
     whether the bulk path numbers its rows as it makes them or at the end."""
     await compare(MergePolicy(servers=SERVERS), history)
+
+
+async def _foreign_keys_on(ledger: Ledger) -> bool:
+    """Whether SQLite checks foreign keys on the ledger's connection now (between
+    transactions)."""
+    return bool(await ledger._read(lambda tx: fetch(tx.db, "PRAGMA foreign_keys")[0][0]))
+
+
+async def test_foreign_keys_are_checked_again_after_a_bulk_apply(tmp_path: Path) -> None:
+    """A bulk message's rows are written without SQLite's foreign-key checks (every id in them
+    is the transaction's own): the transactions after it are checked again, also after a bulk
+    apply that failed half-way (rolled back whole), and the file passes the check."""
+    items = [f"item{i:03}" for i in range(BULK_UNCHECKED_MIN)]
+    played = UserData(play_state=PlayState(True, 1, 1_700_000_000, 0))
+    async with Ledger(tmp_path / "ledger.db", MergePolicy(servers=("a", "b"))) as ledger:
+        for server in ("a", "b"):
+            await ledger.map_user(server, f"{server}-alice", "alice")
+        assert await _foreign_keys_on(ledger)
+        with (
+            mock.patch.object(Batch, "flush", side_effect=RuntimeError("disk gone")),
+            pytest.raises(RuntimeError, match="disk gone"),
+        ):
+            await ledger.apply_observations(
+                [Observation("a", "alice", item, played, T0) for item in items]
+            )
+        assert await _foreign_keys_on(ledger)
+        assert await ledger.canonical("alice", items[0]) is None  # nothing of it stayed
+        applied = await ledger.apply_observations(
+            [Observation("a", "alice", item, played, T0) for item in items]
+        )
+        assert {a.outcome.value for a in applied} == {"changed"}
+        assert await _foreign_keys_on(ledger)
+        assert len(await ledger.due_rows("b", 1_000, T0 + 10**6)) == len(items)
+        assert await ledger.check_invariants() == []
