@@ -233,7 +233,7 @@ class Batch:
         self._configured = {maps.sid(n) for n in policy.servers}
 
     def load(
-        self, pairs: set[Pair], *, with_members: bool = True, empty: Set[Pair] = frozenset()
+        self, pairs: Set[Pair], *, with_members: bool = True, empty: Set[Pair] = frozenset()
     ) -> None:
         """Read everything the given (user, item) pairs need: from the cache, else SQLite.
 

@@ -154,7 +154,7 @@ class StateWriter:
         #: Pairs read from SQLite in this transaction, complete, as read, and the pairs that
         #: held nothing (of a user or item it created).
         self._read: dict[Pair, CachedPair] = {}
-        self._fresh: set[Pair] = set()
+        self._fresh: dict[Pair, None] = {}  # (an ordered set: in the order loaded)
         #: The final value this transaction wrote, per pair or key.
         #: What this transaction wrote, in the order it wrote it (the caller's mappings, kept
         #: as given: they are not changed afterwards), and the final row of each key.
@@ -201,8 +201,11 @@ class StateWriter:
 
     # ------------------------------------------------------------------ pairs
 
-    def load(self, pairs: set[Pair], empty: Set[Pair] = frozenset()) -> dict[Pair, CachedPair]:
+    def load(self, pairs: Set[Pair], empty: Set[Pair] = frozenset()) -> dict[Pair, CachedPair]:
         """Everything the file holds for ``pairs`` (complete), from the cache or SQLite.
+
+        The cache's entries come in the order of ``pairs``, and those of ``empty`` join the
+        cache in that order (give an ordered set: a bulk apply then walks them in memory order).
 
         ``empty``: pairs of a user or item this transaction created, so that nothing in the
         file refers to them; they are not read (unless this transaction already wrote) and
@@ -211,10 +214,10 @@ class StateWriter:
         """
         found: dict[Pair, CachedPair] = {}
         if empty and not self._wrote and not self._cleared:
-            fresh = pairs & empty
+            fresh = [pair for pair in pairs if pair in empty]
             if fresh:
-                self._fresh |= fresh
-                pairs = pairs - fresh
+                self._fresh.update(dict.fromkeys(fresh))
+                pairs = pairs - empty
         cache = None if self._cleared or self._wrote else self._cache
         missing = set(pairs) if cache is None else cache.take(pairs, self._evicted, found)
         if missing:
