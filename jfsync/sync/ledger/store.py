@@ -455,12 +455,18 @@ class Ledger:
             db = tx.db
             batch = self._batch(tx)
             created: set[int] = set()
-            users = self._maps.ensure_ids(db, "users", [o.user for o in observed], created)
+            user_keys = [o.user for o in observed]
+            item_keys = [o.item for o in observed]
+            users = self._maps.ensure_ids(db, "users", user_keys, created)
             new_users = set(created)
             created.clear()
-            items = self._maps.ensure_ids(db, "items", [o.item for o in observed], created)
-            keys = [(users[o.user], items[o.item], sids[o.server]) for o in observed]
-            pair_of = [(u, i) for u, i, _ in keys]  # (shared with the batch: built once)
+            items = self._maps.ensure_ids(db, "items", item_keys, created)
+            # (Columns zipped in C: a tuple each, no Python frame per observation.)
+            uids = list(map(users.__getitem__, user_keys))
+            iids = list(map(items.__getitem__, item_keys))
+            sid_of = [sids[o.server] for o in observed]
+            keys = list(zip(uids, iids, sid_of, strict=True))
+            pair_of = list(zip(uids, iids, strict=True))  # (shared with the batch: built once)
             # In the order first observed (an ordered set): the pairs' cached entries are
             # then taken, and a new item's made, in that order, and the observations that
             # follow in the same order find them one after the other in memory, not at random
