@@ -362,6 +362,9 @@ class Batch:
         plan_owed: dict[str, int] | None = None
         plan: tuple[tuple[int, str, int, int, bool], ...] = ()
         row_peers = self._row_peers
+        # (How many servers had a row here when the plan was made.)
+        plan_peers = -1
+        peer_count = row_peers.__len__
         early = self._early
         next_id = self._early_first + len(early)
         pruned_known: UserData | None = None
@@ -565,13 +568,20 @@ class Batch:
                     targets = (
                         self._row_targets_of(uid, sid) if known_targets is None else known_targets
                     )
-                if targets is not plan_targets or owed_by is not plan_owed:
+                if (
+                    targets is not plan_targets
+                    or owed_by is not plan_owed
+                    or peer_count() != plan_peers
+                ):
                     # What each target is owed: the same for every observation until the
-                    # targets (user, origin) or the outcome (origin, moved, lost) change.
-                    plan_targets, plan_owed = targets, owed_by
+                    # targets (user, origin) or the outcome (origin, moved, lost) change, or
+                    # a server gets its first row here. A target owed nothing that has no row
+                    # here has nothing to do (the origin, mostly): left out.
+                    plan_targets, plan_owed, plan_peers = targets, owed_by, peer_count()
                     plan = tuple(
-                        (target, name, owed_by.get(name, 0), may, indexed)
+                        (target, name, owed, may, indexed)
                         for target, name, may, indexed in targets
+                        if (owed := owed_by.get(name, 0)) or target in row_peers
                     )
                 for target, name, owed, may, indexed in plan:
                     if target in row_peers:  # else no key of it has a row here: none to refresh

@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence, Set
 from typing import Any
 
-from jfsync.model import UserData
+from jfsync.model import Register, UserData
 from jfsync.sync.echo import PendingWrite
 from jfsync.sync.ledger.cache import CachedPair, StateCache
 from jfsync.sync.ledger.codec import (
@@ -427,6 +427,8 @@ class StateWriter:
         values: tuple[Any, ...] = ()
         loaded_entry = loaded.get
         known_bits = MASK_BITS.get
+        last_mask: frozenset[Register] | None = None
+        bits = 0
         for key, row in rows.items():
             if key in written:
                 prior = written[key]
@@ -441,9 +443,10 @@ class StateWriter:
             assert row_id is not None  # number_rows first
             if desired is not last:
                 values, last = state_values(desired), desired
-            bits = known_bits(mask)
-            if bits is None:
-                bits = mask_bits(mask)
+            if mask is not last_mask:  # (masks are shared: MASKS)
+                known = known_bits(mask)
+                bits = mask_bits(mask) if known is None else known
+                last_mask = mask
             if row_id in new_ids:
                 if prior is not None and prior.id is not None:
                     deletes.append(prior.id)
