@@ -181,9 +181,13 @@ class Stamped(NamedTuple):
     origin: str
 
 
-@dataclass(frozen=True, slots=True)
-class CanonicalState:
-    """The canonical user data of one (user, item) with a stamp and origin per register."""
+class CanonicalState(NamedTuple):
+    """The canonical user data of one (user, item) with a stamp and origin per register.
+
+    A named tuple (immutable, compared and hashed by its fields): a bulk apply builds one per
+    observation, and a tuple is built from its fields in one call, where a frozen dataclass
+    sets each field through ``object.__setattr__``.
+    """
 
     data: UserData
     favorite: Stamped
@@ -223,10 +227,6 @@ class CanonicalState:
 
 _new = object.__new__
 _new_tuple = tuple.__new__
-_set_data = CanonicalState.__dict__["data"].__set__
-_set_favorite = CanonicalState.__dict__["favorite"].__set__
-_set_rating = CanonicalState.__dict__["rating"].__set__
-_set_play_state = CanonicalState.__dict__["play_state"].__set__
 
 
 def new_stamped(stamp: Stamp, origin: str) -> Stamped:
@@ -237,18 +237,9 @@ def new_stamped(stamp: Stamp, origin: str) -> Stamped:
 def new_canonical(
     data: UserData, favorite: Stamped, rating: Stamped, play_state: Stamped
 ) -> CanonicalState:
-    """``CanonicalState(data, favorite, rating, play_state)``, built twice as fast.
-
-    A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``; a bulk
-    apply builds one canonical state per observation, so it sets the slots directly. The
-    object is whole before anyone sees it.
-    """
-    state = _new(CanonicalState)
-    _set_data(state, data)
-    _set_favorite(state, favorite)
-    _set_rating(state, rating)
-    _set_play_state(state, play_state)
-    return state
+    """``CanonicalState(data, favorite, rating, play_state)``, built without the named tuple's
+    ``__new__`` (a bulk apply builds one per observation)."""
+    return _new_tuple(CanonicalState, (data, favorite, rating, play_state))
 
 
 @dataclass(frozen=True, slots=True)

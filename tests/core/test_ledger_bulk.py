@@ -14,6 +14,7 @@ same outcomes, and in the end their files hold the same rows in every table.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -24,8 +25,10 @@ from hypothesis import strategies as st
 from jfsync.model import ALL_REGISTERS, PlayState, Register, UserData, user_data
 from jfsync.sync.ledger import Applied, ItemMapping, Ledger, Observation
 from jfsync.sync.ledger import batch as batch_module
+from jfsync.sync.ledger import writer as writer_module
 from jfsync.sync.ledger.batch import Batch
-from jfsync.sync.ledger.codec import Key, Pair
+from jfsync.sync.ledger.codec import Key, Pair, fetch
+from jfsync.sync.ledger.store import BULK_UNCHECKED_MIN
 from jfsync.sync.ledger.writer import StateWriter
 from jfsync.sync.merge import MergePolicy
 
@@ -317,3 +320,85 @@ async def test_rows_numbered_as_the_per_observation_apply_numbers_them(
     """Outbox row ids (the order rows of one creation time are written in) are the same
     whether the bulk path numbers its rows as it makes them or at the end."""
     await compare(MergePolicy(servers=SERVERS), history)
+
+
+async def _foreign_keys_on(ledger: Ledger) -> bool:
+    """Whether SQLite checks foreign keys on the ledger's connection now (between
+    transactions)."""
+    return bool(await ledger._read(lambda tx: fetch(tx.db, "PRAGMA foreign_keys")[0][0]))
+
+
+async def test_foreign_keys_are_checked_again_after_a_bulk_apply(tmp_path: Path) -> None:
+    """A bulk message's rows are written without SQLite's foreign-key checks (every id in them
+    is the transaction's own): the transactions after it are checked again, also after a bulk
+    apply that failed half-way (rolled back whole), and the file passes the check."""
+    items = [f"item{i:03}" for i in range(BULK_UNCHECKED_MIN)]
+    played = UserData(play_state=PlayState(True, 1, 1_700_000_000, 0))
+    async with Ledger(tmp_path / "ledger.db", MergePolicy(servers=("a", "b"))) as ledger:
+        for server in ("a", "b"):
+            await ledger.map_user(server, f"{server}-alice", "alice")
+        assert await _foreign_keys_on(ledger)
+        with (
+            mock.patch.object(Batch, "flush", side_effect=RuntimeError("disk gone")),
+            pytest.raises(RuntimeError, match="disk gone"),
+        ):
+            await ledger.apply_observations(
+                [Observation("a", "alice", item, played, T0) for item in items]
+            )
+        assert await _foreign_keys_on(ledger)
+        assert await ledger.canonical("alice", items[0]) is None  # nothing of it stayed
+        applied = await ledger.apply_observations(
+            [Observation("a", "alice", item, played, T0) for item in items]
+        )
+        assert {a.outcome.value for a in applied} == {"changed"}
+        assert await _foreign_keys_on(ledger)
+        assert len(await ledger.due_rows("b", 1_000, T0 + 10**6)) == len(items)
+        assert await ledger.check_invariants() == []
+
+
+async def _bulk_history(ledger: Ledger) -> list[dict[str, list[tuple[Any, ...]]]]:
+    """Bulk messages of every shape the writer binds shared values for, and of none; what the
+    file holds after each."""
+    items = [f"item{i:03}" for i in range(130)]  # two whole statements and some
+    watched = [
+        UserData(play_state=PlayState(True, count, 1_700_000_000 + count, 0)) for count in (1, 2)
+    ]
+    for server in SERVERS:
+        await ledger.map_user(server, f"{server}-alice", "alice")
+    files = []
+    now = T0
+    # A first state on a (three registers decided at once), then a new play state on b (the
+    # play state decided apart, by another server): one state for every item.
+    for server, state in zip("ab", watched, strict=True):
+        now += 1_000
+        await ledger.apply_observations(
+            [Observation(server, "alice", i, state, now) for i in items]
+        )
+        files.append(await dump(ledger))
+        rows = await ledger.due_rows("b", 1_000, now + 10**6)
+        await ledger.rows_written([(row, row.desired) for row in rows], now)
+        files.append(await dump(ledger))
+    now += 1_000
+    favorite = UserData(favorite=True, play_state=watched[1].play_state)
+    mixed = [Observation("b", "alice", i, favorite, now) for i in items[:70]]  # favorites
+    mixed += [  # every other item its own state
+        Observation("c", "alice", i, watched[n % 2], now) for n, i in enumerate(items[70:])
+    ]
+    await ledger.apply_observations(mixed)
+    files.append(await dump(ledger))
+    return files
+
+
+async def test_rows_sharing_values_are_written_as_each_row_alone(tmp_path: Path) -> None:
+    """A bulk message's rows are written in statements that bind the values they share once:
+    the file then holds exactly what writing every row with all its values gives."""
+    policy = MergePolicy(servers=SERVERS)
+    async with Ledger(tmp_path / "shared.db", policy) as shared:
+        got = await _bulk_history(shared)
+        assert await shared.check_invariants() == []
+    with mock.patch.object(writer_module, "RUN_MIN", 10**9):  # every row alone
+        async with Ledger(tmp_path / "alone.db", policy) as alone:
+            want = await _bulk_history(alone)
+    for step, (file, expected) in enumerate(zip(got, want, strict=True)):
+        assert file == expected, step
+    assert len(got[0]["canonical"]) == 130

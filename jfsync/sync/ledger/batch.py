@@ -14,9 +14,9 @@ an observation is (:class:`Observation`) and what applying it did (:class:`Appli
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence, Set
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal, TypeVar
+from typing import Literal, NamedTuple, TypeVar
 
 from jfsync.model import DEFAULT_USER_DATA, PlayState, Register, Stamp, UserData, interned
 from jfsync.sync.echo import (
@@ -56,17 +56,12 @@ _NOTHING: frozenset[Register] = frozenset()
 #: "No row loaded or made for this key" (None: the key's row is gone).
 _ABSENT = WorkRow(None, _NOTHING, DEFAULT_USER_DATA, 0, 0)
 _DEFAULT = DEFAULT_USER_DATA
-#: Builds a named tuple (a :class:`WorkRow`, a :class:`Stamp`, a :class:`Stamped`) from all
-#: of its fields (no defaults to fill in, a call less than its ``__new__``).
+#: Builds a named tuple (a :class:`WorkRow`, a :class:`Stamp`, a :class:`Stamped`, a
+#: :class:`CanonicalState`, an :class:`Applied`) from all of its fields (no defaults to fill
+#: in, a call less than its ``__new__``).
 _new_row = tuple.__new__
-_new_object = object.__new__
-#: The slots of the frozen dataclass the bulk path builds one of per observation, set
-#: directly (what :func:`jfsync.sync.merge.new_canonical` does, inline: a call less per
-#: observation). Each object is whole before anyone sees it.
-_set_data = CanonicalState.__dict__["data"].__set__
-_set_favorite = CanonicalState.__dict__["favorite"].__set__
-_set_rating = CanonicalState.__dict__["rating"].__set__
-_set_play_state = CanonicalState.__dict__["play_state"].__set__
+#: The outbox rows of an observation that queued none (shared: read it, never change it).
+_NO_ROWS: dict[str, frozenset[Register]] = {}
 
 
 #: Observations from which :meth:`Batch.apply_all` numbers the rows it makes as it makes them
@@ -110,9 +105,11 @@ class Observation:
     read_seq: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Applied:
-    """What applying one observation did (for logs, metrics and tests)."""
+class Applied(NamedTuple):
+    """What applying one observation did (for logs, metrics and tests).
+
+    A named tuple: a bulk apply builds one per observation, in one call from its fields.
+    """
 
     observation: Observation
     outcome: Outcome
@@ -124,33 +121,14 @@ class Applied:
     stamp: Stamp | None = None
     #: Outbox rows this observation created, changed or emptied: the registers each now holds
     #: (an empty set: the row is gone because nothing is owed any more). Results of a bulk
-    #: apply that queued the same share one dict: read it, never change it.
-    queued: dict[str, frozenset[Register]] = field(default_factory=dict)
-
-
-#: An :class:`Applied` per observation of the bulk path is built through these slots: twice as
-#: fast as the frozen dataclass's ``__init__``, and whole before anyone sees it.
-_set_observation = Applied.__dict__["observation"].__set__
-_set_outcome = Applied.__dict__["outcome"].__set__
-_set_changed = Applied.__dict__["changed"].__set__
-_set_first_contact = Applied.__dict__["first_contact"].__set__
-_set_canonical_changed = Applied.__dict__["canonical_changed"].__set__
-_set_stamp = Applied.__dict__["stamp"].__set__
-_set_queued = Applied.__dict__["queued"].__set__
+    #: apply that queued the same share one dict, and those that queued none share an empty
+    #: one: read it, never change it.
+    queued: dict[str, frozenset[Register]] = _NO_ROWS
 
 
 def _outcome(obs: Observation, outcome: Outcome) -> Applied:
-    """``Applied(obs, outcome)`` (nothing changed, queued or stamped), through its slots: an
-    echo, a stale or an unchanged observation costs a third of the frozen ``__init__``."""
-    applied = _new_object(Applied)
-    _set_observation(applied, obs)
-    _set_outcome(applied, outcome)
-    _set_changed(applied, _NOTHING)
-    _set_first_contact(applied, False)
-    _set_canonical_changed(applied, _NOTHING)
-    _set_stamp(applied, None)
-    _set_queued(applied, {})
-    return applied
+    """``Applied(obs, outcome)`` (nothing changed, queued or stamped), in one call."""
+    return _new_row(Applied, (obs, outcome, _NOTHING, False, _NOTHING, None, _NO_ROWS))
 
 
 def named_like(row: WorkRow, like: OutboxRow) -> OutboxRow:
@@ -255,7 +233,7 @@ class Batch:
         self._configured = {maps.sid(n) for n in policy.servers}
 
     def load(
-        self, pairs: set[Pair], *, with_members: bool = True, empty: Set[Pair] = frozenset()
+        self, pairs: Set[Pair], *, with_members: bool = True, empty: Set[Pair] = frozenset()
     ) -> None:
         """Read everything the given (user, item) pairs need: from the cache, else SQLite.
 
@@ -384,6 +362,9 @@ class Batch:
         plan_owed: dict[str, int] | None = None
         plan: tuple[tuple[int, str, int, int, bool], ...] = ()
         row_peers = self._row_peers
+        # (How many servers had a row here when the plan was made.)
+        plan_peers = -1
+        peer_count = row_peers.__len__
         early = self._early
         next_id = self._early_first + len(early)
         pruned_known: UserData | None = None
@@ -468,11 +449,7 @@ class Batch:
                     ticked = True
                     stamp = _new_row(Stamp, (ms, tiebreak))
                     stamped = _new_row(Stamped, (stamp, server))
-                    new = _new_object(CanonicalState)
-                    _set_data(new, state)
-                    _set_favorite(new, stamped)
-                    _set_rating(new, stamped)
-                    _set_play_state(new, stamped)
+                    new = _new_row(CanonicalState, (state, stamped, stamped, stamped))
                     first_contact = True
                 elif previous is None or server in receive_only:
                     clock.ms = clock_ms
@@ -556,11 +533,15 @@ class Batch:
                             merged = state  # shared (decoded states are interned)
                         else:
                             merged = UserData(favorite, rating, play_state)
-                        new = _new_object(CanonicalState)
-                        _set_data(new, merged)
-                        _set_favorite(new, winner if won & 1 else canonical.favorite)
-                        _set_rating(new, winner if won & 2 else canonical.rating)
-                        _set_play_state(new, winner if won & 4 else canonical.play_state)
+                        new = _new_row(
+                            CanonicalState,
+                            (
+                                merged,
+                                winner if won & 1 else canonical.favorite,
+                                winner if won & 2 else canonical.rating,
+                                winner if won & 4 else canonical.play_state,
+                            ),
+                        )
                     else:
                         new = canonical
                     first_contact = False
@@ -587,13 +568,20 @@ class Batch:
                     targets = (
                         self._row_targets_of(uid, sid) if known_targets is None else known_targets
                     )
-                if targets is not plan_targets or owed_by is not plan_owed:
+                if (
+                    targets is not plan_targets
+                    or owed_by is not plan_owed
+                    or peer_count() != plan_peers
+                ):
                     # What each target is owed: the same for every observation until the
-                    # targets (user, origin) or the outcome (origin, moved, lost) change.
-                    plan_targets, plan_owed = targets, owed_by
+                    # targets (user, origin) or the outcome (origin, moved, lost) change, or
+                    # a server gets its first row here. A target owed nothing that has no row
+                    # here has nothing to do (the origin, mostly): left out.
+                    plan_targets, plan_owed, plan_peers = targets, owed_by, peer_count()
                     plan = tuple(
-                        (target, name, owed_by.get(name, 0), may, indexed)
+                        (target, name, owed, may, indexed)
                         for target, name, may, indexed in targets
+                        if (owed := owed_by.get(name, 0)) or target in row_peers
                     )
                 for target, name, owed, may, indexed in plan:
                     if target in row_peers:  # else no key of it has a row here: none to refresh
@@ -663,15 +651,20 @@ class Batch:
                     queued = last_queued  # one dict for a run of the same (a bulk message's)
                 else:
                     last_queued = queued
-                applied = _new_object(Applied)  # through its slots (above)
-                _set_observation(applied, obs)
-                _set_outcome(applied, changed_outcome if bits else unchanged)
-                _set_changed(applied, _MASKS[bits])
-                _set_first_contact(applied, first_contact)
-                _set_canonical_changed(applied, _MASKS[moved])
-                _set_stamp(applied, stamp)
-                _set_queued(applied, queued)
-                append(applied)
+                append(
+                    _new_row(
+                        Applied,
+                        (
+                            obs,
+                            changed_outcome if bits else unchanged,
+                            _MASKS[bits],
+                            first_contact,
+                            _MASKS[moved],
+                            stamp,
+                            queued,
+                        ),
+                    )
+                )
         finally:
             if clock_ms > clock.ms:
                 clock.ms = clock_ms
@@ -775,15 +768,18 @@ class Batch:
             if self.refresh_row(tkey, owed, desired.data, stamp.ms, obs.wall_ms):
                 row = rows.get(tkey)
                 queued[name] = row.mask if row is not None else _NOTHING
-        applied = _new_object(Applied)  # through its slots, as apply_all builds them
-        _set_observation(applied, obs)
-        _set_outcome(applied, Outcome.CHANGED if result.changed else Outcome.UNCHANGED)
-        _set_changed(applied, result.changed)
-        _set_first_contact(applied, result.first_contact)
-        _set_canonical_changed(applied, result.canonical_changed)
-        _set_stamp(applied, stamp)
-        _set_queued(applied, queued)
-        return applied
+        return _new_row(
+            Applied,
+            (
+                obs,
+                Outcome.CHANGED if result.changed else Outcome.UNCHANGED,
+                result.changed,
+                result.first_contact,
+                result.canonical_changed,
+                stamp,
+                queued,
+            ),
+        )
 
     def _policy_of(self, user: str) -> MergePolicy:
         """The merge policy of one person (:meth:`MergePolicy.for_user`), once per batch."""

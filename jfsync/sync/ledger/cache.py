@@ -175,7 +175,11 @@ class StateCache:
         for key, row in rows.items():
             entry = get((key[0], key[1]))
             if entry is not None:
-                if row is not None and entry.rows is _NONE:
+                if row is None:
+                    entry.put_row(key, None)
+                    continue
+                held_rows = entry.rows
+                if held_rows is _NONE:
                     entry.rows = {key: row}
                 else:
-                    entry.put_row(key, row)
+                    held_rows[key] = row  # type: ignore[index]

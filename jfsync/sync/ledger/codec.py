@@ -217,3 +217,81 @@ def _multi_row(sql: str) -> str:
     head, values = sql.split(" VALUES ", 1)
     one, tail = values.split(")", 1)
     return f"{head} VALUES {', '.join([one + ')'] * ROWS_PER_INSERT)}{tail}"
+
+
+#: Rows from which a run of rows sharing values is worth a :class:`SharedRows` run.
+RUN_MIN = ROWS_PER_INSERT
+
+
+class SharedRows:
+    """The rows of one INSERT (``sql``: one row of ``width`` values, an upsert clause allowed
+    after it), gathered in runs whose rows share values, written by :meth:`write`.
+
+    A bulk apply writes thousands of rows of one state: the same six state columns (and more)
+    in every row. A run names, by a template, which columns come from each row's own values
+    (``template[c] = i >= 0``: the row's i-th value) and which are the run's shared values
+    (``template[c] = -1 - j``: the j-th shared value). Its rows are then written
+    :data:`ROWS_PER_INSERT` at a time by a statement that binds each shared value once for
+    them all (numbered parameters), not once per row: the binding of the parameters was about
+    a third of SQLite's work for such rows. Rows not in a run (:meth:`add_row`), and the last
+    rows of a run short of a whole statement, are written as :func:`insert_flat` writes them.
+    Rows are written in the order added within each kind; the caller's rows have distinct
+    keys (one upsert per key), so the order between runs and other rows changes nothing.
+    Callers add as runs only rows enough for a whole statement or more (:data:`RUN_MIN`).
+    """
+
+    __slots__ = ("_runs", "flat", "sql", "width")
+
+    def __init__(self, sql: str, width: int) -> None:
+        self.sql = sql
+        self.width = width
+        #: Whole rows, one after the other (:func:`insert_flat`).
+        self.flat: list[Any] = []
+        self._runs: list[tuple[tuple[int, ...], tuple[Any, ...], list[Any]]] = []
+
+    def add_run(self, template: tuple[int, ...], shared: tuple[Any, ...], own: list[Any]) -> None:
+        """Add a run of rows laid out by ``template`` sharing ``shared``, with ``own`` their
+        own values, one row after the other (the list is kept: leave it unchanged)."""
+        self._runs.append((template, shared, own))
+
+    def write(self, db: sqlite3.Connection) -> None:
+        """Run the INSERTs of every row gathered (once)."""
+        flat = self.flat
+        width = self.width
+        statements: dict[tuple[int, ...], list[list[Any]]] = {}
+        for template, shared, own in self._runs:
+            per_row = max(template) + 1
+            count = len(own) // per_row
+            whole = count - count % ROWS_PER_INSERT
+            if whole:
+                size = per_row * ROWS_PER_INSERT
+                tail = list(shared)
+                chunks_of = statements.setdefault(template, [])
+                for start in range(0, whole * per_row, size):
+                    chunk = own[start : start + size]
+                    chunk += tail
+                    chunks_of.append(chunk)
+            for start in range(whole * per_row, len(own), per_row):
+                row = own[start : start + per_row]
+                flat.extend([row[t] if t >= 0 else shared[-1 - t] for t in template])
+        for template, params in statements.items():
+            db.executemany(_shared_rows(self.sql, template), params)
+        if flat:
+            insert_flat(db, self.sql, flat, width)
+        self._runs = []
+        self.flat = []
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_rows(sql: str, template: tuple[int, ...]) -> str:
+    """``sql`` (one row of values) with :data:`ROWS_PER_INSERT` rows laid out by ``template``
+    (:class:`SharedRows`): the rows' own values first, row after row, then the shared ones."""
+    head, values = sql.split(" VALUES ", 1)
+    _, tail = values.split(")", 1)
+    per_row = max(template) + 1
+    base = per_row * ROWS_PER_INSERT
+    rows = []
+    for row in range(ROWS_PER_INSERT):
+        slots = [f"?{row * per_row + t + 1}" if t >= 0 else f"?{base - t}" for t in template]
+        rows.append(f"({', '.join(slots)})")
+    return f"{head} VALUES {', '.join(rows)}{tail}"

@@ -22,16 +22,18 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence, Set
 from typing import Any
 
-from jfsync.model import UserData
+from jfsync.model import Register, UserData
 from jfsync.sync.echo import PendingWrite
 from jfsync.sync.ledger.cache import CachedPair, StateCache
 from jfsync.sync.ledger.codec import (
     CANON_COLS,
     CHUNK,
     MASK_BITS,
+    RUN_MIN,
     STATE_COLS,
     Key,
     Pair,
+    SharedRows,
     chunks,
     decode_canonical,
     decode_echo,
@@ -77,55 +79,125 @@ _ROWS_BY_PEER = "o.peer IN (SELECT id FROM servers) AND "
 _UPDATE_ROW = f"UPDATE outbox SET {', '.join(c + '=?' for c in ROW_COLS.split(', '))} WHERE id=?"  # noqa: S608
 
 
-def _state_params(states: Mapping[Key, UserData]) -> list[Any]:
-    """The upsert parameters of last-known states, one row after the other
-    (:func:`insert_flat`): a burst repeats one state object for many keys, so each run of the
-    same object is encoded once."""
-    params: list[Any] = []
-    extend = params.extend
+#: The layouts of :class:`SharedRows` runs (see there): a last-known state's row, its key
+#: its own, its state shared; a canonical state's row whose three registers hold one decision
+#: (its stamp's time its own), and one whose favorite and rating hold one decision and whose
+#: play state holds another (each time its own); a new outbox row's, its id, key and version
+#: its own, its registers, desired state and creation time shared.
+_STATE_RUN = (0, 1, 2, -1, -2, -3, -4, -5, -6)
+_CANON_ONE_RUN = (0, 1, -1, -2, -3, -4, -5, -6, 2, -7, -8, 2, -7, -8, 2, -7, -8)
+_CANON_TWO_RUN = (0, 1, -1, -2, -3, -4, -5, -6, 2, -7, -8, 2, -7, -8, 3, -9, -10)
+_NEW_ROW_RUN = (0, 1, 2, 3, -1, -2, -3, -4, -5, -6, -7, 4, -8)
+
+
+def _gather_states(rows: SharedRows, states: Mapping[Key, UserData]) -> None:
+    """The upsert rows of last-known states: a burst repeats one state object for many keys,
+    so each run of the same object is encoded once, and bound once per statement
+    (:class:`SharedRows`) when long enough."""
+    extend = rows.flat.extend
     last: UserData | None = None
     values: tuple[Any, ...] = ()
+    own: list[Any] = []
     for key, state in states.items():
         if state is not last:
+            if len(own) >= 3 * RUN_MIN:
+                rows.add_run(_STATE_RUN, values, own)
+            else:
+                for start in range(0, len(own), 3):
+                    extend(own[start : start + 3])
+                    extend(values)
+            own = []
             values, last = state_values(state), state
-        extend(key)
-        extend(values)
-    return params
+        own += key
+    if len(own) >= 3 * RUN_MIN:
+        rows.add_run(_STATE_RUN, values, own)
+    else:
+        for start in range(0, len(own), 3):
+            extend(own[start : start + 3])
+            extend(values)
 
 
-def _canonical_params(states: Mapping[Pair, CanonicalState]) -> list[Any]:
-    """The upsert parameters of canonical states (:data:`CANON_COLS`), one row after the
-    other (:func:`insert_flat`), each run of one shared data object encoded once."""
-    params: list[Any] = []
-    extend = params.extend
+def _gather_canonical(rows: SharedRows, states: Mapping[Pair, CanonicalState]) -> None:
+    """The upsert rows of canonical states (:data:`CANON_COLS`), each run of one shared data
+    object encoded once. A bulk apply's rows come in runs of one shape: one state, the three
+    registers decided at once (a first state) or the favorite and rating at once and the play
+    state apart (a new play state), each decision by the same server (its tiebreak and
+    origin): such runs bind those values once per statement (:class:`SharedRows`)."""
+    extend = rows.flat.extend
     last: UserData | None = None
     values: tuple[Any, ...] = ()
-    for pair, state in states.items():
-        data = state.data
+    # The current run: its shape (0: none), what its rows share and their own values.
+    shape = 0
+    shared: tuple[Any, ...] = ()
+    own: list[Any] = []
+    # (Named tuples all the way down: a state, its stamped registers and their stamps are
+    # unpacked, which is cheaper than reading them by name.)
+    for pair, (data, f, r, p) in states.items():
+        (f_ms, f_tiebreak), f_origin = f
+        if data is last and f is r:
+            if r is p:
+                if shape == 1 and f_tiebreak == shared[6] and f_origin == shared[7]:
+                    own += (*pair, f_ms)
+                    continue
+            elif shape == 2 and f_tiebreak == shared[6] and f_origin == shared[7]:
+                (p_ms, p_tiebreak), p_origin = p
+                if p_tiebreak == shared[8] and p_origin == shared[9]:
+                    own += (*pair, f_ms, p_ms)
+                    continue
+        # Not the current run's: it ends here, and this row may start the next.
+        if shape:
+            _close_canonical(rows, shape, shared, own)
+            shape = 0
         if data is not last:
             values, last = state_values(data), data
-        f, r, p = state.favorite, state.rating, state.play_state
-        fs = f.stamp
+        if f is r:
+            if r is p:
+                shape, shared, own = 1, (*values, f_tiebreak, f_origin), [*pair, f_ms]
+            else:
+                (p_ms, p_tiebreak), p_origin = p
+                shared = (*values, f_tiebreak, f_origin, p_tiebreak, p_origin)
+                shape, own = 2, [*pair, f_ms, p_ms]
+            continue
+        (r_ms, r_tiebreak), r_origin = r
+        (p_ms, p_tiebreak), p_origin = p
         extend(pair)
         extend(values)
-        if f is r and r is p:  # one decision for the three (a first state, a merge's winner)
-            extend((fs.ms, fs.tiebreak, f.origin) * 3)
-            continue
-        rs, ps = r.stamp, p.stamp
-        extend(
-            (
-                fs.ms,
-                fs.tiebreak,
-                f.origin,
-                rs.ms,
-                rs.tiebreak,
-                r.origin,
-                ps.ms,
-                ps.tiebreak,
-                p.origin,
-            )
-        )
-    return params
+        extend((f_ms, f_tiebreak, f_origin, r_ms, r_tiebreak, r_origin, p_ms, p_tiebreak, p_origin))
+    if shape:
+        _close_canonical(rows, shape, shared, own)
+
+
+def _close_canonical(rows: SharedRows, shape: int, shared: tuple[Any, ...], own: list[Any]) -> None:
+    """End a run of :func:`_gather_canonical`: a run if long enough, else whole rows."""
+    width = 3 if shape == 1 else 4
+    if len(own) >= width * RUN_MIN:
+        rows.add_run(_CANON_ONE_RUN if shape == 1 else _CANON_TWO_RUN, shared, own)
+        return
+    extend = rows.flat.extend
+    values, f_stamp = shared[:6], shared[6:8]
+    for start in range(0, len(own), width):
+        extend(own[start : start + 2])
+        extend(values)
+        f_decision = (own[start + 2], *f_stamp)
+        if shape == 1:
+            extend(f_decision * 3)
+        else:
+            extend(f_decision * 2)
+            extend((own[start + 3], *shared[8:]))
+
+
+def _close_new_rows(rows: SharedRows, shared: tuple[Any, ...], own: list[Any]) -> None:
+    """End a run of new outbox rows of :meth:`StateWriter.put_rows`: a :class:`SharedRows`
+    run if long enough, else whole rows."""
+    if len(own) >= 5 * RUN_MIN:
+        rows.add_run(_NEW_ROW_RUN, shared, own)
+        return
+    extend = rows.flat.extend
+    head, created_ms = shared[:-1], shared[-1]
+    for start in range(0, len(own), 5):
+        extend(own[start : start + 4])
+        extend(head)
+        extend((own[start + 4], created_ms))
 
 
 def _delete_ids(db: sqlite3.Connection, ids: Sequence[int]) -> None:
@@ -154,7 +226,7 @@ class StateWriter:
         #: Pairs read from SQLite in this transaction, complete, as read, and the pairs that
         #: held nothing (of a user or item it created).
         self._read: dict[Pair, CachedPair] = {}
-        self._fresh: set[Pair] = set()
+        self._fresh: dict[Pair, None] = {}  # (an ordered set: in the order loaded)
         #: The final value this transaction wrote, per pair or key.
         #: What this transaction wrote, in the order it wrote it (the caller's mappings, kept
         #: as given: they are not changed afterwards), and the final row of each key.
@@ -201,8 +273,11 @@ class StateWriter:
 
     # ------------------------------------------------------------------ pairs
 
-    def load(self, pairs: set[Pair], empty: Set[Pair] = frozenset()) -> dict[Pair, CachedPair]:
+    def load(self, pairs: Set[Pair], empty: Set[Pair] = frozenset()) -> dict[Pair, CachedPair]:
         """Everything the file holds for ``pairs`` (complete), from the cache or SQLite.
+
+        The cache's entries come in the order of ``pairs``, and those of ``empty`` join the
+        cache in that order (give an ordered set: a bulk apply then walks them in memory order).
 
         ``empty``: pairs of a user or item this transaction created, so that nothing in the
         file refers to them; they are not read (unless this transaction already wrote) and
@@ -211,10 +286,10 @@ class StateWriter:
         """
         found: dict[Pair, CachedPair] = {}
         if empty and not self._wrote and not self._cleared:
-            fresh = pairs & empty
+            fresh = [pair for pair in pairs if pair in empty]
             if fresh:
-                self._fresh |= fresh
-                pairs = pairs - fresh
+                self._fresh.update(dict.fromkeys(fresh))
+                pairs = pairs - empty
         cache = None if self._cleared or self._wrote else self._cache
         missing = set(pairs) if cache is None else cache.take(pairs, self._evicted, found)
         if missing:
@@ -265,14 +340,18 @@ class StateWriter:
     def put_canonical(self, states: Mapping[Pair, CanonicalState]) -> None:
         """Write canonical states (``states`` is kept for the cache: leave it unchanged)."""
         self._require_writable()
-        insert_flat(self.db, _UPSERT_CANONICAL, _canonical_params(states), _CANON_WIDTH)
+        rows = SharedRows(_UPSERT_CANONICAL, _CANON_WIDTH)
+        _gather_canonical(rows, states)
+        rows.write(self.db)
         self._canon.append(states)
         self._wrote = True
 
     def put_last_known(self, states: Mapping[Key, UserData]) -> None:
         """Write last-known states (``states`` is kept for the cache: leave it unchanged)."""
         self._require_writable()
-        insert_flat(self.db, _UPSERT_LAST_KNOWN, _state_params(states), _STATE_WIDTH)
+        rows = SharedRows(_UPSERT_LAST_KNOWN, _STATE_WIDTH)
+        _gather_states(rows, states)
+        rows.write(self.db)
         self._lk.append(states)
         self._wrote = True
 
@@ -331,8 +410,15 @@ class StateWriter:
         deletes: list[int] = []
         updates: list[tuple[Any, ...]] = []
         inserts: list[Any] = []  # one row after the other (insert_flat), then
-        fresh: list[Any] = []  # those owing their first attempt (_INSERT_NEW_ROW)
-        extend_inserts, extend_fresh = inserts.extend, fresh.extend
+        fresh = SharedRows(_INSERT_NEW_ROW, _NEW_ROW_WIDTH)  # those owing their first attempt
+        extend_inserts = inserts.extend
+        # The current run of new rows owing one desired state object (the same registers,
+        # made at the same time): their ids, keys and versions (_NEW_ROW_RUN).
+        run: list[Any] = []
+        run_shared: tuple[Any, ...] = ()
+        run_desired: UserData | None = None
+        run_bits = -1
+        run_created = 0
         new_ids = self._new_ids
         written, loaded = self._rows, self._loaded
         # What _stored_id does, inline, and each run of one desired state encoded once: a bulk
@@ -341,6 +427,8 @@ class StateWriter:
         values: tuple[Any, ...] = ()
         loaded_entry = loaded.get
         known_bits = MASK_BITS.get
+        last_mask: frozenset[Register] | None = None
+        bits = 0
         for key, row in rows.items():
             if key in written:
                 prior = written[key]
@@ -355,17 +443,23 @@ class StateWriter:
             assert row_id is not None  # number_rows first
             if desired is not last:
                 values, last = state_values(desired), desired
-            bits = known_bits(mask)
-            if bits is None:
-                bits = mask_bits(mask)
+            if mask is not last_mask:  # (masks are shared: MASKS)
+                known = known_bits(mask)
+                bits = mask_bits(mask) if known is None else known
+                last_mask = mask
             if row_id in new_ids:
                 if prior is not None and prior.id is not None:
                     deletes.append(prior.id)
                 new_ids.discard(row_id)
                 if not attempts and not next_ms and error is None and not dead:
-                    extend_fresh((row_id, key[2], key[0], key[1], bits))
-                    extend_fresh(values)
-                    extend_fresh((version, created_ms))
+                    if desired is run_desired and bits == run_bits and created_ms == run_created:
+                        run += (row_id, key[2], key[0], key[1], version)
+                        continue
+                    if run:
+                        _close_new_rows(fresh, run_shared, run)
+                    run_desired, run_bits, run_created = desired, bits, created_ms
+                    run_shared = (bits, *values, created_ms)
+                    run = [row_id, key[2], key[0], key[1], version]
                     continue
                 extend_inserts((row_id, key[2], key[0], key[1], bits))
                 extend_inserts(values)
@@ -388,8 +482,9 @@ class StateWriter:
             _delete_ids(self.db, deletes)
         if updates:
             self.db.executemany(_UPDATE_ROW, updates)
-        if fresh:
-            insert_flat(self.db, _INSERT_NEW_ROW, fresh, _NEW_ROW_WIDTH)
+        if run:
+            _close_new_rows(fresh, run_shared, run)
+        fresh.write(self.db)
         if inserts:
             insert_flat(self.db, _INSERT_ROW, inserts, _ROW_WIDTH)
         self._rows.update(rows)
