@@ -226,20 +226,6 @@ class CanonicalState(NamedTuple):
 
 
 _new = object.__new__
-_new_tuple = tuple.__new__
-
-
-def new_stamped(stamp: Stamp, origin: str) -> Stamped:
-    """``Stamped(stamp, origin)``, built without the named tuple's ``__new__``."""
-    return _new_tuple(Stamped, (stamp, origin))
-
-
-def new_canonical(
-    data: UserData, favorite: Stamped, rating: Stamped, play_state: Stamped
-) -> CanonicalState:
-    """``CanonicalState(data, favorite, rating, play_state)``, built without the named tuple's
-    ``__new__`` (a bulk apply builds one per observation)."""
-    return _new_tuple(CanonicalState, (data, favorite, rating, play_state))
 
 
 @dataclass(frozen=True, slots=True)
