@@ -1105,12 +1105,16 @@ class Pusher:
     async def _due_rows(self) -> list[OutboxRow]:
         """The due rows but those of the batch being recorded; when those are all that is
         left, the round waits for that recording and asks again (a row replaced while it was
-        written is due once the write is recorded)."""
+        written is due once the write is recorded), unless a live change offered its rows
+        meanwhile (the round after takes the rest)."""
         rows = await self._ledger.due_rows(
             self.peer, self._batch_size, self._clock.wall_ms(), exclude=self._recording_ids
         )
         if not rows and self._recording is not None:
             await self._finish_recording()
+            rows = self._take_offered()
+            if rows:
+                return rows
             rows = await self._ledger.due_rows(self.peer, self._batch_size, self._clock.wall_ms())
         if rows:
             self._offered = None  # these rows may be among them
