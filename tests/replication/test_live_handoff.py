@@ -128,12 +128,22 @@ async def test_jfsync_stopped_while_a_write_is_recorded_loses_nothing_and_writes
 
 
 class CountingLedger(Ledger):
-    """The real ledger; counts the due-row reads made before each compare."""
+    """The real ledger; counts the due-row reads made before each compare. While
+    :attr:`hold` is clear, a recording of writes waits for it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.due_reads = 0
         self.due_reads_at_compare: list[int] = []
+        self.hold = asyncio.Event()
+        self.hold.set()
+        self.holding = asyncio.Event()
+
+    async def rows_written(self, *args: Any, **kwargs: Any) -> list[bool]:
+        if not self.hold.is_set():
+            self.holding.set()
+            await self.hold.wait()
+        return await super().rows_written(*args, **kwargs)
 
     async def due_rows(self, *args: Any, **kwargs: Any) -> list[OutboxRow]:
         self.due_reads += 1
@@ -150,8 +160,9 @@ class CountingLedger(Ledger):
 async def idle_pusher_for_b(
     tmp_path: Path,
 ) -> AsyncIterator[tuple[Emulator, CountingLedger, Pusher, ManualClock, str]]:
-    """Emulator ``b``; a ledger where a's and b's user have never touched one item; b's
-    pusher started, through its first (empty) round and idle. Yields the item."""
+    """Emulator ``b``; a ledger where a's and b's user have never touched two items; b's
+    pusher started, through its first (empty) round and idle. Yields the first item (the
+    second is ``b.leaf_items()[1]``)."""
     clock = ManualClock()
     async with new_emulator("b") as b, aiohttp.ClientSession() as session:
         ledger = await CountingLedger(
@@ -162,11 +173,12 @@ async def idle_pusher_for_b(
         try:
             await ledger.map_user("a", "a-user", USER_KEY)
             await ledger.map_user("b", b.user_id(USER), USER_KEY)
-            item = b.leaf_items()[0].id
+            item, other = (leaf.id for leaf in b.leaf_items()[:2])
             await ledger.apply_observations(
                 [
-                    Observation(server, USER_KEY, item, UserData(), clock.wall_ms(), "scan")
+                    Observation(server, USER_KEY, key, UserData(), clock.wall_ms(), "scan")
                     for server in ("a", "b")
+                    for key in (item, other)
                 ]
             )
             pusher.start()
@@ -224,4 +236,31 @@ async def test_a_row_replaced_after_it_was_offered_is_written_as_it_stands(
         await wait_until(lambda: pusher.stats.writes_done == 1, 10)
         # b was sent her last rating only, and nothing is owed any more.
         assert [w.body for w in b.writes if w.item_id == item] == [{"Rating": 9.0}]
+        assert await ledger.due_rows("b", 10, clock.wall_ms()) == []
+
+
+async def test_a_change_made_while_the_last_write_is_recorded_is_written_meanwhile(
+    tmp_path: Path,
+) -> None:
+    async with idle_pusher_for_b(tmp_path) as (b, ledger, pusher, clock, item):
+        other = b.leaf_items()[1].id
+        uid = b.user_id(USER)
+        # a's user rates the first item 7; b gets it, and jfsync is slow to record that write.
+        ledger.hold.clear()
+        due = await apply_event(ledger, clock, item, UserData(rating=7.0))
+        pusher.offer(due["b"])
+        pusher.wake(live=True)
+        await asyncio.wait_for(ledger.holding.wait(), 10)
+        assert b.user_data(uid, item).rating == 7.0
+        # Meanwhile she rates the second item 8: b gets it while the first write is still
+        # being recorded.
+        due = await apply_event(ledger, clock, other, UserData(rating=8.0))
+        pusher.offer(due["b"])
+        pusher.wake(live=True)
+        await wait_until(lambda: b.user_data(uid, other).rating == 8.0, 10)
+        assert pusher.stats.writes_done == 0
+        ledger.hold.set()
+        # Both writes are recorded, each was sent once, and nothing is owed any more.
+        await wait_until(lambda: pusher.stats.writes_done == 2, 10)
+        assert [w.item_id for w in b.writes] == [item, other]
         assert await ledger.due_rows("b", 10, clock.wall_ms()) == []
