@@ -444,7 +444,9 @@ class Pusher:
         try:
             return await self._deliver_round()
         except BaseException:
-            # Whatever went wrong (peer down, stop), a batch read ahead is read again later.
+            # Whatever went wrong (peer down, stop), a batch read ahead is read again later,
+            # and the rows offered are asked for again.
+            self._offered = None
             await self._drop_prepared()
             raise
         finally:
@@ -1075,17 +1077,16 @@ class Pusher:
         wakes starts from them instead of asking the ledger (one hop less per live change).
 
         Kept only while nothing can happen to them but what the round's compare sees
-        anyway: no batch in hand (it may be writing, failing or recording some of them) nor
-        read ahead, the rows of the last process settled, the peer neither down nor paused,
-        and fewer than :data:`LIVE_ROWS` (a backlog takes its rows in batches, in due order,
-        as always). A round that takes rows any other way forgets them. A row replaced
-        since is compared and written as the ledger then has it; the rows of a batch being
-        recorded (when offered or when taken) are left to the round after, which finds them
-        as that recording left them.
+        anyway: no batch read ahead, the rows of the last process settled, the peer neither
+        down nor paused, and fewer than :data:`LIVE_ROWS` (a backlog takes its rows in
+        batches, in due order, as always). A round that takes rows any other way, or fails,
+        forgets them. A row replaced since is compared and written as the ledger then has
+        it; the rows of the batch in hand (being written, perhaps failing) and of a batch
+        being recorded (when offered or when taken) are left to the round after, which finds
+        them as that batch left them.
         """
         if (
-            self._in_flight
-            or self._prepared is not None
+            self._prepared is not None
             or not self._recovered.is_set()
             or self.stats.down_since_ms is not None
             or self.stats.pause_reason is not None
@@ -1094,7 +1095,14 @@ class Pusher:
             self._offered = None
             return
         recording = self._recording_ids
-        self._offered = [row for row in rows if row.id not in recording] if recording else rows
+        writing = self._in_flight
+        if recording or writing:
+            rows = [
+                row
+                for row in rows
+                if row.id not in recording and (row.user, row.item) not in writing
+            ]
+        self._offered = rows
         arrived = self._offer_arrived
         if arrived is not None and not arrived.done():
             arrived.set_result(None)

@@ -156,6 +156,22 @@ class CountingLedger(Ledger):
         return await super().observe_before_writes(reads, *args, **kwargs)
 
 
+class HeldClient(JellyfinClient):
+    """The real client; while :attr:`hold` is clear, a write waits for it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hold = asyncio.Event()
+        self.hold.set()
+        self.holding = asyncio.Event()
+
+    async def write_user_data(self, *args: Any, **kwargs: Any) -> None:
+        if not self.hold.is_set():
+            self.holding.set()
+            await self.hold.wait()
+        await super().write_user_data(*args, **kwargs)
+
+
 @asynccontextmanager
 async def idle_pusher_for_b(
     tmp_path: Path,
@@ -168,7 +184,7 @@ async def idle_pusher_for_b(
         ledger = await CountingLedger(
             tmp_path / "ledger.db", MergePolicy(servers=("a", "b"))
         ).open()
-        client = JellyfinClient("b", b.url, API_KEY, session=session, device_id="test-live")
+        client = HeldClient("b", b.url, API_KEY, session=session, device_id="test-live")
         pusher = Pusher("b", ledger, client, clock)
         try:
             await ledger.map_user("a", "a-user", USER_KEY)
@@ -263,4 +279,38 @@ async def test_a_change_made_while_the_last_write_is_recorded_is_written_meanwhi
         # Both writes are recorded, each was sent once, and nothing is owed any more.
         await wait_until(lambda: pusher.stats.writes_done == 2, 10)
         assert [w.item_id for w in b.writes] == [item, other]
+        assert await ledger.due_rows("b", 10, clock.wall_ms()) == []
+
+
+async def test_changes_made_while_a_write_is_in_flight_are_written_next_as_they_stand(
+    tmp_path: Path,
+) -> None:
+    async with idle_pusher_for_b(tmp_path) as (b, ledger, pusher, clock, item):
+        other = b.leaf_items()[1].id
+        uid = b.user_id(USER)
+        client = pusher._client
+        assert isinstance(client, HeldClient)
+        # a's user rates the first item 7; its write to b is slow to go.
+        client.hold.clear()
+        due = await apply_event(ledger, clock, item, UserData(rating=7.0))
+        pusher.offer(due["b"])
+        pusher.wake(live=True)
+        await asyncio.wait_for(client.holding.wait(), 10)
+        # Meanwhile she rates the second item 8, and the first one 9.
+        for key, rating in ((other, 8.0), (item, 9.0)):
+            due = await apply_event(ledger, clock, key, UserData(rating=rating))
+            pusher.offer(due["b"])
+            pusher.wake(live=True)
+        reads = ledger.due_reads
+        client.hold.set()
+        # b shows her last ratings: the second item's from the rows offered (no due-row read
+        # before its compare), then the first item's 9 once its 7 was recorded.
+        await wait_until(
+            lambda: (b.user_data(uid, item).rating, b.user_data(uid, other).rating) == (9.0, 8.0),
+            10,
+        )
+        await wait_until(lambda: pusher.stats.writes_done == 3, 10)
+        assert ledger.due_reads_at_compare[1] == reads
+        sent = [(w.item_id, w.body) for w in b.writes]
+        assert sent == [(item, {"Rating": 7.0}), (other, {"Rating": 8.0}), (item, {"Rating": 9.0})]
         assert await ledger.due_rows("b", 10, clock.wall_ms()) == []
