@@ -1065,8 +1065,6 @@ class Pusher:
 
     #: The due rows a live change's apply read in its own transaction, for the next round.
     _offered: list[OutboxRow] | None = None
-    #: Resolved by :meth:`offer` while a round waits for the last batch's recording.
-    _offer_arrived: asyncio.Future[None] | None = None
     #: How many due rows an apply reads for :meth:`offer`: all of them or it is no live
     #: round (a backlog is taken in batches, in due order, as always).
     LIVE_ROWS = 32
@@ -1103,9 +1101,6 @@ class Pusher:
                 if row.id not in recording and (row.user, row.item) not in writing
             ]
         self._offered = rows
-        arrived = self._offer_arrived
-        if arrived is not None and not arrived.done():
-            arrived.set_result(None)
 
     def _take_offered(self) -> list[OutboxRow]:
         """The rows offered since the last round (but those being recorded), or none."""
@@ -1118,19 +1113,13 @@ class Pusher:
     async def _due_rows(self) -> list[OutboxRow]:
         """The due rows but those of the batch being recorded; when those are all that is
         left, the round waits for that recording and asks again (a row replaced while it was
-        written is due once the write is recorded), unless a live change offers its rows
-        meanwhile: the round takes them at once (the round after takes the rest)."""
+        written is due once the write is recorded), unless a live change offered its rows
+        meanwhile (the round after takes the rest)."""
         rows = await self._ledger.due_rows(
             self.peer, self._batch_size, self._clock.wall_ms(), exclude=self._recording_ids
         )
-        recording = self._recording
-        if not rows and recording is not None:
-            arrived = self._offer_arrived = asyncio.get_running_loop().create_future()
-            try:
-                await asyncio.wait((recording, arrived), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                self._offer_arrived = None
-                arrived.cancel()
+        if not rows and self._recording is not None:
+            await self._finish_recording()
             rows = self._take_offered()
             if rows:
                 return rows

@@ -255,7 +255,7 @@ async def test_a_row_replaced_after_it_was_offered_is_written_as_it_stands(
         assert await ledger.due_rows("b", 10, clock.wall_ms()) == []
 
 
-async def test_a_change_made_while_the_last_write_is_recorded_is_written_meanwhile(
+async def test_a_change_made_while_the_last_write_is_recorded_reaches_b_once_it_is(
     tmp_path: Path,
 ) -> None:
     async with idle_pusher_for_b(tmp_path) as (b, ledger, pusher, clock, item):
@@ -268,17 +268,20 @@ async def test_a_change_made_while_the_last_write_is_recorded_is_written_meanwhi
         pusher.wake(live=True)
         await asyncio.wait_for(ledger.holding.wait(), 10)
         assert b.user_data(uid, item).rating == 7.0
-        # Meanwhile she rates the second item 8: b gets it while the first write is still
-        # being recorded.
-        due = await apply_event(ledger, clock, other, UserData(rating=8.0))
-        pusher.offer(due["b"])
-        pusher.wake(live=True)
-        await wait_until(lambda: b.user_data(uid, other).rating == 8.0, 10)
-        assert pusher.stats.writes_done == 0
+        # Meanwhile she rates the second item 8 and the first one 9.
+        for key, rating in ((other, 8.0), (item, 9.0)):
+            due = await apply_event(ledger, clock, key, UserData(rating=rating))
+            pusher.offer(due["b"])
+            pusher.wake(live=True)
         ledger.hold.set()
-        # Both writes are recorded, each was sent once, and nothing is owed any more.
-        await wait_until(lambda: pusher.stats.writes_done == 2, 10)
-        assert [w.item_id for w in b.writes] == [item, other]
+        # b shows her last ratings, each value was sent once, and nothing is owed any more.
+        await wait_until(
+            lambda: (b.user_data(uid, item).rating, b.user_data(uid, other).rating) == (9.0, 8.0),
+            10,
+        )
+        await wait_until(lambda: pusher.stats.writes_done == 3, 10)
+        sent = sorted((w.item_id, w.body["Rating"]) for w in b.writes if w.body)
+        assert sent == sorted([(item, 7.0), (other, 8.0), (item, 9.0)])
         assert await ledger.due_rows("b", 10, clock.wall_ms()) == []
 
 
