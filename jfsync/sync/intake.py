@@ -32,7 +32,7 @@ from jfsync.model import UserData
 from jfsync.ratelimit import RepeatLimiter
 from jfsync.sync.delivery import Pusher
 from jfsync.sync.identity import ItemIdentity
-from jfsync.sync.ledger import Applied, Ledger, Observation, Outcome
+from jfsync.sync.ledger import Applied, Ledger, Observation, OutboxRow, Outcome
 from jfsync.sync.priority import LiveFirst
 from jfsync.sync.resetguard import ResetGuard
 from jfsync.sync.sessions import PlaybackRead
@@ -324,12 +324,24 @@ class Intake:
                 # No await from here until the transaction is queued: the ledger's lock is
                 # FIFO, so whoever finds these items gone applies after them.
                 now_ms = self._clock.wall_ms()
+                # A few changes (the user's clicks): the transaction also reads what is due
+                # for the peers it queued for, and their pushers start from that.
+                due: dict[str, list[OutboxRow]] | None = (
+                    {} if len(batch) < Pusher.LIVE_ROWS else None
+                )
                 applied = await self._ledger.apply_observations(
                     [
                         Observation(e.server, held.user, e.item, e.data, now_ms, "event")
                         for e in batch
-                    ]
+                    ],
+                    due=due,
+                    due_limit=Pusher.LIVE_ROWS,
                 )
+                if due:
+                    for peer, rows in due.items():
+                        link = self._links.get(peer)
+                        if link is not None:
+                            link.pusher.offer(rows)
                 self._after_apply(applied)
                 unsure += [
                     e for e, a in zip(batch, applied, strict=True) if a.outcome is Outcome.AMBIGUOUS

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -105,9 +106,9 @@ async def test_a_catch_up_under_a_stream_of_changes_finishes_and_the_last_action
     order: list[str] = []
     held_at = -1
 
-    async def noting(observations: Sequence[Observation]) -> list[Applied]:
+    async def noting(observations: Sequence[Observation], **options: Any) -> list[Applied]:
         nonlocal held_at
-        result = await apply(observations)
+        result = await apply(observations, **options)
         if any(o.source == "scan" and o.server == "b" for o in observations):
             order.append("scan")
             if held_at < 0:

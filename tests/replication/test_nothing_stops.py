@@ -177,16 +177,18 @@ async def test_a_ledger_failing_round_after_round_is_logged_once_and_retried_wit
     a, b = cluster.emus
     ledger = cluster.service.ledger
     x = cluster.free_items[0]
-    real_due_rows = ledger.due_rows
+    real_compare = ledger.observe_before_writes
     failures: list[float] = []
 
-    async def due_rows(peer: str, *args: Any, **kwargs: Any) -> Any:
-        if peer == "b" and len(failures) < 4:
+    # Every round that has rows to deliver compares them (the first one may take the rows
+    # its event's apply read, without asking for the due rows).
+    async def observe_before_writes(reads: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(row.peer == "b" for row, _ in reads) and len(failures) < 4:
             failures.append(clock.monotonic())
             raise sqlite3.OperationalError("database is locked")
-        return await real_due_rows(peer, *args, **kwargs)
+        return await real_compare(reads, *args, **kwargs)
 
-    monkeypatch.setattr(ledger, "due_rows", due_rows)
+    monkeypatch.setattr(ledger, "observe_before_writes", observe_before_writes)
     caplog.set_level(logging.DEBUG, "jfsync.sync.delivery")
     cluster.change(a, x, is_favorite=True)
     shown: list[str | None] = []
@@ -240,11 +242,13 @@ async def test_an_event_the_ledger_fails_to_apply_still_reaches_the_other_server
     real_apply = ledger.apply_observations
     failed: list[str] = []
 
-    async def apply_observations(observations: Sequence[Observation]) -> list[Applied]:
+    async def apply_observations(
+        observations: Sequence[Observation], **options: Any
+    ) -> list[Applied]:
         if not failed and any(o.source == "event" and o.server == "a" for o in observations):
             failed.append("a")
             raise sqlite3.OperationalError("database is locked")
-        return await real_apply(observations)
+        return await real_apply(observations, **options)
 
     monkeypatch.setattr(ledger, "apply_observations", apply_observations)
     # alice favourites x on a; jfsync cannot apply that event (the ledger was locked).

@@ -147,13 +147,15 @@ async def test_first_writes_of_a_bulk_action_leave_before_it_is_all_applied(
         if emu is b and record.method == "POST" and len(path) > 2 and path[-2] in items:
             applied_at_writes.append(applied)
 
-    async def apply_when_b_was_written(observations: Sequence[Observation]) -> list[Applied]:
+    async def apply_when_b_was_written(
+        observations: Sequence[Observation], **options: Any
+    ) -> list[Applied]:
         nonlocal applied
         bulk = [o for o in observations if o.source == "event" and o.item in keys]
         if bulk and applied:
             with contextlib.suppress(TimeoutError):
                 await wait_until(lambda: bool(applied_at_writes), timeout_s=0.5)
-        result = await apply(observations)
+        result = await apply(observations, **options)
         applied += len(bulk)
         return result
 
@@ -291,9 +293,9 @@ async def test_a_live_change_between_two_catch_up_slices_goes_first_and_wins(
         if emu is b and record.method == "POST" and first is not None and first in record.path:
             at_write.append(scan_slices)
 
-    async def apply_in_slices(observations: Sequence[Observation]) -> list[Applied]:
+    async def apply_in_slices(observations: Sequence[Observation], **options: Any) -> list[Applied]:
         nonlocal scan_slices, first, later, live_applied
-        result = await apply(observations)
+        result = await apply(observations, **options)
         if any(o.source == "event" and o.server == "a" and o.state == later for o in observations):
             live_applied = True
         scan = [o for o in observations if o.source == "scan" and o.server == "b"]

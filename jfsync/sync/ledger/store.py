@@ -438,18 +438,30 @@ class Ledger:
         )
         return applied[0]
 
-    async def apply_observations(self, observations: Sequence[Observation]) -> list[Applied]:
+    async def apply_observations(
+        self,
+        observations: Sequence[Observation],
+        *,
+        due: dict[str, list[OutboxRow]] | None = None,
+        due_limit: int = 0,
+    ) -> list[Applied]:
         """Apply observations in order, all in ONE transaction, and report each outcome.
 
         Per observation: the echo rule (events consume pending echoes; reads only match
         them), the diff against the origin's last-known state, a hybrid-clock stamp when
         something changed, the merge, the new canonical and last-known states, and the outbox
         rows of the origin and of every server that has the user.
+
+        With ``due`` (a dict to fill), the same transaction then reads, for each peer this
+        apply queued something for, the rows :meth:`due_rows` would return for it at the
+        observations' time (up to ``due_limit``; the first observation's ``wall_ms``): a
+        pusher woken for a live change starts from them without a hop of its own.
         """
         if not observations:
             return []
         observed = list(observations)
         sids = {name: self._sid(name) for name in {o.server for o in observed}}
+        due_ms = observed[0].wall_ms
 
         def work(tx: StateWriter) -> list[Applied]:
             db = tx.db
@@ -480,6 +492,13 @@ class Ledger:
             batch.load(pairs, empty=empty)
             results = batch.apply_all(observed, keys, pair_of)
             batch.flush()
+            if due is not None:
+                peers = {peer for r in results for peer, regs in r.queued.items() if regs}
+                names = self._maps.names
+                for peer in sorted(peers):
+                    sid = self._maps.sid_of(peer)
+                    if sid is not None:
+                        due[peer] = outbox.due(db, names, sid, due_limit, due_ms, ())
             return results
 
         return await self._write(work, checked=len(observed) < BULK_UNCHECKED_MIN)
