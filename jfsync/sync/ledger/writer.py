@@ -98,23 +98,23 @@ def _gather_states(rows: SharedRows, states: Mapping[Key, UserData]) -> None:
     last: UserData | None = None
     values: tuple[Any, ...] = ()
     own: list[Any] = []
+
+    def flush() -> None:
+        # A long run binds its state once per statement; a short one, per row.
+        if len(own) >= 3 * RUN_MIN:
+            rows.add_run(_STATE_RUN, values, own)
+        else:
+            for start in range(0, len(own), 3):
+                extend(own[start : start + 3])
+                extend(values)
+
     for key, state in states.items():
         if state is not last:
-            if len(own) >= 3 * RUN_MIN:
-                rows.add_run(_STATE_RUN, values, own)
-            else:
-                for start in range(0, len(own), 3):
-                    extend(own[start : start + 3])
-                    extend(values)
+            flush()
             own = []
             values, last = state_values(state), state
         own += key
-    if len(own) >= 3 * RUN_MIN:
-        rows.add_run(_STATE_RUN, values, own)
-    else:
-        for start in range(0, len(own), 3):
-            extend(own[start : start + 3])
-            extend(values)
+    flush()
 
 
 def _gather_canonical(rows: SharedRows, states: Mapping[Pair, CanonicalState]) -> None:
