@@ -440,18 +440,26 @@ class JellyfinClient:
         the client's own, made once, instead of aiohttp joining a path and a query and
         merging header dicts for each request (about 8 us of the 150 us a write costs).
         """
+        if not self._plain_url:
+            # A server URL that needs encoding (rare): the general path.
+            raw: bytes = await self._call(
+                method,
+                route,
+                path={"itemId": normalize_id(item_id)},
+                query=[("userId", normalize_id(user_id))],
+                body=body,
+                raw_body=raw_body,
+                decode=False,
+            )
+            return raw
         if body is not None and raw_body is None:
             raw_body = json.dumps(dict(body)).encode()
-        item = normalize_id(item_id)
         url = (
-            f"{self.url}{route.replace('{itemId}', item)}?userId={normalize_id(user_id)}"
-            if self._plain_url
-            else self.url + route.format(itemId=_path_part(item))
+            f"{self.url}{route.replace('{itemId}', normalize_id(item_id))}"
+            f"?userId={normalize_id(user_id)}"
         )
-        query = () if self._plain_url else (("userId", normalize_id(user_id)),)
         headers = self._json_headers if raw_body is not None else self._headers
-        raw: bytes = await self._exchange(method, route, url, query, raw_body, None, headers)
-        return raw
+        return await self._exchange(method, route, url, (), raw_body, None, headers)
 
     async def apply_user_data(
         self,

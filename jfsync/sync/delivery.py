@@ -243,6 +243,8 @@ class Pusher:
         self._recording: asyncio.Task[None] | None = None
         #: Ids of the rows of a batch whose writes are being recorded (due until then).
         self._recording_ids: set[int] = set()
+        #: The due rows a live change's apply read in its own transaction, for the next round.
+        self._offered: list[OutboxRow] | None = None
         #: Set once the first batch after start was checked for interrupted writes and sent.
         self._recovered = asyncio.Event()
         self._accepting = True
@@ -1076,8 +1078,6 @@ class Pusher:
 
     # ------------------------------------------------------------------ the live path
 
-    #: The due rows a live change's apply read in its own transaction, for the next round.
-    _offered: list[OutboxRow] | None = None
     #: How many due rows an apply reads for :meth:`offer`: all of them or it is no live
     #: round (a backlog is taken in batches, in due order, as always).
     LIVE_ROWS = 32
@@ -1136,7 +1136,6 @@ class Pusher:
             rows = self._take_offered()
             if rows:
                 return rows
-            await self._finish_recording()
             rows = await self._ledger.due_rows(self.peer, self._batch_size, self._clock.wall_ms())
         if rows:
             self._offered = None  # these rows may be among them

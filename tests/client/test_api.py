@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -245,17 +246,21 @@ async def test_a_batch_of_500_is_read_in_three_requests_with_nothing_but_ids_ask
     assert found[ids[0]] == UserData()
 
 
+@pytest.mark.parametrize("prefix", ["jellyfin", "media server"])
 async def test_writes_reach_a_server_behind_a_path_prefix(
-    make_emulator: MakeEmulator, make_client: MakeClient, http: aiohttp.ClientSession
+    make_emulator: MakeEmulator, make_client: MakeClient, http: aiohttp.ClientSession, prefix: str
 ) -> None:
     """alice's server sits behind a reverse proxy at /jellyfin/ (here: the emulator with a
-    prefix-stripping proxy in front); jfsync's write of a played state lands on it."""
+    prefix-stripping proxy in front), or at a prefix the URL must encode; jfsync's write of a
+    played state lands on it."""
     emu = await make_emulator()
     alice = emu.user_id("alice")
     movie = _leaf(emu)
 
     async def forward(request: web.Request) -> web.Response:
-        tail = request.match_info["tail"]
+        if not request.path.startswith(f"/{prefix}/"):
+            raise web.HTTPNotFound
+        tail = request.path.removeprefix(f"/{prefix}/")
         async with http.request(
             request.method,
             f"{emu.url}/{tail}",
@@ -268,7 +273,7 @@ async def test_writes_reach_a_server_behind_a_path_prefix(
             )
 
     app = web.Application()
-    app.router.add_route("*", "/jellyfin/{tail:.*}", forward)
+    app.router.add_route("*", "/{tail:.*}", forward)
     runner = web.AppRunner(app)
     await runner.setup()
     try:
@@ -276,7 +281,11 @@ async def test_writes_reach_a_server_behind_a_path_prefix(
         await site.start()
         port = runner.addresses[0][1]
         client = JellyfinClient(
-            "proxied", f"http://127.0.0.1:{port}/jellyfin/", API_KEY, session=http, device_id="d"
+            "proxied",
+            f"http://127.0.0.1:{port}/{quote(prefix)}/",
+            API_KEY,
+            session=http,
+            device_id="d",
         )
         played = UserData(play_state=PlayState(True, 1, T0, 0))
         await client.write_user_data(

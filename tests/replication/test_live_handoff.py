@@ -219,6 +219,17 @@ async def apply_event(
     return due
 
 
+async def live_change(
+    ledger: Ledger, pusher: Pusher, clock: ManualClock, item: str, data: UserData
+) -> dict[str, list[OutboxRow]]:
+    """A change of a's user as the intake and the service take it in: applied, its due rows
+    offered to b's pusher, which is woken as for live work; return the rows due it read."""
+    due = await apply_event(ledger, clock, item, data)
+    pusher.offer(due["b"])
+    pusher.wake(live=True)
+    return due
+
+
 async def test_a_live_change_is_compared_and_written_without_asking_for_due_rows(
     tmp_path: Path,
 ) -> None:
@@ -263,16 +274,12 @@ async def test_a_change_made_while_the_last_write_is_recorded_reaches_b_once_it_
         uid = b.user_id(USER)
         # a's user rates the first item 7; b gets it, and jfsync is slow to record that write.
         ledger.hold.clear()
-        due = await apply_event(ledger, clock, item, UserData(rating=7.0))
-        pusher.offer(due["b"])
-        pusher.wake(live=True)
+        await live_change(ledger, pusher, clock, item, UserData(rating=7.0))
         await asyncio.wait_for(ledger.holding.wait(), 10)
         assert b.user_data(uid, item).rating == 7.0
         # Meanwhile she rates the second item 8 and the first one 9.
         for key, rating in ((other, 8.0), (item, 9.0)):
-            due = await apply_event(ledger, clock, key, UserData(rating=rating))
-            pusher.offer(due["b"])
-            pusher.wake(live=True)
+            await live_change(ledger, pusher, clock, key, UserData(rating=rating))
         ledger.hold.set()
         # b shows her last ratings, each value was sent once, and nothing is owed any more.
         await wait_until(
@@ -295,15 +302,11 @@ async def test_changes_made_while_a_write_is_in_flight_are_written_next_as_they_
         assert isinstance(client, HeldClient)
         # a's user rates the first item 7; its write to b is slow to go.
         client.hold.clear()
-        due = await apply_event(ledger, clock, item, UserData(rating=7.0))
-        pusher.offer(due["b"])
-        pusher.wake(live=True)
+        await live_change(ledger, pusher, clock, item, UserData(rating=7.0))
         await asyncio.wait_for(client.holding.wait(), 10)
         # Meanwhile she rates the second item 8, and the first one 9.
         for key, rating in ((other, 8.0), (item, 9.0)):
-            due = await apply_event(ledger, clock, key, UserData(rating=rating))
-            pusher.offer(due["b"])
-            pusher.wake(live=True)
+            await live_change(ledger, pusher, clock, key, UserData(rating=rating))
         reads = ledger.due_reads
         client.hold.set()
         # b shows her last ratings: the second item's from the rows offered (no due-row read
