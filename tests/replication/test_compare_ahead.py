@@ -128,13 +128,14 @@ async def backlog_for_b(
             await ledger.close()
 
 
-async def third_batch_compared_ahead(
-    ledger: CountingLedger, client: HeldClient, third: list[str]
+async def compared_while_writing(
+    ledger: CountingLedger, client: HeldClient, batch: list[str]
 ) -> None:
-    """Wait until the second batch is being written and the third one was compared."""
+    """Wait until the held write is under way and ``batch`` was compared (here: the second
+    batch is being written and the third one was compared ahead)."""
     async with asyncio.timeout(10):
         await client.holding.wait()
-        while sorted(third) not in [sorted(c) for c in ledger.compared]:
+        while sorted(batch) not in [sorted(c) for c in ledger.compared]:
             ledger.compare_done.clear()
             await ledger.compare_done.wait()
 
@@ -148,7 +149,7 @@ async def test_a_change_on_a_after_the_compare_ahead_is_written_once_as_it_stand
         third = due[2 * BATCH :]
         changed = third[0]
         pusher.start()
-        await third_batch_compared_ahead(ledger, client, third)
+        await compared_while_writing(ledger, client, third)
         clock.jump_wall(1_000)
         applied = await ledger.apply_observation(
             "a", USER_KEY, changed, UserData(rating=9.0), clock.wall_ms()
@@ -181,7 +182,7 @@ async def test_a_change_on_b_after_the_compare_ahead_is_never_written_over(
         third = due[2 * BATCH :]
         changed = third[0]
         pusher.start()
-        await third_batch_compared_ahead(ledger, client, third)
+        await compared_while_writing(ledger, client, third)
         clock.jump_wall(1_000)
         b.save_user_data(uid, changed, rating=9.0)
         # The intake waits for b's writes of the event's items before applying it.
@@ -217,7 +218,7 @@ async def test_a_change_on_a_that_leaves_b_owed_nothing_is_never_written_over(
         third = due[2 * BATCH :]
         changed = third[0]
         pusher.start()
-        await third_batch_compared_ahead(ledger, client, third)
+        await compared_while_writing(ledger, client, third)
         clock.jump_wall(1_000)
         applied = await ledger.apply_observation(
             "a", USER_KEY, changed, UserData(), clock.wall_ms()

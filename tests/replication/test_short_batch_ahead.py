@@ -28,7 +28,7 @@ from jfsync.sync.ledger import Observation
 from jfsync.sync.merge import MergePolicy
 from jfsync.timing import ManualClock
 from tests.replication.harness import API_KEY, USER, new_emulator
-from tests.replication.test_compare_ahead import CountingLedger, HeldClient
+from tests.replication.test_compare_ahead import CountingLedger, HeldClient, compared_while_writing
 from tests.support.delivery import SetOnWrite
 from tests.support.waiting import wait_until
 
@@ -114,17 +114,6 @@ async def rate_on_a(
     )
 
 
-async def next_batch_compared_while_writing(
-    ledger: CountingLedger, client: ReadHeldClient, batch: list[str]
-) -> None:
-    """Wait until the first write is under way and ``batch`` was compared meanwhile."""
-    async with asyncio.timeout(10):
-        await client.holding.wait()
-        while sorted(batch) not in [sorted(c) for c in ledger.compared]:
-            ledger.compare_done.clear()
-            await ledger.compare_done.wait()
-
-
 async def test_rows_queued_during_a_short_round_are_compared_while_it_writes(
     tmp_path: Path,
 ) -> None:
@@ -135,7 +124,7 @@ async def test_rows_queued_during_a_short_round_are_compared_while_it_writes(
         await rate_on_a(ledger, clock, items[1:], 7.0)
         pusher.wake(live=True)  # what the service does after every apply that owes b a write
         client.read_release.set()
-        await next_batch_compared_while_writing(ledger, client, items[1:])
+        await compared_while_writing(ledger, client, items[1:])
         client.release.set()
 
         uid = b.user_id(USER)
@@ -158,7 +147,7 @@ async def test_a_change_on_b_after_that_compare_ahead_is_never_written_over(
         await rate_on_a(ledger, clock, items[1:], 7.0)
         pusher.wake(live=True)
         client.read_release.set()
-        await next_batch_compared_while_writing(ledger, client, items[1:])
+        await compared_while_writing(ledger, client, items[1:])
         clock.jump_wall(1_000)
         b.save_user_data(uid, changed, rating=9.0)
         # The intake waits for b's writes of the event's items before applying it.
