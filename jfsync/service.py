@@ -996,20 +996,23 @@ def wake_peers(applied: Sequence[Applied], pushers: Mapping[str, Pusher], *, liv
     row was emptied (what it held is no longer owed) is woken too, though nothing is due: its
     pusher may have compared that row ahead already, and a wake makes it compare the rows
     again before it writes, so the peer is never sent the value nobody wants any more.
+    Each pusher is told which keys changed (a batch it compared ahead is compared again
+    only if it holds one of them).
     """
+    touched: dict[str, list[tuple[str, str]]] = {}
     owed: set[str] = set()
-    emptied: set[str] = set()
     for result in applied:
+        if not result.queued:
+            continue
+        key = (result.observation.user, result.observation.item)
         for peer, registers in result.queued.items():
-            (owed if registers else emptied).add(peer)
-    for peer in owed:
+            touched.setdefault(peer, []).append(key)
+            if registers:
+                owed.add(peer)
+    for peer, keys in touched.items():
         pusher = pushers.get(peer)
         if pusher is not None:
-            pusher.wake(live=live)
-    for peer in emptied - owed:
-        pusher = pushers.get(peer)
-        if pusher is not None:
-            pusher.wake()
+            pusher.wake(live=live and peer in owed, keys=keys)
 
 
 def _describe(err: BaseException) -> str:

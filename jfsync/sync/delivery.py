@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from tenacity import (
@@ -263,15 +263,21 @@ class Pusher:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"jfsync-pusher[{self.peer}]")
 
-    def wake(self, *, live: bool = False) -> None:
+    def wake(self, *, live: bool = False, keys: Collection[tuple[str, str]] | None = None) -> None:
         """Tell the pusher new rows may be due.
 
         With ``live`` the rows carry a live change (an event just applied): a running pusher
         then counts as live work (:mod:`jfsync.sync.priority`) from now to the end of its
         next round, unless its peer is down or paused (then no round is coming soon).
+
+        ``keys`` are the (user, item) keys whose rows changed, when the caller knows them: a
+        batch compared ahead is compared again before it is written only if one of its rows
+        is among them (without ``keys``, always). A bulk action's later slices, applied while
+        its first batches are read ahead, then no longer cost a second compare of each.
         """
         self._wake.set()
-        self._wakes += 1
+        if keys is None or not self._compared_ahead.isdisjoint(keys):
+            self._wakes += 1
         if (
             live
             and self._live is not None

@@ -155,7 +155,7 @@ async def test_a_change_on_a_after_the_compare_ahead_is_written_once_as_it_stand
             "a", USER_KEY, changed, UserData(rating=9.0), clock.wall_ms()
         )
         assert applied.queued.get("b")
-        pusher.wake(live=True)  # what the service does after every apply that owes b a write
+        wake_peers([applied], {"b": pusher}, live=True)  # what the service does after an apply
         client.release.set()
 
         uid = b.user_id(USER)
@@ -241,3 +241,39 @@ async def test_a_change_on_a_that_leaves_b_owed_nothing_is_never_written_over(
         await wait_until(quiet, 10)
         assert b.user_data(uid, changed).rating is None
         assert [w.body for w in b.writes if w.item_id == changed] == []
+
+
+async def test_a_change_of_an_item_outside_the_batch_compared_ahead_is_written_too(
+    tmp_path: Path,
+) -> None:
+    """a's user rated six items 7; while b gets the second pair, a's user rates an item of the
+    first pair (written already) 9. b shows 9 for it and 7 for the rest; the third pair,
+    compared ahead, is written without being compared again (none of its rows changed)."""
+    async with backlog_for_b(tmp_path) as (b, ledger, client, pusher, clock, due):
+        third = due[2 * BATCH :]
+        changed = due[0]
+        pusher.start()
+        await compared_while_writing(ledger, client, third)
+        clock.jump_wall(1_000)
+        applied = await ledger.apply_observation(
+            "a", USER_KEY, changed, UserData(rating=9.0), clock.wall_ms()
+        )
+        assert applied.queued.get("b")
+        wake_peers([applied], {"b": pusher}, live=True)  # what the service does after an apply
+        client.release.set()
+
+        uid = b.user_id(USER)
+
+        def every_server_shows_it() -> bool:
+            return b.user_data(uid, changed).rating == 9.0 and all(
+                b.user_data(uid, item).rating == 7.0 for item in due if item != changed
+            )
+
+        await wait_until(every_server_shows_it, 10)
+        await wait_until(lambda: pusher.stats.writes_done == ITEMS + 1, 10)
+        assert [w.body for w in b.writes if w.item_id == changed] == [
+            {"Rating": 7.0},
+            {"Rating": 9.0},
+        ]
+        assert [sorted(c) for c in ledger.compared].count(sorted(third)) == 1, ledger.compared
+        assert await ledger.due_rows("b", 10, clock.wall_ms()) == []
