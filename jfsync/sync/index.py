@@ -1487,12 +1487,14 @@ class LibraryIndex:
         sid = self.sid(server)
         found: dict[str, str] = {}
         for chunk in _chunks(sorted(set(items)), _CHUNK):
-            rows = await self._lookup_db().execute_fetchall(
+            sql = (
                 "SELECT i.key, si.remote_id FROM items i JOIN server_items si "  # noqa: S608
                 "ON si.item = i.id AND si.server = ? "
-                f"WHERE i.key IN ({_marks(len(chunk))})",
-                (sid, *chunk),
+                f"WHERE i.key IN ({_marks(len(chunk))})"
             )
+            rows = self._quick_rows(sql, (sid, *chunk), len(chunk))
+            if rows is None:
+                rows = await self._lookup_db().execute_fetchall(sql, (sid, *chunk))
             found.update((str(r[0]), str(r[1])) for r in rows)
         return found
 
