@@ -122,8 +122,9 @@ def worst_between(path: Path, start: float, end: float) -> float:
 
 def trace_slow_callbacks(out: TextIO, threshold_ms: float) -> Callable[[], None]:
     """Append every event-loop callback that runs ``threshold_ms`` or longer to ``out``:
-    ``<time.monotonic()> <ms> <what ran>`` (a task's name and coroutine, and where it stopped
-    next: the frames it is suspended in after that step). Returns a function that stops it.
+    ``<time.monotonic()> <ms> cpu <ms of the thread's CPU> <what ran>`` (a task's name and
+    coroutine, and where it stopped next: the frames it is suspended in after that step).
+    Returns a function that stops it.
 
     This attributes the stalls :class:`LoopLag` measures: which one stretch of synchronous
     work, in which task, held the loop (a catch-up's page, a status build, a bulk apply).
@@ -132,11 +133,15 @@ def trace_slow_callbacks(out: TextIO, threshold_ms: float) -> Callable[[], None]
     limit_s = threshold_ms / 1000
 
     def timed_run(handle: asyncio.events.Handle) -> None:
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.thread_time()
         real_run(handle)
         took = time.perf_counter() - began
         if took >= limit_s:
-            out.write(f"{time.monotonic():.6f} {took * 1000:.2f} {_describe(handle)}\n")
+            # CPU time too: on a shared machine a step may be long only for being preempted.
+            used = (time.thread_time() - cpu) * 1000
+            out.write(
+                f"{time.monotonic():.6f} {took * 1000:.2f} cpu {used:.2f} {_describe(handle)}\n"
+            )
             out.flush()
 
     asyncio.events.Handle._run = timed_run  # type: ignore[method-assign]
@@ -150,8 +155,8 @@ def trace_slow_callbacks(out: TextIO, threshold_ms: float) -> Callable[[], None]
         took = time.perf_counter() - started[0]
         if took >= limit_s:
             out.write(
-                f"{time.monotonic():.6f} {took * 1000:.2f} gc generation {info['generation']} "
-                f"({info['collected']} collected)\n"
+                f"{time.monotonic():.6f} {took * 1000:.2f} cpu - gc generation "
+                f"{info['generation']} ({info['collected']} collected)\n"
             )
 
     gc.callbacks.append(collected)
