@@ -1487,8 +1487,10 @@ class LibraryIndex:
         sid = self.sid(server)
         found: dict[str, str] = {}
         for chunk in _chunks(sorted(set(items)), _CHUNK):
+            # CROSS JOIN: items first, by key. Left to itself (no statistics) SQLite walked
+            # every id map row of the server instead: 20-27 ms a call at 100,000 items.
             sql = (
-                "SELECT i.key, si.remote_id FROM items i JOIN server_items si "  # noqa: S608
+                "SELECT i.key, si.remote_id FROM items i CROSS JOIN server_items si "  # noqa: S608
                 "ON si.item = i.id AND si.server = ? "
                 f"WHERE i.key IN ({_marks(len(chunk))})"
             )
