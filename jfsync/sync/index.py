@@ -1235,10 +1235,18 @@ class LibraryIndex:
         """:meth:`edges` of the entries of ``a`` in ``scope`` (a set closed under links)."""
         await self.ready()
         column = "a.entry" if rule == "provider" else "a.id"
+        # The scope's entries first, looked up by id (CROSS JOIN, ``+``), then their
+        # candidates: left to itself SQLite walked every entry of one of the two servers for
+        # the id and path rules.
+        sql = (
+            _EDGE_SQL[rule]
+            .replace(" JOIN ", " CROSS JOIN ", 1)
+            .replace("WHERE a.server = ?", "WHERE +a.server = ?")
+        )
         found: list[tuple[int, int]] = []
         for chunk in _chunks(sorted(set(scope)), _CHUNK):
             rows = await self._db().execute_fetchall(
-                f"{_EDGE_SQL[rule]} AND {column} IN ({_marks(len(chunk))})",
+                f"{sql} AND {column} IN ({_marks(len(chunk))})",
                 (self.sid(b), self.sid(a), *chunk),
             )
             found.extend((int(r[0]), int(r[1])) for r in rows)
