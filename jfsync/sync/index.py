@@ -421,8 +421,8 @@ class _QuickReader:
     was 3.5 ms against 0.19 at p50). The ledger is in WAL mode, so this reader never waits for
     its writer, and each query is a read transaction of its own (autocommit, every row fetched):
     it sees every transaction committed before it, exactly as the lookup connection would. No
-    busy wait: on any ``sqlite3.OperationalError`` (a lock held by a checkpoint or a recovery,
-    a file that cannot be opened) the caller takes the threaded path; after
+    busy wait: on any ``sqlite3.DatabaseError`` (a lock held by a checkpoint or a recovery, a
+    file that cannot be opened) the caller takes the threaded path; after
     :data:`_QUICK_FAILURES` failures in a row the reader is closed for good.
     """
 
@@ -440,7 +440,8 @@ class _QuickReader:
             return None
         try:
             rows = self._query(sql, parameters)
-        except sqlite3.OperationalError as err:
+        except sqlite3.DatabaseError as err:
+            # The lookup connection answers instead (and raises if the file is at fault).
             self._failures += 1
             logger.debug("quick index lookup failed (%s); asking the lookup connection", err)
             if self._failures >= _QUICK_FAILURES:
