@@ -12,6 +12,10 @@ in a subprocess without touching jfsync::
 
     python bench/looplag.py --out stalls.txt -m jfsync run --config jfsync.yaml
 
+With ``LOOPLAG_SLOW_CALLBACKS=FILE`` in its environment it also writes each callback of the
+loop that ran ``LOOPLAG_SLOW_MS`` (default 2) or longer to FILE, with the task and where it
+stopped (:func:`trace_slow_callbacks`): what each stall was.
+
 :func:`write_bytes` reads the bytes this process caused to be written to storage
 (``write_bytes`` in ``/proc/self/io``; SQLite's worker thread is counted with the process).
 """
@@ -21,10 +25,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
+import os
 import runpy
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -114,10 +120,94 @@ def worst_between(path: Path, start: float, end: float) -> float:
     return worst
 
 
+def trace_slow_callbacks(out: TextIO, threshold_ms: float) -> Callable[[], None]:
+    """Append every event-loop callback that runs ``threshold_ms`` or longer to ``out``:
+    ``<time.monotonic()> <ms> cpu <ms of the thread's CPU> <what ran>`` (a task's name and
+    coroutine, and where it stopped next: the frames it is suspended in after that step).
+    Returns a function that stops it.
+
+    This attributes the stalls :class:`LoopLag` measures: which one stretch of synchronous
+    work, in which task, held the loop (a catch-up's page, a status build, a bulk apply).
+    """
+    real_run = asyncio.events.Handle._run
+    limit_s = threshold_ms / 1000
+
+    def timed_run(handle: asyncio.events.Handle) -> None:
+        began, cpu = time.perf_counter(), time.thread_time()
+        real_run(handle)
+        took = time.perf_counter() - began
+        if took >= limit_s:
+            # CPU time too: on a shared machine a step may be long only for being preempted.
+            used = (time.thread_time() - cpu) * 1000
+            out.write(
+                f"{time.monotonic():.6f} {took * 1000:.2f} cpu {used:.2f} {_describe(handle)}\n"
+            )
+            out.flush()
+
+    asyncio.events.Handle._run = timed_run  # type: ignore[method-assign]
+    started: list[float] = [0.0]
+
+    def collected(phase: str, info: dict[str, int]) -> None:
+        # The collector holds the GIL, and the loop with it: its passes are stalls too.
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        took = time.perf_counter() - started[0]
+        if took >= limit_s:
+            out.write(
+                f"{time.monotonic():.6f} {took * 1000:.2f} cpu - gc generation "
+                f"{info['generation']} ({info['collected']} collected)\n"
+            )
+
+    gc.callbacks.append(collected)
+
+    def stop() -> None:
+        asyncio.events.Handle._run = real_run  # type: ignore[method-assign]
+        if collected in gc.callbacks:
+            gc.callbacks.remove(collected)
+
+    return stop
+
+
+def _describe(handle: asyncio.events.Handle) -> str:
+    """What a callback ran, on one line."""
+    callback = getattr(handle, "_callback", None)
+    task = getattr(callback, "__self__", None)
+    if isinstance(task, asyncio.Task):
+        coro = task.get_coro()
+        name = getattr(coro, "__qualname__", repr(coro))
+        return f"task {task.get_name()} {name} [next: {_awaiting(coro)}]"
+    return repr(handle).replace("\n", " ")[:200]
+
+
+def _awaiting(coro: object, depth: int = 4) -> str:
+    """The innermost ``depth`` frames ``coro`` is suspended in (``name:line``, outer first)."""
+    frames: list[str] = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        frame = frame or getattr(coro, "ag_frame", None)
+        if frame is not None:
+            frames.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+        coro = (
+            getattr(coro, "cr_await", None)
+            or getattr(coro, "gi_yieldfrom", None)
+            or getattr(coro, "ag_await", None)
+        )
+    return " > ".join(frames[-depth:])
+
+
 def _wrap_module(out_path: Path, module: str, argv: list[str]) -> int:
     """Run ``module`` as ``__main__`` with the probe started inside every ``asyncio.run``."""
     real_run = asyncio.run
     out = out_path.open("a", buffering=1)
+    # Set by hand to attribute the stalls: LOOPLAG_SLOW_CALLBACKS=FILE (LOOPLAG_SLOW_MS, 2).
+    slow_path = os.environ.get("LOOPLAG_SLOW_CALLBACKS")
+    slow_out = Path(slow_path).open("a", buffering=1) if slow_path else None  # noqa: SIM115
+    stop_tracing = (
+        trace_slow_callbacks(slow_out, float(os.environ.get("LOOPLAG_SLOW_MS", "2")))
+        if slow_out is not None
+        else None
+    )
 
     def probed_run(main: Coroutine[Any, Any, Any], **kwargs: Any) -> Any:
         async def with_probe() -> Any:
@@ -138,6 +228,10 @@ def _wrap_module(out_path: Path, module: str, argv: list[str]) -> int:
     finally:
         asyncio.run = real_run
         out.close()
+        if stop_tracing is not None:
+            stop_tracing()
+        if slow_out is not None:
+            slow_out.close()
     return 0
 
 

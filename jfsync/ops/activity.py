@@ -7,7 +7,8 @@ changed and the peers it is now owed to; the pusher's acknowledgement of each wr
 that peer's delivery time and latency. A write with no entry (queued before a restart, or
 pushed out of the ring) gets an entry of its own with an unknown source. Recording costs a few
 dict operations and no I/O: item names are looked up in the library index only when the feed is
-shown (``/status``), for the entries that have none yet, and then kept.
+shown (``/status``), for the entries that have none yet, and then kept. :func:`shown_key` tells
+when an entry shown again is shown the same (the status server then reuses its encoding).
 """
 
 from __future__ import annotations
@@ -75,6 +76,20 @@ class ActivityEntry:
             "registers": list(self.registers),
             "to": [d.as_dict() for d in self.to],
         }
+
+
+def shown_key(shown: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What tells two JSON forms (:meth:`ActivityEntry.as_dict`, as /status shows it) of the
+    same entry apart: the entry (``seq``) and every field that can change after it was made
+    (its item's name, the user's name, each delivery's state, time and latency; the status
+    may show a queued delivery as ``dead``). Equal keys, equal forms: /status encodes each
+    entry once while it stays the same. Keep it in step with ``as_dict``."""
+    return (
+        shown["seq"],
+        shown["name"],
+        shown["user_name"],
+        tuple((d["state"], d["done_ms"], d["latency_s"]) for d in shown["to"]),
+    )
 
 
 def _registers(values: Iterable[object]) -> tuple[str, ...]:

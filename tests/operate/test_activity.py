@@ -149,3 +149,31 @@ def test_the_feed_keeps_only_its_capacity_and_matches_writes_to_changes() -> Non
     assert first.to[0].state == "superseded"
     assert second.to[0].state == "written"
     assert len(feed) == 3
+
+
+async def test_each_poll_shows_every_entry_as_it_is_then(make_stack: StackFactory) -> None:
+    """The status server encodes an entry once while it stays the same: a delivery that
+    moves on (queued, dead, written again after a retry) shows its new state in the very
+    next poll, and the body is the plain JSON of the snapshot."""
+    stack = await make_stack()
+    good, refused = stack.items[0], stack.items[1]
+    await stack.flow(stack.home, good, is_favorite=True)
+    stack.cabin.fail_next_writes(1, 404)
+    stack.change(stack.home, refused, is_favorite=True)
+
+    async def state_of(item: str) -> str | None:
+        status, text = await stack.get("/status")
+        assert status == 200, text
+        assert json.dumps(json.loads(text)) + "\n" == text
+        entry = next((e for e in json.loads(text)["activity"] if e["item"] == item), None)
+        return None if entry is None else str(entry["to"][0]["state"])
+
+    async def shows(item: str, state: str) -> bool:
+        return await state_of(item) == state
+
+    await stack.wait_for(lambda: shows(refused, "dead"))
+    assert await state_of(good) == "written"
+    status, _ = await stack.get("/retry-dead", method="POST")
+    assert status == 200
+    await stack.wait_for(lambda: shows(refused, "written"))
+    assert stack.user_data(stack.cabin, refused).favorite

@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from jfsync.model import UserData
 from jfsync.ops.status import _without_userinfo
 from tests.operate.conftest import KEYS, Stack, StackFactory
 from tests.operate.docs_tables import metric_rows, status_keys
@@ -339,3 +340,30 @@ async def test_secrets_that_reach_a_snapshot_are_masked(make_stack: StackFactory
     assert servers[1]["outbox"]["last_error"] == "echoed *** back"
     assert _without_userinfo("https://jf:pw@example.org:8920/jf") == "https://example.org:8920/jf"
     assert _without_userinfo("http://127.0.0.1:8096") == "http://127.0.0.1:8096"
+
+
+async def test_a_secret_that_json_escapes_is_masked_and_other_text_kept(
+    make_stack: StackFactory,
+) -> None:
+    """The status is encoded once and walked only when something in it needs scrubbing: a
+    secret holding characters JSON escapes is found all the same, and a body with nothing to
+    scrub (an address with ``@`` in an error, a changed count) comes back as it is, current."""
+    token = 'tok"en\\with/quotes'
+    stack = await make_stack(token=token)
+    stack.service.links["home"].last_error = f"proxy said: bad token {token}"
+    status, text = await stack.get("/status")
+    assert status == 200
+    assert token not in text
+    assert json.dumps(token)[1:-1] not in text
+    assert json.loads(text)["servers"][0]["last_error"] == "proxy said: bad token ***"
+
+    stack.service.links["home"].last_error = "ask admin@example.org"
+    status, text = await stack.get("/status")
+    assert json.loads(text)["servers"][0]["last_error"] == "ask admin@example.org"
+    stack.service.links["home"].last_error = None
+    before = json.loads((await stack.get("/status"))[1])["counters"]["events_received"]
+    stack.change(stack.home, stack.items[2], is_favorite=True)
+    await stack.wait_for(lambda: stack.holds(stack.cabin, stack.items[2], UserData(favorite=True)))
+    after = json.loads((await stack.get("/status"))[1])
+    assert after["counters"]["events_received"] > before
+    assert after["servers"][0]["last_error"] is None
