@@ -123,6 +123,11 @@ class _Connection(asyncio.Protocol):
             self.abort()
             self._fail(err)
 
+    def eof_received(self) -> None:
+        # The server will send no more: not reusable (a close-delimited body ends here; the
+        # transport closes itself and connection_lost completes it).
+        self.alive = False
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.alive = False
         if not self.gone.done():

@@ -860,6 +860,7 @@ async def test_https_refuses_a_self_signed_certificate_as_aiohttp_does(
     assert str(failures[0]) == str(failures[1])
     assert "certificate verify failed" in str(failures[0])
     assert server.seen == []
+    secret_free(failures[0])
 
 
 async def test_a_url_that_needs_encoding_writes_through_aiohttp(
