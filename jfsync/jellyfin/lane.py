@@ -19,6 +19,7 @@ hold the API key: no exception, log line or repr made here contains them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import re
 import ssl
@@ -48,6 +49,8 @@ CLOSE_WAIT_S = 1.0
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: [^\r\n]*)?")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+#: The headers that say how an answer is framed; the reader looks at no other.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 
 # What the reader expects next.
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _TRAILERS, _UNTIL_CLOSE = range(6)
@@ -92,7 +95,13 @@ class _Connection(asyncio.Protocol):
         self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._buf = bytearray()
         self._waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        #: The watch on the exchange's deadline, and the deadline it was set for. One watch
+        #: serves many exchanges (answers take milliseconds, deadlines are seconds away): it
+        #: is moved on to the deadline of the exchange under way when it goes off, instead of
+        #: a timer made and cancelled for every request.
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline = 0.0
         self._mode = _HEAD
         self._status = 0
         self._length = 0
@@ -116,8 +125,22 @@ class _Connection(asyncio.Protocol):
             self.abort()
             return
         self._answered = True
-        self._buf += data
         try:
+            if not self._buf and self._mode == _HEAD:
+                # The usual case: a whole answer in one read, read without a copy.
+                end = data.find(b"\r\n\r\n")
+                if 0 <= end <= MAX_HEAD:
+                    self._read_head(data[:end])
+                    if self._mode == _LENGTH:
+                        start = end + 4
+                        stop = start + self._length
+                        if len(data) >= stop:
+                            if len(data) > stop:
+                                self._buf += data[stop:]
+                            self._complete(data[start:stop])
+                            return
+                    data = data[end + 4 :]
+            self._buf += data
             self._advance()
         except _Malformed as err:
             self.abort()
@@ -130,6 +153,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.alive = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if not self.gone.done():
             self.gone.set_result(None)
         self._lane._lost(self)
@@ -159,7 +185,12 @@ class _Connection(asyncio.Protocol):
         self._waiter = waiter
         self._mode = _HEAD
         self._answered = False
-        self._timer = loop.call_at(deadline, self._time_out)
+        self._deadline = deadline
+        if self._timer is None or self._timer_at > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(deadline, self._watch)
+            self._timer_at = deadline
         self.transport.write(request)
         return waiter
 
@@ -169,8 +200,15 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.abort()
 
-    def _time_out(self) -> None:
+    def _watch(self) -> None:
+        """The watch went off: time the exchange under way out, or watch its deadline."""
         self._timer = None
+        if self._waiter is None:
+            return  # idle: the next exchange sets a watch
+        if self._deadline > self._timer_at:
+            self._timer = asyncio.get_running_loop().call_at(self._deadline, self._watch)
+            self._timer_at = self._deadline
+            return
         self.abort()
         self._fail(TimeoutError())
 
@@ -192,10 +230,8 @@ class _Connection(asyncio.Protocol):
             waiter.set_exception(err)
 
     def _finish(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._body = bytearray()
+        if self._body:
+            self._body = bytearray()
 
     # --------------------------------------------------------------- the reader
 
@@ -282,6 +318,8 @@ class _Connection(asyncio.Protocol):
             if not colon or not name or name[-1] in b" \t" or line[0] in b" \t":
                 raise _Malformed("a bad header line")
             key = name.lower()
+            if key not in _FRAMING:
+                continue
             if key == b"content-length":
                 text = value.strip()
                 if not text.isdigit() or (length is not None and int(text) != length):
@@ -364,7 +402,9 @@ class WriteLane:
         self._json_tail = (
             f" HTTP/1.1\r\n{common}Content-Type: application/json\r\nContent-Length: "
         ).encode("latin-1")
-        self._slots = asyncio.Semaphore(connections)
+        #: Requests under way may number ``connections``; the others wait here, in turn.
+        self._free = connections
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         #: Idle connections, the last put back on top (reused first).
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
@@ -407,17 +447,11 @@ class WriteLane:
                 + b"%d\r\n\r\n" % len(body)
                 + body
             )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout_s
-        slots = self._slots
-        if slots.locked():
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await slots.acquire()
-            except TimeoutError as err:
-                raise self._timeout(method, route) from err
+        deadline = asyncio.get_running_loop().time() + self._timeout_s
+        if self._free > 0 and not self._waiting:
+            self._free -= 1
         else:
-            await slots.acquire()
+            await self._wait_turn(method, route, deadline)
         try:
             conn = self._take_idle()
             if conn is None:
@@ -434,7 +468,7 @@ class WriteLane:
             # once more, on a new connection, cannot do anything twice.
             return await self._on_new(method, route, request, deadline)
         finally:
-            slots.release()
+            self._done_turn()
 
     async def close(self) -> None:
         """Close every connection and wait until they are gone; the lane is unusable after."""
@@ -447,6 +481,33 @@ class WriteLane:
             await asyncio.wait([conn.gone for conn in conns], timeout=CLOSE_WAIT_S)
 
     # --------------------------------------------------------------- pool
+
+    async def _wait_turn(self, method: str, route: str, deadline: float) -> None:
+        """Wait until a request under way is answered (every connection is in use); the
+        wait counts in the request's timeout."""
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(turn)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await turn
+        except BaseException as err:
+            if turn.done() and not turn.cancelled():
+                self._done_turn()  # handed over as this wait ended: pass it on
+            else:
+                self._waiting.remove(turn)
+            if isinstance(err, TimeoutError):
+                raise self._timeout(method, route) from err
+            raise
+
+    def _done_turn(self) -> None:
+        """A request is through: hand its turn to the first one waiting, or free it."""
+        waiting = self._waiting
+        while waiting:
+            turn = waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self._free += 1
 
     def _take_idle(self) -> _Connection | None:
         idle = self._idle

@@ -771,6 +771,53 @@ async def test_a_hung_server_times_out_within_the_timeout(
     assert KEY not in caplog.text
 
 
+async def test_a_write_hung_after_answered_ones_times_out_at_its_own_deadline(
+    serve: Callable[..., Awaitable[ScriptedServer]], clients: Callable[..., JellyfinClient]
+) -> None:
+    """One watch serves a connection's exchanges: the fourth write, hung, times out a whole
+    timeout after it was sent, not at the first write's deadline."""
+    never = asyncio.Event()
+
+    async def fourth_hangs(seen: Seen, writer: asyncio.StreamWriter) -> bool:
+        if len(server.seen) == 4:
+            await never.wait()
+        writer.write(answer())
+        return True
+
+    server = await serve(fourth_hangs)
+    client = clients(server.url, timeout_s=0.3)
+    loop = asyncio.get_running_loop()
+    for item in ITEMS[:3]:
+        await write(client, item)
+    start = loop.time()
+    with pytest.raises(RequestTimeoutError):
+        await write(client, ITEMS[3])
+    assert 0.29 <= loop.time() - start < 5
+    assert server.connections == 1
+
+
+async def test_writes_waiting_for_a_connection_time_out_too(
+    serve: Callable[..., Awaitable[ScriptedServer]], clients: Callable[..., JellyfinClient]
+) -> None:
+    """Nine writes to a server that answers none: eight wait on their connections, the ninth
+    for a connection; each ends with the timeout error within it, none is sent twice."""
+    never = asyncio.Event()
+
+    async def hang(seen: Seen, writer: asyncio.StreamWriter) -> bool:
+        await never.wait()
+        return False
+
+    server = await serve(hang)
+    client = clients(server.url, timeout_s=0.3)
+    results = await asyncio.gather(
+        *(write(client, item) for item in ITEMS[:9]), return_exceptions=True
+    )
+    assert all(isinstance(r, RequestTimeoutError) for r in results), results
+    # The ninth may be handed a turn as the first ones time out, just before its own end.
+    assert 8 <= server.connections <= 9
+    assert len({s.target for s in server.seen}) == len(server.seen)
+
+
 async def test_a_refused_connection_is_unreachable_as_on_the_aiohttp_path(
     serve: Callable[..., Awaitable[ScriptedServer]], clients: Callable[..., JellyfinClient]
 ) -> None:
