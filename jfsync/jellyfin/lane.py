@@ -493,7 +493,7 @@ class WriteLane:
         except BaseException as err:
             if turn.done() and not turn.cancelled():
                 self._done_turn()  # handed over as this wait ended: pass it on
-            else:
+            elif turn in self._waiting:  # (a turn handed on meanwhile skipped it)
                 self._waiting.remove(turn)
             if isinstance(err, TimeoutError):
                 raise self._timeout(method, route) from err
