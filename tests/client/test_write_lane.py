@@ -582,11 +582,17 @@ async def test_an_idle_connection_older_than_the_limit_is_closed_not_reused(
 # --------------------------------------------------------------------------- falling back
 
 
+@pytest.mark.parametrize("kept", [False, True], ids=["new-connection", "kept-connection"])
 async def test_a_reset_in_the_middle_of_an_answer_falls_back_and_lands(
-    serve: Callable[..., Awaitable[ScriptedServer]], clients: Callable[..., JellyfinClient]
+    serve: Callable[..., Awaitable[ScriptedServer]],
+    clients: Callable[..., JellyfinClient],
+    kept: bool,
 ) -> None:
+    cuts = [1]
+
     async def cut(seen: Seen, writer: asyncio.StreamWriter) -> bool:
-        if seen.by_lane:
+        if seen.by_lane and seen.target.split("/")[2] == ITEMS[1] and cuts:
+            cuts.pop()
             writer.write(answer()[:40])
             await writer.drain()
             writer.transport.abort()
@@ -596,12 +602,18 @@ async def test_a_reset_in_the_middle_of_an_answer_falls_back_and_lands(
 
     server = await serve(cut)
     client = clients(server.url)
-    await write(client)
-    assert [s.by_lane for s in server.seen] == [True, False]
-    assert server.seen[0].body == server.seen[1].body
-    # A cut connection is not the server's dialect: the lane stays on.
+    if kept:
+        await write(client)  # the connection the cut write then goes on
     await write(client, ITEMS[1])
-    assert server.seen[2].by_lane
+    tail = server.seen[-2:]
+    assert [(s.by_lane, s.target.split("/")[2]) for s in tail] == [
+        (True, ITEMS[1]),
+        (False, ITEMS[1]),
+    ]
+    assert tail[0].body == tail[1].body
+    # A cut connection is not the server's dialect: the lane stays on.
+    await write(client, ITEMS[2])
+    assert server.seen[-1].by_lane
 
 
 @pytest.mark.parametrize(
@@ -618,6 +630,8 @@ async def test_a_reset_in_the_middle_of_an_answer_falls_back_and_lands(
         b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
         b"HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"x" * 70_000 + b"\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 16777217\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000001\r\n{}",
     ],
     ids=[
         "status-line",
@@ -631,6 +645,8 @@ async def test_a_reset_in_the_middle_of_an_answer_falls_back_and_lands(
         "101",
         "redirect",
         "head-over-64k",
+        "body-over-16m",
+        "chunk-over-16m",
     ],
 )
 async def test_an_answer_the_lane_cannot_read_goes_through_aiohttp(
