@@ -15,7 +15,7 @@ every (re)connect to the :class:`Reconciler`; both become ledger observations (o
 each batch: echo rule, diff, stamp, merge, outbox rows), and the pushers of the peers owed
 something are woken and write it. Shutdown stops intake first
 (subscribers), lets pushers finish writes under way within ``sync.shutdown_grace``, then closes
-the HTTP session and the ledger.
+the clients' write lanes, the HTTP session and the ledger.
 
 Config edits: :meth:`SyncService.reconfigure` applies a new config while running
 (:mod:`jfsync.reload` says what each change needs); :mod:`jfsync.ops.runcmd` runs the service
@@ -328,6 +328,8 @@ class SyncService:
         grace = self.config.sync.shutdown_grace
         await self._stop_step("pushers", asyncio.gather(*(k.pusher.stop(grace) for k in links)))
         await self._stop_step("identity index", self.identity.close())
+        clients = [link.client.close() for link in links]
+        await self._stop_step("write lanes", asyncio.gather(*clients))
         if self._session is not None:
             await self._stop_step("HTTP session", self._session.close())
         try:
