@@ -670,9 +670,13 @@ class JellyfinClient:
                 headers=headers,
                 timeout=self._timeout,
                 ssl=self._ssl,
+                # A redirected POST or DELETE would be sent on as a GET (301, 302, 303), which
+                # answers the item's data: the write would count as made without being made.
+                allow_redirects=method == "GET",
             ) as response:
                 status = response.status
                 raw = await response.read()
+                location = response.headers.get("Location", "")
         except TimeoutError as err:
             raise RequestTimeoutError(
                 self.name, f"{method} {route}: no answer within {self.timeout_s:g} s"
@@ -682,6 +686,8 @@ class JellyfinClient:
                 self.name, f"{method} {route}: cannot reach {self.display_url} ({_reason(err)})"
             ) from err
         logger.debug("[%s] %s %s -> %d", self.name, method, route, status)
+        if 300 <= status < 400:
+            raise BadResponseError(self.name, route, _redirected(method, status, location))
         if status >= 400:
             raise error_for_status(self.name, method, route, status, self._detail(raw))
         return raw
@@ -884,6 +890,26 @@ def _loc_text(loc: Sequence[int | str]) -> str:
         else:
             text += f".{part}" if text else part
     return text
+
+
+def _redirected(method: str, status: int, location: str) -> str:
+    """Why a write answered by a redirect was not made, and the fix (the target's scheme, host
+    and port only: a Location may carry a path with tokens or a user name)."""
+    try:
+        parts = urlsplit(location)
+        port = parts.port
+    except ValueError:
+        where = "an address it does not spell out right"
+    else:
+        if parts.scheme and parts.hostname:
+            where = f"{parts.scheme}://{parts.hostname}" + (f":{port}" if port else "")
+        else:
+            where = "another path of this server"
+    return (
+        f"the server answered {method} with {status}, a redirect to {where}; jfsync does not "
+        "send a write on to another address: set this server's url to the address it "
+        "redirects to"
+    )
 
 
 def _reason(err: BaseException) -> str:

@@ -322,43 +322,50 @@ async def _reconcile_with(
         clients[server.name] = JellyfinClient.for_server(
             server, session=session, device_id=f"jfsync-rest-{server.name}"
         )
-    accounts = {}
-    for name, client in clients.items():
-        try:
-            await client.ensure_supported()
-            accounts[name] = await client.users()
-        except ServerError as err:
-            outcome.problems.append(str(err))
-    if outcome.problems:
-        return
-    match = match_users(config, accounts)
-    outcome.problems.extend(f"users: {p}" for p in match.problems)
-    # Each person's register choices (the policy from the config has no user keys).
-    await ledger.set_policy(ledger.policy.with_user_fields(person_fields(config, match)))
-    users: dict[str, dict[str, str]] = {name: {} for name in clients}
-    for person in match.users:
-        outcome.user_names[person.key] = person.display_name
-        for name, account in person.accounts.items():
-            users[name][account.id] = person.key
-            await ledger.map_user(name, account.id, person.key, name=account.name)
-    identity = IndexedIdentity(config, ledger, clock)
-    await identity.start(clients)
     try:
-        # The same guard as the service: a wiped server is restored (or held), not propagated.
-        guard = ResetGuard(ResetRule.from_config(config), ledger, clock)
-        await guard.load()
-        reconciler = Reconciler(ledger, identity, clients, clock, users=lambda: users, guard=guard)
-        outcome.report = await reconciler.reconcile()
-        # The catch-ups' temporaries are free: their pages go back before delivery starts.
-        await asyncio.to_thread(release_free_memory)
-        outcome.identity = identity.status()
-        for name in clients:
-            scope = identity.index.scope(name)
-            if scope is not None:
-                outcome.libraries[name] = scope.describe()
-        await _deliver(ledger, identity, clients, clock, outcome, pusher_options)
+        accounts = {}
+        for name, client in clients.items():
+            try:
+                await client.ensure_supported()
+                accounts[name] = await client.users()
+            except ServerError as err:
+                outcome.problems.append(str(err))
+        if outcome.problems:
+            return
+        match = match_users(config, accounts)
+        outcome.problems.extend(f"users: {p}" for p in match.problems)
+        # Each person's register choices (the policy from the config has no user keys).
+        await ledger.set_policy(ledger.policy.with_user_fields(person_fields(config, match)))
+        users: dict[str, dict[str, str]] = {name: {} for name in clients}
+        for person in match.users:
+            outcome.user_names[person.key] = person.display_name
+            for name, account in person.accounts.items():
+                users[name][account.id] = person.key
+                await ledger.map_user(name, account.id, person.key, name=account.name)
+        identity = IndexedIdentity(config, ledger, clock)
+        await identity.start(clients)
+        try:
+            # The same guard as the service: a wiped server is restored (or held), not propagated.
+            guard = ResetGuard(ResetRule.from_config(config), ledger, clock)
+            await guard.load()
+            reconciler = Reconciler(
+                ledger, identity, clients, clock, users=lambda: users, guard=guard
+            )
+            outcome.report = await reconciler.reconcile()
+            # The catch-ups' temporaries are free: their pages go back before delivery starts.
+            await asyncio.to_thread(release_free_memory)
+            outcome.identity = identity.status()
+            for name in clients:
+                scope = identity.index.scope(name)
+                if scope is not None:
+                    outcome.libraries[name] = scope.describe()
+            await _deliver(ledger, identity, clients, clock, outcome, pusher_options)
+        finally:
+            await identity.close()
     finally:
-        await identity.close()
+        # The write lanes' connections (the session is the caller's to close).
+        for client in clients.values():
+            await client.close()
 
 
 class _Collector(DeliveryWatcher):

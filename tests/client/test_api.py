@@ -13,6 +13,7 @@ from jfsync.emulator import Emulator
 from jfsync.errors import (
     AuthRejectedError,
     BadRequestError,
+    BadResponseError,
     NotFoundError,
     RateLimitedError,
     RequestTimeoutError,
@@ -581,3 +582,50 @@ async def test_write_path_and_tokens_on_10_9_and_12(
     assert (await client.current_user(token)).id == bob
     items = [i async for i in client.iter_items(bob, page_size=9)]
     assert len(items) == len(emu.leaf_items())
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_a_write_answered_by_a_redirect_is_not_taken_as_made(status: int) -> None:
+    """A server (or its proxy) answers the write with a redirect: aiohttp would send a POST on
+    as a GET (301-303), which answers the item's data, and the write would count as made. The
+    write fails instead, saying where the server points and what to change; nothing is sent
+    to the redirect's target (here on the same server, where a GET would succeed)."""
+    followed: list[str] = []
+
+    async def moved(request: web.Request) -> web.Response:
+        if request.path.startswith("/moved"):
+            followed.append(request.method)
+            return web.json_response({"Played": False, "PlayCount": 0})
+        return _redirect(status, f"http://{request.host}/moved{request.path_qs}")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", moved)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        async with aiohttp.ClientSession() as http:
+            client = JellyfinClient(
+                "moved", f"http://127.0.0.1:{port}", API_KEY, session=http, device_id="d"
+            )
+            played = UserData(play_state=PlayState(True, 1, T0, 0))
+            with pytest.raises(BadResponseError) as caught:
+                await client.write_user_data(
+                    "a" * 32, "b" * 32, played, UserData(), frozenset({Register.PLAY_STATE})
+                )
+            await client.close()
+        message = str(caught.value)
+        assert f"POST with {status}, a redirect to http://127.0.0.1:{port};" in message
+        assert "set this server's url" in message
+        assert "/moved" not in message
+        assert API_KEY not in message
+        assert followed == []
+    finally:
+        await runner.cleanup()
+
+
+def _redirect(status: int, location: str) -> web.Response:
+    """A bare redirect answer of ``status`` to ``location``."""
+    return web.Response(status=status, headers={"Location": location})
