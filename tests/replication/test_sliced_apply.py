@@ -175,13 +175,33 @@ async def test_first_writes_of_a_bulk_action_leave_before_it_is_all_applied(
 
 
 async def test_a_change_elsewhere_is_not_held_up_by_a_bulk_action(
-    make_cluster: MakeCluster,
+    make_cluster: MakeCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cluster = await make_cluster(2, leaves=BULK + 10, gated=("a",))
     a, b = cluster.emus
     items = cluster.free_items[:BULK]
     favourite = cluster.free_items[BULK]
     counts = unapplied_at_writes(cluster, a, {favourite})
+    # a's slices after the first wait until the favourite has reached a: the bulk action is
+    # under way by order, not by timing (on a loaded machine it could end first), and a
+    # favourite held up behind it never arrives (the wait below times out).
+    reached = asyncio.Event()
+    emulator_module.request_observers.append(
+        lambda emu, record: reached.set() if emu is a and counts else None
+    )
+    intake = cluster.service.intake
+    settled = intake._settled
+    slices = 0
+
+    async def held_settled(user: str, entries: list[Any]) -> None:
+        nonlocal slices
+        if entries and all(e.server == "a" for e in entries):
+            slices += 1
+            if slices > 1:
+                await reached.wait()
+        await settled(user, entries)
+
+    monkeypatch.setattr(intake, "_settled", held_settled)
     try:
         gate = cluster.gates["a"]
         gate.hold()
@@ -192,6 +212,8 @@ async def test_a_change_elsewhere_is_not_held_up_by_a_bulk_action(
         cluster.change(b, favourite, is_favorite=True)
         await cluster.wait_all_hold(favourite, UserData(favorite=True))
     finally:
+        reached.set()
+        emulator_module.request_observers.pop()
         emulator_module.request_observers.pop()
     assert counts, "the favourite never reached a"
     assert counts[0] > 0, "the favourite reached a after the whole bulk action"
