@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from urllib.parse import quote
 
@@ -273,14 +275,7 @@ async def test_writes_reach_a_server_behind_a_path_prefix(
                 body=await answer.read(), status=answer.status, content_type="application/json"
             )
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", forward)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
+    async with served(forward) as port:
         client = JellyfinClient(
             "proxied",
             f"http://127.0.0.1:{port}/{quote(prefix)}/",
@@ -294,8 +289,6 @@ async def test_writes_reach_a_server_behind_a_path_prefix(
         )
         assert emu.user_data(alice, movie).play_state == played.play_state
         assert (await client.user_data_of(alice, [movie]))[movie] == played
-    finally:
-        await runner.cleanup()
 
 
 # --------------------------------------------------------------------------- user data
@@ -598,34 +591,41 @@ async def test_a_write_answered_by_a_redirect_is_not_taken_as_made(status: int) 
             return web.json_response({"Played": False, "PlayCount": 0})
         return _redirect(status, f"http://{request.host}/moved{request.path_qs}")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", moved)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        async with aiohttp.ClientSession() as http:
-            client = JellyfinClient(
-                "moved", f"http://127.0.0.1:{port}", API_KEY, session=http, device_id="d"
+    async with served(moved) as port, aiohttp.ClientSession() as http:
+        client = JellyfinClient(
+            "moved", f"http://127.0.0.1:{port}", API_KEY, session=http, device_id="d"
+        )
+        played = UserData(play_state=PlayState(True, 1, T0, 0))
+        with pytest.raises(BadResponseError) as caught:
+            await client.write_user_data(
+                "a" * 32, "b" * 32, played, UserData(), frozenset({Register.PLAY_STATE})
             )
-            played = UserData(play_state=PlayState(True, 1, T0, 0))
-            with pytest.raises(BadResponseError) as caught:
-                await client.write_user_data(
-                    "a" * 32, "b" * 32, played, UserData(), frozenset({Register.PLAY_STATE})
-                )
-            await client.close()
-        message = str(caught.value)
-        assert f"POST with {status}, a redirect to http://127.0.0.1:{port};" in message
-        assert "set this server's url" in message
-        assert "/moved" not in message
-        assert API_KEY not in message
-        assert followed == []
-    finally:
-        await runner.cleanup()
+        await client.close()
+    message = str(caught.value)
+    assert f"POST with {status}, a redirect to http://127.0.0.1:{port};" in message
+    assert "set this server's url" in message
+    assert "/moved" not in message
+    assert API_KEY not in message
+    assert followed == []
 
 
 def _redirect(status: int, location: str) -> web.Response:
     """A bare redirect answer of ``status`` to ``location``."""
     return web.Response(status=status, headers={"Location": location})
+
+
+@asynccontextmanager
+async def served(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[int]:
+    """Serve every route with ``handler`` on 127.0.0.1; yield the port."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()

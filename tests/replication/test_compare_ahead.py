@@ -140,6 +140,36 @@ async def compared_while_writing(
             await ledger.compare_done.wait()
 
 
+async def rate_9_on_a_during_the_compare_ahead(
+    b: Emulator,
+    ledger: CountingLedger,
+    client: HeldClient,
+    pusher: Pusher,
+    clock: ManualClock,
+    due: list[str],
+    changed: str,
+) -> None:
+    """Start b's pusher; while b gets the second pair (the third compared ahead), a's user
+    rates ``changed`` 9; wait until b shows 9 for it and 7 for every other item."""
+    pusher.start()
+    await compared_while_writing(ledger, client, due[2 * BATCH :])
+    clock.jump_wall(1_000)
+    applied = await ledger.apply_observation(
+        "a", USER_KEY, changed, UserData(rating=9.0), clock.wall_ms()
+    )
+    assert applied.queued.get("b")
+    wake_peers([applied], {"b": pusher}, live=True)  # what the service does after an apply
+    client.release.set()
+    uid = b.user_id(USER)
+
+    def every_server_shows_it() -> bool:
+        return b.user_data(uid, changed).rating == 9.0 and all(
+            b.user_data(uid, item).rating == 7.0 for item in due if item != changed
+        )
+
+    await wait_until(every_server_shows_it, 10)
+
+
 async def test_a_change_on_a_after_the_compare_ahead_is_written_once_as_it_stands(
     tmp_path: Path,
 ) -> None:
@@ -148,24 +178,7 @@ async def test_a_change_on_a_after_the_compare_ahead_is_written_once_as_it_stand
     async with backlog_for_b(tmp_path) as (b, ledger, client, pusher, clock, due):
         third = due[2 * BATCH :]
         changed = third[0]
-        pusher.start()
-        await compared_while_writing(ledger, client, third)
-        clock.jump_wall(1_000)
-        applied = await ledger.apply_observation(
-            "a", USER_KEY, changed, UserData(rating=9.0), clock.wall_ms()
-        )
-        assert applied.queued.get("b")
-        wake_peers([applied], {"b": pusher}, live=True)  # what the service does after an apply
-        client.release.set()
-
-        uid = b.user_id(USER)
-
-        def every_server_shows_it() -> bool:
-            return b.user_data(uid, changed).rating == 9.0 and all(
-                b.user_data(uid, item).rating == 7.0 for item in due if item != changed
-            )
-
-        await wait_until(every_server_shows_it, 10)
+        await rate_9_on_a_during_the_compare_ahead(b, ledger, client, pusher, clock, due, changed)
         await wait_until(lambda: pusher.stats.writes_done == ITEMS, 10)
         sent = [w.body for w in b.writes if w.item_id == changed]
         assert sent == [{"Rating": 9.0}], sent
@@ -252,24 +265,7 @@ async def test_a_change_of_an_item_outside_the_batch_compared_ahead_is_written_t
     async with backlog_for_b(tmp_path) as (b, ledger, client, pusher, clock, due):
         third = due[2 * BATCH :]
         changed = due[0]
-        pusher.start()
-        await compared_while_writing(ledger, client, third)
-        clock.jump_wall(1_000)
-        applied = await ledger.apply_observation(
-            "a", USER_KEY, changed, UserData(rating=9.0), clock.wall_ms()
-        )
-        assert applied.queued.get("b")
-        wake_peers([applied], {"b": pusher}, live=True)  # what the service does after an apply
-        client.release.set()
-
-        uid = b.user_id(USER)
-
-        def every_server_shows_it() -> bool:
-            return b.user_data(uid, changed).rating == 9.0 and all(
-                b.user_data(uid, item).rating == 7.0 for item in due if item != changed
-            )
-
-        await wait_until(every_server_shows_it, 10)
+        await rate_9_on_a_during_the_compare_ahead(b, ledger, client, pusher, clock, due, changed)
         await wait_until(lambda: pusher.stats.writes_done == ITEMS + 1, 10)
         assert [w.body for w in b.writes if w.item_id == changed] == [
             {"Rating": 7.0},
