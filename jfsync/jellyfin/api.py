@@ -660,6 +660,9 @@ class JellyfinClient:
     ) -> bytes:
         """Send one request to ``url``; return the body of a success, raise the mapped error
         (naming ``route``, the template, never the URL) for anything else."""
+        # An aiohttp error about an answer (ClientResponseError) holds the request's headers,
+        # the API key among them, in its repr: it is not chained to the error raised.
+        unchained: UnreachableError | None = None
         try:
             async with self._session.request(
                 method,
@@ -682,9 +685,14 @@ class JellyfinClient:
                 self.name, f"{method} {route}: no answer within {self.timeout_s:g} s"
             ) from err
         except aiohttp.ClientError as err:
-            raise UnreachableError(
+            unreachable = UnreachableError(
                 self.name, f"{method} {route}: cannot reach {self.display_url} ({_reason(err)})"
-            ) from err
+            )
+            if not isinstance(err, aiohttp.ClientResponseError):
+                raise unreachable from err
+            unchained = unreachable
+        if unchained is not None:
+            raise unchained  # outside the except block: no __context__ either
         logger.debug("[%s] %s %s -> %d", self.name, method, route, status)
         if 300 <= status < 400:
             raise BadResponseError(self.name, route, _redirected(method, status, location))
