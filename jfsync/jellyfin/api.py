@@ -29,7 +29,7 @@ from collections.abc import (
     Sequence,
 )
 from typing import Any, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
 
 import aiohttp
 from pydantic import TypeAdapter, ValidationError
@@ -216,9 +216,7 @@ class JellyfinClient:
         self._headers = {"Authorization": api_auth, "Accept": "application/json"}
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
         # For messages: scheme, host and port only (a URL may carry user:password@).
-        self.display_url = f"{parts.scheme}://{parts.hostname}" + (
-            f":{parts.port}" if parts.port else ""
-        )
+        self.display_url = _origin(parts)
         #: The kept-alive lane of the writes (jellyfin/lane.py), for a plain http(s) URL
         #: without credentials in it; anything else writes through aiohttp.
         self._lane: WriteLane | None = None
@@ -494,10 +492,7 @@ class JellyfinClient:
             except LaneFallback:
                 pass  # an answer the lane cannot read: aiohttp sends it as any other request
             else:
-                logger.debug("[%s] %s %s -> %d", self.name, method, route, status)
-                if status >= 400:
-                    raise error_for_status(self.name, method, route, status, self._detail(raw))
-                return raw
+                return self._answer(method, route, status, raw)
         headers = self._json_headers if raw_body is not None else self._headers
         return await self._exchange(method, route, self.url + path, (), raw_body, None, headers)
 
@@ -693,6 +688,14 @@ class JellyfinClient:
             unchained = unreachable
         if unchained is not None:
             raise unchained  # outside the except block: no __context__ either
+        return self._answer(method, route, status, raw, location)
+
+    def _answer(
+        self, method: str, route: str, status: int, raw: bytes, location: str = ""
+    ) -> bytes:
+        """The body of a success; the mapped error (naming ``route``) for a redirect (never
+        followed by a write: see :func:`_redirected`) or an error status. For an answer
+        through aiohttp or through the write lane alike."""
         logger.debug("[%s] %s %s -> %d", self.name, method, route, status)
         if 300 <= status < 400:
             raise BadResponseError(self.name, route, _redirected(method, status, location))
@@ -900,19 +903,20 @@ def _loc_text(loc: Sequence[int | str]) -> str:
     return text
 
 
+def _origin(parts: SplitResult) -> str:
+    """``scheme://host[:port]`` of a URL: what messages show of it (a URL may carry
+    ``user:password@``, a path with a token in it, a query)."""
+    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+
+
 def _redirected(method: str, status: int, location: str) -> str:
     """Why a write answered by a redirect was not made, and the fix (the target's scheme, host
     and port only: a Location may carry a path with tokens or a user name)."""
     try:
         parts = urlsplit(location)
-        port = parts.port
-    except ValueError:
+        where = _origin(parts) if parts.scheme and parts.hostname else "another path of this server"
+    except ValueError:  # a port that is not one
         where = "an address it does not spell out right"
-    else:
-        if parts.scheme and parts.hostname:
-            where = f"{parts.scheme}://{parts.hostname}" + (f":{port}" if port else "")
-        else:
-            where = "another path of this server"
     return (
         f"the server answered {method} with {status}, a redirect to {where}; jfsync does not "
         "send a write on to another address: set this server's url to the address it "

@@ -17,6 +17,8 @@ import aiohttp
 
 from jfsync.emulator import Emulator
 from jfsync.model import UserData
+from jfsync.sync.ledger import Ledger, Observation
+from jfsync.timing import ManualClock
 from tests.support.cluster import (
     DEBOUNCE_S,
     FAST_PUSHER,
@@ -42,10 +44,31 @@ __all__ = [
     "UserClient",
     "fast_delays",
     "new_emulator",
+    "untouched_on_a_and_b",
 ]
 
 #: The canonical key jfsync gives a user matched by name.
 USER_KEY = f"name:{USER}"
+
+
+async def untouched_on_a_and_b(
+    ledger: Ledger, clock: ManualClock, b: Emulator, count: int
+) -> list[str]:
+    """For a pusher test against ``b`` alone: map :data:`USER` (b's account, and a's
+    ``a-user``) to :data:`USER_KEY`, and record b's first ``count`` leaf items as holding
+    nothing on either server (a scan), so that what the user does after is a plain change.
+    Returns those items."""
+    await ledger.map_user("a", "a-user", USER_KEY)
+    await ledger.map_user("b", b.user_id(USER), USER_KEY)
+    items = [leaf.id for leaf in b.leaf_items()[:count]]
+    await ledger.apply_observations(
+        [
+            Observation(server, USER_KEY, item, UserData(), clock.wall_ms(), "scan")
+            for server in ("a", "b")
+            for item in items
+        ]
+    )
+    return items
 
 
 def new_emulator(

@@ -29,13 +29,12 @@ from jfsync.sync.delivery import Pusher
 from jfsync.sync.ledger import Ledger, Observation, OutboxRow
 from jfsync.sync.merge import MergePolicy
 from jfsync.timing import ManualClock
-from tests.replication.harness import API_KEY, USER, new_emulator
+from tests.replication.harness import API_KEY, USER, USER_KEY, new_emulator, untouched_on_a_and_b
 from tests.support.delivery import SetOnWrite
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
-USER_KEY = f"name:{USER}"
 #: Rows per batch, and batches in the backlog.
 BATCH = 2
 ITEMS = 3 * BATCH
@@ -103,17 +102,7 @@ async def backlog_for_b(
             watcher=SetOnWrite(recorded),
         )
         try:
-            uid = b.user_id(USER)
-            await ledger.map_user("a", "a-user", USER_KEY)
-            await ledger.map_user("b", uid, USER_KEY)
-            items = [item.id for item in b.leaf_items()[:ITEMS]]
-            await ledger.apply_observations(
-                [
-                    Observation(server, USER_KEY, item, UserData(), clock.wall_ms(), "scan")
-                    for server in ("a", "b")
-                    for item in items
-                ]
-            )
+            items = await untouched_on_a_and_b(ledger, clock, b, ITEMS)
             clock.jump_wall(1_000)
             await ledger.apply_observations(
                 [

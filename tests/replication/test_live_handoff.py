@@ -28,7 +28,7 @@ from jfsync.sync.ledger import Ledger, Observation, OutboxRow
 from jfsync.sync.merge import MergePolicy
 from jfsync.timing import ManualClock
 from tests.replication.conftest import MakeCluster
-from tests.replication.harness import API_KEY, USER, USER_KEY, new_emulator
+from tests.replication.harness import API_KEY, USER, USER_KEY, new_emulator, untouched_on_a_and_b
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -187,16 +187,7 @@ async def idle_pusher_for_b(
         client = HeldClient("b", b.url, API_KEY, session=session, device_id="test-live")
         pusher = Pusher("b", ledger, client, clock)
         try:
-            await ledger.map_user("a", "a-user", USER_KEY)
-            await ledger.map_user("b", b.user_id(USER), USER_KEY)
-            item, other = (leaf.id for leaf in b.leaf_items()[:2])
-            await ledger.apply_observations(
-                [
-                    Observation(server, USER_KEY, key, UserData(), clock.wall_ms(), "scan")
-                    for server in ("a", "b")
-                    for key in (item, other)
-                ]
-            )
+            item, _ = await untouched_on_a_and_b(ledger, clock, b, 2)
             pusher.start()
             assert await pusher.wait_recovered(10)
             yield b, ledger, pusher, clock, item

@@ -24,13 +24,11 @@ from jfsync.sync.delivery import Pusher
 from jfsync.sync.ledger import Ledger, Observation
 from jfsync.sync.merge import MergePolicy
 from jfsync.timing import ManualClock
-from tests.replication.harness import API_KEY, USER, new_emulator
+from tests.replication.harness import API_KEY, USER, USER_KEY, new_emulator, untouched_on_a_and_b
 from tests.support.delivery import SetOnWrite
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(30)
-
-USER_KEY = f"name:{USER}"
 
 
 class HeldClient(JellyfinClient):
@@ -133,17 +131,8 @@ async def test_a_user_change_on_the_peer_after_its_read_ahead_is_kept(tmp_path: 
     ledger (and drop the row carrying it to a) nor be written over on b."""
     async with pusher_to_b(tmp_path) as (b, ledger, client, pusher, clock, recorded):
         uid = b.user_id(USER)
-        await ledger.map_user("a", "a-user", USER_KEY)
-        await ledger.map_user("b", uid, USER_KEY)
-        items = [item.id for item in b.leaf_items()[:4]]
         # Both servers are known to hold nothing yet, so the favourites are plain changes.
-        await ledger.apply_observations(
-            [
-                Observation(server, USER_KEY, item, UserData(), clock.wall_ms(), "scan")
-                for server in ("a", "b")
-                for item in items
-            ]
-        )
+        items = await untouched_on_a_and_b(ledger, clock, b, 4)
         clock.jump_wall(1_000)
         await ledger.apply_observations(
             [

@@ -27,14 +27,12 @@ from jfsync.sync.delivery import Pusher
 from jfsync.sync.ledger import Observation
 from jfsync.sync.merge import MergePolicy
 from jfsync.timing import ManualClock
-from tests.replication.harness import API_KEY, USER, new_emulator
+from tests.replication.harness import API_KEY, USER, USER_KEY, new_emulator, untouched_on_a_and_b
 from tests.replication.test_compare_ahead import CountingLedger, HeldClient, compared_while_writing
 from tests.support.delivery import SetOnWrite
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(30)
-
-USER_KEY = f"name:{USER}"
 
 
 class ReadHeldClient(HeldClient):
@@ -79,17 +77,7 @@ async def one_row_for_b(
             watcher=SetOnWrite(asyncio.Event()),
         )
         try:
-            uid = b.user_id(USER)
-            await ledger.map_user("a", "a-user", USER_KEY)
-            await ledger.map_user("b", uid, USER_KEY)
-            items = [item.id for item in b.leaf_items()[:4]]
-            await ledger.apply_observations(
-                [
-                    Observation(server, USER_KEY, item, UserData(), clock.wall_ms(), "scan")
-                    for server in ("a", "b")
-                    for item in items
-                ]
-            )
+            items = await untouched_on_a_and_b(ledger, clock, b, 4)
             clock.jump_wall(1_000)
             await rate_on_a(ledger, clock, items[:1], 7.0)
             pusher.start()
