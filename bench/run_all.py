@@ -253,6 +253,17 @@ def rows_for(found: dict[str, dict[str, Any]], runs: dict[str, Run]) -> list[Row
                 verdict(r["reconcile_stall_ms"] <= 50),
             )
         )
+        rows.append(
+            Row(
+                "worst loop stall: second reconcile (dry run)",
+                size,
+                f"{r['second_dry_run_stall_ms']:.0f} ms",
+                "",
+                "",
+                "<= 50 ms",
+                verdict(r["second_dry_run_stall_ms"] <= 50),
+            )
+        )
     if not missing("index", "index build", "<= 2x ledger size"):
         r = found["index"]
         size = f"2 x {r['items']:,} items"

@@ -1,6 +1,7 @@
-"""Smoke test of ``bench/run_all.py``: at tiny sizes its ledger and index benches run, hand
-their figures back and come out as table rows with a figure, a floor measured in the same run
-and a verdict (the benchmarks themselves are not tests; this only keeps the instrument working).
+"""Smoke test of ``bench/run_all.py``: at tiny sizes its ledger, index and reconcile benches
+run, hand their figures back and come out as table rows with a figure, a floor measured in the
+same run and a verdict (the benchmarks themselves are not tests; this only keeps the
+instrument working).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def test_run_all_prints_figures_floors_and_verdicts(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run_all.py"), "--tiny", "--only", "ledger",
-         "index", "--json", str(out)],
+         "index", "reconcile", "--json", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -43,4 +44,7 @@ def test_run_all_prints_figures_floors_and_verdicts(tmp_path: Path) -> None:
     refresh = rows["one-item refresh (server a)"]
     assert refresh["measured"].endswith("ms")
     assert rows["worst loop stall: index build"]["result"] in ("pass", "FAIL")
+    # Both reconciles are probed: the first, and a second one over written id maps.
+    assert rows["worst loop stall: reconcile"]["measured"].endswith("ms")
+    assert rows["worst loop stall: second reconcile (dry run)"]["measured"].endswith("ms")
     assert "| figure | size | measured | floor | ratio | goal | result |" in done.stdout

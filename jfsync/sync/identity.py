@@ -37,8 +37,8 @@ from typing import Any, Protocol, cast
 
 from jfsync.config import Config
 from jfsync.errors import JfsyncError
+from jfsync.heap import KeySet, release_free_memory
 from jfsync.heap import drain as _drain
-from jfsync.heap import release_free_memory
 from jfsync.jellyfin.api import JellyfinClient
 from jfsync.sync.index import (
     PAGE_SIZE,
@@ -739,7 +739,7 @@ class IndexedIdentity:
         # Every key a server holds: hundreds of thousands after a first match, so put
         # together in a worker thread (one set union walks them all without a pause).
         taken = await asyncio.to_thread(_union, held.values())
-        claimed: set[str] = set()
+        claimed: KeySet = {}
         plans = {n: _ServerPlan() for n in self._names}
         retire: set[str] = set()
         change = IdentityChange()
@@ -819,7 +819,7 @@ class IndexedIdentity:
                     await writing
         # The whole library's keys (and, after a first match, most of their strings) are
         # freed in a worker thread, not on the event loop.
-        await asyncio.to_thread(_clear, claimed, taken, held)
+        await asyncio.to_thread(_clear, claimed, taken, *held.values())
         if retire:
             retired = await self._ledger.retire_items(sorted(retire))
             change = change | IdentityChange(retired=len(retired))
@@ -829,9 +829,9 @@ class IndexedIdentity:
         self,
         rows: list[GroupRow],
         plans: dict[str, _ServerPlan],
-        claimed: set[str],
-        taken: set[str],
-        held: Mapping[str, set[str]],
+        claimed: KeySet,
+        taken: KeySet,
+        held: Mapping[str, KeySet],
         retire: set[str],
     ) -> None:
         """Decide one group's canonical key and record the id-map changes it needs.
@@ -857,7 +857,7 @@ class IndexedIdentity:
             while chosen in claimed or chosen in taken:
                 serial += 1
                 chosen = f"{first.server}:{first.remote_id}" + (f"#{serial}" if serial > 2 else "")
-        claimed.add(chosen)
+        claimed[chosen] = None
         for row in members:
             if row.key == chosen:
                 continue
@@ -1085,24 +1085,20 @@ def _consume(
         _drain(pairs)
 
 
-def _union(sets: Iterable[set[str]]) -> set[str]:
-    """Every element of ``sets``, added from Python (a whole library's keys: run it in a
-    thread; one ``set.update`` of them all holds the GIL without a pause)."""
-    found: set[str] = set()
-    add = found.add
+def _union(sets: Iterable[KeySet]) -> KeySet:
+    """Every key of ``sets``, added from Python (a whole library's keys: run it in a thread;
+    one ``update`` of them all holds the GIL without a pause)."""
+    found: KeySet = {}
     for one in sets:
         for key in one:
-            add(key)
+            found[key] = None
     return found
 
 
-def _clear(*containers: set[str] | dict[str, set[str]]) -> None:
-    """Empty each container, and the sets a dict holds, a slice at a time (a whole library's
-    keys: run it in a worker thread)."""
+def _clear(*containers: KeySet) -> None:
+    """Empty each container a slice at a time (a whole library's keys: run it in a worker
+    thread)."""
     for container in containers:
-        if isinstance(container, dict):
-            for member in container.values():
-                _drain(member)
         _drain(container)
 
 

@@ -63,6 +63,7 @@ import aiosqlite
 
 from jfsync.config import PathRewrite, ServerConfig
 from jfsync.errors import JfsyncError
+from jfsync.heap import KeySet
 from jfsync.jellyfin.api import DEFAULT_ITEM_TYPES, JellyfinClient
 from jfsync.jellyfin.wire import BaseItemDto
 from jfsync.sync.filters import LibraryScope, resolve_scope
@@ -1394,23 +1395,24 @@ class LibraryIndex:
             found.extend((str(r[0]), str(r[1])) for r in rows)
         return found
 
-    async def mapped_keys(self) -> dict[str, set[str]]:
+    async def mapped_keys(self) -> dict[str, KeySet]:
         """The canonical keys each configured server's id map holds now.
 
-        Hundreds of thousands of rows: put into the sets on SQLite's thread as they are read,
-        never held as a list of rows nor walked by the event loop.
+        Hundreds of thousands of rows: put into the key sets on SQLite's thread as they are
+        read, never held as a list of rows nor walked by the event loop (nor by the garbage
+        collector: see :data:`jfsync.heap.KeySet`).
         """
-        found: dict[str, set[str]] = {n: set() for n in self._order}
+        found: dict[str, KeySet] = {n: {} for n in self._order}
         sql = "SELECT si.server, i.key FROM server_items si JOIN items i ON i.id = si.item"
         await run_on_thread(self._db(), lambda conn: self._add_held(found, conn.execute(sql)))
         return found
 
     async def held_keys(
         self, keys: Iterable[str], prefixes: Iterable[str] = ()
-    ) -> dict[str, set[str]]:
+    ) -> dict[str, KeySet]:
         """Like :meth:`mapped_keys`, limited to ``keys`` and the keys starting with one of
         ``prefixes`` (what choosing the keys of a few groups needs to know)."""
-        found: dict[str, set[str]] = {n: set() for n in self._order}
+        found: dict[str, KeySet] = {n: {} for n in self._order}
         sids = [self._sids[n] for n in self._order]
         # CROSS JOIN: from the few keys to their mappings, never through every mapping.
         sql = (
@@ -1431,11 +1433,11 @@ class LibraryIndex:
             self._add_held(found, rows)
         return found
 
-    def _add_held(self, found: dict[str, set[str]], rows: Iterable[Any]) -> None:
+    def _add_held(self, found: dict[str, KeySet], rows: Iterable[Any]) -> None:
         for sid, key in rows:
             name = self._names.get(int(sid))
             if name in found:
-                found[name].add(str(key))
+                found[name][str(key)] = None
 
     async def describe(self, entries: Iterable[int]) -> dict[int, IndexedItem]:
         """Readable rows for some entries (samples for status and logs)."""
