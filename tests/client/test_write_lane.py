@@ -94,6 +94,16 @@ async def ok(seen: Seen, writer: asyncio.StreamWriter) -> bool:
     return True
 
 
+def held_until(release: asyncio.Event) -> Respond:
+    """Answer each write as :func:`ok` does, once ``release`` is set."""
+
+    async def held(seen: Seen, writer: asyncio.StreamWriter) -> bool:
+        await release.wait()
+        return await ok(seen, writer)
+
+    return held
+
+
 @dataclass
 class ScriptedServer:
     """HTTP/1.1 on 127.0.0.1: reads each request whole, then ``respond`` writes the answer
@@ -380,13 +390,7 @@ async def test_at_most_8_connections_however_many_writers(
     serve: Callable[..., Awaitable[ScriptedServer]], clients: Callable[..., JellyfinClient]
 ) -> None:
     release = asyncio.Event()
-
-    async def slow(seen: Seen, writer: asyncio.StreamWriter) -> bool:
-        await release.wait()
-        writer.write(answer())
-        return True
-
-    server = await serve(slow)
+    server = await serve(held_until(release))
     client = clients(server.url)
     writes = asyncio.gather(*(write(client, item) for item in ITEMS[:20]))
     await wait_until(lambda: len(server.seen) == 8, changed=server.changed)
@@ -857,13 +861,7 @@ async def test_a_waiting_write_cancelled_as_its_turn_is_passed_on(
     one are cancelled together (a stop): the turn passes over the cancelled waiter, and the
     lane then carries eight writes at once again."""
     release = asyncio.Event()
-
-    async def held(seen: Seen, writer: asyncio.StreamWriter) -> bool:
-        await release.wait()
-        writer.write(answer())
-        return True
-
-    server = await serve(held)
+    server = await serve(held_until(release))
     client = clients(server.url)
     tasks = [asyncio.create_task(write(client, item)) for item in ITEMS[:9]]
     await wait_until(lambda: len(server.seen) == 8, changed=server.changed)
