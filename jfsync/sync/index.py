@@ -1479,19 +1479,20 @@ class LibraryIndex:
                 "SELECT si.remote_id, i.key FROM server_items si JOIN items i ON i.id = si.item "  # noqa: S608
                 f"WHERE si.server = ? AND si.remote_id IN ({_marks(len(chunk))})"
             )
-            rows = self._quick_rows(sql, (sid, *chunk), len(chunk))
-            if rows is None:
-                rows = await self._lookup_db().execute_fetchall(sql, (sid, *chunk))
+            rows = await self._lookup_rows(sql, (sid, *chunk), len(chunk))
             found.update((str(r[0]), str(r[1])) for r in rows)
         return found
 
-    def _quick_rows(self, sql: str, parameters: Sequence[Any], count: int) -> Iterable[Any] | None:
-        """The rows of a query of the ledger's tables over ``count`` ids, read on the loop
-        when it is small (:data:`QUICK_LOOKUP`); None: ask the lookup connection."""
-        if count > QUICK_LOOKUP or self._lookup is None:
-            return None
+    async def _lookup_rows(self, sql: str, parameters: Sequence[Any], count: int) -> Iterable[Any]:
+        """The rows of a lookup over ``count`` ids: read on the loop when it is small
+        (:data:`QUICK_LOOKUP`) and the quick reader can answer, else on the lookup
+        connection's thread."""
         quick = self._quick
-        return None if quick is None else quick.rows(sql, parameters)
+        if count <= QUICK_LOOKUP and self._lookup is not None and quick is not None:
+            rows = quick.rows(sql, parameters)
+            if rows is not None:
+                return rows
+        return await self._lookup_db().execute_fetchall(sql, parameters)
 
     async def remote_of(self, server: str, items: Iterable[str]) -> dict[str, str]:
         """Canonical key -> the server's remote id, for the mapped ones among ``items``."""
@@ -1505,9 +1506,7 @@ class LibraryIndex:
                 "ON si.item = i.id AND si.server = ? "
                 f"WHERE i.key IN ({_marks(len(chunk))})"
             )
-            rows = self._quick_rows(sql, (sid, *chunk), len(chunk))
-            if rows is None:
-                rows = await self._lookup_db().execute_fetchall(sql, (sid, *chunk))
+            rows = await self._lookup_rows(sql, (sid, *chunk), len(chunk))
             found.update((str(r[0]), str(r[1])) for r in rows)
         return found
 
