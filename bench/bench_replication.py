@@ -16,7 +16,11 @@ run. Figures printed:
   process of its own as jfsync is (in here it would share one core and one event loop with
   the emulator it writes to). Printed with it: the CPU both clients used (jfsync's split into
   its event loop and its other threads, SQLite's), and how long the server received no write
-  between the first and the last (gaps of 5 ms or more), for both.
+  between the first and the last (gaps of 5 ms or more), for both. Beside it, a second floor
+  on a fourth emulator, ``read-floor``: the same bare client making the pusher's compare
+  reads too (each batch listed before it is written, one batch ahead), which every write of
+  jfsync's needs (compare-before-write) and the plain floor leaves out. It has no goal; it
+  says how much of the burst's gap to the floor is those reads' cost to the server.
 * **rss**: peak resident memory of the ``jfsync run`` process (psutil, sampled every 20 ms)
   during the burst, and until ``b``'s echo of it (one debounced message of as many entries)
   has been applied.
@@ -78,10 +82,11 @@ from results import emit
 
 from jfsync import emulator as emulator_module
 from jfsync.emulator import Emulator, RequestRecord
+from jfsync.jellyfin.api import IDS_PER_REQUEST
 from jfsync.jellyfin.wire import update_body
 from jfsync.model import PlayState, UserData
 from jfsync.ops.runcmd import tune_garbage_collector
-from jfsync.sync.delivery import CONCURRENCY
+from jfsync.sync.delivery import BATCH_SIZE, CONCURRENCY
 
 API_KEY = "0123456789abcdef0123456789abcdef"
 #: Jellyfin's UserDataChanged debounce (fact sheet §2.1).
@@ -148,9 +153,19 @@ class Writes:
             self._until = None
 
 
-async def floor_run(url: str, user_id: str, bodies: dict[str, dict[str, object]]) -> float:
+async def floor_run(
+    url: str, user_id: str, bodies: dict[str, dict[str, object]], *, reads: bool = False
+) -> float:
     """Send the writes straight to the server at ``url`` at the pusher's concurrency, with a
-    bare aiohttp loop; return the seconds taken."""
+    bare aiohttp loop; return the seconds taken.
+
+    With ``reads``, the bare client also makes the pusher's compare reads: it takes the items
+    in batches of :data:`~jfsync.sync.delivery.BATCH_SIZE`, lists each batch with the query
+    the pusher sends (:data:`~jfsync.jellyfin.api.IDS_PER_REQUEST` ids a request, no fields,
+    no images) and decodes the answer, one batch read ahead of the writes, as the pusher
+    reads the next batch while one is written. Nothing is compared or recorded: it is what
+    the reads cost the server and a client that does nothing else.
+    """
     header = (
         'MediaBrowser Client="floor", Device="bench", DeviceId="bench-floor", '
         f'Version="1", Token="{API_KEY}"'
@@ -172,22 +187,57 @@ async def floor_run(url: str, user_id: str, bodies: dict[str, dict[str, object]]
                 await response.read()
                 assert response.status == 200, response.status
 
+        async def read(items: list[str]) -> None:
+            count = -(-len(items) // IDS_PER_REQUEST)
+            size = -(-len(items) // count)
+            for start in range(0, len(items), size):
+                chunk = items[start : start + size]
+                params = {
+                    "userId": user_id,
+                    "recursive": "true",
+                    "ids": ",".join(chunk),
+                    "startIndex": "0",
+                    "limit": str(len(chunk)),
+                    "enableTotalRecordCount": "false",
+                    "enableImages": "false",
+                }
+                async with session.get(f"{url}/Items", params=params, headers=headers) as got:
+                    listed = json.loads(await got.read())
+                    assert got.status == 200, got.status
+                    assert len(listed["Items"]) == len(chunk), len(listed["Items"])
+
         started = time.monotonic()
-        await asyncio.gather(*(one(item, body) for item, body in bodies.items()))
+        if not reads:
+            await asyncio.gather(*(one(item, body) for item, body in bodies.items()))
+            return time.monotonic() - started
+        items = list(bodies)
+        batches = [items[i : i + BATCH_SIZE] for i in range(0, len(items), BATCH_SIZE)]
+        ahead = asyncio.create_task(read(batches[0]))
+        writing: list[asyncio.Task[None]] = []
+        for index, batch in enumerate(batches):
+            await ahead
+            if index + 1 < len(batches):
+                ahead = asyncio.create_task(read(batches[index + 1]))
+            before, writing = writing, [asyncio.create_task(one(i, bodies[i])) for i in batch]
+            await asyncio.gather(*before)
+        await asyncio.gather(*writing)
         return time.monotonic() - started
 
 
 def floor_worker(spec_file: str) -> None:
     """Run :func:`floor_run` in this process (the floor's own process, like ``jfsync run``'s):
-    read ``{"url", "user_id", "bodies"}`` from ``spec_file``, print ``{"seconds", "cpu_s"}``."""
+    read ``{"url", "user_id", "bodies", "reads"}`` from ``spec_file``, print
+    ``{"seconds", "cpu_s"}``."""
     spec = json.loads(Path(spec_file).read_text())
     cpu = time.process_time()
-    seconds = asyncio.run(floor_run(spec["url"], spec["user_id"], spec["bodies"]))
+    seconds = asyncio.run(
+        floor_run(spec["url"], spec["user_id"], spec["bodies"], reads=spec["reads"])
+    )
     print(json.dumps({"seconds": seconds, "cpu_s": time.process_time() - cpu}))
 
 
 async def floor_process(
-    url: str, user_id: str, bodies: dict[str, dict[str, object]]
+    url: str, user_id: str, bodies: dict[str, dict[str, object]], *, reads: bool = False
 ) -> tuple[float, float]:
     """:func:`floor_run` in a process of its own; return its seconds and its CPU seconds.
 
@@ -196,7 +246,7 @@ async def floor_process(
     for a request crossing from one process to another, as jfsync and a real server do.
     """
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as spec:
-        json.dump({"url": url, "user_id": user_id, "bodies": bodies}, spec)
+        json.dump({"url": url, "user_id": user_id, "bodies": bodies, "reads": reads}, spec)
     try:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -267,6 +317,7 @@ async def one_burst(
     a: Emulator,
     b: Emulator,
     floor: Emulator,
+    read_floor: Emulator,
     writes: Writes,
     batch: list[str],
     rep: int,
@@ -279,7 +330,8 @@ async def one_burst(
     ``b``'s echoes of it (run while this process still sends them, 10,000 entries after b's
     debounce, and jfsync applies them, the floor would be slowed by that work and the ratio
     flattered). Even repetitions run the burst first, odd ones the floor first, so a drift of
-    the machine's speed over a run weighs on both alike.
+    the machine's speed over a run weighs on both alike. The floor with the compare reads
+    (on ``read_floor``, an emulator of its own) runs right after the floor, on the same side.
     """
     when = datetime(2025, 6, 1, 20, 0, tzinfo=UTC) + timedelta(days=rep)
     target = PlayState(played=True, play_count=rep + 1, last_played_s=int(when.timestamp()))
@@ -289,9 +341,11 @@ async def one_burst(
     floor_first = rep % 2 == 1
     if floor_first:
         floor_s, floor_cpu, floor_here = await served_floor(floor, bodies)
+        read_floor_s, _, _ = await served_floor(read_floor, bodies, reads=True)
     timing = await jfsync_burst(pid, status_port, a, b, writes, batch, rep, target, when)
     if not floor_first:
         floor_s, floor_cpu, floor_here = await served_floor(floor, bodies)
+        read_floor_s, _, _ = await served_floor(read_floor, bodies, reads=True)
     floor_idle_s, floor_idle_count = idle_gaps([r.time for r in floor.writes[-len(batch) :]])
     burst_s = timing["burst_s"]
     prefix = f"[{rep + 1}] " if label else ""
@@ -300,6 +354,11 @@ async def one_burst(
         f"({len(batch) / burst_s:.0f} writes/s); floor (bare aiohttp in its own process, "
         f"concurrency {CONCURRENCY}, run {'before' if floor_first else 'after'}) "
         f"{floor_s:.2f} s ({len(batch) / floor_s:.0f} writes/s); ratio {burst_s / floor_s:.2f}x"
+    )
+    print(
+        f"{prefix}floor making the pusher's compare reads too (one listing of each batch of "
+        f"{BATCH_SIZE}, read ahead): {read_floor_s:.2f} s ({read_floor_s / floor_s:.2f}x the "
+        f"floor); jfsync's burst {burst_s / read_floor_s:.2f}x it"
     )
     print(
         f"{prefix}changes made on a in {timing['saved_s']:.2f} s; the first write reached b "
@@ -324,18 +383,24 @@ async def one_burst(
         f"peak {timing['burst_peak_mib']:.0f} MiB during it, {timing['peak_rss_mib']:.0f} MiB "
         "until its echo was applied"
     )
-    return {**timing, "floor_s": floor_s, "floor_cpu_s": floor_cpu, "floor_here_s": floor_here}
+    return {
+        **timing,
+        "floor_s": floor_s,
+        "floor_cpu_s": floor_cpu,
+        "floor_here_s": floor_here,
+        "read_floor_s": read_floor_s,
+    }
 
 
 async def served_floor(
-    floor: Emulator, bodies: dict[str, dict[str, object]]
+    floor: Emulator, bodies: dict[str, dict[str, object]], *, reads: bool = False
 ) -> tuple[float, float, float]:
     """:func:`floor_process` against ``floor``; return its seconds, its client's CPU seconds
     and this process's CPU seconds meanwhile (the emulator serving the writes), to set beside
     what this process spends serving jfsync's burst (a's message, b's compare reads and
     writes)."""
     here = sum(psutil.Process().cpu_times()[:2])
-    seconds, cpu = await floor_process(floor.url, floor.user_id(USER), bodies)
+    seconds, cpu = await floor_process(floor.url, floor.user_id(USER), bodies, reads=reads)
     return seconds, cpu, sum(psutil.Process().cpu_times()[:2]) - here
 
 
@@ -585,9 +650,9 @@ async def run(
     built = time.monotonic()
     emus = [
         Emulator(api_key=API_KEY, server_name=name, library_size=leaves, seed=3, debounce_s=0.0)
-        for name in ("a", "b", "floor")
+        for name in ("a", "b", "floor", "read-floor")
     ]
-    a, b, floor = emus
+    a, b, floor, read_floor = emus
     for emu in emus:
         await emu.start()
     print(f"emulators: {leaves} leaf items each, built in {time.monotonic() - built:.1f} s")
@@ -771,7 +836,7 @@ async def run(
             timings = []
             for rep in range(repeat):
                 timing = await one_burst(
-                    proc.pid, status_port, a, b, floor, writes, batch, rep, repeat > 1
+                    proc.pid, status_port, a, b, floor, read_floor, writes, batch, rep, repeat > 1
                 )
                 # The burst and its echo (the floor after them is not jfsync's).
                 timing["stall_ms"] = worst_between(
@@ -780,11 +845,14 @@ async def run(
                 timings.append(timing)
             bursts = statistics.median(t["burst_s"] for t in timings)
             floors = statistics.median(t["floor_s"] for t in timings)
+            read_floors = statistics.median(t["read_floor_s"] for t in timings)
             figures.update(
                 burst_s=[t["burst_s"] for t in timings],
                 burst_floor_s=[t["floor_s"] for t in timings],
                 burst_median_s=bursts,
                 burst_floor_median_s=floors,
+                burst_read_floor_s=[t["read_floor_s"] for t in timings],
+                burst_read_floor_median_s=read_floors,
                 first_write_s=[t["first_write_s"] for t in timings],
                 burst_cpu_s=[t["cpu_jfsync_s"] for t in timings],
                 burst_floor_cpu_s=[t["floor_cpu_s"] for t in timings],
@@ -805,6 +873,11 @@ async def run(
                     + f"; median {statistics.median(ratios):.2f}x; medians: jfsync {bursts:.2f} s, "
                     f"floor {floors:.2f} s, ratio {bursts / floors:.2f}x; CPU against the "
                     "floor's client: " + ", ".join(f"{r:.2f}x" for r in cpus)
+                )
+                print(
+                    f"floor making the compare reads too: median {read_floors:.2f} s "
+                    f"({read_floors / floors:.2f}x the floor); jfsync's burst "
+                    f"{bursts / read_floors:.2f}x it"
                 )
             counters = await status_counters(status_port)
             print(
