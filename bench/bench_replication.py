@@ -71,6 +71,7 @@ import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import psutil
@@ -315,6 +316,7 @@ async def one_burst(
     pid: int,
     status_port: int,
     a: Emulator,
+    told: list[float],
     b: Emulator,
     floor: Emulator,
     read_floor: Emulator,
@@ -342,7 +344,7 @@ async def one_burst(
     if floor_first:
         floor_s, floor_cpu, floor_here = await served_floor(floor, bodies)
         read_floor_s, _, _ = await served_floor(read_floor, bodies, reads=True)
-    timing = await jfsync_burst(pid, status_port, a, b, writes, batch, rep, target, when)
+    timing = await jfsync_burst(pid, status_port, a, told, b, writes, batch, rep, target, when)
     if not floor_first:
         floor_s, floor_cpu, floor_here = await served_floor(floor, bodies)
         read_floor_s, _, _ = await served_floor(read_floor, bodies, reads=True)
@@ -360,9 +362,12 @@ async def one_burst(
         f"{BATCH_SIZE}, read ahead): {read_floor_s:.2f} s ({read_floor_s / floor_s:.2f}x the "
         f"floor); jfsync's burst {burst_s / read_floor_s:.2f}x it"
     )
+    told_s = timing["told_s"]
     print(
-        f"{prefix}changes made on a in {timing['saved_s']:.2f} s; the first write reached b "
-        f"after {timing['first_write_s']:.2f} s (a's message received, parsed and applied)"
+        f"{prefix}changes made on a in {timing['saved_s']:.2f} s and a's message sent after "
+        f"{told_s:.2f} s; the first write reached b after {timing['first_write_s']:.2f} s "
+        f"(a's message received, parsed and applied); from a's message to the last write "
+        f"{burst_s - told_s:.2f} s, ratio {(burst_s - told_s) / floor_s:.2f}x"
     )
     print(
         f"{prefix}CPU during the burst: jfsync run {timing['cpu_jfsync_s']:.2f} s, the floor's "
@@ -404,10 +409,28 @@ async def served_floor(
     return seconds, cpu, sum(psutil.Process().cpu_times()[:2]) - here
 
 
+def stamp_user_data_sends(emu: Emulator) -> list[float]:
+    """The monotonic times at which ``emu`` sends each ``UserDataChanged`` message from now on
+    (appended as they are sent; the socket hub is wrapped for the bench)."""
+    stamps: list[float] = []
+    hub = emu.hub
+    real_send = hub._send
+
+    async def send(conn: Any, payload: dict[str, Any]) -> bool:
+        sent = await real_send(conn, payload)
+        if sent and payload.get("MessageType") == "UserDataChanged":
+            stamps.append(time.monotonic())
+        return sent
+
+    hub._send = send  # type: ignore[method-assign]
+    return stamps
+
+
 async def jfsync_burst(
     pid: int,
     status_port: int,
     a: Emulator,
+    told: list[float],
     b: Emulator,
     writes: Writes,
     batch: list[str],
@@ -416,7 +439,8 @@ async def jfsync_burst(
     when: datetime,
 ) -> dict[str, float]:
     """Mark ``batch`` played on ``a`` and time it until ``b`` holds ``target`` for every item;
-    wait until jfsync has applied ``b``'s echoes."""
+    wait until jfsync has applied ``b``'s echoes. ``told`` gets the times ``a`` sends its
+    ``UserDataChanged`` messages (:func:`stamp_user_data_sends`)."""
     echoes_before = int(str((await status_counters(status_port))["echoes"]))
     uid_a, uid_b = a.user_id(USER), b.user_id(USER)
     before = len(b.writes)
@@ -428,6 +452,7 @@ async def jfsync_burst(
     cpu_jfsync = sum(jfsync_proc.cpu_times()[:2])
     cpu_loop = loop_cpu(jfsync_proc)
     cpu_here = sum(psutil.Process().cpu_times()[:2])
+    told_before = len(told)
     started = time.monotonic()
     for item in batch:
         a.save_user_data(uid_a, item, played=True, play_count=rep + 1, last_played=when)
@@ -443,6 +468,9 @@ async def jfsync_burst(
     )
     burst_s = time.monotonic() - started
     first_write_s = min(r.time for r in b.writes[before:]) - started
+    # When a's message of the bulk action left (the changes saved, the message built): from
+    # then on the time is jfsync's.
+    told_s = told[told_before] - started
     idle_s, idle_count = idle_gaps([r.time for r in b.writes[before:]])
     cpu_jfsync = sum(jfsync_proc.cpu_times()[:2]) - cpu_jfsync
     cpu_loop = loop_cpu(jfsync_proc) - cpu_loop
@@ -457,6 +485,7 @@ async def jfsync_burst(
         "burst_s": burst_s,
         "first_write_s": first_write_s,
         "saved_s": saved_s,
+        "told_s": told_s,
         "cpu_jfsync_s": cpu_jfsync,
         "cpu_loop_s": cpu_loop,
         "idle_s": idle_s,
@@ -653,6 +682,7 @@ async def run(
         for name in ("a", "b", "floor", "read-floor")
     ]
     a, b, floor, read_floor = emus
+    told = stamp_user_data_sends(a)
     for emu in emus:
         await emu.start()
     print(f"emulators: {leaves} leaf items each, built in {time.monotonic() - built:.1f} s")
@@ -836,7 +866,17 @@ async def run(
             timings = []
             for rep in range(repeat):
                 timing = await one_burst(
-                    proc.pid, status_port, a, b, floor, read_floor, writes, batch, rep, repeat > 1
+                    proc.pid,
+                    status_port,
+                    a,
+                    told,
+                    b,
+                    floor,
+                    read_floor,
+                    writes,
+                    batch,
+                    rep,
+                    repeat > 1,
                 )
                 # The burst and its echo (the floor after them is not jfsync's).
                 timing["stall_ms"] = worst_between(
@@ -846,12 +886,16 @@ async def run(
             bursts = statistics.median(t["burst_s"] for t in timings)
             floors = statistics.median(t["floor_s"] for t in timings)
             read_floors = statistics.median(t["read_floor_s"] for t in timings)
+            from_message = statistics.median(t["burst_s"] - t["told_s"] for t in timings)
             figures.update(
                 burst_s=[t["burst_s"] for t in timings],
                 burst_floor_s=[t["floor_s"] for t in timings],
                 burst_median_s=bursts,
                 burst_floor_median_s=floors,
                 burst_read_floor_s=[t["read_floor_s"] for t in timings],
+                burst_from_message_s=[t["burst_s"] - t["told_s"] for t in timings],
+                burst_from_message_median_s=from_message,
+                told_s=[t["told_s"] for t in timings],
                 burst_read_floor_median_s=read_floors,
                 first_write_s=[t["first_write_s"] for t in timings],
                 burst_cpu_s=[t["cpu_jfsync_s"] for t in timings],
@@ -873,6 +917,10 @@ async def run(
                     + f"; median {statistics.median(ratios):.2f}x; medians: jfsync {bursts:.2f} s, "
                     f"floor {floors:.2f} s, ratio {bursts / floors:.2f}x; CPU against the "
                     "floor's client: " + ", ".join(f"{r:.2f}x" for r in cpus)
+                )
+                print(
+                    f"from a's message to the last write: median {from_message:.2f} s, "
+                    f"{from_message / floors:.2f}x the floor"
                 )
                 print(
                     f"floor making the compare reads too: median {read_floors:.2f} s "
