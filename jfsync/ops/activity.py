@@ -92,7 +92,22 @@ def shown_key(shown: Mapping[str, Any]) -> tuple[Any, ...]:
     )
 
 
+#: Register sets already put in display form: the subsets of three registers, 8 at most
+#: (:data:`_NAMED_KEPT` bounds it for any other caller).
+_NAMED: dict[frozenset[object], tuple[str, ...]] = {}
+_NAMED_KEPT = 128
+
+
 def _registers(values: Iterable[object]) -> tuple[str, ...]:
+    """Register names, sorted: made once per distinct set (the ledger's results share their
+    frozensets), not once per change of a 10,000-item bulk action."""
+    if isinstance(values, frozenset):
+        named = _NAMED.get(values)
+        if named is None:
+            named = tuple(sorted(str(v) for v in values))
+            if len(_NAMED) < _NAMED_KEPT:
+                _NAMED[values] = named
+        return named
     return tuple(sorted(str(v) for v in values))
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from jfsync.model import Register
 from jfsync.ops import statuscmd
 from jfsync.ops.activity import ActivityFeed
 from tests.operate.conftest import Stack, StackFactory
@@ -177,3 +178,35 @@ async def test_each_poll_shows_every_entry_as_it_is_then(make_stack: StackFactor
     assert status == 200
     await stack.wait_for(lambda: shows(refused, "written"))
     assert stack.user_data(stack.cabin, refused).favorite
+
+
+def test_registers_show_sorted_by_name_however_the_change_gave_them() -> None:
+    """The ledger hands a change's registers over as a set (the same set object for many
+    changes of a bulk action); the feed shows them sorted, the same for every entry."""
+    feed = ActivityFeed(capacity=10)
+    both = frozenset({Register.PLAY_STATE, Register.FAVORITE})
+    entries = [
+        feed.record_change(
+            at_ms=n,
+            server="home",
+            user="u",
+            item=f"i{n}",
+            kind="event",
+            registers=registers,
+            owed={"cabin": registers},
+        )
+        for n, registers in enumerate(
+            [both, both, [Register.PLAY_STATE, Register.FAVORITE], frozenset({Register.RATING})]
+        )
+    ]
+    assert [e.registers for e in entries] == [
+        ("favorite", "play_state"),
+        ("favorite", "play_state"),
+        ("favorite", "play_state"),
+        ("rating",),
+    ]
+    assert [e.to[0].registers for e in entries] == [e.registers for e in entries]
+    written = feed.record_write(
+        peer="cabin", user="u", item="new", registers=both, done_ms=9, latency_s=0.1
+    )
+    assert written.registers == ("favorite", "play_state")
