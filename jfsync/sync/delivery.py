@@ -73,6 +73,8 @@ logger = logging.getLogger(__name__)
 BATCH_SIZE = 500
 #: Writes in flight to one peer at once.
 CONCURRENCY = 8
+#: Recorded writes told to the watcher per step (the event loop is given back between).
+REPORT_STEP = 100
 #: Quick attempts of one write before the peer is treated as down.
 QUICK_ATTEMPTS = 3
 #: How long an idle pusher waits before looking at the outbox again without a wake-up
@@ -696,11 +698,21 @@ class Pusher:
                 self.stats.last_error = None
             self._written(len(acks), done_ms)
             if self._watcher is not None:
-                delivered = [
-                    Delivered(row, current, after, done_ms)
-                    for (row, current), (_, after) in zip(made, acks, strict=True)
-                ]
-                self._tell(self._watcher.written, self.peer, delivered)
+                # In slices, the loop given back between: a batch of 500 told at once held
+                # it for 3-7 ms (metrics and the activity feed), and the next batch's writes
+                # waited that long for their answers to be read.
+                for start in range(0, len(made), REPORT_STEP):
+                    if start:
+                        await asyncio.sleep(0)
+                    delivered = [
+                        Delivered(row, current, after, done_ms)
+                        for (row, current), (_, after) in zip(
+                            made[start : start + REPORT_STEP],
+                            acks[start : start + REPORT_STEP],
+                            strict=True,
+                        )
+                    ]
+                    self._tell(self._watcher.written, self.peer, delivered)
         finally:
             self._recorded(owed, recorded, ids)
 

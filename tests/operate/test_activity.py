@@ -9,10 +9,12 @@ import re
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from jfsync.model import Register
 from jfsync.ops import statuscmd
 from jfsync.ops.activity import ActivityFeed
+from jfsync.sync import delivery
 from tests.operate.conftest import Stack, StackFactory
 
 pytestmark = pytest.mark.timeout(30)
@@ -210,3 +212,36 @@ def test_registers_show_sorted_by_name_however_the_change_gave_them() -> None:
         peer="cabin", user="u", item="new", registers=both, done_ms=9, latency_s=0.1
     )
     assert written.registers == ("favorite", "play_state")
+
+
+async def test_every_write_of_a_bulk_action_is_shown_and_counted(
+    make_stack: StackFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's writes are told to the feed and the metrics a slice at a time (the event loop
+    given back between): a user who favourites many items at once still sees every one of
+    them written to the other server, and /metrics counts each write."""
+    monkeypatch.setattr(delivery, "REPORT_STEP", 3)
+    stack = await make_stack()
+    items = stack.items[:11]
+    expected = {item: stack.change(stack.home, item, is_favorite=True) for item in items}
+    await stack.wait_for(lambda: all(stack.user_data(stack.cabin, i) == expected[i] for i in items))
+
+    async def all_written() -> bool:
+        entries = await _activity(stack)
+        written = {
+            e["item"]
+            for e in entries
+            if e["from"] == "home" and [d["state"] for d in e["to"]] == ["written"]
+        }
+        return written >= set(items)
+
+    await stack.wait_for(all_written)
+    status, text = await stack.get("/metrics")
+    assert status == 200, text
+    counted = {
+        sample.labels["peer"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "jfsync_propagation_latency_seconds_count"
+    }
+    assert counted.get("cabin") == len(items)
