@@ -10,7 +10,9 @@ run. Figures printed:
   matching write arriving at ``b`` (both read from the same monotonic clock: the change time
   here, the write record's time on ``b``). p50 / p95 / p99 / max.
 * **burst**: ``--burst`` items marked played on ``a`` at once (one bulk action, like marking a
-  season or a library played); the time until ``b`` has received every write. Compared with
+  season or a library played); the time until ``b`` has received every write, from the bulk
+  action and from the moment ``a`` sent its ``UserDataChanged`` message of it (before that
+  the time is ``a``'s own: saving the changes and building the message). Compared with
   the floor: the same writes (same route, same body) sent straight to ``floor`` by a bare
   aiohttp loop at the pusher's concurrency (:data:`jfsync.sync.delivery.CONCURRENCY`), in a
   process of its own as jfsync is (in here it would share one core and one event loop with
