@@ -211,15 +211,31 @@ class PairMatcher:
         self._refused_a: set[int] = set()
         self._refused_b: set[int] = set()
 
+    # Each loop below grows one whole-library container. Grown side by side in one loop, the
+    # containers reach their resize thresholds on the same entry, and their resizes (each a
+    # C call faulting in a new table of megabytes, ~15 ms at 400,000 entries) run back to
+    # back with no point between where the thread hands the GIL over: three or four of them
+    # held the event loop 50-65 ms in a 2 x 200k re-match. The matches are listed first (a
+    # list grows by reallocation, a few pages at a time), then put in each container in turn.
+
     def confirm(self, rule: str, edges: Iterable[tuple[int, int]]) -> None:
         """Keep the earlier matches that are still candidates under ``rule``."""
         result, kept = self.result, self._kept
-        for a, b in edges:
-            if kept.get(a) == b and a not in result.matched:
-                result.matched[a] = b
-                result.rule_of[a] = rule
-                result.kept.add(a)
-                self._taken_b[b] = a
+        matched = result.matched
+        # (The same pair twice is kept twice over: the same entries, the same values.)
+        found = [(a, b) for a, b in edges if kept.get(a) == b and a not in matched]
+        for a, b in found:
+            matched[a] = b
+        rule_of = result.rule_of
+        for a, _ in found:
+            rule_of[a] = rule
+        kept_set = result.kept
+        for a, _ in found:
+            kept_set.add(a)
+        taken_b = self._taken_b
+        for a, b in found:
+            taken_b[b] = a
+        _drain(found)
 
     def release(self) -> PairResult:
         """The result, with what the matcher kept on the side (a whole library of it) freed a
@@ -234,26 +250,36 @@ class PairMatcher:
         self._kept = {}
         result, taken_b = self.result, self._taken_b
         refused_a, refused_b = self._refused_a, self._refused_b
+        matched = result.matched
+        free = [
+            (a, b)
+            for a, b in edges
+            if not (a in matched or b in taken_b or a in refused_a or b in refused_b)
+        ]
         cand_a: dict[int, int] = {}
-        cand_b: dict[int, int] = {}
-        for a, b in edges:
-            if a in result.matched or b in taken_b or a in refused_a or b in refused_b:
-                continue
+        for a, b in free:
             cand_a[a] = b if cand_a.get(a, b) == b else _MANY
+        cand_b: dict[int, int] = {}
+        for a, b in free:
             cand_b[b] = a if cand_b.get(b, a) == a else _MANY
-        for a, b in cand_a.items():
-            if b != _MANY and cand_b[b] == a:
-                result.matched[a] = b
-                result.rule_of[a] = rule
-                taken_b[b] = a
-        for a in cand_a:
-            if a not in result.matched:
-                refused_a.add(a)
-                result.ambiguous[a] = rule
-        for b in cand_b:
-            if b not in taken_b:
-                refused_b.add(b)
-                result.ambiguous[b] = rule
+        _drain(free)
+        pairs = [(a, b) for a, b in cand_a.items() if b != _MANY and cand_b[b] == a]
+        for a, b in pairs:
+            matched[a] = b
+        rule_of = result.rule_of
+        for a, _ in pairs:
+            rule_of[a] = rule
+        for a, b in pairs:
+            taken_b[b] = a
+        _drain(pairs)
+        ambiguous = result.ambiguous
+        for side, refused, taken in ((cand_a, refused_a, matched), (cand_b, refused_b, taken_b)):
+            left = [x for x in side if x not in taken]
+            for x in left:
+                refused.add(x)
+            for x in left:
+                ambiguous[x] = rule
+            _drain(left)
         # A whole library's candidates: freed a slice at a time (see _drain).
         _drain(cand_a)
         _drain(cand_b)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jfsync.config import PathRewrite
 from jfsync.sync.identity import build_groups, match_pair
@@ -128,3 +130,71 @@ def test_ambiguous_entries_without_any_match_are_refused() -> None:
     ab = match_pair(AB, {}, rules(providers=[(1, 11), (1, 12)]))
     groups, _ = build_groups([ab], {1: 1, 11: 2, 12: 2})
     assert groups == {1: None, 11: None, 12: None}
+
+
+def _reference_match(
+    kept: dict[int, int], rules_: list[tuple[str, list[tuple[int, int]]]]
+) -> tuple[dict[int, int], dict[int, str], set[int], dict[int, str]]:
+    """The matching rule as the design states it, written plainly: earlier matches still a
+    candidate under some rule are kept; then, rule by rule over the entries still free, a
+    pair matches when each side is the other's only candidate, and an entry with several
+    candidates (or whose only candidate has several) is refused for the rules after."""
+    matched: dict[int, int] = {}
+    rule_of: dict[int, str] = {}
+    kept_now: set[int] = set()
+    ambiguous: dict[int, str] = {}
+    taken_b: dict[int, int] = {}
+    for rule, edges in rules_:
+        for a, b in edges:
+            if kept.get(a) == b and a not in matched:
+                matched[a], rule_of[a], taken_b[b] = b, rule, a
+                kept_now.add(a)
+    refused: set[tuple[str, int]] = set()
+    for rule, edges in rules_:
+        of_a: dict[int, set[int]] = {}
+        of_b: dict[int, set[int]] = {}
+        for a, b in edges:
+            if a in matched or b in taken_b or ("a", a) in refused or ("b", b) in refused:
+                continue
+            of_a.setdefault(a, set()).add(b)
+            of_b.setdefault(b, set()).add(a)
+        for a, bs in of_a.items():
+            (b,) = bs if len(bs) == 1 else (None,)
+            if b is not None and of_b[b] == {a}:
+                matched[a], rule_of[a], taken_b[b] = b, rule, a
+        for a in of_a:
+            if a not in matched:
+                refused.add(("a", a))
+                ambiguous[a] = rule
+        for b in of_b:
+            if b not in taken_b:
+                refused.add(("b", b))
+                ambiguous[b] = rule
+    return matched, rule_of, kept_now, ambiguous
+
+
+_edges = st.lists(st.tuples(st.integers(1, 6), st.integers(11, 16)), max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ids=_edges,
+    paths=_edges,
+    providers=_edges,
+    kept=st.dictionaries(st.integers(1, 6), st.integers(11, 16), max_size=4),
+)
+def test_a_pair_matches_as_the_rule_says_for_any_candidates(
+    ids: list[tuple[int, int]],
+    paths: list[tuple[int, int]],
+    providers: list[tuple[int, int]],
+    kept: dict[int, int],
+) -> None:
+    """Whatever the candidates (repeated pairs, shared entries, stale earlier matches), the
+    matcher finds the matches, keeps, rules and refusals the rule defines."""
+    given_rules = rules(ids=ids, paths=paths, providers=providers)
+    result = match_pair(AB, kept, [(rule, list(edges)) for rule, edges in given_rules])
+    matched, rule_of, kept_now, ambiguous = _reference_match(kept, given_rules)
+    assert result.matched == matched
+    assert result.rule_of == rule_of
+    assert result.kept == kept_now
+    assert result.ambiguous == ambiguous
