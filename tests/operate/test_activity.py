@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from jfsync.model import Register
 from jfsync.ops import statuscmd
-from jfsync.ops.activity import ActivityFeed
+from jfsync.ops.activity import ActivityEntry, ActivityFeed
 from jfsync.sync import delivery
 from tests.operate.conftest import Stack, StackFactory
 
@@ -102,18 +102,23 @@ async def test_a_fresh_service_says_nothing_happened_yet(make_stack: StackFactor
     assert "No activity yet" in out.getvalue()
 
 
+def _changed(feed: ActivityFeed, n: int, registers: Any) -> ActivityEntry:
+    """Item ``i<n>`` of user u changed on home at ``n`` ms, owed to cabin."""
+    return feed.record_change(
+        at_ms=n,
+        server="home",
+        user="u",
+        item=f"i{n}",
+        kind="event",
+        registers=registers,
+        owed={"cabin": registers},
+    )
+
+
 def test_the_feed_keeps_only_its_capacity_and_matches_writes_to_changes() -> None:
     feed = ActivityFeed(capacity=3)
     for n in range(5):
-        feed.record_change(
-            at_ms=n,
-            server="home",
-            user="u",
-            item=f"i{n}",
-            kind="event",
-            registers=["favorite"],
-            owed={"cabin": ["favorite"]},
-        )
+        _changed(feed, n, ["favorite"])
     assert [e.item for e in feed.entries()] == ["i4", "i3", "i2"]
     # A write of an entry that fell out of the ring still shows, with an unknown source.
     lost = feed.record_write(
@@ -188,15 +193,7 @@ def test_registers_show_sorted_by_name_however_the_change_gave_them() -> None:
     feed = ActivityFeed(capacity=10)
     both = frozenset({Register.PLAY_STATE, Register.FAVORITE})
     entries = [
-        feed.record_change(
-            at_ms=n,
-            server="home",
-            user="u",
-            item=f"i{n}",
-            kind="event",
-            registers=registers,
-            owed={"cabin": registers},
-        )
+        _changed(feed, n, registers)
         for n, registers in enumerate(
             [both, both, [Register.PLAY_STATE, Register.FAVORITE], frozenset({Register.RATING})]
         )
