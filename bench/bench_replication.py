@@ -85,7 +85,7 @@ from results import emit
 
 from jfsync import emulator as emulator_module
 from jfsync.emulator import Emulator, RequestRecord
-from jfsync.jellyfin.api import IDS_PER_REQUEST
+from jfsync.jellyfin.api import IDS_PER_REQUEST, even_chunks
 from jfsync.jellyfin.wire import update_body
 from jfsync.model import PlayState, UserData
 from jfsync.ops.runcmd import tune_garbage_collector
@@ -191,10 +191,7 @@ async def floor_run(
                 assert response.status == 200, response.status
 
         async def read(items: list[str]) -> None:
-            count = -(-len(items) // IDS_PER_REQUEST)
-            size = -(-len(items) // count)
-            for start in range(0, len(items), size):
-                chunk = items[start : start + size]
+            for chunk in even_chunks(items, IDS_PER_REQUEST):  # the pusher's requests
                 params = {
                     "userId": user_id,
                     "recursive": "true",

@@ -367,7 +367,7 @@ class JellyfinClient:
         wanted = [normalize_id(i) for i in item_ids]
         route = "/Items"
         found: dict[str, UserData] = {}
-        for chunk in _even_chunks(wanted, IDS_PER_REQUEST):
+        for chunk in even_chunks(wanted, IDS_PER_REQUEST):
             query = [
                 *base,
                 ("ids", ",".join(chunk)),
@@ -877,7 +877,7 @@ def _listed_id(item: ListedItem) -> str:
     return item["Id"]
 
 
-def _even_chunks(values: list[str], most: int) -> Iterator[list[str]]:
+def even_chunks(values: list[str], most: int) -> Iterator[list[str]]:
     """``values`` in as few chunks of at most ``most`` as can be, of about equal sizes (500
     ids at 170 a request: 3 requests of 167, not 170, 170, 160)."""
     if not values:

@@ -213,10 +213,11 @@ class PairMatcher:
 
     # Each loop below grows one whole-library container. Grown side by side in one loop, the
     # containers reach their resize thresholds on the same entry, and their resizes (each a
-    # C call faulting in a new table of megabytes, ~15 ms at 400,000 entries) run back to
-    # back with no point between where the thread hands the GIL over: three or four of them
-    # held the event loop 50-65 ms in a 2 x 200k re-match. The matches are listed first (a
-    # list grows by reallocation, a few pages at a time), then put in each container in turn.
+    # C call faulting in a new table of megabytes, 15-19 ms at 400,000 entries alone, 40-48 ms
+    # inside a 2 x 200k reconcile, where the loop was seen refused the GIL that long) can run
+    # back to back with no point between where the thread hands the GIL over. The matches are
+    # listed first (a list grows by reallocation, a few pages at a time), then put in each
+    # container in turn.
 
     def confirm(self, rule: str, edges: Iterable[tuple[int, int]]) -> None:
         """Keep the earlier matches that are still candidates under ``rule``."""
