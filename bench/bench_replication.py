@@ -672,6 +672,7 @@ async def run(
     profile: str | None,
     repeat: int = 1,
     catchup_items: int = 0,
+    jfsync_path: Path | None = None,
 ) -> None:
     """Start everything, measure, print, clean up."""
     leaves = max(burst, changes) + 10
@@ -709,7 +710,8 @@ async def run(
         stalls = Path(tmp) / "stalls.txt"
         status_port = free_port()
         config.write_text(config_text(servers, Path(tmp) / "ledger.db", status_port))
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        # The jfsync run under test: this checkout's, or another tree's (--jfsync-path).
+        env = {**os.environ, "PYTHONPATH": str(jfsync_path or ROOT)}
         command = ["-m", "jfsync", "run", "--config", str(config)]
         if profile:
             command = ["-m", "cProfile", "-o", profile, *command]
@@ -972,6 +974,13 @@ def main() -> None:
         default=0,
         help="a third server of this many items, caught up again and again during the latency",
     )
+    parser.add_argument(
+        "--jfsync-path",
+        metavar="DIR",
+        type=Path,
+        help="run the jfsync package found in DIR (for example another commit's, extracted "
+        "with git archive) instead of this checkout's; the emulators and floors stay this one's",
+    )
     parser.add_argument("--floor-worker", metavar="FILE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor_worker:
@@ -981,7 +990,15 @@ def main() -> None:
     # so that full collections walking them do not stall the servers under either run.
     tune_garbage_collector()
     asyncio.run(
-        run(args.changes, args.rate, args.burst, args.profile, args.repeat, args.catchup_items)
+        run(
+            args.changes,
+            args.rate,
+            args.burst,
+            args.profile,
+            args.repeat,
+            args.catchup_items,
+            args.jfsync_path,
+        )
     )
 
 
