@@ -50,6 +50,10 @@ play date and count on the same items, after the last burst's echoes were applie
 its own floor run, and the median ratio is printed. The first burst finds items jfsync has no
 history of on ``b`` (a first contact in every compare); the later ones find them known.
 
+With ``--jfsync-path DIR`` the ``jfsync run`` under test is the package found in DIR (another
+commit's, extracted with ``git archive``: ``bench_burst_ab.py`` runs the baseline's that way);
+the emulators, the floors and the timing stay this checkout's.
+
 Run from the repository root::
 
     .venv/bin/python bench/bench_replication.py            # --changes 2000 --rate 100 --burst 10000
