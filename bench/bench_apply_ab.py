@@ -27,7 +27,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,26 +54,49 @@ def extract(commit: str, into: Path) -> None:
         tar.extractall(into, filter="data")
 
 
-def run_one(path: Path, rows: int, repeat: int) -> float:
-    """Run ``path``'s ``bench/bench_pusher.py`` in a fresh process; its median apply time."""
+def side_by_side(
+    bench: str, baseline: str, rounds: int, measure: Callable[[str, Path], str]
+) -> None:
+    """Extract ``baseline``'s code, then run ``rounds`` rounds of ``measure(side, path)`` for
+    "today" (this checkout) and "baseline" in turn, alternating which goes first, and print
+    each round's line (what ``measure`` returned for each side). Exit with the fix when the
+    commit cannot be read."""
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        try:
+            extract(baseline, base)
+        except (OSError, subprocess.CalledProcessError):
+            sys.exit(
+                f"{bench}: cannot read commit {baseline} from {ROOT}: this needs a git clone "
+                "with its history (not a shallow clone or an archive), or --baseline"
+            )
+        for n in range(rounds):
+            order = ("today", "baseline") if n % 2 == 0 else ("baseline", "today")
+            line = [measure(side, ROOT if side == "today" else base) for side in order]
+            print(f"[{n + 1}] " + "; ".join(line), flush=True)
+
+
+def figures_of(bench: str, tree: Path, script: Path, args: list[str]) -> dict[str, Any]:
+    """Run ``script`` with ``args`` in a fresh process, its ``jfsync`` taken from ``tree``;
+    the figures it handed in under ``bench`` (``results.py``)."""
     with tempfile.NamedTemporaryFile(suffix=".jsonl") as results:
-        env = dict(os.environ, PYTHONPATH=str(path), **{RESULTS_ENV: results.name})
+        env = dict(os.environ, PYTHONPATH=str(tree), **{RESULTS_ENV: results.name})
         subprocess.run(
-            [
-                sys.executable,
-                str(path / "bench" / "bench_pusher.py"),
-                "--rows",
-                str(rows),
-                "--repeat",
-                str(repeat),
-            ],
+            [sys.executable, str(script), *args],
             env=env,
-            cwd=path,
+            cwd=tree,
             stdout=subprocess.DEVNULL,
             check=True,
         )
         lines = [json.loads(line) for line in Path(results.name).read_text().splitlines()]
-    (record,) = [r for r in lines if r.get("bench") == "pusher"]
+    (record,) = [r for r in lines if r.get("bench") == bench]
+    return record
+
+
+def run_one(path: Path, rows: int, repeat: int) -> float:
+    """Run ``path``'s ``bench/bench_pusher.py`` in a fresh process; its median apply time."""
+    script = path / "bench" / "bench_pusher.py"
+    record = figures_of("pusher", path, script, ["--rows", str(rows), "--repeat", str(repeat)])
     return float(statistics.median(record["apply_s"]))
 
 
@@ -84,23 +109,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="applies per run (run_all --quick)")
     args = parser.parse_args()
     figures: dict[str, list[float]] = {"today": [], "baseline": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp)
-        try:
-            extract(args.baseline, base)
-        except (OSError, subprocess.CalledProcessError):
-            sys.exit(
-                f"bench_apply_ab: cannot read commit {args.baseline} from {ROOT}: this needs a "
-                "git clone with its history (not a shallow clone or an archive), or --baseline"
-            )
-        for n in range(args.rounds):
-            order = ("today", "baseline") if n % 2 == 0 else ("baseline", "today")
-            line = []
-            for side in order:
-                seconds = run_one(ROOT if side == "today" else base, args.rows, args.repeat)
-                figures[side].append(seconds)
-                line.append(f"{side} {seconds:.3f} s")
-            print(f"[{n + 1}] " + "; ".join(line), flush=True)
+
+    def measure(side: str, path: Path) -> str:
+        seconds = run_one(path, args.rows, args.repeat)
+        figures[side].append(seconds)
+        return f"{side} {seconds:.3f} s"
+
+    side_by_side("bench_apply_ab", args.baseline, args.rounds, measure)
     today = statistics.median(figures["today"])
     baseline = statistics.median(figures["baseline"])
     print(

@@ -21,19 +21,15 @@ Run from the repository root (needs the git history, as ``bench_apply_ab.py``)::
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_apply_ab import BASELINE_COMMIT, extract  # noqa: E402
-from results import RESULTS_ENV, emit  # noqa: E402
+from bench_apply_ab import BASELINE_COMMIT, figures_of, side_by_side  # noqa: E402
+from results import emit  # noqa: E402
 
 #: The figures kept from each run (lists, one value per burst).
 KEPT = ("first_write_s", "told_s", "burst_s")
@@ -42,28 +38,9 @@ KEPT = ("first_write_s", "told_s", "burst_s")
 def run_one(jfsync_path: Path, burst: int, repeat: int) -> dict[str, list[float]]:
     """Run this checkout's ``bench_replication.py`` against ``jfsync_path``'s ``jfsync run``
     in a fresh process; its per-burst figures."""
-    with tempfile.NamedTemporaryFile(suffix=".jsonl") as results:
-        env = dict(os.environ, PYTHONPATH=str(ROOT), **{RESULTS_ENV: results.name})
-        subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "bench" / "bench_replication.py"),
-                "--changes",
-                "20",
-                "--burst",
-                str(burst),
-                "--repeat",
-                str(repeat),
-                "--jfsync-path",
-                str(jfsync_path),
-            ],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            check=True,
-        )
-        lines = [json.loads(line) for line in Path(results.name).read_text().splitlines()]
-    (record,) = [r for r in lines if r.get("bench") == "replication"]
+    args = ["--changes", "20", "--burst", str(burst), "--repeat", str(repeat)]
+    script = ROOT / "bench" / "bench_replication.py"
+    record = figures_of("replication", ROOT, script, [*args, "--jfsync-path", str(jfsync_path)])
     return {name: [float(x) for x in record[name]] for name in KEPT}
 
 
@@ -84,30 +61,20 @@ def main() -> None:
         side: {"first_write_s": [], "first_from_message_s": [], "burst_from_message_s": []}
         for side in ("today", "baseline")
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp)
-        try:
-            extract(args.baseline, base)
-        except (OSError, subprocess.CalledProcessError):
-            sys.exit(
-                f"bench_burst_ab: cannot read commit {args.baseline} from {ROOT}: this needs a "
-                "git clone with its history (not a shallow clone or an archive), or --baseline"
-            )
-        for n in range(args.rounds):
-            order = ("today", "baseline") if n % 2 == 0 else ("baseline", "today")
-            line = []
-            for side in order:
-                run = run_one(ROOT if side == "today" else base, args.burst, args.repeat)
-                first = after_message(run, "first_write_s")
-                kept = sides[side]
-                kept["first_write_s"] += run["first_write_s"]
-                kept["first_from_message_s"] += first
-                kept["burst_from_message_s"] += after_message(run, "burst_s")
-                line.append(
-                    f"{side} first write {statistics.median(first):.3f} s after a's message "
-                    f"({statistics.median(run['first_write_s']):.3f} s after the bulk action)"
-                )
-            print(f"[{n + 1}] " + "; ".join(line), flush=True)
+
+    def measure(side: str, path: Path) -> str:
+        run = run_one(path, args.burst, args.repeat)
+        first = after_message(run, "first_write_s")
+        kept = sides[side]
+        kept["first_write_s"] += run["first_write_s"]
+        kept["first_from_message_s"] += first
+        kept["burst_from_message_s"] += after_message(run, "burst_s")
+        return (
+            f"{side} first write {statistics.median(first):.3f} s after a's message "
+            f"({statistics.median(run['first_write_s']):.3f} s after the bulk action)"
+        )
+
+    side_by_side("bench_burst_ab", args.baseline, args.rounds, measure)
     today, baseline = sides["today"], sides["baseline"]
     first_today = statistics.median(today["first_from_message_s"])
     first_base = statistics.median(baseline["first_from_message_s"])
