@@ -86,7 +86,8 @@ SCAN_SORT_BY = "SortName,ProductionYear"
 #: cursor during a scan cannot make it skip items (insertions only cause duplicates, dropped).
 PAGE_OVERLAP = 16
 #: Most ids per ``/Items?ids=`` request: 170 ids are 5.6 KiB of URL, below the 8 KiB that
-#: Kestrel and common reverse proxies take for a request line. A batch of 500 takes 3 requests.
+#: Kestrel and common reverse proxies take for a request line. A pusher's batch
+#: (:data:`~jfsync.sync.delivery.BATCH_SIZE`) is one request.
 IDS_PER_REQUEST = 170
 #: Items of a listing page validated per step, the event loop given back between steps: a
 #: page of 1,000 items validated at once held the loop for 10-25 ms on a busy 2-core machine,
