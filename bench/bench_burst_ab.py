@@ -75,18 +75,19 @@ def main() -> None:
         )
 
     side_by_side("bench_burst_ab", args.baseline, args.rounds, measure)
-    today, baseline = sides["today"], sides["baseline"]
-    first_today = statistics.median(today["first_from_message_s"])
-    first_base = statistics.median(baseline["first_from_message_s"])
+
+    def medians(name: str) -> tuple[float, float]:
+        return statistics.median(sides["today"][name]), statistics.median(sides["baseline"][name])
+
+    first_today, first_base = medians("first_from_message_s")
     print(
         f"{args.burst:,}-item bulk action, first write after a's message (median of "
-        f"{len(today['first_from_message_s'])} bursts): today {first_today:.3f} s, baseline "
-        f"{args.baseline} {first_base:.3f} s: {first_base / first_today:.2f}x faster (goal >= 3x)"
+        f"{len(sides['today']['first_from_message_s'])} bursts): today {first_today:.3f} s, "
+        f"baseline {args.baseline} {first_base:.3f} s: {first_base / first_today:.2f}x faster "
+        "(goal >= 3x)"
     )
-    action_today = statistics.median(today["first_write_s"])
-    action_base = statistics.median(baseline["first_write_s"])
-    burst_today = statistics.median(today["burst_from_message_s"])
-    burst_base = statistics.median(baseline["burst_from_message_s"])
+    action_today, action_base = medians("first_write_s")
+    burst_today, burst_base = medians("burst_from_message_s")
     print(
         f"after the bulk action (a's own work included): today {action_today:.3f} s, baseline "
         f"{action_base:.3f} s ({action_base / action_today:.2f}x); whole burst from a's message: "

@@ -81,6 +81,8 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
     },
 }
 BENCHES = tuple(SIZES["full"])
+#: The benches that run the baseline commit's code beside today's, and their scripts.
+SIDE_BY_SIDE = {"apply_ab": "bench_apply_ab.py", "burst_ab": "bench_burst_ab.py"}
 #: The name a bench hands its figures in under, where it differs from its name here.
 RESULT_NAMES = {"index": "catchup"}
 
@@ -120,28 +122,10 @@ def command(name: str, size: dict[str, int]) -> list[str]:
             str(size["repeat"]),
             "--bare",
         ]
-    if name == "apply_ab":
-        return [
-            py,
-            str(HERE / "bench_apply_ab.py"),
-            "--rows",
-            str(size["rows"]),
-            "--repeat",
-            str(size["repeat"]),
-            "--rounds",
-            str(size["rounds"]),
-        ]
-    if name == "burst_ab":
-        return [
-            py,
-            str(HERE / "bench_burst_ab.py"),
-            "--burst",
-            str(size["burst"]),
-            "--repeat",
-            str(size["repeat"]),
-            "--rounds",
-            str(size["rounds"]),
-        ]
+    if name in SIDE_BY_SIDE:
+        # Their sizes are their options, by name.
+        flags = [part for key, value in size.items() for part in (f"--{key}", str(value))]
+        return [py, str(HERE / SIDE_BY_SIDE[name]), *flags]
     return [
         py,
         str(HERE / "bench_replication.py"),

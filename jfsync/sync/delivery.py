@@ -701,9 +701,9 @@ class Pusher:
                 self.stats.last_error = None
             self._written(len(acks), done_ms)
             if self._watcher is not None:
-                # In slices, the loop given back between: a batch of 500 told at once held
-                # it for 3-7 ms (metrics and the activity feed), and the next batch's writes
-                # waited that long for their answers to be read.
+                # In slices, the loop given back between: a batch of 500 (the batch size
+                # then) told at once held it for 3-7 ms (metrics and the activity feed), and
+                # the next batch's writes waited that long for their answers to be read.
                 for start in range(0, len(made), REPORT_STEP):
                     if start:
                         await asyncio.sleep(0)
