@@ -283,6 +283,30 @@ async def test_a_change_made_while_the_last_write_is_recorded_reaches_b_once_it_
         assert await ledger.due_rows("b", 10, clock.wall_ms()) == []
 
 
+async def test_a_change_of_another_item_does_not_wait_for_the_last_write_to_be_recorded(
+    tmp_path: Path,
+) -> None:
+    async with idle_pusher_for_b(tmp_path) as (b, ledger, pusher, clock, item):
+        other = b.leaf_items()[1].id
+        uid = b.user_id(USER)
+        # a's user rates the first item 7; b gets it, and jfsync is slow to record that write
+        # (its pusher, with nothing else due, is between rounds).
+        ledger.hold.clear()
+        await live_change(ledger, pusher, clock, item, UserData(rating=7.0))
+        await asyncio.wait_for(ledger.holding.wait(), 10)
+        # Meanwhile she rates the second item 8: b shows it while that record still waits.
+        await live_change(ledger, pusher, clock, other, UserData(rating=8.0))
+        await wait_until(lambda: b.user_data(uid, other).rating == 8.0, 10)
+        assert pusher.stats.writes_done == 0  # nothing recorded yet
+        ledger.hold.set()
+        # Both writes are recorded once it goes on; each value was sent once; nothing is owed.
+        await wait_until(lambda: pusher.stats.writes_done == 2, 10)
+        sent = [(w.item_id, w.body) for w in b.writes]
+        assert sent == [(item, {"Rating": 7.0}), (other, {"Rating": 8.0})]
+        assert b.user_data(uid, item).rating == 7.0
+        assert await ledger.due_rows("b", 10, clock.wall_ms()) == []
+
+
 async def test_changes_made_while_a_write_is_in_flight_are_written_next_as_they_stand(
     tmp_path: Path,
 ) -> None:
