@@ -248,6 +248,9 @@ class Pusher:
         self._recording: asyncio.Task[None] | None = None
         #: Ids of the rows of a batch whose writes are being recorded (due until then).
         self._recording_ids: set[int] = set()
+        #: Whether the last recording left any of its batch's rows due (a row replaced while
+        #: it was written, a write not made or not recorded): a round waits for that.
+        self._left_due = False
         #: The due rows a live change's apply read in its own transaction, for the next round.
         self._offered: list[OutboxRow] | None = None
         #: Set once the first batch after start was checked for interrupted writes and sent.
@@ -683,13 +686,15 @@ class Pusher:
     ) -> None:
         """Record the writes ``made`` of a batch (pending echo + last-known) in one
         transaction and tell the watcher; then let the echoes of the batch be judged."""
+        self._left_due = True
         try:
             if not made:
                 return
             acks = [(row, row.intended(current)) for row, current in made]
             done_ms = self._clock.wall_ms()
             try:
-                await self._ledger.rows_written(acks, done_ms)
+                done = await self._ledger.rows_written(acks, done_ms)
+                self._left_due = len(made) < len(owed) or not all(done)
             except JfsyncError as err:
                 # Unrecorded writes stay queued and are compared again (the peer already
                 # holds them, so nothing is written twice).
@@ -1137,9 +1142,10 @@ class Pusher:
         self._offered = rows
 
     def _recording_ended(self, _: asyncio.Task[None]) -> None:
-        """A batch's writes are recorded: a round finds what they left due (a running pusher
-        that ended a round with nothing else due sleeps until this)."""
-        self._wake.set()
+        """A batch's writes are recorded: a running pusher that ended a round with nothing
+        else due is woken if they left rows due (else a round would only find nothing)."""
+        if self._left_due:
+            self._wake.set()
 
     def _take_offered(self) -> list[OutboxRow]:
         """The rows offered since the last round (but those being recorded), or none."""
