@@ -245,12 +245,9 @@ class Pusher:
         #: The next batch and its compare read, fetched while the current one is written.
         self._prepared: asyncio.Task[_Prepared | None] | None = None
         #: The recording of the last batch's writes, while the next batch is written.
-        self._recording: asyncio.Task[None] | None = None
+        self._recording: asyncio.Task[bool] | None = None
         #: Ids of the rows of a batch whose writes are being recorded (due until then).
         self._recording_ids: set[int] = set()
-        #: Whether the last recording left any of its batch's rows due (a row replaced while
-        #: it was written, a write not made or not recorded): a round waits for that.
-        self._left_due = False
         #: The due rows a live change's apply read in its own transaction, for the next round.
         self._offered: list[OutboxRow] | None = None
         #: Set once the first batch after start was checked for interrupted writes and sent.
@@ -683,24 +680,24 @@ class Pusher:
         ids: set[int],
         *,
         clear_error: bool,
-    ) -> None:
+    ) -> bool:
         """Record the writes ``made`` of a batch (pending echo + last-known) in one
-        transaction and tell the watcher; then let the echoes of the batch be judged."""
-        self._left_due = True
+        transaction and tell the watcher; then let the echoes of the batch be judged. Return
+        whether it left any of the batch's rows due (a row replaced while it was written, a
+        write not made or not recorded)."""
         try:
             if not made:
-                return
+                return True
             acks = [(row, row.intended(current)) for row, current in made]
             done_ms = self._clock.wall_ms()
             try:
                 done = await self._ledger.rows_written(acks, done_ms)
-                self._left_due = len(made) < len(owed) or not all(done)
             except JfsyncError as err:
                 # Unrecorded writes stay queued and are compared again (the peer already
                 # holds them, so nothing is written twice).
                 self.stats.last_error = str(err)
                 self._faults.failed("recording writes failed; they are compared again", err)
-                return
+                return True
             if clear_error:
                 # Writes work again: say so, before the progress below wakes whoever waits.
                 self.stats.last_error = None
@@ -721,6 +718,7 @@ class Pusher:
                         )
                     ]
                     self._tell(self._watcher.written, self.peer, delivered)
+            return len(made) < len(owed) or not all(done)
         finally:
             self._recorded(owed, recorded, ids)
 
@@ -1141,10 +1139,10 @@ class Pusher:
             ]
         self._offered = rows
 
-    def _recording_ended(self, _: asyncio.Task[None]) -> None:
+    def _recording_ended(self, task: asyncio.Task[bool]) -> None:
         """A batch's writes are recorded: a running pusher that ended a round with nothing
-        else due is woken if they left rows due (else a round would only find nothing)."""
-        if self._left_due:
+        else due is woken if that left rows due (else a round would only find nothing)."""
+        if task.cancelled() or task.exception() is not None or task.result():
             self._wake.set()
 
     def _take_offered(self) -> list[OutboxRow]:
@@ -1158,13 +1156,13 @@ class Pusher:
     async def _due_rows(self) -> list[OutboxRow]:
         """The due rows but those of the batch being recorded.
 
-        When those are all that is left, a running pusher ends the round with none and the
-        recording's end wakes it (a row replaced while it was written is due once the write
-        is recorded): waiting here, a change applied meanwhile waited for the recording and
-        then for one more read queued behind the ledger's other work (a live change traced
-        at 15 ms instead of 8). A drain (no task of its own) waits for the recording and asks
-        again, unless a live change offered its rows meanwhile (the round after takes the
-        rest).
+        When those are all that is left, a running pusher ends the round with none, and the
+        recording's end wakes it if it left rows due (a row replaced while it was written is
+        due once the write is recorded): waiting here, a change applied meanwhile waited
+        for the recording and then for one more read queued behind the ledger's other work
+        (a live change traced at 15 ms instead of 8). A drain (no task of its own) waits for
+        the recording and asks again, unless a live change offered its rows meanwhile (the
+        round after takes the rest).
         """
         if self._recording is not None and self._recording.done():
             await self._finish_recording()

@@ -221,6 +221,17 @@ async def live_change(
     return due
 
 
+async def rated_7_and_recorded_slowly(
+    b: Emulator, ledger: CountingLedger, pusher: Pusher, clock: ManualClock, item: str
+) -> None:
+    """a's user rates ``item`` 7; b gets it, and jfsync is slow to record that write (the
+    record waits until ``ledger.hold`` is set again)."""
+    ledger.hold.clear()
+    await live_change(ledger, pusher, clock, item, UserData(rating=7.0))
+    await asyncio.wait_for(ledger.holding.wait(), 10)
+    assert b.user_data(b.user_id(USER), item).rating == 7.0
+
+
 async def test_a_live_change_is_compared_and_written_without_asking_for_due_rows(
     tmp_path: Path,
 ) -> None:
@@ -264,10 +275,7 @@ async def test_a_change_made_while_the_last_write_is_recorded_reaches_b_once_it_
         other = b.leaf_items()[1].id
         uid = b.user_id(USER)
         # a's user rates the first item 7; b gets it, and jfsync is slow to record that write.
-        ledger.hold.clear()
-        await live_change(ledger, pusher, clock, item, UserData(rating=7.0))
-        await asyncio.wait_for(ledger.holding.wait(), 10)
-        assert b.user_data(uid, item).rating == 7.0
+        await rated_7_and_recorded_slowly(b, ledger, pusher, clock, item)
         # Meanwhile she rates the second item 8 and the first one 9.
         for key, rating in ((other, 8.0), (item, 9.0)):
             await live_change(ledger, pusher, clock, key, UserData(rating=rating))
@@ -291,9 +299,7 @@ async def test_a_change_of_another_item_does_not_wait_for_the_last_write_to_be_r
         uid = b.user_id(USER)
         # a's user rates the first item 7; b gets it, and jfsync is slow to record that write
         # (its pusher, with nothing else due, is between rounds).
-        ledger.hold.clear()
-        await live_change(ledger, pusher, clock, item, UserData(rating=7.0))
-        await asyncio.wait_for(ledger.holding.wait(), 10)
+        await rated_7_and_recorded_slowly(b, ledger, pusher, clock, item)
         # Meanwhile she rates the second item 8: b shows it while that record still waits.
         await live_change(ledger, pusher, clock, other, UserData(rating=8.0))
         await wait_until(lambda: b.user_data(uid, other).rating == 8.0, 10)
